@@ -1,0 +1,63 @@
+"""Shared fixtures: index databases on SQLite and a real PostgreSQL, archives, running servers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support.postgres import PostgresServer
+from tests.support.server import XdsiProcess
+from xdsi.archive import Archive
+from xdsi.config import Settings, StorageSettings, TierSettings
+
+os.environ.setdefault("TCP_NODELAY", "1")  # for every dcmtk tool the tests start
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty index database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    return pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+def make_settings(tmp_path: Path, index_url: str | None = None, tiers: int = 1, **kw: object) -> Settings:
+    tier_settings = tuple(
+        TierSettings(name=name, path=tmp_path / "storage" / name)
+        for name in ["cache", "warm", "cold"][:tiers]
+    )
+    storage = StorageSettings(tiers=tier_settings, **{k: kw.pop(k) for k in list(kw) if k in ("duplicate_policy", "recall_on_read")})  # type: ignore[arg-type]
+    return Settings(data_dir=tmp_path / "data", index_url=index_url, storage=storage, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def archive(tmp_path: Path, index_url: str) -> Iterator[Archive]:
+    a = Archive.open(make_settings(tmp_path, index_url))
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
+def xdsi_server(tmp_path: Path) -> Iterator[XdsiProcess]:
+    """``xdsi serve`` on its embedded defaults (SQLite, one tier) in a temporary data dir, free ports."""
+    proc = XdsiProcess(tmp_path / "xdsi-data").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

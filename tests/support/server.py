@@ -1,0 +1,106 @@
+"""Running ``xdsi serve`` as a real process, the way users run it, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class XdsiProcess:
+    """``xdsi serve`` in a subprocess; its output is kept in ``log`` for failing tests to show."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        config: Path | None = None,
+        ae_title: str = "XDSI",
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.prefix = list(prefix)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def start(self, timeout: float = 30) -> "XdsiProcess":
+        cmd = [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "xdsi",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--dicom-port",
+            str(self.dicom_port),
+            "--http-port",
+            str(self.http_port),
+            "--ae-title",
+            self.ae_title,
+        ]
+        if self.config:
+            cmd += ["--config", str(self.config)]
+        self.log = []
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                self.log.append(line)
+                if line.startswith("xdsi serving"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.time() + timeout
+        while not ready.wait(0.05):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError("xdsi serve did not start:\n" + "".join(self.log))
+        return self
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def output(self) -> str:
+        return "".join(self.log)

@@ -1,0 +1,5 @@
+import sys
+
+from xdsi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""Archive services: store, query, retrieve and the tier policy, wired to one index and one set of tiers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from xdsi.archive.lifecycle import TierPolicy
+from xdsi.archive.query import QueryService
+from xdsi.archive.retrieve import RetrieveService
+from xdsi.archive.store import StoreService
+from xdsi.config import Settings
+from xdsi.index.db import Index, open_index
+from xdsi.storage.tiers import TierSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Archive:
+    """Everything an adapter (DIMSE, SOAP, web) needs, built once per process."""
+
+    settings: Settings
+    index: Index
+    tiers: TierSet
+    store: StoreService
+    query: QueryService
+    retrieve: RetrieveService
+    policy: TierPolicy
+
+    @classmethod
+    def open(cls, settings: Settings, *, clean: bool = True) -> "Archive":
+        """Open the index (upgrading its schema) and the tiers.
+
+        ``clean`` removes temporary files that a crash left behind: they were
+        never acknowledged, so nothing is lost by deleting them.
+        """
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        index = open_index(settings.effective_index_url)
+        tiers = TierSet(settings.effective_storage)
+        tiers.ensure()
+        if clean:
+            n = tiers.clean_temp()
+            for p in settings.temp_dir.iterdir():
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+            if n:
+                log.warning("removed %d temporary file(s) left by an interrupted write", n)
+        return cls(
+            settings=settings,
+            index=index,
+            tiers=tiers,
+            store=StoreService(settings, index, tiers),
+            query=QueryService(index, settings.ae_title),
+            retrieve=RetrieveService(settings, index, tiers),
+            policy=TierPolicy(index, tiers),
+        )
+
+    def close(self) -> None:
+        self.index.dispose()

@@ -1,0 +1,190 @@
+"""Reading and checking the header of an incoming DICOM file.
+
+:func:`read_header` walks the whole file once with deferred reading, so a
+truncated or malformed dataset is caught before anything is stored, while
+large values (Pixel Data of a 1 GB whole-slide image) are skipped rather than
+loaded.  It returns the attributes the index needs as a plain value object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from xdsi.uids import InvalidUID, validate_uid
+
+DEFER = 4096
+_BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW"})
+
+
+class InvalidDataset(ValueError):
+    """The file cannot be archived; the message says why, for the DIMSE status or the import report."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    # patient
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    # study
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    accession_issuer: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    procedure_code: tuple[str, str, str] | None
+    # series
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part: str
+    series_date: str
+    series_time: str
+    institution_name: str
+    station_name: str
+    # instance
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    number_of_frames: int | None
+    content_date: str
+    content_time: str
+    rows: int | None
+    columns: int | None
+    has_file_meta: bool
+
+
+def _s(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    v = ds.get(keyword)
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)) or v.__class__.__name__ == "MultiValue":
+        v = "\\".join(str(x) for x in v)
+    return str(v).strip()[:limit]
+
+
+def _i(ds: Dataset, keyword: str) -> int | None:
+    v = ds.get(keyword)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _code(ds: Dataset, keyword: str) -> tuple[str, str, str] | None:
+    seq = ds.get(keyword)
+    if not seq:
+        return None
+    item = seq[0]
+    value = _s(item, "CodeValue") or _s(item, "LongCodeValue") or _s(item, "URNCodeValue")
+    if not value:
+        return None
+    return (value, _s(item, "CodingSchemeDesignator"), _s(item, "CodeMeaning"))
+
+
+def _accession_issuer(ds: Dataset) -> str:
+    seq = ds.get("IssuerOfAccessionNumberSequence")
+    if not seq:
+        return ""
+    item = seq[0]
+    return _s(item, "UniversalEntityID") or _s(item, "LocalNamespaceEntityID")
+
+
+def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bool) -> InstanceHeader:
+    """Extract and validate what the index needs; raise :class:`InvalidDataset` when it cannot be archived."""
+    try:
+        study_uid = validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+        series_uid = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+        sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+        sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID")
+        ts = validate_uid(transfer_syntax_uid, "Transfer Syntax UID")
+    except InvalidUID as exc:
+        raise InvalidDataset(str(exc)) from None
+    except Exception as exc:  # pydicom raises on values it cannot decode
+        raise InvalidDataset(f"cannot decode identifying attributes: {exc}") from None
+    try:
+        return InstanceHeader(
+            patient_id=_s(ds, "PatientID"),
+            issuer_of_patient_id=_s(ds, "IssuerOfPatientID"),
+            patient_name=_s(ds, "PatientName", 324),
+            birth_date=_s(ds, "PatientBirthDate", 8),
+            sex=_s(ds, "PatientSex", 16),
+            study_uid=study_uid,
+            study_date=_s(ds, "StudyDate", 8),
+            study_time=_s(ds, "StudyTime", 16),
+            accession_number=_s(ds, "AccessionNumber", 16),
+            accession_issuer=_accession_issuer(ds),
+            study_id=_s(ds, "StudyID", 16),
+            study_description=_s(ds, "StudyDescription"),
+            referring_physician=_s(ds, "ReferringPhysicianName", 324),
+            procedure_code=_code(ds, "ProcedureCodeSequence"),
+            series_uid=series_uid,
+            modality=_s(ds, "Modality", 16),
+            series_number=_i(ds, "SeriesNumber"),
+            series_description=_s(ds, "SeriesDescription"),
+            body_part=_s(ds, "BodyPartExamined", 16),
+            series_date=_s(ds, "SeriesDate", 8),
+            series_time=_s(ds, "SeriesTime", 16),
+            institution_name=_s(ds, "InstitutionName"),
+            station_name=_s(ds, "StationName", 16),
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            transfer_syntax_uid=ts,
+            instance_number=_i(ds, "InstanceNumber"),
+            number_of_frames=_i(ds, "NumberOfFrames"),
+            content_date=_s(ds, "ContentDate", 8),
+            content_time=_s(ds, "ContentTime", 16),
+            rows=_i(ds, "Rows"),
+            columns=_i(ds, "Columns"),
+            has_file_meta=has_file_meta,
+        )
+    except InvalidDataset:
+        raise
+    except Exception as exc:
+        raise InvalidDataset(f"cannot decode attributes: {exc}") from None
+
+
+def read_header(path: Path | str) -> InstanceHeader:
+    """Parse a Part 10 file (or a bare dataset) end to end without loading large values."""
+    path = Path(path)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            ds = dcmread(fh, defer_size=DEFER, force=True)
+            end = fh.tell()
+            # Touch every top-level element now, while the file is open, so a
+            # value pydicom cannot decode fails here rather than later.
+            for elem in ds.iterall():
+                if elem.VR not in _BULK_VRS:
+                    _ = elem.value
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise InvalidDataset(f"malformed or truncated dataset: {exc}") from None
+    except Exception as exc:  # any other pydicom decoding failure is bad input, not a server fault
+        raise InvalidDataset(f"malformed dataset: {exc.__class__.__name__}: {exc}") from None
+    if end > size:
+        raise InvalidDataset(f"truncated dataset: elements extend to byte {end}, file has {size}")
+    if len(ds) == 0:
+        raise InvalidDataset("empty dataset")
+    meta = getattr(ds, "file_meta", None)
+    ts: Any = meta.get("TransferSyntaxUID") if meta is not None else None
+    has_meta = ts is not None
+    if ts is None:
+        # bare dataset from a file without a Part 10 header: pydicom guessed the encoding
+        ts = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
+    return header_from_dataset(ds, str(ts), has_meta)

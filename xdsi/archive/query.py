@@ -1,0 +1,307 @@
+"""C-FIND matching (PS3.4 C.2.2.2) answered from the index.
+
+A query identifier is translated into one SQL statement over the
+patient/study/series/instance tables: single-value, wildcard (``*``, ``?``),
+range (dates, times), list-of-UID and universal matching.  Results are built
+from index columns only; no stored file is opened.
+
+The same :class:`QueryService` is meant for QIDO-RS (attribute keywords are
+the same) and for checking RAD-69 study/series/instance consistency.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.datadict import keyword_for_tag, dictionary_VR
+from pydicom.sequence import Sequence
+from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from xdsi.index.db import Index
+from xdsi.index.models import Instance, Patient, Series, Study
+from xdsi.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_ENTITY = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+
+
+class QueryError(ValueError):
+    """The identifier cannot be processed (PS3.4 C-FIND status A900 / C000 territory)."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    """How one DICOM attribute maps to the index."""
+
+    level: str
+    column: InstrumentedAttribute | None  # None: computed (counts, modalities)
+    kind: str  # uid, str, pn, date, time, int, cs_multi, computed, code
+
+
+# fmt: off
+ATTRS: dict[str, Attr] = {
+    # patient
+    "PatientID": Attr("PATIENT", Patient.patient_id, "str"),
+    "IssuerOfPatientID": Attr("PATIENT", Patient.issuer_of_patient_id, "str"),
+    "PatientName": Attr("PATIENT", Patient.patient_name, "pn"),
+    "PatientBirthDate": Attr("PATIENT", Patient.birth_date, "date"),
+    "PatientSex": Attr("PATIENT", Patient.sex, "str"),
+    "NumberOfPatientRelatedStudies": Attr("PATIENT", None, "computed"),
+    "NumberOfPatientRelatedSeries": Attr("PATIENT", None, "computed"),
+    "NumberOfPatientRelatedInstances": Attr("PATIENT", None, "computed"),
+    # study
+    "StudyInstanceUID": Attr("STUDY", Study.study_uid, "uid"),
+    "StudyDate": Attr("STUDY", Study.study_date, "date"),
+    "StudyTime": Attr("STUDY", Study.study_time, "time"),
+    "AccessionNumber": Attr("STUDY", Study.accession_number, "str"),
+    "StudyID": Attr("STUDY", Study.study_id, "str"),
+    "StudyDescription": Attr("STUDY", Study.study_description, "str"),
+    "ReferringPhysicianName": Attr("STUDY", Study.referring_physician, "pn"),
+    "ModalitiesInStudy": Attr("STUDY", None, "cs_multi"),
+    "ProcedureCodeSequence": Attr("STUDY", None, "code"),
+    "NumberOfStudyRelatedSeries": Attr("STUDY", None, "computed"),
+    "NumberOfStudyRelatedInstances": Attr("STUDY", None, "computed"),
+    # series
+    "SeriesInstanceUID": Attr("SERIES", Series.series_uid, "uid"),
+    "Modality": Attr("SERIES", Series.modality, "str"),
+    "SeriesNumber": Attr("SERIES", Series.series_number, "int"),
+    "SeriesDescription": Attr("SERIES", Series.series_description, "str"),
+    "BodyPartExamined": Attr("SERIES", Series.body_part, "str"),
+    "SeriesDate": Attr("SERIES", Series.series_date, "date"),
+    "SeriesTime": Attr("SERIES", Series.series_time, "time"),
+    "InstitutionName": Attr("SERIES", Series.institution_name, "str"),
+    "StationName": Attr("SERIES", Series.station_name, "str"),
+    "NumberOfSeriesRelatedInstances": Attr("SERIES", None, "computed"),
+    # instance
+    "SOPInstanceUID": Attr("IMAGE", Instance.sop_instance_uid, "uid"),
+    "SOPClassUID": Attr("IMAGE", Instance.sop_class_uid, "uid"),
+    "InstanceNumber": Attr("IMAGE", Instance.instance_number, "int"),
+    "NumberOfFrames": Attr("IMAGE", Instance.number_of_frames, "int"),
+    "ContentDate": Attr("IMAGE", Instance.content_date, "date"),
+    "ContentTime": Attr("IMAGE", Instance.content_time, "time"),
+    "Rows": Attr("IMAGE", Instance.rows, "int"),
+    "Columns": Attr("IMAGE", Instance.columns, "int"),
+    "AvailableTransferSyntaxUID": Attr("IMAGE", Instance.transfer_syntax_uid, "uid"),
+}
+# fmt: on
+
+UNIQUE_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+# keys that describe the query itself, not an attribute to match
+_CONTROL = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "RetrieveAETitle", "InstanceAvailability"}
+
+
+def _like(pattern: str) -> str:
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _has_wildcard(v: str) -> bool:
+    return "*" in v or "?" in v
+
+
+def _norm_time(v: str) -> str:
+    return v.replace(":", "")
+
+
+def _range(col, lo: str, hi: str, is_time: bool):  # type: ignore[no-untyped-def]
+    conds = [col != ""]
+    if lo:
+        conds.append(col >= lo)
+    if hi:
+        # "~" sorts after digits and '.', so "1300" also admits "130059.99"
+        conds.append(col <= (hi + "~" if is_time else hi))
+    return and_(*conds)
+
+
+def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
+    """A SQL condition for one non-empty matching key, or None for universal matching."""
+    if attr.kind in ("computed", "code"):
+        return None  # return keys only
+    if isinstance(raw, (list, tuple)) or raw.__class__.__name__ == "MultiValue":
+        values = [str(v) for v in raw]  # type: ignore[union-attr]
+    else:
+        values = [str(raw)] if raw is not None else []
+    values = [v.strip() for v in values if str(v).strip() != ""]
+    if not values or values == ["*"]:
+        return None
+    col = attr.column
+    if attr.kind == "uid":
+        bad = [v for v in values if not is_valid_uid(v)]
+        if bad:
+            raise QueryError(f"{name}: {bad[0]!r} is not a valid UID")
+        return col.in_(values) if len(values) > 1 else col == values[0]  # type: ignore[union-attr]
+    if attr.kind == "cs_multi":
+        conds = []
+        for v in values:
+            cond = Series.modality.like(_like(v), escape="\\") if _has_wildcard(v) else Series.modality == v
+            conds.append(exists().where(Series.study_fk == Study.pk, cond))
+        return or_(*conds)
+    value = values[0] if len(values) == 1 else "\\".join(values)
+    if attr.kind == "int":
+        try:
+            return col == int(value)  # type: ignore[operator]
+        except ValueError:
+            raise QueryError(f"{name}: {value!r} is not an integer") from None
+    if attr.kind in ("date", "time"):
+        is_time = attr.kind == "time"
+        if is_time:
+            value = _norm_time(value)
+        if "-" in value:
+            lo, _, hi = value.partition("-")
+            if is_time:
+                return _range(col, lo.strip(), hi.strip(), True)
+            return _range(col, lo.strip().replace(".", ""), hi.strip().replace(".", ""), False)
+        if is_time:
+            return col.like(value + "%")  # type: ignore[union-attr]  # 1200 matches 120000.000
+        return col == value.replace(".", "")  # type: ignore[operator]
+    if attr.kind == "pn":
+        target = Patient.patient_name_norm if col is Patient.patient_name else func.upper(col)  # type: ignore[arg-type]
+        v = value.upper()
+        if _has_wildcard(v):
+            return target.like(_like(v), escape="\\")
+        # "DOE" matches "DOE^JOHN": PN single-value matching on the family name component
+        return or_(target == v, target.like(_like(v) + "^%", escape="\\"))
+    # plain strings: case-sensitive per PS3.4 (except PN)
+    if _has_wildcard(value):
+        return col.like(_like(value), escape="\\")  # type: ignore[union-attr]
+    return col == value  # type: ignore[operator]
+
+
+class QueryService:
+    def __init__(self, index: Index, retrieve_ae_title: str) -> None:
+        self.index = index
+        self.retrieve_ae_title = retrieve_ae_title
+
+    def find(self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0) -> Iterator[Dataset]:
+        """Yield one response identifier per match.  ``model`` is "PATIENT" or "STUDY" root."""
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if level not in LEVELS:
+            raise QueryError(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS)}")
+        if model == "STUDY" and level == "PATIENT":
+            raise QueryError("PATIENT level is not part of the Study Root model")
+        depth = LEVELS.index(level)
+        in_scope = set(LEVELS[: depth + 1])
+        if model == "STUDY":
+            # Study Root carries the patient attributes at study level
+            in_scope.add("PATIENT")
+
+        requested: list[str] = []
+        conds = []
+        for elem in identifier:
+            kw = elem.keyword or keyword_for_tag(elem.tag)
+            if not kw or kw in _CONTROL or elem.tag.group == 0x0002:
+                continue
+            requested.append(kw)
+            attr = ATTRS.get(kw)
+            if attr is None or attr.level not in in_scope:
+                continue  # unsupported or lower-level key: returned empty / ignored
+            if elem.VR == "SQ":
+                continue
+            cond = _match(kw, attr, elem.value)
+            if cond is not None:
+                conds.append(cond)
+
+        entities = [Patient, Study, Series, Instance][: depth + 1]
+        stmt: Select = select(*entities)
+        if depth >= 1:
+            stmt = stmt.join(Study, Study.patient_fk == Patient.pk)
+        if depth >= 2:
+            stmt = stmt.join(Series, Series.study_fk == Study.pk)
+        if depth >= 3:
+            stmt = stmt.join(Instance, Instance.series_fk == Series.pk)
+        stmt = stmt.where(*conds).order_by(_ENTITY[level].pk)
+        if offset:
+            stmt = stmt.offset(offset)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+
+        counters = self._counters(requested)
+        charset_needed = False
+        with self.index.session() as s:
+            for row in s.execute(stmt).yield_per(500):
+                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row))
+                ds = Dataset()
+                ds.QueryRetrieveLevel = level
+                for lv in LEVELS[: depth + 1]:
+                    if lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested:
+                        continue
+                    key = UNIQUE_KEY[lv]
+                    setattr(ds, key, getattr(objs[lv], ATTRS[key].column.key))  # type: ignore[union-attr]
+                for kw in requested:
+                    value = self._value(s, kw, objs, counters, in_scope)
+                    _set(ds, kw, value)
+                    if isinstance(value, str) and not value.isascii():
+                        charset_needed = True
+                ds.RetrieveAETitle = self.retrieve_ae_title
+                if "InstanceAvailability" in {e.keyword for e in identifier}:
+                    ds.InstanceAvailability = "ONLINE"
+                if charset_needed:
+                    ds.SpecificCharacterSet = "ISO_IR 192"
+                yield ds
+
+    def _counters(self, requested: list[str]) -> dict[str, Callable]:
+        return {kw: _COUNTS[kw] for kw in requested if kw in _COUNTS}
+
+    def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str]):  # type: ignore[no-untyped-def]
+        attr = ATTRS.get(kw)
+        if attr is None or attr.level not in in_scope:
+            return None
+        obj = objs.get(attr.level)
+        if obj is None:
+            return None
+        if kw in counters:
+            return s.scalar(counters[kw](obj))
+        if kw == "ModalitiesInStudy":
+            return [m for m in obj.modalities.split("\\") if m]
+        if kw == "ProcedureCodeSequence":
+            if not obj.procedure_code_value:
+                return Sequence()
+            item = Dataset()
+            item.CodeValue = obj.procedure_code_value
+            item.CodingSchemeDesignator = obj.procedure_code_scheme
+            item.CodeMeaning = obj.procedure_code_meaning
+            return Sequence([item])
+        return getattr(obj, attr.column.key)  # type: ignore[union-attr]
+
+
+def _set(ds: Dataset, kw: str, value: object) -> None:
+    try:
+        vr = dictionary_VR(kw)
+    except KeyError:
+        return
+    if value is None or value == "":
+        ds.add_new(kw, vr, Sequence() if vr == "SQ" else None)
+        return
+    if vr == "SQ" and not isinstance(value, Sequence):
+        value = Sequence()
+    ds.add_new(kw, vr, value)
+
+
+_COUNTS: dict[str, Callable] = {
+    "NumberOfPatientRelatedStudies": lambda p: select(func.count(Study.pk)).where(Study.patient_fk == p.pk),
+    "NumberOfPatientRelatedSeries": lambda p: select(func.count(Series.pk)).join(Study).where(Study.patient_fk == p.pk),
+    "NumberOfPatientRelatedInstances": lambda p: select(func.count(Instance.pk))
+    .join(Series)
+    .join(Study)
+    .where(Study.patient_fk == p.pk),
+    "NumberOfStudyRelatedSeries": lambda st: select(func.count(Series.pk)).where(Series.study_fk == st.pk),
+    "NumberOfStudyRelatedInstances": lambda st: select(func.count(Instance.pk)).join(Series).where(Series.study_fk == st.pk),
+    "NumberOfSeriesRelatedInstances": lambda se: select(func.count(Instance.pk)).where(Instance.series_fk == se.pk),
+}
+
+__all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS"]

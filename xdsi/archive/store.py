@@ -1,0 +1,152 @@
+"""The one store path: C-STORE, STOW-RS and ``xdsi import`` all end here.
+
+Order of events for every instance, so that an acknowledgement means the
+instance is safe:
+
+1. parse and check the whole file (:func:`read_header`); bad input is refused
+   before anything is written;
+2. place the bytes on the hot tier durably (temporary name, fsync, rename,
+   fsync directory);
+3. commit the index rows;
+4. only then report success to the caller (who acknowledges the peer).
+
+A failure at 2 or 3 removes what 2 wrote; a crash between 2 and 3 leaves an
+unindexed file that was never acknowledged and is overwritten when the peer
+sends the instance again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+from xdsi.archive.header import InstanceHeader, InvalidDataset, read_header
+from xdsi.config import Settings
+from xdsi.index import catalog
+from xdsi.index.db import Index
+from xdsi.storage.tiers import TierSet, instance_path
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    REPLACED = "replaced"
+    DUPLICATE = "duplicate"  # already archived, first copy kept
+    REJECTED = "rejected"  # bad input
+    FAILED = "failed"  # our fault: disk, database
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: Outcome
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    study_uid: str = ""
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.STORED, Outcome.REPLACED, Outcome.DUPLICATE)
+
+
+class StoreService:
+    def __init__(self, settings: Settings, index: Index, tiers: TierSet) -> None:
+        self.settings = settings
+        self.index = index
+        self.tiers = tiers
+        self.replace = settings.effective_storage.duplicate_policy == "replace"
+
+    def store_file(self, path: Path, *, source_ae: str = "", move: bool = False) -> StoreResult:
+        """Archive the DICOM file at ``path``.
+
+        ``move``: the file is a spool file we own (an incoming C-STORE); it may
+        be renamed into the tier instead of copied.
+        """
+        try:
+            header = read_header(path)
+        except InvalidDataset as exc:
+            return StoreResult(Outcome.REJECTED, reason=str(exc))
+        if not header.has_file_meta:
+            return self._store_with_meta(path, header, source_ae)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move))
+
+    def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str) -> StoreResult:
+        """A bare dataset (no Part 10 preamble): prefix File Meta Information, keep the dataset bytes as they are."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = header.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
+        meta.TransferSyntaxUID = header.transfer_syntax_uid
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        if source_ae:
+            meta.SourceApplicationEntityTitle = source_ae
+
+        def chunks():  # type: ignore[no-untyped-def]
+            from io import BytesIO
+
+            buf = BytesIO()
+            buf.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+            yield buf.getvalue()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel))
+
+    def _store(self, header: InstanceHeader, source_ae: str, place) -> StoreResult:  # type: ignore[no-untyped-def]
+        ids = dict(
+            sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid, study_uid=header.study_uid
+        )
+        with self.index.session() as s:
+            existing = catalog.find_instance(s, header.sop_instance_uid)
+            if existing is not None and not self.replace:
+                return StoreResult(Outcome.DUPLICATE, reason="already archived; first copy kept", **ids)
+        rel = instance_path(header.study_uid, header.series_uid, header.sop_instance_uid)
+        if existing is not None:
+            rel = rel[: -len(".dcm")] + f".{uuid.uuid4().hex[:8]}.dcm"
+        hot = self.tiers.hot
+        try:
+            placed = place(rel)
+        except OSError as exc:
+            log.error("cannot write %s to tier %s: %s", header.sop_instance_uid, hot.name, exc)
+            return StoreResult(Outcome.FAILED, reason=f"storage failure: {exc.strerror or exc}", **ids)
+        copy = catalog.CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, header.transfer_syntax_uid)
+        try:
+            with self.index.session() as s:
+                _, old = catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace)
+        except catalog.DuplicateInstance:
+            # a concurrent store of the same instance won the race: keep its copy
+            hot.delete(placed.rel_path)
+            return StoreResult(Outcome.DUPLICATE, reason="already archived; first copy kept", **ids)
+        except Exception as exc:
+            hot.delete(placed.rel_path)
+            log.exception("index commit failed for %s", header.sop_instance_uid)
+            return StoreResult(Outcome.FAILED, reason=f"index failure: {exc.__class__.__name__}", **ids)
+        for c in old:
+            if c.tier in self.tiers and (c.tier, c.rel_path) != (hot.name, placed.rel_path):
+                try:
+                    self.tiers[c.tier].delete(c.rel_path)
+                except OSError as exc:  # the index no longer points at it; log and go on
+                    log.warning("could not delete superseded copy %s on %s: %s", c.rel_path, c.tier, exc)
+        return StoreResult(Outcome.REPLACED if old or existing is not None else Outcome.STORED, **ids)
+
+
+def iter_dicom_paths(paths: list[Path]):  # type: ignore[no-untyped-def]
+    """Every regular file under the given files and folders, sorted, for ``xdsi import``."""
+    for p in paths:
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    yield Path(root) / f
+        else:
+            yield p

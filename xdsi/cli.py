@@ -1,0 +1,170 @@
+"""The ``xdsi`` command: thin wrappers that build the settings once and call services."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from xdsi import __version__
+from xdsi.config import ConfigError, Settings, load_settings
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--data-dir", metavar="DIR", type=Path, help="data directory (default ./xdsi-data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xdsi", description="IHE XDS-I.b Imaging Document Source and DICOM archive")
+    parser.add_argument("--version", action="version", version=f"xdsi {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the DICOM and HTTP servers")
+    _common(p)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
+    p.add_argument("--http-port", type=int, metavar="N", help="HTTP port (default 8080)")
+    p.add_argument("--ae-title", metavar="AET", help="our AE title (default XDSI)")
+
+    p = sub.add_parser("import", help="import DICOM files and folders into the archive")
+    _common(p)
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("migrate", help="run the storage tier policy once")
+    _common(p)
+
+    p = sub.add_parser("status", help="print what the archive holds")
+    _common(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = load_settings(args.config)
+    return s.with_overrides(
+        data_dir=getattr(args, "data_dir", None),
+        host=getattr(args, "host", None),
+        dicom_port=getattr(args, "dicom_port", None),
+        http_port=getattr(args, "http_port", None),
+        ae_title=getattr(args, "ae_title", None),
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from xdsi.server import serve
+
+    return serve(settings)
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from xdsi.archive import Archive
+    from xdsi.archive.store import Outcome, iter_dicom_paths
+
+    missing = [p for p in args.paths if not p.exists()]
+    for p in missing:
+        print(f"xdsi import: {p}: no such file or folder", file=sys.stderr)
+    archive = Archive.open(settings, clean=False)  # a running server may be writing: leave its temp files alone
+    files = list(iter_dicom_paths([p for p in args.paths if p.exists()]))
+    counts: Counter[str] = Counter()
+    skipped: list[tuple[Path, str]] = []
+    try:
+        for path in tqdm(files, unit="file", disable=args.no_progress or None, desc="import"):
+            result = archive.store.store_file(path)
+            counts[result.outcome.value] += 1
+            if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
+                skipped.append((path, result.reason))
+            elif result.outcome is Outcome.DUPLICATE:
+                skipped.append((path, f"duplicate SOP Instance UID {result.sop_instance_uid}: {result.reason}"))
+    finally:
+        archive.close()
+    print(
+        f"imported {counts['stored'] + counts['replaced']} of {len(files)} file(s): "
+        f"{counts['stored']} new, {counts['replaced']} replaced, {counts['duplicate']} duplicate, "
+        f"{counts['rejected']} not DICOM or invalid, {counts['failed']} failed"
+    )
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    return 1 if counts["failed"] or missing else 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from xdsi.archive import Archive
+
+    archive = Archive.open(settings, clean=False)
+    try:
+        report = archive.policy.run_once()
+    finally:
+        archive.close()
+    print(f"moved {report.moved_studies} stud(ies), {report.moved_files} file(s), {_human(report.moved_bytes)}")
+    for err in report.errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from xdsi.archive import Archive
+    from xdsi.archive.lifecycle import archive_status
+
+    archive = Archive.open(settings, clean=False)
+    try:
+        st = archive_status(archive.index, archive.tiers)
+    finally:
+        archive.close()
+    print(f"AE title:   {settings.ae_title}")
+    print(f"index:      {_redact(settings.effective_index_url)}")
+    print(f"patients:   {st.patients}")
+    print(f"studies:    {st.studies}")
+    print(f"series:     {st.series}")
+    print(f"instances:  {st.instances}")
+    print("tiers:")
+    for tier in archive.tiers:
+        cfg = tier.settings
+        marks = f", high {_human(cfg.high_watermark)} / low {_human(cfg.low_watermark)}" if cfg.high_watermark else ""
+        age = f", migrate after {cfg.migrate_after_days:g} days" if cfg.migrate_after_days is not None else ""
+        print(f"  {tier.name:<10} {_human(st.tier_bytes[tier.name]):>10} in {st.tier_files[tier.name]} file(s)  {tier.root}{marks}{age}")
+    print("queued:     nothing")
+    return 0
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL before printing it."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+COMMANDS = {"serve": cmd_serve, "import": cmd_import, "migrate": cmd_migrate, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"xdsi: configuration error: {exc}", file=sys.stderr)
+        return 2
+    level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Storage Commitment Push Model SCP (PS3.4 J).
+
+A modality deletes its local copy when we commit, so an instance is committed
+only when the index has it with the same SOP Class and a stored copy whose
+file is on disk with the recorded size.  The N-EVENT-REPORT goes back on the
+requesting association if it is still open, otherwise on a new association
+to the requester, looked up by AE title in the AE table.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom.presentation import build_context, build_role
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+from sqlalchemy import select
+
+from xdsi.archive import Archive
+from xdsi.dimse import status
+from xdsi.index.models import FileCopy, Instance
+from xdsi.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+REQUEST_COMMIT = 1
+EVENT_ALL_SUCCESS = 1
+EVENT_FAILURES = 2
+
+
+class CommitmentSCP:
+    def __init__(self, archive: Archive, ae: Any) -> None:
+        self.archive = archive
+        self.ae = ae
+        self._work: "queue.Queue[tuple[Any, str, Dataset] | None]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="storage-commitment", daemon=True)
+        self._thread.start()
+
+    # -- N-ACTION ------------------------------------------------------------
+
+    def on_n_action(self, event: Any) -> tuple[int, Dataset | None]:
+        req = event.request
+        if req.RequestedSOPClassUID != StorageCommitmentPushModel:
+            return status.NO_SUCH_ACTION_TYPE, None
+        if req.ActionTypeID != REQUEST_COMMIT:
+            return status.NO_SUCH_ACTION_TYPE, None
+        try:
+            info = event.action_information
+            tx = str(info.TransactionUID)
+            refs = info.ReferencedSOPSequence
+        except Exception:
+            return status.INVALID_ARGUMENT_VALUE, None
+        if not is_valid_uid(tx) or not refs:
+            return status.INVALID_ARGUMENT_VALUE, None
+        # The response goes out first; the report follows from the worker thread.
+        self._work.put((event.assoc, event.assoc.requestor.ae_title, info))
+        return status.SUCCESS, None
+
+    # -- the report ------------------------------------------------------------
+
+    def evaluate(self, info: Dataset) -> Dataset:
+        """Build the N-EVENT-REPORT Event Information for a commitment request."""
+        ok, failed = Sequence(), Sequence()
+        wanted = [(str(i.get("ReferencedSOPClassUID", "")), str(i.get("ReferencedSOPInstanceUID", ""))) for i in info.ReferencedSOPSequence]
+        tiers = self.archive.tiers
+        with self.archive.index.session() as s:
+            for sop_class, sop_uid in wanted:
+                item = Dataset()
+                item.ReferencedSOPClassUID = sop_class
+                item.ReferencedSOPInstanceUID = sop_uid
+                reason = None
+                inst = None
+                if not (is_valid_uid(sop_class) and is_valid_uid(sop_uid)):
+                    reason = status.FAILURE_NO_SUCH_OBJECT_INSTANCE
+                else:
+                    inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
+                    if inst is None:
+                        reason = status.FAILURE_NO_SUCH_OBJECT_INSTANCE
+                    elif inst.sop_class_uid != sop_class:
+                        reason = status.FAILURE_CLASS_INSTANCE_CONFLICT
+                    else:
+                        copies = s.scalars(select(FileCopy).where(FileCopy.instance_fk == inst.pk)).all()
+                        durable = any(
+                            c.tier in tiers and _size_ok(tiers[c.tier].abspath(c.rel_path), c.size) for c in copies
+                        )
+                        if not durable:
+                            reason = status.FAILURE_PROCESSING
+                if reason is None:
+                    ok.append(item)
+                else:
+                    item.FailureReason = reason
+                    failed.append(item)
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        report.RetrieveAETitle = self.archive.settings.ae_title
+        report.ReferencedSOPSequence = ok
+        if failed:
+            report.FailedSOPSequence = failed
+        return report
+
+    def _run(self) -> None:
+        while True:
+            job = self._work.get()
+            if job is None:
+                return
+            assoc, requester, info = job
+            try:
+                report = self.evaluate(info)
+                event_type = EVENT_FAILURES if "FailedSOPSequence" in report else EVENT_ALL_SUCCESS
+                self._send(assoc, requester, report, event_type)
+            except Exception:
+                log.exception("storage commitment for %s failed", requester)
+
+    def _send(self, assoc: Any, requester: str, report: Dataset, event_type: int) -> None:
+        # pynetdicom sends the N-ACTION response when the handler returns; give it
+        # that moment so the report never overtakes the response on the wire.
+        time.sleep(0.2)
+        if assoc.is_established:
+            try:
+                rsp = assoc.send_n_event_report(
+                    report, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+                )
+                if rsp and getattr(rsp[0], "Status", None) == 0:
+                    log.info("commitment %s reported to %s on the same association", report.TransactionUID, requester)
+                    return
+            except Exception as exc:
+                log.info("same-association report to %s failed (%s); opening a new one", requester, exc)
+        peer = self.archive.settings.peer(requester)
+        if peer is None:
+            log.error("cannot report commitment %s: %s is not in the AE table", report.TransactionUID, requester)
+            return
+        # We are the Storage Commitment SCP sending on an association we open: negotiate the SCP role.
+        role = build_role(StorageCommitmentPushModel, scp_role=True, scu_role=False)
+        out = self.ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            contexts=[build_context(StorageCommitmentPushModel)],
+            ext_neg=[role],
+        )
+        if not out.is_established:
+            log.error("cannot report commitment %s: association to %s refused", report.TransactionUID, requester)
+            return
+        try:
+            rsp = out.send_n_event_report(report, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+            log.info("commitment %s reported to %s: %s", report.TransactionUID, requester, getattr(rsp[0], "Status", None))
+        finally:
+            out.release()
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._thread.join(timeout=5)
+
+
+def _size_ok(path: Any, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False

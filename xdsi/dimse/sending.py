@@ -1,0 +1,103 @@
+"""C-STORE sub-operations that stream from storage and transcode only when they must.
+
+pynetdicom's C-GET and C-MOVE services accept only a decoded ``Dataset`` from
+the handler, which would put each instance (a 1 GB whole-slide image
+included) in memory.  We hand them a small placeholder ``Dataset`` that names
+the stored file, and wrap the sending association's ``send_c_store`` so that:
+
+* when the peer accepted the stored transfer syntax, the file is sent from
+  disk in chunks, byte for byte as it was received;
+* otherwise the instance is decoded and sent uncompressed (Explicit or
+  Implicit VR Little Endian), which every storage SCP accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom.presentation import build_context
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128
+
+
+class StoredInstance(Dataset):
+    """A placeholder for an archived file: carries identity, not content."""
+
+    def __init__(self, path: Path | None, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        self._xdsi_path = path
+        self._xdsi_ts = transfer_syntax_uid
+
+
+def _accepted(assoc: Any, sop_class: str, ts: str) -> bool:
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == sop_class and cx.transfer_syntax and cx.transfer_syntax[0] == ts:
+            # as the storage SCU on this association we need the SCU role (or default roles)
+            if getattr(cx, "as_scu", True):
+                return True
+    return False
+
+
+def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
+    """Decode an instance for a peer that cannot take its stored transfer syntax."""
+    ds = dcmread(path)
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    if ts.is_compressed:
+        ds.decompress()  # pydicom 3 with pylibjpeg / openjpeg / rle plugins -> Explicit VR LE
+    target = next((t for t in accepted_ts if t in UNCOMPRESSED), ExplicitVRLittleEndian)
+    if ds.file_meta.TransferSyntaxUID != target:
+        ds.file_meta.TransferSyntaxUID = target
+    return ds
+
+
+def install_streaming_sender(assoc: Any) -> None:
+    """Wrap ``assoc.send_c_store`` (once) so :class:`StoredInstance` placeholders are sent from disk."""
+    if getattr(assoc, "_xdsi_streaming", False):
+        return
+    original: Callable[..., Any] = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(dataset, StoredInstance):
+            return original(dataset, *args, **kwargs)
+        path, sop_class, ts = dataset._xdsi_path, str(dataset.SOPClassUID), dataset._xdsi_ts
+        if path is None:
+            raise FileNotFoundError(f"{dataset.SOPInstanceUID} is not available from storage")
+        if _accepted(assoc, sop_class, ts):
+            return original(path, *args, **kwargs)
+        accepted = [
+            str(cx.transfer_syntax[0])
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class and cx.transfer_syntax
+        ]
+        if not any(t in UNCOMPRESSED for t in accepted):
+            raise ValueError(f"peer accepted no usable transfer syntax for {sop_class} (stored as {ts})")
+        log.info("transcoding %s from %s for %s", dataset.SOPInstanceUID, ts, assoc.acceptor.ae_title)
+        return original(decoded_for_peer(path, accepted), *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+    assoc._xdsi_streaming = True
+
+
+def contexts_for(pairs: set[tuple[str, str]]) -> list[Any]:
+    """Presentation contexts to propose to a move destination.
+
+    One context per (SOP class, stored transfer syntax) so every instance can
+    go byte for byte as stored, plus an uncompressed fallback for SOP classes
+    stored compressed, for peers that cannot decode them.
+    """
+    cxs = [build_context(sop_class, [ts]) for sop_class, ts in sorted(pairs)]
+    needs_fallback = sorted({c for c, ts in pairs if ts not in UNCOMPRESSED})
+    cxs += [build_context(sop_class, list(UNCOMPRESSED)) for sop_class in needs_fallback]
+    if len(cxs) > MAX_CONTEXTS:
+        raise ValueError(f"the selection needs {len(cxs)} presentation contexts, more than {MAX_CONTEXTS}")
+    return cxs

@@ -1,0 +1,251 @@
+"""The DIMSE adapter: pynetdicom SCPs that translate DICOM messages into archive service calls.
+
+Services: Verification, Storage (every storage SOP class pynetdicom knows, the
+usual transfer syntaxes, stored as received), Query/Retrieve Patient and Study
+Root FIND/MOVE/GET, and Storage Commitment Push Model.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from xdsi.archive import Archive
+from xdsi.archive.query import QueryError
+from xdsi.archive.store import Outcome
+from xdsi.dimse import status
+from xdsi.dimse.commitment import CommitmentSCP
+from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender
+from xdsi.uids import InvalidUID
+
+log = logging.getLogger(__name__)
+
+STORAGE_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+QR_FIND = {PatientRootQueryRetrieveInformationModelFind: "PATIENT", StudyRootQueryRetrieveInformationModelFind: "STUDY"}
+QR_MOVE_GET = [
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+
+# Receive C-STORE data straight into a spool file; send stored files in chunks.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def set_nodelay(sock: Any) -> None:
+    """Nagle + delayed ACK stall every DIMSE exchange ~40 ms on loopback; switch Nagle off."""
+    try:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - socket already closed
+        pass
+
+
+def _on_conn_open(event: Any) -> None:
+    set_nodelay(getattr(getattr(event.assoc.dul, "socket", None), "socket", None))
+
+
+class ArchiveAE(AE):
+    """An AE whose outgoing associations (move sub-operations, commitment reports) use TCP_NODELAY."""
+
+    def associate(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        handlers = list(kwargs.pop("evt_handlers", None) or [])
+        handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
+        assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
+        install_streaming_sender(assoc)
+        return assoc
+
+
+class DicomServer:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        s = archive.settings
+        self.ae = ArchiveAE(ae_title=s.ae_title)
+        self.ae.maximum_associations = s.max_associations
+        self.ae.dimse_timeout = s.dimse_timeout
+        self.ae.acse_timeout = s.acse_timeout
+        self.ae.network_timeout = s.network_timeout
+        self.ae.maximum_pdu_size = 0  # no limit on what peers may send us
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            # scp_role/scu_role: accept SCP/SCU role selection so C-GET requestors can receive
+            self.ae.add_supported_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for uid in list(QR_FIND) + QR_MOVE_GET:
+            self.ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.commitment = CommitmentSCP(archive, self.ae)
+        self._server: Any = None
+
+    # -- handlers -----------------------------------------------------------------
+
+    def _handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_C_ECHO, lambda e: 0x0000),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_ACTION, self.commitment.on_n_action),
+        ]
+
+    def on_store(self, event: Any) -> Any:
+        path = Path(event.dataset_path)
+        calling = event.assoc.requestor.ae_title
+        result = self.archive.store.store_file(path, source_ae=calling, move=True)
+        req = event.request
+        if result.ok and result.sop_instance_uid != req.AffectedSOPInstanceUID:
+            log.warning("C-STORE from %s: command says %s, dataset says %s", calling, req.AffectedSOPInstanceUID, result.sop_instance_uid)
+        if result.outcome in (Outcome.STORED, Outcome.REPLACED):
+            return status.SUCCESS
+        if result.outcome is Outcome.DUPLICATE:
+            return status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
+        st = Dataset()
+        st.Status = status.CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else status.OUT_OF_RESOURCES
+        st.ErrorComment = result.reason[:64]
+        log.warning("C-STORE from %s refused: %s", calling, result.reason)
+        return st
+
+    def on_find(self, event: Any) -> Iterator[Any]:
+        model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
+        try:
+            identifier = event.identifier
+            for ds in self.archive.query.find(identifier, model=model):
+                if event.is_cancelled:
+                    yield status.CANCEL, None
+                    return
+                yield status.PENDING, ds
+        except QueryError as exc:
+            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        except Exception as exc:  # a malformed identifier pydicom cannot decode
+            log.exception("C-FIND failed")
+            yield _failure(status.FIND_UNABLE_TO_PROCESS, f"{exc.__class__.__name__}"), None
+
+    def _select(self, event: Any):  # type: ignore[no-untyped-def]
+        return self.archive.retrieve.select_by_identifier(event.identifier)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        dest = event.move_destination.strip() if isinstance(event.move_destination, str) else event.move_destination.decode().strip()
+        peer = self.archive.settings.peer(dest)
+        if peer is None:
+            log.warning("C-MOVE from %s to unknown destination %r", event.assoc.requestor.ae_title, dest)
+            yield None, None  # pynetdicom answers A801 Move Destination unknown
+            return
+        try:
+            refs = self._select(event)
+        except (InvalidUID, ValueError) as exc:
+            yield peer.host, peer.port
+            yield 0
+            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
+        try:
+            kwargs = {"contexts": contexts_for(pairs)} if pairs else {}
+        except ValueError as exc:
+            yield peer.host, peer.port
+            yield 0
+            yield _failure(status.MOVE_UNABLE_TO_PROCESS, str(exc)), None
+            return
+        yield peer.host, peer.port, kwargs
+        yield len(refs)
+        yield from self._suboperations(event, refs)
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        try:
+            refs = self._select(event)
+        except (InvalidUID, ValueError) as exc:
+            yield 0
+            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        install_streaming_sender(event.assoc)
+        yield len(refs)
+        yield from self._suboperations(event, refs)
+
+    def _suboperations(self, event: Any, refs: list[Any]) -> Iterator[Any]:
+        failed: list[str] = []
+        for ref, path, error in self.archive.retrieve.iter_paths(refs):
+            if event.is_cancelled:
+                ds = Dataset()
+                ds.FailedSOPInstanceUIDList = failed
+                yield status.CANCEL, ds
+                return
+            if path is None:
+                log.error("retrieve of %s failed: %s", ref.sop_instance_uid, error)
+                failed.append(ref.sop_instance_uid)
+                # a placeholder without a file: its send raises, which pynetdicom counts as a failed sub-operation
+                yield status.PENDING, StoredInstance(None, ref.sop_class_uid, ref.sop_instance_uid, ref.transfer_syntax_uid)
+                continue
+            yield status.PENDING, StoredInstance(path, ref.sop_class_uid, ref.sop_instance_uid, ref.transfer_syntax_uid)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self, host: str, port: int) -> None:
+        tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
+        set_nodelay(self._server.socket)
+        log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.commitment.stop()
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds

@@ -1,0 +1,1 @@
+"""The relational index (SQLAlchemy 2): models, sessions, schema migrations."""

@@ -1,0 +1,217 @@
+"""Writing to the index: patients, studies, series, instances and their copies.
+
+Rows shared by many instances (patient, study, series) are created with
+``INSERT ... ON CONFLICT DO NOTHING`` followed by a read, so several
+associations, or several xdsi processes on one PostgreSQL index, can store
+instances of the same new study at once without a unique-key race.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
+
+if TYPE_CHECKING:
+    from xdsi.archive.header import InstanceHeader
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class CopyRecord:
+    tier: str
+    rel_path: str
+    size: int
+    sha256: str
+    transfer_syntax_uid: str
+
+
+def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: list[str]) -> None:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    else:  # pragma: no cover - only the two supported backends
+        raise NotImplementedError(dialect)
+    session.execute(stmt)
+
+
+def _fill_empty(row: Any, values: dict[str, Any]) -> None:
+    """Later instances may carry attributes the first one lacked; never overwrite what is known."""
+    for k, v in values.items():
+        if v not in (None, "") and getattr(row, k) in (None, ""):
+            setattr(row, k, v)
+
+
+def _patient(session: Session, h: "InstanceHeader", now: datetime) -> Patient:
+    key = {"patient_id": h.patient_id, "issuer_of_patient_id": h.issuer_of_patient_id}
+    values = {
+        "patient_name": h.patient_name,
+        "patient_name_norm": h.patient_name.upper(),
+        "birth_date": h.birth_date,
+        "sex": h.sex,
+    }
+    row = session.scalars(select(Patient).filter_by(**key)).one_or_none()
+    if row is None:
+        _insert_ignore(session, Patient, {**key, **values, "created_at": now}, list(key))
+        row = session.scalars(select(Patient).filter_by(**key)).one()
+    else:
+        _fill_empty(row, values)
+    return row
+
+
+def _study(session: Session, h: "InstanceHeader", patient: Patient, now: datetime) -> Study:
+    code = h.procedure_code or ("", "", "")
+    values = {
+        "study_date": h.study_date,
+        "study_time": h.study_time,
+        "accession_number": h.accession_number,
+        "accession_issuer": h.accession_issuer,
+        "study_id": h.study_id,
+        "study_description": h.study_description,
+        "referring_physician": h.referring_physician,
+        "procedure_code_value": code[0],
+        "procedure_code_scheme": code[1],
+        "procedure_code_meaning": code[2],
+    }
+    row = session.scalars(select(Study).filter_by(study_uid=h.study_uid)).one_or_none()
+    if row is None:
+        _insert_ignore(
+            session,
+            Study,
+            {"study_uid": h.study_uid, "patient_fk": patient.pk, "created_at": now, "updated_at": now, **values},
+            ["study_uid"],
+        )
+        row = session.scalars(select(Study).filter_by(study_uid=h.study_uid)).one()
+    else:
+        _fill_empty(row, values)
+    return row
+
+
+def _series(session: Session, h: "InstanceHeader", study: Study, now: datetime) -> Series:
+    values = {
+        "modality": h.modality,
+        "series_number": h.series_number,
+        "series_description": h.series_description,
+        "body_part": h.body_part,
+        "series_date": h.series_date,
+        "series_time": h.series_time,
+        "institution_name": h.institution_name,
+        "station_name": h.station_name,
+    }
+    row = session.scalars(select(Series).filter_by(series_uid=h.series_uid)).one_or_none()
+    if row is None:
+        _insert_ignore(
+            session, Series, {"series_uid": h.series_uid, "study_fk": study.pk, "created_at": now, **values}, ["series_uid"]
+        )
+        row = session.scalars(select(Series).filter_by(series_uid=h.series_uid)).one()
+    else:
+        _fill_empty(row, values)
+    return row
+
+
+def refresh_study_modalities(session: Session, study_pk: int) -> None:
+    mods = session.scalars(
+        select(Series.modality).where(Series.study_fk == study_pk, Series.modality != "").distinct()
+    ).all()
+    session.execute(update(Study).where(Study.pk == study_pk).values(modalities="\\".join(sorted(mods))))
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalars(select(Instance).filter_by(sop_instance_uid=sop_instance_uid)).one_or_none()
+
+
+def record_instance(
+    session: Session, h: "InstanceHeader", copy: CopyRecord, *, source_ae: str = "", replace: bool = False
+) -> tuple[Instance, list[CopyRecord]]:
+    """Index one stored instance and its first copy.
+
+    Returns the instance and, when ``replace`` superseded an earlier instance
+    with the same SOP Instance UID, the copies the caller must delete once the
+    transaction has committed.
+    """
+    now = utcnow()
+    patient = _patient(session, h, now)
+    study = _study(session, h, patient, now)
+    series = _series(session, h, study, now)
+    values = {
+        "series_fk": series.pk,
+        "sop_class_uid": h.sop_class_uid,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "instance_number": h.instance_number,
+        "number_of_frames": h.number_of_frames,
+        "content_date": h.content_date,
+        "content_time": h.content_time,
+        "rows": h.rows,
+        "columns": h.columns,
+        "source_ae_title": source_ae[:16],
+    }
+    old_copies: list[CopyRecord] = []
+    inst = find_instance(session, h.sop_instance_uid)
+    if inst is not None:
+        if not replace:
+            raise DuplicateInstance(h.sop_instance_uid)
+        old_series_fk = inst.series_fk
+        old_copies = [
+            CopyRecord(c.tier, c.rel_path, c.size, c.sha256, c.transfer_syntax_uid) for c in inst.copies
+        ]
+        session.execute(delete(FileCopy).where(FileCopy.instance_fk == inst.pk))
+        for k, v in values.items():
+            setattr(inst, k, v)
+        inst.created_at = now
+        if old_series_fk != series.pk:
+            prune_empty(session, old_series_fk)
+    else:
+        inst = Instance(sop_instance_uid=h.sop_instance_uid, created_at=now, **values)
+        session.add(inst)
+    session.flush()
+    session.add(
+        FileCopy(
+            instance_fk=inst.pk,
+            tier=copy.tier,
+            rel_path=copy.rel_path,
+            size=copy.size,
+            sha256=copy.sha256,
+            transfer_syntax_uid=copy.transfer_syntax_uid,
+            stored_at=now,
+            last_read_at=now,
+        )
+    )
+    study.updated_at = now
+    if h.modality and h.modality not in study.modalities.split("\\"):
+        refresh_study_modalities(session, study.pk)
+    return inst, old_copies
+
+
+def prune_empty(session: Session, series_pk: int) -> None:
+    """Remove a series (and its study) that no longer has instances."""
+    n = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_fk == series_pk))
+    if n:
+        return
+    series = session.get(Series, series_pk)
+    if series is None:
+        return
+    study_pk = series.study_fk
+    session.delete(series)
+    session.flush()
+    left = session.scalar(select(func.count()).select_from(Series).where(Series.study_fk == study_pk))
+    if left:
+        refresh_study_modalities(session, study_pk)
+    else:
+        study = session.get(Study, study_pk)
+        if study is not None:
+            session.delete(study)
+
+
+class DuplicateInstance(Exception):
+    """An instance with this SOP Instance UID is already archived and the policy keeps the first."""

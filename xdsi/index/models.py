@@ -1,0 +1,154 @@
+"""The relational index: what the archive holds and where each copy lives.
+
+The index never holds pixel data.  Every attribute that C-FIND, QIDO-RS and
+the XDS metadata need is a column, so queries never open a file.  One row per
+stored copy (``FileCopy``) records the tier, relative path, size and checksum,
+which is how migration, recall and verification find the bytes.
+
+Schema changes go through Alembic migrations in ``xdsi/index/migrations``;
+``Base.metadata`` is the target those migrations are checked against.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+UID = String(64)
+
+
+class Patient(Base):
+    """A patient as identified by (Patient ID, Issuer of Patient ID)."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    # upper-cased copy of the name for case-insensitive matching on every backend
+    patient_name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    studies: Mapped[list["Study"]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_date_time", "study_date", "study_time"),
+        Index("ix_study_patient_date", "patient_fk", "study_date"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.pk"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    accession_issuer: Mapped[str] = mapped_column(String(64), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician: Mapped[str] = mapped_column(String(324), default="")
+    procedure_code_value: Mapped[str] = mapped_column(String(64), default="")
+    procedure_code_scheme: Mapped[str] = mapped_column(String(64), default="")
+    procedure_code_meaning: Mapped[str] = mapped_column(String(64), default="")
+    # backslash-joined distinct series modalities, kept in step by the store service
+    modalities: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # last time an instance was added or removed: the "stable study" clock for publishing
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.pk"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part: Mapped[str] = mapped_column(String(16), default="")
+    series_date: Mapped[str] = mapped_column(String(8), default="")
+    series_time: Mapped[str] = mapped_column(String(16), default="")
+    institution_name: Mapped[str] = mapped_column(String(64), default="")
+    station_name: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.pk"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID, index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_date: Mapped[str] = mapped_column(String(8), default="")
+    content_time: Mapped[str] = mapped_column(String(16), default="")
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    source_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    copies: Mapped[list["FileCopy"]] = relationship(back_populates="instance", cascade="all, delete-orphan")
+
+
+class FileCopy(Base):
+    """One stored copy of an instance on one tier."""
+
+    __tablename__ = "file_copy"
+    __table_args__ = (
+        UniqueConstraint("instance_fk", "tier"),
+        Index("ix_file_copy_tier_last_read", "tier", "last_read_at"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_fk: Mapped[int] = mapped_column(ForeignKey("instance.pk", ondelete="CASCADE"), index=True)
+    tier: Mapped[str] = mapped_column(String(64))
+    rel_path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_read_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    instance: Mapped[Instance] = relationship(back_populates="copies")

@@ -1,0 +1,68 @@
+"""``xdsi serve``: the DICOM and HTTP servers in one process, stopped cleanly by SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from werkzeug.serving import make_server
+
+from xdsi.archive import Archive
+from xdsi.config import Settings
+from xdsi.dimse.server import DicomServer
+from xdsi.web.app import make_app
+
+log = logging.getLogger(__name__)
+
+
+class Servers:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.archive = Archive.open(settings)
+        self.dicom = DicomServer(self.archive)
+        self.http: Any = None
+        self._http_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        s = self.settings
+        self.dicom.start(s.host, s.dicom_port)
+        self.http = make_server(s.host, s.http_port, make_app(self.archive), threaded=True)
+        self._http_thread = threading.Thread(target=self.http.serve_forever, name="http", daemon=True)
+        self._http_thread.start()
+        log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping")
+        if self.http is not None:
+            self.http.shutdown()
+        self.dicom.stop()
+        self.archive.close()
+
+
+def serve(settings: Settings) -> int:
+    servers = Servers(settings)
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    servers.start()
+    print(
+        f"xdsi serving AE {settings.ae_title} on dicom://{settings.host}:{servers.dicom.port} "
+        f"and http://{settings.host}:{servers.http.server_port}/ (data in {settings.data_dir})",
+        flush=True,
+    )
+    try:
+        done.wait()
+    finally:
+        servers.stop()
+    return 0

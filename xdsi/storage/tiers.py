@@ -1,0 +1,257 @@
+"""Storage tiers: directories that hold the DICOM files, fastest first.
+
+A tier knows how to place bytes durably (temporary name in the tier's own
+``.tmp`` folder, fsync, rename, fsync the directory) and how to read, verify
+and delete them.  It knows nothing of the index: callers record what a tier
+reports (relative path, size, SHA-256).
+
+Paths are built only from validated UIDs (:func:`instance_path`), never from
+request text, so nothing a peer sends can name a file outside the tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from xdsi.config import StorageSettings, TierSettings
+from xdsi.uids import validate_uid
+
+CHUNK = 1 << 20
+TMP_DIR = ".tmp"
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What a tier reports about bytes it has made durable."""
+
+    rel_path: str
+    size: int
+    sha256: str
+
+
+class StorageError(OSError):
+    pass
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The relative path of an instance: ``study/series/sop.dcm`` from validated UIDs."""
+    return "/".join(
+        (
+            validate_uid(study_uid, "Study Instance UID"),
+            validate_uid(series_uid, "Series Instance UID"),
+            validate_uid(sop_uid, "SOP Instance UID") + ".dcm",
+        )
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path, stop: Path) -> None:
+    """Create ``path`` and fsync each new directory's parent so the entry itself survives a crash."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != stop:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+class Tier:
+    def __init__(self, settings: TierSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.root = Path(settings.path)
+        self.tmp = self.root / TMP_DIR
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+
+    def abspath(self, rel_path: str) -> Path:
+        p = (self.root / rel_path).resolve()
+        if self.root.resolve() not in p.parents:
+            raise StorageError(f"path {rel_path!r} escapes tier {self.name}")
+        return p
+
+    def exists(self, rel_path: str) -> bool:
+        return self.abspath(rel_path).is_file()
+
+    def new_temp(self) -> Path:
+        """A temporary file name on this tier's file system (so the final rename is atomic)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return self.tmp / f"{uuid.uuid4().hex}.part"
+
+    def _commit_temp(self, temp: Path, rel_path: str) -> None:
+        final = self.abspath(rel_path)
+        _makedirs_durable(final.parent, self.root)
+        os.replace(temp, final)
+        _fsync_dir(final.parent)
+
+    def place_file(self, src: Path, rel_path: str, *, move: bool = False) -> Placed:
+        """Make the bytes of ``src`` durable at ``rel_path``.
+
+        With ``move`` and ``src`` on the same file system the file is renamed
+        rather than copied: the incoming C-STORE spool becomes the stored file
+        without a second write.
+        """
+        if move and _same_device(src, self.root):
+            size, digest = _fsync_and_hash(src)
+            temp = self.new_temp()
+            os.replace(src, temp)  # take ownership first: the spool's owner may unlink its name
+            try:
+                self._commit_temp(temp, rel_path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            return Placed(rel_path, size, digest)
+        with open(src, "rb") as fh:
+            return self.place_stream(fh, rel_path)
+
+    def place_stream(self, stream: BinaryIO | Iterable[bytes], rel_path: str) -> Placed:
+        temp = self.new_temp()
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(temp, "wb") as out:
+                chunks = iter(lambda: stream.read(CHUNK), b"") if hasattr(stream, "read") else stream  # type: ignore[union-attr]
+                for chunk in chunks:
+                    out.write(chunk)
+                    h.update(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._commit_temp(temp, rel_path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return Placed(rel_path, size, h.hexdigest())
+
+    def copy_from(self, other: "Tier", rel_path: str, expected_sha256: str) -> Placed:
+        """Copy a file from another tier and verify it against the index's checksum before it counts."""
+        with open(other.abspath(rel_path), "rb") as fh:
+            placed = self.place_stream(fh, rel_path)
+        if placed.sha256 != expected_sha256:
+            self.delete(rel_path)
+            raise ChecksumMismatch(
+                f"{rel_path}: copy from {other.name} to {self.name} has sha256 {placed.sha256}, index says {expected_sha256}"
+            )
+        return placed
+
+    def verify(self, rel_path: str, expected_sha256: str) -> bool:
+        try:
+            return sha256_file(self.abspath(rel_path))[1] == expected_sha256
+        except FileNotFoundError:
+            return False
+
+    def open(self, rel_path: str) -> BinaryIO:
+        return open(self.abspath(rel_path), "rb")
+
+    def delete(self, rel_path: str) -> None:
+        p = self.abspath(rel_path)
+        p.unlink(missing_ok=True)
+        # prune empty series/study folders, never the tier root
+        for d in (p.parent, p.parent.parent):
+            if d == self.root or self.root not in d.parents:
+                break
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def clean_temp(self) -> int:
+        """Delete leftovers of writes that a crash interrupted; returns how many."""
+        n = 0
+        if self.tmp.is_dir():
+            for p in self.tmp.iterdir():
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_and_hash(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb+") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+        os.fsync(fh.fileno())
+    return size, h.hexdigest()
+
+
+class TierSet:
+    """The ordered tiers of one archive; index 0 is the hot cache."""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+        self.tiers = [Tier(t) for t in settings.tiers]
+        self._by_name = {t.name: t for t in self.tiers}
+
+    @property
+    def hot(self) -> Tier:
+        return self.tiers[0]
+
+    def __getitem__(self, name: str) -> Tier:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.tiers)
+
+    def rank(self, name: str) -> int:
+        return self.tiers.index(self._by_name[name])
+
+    def next_after(self, name: str) -> Tier | None:
+        i = self.rank(name)
+        return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+
+    def ensure(self) -> None:
+        for t in self.tiers:
+            t.ensure()
+
+    def clean_temp(self) -> int:
+        return sum(t.clean_temp() for t in self.tiers)

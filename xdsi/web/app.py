@@ -1,0 +1,52 @@
+"""The HTTP front door: one WSGI application that mounts each protocol adapter under its prefix.
+
+Adapters register themselves in :func:`make_app`; each is a plain WSGI
+application that receives the request with its prefix still in ``PATH_INFO``
+(werkzeug's ``DispatcherMiddleware`` moves it to ``SCRIPT_NAME``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.wrappers import Request, Response
+
+from xdsi import __version__
+from xdsi.archive import Archive
+from xdsi.archive.lifecycle import archive_status
+
+WSGIApp = Callable[..., Any]
+
+
+def status_app(archive: Archive) -> WSGIApp:
+    """``GET /status``: the same figures as ``xdsi status``, as JSON, for monitoring."""
+
+    @Request.application
+    def app(request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return Response("method not allowed\n", status=405, headers={"Allow": "GET, HEAD"})
+        st = archive_status(archive.index, archive.tiers)
+        body = {
+            "version": __version__,
+            "ae_title": archive.settings.ae_title,
+            "patients": st.patients,
+            "studies": st.studies,
+            "series": st.series,
+            "instances": st.instances,
+            "tiers": {name: {"bytes": st.tier_bytes[name], "files": st.tier_files[name]} for name in st.tier_bytes},
+        }
+        return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
+
+    return app
+
+
+def not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+    return [b"not found\n"]
+
+
+def make_app(archive: Archive) -> WSGIApp:
+    mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
+    return DispatcherMiddleware(not_found, mounts)
