@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import keyword_for_tag, dictionary_VR
 from pydicom.sequence import Sequence
 from sqlalchemy import Select, and_, exists, func, or_, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from xdsi.index.db import Index
 from xdsi.index.models import Instance, Patient, Series, Study
@@ -110,6 +110,21 @@ def _like(pattern: str) -> str:
     return "".join(out)
 
 
+def _glob(pattern: str) -> str:
+    """SQLite GLOB pattern: same ``*``/``?`` as DICOM; only ``[`` needs quoting."""
+    return pattern.replace("[", "[[]")
+
+
+def _wild(col, value: str, dialect: str):  # type: ignore[no-untyped-def]
+    """Case-sensitive wild card matching (PS3.4 C.2.2.2.4) on every backend.
+
+    SQLite's LIKE ignores ASCII case, so SQLite gets GLOB, whose wild cards are DICOM's own.
+    """
+    if dialect == "sqlite":
+        return col.op("GLOB")(_glob(value))
+    return col.like(_like(value), escape="\\")
+
+
 def _has_wildcard(v: str) -> bool:
     return "*" in v or "?" in v
 
@@ -128,7 +143,7 @@ def _range(col, lo: str, hi: str, is_time: bool):  # type: ignore[no-untyped-def
     return and_(*conds)
 
 
-def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
+def _match(name: str, attr: Attr, raw: object, dialect: str):  # type: ignore[no-untyped-def]
     """A SQL condition for one non-empty matching key, or None for universal matching."""
     if attr.kind in ("computed", "code"):
         return None  # return keys only
@@ -146,11 +161,11 @@ def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
             raise QueryError(f"{name}: {bad[0]!r} is not a valid UID")
         return col.in_(values) if len(values) > 1 else col == values[0]  # type: ignore[union-attr]
     if attr.kind == "cs_multi":
-        conds = []
-        for v in values:
-            cond = Series.modality.like(_like(v), escape="\\") if _has_wildcard(v) else Series.modality == v
-            conds.append(exists().where(Series.study_fk == Study.pk, cond))
-        return or_(*conds)
+        # an alias: at SERIES/IMAGE level the outer query joins Series too, and an
+        # un-aliased subquery would correlate to it and filter the series themselves
+        other = aliased(Series)
+        conds = [_wild(other.modality, v, dialect) if _has_wildcard(v) else other.modality == v for v in values]
+        return exists().where(other.study_fk == Study.pk, or_(*conds))
     value = values[0] if len(values) == 1 else "\\".join(values)
     if attr.kind == "int":
         try:
@@ -178,7 +193,7 @@ def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
         return or_(target == v, target.like(_like(v) + "^%", escape="\\"))
     # plain strings: case-sensitive per PS3.4 (except PN)
     if _has_wildcard(value):
-        return col.like(_like(value), escape="\\")  # type: ignore[union-attr]
+        return _wild(col, value, dialect)
     return col == value  # type: ignore[operator]
 
 
@@ -189,7 +204,10 @@ class QueryService:
 
     def find(self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0) -> Iterator[Dataset]:
         """Yield one response identifier per match.  ``model`` is "PATIENT" or "STUDY" root."""
-        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        try:
+            level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        except Exception as exc:  # raw bytes pydicom cannot decode
+            raise QueryError(f"QueryRetrieveLevel cannot be decoded: {exc}") from None
         if level not in LEVELS:
             raise QueryError(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS)}")
         if model == "STUDY" and level == "PATIENT":
@@ -202,7 +220,7 @@ class QueryService:
 
         requested: list[str] = []
         conds = []
-        for elem in identifier:
+        for elem in _elements(identifier):
             kw = elem.keyword or keyword_for_tag(elem.tag)
             if not kw or kw in _CONTROL or elem.tag.group == 0x0002:
                 continue
@@ -212,7 +230,7 @@ class QueryService:
                 continue  # unsupported or lower-level key: returned empty / ignored
             if elem.VR == "SQ":
                 continue
-            cond = _match(kw, attr, elem.value)
+            cond = _match(kw, attr, elem.value, self.index.dialect)
             if cond is not None:
                 conds.append(cond)
 
@@ -231,11 +249,11 @@ class QueryService:
             stmt = stmt.limit(limit)
 
         counters = self._counters(requested)
-        charset_needed = False
         with self.index.session() as s:
             for row in s.execute(stmt).yield_per(500):
                 objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row))
                 ds = Dataset()
+                charset_needed = False
                 ds.QueryRetrieveLevel = level
                 for lv in LEVELS[: depth + 1]:
                     if lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested:
@@ -277,6 +295,16 @@ class QueryService:
             item.CodeMeaning = obj.procedure_code_meaning
             return Sequence([item])
         return getattr(obj, attr.column.key)  # type: ignore[union-attr]
+
+
+def _elements(identifier: Dataset) -> Iterator:  # type: ignore[type-arg]
+    """The identifier's elements, decoded one by one so that a bad value names its attribute."""
+    for tag in list(identifier.keys()):
+        try:
+            yield identifier[tag]
+        except Exception as exc:  # pydicom decodes raw values lazily and raises on bad ones
+            name = keyword_for_tag(tag) or str(tag)
+            raise QueryError(f"{name}: value cannot be decoded: {exc}") from None
 
 
 def _set(ds: Dataset, kw: str, value: object) -> None:
