@@ -54,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    s = load_settings(args.config)
-    return s.with_overrides(
-        data_dir=getattr(args, "data_dir", None),
-        host=getattr(args, "host", None),
-        dicom_port=getattr(args, "dicom_port", None),
-        http_port=getattr(args, "http_port", None),
-        ae_title=getattr(args, "ae_title", None),
+    # flags go in before relative tier paths are resolved, so --data-dir moves them too
+    return load_settings(
+        args.config,
+        overrides=dict(
+            data_dir=getattr(args, "data_dir", None),
+            host=getattr(args, "host", None),
+            dicom_port=getattr(args, "dicom_port", None),
+            http_port=getattr(args, "http_port", None),
+            ae_title=getattr(args, "ae_title", None),
+        ),
     )
 
 
