@@ -348,3 +348,12 @@ def test_undecodable_key_is_a_query_error(archive: Archive, data: Data) -> None:
     ds[tag] = RawDataElement(tag, "IS", 2, b"1*", 0, True, True)
     with pytest.raises(QueryError, match="SeriesNumber"):
         list(archive.query.find(ds, model="STUDY"))
+
+
+def test_higher_level_counts_at_lower_levels_count_the_whole_entity(archive: Archive, data: Data) -> None:
+    rows = find(archive, "SERIES", StudyInstanceUID=data.study["A"], NumberOfStudyRelatedInstances=None,
+                NumberOfStudyRelatedSeries=None, NumberOfSeriesRelatedInstances=None)
+    assert sorted((r.NumberOfStudyRelatedSeries, r.NumberOfStudyRelatedInstances, r.NumberOfSeriesRelatedInstances)
+                  for r in rows) == [(3, 5, 1), (3, 5, 2), (3, 5, 2)]
+    rows = find(archive, "STUDY", PatientID="PAT_1", NumberOfPatientRelatedStudies=None, NumberOfPatientRelatedInstances=None)
+    assert [(r.NumberOfPatientRelatedStudies, r.NumberOfPatientRelatedInstances) for r in rows] == [(2, 6), (2, 6)]

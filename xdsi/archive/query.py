@@ -235,7 +235,9 @@ class QueryService:
                 conds.append(cond)
 
         entities = [Patient, Study, Series, Instance][: depth + 1]
-        stmt: Select = select(*entities)
+        # counts are correlated subqueries in the same statement, not one query per response
+        counted = [kw for kw in dict.fromkeys(requested) if kw in _COUNTS and ATTRS[kw].level in in_scope]
+        stmt: Select = select(*entities, *(_COUNTS[kw]().label(kw) for kw in counted))
         if depth >= 1:
             stmt = stmt.join(Study, Study.patient_fk == Patient.pk)
         if depth >= 2:
@@ -248,10 +250,10 @@ class QueryService:
         if limit is not None:
             stmt = stmt.limit(limit)
 
-        counters = self._counters(requested)
         with self.index.session() as s:
             for row in s.execute(stmt).yield_per(500):
-                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row))
+                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row[: depth + 1]))
+                counters = dict(zip(counted, row[depth + 1 :]))
                 ds = Dataset()
                 charset_needed = False
                 ds.QueryRetrieveLevel = level
@@ -272,9 +274,6 @@ class QueryService:
                     ds.SpecificCharacterSet = "ISO_IR 192"
                 yield ds
 
-    def _counters(self, requested: list[str]) -> dict[str, Callable]:
-        return {kw: _COUNTS[kw] for kw in requested if kw in _COUNTS}
-
     def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str]):  # type: ignore[no-untyped-def]
         attr = ATTRS.get(kw)
         if attr is None or attr.level not in in_scope:
@@ -283,7 +282,7 @@ class QueryService:
         if obj is None:
             return None
         if kw in counters:
-            return s.scalar(counters[kw](obj))
+            return int(counters[kw])
         if kw == "ModalitiesInStudy":
             return [m for m in obj.modalities.split("\\") if m]
         if kw == "ProcedureCodeSequence":
@@ -320,16 +319,52 @@ def _set(ds: Dataset, kw: str, value: object) -> None:
     ds.add_new(kw, vr, value)
 
 
+def _count(what, *joins, where):  # type: ignore[no-untyped-def]
+    stmt = select(func.count(what))
+    for target, on in joins:
+        stmt = stmt.join(target, on)
+    return stmt.where(where).scalar_subquery()
+
+
+def _patient_studies():  # type: ignore[no-untyped-def]
+    st = aliased(Study)
+    return _count(st.pk, where=st.patient_fk == Patient.pk)
+
+
+def _patient_series():  # type: ignore[no-untyped-def]
+    st, se = aliased(Study), aliased(Series)
+    return _count(se.pk, (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
+
+
+def _patient_instances():  # type: ignore[no-untyped-def]
+    st, se, i = aliased(Study), aliased(Series), aliased(Instance)
+    return _count(i.pk, (se, i.series_fk == se.pk), (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
+
+
+def _study_series():  # type: ignore[no-untyped-def]
+    se = aliased(Series)
+    return _count(se.pk, where=se.study_fk == Study.pk)
+
+
+def _study_instances():  # type: ignore[no-untyped-def]
+    se, i = aliased(Series), aliased(Instance)
+    return _count(i.pk, (se, i.series_fk == se.pk), where=se.study_fk == Study.pk)
+
+
+def _series_instances():  # type: ignore[no-untyped-def]
+    i = aliased(Instance)
+    return _count(i.pk, where=i.series_fk == Series.pk)
+
+
+# Inner tables are aliased so that each subquery correlates only with the
+# entity it counts for, whatever else the outer query joins.
 _COUNTS: dict[str, Callable] = {
-    "NumberOfPatientRelatedStudies": lambda p: select(func.count(Study.pk)).where(Study.patient_fk == p.pk),
-    "NumberOfPatientRelatedSeries": lambda p: select(func.count(Series.pk)).join(Study).where(Study.patient_fk == p.pk),
-    "NumberOfPatientRelatedInstances": lambda p: select(func.count(Instance.pk))
-    .join(Series)
-    .join(Study)
-    .where(Study.patient_fk == p.pk),
-    "NumberOfStudyRelatedSeries": lambda st: select(func.count(Series.pk)).where(Series.study_fk == st.pk),
-    "NumberOfStudyRelatedInstances": lambda st: select(func.count(Instance.pk)).join(Series).where(Series.study_fk == st.pk),
-    "NumberOfSeriesRelatedInstances": lambda se: select(func.count(Instance.pk)).where(Instance.series_fk == se.pk),
+    "NumberOfPatientRelatedStudies": _patient_studies,
+    "NumberOfPatientRelatedSeries": _patient_series,
+    "NumberOfPatientRelatedInstances": _patient_instances,
+    "NumberOfStudyRelatedSeries": _study_series,
+    "NumberOfStudyRelatedInstances": _study_instances,
+    "NumberOfSeriesRelatedInstances": _series_instances,
 }
 
 __all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS"]
