@@ -54,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    s = load_settings(args.config)
-    return s.with_overrides(
-        data_dir=getattr(args, "data_dir", None),
-        host=getattr(args, "host", None),
-        dicom_port=getattr(args, "dicom_port", None),
-        http_port=getattr(args, "http_port", None),
-        ae_title=getattr(args, "ae_title", None),
+    # flags go in before relative tier paths are resolved, so --data-dir moves them too
+    return load_settings(
+        args.config,
+        overrides=dict(
+            data_dir=getattr(args, "data_dir", None),
+            host=getattr(args, "host", None),
+            dicom_port=getattr(args, "dicom_port", None),
+            http_port=getattr(args, "http_port", None),
+            ae_title=getattr(args, "ae_title", None),
+        ),
     )
 
 
@@ -124,6 +127,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     archive = Archive.open(settings, clean=False)
     try:
         st = archive_status(archive.index, archive.tiers)
+        queued = archive.policy.plan()
     finally:
         archive.close()
     print(f"AE title:   {settings.ae_title}")
@@ -138,8 +142,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         marks = f", high {_human(cfg.high_watermark)} / low {_human(cfg.low_watermark)}" if cfg.high_watermark else ""
         age = f", migrate after {cfg.migrate_after_days:g} days" if cfg.migrate_after_days is not None else ""
         print(f"  {tier.name:<10} {_human(st.tier_bytes[tier.name]):>10} in {st.tier_files[tier.name]} file(s)  {tier.root}{marks}{age}")
-    print("queued:     nothing")
+    print(f"queued:     {_queued(queued)}")
     return 0
+
+
+def _queued(moves: list) -> str:  # type: ignore[type-arg]
+    """One line for the studies the next ``xdsi migrate`` would move."""
+    if not moves:
+        return "nothing"
+    routes = Counter(f"{m.source} -> {m.target}" for m in moves)
+    detail = ", ".join(f"{route}: {n}" for route, n in routes.items())
+    files = sum(m.files for m in moves)
+    size = sum(m.size for m in moves)
+    return f"{len(moves)} stud(ies), {files} file(s), {_human(size)} due to migrate ({detail})"
 
 
 def _redact(url: str) -> str:

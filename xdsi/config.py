@@ -44,7 +44,13 @@ for _i, _p in enumerate("KMGTP", start=1):
 
 def parse_size(value: int | str | None) -> int | None:
     """Parse ``"500 GB"``, ``"2GiB"`` or an integer byte count."""
-    if value is None or isinstance(value, int):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"not a size: {value!r} (give a whole number of bytes or a string like \"10 GiB\")")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"not a size: {value!r} is negative")
         return value
     m = _SIZE_RE.match(str(value))
     if not m:
@@ -150,13 +156,18 @@ def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
         raise ConfigError(f"tier name {name!r}: use letters, digits, '_', '-', '.'")
     if not path.is_absolute():
         path = base / path
-    high = parse_size(raw.get("high_watermark"))
-    low = parse_size(raw.get("low_watermark"))
+    try:
+        high = parse_size(raw.get("high_watermark"))
+        low = parse_size(raw.get("low_watermark"))
+    except ConfigError as exc:
+        raise ConfigError(f"tier {name}: high_watermark/low_watermark: {exc}") from None
     if (high is None) != (low is None):
         raise ConfigError(f"tier {name}: give both high_watermark and low_watermark, or neither")
     if high is not None and low is not None and low > high:
         raise ConfigError(f"tier {name}: low_watermark is above high_watermark")
     days = raw.get("migrate_after_days")
+    if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0):
+        raise ConfigError(f"tier {name}: migrate_after_days must be a number of days >= 0, not {days!r}")
     return TierSettings(
         name=name,
         path=path.resolve(),
@@ -177,9 +188,55 @@ _ENV = {
 }
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from an optional TOML file and the environment."""
+# Keys each section accepts; [xds] is parsed by its own code.
+_SECTION_KEYS: dict[str, set[str]] = {
+    "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level"},
+    "index": {"url"},
+    "storage": {"tiers", "duplicate_policy", "recall_on_read"},
+    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations"},
+}
+_PEER_KEYS = {"host", "port"}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_keys(where: str, table: object, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _int(where: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, not {value!r}")
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be an integer, not {value!r}") from None
+
+
+def _number(where: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where} must be a number of seconds > 0, not {value!r}")
+    return value
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from an optional TOML file, the environment and command-line ``overrides``.
+
+    Overrides (``None`` values ignored) are applied before relative tier paths
+    are resolved, so ``--data-dir`` moves tiers configured relative to it.
+    ``XDSI_CONFIG`` names the file when ``path`` is not given.
+    """
     env = os.environ if env is None else env
+    if path is None and env.get("XDSI_CONFIG"):
+        path = env["XDSI_CONFIG"]
     doc: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
@@ -196,13 +253,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     known = {"server", "index", "storage", "peers", "dimse", "xds"}
     unknown = set(doc) - known
     if unknown:
-        raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    for section, keys in _SECTION_KEYS.items():
+        if section in doc:
+            _check_keys(f"[{section}]", doc[section], keys)
 
     server = doc.get("server", {})
     kw: dict[str, Any] = {}
-    for key in ("host", "dicom_port", "http_port", "ae_title", "log_level"):
+    for key in ("host", "ae_title", "log_level"):
         if key in server:
-            kw[key] = server[key]
+            kw[key] = str(server[key])
+    for key in ("dicom_port", "http_port"):
+        if key in server:
+            kw[key] = _int(f"[server] {key}", server[key])
     if "data_dir" in server:
         d = Path(server["data_dir"])
         kw["data_dir"] = d if d.is_absolute() else base / d
@@ -211,45 +274,65 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
 
     for var, (key, conv) in _ENV.items():
         if env.get(var):
-            kw[key] = conv(env[var])
+            kw[key] = _int(f"environment variable {var}", env[var]) if conv is int else conv(env[var])
+    kw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "log_level" in kw:
+        kw["log_level"] = str(kw["log_level"]).upper()
 
     settings = Settings(**kw)
     st = doc.get("storage", {})
     if st:
         tiers_raw = st.get("tiers") or []
-        data_base = settings.data_dir if settings.data_dir.is_absolute() else base / settings.data_dir
+        if not isinstance(tiers_raw, list) or not all(isinstance(t, dict) for t in tiers_raw):
+            raise ConfigError("storage.tiers must be an array of tables: [[storage.tiers]]")
+        data_base = settings.data_dir if settings.data_dir.is_absolute() else Path.cwd() / settings.data_dir
         tiers = tuple(_tier_from(t, data_base) for t in tiers_raw)
+        recall = st.get("recall_on_read", True)
+        if not isinstance(recall, bool):
+            raise ConfigError(f"[storage] recall_on_read must be true or false, not {recall!r}")
         settings = replace(
             settings,
             storage=StorageSettings(
                 tiers=tiers or settings.effective_storage.tiers,
                 duplicate_policy=str(st.get("duplicate_policy", "keep")),
-                recall_on_read=bool(st.get("recall_on_read", True)),
+                recall_on_read=recall,
             ),
         )
 
     peers: dict[str, Peer] = {}
-    for aet, p in (doc.get("peers") or {}).items():
+    peers_raw = doc.get("peers") or {}
+    if not isinstance(peers_raw, dict):
+        raise ConfigError("[peers] must hold one table per AE title: [peers.PACS]")
+    for aet, p in peers_raw.items():
+        where = f"[peers.{aet}]"
+        p = _check_keys(where, p, _PEER_KEYS)
         aet = validate_ae_title(aet, "peer AE title")
-        try:
-            peers[aet] = Peer(aet, str(p["host"]), int(p["port"]))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"[peers.{aet}] needs host and port") from None
+        if "host" not in p or "port" not in p:
+            raise ConfigError(f"{where} needs host and port")
+        port = _int(f"{where} port", p["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{where} port {port} out of range")
+        peers[aet] = Peer(aet, str(p["host"]), port)
     if peers:
         settings = replace(settings, peers=peers)
 
     dimse = doc.get("dimse", {})
-    for key in ("dimse_timeout", "acse_timeout", "network_timeout", "max_associations"):
+    for key in ("dimse_timeout", "acse_timeout", "network_timeout"):
         if key in dimse:
-            settings = replace(settings, **{key: dimse[key]})
+            settings = replace(settings, **{key: _number(f"[dimse] {key}", dimse[key])})
+    if "max_associations" in dimse:
+        n = _int("[dimse] max_associations", dimse["max_associations"])
+        if n < 1:
+            raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
+        settings = replace(settings, max_associations=n)
     return _validated(settings)
 
 
 def _validated(s: Settings) -> Settings:
     validate_ae_title(s.ae_title)
     for port_name in ("dicom_port", "http_port"):
-        port = getattr(s, port_name)
-        if not 0 <= int(port) <= 65535:
+        port = _int(port_name, getattr(s, port_name))
+        if not 0 <= port <= 65535:
             raise ConfigError(f"{port_name} {port} out of range")
     st = s.effective_storage
     if st.duplicate_policy not in ("keep", "replace"):
@@ -259,4 +342,11 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError("tier names must be unique")
     if not st.tiers:
         raise ConfigError("at least one storage tier is needed")
+    last = st.tiers[-1]
+    if last.migrate_after_days is not None or last.high_watermark is not None:
+        raise ConfigError(
+            f"tier {last.name} is the last tier: migrate_after_days and watermarks have nowhere to move studies to"
+        )
+    if str(s.log_level).upper() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     return s

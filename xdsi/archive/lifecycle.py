@@ -2,29 +2,47 @@
 
 A study moves from tier *i* to tier *i+1* when
 
-* it has not been read on tier *i* for ``migrate_after_days``, or
+* none of its copies on tier *i* has been read for ``migrate_after_days``, or
 * tier *i* holds more than its ``high_watermark`` bytes: least recently read
   studies move until the tier is under its ``low_watermark``.
 
-Each copy moves as: copy, verify the SHA-256 against the index, record the new
-copy, remove the old copy's row, then delete the old file.  A crash at any
-point leaves at least one indexed, verified copy.
+Each copy moves as: copy, verify the SHA-256 against the index, then in one
+transaction record the new copy and remove the old copy's row, and only then
+delete the old file.  A crash at any point leaves at least one indexed,
+verified copy; a copy whose bytes no longer match the index is never moved
+(its source stays, the error is reported).
+
+The plan (:meth:`TierPolicy.plan`) is computed from the index alone, so
+``xdsi status`` can show what the next run would move without touching files.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, func, select
 
 from xdsi.index.catalog import utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
-from xdsi.storage.tiers import ChecksumMismatch, Tier, TierSet
+from xdsi.storage.tiers import Tier, TierSet
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    """One study due to leave a tier, and why."""
+
+    study_pk: int
+    study_uid: str
+    source: str
+    target: str
+    files: int
+    size: int
+    reason: str  # "age" or "watermark"
 
 
 @dataclass
@@ -35,15 +53,18 @@ class MigrationReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _study_copies(s, study_pk: int, tier: str) -> list[FileCopy]:  # type: ignore[no-untyped-def]
-    return list(
-        s.scalars(
-            select(FileCopy)
-            .join(Instance, FileCopy.instance_fk == Instance.pk)
-            .join(Series, Instance.series_fk == Series.pk)
-            .where(Series.study_fk == study_pk, FileCopy.tier == tier)
-        )
-    )
+def _aware(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes even for timezone-aware columns; they were written as UTC."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    study_pk: int
+    study_uid: str
+    last_read: datetime
+    files: int
+    size: int
 
 
 class TierPolicy:
@@ -58,91 +79,130 @@ class TierPolicy:
         used.update({name: int(n) for name, n in rows})
         return used
 
-    def _studies_by_last_read(self, tier: str) -> list[tuple[int, object, int]]:
-        """(study pk, last read on this tier, bytes on this tier), least recently read first."""
+    def _candidates(self, tier: str) -> list[_Candidate]:
+        """Studies with copies on ``tier``, least recently read first."""
+        last = func.max(FileCopy.last_read_at)
         with self.index.session() as s:
             rows = s.execute(
-                select(Series.study_fk, func.max(FileCopy.last_read_at), func.sum(FileCopy.size))
+                select(Study.pk, Study.study_uid, last, func.count(FileCopy.pk), func.sum(FileCopy.size))
+                .select_from(FileCopy)
                 .join(Instance, FileCopy.instance_fk == Instance.pk)
                 .join(Series, Instance.series_fk == Series.pk)
+                .join(Study, Series.study_fk == Study.pk)
                 .where(FileCopy.tier == tier)
-                .group_by(Series.study_fk)
-                .order_by(func.max(FileCopy.last_read_at), Series.study_fk)
+                .group_by(Study.pk, Study.study_uid)
+                .order_by(last, Study.pk)
             ).all()
-        return [(int(pk), last, int(size)) for pk, last, size in rows]
+        return [_Candidate(int(pk), uid, _aware(lr), int(n), int(sz)) for pk, uid, lr, n, sz in rows]
+
+    def plan_tier(self, src: Tier, now: datetime | None = None) -> list[PlannedMove]:
+        """What should leave ``src`` now, least recently read first."""
+        dst = self.tiers.next_after(src.name)
+        if dst is None:
+            return []
+        now = now or utcnow()
+        cfg = src.settings
+        candidates = self._candidates(src.name)
+        chosen: dict[int, PlannedMove] = {}
+
+        def choose(c: _Candidate, reason: str) -> None:
+            chosen[c.study_pk] = PlannedMove(c.study_pk, c.study_uid, src.name, dst.name, c.files, c.size, reason)
+
+        if cfg.migrate_after_days is not None:
+            cutoff = now - timedelta(days=cfg.migrate_after_days)
+            for c in candidates:
+                if c.last_read <= cutoff:
+                    choose(c, "age")
+        if cfg.high_watermark is not None and cfg.low_watermark is not None:
+            used = sum(c.size for c in candidates) - sum(m.size for m in chosen.values())
+            if used > cfg.high_watermark:
+                for c in candidates:
+                    if used <= cfg.low_watermark:
+                        break
+                    if c.study_pk not in chosen:
+                        choose(c, "watermark")
+                        used -= c.size
+        return [m for c in candidates if (m := chosen.get(c.study_pk)) is not None]
+
+    def plan(self) -> list[PlannedMove]:
+        """Every move the next run would start with, tier by tier (not counting cascades to lower tiers)."""
+        now = utcnow()
+        return [m for src in self.tiers.tiers[:-1] for m in self.plan_tier(src, now)]
 
     def run_once(self) -> MigrationReport:
+        """Apply the policy to each tier in turn, fastest first, so a study can pass down several tiers in one run."""
         report = MigrationReport()
-        now = utcnow()
         for src in self.tiers.tiers[:-1]:
-            dst = self.tiers.next_after(src.name)
-            assert dst is not None
-            cfg = src.settings
-            candidates = self._studies_by_last_read(src.name)
-            chosen: list[int] = []
-            if cfg.migrate_after_days is not None:
-                cutoff = now - timedelta(days=cfg.migrate_after_days)
-                for pk, last, _size in candidates:
-                    if last is not None and _aware(last) <= cutoff:
-                        chosen.append(pk)
-            if cfg.high_watermark is not None and cfg.low_watermark is not None:
-                used = self.tier_bytes()[src.name] - sum(sz for pk, _l, sz in candidates if pk in chosen)
-                if used > cfg.high_watermark:
-                    for pk, _last, size in candidates:
-                        if used <= cfg.low_watermark:
-                            break
-                        if pk not in chosen:
-                            chosen.append(pk)
-                            used -= size
-            for pk in chosen:
-                self._move_study(pk, src, dst, report)
+            for move in self.plan_tier(src):
+                self._move_study(move, report)
         return report
 
-    def _move_study(self, study_pk: int, src: Tier, dst: Tier, report: MigrationReport) -> None:
+    def _move_study(self, move: PlannedMove, report: MigrationReport) -> None:
+        src, dst = self.tiers[move.source], self.tiers[move.target]
         with self.index.session() as s:
-            copies = [(c.pk, c.instance_fk, c.rel_path, c.size, c.sha256, c.transfer_syntax_uid) for c in _study_copies(s, study_pk, src.name)]
+            copies = [
+                (c.pk, c.instance_fk, c.rel_path, c.size, c.sha256, c.transfer_syntax_uid, c.last_read_at)
+                for c in s.scalars(
+                    select(FileCopy)
+                    .join(Instance, FileCopy.instance_fk == Instance.pk)
+                    .join(Series, Instance.series_fk == Series.pk)
+                    .where(Series.study_fk == move.study_pk, FileCopy.tier == src.name)
+                    .order_by(FileCopy.pk)
+                )
+            ]
         moved_any = False
-        for copy_pk, inst_pk, rel, size, sha, ts in copies:
+        for copy_pk, inst_pk, rel, size, sha, ts, last_read in copies:
             try:
-                with self.index.session() as s:
-                    have = s.scalars(select(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier == dst.name)).one_or_none()
-                if have is None or not dst.verify(have.rel_path, have.sha256):
-                    placed = dst.copy_from(src, rel, sha)
-                    with self.index.session() as s:
-                        if have is not None:
-                            s.execute(delete(FileCopy).where(FileCopy.pk == have.pk))
-                        now = utcnow()
-                        s.add(
-                            FileCopy(
-                                instance_fk=inst_pk,
-                                tier=dst.name,
-                                rel_path=placed.rel_path,
-                                size=placed.size,
-                                sha256=placed.sha256,
-                                transfer_syntax_uid=ts,
-                                stored_at=now,
-                                last_read_at=now,
-                            )
-                        )
-                with self.index.session() as s:
-                    s.execute(delete(FileCopy).where(FileCopy.pk == copy_pk))
-                src.delete(rel)
-                report.moved_files += 1
-                report.moved_bytes += size
-                moved_any = True
-            except (OSError, ChecksumMismatch) as exc:
+                self._move_copy(src, dst, copy_pk, inst_pk, rel, sha, ts, last_read)
+            except OSError as exc:  # ChecksumMismatch is an OSError too
                 msg = f"{rel}: {src.name} -> {dst.name}: {exc}"
-                log.error("migration failed: %s", msg)
+                log.error("migration failed, source copy kept: %s", msg)
                 report.errors.append(msg)
+                continue
+            report.moved_files += 1
+            report.moved_bytes += size
+            moved_any = True
         if moved_any:
             report.moved_studies += 1
 
+    def _lower_copy(self, src: Tier, inst_pk: int) -> FileCopy | None:
+        """A verified copy of the instance on a tier below ``src`` (left there by an earlier recall), if any."""
+        below = self.tiers.tiers[self.tiers.rank(src.name) + 1 :]
+        with self.index.session() as s:
+            have = {c.tier: c for c in s.scalars(select(FileCopy).where(FileCopy.instance_fk == inst_pk))}
+        for tier in below:
+            c = have.get(tier.name)
+            if c is not None and tier.verify(c.rel_path, c.sha256):
+                return c
+        return None
 
-def _aware(dt):  # type: ignore[no-untyped-def]
-    """SQLite hands back naive datetimes even for timezone-aware columns; they were written as UTC."""
-    from datetime import timezone
-
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+    def _move_copy(
+        self, src: Tier, dst: Tier, copy_pk: int, inst_pk: int, rel: str, sha: str, ts: str, last_read: datetime
+    ) -> None:
+        # a copy already on a lower tier (left there by a recall) makes this one redundant
+        placed = None if self._lower_copy(src, inst_pk) else dst.copy_from(src, rel, sha)  # verified; a bad copy is removed
+        with self.index.session() as s:
+            if placed is not None:
+                s.execute(delete(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier == dst.name))
+                s.add(
+                    FileCopy(
+                        instance_fk=inst_pk,
+                        tier=dst.name,
+                        rel_path=placed.rel_path,
+                        size=placed.size,
+                        sha256=placed.sha256,
+                        transfer_syntax_uid=ts,
+                        stored_at=utcnow(),
+                        # the read clock travels with the data: a move is not a read
+                        last_read_at=last_read,
+                    )
+                )
+            s.execute(delete(FileCopy).where(FileCopy.pk == copy_pk))
+        # the index no longer points at the source copy: only now may its bytes go
+        try:
+            src.delete(rel)
+        except OSError as exc:
+            log.warning("moved %s from %s but could not delete the old file: %s", rel, src.name, exc)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import keyword_for_tag, dictionary_VR
 from pydicom.sequence import Sequence
 from sqlalchemy import Select, and_, exists, func, or_, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from xdsi.index.db import Index
 from xdsi.index.models import Instance, Patient, Series, Study
@@ -110,6 +110,21 @@ def _like(pattern: str) -> str:
     return "".join(out)
 
 
+def _glob(pattern: str) -> str:
+    """SQLite GLOB pattern: same ``*``/``?`` as DICOM; only ``[`` needs quoting."""
+    return pattern.replace("[", "[[]")
+
+
+def _wild(col, value: str, dialect: str):  # type: ignore[no-untyped-def]
+    """Case-sensitive wild card matching (PS3.4 C.2.2.2.4) on every backend.
+
+    SQLite's LIKE ignores ASCII case, so SQLite gets GLOB, whose wild cards are DICOM's own.
+    """
+    if dialect == "sqlite":
+        return col.op("GLOB")(_glob(value))
+    return col.like(_like(value), escape="\\")
+
+
 def _has_wildcard(v: str) -> bool:
     return "*" in v or "?" in v
 
@@ -128,7 +143,7 @@ def _range(col, lo: str, hi: str, is_time: bool):  # type: ignore[no-untyped-def
     return and_(*conds)
 
 
-def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
+def _match(name: str, attr: Attr, raw: object, dialect: str):  # type: ignore[no-untyped-def]
     """A SQL condition for one non-empty matching key, or None for universal matching."""
     if attr.kind in ("computed", "code"):
         return None  # return keys only
@@ -146,11 +161,11 @@ def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
             raise QueryError(f"{name}: {bad[0]!r} is not a valid UID")
         return col.in_(values) if len(values) > 1 else col == values[0]  # type: ignore[union-attr]
     if attr.kind == "cs_multi":
-        conds = []
-        for v in values:
-            cond = Series.modality.like(_like(v), escape="\\") if _has_wildcard(v) else Series.modality == v
-            conds.append(exists().where(Series.study_fk == Study.pk, cond))
-        return or_(*conds)
+        # an alias: at SERIES/IMAGE level the outer query joins Series too, and an
+        # un-aliased subquery would correlate to it and filter the series themselves
+        other = aliased(Series)
+        conds = [_wild(other.modality, v, dialect) if _has_wildcard(v) else other.modality == v for v in values]
+        return exists().where(other.study_fk == Study.pk, or_(*conds))
     value = values[0] if len(values) == 1 else "\\".join(values)
     if attr.kind == "int":
         try:
@@ -178,7 +193,7 @@ def _match(name: str, attr: Attr, raw: object):  # type: ignore[no-untyped-def]
         return or_(target == v, target.like(_like(v) + "^%", escape="\\"))
     # plain strings: case-sensitive per PS3.4 (except PN)
     if _has_wildcard(value):
-        return col.like(_like(value), escape="\\")  # type: ignore[union-attr]
+        return _wild(col, value, dialect)
     return col == value  # type: ignore[operator]
 
 
@@ -189,7 +204,10 @@ class QueryService:
 
     def find(self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0) -> Iterator[Dataset]:
         """Yield one response identifier per match.  ``model`` is "PATIENT" or "STUDY" root."""
-        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        try:
+            level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        except Exception as exc:  # raw bytes pydicom cannot decode
+            raise QueryError(f"QueryRetrieveLevel cannot be decoded: {exc}") from None
         if level not in LEVELS:
             raise QueryError(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS)}")
         if model == "STUDY" and level == "PATIENT":
@@ -202,7 +220,7 @@ class QueryService:
 
         requested: list[str] = []
         conds = []
-        for elem in identifier:
+        for elem in _elements(identifier):
             kw = elem.keyword or keyword_for_tag(elem.tag)
             if not kw or kw in _CONTROL or elem.tag.group == 0x0002:
                 continue
@@ -212,12 +230,14 @@ class QueryService:
                 continue  # unsupported or lower-level key: returned empty / ignored
             if elem.VR == "SQ":
                 continue
-            cond = _match(kw, attr, elem.value)
+            cond = _match(kw, attr, elem.value, self.index.dialect)
             if cond is not None:
                 conds.append(cond)
 
         entities = [Patient, Study, Series, Instance][: depth + 1]
-        stmt: Select = select(*entities)
+        # counts are correlated subqueries in the same statement, not one query per response
+        counted = [kw for kw in dict.fromkeys(requested) if kw in _COUNTS and ATTRS[kw].level in in_scope]
+        stmt: Select = select(*entities, *(_COUNTS[kw]().label(kw) for kw in counted))
         if depth >= 1:
             stmt = stmt.join(Study, Study.patient_fk == Patient.pk)
         if depth >= 2:
@@ -230,12 +250,12 @@ class QueryService:
         if limit is not None:
             stmt = stmt.limit(limit)
 
-        counters = self._counters(requested)
-        charset_needed = False
         with self.index.session() as s:
             for row in s.execute(stmt).yield_per(500):
-                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row))
+                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row[: depth + 1]))
+                counters = dict(zip(counted, row[depth + 1 :]))
                 ds = Dataset()
+                charset_needed = False
                 ds.QueryRetrieveLevel = level
                 for lv in LEVELS[: depth + 1]:
                     if lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested:
@@ -254,9 +274,6 @@ class QueryService:
                     ds.SpecificCharacterSet = "ISO_IR 192"
                 yield ds
 
-    def _counters(self, requested: list[str]) -> dict[str, Callable]:
-        return {kw: _COUNTS[kw] for kw in requested if kw in _COUNTS}
-
     def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str]):  # type: ignore[no-untyped-def]
         attr = ATTRS.get(kw)
         if attr is None or attr.level not in in_scope:
@@ -265,7 +282,7 @@ class QueryService:
         if obj is None:
             return None
         if kw in counters:
-            return s.scalar(counters[kw](obj))
+            return int(counters[kw])
         if kw == "ModalitiesInStudy":
             return [m for m in obj.modalities.split("\\") if m]
         if kw == "ProcedureCodeSequence":
@@ -277,6 +294,16 @@ class QueryService:
             item.CodeMeaning = obj.procedure_code_meaning
             return Sequence([item])
         return getattr(obj, attr.column.key)  # type: ignore[union-attr]
+
+
+def _elements(identifier: Dataset) -> Iterator:  # type: ignore[type-arg]
+    """The identifier's elements, decoded one by one so that a bad value names its attribute."""
+    for tag in list(identifier.keys()):
+        try:
+            yield identifier[tag]
+        except Exception as exc:  # pydicom decodes raw values lazily and raises on bad ones
+            name = keyword_for_tag(tag) or str(tag)
+            raise QueryError(f"{name}: value cannot be decoded: {exc}") from None
 
 
 def _set(ds: Dataset, kw: str, value: object) -> None:
@@ -292,16 +319,52 @@ def _set(ds: Dataset, kw: str, value: object) -> None:
     ds.add_new(kw, vr, value)
 
 
+def _count(what, *joins, where):  # type: ignore[no-untyped-def]
+    stmt = select(func.count(what))
+    for target, on in joins:
+        stmt = stmt.join(target, on)
+    return stmt.where(where).scalar_subquery()
+
+
+def _patient_studies():  # type: ignore[no-untyped-def]
+    st = aliased(Study)
+    return _count(st.pk, where=st.patient_fk == Patient.pk)
+
+
+def _patient_series():  # type: ignore[no-untyped-def]
+    st, se = aliased(Study), aliased(Series)
+    return _count(se.pk, (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
+
+
+def _patient_instances():  # type: ignore[no-untyped-def]
+    st, se, i = aliased(Study), aliased(Series), aliased(Instance)
+    return _count(i.pk, (se, i.series_fk == se.pk), (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
+
+
+def _study_series():  # type: ignore[no-untyped-def]
+    se = aliased(Series)
+    return _count(se.pk, where=se.study_fk == Study.pk)
+
+
+def _study_instances():  # type: ignore[no-untyped-def]
+    se, i = aliased(Series), aliased(Instance)
+    return _count(i.pk, (se, i.series_fk == se.pk), where=se.study_fk == Study.pk)
+
+
+def _series_instances():  # type: ignore[no-untyped-def]
+    i = aliased(Instance)
+    return _count(i.pk, where=i.series_fk == Series.pk)
+
+
+# Inner tables are aliased so that each subquery correlates only with the
+# entity it counts for, whatever else the outer query joins.
 _COUNTS: dict[str, Callable] = {
-    "NumberOfPatientRelatedStudies": lambda p: select(func.count(Study.pk)).where(Study.patient_fk == p.pk),
-    "NumberOfPatientRelatedSeries": lambda p: select(func.count(Series.pk)).join(Study).where(Study.patient_fk == p.pk),
-    "NumberOfPatientRelatedInstances": lambda p: select(func.count(Instance.pk))
-    .join(Series)
-    .join(Study)
-    .where(Study.patient_fk == p.pk),
-    "NumberOfStudyRelatedSeries": lambda st: select(func.count(Series.pk)).where(Series.study_fk == st.pk),
-    "NumberOfStudyRelatedInstances": lambda st: select(func.count(Instance.pk)).join(Series).where(Series.study_fk == st.pk),
-    "NumberOfSeriesRelatedInstances": lambda se: select(func.count(Instance.pk)).where(Instance.series_fk == se.pk),
+    "NumberOfPatientRelatedStudies": _patient_studies,
+    "NumberOfPatientRelatedSeries": _patient_series,
+    "NumberOfPatientRelatedInstances": _patient_instances,
+    "NumberOfStudyRelatedSeries": _study_series,
+    "NumberOfStudyRelatedInstances": _study_instances,
+    "NumberOfSeriesRelatedInstances": _series_instances,
 }
 
 __all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS"]

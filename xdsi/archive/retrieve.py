@@ -20,7 +20,7 @@ from xdsi.config import Settings
 from xdsi.index.catalog import utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
-from xdsi.storage.tiers import StorageError, TierSet
+from xdsi.storage.tiers import ChecksumMismatch, TierSet
 from xdsi.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
@@ -133,39 +133,74 @@ class RetrieveService:
         return self.select(study_uids=study, series_uids=series, sop_uids=sops, patient_id=patient_id if level == "PATIENT" else None)
 
     def path(self, ref: InstanceRef) -> Path:
-        """A readable path for the instance, recalling it to the hot tier if it is only on a cold one."""
+        """A readable path for the instance, recalling it to the hot tier if it is only on a cold one.
+
+        Copies are tried fastest tier first.  A recall is verified against the
+        index's checksum; a cold copy that fails it is never served.  If the
+        copies ``ref`` names have moved meanwhile (a migration ran between
+        :meth:`select` and now), the index is read again once.
+        """
         if not ref.copies:
             raise NotAvailable(f"{ref.sop_instance_uid}: no stored copy")
-        tier_name, rel, _size, sha = ref.copies[0]
+        found = self._path_from(ref, ref.copies)
+        if found is None:
+            fresh = self.select(sop_uids=[ref.sop_instance_uid])
+            if fresh and fresh[0].copies and fresh[0].copies != ref.copies:
+                found = self._path_from(fresh[0], fresh[0].copies)
+        if found is None:
+            raise NotAvailable(f"{ref.sop_instance_uid}: no tier holds a readable, intact copy")
+        return found
+
+    def _path_from(self, ref: InstanceRef, copies: tuple[tuple[str, str, int, str], ...]) -> Path | None:
         hot = self.tiers.hot
+        for tier_name, rel, _size, sha in copies:
+            if tier_name not in self.tiers:
+                continue
+            tier = self.tiers[tier_name]
+            if not tier.exists(rel):
+                log.warning("%s: indexed copy missing on tier %s", ref.sop_instance_uid, tier_name)
+                continue
+            if tier_name != hot.name and self.recall:
+                try:
+                    recalled = self._recall(ref, tier, rel, sha)
+                except ChecksumMismatch as exc:
+                    log.error("%s: copy on %s is corrupt, not served: %s", ref.sop_instance_uid, tier_name, exc)
+                    continue
+                except OSError as exc:  # hot tier full or unwritable: serve from where it is
+                    log.warning("recall of %s failed (%s); serving from %s", ref.sop_instance_uid, exc, tier_name)
+                else:
+                    if recalled is not None:
+                        return recalled
+            now = utcnow()
+            self._touch(ref.pk, tier_name, now)
+            return tier.abspath(rel)
+        return None
+
+    def _recall(self, ref: InstanceRef, tier, rel: str, sha: str) -> Path | None:  # type: ignore[no-untyped-def]
+        """Copy to the hot tier, verified, and record the copy; the hot path, or None if it vanished."""
+        hot = self.tiers.hot
+        placed = hot.copy_from(tier, rel, sha)
         now = utcnow()
-        if tier_name != hot.name and self.recall:
-            try:
-                placed = hot.copy_from(self.tiers[tier_name], rel, sha)
-                with self.index.session() as s:
-                    s.add(
-                        FileCopy(
-                            instance_fk=ref.pk,
-                            tier=hot.name,
-                            rel_path=placed.rel_path,
-                            size=placed.size,
-                            sha256=placed.sha256,
-                            transfer_syntax_uid=ref.transfer_syntax_uid,
-                            stored_at=now,
-                            last_read_at=now,
-                        )
+        try:
+            with self.index.session() as s:
+                s.add(
+                    FileCopy(
+                        instance_fk=ref.pk,
+                        tier=hot.name,
+                        rel_path=placed.rel_path,
+                        size=placed.size,
+                        sha256=placed.sha256,
+                        transfer_syntax_uid=ref.transfer_syntax_uid,
+                        stored_at=now,
+                        last_read_at=now,
                     )
-                log.info("recalled %s from %s to %s", ref.sop_instance_uid, tier_name, hot.name)
-                tier_name = hot.name
-            except IntegrityError:
-                tier_name = hot.name  # a concurrent reader recalled it first
-            except (OSError, StorageError) as exc:
-                log.warning("recall of %s failed (%s); serving from %s", ref.sop_instance_uid, exc, tier_name)
-        self._touch(ref.pk, tier_name, now)
-        p = self.tiers[tier_name].abspath(rel)
-        if not p.is_file():
-            raise NotAvailable(f"{ref.sop_instance_uid}: file missing on tier {tier_name}")
-        return p
+                )
+        except IntegrityError:
+            pass  # a concurrent reader recalled it first; same bytes, same path
+        log.info("recalled %s from %s to %s", ref.sop_instance_uid, tier.name, hot.name)
+        self._touch(ref.pk, hot.name, now)
+        p = hot.abspath(placed.rel_path)
+        return p if p.is_file() else None
 
     def _touch(self, instance_pk: int, tier: str, now) -> None:  # type: ignore[no-untyped-def]
         with self.index.session() as s:
