@@ -53,7 +53,9 @@ def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
     ds = dcmread(path)
     ts = UID(ds.file_meta.TransferSyntaxUID)
     if ts.is_compressed:
-        ds.decompress()  # pydicom 3 with pylibjpeg / openjpeg / rle plugins -> Explicit VR LE
+        # pydicom 3 gives a decompressed instance a new SOP Instance UID unless told otherwise;
+        # a retrieved instance must keep its identity (the peer asked for that UID).
+        ds.decompress(generate_instance_uid=False)
     target = next((t for t in accepted_ts if t in UNCOMPRESSED), ExplicitVRLittleEndian)
     if ds.file_meta.TransferSyntaxUID != target:
         ds.file_meta.TransferSyntaxUID = target
