@@ -218,16 +218,20 @@ def test_get_with_getscu_is_byte_identical(loaded_server: XdsiProcess, test_data
     assert np.array_equal(received.pixel_array, dcmread(test_data.j2k).pixel_array)
 
 
-def test_get_compressed_with_getscu_preferring_j2k(loaded_server: XdsiProcess, test_data: StudySet, tmp_path: Path) -> None:
-    """getscu +xv proposes JPEG 2000 lossless first: the stored JPEG 2000 instance goes byte for byte."""
-    j2k_series = str(dcmread(test_data.j2k, stop_before_pixels=True).SeriesInstanceUID)
-    got = getscu(
-        loaded_server,
-        tmp_path / "get",
-        {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": test_data.spec_a.study_uid, "SeriesInstanceUID": j2k_series},
-        "+xv",
-    )
-    assert set(got) == {test_data.j2k.stem}
-    path = got[test_data.j2k.stem]
-    assert dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless
-    assert dataset_bytes(path) == dataset_bytes(test_data.j2k)
+def test_get_with_getscu_preferring_j2k(loaded_server: XdsiProcess, test_data: StudySet, tmp_path: Path) -> None:
+    """getscu +xv proposes JPEG 2000 lossless first for every storage class and we honour its order.
+
+    The stored JPEG 2000 instance goes byte for byte; the uncompressed ones
+    arrive re-encoded losslessly, with the same pixel values.
+    """
+    originals = test_data.by_sop()
+    got = getscu(loaded_server, tmp_path / "get", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": test_data.spec_a.study_uid}, "+xv")
+    assert set(got) == {u for uids in test_data.series_of(test_data.spec_a).values() for u in uids}
+    for sop, path in got.items():
+        received = dcmread(path)
+        assert received.file_meta.TransferSyntaxUID == JPEG2000Lossless
+        if sop == test_data.j2k.stem:
+            assert dataset_bytes(path) == dataset_bytes(test_data.j2k)
+        else:
+            assert received.SOPInstanceUID == sop
+            assert np.array_equal(received.pixel_array, dcmread(originals[sop]).pixel_array)

@@ -47,7 +47,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
-from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender
+from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender, prefer_requestor_syntaxes
 from xdsi.uids import InvalidUID
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, lambda e: 0x0000),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
