@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, MRImageStorage
 
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, ct_instance, write_study
@@ -94,6 +94,10 @@ def make_test_data(root: Path) -> StudySet:
     data.j2k.parent.mkdir(parents=True)
     ds.save_as(data.j2k, enforce_file_format=True)
     data.files_b = write_study(root / "b", spec_b, series=1, per_series=2)
+    for p in data.files_b:  # synth writes CT images; make B a second SOP class
+        mr = dcmread(p)
+        mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        mr.save_as(p, enforce_file_format=True)
     return data
 
 

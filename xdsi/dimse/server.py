@@ -75,10 +75,6 @@ QR_MOVE_GET = [
     StudyRootQueryRetrieveInformationModelGet,
 ]
 
-# Receive C-STORE data straight into a spool file; send stored files in chunks.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 
 def set_nodelay(sock: Any) -> None:
     """Nagle + delayed ACK stall every DIMSE exchange ~40 ms on loopback; switch Nagle off."""
@@ -108,6 +104,11 @@ class DicomServer:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         s = archive.settings
+        # Receive C-STORE data straight into a spool file; send stored files in chunks.
+        # pynetdicom keeps these process-wide, so they are set by the server that needs them,
+        # not as a side effect of importing this module.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = ArchiveAE(ae_title=s.ae_title)
         self.ae.maximum_associations = s.max_associations
         self.ae.dimse_timeout = s.dimse_timeout
