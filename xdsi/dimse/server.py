@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -239,10 +240,27 @@ class DicomServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, then abort the associations still open.
+
+        pynetdicom's DUL threads are not daemons, so an idle peer that keeps
+        its association open would hold the process until the network
+        timeout.  Aborting is safe: an operation not yet answered was never
+        acknowledged, and the store path leaves nothing half-indexed.  Each
+        association thread then gets ``grace`` seconds to finish the handler
+        it is running before the archive closes under it.
+        """
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+            open_assocs = list(self.ae.active_associations)
+            for assoc in open_assocs:
+                if assoc.is_established:
+                    log.info("aborting association with %s on shutdown", assoc.requestor.ae_title if assoc.is_acceptor else assoc.acceptor.ae_title)
+                assoc.abort()
+            deadline = time.monotonic() + grace
+            for assoc in open_assocs:
+                assoc.join(max(0.0, deadline - time.monotonic()))
         self.commitment.stop()
 
 
