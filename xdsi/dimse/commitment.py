@@ -103,8 +103,11 @@ class CommitmentSCP:
                 log.exception("storage commitment for %s failed", requester)
 
     def _send(self, assoc: Any, requester: str, report: Dataset, event_type: int) -> None:
-        # pynetdicom sends the N-ACTION response when the handler returns; give it
-        # that moment so the report never overtakes the response on the wire.
+        # The report cannot overtake the N-ACTION response: pynetdicom's send_*
+        # waits for the reactor to pause, which it does only after answering.
+        # The pause is for requesters that release right after the response
+        # (they expect the report on a new association): without it we would
+        # start the report on an association that is being released.
         time.sleep(0.2)
         if assoc.is_established:
             try:
