@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,16 @@ TOTAL = 200
 KILL_AFTER = 60
 
 
-def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     files = write_study(tmp_path / "in", StudySpec(), series=4, per_series=TOTAL // 4, rows=256, columns=256)
     data_dir = tmp_path / "data"
-    server = XdsiProcess(data_dir).start()
+    index_url = None
+    env: dict[str, str] = {}
+    if backend == "postgresql":
+        index_url = request.getfixturevalue("postgres").create_database(f"t_{uuid.uuid4().hex[:12]}")
+        env["XDSI_INDEX_URL"] = index_url
+    server = XdsiProcess(data_dir, env=env).start()
     acked: list[str] = []
     refused: list[tuple[str, int]] = []
     errors: list[str] = []
@@ -73,13 +80,13 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) -> N
     assert len(acked) < TOTAL, "the kill came too late to interrupt the ingest"
     snapshot = list(acked)
 
-    restarted = XdsiProcess(data_dir).start()
+    restarted = XdsiProcess(data_dir, env=env).start()
     try:
         assert leftover_temp_files(data_dir) == []
     finally:
         assert restarted.stop() == 0
 
-    archive = Archive.open(Settings(data_dir=data_dir), clean=False)
+    archive = Archive.open(Settings(data_dir=data_dir, index_url=index_url), clean=False)
     try:
         refs = {r.sop_instance_uid: r for r in archive.retrieve.select(sop_uids=snapshot)}
         missing = [s for s in snapshot if s not in refs]
