@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from xdsi.archive.commitment import CommitmentService
 from xdsi.archive.lifecycle import TierPolicy
 from xdsi.archive.query import QueryService
 from xdsi.archive.retrieve import RetrieveService
@@ -27,6 +28,7 @@ class Archive:
     query: QueryService
     retrieve: RetrieveService
     policy: TierPolicy
+    commitment: CommitmentService
 
     @classmethod
     def open(cls, settings: Settings, *, clean: bool = True) -> "Archive":
@@ -48,14 +50,16 @@ class Archive:
                     n += 1
             if n:
                 log.warning("removed %d temporary file(s) left by an interrupted write", n)
+        retrieve = RetrieveService(settings, index, tiers)
         return cls(
             settings=settings,
             index=index,
             tiers=tiers,
             store=StoreService(settings, index, tiers),
             query=QueryService(index, settings.ae_title),
-            retrieve=RetrieveService(settings, index, tiers),
+            retrieve=retrieve,
             policy=TierPolicy(index, tiers),
+            commitment=CommitmentService(retrieve, tiers),
         )
 
     def close(self) -> None:

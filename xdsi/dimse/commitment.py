@@ -1,10 +1,10 @@
 """Storage Commitment Push Model SCP (PS3.4 J).
 
-A modality deletes its local copy when we commit, so an instance is committed
-only when the index has it with the same SOP Class and a stored copy whose
-file is on disk with the recorded size.  The N-EVENT-REPORT goes back on the
-requesting association if it is still open, otherwise on a new association
-to the requester, looked up by AE title in the AE table.
+A modality deletes its local copy when we commit; what counts as committed
+is decided by :class:`xdsi.archive.commitment.CommitmentService`.  The
+N-EVENT-REPORT goes back on the requesting association if it is still open,
+otherwise on a new association to the requester, looked up by AE title in the
+AE table.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom.presentation import build_context, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
-from sqlalchemy import select
 
 from xdsi.archive import Archive
+from xdsi.archive.commitment import CommitFailure
 from xdsi.dimse import status
-from xdsi.index.models import FileCopy, Instance
 from xdsi.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,12 @@ log = logging.getLogger(__name__)
 REQUEST_COMMIT = 1
 EVENT_ALL_SUCCESS = 1
 EVENT_FAILURES = 2
+
+FAILURE_REASON = {
+    CommitFailure.NO_SUCH_INSTANCE: status.FAILURE_NO_SUCH_OBJECT_INSTANCE,
+    CommitFailure.CLASS_CONFLICT: status.FAILURE_CLASS_INSTANCE_CONFLICT,
+    CommitFailure.NOT_DURABLE: status.FAILURE_PROCESSING,
+}
 
 
 class CommitmentSCP:
@@ -65,36 +70,17 @@ class CommitmentSCP:
 
     def evaluate(self, info: Dataset) -> Dataset:
         """Build the N-EVENT-REPORT Event Information for a commitment request."""
-        ok, failed = Sequence(), Sequence()
         wanted = [(str(i.get("ReferencedSOPClassUID", "")), str(i.get("ReferencedSOPInstanceUID", ""))) for i in info.ReferencedSOPSequence]
-        tiers = self.archive.tiers
-        with self.archive.index.session() as s:
-            for sop_class, sop_uid in wanted:
-                item = Dataset()
-                item.ReferencedSOPClassUID = sop_class
-                item.ReferencedSOPInstanceUID = sop_uid
-                reason = None
-                inst = None
-                if not (is_valid_uid(sop_class) and is_valid_uid(sop_uid)):
-                    reason = status.FAILURE_NO_SUCH_OBJECT_INSTANCE
-                else:
-                    inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one_or_none()
-                    if inst is None:
-                        reason = status.FAILURE_NO_SUCH_OBJECT_INSTANCE
-                    elif inst.sop_class_uid != sop_class:
-                        reason = status.FAILURE_CLASS_INSTANCE_CONFLICT
-                    else:
-                        copies = s.scalars(select(FileCopy).where(FileCopy.instance_fk == inst.pk)).all()
-                        durable = any(
-                            c.tier in tiers and _size_ok(tiers[c.tier].abspath(c.rel_path), c.size) for c in copies
-                        )
-                        if not durable:
-                            reason = status.FAILURE_PROCESSING
-                if reason is None:
-                    ok.append(item)
-                else:
-                    item.FailureReason = reason
-                    failed.append(item)
+        ok, failed = Sequence(), Sequence()
+        for check in self.archive.commitment.check(wanted):
+            item = Dataset()
+            item.ReferencedSOPClassUID = check.sop_class_uid
+            item.ReferencedSOPInstanceUID = check.sop_instance_uid
+            if check.committed:
+                ok.append(item)
+            else:
+                item.FailureReason = FAILURE_REASON[check.failure]
+                failed.append(item)
         report = Dataset()
         report.TransactionUID = info.TransactionUID
         report.RetrieveAETitle = self.archive.settings.ae_title
@@ -117,8 +103,11 @@ class CommitmentSCP:
                 log.exception("storage commitment for %s failed", requester)
 
     def _send(self, assoc: Any, requester: str, report: Dataset, event_type: int) -> None:
-        # pynetdicom sends the N-ACTION response when the handler returns; give it
-        # that moment so the report never overtakes the response on the wire.
+        # The report cannot overtake the N-ACTION response: pynetdicom's send_*
+        # waits for the reactor to pause, which it does only after answering.
+        # The pause is for requesters that release right after the response
+        # (they expect the report on a new association): without it we would
+        # start the report on an association that is being released.
         time.sleep(0.2)
         if assoc.is_established:
             try:
@@ -157,8 +146,3 @@ class CommitmentSCP:
         self._thread.join(timeout=5)
 
 
-def _size_ok(path: Any, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False

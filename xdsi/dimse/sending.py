@@ -8,7 +8,15 @@ the stored file, and wrap the sending association's ``send_c_store`` so that:
 * when the peer accepted the stored transfer syntax, the file is sent from
   disk in chunks, byte for byte as it was received;
 * otherwise the instance is decoded and sent uncompressed (Explicit or
-  Implicit VR Little Endian), which every storage SCP accepts.
+  Implicit VR Little Endian), which every storage SCP accepts, or, when the
+  peer accepted only a compressed syntax, re-encoded losslessly into it.
+
+On a C-GET the requestor proposes the storage contexts and we, the acceptor,
+pick one transfer syntax per context.  pynetdicom picks in the acceptor's
+order; :func:`prefer_requestor_syntaxes` makes it the requestor's order for
+the contexts in which we are to send, because the requestor knows what it
+wants to receive (``getscu +xv`` asks for JPEG 2000 and must get the stored
+JPEG 2000 bytes, not a decoded copy).
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ from typing import Any, Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.pixels import get_encoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless, UID
 from pynetdicom.presentation import build_context
 
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# lossless encodings we can produce from decoded pixels when a peer accepts nothing else
+LOSSLESS_ENCODINGS = (RLELossless, JPEG2000Lossless)
 MAX_CONTEXTS = 128
 
 
@@ -48,16 +59,68 @@ def _accepted(assoc: Any, sop_class: str, ts: str) -> bool:
     return False
 
 
+def can_encode(ts: str) -> bool:
+    if ts not in LOSSLESS_ENCODINGS:
+        return False
+    try:
+        return bool(get_encoder(ts).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def can_produce(ts: str) -> bool:
+    """A transfer syntax every stored instance can be sent in (decoded, or re-encoded losslessly)."""
+    return ts in UNCOMPRESSED or can_encode(ts)
+
+
 def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
-    """Decode an instance for a peer that cannot take its stored transfer syntax."""
+    """Transcode an instance for a peer that cannot take its stored transfer syntax.
+
+    Uncompressed when the peer accepted an uncompressed syntax, else a lossless
+    encoding it accepted; never a lossy one.
+    """
     ds = dcmread(path)
     ts = UID(ds.file_meta.TransferSyntaxUID)
     if ts.is_compressed:
-        ds.decompress()  # pydicom 3 with pylibjpeg / openjpeg / rle plugins -> Explicit VR LE
-    target = next((t for t in accepted_ts if t in UNCOMPRESSED), ExplicitVRLittleEndian)
-    if ds.file_meta.TransferSyntaxUID != target:
-        ds.file_meta.TransferSyntaxUID = target
+        # pydicom 3 gives a decompressed instance a new SOP Instance UID unless told otherwise;
+        # a retrieved instance must keep its identity (the peer asked for that UID).
+        ds.decompress(generate_instance_uid=False)
+    target = next((t for t in accepted_ts if t in UNCOMPRESSED), None)
+    if target is not None:
+        if ds.file_meta.TransferSyntaxUID != target:
+            ds.file_meta.TransferSyntaxUID = target
+        return ds
+    encoding = next((t for t in accepted_ts if can_encode(t)), None)
+    if encoding is None:
+        raise ValueError(f"cannot produce any of {accepted_ts} from {ts}")
+    ds.compress(encoding, generate_instance_uid=False)
     return ds
+
+
+def prefer_requestor_syntaxes(event: Any) -> None:
+    """EVT_REQUESTED: for storage contexts the requestor wants us to send on (SCP role), choose in its order.
+
+    Only syntaxes we can produce from any stored instance move to the front;
+    the rest of our list stays behind them as before.
+    """
+    assoc = event.assoc
+    roles = assoc.requestor.role_selection
+    want_scp = {uid for uid, item in roles.items() if item.scp_role}
+    if not want_scp:
+        return
+    order: dict[str, list[str]] = {}
+    for cx in assoc.requestor.primitive.presentation_context_definition_list or []:
+        if cx.abstract_syntax in want_scp and cx.abstract_syntax not in order:
+            order[cx.abstract_syntax] = list(cx.transfer_syntax)
+    contexts = assoc.acceptor.supported_contexts  # a per-association deep copy
+    for cx in contexts:
+        wanted = order.get(cx.abstract_syntax)
+        if not wanted:
+            continue
+        ours = list(cx.transfer_syntax)
+        first = [ts for ts in wanted if ts in ours and can_produce(ts)]
+        cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
+    assoc.acceptor.supported_contexts = contexts
 
 
 def install_streaming_sender(assoc: Any) -> None:
@@ -77,11 +140,12 @@ def install_streaming_sender(assoc: Any) -> None:
         accepted = [
             str(cx.transfer_syntax[0])
             for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class and cx.transfer_syntax
+            if cx.abstract_syntax == sop_class and cx.transfer_syntax and getattr(cx, "as_scu", True)
         ]
-        if not any(t in UNCOMPRESSED for t in accepted):
+        if not any(can_produce(t) for t in accepted):
             raise ValueError(f"peer accepted no usable transfer syntax for {sop_class} (stored as {ts})")
-        log.info("transcoding %s from %s for %s", dataset.SOPInstanceUID, ts, assoc.acceptor.ae_title)
+        peer = assoc.acceptor.ae_title if assoc.is_requestor else assoc.requestor.ae_title
+        log.info("transcoding %s from %s for %s (accepted %s)", dataset.SOPInstanceUID, ts, peer, ", ".join(accepted))
         return original(decoded_for_peer(path, accepted), *args, **kwargs)
 
     assoc.send_c_store = send_c_store

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,7 +48,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
-from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender
+from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender, prefer_requestor_syntaxes
 from xdsi.uids import InvalidUID
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,6 @@ QR_MOVE_GET = [
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 ]
-
-# Receive C-STORE data straight into a spool file; send stored files in chunks.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def set_nodelay(sock: Any) -> None:
@@ -108,6 +105,11 @@ class DicomServer:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         s = archive.settings
+        # Receive C-STORE data straight into a spool file; send stored files in chunks.
+        # pynetdicom keeps these process-wide, so they are set by the server that needs them,
+        # not as a side effect of importing this module.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = ArchiveAE(ae_title=s.ae_title)
         self.ae.maximum_associations = s.max_associations
         self.ae.dimse_timeout = s.dimse_timeout
@@ -129,6 +131,7 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, lambda e: 0x0000),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -237,10 +240,27 @@ class DicomServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, then abort the associations still open.
+
+        pynetdicom's DUL threads are not daemons, so an idle peer that keeps
+        its association open would hold the process until the network
+        timeout.  Aborting is safe: an operation not yet answered was never
+        acknowledged, and the store path leaves nothing half-indexed.  Each
+        association thread then gets ``grace`` seconds to finish the handler
+        it is running before the archive closes under it.
+        """
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+            open_assocs = list(self.ae.active_associations)
+            for assoc in open_assocs:
+                if assoc.is_established:
+                    log.info("aborting association with %s on shutdown", assoc.requestor.ae_title if assoc.is_acceptor else assoc.acceptor.ae_title)
+                assoc.abort()
+            deadline = time.monotonic() + grace
+            for assoc in open_assocs:
+                assoc.join(max(0.0, deadline - time.monotonic()))
         self.commitment.stop()
 
 
