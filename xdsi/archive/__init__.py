@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from xdsi.archive.lifecycle import TierPolicy
+from xdsi.archive.metadata import MetadataService
 from xdsi.archive.query import QueryService
 from xdsi.archive.retrieve import RetrieveService
 from xdsi.archive.store import StoreService
@@ -27,6 +28,7 @@ class Archive:
     query: QueryService
     retrieve: RetrieveService
     policy: TierPolicy
+    metadata: MetadataService | None = None  # per-series DICOM JSON for WADO-RS metadata
 
     @classmethod
     def open(cls, settings: Settings, *, clean: bool = True) -> "Archive":
@@ -48,7 +50,7 @@ class Archive:
                     n += 1
             if n:
                 log.warning("removed %d temporary file(s) left by an interrupted write", n)
-        return cls(
+        archive = cls(
             settings=settings,
             index=index,
             tiers=tiers,
@@ -57,6 +59,12 @@ class Archive:
             retrieve=RetrieveService(settings, index, tiers),
             policy=TierPolicy(index, tiers),
         )
+        archive.metadata = MetadataService(settings, archive.retrieve)
+        md = archive.metadata
+        archive.store.listeners.append(
+            lambda h, path, sha: md.record(h.study_uid, h.series_uid, h.sop_instance_uid, path, sha)
+        )
+        return archive
 
     def close(self) -> None:
         self.index.dispose()
