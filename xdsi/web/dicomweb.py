@@ -101,7 +101,7 @@ class DicomWebApp:
             return HttpError(exc.code or 400, exc.description or "bad request").response()
 
     def base(self, request: Request) -> str:
-        return request.host_url.rstrip("/") + request.script_root
+        return public_base(request)
 
     # -- dispatch of shared paths --------------------------------------------------------------
 
@@ -460,6 +460,22 @@ class DicomWebApp:
         code = media.FAILURE_CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else media.FAILURE_OUT_OF_RESOURCES
         failed.append(_sop_item(result.sop_class_uid, result.sop_instance_uid, code))
         reasons.append(f"{result.sop_instance_uid or 'part ' + str(len(stored) + len(failed))}: {result.reason}")
+
+
+def public_base(request: Request) -> str:
+    """The URL prefix of this partition's resources as the client reached it.
+
+    dicomweb-client sends ``Host`` without the port; when the host named is
+    the address we listen on (a direct connection, not a proxy's virtual
+    host) and our port is not the scheme's default, the port is restored so
+    that RetrieveURL and BulkDataURI values work.
+    """
+    host = request.host
+    env = request.environ
+    port = str(env.get("SERVER_PORT", ""))
+    if ":" not in host.rsplit("]", 1)[-1] and host == env.get("SERVER_NAME") and port not in ("", "80", "443"):
+        host = f"{host}:{port}"
+    return f"{request.scheme}://{host}{request.script_root}"
 
 
 def _sop_item(sop_class: str, sop_uid: str, failure: int | None) -> dict:
