@@ -24,6 +24,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_size",
+    "PartitionSettings",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -116,6 +117,8 @@ class Settings:
     network_timeout: float = 60.0
     max_associations: int = 32
     log_level: str = "INFO"
+    # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
+    partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -137,6 +140,10 @@ class Settings:
 
     def peer(self, ae_title: str) -> Peer | None:
         return self.peers.get(ae_title.strip())
+
+    def for_partition(self, name: str) -> "Settings":
+        """The settings of one partition as a complete archive of its own (own AE title, index, tiers, data dir)."""
+        return self.partitions[name].resolve(self)
 
     def with_overrides(self, **kw: Any) -> "Settings":
         """Apply command-line flags; ``None`` means "not given"."""
@@ -250,7 +257,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -325,6 +332,9 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
+    parts = _partitions_from(doc.get("partitions") or {}, base)
+    if parts:
+        settings = replace(settings, partitions=parts)
     return _validated(settings)
 
 
@@ -349,4 +359,114 @@ def _validated(s: Settings) -> Settings:
         )
     if str(s.log_level).upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    if s.partitions:
+        _validate_partitions(s)
     return s
+
+
+# -- partitions -----------------------------------------------------------------------------------
+#
+# A partition is a further AE title served by the same process.  It is a whole
+# archive of its own: its own index database and its own tiers, so isolation
+# holds by construction (no query can reach another partition's rows) and the
+# core services need no partition column.  ``Settings.for_partition(name)``
+# yields ordinary :class:`Settings` from which ``Archive.open`` builds it.
+
+# DICOMweb resource names that a partition AE title may not take, since it becomes a URL segment
+RESERVED_PARTITION_NAMES = frozenset({"studies", "series", "instances", "workitems", "status"})
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """``[partitions.NAME]``: ``ae_title`` (default NAME), ``data_dir`` (default ``<data_dir>/partitions/NAME``),
+    ``index_url`` (default a SQLite file in its data dir), ``dicom_port`` (optional: a DICOM listener for
+    this AE title), ``duplicate_policy``, ``recall_on_read`` and ``[[partitions.NAME.tiers]]`` (default one
+    tier in its data dir); relative paths are under the partition's data dir."""
+
+    name: str
+    ae_title: str
+    data_dir: Path | None = None
+    index_url: str | None = None
+    dicom_port: int | None = None
+    tiers: tuple[TierSettings, ...] = ()
+    duplicate_policy: str = "keep"
+    recall_on_read: bool = True
+
+    def resolve(self, main: "Settings") -> "Settings":
+        data_dir = self.data_dir or (main.data_dir / "partitions" / self.name)
+        data_dir = data_dir if data_dir.is_absolute() else (main.data_dir / data_dir)
+        data_dir = data_dir.resolve()
+        tiers = tuple(
+            replace(t, path=(t.path if t.path.is_absolute() else data_dir / t.path).resolve()) for t in self.tiers
+        ) or (TierSettings(name="cache", path=data_dir / "storage" / "cache"),)
+        return replace(
+            main,
+            ae_title=self.ae_title,
+            data_dir=data_dir,
+            index_url=self.index_url,
+            storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read),
+            dicom_port=self.dicom_port if self.dicom_port is not None else 0,
+            partitions={},
+        )
+
+
+def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
+    out: dict[str, PartitionSettings] = {}
+    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "tiers", "duplicate_policy", "recall_on_read"}
+    for name, p in raw.items():
+        if not isinstance(p, Mapping):
+            raise ConfigError(f"[partitions.{name}] must be a table")
+        unknown = set(p) - allowed
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [partitions.{name}]: {', '.join(sorted(unknown))}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"partition name {name!r}: use letters, digits, '_', '-', '.'")
+        tiers = []
+        for t in p.get("tiers") or []:
+            # relative tier paths stay relative here: they are placed under the partition's data dir
+            tier = _tier_from(t, Path("/"))  # validates the keys; the path is re-based below
+            tiers.append(replace(tier, path=Path(str(t["path"]))))
+        d = p.get("data_dir")
+        data_dir = None
+        if d is not None:
+            data_dir = Path(str(d)) if Path(str(d)).is_absolute() else (base / str(d)).resolve()
+        out[name] = PartitionSettings(
+            name=name,
+            ae_title=validate_ae_title(str(p.get("ae_title", name)), f"partition {name} AE title"),
+            data_dir=data_dir,
+            index_url=str(p["index_url"]) if p.get("index_url") else None,
+            dicom_port=int(p["dicom_port"]) if p.get("dicom_port") is not None else None,
+            tiers=tuple(tiers),
+            duplicate_policy=str(p.get("duplicate_policy", "keep")),
+            recall_on_read=bool(p.get("recall_on_read", True)),
+        )
+    return out
+
+
+def _validate_partitions(s: Settings) -> None:
+    """Partitions must not share an AE title, an index database, a data dir or a tier directory."""
+    aets = [s.ae_title]
+    urls = [s.effective_index_url]
+    dirs = [s.data_dir.resolve()]
+    tier_paths = [t.path for t in s.effective_storage.tiers]
+    for name in s.partitions:
+        ps = s.for_partition(name)
+        if ps.ae_title.lower() in RESERVED_PARTITION_NAMES:
+            raise ConfigError(f"partition {name}: AE title {ps.ae_title!r} would collide with a DICOMweb resource name")
+        for what, seen, value in (
+            ("AE title", aets, ps.ae_title),
+            ("index_url", urls, ps.effective_index_url),
+            ("data_dir", dirs, ps.data_dir),
+        ):
+            if value in seen:
+                raise ConfigError(f"partition {name}: {what} {value} is already used by another partition")
+            seen.append(value)
+        if ps.effective_storage.duplicate_policy not in ("keep", "replace"):
+            raise ConfigError(f"partition {name}: duplicate_policy must be 'keep' or 'replace'")
+        for t in ps.effective_storage.tiers:
+            if any(t.path == q or t.path in q.parents or q in t.path.parents for q in tier_paths):
+                raise ConfigError(f"partition {name}: tier {t.name} at {t.path} overlaps another partition's tier")
+            tier_paths.append(t.path)
+        dp = s.partitions[name].dicom_port
+        if dp is not None and dp and dp == s.dicom_port:
+            raise ConfigError(f"partition {name}: dicom_port {dp} is the main DICOM port")

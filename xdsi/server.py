@@ -22,6 +22,15 @@ class Servers:
         self.settings = settings
         self.archive = Archive.open(settings)
         self.dicom = DicomServer(self.archive)
+        # further AE titles (partitions): own archive each; a DICOM listener where a dicom_port is configured
+        from xdsi.archive.partitions import Partitions
+
+        self.partitions = Partitions.open(self.archive)
+        self.partition_dicom = [
+            (DicomServer(self.partitions[settings.for_partition(name).ae_title]), int(p.dicom_port))
+            for name, p in settings.partitions.items()
+            if p.dicom_port is not None
+        ]
         self.http: Any = None
         self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -29,7 +38,9 @@ class Servers:
     def start(self) -> None:
         s = self.settings
         self.dicom.start(s.host, s.dicom_port)
-        self.http = make_server(s.host, s.http_port, make_app(self.archive), threaded=True)
+        for server, port in self.partition_dicom:
+            server.start(s.host, port)
+        self.http = make_server(s.host, s.http_port, make_app(self.archive, self.partitions), threaded=True)
         self._http_thread = threading.Thread(target=self.http.serve_forever, name="http", daemon=True)
         self._http_thread.start()
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
@@ -42,6 +53,9 @@ class Servers:
         if self.http is not None:
             self.http.shutdown()
         self.dicom.stop()
+        for server, _port in self.partition_dicom:
+            server.stop()
+        self.partitions.close_extra()
         self.archive.close()
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from xdsi.archive.commitment import CommitmentService
 from xdsi.archive.lifecycle import TierPolicy
+from xdsi.archive.metadata import MetadataService
 from xdsi.archive.query import QueryService
 from xdsi.archive.retrieve import RetrieveService
 from xdsi.archive.store import StoreService
@@ -29,6 +30,7 @@ class Archive:
     retrieve: RetrieveService
     policy: TierPolicy
     commitment: CommitmentService
+    metadata: MetadataService | None = None  # per-series DICOM JSON for WADO-RS metadata
 
     @classmethod
     def open(cls, settings: Settings, *, clean: bool = True) -> "Archive":
@@ -51,7 +53,7 @@ class Archive:
             if n:
                 log.warning("removed %d temporary file(s) left by an interrupted write", n)
         retrieve = RetrieveService(settings, index, tiers)
-        return cls(
+        archive = cls(
             settings=settings,
             index=index,
             tiers=tiers,
@@ -61,6 +63,12 @@ class Archive:
             policy=TierPolicy(index, tiers),
             commitment=CommitmentService(retrieve, tiers),
         )
+        archive.metadata = MetadataService(settings, archive.retrieve)
+        md = archive.metadata
+        archive.store.listeners.append(
+            lambda h, path, sha: md.record(h.study_uid, h.series_uid, h.sop_instance_uid, path, sha)
+        )
+        return archive
 
     def close(self) -> None:
         self.index.dispose()

@@ -143,7 +143,7 @@ def _range(col, lo: str, hi: str, is_time: bool):  # type: ignore[no-untyped-def
     return and_(*conds)
 
 
-def _match(name: str, attr: Attr, raw: object, dialect: str):  # type: ignore[no-untyped-def]
+def _match(name: str, attr: Attr, raw: object, dialect: str, fuzzy: bool = False):  # type: ignore[no-untyped-def]
     """A SQL condition for one non-empty matching key, or None for universal matching."""
     if attr.kind in ("computed", "code"):
         return None  # return keys only
@@ -187,6 +187,8 @@ def _match(name: str, attr: Attr, raw: object, dialect: str):  # type: ignore[no
     if attr.kind == "pn":
         target = Patient.patient_name_norm if col is Patient.patient_name else func.upper(col)  # type: ignore[arg-type]
         v = value.upper()
+        if fuzzy:
+            return _fuzzy_pn(target, v)
         if _has_wildcard(v):
             return target.like(_like(v), escape="\\")
         # "DOE" matches "DOE^JOHN": PN single-value matching on the family name component
@@ -197,13 +199,29 @@ def _match(name: str, attr: Attr, raw: object, dialect: str):  # type: ignore[no
     return col == value  # type: ignore[operator]
 
 
+def _fuzzy_pn(target, value: str):  # type: ignore[no-untyped-def]
+    """QIDO-RS ``fuzzymatching=true`` on PN: each word of the value is a case-insensitive prefix of some
+    name component or word (``"jo do"`` matches ``DOE^JOHN``); wildcards keep their meaning."""
+    words = [w for w in value.replace("^", " ").replace(",", " ").split() if w]
+    conds = []
+    for w in words:
+        pat = _like(w) + ("" if w.endswith("*") else "%")
+        conds.append(or_(*(target.like(pre + pat, escape="\\") for pre in ("", "%^", "% ", "%="))))
+    return and_(*conds) if conds else None
+
+
 class QueryService:
     def __init__(self, index: Index, retrieve_ae_title: str) -> None:
         self.index = index
         self.retrieve_ae_title = retrieve_ae_title
 
-    def find(self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0) -> Iterator[Dataset]:
-        """Yield one response identifier per match.  ``model`` is "PATIENT" or "STUDY" root."""
+    def find(
+        self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0, fuzzy: bool = False
+    ) -> Iterator[Dataset]:
+        """Yield one response identifier per match.  ``model`` is "PATIENT" or "STUDY" root.
+
+        ``fuzzy``: QIDO-RS fuzzy matching of person names (see :func:`_fuzzy_pn`).
+        """
         try:
             level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         except Exception as exc:  # raw bytes pydicom cannot decode
@@ -230,7 +248,7 @@ class QueryService:
                 continue  # unsupported or lower-level key: returned empty / ignored
             if elem.VR == "SQ":
                 continue
-            cond = _match(kw, attr, elem.value, self.index.dialect)
+            cond = _match(kw, attr, elem.value, self.index.dialect, fuzzy)
             if cond is not None:
                 conds.append(cond)
 

@@ -23,6 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pydicom.filewriter import write_file_meta_info
 from pydicom.dataset import FileMetaDataset
@@ -64,6 +65,9 @@ class StoreService:
         self.index = index
         self.tiers = tiers
         self.replace = settings.effective_storage.duplicate_policy == "replace"
+        # called after each instance is durable and indexed: (header, stored path, sha256);
+        # a listener's failure is logged, never turned into a store failure
+        self.listeners: list[Callable[[InstanceHeader, Path, str], None]] = []
 
     def store_file(self, path: Path, *, source_ae: str = "", move: bool = False) -> StoreResult:
         """Archive the DICOM file at ``path``.
@@ -137,6 +141,11 @@ class StoreService:
                     self.tiers[c.tier].delete(c.rel_path)
                 except OSError as exc:  # the index no longer points at it; log and go on
                     log.warning("could not delete superseded copy %s on %s: %s", c.rel_path, c.tier, exc)
+        for listener in self.listeners:
+            try:
+                listener(header, hot.abspath(placed.rel_path), placed.sha256)
+            except Exception:
+                log.exception("store listener failed for %s", header.sop_instance_uid)
         return StoreResult(Outcome.REPLACED if old or existing is not None else Outcome.STORED, **ids)
 
 

@@ -47,6 +47,10 @@ def not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> li
     return [b"not found\n"]
 
 
-def make_app(archive: Archive) -> WSGIApp:
+def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
     mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
+    # WADO-URI at /wado[/{AET}], DICOMweb at /dicomweb[/{AET}]; partitions: AE title -> Archive (None: open the configured ones)
+    from xdsi.web.mounts import web_mounts
+
+    mounts.update(web_mounts(archive, partitions))
     return DispatcherMiddleware(not_found, mounts)

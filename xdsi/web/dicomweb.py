@@ -1,0 +1,561 @@
+"""DICOMweb: WADO-RS, QIDO-RS and STOW-RS (PS3.18 10.4-10.6) over one archive (one partition).
+
+Routing is a ``werkzeug.routing.Map``; every handler validates UIDs first,
+calls the archive services and streams its answer: instances and frames part
+by part, metadata series by series from the per-series journals
+(:mod:`xdsi.archive.metadata`), STOW bodies part by part through a spool file
+into :meth:`StoreService.store_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any, Callable, Iterable, Iterator
+
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from xdsi.archive import Archive
+from xdsi.archive import content
+from xdsi.archive.header import InvalidDataset, read_header
+from xdsi.archive.metadata import BULK_TOKEN
+from xdsi.archive.query import QueryError
+from xdsi.archive.retrieve import InstanceRef, NotAvailable
+from xdsi.archive.store import Outcome
+from xdsi.render import RenderError, UnsupportedParameter, parse_annotation, render
+from xdsi.render.params import RENDERED_TYPES, parse_float, parse_int
+from xdsi.uids import InvalidUID, validate_uid
+from xdsi.web import media
+from xdsi.web.http import HttpError, MediaRange, MultipartError, MultipartWriter, parse_accept, parse_content_type, spool_parts
+from xdsi.web.qido import build_query, result_json
+
+log = logging.getLogger(__name__)
+
+_I = "/studies/<study>/series/<series>/instances/<sop>"
+URLS = Map(
+    [
+        Rule("/studies", endpoint="studies", methods=["GET", "POST"]),
+        Rule("/series", endpoint="qido_series", methods=["GET"]),
+        Rule("/instances", endpoint="qido_instances", methods=["GET"]),
+        Rule("/studies/<study>", endpoint="study", methods=["GET", "POST"]),
+        Rule("/studies/<study>/metadata", endpoint="metadata", methods=["GET"]),
+        Rule("/studies/<study>/series", endpoint="qido_series", methods=["GET"]),
+        Rule("/studies/<study>/instances", endpoint="qido_instances", methods=["GET"]),
+        Rule("/studies/<study>/series/<series>", endpoint="retrieve", methods=["GET"]),
+        Rule("/studies/<study>/series/<series>/metadata", endpoint="metadata", methods=["GET"]),
+        Rule("/studies/<study>/series/<series>/instances", endpoint="qido_instances", methods=["GET"]),
+        Rule(_I, endpoint="retrieve", methods=["GET"]),
+        Rule(_I + "/metadata", endpoint="metadata", methods=["GET"]),
+        Rule(_I + "/rendered", endpoint="rendered", methods=["GET"]),
+        Rule(_I + "/frames/<frames>", endpoint="frames", methods=["GET"]),
+        Rule(_I + "/frames/<frames>/rendered", endpoint="rendered", methods=["GET"]),
+        Rule(_I + "/bulkdata/<tag>", endpoint="bulkdata", methods=["GET"]),
+    ],
+    strict_slashes=False,
+    merge_slashes=False,
+)
+
+
+def _uids(values: dict[str, str]) -> dict[str, str]:
+    names = {"study": "Study Instance UID", "series": "Series Instance UID", "sop": "SOP Instance UID"}
+    try:
+        return {k: validate_uid(v, names[k]) if k in names else v for k, v in values.items()}
+    except InvalidUID as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+def _wants(accept: list[MediaRange], *types: str) -> MediaRange | None:
+    for r in accept:
+        if any(r.matches(t) for t in types):
+            return r
+    return None
+
+
+class DicomWebApp:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    # -- WSGI ----------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return self.wsgi(environ, start_response)
+
+    @Request.application
+    def wsgi(self, request: Request) -> Response:
+        adapter = URLS.bind_to_environ(request.environ)
+        try:
+            endpoint, values = adapter.match()
+            return getattr(self, "on_" + endpoint)(request, **_uids(values))
+        except HttpError as exc:
+            return exc.response()
+        except NotFound:
+            return HttpError(404, "no such DICOMweb resource").response()
+        except MethodNotAllowed as exc:
+            r = HttpError(405, "method not allowed").response()
+            r.headers["Allow"] = ", ".join(exc.valid_methods or [])
+            return r
+        except HTTPException as exc:
+            return HttpError(exc.code or 400, exc.description or "bad request").response()
+
+    def base(self, request: Request) -> str:
+        return public_base(request)
+
+    # -- dispatch of shared paths --------------------------------------------------------------
+
+    def on_studies(self, request: Request) -> Response:
+        if request.method == "POST":
+            return self.stow(request, None)
+        return self.qido(request, "STUDY", {})
+
+    def on_study(self, request: Request, study: str) -> Response:
+        if request.method == "POST":
+            return self.stow(request, study)
+        return self.on_retrieve(request, study)
+
+    def on_qido_series(self, request: Request, study: str | None = None) -> Response:
+        return self.qido(request, "SERIES", {"StudyInstanceUID": study} if study else {})
+
+    def on_qido_instances(self, request: Request, study: str | None = None, series: str | None = None) -> Response:
+        fixed = {k: v for k, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)) if v}
+        return self.qido(request, "IMAGE", fixed)
+
+    # -- QIDO-RS -------------------------------------------------------------------------------
+
+    def qido(self, request: Request, level: str, fixed: dict[str, str]) -> Response:
+        accept = parse_accept(request.headers.get("Accept"))
+        if not _wants(accept, media.DICOM_JSON, media.JSON):
+            raise HttpError(406, "QIDO-RS answers application/dicom+json only")
+        q = build_query(level, request.args, fixed)
+        base = self.base(request)
+        try:
+            results = self.archive.query.find(q.identifier, "STUDY", limit=q.limit, offset=q.offset, fuzzy=q.fuzzy)
+            first = next(results, None)
+        except QueryError as exc:
+            raise HttpError(400, str(exc)) from None
+
+        def url(ds: Any) -> str:
+            u = f"{base}/studies/{ds.StudyInstanceUID}"
+            if level in ("SERIES", "IMAGE"):
+                u += f"/series/{ds.SeriesInstanceUID}"
+            if level == "IMAGE":
+                u += f"/instances/{ds.SOPInstanceUID}"
+            return u
+
+        def body() -> Iterator[bytes]:
+            yield b"["
+            sep = b""
+            for ds in ([first] if first is not None else []):
+                yield sep + json.dumps(result_json(ds, url(ds)), ensure_ascii=False).encode("utf-8")
+                sep = b","
+            for ds in results:
+                yield sep + json.dumps(result_json(ds, url(ds)), ensure_ascii=False).encode("utf-8")
+                sep = b","
+            yield b"]"
+
+        if first is None:
+            r = Response(b"[]", status=200, mimetype=media.DICOM_JSON)
+        else:
+            r = Response(body(), status=200, mimetype=media.DICOM_JSON)
+        if q.ignored:
+            r.headers["Warning"] = f'299 xdsi "The following attributes are not supported for matching and were ignored: {", ".join(q.ignored)}"'
+        return r
+
+    # -- WADO-RS: instances --------------------------------------------------------------------
+
+    def _select(self, study: str, series: str | None = None, sop: str | None = None) -> list[InstanceRef]:
+        refs = self.archive.retrieve.select(
+            study_uids=[study], series_uids=[series] if series else [], sop_uids=[sop] if sop else []
+        )
+        if not refs:
+            what = "instance" if sop else "series" if series else "study"
+            raise HttpError(404, f"no such {what} in this archive")
+        return refs
+
+    def on_retrieve(self, request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+        accept = parse_accept(request.headers.get("Accept"))
+        choices = [
+            r
+            for r in accept
+            if (r.type == media.MULTIPART_RELATED and MediaRange(r.params.get("type", media.DICOM).lower()).matches(media.DICOM))
+            or r.matches(media.MULTIPART_RELATED) and r.type != media.MULTIPART_RELATED
+        ]
+        if not choices:
+            raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
+        refs = self._select(study, series, sop)
+        plan: list[tuple[InstanceRef, str]] = []
+        for ref in refs:
+            ts = _choose_ts(ref.transfer_syntax_uid, choices)
+            if ts is None:
+                raise HttpError(406, f"instance {ref.sop_instance_uid} ({ref.transfer_syntax_uid}) cannot be sent in an acceptable transfer syntax")
+            plan.append((ref, ts))
+        writer = MultipartWriter(media.DICOM)
+        retrieve = self.archive.retrieve
+
+        def body() -> Iterator[bytes]:
+            for ref, ts in plan:
+                try:
+                    path = retrieve.path(ref)
+                    chunks: Iterable[bytes] = (
+                        content.file_chunks(path) if ts == ref.transfer_syntax_uid else [content.transcode(path, ts)]
+                    )
+                except (NotAvailable, OSError, content.ContentError) as exc:
+                    log.error("WADO-RS: %s skipped: %s", ref.sop_instance_uid, exc)
+                    continue
+                yield from writer.part(chunks, f"{media.DICOM}; transfer-syntax={ts}")
+            yield writer.end()
+
+        return Response(body(), status=200, content_type=writer.content_type)
+
+    # -- WADO-RS: metadata ---------------------------------------------------------------------
+
+    def on_metadata(self, request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+        accept = parse_accept(request.headers.get("Accept"))
+        if not _wants(accept, media.DICOM_JSON, media.JSON):
+            raise HttpError(406, "metadata is available as application/dicom+json only")
+        refs = self._select(study, series, sop)
+        md = self.archive.metadata
+        assert md is not None
+        base = self.base(request)
+        gzip_ok = "gzip" in request.accept_encodings and request.accept_encodings["gzip"] > 0
+
+        def items() -> Iterator[bytes]:
+            yield b"["
+            sep = b""
+            for ref, text in md.iter_json(refs, complete=sop is None):
+                prefix = f"{base}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/bulkdata/"
+                yield sep + text.replace(BULK_TOKEN, prefix).encode("utf-8")
+                sep = b","
+            yield b"]"
+
+        if not gzip_ok:
+            return Response(items(), status=200, mimetype=media.DICOM_JSON)
+
+        def gz() -> Iterator[bytes]:
+            z = zlib.compressobj(6, zlib.DEFLATED, 31)
+            pending: list[bytes] = []
+            size = 0
+            for chunk in items():
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= 1 << 16:
+                    out = z.compress(b"".join(pending))
+                    pending, size = [], 0
+                    if out:
+                        yield out
+            yield z.compress(b"".join(pending)) + z.flush()
+
+        r = Response(gz(), status=200, mimetype=media.DICOM_JSON)
+        r.headers["Content-Encoding"] = "gzip"
+        r.headers["Vary"] = "Accept-Encoding"
+        return r
+
+    # -- WADO-RS: frames and bulk data ---------------------------------------------------------
+
+    def _instance_path(self, study: str, series: str, sop: str):  # type: ignore[no-untyped-def]
+        ref = self._select(study, series, sop)[0]
+        try:
+            return ref, self.archive.retrieve.path(ref)
+        except NotAvailable as exc:
+            raise HttpError(404, str(exc)) from None
+
+    def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
+        numbers = _frame_list(frames)
+        accept = parse_accept(request.headers.get("Accept"))
+        ref, path = self._instance_path(study, series, sop)
+        try:
+            info = content.pixel_info(path)
+            content.check_frames(info, numbers)
+        except content.NoSuchPart as exc:
+            raise HttpError(404, str(exc)) from None
+        except content.CannotConvert as exc:
+            raise HttpError(406, str(exc)) from None
+        stored_types = media.FRAME_MEDIA_TYPES.get(info.transfer_syntax_uid, ())
+        as_stored, part_type = _choose_frame_type(accept, info, stored_types)
+        if part_type is None:
+            raise HttpError(406, f"frames of this instance are available as application/octet-stream{''.join(', ' + t for t in stored_types)}")
+        if not as_stored and info.encapsulated and not content.can_decode(info.transfer_syntax_uid):
+            raise HttpError(406, f"frames in {info.transfer_syntax_uid} can only be sent as stored ({', '.join(stored_types)})")
+        ts = info.transfer_syntax_uid if (as_stored and info.encapsulated) else media.DEFAULT_TRANSFER_SYNTAX
+        writer = MultipartWriter(part_type)
+        loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
+
+        def body() -> Iterator[bytes]:
+            try:
+                for n, data in zip(numbers, content.iter_frames(path, numbers, as_stored=as_stored)):
+                    yield from writer.part([data], f"{part_type}; transfer-syntax={ts}", {"Content-Location": loc + str(n)})
+            except content.ContentError as exc:
+                log.error("frames of %s: %s", sop, exc)
+            yield writer.end()
+
+        return Response(body(), status=200, content_type=writer.content_type)
+
+    def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
+        if not (len(tag) == 8 and all(c in "0123456789abcdefABCDEF" for c in tag)):
+            raise HttpError(400, f"bulk data tag {tag!r} is not 8 hexadecimal digits")
+        accept = parse_accept(request.headers.get("Accept"))
+        multipart = None
+        for r in accept:
+            if r.type == media.MULTIPART_RELATED and MediaRange(r.params.get("type", media.OCTET_STREAM).lower()).matches(media.OCTET_STREAM):
+                multipart = True
+                break
+            if r.type != media.MULTIPART_RELATED and r.matches(media.OCTET_STREAM):
+                multipart = False
+                break
+        if multipart is None:
+            raise HttpError(406, "bulk data is sent as application/octet-stream (single part or multipart/related)")
+        ref, path = self._instance_path(study, series, sop)
+        try:
+            offset, length = content.bulk_range(path, int(tag, 16))
+        except content.NoSuchPart as exc:
+            raise HttpError(404, str(exc)) from None
+        except content.CannotConvert as exc:
+            raise HttpError(406, str(exc)) from None
+        start, end, status = 0, length, 200
+        rng = request.range
+        if request.headers.get("Range"):
+            if rng is None or rng.units != "bytes" or len(rng.ranges) != 1:
+                raise HttpError(416, "only one bytes range is supported")
+            bounds = rng.range_for_length(length)
+            if bounds is None:
+                r = HttpError(416, f"range not satisfiable for a value of {length} bytes").response()
+                r.headers["Content-Range"] = f"bytes */{length}"
+                return r
+            start, end = bounds
+            status = 206
+        headers = {"Content-Range": f"bytes {start}-{end - 1}/{length}"} if status == 206 else {}
+        chunks = content.file_range(path, offset + start, end - start)
+        if not multipart:
+            r = Response(chunks, status=status, mimetype=media.OCTET_STREAM)
+            r.headers.update(headers)
+            r.headers["Content-Length"] = str(end - start)
+            r.headers["Accept-Ranges"] = "bytes"
+            return r
+        writer = MultipartWriter(media.OCTET_STREAM)
+
+        def body() -> Iterator[bytes]:
+            yield from writer.part(chunks, media.OCTET_STREAM, headers)
+            yield writer.end()
+
+        r = Response(body(), status=status, content_type=writer.content_type)
+        r.headers["Accept-Ranges"] = "bytes"
+        return r
+
+    # -- WADO-RS: rendered ---------------------------------------------------------------------
+
+    def on_rendered(self, request: Request, study: str, series: str, sop: str, frames: str | None = None) -> Response:
+        accept = parse_accept(request.headers.get("Accept"))
+        ct = next((t for r in accept for t in RENDERED_TYPES if r.matches(t)), None)
+        if ct is None:
+            raise HttpError(406, f"rendered images are available as {', '.join(RENDERED_TYPES)}")
+        numbers = _frame_list(frames) if frames else [1]
+        if len(numbers) != 1:
+            raise HttpError(400, "render one frame at a time")
+        args = request.args
+        try:
+            rows = columns = None
+            region = None
+            if args.get("viewport"):
+                vp = args["viewport"].split(",")
+                if len(vp) not in (2, 6):
+                    raise HttpError(400, "viewport is vw,vh or vw,vh,sx,sy,sw,sh")
+                columns, rows = parse_int(vp[0], "columns", low=1, high=8192), parse_int(vp[1], "rows", low=1, high=8192)
+                if len(vp) == 6:
+                    region = _viewport_region(vp[2:], self, study, series, sop)
+            center = width = None
+            if args.get("window"):
+                w = args["window"].split(",")
+                if len(w) not in (2, 3):
+                    raise HttpError(400, "window is center,width[,function]")
+                center, width = parse_float(w[0], "window_center"), parse_float(w[1], "window_width")
+            quality = parse_int(args.get("quality"), "image_quality", low=1, high=100)
+            annotation = parse_annotation(args.get("annotation"))
+        except RenderError as exc:
+            raise HttpError(400, str(exc)) from None
+        ref, path = self._instance_path(study, series, sop)
+        try:
+            data = render(
+                path, content_type=ct, rows=rows, columns=columns, region=region, window_center=center,
+                window_width=width, frame_number=numbers[0], image_quality=quality, annotation=annotation,
+            )  # fmt: skip
+        except UnsupportedParameter as exc:
+            raise HttpError(406, str(exc)) from None
+        except RenderError as exc:
+            raise HttpError(404 if exc.parameter == "frame_number" else 400, str(exc)) from None
+        return Response(data, status=200, mimetype=ct)
+
+    # -- STOW-RS -------------------------------------------------------------------------------
+
+    def stow(self, request: Request, study: str | None) -> Response:
+        ctype, params = parse_content_type(request.headers.get("Content-Type"))
+        if ctype != media.MULTIPART_RELATED:
+            raise HttpError(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+        part_default = params.get("type", "").lower()
+        if part_default and part_default != media.DICOM:
+            raise HttpError(415, f"part type {part_default!r} is not supported; only application/dicom")
+        accept = parse_accept(request.headers.get("Accept"))
+        if not _wants(accept, media.DICOM_JSON, media.JSON):
+            raise HttpError(406, "the STOW-RS response is available as application/dicom+json only")
+        base = self.base(request)
+        spool = self.archive.settings.temp_dir
+        stored: list[dict] = []
+        failed: list[dict] = []
+        reasons: list[str] = []
+        studies: set[str] = set()
+        parts = 0
+        try:
+            for headers, path in spool_parts(request.stream, params.get("boundary", ""), spool):
+                parts += 1
+                try:
+                    self._stow_part(headers, path, part_default, study, base, stored, failed, reasons, studies)
+                finally:
+                    path.unlink(missing_ok=True)
+        except MultipartError as exc:
+            if not parts:
+                raise HttpError(400, str(exc)) from None
+            reasons.append(str(exc))
+            failed.append(_sop_item("", "", media.FAILURE_CANNOT_UNDERSTAND))
+        if not parts:
+            raise HttpError(400, "the request has no parts")
+        body: dict[str, Any] = {}
+        if len(studies) == 1:
+            body[media.TAG_RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
+        if failed:
+            body[media.TAG_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+        if stored:
+            body[media.TAG_REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
+        status = 200 if not failed else (202 if stored else 409)
+        r = Response(json.dumps(body), status=status, mimetype=media.DICOM_JSON)
+        for reason in reasons[:20]:
+            r.headers.add("Warning", f'299 xdsi "{reason[:200].replace(chr(34), chr(39))}"')
+        return r
+
+    def _stow_part(self, headers, path, part_default, study, base, stored, failed, reasons, studies) -> None:  # type: ignore[no-untyped-def]
+        ptype, _ = parse_content_type(headers.get("content-type"))
+        ptype = ptype or part_default or media.DICOM
+        if ptype != media.DICOM:
+            failed.append(_sop_item("", "", media.FAILURE_CANNOT_UNDERSTAND))
+            reasons.append(f"part of type {ptype} ignored: only application/dicom is accepted")
+            return
+        if study is not None:
+            try:
+                header = read_header(path)
+            except InvalidDataset as exc:
+                failed.append(_sop_item("", "", media.FAILURE_CANNOT_UNDERSTAND))
+                reasons.append(str(exc))
+                return
+            if header.study_uid != study:
+                failed.append(_sop_item(header.sop_class_uid, header.sop_instance_uid, media.FAILURE_DATASET_DOES_NOT_MATCH))
+                reasons.append(f"{header.sop_instance_uid}: Study Instance UID {header.study_uid} is not the target study {study}")
+                return
+        result = self.archive.store.store_file(path, source_ae="", move=True)
+        if result.ok:
+            studies.add(result.study_uid)
+            item = _sop_item(result.sop_class_uid, result.sop_instance_uid, None)
+            item[media.TAG_RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base}/studies/{result.study_uid}"]}
+            stored.append(item)
+            return
+        code = media.FAILURE_CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else media.FAILURE_OUT_OF_RESOURCES
+        failed.append(_sop_item(result.sop_class_uid, result.sop_instance_uid, code))
+        reasons.append(f"{result.sop_instance_uid or 'part ' + str(len(stored) + len(failed))}: {result.reason}")
+
+
+def public_base(request: Request) -> str:
+    """The URL prefix of this partition's resources as the client reached it.
+
+    dicomweb-client sends ``Host`` without the port; when the host named is
+    the address we listen on (a direct connection, not a proxy's virtual
+    host) and our port is not the scheme's default, the port is restored so
+    that RetrieveURL and BulkDataURI values work.
+    """
+    host = request.host
+    env = request.environ
+    port = str(env.get("SERVER_PORT", ""))
+    if ":" not in host.rsplit("]", 1)[-1] and host == env.get("SERVER_NAME") and port not in ("", "80", "443"):
+        host = f"{host}:{port}"
+    return f"{request.scheme}://{host}{request.script_root}"
+
+
+def _sop_item(sop_class: str, sop_uid: str, failure: int | None) -> dict:
+    item: dict[str, Any] = {}
+    item[media.TAG_REFERENCED_SOP_CLASS] = {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"}
+    item[media.TAG_REFERENCED_SOP_INSTANCE] = {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"}
+    if failure is not None:
+        item[media.TAG_FAILURE_REASON] = {"vr": "US", "Value": [failure]}
+    return item
+
+
+def _frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HttpError(400, f"frame list {text!r} is not comma-separated numbers") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise HttpError(400, "frame numbers start at 1")
+    if len(numbers) > 10000:
+        raise HttpError(400, "too many frames in one request")
+    return numbers
+
+
+def _choose_ts(stored: str, choices: list[MediaRange]) -> str | None:
+    """The transfer syntax to send an instance in: as stored if acceptable, else Explicit VR Little Endian."""
+    for r in choices:
+        want = r.params.get("transfer-syntax")
+        if want == "*" or want == stored:
+            return stored
+        if want is None:
+            want = media.DEFAULT_TRANSFER_SYNTAX
+        if content.can_transcode(stored, want):
+            return want
+    return None
+
+
+def _choose_frame_type(accept: list[MediaRange], info: content.PixelInfo, stored_types: tuple[str, ...]) -> tuple[bool, str | None]:
+    """(send as stored?, part media type) for the first acceptable media range."""
+    for r in accept:
+        if r.type == media.MULTIPART_RELATED:
+            inner = MediaRange(r.params.get("type", media.OCTET_STREAM).lower())
+            ts = r.params.get("transfer-syntax")
+        elif r.type == "*/*":
+            inner, ts = MediaRange("*/*"), None
+        else:
+            continue
+        if inner.type == "*/*" and ts == "*":
+            return True, (stored_types[0] if info.encapsulated and stored_types else media.OCTET_STREAM)
+        if inner.matches(media.OCTET_STREAM) and ts in (None, media.DEFAULT_TRANSFER_SYNTAX, "*"):
+            return (not info.encapsulated or ts == "*" and not stored_types), media.OCTET_STREAM
+        for t in stored_types:
+            if info.encapsulated and inner.type == t and ts in (None, "*", info.transfer_syntax_uid):
+                return True, t
+    return False, None
+
+
+def _viewport_region(src: list[str], app: DicomWebApp, study: str, series: str, sop: str) -> tuple[float, float, float, float]:
+    """PS3.18 8.3.5.1.3 viewport sx,sy,sw,sh (source pixels) as a normalised region."""
+    try:
+        sx, sy, sw, sh = (float(v) for v in src)
+    except ValueError:
+        raise HttpError(400, "viewport source rectangle must be numbers") from None
+    ds = app.archive.query.find(_rows_columns_identifier(study, series, sop), "STUDY")
+    found = next(ds, None)
+    if found is None or not found.get("Rows") or not found.get("Columns"):
+        raise HttpError(404, "no image with that UID")
+    w, h = float(found.Columns), float(found.Rows)
+    if sw <= 0 or sh <= 0 or sx < 0 or sy < 0 or sx + sw > w or sy + sh > h:
+        raise HttpError(400, "viewport source rectangle is outside the image")
+    return (sx / w, sy / h, (sx + sw) / w, (sy + sh) / h)
+
+
+def _rows_columns_identifier(study: str, series: str, sop: str):  # type: ignore[no-untyped-def]
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = sop
+    ds.Rows = None
+    ds.Columns = None
+    return ds

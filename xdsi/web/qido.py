@@ -1,0 +1,141 @@
+"""QIDO-RS (PS3.18 10.6): query parameters to a C-FIND identifier for :class:`QueryService`, results to DICOM JSON."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from werkzeug.datastructures import MultiDict
+
+from xdsi.archive.query import ATTRS, LEVELS
+from xdsi.web.http import HttpError
+
+# PS3.18 Tables 10.6.3-3..5: attributes returned by default at each level
+STUDY_DEFAULTS = (
+    "StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability", "ModalitiesInStudy",
+    "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyID", "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+)  # fmt: skip
+SERIES_DEFAULTS = (
+    "Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime",
+    "BodyPartExamined", "NumberOfSeriesRelatedInstances", "InstanceAvailability",
+)  # fmt: skip
+INSTANCE_DEFAULTS = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+)  # fmt: skip
+_DEFAULTS = {"STUDY": STUDY_DEFAULTS, "SERIES": SERIES_DEFAULTS, "IMAGE": INSTANCE_DEFAULTS}
+_CONTROL = {"includefield", "fuzzymatching", "limit", "offset", "charset"}
+_TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
+MAX_LIMIT = 100_000
+
+
+@dataclass
+class QidoQuery:
+    identifier: Dataset
+    limit: int | None
+    offset: int
+    fuzzy: bool
+    ignored: list[str]  # keys we cannot match on (answered with a Warning header)
+
+
+def _keyword(key: str) -> str:
+    """An attribute keyword from a keyword or an 8-hex-digit tag; 400 for anything else."""
+    if _TAG_RE.match(key):
+        kw = keyword_for_tag(int(key, 16))
+        if not kw:
+            raise HttpError(400, f"unknown attribute tag {key}")
+        return kw
+    if tag_for_keyword(key) is None:
+        raise HttpError(400, f"unknown attribute {key!r}")
+    return key
+
+
+def _int_param(args: MultiDict, name: str, low: int, high: int) -> int | None:
+    v = args.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise HttpError(400, f"{name}={v!r} is not an integer") from None
+    if not low <= n <= high:
+        raise HttpError(400, f"{name}={n} is outside {low}..{high}")
+    return n
+
+
+def build_query(level: str, args: MultiDict, fixed: dict[str, str]) -> QidoQuery:
+    """``fixed``: UIDs from the path (e.g. the study of ``/studies/{study}/series``)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    depth = LEVELS.index(level)
+    scope = set(LEVELS[1 : depth + 1]) | {"PATIENT"}
+    ignored: list[str] = []
+    requested = list(_DEFAULTS[level])
+    if level != "STUDY":
+        requested += ["StudyInstanceUID"]
+    if level == "IMAGE":
+        requested += ["SeriesInstanceUID"]
+    includes: list[str] = []
+    for raw in args.getlist("includefield"):
+        for item in raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.lower() == "all":
+                includes += [k for k, a in ATTRS.items() if a.level in scope and k != "AvailableTransferSyntaxUID"]
+            else:
+                includes.append(_keyword(item))
+    fuzzy_raw = (args.get("fuzzymatching") or "false").lower()
+    if fuzzy_raw not in ("true", "false"):
+        raise HttpError(400, "fuzzymatching must be true or false")
+    matches: dict[str, str] = {}
+    for key in args.keys():
+        if key in _CONTROL:
+            continue
+        if "." in key:
+            ignored.append(key)  # sequence item matching (e.g. ProcedureCodeSequence.CodeValue) is not supported
+            continue
+        kw = _keyword(key)
+        values = args.getlist(key)
+        if len(values) > 1:
+            raise HttpError(400, f"{key} is given more than once")
+        matches[kw] = values[0]
+    for kw, v in fixed.items():
+        if kw in matches and matches[kw] != v:
+            raise HttpError(400, f"{kw} in the query differs from the one in the path")
+        matches[kw] = v
+    for kw in requested + includes + list(matches):
+        if kw in ds:
+            continue
+        vr = dictionary_VR(kw)
+        value = matches.get(kw)
+        if kw in matches and (kw not in ATTRS or ATTRS[kw].level not in scope):
+            ignored.append(kw)
+        if value is None or vr == "SQ":
+            ds.add_new(kw, vr, None if vr != "SQ" else [])
+            continue
+        if vr == "UI":
+            # a QIDO UID list is comma-separated (PS3.18 8.3.4.1)
+            ds.add_new(kw, vr, [u.strip() for u in value.split(",")] if "," in value else value)
+        elif vr in ("DA", "TM", "DT"):
+            ds.add_new(kw, vr, value)
+        else:
+            ds.add_new(kw, vr, value.replace(",", "\\"))
+    return QidoQuery(
+        identifier=ds,
+        limit=_int_param(args, "limit", 0, MAX_LIMIT),
+        offset=_int_param(args, "offset", 0, 2**31 - 1) or 0,
+        fuzzy=fuzzy_raw == "true",
+        ignored=ignored,
+    )
+
+
+def result_json(ds: Dataset, retrieve_url: str) -> dict:
+    for kw in ("QueryRetrieveLevel", "RetrieveAETitle"):
+        if kw in ds:
+            del ds[kw]
+    d = ds.to_json_dict()
+    d["00081190"] = {"vr": "UR", "Value": [retrieve_url]}
+    return d
