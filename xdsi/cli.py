@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
     p.add_argument("--http-port", type=int, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--ae-title", metavar="AET", help="our AE title (default XDSI)")
+    p.add_argument("--repository-unique-id", metavar="OID", help="our XDS repositoryUniqueId ([xds] repository_unique_id)")
 
     p = sub.add_parser("import", help="import DICOM files and folders into the archive")
     _common(p)
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     s = load_settings(args.config)
+    if getattr(args, "repository_unique_id", None):
+        from dataclasses import replace
+
+        s = replace(s, xds=replace(s.xds, repository_unique_id=args.repository_unique_id.strip()))
     return s.with_overrides(
         data_dir=getattr(args, "data_dir", None),
         host=getattr(args, "host", None),
@@ -127,6 +132,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         archive.close()
     print(f"AE title:   {settings.ae_title}")
+    print(f"repository: {settings.xds.repository_unique_id} (XDS-I.b repositoryUniqueId)")
     print(f"index:      {_redact(settings.effective_index_url)}")
     print(f"patients:   {st.patients}")
     print(f"studies:    {st.studies}")

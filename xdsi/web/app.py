@@ -49,4 +49,7 @@ def not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> li
 
 def make_app(archive: Archive) -> WSGIApp:
     mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
+    from xdsi.soap.ids import make_endpoint as make_ids_endpoint
+
+    mounts["/xdsi/ImagingDocumentSource"] = make_ids_endpoint(archive)
     return DispatcherMiddleware(not_found, mounts)
