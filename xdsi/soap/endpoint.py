@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lxml import etree
-from werkzeug.wsgi import get_current_url, get_input_stream
+from wsgiref.util import request_uri
+
+from werkzeug.wsgi import get_input_stream
 
 from xdsi.soap.envelope import (
     Envelope,
@@ -111,7 +113,7 @@ class SoapEndpoint:
             return _closing(writer, message)
         except SoapFault as fault:
             log.info("SOAP fault %s%s: %s", fault.code, f" ({fault.subcode})" if fault.subcode else "", fault.reason)
-            return self._fault(fault, relates_to, start_response, message)
+            return self._fault(fault, relates_to or fault.relates_to, start_response, message)
         except Exception:
             log.exception("internal error answering a SOAP request")
             fault = SoapFault("Receiver", "internal error in the Imaging Document Source; see its log")
@@ -156,7 +158,7 @@ class SoapEndpoint:
         from urllib.parse import parse_qs
 
         qs = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        base = get_current_url(environ, strip_querystring=True)
+        base = request_uri(environ, include_query=False)
         if "wsdl" in {k.lower() for k in qs}:
             data = self.wsdl(base)
         elif "xsd" in qs:

@@ -55,6 +55,7 @@ class SoapFault(Exception):
         self.reason = reason
         self.subcode = subcode
         self.not_understood = tuple(not_understood)
+        self.relates_to: str | None = None  # the request's MessageID, when it was readable
 
     @property
     def http_status(self) -> int:
@@ -149,6 +150,15 @@ def parse_envelope(data: bytes, *, understood: Iterable[str] = ()) -> Envelope:
         raise SoapFault("Sender", f"the Body must carry exactly one element, not {len(payload)}")
 
     headers = [h for h in (header_el if header_el is not None else []) if isinstance(h.tag, str)]
+    msg_id = next((_text(h) for h in headers if h.tag == WSA + "MessageID"), None)
+    try:
+        return _process(root, headers, payload[0], understood)
+    except SoapFault as fault:
+        fault.relates_to = msg_id
+        raise
+
+
+def _process(root: Any, headers: list[Any], body: Any, understood: Iterable[str]) -> Envelope:
     understood_set = set(understood) | {f"{{{NS_WSSE}}}Security"}
     not_understood = []
     counts: dict[str, int] = {}
@@ -188,7 +198,7 @@ def parse_envelope(data: bytes, *, understood: Iterable[str] = ()) -> Envelope:
             security.subject,
             security.attributes,
         )
-    return Envelope(root=root, headers=headers, body=payload[0], addressing=addressing, security=security)
+    return Envelope(root=root, headers=headers, body=body, addressing=addressing, security=security)
 
 
 def new_message_id() -> str:
