@@ -202,3 +202,112 @@ def dicom_of(data: bytes):  # type: ignore[no-untyped-def]
     from pydicom import dcmread
 
     return dcmread(io.BytesIO(data))
+
+
+# -- a richer study for the WADO-WS operations -----------------------------------------------------
+
+GSPS_CENTER, GSPS_WIDTH = 1500.0, 600.0
+
+
+@dataclass
+class WadoStudy:
+    study: Study
+    image: tuple[str, str, Path]  # (series uid, sop uid, file): 64 rows x 128 columns, smooth, ViewCodeSequence
+    multiframe: tuple[str, str, Path]  # 3 frames
+    gsps: tuple[str, str, Path]  # a GSPS with a VOI window of GSPS_CENTER/GSPS_WIDTH for ``image``
+
+
+def make_wado_study(out: Path) -> WadoStudy:
+    import numpy as np
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UID
+
+    from xdsi.tools.synth import ct_instance
+    from xdsi.uids import new_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec = StudySpec(patient_name="MÜLLER^ANNA^M^DR", patient_id="WADO01")
+    series1, series2, series_ps = new_uid(), new_uid(), new_uid()
+    ds = ct_instance(spec, series1, 1, rows=64, columns=128)
+    y, x = np.mgrid[0:64, 0:128]
+    ds.PixelData = (x * 30 + y).astype(np.uint16).tobytes()  # stored 0..3873: HU -1024..2849
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "R-10206", "SRT", "frontal"
+    ds.ViewCodeSequence = [item]
+    ds.add_new(0x00290010, "LO", "XDSI TEST")
+    ds.add_new(0x00291001, "LO", "private value")
+    f1 = out / "image.dcm"
+    ds.save_as(f1, enforce_file_format=True)
+
+    mf = ct_instance(spec, series2, 1, rows=32, columns=32)
+    mf.NumberOfFrames = 3
+    mf.PixelData = b"".join((np.full((32, 32), 1000 * (k + 1), dtype=np.uint16)).tobytes() for k in range(3))
+    f2 = out / "multiframe.dcm"
+    mf.save_as(f2, enforce_file_format=True)
+
+    ps = Dataset()
+    ps.file_meta = FileMetaDataset()
+    ps.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.11.1")
+    ps.file_meta.MediaStorageSOPInstanceUID = new_uid()
+    ps.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ps.SOPClassUID = ps.file_meta.MediaStorageSOPClassUID
+    ps.SOPInstanceUID = ps.file_meta.MediaStorageSOPInstanceUID
+    ps.Modality = "PR"
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber"):
+        setattr(ps, kw, ds[kw].value)
+    ps.SeriesInstanceUID = series_ps
+    ps.SeriesNumber = 99
+    ps.InstanceNumber = 1
+    ps.ContentLabel = "TEST"
+    ref_img = Dataset()
+    ref_img.ReferencedSOPClassUID, ref_img.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = series1
+    ref_series.ReferencedImageSequence = [ref_img]
+    ps.ReferencedSeriesSequence = [ref_series]
+    voi = Dataset()
+    voi.ReferencedImageSequence = [ref_img]
+    voi.WindowCenter, voi.WindowWidth = GSPS_CENTER, GSPS_WIDTH
+    ps.SoftcopyVOILUTSequence = [voi]
+    ps.PresentationLUTShape = "IDENTITY"
+    f3 = out / "gsps.dcm"
+    ps.save_as(f3, enforce_file_format=True)
+
+    st = Study(spec, [f1, f2, f3])
+    for f in st.files:
+        d = dcmread(f, stop_before_pixels=True)
+        st.series.setdefault(d.SeriesInstanceUID, []).append((d.SOPInstanceUID, f))
+    return WadoStudy(st, (series1, ds.SOPInstanceUID, f1), (series2, mf.SOPInstanceUID, f2), (series_ps, ps.SOPInstanceUID, f3))
+
+
+@dataclass
+class WadoServer(IdsServer):
+    wado: WadoStudy | None = None
+
+
+@pytest.fixture(scope="module")
+def wado_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WadoServer]:
+    tmp = tmp_path_factory.mktemp("wado")
+    w = make_wado_study(tmp / "w")
+    proc = start_ids(tmp, [w.study])
+    try:
+        yield WadoServer(proc, [w.study], NIST_REPOSITORY, w)
+    finally:
+        proc.stop()
+
+
+OUR_WSDL = Path(__file__).resolve().parents[2] / "xdsi/soap/wsdl/ImagingDocumentSource.wsdl"
+
+
+def exchange(client: Any, service: Any, op: str, kind: str, action: str, **kw: Any) -> RawResponse:
+    """Build with zeep, validate the request (schema set ``kind``), send it raw, validate the answer."""
+    env = client.create_message(service, op, **kw)
+    body = env.find(f"{{{NS_SOAP12}}}Body")[0]
+    assert_valid(body, kind)
+    msg_id = env.find(".//{http://www.w3.org/2005/08/addressing}MessageID").text
+    resp = post_raw(service._binding_options["address"], etree.tostring(env, xml_declaration=True, encoding="UTF-8"), action=action)
+    assert resp.http.status_code == 200, resp.http.text[:3000]
+    assert_valid(resp.body, kind)
+    assert resp.header("RelatesTo").text == msg_id
+    return resp

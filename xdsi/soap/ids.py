@@ -146,24 +146,21 @@ def make_endpoint(archive: Archive) -> SoapEndpoint:
     ids = ImagingDocumentSource(archive.retrieve, archive.settings.xds.repository_unique_id)
     rad69 = Operation("RetrieveImagingDocumentSet", frozenset({RAD + "RetrieveImagingDocumentSetRequest"}), make_rad69(ids))
     operations = {ACTION_RAD69: rad69, ACTION_RAD69_LEGACY: rad69}
-    try:
-        from xdsi.soap.wado import make_information, make_rendered
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        rendered = make_rendered(ids, archive)
-        operations[ACTION_RENDERED] = Operation(
-            "RetrieveRenderedImagingDocumentSet",
-            frozenset({WADO + "RetrieveRenderedImagingDocumentSetRequest", f"{{{NS_WADO_SWAPPED}}}RetrieveRenderedImagingDocumentSetRequest"}),
-            rendered,
-            normalize=lambda b: _rename_namespace(b, NS_WADO_SWAPPED, NS_WADO),
-        )
-        operations[ACTION_RENDERED_SWAPPED] = operations[ACTION_RENDERED]
-        operations[ACTION_INFORMATION] = Operation(
-            "RetrieveImagingDocumentSetInformation",
-            frozenset({WADO + "RetrieveImagingDocumentSetInformationRequest"}),
-            make_information(ids),
-        )
+    from xdsi.soap.wado import make_information, make_rendered  # they build on this module's helpers
+
+    rendered = Operation(
+        "RetrieveRenderedImagingDocumentSet",
+        frozenset({WADO + "RetrieveRenderedImagingDocumentSetRequest", f"{{{NS_WADO_SWAPPED}}}RetrieveRenderedImagingDocumentSetRequest"}),
+        make_rendered(ids, archive),
+        normalize=lambda b: _rename_namespace(b, NS_WADO_SWAPPED, NS_WADO),
+    )
+    operations[ACTION_RENDERED] = rendered
+    operations[ACTION_RENDERED_SWAPPED] = rendered
+    operations[ACTION_INFORMATION] = Operation(
+        "RetrieveImagingDocumentSetInformation",
+        frozenset({WADO + "RetrieveImagingDocumentSetInformationRequest"}),
+        make_information(ids),
+    )
     return SoapEndpoint(operations, WSDL_DIR / "ImagingDocumentSource.wsdl", spool_dir=str(archive.settings.temp_dir))
 
 
