@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
     p.add_argument("--http-port", type=int, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--ae-title", metavar="AET", help="our AE title (default XDSI)")
+    p.add_argument("--repository-unique-id", metavar="OID", help="our XDS repositoryUniqueId ([xds] repository_unique_id)")
 
     p = sub.add_parser("import", help="import DICOM files and folders into the archive")
     _common(p)
@@ -50,12 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="print what the archive holds")
     _common(p)
+
+    p = sub.add_parser("retrieve", help="retrieve instances from an Imaging Document Source (RAD-69)")
+    _common(p)
+    p.add_argument("url", help="the Imaging Document Source endpoint, e.g. http://host:8080/xdsi/ImagingDocumentSource")
+    p.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    p.add_argument("--series", metavar="UID", help="Series Instance UID of the --instance UIDs")
+    p.add_argument("--instance", action="append", default=[], metavar="UID", help="SOP Instance UID (repeat)")
+    p.add_argument("--manifest", type=Path, metavar="KOS", help="take series and instances of --study from a KOS manifest")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the retrieved files")
+    p.add_argument("--repository-unique-id", metavar="OID", help="the source's repositoryUniqueId (default: ours)")
+    p.add_argument("--transfer-syntax", action="append", default=[], metavar="UID", help="acceptable transfer syntax (repeat; default explicit and implicit VR LE)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     # flags go in before relative tier paths are resolved, so --data-dir moves them too
-    return load_settings(
+    s = load_settings(
         args.config,
         overrides=dict(
             data_dir=getattr(args, "data_dir", None),
@@ -65,6 +78,11 @@ def _settings(args: argparse.Namespace) -> Settings:
             ae_title=getattr(args, "ae_title", None),
         ),
     )
+    if getattr(args, "repository_unique_id", None):
+        from dataclasses import replace
+
+        s = s.with_overrides(xds=replace(s.xds, repository_unique_id=args.repository_unique_id.strip()))
+    return s
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -131,6 +149,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         archive.close()
     print(f"AE title:   {settings.ae_title}")
+    print(f"repository: {settings.xds.repository_unique_id} (XDS-I.b repositoryUniqueId)")
     print(f"index:      {_redact(settings.effective_index_url)}")
     print(f"patients:   {st.patients}")
     print(f"studies:    {st.studies}")
@@ -164,7 +183,48 @@ def _redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-COMMANDS = {"serve": cmd_serve, "import": cmd_import, "migrate": cmd_migrate, "status": cmd_status}
+def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from xdsi.soap.client import DEFAULT_SYNTAXES, retrieve, series_from_manifest
+    from xdsi.uids import is_valid_uid
+
+    series: dict[str, list[str]] = {}
+    if args.manifest:
+        series = series_from_manifest(args.manifest, args.study)
+    if args.instance:
+        if not args.series:
+            print("xdsi retrieve: --instance needs --series (RAD-69 names study, series and instance)", file=sys.stderr)
+            return 2
+        series.setdefault(args.series, []).extend(args.instance)
+    if not series:
+        print("xdsi retrieve: name the instances with --series/--instance or --manifest", file=sys.stderr)
+        return 2
+    for uid in [args.study, *series, *(i for v in series.values() for i in v)]:
+        if not is_valid_uid(uid):
+            print(f"xdsi retrieve: {uid!r} is not a valid UID", file=sys.stderr)
+            return 2
+    total = sum(len(v) for v in series.values())
+    with tqdm(total=None, unit="B", unit_scale=True, disable=args.no_progress or None, desc=f"{total} instance(s)") as bar:
+        report = retrieve(
+            args.url,
+            args.study,
+            series,
+            args.out,
+            repository_unique_id=args.repository_unique_id or settings.xds.repository_unique_id,
+            transfer_syntaxes=args.transfer_syntax or DEFAULT_SYNTAXES,
+            progress=bar.update,
+        )
+    if report.fault:
+        print(f"SOAP fault: {report.fault}", file=sys.stderr)
+        return 1
+    print(f"{report.status.rsplit(':', 1)[-1]}: saved {len(report.saved)} of {total} file(s), {_human(report.bytes)} in {args.out}")
+    for e in report.errors:
+        print(f"error {e.get('errorCode')} at {e.get('location', '-')}: {e.get('codeContext')}", file=sys.stderr)
+    return 0 if report.saved and not report.errors else 1
+
+
+COMMANDS = {"serve": cmd_serve, "import": cmd_import, "migrate": cmd_migrate, "status": cmd_status, "retrieve": cmd_retrieve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "Peer",
     "TierSettings",
     "StorageSettings",
+    "XdsSettings",
     "Settings",
     "load_settings",
     "parse_size",
@@ -102,6 +103,17 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class XdsSettings:
+    """The ``[xds]`` table: identity of this Imaging Document Source in the XDS affinity domain.
+
+    ``repository_unique_id`` is what consumers put in RAD-69 RepositoryUniqueId and what
+    manifests carry as Retrieve Location UID.  More XDS fields are added here, not elsewhere.
+    """
+
+    repository_unique_id: str = "2.25.174983427195862233712418339462367446029"  # = xdsconst.DEFAULT_REPOSITORY_UNIQUE_ID
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
@@ -119,6 +131,7 @@ class Settings:
     log_level: str = "INFO"
     # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
+    xds: XdsSettings = field(default_factory=XdsSettings)
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -323,6 +336,12 @@ def load_settings(
     if peers:
         settings = replace(settings, peers=peers)
 
+    xds = doc.get("xds", {})
+    if "repository_unique_id" in xds:
+        settings = replace(settings, xds=replace(settings.xds, repository_unique_id=str(xds["repository_unique_id"]).strip()))
+    if env.get("XDSI_REPOSITORY_UNIQUE_ID"):
+        settings = replace(settings, xds=replace(settings.xds, repository_unique_id=env["XDSI_REPOSITORY_UNIQUE_ID"].strip()))
+
     dimse = doc.get("dimse", {})
     for key in ("dimse_timeout", "acse_timeout", "network_timeout"):
         if key in dimse:
@@ -340,6 +359,10 @@ def load_settings(
 
 def _validated(s: Settings) -> Settings:
     validate_ae_title(s.ae_title)
+    from xdsi.uids import is_valid_uid
+
+    if not is_valid_uid(s.xds.repository_unique_id):
+        raise ConfigError(f"[xds] repository_unique_id {s.xds.repository_unique_id!r} is not a valid OID")
     for port_name in ("dicom_port", "http_port"):
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:

@@ -137,6 +137,12 @@ class TierPolicy:
                 self._move_study(move, report)
         return report
 
+    def move_study(self, study_pk: int, source: str, target: str) -> MigrationReport:
+        """Move one study's copies from ``source`` to ``target`` now, outside the policy (tests, administration)."""
+        report = MigrationReport()
+        self._move_study(PlannedMove(study_pk, "", source, target, 0, 0, "manual"), report)
+        return report
+
     def _move_study(self, move: PlannedMove, report: MigrationReport) -> None:
         src, dst = self.tiers[move.source], self.tiers[move.target]
         with self.index.session() as s:

@@ -51,6 +51,8 @@ def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
     mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
     # WADO-URI at /wado[/{AET}], DICOMweb at /dicomweb[/{AET}]; partitions: AE title -> Archive (None: open the configured ones)
     from xdsi.web.mounts import web_mounts
+    from xdsi.soap.ids import make_endpoint as make_ids_endpoint
 
     mounts.update(web_mounts(archive, partitions))
+    mounts["/xdsi/ImagingDocumentSource"] = make_ids_endpoint(archive)
     return DispatcherMiddleware(not_found, mounts)

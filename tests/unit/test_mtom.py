@@ -1,0 +1,167 @@
+"""The MTOM reader and writer: boundaries split anywhere, percent-encoded cids, inline base64, bounded memory."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import pytest
+from lxml import etree
+
+from xdsi.soap.envelope import SoapFault, build_envelope, parse_envelope
+from xdsi.soap.mtom import (
+    MtomError,
+    MtomWriter,
+    OutgoingAttachment,
+    binary_content,
+    normalize_cid,
+    read_message,
+    resolve_xop,
+    xop_include,
+)
+from xdsi.xdsconst import NS_IHE, NS_SOAP12
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most ``n`` bytes per read, to put boundaries across reads."""
+
+    def __init__(self, data: bytes, n: int) -> None:
+        self.data, self.n, self.pos = data, n, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data[self.pos : self.pos + min(self.n, size if size > 0 else self.n)]
+        self.pos += len(chunk)
+        return chunk
+
+
+def _message(payloads: list[bytes]) -> tuple[bytes, str, list[str]]:
+    body = etree.Element(f"{{{NS_IHE}}}ProvideAndRegisterDocumentSetRequest")
+    cids = []
+    atts = []
+    for i, p in enumerate(payloads):
+        d = etree.SubElement(body, f"{{{NS_IHE}}}Document", id=f"doc{i}")
+        cid = f"{i}.urn:uuid:{os.urandom(4).hex()}@example.org"
+        xop_include(d, cid)
+        cids.append(cid)
+        atts.append(OutgoingAttachment(cid, (lambda p=p: iter([p[: len(p) // 2], p[len(p) // 2 :]]))))
+    w = MtomWriter(build_envelope(body), atts, action="urn:example:Action")
+    return b"".join(w), w.content_type, cids
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 64, 65536])
+def test_round_trip_with_boundaries_split_anywhere(read_size: int) -> None:
+    payloads = [os.urandom(5000), b"", b"\r\n--MIMEBoundary_fake\r\n" * 50, bytes(range(256)) * 3]
+    data, ct, cids = _message(payloads)
+    assert ct.startswith("multipart/related") and 'action="urn:example:Action"' in ct
+    msg = read_message(Trickle(data, read_size), ct)  # type: ignore[arg-type]
+    assert msg.mtom and msg.action_param == "urn:example:Action"
+    env = parse_envelope(msg.envelope)
+    resolved = resolve_xop(env.body, msg.attachments)
+    docs = env.body.findall(f"{{{NS_IHE}}}Document")
+    assert [binary_content(d, resolved).read() for d in docs] == payloads
+    assert all(d.text is None and len(d) == 0 for d in docs)  # Includes gone: the body now validates as base64Binary
+
+
+def test_percent_encoded_cid_in_href_matches_plain_content_id() -> None:
+    cid = "part1=weird@example.org"
+    boundary = "b1"
+    root = (
+        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}">'
+        f'<xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include" href="cid:part1%3Dweird%40example.org"/>'
+        f"</ihe:Document></s:Body></s:Envelope>"
+    ).encode()
+    data = (
+        f"--{boundary}\r\nContent-Type: application/xop+xml\r\nContent-ID: <root%40x>\r\n\r\n".encode()
+        + root
+        + f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\nContent-ID: <{cid}>\r\n\r\n".encode()
+        + b"DICM-bytes"
+        + f"\r\n--{boundary}--".encode()
+    )
+    msg = read_message(io.BytesIO(data), f'multipart/related; boundary={boundary}; start="<root@x>"; type="application/xop+xml"')
+    env = parse_envelope(msg.envelope)
+    resolved = resolve_xop(env.body, msg.attachments)
+    assert binary_content(env.body, resolved).read() == b"DICM-bytes"
+    assert normalize_cid("cid:a%40b") == normalize_cid("<a@b>") == "a@b"
+
+
+def test_inline_base64_accepted() -> None:
+    payload = os.urandom(3000)
+    env = (
+        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}">\n'
+        + base64.encodebytes(payload).decode()
+        + "</ihe:Document></s:Body></s:Envelope>"
+    ).encode()
+    msg = read_message(io.BytesIO(env), "application/soap+xml; charset=utf-8")
+    e = parse_envelope(msg.envelope)
+    assert binary_content(e.body, resolve_xop(e.body, msg.attachments)).read() == payload
+
+
+def test_unknown_cid_and_truncation_are_errors() -> None:
+    data, ct, _ = _message([b"abc"])
+    msg = read_message(io.BytesIO(data), ct)
+    env = parse_envelope(msg.envelope)
+    with pytest.raises(MtomError):
+        resolve_xop(env.body, {})
+    with pytest.raises(MtomError):
+        read_message(io.BytesIO(data[:-20]), ct)
+    with pytest.raises(MtomError):
+        read_message(io.BytesIO(b"x" * 100), "multipart/related; boundary=zzz")
+
+
+def test_root_part_is_capped() -> None:
+    data, ct, _ = _message([b"abc"])
+    with pytest.raises(MtomError):
+        read_message(io.BytesIO(data), ct, max_root_bytes=100)
+
+
+def test_large_attachment_is_spooled_not_held() -> None:
+    """A 20 MiB attachment goes to a temporary file; the reader's own buffer stays small."""
+    payload = os.urandom(1 << 20) * 20
+    data, ct, _ = _message([payload])
+    msg = read_message(io.BytesIO(data), ct, spool_memory=1 << 20)
+    (att,) = msg.attachments.values()
+    assert att.size == len(payload)
+    assert att.file._rolled  # type: ignore[attr-defined]  # SpooledTemporaryFile went to disk
+    assert att.read() == payload
+
+
+def test_writer_always_multipart_even_without_attachments() -> None:
+    w = MtomWriter(b"<x/>", (), action="urn:a")
+    body = b"".join(w)
+    assert w.content_type.startswith("multipart/related")
+    assert body.count(w.boundary.encode()) == 2 and body.rstrip().endswith(f"--{w.boundary}--".encode())
+
+
+def test_writer_produces_attachments_lazily() -> None:
+    opened = []
+
+    def src(i: int):  # type: ignore[no-untyped-def]
+        def f():  # type: ignore[no-untyped-def]
+            opened.append(i)
+            yield b"x"
+
+        return f
+
+    w = iter(MtomWriter(b"<x/>", [OutgoingAttachment(f"{i}@x", src(i)) for i in range(3)]))
+    next(w)
+    assert opened == []
+    next(w), next(w)
+    assert opened == [0]
+
+
+def test_envelope_rules() -> None:
+    with pytest.raises(SoapFault) as e:
+        parse_envelope(f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><a/><b/></s:Body></s:Envelope>'.encode())
+    assert e.value.code == "Sender"
+    with pytest.raises(SoapFault):
+        parse_envelope(f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body/><s:Header/></s:Envelope>'.encode())
+    two_actions = (
+        f'<s:Envelope xmlns:s="{NS_SOAP12}" xmlns:wsa="http://www.w3.org/2005/08/addressing"><s:Header>'
+        "<wsa:Action>a</wsa:Action><wsa:Action>b</wsa:Action></s:Header><s:Body><a/></s:Body></s:Envelope>"
+    )
+    with pytest.raises(SoapFault):
+        parse_envelope(two_actions.encode())

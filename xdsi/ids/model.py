@@ -1,0 +1,76 @@
+"""Request and result values of the Imaging Document Source, free of any XML or HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+from xdsi.archive.retrieve import InstanceRef
+from xdsi.xdsconst import SEVERITY_ERROR, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
+
+
+@dataclass(frozen=True)
+class DocumentRequest:
+    """One requested instance, with the study and series it was asked under."""
+
+    study_uid: str
+    series_uid: str
+    repository_unique_id: str
+    document_unique_id: str
+    home_community_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryError:
+    error_code: str
+    code_context: str
+    location: str | None = None
+    severity: str = SEVERITY_ERROR
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == SEVERITY_ERROR
+
+
+def response_status(documents: int, errors: Iterable[RegistryError]) -> str:
+    """ITI TF-3 4.2.4: Success without errors, Failure with errors and nothing returned, else PartialSuccess."""
+    if not any(e.is_error for e in errors):
+        return STATUS_SUCCESS
+    return STATUS_PARTIAL_SUCCESS if documents else STATUS_FAILURE
+
+
+@dataclass
+class Resolved:
+    """A document request that passed the identity checks, with the archived instance it names."""
+
+    request: DocumentRequest
+    ref: InstanceRef
+
+
+@dataclass
+class ReturnedDocument:
+    """A document in a response: its bytes are produced only when ``chunks()`` is called (while streaming)."""
+
+    request: DocumentRequest
+    mime_type: str
+    produce: Callable[[], Iterator[bytes]]
+    ref: InstanceRef | None = None
+    transfer_syntax: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. rendered parameters actually used
+
+    def chunks(self) -> Iterator[bytes]:
+        return self.produce()
+
+
+@dataclass
+class RetrieveResult:
+    documents: list[ReturnedDocument]
+    errors: list[RegistryError]
+
+    @property
+    def status(self) -> str:
+        return response_status(len(self.documents), self.errors)
+
+
+def errors_for(requests: Sequence[DocumentRequest], code: str, context: str) -> list[RegistryError]:
+    return [RegistryError(code, context, r.document_unique_id or None) for r in requests]
