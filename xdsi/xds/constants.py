@@ -36,12 +36,14 @@ ACTION_REGISTER = "urn:ihe:iti:2007:RegisterDocumentSet-b"
 ACTION_REGISTER_RESPONSE = "urn:ihe:iti:2007:RegisterDocumentSet-bResponse"
 ACTION_STORED_QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 ACTION_STORED_QUERY_RESPONSE = "urn:ihe:iti:2007:RegistryStoredQueryResponse"
+ACTION_UPDATE = "urn:ihe:iti:2010:UpdateDocumentSet"  # ITI-57 (Metadata Update option)
+ACTION_UPDATE_RESPONSE = "urn:ihe:iti:2010:UpdateDocumentSetResponse"
 ACTION_RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
 ACTION_RETRIEVE_RESPONSE = "urn:ihe:iti:2007:RetrieveDocumentSetResponse"
 
 # zeep binding and operation names in the official WSDLs
 REPOSITORY_BINDING = f"{{{NS_XDS}}}DocumentRepository_Binding"
-REGISTRY_BINDING = f"{{{NS_XDS}}}DocumentRegistry_Binding"
+REGISTRY_BINDING = f"{{{NS_XDS}}}DocumentRegistry_Binding_Soap12"
 OP_PNR = "DocumentRepository_ProvideAndRegisterDocumentSet-b"
 OP_RETRIEVE = "DocumentRepository_RetrieveDocumentSet"
 OP_REGISTER = "DocumentRegistry_RegisterDocumentSet-b"
@@ -78,6 +80,7 @@ OBJECT_TYPE_REGISTRY_PACKAGE = "urn:oasis:names:tc:ebxml-regrep:ObjectType:Regis
 STATUS_APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 STATUS_DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
 ASSOC_HAS_MEMBER = "urn:oasis:names:tc:ebxml-regrep:AssociationType:HasMember"
+ASSOC_UPDATE_AVAILABILITY_STATUS = "urn:ihe:iti:2010:AssociationType:UpdateAvailabilityStatus"
 ASSOC_RPLC = "urn:ihe:iti:2007:AssociationType:RPLC"
 CLASSIFICATION_OBJECT_TYPE = "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:Classification"
 EXTERNAL_IDENTIFIER_OBJECT_TYPE = "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:ExternalIdentifier"
