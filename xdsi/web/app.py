@@ -49,4 +49,8 @@ def not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> li
 
 def make_app(archive: Archive) -> WSGIApp:
     mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
+    if archive.settings.xds.mode == "integrated":  # issue 4: xdsi is the XDS.b repository of its manifests
+        from xdsi.soap.repository import make_endpoint as make_repository_endpoint
+
+        mounts["/xdsi/DocumentRepository"] = make_repository_endpoint(archive)
     return DispatcherMiddleware(not_found, mounts)
