@@ -63,6 +63,8 @@ class XdsSubmission(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")  # the registry's own error text
     last_response: Mapped[str] = mapped_column(Text, default="")  # RegistryResponse XML as received
     last_metadata: Mapped[str] = mapped_column(Text, default="")  # SubmitObjectsRequest XML as last sent
+    # the study as the manifest saw it (JSON): the metadata is rebuilt from it at every attempt, by any process
+    snapshot: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

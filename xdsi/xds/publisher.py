@@ -192,7 +192,8 @@ class Publisher:
         d.mkdir(parents=True, exist_ok=True)
         kos_path = self.kept(snap.study_uid, manifest.sop_instance_uid, ".dcm")
         kos_path.write_bytes(manifest.data)
-        self.kept(snap.study_uid, manifest.sop_instance_uid, ".json").write_text(snapshot_to_json(snap, created))
+        snapshot = snapshot_to_json(snap, created)
+        self.kept(snap.study_uid, manifest.sop_instance_uid, ".json").write_text(snapshot)
         stored = self.archive.store.store_file(kos_path, source_ae=self.settings.ae_title)
         if not stored.ok:
             raise RuntimeError(f"the manifest of {snap.study_uid} could not be stored in the archive: {stored.reason}")
@@ -222,6 +223,7 @@ class Publisher:
                 last_error="",
                 last_response="",
                 last_metadata="",
+                snapshot=snapshot,
                 created_at=now,
                 updated_at=now,
             )
@@ -232,6 +234,8 @@ class Publisher:
     def _enqueue_deprecation(self, study_uid: str, registered: XdsManifest) -> XdsSubmission:
         now = utcnow()
         with self.archive.index.session() as s:
+            published = s.get(XdsSubmission, registered.submission_fk)
+            snapshot = published.snapshot if published is not None else ""
             self.outbox.supersede_pending(s, study_uid)
             row = XdsSubmission(
                 study_uid=study_uid,
@@ -256,6 +260,7 @@ class Publisher:
                 last_error="",
                 last_response="",
                 last_metadata="",
+                snapshot=snapshot,
                 created_at=now,
                 updated_at=now,
             )
@@ -272,7 +277,7 @@ class Publisher:
         endpoint = ""
         replaces = ""
         try:
-            snap, created = snapshot_from_json(self.kept(row.study_uid, row.kos_sop_uid, ".json").read_text())
+            snap, created = snapshot_from_json(row.snapshot)
             if row.kind == KIND_DEPRECATE:
                 transaction, endpoint = "ITI-57", self.x.update_url or self.x.registry_url
                 ids = patient_ids(snap, self.x)
@@ -280,9 +285,7 @@ class Publisher:
                 metadata_xml = pretty(sub.request)
                 result = self.update_client().update(sub.request)
             else:
-                data = Path(row.kos_path).read_bytes()
-                if hashlib.sha1(data).hexdigest() != row.kos_sha1:
-                    raise MetadataError(f"the kept manifest {row.kos_path} no longer matches its recorded SHA-1")
+                data = self._kos_bytes(row)
                 with self.archive.index.session() as s:
                     reg = s.scalars(select(XdsManifest).where(XdsManifest.study_uid == row.study_uid)).one_or_none()
                     if reg is not None and reg.status == "approved" and reg.entry_uuid != row.entry_uuid:
@@ -300,7 +303,7 @@ class Publisher:
                 else:
                     transaction, endpoint = "ITI-41", self.x.repository_url
                     result = self.repository().provide_and_register(sub.request, {row.entry_uuid: data})
-        except (MetadataError, OSError, ValueError) as exc:
+        except (MetadataError, OSError, ValueError, LookupError) as exc:
             return self._failed(claim, row, "not sent", str(exc), "", metadata_xml, transaction, endpoint)
         except XdsTransportError as exc:
             return self._failed(claim, row, "transport error", str(exc), "", metadata_xml, transaction, endpoint)
@@ -313,6 +316,16 @@ class Publisher:
             log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
+
+    def _kos_bytes(self, row: XdsSubmission) -> bytes:
+        """The manifest as archived (any process sharing the index and tiers can read it), checked against its SHA-1."""
+        refs = self.archive.retrieve.select(study_uids=[row.study_uid], sop_uids=[row.kos_sop_uid])
+        if not refs:
+            raise MetadataError(f"manifest {row.kos_sop_uid} is no longer in the archive")
+        data = self.archive.retrieve.path(refs[0]).read_bytes()
+        if hashlib.sha1(data).hexdigest() != row.kos_sha1:
+            raise MetadataError(f"the archived manifest {row.kos_sop_uid} no longer matches its recorded SHA-1")
+        return data
 
     def _already_registered(self, row: XdsSubmission, result: RegistryResult) -> bool:
         """A retry after a lost answer: the registry says our own SubmissionSet and document are already there."""

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-22 03:35:37.314317
+Create Date: 2026-11-22 03:46:21.315965
 """
 from alembic import op
 import sqlalchemy as sa
@@ -53,6 +53,7 @@ def upgrade() -> None:
     sa.Column('last_error', sa.Text(), nullable=False),
     sa.Column('last_response', sa.Text(), nullable=False),
     sa.Column('last_metadata', sa.Text(), nullable=False),
+    sa.Column('snapshot', sa.Text(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('done_at', sa.DateTime(timezone=True), nullable=True),
