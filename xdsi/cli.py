@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="print what the archive holds")
     _common(p)
+    p.add_argument("--study", metavar="UID", help="XDS-I.b publishing state of one study: manifests, submissions, registry answers")
+
+    p = sub.add_parser("publish", help="publish a study's manifest to the XDS registry now and print the answer")
+    _common(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS", help="how long to wait for the answer (default 120)")
 
     p = sub.add_parser("retrieve", help="retrieve instances from an Imaging Document Source (RAD-69)")
     _common(p)
@@ -142,6 +148,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from xdsi.archive import Archive
     from xdsi.archive.lifecycle import archive_status
 
+    if getattr(args, "study", None):
+        return cmd_status_study(settings, args.study)
     archive = Archive.open(settings, clean=False)
     try:
         st = archive_status(archive.index, archive.tiers)
@@ -162,6 +170,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         age = f", migrate after {cfg.migrate_after_days:g} days" if cfg.migrate_after_days is not None else ""
         print(f"  {tier.name:<10} {_human(st.tier_bytes[tier.name]):>10} in {st.tier_files[tier.name]} file(s)  {tier.root}{marks}{age}")
     print(f"queued:     {_queued(queued)}")
+    _print_xds_queue(settings)
     return 0
 
 
@@ -174,6 +183,100 @@ def _queued(moves: list) -> str:  # type: ignore[type-arg]
     files = sum(m.files for m in moves)
     size = sum(m.size for m in moves)
     return f"{len(moves)} stud(ies), {files} file(s), {_human(size)} due to migrate ({detail})"
+
+
+# -- XDS-I.b publishing (issue 4) -------------------------------------------------------------
+
+def _print_xds_queue(settings: Settings) -> None:
+    """The outbox in ``xdsi status``: counts, and every waiting submission with the registry's own error text."""
+    from xdsi.index.db import open_index
+    from xdsi.xds.outbox import Outbox
+
+    if not settings.xds.enabled:
+        print("outbox:     nothing (XDS publishing is off)")
+        return
+    index = open_index(settings.effective_index_url)
+    try:
+        outbox = Outbox(index, settings.xds)
+        counts = outbox.counts()
+        rows = outbox.open_rows()
+    finally:
+        index.dispose()
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "nothing"
+    print(f"xds:        mode {settings.xds.mode}; submissions: {summary}")
+    if not rows:
+        print("outbox:     nothing")
+    for r in rows:
+        print(f"outbox:     study {r.study_uid} {r.kind} [{r.state}] attempt {r.attempts}, next {r.next_attempt_at:%Y-%m-%d %H:%M:%S}")
+        if r.last_error:
+            print(f"            last answer: {r.last_status}: {r.last_error}")
+
+
+def cmd_status_study(settings: Settings, study_uid: str) -> int:
+    from xdsi.archive import Archive
+    from xdsi.uids import InvalidUID
+    from xdsi.xds.publisher import study_report
+
+    archive = Archive.open(settings, clean=False)
+    try:
+        report = study_report(archive, study_uid)
+    except InvalidUID as exc:
+        print(f"xdsi status: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        archive.close()
+    reg = report["registered"]
+    print(f"study:      {study_uid}")
+    if reg:
+        print(f"registered: manifest {reg['kos']} entryUUID {reg['entry_uuid']} ({reg['status']}, {reg['at']:%Y-%m-%d %H:%M:%S})")  # type: ignore[index]
+    else:
+        print("registered: nothing")
+    for sub_ in report["submissions"]:  # type: ignore[union-attr]
+        print(
+            f"submission {sub_['pk']}: {sub_['kind']} {sub_['kos']} [{sub_['state']}] {sub_['transaction'] or '-'} "
+            f"{sub_['instances']} instance(s), {sub_['attempts']} attempt(s)"
+            + (f", replaces {sub_['replaces']}" if sub_["replaces"] else "")
+        )
+        if sub_["status"]:
+            print(f"  registry answer: {sub_['status']}" + (f": {sub_['error']}" if sub_["error"] else ""))
+    for f in report["files"]:  # type: ignore[union-attr]
+        print(f"kept:       {f}")
+    if report["submissions"]:
+        last = report["submissions"][-1]  # type: ignore[index]
+        if last["response"]:
+            print("last response:")
+            print(last["response"])
+    return 0
+
+
+def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue and send now; print the registry's answer; exit 0 only on Success."""
+    from xdsi.archive import Archive
+    from xdsi.index.xds_models import DONE
+    from xdsi.uids import InvalidUID
+    from xdsi.xds.manifest import NonConformantManifest
+    from xdsi.xds.metadata import MetadataError
+    from xdsi.xds.publisher import Publisher
+
+    if not settings.xds.enabled:
+        print("xdsi publish: [xds] mode is \"off\"; set it to \"repository\" or \"integrated\"", file=sys.stderr)
+        return 2
+    archive = Archive.open(settings, clean=False)
+    try:
+        outcome = Publisher(archive).publish_now(args.study_uid, wait=args.wait)
+    except (InvalidUID, NonConformantManifest, MetadataError) as exc:
+        print(f"xdsi publish: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        archive.close()
+    if outcome is None:
+        print(f"xdsi publish: study {args.study_uid} is not in the archive and has no registered manifest", file=sys.stderr)
+        return 1
+    print(f"study {outcome.study_uid}: {outcome.transaction or 'submission'} {outcome.state}")
+    print(f"registry status: {outcome.status}")
+    if outcome.errors:
+        print(f"registry errors: {outcome.errors}")
+    return 0 if outcome.state == DONE else 1
 
 
 def _redact(url: str) -> str:
@@ -224,7 +327,14 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.saved and not report.errors else 1
 
 
-COMMANDS = {"serve": cmd_serve, "import": cmd_import, "migrate": cmd_migrate, "status": cmd_status, "retrieve": cmd_retrieve}
+COMMANDS = {
+    "serve": cmd_serve,
+    "import": cmd_import,
+    "migrate": cmd_migrate,
+    "status": cmd_status,
+    "publish": cmd_publish,
+    "retrieve": cmd_retrieve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,8 @@ __all__ = [
     "load_settings",
     "parse_size",
     "PartitionSettings",
+    "XdsSettings",
+    "PatientIdMapping",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -103,17 +105,6 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
-class XdsSettings:
-    """The ``[xds]`` table: identity of this Imaging Document Source in the XDS affinity domain.
-
-    ``repository_unique_id`` is what consumers put in RAD-69 RepositoryUniqueId and what
-    manifests carry as Retrieve Location UID.  More XDS fields are added here, not elsewhere.
-    """
-
-    repository_unique_id: str = "2.25.174983427195862233712418339462367446029"  # = xdsconst.DEFAULT_REPOSITORY_UNIQUE_ID
-
-
-@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
@@ -131,7 +122,7 @@ class Settings:
     log_level: str = "INFO"
     # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
-    xds: XdsSettings = field(default_factory=XdsSettings)
+    xds: "XdsSettings" = field(default_factory=lambda: XdsSettings())  # [xds], defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -336,9 +327,8 @@ def load_settings(
     if peers:
         settings = replace(settings, peers=peers)
 
-    xds = doc.get("xds", {})
-    if "repository_unique_id" in xds:
-        settings = replace(settings, xds=replace(settings.xds, repository_unique_id=str(xds["repository_unique_id"]).strip()))
+    if "xds" in doc:
+        settings = replace(settings, xds=xds_from(doc["xds"], base))
     if env.get("XDSI_REPOSITORY_UNIQUE_ID"):
         settings = replace(settings, xds=replace(settings.xds, repository_unique_id=env["XDSI_REPOSITORY_UNIQUE_ID"].strip()))
 
@@ -493,3 +483,143 @@ def _validate_partitions(s: Settings) -> None:
         dp = s.partitions[name].dicom_port
         if dp is not None and dp and dp == s.dicom_port:
             raise ConfigError(f"partition {name}: dicom_port {dp} is the main DICOM port")
+
+
+# ---------------------------------------------------------------------------------------------
+# [xds]: XDS-I.b publishing (issue 4, branch xds).  Issue 3 (branch soap) adds its own
+# XdsSettings with ``repository_unique_id``; the fields below are this branch's and keep that
+# name, so the lead can merge the two dataclasses into one.
+# ---------------------------------------------------------------------------------------------
+
+XDS_MODES = ("off", "repository", "integrated")
+_OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+@dataclass(frozen=True)
+class PatientIdMapping:
+    """One row of the patient-ID table: a local (Patient ID, Issuer) -> the affinity-domain ID."""
+
+    local_id: str
+    local_issuer: str
+    affinity_id: str
+    affinity_authority: str  # OID of the affinity-domain assigning authority
+
+
+@dataclass(frozen=True)
+class XdsSettings:
+    mode: str = "off"  # "off", "repository" (ITI-41 to repository_url) or "integrated" (ITI-42 to registry_url)
+    registry_url: str = ""  # ITI-42 endpoint (integrated mode) and ITI-57 update endpoint
+    repository_url: str = ""  # ITI-41 endpoint (repository mode)
+    update_url: str = ""  # ITI-57 endpoint for deprecation; empty: registry_url
+    # our IDS/repository uniqueId (RAD-69 RepositoryUniqueId, KOS Retrieve Location UID); a 2.25 OID of our own
+    repository_unique_id: str = "2.25.174983427195862233712418339462367446029"
+    source_id: str = "1.3.6.1.4.1.21367.13.80.110.1"  # XDSSubmissionSet.sourceId (our Document Source OID)
+    home_community_id: str = ""
+    # identities
+    patient_id_authority: str = "1.3.6.1.4.1.21367.13.20.1000"  # affinity domain (Connectathon IHERED)
+    patient_ids: tuple[PatientIdMapping, ...] = ()
+    source_patient_authority: str = "1.3.6.1.4.1.21367.13.80.110.2"  # local issuer OID when none is mapped
+    issuer_oids: Mapping[str, str] = field(default_factory=dict)  # Issuer of Patient ID text -> OID
+    accession_authority: str = "1.3.6.1.4.1.21367.13.80.110.3"  # issuer of accession numbers (referenceIdList)
+    known_patient_ids_only: bool = False  # refuse to publish a patient the mapping table does not list
+    # affinity-domain codes: "CODE" or "CODE^SCHEME", looked up in codes_file
+    codes_file: Path | None = None  # None: the Connectathon list shipped with xdsi
+    class_code: str = "IMAGES"
+    confidentiality_code: str = "N"
+    healthcare_facility_type_code: str = "22232009"
+    practice_setting_code: str = "R-3027B"
+    type_code: str = "18748-4"  # used when the study's procedure code is not in the typeCode list
+    content_type_code: str = "22232009"
+    language_code: str = "en-US"
+    author_institution: str = "xdsi Imaging^^^^^^^^^1.3.6.1.4.1.21367.13.80.110"  # XON
+    author_person: str = ""  # XCN; empty: none
+    author_role: str = ""
+    author_specialty: str = ""
+    # KOS retrieve information
+    retrieve_ae_title: str = ""  # empty: the server AE title
+    retrieve_url: str = ""  # WADO-RS base; empty: http://host:http_port/dicomweb
+    # when
+    auto_publish: bool = True
+    stability_delay: float = 300.0  # seconds without a new instance before a study is published
+    poll_interval: float = 10.0
+    # retries
+    retry_initial: float = 30.0
+    retry_max: float = 3600.0
+    retry_factor: float = 2.0
+    max_attempts: int = 0  # 0: retry forever
+    timeout: float = 60.0
+    # where the last KOS and metadata of every study are kept for inspection; None: data_dir/xds
+    keep_dir: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+_XDS_SCALARS = {
+    "mode": str, "registry_url": str, "repository_url": str, "update_url": str, "repository_unique_id": str,
+    "source_id": str, "home_community_id": str, "patient_id_authority": str, "source_patient_authority": str,
+    "accession_authority": str, "known_patient_ids_only": bool, "class_code": str, "confidentiality_code": str,
+    "healthcare_facility_type_code": str, "practice_setting_code": str, "type_code": str, "content_type_code": str,
+    "language_code": str, "author_institution": str, "author_person": str, "author_role": str,
+    "author_specialty": str, "retrieve_ae_title": str, "retrieve_url": str, "auto_publish": bool,
+    "stability_delay": float, "poll_interval": float, "retry_initial": float, "retry_max": float,
+    "retry_factor": float, "max_attempts": int, "timeout": float,
+}
+
+
+def xds_from(raw: Mapping[str, Any], base: Path) -> XdsSettings:
+    """Build :class:`XdsSettings` from the ``[xds]`` table; paths are relative to the config file."""
+    unknown = set(raw) - set(_XDS_SCALARS) - {"patient_ids", "issuer_oids", "codes_file", "keep_dir"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [xds]: {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {}
+    for key, conv in _XDS_SCALARS.items():
+        if key in raw:
+            try:
+                kw[key] = conv(raw[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"[xds] {key}: {raw[key]!r} is not a {conv.__name__}") from None
+    for key in ("codes_file", "keep_dir"):
+        if raw.get(key):
+            p = Path(str(raw[key]))
+            kw[key] = (p if p.is_absolute() else base / p).resolve()
+    if "issuer_oids" in raw:
+        kw["issuer_oids"] = {str(k): str(v) for k, v in dict(raw["issuer_oids"]).items()}
+    rows = []
+    for r in raw.get("patient_ids") or []:
+        try:
+            rows.append(
+                PatientIdMapping(
+                    local_id=str(r["local_id"]),
+                    local_issuer=str(r.get("local_issuer", "")),
+                    affinity_id=str(r["affinity_id"]),
+                    affinity_authority=str(r.get("affinity_authority", kw.get("patient_id_authority", XdsSettings.patient_id_authority))),
+                )
+            )
+        except (KeyError, TypeError):
+            raise ConfigError("[[xds.patient_ids]] needs local_id and affinity_id (local_issuer, affinity_authority optional)") from None
+    kw["patient_ids"] = tuple(rows)
+    return validate_xds(XdsSettings(**kw))
+
+
+def validate_xds(x: XdsSettings) -> XdsSettings:
+    if x.mode not in XDS_MODES:
+        raise ConfigError(f"[xds] mode must be one of {', '.join(XDS_MODES)}, not {x.mode!r}")
+    if x.mode == "repository" and not x.repository_url:
+        raise ConfigError("[xds] mode = \"repository\" needs repository_url (the ITI-41 endpoint)")
+    if x.mode == "integrated" and not x.registry_url:
+        raise ConfigError("[xds] mode = \"integrated\" needs registry_url (the ITI-42 endpoint)")
+    oids = {"repository_unique_id": x.repository_unique_id, "source_id": x.source_id,
+            "patient_id_authority": x.patient_id_authority, "source_patient_authority": x.source_patient_authority,
+            "accession_authority": x.accession_authority}
+    oids.update({f"patient_ids[{m.local_id}].affinity_authority": m.affinity_authority for m in x.patient_ids})
+    oids.update({f"issuer_oids.{k}": v for k, v in x.issuer_oids.items()})
+    for name, value in oids.items():
+        if not _OID_RE.match(value) or len(value) > 64:
+            raise ConfigError(f"[xds] {name} {value!r} is not an OID")
+    if x.retry_initial <= 0 or x.retry_max < x.retry_initial or x.retry_factor < 1:
+        raise ConfigError("[xds] retry policy: need 0 < retry_initial <= retry_max and retry_factor >= 1")
+    if x.stability_delay < 0 or x.poll_interval <= 0:
+        raise ConfigError("[xds] stability_delay must be >= 0 and poll_interval > 0")
+    return x

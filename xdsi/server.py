@@ -34,6 +34,7 @@ class Servers:
         self.http: Any = None
         self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
 
     def start(self) -> None:
         s = self.settings
@@ -44,12 +45,19 @@ class Servers:
         self._http_thread = threading.Thread(target=self.http.serve_forever, name="http", daemon=True)
         self._http_thread.start()
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
+        if s.xds.enabled:
+            from xdsi.xds.publisher import PublisherThread
+
+            self.publisher = PublisherThread(self.archive)
+            self.publisher.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         log.info("stopping")
+        if self.publisher is not None:
+            self.publisher.stop()
         if self.http is not None:
             self.http.shutdown()
         self.dicom.stop()

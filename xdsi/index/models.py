@@ -152,3 +152,7 @@ class FileCopy(Base):
     last_read_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     instance: Mapped[Instance] = relationship(back_populates="copies")
+
+
+# XDS-I.b publishing tables (outbox, registered manifests): defined in their own module, registered on Base here.
+from xdsi.index import xds_models as _xds_models  # noqa: E402,F401

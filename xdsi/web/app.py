@@ -55,4 +55,8 @@ def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
 
     mounts.update(web_mounts(archive, partitions))
     mounts["/xdsi/ImagingDocumentSource"] = make_ids_endpoint(archive)
+    if archive.settings.xds.mode == "integrated":  # issue 4: xdsi is the XDS.b repository of its manifests
+        from xdsi.soap.repository import make_endpoint as make_repository_endpoint
+
+        mounts["/xdsi/DocumentRepository"] = make_repository_endpoint(archive)
     return DispatcherMiddleware(not_found, mounts)

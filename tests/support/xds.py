@@ -1,0 +1,57 @@
+"""Helpers for the XDS-I.b tests: an ITI-18 Document Consumer built with zeep from the official WSDL."""
+
+from __future__ import annotations
+
+from lxml import etree
+from zeep import Client, Plugin, Settings as ZeepSettings
+
+from xdsi.xds import constants as C
+from xdsi.xds.client import REGISTRY_WSDL, MtomTransport, _add_addressing
+
+AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"  # IHERED, the shipped default
+PATIENT_CX = f"PAT001^^^&{AFFINITY}&ISO"
+SAFE = etree.XMLParser(resolve_entities=False, no_network=True)
+
+
+class IheAddressing(Plugin):
+    """zeep's own WS-Addressing lacks mustUnderstand and ReplyTo (IHE-WSA101/102); this adds them."""
+
+    def egress(self, envelope, http_headers, operation, binding_options):  # type: ignore[no-untyped-def]
+        _add_addressing(envelope, operation.soapaction, binding_options["address"])
+        return envelope, http_headers
+
+
+def stored_query(registry_url: str, query_id: str, params: dict[str, str]) -> etree._Element:
+    """ITI-18 through zeep (request built from the WSDL); the AdhocQueryResponse element, parsed by lxml.
+
+    zeep cannot parse ebRIM's abstract Identifiable substitution group, so the
+    reply is taken raw and parsed with the hardened parser.
+    """
+    client = Client(str(REGISTRY_WSDL), transport=MtomTransport(timeout=10), plugins=[IheAddressing()],
+                    settings=ZeepSettings(strict=True, raw_response=True))
+    service = client.create_service(C.REGISTRY_BINDING, registry_url)
+    slots = [{"name": k, "ValueList": {"_value_1": [{"Value": v}]}} for k, v in params.items()]
+    response = service[C.OP_STORED_QUERY](
+        ResponseOption={"returnType": "LeafClass", "returnComposedObjects": True},
+        AdhocQuery={"id": query_id, "Slot": slots},
+    )
+    assert response.status_code == 200, response.text[:500]
+    env = etree.fromstring(response.content, SAFE)
+    return env.find(f"{{{C.NS_SOAP12}}}Body/{C.q('query', 'AdhocQueryResponse')}")
+
+
+def find_documents(registry_url: str, patient_cx: str, status: str = C.STATUS_APPROVED) -> list[etree._Element]:
+    resp = stored_query(
+        registry_url,
+        C.SQ_FIND_DOCUMENTS,
+        {"$XDSDocumentEntryPatientId": f"'{patient_cx}'", "$XDSDocumentEntryStatus": f"('{status}')"},
+    )
+    assert resp.get("status") == C.STATUS_SUCCESS, etree.tostring(resp)[:2000]
+    return resp.findall(f"{C.q('rim', 'RegistryObjectList')}/{C.q('rim', 'ExtrinsicObject')}")
+
+
+def ext_id(obj: etree._Element, scheme: str) -> str:
+    for e in obj.findall(C.q("rim", "ExternalIdentifier")):
+        if e.get("identificationScheme") == scheme:
+            return e.get("value", "")
+    return ""

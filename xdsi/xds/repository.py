@@ -1,0 +1,64 @@
+"""The Document Repository side of integrated mode: which manifests ITI-43 may return, and from where.
+
+Only manifests xdsi itself built and queued (rows of ``xds_submission``) are
+documents of this repository; anything else in the archive is an image, served
+by RAD-69, not by ITI-43.  The bytes come from the archive through
+:meth:`RetrieveService.path`, the same stored instance that C-FIND and RAD-69
+see, so ITI-43 returns exactly the stored KOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from xdsi.archive import Archive
+from xdsi.archive.retrieve import NotAvailable
+from xdsi.index.xds_models import KIND_PUBLISH, XdsSubmission
+from xdsi.uids import is_valid_uid
+from xdsi.xds import constants as C
+
+
+@dataclass(frozen=True)
+class DocumentError:
+    error_code: str
+    code_context: str
+    location: str | None
+    severity: str = C.SEVERITY_ERROR
+
+
+@dataclass(frozen=True)
+class FoundDocument:
+    repository_unique_id: str
+    document_unique_id: str
+    home_community_id: str | None
+    mime_type: str
+    path: Path
+
+
+class ManifestRepository:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.repository_unique_id = archive.settings.xds.repository_unique_id
+
+    def find(self, repository_unique_id: str, document_unique_id: str, home_community_id: str | None = None) -> FoundDocument | DocumentError:
+        if repository_unique_id != self.repository_unique_id:
+            return DocumentError(C.XDS_UNKNOWN_REPOSITORY_ID, f"repositoryUniqueId {repository_unique_id!r} is not this repository ({self.repository_unique_id})", document_unique_id or None)
+        if not is_valid_uid(document_unique_id):
+            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"documentUniqueId {document_unique_id!r} is not a manifest of this repository", document_unique_id or None)
+        with self.archive.index.session() as s:
+            row = s.scalars(
+                select(XdsSubmission).where(XdsSubmission.kos_sop_uid == document_unique_id, XdsSubmission.kind == KIND_PUBLISH)
+            ).first()
+        if row is None:
+            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is not in this repository", document_unique_id)
+        refs = self.archive.retrieve.select(study_uids=[row.study_uid], sop_uids=[document_unique_id])
+        try:
+            if not refs:
+                raise NotAvailable("not in the archive")
+            path = self.archive.retrieve.path(refs[0])
+        except (NotAvailable, OSError) as exc:
+            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
+        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, path)
