@@ -25,14 +25,15 @@ from tests.support.ids import (
     wado_server,  # noqa: F401  (fixture)
     zeep_client,
 )
+from tests.support.standards import STANDARDS
 from xdsi.archive.native_xml import to_native_xml
 from xdsi.xdsconst import ACTION_INFORMATION, NS_NATIVE_DICOM, NS_WADO, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
 
 OP = "ImagingDocumentSource_RetrieveImagingDocumentSetInformation"
 WADO = f"{{{NS_WADO}}}"
 ND = f"{{{NS_NATIVE_DICOM}}}"
-RNG = etree.RelaxNG(etree.parse("/work/shared/standards/dicom-ps3.19/NativeDICOM.derived-by-trang.rng"))
-XSD = etree.XMLSchema(etree.parse("/work/shared/standards/dicom-ps3.19/NativeDICOM.derived-by-trang.xsd"))
+RNG = etree.RelaxNG(etree.parse(str(STANDARDS / "dicom-ps3.19" / "NativeDICOM.derived-by-trang.rng")))
+XSD = etree.XMLSchema(etree.parse(str(STANDARDS / "dicom-ps3.19" / "NativeDICOM.derived-by-trang.xsd")))
 
 
 def info(server: WadoServer, docs: list[tuple[str, str, dict[str, Any]]]) -> RawResponse:

@@ -1,7 +1,7 @@
 """A running Imaging Document Source with a known study, zeep clients from the official WSDLs, and schema checks.
 
 Every request a test sends and every response it receives can be validated
-here against the *official* schemas in /work/shared/standards (not the
+here against the *official* schemas in shared/standards (not the
 copies the server serves), so a schema mistake on our side cannot hide.
 """
 
@@ -23,7 +23,7 @@ from xdsi.config import Settings
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.xdsconst import NS_IHE, NS_IHERAD, NS_RS, NS_SOAP12, NS_WADO, NS_XOP
 
-STANDARDS = Path("/work/shared/standards")
+from tests.support.standards import STANDARDS  # noqa: E402
 IHE_WSDL = STANDARDS / "ihe/wsdl/XDS-I.b_ImagingDocumentSource.wsdl"
 WADO_WSDL = STANDARDS / "wado-ws/wsdl/XDS-I.b_ImagingDocumentSource.wsdl"
 NIST_REPOSITORY = "1.3.6.1.4.1.21367.13.80.110"  # ids_2018 test configuration

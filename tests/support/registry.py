@@ -43,7 +43,9 @@ from tests.support.server import free_port
 from xdsi.xds import constants as C
 from xdsi.xds.codes import CodeTable
 
-SCHEMA_DIR = Path("/work/shared/standards/ihe/schema")
+from tests.support.standards import STANDARDS  # noqa: E402
+
+SCHEMA_DIR = STANDARDS / "ihe" / "schema"
 if not SCHEMA_DIR.is_dir():  # a checkout without shared/: the byte-identical copies shipped with xdsi
     SCHEMA_DIR = Path(__file__).resolve().parents[2] / "xdsi" / "standards" / "ihe" / "schema"
 

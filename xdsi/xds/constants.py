@@ -10,16 +10,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xdsi.xdsconst import (  # shared with the SOAP layer: defined once there
+    NS_SOAP12,
+    NS_WSA,
+    NS_XOP,
+    NS_IHE as NS_XDS,
+    NS_RS,
+    NS_LCM,
+    NS_QUERY,
+    NS_RIM,
+    WSA_ANONYMOUS,
+    ACTION_ITI41 as ACTION_PNR,
+    ACTION_ITI41_RESPONSE as ACTION_PNR_RESPONSE,
+    ACTION_ITI42 as ACTION_REGISTER,
+    ACTION_ITI42_RESPONSE as ACTION_REGISTER_RESPONSE,
+    ACTION_ITI18 as ACTION_STORED_QUERY,
+    ACTION_ITI18_RESPONSE as ACTION_STORED_QUERY_RESPONSE,
+    ACTION_ITI43 as ACTION_RETRIEVE,
+    ACTION_ITI43_RESPONSE as ACTION_RETRIEVE_RESPONSE,
+    STATUS_SUCCESS,
+    STATUS_FAILURE,
+    STATUS_PARTIAL_SUCCESS as STATUS_PARTIAL,
+    SEVERITY_ERROR,
+    SEVERITY_WARNING,
+    XDS_REPOSITORY_METADATA_ERROR,
+    XDS_REPOSITORY_ERROR,
+    XDS_MISSING_DOCUMENT,
+    XDS_UNKNOWN_REPOSITORY_ID,
+    XDS_DOCUMENT_UNIQUE_ID_ERROR,
+    MIME_DICOM,
+)
+
 # -- XML namespaces ---------------------------------------------------------------------------
-NS_SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
-NS_WSA = "http://www.w3.org/2005/08/addressing"
-NS_XOP = "http://www.w3.org/2004/08/xop/include"
-NS_XDS = "urn:ihe:iti:xds-b:2007"
-NS_RS = "urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0"
-NS_LCM = "urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0"
-NS_QUERY = "urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0"
-NS_RIM = "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"
-WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
 
 NSMAP = {"soap": NS_SOAP12, "wsa": NS_WSA, "xop": NS_XOP, "xds": NS_XDS, "rs": NS_RS, "lcm": NS_LCM, "query": NS_QUERY, "rim": NS_RIM}
 
@@ -30,16 +52,8 @@ def q(prefix: str, local: str) -> str:
 
 
 # -- WS-Addressing actions (FACTS §3.1) ---------------------------------------------------------
-ACTION_PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
-ACTION_PNR_RESPONSE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-bResponse"
-ACTION_REGISTER = "urn:ihe:iti:2007:RegisterDocumentSet-b"
-ACTION_REGISTER_RESPONSE = "urn:ihe:iti:2007:RegisterDocumentSet-bResponse"
-ACTION_STORED_QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
-ACTION_STORED_QUERY_RESPONSE = "urn:ihe:iti:2007:RegistryStoredQueryResponse"
 ACTION_UPDATE = "urn:ihe:iti:2010:UpdateDocumentSet"  # ITI-57 (Metadata Update option)
 ACTION_UPDATE_RESPONSE = "urn:ihe:iti:2010:UpdateDocumentSetResponse"
-ACTION_RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
-ACTION_RETRIEVE_RESPONSE = "urn:ihe:iti:2007:RetrieveDocumentSetResponse"
 
 # zeep binding and operation names in the official WSDLs
 REPOSITORY_BINDING = f"{{{NS_XDS}}}DocumentRepository_Binding"
@@ -50,26 +64,16 @@ OP_REGISTER = "DocumentRegistry_RegisterDocumentSet-b"
 OP_STORED_QUERY = "DocumentRegistry_RegistryStoredQuery"
 
 # -- Statuses and severities (ITI TF-3 4.2.4) --------------------------------------------------
-STATUS_SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
-STATUS_FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
-STATUS_PARTIAL = "urn:ihe:iti:2007:ResponseStatusType:PartialSuccess"
-SEVERITY_ERROR = "urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error"
-SEVERITY_WARNING = "urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Warning"
 
 # -- Error codes (ITI TF-3 Table 4.2.4.1-2) ----------------------------------------------------
 XDS_REGISTRY_METADATA_ERROR = "XDSRegistryMetadataError"
-XDS_REPOSITORY_METADATA_ERROR = "XDSRepositoryMetadataError"
 XDS_REGISTRY_ERROR = "XDSRegistryError"
-XDS_REPOSITORY_ERROR = "XDSRepositoryError"
 XDS_UNKNOWN_PATIENT_ID = "XDSUnknownPatientId"
 XDS_PATIENT_ID_DOES_NOT_MATCH = "XDSPatientIdDoesNotMatch"
-XDS_MISSING_DOCUMENT = "XDSMissingDocument"
 XDS_MISSING_DOCUMENT_METADATA = "XDSMissingDocumentMetadata"
 XDS_NON_IDENTICAL_HASH = "XDSNonIdenticalHash"
 XDS_NON_IDENTICAL_SIZE = "XDSNonIdenticalSize"
 XDS_DUPLICATE_UNIQUE_ID = "XDSDuplicateUniqueIdInRegistry"
-XDS_UNKNOWN_REPOSITORY_ID = "XDSUnknownRepositoryId"
-XDS_DOCUMENT_UNIQUE_ID_ERROR = "XDSDocumentUniqueIdError"
 XDS_UNKNOWN_STORED_QUERY = "XDSUnknownStoredQuery"
 XDS_STORED_QUERY_MISSING_PARAM = "XDSStoredQueryMissingParam"
 XDS_REPLACED_DOCUMENT_NOT_APPROVED = "XDSRegistryMetadataError"  # RPLC target not Approved (ITI TF-3 4.2.2.2.1)
@@ -137,7 +141,6 @@ REFID_ACCESSION = "urn:ihe:iti:xds:2013:accession"
 REFID_STUDY_UID = "urn:ihe:iti:xds:2016:studyInstanceUID"
 
 # -- The KOS manifest (RAD TF-3 4.68.4.1.2; FACTS §3.5) ------------------------------------------
-MIME_DICOM = "application/dicom"
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 FORMAT_CODE_KOS = ("1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.2.6.1", "Key Object Selection Document")
 MANIFEST_TITLE = ("113030", "DCM", "Manifest")
