@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 
-from xdsi.index.catalog import utcnow
+from xdsi.index.catalog import as_utc, utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 from xdsi.storage.tiers import Tier, TierSet
@@ -53,10 +53,6 @@ class MigrationReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _aware(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes even for timezone-aware columns; they were written as UTC."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-
 
 @dataclass(frozen=True)
 class _Candidate:
@@ -73,7 +69,7 @@ class TierPolicy:
         self.tiers = tiers
 
     def tier_bytes(self) -> dict[str, int]:
-        with self.index.session() as s:
+        with self.index.read_session() as s:
             rows = s.execute(select(FileCopy.tier, func.coalesce(func.sum(FileCopy.size), 0)).group_by(FileCopy.tier)).all()
         used = {t.name: 0 for t in self.tiers}
         used.update({name: int(n) for name, n in rows})
@@ -82,7 +78,7 @@ class TierPolicy:
     def _candidates(self, tier: str) -> list[_Candidate]:
         """Studies with copies on ``tier``, least recently read first."""
         last = func.max(FileCopy.last_read_at)
-        with self.index.session() as s:
+        with self.index.read_session() as s:
             rows = s.execute(
                 select(Study.pk, Study.study_uid, last, func.count(FileCopy.pk), func.sum(FileCopy.size))
                 .select_from(FileCopy)
@@ -93,7 +89,7 @@ class TierPolicy:
                 .group_by(Study.pk, Study.study_uid)
                 .order_by(last, Study.pk)
             ).all()
-        return [_Candidate(int(pk), uid, _aware(lr), int(n), int(sz)) for pk, uid, lr, n, sz in rows]
+        return [_Candidate(int(pk), uid, as_utc(lr), int(n), int(sz)) for pk, uid, lr, n, sz in rows]
 
     def plan_tier(self, src: Tier, now: datetime | None = None) -> list[PlannedMove]:
         """What should leave ``src`` now, least recently read first."""
@@ -174,7 +170,7 @@ class TierPolicy:
     def _lower_copy(self, src: Tier, inst_pk: int) -> FileCopy | None:
         """A verified copy of the instance on a tier below ``src`` (left there by an earlier recall), if any."""
         below = self.tiers.tiers[self.tiers.rank(src.name) + 1 :]
-        with self.index.session() as s:
+        with self.index.read_session() as s:
             have = {c.tier: c for c in s.scalars(select(FileCopy).where(FileCopy.instance_fk == inst_pk))}
         for tier in below:
             c = have.get(tier.name)
@@ -222,7 +218,7 @@ class ArchiveStatus:
 
 
 def archive_status(index: Index, tiers: TierSet) -> ArchiveStatus:
-    with index.session() as s:
+    with index.read_session() as s:
         counts = [s.scalar(select(func.count()).select_from(m)) or 0 for m in (Patient, Study, Series, Instance)]
         rows = s.execute(
             select(FileCopy.tier, func.count(), func.coalesce(func.sum(FileCopy.size), 0)).group_by(FileCopy.tier)

@@ -268,7 +268,7 @@ class QueryService:
         if limit is not None:
             stmt = stmt.limit(limit)
 
-        with self.index.session() as s:
+        with self.index.read_session() as s:
             for row in s.execute(stmt).yield_per(500):
                 objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row[: depth + 1]))
                 counters = dict(zip(counted, row[depth + 1 :]))

@@ -9,6 +9,7 @@ uses to decide what is cold.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.config import Settings
-from xdsi.index.catalog import utcnow
+from xdsi.index.catalog import as_utc, utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 from xdsi.storage.tiers import ChecksumMismatch, TierSet
@@ -41,6 +42,10 @@ class InstanceRef:
     @property
     def size(self) -> int:
         return self.copies[0][2] if self.copies else 0
+
+
+TOUCH_INTERVAL = timedelta(minutes=10)
+
 
 
 class NotAvailable(LookupError):
@@ -94,7 +99,7 @@ class RetrieveService:
             stmt = stmt.where(Instance.sop_instance_uid.in_(sop_uids))
         stmt = stmt.order_by(Study.pk, Series.series_number, Series.pk, Instance.instance_number, Instance.pk)
         out: list[InstanceRef] = []
-        with self.index.session() as s:
+        with self.index.read_session() as s:
             rows = s.execute(stmt).all()
             pks = [r[0].pk for r in rows]
             copies: dict[int, list[FileCopy]] = {}
@@ -203,6 +208,18 @@ class RetrieveService:
         return p if p.is_file() else None
 
     def _touch(self, instance_pk: int, tier: str, now) -> None:  # type: ignore[no-untyped-def]
+        """Stamp the read time the tier policy ages studies by.
+
+        The policy works in days, so a stamp younger than ``TOUCH_INTERVAL`` is
+        left alone: reading the frames of a study does not cost one durable
+        index write per frame.
+        """
+        with self.index.read_session() as s:
+            last = s.scalar(
+                select(FileCopy.last_read_at).where(FileCopy.instance_fk == instance_pk, FileCopy.tier == tier)
+            )
+        if last is not None and as_utc(last) > now - TOUCH_INTERVAL:
+            return
         with self.index.session() as s:
             s.execute(update(Instance).where(Instance.pk == instance_pk).values(last_read_at=now))
             s.execute(

@@ -21,7 +21,6 @@ from xdsi.ids.model import DocumentRequest, RegistryError, RetrieveResult, Retur
 from xdsi.ids.service import ImagingDocumentSource
 from xdsi.render import (
     RENDERED_TYPES,
-    InvalidParameter,
     NotRenderable,
     RenderError,
     UnsupportedParameter,

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
+_READONLY = "xdsi_readonly"
 _PG_MIGRATION_LOCK = 0x78647369  # "xdsi": advisory lock key held while migrating
 
 
@@ -44,6 +45,19 @@ class Index:
             except BaseException:
                 s.rollback()
                 raise
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only unit of work.
+
+        On SQLite it begins a deferred transaction, so readers run beside one
+        writer under WAL instead of queueing for the write lock that
+        :meth:`session` takes up front.  Nothing is committed: closing the
+        session ends the transaction and leaves loaded objects usable (detached).
+        """
+        with self._sessions() as s:
+            s.connection(execution_options={_READONLY: True})
+            yield s
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -72,7 +86,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # writers take the write lock at BEGIN, so a transaction never has
+            # to upgrade a read lock (which fails at once under WAL); readers don't
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

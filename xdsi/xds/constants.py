@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xdsi.xdsconst import (  # shared with the SOAP layer: defined once there
+from xdsi.xdsconst import (  # noqa: F401 -- re-exported: defined once, shared with the SOAP layer
     NS_SOAP12,
     NS_WSA,
     NS_XOP,
