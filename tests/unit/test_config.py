@@ -236,7 +236,7 @@ def test_example_file_parses_and_covers_the_sections() -> None:
     assert any(t.migrate_after_days for t in s.effective_storage.tiers)
     assert s.peers
     text = example.read_text()
-    for section in ("[server]", "[index]", "[storage]", "[[storage.tiers]]", "[peers.", "[dimse]"):
+    for section in ("[server]", "[index]", "[storage]", "[[storage.tiers]]", "[peers.", "[dimse]", "[xds]"):
         assert section in text
     # every line of the example that sets something is explained by a comment somewhere above it
     assert text.count("#") > 20

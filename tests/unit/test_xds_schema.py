@@ -28,7 +28,7 @@ def test_revision_0002_matches_the_models(index_url: str) -> None:
 
 
 def test_example_config_loads_with_connectathon_defaults() -> None:
-    s = load_settings(REPO / "xdsi.example.xds.toml", env={})
+    s = load_settings(REPO / "xdsi.example.toml", env={})
     x = s.xds
     assert x.mode == "integrated" and x.patient_id_authority == "1.3.6.1.4.1.21367.13.20.1000"
     assert (x.class_code, x.confidentiality_code, x.type_code) == ("IMAGES", "N", "18748-4")
