@@ -20,6 +20,8 @@ from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from xdsi.storage.tiers import read_chunks
+
 CHUNK = 1 << 20
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -168,7 +170,4 @@ def _copy(fh: BinaryIO, start: int, length: int) -> Iterator[bytes]:
         yield chunk
 
 
-def file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+file_chunks = read_chunks  # the stored file, unchanged

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 
-from xdsi.index.catalog import as_utc, utcnow
+from xdsi.index.catalog import CopyRecord, add_copy, as_utc, utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 from xdsi.storage.tiers import Tier, TierSet
@@ -186,19 +186,8 @@ class TierPolicy:
         with self.index.session() as s:
             if placed is not None:
                 s.execute(delete(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier == dst.name))
-                s.add(
-                    FileCopy(
-                        instance_fk=inst_pk,
-                        tier=dst.name,
-                        rel_path=placed.rel_path,
-                        size=placed.size,
-                        sha256=placed.sha256,
-                        transfer_syntax_uid=ts,
-                        stored_at=utcnow(),
-                        # the read clock travels with the data: a move is not a read
-                        last_read_at=last_read,
-                    )
-                )
+                # the read clock travels with the data: a move is not a read
+                add_copy(s, inst_pk, CopyRecord(dst.name, placed.rel_path, placed.size, placed.sha256, ts), last_read_at=last_read)
             s.execute(delete(FileCopy).where(FileCopy.pk == copy_pk))
         # the index no longer points at the source copy: only now may its bytes go
         try:

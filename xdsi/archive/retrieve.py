@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.config import Settings
-from xdsi.index.catalog import as_utc, utcnow
+from xdsi.index.catalog import CopyRecord, add_copy, as_utc, utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 from xdsi.storage.tiers import ChecksumMismatch, TierSet
@@ -188,18 +188,7 @@ class RetrieveService:
         now = utcnow()
         try:
             with self.index.session() as s:
-                s.add(
-                    FileCopy(
-                        instance_fk=ref.pk,
-                        tier=hot.name,
-                        rel_path=placed.rel_path,
-                        size=placed.size,
-                        sha256=placed.sha256,
-                        transfer_syntax_uid=ref.transfer_syntax_uid,
-                        stored_at=now,
-                        last_read_at=now,
-                    )
-                )
+                add_copy(s, ref.pk, CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, ref.transfer_syntax_uid), now=now)
         except IntegrityError:
             pass  # a concurrent reader recalled it first; same bytes, same path
         log.info("recalled %s from %s to %s", ref.sop_instance_uid, tier.name, hot.name)

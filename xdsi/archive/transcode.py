@@ -31,6 +31,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from xdsi.storage.tiers import read_chunks
+
 CHUNK = 256 * 1024
 SPOOL_MEMORY = 8 * 1024 * 1024
 NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -143,11 +145,4 @@ def transcoded_chunks(path: Path, target: str, chunk_size: int = CHUNK) -> Itera
             yield b
 
 
-def file_chunks_of(path: Path, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    """The stored file as it is, in chunks: the unchanged case."""
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk_size)
-            if not b:
-                return
-            yield b
+file_chunks_of = read_chunks  # the stored file as it is, in chunks: the unchanged case

@@ -125,6 +125,25 @@ def _series(session: Session, h: "InstanceHeader", study: Study, now: datetime) 
     return row
 
 
+def add_copy(
+    session: Session, instance_pk: int, copy: CopyRecord, *, now: datetime | None = None, last_read_at: datetime | None = None
+) -> FileCopy:
+    """Record one more stored copy of an instance (store, recall, migration)."""
+    now = now or utcnow()
+    row = FileCopy(
+        instance_fk=instance_pk,
+        tier=copy.tier,
+        rel_path=copy.rel_path,
+        size=copy.size,
+        sha256=copy.sha256,
+        transfer_syntax_uid=copy.transfer_syntax_uid,
+        stored_at=now,
+        last_read_at=last_read_at or now,
+    )
+    session.add(row)
+    return row
+
+
 def refresh_study_modalities(session: Session, study_pk: int) -> None:
     mods = session.scalars(
         select(Series.modality).where(Series.study_fk == study_pk, Series.modality != "").distinct()
@@ -180,18 +199,7 @@ def record_instance(
         inst = Instance(sop_instance_uid=h.sop_instance_uid, created_at=now, **values)
         session.add(inst)
     session.flush()
-    session.add(
-        FileCopy(
-            instance_fk=inst.pk,
-            tier=copy.tier,
-            rel_path=copy.rel_path,
-            size=copy.size,
-            sha256=copy.sha256,
-            transfer_syntax_uid=copy.transfer_syntax_uid,
-            stored_at=now,
-            last_read_at=now,
-        )
-    )
+    add_copy(session, inst.pk, copy, now=now)
     study.updated_at = now
     if h.modality and h.modality not in study.modalities.split("\\"):
         refresh_study_modalities(session, study.pk)

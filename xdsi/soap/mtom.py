@@ -34,6 +34,7 @@ from urllib.parse import quote, unquote
 from lxml import etree
 
 from xdsi.xdsconst import MIME_SOAP12, MIME_XOP, NS_XOP
+from xdsi.storage.tiers import read_chunks
 
 CHUNK = 256 * 1024
 XOP_INCLUDE = f"{{{NS_XOP}}}Include"
@@ -108,13 +109,7 @@ def xop_include(parent: Any, content_id: str) -> Any:
     return inc
 
 
-def file_chunks(path: str | Any, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk_size)
-            if not b:
-                return
-            yield b
+file_chunks = read_chunks
 
 
 class MtomWriter:

@@ -17,7 +17,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 from xdsi.config import StorageSettings, TierSettings
 from xdsi.uids import validate_uid
@@ -75,6 +75,13 @@ def _makedirs_durable(path: Path, stop: Path) -> None:
         except FileExistsError:
             continue
         _fsync_dir(d.parent)
+
+
+def read_chunks(path: Path | str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """A stored file in chunks, so a response never holds a whole file, let alone a study."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            yield chunk
 
 
 def sha256_file(path: Path) -> tuple[int, str]:
