@@ -1,0 +1,44 @@
+"""``xdsi import``: files and folders in, a report of what was skipped and why."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from xdsi.tools.synth import StudySpec, write_study
+
+
+def xdsi(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdsi", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_import_reports_skips_and_status_counts(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    files = write_study(src / "study", StudySpec(), series=2, per_series=2)
+    (src / "notes.txt").write_text("not DICOM")
+    data = files[0].read_bytes()
+    (src / "truncated.dcm").write_bytes(data[:-200])
+    single = tmp_path / "again.dcm"
+    shutil.copy(files[0], single)  # the same SOP Instance UID a second time
+
+    out = xdsi("import", "--data-dir", str(tmp_path / "data"), "--no-progress", str(src), str(single))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "imported 4 of 7 file(s): 4 new, 0 replaced, 1 duplicate, 2 not DICOM or invalid, 0 failed" in lines, out.stdout
+    skipped = [line for line in lines if line.startswith("skipped ")]
+    assert len(skipped) == 3
+    assert any("notes.txt" in s for s in skipped) and any(s.startswith(f"skipped {src / 'truncated.dcm'}: ") and "truncated" in s.split(": ", 1)[1] for s in skipped)
+    assert any("again.dcm: duplicate SOP Instance UID" in s for s in skipped)
+
+    st = xdsi("status", "--data-dir", str(tmp_path / "data"))
+    assert st.returncode == 0, st.stderr
+    for expected in ("patients:   1", "studies:    1", "series:     2", "instances:  4"):
+        assert expected in st.stdout.splitlines(), st.stdout
+
+
+def test_import_of_a_missing_path_fails(tmp_path: Path) -> None:
+    out = xdsi("import", "--data-dir", str(tmp_path / "data"), "--no-progress", str(tmp_path / "nope"))
+    assert out.returncode == 1
+    assert "no such file or folder" in out.stderr
