@@ -7,12 +7,11 @@ import signal
 import threading
 from typing import Any
 
-from werkzeug.serving import make_server
-
 from xdsi.archive import Archive
 from xdsi.config import Settings
 from xdsi.dimse.server import DicomServer
 from xdsi.web.app import make_app
+from xdsi.web.httpd import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ class Servers:
             if p.dicom_port is not None
         ]
         self.http: Any = None
-        self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
 
@@ -41,9 +39,8 @@ class Servers:
         self.dicom.start(s.host, s.dicom_port)
         for server, port in self.partition_dicom:
             server.start(s.host, port)
-        self.http = make_server(s.host, s.http_port, make_app(self.archive, self.partitions), threaded=True)
-        self._http_thread = threading.Thread(target=self.http.serve_forever, name="http", daemon=True)
-        self._http_thread.start()
+        self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions))
+        self.http.start()
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if s.xds.enabled:
             from xdsi.xds.publisher import PublisherThread
