@@ -20,11 +20,12 @@ class Servers:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.archive = Archive.open(settings)
-        self.dicom = DicomServer(self.archive)
-        # further AE titles (partitions): own archive each; a DICOM listener where a dicom_port is configured
+        # further AE titles (partitions): own archive each, served on the main DICOM port by called AE
+        # title, and on a port of their own where a dicom_port is configured
         from xdsi.archive.partitions import Partitions
 
         self.partitions = Partitions.open(self.archive)
+        self.dicom = DicomServer(self.archive, self.partitions.extra())
         self.partition_dicom = [
             (DicomServer(self.partitions[settings.for_partition(name).ae_title]), int(p.dicom_port))
             for name, p in settings.partitions.items()

@@ -330,3 +330,25 @@ def test_partitions_are_isolated(server: XdsiProcess, tmp_path: Path) -> None:
     # and the bytes live in the partition's own tier
     assert list((server.data_dir / "partitions" / "radiology" / "fast" / spec.study_uid).rglob("*.dcm"))
     assert not (server.data_dir / "storage" / "cache" / spec.study_uid).exists()
+
+
+def test_partition_reached_by_called_ae_title_on_the_main_port(server: XdsiProcess, tmp_path: Path) -> None:
+    """One listener, several AE titles: the called AE title picks the partition."""
+    from pydicom.uid import CTImageStorage
+
+    spec = StudySpec(patient_id=f"P{uuid.uuid4().hex[:8]}")
+    paths = _files(tmp_path, spec, per_series=2)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=PARTITION)
+    assert assoc.is_established
+    try:
+        for p in paths:
+            assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0x0000
+    finally:
+        assoc.release()
+    assert c_find_studies(server.dicom_port, PARTITION, spec.patient_id) == [spec.study_uid]
+    assert c_find_studies(server.dicom_port, server.ae_title, spec.patient_id) == []
+    assert c_find_studies(server.partition_dicom_port, PARTITION, spec.patient_id) == [spec.study_uid]  # type: ignore[attr-defined]
+    assert len(dicomweb(server, PARTITION).search_for_studies(search_filters={"PatientID": spec.patient_id})) == 1
+    assert dicomweb(server).search_for_studies(search_filters={"PatientID": spec.patient_id}) == []

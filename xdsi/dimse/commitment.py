@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -39,10 +39,10 @@ FAILURE_REASON = {
 
 
 class CommitmentSCP:
-    def __init__(self, archive: Archive, ae: Any) -> None:
-        self.archive = archive
+    def __init__(self, ae: Any, archive_for: Callable[[Any], Archive]) -> None:
         self.ae = ae
-        self._work: "queue.Queue[tuple[Any, str, Dataset] | None]" = queue.Queue()
+        self.archive_for = archive_for  # the archive of the AE title an association called
+        self._work: "queue.Queue[tuple[Any, str, Dataset, Archive] | None]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="storage-commitment", daemon=True)
         self._thread.start()
 
@@ -63,16 +63,16 @@ class CommitmentSCP:
         if not is_valid_uid(tx) or not refs:
             return status.INVALID_ARGUMENT_VALUE, None
         # The response goes out first; the report follows from the worker thread.
-        self._work.put((event.assoc, event.assoc.requestor.ae_title, info))
+        self._work.put((event.assoc, event.assoc.requestor.ae_title, info, self.archive_for(event.assoc)))
         return status.SUCCESS, None
 
     # -- the report ------------------------------------------------------------
 
-    def evaluate(self, info: Dataset) -> Dataset:
+    def evaluate(self, info: Dataset, archive: Archive) -> Dataset:
         """Build the N-EVENT-REPORT Event Information for a commitment request."""
         wanted = [(str(i.get("ReferencedSOPClassUID", "")), str(i.get("ReferencedSOPInstanceUID", ""))) for i in info.ReferencedSOPSequence]
         ok, failed = Sequence(), Sequence()
-        for check in self.archive.commitment.check(wanted):
+        for check in archive.commitment.check(wanted):
             item = Dataset()
             item.ReferencedSOPClassUID = check.sop_class_uid
             item.ReferencedSOPInstanceUID = check.sop_instance_uid
@@ -83,7 +83,7 @@ class CommitmentSCP:
                 failed.append(item)
         report = Dataset()
         report.TransactionUID = info.TransactionUID
-        report.RetrieveAETitle = self.archive.settings.ae_title
+        report.RetrieveAETitle = archive.settings.ae_title
         report.ReferencedSOPSequence = ok
         if failed:
             report.FailedSOPSequence = failed
@@ -94,15 +94,15 @@ class CommitmentSCP:
             job = self._work.get()
             if job is None:
                 return
-            assoc, requester, info = job
+            assoc, requester, info, archive = job
             try:
-                report = self.evaluate(info)
+                report = self.evaluate(info, archive)
                 event_type = EVENT_FAILURES if "FailedSOPSequence" in report else EVENT_ALL_SUCCESS
-                self._send(assoc, requester, report, event_type)
+                self._send(assoc, requester, report, event_type, archive)
             except Exception:
                 log.exception("storage commitment for %s failed", requester)
 
-    def _send(self, assoc: Any, requester: str, report: Dataset, event_type: int) -> None:
+    def _send(self, assoc: Any, requester: str, report: Dataset, event_type: int, archive: Archive) -> None:
         # The report cannot overtake the N-ACTION response: pynetdicom's send_*
         # waits for the reactor to pause, which it does only after answering.
         # The pause is for requesters that release right after the response
@@ -119,7 +119,7 @@ class CommitmentSCP:
                     return
             except Exception as exc:
                 log.info("same-association report to %s failed (%s); opening a new one", requester, exc)
-        peer = self.archive.settings.peer(requester)
+        peer = archive.settings.peer(requester)
         if peer is None:
             log.error("cannot report commitment %s: %s is not in the AE table", report.TransactionUID, requester)
             return

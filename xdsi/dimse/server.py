@@ -12,7 +12,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -102,8 +102,17 @@ class ArchiveAE(AE):
 
 
 class DicomServer:
-    def __init__(self, archive: Archive) -> None:
+    """One DICOM listener.
+
+    ``partitions`` (AE title -> Archive) lets the listener serve several AE
+    titles: each association is answered from the archive of the AE title the
+    peer called, so a partition's studies are stored, found and retrieved only
+    through its own AE title.  Any other called AE title gets the main archive.
+    """
+
+    def __init__(self, archive: Archive, partitions: Mapping[str, Archive] | None = None) -> None:
         self.archive = archive
+        self.partitions = dict(partitions or {})
         s = archive.settings
         # Receive C-STORE data straight into a spool file; send stored files in chunks.
         # pynetdicom keeps these process-wide, so they are set by the server that needs them,
@@ -123,8 +132,15 @@ class DicomServer:
         for uid in list(QR_FIND) + QR_MOVE_GET:
             self.ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.commitment = CommitmentSCP(archive, self.ae)
+        self.commitment = CommitmentSCP(self.ae, self.archive_for)
         self._server: Any = None
+
+    def archive_for(self, assoc: Any) -> Archive:
+        """The archive of the AE title this association called."""
+        called = getattr(getattr(assoc.requestor, "primitive", None), "called_ae_title", None)
+        if isinstance(called, bytes):
+            called = called.decode("ascii", "replace")
+        return self.partitions.get(str(called or "").strip(), self.archive)
 
     # -- handlers -----------------------------------------------------------------
 
@@ -143,7 +159,7 @@ class DicomServer:
     def on_store(self, event: Any) -> Any:
         path = Path(event.dataset_path)
         calling = event.assoc.requestor.ae_title
-        result = self.archive.store.store_file(path, source_ae=calling, move=True)
+        result = self.archive_for(event.assoc).store.store_file(path, source_ae=calling, move=True)
         req = event.request
         if result.ok and result.sop_instance_uid != req.AffectedSOPInstanceUID:
             log.warning("C-STORE from %s: command says %s, dataset says %s", calling, req.AffectedSOPInstanceUID, result.sop_instance_uid)
@@ -161,7 +177,7 @@ class DicomServer:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
         try:
             identifier = event.identifier
-            for ds in self.archive.query.find(identifier, model=model):
+            for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
                 if event.is_cancelled:
                     yield status.CANCEL, None
                     return
@@ -173,11 +189,11 @@ class DicomServer:
             yield _failure(status.FIND_UNABLE_TO_PROCESS, f"{exc.__class__.__name__}"), None
 
     def _select(self, event: Any):  # type: ignore[no-untyped-def]
-        return self.archive.retrieve.select_by_identifier(event.identifier)
+        return self.archive_for(event.assoc).retrieve.select_by_identifier(event.identifier)
 
     def on_move(self, event: Any) -> Iterator[Any]:
         dest = event.move_destination.strip() if isinstance(event.move_destination, str) else event.move_destination.decode().strip()
-        peer = self.archive.settings.peer(dest)
+        peer = self.archive.settings.peer(dest)  # one AE table for the whole process
         if peer is None:
             log.warning("C-MOVE from %s to unknown destination %r", event.assoc.requestor.ae_title, dest)
             yield None, None  # pynetdicom answers A801 Move Destination unknown
@@ -214,7 +230,7 @@ class DicomServer:
 
     def _suboperations(self, event: Any, refs: list[Any]) -> Iterator[Any]:
         failed: list[str] = []
-        for ref, path, error in self.archive.retrieve.iter_paths(refs):
+        for ref, path, error in self.archive_for(event.assoc).retrieve.iter_paths(refs):
             if event.is_cancelled:
                 ds = Dataset()
                 ds.FailedSOPInstanceUIDList = failed
