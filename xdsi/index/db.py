@@ -63,6 +63,10 @@ class Index:
         self.engine.dispose()
 
 
+def _unicode_upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
@@ -83,6 +87,9 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            # SQLite's upper() folds ASCII only; Person Name matching is case-insensitive for
+            # every script (PostgreSQL's upper() already is), so use Python's Unicode rules.
+            dbapi_conn.create_function("upper", 1, _unicode_upper, deterministic=True)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
