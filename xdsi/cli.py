@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS", help="how long to wait for the answer (default 120)")
 
+    p = sub.add_parser("delete", help="delete a study, series or instances from the archive (index rows, then files)")
+    _common(p)
+    p.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    p.add_argument("--series", metavar="UID", help="only this series")
+    p.add_argument("--instance", action="append", default=[], metavar="UID", help="only these SOP Instance UIDs (repeat)")
+    p.add_argument("--yes", action="store_true", help="really delete; without it, only say what would go")
+
     p = sub.add_parser("retrieve", help="retrieve instances from an Imaging Document Source (RAD-69)")
     _common(p)
     p.add_argument("url", help="the Imaging Document Source endpoint, e.g. http://host:8080/xdsi/ImagingDocumentSource")
@@ -327,12 +334,42 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.saved and not report.errors else 1
 
 
+def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete from the archive; a published study then gets a replacement manifest, or its manifest deprecated."""
+    from xdsi.archive import Archive
+    from xdsi.uids import InvalidUID, validate_uid
+
+    try:
+        study = validate_uid(args.study, "Study Instance UID")
+        series = [validate_uid(args.series, "Series Instance UID")] if args.series else []
+        sops = [validate_uid(u, "SOP Instance UID") for u in args.instance]
+    except InvalidUID as exc:
+        print(f"xdsi delete: {exc}", file=sys.stderr)
+        return 2
+    archive = Archive.open(settings, clean=False)
+    try:
+        refs = archive.retrieve.select(study_uids=[study], series_uids=series, sop_uids=sops)
+        if not refs:
+            print("xdsi delete: nothing in the archive matches", file=sys.stderr)
+            return 1
+        size = sum(r.size for r in refs)
+        if not args.yes:
+            print(f"would delete {len(refs)} instance(s), {_human(size)}; run again with --yes to delete")
+            return 0
+        removed = archive.remove.remove([r.sop_instance_uid for r in refs])
+    finally:
+        archive.close()
+    print(f"deleted {removed} instance(s), {_human(size)}")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "import": cmd_import,
     "migrate": cmd_migrate,
     "status": cmd_status,
     "publish": cmd_publish,
+    "delete": cmd_delete,
     "retrieve": cmd_retrieve,
 }
 

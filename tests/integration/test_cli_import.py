@@ -42,3 +42,32 @@ def test_import_of_a_missing_path_fails(tmp_path: Path) -> None:
     out = xdsi("import", "--data-dir", str(tmp_path / "data"), "--no-progress", str(tmp_path / "nope"))
     assert out.returncode == 1
     assert "no such file or folder" in out.stderr
+
+
+def test_delete_instance_series_and_study(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    spec = StudySpec()
+    files = write_study(tmp_path / "in", spec, series=2, per_series=2)
+    data = str(tmp_path / "data")
+    assert xdsi("import", "--data-dir", data, "--no-progress", str(tmp_path / "in")).returncode == 0
+    first = dcmread(files[0])
+
+    dry = xdsi("delete", "--data-dir", data, "--study", spec.study_uid, "--series", first.SeriesInstanceUID, "--instance", first.SOPInstanceUID)
+    assert dry.returncode == 0 and dry.stdout.startswith("would delete 1 instance(s)"), dry.stdout + dry.stderr
+    assert "instances:  4" in xdsi("status", "--data-dir", data).stdout.splitlines()
+
+    one = xdsi("delete", "--data-dir", data, "--study", spec.study_uid, "--series", first.SeriesInstanceUID, "--instance", first.SOPInstanceUID, "--yes")
+    assert one.returncode == 0 and one.stdout.startswith("deleted 1 instance(s)"), one.stdout + one.stderr
+    assert not list((tmp_path / "data").rglob(f"{first.SOPInstanceUID}*.dcm"))
+    st = xdsi("status", "--data-dir", data).stdout.splitlines()
+    assert "instances:  3" in st and "series:     2" in st
+
+    rest = xdsi("delete", "--data-dir", data, "--study", spec.study_uid, "--yes")
+    assert rest.returncode == 0 and rest.stdout.startswith("deleted 3 instance(s)")
+    st = xdsi("status", "--data-dir", data).stdout.splitlines()
+    assert "studies:    0" in st and "instances:  0" in st
+    assert not list((tmp_path / "data").rglob("*.dcm"))
+
+    assert xdsi("delete", "--data-dir", data, "--study", spec.study_uid, "--yes").returncode == 1  # nothing left
+    assert xdsi("delete", "--data-dir", data, "--study", "../etc", "--yes").returncode == 2  # not a UID

@@ -9,6 +9,7 @@ from xdsi.archive.commitment import CommitmentService
 from xdsi.archive.lifecycle import TierPolicy
 from xdsi.archive.metadata import MetadataService
 from xdsi.archive.query import QueryService
+from xdsi.archive.remove import RemoveService
 from xdsi.archive.retrieve import RetrieveService
 from xdsi.archive.store import StoreService
 from xdsi.config import Settings
@@ -30,6 +31,7 @@ class Archive:
     retrieve: RetrieveService
     policy: TierPolicy
     commitment: CommitmentService
+    remove: RemoveService
     metadata: MetadataService | None = None  # per-series DICOM JSON for WADO-RS metadata
 
     @classmethod
@@ -62,6 +64,7 @@ class Archive:
             retrieve=retrieve,
             policy=TierPolicy(index, tiers),
             commitment=CommitmentService(retrieve, tiers),
+            remove=RemoveService(index, tiers),
         )
         archive.metadata = MetadataService(settings, archive.retrieve)
         md = archive.metadata

@@ -1,9 +1,8 @@
 """Removing archived instances: index rows first, then the files.
 
-The archive core has no delete path yet; XDS-I.b needs one to be exercised
-(a published study whose instances are deleted must get its manifest replaced
-or deprecated, RAD TF-3 4.68 / FACTS §3.5), so this is the smallest correct one:
-rows are deleted and the study's ``updated_at`` is stamped in one transaction
+Used by ``xdsi delete``. A published study whose instances are deleted gets
+its manifest replaced or deprecated by the publisher (RAD TF-3 4.68 / FACTS
+§3.5), which watches the study's ``updated_at``. Rows are deleted and the study's ``updated_at`` is stamped in one transaction
 (the publisher's change clock), empty series and studies are pruned, and the
 files are deleted only after the commit, so a crash leaves at worst an
 unindexed file, never an index row without its file.
