@@ -172,16 +172,20 @@ def name(parent: etree._Element, text: str) -> etree._Element:
     return n
 
 
-def classification(parent: etree._Element, scheme: str, obj_id: str, code: Code) -> etree._Element:
-    c = _rim(
+def _classification(parent: etree._Element, scheme: str, obj_id: str, node: str) -> etree._Element:
+    return _rim(
         "Classification",
         parent,
         id=new_entry_uuid(),
         objectType=C.CLASSIFICATION_OBJECT_TYPE,
         classificationScheme=scheme,
         classifiedObject=obj_id,
-        nodeRepresentation=code.code,
+        nodeRepresentation=node,
     )
+
+
+def classification(parent: etree._Element, scheme: str, obj_id: str, code: Code) -> etree._Element:
+    c = _classification(parent, scheme, obj_id, code.code)
     slot(c, "codingScheme", [code.scheme])
     name(c, code.display)
     return c
@@ -190,15 +194,7 @@ def classification(parent: etree._Element, scheme: str, obj_id: str, code: Code)
 def author(parent: etree._Element, scheme: str, obj_id: str, x: XdsSettings) -> etree._Element | None:
     if not (x.author_institution or x.author_person):
         return None
-    c = _rim(
-        "Classification",
-        parent,
-        id=new_entry_uuid(),
-        objectType=C.CLASSIFICATION_OBJECT_TYPE,
-        classificationScheme=scheme,
-        classifiedObject=obj_id,
-        nodeRepresentation="",
-    )
+    c = _classification(parent, scheme, obj_id, "")  # author classifications carry slots, not a code
     if x.author_person:
         slot(c, "authorPerson", [x.author_person])
     if x.author_institution:
