@@ -9,7 +9,6 @@ large value reads only that range.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -17,9 +16,10 @@ from typing import BinaryIO, Iterator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.pixels import get_decoder, pixel_array
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.pixels import pixel_array
+from pydicom.uid import ExplicitVRLittleEndian
 
+from xdsi.archive import transcode as transcode_service
 from xdsi.storage.tiers import read_chunks
 
 CHUNK = 1 << 20
@@ -110,14 +110,7 @@ def iter_frames(path: Path, numbers: list[int], *, as_stored: bool) -> Iterator[
         yield arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def can_decode(ts: str) -> bool:
-    uid = UID(ts)
-    if not uid.is_compressed:
-        return True
-    try:
-        return bool(get_decoder(uid).is_available)
-    except (NotImplementedError, ValueError):
-        return False
+can_decode = transcode_service.can_decode
 
 
 def can_transcode(source_ts: str, target_ts: str) -> bool:
@@ -126,20 +119,13 @@ def can_transcode(source_ts: str, target_ts: str) -> bool:
 
 
 def transcode(path: Path, target_ts: str) -> bytes:
-    """A Part 10 file in ``target_ts`` (Explicit VR Little Endian); one instance in memory."""
+    """A Part 10 file in ``target_ts`` (Explicit VR Little Endian), by the archive's one converter."""
     if target_ts != ExplicitVRLittleEndian:
         raise CannotConvert(f"transcoding to {target_ts} is not supported")
-    ds = dcmread(path)
-    src = UID(transfer_syntax(ds))
     try:
-        if src.is_compressed:
-            ds.decompress()  # sets Explicit VR Little Endian
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        buf = io.BytesIO()
-        ds.save_as(buf, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    except Exception as exc:
-        raise CannotConvert(f"cannot transcode from {src}: {exc}") from None
-    return buf.getvalue()
+        return b"".join(transcode_service.transcoded_chunks(path, target_ts))
+    except transcode_service.TranscodeError as exc:
+        raise CannotConvert(str(exc)) from None
 
 
 def bulk_range(path: Path, tag: int) -> tuple[int, int]:

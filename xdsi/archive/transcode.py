@@ -48,7 +48,8 @@ def is_known_transfer_syntax(uid: str) -> bool:
     return UID(uid).is_transfer_syntax
 
 
-def _decodable(ts: str) -> bool:
+def can_decode(ts: str) -> bool:
+    """pydicom (with the installed plugins) can decode pixel data stored in ``ts``."""
     if ts in NATIVE_TARGETS or ts == "1.2.840.10008.1.2.2":  # big endian is native too
         return True
     from pydicom.pixels import get_decoder
@@ -59,7 +60,8 @@ def _decodable(ts: str) -> bool:
         return False
 
 
-def _encodable(ts: str) -> bool:
+def can_encode(ts: str) -> bool:
+    """``ts`` is a target we produce and its encoder is installed."""
     if ts in NATIVE_TARGETS:
         return True
     if ts not in COMPRESSED_TARGETS:
@@ -91,9 +93,9 @@ def choose(stored_ts: str, requested: list[str], *, has_pixel_data: bool | None 
         return Choice(stored_ts, True)
     for ts in requested:
         if ts in NATIVE_TARGETS:
-            if has_pixel_data is False or _decodable(stored_ts):
+            if has_pixel_data is False or can_decode(stored_ts):
                 return Choice(ts, False)
-        elif ts in COMPRESSED_TARGETS and has_pixel_data and _encodable(ts) and _decodable(stored_ts):
+        elif ts in COMPRESSED_TARGETS and has_pixel_data and can_encode(ts) and can_decode(stored_ts):
             if ts in (JPEG2000Lossless, JPEG2000) and (samples_per_pixel not in (1, 3) or bits_allocated > 16):
                 continue
             return Choice(ts, False)
@@ -104,7 +106,8 @@ def header(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True)
 
 
-def _convert(ds: Dataset, target: str) -> None:
+def convert(ds: Dataset, target: str) -> None:
+    """Re-encode ``ds`` in place; the SOP Instance UID never changes (the consumer asked for that instance)."""
     source = str(ds.file_meta.TransferSyntaxUID)
     has_pixels = "PixelData" in ds
     if has_pixels and UID(source).is_compressed:
@@ -125,15 +128,21 @@ def _convert(ds: Dataset, target: str) -> None:
         ds.LossyImageCompressionMethod = [*list(ds.get("LossyImageCompressionMethod") or []), "ISO_15444_1"]
 
 
-def transcoded_chunks(path: Path, target: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    """The instance at ``path`` re-encoded in ``target``, as a Part 10 file, in chunks."""
+def converted(path: Path, target: str) -> Dataset:
+    """The instance at ``path`` decoded and re-encoded in ``target``: one instance in memory."""
     try:
         ds = dcmread(path)
-        _convert(ds, target)
+        convert(ds, target)
     except TranscodeError:
         raise
     except Exception as exc:  # pydicom/pylibjpeg raise many kinds for undecodable data
         raise TranscodeError(f"cannot convert to {target}: {exc.__class__.__name__}: {exc}") from exc
+    return ds
+
+
+def transcoded_chunks(path: Path, target: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """The instance at ``path`` re-encoded in ``target``, as a Part 10 file, in chunks."""
+    ds = converted(path, target)
     with tempfile.SpooledTemporaryFile(SPOOL_MEMORY) as f:
         ds.save_as(f, enforce_file_format=True)
         del ds

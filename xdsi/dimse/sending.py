@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_encoder
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless, UID
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from pynetdicom.presentation import build_context
+
+from xdsi.archive import transcode
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,8 @@ def _accepted(assoc: Any, sop_class: str, ts: str) -> bool:
 
 
 def can_encode(ts: str) -> bool:
-    if ts not in LOSSLESS_ENCODINGS:
-        return False
-    try:
-        return bool(get_encoder(ts).is_available)
-    except (NotImplementedError, ValueError):
-        return False
+    """A lossless encoding we can produce: a retrieve never degrades an image the peer did not ask to."""
+    return ts in LOSSLESS_ENCODINGS and transcode.can_encode(ts)
 
 
 def can_produce(ts: str) -> bool:
@@ -79,22 +75,12 @@ def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
     Uncompressed when the peer accepted an uncompressed syntax, else a lossless
     encoding it accepted; never a lossy one.
     """
-    ds = dcmread(path)
-    ts = UID(ds.file_meta.TransferSyntaxUID)
-    if ts.is_compressed:
-        # pydicom 3 gives a decompressed instance a new SOP Instance UID unless told otherwise;
-        # a retrieved instance must keep its identity (the peer asked for that UID).
-        ds.decompress(generate_instance_uid=False)
-    target = next((t for t in accepted_ts if t in UNCOMPRESSED), None)
-    if target is not None:
-        if ds.file_meta.TransferSyntaxUID != target:
-            ds.file_meta.TransferSyntaxUID = target
-        return ds
-    encoding = next((t for t in accepted_ts if can_encode(t)), None)
-    if encoding is None:
-        raise ValueError(f"cannot produce any of {accepted_ts} from {ts}")
-    ds.compress(encoding, generate_instance_uid=False)
-    return ds
+    target = next((t for t in accepted_ts if t in UNCOMPRESSED), None) or next(
+        (t for t in accepted_ts if can_encode(t)), None
+    )
+    if target is None:
+        raise ValueError(f"cannot produce any of {accepted_ts} from {path.name}")
+    return transcode.converted(path, target)
 
 
 def prefer_requestor_syntaxes(event: Any) -> None:
