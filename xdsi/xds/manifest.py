@@ -85,21 +85,17 @@ class StudySnapshot:
         """sha1 of the sorted SOP Instance UIDs: equal fingerprints mean the manifest would not change."""
         return hashlib.sha1("\n".join(self.sop_uids).encode("ascii")).hexdigest()
 
+    def _distinct(self, attr: str) -> list[str]:
+        """Distinct non-empty values over the series that have instances, in series order."""
+        return list(dict.fromkeys(v for s in self.series if s.instances and (v := getattr(s, attr))))
+
     @property
     def modalities(self) -> list[str]:
-        seen: list[str] = []
-        for s in self.series:
-            if s.modality and s.modality not in seen and s.instances:
-                seen.append(s.modality)
-        return seen
+        return self._distinct("modality")
 
     @property
     def body_parts(self) -> list[str]:
-        seen: list[str] = []
-        for s in self.series:
-            if s.body_part and s.body_part not in seen and s.instances:
-                seen.append(s.body_part)
-        return seen
+        return self._distinct("body_part")
 
 
 def load_study(index: Index, study_uid: str, exclude_sops: Iterable[str] = ()) -> StudySnapshot | None:
