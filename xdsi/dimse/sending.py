@@ -1,116 +1,157 @@
-"""C-STORE sub-operations that stream from storage and transcode only when they must.
+"""C-STORE sub-operations of C-MOVE and C-GET: what we propose, what we accept, what we send.
 
 pynetdicom's C-GET and C-MOVE services accept only a decoded ``Dataset`` from
 the handler, which would put each instance (a 1 GB whole-slide image
-included) in memory.  We hand them a small placeholder ``Dataset`` that names
-the stored file, and wrap the sending association's ``send_c_store`` so that:
+included) in memory.  We hand them a small placeholder (:class:`StoredInstance`)
+that names the instance, and wrap the sending association's ``send_c_store``
+so that the retrieval service produces it in a transfer syntax the peer
+accepted for its SOP class (``archive.retrieve.produce``) and pynetdicom's
+chunked sender streams that file: the stored file byte for byte when the
+peer accepted the stored syntax, else a converted copy spooled to disk.
 
-* when the peer accepted the stored transfer syntax, the file is sent from
-  disk in chunks, byte for byte as it was received;
-* otherwise the instance is decoded and sent uncompressed (Explicit or
-  Implicit VR Little Endian), which every storage SCP accepts, or, when the
-  peer accepted only a compressed syntax, re-encoded losslessly into it.
+Anything that goes wrong for one instance (no accepted context for its SOP
+class, not recallable, not convertible) raises inside ``send_c_store``
+before a C-STORE request goes out; pynetdicom counts that as a failed
+sub-operation and lists the SOP Instance UID in Failed SOP Instance UID List.
 
-On a C-GET the requestor proposes the storage contexts and we, the acceptor,
-pick one transfer syntax per context.  pynetdicom picks in the acceptor's
-order; :func:`prefer_requestor_syntaxes` makes it the requestor's order for
-the contexts in which we are to send, because the requestor knows what it
-wants to receive (``getscu +xv`` asks for JPEG 2000 and must get the stored
-JPEG 2000 bytes, not a decoded copy).
+C-MOVE (we are the requestor of the sub-association): :func:`contexts_for`
+proposes, for each SOP class, the stored syntax(es), then Explicit VR Little
+Endian and Implicit VR Little Endian, each in a presentation context of its
+own so the destination says yes or no to each and we choose per instance.
+
+C-GET (the requestor proposes, we accept one syntax per context): pynetdicom
+picks in the acceptor's order; :func:`prefer_requestor_syntaxes` makes it the
+requestor's order, because the requestor knows what it wants to receive
+(``getscu +xy`` asks for JPEG Baseline and must get the stored JPEG bytes).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import build_context
 
 from xdsi.archive import transcode
+from xdsi.dimse.produce import converted_dataset, produce
 
 log = logging.getLogger(__name__)
 
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# lossless encodings we can produce from decoded pixels when a peer accepts nothing else
-LOSSLESS_ENCODINGS = (RLELossless, JPEG2000Lossless)
-MAX_CONTEXTS = 128
+NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # what every storage SCP takes; Implicit is mandatory
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1..255
+
+
+class NoAcceptedContext(LookupError):
+    """The peer accepted no presentation context we could send this instance's SOP class on."""
 
 
 class StoredInstance(Dataset):
-    """A placeholder for an archived file: carries identity, not content."""
+    """A placeholder for an archived instance: carries identity and where to ask for it, not content."""
 
-    def __init__(self, path: Path | None, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+    def __init__(self, source: Any, ref: Any) -> None:
         super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self._xdsi_path = path
-        self._xdsi_ts = transfer_syntax_uid
+        self.SOPClassUID = ref.sop_class_uid
+        self.SOPInstanceUID = ref.sop_instance_uid
+        self._xdsi_source = source  # the archive's RetrieveService
+        self._xdsi_ref = ref
 
 
-def _accepted(assoc: Any, sop_class: str, ts: str) -> bool:
-    for cx in assoc.accepted_contexts:
-        if cx.abstract_syntax == sop_class and cx.transfer_syntax and cx.transfer_syntax[0] == ts:
-            # as the storage SCU on this association we need the SCU role (or default roles)
-            if getattr(cx, "as_scu", True):
-                return True
-    return False
+def accepted_syntaxes(assoc: Any, sop_class: str, stored_ts: str, *, native_first: bool) -> list[str]:
+    """Transfer syntaxes the peer accepted for ``sop_class`` with us as the storage SCU, best first.
 
-
-def can_encode(ts: str) -> bool:
-    """A lossless encoding we can produce: a retrieve never degrades an image the peer did not ask to."""
-    return ts in LOSSLESS_ENCODINGS and transcode.can_encode(ts)
-
-
-def can_produce(ts: str) -> bool:
-    """A transfer syntax every stored instance can be sent in (decoded, or re-encoded losslessly)."""
-    return ts in UNCOMPRESSED or can_encode(ts)
+    The stored syntax comes first (sent unchanged).  For a C-MOVE
+    (``native_first``) the uncompressed syntaxes follow, so an instance whose
+    stored syntax was refused is decoded rather than re-encoded; for a C-GET
+    the requestor's context order is kept, since it proposed them.
+    """
+    found: list[str] = []
+    for cx in sorted(assoc.accepted_contexts, key=lambda c: c.context_id or 0):
+        if cx.abstract_syntax != sop_class or not cx.transfer_syntax or not getattr(cx, "as_scu", True):
+            continue
+        ts = str(cx.transfer_syntax[0])
+        if ts not in found:
+            found.append(ts)
+    head = [stored_ts] if stored_ts in found else []
+    if native_first:
+        head += [ts for ts in NATIVE if ts in found and ts not in head]
+    return head + [ts for ts in found if ts not in head]
 
 
 def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
-    """Transcode an instance for a peer that cannot take its stored transfer syntax.
+    """The instance as a peer accepting ``accepted_ts`` receives it (same choice and conversion as a send)."""
+    from pydicom import dcmread
 
-    Uncompressed when the peer accepted an uncompressed syntax, else a lossless
-    encoding it accepted; never a lossy one.
+    stored = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    return converted_dataset(path, stored, accepted_ts)
+
+
+# -- C-GET: accept in the requestor's order -----------------------------------------------------
+
+
+def _honoured(ts: str) -> bool:
+    """A syntax we accept ahead of our own order when the requestor prefers it.
+
+    Every syntax we can produce from any instance (Explicit/Implicit VR Little
+    Endian; JPEG 2000 and RLE where the encoder is installed) and every
+    encapsulated (compressed) syntax, which instances stored in it are sent in
+    unchanged.  Explicit VR Big Endian (retired) and Deflated are encodings we
+    never produce: accepting them because they came first would fail every
+    instance stored otherwise, so they keep our order (after Explicit VR LE).
     """
-    target = next((t for t in accepted_ts if t in UNCOMPRESSED), None) or next(
-        (t for t in accepted_ts if can_encode(t)), None
-    )
-    if target is None:
-        raise ValueError(f"cannot produce any of {accepted_ts} from {path.name}")
-    return transcode.converted(path, target)
+    return transcode.can_encode(ts) or UID(ts).is_encapsulated
 
 
 def prefer_requestor_syntaxes(event: Any) -> None:
     """EVT_REQUESTED: for storage contexts the requestor wants us to send on (SCP role), choose in its order.
 
-    Only syntaxes we can produce from any stored instance move to the front;
-    the rest of our list stays behind them as before.
+    pynetdicom accepts, per requested context, the first of *our* transfer
+    syntaxes that the requestor listed.  For these contexts our list is
+    reordered to the requestor's order (among the syntaxes :func:`_honoured`),
+    followed by the rest of ours; so ``[JPEG Baseline, Explicit VR LE]`` gets
+    JPEG Baseline.
     """
     assoc = event.assoc
     roles = assoc.requestor.role_selection
     want_scp = {uid for uid, item in roles.items() if item.scp_role}
     if not want_scp:
         return
-    order: dict[str, list[str]] = {}
+    order: dict[str, list[list[str]]] = {}
     for cx in assoc.requestor.primitive.presentation_context_definition_list or []:
-        if cx.abstract_syntax in want_scp and cx.abstract_syntax not in order:
-            order[cx.abstract_syntax] = list(cx.transfer_syntax)
+        if cx.abstract_syntax in want_scp:
+            order.setdefault(cx.abstract_syntax, []).append([str(t) for t in cx.transfer_syntax])
     contexts = assoc.acceptor.supported_contexts  # a per-association deep copy
     for cx in contexts:
-        wanted = order.get(cx.abstract_syntax)
-        if not wanted:
+        proposals = order.get(cx.abstract_syntax)
+        if not proposals:
             continue
-        ours = list(cx.transfer_syntax)
-        first = [ts for ts in wanted if ts in ours and can_produce(ts)]
+        if len(proposals) > 1:
+            # pynetdicom keeps one supported list per SOP class; with several proposed contexts
+            # for a class, honour each context's first choice in turn so each gets its own first.
+            wanted = [ts for p in proposals for ts in p[:1]] + [ts for p in proposals for ts in p[1:]]
+        else:
+            wanted = proposals[0]
+        ours = [str(t) for t in cx.transfer_syntax]
+        first: list[str] = []
+        for ts in wanted:
+            if ts in ours and ts not in first and _honoured(ts):
+                first.append(ts)
         cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
     assoc.acceptor.supported_contexts = contexts
 
 
+# -- the sender -----------------------------------------------------------------------------------
+
+
+def _peer(assoc: Any) -> str:
+    return str(assoc.acceptor.ae_title if assoc.is_requestor else assoc.requestor.ae_title).strip()
+
+
 def install_streaming_sender(assoc: Any) -> None:
-    """Wrap ``assoc.send_c_store`` (once) so :class:`StoredInstance` placeholders are sent from disk."""
+    """Wrap ``assoc.send_c_store`` (once) so :class:`StoredInstance` placeholders are produced and streamed."""
     if getattr(assoc, "_xdsi_streaming", False):
         return
     original: Callable[..., Any] = assoc.send_c_store
@@ -118,36 +159,146 @@ def install_streaming_sender(assoc: Any) -> None:
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(dataset, StoredInstance):
             return original(dataset, *args, **kwargs)
-        path, sop_class, ts = dataset._xdsi_path, str(dataset.SOPClassUID), dataset._xdsi_ts
-        if path is None:
-            raise FileNotFoundError(f"{dataset.SOPInstanceUID} is not available from storage")
-        if _accepted(assoc, sop_class, ts):
-            return original(path, *args, **kwargs)
-        accepted = [
-            str(cx.transfer_syntax[0])
-            for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class and cx.transfer_syntax and getattr(cx, "as_scu", True)
-        ]
-        if not any(can_produce(t) for t in accepted):
-            raise ValueError(f"peer accepted no usable transfer syntax for {sop_class} (stored as {ts})")
-        peer = assoc.acceptor.ae_title if assoc.is_requestor else assoc.requestor.ae_title
-        log.info("transcoding %s from %s for %s (accepted %s)", dataset.SOPInstanceUID, ts, peer, ", ".join(accepted))
-        return original(decoded_for_peer(path, accepted), *args, **kwargs)
+        ref = dataset._xdsi_ref
+        if not assoc.is_established:
+            # the peer released or aborted: fail the remaining instances without recalling or converting them
+            raise ConnectionError(f"association with {_peer(assoc)} is no longer established")
+        accepted = accepted_syntaxes(assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor)
+        if not accepted:
+            raise NoAcceptedContext(
+                f"{_peer(assoc)} accepted no presentation context for {UID(ref.sop_class_uid).name} ({ref.sop_instance_uid})"
+            )
+        try:
+            produced = produce(dataset._xdsi_source, ref, accepted)
+        except Exception as exc:
+            log.error("cannot send %s to %s (accepted %s): %s", ref.sop_instance_uid, _peer(assoc), ", ".join(accepted), exc)
+            raise
+        with produced:
+            if not produced.unchanged:
+                log.info(
+                    "sending %s to %s as %s (stored as %s)",
+                    ref.sop_instance_uid, _peer(assoc), UID(produced.transfer_syntax).name, UID(ref.transfer_syntax_uid).name,
+                )
+            return original(produced.file_path(), *args, **kwargs)
 
     assoc.send_c_store = send_c_store
     assoc._xdsi_streaming = True
 
 
-def contexts_for(pairs: set[tuple[str, str]]) -> list[Any]:
-    """Presentation contexts to propose to a move destination.
+# -- C-MOVE: what we propose ------------------------------------------------------------------------
 
-    One context per (SOP class, stored transfer syntax) so every instance can
-    go byte for byte as stored, plus an uncompressed fallback for SOP classes
-    stored compressed, for peers that cannot decode them.
+
+def _grouped(pairs: set[tuple[str, str]], level: int) -> list[Any]:
+    """Contexts for the (SOP class, stored syntax) pairs at one level of grouping (0 = none).
+
+    0: one context per (class, stored syntax), then (class, Explicit) and (class, Implicit)
+       for the native syntaxes not already stored: the destination answers each on its own.
+    1: stored compressed syntaxes one per context; one [Explicit, Implicit] context per class
+       (a stored native syntax listed first in it).
+    2: one context per class with all its stored compressed syntaxes, one native context per class.
+    3: only the native context per class: everything decoded, nothing sent as stored-compressed.
     """
-    cxs = [build_context(sop_class, [ts]) for sop_class, ts in sorted(pairs)]
-    needs_fallback = sorted({c for c, ts in pairs if ts not in UNCOMPRESSED})
-    cxs += [build_context(sop_class, list(UNCOMPRESSED)) for sop_class in needs_fallback]
-    if len(cxs) > MAX_CONTEXTS:
-        raise ValueError(f"the selection needs {len(cxs)} presentation contexts, more than {MAX_CONTEXTS}")
-    return cxs
+    classes: dict[str, list[str]] = {}
+    for sop_class, ts in sorted(pairs):
+        classes.setdefault(sop_class, []).append(ts)
+    out: list[Any] = []
+    for sop_class, stored in classes.items():
+        compressed = [ts for ts in stored if ts not in NATIVE]
+        stored_native = [ts for ts in NATIVE if ts in stored]
+        native = stored_native + [ts for ts in NATIVE if ts not in stored_native]
+        if level == 0:
+            out += [build_context(sop_class, [ts]) for ts in stored + [t for t in NATIVE if t not in stored]]
+            continue
+        if level == 1:
+            out += [build_context(sop_class, [ts]) for ts in compressed]
+        elif level == 2 and compressed:
+            out.append(build_context(sop_class, compressed))
+        out.append(build_context(sop_class, native))
+    return out
+
+
+def contexts_for(pairs: set[tuple[str, str]]) -> list[Any]:
+    """Presentation contexts to propose to a move destination for these (SOP class, stored syntax) pairs.
+
+    The first grouping level that fits in 128 contexts is used.  If even one
+    native context per SOP class does not fit (more than 128 SOP classes in
+    one selection), the first 128 classes are proposed and the instances of
+    the others become failed sub-operations.
+    """
+    for level in range(4):
+        cxs = _grouped(pairs, level)
+        if len(cxs) <= MAX_CONTEXTS:
+            if level:
+                log.info("C-MOVE: %d SOP class/syntax pairs need grouping level %d to fit %d contexts", len(pairs), level, MAX_CONTEXTS)
+            return cxs
+    log.warning("C-MOVE: %d SOP classes in one selection; only the first %d are proposed", len(cxs), MAX_CONTEXTS)
+    return cxs[:MAX_CONTEXTS]
+
+
+# -- C-MOVE: a destination that does not take the association ----------------------------------------
+
+
+@dataclass
+class MoveDestination:
+    """Handed to :meth:`ArchiveAE.associate` through the C-MOVE handler's association kwargs.
+
+    pynetdicom answers A801 Move Destination Unknown when the sub-association
+    is not established, which sends people to check their AE configuration
+    although the destination was known.  The archive's AE records the refusal
+    here and gives pynetdicom a :class:`RefusedSubAssociation` instead, so
+    the handler can fail every sub-operation (A702, all UIDs listed).
+    """
+
+    ae_title: str
+    refused: str | None = None
+
+
+class RefusedSubAssociation:
+    """Stands in for a sub-association that was rejected, aborted or never connected: sends nothing."""
+
+    is_established = True  # so pynetdicom goes on to ask the handler, which fails every sub-operation
+    is_requestor = True
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.accepted_contexts: list[Any] = []
+
+    def send_c_store(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError(self.reason)
+
+    def release(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def refusal_reason(assoc: Any, destination: MoveDestination) -> str:
+    if assoc.is_rejected:
+        what = "rejected the association"
+    elif assoc.is_aborted:
+        what = "aborted the association (no presentation context accepted?)"
+    else:
+        what = "could not be reached"
+    return f"move destination {destination.ae_title} {what}"
+
+
+def failed_identifier(uids: Iterable[str]) -> Dataset:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = list(uids)
+    return ds
+
+
+__all__: Sequence[str] = (
+    "MoveDestination",
+    "NoAcceptedContext",
+    "RefusedSubAssociation",
+    "StoredInstance",
+    "accepted_syntaxes",
+    "contexts_for",
+    "decoded_for_peer",
+    "failed_identifier",
+    "install_streaming_sender",
+    "prefer_requestor_syntaxes",
+    "refusal_reason",
+)

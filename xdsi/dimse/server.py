@@ -48,7 +48,16 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
-from xdsi.dimse.sending import StoredInstance, contexts_for, install_streaming_sender, prefer_requestor_syntaxes
+from xdsi.dimse.sending import (
+    MoveDestination,
+    RefusedSubAssociation,
+    StoredInstance,
+    contexts_for,
+    failed_identifier,
+    install_streaming_sender,
+    prefer_requestor_syntaxes,
+    refusal_reason,
+)
 from xdsi.uids import InvalidUID
 
 log = logging.getLogger(__name__)
@@ -94,9 +103,25 @@ class ArchiveAE(AE):
     """An AE whose outgoing associations (move sub-operations, commitment reports) use TCP_NODELAY."""
 
     def associate(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """pynetdicom's ``associate``, plus: the streaming sender, and no A801 for a known destination.
+
+        A C-MOVE sub-association carries a :class:`MoveDestination` (from the
+        handler's kwargs).  When the destination does not take the
+        association, the refusal is recorded there and pynetdicom gets a
+        :class:`RefusedSubAssociation`, so the handler answers with failed
+        sub-operations instead of pynetdicom's A801 Move Destination Unknown.
+        """
+        destination: MoveDestination | None = kwargs.pop("xdsi_move_destination", None)
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
+        if destination is not None and not assoc.is_established:
+            destination.refused = refusal_reason(assoc, destination)
+            log.error("C-MOVE: %s", destination.refused)
+            sock = getattr(assoc.dul, "socket", None)  # as pynetdicom does for a failed sub-association
+            if sock is not None:
+                sock.close()
+            return RefusedSubAssociation(destination.refused)
         install_streaming_sender(assoc)
         return assoc
 
@@ -206,15 +231,20 @@ class DicomServer:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
-        try:
-            kwargs = {"contexts": contexts_for(pairs)} if pairs else {}
-        except ValueError as exc:
-            yield peer.host, peer.port
-            yield 0
-            yield _failure(status.MOVE_UNABLE_TO_PROCESS, str(exc)), None
-            return
+        destination = MoveDestination(dest)
+        kwargs: dict[str, Any] = {"xdsi_move_destination": destination}
+        if pairs:
+            kwargs["contexts"] = contexts_for(pairs)
         yield peer.host, peer.port, kwargs
         yield len(refs)
+        # pynetdicom has now tried the sub-association
+        if destination.refused is not None:
+            # PS3.4 C.4.2.1.5: A702 Refused: Out of Resources - Unable to perform sub-operations;
+            # every instance is a failed sub-operation and is listed
+            yield _failure(status.UNABLE_TO_PERFORM_SUBOPERATIONS, destination.refused), failed_identifier(
+                r.sop_instance_uid for r in refs
+            )
+            return
         yield from self._suboperations(event, refs)
 
     def on_get(self, event: Any) -> Iterator[Any]:
@@ -229,20 +259,18 @@ class DicomServer:
         yield from self._suboperations(event, refs)
 
     def _suboperations(self, event: Any, refs: list[Any]) -> Iterator[Any]:
-        failed: list[str] = []
-        for ref, path, error in self.archive_for(event.assoc).retrieve.iter_paths(refs):
+        """One placeholder per instance; the sender produces it (recall, conversion) when it is its turn.
+
+        A placeholder whose instance cannot be produced or sent makes
+        ``send_c_store`` raise, which pynetdicom counts as a failed
+        sub-operation and lists in Failed SOP Instance UID List.
+        """
+        source = self.archive_for(event.assoc).retrieve
+        for ref in refs:
             if event.is_cancelled:
-                ds = Dataset()
-                ds.FailedSOPInstanceUIDList = failed
-                yield status.CANCEL, ds
+                yield status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
                 return
-            if path is None:
-                log.error("retrieve of %s failed: %s", ref.sop_instance_uid, error)
-                failed.append(ref.sop_instance_uid)
-                # a placeholder without a file: its send raises, which pynetdicom counts as a failed sub-operation
-                yield status.PENDING, StoredInstance(None, ref.sop_class_uid, ref.sop_instance_uid, ref.transfer_syntax_uid)
-                continue
-            yield status.PENDING, StoredInstance(path, ref.sop_class_uid, ref.sop_instance_uid, ref.transfer_syntax_uid)
+            yield status.PENDING, StoredInstance(source, ref)
 
     # -- lifecycle --------------------------------------------------------------
 
