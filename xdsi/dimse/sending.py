@@ -105,42 +105,41 @@ def _honoured(ts: str) -> bool:
     return transcode.can_encode(ts) or UID(ts).is_encapsulated
 
 
+def requestor_choice(proposed: Sequence[str], ours: Sequence[str]) -> str | None:
+    """The syntax we accept for one proposed storage context of a C-GET requestor, or None for pynetdicom's.
+
+    The requestor's first proposed syntax that we support and :func:`_honoured`;
+    if it proposed only syntaxes we do not honour ahead of others (Big Endian,
+    Deflated), pynetdicom's negotiation in our order decides.
+    """
+    for ts in proposed:
+        if ts in ours and _honoured(ts):
+            return ts
+    return None
+
+
 def prefer_requestor_syntaxes(event: Any) -> None:
     """EVT_REQUESTED: for storage contexts the requestor wants us to send on (SCP role), choose in its order.
 
     pynetdicom accepts, per requested context, the first of *our* transfer
-    syntaxes that the requestor listed.  For these contexts our list is
-    reordered to the requestor's order (among the syntaxes :func:`_honoured`),
-    followed by the rest of ours; so ``[JPEG Baseline, Explicit VR LE]`` gets
-    JPEG Baseline.
+    syntaxes that the requestor listed (one list per SOP class for all the
+    requestor's contexts).  For the contexts we are to send on, we narrow the
+    requested context to the one syntax :func:`requestor_choice` picks, so
+    each context gets the requestor's own first choice and
+    ``[JPEG Baseline, Explicit VR LE]`` gets JPEG Baseline.
     """
     assoc = event.assoc
     roles = assoc.requestor.role_selection
     want_scp = {uid for uid, item in roles.items() if item.scp_role}
     if not want_scp:
         return
-    order: dict[str, list[list[str]]] = {}
+    ours = {cx.abstract_syntax: [str(t) for t in cx.transfer_syntax] for cx in assoc.acceptor.supported_contexts}
     for cx in assoc.requestor.primitive.presentation_context_definition_list or []:
-        if cx.abstract_syntax in want_scp:
-            order.setdefault(cx.abstract_syntax, []).append([str(t) for t in cx.transfer_syntax])
-    contexts = assoc.acceptor.supported_contexts  # a per-association deep copy
-    for cx in contexts:
-        proposals = order.get(cx.abstract_syntax)
-        if not proposals:
+        if cx.abstract_syntax not in want_scp or cx.abstract_syntax not in ours:
             continue
-        if len(proposals) > 1:
-            # pynetdicom keeps one supported list per SOP class; with several proposed contexts
-            # for a class, honour each context's first choice in turn so each gets its own first.
-            wanted = [ts for p in proposals for ts in p[:1]] + [ts for p in proposals for ts in p[1:]]
-        else:
-            wanted = proposals[0]
-        ours = [str(t) for t in cx.transfer_syntax]
-        first: list[str] = []
-        for ts in wanted:
-            if ts in ours and ts not in first and _honoured(ts):
-                first.append(ts)
-        cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
-    assoc.acceptor.supported_contexts = contexts
+        chosen = requestor_choice([str(t) for t in cx.transfer_syntax], ours[cx.abstract_syntax])
+        if chosen is not None:
+            cx.transfer_syntax = [chosen]
 
 
 # -- the sender -----------------------------------------------------------------------------------
@@ -301,4 +300,5 @@ __all__: Sequence[str] = (
     "install_streaming_sender",
     "prefer_requestor_syntaxes",
     "refusal_reason",
+    "requestor_choice",
 )
