@@ -40,6 +40,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    UltrasoundImageStorage,
 )
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
@@ -211,13 +212,14 @@ class Destinations:
 
 @pytest.fixture(scope="module")
 def destinations() -> Iterator[Destinations]:
-    received: dict[str, list[str]] = {"CTONLY": [], "REJECTER": []}
-    ports = {"CTONLY": free_port(), "REJECTER": free_port(), "CLOSED": free_port()}
+    received: dict[str, list[str]] = {"CTONLY": [], "REJECTER": [], "NOCONTEXT": []}
+    ports = {"CTONLY": free_port(), "REJECTER": free_port(), "NOCONTEXT": free_port(), "CLOSED": free_port()}
     servers = []
-    for aet in ("CTONLY", "REJECTER"):
+    for aet in ("CTONLY", "REJECTER", "NOCONTEXT"):
         ae = AE(ae_title=aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-        ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # NOCONTEXT takes only a SOP class the study does not have: it accepts no proposed context
+        ae.add_supported_context(UltrasoundImageStorage if aet == "NOCONTEXT" else CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         if aet == "REJECTER":
             ae.require_calling_aet = ["SOMEONE-ELSE"]
 
@@ -377,11 +379,10 @@ def test_getscu_prefer_jpeg8_gets_stored_jpeg(local_server: XdsiProcess, corpus:
     q = image_query(corpus, item)
     keys = ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={q.StudyInstanceUID}",
             "-k", f"SeriesInstanceUID={q.SeriesInstanceUID}", "-k", f"SOPInstanceUID={item.sop_uid}"]
-    proc = run([tool("getscu"), "-v", "-S", "-aec", "XDSI", "+xy", "+B", "-od", str(out), *keys, local_server.host, str(local_server.dicom_port)])
+    run([tool("getscu"), "-v", "-S", "-aec", "XDSI", "+xy", "+B", "-od", str(out), *keys, local_server.host, str(local_server.dicom_port)])
     (path,) = list(out.iterdir())
     ds = dcmread(path)
     check_instance(item, ds, dataset_bytes(path), JPEGBaseline8Bit)
-    assert "Status=Success" in proc.stdout + proc.stderr or "Success" in proc.stdout + proc.stderr
 
 
 # -- C-MOVE failures: statuses and Failed SOP Instance UID List ---------------------------------------------
@@ -414,9 +415,10 @@ def test_move_destination_without_context_for_some_classes(local_server: XdsiPro
     assert set(destinations.received["CTONLY"]) == ct
 
 
-@pytest.mark.parametrize("dest", ["REJECTER", "CLOSED"])
+@pytest.mark.parametrize("dest", ["REJECTER", "NOCONTEXT", "CLOSED"])
 def test_move_destination_refusing_association_fails_every_suboperation(local_server: XdsiProcess, corpus: Corpus, dest: str) -> None:
-    """A known destination that rejects the association or is not listening: A702 with every UID, not A801."""
+    """A known destination that rejects the association, accepts no context, or is not listening:
+    A702 with every UID, not A801."""
     final, identifier = c_move(local_server, dest, study_query(corpus))
     assert final.Status == 0xA702, hex(final.Status)
     assert final.NumberOfFailedSuboperations == len(corpus.items)
@@ -429,3 +431,18 @@ def test_move_destination_refusing_association_fails_every_suboperation(local_se
 def test_move_unknown_destination_is_still_a801(local_server: XdsiProcess, corpus: Corpus) -> None:
     final, _ = c_move(local_server, "NOWHERE", study_query(corpus))
     assert final.Status == 0xA801
+
+
+def test_move_and_get_with_invalid_uid_are_a900(local_server: XdsiProcess, destinations: Destinations) -> None:
+    """An identifier with an invalid UID is refused (A900), not answered Success with nothing; no destination is contacted."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = "1.2.abc"
+    destinations.received["CTONLY"].clear()
+    final, _ = c_move(local_server, "CTONLY", q)
+    assert final.Status == 0xA900, hex(final.Status)
+    assert "1.2.abc" in str(final.get("ErrorComment", ""))
+    assert destinations.received["CTONLY"] == []
+    result = c_get(local_server, [(CTImageStorage, [ExplicitVRLittleEndian])], q)
+    assert result.final.Status == 0xA900, hex(result.final.Status)
+    assert result.received == {}

@@ -250,6 +250,7 @@ class MoveDestination:
 
     ae_title: str
     refused: str | None = None
+    connect: bool = True  # False: the request is answered with a failure, do not open the association
 
 
 class RefusedSubAssociation:
@@ -273,13 +274,14 @@ class RefusedSubAssociation:
 
 
 def refusal_reason(assoc: Any, destination: MoveDestination) -> str:
+    """Short enough for Error Comment (64 characters) with a 16-character AE title."""
     if assoc.is_rejected:
         what = "rejected the association"
     elif assoc.is_aborted:
-        what = "aborted the association (no presentation context accepted?)"
+        what = "aborted (accepted no context?)"
     else:
         what = "could not be reached"
-    return f"move destination {destination.ae_title} {what}"
+    return f"destination {destination.ae_title} {what}"
 
 
 def failed_identifier(uids: Iterable[str]) -> Dataset:

@@ -112,6 +112,8 @@ class ArchiveAE(AE):
         sub-operations instead of pynetdicom's A801 Move Destination Unknown.
         """
         destination: MoveDestination | None = kwargs.pop("xdsi_move_destination", None)
+        if destination is not None and not destination.connect:
+            return RefusedSubAssociation("not connected: the request failed")
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
@@ -226,9 +228,11 @@ class DicomServer:
         try:
             refs = self._select(event)
         except (InvalidUID, ValueError) as exc:
-            yield peer.host, peer.port
-            yield 0
-            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            # pynetdicom answers Success to zero sub-operations before asking us again, so announce one
+            # and fail the request; the destination is not contacted
+            yield peer.host, peer.port, {"xdsi_move_destination": MoveDestination(dest, connect=False)}
+            yield 1
+            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), failed_identifier([])
             return
         pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
         destination = MoveDestination(dest)
@@ -251,8 +255,8 @@ class DicomServer:
         try:
             refs = self._select(event)
         except (InvalidUID, ValueError) as exc:
-            yield 0
-            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            yield 1  # pynetdicom answers Success to zero sub-operations before asking us again
+            yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), failed_identifier([])
             return
         install_streaming_sender(event.assoc)
         yield len(refs)
