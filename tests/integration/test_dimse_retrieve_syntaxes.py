@@ -46,7 +46,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from tests.integration.dimse_corpus import SOURCES, Corpus, Item, make_corpus, store
-from tests.integration.dimse_support import dataset_bytes, dcmtk_available, free_port, run, tool, write_config
+from tests.integration.dimse_support import dataset_bytes, dcmtk_available, free_port, leftover_temp_files, run, tool, write_config
 from tests.support import netns
 from tests.support.netns import NetNS
 from tests.support.server import XdsiProcess
@@ -182,6 +182,12 @@ def test_move_to_implicit_only_storescp_is_never_a801(moved_implicit: tuple[str,
     log, _ = moved_implicit
     assert "MoveDestinationUnknown" not in log, log
     assert "Received Final Move Response" in log, log
+
+
+def test_converted_copies_are_not_left_behind(moved_implicit: tuple[str, dict[str, Path]], ns_env: NsEnv) -> None:
+    """Each converted instance is spooled in the data directory and removed once sent."""
+    assert len(moved_implicit[1]) >= 5  # conversions happened
+    assert leftover_temp_files(ns_env.server.data_dir) == []
 
 
 @pytest.mark.parametrize("stored_ts", cases(None))
