@@ -85,7 +85,7 @@ def retrieve_information(ids: ImagingDocumentSource, requests: Sequence[Informat
             out.errors.append(RegistryError(WADO_SIZE_EXCEEDS_LIMITS, "the request's processing time budget is spent", loc))
             continue
         try:
-            ds = dcmread(ids.path(item.ref), stop_before_pixels=True)
+            ds = ids.retrieve.header(item.ref)
         except (NotAvailable, OSError) as exc:
             out.errors.append(RegistryError(XDS_DOCUMENT_UNIQUE_ID_ERROR, f"instance {loc} cannot be read: {exc}", loc))
             continue

@@ -138,8 +138,6 @@ def _presentation(r: RenderRequest) -> tuple[str, str] | None:
     uid, series = r.presentation_uid, r.presentation_series_uid
     if uid is None and series is None:
         return None
-    if _given(uid) is None and _given(series) is None and uid is not None and series is not None:
-        return None  # both sent empty: nothing asked
     if series is None or _given(series) is None:
         raise InvalidParameter("presentation_uid", "a presentation UID needs its presentation series UID")
     if uid is None or _given(uid) is None:
