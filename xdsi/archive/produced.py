@@ -126,11 +126,24 @@ class FrameSet(_Spooled):
         return [n for n, _o, _l in self.spans]
 
     def parts(self, chunk_size: int = CHUNK) -> Iterator[tuple[int, Iterator[bytes]]]:
-        try:
-            for n, offset, length in self.spans:
-                yield n, _read(self._path, offset, length, chunk_size)
-        finally:
-            self.close()
+        """Each frame's chunks; the spool is opened once and unlinked at once (the open file stays readable)."""
+        if self.closed:
+            raise ValueError("this frame set was closed")
+        fh = open(self._path, "rb")
+        self.close()  # POSIX: the name goes now, the bytes when the last reader drops the file
+        for n, offset, length in self.spans:
+            yield n, _read_open(fh, offset, length, chunk_size)
+
+
+def _read_open(fh, start: int, length: int, chunk_size: int) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+    """``length`` bytes at ``start`` by positional reads, so frames read in any interleaving stay right."""
+    pos, end = start, start + length
+    while pos < end:
+        b = os.pread(fh.fileno(), min(chunk_size, end - pos), pos)
+        if not b:
+            return
+        pos += len(b)
+        yield b
 
 
 class BulkValue:
