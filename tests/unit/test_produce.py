@@ -187,3 +187,18 @@ def test_deflated_instance_renders(archive: Archive, tmp_path: Path) -> None:
     assert ref.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
     data = archive.retrieve.render(ref, parse_render_request(RenderRequest(content_types=("image/png",))))
     assert data.startswith(b"\x89PNG")
+
+
+def test_bulk_values_of_deflated_and_little_endian_objects(archive: Archive, tmp_path: Path) -> None:
+    f = tmp_path / "dfl.dcm"
+    shutil.copy(get_testdata_file("image_dfl.dcm"), f)
+    ref = _store(archive, f)
+    pixels = dcmread(f).PixelData  # pydicom inflates the dataset
+    value = archive.retrieve.bulk(ref, 0x7FE00010)
+    assert value.length == len(pixels) and b"".join(value.chunks()) == pixels
+    assert b"".join(archive.retrieve.bulk(ref, 0x7FE00010).chunks(100, 300)) == pixels[100:300]
+    ct = _ct(tmp_path)
+    ref = _store(archive, ct)
+    raw = dcmread(ct).PixelData
+    value = archive.retrieve.bulk(ref, 0x7FE00010)
+    assert value.length == len(raw) and b"".join(value.chunks(10, 20)) == raw[10:20]

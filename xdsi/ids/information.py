@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from pydicom import dcmread
 
 from xdsi.archive.native_xml import NativeModelError, to_native_xml
 from xdsi.archive.retrieve import NotAvailable

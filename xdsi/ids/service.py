@@ -19,7 +19,7 @@ that document (PartialSuccess), never a cut stream after "Success".
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, RetrieveService
 from xdsi.archive.transcode import TranscodeError, is_known_transfer_syntax

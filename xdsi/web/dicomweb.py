@@ -102,6 +102,9 @@ class DicomWebApp:
             return r
         except HTTPException as exc:
             return HttpError(exc.code or 400, exc.description or "bad request").response()
+        except Exception as exc:  # an answer with a reason (and CORS headers) rather than the server's bare 500
+            log.exception("DICOMweb %s %s failed", request.method, request.path)
+            return HttpError(500, f"internal error: {exc.__class__.__name__}: {exc}").response()
 
     def base(self, request: Request) -> str:
         return public_base(request)

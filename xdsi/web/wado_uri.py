@@ -58,6 +58,9 @@ class WadoUriApp:
             return self.handle(request)
         except HttpError as exc:
             return exc.response()
+        except Exception as exc:  # an answer with a reason (and CORS headers) rather than the server's bare 500
+            log.exception("WADO-URI %s failed", request.url)
+            return HttpError(500, f"internal error: {exc.__class__.__name__}: {exc}").response()
 
     def handle(self, request: Request) -> Response:
         args = request.args
