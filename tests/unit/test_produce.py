@@ -179,14 +179,19 @@ def test_presentation_state_loader_refusals(archive: Archive, tmp_path: Path) ->
     assert exc.value.reason == "series"
 
 
-def test_deflated_instance_renders(archive: Archive, tmp_path: Path) -> None:
-    src = get_testdata_file("image_dfl.dcm")
-    f = tmp_path / "dfl.dcm"
-    shutil.copy(src, f)
+@pytest.mark.parametrize("name,ts", [("image_dfl.dcm", "1.2.840.10008.1.2.1.99"), ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2")])
+def test_deflated_and_big_endian_instances_render(archive: Archive, tmp_path: Path, name: str, ts: str) -> None:
+    f = tmp_path / name
+    shutil.copy(get_testdata_file(name), f)
     ref = _store(archive, f)
-    assert ref.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    assert ref.transfer_syntax_uid == ts
     data = archive.retrieve.render(ref, parse_render_request(RenderRequest(content_types=("image/png",))))
-    assert data.startswith(b"\x89PNG")
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(data)))
+    arr = dcmread(f).pixel_array.astype(np.float64)
+    # the rendering is a monotonic window of the decoded pixels: unswapped or undeflated bytes would not correlate
+    assert img.shape == arr.shape and np.corrcoef(img.ravel(), arr.ravel())[0, 1] > 0.99
 
 
 def test_bulk_values_of_deflated_and_little_endian_objects(archive: Archive, tmp_path: Path) -> None:
@@ -202,3 +207,16 @@ def test_bulk_values_of_deflated_and_little_endian_objects(archive: Archive, tmp
     raw = dcmread(ct).PixelData
     value = archive.retrieve.bulk(ref, 0x7FE00010)
     assert value.length == len(raw) and b"".join(value.chunks(10, 20)) == raw[10:20]
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "image_dfl.dcm"])
+def test_frames_of_big_endian_and_deflated_objects_are_little_endian_pixels(archive: Archive, tmp_path: Path, name: str) -> None:
+    f = tmp_path / name
+    shutil.copy(get_testdata_file(name), f)
+    ref = _store(archive, f)
+    arr = dcmread(f).pixel_array
+    expected = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    for stored in (True, False):
+        with archive.retrieve.frames(ref, [1], stored=stored) as fs:
+            assert fs.transfer_syntax == ExplicitVRLittleEndian
+            assert b"".join(b"".join(c) for _n, c in fs.parts()) == expected, (name, stored)
