@@ -120,6 +120,8 @@ class Settings:
     network_timeout: float = 60.0
     max_associations: int = 32
     log_level: str = "INFO"
+    # [http] cors_origins: origins whose scripts may call DICOMweb and WADO-URI (["*"]: any); empty: no CORS
+    cors_origins: tuple[str, ...] = ()
     # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
     xds: "XdsSettings" = field(default_factory=lambda: XdsSettings())  # [xds], defined below
@@ -205,6 +207,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations"},
+    "http": {"cors_origins"},
 }
 _PEER_KEYS = {"host", "port"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -261,7 +264,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -341,10 +344,29 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
+    if "cors_origins" in doc.get("http", {}):
+        settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
     return _validated(settings)
+
+
+def _cors_origins(value: object) -> tuple[str, ...]:
+    """``[http] cors_origins``: a list of origins (scheme://host[:port]) or ["*"]."""
+    where = "[http] cors_origins"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{where} must be a list of origins such as ["https://viewer.example.org"], or ["*"]')
+    out: list[str] = []
+    for v in value:
+        o = v.strip().rstrip("/")
+        if o != "*":
+            scheme, sep, rest = o.partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not rest or "/" in rest or "?" in rest or "#" in rest:
+                raise ConfigError(f"{where}: {v!r} is not an origin (scheme://host[:port], no path), nor \"*\"")
+        if o not in out:
+            out.append(o)
+    return tuple(out)
 
 
 def _validated(s: Settings) -> Settings:

@@ -352,3 +352,13 @@ def test_partition_reached_by_called_ae_title_on_the_main_port(server: XdsiProce
     assert c_find_studies(server.partition_dicom_port, PARTITION, spec.patient_id) == [spec.study_uid]  # type: ignore[attr-defined]
     assert len(dicomweb(server, PARTITION).search_for_studies(search_filters={"PatientID": spec.patient_id})) == 1
     assert dicomweb(server).search_for_studies(search_filters={"PatientID": spec.patient_id}) == []
+
+
+def test_cors_is_off_by_default(server: XdsiProcess) -> None:
+    """No [http] cors_origins: no CORS header on any answer, and a preflight is not answered."""
+    origin = {"Origin": "http://viewer.example.org"}
+    r = requests.options(url(server, "/dicomweb/studies"), headers={**origin, "Access-Control-Request-Method": "GET"}, timeout=30)
+    assert r.status_code == 405 and not any(k.lower().startswith("access-control-") for k in r.headers)
+    for path in ("/dicomweb/studies", "/dicomweb/studies/1.2.03", "/wado"):
+        r = requests.get(url(server, path), headers=origin, timeout=30)
+        assert not any(k.lower().startswith("access-control-") for k in r.headers), (path, r.headers)

@@ -240,3 +240,19 @@ def test_example_file_parses_and_covers_the_sections() -> None:
         assert section in text
     # every line of the example that sets something is explained by a comment somewhere above it
     assert text.count("#") > 20
+
+
+def test_http_cors_origins(tmp_path: Path) -> None:
+    assert load_settings(env={}).cors_origins == ()
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[http]\ncors_origins = ["https://viewer.example.org/", "http://localhost:3000"]\n')
+    assert load_settings(cfg, env={}).cors_origins == ("https://viewer.example.org", "http://localhost:3000")
+    cfg.write_text('[http]\ncors_origins = ["*"]\n')
+    assert load_settings(cfg, env={}).cors_origins == ("*",)
+    for bad in ('"*"', '["viewer.example.org"]', '["https://viewer.example.org/app"]', "[1]"):
+        cfg.write_text(f"[http]\ncors_origins = {bad}\n")
+        with pytest.raises(ConfigError):
+            load_settings(cfg, env={})
+    cfg.write_text('[http]\norigins = ["*"]\n')
+    with pytest.raises(ConfigError):
+        load_settings(cfg, env={})

@@ -14,8 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from xdsi.archive import content
-from xdsi.archive.transcode import transcoded_chunks
+from xdsi.archive.transcode import transcoded_chunks, write_converted
 from xdsi.dimse.sending import decoded_for_peer
 from xdsi.tools.synth import StudySpec, write_study
 
@@ -40,8 +39,11 @@ def _check(data: bytes | object, uid: str, pixels: np.ndarray, ts: str) -> None:
 
 
 def test_web_transcode_keeps_identity(compressed: tuple[Path, str, np.ndarray]) -> None:
+    """WADO-URI and WADO-RS convert through the retrieval service's produce(), i.e. write_converted."""
     path, uid, pixels = compressed
-    _check(content.transcode(path, ExplicitVRLittleEndian), uid, pixels, ExplicitVRLittleEndian)
+    out = io.BytesIO()
+    write_converted(path, ExplicitVRLittleEndian, out)
+    _check(out.getvalue(), uid, pixels, ExplicitVRLittleEndian)
 
 
 def test_soap_transcode_keeps_identity(compressed: tuple[Path, str, np.ndarray]) -> None:

@@ -113,21 +113,6 @@ def iter_frames(path: Path, numbers: list[int], *, as_stored: bool) -> Iterator[
 can_decode = transcode_service.can_decode
 
 
-def can_transcode(source_ts: str, target_ts: str) -> bool:
-    """Only to Explicit VR Little Endian: from any syntax pydicom can read and decode."""
-    return source_ts == target_ts or (target_ts == ExplicitVRLittleEndian and can_decode(source_ts))
-
-
-def transcode(path: Path, target_ts: str) -> bytes:
-    """A Part 10 file in ``target_ts`` (Explicit VR Little Endian), by the archive's one converter."""
-    if target_ts != ExplicitVRLittleEndian:
-        raise CannotConvert(f"transcoding to {target_ts} is not supported")
-    try:
-        return b"".join(transcode_service.transcoded_chunks(path, target_ts))
-    except transcode_service.TranscodeError as exc:
-        raise CannotConvert(str(exc)) from None
-
-
 def bulk_range(path: Path, tag: int) -> tuple[int, int]:
     """(file offset, length) of the value of a top-level element with a defined length."""
     ds = _read(path)
@@ -157,3 +142,72 @@ def _copy(fh: BinaryIO, start: int, length: int) -> Iterator[bytes]:
 
 
 file_chunks = read_chunks  # the stored file, unchanged
+
+
+# ------------------------------------------------------------------------------------------------
+# shim until conv lands: the CONTRACT.md names the retrieval service calls (conv's versions replace
+# everything below; drop this block at merge).
+# ------------------------------------------------------------------------------------------------
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def dataset(path: Path) -> Dataset:  # shim until conv lands
+    return dcmread(path)
+
+
+def frame_media_type(ts: str) -> str | None:  # shim until conv lands
+    from xdsi.web.media import FRAME_MEDIA_TYPES  # conv's table replaces this lookup
+
+    types = FRAME_MEDIA_TYPES.get(ts)
+    return types[0] if types else None
+
+
+def stored_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:  # shim until conv lands
+    info = pixel_info(path)
+    if info.encapsulated or info.transfer_syntax_uid in _NATIVE_LE:
+        yield from iter_frames(path, numbers, as_stored=True)
+        return
+    yield from native_frames(path, numbers)
+
+
+def native_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:  # shim until conv lands
+    info = pixel_info(path)
+    check_frames(info, numbers)
+    if not info.encapsulated and info.transfer_syntax_uid in _NATIVE_LE:
+        yield from iter_frames(path, numbers, as_stored=True)
+        return
+    if not can_decode(info.transfer_syntax_uid):
+        raise CannotConvert(f"frames in {info.transfer_syntax_uid} cannot be decoded here")
+    source = path if info.encapsulated else dcmread(path)
+    for n in numbers:
+        try:
+            arr = pixel_array(source, index=n - 1, as_rgb=True)
+        except Exception as exc:
+            raise CannotConvert(f"cannot decode frame {n}: {exc}") from None
+        yield arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def bulk_value(path: Path, tag: int, start: int = 0, end: int | None = None) -> tuple[int, Iterator[bytes]]:  # shim until conv lands
+    ts = transfer_syntax(_read(path))
+    if ts in _NATIVE_LE:
+        offset, length = bulk_range(path, tag)
+        stop = length if end is None else min(end, length)
+        return length, file_range(path, offset + start, max(0, stop - start))
+    ds = dcmread(path)
+    if tag not in ds:
+        raise NoSuchPart(f"no element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in the instance")
+    if tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        raise CannotConvert("the value is encapsulated; retrieve it through the frames resource")
+    elem = ds[tag]
+    value = elem.value
+    if not isinstance(value, (bytes, bytearray)):
+        raise CannotConvert(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
+    if ds.original_encoding[1] is False and elem.VR in ("OW", "US or OW", "OL", "OF", "OD", "OV"):
+        import numpy as np
+
+        width = {"OW": 2, "US or OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}[elem.VR]
+        value = np.frombuffer(value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+    data = bytes(value)
+    stop = len(data) if end is None else min(end, len(data))
+    return len(data), iter([data[start:stop]])

@@ -1,22 +1,34 @@
-"""Finding and opening archived instances, recalling them from cold tiers.
+"""The retrieval service: every read path (C-GET/C-MOVE, WADO-URI, WADO-RS, RAD-69, ITI-43) asks it.
 
-Every read (C-MOVE, C-GET, RAD-69, WADO) goes through :meth:`RetrieveService.open`,
-which picks the fastest tier holding a copy, recalls a cold-only instance to
-the hot tier when configured to, and stamps the read time that the tier policy
-uses to decide what is cold.
+Adapters name an instance (an :class:`InstanceRef` from :meth:`RetrieveService.select`)
+and what the requester accepts; they never see a path, a tier or the index.
+The service picks the fastest tier holding a copy, recalls a cold-only
+instance to the hot tier when configured to, stamps the read time that the
+tier policy uses to decide what is cold, chooses the transfer syntax by the
+one policy (:func:`xdsi.archive.transcode.choose`), and produces converted
+bytes into a spool *before* returning (:mod:`xdsi.archive.produced`), so an
+adapter can still refuse or report a failure before it announces success.
+Rendering parameters are parsed by one parser (:mod:`xdsi.render.request`) and
+presentation states loaded by one loader (:meth:`RetrieveService.presentation_state`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from xdsi.archive import content, transcode
+from xdsi.archive.produced import BulkValue, FrameSet, Produced, new_spool
 from xdsi.config import Settings
 from xdsi.index.catalog import CopyRecord, add_copy, as_utc, utcnow
 from xdsi.index.db import Index
@@ -24,7 +36,11 @@ from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 from xdsi.storage.tiers import ChecksumMismatch, TierSet
 from xdsi.uids import InvalidUID, validate_uid
 
+if TYPE_CHECKING:
+    from xdsi.render.request import RenderParams
+
 log = logging.getLogger(__name__)
+OCTET_STREAM = "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,40 @@ TOUCH_INTERVAL = timedelta(minutes=10)
 
 class NotAvailable(LookupError):
     """The index knows the instance but no tier can deliver it."""
+
+
+class CannotProvide(LookupError):
+    """No transfer syntax the requester accepts can be produced for this instance (HTTP 406, WADO 0007)."""
+
+
+class PresentationStateError(LookupError):
+    """A presentation state named by a rendering request cannot be used; ``reason`` says why.
+
+    ``unknown`` (no such instance), ``series`` (not in the named series),
+    ``sop_class`` (not a Grayscale Softcopy Presentation State), ``study``
+    (another study than the image's), ``unreadable`` (no tier delivers it).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+NEEDS_DATASET = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian: no raw pixel offsets
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What frame negotiation needs to know about an instance's Pixel Data."""
+
+    transfer_syntax: str
+    frames: int
+    encapsulated: bool
+    media_type: str | None  # PS3.18 Table 8.7.3-5 type of a stored frame; None for native syntaxes
+    decodable: bool
 
 
 def _uid_list(value: object, what: str) -> list[str]:
@@ -225,3 +275,163 @@ class RetrieveService:
                 yield ref, self.path(ref), ""
             except (NotAvailable, OSError) as exc:
                 yield ref, None, str(exc)
+
+    # -- the service API of the adapters ---------------------------------------------------------
+
+    def choose(self, ref: InstanceRef, accepted: Sequence[str], path: Path | None = None) -> tuple[transcode.Choice | None, Path | None]:
+        """The one transfer-syntax policy, reading the header only when the answer depends on the pixels.
+
+        Without the header only unchanged and native choices are known; the
+        header is read (recalling a cold instance) only when an encodable
+        compressed syntax comes before that answer in the requester's order.
+        """
+        accepted = [str(t) for t in accepted]
+        quick = transcode.choose(ref.transfer_syntax_uid, accepted)
+        if quick is not None and quick.unchanged:
+            return quick, path
+        cut = accepted.index(quick.transfer_syntax) if quick is not None else len(accepted)
+        if not any(t not in transcode.NATIVE_TARGETS and transcode.can_encode(t) for t in accepted[:cut]):
+            return quick, path
+        path = path or self.path(ref)
+        try:
+            facts = transcode.facts(path)
+        except OSError:
+            raise
+        except Exception as exc:  # an unreadable header: only what needs no header can be sent
+            log.warning("%s: header unreadable (%s); compressed targets not considered", ref.sop_instance_uid, exc)
+            return quick, path
+        return transcode.choose(ref.transfer_syntax_uid, accepted, facts), path
+
+    def produce(self, ref: InstanceRef, accepted: Sequence[str]) -> Produced:
+        """The instance as a Part 10 file in the first syntax of ``accepted`` we can produce, bytes ready.
+
+        Unchanged: the stored file (recalled to the hot tier first if it was
+        cold).  Converted: written completely into a spool under
+        ``settings.temp_dir`` before this returns.  Raises
+        :class:`CannotProvide` (no accepted syntax fits), :class:`NotAvailable`
+        (no tier delivers it), :class:`transcode.TranscodeError` (the decoder
+        or encoder failed) or ``OSError`` (e.g. the spool disk is full), each
+        before anything has been announced.
+        """
+        choice, path = self.choose(ref, accepted)
+        if choice is None:
+            raise CannotProvide(
+                f"instance {ref.sop_instance_uid} (stored as {ref.transfer_syntax_uid}) cannot be provided in {', '.join(accepted) or '(none)'}"
+            )
+        path = path or self.path(ref)
+        if choice.unchanged:
+            return Produced(choice.transfer_syntax, path, unchanged=True, spooled=False)
+        fd, spool = new_spool(self.settings.temp_dir, "produce-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                transcode.write_converted(path, choice.transfer_syntax, out)
+        except BaseException as exc:
+            spool.unlink(missing_ok=True)
+            if isinstance(exc, (transcode.TranscodeError, OSError)) or not isinstance(exc, Exception):
+                raise
+            # a decoder raising something else is still a failed conversion of this instance
+            raise transcode.TranscodeError(f"cannot convert to {choice.transfer_syntax}: {exc.__class__.__name__}: {exc}") from exc
+        log.debug("produced %s in %s", ref.sop_instance_uid, choice.transfer_syntax)
+        return Produced(choice.transfer_syntax, spool, unchanged=False, spooled=True)
+
+    def header(self, ref: InstanceRef) -> Dataset:
+        """The instance's attributes without Pixel Data (any stored syntax, deflated and big endian included)."""
+        return dcmread(self.path(ref), stop_before_pixels=True)
+
+    def frame_info(self, ref: InstanceRef) -> FrameInfo:
+        """Raises content.NoSuchPart (no Pixel Data) or content.CannotConvert (frames we cannot cut)."""
+        info = content.pixel_info(self.path(ref))
+        ts = info.transfer_syntax_uid
+        return FrameInfo(ts, info.frames, info.encapsulated, content.frame_media_type(ts), transcode.can_decode(ts))
+
+    def frames(self, ref: InstanceRef, numbers: Sequence[int], *, stored: bool) -> FrameSet:
+        """The requested frames, produced before this returns (PS3.18 8.7.3 frame retrieval).
+
+        ``stored``: each frame in its stored encoding (an encapsulated frame's
+        bitstream; for native syntaxes the frame's bytes, inflated and in
+        little endian).  Otherwise native frames: decoded, little endian,
+        colour as RGB.  Raises content.NoSuchPart (no such frame, HTTP 404),
+        content.CannotConvert (cannot decode, 406) or NotAvailable.
+        """
+        numbers = list(numbers)
+        path = self.path(ref)
+        info = content.pixel_info(path)
+        content.check_frames(info, numbers)
+        ts = info.transfer_syntax_uid
+        if not info.encapsulated and ts in NATIVE_LE:  # plain ranges of the stored file: nothing can fail
+            spans = [(n, info.value_offset + (n - 1) * info.frame_length, info.frame_length) for n in numbers]
+            return FrameSet(str(ExplicitVRLittleEndian), OCTET_STREAM, path, spans, spooled=False)
+        if stored and info.encapsulated:
+            out_ts, media_type, source = ts, content.frame_media_type(ts) or OCTET_STREAM, content.stored_frames
+        elif stored:
+            out_ts, media_type, source = str(ExplicitVRLittleEndian), OCTET_STREAM, content.stored_frames
+        else:
+            if info.encapsulated and not transcode.can_decode(ts):
+                raise content.CannotConvert(f"frames in {ts} cannot be decoded here")
+            out_ts, media_type, source = str(ExplicitVRLittleEndian), OCTET_STREAM, content.native_frames
+        fd, spool = new_spool(self.settings.temp_dir, "frames-")
+        spans = []
+        try:
+            with os.fdopen(fd, "wb") as out:
+                offset = 0
+                for n, data in zip(numbers, source(path, numbers)):
+                    out.write(data)
+                    spans.append((n, offset, len(data)))
+                    offset += len(data)
+            if len(spans) != len(numbers):
+                raise content.CannotConvert("fewer frames were produced than requested")
+        except BaseException as exc:
+            spool.unlink(missing_ok=True)
+            if isinstance(exc, (content.ContentError, OSError)) or not isinstance(exc, Exception):
+                raise
+            raise content.CannotConvert(f"cannot produce the frames: {exc.__class__.__name__}: {exc}") from exc
+        return FrameSet(out_ts, media_type, spool, spans, spooled=True)
+
+    def bulk(self, ref: InstanceRef, tag: int) -> BulkValue:
+        """A top-level element value in little-endian encoding; its length is known before anything is sent.
+
+        Raises content.NoSuchPart (HTTP 404) or content.CannotConvert (406).
+        """
+        path = self.path(ref)
+        length, first = content.bulk_value(path, tag)
+        return BulkValue(length, first, lambda start, end: content.bulk_value(path, tag, start, end)[1])
+
+    def presentation_state(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+        """The one presentation-state loader of every rendering front door (raises PresentationStateError)."""
+        refs = self.select(sop_uids=[sop_uid])
+        if not refs:
+            raise PresentationStateError("unknown", f"no presentation state {sop_uid}")
+        ref = refs[0]
+        if ref.series_uid != series_uid:
+            raise PresentationStateError("series", f"presentation state {sop_uid} is not in series {series_uid}")
+        if ref.sop_class_uid != GSPS_SOP_CLASS:
+            raise PresentationStateError(
+                "sop_class", f"{sop_uid} is not a Grayscale Softcopy Presentation State ({ref.sop_class_uid})"
+            )
+        if ref.study_uid != study_uid:
+            raise PresentationStateError("study", f"presentation state {sop_uid} belongs to another study")
+        try:
+            return content.dataset(self.path(ref))
+        except (NotAvailable, OSError) as exc:
+            raise PresentationStateError("unreadable", f"presentation state {sop_uid} cannot be read: {exc}") from None
+
+    def render(self, ref: InstanceRef, params: "RenderParams", presentation_state: Dataset | None = None) -> bytes:
+        """One rendered frame (raises xdsi.render.RenderError subclasses, NotAvailable).
+
+        Deflated and big-endian objects are rendered from their decoded
+        dataset; others by path, so only the requested frame is decoded.
+        """
+        from xdsi.render import render
+
+        path = self.path(ref)
+        source: Path | Dataset = path
+        if ref.transfer_syntax_uid in NEEDS_DATASET:
+            source = content.dataset(path)
+        if params.viewport_source is not None:
+            hdr = source if isinstance(source, Dataset) else dcmread(path, stop_before_pixels=True)
+            if "Rows" not in hdr or "Columns" not in hdr:
+                from xdsi.render import NotRenderable
+
+                raise NotRenderable("object", "the object has no pixel data")
+            params = params.resolved(int(hdr.Rows), int(hdr.Columns))
+        return render(source, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]

@@ -155,3 +155,52 @@ def transcoded_chunks(path: Path, target: str, chunk_size: int = CHUNK) -> Itera
 
 
 file_chunks_of = read_chunks  # the stored file as it is, in chunks: the unchanged case
+
+
+# ------------------------------------------------------------------------------------------------
+# shim until conv lands: the CONTRACT.md names the retrieval service calls (conv's versions replace
+# everything below; drop this block at merge).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelFacts:  # shim until conv lands
+    has_pixel_data: bool
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
+    photometric_interpretation: str = ""
+    number_of_frames: int = 1
+
+
+def facts(path: Path) -> PixelFacts:  # shim until conv lands
+    ds = header(path)
+    return PixelFacts(
+        has_pixel_data="Rows" in ds and "BitsAllocated" in ds,
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
+        photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or ""),
+        number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
+    )
+
+
+_choose_keywords = choose  # shim until conv lands
+
+
+def choose(stored_ts: str, accepted, facts: PixelFacts | None = None) -> Choice | None:  # type: ignore[no-redef,no-untyped-def]  # shim until conv lands
+    if facts is None:
+        return _choose_keywords(stored_ts, list(accepted))
+    return _choose_keywords(
+        stored_ts,
+        list(accepted),
+        has_pixel_data=facts.has_pixel_data,
+        samples_per_pixel=facts.samples_per_pixel,
+        bits_allocated=facts.bits_allocated,
+    )
+
+
+def write_converted(path: Path, target: str, out) -> None:  # type: ignore[no-untyped-def]  # shim until conv lands
+    ds = converted(path, target)
+    try:
+        ds.save_as(out, enforce_file_format=True)
+    except Exception as exc:
+        raise TranscodeError(f"cannot write {target}: {exc.__class__.__name__}: {exc}") from exc

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from pydicom import dcmread
 
 from xdsi.archive.native_xml import NativeModelError, to_native_xml
 from xdsi.archive.retrieve import NotAvailable
@@ -85,7 +84,7 @@ def retrieve_information(ids: ImagingDocumentSource, requests: Sequence[Informat
             out.errors.append(RegistryError(WADO_SIZE_EXCEEDS_LIMITS, "the request's processing time budget is spent", loc))
             continue
         try:
-            ds = dcmread(ids.path(item.ref), stop_before_pixels=True)
+            ds = ids.retrieve.header(item.ref)
         except (NotAvailable, OSError) as exc:
             out.errors.append(RegistryError(XDS_DOCUMENT_UNIQUE_ID_ERROR, f"instance {loc} cannot be read: {exc}", loc))
             continue

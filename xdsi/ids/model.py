@@ -57,6 +57,7 @@ class ReturnedDocument:
     ref: InstanceRef | None = None
     transfer_syntax: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # e.g. rendered parameters actually used
+    close: Callable[[], None] = lambda: None  # releases a spool that was produced but will not be streamed
 
     def chunks(self) -> Iterator[bytes]:
         return self.produce()
@@ -70,6 +71,11 @@ class RetrieveResult:
     @property
     def status(self) -> str:
         return response_status(len(self.documents), self.errors)
+
+    def close(self) -> None:
+        """Release every produced document (spools of converted instances, rendered images)."""
+        for d in self.documents:
+            d.close()
 
 
 def errors_for(requests: Sequence[DocumentRequest], code: str, context: str) -> list[RegistryError]:

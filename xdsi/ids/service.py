@@ -9,17 +9,20 @@ reported as RegistryErrors (never faults) with ``location`` = the requested
 DocumentUniqueId, and a failed document gets no DocumentResponse.
 
 Identity comes from the index via :meth:`RetrieveService.select`; bytes via
-:meth:`RetrieveService.path` at the moment a document is streamed, so an
-instance on a cold tier is recalled just before it is sent.
+:meth:`RetrieveService.produce`, *before* the response lists the document:
+the MTOM response sends its envelope (status and every DocumentResponse)
+first, so a converted instance is produced into a spool on disk and a cold one
+recalled before the envelope is built; one that fails is a RegistryError of
+that document (PartialSuccess), never a cut stream after "Success".
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from xdsi.archive.retrieve import InstanceRef, NotAvailable, RetrieveService
-from xdsi.archive.transcode import choose, file_chunks_of, header, is_known_transfer_syntax, transcoded_chunks
+from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, RetrieveService
+from xdsi.archive.transcode import TranscodeError, is_known_transfer_syntax
 from xdsi.ids.model import DocumentRequest, RegistryError, Resolved, RetrieveResult, ReturnedDocument, errors_for
 from xdsi.uids import is_valid_uid
 from xdsi.xdsconst import (
@@ -106,10 +109,6 @@ class ImagingDocumentSource:
                 resolved.append(Resolved(r, ref))
         return resolved, errors
 
-    def path(self, ref: InstanceRef):  # type: ignore[no-untyped-def]
-        """The instance's file, recalled from a cold tier if need be (raises NotAvailable)."""
-        return self.retrieve.path(ref)
-
     # -- RAD-69 ------------------------------------------------------------------------------------
 
     def retrieve_set(self, requests: Sequence[DocumentRequest], transfer_syntaxes: Sequence[str]) -> RetrieveResult:
@@ -123,58 +122,48 @@ class ImagingDocumentSource:
         resolved, errors = self.resolve(requests)
         documents: list[ReturnedDocument] = []
         known = [t for t in syntaxes if is_known_transfer_syntax(t)]
-        for item in resolved:
-            ref = item.ref
-            loc = item.request.document_unique_id
-            choice = choose(ref.transfer_syntax_uid, syntaxes)
-            if choice is None and known:
-                # a conversion that depends on the pixels: read the header (recalling it if cold)
+        try:
+            for item in resolved:
+                ref = item.ref
+                loc = item.request.document_unique_id
                 try:
-                    ds = header(self.path(ref))
+                    produced = self.retrieve.produce(ref, syntaxes)
+                except CannotProvide:
+                    if not known:
+                        errors.append(
+                            RegistryError(WADO_FORMAT_NOT_SUPPORTED, f"none of the requested transfer syntaxes {', '.join(syntaxes)} is a DICOM transfer syntax we know", loc)
+                        )
+                    else:
+                        errors.append(
+                            RegistryError(
+                                WADO_CANNOT_PROVIDE_FORMAT,
+                                f"instance {loc} (stored as {ref.transfer_syntax_uid}) cannot be provided in {', '.join(syntaxes)}",
+                                loc,
+                            )
+                        )
+                    continue
+                except TranscodeError as exc:
+                    log.warning("RAD-69: %s could not be converted: %s", loc, exc)
+                    errors.append(
+                        RegistryError(WADO_CANNOT_PROVIDE_FORMAT, f"instance {loc} (stored as {ref.transfer_syntax_uid}) could not be converted: {exc}", loc)
+                    )
+                    continue
                 except (NotAvailable, OSError) as exc:
+                    log.warning("RAD-69: %s cannot be read: %s", loc, exc)
                     errors.append(RegistryError(XDS_DOCUMENT_UNIQUE_ID_ERROR, f"instance {loc} cannot be read: {exc}", loc))
                     continue
-                except Exception as exc:
-                    errors.append(RegistryError(WADO_CANNOT_PROVIDE_FORMAT, f"instance {loc} header unreadable: {exc}", loc))
-                    continue
-                choice = choose(
-                    ref.transfer_syntax_uid,
-                    syntaxes,
-                    has_pixel_data="Rows" in ds and "BitsAllocated" in ds,
-                    samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
-                    bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
-                )
-            if choice is None:
-                if not known:
-                    errors.append(
-                        RegistryError(WADO_FORMAT_NOT_SUPPORTED, f"none of the requested transfer syntaxes {', '.join(syntaxes)} is a DICOM transfer syntax we know", loc)
+                documents.append(
+                    ReturnedDocument(
+                        request=item.request,
+                        mime_type=MIME_DICOM,
+                        produce=produced.chunks,
+                        ref=ref,
+                        transfer_syntax=produced.transfer_syntax,
+                        close=produced.close,
                     )
-                else:
-                    errors.append(
-                        RegistryError(
-                            WADO_CANNOT_PROVIDE_FORMAT,
-                            f"instance {loc} (stored as {ref.transfer_syntax_uid}) cannot be provided in {', '.join(syntaxes)}",
-                            loc,
-                        )
-                    )
-                continue
-            documents.append(
-                ReturnedDocument(
-                    request=item.request,
-                    mime_type=MIME_DICOM,
-                    produce=self._producer(ref, choice.transfer_syntax, choice.unchanged),
-                    ref=ref,
-                    transfer_syntax=choice.transfer_syntax,
                 )
-            )
+        except BaseException:
+            for d in documents:
+                d.close()
+            raise
         return RetrieveResult(documents, errors)
-
-    def _producer(self, ref: InstanceRef, ts: str, unchanged: bool):  # type: ignore[no-untyped-def]
-        def produce() -> Iterator[bytes]:
-            path = self.path(ref)
-            if unchanged:
-                return file_chunks_of(path)
-            log.debug("transcoding %s from %s to %s", ref.sop_instance_uid, ref.transfer_syntax_uid, ts)
-            return transcoded_chunks(path, ts)
-
-        return produce

@@ -217,4 +217,5 @@ def _closing(writer: MtomWriter, message: IncomingMessage) -> Iterable[bytes]:
         log.exception("streaming the response failed; aborting it")
         raise
     finally:
+        writer.close()
         message.close()

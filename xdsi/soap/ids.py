@@ -110,7 +110,7 @@ def retrieve_response(result: RetrieveResult) -> tuple[Any, list[OutgoingAttachm
         etree.SubElement(dr, IHE + "mimeType").text = doc.mime_type
         cid = new_content_id()
         xop_include(etree.SubElement(dr, IHE + "Document"), cid)
-        attachments.append(OutgoingAttachment(cid, doc.chunks, doc.mime_type))
+        attachments.append(OutgoingAttachment(cid, doc.chunks, doc.mime_type, close=doc.close))
     return root, attachments
 
 

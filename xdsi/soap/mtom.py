@@ -95,6 +95,7 @@ class OutgoingAttachment:
     content_id: str
     chunks: Callable[[], Iterable[bytes]]
     content_type: str = "application/octet-stream"
+    close: Callable[[], None] | None = None  # releases what was produced for it (a spool) if it is never streamed
 
 
 def new_content_id(domain: str = "xdsi") -> str:
@@ -146,6 +147,13 @@ class MtomWriter:
             f"Content-Transfer-Encoding: binary\r\n"
             f"Content-ID: <{self.root_cid}>\r\n\r\n"
         ).encode("ascii")
+
+    def close(self) -> None:
+        """Release every attachment's produced bytes (after streaming, or when the client went away)."""
+        if isinstance(self.attachments, (list, tuple)):  # a one-shot iterable cannot be walked again
+            for att in self.attachments:
+                if att.close is not None:
+                    att.close()
 
     def __iter__(self) -> Iterator[bytes]:
         yield self._root_header() + self.envelope

@@ -17,7 +17,7 @@ from lxml import etree
 from xdsi.archive import Archive
 from xdsi.soap.ebrs import registry_response
 from xdsi.soap.endpoint import Operation, Reply, RequestContext, SoapEndpoint
-from xdsi.soap.mtom import OutgoingAttachment, file_chunks, new_content_id, xop_include
+from xdsi.soap.mtom import OutgoingAttachment, new_content_id, xop_include
 from xdsi.xds import constants as C
 from xdsi.xds.repository import DocumentError, ManifestRepository
 
@@ -48,7 +48,7 @@ def make_endpoint(archive: Archive) -> SoapEndpoint:
             etree.SubElement(d, X + "mimeType").text = doc.mime_type
             cid = new_content_id()
             xop_include(etree.SubElement(d, X + "Document"), cid)
-            attachments.append(OutgoingAttachment(cid, lambda p=doc.path: file_chunks(p), "application/dicom"))
+            attachments.append(OutgoingAttachment(cid, doc.produced.chunks, "application/dicom", close=doc.produced.close))
         return Reply(resp, C.ACTION_RETRIEVE_RESPONSE, attachments)
 
     op = Operation("DocumentRepository_RetrieveDocumentSet", frozenset({X + "RetrieveDocumentSetRequest"}), retrieve)

@@ -10,6 +10,7 @@ from xdsi.archive import Archive
 from xdsi.ids import ImagingDocumentSource
 from xdsi.ids.information import InformationRequest, retrieve_information
 from xdsi.ids.rendered import RenderedRequest, retrieve_rendered
+from xdsi.render.request import RenderRequest
 from xdsi.soap.ebrs import registry_response
 from xdsi.soap.endpoint import Reply, RequestContext
 from xdsi.soap.ids import IHE, _echo_ids, _log_result, iter_document_elements
@@ -59,19 +60,21 @@ def make_rendered(ids: ImagingDocumentSource, archive: Archive) -> Callable[[Any
         requests = [
             RenderedRequest(
                 document=req,
-                content_types=_list(el, "ContentTypeList", "ContentType"),
-                annotation=_opt(el, "Annotation"),
-                rows=_opt(el, "Rows"),
-                columns=_opt(el, "Columns"),
-                region=_opt(el, "Region"),
-                window_width=_opt(el, "WindowWidth"),
-                window_center=_opt(el, "WindowCenter"),
-                image_quality=_opt(el, "ImageQuality"),
-                presentation_uid=_opt(el, "PresentationUID"),
-                presentation_series_uid=_opt(el, "PresentationSeriesUID"),
-                anonymize=_opt(el, "Anonymize"),
-                frame_number=_opt(el, "FrameNumber"),
-                charsets=_list(el, "CharsetList", "Charset"),
+                render=RenderRequest(
+                    content_types=_list(el, "ContentTypeList", "ContentType"),
+                    annotation=_opt(el, "Annotation"),
+                    rows=_opt(el, "Rows"),
+                    columns=_opt(el, "Columns"),
+                    region=_opt(el, "Region"),
+                    window_width=_opt(el, "WindowWidth"),
+                    window_center=_opt(el, "WindowCenter"),
+                    image_quality=_opt(el, "ImageQuality"),
+                    presentation_uid=_opt(el, "PresentationUID"),
+                    presentation_series_uid=_opt(el, "PresentationSeriesUID"),
+                    anonymize=_opt(el, "Anonymize"),
+                    frame_number=_opt(el, "FrameNumber"),
+                    charsets=_list(el, "CharsetList", "Charset"),
+                ),
             )
             for el, req in iter_document_elements(body, WADO, WADO + "RenderedDocumentRequest")
         ]

@@ -23,10 +23,13 @@ from xdsi.archive import content
 from xdsi.archive.header import InvalidDataset, read_header
 from xdsi.archive.metadata import BULK_TOKEN
 from xdsi.archive.query import QueryError
-from xdsi.archive.retrieve import InstanceRef, NotAvailable
+from xdsi.archive.produced import Produced
+from xdsi.archive.retrieve import CannotProvide, FrameInfo, InstanceRef, NotAvailable
+from xdsi.archive.transcode import TranscodeError
 from xdsi.archive.store import Outcome
-from xdsi.render import RenderError, UnsupportedParameter, parse_annotation, render
-from xdsi.render.params import RENDERED_TYPES, parse_float, parse_int
+from xdsi.render import RenderError, UnsupportedParameter
+from xdsi.render.params import RENDERED_TYPES
+from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
 from xdsi.web import media
 from xdsi.web.http import HttpError, MediaRange, MultipartError, MultipartWriter, parse_accept, parse_content_type, spool_parts
@@ -99,6 +102,9 @@ class DicomWebApp:
             return r
         except HTTPException as exc:
             return HttpError(exc.code or 400, exc.description or "bad request").response()
+        except Exception as exc:  # an answer with a reason (and CORS headers) rather than the server's bare 500
+            log.exception("DICOMweb %s %s failed", request.method, request.path)
+            return HttpError(500, f"internal error: {exc.__class__.__name__}: {exc}").response()
 
     def base(self, request: Request) -> str:
         return public_base(request)
@@ -185,29 +191,41 @@ class DicomWebApp:
         if not choices:
             raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
         refs = self._select(study, series, sop)
-        plan: list[tuple[InstanceRef, str]] = []
-        for ref in refs:
-            ts = _choose_ts(ref.transfer_syntax_uid, choices)
-            if ts is None:
-                raise HttpError(406, f"instance {ref.sop_instance_uid} ({ref.transfer_syntax_uid}) cannot be sent in an acceptable transfer syntax")
-            plan.append((ref, ts))
-        writer = MultipartWriter(media.DICOM)
         retrieve = self.archive.retrieve
+        # every instance is produced (recalled, converted into a spool) before the status line is sent
+        produced: list[Produced] = []
+        omitted: list[str] = []
+        refusals: list[HttpError] = []
+        try:
+            for ref in refs:
+                try:
+                    produced.append(retrieve.produce(ref, _accepted_syntaxes(choices, ref.transfer_syntax_uid)))
+                except (CannotProvide, NotAvailable, TranscodeError, OSError) as exc:
+                    if not isinstance(exc, CannotProvide):
+                        log.error("WADO-RS: %s cannot be sent: %s", ref.sop_instance_uid, exc)
+                    refusals.append(_production_error(ref.sop_instance_uid, exc))
+                    omitted.append(f"{ref.sop_instance_uid}: {exc}")
+        except BaseException:
+            for p in produced:
+                p.close()
+            raise
+        if not produced:  # nothing to send: the first reason, with its status, before any header
+            raise refusals[0]
+        writer = MultipartWriter(media.DICOM)
 
         def body() -> Iterator[bytes]:
-            for ref, ts in plan:
-                try:
-                    path = retrieve.path(ref)
-                    chunks: Iterable[bytes] = (
-                        content.file_chunks(path) if ts == ref.transfer_syntax_uid else [content.transcode(path, ts)]
-                    )
-                except (NotAvailable, OSError, content.ContentError) as exc:
-                    log.error("WADO-RS: %s skipped: %s", ref.sop_instance_uid, exc)
-                    continue
-                yield from writer.part(chunks, f"{media.DICOM}; transfer-syntax={ts}")
-            yield writer.end()
+            try:
+                for p in produced:
+                    yield from writer.part(p.chunks(), f"{media.DICOM}; transfer-syntax={p.transfer_syntax}")
+                yield writer.end()
+            finally:
+                for p in produced:
+                    p.close()
 
-        return Response(body(), status=200, content_type=writer.content_type)
+        r = Response(body(), status=200, content_type=writer.content_type)
+        for reason in omitted[:20]:
+            r.headers.add("Warning", f'299 xdsi "omitted {_quoted(reason)}"')
+        return r
 
     # -- WADO-RS: metadata ---------------------------------------------------------------------
 
@@ -254,41 +272,45 @@ class DicomWebApp:
 
     # -- WADO-RS: frames and bulk data ---------------------------------------------------------
 
-    def _instance_path(self, study: str, series: str, sop: str):  # type: ignore[no-untyped-def]
-        ref = self._select(study, series, sop)[0]
-        try:
-            return ref, self.archive.retrieve.path(ref)
-        except NotAvailable as exc:
-            raise HttpError(404, str(exc)) from None
+    def _one(self, study: str, series: str, sop: str) -> InstanceRef:
+        return self._select(study, series, sop)[0]
 
     def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
         numbers = _frame_list(frames)
         accept = parse_accept(request.headers.get("Accept"))
-        ref, path = self._instance_path(study, series, sop)
+        ref = self._one(study, series, sop)
+        retrieve = self.archive.retrieve
         try:
-            info = content.pixel_info(path)
-            content.check_frames(info, numbers)
+            info = retrieve.frame_info(ref)
+            form = _choose_frame_form(accept, info)
+            if form is None:
+                offered = ", ".join(media.FRAME_MEDIA_TYPES.get(info.transfer_syntax, ())) if info.encapsulated else ""
+                raise HttpError(
+                    406,
+                    f"frames of this instance ({info.transfer_syntax}) are available as "
+                    f"application/octet-stream{' (native, decoded)' if info.decodable else ''}{', ' + offered if offered else ''}"
+                    "; transfer-syntax=* sends them as stored",
+                )
+            stored, part_type = form
+            frame_set = retrieve.frames(ref, numbers, stored=stored)  # produced before the status line
         except content.NoSuchPart as exc:
             raise HttpError(404, str(exc)) from None
         except content.CannotConvert as exc:
             raise HttpError(406, str(exc)) from None
-        stored_types = media.FRAME_MEDIA_TYPES.get(info.transfer_syntax_uid, ())
-        as_stored, part_type = _choose_frame_type(accept, info, stored_types)
-        if part_type is None:
-            raise HttpError(406, f"frames of this instance are available as application/octet-stream{''.join(', ' + t for t in stored_types)}")
-        if not as_stored and info.encapsulated and not content.can_decode(info.transfer_syntax_uid):
-            raise HttpError(406, f"frames in {info.transfer_syntax_uid} can only be sent as stored ({', '.join(stored_types)})")
-        ts = info.transfer_syntax_uid if (as_stored and info.encapsulated) else media.DEFAULT_TRANSFER_SYNTAX
+        except NotAvailable as exc:
+            raise HttpError(404, str(exc)) from None
+        except OSError as exc:
+            raise HttpError(500, f"frames of {sop} cannot be read: {exc}") from None
+        part_type = part_type or frame_set.media_type
         writer = MultipartWriter(part_type)
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
+        ctype = f"{part_type}; transfer-syntax={frame_set.transfer_syntax}"
 
         def body() -> Iterator[bytes]:
-            try:
-                for n, data in zip(numbers, content.iter_frames(path, numbers, as_stored=as_stored)):
-                    yield from writer.part([data], f"{part_type}; transfer-syntax={ts}", {"Content-Location": loc + str(n)})
-            except content.ContentError as exc:
-                log.error("frames of %s: %s", sop, exc)
-            yield writer.end()
+            with frame_set:
+                for n, chunks in frame_set.parts():
+                    yield from writer.part(chunks, ctype, {"Content-Location": loc + str(n)})
+                yield writer.end()
 
         return Response(body(), status=200, content_type=writer.content_type)
 
@@ -306,13 +328,16 @@ class DicomWebApp:
                 break
         if multipart is None:
             raise HttpError(406, "bulk data is sent as application/octet-stream (single part or multipart/related)")
-        ref, path = self._instance_path(study, series, sop)
+        ref = self._one(study, series, sop)
         try:
-            offset, length = content.bulk_range(path, int(tag, 16))
+            value = self.archive.retrieve.bulk(ref, int(tag, 16))
         except content.NoSuchPart as exc:
             raise HttpError(404, str(exc)) from None
         except content.CannotConvert as exc:
             raise HttpError(406, str(exc)) from None
+        except NotAvailable as exc:
+            raise HttpError(404, str(exc)) from None
+        length = value.length
         start, end, status = 0, length, 200
         rng = request.range
         if request.headers.get("Range"):
@@ -326,7 +351,10 @@ class DicomWebApp:
             start, end = bounds
             status = 206
         headers = {"Content-Range": f"bytes {start}-{end - 1}/{length}"} if status == 206 else {}
-        chunks = content.file_range(path, offset + start, end - start)
+        try:
+            chunks = value.chunks(start, end)
+        except content.ContentError as exc:
+            raise HttpError(406, str(exc)) from None
         if not multipart:
             r = Response(chunks, status=status, mimetype=media.OCTET_STREAM)
             r.headers.update(headers)
@@ -354,36 +382,34 @@ class DicomWebApp:
         if len(numbers) != 1:
             raise HttpError(400, "render one frame at a time")
         args = request.args
+        rows = columns = source = None
+        if args.get("viewport"):
+            vp = args["viewport"].split(",")
+            if len(vp) not in (2, 6):
+                raise HttpError(400, "viewport is vw,vh or vw,vh,sx,sy,sw,sh")
+            columns, rows = vp[0], vp[1]
+            source = ",".join(vp[2:]) if len(vp) == 6 else None
+        center = width = None
+        if args.get("window"):
+            w = args["window"].split(",")
+            if len(w) not in (2, 3):
+                raise HttpError(400, "window is center,width[,function]")
+            center, width = w[0], w[1]
+        req = RenderRequest(
+            content_types=(ct,), rows=rows, columns=columns, viewport_source=source, window_center=center,
+            window_width=width, frame_number=str(numbers[0]), image_quality=args.get("quality"),
+            annotation=args.get("annotation"),
+        )  # fmt: skip
+        ref = self._one(study, series, sop)
         try:
-            rows = columns = None
-            region = None
-            if args.get("viewport"):
-                vp = args["viewport"].split(",")
-                if len(vp) not in (2, 6):
-                    raise HttpError(400, "viewport is vw,vh or vw,vh,sx,sy,sw,sh")
-                columns, rows = parse_int(vp[0], "columns", low=1, high=8192), parse_int(vp[1], "rows", low=1, high=8192)
-                if len(vp) == 6:
-                    region = _viewport_region(vp[2:], self, study, series, sop)
-            center = width = None
-            if args.get("window"):
-                w = args["window"].split(",")
-                if len(w) not in (2, 3):
-                    raise HttpError(400, "window is center,width[,function]")
-                center, width = parse_float(w[0], "window_center"), parse_float(w[1], "window_width")
-            quality = parse_int(args.get("quality"), "image_quality", low=1, high=100)
-            annotation = parse_annotation(args.get("annotation"))
-        except RenderError as exc:
-            raise HttpError(400, str(exc)) from None
-        ref, path = self._instance_path(study, series, sop)
-        try:
-            data = render(
-                path, content_type=ct, rows=rows, columns=columns, region=region, window_center=center,
-                window_width=width, frame_number=numbers[0], image_quality=quality, annotation=annotation,
-            )  # fmt: skip
+            params = parse_render_request(req)
+            data = self.archive.retrieve.render(ref, params)
         except UnsupportedParameter as exc:
             raise HttpError(406, str(exc)) from None
         except RenderError as exc:
-            raise HttpError(404 if exc.parameter == "frame_number" else 400, str(exc)) from None
+            raise HttpError(404 if exc.parameter == "frame_number" else 400, _rs_render_reason(exc)) from None
+        except NotAvailable as exc:
+            raise HttpError(404, str(exc)) from None
         return Response(data, status=200, mimetype=ct)
 
     # -- STOW-RS -------------------------------------------------------------------------------
@@ -499,21 +525,47 @@ def _frame_list(text: str) -> list[int]:
     return numbers
 
 
-def _choose_ts(stored: str, choices: list[MediaRange]) -> str | None:
-    """The transfer syntax to send an instance in: as stored if acceptable, else Explicit VR Little Endian."""
+def _accepted_syntaxes(choices: list[MediaRange], stored: str) -> list[str]:
+    """The transfer syntaxes the Accept ranges name, in order: ``*`` is the stored one, none is the PS3.18 default."""
+    out: list[str] = []
     for r in choices:
         want = r.params.get("transfer-syntax")
-        if want == "*" or want == stored:
-            return stored
-        if want is None:
-            want = media.DEFAULT_TRANSFER_SYNTAX
-        if content.can_transcode(stored, want):
-            return want
-    return None
+        ts = stored if want == "*" else (want or media.DEFAULT_TRANSFER_SYNTAX)
+        if ts not in out:
+            out.append(ts)
+    return out
 
 
-def _choose_frame_type(accept: list[MediaRange], info: content.PixelInfo, stored_types: tuple[str, ...]) -> tuple[bool, str | None]:
-    """(send as stored?, part media type) for the first acceptable media range."""
+def _production_error(sop: str, exc: Exception) -> HttpError:
+    if isinstance(exc, CannotProvide):
+        return HttpError(406, str(exc))
+    if isinstance(exc, NotAvailable):
+        return HttpError(404, str(exc))
+    if isinstance(exc, TranscodeError):
+        return HttpError(406, f"instance {sop} cannot be provided in the requested transfer syntax: {exc}")
+    return HttpError(500, f"instance {sop} cannot be read: {exc}")
+
+
+def _quoted(text: str) -> str:
+    return text[:200].replace('"', "'").replace("\r", " ").replace("\n", " ")
+
+
+def _rs_render_reason(exc: RenderError) -> str:
+    names = {"window_center": "window", "window_width": "window", "image_quality": "quality", "rows": "viewport",
+             "columns": "viewport", "region": "viewport", "frame_number": "frame"}  # fmt: skip
+    return f"{names.get(exc.parameter, exc.parameter)}: {exc.message}"
+
+
+def _choose_frame_form(accept: list[MediaRange], info: FrameInfo) -> tuple[bool, str | None] | None:
+    """(stored encoding?, part media type or None for the natural one) for the first acceptable media range.
+
+    PS3.18 8.7.3: ``transfer-syntax=*`` lets the server choose, so frames go as
+    stored (an encapsulated frame's bitstream, its Table 8.7.3-5 media type in
+    the part's Content-Type); ``application/octet-stream`` with no or the
+    Explicit VR Little Endian transfer syntax asks for native frames; an image
+    media type of the stored syntax asks for the stored bitstream.
+    """
+    stored_types = media.FRAME_MEDIA_TYPES.get(info.transfer_syntax, ()) if info.encapsulated else ()
     for r in accept:
         if r.type == media.MULTIPART_RELATED:
             inner = MediaRange(r.params.get("type", media.OCTET_STREAM).lower())
@@ -522,40 +574,17 @@ def _choose_frame_type(accept: list[MediaRange], info: content.PixelInfo, stored
             inner, ts = MediaRange("*/*"), None
         else:
             continue
-        if inner.type == "*/*" and ts == "*":
-            return True, (stored_types[0] if info.encapsulated and stored_types else media.OCTET_STREAM)
-        if inner.matches(media.OCTET_STREAM) and ts in (None, media.DEFAULT_TRANSFER_SYNTAX, "*"):
-            return (not info.encapsulated or ts == "*" and not stored_types), media.OCTET_STREAM
-        for t in stored_types:
-            if info.encapsulated and inner.type == t and ts in (None, "*", info.transfer_syntax_uid):
-                return True, t
-    return False, None
-
-
-def _viewport_region(src: list[str], app: DicomWebApp, study: str, series: str, sop: str) -> tuple[float, float, float, float]:
-    """PS3.18 8.3.5.1.3 viewport sx,sy,sw,sh (source pixels) as a normalised region."""
-    try:
-        sx, sy, sw, sh = (float(v) for v in src)
-    except ValueError:
-        raise HttpError(400, "viewport source rectangle must be numbers") from None
-    ds = app.archive.query.find(_rows_columns_identifier(study, series, sop), "STUDY")
-    found = next(ds, None)
-    if found is None or not found.get("Rows") or not found.get("Columns"):
-        raise HttpError(404, "no image with that UID")
-    w, h = float(found.Columns), float(found.Rows)
-    if sw <= 0 or sh <= 0 or sx < 0 or sy < 0 or sx + sw > w or sy + sh > h:
-        raise HttpError(400, "viewport source rectangle is outside the image")
-    return (sx / w, sy / h, (sx + sw) / w, (sy + sh) / h)
-
-
-def _rows_columns_identifier(study: str, series: str, sop: str):  # type: ignore[no-untyped-def]
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "IMAGE"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = sop
-    ds.Rows = None
-    ds.Columns = None
-    return ds
+        image_type = next((t for t in stored_types if inner.type == t), None) or next(
+            (t for t in stored_types if inner.type != media.OCTET_STREAM and inner.matches(t) and inner.type != "*/*"), None
+        )
+        if ts == "*" and (inner.matches(media.OCTET_STREAM) or image_type):
+            return True, image_type
+        if image_type and ts in (None, info.transfer_syntax):
+            return True, image_type
+        if inner.matches(media.OCTET_STREAM) and ts in (None, media.DEFAULT_TRANSFER_SYNTAX):
+            if info.encapsulated and not info.decodable:
+                continue
+            return False, None
+        if info.encapsulated and inner.matches(media.OCTET_STREAM) and ts == info.transfer_syntax:
+            return True, None
+    return None

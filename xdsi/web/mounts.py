@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping
 
 from xdsi.archive import Archive
+from xdsi.web.cors import with_cors
 from xdsi.web.dicomweb import DicomWebApp
 from xdsi.web.http import HttpError
 from xdsi.web.wado_uri import WadoUriApp
@@ -51,10 +52,11 @@ def web_mounts(archive: Archive, partitions: Mapping[str, Archive] | None = None
     main_aet = archive.settings.ae_title
     wado.setdefault(main_aet, WadoUriApp(archive))
     dicomweb.setdefault(main_aet, DicomWebApp(archive))
+    origins = archive.settings.cors_origins  # CORS on every answer of both, errors included; off by default
     return {
         # /wado/{unknown} is a 404, not the main archive
-        "/wado": PartitionRouter(_only_root(wado[main_aet]), wado),
-        "/dicomweb": PartitionRouter(dicomweb[main_aet], dicomweb),
+        "/wado": with_cors(PartitionRouter(_only_root(wado[main_aet]), wado), origins),
+        "/dicomweb": with_cors(PartitionRouter(dicomweb[main_aet], dicomweb), origins),
     }
 
 

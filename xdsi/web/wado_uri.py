@@ -1,8 +1,8 @@
 """WADO-URI (PS3.18 9, formerly Part 18 section 6): one object per GET, as stored DICOM or rendered.
 
-Rendering goes through :func:`xdsi.render.render`, the renderer the SOAP
-rendered retrieval also uses; presentation states named by
-``presentationUID``/``presentationSeriesUID`` are applied.
+Everything goes through the retrieval service: the object (converted to the
+requested transfer syntax before the status line), rendering with the one
+parameter parser and presentation-state loader the other front doors use.
 """
 
 from __future__ import annotations
@@ -10,23 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable
 
-from pydicom import dcmread
 from werkzeug.wrappers import Request, Response
 
-from xdsi.archive import Archive, content
-from xdsi.archive.retrieve import NotAvailable
-from xdsi.render import (
-    InvalidParameter,
-    NotRenderable,
-    RenderError,
-    UnsupportedParameter,
-    parse_annotation,
-    parse_float,
-    parse_int,
-    parse_region,
-    render,
-)
-from xdsi.render.params import JPEG, MAX_SIZE, RENDERED_TYPES
+from xdsi.archive import Archive
+from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, PresentationStateError
+from xdsi.archive.transcode import TranscodeError
+from xdsi.render import InvalidParameter, NotRenderable, RenderError, UnsupportedParameter
+from xdsi.render.params import JPEG, RENDERED_TYPES
+from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
 from xdsi.web import media
 from xdsi.web.http import HttpError, parse_accept
@@ -38,7 +29,8 @@ _RENDER_ONLY = ("rows", "columns", "region", "windowCenter", "windowWidth", "fra
 # WADO-URI parameter name -> renderer parameter name, for error messages in the client's own terms
 _PARAM_NAMES = {"rows": "rows", "columns": "columns", "region": "region", "window_center": "windowCenter",
                 "window_width": "windowWidth", "frame_number": "frameNumber", "image_quality": "imageQuality",
-                "annotation": "annotation", "content_type": "contentType", "object": "objectUID"}  # fmt: skip
+                "annotation": "annotation", "content_type": "contentType", "object": "objectUID",
+                "presentation_uid": "presentationUID", "presentation_series_uid": "presentationSeriesUID"}  # fmt: skip
 
 
 def _content_types(request: Request) -> list[str]:
@@ -66,6 +58,9 @@ class WadoUriApp:
             return self.handle(request)
         except HttpError as exc:
             return exc.response()
+        except Exception as exc:  # an answer with a reason (and CORS headers) rather than the server's bare 500
+            log.exception("WADO-URI %s failed", request.url)
+            return HttpError(500, f"internal error: {exc.__class__.__name__}: {exc}").response()
 
     def handle(self, request: Request) -> Response:
         args = request.args
@@ -89,31 +84,26 @@ class WadoUriApp:
         if not refs:
             raise HttpError(404, "no such object in this archive")
         ref = refs[0]
-        try:
-            path = self.archive.retrieve.path(ref)
-        except NotAvailable as exc:
-            raise HttpError(404, str(exc)) from None
         ct = supported[0]
-        if ct == "*/*":
-            ct = JPEG
-        elif ct == "image/*":
+        if ct in ("*/*", "image/*"):
             ct = JPEG
         if ct == media.DICOM:
             if not any(r.matches(media.DICOM) for r in accept):
                 raise HttpError(406, "the Accept header excludes application/dicom")
-            return self.dicom(request, ref, path)
+            return self.dicom(request, ref)
         if not any(r.matches(ct) for r in accept):
             raise HttpError(406, f"the Accept header excludes {ct}")
         if args.get("transferSyntax"):
             raise HttpError(400, "transferSyntax applies to contentType application/dicom only")
         try:
-            return self.rendered(request, ct, ref, path)
+            return self.rendered(request, ct, ref)
         except NotRenderable as exc:
             if not explicit:  # default content type for a non-image object is application/dicom
-                return self.dicom(request, ref, path)
+                return self.dicom(request, ref)
             raise HttpError(400, f"objectUID: {exc.message}") from None
 
-    def dicom(self, request: Request, ref: Any, path: Any) -> Response:
+    def dicom(self, request: Request, ref: InstanceRef) -> Response:
+        """The object as a Part 10 file, produced (recalled, converted into a spool) before the status line."""
         bad = [p for p in _RENDER_ONLY if request.args.get(p)]
         if bad:
             raise HttpError(400, f"{', '.join(bad)} cannot be used with contentType application/dicom")
@@ -122,58 +112,55 @@ class WadoUriApp:
             want = validate_uid(want, "transferSyntax")
         except InvalidUID as exc:
             raise HttpError(400, str(exc)) from None
-        headers = {"Content-Disposition": f'inline; filename="{ref.sop_instance_uid}.dcm"'}
-        if want == ref.transfer_syntax_uid:
-            return Response(content.file_chunks(path), status=200, mimetype=media.DICOM, headers={**headers, "Content-Length": str(path.stat().st_size)})
-        if not content.can_transcode(ref.transfer_syntax_uid, want):
-            raise HttpError(406, f"the object is stored in {ref.transfer_syntax_uid} and cannot be sent in {want}")
         try:
-            data = content.transcode(path, want)
-        except content.ContentError as exc:
-            raise HttpError(406, str(exc)) from None
-        return Response(data, status=200, mimetype=media.DICOM, headers=headers)
+            produced = self.archive.retrieve.produce(ref, [want])
+        except CannotProvide:
+            raise HttpError(406, f"the object is stored in {ref.transfer_syntax_uid} and cannot be sent in {want}") from None
+        except NotAvailable as exc:
+            raise HttpError(404, str(exc)) from None
+        except TranscodeError as exc:
+            raise HttpError(406, f"the object cannot be provided in {want}: {exc}") from None
+        except OSError as exc:
+            raise HttpError(500, f"the object cannot be read: {exc}") from None
+        headers = {"Content-Disposition": f'inline; filename="{ref.sop_instance_uid}.dcm"', "Content-Length": str(produced.size)}
+        r = Response(produced.chunks(), status=200, mimetype=media.DICOM, headers=headers)
+        r.call_on_close(produced.close)
+        return r
 
-    def rendered(self, request: Request, ct: str, ref: Any, path: Any) -> Response:
+    def rendered(self, request: Request, ct: str, ref: InstanceRef) -> Response:
         args = request.args
+        req = RenderRequest(
+            content_types=(ct,),
+            rows=args.get("rows"),
+            columns=args.get("columns"),
+            region=args.get("region"),
+            window_center=args.get("windowCenter"),
+            window_width=args.get("windowWidth"),
+            frame_number=args.get("frameNumber"),
+            image_quality=args.get("imageQuality"),
+            annotation=args.get("annotation"),
+            presentation_uid=args.get("presentationUID"),
+            presentation_series_uid=args.get("presentationSeriesUID"),
+        )
+        retrieve = self.archive.retrieve
         try:
-            ps = self._presentation_state(args.get("presentationUID"), args.get("presentationSeriesUID"), ref.study_uid)
-            data = render(
-                path,
-                content_type=ct,
-                rows=parse_int(args.get("rows"), "rows", low=1, high=MAX_SIZE),
-                columns=parse_int(args.get("columns"), "columns", low=1, high=MAX_SIZE),
-                region=parse_region(args.get("region")),
-                window_center=parse_float(args.get("windowCenter"), "window_center"),
-                window_width=parse_float(args.get("windowWidth"), "window_width"),
-                frame_number=parse_int(args.get("frameNumber"), "frame_number", low=1, high=2**31 - 1),
-                image_quality=parse_int(args.get("imageQuality"), "image_quality", low=1, high=100),
-                annotation=parse_annotation(args.get("annotation")),
-                presentation_state=ps,
-            )
+            params = parse_render_request(req)
+            ps = None
+            if params.presentation is not None:
+                try:
+                    ps = retrieve.presentation_state(ref.study_uid, *params.presentation)
+                except PresentationStateError as exc:
+                    raise HttpError(400 if exc.reason == "sop_class" else 404, f"presentationUID: {exc.message}") from None
+            data = retrieve.render(ref, params, ps)
         except NotRenderable:
             raise
         except UnsupportedParameter as exc:
             raise HttpError(406, f"{_PARAM_NAMES.get(exc.parameter, exc.parameter)}: {exc.message}") from None
         except (InvalidParameter, RenderError) as exc:
             raise HttpError(400, f"{_PARAM_NAMES.get(exc.parameter, exc.parameter)}: {exc.message}") from None
-        return Response(data, status=200, mimetype=ct)
-
-    def _presentation_state(self, uid: str | None, series: str | None, study: str):  # type: ignore[no-untyped-def]
-        if not uid and not series:
-            return None
-        if not (uid and series):
-            raise HttpError(400, "presentationUID and presentationSeriesUID go together")
-        try:
-            uid, series = validate_uid(uid, "presentationUID"), validate_uid(series, "presentationSeriesUID")
-        except InvalidUID as exc:
-            raise HttpError(400, str(exc)) from None
-        refs = self.archive.retrieve.select(study_uids=[study], series_uids=[series], sop_uids=[uid])
-        if not refs:
-            raise HttpError(404, "no such presentation state in this study")
-        try:
-            return dcmread(self.archive.retrieve.path(refs[0]))
-        except (NotAvailable, OSError) as exc:
+        except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
+        return Response(data, status=200, mimetype=ct)
 
 
 def _required(args: Any, name: str) -> str:

@@ -299,7 +299,8 @@ class Publisher:
         refs = self.archive.retrieve.select(study_uids=[row.study_uid], sop_uids=[row.kos_sop_uid])
         if not refs:
             raise MetadataError(f"manifest {row.kos_sop_uid} is no longer in the archive")
-        data = self.archive.retrieve.path(refs[0]).read_bytes()
+        with self.archive.retrieve.produce(refs[0], [refs[0].transfer_syntax_uid]) as produced:  # as stored
+            data = b"".join(produced.chunks())
         if hashlib.sha1(data).hexdigest() != row.kos_sha1:
             raise MetadataError(f"the archived manifest {row.kos_sop_uid} no longer matches its recorded SHA-1")
         return data

@@ -3,19 +3,20 @@
 Only manifests xdsi itself built and queued (rows of ``xds_submission``) are
 documents of this repository; anything else in the archive is an image, served
 by RAD-69, not by ITI-43.  The bytes come from the archive through
-:meth:`RetrieveService.path`, the same stored instance that C-FIND and RAD-69
-see, so ITI-43 returns exactly the stored KOS.
+:meth:`RetrieveService.produce` in its stored transfer syntax, the same stored
+instance that C-FIND and RAD-69 see, so ITI-43 returns exactly the stored KOS;
+it is produced (recalled if cold) before the response lists it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 
 from xdsi.archive import Archive
-from xdsi.archive.retrieve import NotAvailable
+from xdsi.archive.produced import Produced
+from xdsi.archive.retrieve import CannotProvide, NotAvailable
 from xdsi.index.xds_models import KIND_PUBLISH, XdsSubmission
 from xdsi.uids import is_valid_uid
 from xdsi.xds import constants as C
@@ -35,7 +36,7 @@ class FoundDocument:
     document_unique_id: str
     home_community_id: str | None
     mime_type: str
-    path: Path
+    produced: Produced  # the stored bytes, ready: stream with produced.chunks()
 
 
 class ManifestRepository:
@@ -58,7 +59,7 @@ class ManifestRepository:
         try:
             if not refs:
                 raise NotAvailable("not in the archive")
-            path = self.archive.retrieve.path(refs[0])
-        except (NotAvailable, OSError) as exc:
+            produced = self.archive.retrieve.produce(refs[0], [refs[0].transfer_syntax_uid])  # as stored
+        except (NotAvailable, CannotProvide, OSError) as exc:
             return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
-        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, path)
+        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced)
