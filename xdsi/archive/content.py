@@ -123,11 +123,7 @@ class PixelInfo:
     photometric_interpretation: str = ""
     planar_configuration: int = 0
     keyword: str = "PixelData"
-
-    @property
-    def frame_bits(self) -> int:
-        """Bits of one native frame (1-bit data is packed across frame boundaries)."""
-        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated
+    frame_bits: int = 0  # bits of one native frame (1-bit data is packed across frame boundaries)
 
 
 def _read(path: Path) -> Dataset:
@@ -158,7 +154,23 @@ def frame_array(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
     ds = dcmread(path, stop_before_pixels=True)
     if transfer_syntax(ds) in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         return pixel_array(dataset(path), index=index, as_rgb=as_rgb)
-    return pixel_array(path, index=index, as_rgb=as_rgb)
+    return _decode_frame(path, index, as_rgb=as_rgb)
+
+
+def _decode_frame(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
+    """pydicom's decode of one frame, reading only that frame; from the whole dataset when the file needs it.
+
+    pydicom's file-level reader assumes the encoding the transfer syntax
+    names; a dataset encoded otherwise (implicit VR under an explicit syntax,
+    which pydicom's dataset reader detects) is decoded from the dataset.
+    """
+    try:
+        return pixel_array(path, index=index, as_rgb=as_rgb)
+    except Exception:
+        ds = dcmread(path)
+        if transfer_syntax(ds) == ExplicitVRBigEndian or transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+            ds = dataset(path)
+        return pixel_array(ds, index=index, as_rgb=as_rgb)
 
 
 def pixel_info(path: Path) -> PixelInfo:
@@ -183,7 +195,10 @@ def _pixel_info(ds: Dataset) -> PixelInfo:
         raise CannotConvert(f"the image pixel description is incomplete or invalid ({exc})") from None
     length = int(getattr(raw, "length", 0))
     encapsulated = length == UNDEFINED_LENGTH
-    frame_length = 0 if encapsulated else (rows * cols * spp * bits + 7) // 8
+    # native YBR_FULL_422 is stored subsampled: two samples a pixel (PS3.3 C.7.6.3.1.2)
+    samples = 2 if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and spp == 3 else spp
+    frame_bits = rows * cols * samples * bits
+    frame_length = 0 if encapsulated else (frame_bits + 7) // 8
     in_file = not encapsulated and ts in FILE_RANGE_SYNTAXES and getattr(raw, "value_tell", None) is not None
     return PixelInfo(
         transfer_syntax_uid=ts,
@@ -200,6 +215,7 @@ def _pixel_info(ds: Dataset) -> PixelInfo:
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or ""),
         planar_configuration=planar,
         keyword=keyword,
+        frame_bits=frame_bits,
     )
 
 
@@ -304,7 +320,7 @@ def native_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
         raise CannotConvert(f"frames in {info.transfer_syntax_uid} cannot be decoded here")
     for n in numbers:
         try:
-            arr = pixel_array(path, index=n - 1, as_rgb=True)
+            arr = _decode_frame(path, n - 1)
         except Exception as exc:  # pydicom/pylibjpeg raise many kinds for undecodable data
             raise CannotConvert(f"cannot decode frame {n}: {exc.__class__.__name__}: {exc}") from None
         if info.bits_allocated == 1:

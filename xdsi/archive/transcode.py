@@ -320,13 +320,13 @@ def to_little_endian(ds: Dataset) -> None:
     ds._pixel_id = {}  # type: ignore[attr-defined]
 
 
-def _swap_dataset(ds: Dataset, top: bool) -> None:
+def _swap_dataset(ds: Dataset, top: bool, swap: bool = True) -> None:
     for elem in ds:  # iterating parses raw elements with their own (big-endian) encoding
         if elem.VR == "SQ":
             for item in elem.value or []:
-                _swap_dataset(item, top=False)
+                _swap_dataset(item, top=False, swap=swap)
             continue
-        if not isinstance(elem.value, (bytes, bytearray)) or elem.is_undefined_length:
+        if not swap or not isinstance(elem.value, (bytes, bytearray)) or elem.is_undefined_length:
             continue
         if top and elem.keyword in PIXEL_KEYWORDS:
             width = _pixel_swap_width(ds, elem.keyword, elem.VR)
@@ -351,6 +351,10 @@ def convert(ds: Dataset, target: str) -> None:
     has_pixels = any(k in ds for k in PIXEL_KEYWORDS)
     if ds.original_encoding[1] is False or source == ExplicitVRBigEndian:
         to_little_endian(ds)
+    else:
+        # parse every element now (VR from the dictionary where the file had none): a file whose
+        # dataset is implicit VR under an explicit syntax would otherwise be written without VRs
+        _swap_dataset(ds, top=True, swap=False)
     if source == DeflatedExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
     if "PixelData" in ds and UID(source).is_compressed and source != DeflatedExplicitVRLittleEndian:
@@ -430,6 +434,16 @@ def write_converted(path: Path, target: str, out: BinaryIO) -> None:
     decoding, encoding); the caller announces nothing until this returns, and
     discards its spool on an error.
     """
+    try:
+        stored = source_transfer_syntax(dcmread(path, stop_before_pixels=True))
+    except Exception as exc:
+        raise TranscodeError(f"cannot read the instance: {exc.__class__.__name__}: {exc}") from exc
+    if stored == target:
+        # already in the syntax asked for: the stored file is that Part 10 file (nothing decoded, nothing lost)
+        with open(path, "rb") as fh:
+            for chunk in read_chunks_of(fh):
+                out.write(chunk)
+        return
     ds = converted(path, target)
     try:
         write_dataset(ds, out)
@@ -447,6 +461,14 @@ def transcoded_chunks(path: Path, target: str, chunk_size: int = CHUNK) -> Itera
             if not b:
                 return
             yield b
+
+
+def read_chunks_of(fh: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    while True:
+        b = fh.read(chunk_size)
+        if not b:
+            return
+        yield b
 
 
 file_chunks_of = read_chunks  # the stored file as it is, in chunks: the unchanged case
