@@ -222,7 +222,9 @@ def choose(stored_ts: str, accepted: Sequence[str], facts: PixelFacts | None = N
     pixels and encode these pixels.  ``facts=None`` means the header has not
     been read: only the unchanged and native choices are considered.
     """
+    from_legacy = False
     if facts is None and "has_pixel_data" in legacy and legacy["has_pixel_data"] is not None:
+        from_legacy = True
         # the keyword form of earlier callers (xdsi/ids/service.py); kept until the retrieval service lands
         facts = PixelFacts(
             has_pixel_data=bool(legacy["has_pixel_data"]),
@@ -240,7 +242,7 @@ def choose(stored_ts: str, accepted: Sequence[str], facts: PixelFacts | None = N
                 return Choice(ts, False)
         elif ts in COMPRESSED_TARGETS and facts is not None and can_decode(stored_ts):
             f = facts if facts.transfer_syntax_uid else _with_ts(facts, stored_ts)
-            if not f.photometric_interpretation:
+            if from_legacy:
                 ok = f.has_pixel_data and can_encode(ts) and _legacy_encodable(ts, f)
             else:
                 ok = can_encode_pixels(ts, f)
