@@ -379,3 +379,92 @@ def test_render_reads_big_endian_and_deflated(be: str, le: str | None) -> None:
 
 def _render(renderer: Any, path: Path) -> bytes:
     return renderer.render(path, content_type=renderer.PNG)
+
+
+def _synthetic(tmp: Path, name: str, build: Any, ts: str) -> Path:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    build(ds)
+    path = tmp / name
+    dcmwrite(path, ds, implicit_vr=UID(ts).is_implicit_VR, little_endian=UID(ts).is_little_endian, enforce_file_format=True)
+    return path
+
+
+def test_one_bit_frames_not_on_byte_boundaries(tmp_path: Path) -> None:
+    """1-bit frames of 3x3 pixels (9 bits each): each comes back bit-packed, re-based on its first bit."""
+    from pydicom.pixels import pack_bits
+
+    rng = np.random.default_rng(8)
+    arr = rng.integers(0, 2, size=(3, 3, 3), dtype=np.uint8)
+
+    def build(ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 3
+        ds.NumberOfFrames = 3
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 1
+        ds.HighBit, ds.PixelRepresentation = 0, 0
+        ds.PixelData = pack_bits(arr)
+        ds["PixelData"].VR = "OB"
+
+    for ts in (ExplicitVRLittleEndian, ExplicitVRBigEndian):
+        path = _synthetic(tmp_path, f"bits-{ts}.dcm", build, ts)
+        frames = list(content.native_frames(path, [1, 2, 3]))
+        assert frames == list(content.stored_frames(path, [1, 2, 3]))
+        for i, f in enumerate(frames):
+            assert len(f) == 2  # 9 bits, zero-padded to whole bytes
+            got = np.unpackbits(np.frombuffer(f, "u1"), bitorder="little")[:9].reshape(3, 3)
+            assert np.array_equal(got, pixel_array(dcmread(path), index=i)), (ts, i)
+            assert np.array_equal(got, arr[i])
+
+
+def test_float_pixel_data_big_endian(tmp_path: Path) -> None:
+    """Float Pixel Data (OF) from a big-endian file: frames and bulk data as little-endian floats."""
+    values = np.linspace(-1.5, 2.5, 2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+
+    def build(ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 4
+        ds.NumberOfFrames = 2
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = 32
+        ds.FloatPixelData = values.astype(">f4").tobytes()
+
+    path = _synthetic(tmp_path, "float-be.dcm", build, ExplicitVRBigEndian)
+    frames = list(content.native_frames(path, [1, 2]))
+    for i, f in enumerate(frames):
+        assert np.array_equal(np.frombuffer(f, "<f4").reshape(4, 4), values[i])
+    total, chunks = content.bulk_value(path, 0x7FE00008)
+    assert total == values.nbytes and b"".join(chunks) == values.astype("<f4").tobytes()
+    out = io.BytesIO()
+    transcode.write_converted(path, ExplicitVRLittleEndian, out)
+    got = dcmread(io.BytesIO(out.getvalue()))
+    assert np.array_equal(np.frombuffer(got.FloatPixelData, "<f4").reshape(2, 4, 4), values)
+
+
+def test_one_bit_ow_big_endian_is_refused(tmp_path: Path) -> None:
+    """dcmtk and pydicom disagree on 1-bit OW big-endian bit order: a clear refusal, not a guess."""
+    from pydicom.pixels import pack_bits
+
+    def build(ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 4
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 1
+        ds.HighBit, ds.PixelRepresentation = 0, 0
+        ds.PixelData = pack_bits(np.eye(4, dtype=np.uint8))
+        ds["PixelData"].VR = "OW"
+
+    path = _synthetic(tmp_path, "bits-ow-be.dcm", build, ExplicitVRBigEndian)
+    with pytest.raises(transcode.TranscodeError):
+        transcode.write_converted(path, ExplicitVRLittleEndian, io.BytesIO())
+    with pytest.raises(content.CannotConvert):
+        list(content.native_frames(path, [1]))
+    with pytest.raises(content.CannotConvert):
+        content.bulk_value(path, content.PIXEL_DATA)

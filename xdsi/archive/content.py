@@ -143,7 +143,10 @@ def dataset(path: Path) -> Dataset:
     ds = dcmread(path)
     ts = transfer_syntax(ds)
     if ts == ExplicitVRBigEndian or ds.original_encoding[1] is False:
-        transcode_service.to_little_endian(ds)
+        try:
+            transcode_service.to_little_endian(ds)
+        except transcode_service.TranscodeError as exc:
+            raise CannotConvert(str(exc)) from None
     elif ts == DeflatedExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds

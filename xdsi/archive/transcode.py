@@ -20,7 +20,8 @@ Conversion rules (PS3.5 8.2, PS3.3 C.7.6.1.1.5):
   (OW, OL, OF, OD, OV) it writes as they are, so :func:`to_little_endian`
   swaps them first.  Pixel Data is swapped by Bits Allocated (16 -> 2-byte,
   32 -> 4-byte words; 8-bit data encoded as OW pairwise), exactly as
-  pydicom's own decoder reads it; OB is never swapped.  Big-endian element
+  pydicom's own decoder reads it; OB is never swapped.  1-bit Pixel Data as
+  OW is refused: dcmtk and pydicom disagree on its bit order.  Big-endian element
   values of VR UN (unknown private data) cannot be swapped without knowing
   their VR and are left as they are.
 - Decompressed colour becomes RGB (PhotometricInterpretation RGB,
@@ -299,10 +300,15 @@ def _pixel_swap_width(ds: Dataset, keyword: str, vr: str) -> int:
     if vr == "OB":
         return 1
     bits = int(ds.get("BitsAllocated", 16) or 16)
+    if bits == 1:
+        # readers disagree: dcmtk swaps the 16-bit words, pydicom's decoder reads them unswapped.
+        # A refusal is safer than an image that may be scrambled (no pydicom test file has this case).
+        raise TranscodeError(
+            "1-bit Pixel Data encoded as OW in Explicit VR Big Endian has no agreed bit order (dcmtk swaps 16-bit words,"
+            " pydicom does not); refused rather than risk a wrong image"
+        )
     if bits <= 8:
-        # 8-bit data as OW: pairwise.  1-bit data as OW: 16-bit words (PS3.5 8.1.1; dcmtk does the same;
-        # pydicom's decoder reads 1-bit big-endian OW unswapped -- no pydicom test file has this case)
-        return 2
+        return 2  # 8-bit data as OW: pairwise, as pydicom's decoder reads it
     return bits // 8
 
 
