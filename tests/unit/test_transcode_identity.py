@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from xdsi.archive.transcode import transcoded_chunks, write_converted
-from xdsi.dimse.sending import decoded_for_peer
+from xdsi.archive import Archive
 from xdsi.tools.synth import StudySpec, write_study
 
 
@@ -52,7 +52,12 @@ def test_soap_transcode_keeps_identity(compressed: tuple[Path, str, np.ndarray])
         _check(b"".join(transcoded_chunks(path, ts)), uid, pixels, ts)
 
 
-def test_dimse_transcode_keeps_identity(compressed: tuple[Path, str, np.ndarray]) -> None:
+def test_dimse_transcode_keeps_identity(compressed: tuple[Path, str, np.ndarray], archive: Archive) -> None:
+    """C-MOVE/C-GET send what ``archive.retrieve.produce`` spools, for the syntaxes the peer accepted."""
     path, uid, pixels = compressed
-    _check(decoded_for_peer(path, [ImplicitVRLittleEndian]), uid, pixels, ImplicitVRLittleEndian)
-    _check(decoded_for_peer(path, [JPEG2000Lossless]), uid, pixels, JPEG2000Lossless)
+    assert archive.store.store_file(path).ok
+    ref = archive.retrieve.select(sop_uids=[uid])[0]
+    for accepted in ([ImplicitVRLittleEndian], [JPEG2000Lossless]):
+        with archive.retrieve.produce(ref, accepted) as p:
+            assert not p.unchanged
+            _check(b"".join(p.chunks()), uid, pixels, accepted[0])

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import build_context
 
 from xdsi.archive import transcode
-from xdsi.dimse.produce import converted_dataset, produce
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +77,6 @@ def accepted_syntaxes(assoc: Any, sop_class: str, stored_ts: str, *, native_firs
     if native_first:
         head += [ts for ts in NATIVE if ts in found and ts not in head]
     return head + [ts for ts in found if ts not in head]
-
-
-def decoded_for_peer(path: Path, accepted_ts: list[str]) -> Dataset:
-    """The instance as a peer accepting ``accepted_ts`` receives it (same choice and conversion as a send)."""
-    from pydicom import dcmread
-
-    stored = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    return converted_dataset(path, stored, accepted_ts)
 
 
 # -- C-GET: accept in the requestor's order -----------------------------------------------------
@@ -168,7 +158,7 @@ def install_streaming_sender(assoc: Any) -> None:
                 f"{_peer(assoc)} accepted no presentation context for {UID(ref.sop_class_uid).name} ({ref.sop_instance_uid})"
             )
         try:
-            produced = produce(dataset._xdsi_source, ref, accepted)
+            produced = dataset._xdsi_source.produce(ref, accepted)
         except Exception as exc:
             log.error("cannot send %s to %s (accepted %s): %s", ref.sop_instance_uid, _peer(assoc), ", ".join(accepted), exc)
             raise
@@ -297,7 +287,6 @@ __all__: Sequence[str] = (
     "StoredInstance",
     "accepted_syntaxes",
     "contexts_for",
-    "decoded_for_peer",
     "failed_identifier",
     "install_streaming_sender",
     "prefer_requestor_syntaxes",

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
+from xdsi.archive import content
 from xdsi.render.errors import InvalidParameter, NotRenderable, UnsupportedParameter
 from xdsi.render.params import ANNOTATIONS, GIF, JPEG, MAX_SIZE, PNG, check_content_type
 from xdsi.render.pipeline import colour_to_display, grayscale_to_display, is_colour
@@ -66,7 +67,7 @@ def _load(source: str | os.PathLike[str] | Dataset, frame_index: int) -> tuple[D
             if "Rows" not in ds or "Columns" not in ds:
                 raise NotRenderable("object", "the object has no pixel data")
             _check_frame(ds, frame_index)
-            arr = pixel_array(path, index=frame_index)
+            arr = content.frame_array(path, frame_index)  # deflated and big-endian objects too
     except (NotRenderable, InvalidParameter):
         raise
     except (AttributeError, KeyError) as exc:
