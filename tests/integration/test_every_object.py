@@ -249,7 +249,7 @@ def _store_all(e: Env) -> None:
     for s in e.sent.values():
         if s.store_error:
             continue
-        found = list(e.server.data_dir.rglob(f"{s.sop}*.dcm"))
+        found = list((e.server.data_dir / "storage").rglob(f"{s.sop}*.dcm"))  # the default tier, data_dir/storage/cache
         if len(found) != 1:
             s.store_error = f"acknowledged, but {len(found)} files named after it in the data directory"
         else:
@@ -714,7 +714,7 @@ def test_iti43_kos(env: Env) -> None:
         for i in se.ReferencedSOPSequence
     }
     assert refs == {s.sop}
-    stored = env.server.data_dir.rglob(f"{kos_uid}*.dcm")
+    stored = (env.server.data_dir / "storage").rglob(f"{kos_uid}*.dcm")
     assert [p.read_bytes() for p in stored] == [data], "ITI-43 answer is not the archived KOS"
 
 
