@@ -355,7 +355,8 @@ def check_native_pixels(data: bytes, label: str | None, src: CorpusFile, frame_n
         return
     # a whole Pixel Data value keeps any padding the file has; frames are exactly the frame's bytes
     expected = len(src.ds.PixelData) if whole_value else native_length(src, frames)
-    assert len(data) == expected, f"{len(data)} bytes, {expected} expected for {frames} native frame(s)"
+    what = "the whole Pixel Data value" if whole_value else f"{frames} native frame(s)"
+    assert len(data) == expected, f"{len(data)} bytes, {expected} expected for {what}"
     got = decode(_pixel_dataset(src, data, frames, decoded_colour=False))
     assert_same_pixels(got if frames > 1 else got[np.newaxis], src.pixels[[n - 1 for n in frame_numbers]], "native pixels")
 
