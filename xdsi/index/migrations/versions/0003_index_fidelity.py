@@ -99,6 +99,8 @@ def upgrade() -> None:
     _types()
     with op.batch_alter_table('patient', schema=None) as batch_op:
         batch_op.add_column(sa.Column('scope_study_uid', sa.String(length=64), nullable=False, server_default=''))
+        batch_op.drop_constraint('uq_patient_patient_id_issuer_of_patient_id', type_='unique')
+        batch_op.create_unique_constraint('uq_patient_identity', ['patient_id', 'issuer_of_patient_id', 'scope_study_uid'])
     with op.batch_alter_table('study', schema=None) as batch_op:
         for c, _ in _STUDY_PATIENT:
             batch_op.add_column(sa.Column(c, sa.Text(), nullable=False, server_default=''))
@@ -106,9 +108,6 @@ def upgrade() -> None:
         op.execute(f"UPDATE study SET {c} = (SELECT {pc} FROM patient WHERE patient.pk = study.patient_fk)")
     _split_unidentified_patients(bind)
     _legacy_times(bind)
-    with op.batch_alter_table('patient', schema=None) as batch_op:
-        batch_op.drop_constraint('uq_patient_patient_id_issuer_of_patient_id', type_='unique')
-        batch_op.create_unique_constraint('uq_patient_identity', ['patient_id', 'issuer_of_patient_id', 'scope_study_uid'])
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_study_patient_name_norm'), ['patient_name_norm'], unique=False)
 
