@@ -9,6 +9,7 @@ loaded.  It returns the attributes the index needs as a plain value object.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,75 @@ class InstanceHeader:
     has_file_meta: bool
 
 
-def _s(ds: Dataset, keyword: str, limit: int = 64) -> str:
+# Indexed columns (unique keys, B-tree indexes) accept at most this many characters:
+# more than the longest legal value among them (PN: 3 x 64 + 2 separators = 194), and
+# small enough that a PostgreSQL B-tree entry (2704 bytes) always fits, even for a
+# two-column index of 4-byte UTF-8 characters.  A longer value
+# is refused clearly rather than cut: see :func:`_checked`.
+MAX_INDEXED_CHARS = 256
+
+_DA_LEGACY = re.compile(r"^(\d{4})\.(\d{2})\.(\d{2})$")
+_TM_LEGACY = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?$")
+
+
+def normalize_da(value: str) -> str:
+    """A DA value in the form C-FIND matching compares: ``YYYYMMDD``.
+
+    ACR-NEMA's ``YYYY.MM.DD`` (PS3.5 6.2 note, still sent by old modalities) becomes
+    ``YYYYMMDD``.  Anything else is kept as given (trimmed): a value we cannot read is
+    not guessed at, and never cut.
+    """
+    v = value.strip()
+    m = _DA_LEGACY.match(v)
+    return "".join(m.groups()) if m else v
+
+
+def normalize_tm(value: str) -> str:
+    """A TM value in the form C-FIND matching compares: ``HH[MM[SS[.F{1,6}]]]``.
+
+    ACR-NEMA's ``HH:MM[:SS[.F]]`` loses its colons; the precision given is kept (a time
+    sent as ``1015`` is not answered as ``101500.000000``).  Anything else is kept as given.
+    """
+    v = value.strip()
+    m = _TM_LEGACY.match(v)
+    if not m:
+        return v
+    hh, mm, ss, frac = m.groups()
+    return hh + mm + (ss or "") + (frac or "")
+
+
+def _s(ds: Dataset, keyword: str) -> str:
+    """The value as text, whole: multiple values joined with ``\\`` as on the wire, never cut."""
     v = ds.get(keyword)
     if v is None:
         return ""
     if isinstance(v, (list, tuple)) or v.__class__.__name__ == "MultiValue":
         v = "\\".join(str(x) for x in v)
-    return str(v).strip()[:limit]
+    return str(v).strip()
+
+
+def _checked(ds: Dataset, keyword: str) -> str:
+    """A value that goes into an indexed column: kept whole when it fits, otherwise refused.
+
+    A value longer than its VR allows (an LO of 80 characters) is still kept whole;
+    only one beyond :data:`MAX_INDEXED_CHARS`, which no conforming sender produces,
+    refuses the instance, naming the attribute.
+    """
+    v = _s(ds, keyword)
+    if len(v) > MAX_INDEXED_CHARS:
+        raise InvalidDataset(
+            f"{keyword} is {len(v)} characters long; this archive indexes at most {MAX_INDEXED_CHARS} "
+            f"(the {ds[keyword].VR} VR allows far fewer)"
+        )
+    return v
+
+
+def _da(ds: Dataset, keyword: str) -> str:
+    return normalize_da(_checked(ds, keyword))
+
+
+def _tm(ds: Dataset, keyword: str) -> str:
+    return normalize_tm(_checked(ds, keyword))
 
 
 def _i(ds: Dataset, keyword: str) -> int | None:
@@ -120,36 +183,36 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bo
         raise InvalidDataset(f"cannot decode identifying attributes: {exc}") from None
     try:
         return InstanceHeader(
-            patient_id=_s(ds, "PatientID"),
-            issuer_of_patient_id=_s(ds, "IssuerOfPatientID"),
-            patient_name=_s(ds, "PatientName", 324),
-            birth_date=_s(ds, "PatientBirthDate", 8),
-            sex=_s(ds, "PatientSex", 16),
+            patient_id=_checked(ds, "PatientID"),
+            issuer_of_patient_id=_checked(ds, "IssuerOfPatientID"),
+            patient_name=_checked(ds, "PatientName"),
+            birth_date=_da(ds, "PatientBirthDate"),
+            sex=_s(ds, "PatientSex"),
             study_uid=study_uid,
-            study_date=_s(ds, "StudyDate", 8),
-            study_time=_s(ds, "StudyTime", 16),
-            accession_number=_s(ds, "AccessionNumber", 16),
+            study_date=_da(ds, "StudyDate"),
+            study_time=_tm(ds, "StudyTime"),
+            accession_number=_checked(ds, "AccessionNumber"),
             accession_issuer=_accession_issuer(ds),
-            study_id=_s(ds, "StudyID", 16),
+            study_id=_s(ds, "StudyID"),
             study_description=_s(ds, "StudyDescription"),
-            referring_physician=_s(ds, "ReferringPhysicianName", 324),
+            referring_physician=_s(ds, "ReferringPhysicianName"),
             procedure_code=_code(ds, "ProcedureCodeSequence"),
             series_uid=series_uid,
-            modality=_s(ds, "Modality", 16),
+            modality=_checked(ds, "Modality"),
             series_number=_i(ds, "SeriesNumber"),
             series_description=_s(ds, "SeriesDescription"),
-            body_part=_s(ds, "BodyPartExamined", 16),
-            series_date=_s(ds, "SeriesDate", 8),
-            series_time=_s(ds, "SeriesTime", 16),
+            body_part=_s(ds, "BodyPartExamined"),
+            series_date=_da(ds, "SeriesDate"),
+            series_time=_tm(ds, "SeriesTime"),
             institution_name=_s(ds, "InstitutionName"),
-            station_name=_s(ds, "StationName", 16),
+            station_name=_s(ds, "StationName"),
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
             transfer_syntax_uid=ts,
             instance_number=_i(ds, "InstanceNumber"),
             number_of_frames=_i(ds, "NumberOfFrames"),
-            content_date=_s(ds, "ContentDate", 8),
-            content_time=_s(ds, "ContentTime", 16),
+            content_date=_da(ds, "ContentDate"),
+            content_time=_tm(ds, "ContentTime"),
             rows=_i(ds, "Rows"),
             columns=_i(ds, "Columns"),
             has_file_meta=has_file_meta,

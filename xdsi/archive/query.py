@@ -5,6 +5,11 @@ patient/study/series/instance tables: single-value, wildcard (``*``, ``?``),
 range (dates, times), list-of-UID and universal matching.  Results are built
 from index columns only; no stored file is opened.
 
+Dates and times are matched and answered in their normalised DICOM form
+(``YYYYMMDD``, ``HHMMSS.FFFFFF``), also when the stored file carries the
+ACR-NEMA form ``YYYY.MM.DD`` / ``HH:MM:SS`` (see header.normalize_da/tm); the
+stored file itself is never changed.
+
 The same :class:`QueryService` is meant for QIDO-RS (attribute keywords are
 the same) and for checking RAD-69 study/series/instance consistency.
 """
@@ -90,6 +95,26 @@ ATTRS: dict[str, Attr] = {
     "AvailableTransferSyntaxUID": Attr("IMAGE", Instance.transfer_syntax_uid, "uid"),
 }
 # fmt: on
+
+# Below PATIENT level, the patient's name, birth date and sex are answered (and matched)
+# from what each study was received with: the study's own, even when another study of
+# the same Patient ID came with a different name.  Patient ID and issuer are the
+# patient's identity, the same for all its studies.
+STUDY_OWN: dict[str, Attr] = {
+    "PatientName": Attr("STUDY", Study.patient_name, "pn"),
+    "PatientBirthDate": Attr("STUDY", Study.patient_birth_date, "date"),
+    "PatientSex": Attr("STUDY", Study.patient_sex, "str"),
+}
+# upper-cased copies for case-insensitive Person Name matching
+_PN_NORM = {Patient.patient_name: Patient.patient_name_norm, Study.patient_name: Study.patient_name_norm}
+
+
+def attr_for(keyword: str, level: str) -> Attr | None:
+    """How ``keyword`` maps to the index for a query at ``level``."""
+    if level != "PATIENT" and keyword in STUDY_OWN:
+        return STUDY_OWN[keyword]
+    return ATTRS.get(keyword)
+
 
 UNIQUE_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 # keys that describe the query itself, not an attribute to match
@@ -185,7 +210,8 @@ def _match(name: str, attr: Attr, raw: object, dialect: str, fuzzy: bool = False
             return col.like(value + "%")  # type: ignore[union-attr]  # 1200 matches 120000.000
         return col == value.replace(".", "")  # type: ignore[operator]
     if attr.kind == "pn":
-        target = Patient.patient_name_norm if col is Patient.patient_name else func.upper(col)  # type: ignore[arg-type]
+        norm = next((n for c, n in _PN_NORM.items() if c is col), None)
+        target = norm if norm is not None else func.upper(col)  # type: ignore[arg-type]
         v = value.upper()
         if fuzzy:
             return _fuzzy_pn(target, v)
@@ -243,7 +269,7 @@ class QueryService:
             if not kw or kw in _CONTROL or elem.tag.group == 0x0002:
                 continue
             requested.append(kw)
-            attr = ATTRS.get(kw)
+            attr = attr_for(kw, level)
             if attr is None or attr.level not in in_scope:
                 continue  # unsupported or lower-level key: returned empty / ignored
             if elem.VR == "SQ":
@@ -281,7 +307,7 @@ class QueryService:
                     key = UNIQUE_KEY[lv]
                     setattr(ds, key, getattr(objs[lv], ATTRS[key].column.key))  # type: ignore[union-attr]
                 for kw in requested:
-                    value = self._value(s, kw, objs, counters, in_scope)
+                    value = self._value(s, kw, objs, counters, in_scope, level)
                     _set(ds, kw, value)
                     if isinstance(value, str) and not value.isascii():
                         charset_needed = True
@@ -292,8 +318,8 @@ class QueryService:
                     ds.SpecificCharacterSet = "ISO_IR 192"
                 yield ds
 
-    def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str]):  # type: ignore[no-untyped-def]
-        attr = ATTRS.get(kw)
+    def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str], level: str):  # type: ignore[no-untyped-def]
+        attr = attr_for(kw, level)
         if attr is None or attr.level not in in_scope:
             return None
         obj = objs.get(attr.level)
@@ -385,4 +411,4 @@ _COUNTS: dict[str, Callable] = {
     "NumberOfSeriesRelatedInstances": _series_instances,
 }
 
-__all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS"]
+__all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS", "attr_for"]

@@ -127,6 +127,11 @@ class StoreService:
         try:
             with self.index.session() as s:
                 _, old = catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace)
+        except catalog.PatientMismatch as exc:
+            # the study is archived for another patient: refuse rather than file it under the wrong person
+            hot.delete(placed.rel_path)
+            log.warning("refused %s: %s", header.sop_instance_uid, exc)
+            return StoreResult(Outcome.REJECTED, reason=str(exc), **ids)
         except catalog.DuplicateInstance:
             # a concurrent store of the same instance won the race: keep its copy
             hot.delete(placed.rel_path)

@@ -8,6 +8,7 @@ instances of the same new study at once without a unique-key race.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
 
 if TYPE_CHECKING:
     from xdsi.archive.header import InstanceHeader
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -58,8 +61,19 @@ def _fill_empty(row: Any, values: dict[str, Any]) -> None:
             setattr(row, k, v)
 
 
+def patient_key(h: "InstanceHeader") -> dict[str, str]:
+    """The patient's identity: (Patient ID, Issuer of Patient ID), or the study itself when there is no Patient ID.
+
+    An empty Patient ID identifies nobody, so it must never gather the studies of different
+    people under one patient: such a study is its own patient (``scope_study_uid``).
+    """
+    if h.patient_id:
+        return {"patient_id": h.patient_id, "issuer_of_patient_id": h.issuer_of_patient_id, "scope_study_uid": ""}
+    return {"patient_id": "", "issuer_of_patient_id": h.issuer_of_patient_id, "scope_study_uid": h.study_uid}
+
+
 def _patient(session: Session, h: "InstanceHeader", now: datetime) -> Patient:
-    key = {"patient_id": h.patient_id, "issuer_of_patient_id": h.issuer_of_patient_id}
+    key = patient_key(h)
     values = {
         "patient_name": h.patient_name,
         "patient_name_norm": h.patient_name.upper(),
@@ -71,13 +85,46 @@ def _patient(session: Session, h: "InstanceHeader", now: datetime) -> Patient:
         _insert_ignore(session, Patient, {**key, **values, "created_at": now}, list(key))
         row = session.scalars(select(Patient).filter_by(**key)).one()
     else:
+        if h.patient_name and row.patient_name and h.patient_name != row.patient_name:
+            # Same identity, another name (a correction, a typo, a different person under a
+            # reused ID): existing studies are not renamed; this study keeps its own name.
+            log.warning(
+                "Patient ID %r (issuer %r): study %s arrives with name %r, the patient was first received as %r; "
+                "each study keeps the name it was received with",
+                h.patient_id, h.issuer_of_patient_id, h.study_uid, h.patient_name, row.patient_name,
+            )
         _fill_empty(row, values)
     return row
 
 
-def _study(session: Session, h: "InstanceHeader", patient: Patient, now: datetime) -> Study:
+class PatientMismatch(Exception):
+    """An instance names another patient than the study it belongs to already has.
+
+    Filing it under the study's patient would put one person's image under another's
+    name; moving the study would silently re-assign what was already acknowledged.
+    The instance is refused with this message instead.
+    """
+
+
+def _check_same_patient(session: Session, h: "InstanceHeader", study: Study) -> None:
+    have = session.get(Patient, study.patient_fk)
+    want = patient_key(h)
+    if have is None:  # pragma: no cover - the foreign key forbids it
+        return
+    if (have.patient_id, have.issuer_of_patient_id, have.scope_study_uid) != tuple(want.values()):
+        raise PatientMismatch(
+            f"Study {h.study_uid} is archived for Patient ID {have.patient_id!r} (issuer {have.issuer_of_patient_id!r}); "
+            f"this instance has Patient ID {h.patient_id!r} (issuer {h.issuer_of_patient_id!r})"
+        )
+
+
+def _study(session: Session, h: "InstanceHeader", now: datetime) -> Study:
     code = h.procedure_code or ("", "", "")
     values = {
+        "patient_name": h.patient_name,
+        "patient_name_norm": h.patient_name.upper(),
+        "patient_birth_date": h.birth_date,
+        "patient_sex": h.sex,
         "study_date": h.study_date,
         "study_time": h.study_time,
         "accession_number": h.accession_number,
@@ -91,6 +138,7 @@ def _study(session: Session, h: "InstanceHeader", patient: Patient, now: datetim
     }
     row = session.scalars(select(Study).filter_by(study_uid=h.study_uid)).one_or_none()
     if row is None:
+        patient = _patient(session, h, now)
         _insert_ignore(
             session,
             Study,
@@ -98,7 +146,12 @@ def _study(session: Session, h: "InstanceHeader", patient: Patient, now: datetim
             ["study_uid"],
         )
         row = session.scalars(select(Study).filter_by(study_uid=h.study_uid)).one()
+        if row.patient_fk != patient.pk:
+            # a concurrent store created the study first: hold this instance to the same check
+            _check_same_patient(session, h, row)
     else:
+        _check_same_patient(session, h, row)
+        _patient(session, h, now)  # fills attributes the patient row lacked
         _fill_empty(row, values)
     return row
 
@@ -165,8 +218,7 @@ def record_instance(
     transaction has committed.
     """
     now = utcnow()
-    patient = _patient(session, h, now)
-    study = _study(session, h, patient, now)
+    study = _study(session, h, now)
     series = _series(session, h, study, now)
     values = {
         "series_fk": series.pk,

@@ -112,18 +112,44 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to call from several processes at once."""
     cfg = alembic_config(engine)
+    sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             conn.commit()
+        if sqlite:
+            # Batch migrations rebuild a SQLite table (copy, DROP, rename).  With foreign keys
+            # enforced, DROP TABLE first deletes every row, and ON DELETE CASCADE would take the
+            # child rows with it (file_copy under instance).  The pragma only takes effect
+            # outside a transaction, hence the DBAPI connection (autocommit mode); integrity is
+            # checked before the pragma is restored.
+            _sqlite_pragma(conn, "PRAGMA foreign_keys=OFF")
         try:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
             conn.commit()
+            if sqlite:
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                conn.commit()
+                if broken:
+                    raise RuntimeError(f"index migration left dangling references: {broken[:5]}")
         finally:
+            if sqlite:
+                conn.rollback()
+                _sqlite_pragma(conn, "PRAGMA foreign_keys=ON")
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
                 conn.commit()
+
+
+def _sqlite_pragma(conn, pragma: str) -> None:  # type: ignore[no-untyped-def]
+    """Run a pragma on the raw SQLite connection, outside any transaction."""
+    dbapi = conn.connection.dbapi_connection
+    cur = dbapi.cursor()
+    try:
+        cur.execute(pragma)
+    finally:
+        cur.close()
 
 
 def current_revision(engine: Engine) -> str | None:

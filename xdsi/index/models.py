@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -38,23 +39,42 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-UID = String(64)
+UID = String(64)  # validated before it reaches the index (xdsi.uids)
+
+# Every other column holding a DICOM value is Text: a value is stored whole, never cut
+# to a VR's maximum (SQLite would keep it anyway, PostgreSQL's VARCHAR(n) would refuse
+# the whole instance).  DA and TM columns hold the normalised form (header.normalize_da
+# and normalize_tm); the stored file keeps the bytes it was received with.
 
 
 class Patient(Base):
-    """A patient as identified by (Patient ID, Issuer of Patient ID)."""
+    """A patient as identified by (Patient ID, Issuer of Patient ID).
+
+    A study received without a Patient ID identifies nobody: it gets a patient row of
+    its own, keyed by ``scope_study_uid`` (that study's UID), so two such studies are
+    never merged into one person.  ``scope_study_uid`` is ``""`` for every patient that
+    has a Patient ID.  A plain three-column unique constraint (no partial index) lets
+    ``INSERT ... ON CONFLICT DO NOTHING`` arbitrate concurrent stores on both backends.
+
+    The name, birth date and sex here are those of the first instance received for this
+    identity; what each study was received with is kept on the study (``Study.patient_*``)
+    and is what study, series and image level queries answer.
+    """
 
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", "scope_study_uid", name="uq_patient_identity"),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_id: Mapped[str] = mapped_column(Text, default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(Text, default="")
+    scope_study_uid: Mapped[str] = mapped_column(UID, default="", server_default="")
+    patient_name: Mapped[str] = mapped_column(Text, default="", index=True)
     # upper-cased copy of the name for case-insensitive matching on every backend
-    patient_name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
-    birth_date: Mapped[str] = mapped_column(String(8), default="")
-    sex: Mapped[str] = mapped_column(String(16), default="")
+    patient_name_norm: Mapped[str] = mapped_column(Text, default="", index=True)
+    birth_date: Mapped[str] = mapped_column(Text, default="")
+    sex: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     studies: Mapped[list["Study"]] = relationship(back_populates="patient")
@@ -70,18 +90,25 @@ class Study(Base):
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.pk"), index=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
-    study_date: Mapped[str] = mapped_column(String(8), default="")
-    study_time: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
-    accession_issuer: Mapped[str] = mapped_column(String(64), default="")
-    study_id: Mapped[str] = mapped_column(String(16), default="")
-    study_description: Mapped[str] = mapped_column(String(64), default="")
-    referring_physician: Mapped[str] = mapped_column(String(324), default="")
-    procedure_code_value: Mapped[str] = mapped_column(String(64), default="")
-    procedure_code_scheme: Mapped[str] = mapped_column(String(64), default="")
-    procedure_code_meaning: Mapped[str] = mapped_column(String(64), default="")
+    # the patient attributes this study was received with (its first instance): the
+    # study's own, answered at study/series/image level even if another study of the
+    # same Patient ID arrived with a different name
+    patient_name: Mapped[str] = mapped_column(Text, default="", server_default="")
+    patient_name_norm: Mapped[str] = mapped_column(Text, default="", server_default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(Text, default="", server_default="")
+    patient_sex: Mapped[str] = mapped_column(Text, default="", server_default="")
+    study_date: Mapped[str] = mapped_column(Text, default="")
+    study_time: Mapped[str] = mapped_column(Text, default="")
+    accession_number: Mapped[str] = mapped_column(Text, default="", index=True)
+    accession_issuer: Mapped[str] = mapped_column(Text, default="")
+    study_id: Mapped[str] = mapped_column(Text, default="")
+    study_description: Mapped[str] = mapped_column(Text, default="")
+    referring_physician: Mapped[str] = mapped_column(Text, default="")
+    procedure_code_value: Mapped[str] = mapped_column(Text, default="")
+    procedure_code_scheme: Mapped[str] = mapped_column(Text, default="")
+    procedure_code_meaning: Mapped[str] = mapped_column(Text, default="")
     # backslash-joined distinct series modalities, kept in step by the store service
-    modalities: Mapped[str] = mapped_column(String(256), default="")
+    modalities: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # last time an instance was added or removed: the "stable study" clock for publishing
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -96,14 +123,14 @@ class Series(Base):
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_fk: Mapped[int] = mapped_column(ForeignKey("study.pk"), index=True)
     series_uid: Mapped[str] = mapped_column(UID, unique=True)
-    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    modality: Mapped[str] = mapped_column(Text, default="", index=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    series_description: Mapped[str] = mapped_column(String(64), default="")
-    body_part: Mapped[str] = mapped_column(String(16), default="")
-    series_date: Mapped[str] = mapped_column(String(8), default="")
-    series_time: Mapped[str] = mapped_column(String(16), default="")
-    institution_name: Mapped[str] = mapped_column(String(64), default="")
-    station_name: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(Text, default="")
+    body_part: Mapped[str] = mapped_column(Text, default="")
+    series_date: Mapped[str] = mapped_column(Text, default="")
+    series_time: Mapped[str] = mapped_column(Text, default="")
+    institution_name: Mapped[str] = mapped_column(Text, default="")
+    station_name: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -120,8 +147,8 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    content_date: Mapped[str] = mapped_column(String(8), default="")
-    content_time: Mapped[str] = mapped_column(String(16), default="")
+    content_date: Mapped[str] = mapped_column(Text, default="")
+    content_time: Mapped[str] = mapped_column(Text, default="")
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     source_ae_title: Mapped[str] = mapped_column(String(16), default="")
