@@ -125,9 +125,9 @@ def load_study(index: Index, study_uid: str, exclude_sops: Iterable[str] = ()) -
         return StudySnapshot(
             patient_id=patient.patient_id,
             issuer_of_patient_id=patient.issuer_of_patient_id,
-            patient_name=patient.patient_name,
-            birth_date=patient.birth_date,
-            sex=patient.sex,
+            patient_name=study.patient_name,
+            birth_date=study.patient_birth_date,
+            sex=study.patient_sex,
             study_uid=study.study_uid,
             study_date=study.study_date,
             study_time=study.study_time,
