@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -104,43 +105,76 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _open_archive(settings: Settings):  # type: ignore[no-untyped-def]
+    """The archive for a one-shot command; a data directory that cannot be created or written is one line, exit 2."""
+    from xdsi.archive import Archive
+    from xdsi.startup import check_directories
+
+    check_directories(settings)
+    return Archive.open(settings, clean=False)  # a running server may be writing: leave its temp files alone
+
+
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Import files and folders; report every path not imported with the reason, and carry on.
+
+    Exit status 1 when a path named on the command line does not exist, a store failed on our
+    side, or something that may be an instance could not be read (permission denied, I/O error);
+    0 when everything skipped is certainly not an instance (text, DICOMDIR, dangling symlink, loop).
+    """
     from tqdm import tqdm
 
-    from xdsi.archive import Archive
-    from xdsi.archive.store import Outcome, iter_dicom_paths
+    from xdsi.archive.store import Outcome
+    from xdsi.importing import examine, rejection, walk
 
-    missing = [p for p in args.paths if not p.exists()]
+    missing = [p for p in args.paths if not os.path.lexists(p)]
     for p in missing:
         print(f"xdsi import: {p}: no such file or folder", file=sys.stderr)
-    archive = Archive.open(settings, clean=False)  # a running server may be writing: leave its temp files alone
-    files = list(iter_dicom_paths([p for p in args.paths if p.exists()]))
+    archive = _open_archive(settings)
+    found = list(walk([p for p in args.paths if p not in missing], skip_dirs=[settings.data_dir]))
+    files = [f.path for f in found if not f.problem]
     counts: Counter[str] = Counter()
-    skipped: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str]] = [(f.path, f.problem) for f in found if f.problem]
+    unreadable = sum(1 for f in found if f.unreadable)
     try:
         for path in tqdm(files, unit="file", disable=args.no_progress or None, desc="import"):
-            result = archive.store.store_file(path)
+            ex = examine(path)
+            if ex.skip:
+                counts["unreadable" if ex.unreadable else "rejected"] += 1
+                unreadable += ex.unreadable
+                skipped.append((path, ex.skip))
+                continue
+            try:
+                result = archive.store.store_file(path)
+            except OSError as exc:  # the file went away or turned unreadable since examine()
+                counts["unreadable"] += 1
+                unreadable += 1
+                skipped.append((path, f"cannot read: {exc.strerror or exc}"))
+                continue
             counts[result.outcome.value] += 1
-            if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
+            if result.outcome is Outcome.REJECTED:
+                skipped.append((path, rejection(ex, result.reason)))
+            elif result.outcome is Outcome.FAILED:
                 skipped.append((path, result.reason))
             elif result.outcome is Outcome.DUPLICATE:
                 skipped.append((path, f"duplicate SOP Instance UID {result.sop_instance_uid}: {result.reason}"))
     finally:
         archive.close()
+    others = len(skipped) - sum(counts[k] for k in ("rejected", "failed", "duplicate", "unreadable"))
     print(
         f"imported {counts['stored'] + counts['replaced']} of {len(files)} file(s): "
         f"{counts['stored']} new, {counts['replaced']} replaced, {counts['duplicate']} duplicate, "
         f"{counts['rejected']} not DICOM or invalid, {counts['failed']} failed"
+        + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
+        + (f"; {others} other path(s) skipped" if others else "")
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
-    return 1 if counts["failed"] or missing else 0
+    return 1 if counts["failed"] or missing or unreadable else 0
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from xdsi.archive import Archive
 
-    archive = Archive.open(settings, clean=False)
+    archive = _open_archive(settings)
     try:
         report = archive.policy.run_once()
     finally:
@@ -152,12 +186,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from xdsi.archive import Archive
     from xdsi.archive.lifecycle import archive_status
 
     if getattr(args, "study", None):
         return cmd_status_study(settings, args.study)
-    archive = Archive.open(settings, clean=False)
+    archive = _open_archive(settings)
     try:
         st = archive_status(archive.index, archive.tiers)
         queued = archive.policy.plan()
@@ -220,11 +253,10 @@ def _print_xds_queue(settings: Settings) -> None:
 
 
 def cmd_status_study(settings: Settings, study_uid: str) -> int:
-    from xdsi.archive import Archive
     from xdsi.uids import InvalidUID
     from xdsi.xds.publisher import study_report
 
-    archive = Archive.open(settings, clean=False)
+    archive = _open_archive(settings)
     try:
         report = study_report(archive, study_uid)
     except InvalidUID as exc:
@@ -258,7 +290,6 @@ def cmd_status_study(settings: Settings, study_uid: str) -> int:
 
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
     """Queue and send now; print the registry's answer; exit 0 only on Success."""
-    from xdsi.archive import Archive
     from xdsi.index.xds_models import DONE
     from xdsi.uids import InvalidUID
     from xdsi.xds.manifest import NonConformantManifest
@@ -268,7 +299,7 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.xds.enabled:
         print("xdsi publish: [xds] mode is \"off\"; set it to \"repository\" or \"integrated\"", file=sys.stderr)
         return 2
-    archive = Archive.open(settings, clean=False)
+    archive = _open_archive(settings)
     try:
         outcome = Publisher(archive).publish_now(args.study_uid, wait=args.wait)
     except (InvalidUID, NonConformantManifest, MetadataError) as exc:
@@ -336,7 +367,6 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     """Delete from the archive; a published study then gets a replacement manifest, or its manifest deprecated."""
-    from xdsi.archive import Archive
     from xdsi.uids import InvalidUID, validate_uid
 
     try:
@@ -346,7 +376,7 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     except InvalidUID as exc:
         print(f"xdsi delete: {exc}", file=sys.stderr)
         return 2
-    archive = Archive.open(settings, clean=False)
+    archive = _open_archive(settings)
     try:
         refs = archive.retrieve.select(study_uids=[study], series_uids=series, sop_uids=sops)
         if not refs:
@@ -386,7 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    return COMMANDS[args.command](settings, args)
+    from xdsi.startup import StartupError
+
+    try:
+        return COMMANDS[args.command](settings, args)
+    except StartupError as exc:  # a port or directory the operator must fix: one line, like ConfigError
+        print(f"xdsi: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,23 @@
-"""``xdsi serve``: the DICOM and HTTP servers in one process, stopped cleanly by SIGTERM or SIGINT."""
+"""``xdsi serve``: the DICOM and HTTP servers in one process, stopped cleanly by SIGTERM or SIGINT.
+
+Start-up failures the operator must fix (a busy port, a data directory that cannot be
+created or written) raise :class:`xdsi.startup.StartupError` naming the setting and flag;
+whatever had started by then is stopped first, so the process exits rather than hangs on
+pynetdicom's non-daemon threads.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from xdsi.archive import Archive
 from xdsi.config import Settings
 from xdsi.dimse.server import DicomServer
+from xdsi.startup import StartupError, check_directories, directory_settings, listen_error, path_error
 from xdsi.web.app import make_app
 from xdsi.web.httpd import HttpServer
 
@@ -19,29 +27,50 @@ log = logging.getLogger(__name__)
 class Servers:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.archive = Archive.open(settings)
+        check_directories(settings)
+        try:
+            self.archive = Archive.open(settings)
+        except OSError as exc:  # raced with check_directories, or a path it does not know
+            raise _blame_path(settings, exc) from None
         # further AE titles (partitions): own archive each, served on the main DICOM port by called AE
         # title, and on a port of their own where a dicom_port is configured
         from xdsi.archive.partitions import Partitions
 
-        self.partitions = Partitions.open(self.archive)
+        try:
+            self.partitions = Partitions.open(self.archive)
+        except BaseException as exc:
+            self.archive.close()
+            if isinstance(exc, OSError):
+                raise _blame_path(settings, exc) from None
+            raise
         self.dicom = DicomServer(self.archive, self.partitions.extra())
         self.partition_dicom = [
             (DicomServer(self.partitions[settings.for_partition(name).ae_title]), int(p.dicom_port))
             for name, p in settings.partitions.items()
             if p.dicom_port is not None
         ]
+        self._partition_port_names = [name for name, p in settings.partitions.items() if p.dicom_port is not None]
         self.http: Any = None
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
 
     def start(self) -> None:
         s = self.settings
-        self.dicom.start(s.host, s.dicom_port)
-        for server, port in self.partition_dicom:
-            server.start(s.host, port)
+        # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
         self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions))
-        self.http.start()
+        try:
+            self.http.start()
+        except OSError as exc:
+            raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
+        try:
+            self.dicom.start(s.host, s.dicom_port)
+        except OSError as exc:
+            raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
+        for (server, port), name in zip(self.partition_dicom, self._partition_port_names):
+            try:
+                server.start(s.host, port)
+            except OSError as exc:
+                raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if s.xds.enabled:
             from xdsi.xds.publisher import PublisherThread
@@ -49,11 +78,13 @@ class Servers:
             self.publisher = PublisherThread(self.archive)
             self.publisher.start()
 
-    def stop(self) -> None:
+    def stop(self, *, quiet: bool = False) -> None:
+        """Stop whatever started; ``quiet`` after a failed start, whose one-line reason should stand alone."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("stopping")
+        if not quiet:
+            log.info("stopping")
         if self.publisher is not None:
             self.publisher.stop()
         if self.http is not None:
@@ -66,7 +97,7 @@ class Servers:
 
 
 def serve(settings: Settings) -> int:
-    servers = Servers(settings)
+    servers = Servers(settings)  # raises StartupError before anything listens
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -75,7 +106,11 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    servers.start()
+    try:
+        servers.start()
+    except BaseException:
+        servers.stop(quiet=True)  # what did start (a DICOM listener's threads) must not keep the process alive
+        raise
     print(
         f"xdsi serving AE {settings.ae_title} on dicom://{settings.host}:{servers.dicom.port} "
         f"and http://{settings.host}:{servers.http.server_port}/ (data in {settings.data_dir})",
@@ -86,3 +121,15 @@ def serve(settings: Settings) -> int:
     finally:
         servers.stop()
     return 0
+
+
+def _blame_path(settings: Settings, exc: OSError) -> StartupError:
+    """The directory setting an OSError's path lies under (the deepest one), else the data directory."""
+    where = Path(exc.filename).resolve() if exc.filename else None
+    dirs = directory_settings(settings)
+    best = dirs[0]
+    if where is not None:
+        under = [d for d in dirs if where == d.path.resolve() or d.path.resolve() in where.parents]
+        if under:
+            best = max(under, key=lambda d: len(d.path.resolve().parts))
+    return path_error(best, exc, "use")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.integration.cli_support import without_dac_override
 from xdsi.tools.synth import StudySpec, write_study
 
 
@@ -71,3 +75,123 @@ def test_delete_instance_series_and_study(tmp_path: Path) -> None:
 
     assert xdsi("delete", "--data-dir", data, "--study", spec.study_uid, "--yes").returncode == 1  # nothing left
     assert xdsi("delete", "--data-dir", data, "--study", "../etc", "--yes").returncode == 2  # not a UID
+
+
+# -- a messy tree: what a copied CD or a home folder holds besides instances (issue 8, item 7) --------
+
+TESTDATA = Path(__import__("pydicom").data.get_testdata_file("CT_small.dcm")).parent  # files nobody here wrote
+
+
+def _skips(stdout: str) -> dict[str, str]:
+    """``skipped PATH: reason`` lines by path."""
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("skipped "):
+            path, reason = line[len("skipped ") :].split(": ", 1)
+            out[path] = reason
+    return out
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    root = tmp_path_factory.mktemp("messy")
+    tree = root / "tree"
+    write_study(tree / "study", StudySpec(), series=1, per_series=2)
+    shutil.copy(TESTDATA / "README.txt", tree / "README.txt")  # pydicom force-reads this as "elements to byte 1818838568"
+    shutil.copy(TESTDATA / "crayons.icc", tree / "crayons.icc")
+    shutil.copy(TESTDATA / "dicomdirtests" / "DICOMDIR", tree / "DICOMDIR")
+    shutil.copy(TESTDATA / "MR_truncated.dcm", tree / "MR_truncated.dcm")
+    bare = tree / "bare"
+    bare.mkdir()  # datasets without preamble and DICM (one instance, two encodings: same SOP Instance UID)
+    shutil.copy(TESTDATA / "ExplVR_BigEndNoMeta.dcm", bare / "a_big_endian.dcm")
+    shutil.copy(TESTDATA / "ExplVR_LitEndNoMeta.dcm", bare / "b_little_endian.dcm")
+    (tree / "dangling.dcm").symlink_to(root / "gone.dcm")
+    (tree / "study" / "up").symlink_to("..")  # a folder loop
+    (tree / "loop_a").symlink_to("loop_b")  # a symlink loop
+    (tree / "loop_b").symlink_to("loop_a")
+    (tree / "again").symlink_to("study")  # a second way into a folder: read once
+    os.mkfifo(tree / "fifo")  # opening it would block forever
+    out = xdsi("import", "--data-dir", str(root / "data"), "--no-progress", str(tree))
+    return tree, root / "data", out
+
+
+def test_import_goes_on_past_unreadable_paths_with_honest_reasons(messy: tuple[Path, Path, subprocess.CompletedProcess[str]]) -> None:
+    tree, _data, out = messy
+    assert out.returncode == 0, out.stdout + out.stderr  # nothing that could be an instance was left unread
+    assert "Traceback" not in out.stderr, out.stderr
+    skips = _skips(out.stdout)
+    expected = {
+        "README.txt": "not DICOM (no DICM prefix)",
+        "crayons.icc": "not DICOM (no DICM prefix)",
+        "DICOMDIR": "DICOMDIR: a media directory, not an instance",
+        "MR_truncated.dcm": "truncated dataset: elements extend to byte 9692, file has 9630",
+        "dangling.dcm": f"dangling symlink (to {tree.parent / 'gone.dcm'})",
+        "study/up": f"directory loop: leads back to {tree}",
+        "loop_a": "symlink loop (too many levels of symbolic links)",
+        "loop_b": "symlink loop (too many levels of symbolic links)",
+        "fifo": "not a regular file (a FIFO)",
+        "bare/b_little_endian.dcm": "duplicate SOP Instance UID 1.2.333.4444.5.6.7.8: already archived; first copy kept",
+        "again": f"same folder as {tree / 'study'}, already read",  # real folders are read before links to them
+    }
+    assert skips == {str(tree / rel): reason for rel, reason in expected.items()}, out.stdout
+    # regular files: 2 instances + README, icc, DICOMDIR, truncated + 2 bare datasets; 6 other paths skipped by the walk
+    assert (
+        "imported 3 of 8 file(s): 3 new, 0 replaced, 1 duplicate, 4 not DICOM or invalid, 0 failed; 6 other path(s) skipped"
+        in out.stdout.splitlines()
+    ), out.stdout
+
+
+def test_a_bare_big_endian_dataset_is_stored_as_big_endian(messy: tuple[Path, Path, subprocess.CompletedProcess[str]]) -> None:
+    """A dataset without File Meta Information gets one naming the encoding pydicom found, byte order included."""
+    from pydicom import dcmread
+
+    tree, data, _out = messy
+    stored = list((data / "storage").rglob("1.2.333.4444.5.6.7.8.dcm"))
+    assert len(stored) == 1
+    ours = dcmread(stored[0])
+    original = dcmread(tree / "bare" / "a_big_endian.dcm", force=True)
+    assert ours.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    assert ours.SOPInstanceUID == original.SOPInstanceUID and ours == original  # every element, as pydicom reads it
+    assert stored[0].read_bytes().endswith(TESTDATA.joinpath("ExplVR_BigEndNoMeta.dcm").read_bytes())  # bytes kept
+
+
+def test_import_reports_permission_denied_and_exits_1(tmp_path: Path) -> None:
+    """Unreadable file and folder: reported, the rest imported, exit 1 (they may hold instances)."""
+    tree = tmp_path / "tree"
+    files = write_study(tree / "ok", StudySpec(), series=1, per_series=2)
+    locked_file = tree / "locked.dcm"
+    shutil.copy(files[0], locked_file)
+    locked_dir = tree / "locked_dir"
+    write_study(locked_dir, StudySpec(), series=1, per_series=1)
+    locked_file.chmod(0)
+    locked_dir.chmod(0)
+    preexec = None
+    if os.geteuid() == 0:
+        probe = subprocess.run([sys.executable, "-c", f"open({str(locked_file)!r}, 'rb')"], capture_output=True, preexec_fn=without_dac_override)
+        if probe.returncode == 0:
+            pytest.skip("root without CAP_DAC_OVERRIDE still reads a mode-000 file here: cannot test permission denied")
+        preexec = without_dac_override
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "xdsi", "import", "--data-dir", str(tmp_path / "data"), "--no-progress", str(tree)],
+            capture_output=True, text=True, timeout=120, preexec_fn=preexec,
+        )
+    finally:
+        locked_file.chmod(0o644)
+        locked_dir.chmod(0o755)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert _skips(out.stdout) == {str(locked_dir): "permission denied (folder)", str(locked_file): "permission denied"}, out.stdout
+    assert (
+        "imported 2 of 3 file(s): 2 new, 0 replaced, 0 duplicate, 0 not DICOM or invalid, 0 failed, 1 unreadable; 1 other path(s) skipped"
+        in out.stdout.splitlines()
+    ), out.stdout
+
+
+def test_import_with_a_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    out = xdsi("import", "--data-dir", str(tmp_path / "file" / "data"), "--no-progress", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"xdsi: [server] data_dir {tmp_path / 'file' / 'data'} (--data-dir): cannot create {tmp_path / 'file' / 'data'}: {tmp_path / 'file'} is a file, not a directory"
+    ], out.stderr

@@ -248,6 +248,8 @@ def read_header(path: Path | str) -> InstanceHeader:
     ts: Any = meta.get("TransferSyntaxUID") if meta is not None else None
     has_meta = ts is not None
     if ts is None:
-        # bare dataset from a file without a Part 10 header: pydicom guessed the encoding
-        ts = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
+        # bare dataset from a file without a Part 10 header: pydicom guessed the encoding, byte order
+        # included (a big-endian dataset labelled little endian would be stored corrupt)
+        implicit, little = ds.original_encoding
+        ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
     return header_from_dataset(ds, str(ts), has_meta)
