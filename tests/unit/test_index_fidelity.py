@@ -215,6 +215,22 @@ def test_instance_naming_another_patient_is_refused(archive: Archive, tmp_path: 
     assert find(archive, "IMAGE", StudyInstanceUID=spec.study_uid, SOPInstanceUID=ds.SOPInstanceUID) == []
 
 
+def test_instance_without_issuer_joins_the_same_patient_id(archive: Archive, tmp_path: Path) -> None:
+    """A presentation state made on a workstation often leaves Issuer of Patient ID out: same ID, issuer not stated."""
+    spec = StudySpec(patient_id=f"OWN-{uuid.uuid4().hex[:6]}", issuer="HOSP")
+    _store_ds(archive, _instance(spec), tmp_path)
+    ds = _instance(spec, IssuerOfPatientID=None)
+    p = tmp_path / "no-issuer.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    assert archive.store.store_file(p).ok
+    (r,) = find(archive, "IMAGE", StudyInstanceUID=spec.study_uid, SOPInstanceUID=ds.SOPInstanceUID, IssuerOfPatientID="")
+    assert r.IssuerOfPatientID == "HOSP"  # filed under the study's patient
+    other = _instance(spec, IssuerOfPatientID="ELSEWHERE")  # a different stated issuer is another patient
+    q = tmp_path / "other-issuer.dcm"
+    other.save_as(q, enforce_file_format=True)
+    assert archive.store.store_file(q).outcome is Outcome.REJECTED
+
+
 def test_study_without_patient_id_refuses_an_instance_with_one(archive: Archive, tmp_path: Path) -> None:
     spec = StudySpec(patient_id="")
     _store_ds(archive, _instance(spec, PatientID=None), tmp_path)

@@ -111,11 +111,18 @@ def _check_same_patient(session: Session, h: "InstanceHeader", study: Study) -> 
     want = patient_key(h)
     if have is None:  # pragma: no cover - the foreign key forbids it
         return
-    if (have.patient_id, have.issuer_of_patient_id, have.scope_study_uid) != tuple(want.values()):
-        raise PatientMismatch(
-            f"Study {h.study_uid} is archived for Patient ID {have.patient_id!r} (issuer {have.issuer_of_patient_id!r}); "
-            f"this instance has Patient ID {h.patient_id!r} (issuer {h.issuer_of_patient_id!r})"
-        )
+    if (have.patient_id, have.issuer_of_patient_id, have.scope_study_uid) == tuple(want.values()):
+        return
+    # An instance that leaves the issuer out (a presentation state or report made on a workstation
+    # often does) names the same patient when its Patient ID is the study's: an absent issuer is
+    # "not stated", not another assigning authority.  Two different stated issuers, or another
+    # Patient ID, are another patient.
+    if h.patient_id and h.patient_id == have.patient_id and not h.issuer_of_patient_id:
+        return
+    raise PatientMismatch(
+        f"Study {h.study_uid} is archived for Patient ID {have.patient_id!r} (issuer {have.issuer_of_patient_id!r}); "
+        f"this instance has Patient ID {h.patient_id!r} (issuer {h.issuer_of_patient_id!r})"
+    )
 
 
 def _study(session: Session, h: "InstanceHeader", now: datetime) -> Study:
