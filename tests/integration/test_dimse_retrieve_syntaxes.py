@@ -36,6 +36,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -321,12 +322,8 @@ def got_stored_first(local_server: XdsiProcess, corpus: Corpus) -> GetResult:
     """One context per instance's (SOP class, stored syntax), the stored syntax first, then Explicit and Implicit."""
     contexts = []
     for i in corpus.items:
-        if i.transfer_syntax in (ExplicitVRBigEndian, "1.2.840.10008.1.2.1.99"):
-            # Big Endian / Deflated are taken ahead of a little-endian syntax only when offered alone
-            contexts.append((i.sop_class, [i.transfer_syntax]))
-        else:
-            rest = [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != i.transfer_syntax]
-            contexts.append((i.sop_class, [i.transfer_syntax, *rest]))
+        rest = [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != i.transfer_syntax]
+        contexts.append((i.sop_class, [i.transfer_syntax, *rest]))
     return c_get(local_server, contexts, study_query(corpus))
 
 
@@ -341,6 +338,32 @@ def test_get_offering_stored_syntax_first_gets_stored_bytes(got_stored_first: Ge
 def test_get_offering_stored_syntax_first_succeeds(got_stored_first: GetResult, corpus: Corpus) -> None:
     assert got_stored_first.final.Status == 0x0000
     assert got_stored_first.final.NumberOfCompletedSuboperations == len(corpus.items)
+
+
+@pytest.fixture(scope="module", params=[ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian], ids=["big-endian", "deflated"])
+def got_uncompressed_first(request: pytest.FixtureRequest, local_server: XdsiProcess, corpus: Corpus) -> tuple[str, GetResult]:
+    """getscu +xb / +xd: [Big Endian or Deflated, Explicit VR LE, Implicit VR LE] for every class of the study."""
+    first = str(request.param)
+    classes = sorted({i.sop_class for i in corpus.items})
+    return first, c_get(local_server, [(c, [first, ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes], study_query(corpus))
+
+
+@pytest.mark.parametrize("stored_ts", cases(None))
+def test_get_big_endian_or_deflated_first_converts_every_instance(
+    got_uncompressed_first: tuple[str, GetResult], corpus: Corpus, stored_ts: str
+) -> None:
+    """The requestor's first choice is accepted for the whole SOP class: instances stored otherwise arrive converted to it."""
+    first, result = got_uncompressed_first
+    item = corpus.by_ts(stored_ts)
+    assert item.sop_uid in result.received, f"{item.name} not received: {result.final}"
+    ds, raw = result.received[item.sop_uid]
+    check_instance(item, ds, raw, first)
+
+
+def test_get_big_endian_or_deflated_first_succeeds(got_uncompressed_first: tuple[str, GetResult], corpus: Corpus) -> None:
+    _, result = got_uncompressed_first
+    assert result.final.Status == 0x0000
+    assert result.final.NumberOfCompletedSuboperations == len(corpus.items)
 
 
 def test_get_jpeg_baseline_preferred_is_unchanged(local_server: XdsiProcess, corpus: Corpus) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
     JPEG2000,
@@ -37,8 +39,12 @@ from pydicom.uid import (
 
 from xdsi.archive import content, transcode
 
-TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless, JPEG2000)
+TARGETS = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless, RLELossless, JPEG2000,
+)  # fmt: skip
 DCMDUMP = Path("/usr/bin/dcmdump")
+DCMCONV = Path("/usr/bin/dcmconv")
 
 
 def _pixel_files() -> list[Path]:
@@ -101,7 +107,7 @@ def test_write_converted(path: Path, target: str, tmp_path: Path) -> None:
     facts = transcode.facts(path)
     choice = transcode.choose(stored_ts(ds), [target], facts)
     out = io.BytesIO()
-    if target != stored_ts(ds) and target not in transcode.NATIVE_TARGETS and not transcode.can_encode_pixels(target, facts):
+    if target != stored_ts(ds) and not transcode.can_encode_pixels(target, facts):
         # refused by the policy and by the converter: never wrong pixels
         assert choice is None
         with pytest.raises(transcode.TranscodeError):
@@ -120,7 +126,10 @@ def test_write_converted(path: Path, target: str, tmp_path: Path) -> None:
     assert got.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     arr = got.pixel_array
     assert arr.shape == want.shape
-    assert arr.dtype.byteorder in ("<", "=", "|")  # little endian (native on this machine)
+    if target == ExplicitVRBigEndian:
+        assert arr.dtype.byteorder in (">", "|")  # pydicom decodes big-endian words
+    else:
+        assert arr.dtype.byteorder in ("<", "=", "|")  # little endian (native on this machine)
     source_compressed = UID(stored_ts(ds)).is_compressed and stored_ts(ds) != DeflatedExplicitVRLittleEndian
     if target == JPEG2000:
         assert got.LossyImageCompression == "01"
@@ -141,6 +150,64 @@ def test_write_converted(path: Path, target: str, tmp_path: Path) -> None:
         if kw in ds:
             assert list(_multi(got[kw].value))[: len(_multi(ds[kw].value))] == list(_multi(ds[kw].value))
     _dcmdump_sample(ds, target, data, tmp_path)
+    if target in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        _check_there_and_back(path, ds, target, data, want, tmp_path)
+
+
+def _elements(ds: Dataset, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Every element value, recursively (Pixel Data left to the pixel comparisons)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for elem in ds:
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or []):
+                out.update(_elements(item, f"{prefix}{elem.tag}[{i}]."))
+        elif not (prefix == "" and elem.tag == 0x7FE00010):
+            out[prefix + str(elem.tag)] = (elem.VR, elem.value)
+    return out
+
+
+def _check_there_and_back(path: Path, ds: Dataset, target: str, data: bytes, want: np.ndarray, tmp: Path) -> None:
+    """Big endian / deflated output converts back to Explicit VR LE with the values of the direct conversion."""
+    direct = io.BytesIO()
+    transcode.write_converted(path, ExplicitVRLittleEndian, direct)
+    src = tmp / "there.dcm"
+    src.write_bytes(data)
+    back = io.BytesIO()
+    transcode.write_converted(src, ExplicitVRLittleEndian, back)
+    got = dcmread(io.BytesIO(back.getvalue()))
+    assert np.array_equal(got.pixel_array, want), f"pixels differ after {stored_ts(ds)} -> {target} -> Explicit VR LE"
+    assert _elements(got) == _elements(dcmread(io.BytesIO(direct.getvalue())))
+    if target == DeflatedExplicitVRLittleEndian:
+        # PS3.5 A.5: the file meta group is not deflated, the data set after it is (raw deflate)
+        fp = io.BytesIO(data)
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        assert meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert zlib.decompress(fp.read(), -zlib.MAX_WBITS)
+    _dcmconv_sample(ds, target, data, want, got, tmp)
+
+
+_converted_by_dcmtk: set[tuple[str, str, str]] = set()
+
+
+def _dcmconv_sample(ds: Dataset, target: str, data: bytes, want: np.ndarray, ours_le: Dataset, tmp: Path) -> None:
+    """A real peer reads our output: dcmtk's Explicit VR LE copy has pydicom's pixels and our values.
+
+    Once per (source syntax, photometric, bits allocated, target)."""
+    key = (stored_ts(ds), f"{ds.get('PhotometricInterpretation', '')}/{ds.get('BitsAllocated', '')}", target)
+    if key in _converted_by_dcmtk or not DCMCONV.exists():
+        return
+    _converted_by_dcmtk.add(key)
+    src, dst = tmp / "ours.dcm", tmp / "dcmtk-le.dcm"
+    src.write_bytes(data)
+    r = subprocess.run([str(DCMCONV), "+te", str(src), str(dst)], capture_output=True, timeout=60, env={"TCP_NODELAY": "1"})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    theirs = dcmread(dst)
+    assert theirs.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(theirs.pixel_array, want), f"dcmtk reads our {UID(target).name} of {stored_ts(ds)} differently"
+    mine, dcmtk = _elements(ours_le), _elements(theirs)
+    assert {k: v[1] for k, v in mine.items() if k in dcmtk} == {k: v[1] for k, v in dcmtk.items() if k in mine}
+    assert set(mine) <= set(dcmtk)
 
 
 def _multi(v: Any) -> list[Any]:

@@ -64,10 +64,11 @@ def test_get_accepts_the_requestors_first_choice() -> None:
     assert requestor_choice(["1.2.3.4.5", ExplicitVRLittleEndian], ours) == ExplicitVRLittleEndian
 
 
-def test_get_takes_big_endian_or_deflated_first_only_when_alone() -> None:
+def test_get_accepts_big_endian_or_deflated_first() -> None:
     ours = [str(t) for t in STORAGE_TRANSFER_SYNTAXES]
-    # getscu +xb / +xd: a little-endian syntax we can produce from every instance wins
-    assert requestor_choice([ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian], ours) == ExplicitVRLittleEndian
-    assert requestor_choice([DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian], ours) == ExplicitVRLittleEndian
-    # alone: pynetdicom's negotiation accepts it (we store it, so stored instances go unchanged)
-    assert requestor_choice([ExplicitVRBigEndian], ours) is None
+    # getscu +xb / +xd: we produce both from every decodable instance, so the requestor's first choice wins
+    assert requestor_choice([ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian], ours) == ExplicitVRBigEndian
+    assert requestor_choice([DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian], ours) == DeflatedExplicitVRLittleEndian
+    assert requestor_choice([ExplicitVRBigEndian], ours) == ExplicitVRBigEndian
+    # only syntaxes we do not support: pynetdicom's negotiation decides
+    assert requestor_choice(["1.2.3.4.5"], ours) is None

@@ -282,15 +282,16 @@ class RetrieveService:
         """The one transfer-syntax policy, reading the header only when the answer depends on the pixels.
 
         Without the header only unchanged and native choices are known; the
-        header is read (recalling a cold instance) only when an encodable
-        compressed syntax comes before that answer in the requester's order.
+        header is read (recalling a cold instance) only when a syntax we can
+        produce for some pixels only (an encodable compressed syntax, or
+        Explicit VR Big Endian) comes before or is that answer.
         """
         accepted = [str(t) for t in accepted]
         quick = transcode.choose(ref.transfer_syntax_uid, accepted)
         if quick is not None and quick.unchanged:
             return quick, path
         cut = accepted.index(quick.transfer_syntax) if quick is not None else len(accepted)
-        if not any(t not in transcode.NATIVE_TARGETS and transcode.can_encode(t) for t in accepted[:cut]):
+        if not any(transcode.depends_on_pixels(t) for t in accepted[: cut + 1]):
             return quick, path
         path = path or self.path(ref)
         try:

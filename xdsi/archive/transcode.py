@@ -8,10 +8,14 @@ Policy (RAD TF-3 4.69.4.2.3 as quoted by Gazelle RAD69-005/006): the instance
 goes out unchanged when its stored transfer syntax was requested; otherwise
 it is converted to the first requested syntax we can produce, in the order
 the requester listed them; otherwise the request fails for that instance.
-We produce Explicit and Implicit VR Little Endian (from every syntax pydicom
-and the installed plugins decode, including Explicit VR Big Endian and
-Deflated), JPEG 2000 lossless and lossy and RLE Lossless (pylibjpeg-openjpeg /
-pydicom's RLE encoder) for the pixel layouts pydicom's encoders accept.
+We produce Explicit and Implicit VR Little Endian, Explicit VR Big Endian and
+Deflated Explicit VR Little Endian (from every syntax pydicom and the
+installed plugins decode), JPEG 2000 lossless and lossy and RLE Lossless
+(pylibjpeg-openjpeg / pydicom's RLE encoder) for the pixel layouts pydicom's
+encoders accept.  Big endian and deflated are produced because a C-GET
+requester may accept one of them for a whole SOP class: every instance of
+that class on the association must then go out in it, whatever it is stored
+in.
 
 Conversion rules (PS3.5 8.2, PS3.3 C.7.6.1.1.5):
 
@@ -24,6 +28,16 @@ Conversion rules (PS3.5 8.2, PS3.3 C.7.6.1.1.5):
   OW is refused: dcmtk and pydicom disagree on its bit order.  Big-endian element
   values of VR UN (unknown private data) cannot be swapped without knowing
   their VR and are left as they are.
+- Little endian -> big endian is the same swap (a byte reversal is its own
+  inverse), after ambiguous VRs are resolved from the little-endian values.
+  Pixel Data with Bits Allocated <= 8 is written as OB (PS3.5 A.3 allows OB
+  or OW; OB needs no swap, so 8-bit and 1-bit pixels have one reading in
+  pydicom and dcmtk alike).  Pixel Data (OW) of more than 16 bits allocated
+  is refused in big endian: dcmtk swaps its 16-bit words, pydicom its 32-bit
+  words.  Element values of VR UN stay as they are, as in
+  the other direction.
+- Deflated: the Explicit VR Little Endian dataset, deflated by pydicom's
+  ``dcmwrite`` (PS3.5 A.5; the file meta group stays uncompressed).
 - Decompressed colour becomes RGB (PhotometricInterpretation RGB,
   PlanarConfiguration 0): pydicom's ``decompress(as_rgb=True)``.
 - Once lossy, always says so: LossyImageCompression "01" and its ratio/method
@@ -47,7 +61,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filewriter import correct_ambiguous_vr, dcmwrite
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -64,7 +78,8 @@ from pydicom.uid import (
 
 CHUNK = 256 * 1024
 SPOOL_MEMORY = 8 * 1024 * 1024
-NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# uncompressed targets: produced from every decodable instance, no pixel encoder needed
+NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 COMPRESSED_TARGETS = (JPEG2000Lossless, JPEG2000, RLELossless)
 # uncompressed syntaxes we read without a pixel decoder (pydicom parses them itself)
 NATIVE_SOURCES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -179,7 +194,7 @@ def facts_of(ds: Dataset) -> PixelFacts:
 def can_encode_pixels(target: str, f: PixelFacts) -> bool:
     """Our encoder for ``target`` takes these pixels (pydicom's encoding profiles, checked from the header)."""
     if target in NATIVE_TARGETS:
-        return True
+        return target != ExplicitVRBigEndian or not _big_endian_ambiguous(f)
     if not f.has_pixel_data or f.float_pixels or not can_encode(target):
         return False
     from pydicom.pixels.encoders.base import ENCODING_PROFILES
@@ -204,6 +219,22 @@ def can_encode_pixels(target: str, f: PixelFacts) -> bool:
     return False
 
 
+def _big_endian_ambiguous(f: PixelFacts) -> bool:
+    """Pixel Data (OW) with more than 16 bits allocated has no agreed big-endian reading.
+
+    OW is a stream of 16-bit words (PS3.5 7.3): dcmtk swaps each 16-bit word,
+    pydicom's decoder reads 32-bit pixels as 4-byte big-endian words.  An image
+    one of them reads wrong is refused rather than sent.  Float and Double
+    Float Pixel Data (OF, OD) have one reading and are produced.
+    """
+    return f.has_pixel_data and not f.float_pixels and f.bits_allocated > 16
+
+
+def depends_on_pixels(ts: str) -> bool:
+    """Whether we can produce ``ts`` only for some pixels: the header must be read before choosing it."""
+    return ts == ExplicitVRBigEndian or (ts not in NATIVE_TARGETS and can_encode(ts))
+
+
 @dataclass(frozen=True)
 class Choice:
     """The transfer syntax an instance will be sent in; ``unchanged`` means the stored bytes as they are."""
@@ -218,16 +249,21 @@ def choose(stored_ts: str, accepted: Sequence[str], facts: PixelFacts | None = N
     The stored syntax, when accepted, means unchanged (no conversion, no loss);
     otherwise the first accepted syntax, in the requester's order, that we can
     produce: a native target when there are no pixels or we can decode the
-    stored syntax; a compressed target only when we can decode the stored
-    pixels and encode these pixels.  ``facts=None`` means the header has not
-    been read: only the unchanged and native choices are considered.
+    stored syntax (big endian not for Pixel Data of more than 16 bits, see
+    :func:`_big_endian_ambiguous`); a compressed target only when we can
+    decode the stored pixels and encode these pixels.  ``facts=None`` means
+    the header has not been read: only the unchanged and native choices are
+    considered (big endian included; :func:`write_converted` refuses the
+    pixels it cannot write, before anything is sent).
     """
     accepted = list(accepted)
     if stored_ts in accepted:
         return Choice(stored_ts, True)
     for ts in accepted:
         if ts in NATIVE_TARGETS:
-            if (facts is not None and not facts.has_pixel_data) or can_decode(stored_ts):
+            if facts is not None and not facts.has_pixel_data:
+                return Choice(ts, False)
+            if can_decode(stored_ts) and (facts is None or can_encode_pixels(ts, facts)):
                 return Choice(ts, False)
         elif ts in COMPRESSED_TARGETS and facts is not None and can_decode(stored_ts):
             f = facts if facts.transfer_syntax_uid else _with_ts(facts, stored_ts)
@@ -254,6 +290,7 @@ def source_transfer_syntax(ds: Dataset) -> str:
 
 
 def _swap(value: bytes, width: int) -> bytes:
+    """Reverse the bytes of each ``width``-byte word: big -> little endian, and (its own inverse) little -> big."""
     import numpy as np
 
     if width < 2 or not value:
@@ -296,6 +333,29 @@ def to_little_endian(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == ExplicitVRBigEndian:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds._pixel_array = None  # type: ignore[attr-defined]
+    ds._pixel_id = {}  # type: ignore[attr-defined]
+
+
+def to_big_endian(ds: Dataset) -> None:
+    """Swap every byte-valued element of a little-endian dataset to big endian, in place, recursively.
+
+    The inverse of :func:`to_little_endian`, by the same rules (the swap is
+    its own inverse).  Ambiguous VRs (``US or SS``, ``OB or OW`` from an
+    implicit VR file) are resolved first, from the little-endian values, so
+    each value is swapped by the VR it is written with.  Pixel Data with Bits
+    Allocated <= 8 becomes OB: nothing to swap, no disagreement among readers
+    about 1-bit OW.  The caller then writes with Explicit VR Big Endian.
+    """
+    if _big_endian_ambiguous(facts_of(ds)):
+        raise TranscodeError(
+            f"Pixel Data with {ds.get('BitsAllocated')} bits allocated as OW has no agreed Explicit VR Big Endian"
+            " reading (dcmtk swaps 16-bit words, pydicom 32-bit words); refused rather than risk a wrong image"
+        )
+    correct_ambiguous_vr(ds, is_little_endian=True)
+    if "PixelData" in ds and not ds["PixelData"].is_undefined_length and int(ds.get("BitsAllocated", 16) or 16) <= 8:
+        ds["PixelData"].VR = "OB"
+    _swap_dataset(ds, top=True)
     ds._pixel_array = None  # type: ignore[attr-defined]
     ds._pixel_id = {}  # type: ignore[attr-defined]
 
@@ -343,7 +403,9 @@ def convert(ds: Dataset, target: str) -> None:
         ds.decompress(generate_instance_uid=False, as_rgb=True)
         _mark_lossy(ds, source)
     if target in NATIVE_TARGETS:
-        ds.file_meta.TransferSyntaxUID = UID(target)
+        if target == ExplicitVRBigEndian:
+            to_big_endian(ds)
+        ds.file_meta.TransferSyntaxUID = UID(target)  # deflated: dcmwrite deflates the LE dataset
         return
     if target not in COMPRESSED_TARGETS:
         raise TranscodeError(f"{target} is not a transfer syntax we produce")
@@ -401,10 +463,13 @@ def write_dataset(ds: Dataset, out: BinaryIO) -> None:
     """Write a converted dataset as a Part 10 file in the transfer syntax its file meta names.
 
     ``dcmwrite`` (not ``save_as``, which refuses to change endianness) re-encodes
-    every element from the dataset's original encoding to the target one.
+    every element from the dataset's original encoding to the target one, and
+    deflates the dataset when the file meta says Deflated Explicit VR Little
+    Endian.  Byte values must already be in the target's byte order
+    (:func:`convert` swaps them).
     """
     ts = UID(ds.file_meta.TransferSyntaxUID)
-    dcmwrite(out, ds, implicit_vr=ts.is_implicit_VR, little_endian=True, enforce_file_format=True)
+    dcmwrite(out, ds, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian, enforce_file_format=True)
 
 
 def write_converted(path: Path, target: str, out: BinaryIO) -> None:

@@ -85,12 +85,14 @@ def accepted_syntaxes(assoc: Any, sop_class: str, stored_ts: str, *, native_firs
 def _honoured(ts: str) -> bool:
     """A syntax we accept ahead of our own order when the requestor prefers it.
 
-    Every syntax we can produce from any instance (Explicit/Implicit VR Little
-    Endian; JPEG 2000 and RLE where the encoder is installed) and every
-    encapsulated (compressed) syntax, which instances stored in it are sent in
-    unchanged.  Explicit VR Big Endian (retired) and Deflated are encodings we
-    never produce: accepting them because they came first would fail every
-    instance stored otherwise, so they keep our order (after Explicit VR LE).
+    Every syntax we produce (Explicit/Implicit VR Little Endian, Explicit VR
+    Big Endian, Deflated Explicit VR Little Endian; JPEG 2000 and RLE where
+    the encoder is installed) and every encapsulated (compressed) syntax,
+    which instances stored in it are sent in unchanged.  The accepted context
+    carries every instance of its SOP class on the association: instances
+    stored otherwise are converted to it, or, where that cannot be done (a
+    compressed syntax we do not encode, Pixel Data of more than 16 bits in
+    big endian), refused one by one as failed sub-operations.
     """
     return transcode.can_encode(ts) or UID(ts).is_encapsulated
 
@@ -99,8 +101,8 @@ def requestor_choice(proposed: Sequence[str], ours: Sequence[str]) -> str | None
     """The syntax we accept for one proposed storage context of a C-GET requestor, or None for pynetdicom's.
 
     The requestor's first proposed syntax that we support and :func:`_honoured`;
-    if it proposed only syntaxes we do not honour ahead of others (Big Endian,
-    Deflated), pynetdicom's negotiation in our order decides.
+    if it proposed none (only private or unknown syntaxes), pynetdicom's
+    negotiation in our order decides.
     """
     for ts in proposed:
         if ts in ours and _honoured(ts):
