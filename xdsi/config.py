@@ -105,6 +105,56 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """``[limits]``: what one request may cost, so a hostile request is refused instead of taking the service down.
+
+    XPath (WADO-WS RetrieveImagingDocumentSetInformation) is evaluated in
+    worker processes that are killed at ``xpath_seconds``: XPath 1.0 nesting
+    can make evaluation exponential in the expression, and lxml holds the GIL
+    while it runs, so no in-process check can stop it.
+    """
+
+    xpath_seconds: float = 5.0  # wall-clock budget of one document's XPath evaluations; the worker is killed after it
+    xpath_request_seconds: float = 30.0  # all XPath evaluations of one request
+    xpath_workers: int = 2  # worker processes, = XPath evaluations at once; more wait (up to the request budget)
+    xpath_worker_memory: int = 1024 * 1024 * 1024  # address-space limit (RLIMIT_AS) of each worker, bytes
+    xpath_max_length: int = 1024  # characters of one expression
+    xpath_per_document: int = 64  # expressions for one document
+    xpath_per_request: int = 256  # expressions in one request, all documents together
+    xpath_result_bytes: int = 1024 * 1024  # one document's serialised results
+    xpath_response_bytes: int = 8 * 1024 * 1024  # all XPath results of one response
+
+
+_LIMIT_SECONDS = ("xpath_seconds", "xpath_request_seconds")
+_LIMIT_SIZES = ("xpath_worker_memory", "xpath_result_bytes", "xpath_response_bytes")
+_LIMIT_COUNTS = ("xpath_workers", "xpath_max_length", "xpath_per_document", "xpath_per_request")
+
+
+def limits_from(raw: object) -> LimitsSettings:
+    """Parse ``[limits]``: seconds > 0, sizes as bytes or "8MiB"-style strings, counts >= 1."""
+    table = _check_keys("[limits]", raw, set(_LIMIT_SECONDS + _LIMIT_SIZES + _LIMIT_COUNTS))
+    kw: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"[limits] {key}"
+        if key in _LIMIT_SECONDS:
+            kw[key] = float(_number(where, value))
+        elif key in _LIMIT_SIZES:
+            try:
+                size = parse_size(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            if not size or size < 1:
+                raise ConfigError(f"{where} must be a size > 0, not {value!r}")
+            kw[key] = size
+        else:
+            n = _int(where, value)
+            if n < 1:
+                raise ConfigError(f"{where} must be at least 1, not {n}")
+            kw[key] = n
+    return LimitsSettings(**kw)
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
@@ -125,6 +175,7 @@ class Settings:
     # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
     xds: "XdsSettings" = field(default_factory=lambda: XdsSettings())  # [xds], defined below
+    limits: LimitsSettings = field(default_factory=LimitsSettings)  # [limits]
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -264,7 +315,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -346,6 +397,8 @@ def load_settings(
         settings = replace(settings, max_associations=n)
     if "cors_origins" in doc.get("http", {}):
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
+    if "limits" in doc:
+        settings = replace(settings, limits=limits_from(doc["limits"]))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)

@@ -87,6 +87,10 @@ class Servers:
             log.info("stopping")
         if self.publisher is not None:
             self.publisher.stop()
+        # XPath workers first: a request thread waiting on one is answered at once, not at its deadline
+        from xdsi.ids.xpath_pool import stop_pools
+
+        stop_pools()
         if self.http is not None:
             self.http.shutdown()
         self.dicom.stop()

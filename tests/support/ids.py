@@ -254,8 +254,8 @@ def make_wado_study(out: Path) -> WadoStudy:
     ps.SOPClassUID = ps.file_meta.MediaStorageSOPClassUID
     ps.SOPInstanceUID = ps.file_meta.MediaStorageSOPInstanceUID
     ps.Modality = "PR"
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber"):
-        setattr(ps, kw, ds[kw].value)
+    for kw in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber"):
+        setattr(ps, kw, ds[kw].value)  # the study's own patient (issuer too: the archive refuses a mismatch)
     ps.SeriesInstanceUID = series_ps
     ps.SeriesNumber = 99
     ps.InstanceNumber = 1

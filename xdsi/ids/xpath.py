@@ -62,13 +62,17 @@ def _strip_literals(expr: str) -> str:
     return "".join(out)
 
 
-def check(expr: str) -> str:
-    """Raise :class:`XPathRefused` unless ``expr`` is within bounds; returns it stripped."""
+def check(expr: str, max_length: int = MAX_EXPRESSION_LENGTH) -> str:
+    """Raise :class:`XPathRefused` unless ``expr`` is within bounds; returns it stripped.
+
+    A first filter only: it refuses the obvious whole-tree rescans cheaply,
+    but the time budget of :mod:`xdsi.ids.xpath_pool` is what bounds cost.
+    """
     expr = expr.strip()
     if not expr:
         raise XPathRefused("empty XPath expression")
-    if len(expr) > MAX_EXPRESSION_LENGTH:
-        raise XPathRefused(f"XPath expression longer than {MAX_EXPRESSION_LENGTH} characters")
+    if len(expr) > max_length:
+        raise XPathRefused(f"XPath expression longer than {max_length} characters")
     bare = _strip_literals(expr)
     depth = 0
     prev = ""
@@ -82,7 +86,7 @@ def check(expr: str) -> str:
             if depth < 0:
                 raise XPathRefused("unbalanced ']'")
             inner = "".join(segments.pop())
-            _check_predicate(inner)
+            _check_predicate(inner, nested=depth > 0)
         elif depth > 0:
             segments[-1].append(ch)
         prev = ch
@@ -96,7 +100,19 @@ def check(expr: str) -> str:
     return expr
 
 
-def _check_predicate(inner: str) -> None:
+def _is_operator_star(before: str) -> bool:
+    """Whether a ``*`` that ``before`` precedes is the multiply operator (XPath 1.0 section 3.7), not a name test."""
+    before = before.rstrip()
+    if not before or re.search(r"(::|[@(\[,/|+=<>!-]|\b(and|or|div|mod))$", before):
+        return False
+    if before[-1] == "*":  # after a name-test star it multiplies, after a multiply star it is a name test
+        return not _is_operator_star(before[:-1])
+    return before[-1].isalnum() or before[-1] in "_.)]"
+
+
+def _check_predicate(inner: str, nested: bool = False) -> None:
+    if nested and (".." in inner or re.search(r"\bparent\s*::", inner)):
+        raise XPathRefused("parent steps are not allowed inside a nested predicate")
     if "//" in inner:
         raise XPathRefused("'//' is not allowed inside a predicate")
     if _FORBIDDEN_IN_PREDICATE.search(inner):
@@ -104,7 +120,7 @@ def _check_predicate(inner: str) -> None:
     # an absolute path: '/' where a step starts (not after a name, ')', ']', '.', '*' or '@...')
     for m in re.finditer(r"/", inner):
         before = inner[: m.start()].rstrip()
-        if not before or before[-1] in "([,=<>!|+-" or re.search(r"\b(and|or|div|mod)$", before):
+        if not before or before[-1] in "([,=<>!|+-" or re.search(r"\b(and|or|div|mod)$", before) or (before[-1] == "*" and _is_operator_star(before[:-1])):
             raise XPathRefused("absolute paths are not allowed inside a predicate")
 
 
@@ -133,9 +149,16 @@ def _number(v: float) -> str:
     return str(int(v)) if v == int(v) else repr(v)
 
 
-def evaluate(tree: Any, expr: str) -> XPathResult:
-    """Evaluate a checked expression on a namespace-free Native DICOM Model tree."""
-    expr = check(expr)
+def evaluate(tree: Any, expr: str, max_bytes: int = MAX_RESULT_BYTES, *, guard: bool = True) -> XPathResult:
+    """Evaluate an expression on a namespace-free Native DICOM Model tree.
+
+    In-process, this is unbounded in time: the server calls it only inside an
+    :mod:`xdsi.ids.xpath_pool` worker, which is killed at its deadline (there
+    ``guard=False``: the caller ran :func:`check` with its own limits, and the
+    budget must hold even for what the static guard lets through).
+    """
+    MAX_RESULT_BYTES = max_bytes  # noqa: N806  (the messages below name the cap in force)
+    expr = check(expr) if guard else expr.strip()
     n = sum(1 for _ in tree.iter())
     if n > MAX_TREE_NODES:
         raise ResultTooLarge(f"the dataset has {n} XML nodes, more than {MAX_TREE_NODES}")

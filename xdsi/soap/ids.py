@@ -159,7 +159,7 @@ def make_endpoint(archive: Archive) -> SoapEndpoint:
     operations[ACTION_INFORMATION] = Operation(
         "RetrieveImagingDocumentSetInformation",
         frozenset({WADO + "RetrieveImagingDocumentSetInformationRequest"}),
-        make_information(ids),
+        make_information(ids, archive.settings.limits),
     )
     return SoapEndpoint(operations, WSDL_DIR / "ImagingDocumentSource.wsdl", spool_dir=str(archive.settings.temp_dir))
 

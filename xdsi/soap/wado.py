@@ -7,6 +7,7 @@ from typing import Any, Callable
 from lxml import etree
 
 from xdsi.archive import Archive
+from xdsi.config import LimitsSettings
 from xdsi.ids import ImagingDocumentSource
 from xdsi.ids.information import InformationRequest, retrieve_information
 from xdsi.ids.rendered import RenderedRequest, retrieve_rendered
@@ -102,7 +103,7 @@ def make_rendered(ids: ImagingDocumentSource, archive: Archive) -> Callable[[Any
     return handle
 
 
-def make_information(ids: ImagingDocumentSource) -> Callable[[Any, RequestContext], Reply]:
+def make_information(ids: ImagingDocumentSource, limits: LimitsSettings | None = None) -> Callable[[Any, RequestContext], Reply]:
     def handle(body: Any, ctx: RequestContext) -> Reply:
         requests = [
             InformationRequest(
@@ -112,7 +113,7 @@ def make_information(ids: ImagingDocumentSource) -> Callable[[Any, RequestContex
             )
             for el, req in iter_document_elements(body, WADO, WADO + "DocumentRequest")
         ]
-        result = retrieve_information(ids, requests)
+        result = retrieve_information(ids, requests, limits)
         _log_result("WADO-WS information", result, ctx)  # type: ignore[arg-type]
         root = etree.Element(WADO + "RetrieveImagingDocumentSetInformationResponse", nsmap={**NSMAP, "nd": NS_NATIVE_DICOM})
         registry_response(result.status, result.errors, parent=root)
