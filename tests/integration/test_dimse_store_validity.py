@@ -26,7 +26,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
-from tests.integration.dimse_support import dcmtk_available, http_status, leftover_temp_files, run, tool
+from tests.integration.dimse_support import cli_status, dcmtk_available, http_status, leftover_temp_files, run, tool
 from tests.support.server import XdsiProcess
 from xdsi.uids import new_uid
 
@@ -246,9 +246,11 @@ def test_stalled_store_loses_its_spool_file_at_the_network_timeout(server: XdsiP
         assert _spool_files(server), "the server did not start a spool file for the announced data set"
         assert http_status(server)["spool"]["files"] >= 1
         started = time.monotonic()
+        assert cli_status(server.data_dir)["spool"].startswith("1 file(s)")
         # the server's idle timeout ends the association; the partial file goes with it
         assert _wait_no_spool(server, NETWORK_TIMEOUT + 5) == []
         assert time.monotonic() - started < NETWORK_TIMEOUT + 5
+        assert cli_status(server.data_dir)["spool"].startswith("0 file(s), 0 B")
     finally:
         assoc.abort()
 

@@ -155,7 +155,7 @@ class SpoolKeeper:
         """Complete C-STOREs still queued when the association ended are never served: remove their files."""
         dimse = getattr(assoc, "dimse", None)
         q = getattr(dimse, "msg_queue", None)
-        if q is None or getattr(assoc, "is_established", False):
+        if q is None:  # an aborted or released association serves nothing more from its queue
             return
         while True:
             try:
