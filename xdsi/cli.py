@@ -187,6 +187,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from xdsi.archive.lifecycle import archive_status
+    from xdsi.dimse.spool import spool_usage
 
     if getattr(args, "study", None):
         return cmd_status_study(settings, args.study)
@@ -209,6 +210,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         marks = f", high {_human(cfg.high_watermark)} / low {_human(cfg.low_watermark)}" if cfg.high_watermark else ""
         age = f", migrate after {cfg.migrate_after_days:g} days" if cfg.migrate_after_days is not None else ""
         print(f"  {tier.name:<10} {_human(st.tier_bytes[tier.name]):>10} in {st.tier_files[tier.name]} file(s)  {tier.root}{marks}{age}")
+    spool = spool_usage(settings.temp_dir)
+    print(f"spool:      {spool.files} file(s), {_human(spool.bytes)} in {settings.temp_dir}")
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
     return 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,10 @@ class InstanceHeader:
     rows: int | None
     columns: int | None
     has_file_meta: bool
+    # the file starts with the Part 10 preamble and "DICM"; False for a bare dataset or a bare meta group
+    has_preamble: bool = True
+    # byte offset of the first dataset element (after the preamble and the File Meta group)
+    dataset_offset: int = 0
 
 
 # Indexed columns (unique keys, B-tree indexes) accept at most this many characters:
@@ -223,6 +228,69 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bo
         raise InvalidDataset(f"cannot decode attributes: {exc}") from None
 
 
+# VRs whose explicit-VR encoding has a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_IMPLICIT_TS = "1.2.840.10008.1.2"
+_DEFLATED_TS = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
+
+
+def _looks_explicit(vr: bytes) -> bool:
+    """The test pydicom itself applies to the first element: two upper-case letters are a VR."""
+    return len(vr) == 2 and all(0x40 < b < 0x5B for b in vr)
+
+
+def dataset_start(fh: Any) -> tuple[bool, int]:
+    """(has preamble, offset of the first non-File-Meta element) of an open file.
+
+    The File Meta group is Explicit VR Little Endian by definition (PS3.10
+    7.1); a group written in implicit VR by a broken sender is skipped the
+    same way so the offset still points at the dataset.
+    """
+    fh.seek(0)
+    head = fh.read(132)
+    preamble = head[128:132] == b"DICM"
+    pos = 132 if preamble else 0
+    while True:
+        fh.seek(pos)
+        raw = fh.read(12)
+        if len(raw) < 8 or struct.unpack_from("<H", raw, 0)[0] != 0x0002:
+            return preamble, pos
+        vr = raw[4:6]
+        if not _looks_explicit(vr):
+            pos += 8 + struct.unpack_from("<I", raw, 4)[0]
+        elif vr in _LONG_VRS:
+            if len(raw) < 12:
+                return preamble, pos
+            pos += 12 + struct.unpack_from("<I", raw, 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", raw, 6)[0]
+
+
+def check_encoding(fh: Any, offset: int, transfer_syntax_uid: str) -> None:
+    """Refuse a dataset whose first element is not encoded in its transfer syntax's VR mode.
+
+    pydicom silently switches to the VR mode it finds (with a warning), so
+    implicit-VR bytes labelled Explicit VR Little Endian parse in Python, but
+    the file as stored is unreadable for dcmtk and every other strict reader:
+    it must not be archived under that label.  Deflated data cannot be
+    inspected without inflating and is left to the full parse.
+    """
+    if transfer_syntax_uid in _DEFLATED_TS:
+        return
+    fh.seek(offset)
+    raw = fh.read(6)
+    if len(raw) < 6:
+        return  # empty or truncated: the full parse says so
+    explicit = _looks_explicit(raw[4:6])
+    expected_explicit = transfer_syntax_uid != _IMPLICIT_TS
+    if explicit != expected_explicit:
+        found = "explicit" if explicit else "implicit"
+        wanted = "explicit" if expected_explicit else "implicit"
+        raise InvalidDataset(
+            f"dataset is encoded in {found} VR but its transfer syntax {transfer_syntax_uid} is {wanted} VR"
+        )
+
+
 def read_header(path: Path | str) -> InstanceHeader:
     """Parse a Part 10 file (or a bare dataset) end to end without loading large values."""
     path = Path(path)
@@ -247,9 +315,17 @@ def read_header(path: Path | str) -> InstanceHeader:
     meta = getattr(ds, "file_meta", None)
     ts: Any = meta.get("TransferSyntaxUID") if meta is not None else None
     has_meta = ts is not None
+    try:
+        with open(path, "rb") as fh:
+            preamble, offset = dataset_start(fh)
+            if has_meta:
+                check_encoding(fh, offset, str(ts))
+    except OSError as exc:
+        raise InvalidDataset(f"unreadable file: {exc}") from None
     if ts is None:
         # bare dataset from a file without a Part 10 header: pydicom guessed the encoding, byte order
         # included (a big-endian dataset labelled little endian would be stored corrupt)
         implicit, little = ds.original_encoding
         ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
-    return header_from_dataset(ds, str(ts), has_meta)
+    header = header_from_dataset(ds, str(ts), has_meta)
+    return replace(header, has_preamble=preamble, dataset_offset=offset)

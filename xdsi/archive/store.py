@@ -53,10 +53,39 @@ class StoreResult:
     sop_class_uid: str = ""
     study_uid: str = ""
     reason: str = ""
+    # for a refusal: the keyword of the attribute that does not match what the transfer declared
+    # (the C-STORE command, the presentation context), so the adapter can answer A900 rather than C000
+    mismatch: str = ""
 
     @property
     def ok(self) -> bool:
         return self.outcome in (Outcome.STORED, Outcome.REPLACED, Outcome.DUPLICATE)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the sender declared about the dataset before sending it; empty fields are not checked."""
+
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+
+    def refusal(self, header: InstanceHeader) -> StoreResult | None:
+        ids = dict(sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid, study_uid=header.study_uid)
+        if self.sop_class_uid and header.sop_class_uid != self.sop_class_uid:
+            return StoreResult(
+                Outcome.REJECTED,
+                reason=f"data set is SOP Class {header.sop_class_uid}, not {self.sop_class_uid} as declared",
+                mismatch="SOPClassUID",
+                **ids,
+            )
+        if self.sop_instance_uid and header.sop_instance_uid != self.sop_instance_uid:
+            return StoreResult(
+                Outcome.REJECTED,
+                reason=f"data set is SOP Instance {header.sop_instance_uid}, not {self.sop_instance_uid} as declared",
+                mismatch="SOPInstanceUID",
+                **ids,
+            )
+        return None
 
 
 class StoreService:
@@ -69,22 +98,37 @@ class StoreService:
         # a listener's failure is logged, never turned into a store failure
         self.listeners: list[Callable[[InstanceHeader, Path, str], None]] = []
 
-    def store_file(self, path: Path, *, source_ae: str = "", move: bool = False) -> StoreResult:
+    def store_file(
+        self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None
+    ) -> StoreResult:
         """Archive the DICOM file at ``path``.
 
         ``move``: the file is a spool file we own (an incoming C-STORE); it may
-        be renamed into the tier instead of copied.
+        be renamed into the tier instead of copied.  ``expect``: the SOP Class
+        and Instance the transfer announced (C-STORE command, presentation
+        context); a dataset that is something else is refused, not stored.
         """
         try:
             header = read_header(path)
         except InvalidDataset as exc:
             return StoreResult(Outcome.REJECTED, reason=str(exc))
-        if not header.has_file_meta:
+        if expect is not None:
+            refused = expect.refusal(header)
+            if refused is not None:
+                return refused
+        if not header.has_file_meta or not header.has_preamble:
+            # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
+            # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
             return self._store_with_meta(path, header, source_ae)
         return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move))
 
     def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str) -> StoreResult:
-        """A bare dataset (no Part 10 preamble): prefix File Meta Information, keep the dataset bytes as they are."""
+        """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.
+
+        Any File Meta group the file had is replaced, not patched: the new one
+        is built from the dataset's own identifying attributes and the
+        transfer syntax the dataset was checked to be encoded in.
+        """
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = header.sop_class_uid
         meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
@@ -101,6 +145,7 @@ class StoreService:
             write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
             yield buf.getvalue()
             with open(path, "rb") as fh:
+                fh.seek(header.dataset_offset)
                 while chunk := fh.read(1 << 20):
                     yield chunk
 

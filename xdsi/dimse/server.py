@@ -45,9 +45,10 @@ from pynetdicom.sop_class import (
 
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
-from xdsi.archive.store import Outcome
+from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
+from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
     RefusedSubAssociation,
@@ -77,6 +78,8 @@ STORAGE_TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
+# the SOP classes we accept C-STOREs for; Verification and the Q/R models are never among them
+STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 QR_FIND = {PatientRootQueryRetrieveInformationModelFind: "PATIENT", StudyRootQueryRetrieveInformationModelFind: "STUDY"}
 QR_MOVE_GET = [
     PatientRootQueryRetrieveInformationModelMove,
@@ -160,6 +163,8 @@ class DicomServer:
             self.ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.commitment = CommitmentSCP(self.ae, self.archive_for)
+        # a spool file untouched for longer than the longest timeout belongs to no live transfer
+        self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
         self._server: Any = None
 
     def archive_for(self, assoc: Any) -> Archive:
@@ -175,30 +180,67 @@ class DicomServer:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
-            (evt.EVT_C_ECHO, lambda e: 0x0000),
+            (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_N_ACTION, self.commitment.on_n_action),
+            *self.spool.handlers(),
         ]
 
-    def on_store(self, event: Any) -> Any:
-        path = Path(event.dataset_path)
-        calling = event.assoc.requestor.ae_title
-        result = self.archive_for(event.assoc).store.store_file(path, source_ae=calling, move=True)
+    def on_echo(self, event: Any) -> Any:
+        """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
+        naming Verification lands here: refuse it (0122, Verification is no storage class) and
+        drop the data set pynetdicom spooled for it, which its Verification SCP would leave behind."""
         req = event.request
-        if result.ok and result.sop_instance_uid != req.AffectedSOPInstanceUID:
-            log.warning("C-STORE from %s: command says %s, dataset says %s", calling, req.AffectedSOPInstanceUID, result.sop_instance_uid)
+        if req.__class__.__name__ != "C_STORE":
+            return status.SUCCESS
+        self.spool.discard_request(req)
+        log.warning("C-STORE from %s on the Verification SOP Class refused", event.assoc.requestor.ae_title)
+        return status.SOP_CLASS_NOT_SUPPORTED
+
+    def on_store(self, event: Any) -> Any:
+        """Store one C-STORE data set, refusing anything that is not what the transfer declared.
+
+        PS3.4 B.2.3 / PS3.7 C: a command whose Affected SOP Class is not the
+        presentation context's abstract syntax, or is no storage class at all
+        (Verification), gets 0122 SOP Class Not Supported; a data set of
+        another SOP Class or Instance than the command names gets A900 Data
+        Set Does Not Match; one that does not parse in the negotiated
+        transfer syntax, or lacks valid identifying UIDs, gets C000 Cannot
+        Understand.  Nothing refused is stored; the spool file goes with the
+        handler (pynetdicom removes it when we return).
+        """
+        req = event.request
+        calling = event.assoc.requestor.ae_title
+        path = Path(event.dataset_path)
+        abstract = str(event.context.abstract_syntax)
+        command_class = str(req.AffectedSOPClassUID or "")
+        if command_class != abstract or abstract not in STORAGE_SOP_CLASSES:
+            reason = (
+                f"{command_class} is not a storage SOP class"
+                if command_class == abstract
+                else f"command SOP Class {command_class} is not the context's {abstract}"
+            )
+            log.warning("C-STORE from %s refused: %s", calling, reason)
+            return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
+        expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
+        self.spool.hold(path)
+        try:
+            result = self.archive_for(event.assoc).store.store_file(path, source_ae=calling, move=True, expect=expect)
+        finally:
+            self.spool.release(path)
         if result.outcome in (Outcome.STORED, Outcome.REPLACED):
             return status.SUCCESS
         if result.outcome is Outcome.DUPLICATE:
             return status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
-        st = Dataset()
-        st.Status = status.CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else status.OUT_OF_RESOURCES
-        st.ErrorComment = result.reason[:64]
-        log.warning("C-STORE from %s refused: %s", calling, result.reason)
-        return st
+        if result.outcome is Outcome.REJECTED:
+            code = status.DATASET_DOES_NOT_MATCH if result.mismatch else status.CANNOT_UNDERSTAND
+        else:
+            code = status.OUT_OF_RESOURCES
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, result.reason)
+        return _failure(code, result.reason)
 
     def on_find(self, event: Any) -> Iterator[Any]:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
@@ -280,6 +322,8 @@ class DicomServer:
 
     def start(self, host: str, port: int) -> None:
         tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
+        self.spool.temp_dir = Path(tempfile.tempdir)
+        self.spool.start()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
@@ -309,6 +353,7 @@ class DicomServer:
             deadline = time.monotonic() + grace
             for assoc in open_assocs:
                 assoc.join(max(0.0, deadline - time.monotonic()))
+        self.spool.stop()
         self.commitment.stop()
 
 

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request, Response
 from xdsi import __version__
 from xdsi.archive import Archive
 from xdsi.archive.lifecycle import archive_status
+from xdsi.dimse.spool import spool_usage
 
 WSGIApp = Callable[..., Any]
 
@@ -28,6 +29,7 @@ def status_app(archive: Archive) -> WSGIApp:
         if request.method not in ("GET", "HEAD"):
             return Response("method not allowed\n", status=405, headers={"Allow": "GET, HEAD"})
         st = archive_status(archive.index, archive.tiers)
+        spool = spool_usage(archive.settings.temp_dir)
         body = {
             "version": __version__,
             "ae_title": archive.settings.ae_title,
@@ -36,6 +38,8 @@ def status_app(archive: Archive) -> WSGIApp:
             "series": st.series,
             "instances": st.instances,
             "tiers": {name: {"bytes": st.tier_bytes[name], "files": st.tier_files[name]} for name in st.tier_bytes},
+            # transfers in progress (and any a failed transfer left): should drain to 0 when idle
+            "spool": {"bytes": spool.bytes, "files": spool.files},
         }
         return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
 
