@@ -37,7 +37,7 @@ from xdsi.soap.envelope import (
     parse_envelope,
 )
 from xdsi.soap.mtom import Attachment, IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, read_message, resolve_xop
-from xdsi.web.http import RequestTooLarge
+from xdsi.web.http import MalformedBody, RequestTooLarge
 from xdsi.soap.validation import SCHEMA_DIR, SchemaInvalid, validate
 from xdsi.xdsconst import ACTION_FAULT, NS_WSA
 
@@ -116,10 +116,11 @@ class SoapEndpoint:
             writer = MtomWriter(body, reply.attachments, action=reply.action)
             start_response("200 OK", [("Content-Type", writer.content_type)])
             return _closing(writer, message)
-        except RequestTooLarge as exc:
-            # 413 (RFC 9110 15.5.14) with a Sender fault, so a SOAP client still gets an envelope
+        except (RequestTooLarge, MalformedBody) as exc:
+            # 413 (RFC 9110 15.5.14) or 400 for the HTTP body itself, with a Sender fault so a SOAP client still gets an envelope
             log.info("SOAP request refused: %s", exc.reason)
-            return self._fault(SoapFault("Sender", exc.reason), relates_to, start_response, message, status="413 Content Too Large")
+            status = "413 Content Too Large" if exc.status == 413 else "400 Bad Request"
+            return self._fault(SoapFault("Sender", exc.reason), relates_to, start_response, message, status=status)
         except SoapFault as fault:
             log.info("SOAP fault %s%s: %s", fault.code, f" ({fault.subcode})" if fault.subcode else "", fault.reason)
             return self._fault(fault, relates_to or fault.relates_to, start_response, message)

@@ -29,6 +29,13 @@ class HttpError(Exception):
         return r
 
 
+class MalformedBody(HttpError):
+    """400: the request body's transfer framing is broken (e.g. a bad chunk size), found while reading it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, reason)
+
+
 class RequestTooLarge(HttpError):
     """413: a request body (or its part count) over the endpoint's configured maximum, found while streaming it."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any, BinaryIO, Callable, Iterable
 
-from xdsi.web.http import HttpError, RequestTooLarge, header_text
+from xdsi.web.http import HttpError, MalformedBody, RequestTooLarge, header_text
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,18 @@ class LimitedInput:
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:  # never an unbounded read: at most one byte past the limit
             size = self.limit - self.count + 1
-        return self._account(self.stream.read(size))
+        try:
+            return self._account(self.stream.read(size))
+        except ValueError as exc:  # cheroot's ChunkedRFile: "Bad chunked transfer size", ...
+            raise MalformedBody(f"malformed request body: {exc}") from None
 
     def readline(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = self.limit - self.count + 1
-        return self._account(self.stream.readline(size))
+        try:
+            return self._account(self.stream.readline(size))
+        except ValueError as exc:
+            raise MalformedBody(f"malformed request body: {exc}") from None
 
     def __iter__(self) -> Any:
         while True:
@@ -88,7 +94,7 @@ def limit_body(app: WSGIApp, limit: int, what: str) -> WSGIApp:
             environ["wsgi.input"] = LimitedInput(environ["wsgi.input"], limit, what)
         try:
             return app(environ, start_response)
-        except RequestTooLarge as exc:  # raised while the application read the body, before it answered
+        except (RequestTooLarge, MalformedBody) as exc:  # raised while the application read the body, before it answered
             return _refuse(exc, environ, start_response)
 
     return wrapped
