@@ -107,6 +107,8 @@ class SoapEndpoint:
                     raise RequestTooLarge(f"SOAP envelope of {declared} bytes is larger than the maximum of {self.max_root_bytes}")
                 stream = get_input_stream(environ, safe_fallback=False)
                 message = read_message(stream, content_type, max_root_bytes=self.max_root_bytes, spool_dir=self.spool_dir, max_parts=self.max_parts)
+            except RequestTooLarge:
+                raise  # answered 413 below, not as a malformed message
             except MtomError as exc:
                 raise SoapFault("Sender", f"malformed MIME/MTOM message: {exc}") from None
             env = parse_envelope(message.envelope)

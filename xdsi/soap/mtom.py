@@ -45,6 +45,13 @@ class MtomError(ValueError):
     """The HTTP body is not a well-formed SOAP/MTOM message; the SOAP layer answers with a Sender fault."""
 
 
+class MtomTooLarge(MtomError, RequestTooLarge):
+    """An envelope or part count over its configured maximum: a Sender fault sent with HTTP 413."""
+
+    def __init__(self, reason: str) -> None:
+        RequestTooLarge.__init__(self, reason)
+
+
 # --------------------------------------------------------------------------------------------------
 # Content-Type parsing
 # --------------------------------------------------------------------------------------------------
@@ -346,7 +353,7 @@ class _Capped(io.BytesIO):
 
     def write(self, b: Any) -> int:
         if self.tell() + len(b) > self.limit:
-            raise RequestTooLarge(f"SOAP envelope larger than {self.limit} bytes")
+            raise MtomTooLarge(f"SOAP envelope larger than {self.limit} bytes")
         return super().write(b)
 
 
@@ -361,7 +368,7 @@ def read_message(
 ) -> IncomingMessage:
     """Read a SOAP 1.2 request body: plain ``application/soap+xml`` or MTOM ``multipart/related``.
 
-    Raises :class:`RequestTooLarge` (413) for an envelope over ``max_root_bytes``
+    Raises :class:`MtomTooLarge` (a :class:`RequestTooLarge`, 413) for an envelope over ``max_root_bytes``
     or more than ``max_parts`` MIME parts, as soon as the part that passes the
     limit starts (a million tiny parts once cost 1.6 GB of bookkeeping).
     """
@@ -380,7 +387,7 @@ def read_message(
 
     def sink(headers: dict[str, str]) -> IO[bytes]:
         if len(parts) >= max_parts:
-            raise RequestTooLarge(f"MTOM message with more than {max_parts} MIME parts")
+            raise MtomTooLarge(f"MTOM message with more than {max_parts} MIME parts")
         cid = normalize_cid(headers.get("content-id", ""))
         is_root = (start is not None and cid == start) or (start is None and not parts)
         f: IO[bytes] = _Capped(max_root_bytes) if is_root else tempfile.SpooledTemporaryFile(spool_memory, dir=spool_dir)
