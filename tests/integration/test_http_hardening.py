@@ -269,6 +269,15 @@ def test_pipelined_requests_are_all_answered(server: XdsiProcess) -> None:
     one = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
     answer = raw(server, one + one + b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", wait=5)
     assert answer.count(b"HTTP/1.1 200 OK") == 3, answer[:2000]
+    # after a request whose small body the application did not read, and after a SOAP request
+    env = soap_envelope(rad69_body(1))
+    soap = (
+        f'POST /xdsi/ImagingDocumentSource HTTP/1.1\r\nHost: x\r\nContent-Type: application/soap+xml; action="{ACTION_RAD69}"\r\n'
+        f"Content-Length: {len(env)}\r\n\r\n"
+    ).encode() + env
+    unread = b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+    answer = raw(server, unread + soap + one + b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", wait=5)
+    assert answer.count(b"HTTP/1.1 200 OK") == 4, answer[:3000]
 
 
 # -- finding 2: bounded bodies -------------------------------------------------------------------
