@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "ConfigError",
+    "HttpLimits",
     "Peer",
     "TierSettings",
     "StorageSettings",
@@ -155,6 +156,27 @@ def limits_from(raw: object) -> LimitsSettings:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """``[http]`` limits: what one HTTP request or connection may cost, refused early with a 4xx.
+
+    Why each exists (issue 9): every one of these was driven to an out-of-memory
+    kill, a 500 or a stalled service by a single unauthenticated request.
+    """
+
+    threads: int = 32  # worker threads; each request (and each long download) holds one while it runs
+    io_timeout: float = 300.0  # seconds a client may stall sending or receiving before it is dropped
+    header_timeout: float = 10.0  # seconds for a complete request head; until then the connection holds no thread
+    max_soap_envelope: int = 32 * 1024 * 1024  # bytes of a SOAP envelope (plain body or MTOM root part)
+    max_mtom_parts: int = 10_000  # MIME parts of one MTOM request
+    max_mtom_bytes: int = 4 * 1024**3  # bytes of one SOAP/MTOM request body in all
+    max_stow_bytes: int = 4 * 1024**3  # bytes of one STOW-RS request body
+    max_frames: int = 10_000  # frame numbers in one WADO-RS frames request (duplicates are refused)
+    max_document_requests: int = 50_000  # DocumentRequests in one RAD-69 / ITI-43 / WADO-WS request
+    max_query_value: int = 4096  # characters of one QIDO-RS matching value
+    max_query_wildcards: int = 64  # '*' and '?' in one QIDO-RS matching value
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
@@ -172,6 +194,7 @@ class Settings:
     log_level: str = "INFO"
     # [http] cors_origins: origins whose scripts may call DICOMweb and WADO-URI (["*"]: any); empty: no CORS
     cors_origins: tuple[str, ...] = ()
+    http_limits: HttpLimits = field(default_factory=HttpLimits)  # the rest of [http]
     # further AE titles served by this process, each with its own index and tiers (see PartitionSettings)
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
     xds: "XdsSettings" = field(default_factory=lambda: XdsSettings())  # [xds], defined below
@@ -252,13 +275,18 @@ _ENV = {
 }
 
 
+HTTP_LIMIT_KEYS = ("threads", "io_timeout", "header_timeout", "max_soap_envelope", "max_mtom_parts", "max_mtom_bytes",
+                   "max_stow_bytes", "max_frames", "max_document_requests", "max_query_value", "max_query_wildcards")
+_HTTP_SIZES = {"max_soap_envelope", "max_mtom_bytes", "max_stow_bytes"}
+_HTTP_SECONDS = {"io_timeout", "header_timeout"}
+
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations"},
-    "http": {"cors_origins"},
+    "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
 _PEER_KEYS = {"host", "port"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -399,10 +427,28 @@ def load_settings(
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
     if "limits" in doc:
         settings = replace(settings, limits=limits_from(doc["limits"]))
+    settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
     return _validated(settings)
+
+
+def _http_limits(raw: Mapping[str, Any]) -> HttpLimits:
+    """The ``[http]`` limits: sizes as byte counts or "32 MiB", seconds > 0, counts >= 1."""
+    values: dict[str, Any] = {}
+    for key in HTTP_LIMIT_KEYS:
+        if key not in raw:
+            continue
+        where = f"[http] {key}"
+        if key in _HTTP_SECONDS:
+            values[key] = float(_number(where, raw[key]))
+            continue
+        n = parse_size(raw[key]) if key in _HTTP_SIZES else _int(where, raw[key])
+        if n is None or n < 1:
+            raise ConfigError(f"{where} must be at least 1, not {raw[key]!r}")
+        values[key] = n
+    return HttpLimits(**values)
 
 
 def _cors_origins(value: object) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ class Servers:
     def start(self) -> None:
         s = self.settings
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
-        self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions))
+        self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
         try:
             self.http.start()
         except OSError as exc:

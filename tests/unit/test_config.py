@@ -256,3 +256,22 @@ def test_http_cors_origins(tmp_path: Path) -> None:
     cfg.write_text('[http]\norigins = ["*"]\n')
     with pytest.raises(ConfigError):
         load_settings(cfg, env={})
+
+
+def test_http_limits(tmp_path: Path) -> None:
+    from xdsi.config import HTTP_LIMIT_KEYS, HttpLimits
+
+    assert load_settings(env={}).http_limits == HttpLimits()
+    # the example documents every limit, with the defaults
+    example = load_settings(REPO / "xdsi.example.toml", env={})
+    assert example.http_limits == HttpLimits()
+    text = (REPO / "xdsi.example.toml").read_text()
+    assert all(f"\n{k} = " in text for k in HTTP_LIMIT_KEYS)
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[http]\nmax_soap_envelope = "2 MiB"\nmax_frames = 7\nheader_timeout = 2.5\n')
+    lim = load_settings(cfg, env={}).http_limits
+    assert (lim.max_soap_envelope, lim.max_frames, lim.header_timeout) == (2 * 1024 * 1024, 7, 2.5)
+    for bad in ("max_frames = 0", "max_stow_bytes = \"lots\"", "header_timeout = 0", "threads = true", "max_framez = 3"):
+        cfg.write_text(f"[http]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_settings(cfg, env={})

@@ -37,6 +37,7 @@ from xdsi.soap.envelope import (
     parse_envelope,
 )
 from xdsi.soap.mtom import Attachment, IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, read_message, resolve_xop
+from xdsi.web.http import MalformedBody, RequestTooLarge
 from xdsi.soap.validation import SCHEMA_DIR, SchemaInvalid, validate
 from xdsi.xdsconst import ACTION_FAULT, NS_WSA
 
@@ -78,8 +79,10 @@ class SoapEndpoint:
     operations: dict[str, Operation]  # by wsa:Action
     wsdl_file: Path
     schema_dir: Path = SCHEMA_DIR
-    max_root_bytes: int = 64 * 1024 * 1024
+    max_root_bytes: int = 32 * 1024 * 1024  # [http] max_soap_envelope
     spool_dir: str | None = None
+    max_parts: int = 10_000  # [http] max_mtom_parts
+    max_document_requests: int = 50_000  # [http] max_document_requests
     _xsd_cache: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     # -- WSGI --------------------------------------------------------------------------------------
@@ -98,10 +101,14 @@ class SoapEndpoint:
         message: IncomingMessage | None = None
         try:
             try:
+                content_type = environ.get("CONTENT_TYPE", "")
+                declared = int(environ.get("CONTENT_LENGTH") or 0) if str(environ.get("CONTENT_LENGTH") or "").isdigit() else 0
+                if declared > self.max_root_bytes and not content_type.lower().lstrip().startswith("multipart/"):
+                    raise RequestTooLarge(f"SOAP envelope of {declared} bytes is larger than the maximum of {self.max_root_bytes}")
                 stream = get_input_stream(environ, safe_fallback=False)
-                message = read_message(
-                    stream, environ.get("CONTENT_TYPE", ""), max_root_bytes=self.max_root_bytes, spool_dir=self.spool_dir
-                )
+                message = read_message(stream, content_type, max_root_bytes=self.max_root_bytes, spool_dir=self.spool_dir, max_parts=self.max_parts)
+            except RequestTooLarge:
+                raise  # answered 413 below, not as a malformed message
             except MtomError as exc:
                 raise SoapFault("Sender", f"malformed MIME/MTOM message: {exc}") from None
             env = parse_envelope(message.envelope)
@@ -111,6 +118,11 @@ class SoapEndpoint:
             writer = MtomWriter(body, reply.attachments, action=reply.action)
             start_response("200 OK", [("Content-Type", writer.content_type)])
             return _closing(writer, message)
+        except (RequestTooLarge, MalformedBody) as exc:
+            # 413 (RFC 9110 15.5.14) or 400 for the HTTP body itself, with a Sender fault so a SOAP client still gets an envelope
+            log.info("SOAP request refused: %s", exc.reason)
+            status = "413 Content Too Large" if exc.status == 413 else "400 Bad Request"
+            return self._fault(SoapFault("Sender", exc.reason), relates_to, start_response, message, status=status)
         except SoapFault as fault:
             log.info("SOAP fault %s%s: %s", fault.code, f" ({fault.subcode})" if fault.subcode else "", fault.reason)
             return self._fault(fault, relates_to or fault.relates_to, start_response, message)
@@ -119,11 +131,14 @@ class SoapEndpoint:
             fault = SoapFault("Receiver", "internal error in the Imaging Document Source; see its log")
             return self._fault(fault, relates_to, start_response, message)
 
-    def _fault(self, fault: SoapFault, relates_to: str | None, start_response: Callable[..., Any], message: IncomingMessage | None) -> Iterable[bytes]:
+    def _fault(
+        self, fault: SoapFault, relates_to: str | None, start_response: Callable[..., Any], message: IncomingMessage | None, status: str | None = None
+    ) -> Iterable[bytes]:
         if message is not None:
             message.close()
         writer = MtomWriter(fault_envelope(fault, relates_to), (), action=ACTION_FAULT)
-        status = "400 Bad Request" if fault.http_status == 400 else "500 Internal Server Error"
+        if status is None:
+            status = "400 Bad Request" if fault.http_status == 400 else "500 Internal Server Error"
         start_response(status, [("Content-Type", writer.content_type)])
         return writer
 
@@ -139,6 +154,7 @@ class SoapEndpoint:
         body = env.body
         if body.tag not in op.body_qnames:
             raise SoapFault("Sender", f"the body element {body.tag} does not match the action {a.action}")
+        _check_document_count(body, self.max_document_requests)
         if op.normalize is not None:
             body = op.normalize(body)
         try:
@@ -206,6 +222,22 @@ class SoapEndpoint:
         data = etree.tostring(root, xml_declaration=True, encoding="UTF-8")
         self._xsd_cache[key] = data
         return data
+
+
+def _check_document_count(body: Any, limit: int) -> None:
+    """Refuse a request naming more than ``limit`` documents, before schema validation and retrieval.
+
+    Counted over every ``*DocumentRequest`` element (RAD-69, ITI-43 and the
+    WADO-WS forms), stopping at the first one past the limit.  A Sender fault
+    rather than a RegistryError: the request as a whole is refused, and the
+    client must split it (322k DocumentRequests once peaked at 942 MB).
+    """
+    n = 0
+    for el in body.iter(etree.Element):
+        if etree.QName(el).localname.endswith("DocumentRequest"):
+            n += 1
+            if n > limit:
+                raise SoapFault("Sender", f"the request names more than {limit} documents; send at most {limit} DocumentRequests per request")
 
 
 def _closing(writer: MtomWriter, message: IncomingMessage) -> Iterable[bytes]:

@@ -59,7 +59,11 @@ class SoapFault(Exception):
 
     @property
     def http_status(self) -> int:
-        # SOAP 1.2 Part 2 section 7.5.1.2: Sender faults are 400, everything else 500
+        # SOAP 1.2 Part 2 (Adjuncts) 7.5.1.2, Table 20 "SOAP Fault to HTTP Status Mapping": env:Sender -> 400
+        # Bad Request; env:VersionMismatch, env:MustUnderstand, env:Receiver and env:DataEncodingUnknown -> 500
+        # Internal Server Error.  So a SOAP 1.1 envelope (VersionMismatch) and an unknown mustUnderstand
+        # header are 500 by the binding, not a slip; tests/integration/test_http_hardening.py pins it.
+        # (413 for an over-size body is sent by the endpoint itself, with a Sender fault.)
         return 400 if self.code == "Sender" else 500
 
 

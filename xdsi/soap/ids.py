@@ -161,7 +161,15 @@ def make_endpoint(archive: Archive) -> SoapEndpoint:
         frozenset({WADO + "RetrieveImagingDocumentSetInformationRequest"}),
         make_information(ids, archive.settings.limits),
     )
-    return SoapEndpoint(operations, WSDL_DIR / "ImagingDocumentSource.wsdl", spool_dir=str(archive.settings.temp_dir))
+    lim = archive.settings.http_limits
+    return SoapEndpoint(
+        operations,
+        WSDL_DIR / "ImagingDocumentSource.wsdl",
+        spool_dir=str(archive.settings.temp_dir),
+        max_root_bytes=lim.max_soap_envelope,
+        max_parts=lim.max_mtom_parts,
+        max_document_requests=lim.max_document_requests,
+    )
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from lxml import etree
 
 from xdsi.xdsconst import MIME_SOAP12, MIME_XOP, NS_XOP
 from xdsi.storage.tiers import read_chunks
+from xdsi.web.http import RequestTooLarge
 
 CHUNK = 256 * 1024
 XOP_INCLUDE = f"{{{NS_XOP}}}Include"
@@ -42,6 +43,13 @@ XOP_INCLUDE = f"{{{NS_XOP}}}Include"
 
 class MtomError(ValueError):
     """The HTTP body is not a well-formed SOAP/MTOM message; the SOAP layer answers with a Sender fault."""
+
+
+class MtomTooLarge(MtomError, RequestTooLarge):
+    """An envelope or part count over its configured maximum: a Sender fault sent with HTTP 413."""
+
+    def __init__(self, reason: str) -> None:
+        RequestTooLarge.__init__(self, reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class _Capped(io.BytesIO):
 
     def write(self, b: Any) -> int:
         if self.tell() + len(b) > self.limit:
-            raise MtomError(f"SOAP envelope larger than {self.limit} bytes")
+            raise MtomTooLarge(f"SOAP envelope larger than {self.limit} bytes")
         return super().write(b)
 
 
@@ -356,8 +364,14 @@ def read_message(
     max_root_bytes: int = 64 * 1024 * 1024,
     spool_memory: int = 1024 * 1024,
     spool_dir: str | None = None,
+    max_parts: int = 10_000,
 ) -> IncomingMessage:
-    """Read a SOAP 1.2 request body: plain ``application/soap+xml`` or MTOM ``multipart/related``."""
+    """Read a SOAP 1.2 request body: plain ``application/soap+xml`` or MTOM ``multipart/related``.
+
+    Raises :class:`MtomTooLarge` (a :class:`RequestTooLarge`, 413) for an envelope over ``max_root_bytes``
+    or more than ``max_parts`` MIME parts, as soon as the part that passes the
+    limit starts (a million tiny parts once cost 1.6 GB of bookkeeping).
+    """
     media, params = parse_content_type(content_type)
     if media != "multipart/related":
         data = _Capped(max_root_bytes)
@@ -372,6 +386,8 @@ def read_message(
     parts: list[tuple[dict[str, str], IO[bytes]]] = []
 
     def sink(headers: dict[str, str]) -> IO[bytes]:
+        if len(parts) >= max_parts:
+            raise MtomTooLarge(f"MTOM message with more than {max_parts} MIME parts")
         cid = normalize_cid(headers.get("content-id", ""))
         is_root = (start is not None and cid == start) or (start is None and not parts)
         f: IO[bytes] = _Capped(max_root_bytes) if is_root else tempfile.SpooledTemporaryFile(spool_memory, dir=spool_dir)
@@ -392,8 +408,13 @@ def read_message(
     root_headers, root_file = parts[root_i]
     envelope = root_file.getvalue()  # type: ignore[attr-defined]
     cte = root_headers.get("content-transfer-encoding", "binary").lower()
-    if cte == "base64":
-        envelope = base64.b64decode(envelope)
+    try:
+        if cte == "base64":
+            envelope = base64.b64decode(envelope, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        for _h, f in parts:
+            f.close()
+        raise MtomError(f"the root part is not valid base64 ({exc})") from None
     attachments: dict[str, Attachment] = {}
     for i, (h, f) in enumerate(parts):
         if i == root_i:
@@ -402,7 +423,16 @@ def read_message(
         if h.get("content-transfer-encoding", "binary").lower() == "base64":
             f.seek(0)
             decoded = tempfile.SpooledTemporaryFile(spool_memory, dir=spool_dir)
-            base64.decode(f, decoded)  # type: ignore[arg-type]
+            try:
+                base64.decode(f, decoded)  # type: ignore[arg-type]
+            except (binascii.Error, ValueError) as exc:
+                decoded.close()
+                for j, (_h, g) in enumerate(parts):
+                    if j != root_i:
+                        g.close()
+                for a in attachments.values():
+                    a.close()
+                raise MtomError(f"MIME part {i + 1} is not valid base64 ({exc})") from None
             f.close()
             f, size = decoded, decoded.tell()
         f.seek(0)

@@ -56,4 +56,7 @@ def make_endpoint(archive: Archive) -> SoapEndpoint:
         operations={C.ACTION_RETRIEVE: op},
         wsdl_file=STANDARDS / "wsdl" / "XDS.b_DocumentRepository.wsdl",
         schema_dir=STANDARDS / "schema",
+        max_root_bytes=archive.settings.http_limits.max_soap_envelope,
+        max_parts=archive.settings.http_limits.max_mtom_parts,
+        max_document_requests=archive.settings.http_limits.max_document_requests,
     )

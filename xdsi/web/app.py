@@ -57,10 +57,17 @@ def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
     from xdsi.web.mounts import web_mounts
     from xdsi.soap.ids import make_endpoint as make_ids_endpoint
 
-    mounts.update(web_mounts(archive, partitions))
-    mounts["/xdsi/ImagingDocumentSource"] = make_ids_endpoint(archive)
+    from xdsi.web.limits import limit_body, safe_headers
+
+    limits = archive.settings.http_limits
+    web = web_mounts(archive, partitions)
+    mounts["/wado"] = web["/wado"]
+    mounts["/dicomweb"] = limit_body(web["/dicomweb"], limits.max_stow_bytes, "DICOMweb")  # STOW-RS; GETs send none
+    mounts["/xdsi/ImagingDocumentSource"] = limit_body(make_ids_endpoint(archive), limits.max_mtom_bytes, "SOAP")
     if archive.settings.xds.mode == "integrated":  # issue 4: xdsi is the XDS.b repository of its manifests
         from xdsi.soap.repository import make_endpoint as make_repository_endpoint
 
-        mounts["/xdsi/DocumentRepository"] = make_repository_endpoint(archive)
-    return DispatcherMiddleware(not_found, mounts)
+        mounts["/xdsi/DocumentRepository"] = limit_body(make_repository_endpoint(archive), limits.max_mtom_bytes, "SOAP")
+    for prefix in ("/status", "/wado"):  # these take no request body: refused before it is read
+        mounts[prefix] = limit_body(mounts[prefix], 0, prefix)
+    return safe_headers(DispatcherMiddleware(not_found, mounts))

@@ -32,7 +32,7 @@ from xdsi.render.params import RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
 from xdsi.web import media
-from xdsi.web.http import HttpError, MediaRange, MultipartError, MultipartWriter, parse_accept, parse_content_type, spool_parts
+from xdsi.web.http import HttpError, MediaRange, MultipartError, MultipartWriter, parse_accept, parse_content_type, spool_parts, warning_value
 from xdsi.web.qido import build_query, result_json
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class DicomWebApp:
         accept = parse_accept(request.headers.get("Accept"))
         if not _wants(accept, media.DICOM_JSON, media.JSON):
             raise HttpError(406, "QIDO-RS answers application/dicom+json only")
-        q = build_query(level, request.args, fixed)
+        lim = self.archive.settings.http_limits
+        q = build_query(level, request.args, fixed, max_value=lim.max_query_value, max_wildcards=lim.max_query_wildcards)
         base = self.base(request)
         try:
             results = self.archive.query.find(q.identifier, "STUDY", limit=q.limit, offset=q.offset, fuzzy=q.fuzzy)
@@ -166,7 +167,7 @@ class DicomWebApp:
         else:
             r = Response(body(), status=200, mimetype=media.DICOM_JSON)
         if q.ignored:
-            r.headers["Warning"] = f'299 xdsi "The following attributes are not supported for matching and were ignored: {", ".join(q.ignored)}"'
+            r.headers["Warning"] = warning_value(f"The following attributes are not supported for matching and were ignored: {', '.join(q.ignored)}")
         return r
 
     # -- WADO-RS: instances --------------------------------------------------------------------
@@ -224,7 +225,7 @@ class DicomWebApp:
 
         r = Response(body(), status=200, content_type=writer.content_type)
         for reason in omitted[:20]:
-            r.headers.add("Warning", f'299 xdsi "omitted {_quoted(reason)}"')
+            r.headers.add("Warning", warning_value(f"omitted {reason}"))
         return r
 
     # -- WADO-RS: metadata ---------------------------------------------------------------------
@@ -276,7 +277,7 @@ class DicomWebApp:
         return self._select(study, series, sop)[0]
 
     def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
-        numbers = _frame_list(frames)
+        numbers = _frame_list(frames, self.archive.settings.http_limits.max_frames)
         accept = parse_accept(request.headers.get("Accept"))
         ref = self._one(study, series, sop)
         retrieve = self.archive.retrieve
@@ -455,7 +456,7 @@ class DicomWebApp:
         status = 200 if not failed else (202 if stored else 409)
         r = Response(json.dumps(body), status=status, mimetype=media.DICOM_JSON)
         for reason in reasons[:20]:
-            r.headers.add("Warning", f'299 xdsi "{reason[:200].replace(chr(34), chr(39))}"')
+            r.headers.add("Warning", warning_value(reason))
         return r
 
     def _stow_part(self, headers, path, part_default, study, base, stored, failed, reasons, studies) -> None:  # type: ignore[no-untyped-def]
@@ -513,15 +514,23 @@ def _sop_item(sop_class: str, sop_uid: str, failure: int | None) -> dict:
     return item
 
 
-def _frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise HttpError(400, f"frame list {text!r} is not comma-separated numbers") from None
+def _frame_list(text: str, max_frames: int = 10_000) -> list[int]:
+    """The frame numbers of a ``frames/{list}`` path: at most ``max_frames``, each once.
+
+    Duplicates are refused (400) rather than answered: ``frames/1,1,1,...``
+    once turned a 20 KB request into an 85 MB answer.  With duplicates gone the
+    answer is bounded by the instance's own frames ([http] max_frames).
+    """
+    items = text.split(",")
+    if len(items) > max_frames:
+        raise HttpError(400, f"more than {max_frames} frames in one request")
+    if not all(x.strip().isascii() and x.strip().isdigit() for x in items if x.strip()):
+        raise HttpError(400, f"frame list {text[:100]!r} is not comma-separated numbers")
+    numbers = [int(x) for x in items if x.strip()]
     if not numbers or any(n < 1 for n in numbers):
         raise HttpError(400, "frame numbers start at 1")
-    if len(numbers) > 10000:
-        raise HttpError(400, "too many frames in one request")
+    if len(set(numbers)) != len(numbers):
+        raise HttpError(400, "a frame number is repeated in the frame list")
     return numbers
 
 
@@ -544,10 +553,6 @@ def _production_error(sop: str, exc: Exception) -> HttpError:
     if isinstance(exc, TranscodeError):
         return HttpError(406, f"instance {sop} cannot be provided in the requested transfer syntax: {exc}")
     return HttpError(500, f"instance {sop} cannot be read: {exc}")
-
-
-def _quoted(text: str) -> str:
-    return text[:200].replace('"', "'").replace("\r", " ").replace("\n", " ")
 
 
 def _rs_render_reason(exc: RenderError) -> str:

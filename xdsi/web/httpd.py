@@ -4,33 +4,212 @@ Why not werkzeug's development server: it is documented as unfit for
 production.  Why not a pre-fork server (gunicorn's sync worker): it kills a
 worker at its timeout, mid-body, and RAD-69 and WADO-RS responses of whole
 studies stream for as long as they need.  cheroot runs a thread per request,
-sets TCP_NODELAY, imposes no request-body limit (large STOW-RS and MTOM
-requests), and streams iterables with chunked transfer encoding.
+sets TCP_NODELAY, and streams iterables with chunked transfer encoding.
+
+What cheroot (11.x) does not do by itself, added here through its extension
+points (``ConnectionClass``/``RequestHandlerClass``, ``HeaderReader``,
+``process_conn``):
+
+* **Head gate** (slowloris): cheroot hands a new connection to a worker
+  thread at once, and the worker blocks reading the request head, so N
+  sockets trickling one byte a second hold N of the threads.  Here a
+  connection reaches a worker only once its whole request head is in the
+  kernel buffer (seen with ``MSG_PEEK``); until then it waits in
+  :class:`HeadGate`, one thread polling every pending socket, and is answered
+  408 and closed when the head is not complete within ``header_timeout``.
+* **Request smuggling**: a repeated Content-Length, a Content-Length that
+  is not a plain decimal, or Content-Length together with Transfer-Encoding
+  is refused with 400 and the connection closed (RFC 9112 6.3: such a
+  message "ought to be handled as an error"), instead of cheroot's
+  last-one-wins.
+* **Unread bodies are not drained into memory**: cheroot reads whatever
+  body the application left unread with one ``read(remaining)`` to keep the
+  connection alive (1,000 MB sent to ``/status`` became 2 GB of RSS); here
+  any unread body above :data:`DRAIN_LIMIT` closes the connection instead.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from typing import Any, Callable
 
+from cheroot import server as cheroot_server
 from cheroot import wsgi
+
+from xdsi.config import HttpLimits
 
 log = logging.getLogger(__name__)
 
-THREADS = 32  # concurrent requests; each long download holds one
-IO_TIMEOUT = 300.0  # seconds a client may stall reading or sending before its connection is dropped
+MAX_HEADER_BYTES = 64 * 1024
+DRAIN_LIMIT = 64 * 1024  # an unread body up to this is drained to keep the connection; above, it is closed
+GATE_POLL = 0.05  # seconds between looks at connections whose head is still arriving
+ACCEPT_QUEUE = 128  # listen() backlog: connections the kernel holds before cheroot accepts them
+
+
+class StrictHeaderReader(cheroot_server.HeaderReader):
+    """cheroot's header reader, refusing the framing ambiguities a proxy in front could read differently."""
+
+    def __call__(self, rfile: Any, hdict: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+        counts: dict[bytes, int] = {}
+        original = self._transform_key
+
+        def counting(key: bytes) -> bytes:
+            k = original(key)
+            counts[k] = counts.get(k, 0) + 1
+            return k
+
+        self._transform_key = counting  # type: ignore[method-assign]  # this reader belongs to one request
+        try:
+            hdict = super().__call__(rfile, hdict)
+        finally:
+            del self._transform_key
+        if counts.get(b"Content-Length", 0) > 1:
+            raise ValueError("Repeated Content-Length header.")
+        if counts.get(b"Transfer-Encoding", 0) and counts.get(b"Content-Length", 0):
+            raise ValueError("Content-Length together with Transfer-Encoding.")
+        cl = hdict.get(b"Content-Length")
+        if cl is not None and not (cl.isdigit() and cl.isascii()):
+            raise ValueError("Malformed Content-Length Header.")
+        return hdict
+
+
+class GuardedRequest(cheroot_server.HTTPRequest):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.header_reader = StrictHeaderReader()  # per request: it counts headers while reading
+
+    def send_headers(self) -> None:
+        if not self.close_connection:
+            if self.chunked_read:
+                # cheroot never drains a chunked body: what the application left would be parsed as the next request
+                if not getattr(self.rfile, "closed", False):
+                    self.close_connection = True
+            elif getattr(self.rfile, "remaining", 0) > DRAIN_LIMIT:
+                self.close_connection = True
+        super().send_headers()
+
+
+class GuardedConnection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = GuardedRequest
+    head_since: float | None = None  # monotonic time the head gate began waiting for this connection's head
+
+
+class HeadGate(threading.Thread):
+    """Holds connections whose request head is incomplete, so they wait without a worker thread."""
+
+    def __init__(self, server: "GatedServer") -> None:
+        super().__init__(name="http-head-gate", daemon=True)
+        self.server = server
+        self._pending: list[GuardedConnection] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def add(self, conn: GuardedConnection) -> None:
+        with self._lock:
+            self._pending.append(conn)
+
+    def run(self) -> None:
+        while not self._stop.wait(GATE_POLL):
+            with self._lock:
+                pending, self._pending = self._pending, []
+            keep: list[GuardedConnection] = []
+            now = time.monotonic()
+            for conn in pending:
+                state = self.server.head_state(conn)
+                if state != "waiting":
+                    self.server.to_worker(conn)
+                elif now - (conn.head_since or now) > self.server.limits.header_timeout:
+                    _refuse(conn, b"408 Request Timeout", b"request head not received in time\n")
+                else:
+                    keep.append(conn)
+            with self._lock:
+                self._pending.extend(keep)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for conn in pending:
+            _close(conn)
+
+
+def _refuse(conn: Any, status: bytes, text: bytes) -> None:
+    try:
+        conn.socket.setblocking(False)
+        conn.socket.send(
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: " + str(len(text)).encode() + b"\r\nConnection: close\r\n\r\n" + text
+        )
+    except OSError:
+        pass
+    _close(conn)
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.socket.close()
+    except OSError:
+        pass
+
+
+class GatedServer(wsgi.Server):
+    """cheroot's WSGI server with the head gate in front of its worker queue."""
+
+    ConnectionClass = GuardedConnection
+    limits: HttpLimits
+
+    def head_state(self, conn: Any) -> str:
+        """"ready" (a complete head, or something a worker should answer: EOF, an oversized head), or "waiting"."""
+        try:
+            if conn.rfile.has_data():
+                return "ready"  # pipelined: the next request is already in our buffer
+        except (AttributeError, ValueError):
+            return "ready"
+        sock = conn.socket
+        try:
+            sock.settimeout(0)  # with a timeout set, Python waits for data even under MSG_DONTWAIT
+            try:
+                data = sock.recv(MAX_HEADER_BYTES + 4, socket.MSG_PEEK)
+            finally:
+                sock.settimeout(self.timeout)
+        except (BlockingIOError, InterruptedError):
+            return "waiting"
+        except OSError:
+            return "ready"  # the worker meets the same error and closes the connection
+        if not data or b"\r\n\r\n" in data or len(data) > MAX_HEADER_BYTES:
+            return "ready"
+        return "waiting"
+
+    def process_conn(self, conn: Any) -> None:
+        if self.head_state(conn) == "ready":
+            self.to_worker(conn)
+            return
+        conn.head_since = time.monotonic()
+        self.gate.add(conn)
+
+    def to_worker(self, conn: Any) -> None:
+        conn.head_since = None
+        super().process_conn(conn)
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, app: Callable[..., Any], threads: int = THREADS) -> None:
-        self.server = wsgi.Server((host, port), app, numthreads=threads, server_name=host, request_queue_size=64, timeout=IO_TIMEOUT, shutdown_timeout=5)
-        self.server.max_request_body_size = 0  # unlimited: STOW-RS bodies and MTOM requests spool to disk
-        self.server.max_request_header_size = 64 * 1024
+    def __init__(self, host: str, port: int, app: Callable[..., Any], limits: HttpLimits | None = None) -> None:
+        s = limits or HttpLimits()
+        self.server = GatedServer(
+            (host, port), app, numthreads=s.threads, server_name=host, request_queue_size=ACCEPT_QUEUE, timeout=s.io_timeout, shutdown_timeout=5
+        )
+        self.server.limits = s
+        self.server.gate = HeadGate(self.server)
+        # body limits are per endpoint, in the application (xdsi.web.limits): STOW-RS and MTOM bodies stream to disk
+        self.server.max_request_body_size = 0
+        self.server.max_request_header_size = MAX_HEADER_BYTES
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.server.prepare()  # binds now, so a busy port fails at start, not later in a thread
+        self.server.gate.start()
         self._thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
         self._thread.start()
 
@@ -39,6 +218,7 @@ class HttpServer:
         return int(self.server.bind_addr[1])
 
     def shutdown(self) -> None:
+        self.server.gate.stop()
         self.server.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
