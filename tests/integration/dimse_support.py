@@ -7,10 +7,11 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, MRImageStorage
@@ -18,6 +19,9 @@ from pydicom.uid import JPEG2000Lossless, MRImageStorage
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, ct_instance, write_study
 from xdsi.uids import new_uid
+
+if TYPE_CHECKING:
+    from tests.support.netns import NetNS
 
 DCMTK = Path("/usr/bin")
 TOOL_TIMEOUT = 120
@@ -180,3 +184,26 @@ __all__ = [
     "tool",
     "write_config",
 ]
+
+
+def wait_for_echo(ns: "NetNS", aet: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until a dcmtk SCP started inside ``ns`` answers C-ECHO (it exits or 20 s pass: error)."""
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"storescp {aet} exited with {proc.returncode}")
+        if run(ns.cmd(tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)), check=False, timeout=10).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"storescp {aet} did not start")
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Terminate peer processes a test started, killing any that do not exit within 10 s."""
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from tests.integration.conftest import load
-from tests.integration.dimse_support import StudySet, dataset_bytes, dcmtk_available, run, tool, write_config
+from tests.integration.dimse_support import StudySet, dataset_bytes, dcmtk_available, run, stop_processes, tool, wait_for_echo, write_config
 from tests.support import netns
 from tests.support.netns import NetNS
 from tests.support.server import XdsiProcess
@@ -54,16 +53,6 @@ class MoveEnv:
         return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in self.received[dest].iterdir() if p.is_file()}
 
 
-def _wait_for_echo(ns: NetNS, aet: str, port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"storescp {aet} exited with {proc.returncode}")
-        if run(ns.cmd(tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)), check=False, timeout=10).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"storescp {aet} did not start")
-
 
 @pytest.fixture(scope="module")
 def move_env(tmp_path_factory: pytest.TempPathFactory, test_data: StudySet) -> Iterator[MoveEnv]:
@@ -83,7 +72,7 @@ def move_env(tmp_path_factory: pytest.TempPathFactory, test_data: StudySet) -> I
                 cmd = ns.cmd(tool("storescp"), "-aet", aet, *accept, "+B", "-od", str(out), str(port))
                 p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"TCP_NODELAY": "1"})
                 procs.append(p)
-                _wait_for_echo(ns, aet, port, p)
+                wait_for_echo(ns, aet, port, p)
             config = write_config(root / "xdsi.toml", {aet: ("127.0.0.1", port) for aet, port in STORESCP_PORTS.items()})
             server = XdsiProcess(root / "data", config=config, prefix=ns.cmd()).start()
             try:
@@ -92,13 +81,7 @@ def move_env(tmp_path_factory: pytest.TempPathFactory, test_data: StudySet) -> I
             finally:
                 server.stop()
         finally:
-            for p in procs:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_processes(procs)
 
 
 def test_move_unknown_destination_is_a801(move_env: MoveEnv, test_data: StudySet) -> None:

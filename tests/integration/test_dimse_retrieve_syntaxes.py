@@ -25,7 +25,6 @@ import io
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,7 +46,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from tests.integration.dimse_corpus import SOURCES, Corpus, Item, make_corpus, store
-from tests.integration.dimse_support import dataset_bytes, dcmtk_available, free_port, leftover_temp_files, run, tool, write_config
+from tests.integration.dimse_support import dataset_bytes, dcmtk_available, free_port, leftover_temp_files, run, stop_processes, tool, wait_for_echo, write_config
 from tests.support import netns
 from tests.support.netns import NetNS
 from tests.support.server import XdsiProcess
@@ -98,16 +97,6 @@ class NsEnv:
         return proc.stdout + proc.stderr, got
 
 
-def _wait_for_echo(ns: NetNS, aet: str, port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"storescp {aet} exited with {proc.returncode}")
-        if run(ns.cmd(tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)), check=False, timeout=10).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"storescp {aet} did not start")
-
 
 @pytest.fixture(scope="module")
 def ns_env(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus) -> Iterator[NsEnv]:
@@ -128,7 +117,7 @@ def ns_env(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus) -> Iterator
                 cmd = ns.cmd(tool("storescp"), "-aet", aet, accept, "+B", "-od", str(out), str(port))
                 p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"TCP_NODELAY": "1"})
                 procs.append(p)
-                _wait_for_echo(ns, aet, port, p)
+                wait_for_echo(ns, aet, port, p)
             config = write_config(root / "xdsi.toml", {aet: ("127.0.0.1", port) for aet, port in STORESCP_PORTS.items()})
             server = XdsiProcess(root / "data", config=config, prefix=ns.cmd()).start()
             try:
@@ -138,13 +127,7 @@ def ns_env(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus) -> Iterator
             finally:
                 server.stop()
         finally:
-            for p in procs:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_processes(procs)
 
 
 @pytest.fixture(scope="module")

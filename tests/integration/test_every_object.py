@@ -43,7 +43,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Stud
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 from werkzeug.http import parse_options_header
 
-from tests.integration.dimse_support import dcmtk_available, run, tool
+from tests.integration.dimse_support import dcmtk_available, run, stop_processes, tool
 from tests.support import netns
 from tests.support.corpus import (
     EXPLICIT_LE,
@@ -207,13 +207,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                         log.write_text(server.output())
                         print(f"\nxdsi serve log: {log}\ntimings (s): {({k: round(v, 1) for k, v in e.timings.items()})}")
             finally:
-                for p in procs:
-                    p.terminate()
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+                stop_processes(procs)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         _config.STORE_SEND_CHUNKED_DATASET, _config.STORE_RECV_CHUNKED_DATASET = saved
