@@ -3,10 +3,19 @@
 Viewers ask for ``transfer-syntax=*`` frames and draw what they get, so the only honest check of
 colour handling is a real viewer in a real browser.  This script stores pydicom's bundled colour
 ultrasound and multi-frame test files (files nobody on this project wrote) in a fresh ``xdsi serve``,
-opens each study in OHIF's prebuilt viewer in headless Chromium, and saves screenshots plus a log
-of every DICOMweb request the viewer made and what xdsi answered (status, Content-Type, bytes).
-It judges nothing by itself: look at the screenshots (correct colours, or teal false colour?
-frame counter moving?).
+opens each study in OHIF's prebuilt viewer in headless Chromium, and writes to ``--out``:
+
+* ``NN_name.png`` (first frame as OHIF draws it) and, for multi-frame objects, ``NN_name_scrolled.png``
+  after scrolling the mouse wheel (the overlay at bottom right says which frame, e.g. ``(13/30)``);
+* ``NN_name_pydicom_frameK.png``: pydicom's own decode of the same frames (colour as RGB, palette
+  applied, grey stretched to 0..255), the reference to compare with;
+* ``report.md``: per study, every DICOMweb request the viewer made and what xdsi answered (status,
+  Content-Type of the response and of its first part, bytes), and browser console errors;
+  ``traffic.json`` the same rows; ``xdsi-serve.log``, ``chromium.log``.
+
+It judges nothing by itself (the viewer applies its own window and interpolation, so pixels are not
+compared): look at the screenshots next to pydicom's decode (right colours, or teal false colour?
+the frame counter moving, the frame matching?).
 
 Installs nothing.  Once, by hand:
 
@@ -428,7 +437,7 @@ class Chromium:
         """The page's requests to xdsi (``base``), with the first multipart part's Content-Type; then forgets them."""
         rows = []
         for rid, r in self.requests.items():
-            if r["url"].startswith(base) and r["method"] != "OPTIONS":
+            if r["url"].startswith((f"{base}/dicomweb", f"{base}/wado")) and r["method"] != "OPTIONS":
                 part = first_part_type(r["content_type"], self.body(rid)) if r["content_type"].startswith("multipart/") else ""
                 rows.append(dict(method=r["method"], path=r["url"][len(base):], accept=r["accept"], status=r["status"],
                                  content_type=r["content_type"], part_type=part, bytes=r["bytes"], failed=r.get("failed", "")))
