@@ -231,6 +231,21 @@ def test_instance_without_issuer_joins_the_same_patient_id(archive: Archive, tmp
     assert archive.store.store_file(q).outcome is Outcome.REJECTED
 
 
+def test_patient_level_retrieve_keeps_issuers_apart(archive: Archive, tmp_path: Path) -> None:
+    """C-MOVE/C-GET at PATIENT level: the same Patient ID from two assigning authorities is two people."""
+    pid = f"SAME-{uuid.uuid4().hex[:6]}"
+    a, b = StudySpec(patient_id=pid, issuer="HOSP-A"), StudySpec(patient_id=pid, issuer="HOSP-B")
+    _store_ds(archive, _instance(a), tmp_path)
+    _store_ds(archive, _instance(b), tmp_path)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "PATIENT"
+    ident.PatientID = pid
+    ident.IssuerOfPatientID = "HOSP-A"
+    assert {r.study_uid for r in archive.retrieve.select_by_identifier(ident)} == {a.study_uid}
+    del ident.IssuerOfPatientID  # no issuer named: every patient with that ID, as before
+    assert {r.study_uid for r in archive.retrieve.select_by_identifier(ident)} == {a.study_uid, b.study_uid}
+
+
 def test_study_without_patient_id_refuses_an_instance_with_one(archive: Archive, tmp_path: Path) -> None:
     spec = StudySpec(patient_id="")
     _store_ds(archive, _instance(spec, PatientID=None), tmp_path)

@@ -126,6 +126,7 @@ class RetrieveService:
         series_uids: Iterable[str] = (),
         sop_uids: Iterable[str] = (),
         patient_id: str | None = None,
+        issuer_of_patient_id: str | None = None,
     ) -> list[InstanceRef]:
         """Instances matching every given constraint; an empty constraint matches anything.
 
@@ -141,6 +142,9 @@ class RetrieveService:
         )
         if patient_id is not None:
             stmt = stmt.join(Patient, Study.patient_fk == Patient.pk).where(Patient.patient_id == patient_id)
+            if issuer_of_patient_id is not None:
+                # (Patient ID, Issuer) is the patient: the same ID from another assigning authority is someone else
+                stmt = stmt.where(Patient.issuer_of_patient_id == issuer_of_patient_id)
         if study_uids:
             stmt = stmt.where(Study.study_uid.in_(study_uids))
         if series_uids:
@@ -185,7 +189,10 @@ class RetrieveService:
         unique = {"PATIENT": patient_id, "STUDY": study, "SERIES": series, "IMAGE": sops}[level]
         if not unique:
             raise InvalidUID(f"the {level} level unique key is missing from the identifier")
-        return self.select(study_uids=study, series_uids=series, sop_uids=sops, patient_id=patient_id if level == "PATIENT" else None)
+        issuer = str(identifier.get("IssuerOfPatientID", "") or "").strip() or None
+        if level != "PATIENT":
+            patient_id = issuer = None
+        return self.select(study_uids=study, series_uids=series, sop_uids=sops, patient_id=patient_id, issuer_of_patient_id=issuer)
 
     def path(self, ref: InstanceRef) -> Path:
         """A readable path for the instance, recalling it to the hot tier if it is only on a cold one.
