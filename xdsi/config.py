@@ -169,7 +169,7 @@ class HttpLimits:
     # a request body must arrive at least this fast (bytes/s; 0: off), else 408 and the connection is closed:
     # a body trickled a few bytes a second otherwise holds a worker thread for up to io_timeout per read
     min_body_rate: int = 1024
-    body_rate_window: float = 20.0  # seconds of credit: the grace at the start and the longest stall allowed later
+    body_rate_window: float = 10.0  # seconds of credit: the grace at the start and the longest stall allowed later
     max_soap_envelope: int = 32 * 1024 * 1024  # bytes of a SOAP envelope (plain body or MTOM root part)
     max_mtom_parts: int = 10_000  # MIME parts of one MTOM request
     max_mtom_bytes: int = 4 * 1024**3  # bytes of one SOAP/MTOM request body in all
