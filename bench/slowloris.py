@@ -8,6 +8,12 @@ It starts its own ``xdsi serve`` in a temporary directory, opens ``--sockets``
 connections that each send one header byte per second, and meanwhile times a
 ``GET /status`` every half second.  It prints the normal client's latencies
 (p50/max, failures) and how the slow sockets ended (408, closed, still open).
+
+``--body`` sends each slow socket's request head at once (a STOW-RS POST
+declaring a 10 MB body) and then trickles the *body* one byte a second: the
+attack ``[http] min_body_rate`` answers.  ``--config FILE`` passes an
+``xdsi.toml`` (e.g. ``[http]`` with ``min_body_rate = 0`` for the "before"
+figure).
 """
 
 from __future__ import annotations
@@ -29,16 +35,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sockets", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--body", action="store_true", help="complete heads, then a STOW-RS body at one byte a second")
+    ap.add_argument("--config", type=Path, default=None, help="xdsi.toml for the server")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        srv = XdsiProcess(Path(d) / "data").start()
+        srv = XdsiProcess(Path(d) / "data", config=args.config).start()
         try:
-            run(srv, args.sockets, args.seconds)
+            run(srv, args.sockets, args.seconds, body=args.body)
         finally:
             srv.stop()
 
 
-def run(srv: XdsiProcess, n: int, seconds: float) -> None:
+def run(srv: XdsiProcess, n: int, seconds: float, body: bool = False) -> None:
     head = b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
     slow: list[socket.socket] = []
     for _ in range(n):
@@ -46,6 +54,17 @@ def run(srv: XdsiProcess, n: int, seconds: float) -> None:
             slow.append(socket.create_connection(("127.0.0.1", srv.http_port), timeout=5))
         except OSError:
             break
+    if body:
+        post = (
+            b"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAccept: application/dicom+json\r\n"
+            b'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\nContent-Length: 10000000\r\n\r\n'
+        )
+        for s in slow:
+            try:
+                s.sendall(post)
+            except OSError:
+                pass
+        head = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 10_000
     stop = threading.Event()
 
     def drip() -> None:

@@ -166,6 +166,10 @@ class HttpLimits:
     threads: int = 32  # worker threads; each request (and each long download) holds one while it runs
     io_timeout: float = 300.0  # seconds a client may stall sending or receiving before it is dropped
     header_timeout: float = 10.0  # seconds for a complete request head; until then the connection holds no thread
+    # a request body must arrive at least this fast (bytes/s; 0: off), else 408 and the connection is closed:
+    # a body trickled a few bytes a second otherwise holds a worker thread for up to io_timeout per read
+    min_body_rate: int = 1024
+    body_rate_window: float = 10.0  # seconds of credit: the grace at the start and the longest stall allowed later
     max_soap_envelope: int = 32 * 1024 * 1024  # bytes of a SOAP envelope (plain body or MTOM root part)
     max_mtom_parts: int = 10_000  # MIME parts of one MTOM request
     max_mtom_bytes: int = 4 * 1024**3  # bytes of one SOAP/MTOM request body in all
@@ -275,10 +279,11 @@ _ENV = {
 }
 
 
-HTTP_LIMIT_KEYS = ("threads", "io_timeout", "header_timeout", "max_soap_envelope", "max_mtom_parts", "max_mtom_bytes",
+HTTP_LIMIT_KEYS = ("threads", "io_timeout", "header_timeout", "min_body_rate", "body_rate_window", "max_soap_envelope", "max_mtom_parts", "max_mtom_bytes",
                    "max_stow_bytes", "max_frames", "max_document_requests", "max_query_value", "max_query_wildcards")
-_HTTP_SIZES = {"max_soap_envelope", "max_mtom_bytes", "max_stow_bytes"}
-_HTTP_SECONDS = {"io_timeout", "header_timeout"}
+_HTTP_SIZES = {"max_soap_envelope", "max_mtom_bytes", "max_stow_bytes", "min_body_rate"}
+_HTTP_SECONDS = {"io_timeout", "header_timeout", "body_rate_window"}
+_HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
@@ -445,6 +450,9 @@ def _http_limits(raw: Mapping[str, Any]) -> HttpLimits:
             values[key] = float(_number(where, raw[key]))
             continue
         n = parse_size(raw[key]) if key in _HTTP_SIZES else _int(where, raw[key])
+        if key in _HTTP_ZERO_OFF and n == 0:
+            values[key] = 0
+            continue
         if n is None or n < 1:
             raise ConfigError(f"{where} must be at least 1, not {raw[key]!r}")
         values[key] = n

@@ -275,3 +275,17 @@ def test_http_limits(tmp_path: Path) -> None:
         cfg.write_text(f"[http]\n{bad}\n")
         with pytest.raises(ConfigError):
             load_settings(cfg, env={})
+
+
+def test_http_min_body_rate(tmp_path: Path) -> None:
+    """``min_body_rate`` is a size per second, 0 turns it off; ``body_rate_window`` is seconds > 0."""
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[http]\nmin_body_rate = "2 KiB"\nbody_rate_window = 1.5\n')
+    lim = load_settings(cfg, env={}).http_limits
+    assert (lim.min_body_rate, lim.body_rate_window) == (2048, 1.5)
+    cfg.write_text("[http]\nmin_body_rate = 0\n")
+    assert load_settings(cfg, env={}).http_limits.min_body_rate == 0
+    for bad in ("min_body_rate = -1", 'min_body_rate = "fast"', "body_rate_window = 0", "body_rate_window = -2"):
+        cfg.write_text(f"[http]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_settings(cfg, env={})

@@ -26,6 +26,20 @@ points (``ConnectionClass``/``RequestHandlerClass``, ``HeaderReader``,
   body the application left unread with one ``read(remaining)`` to keep the
   connection alive (1,000 MB sent to ``/status`` became 2 GB of RSS); here
   any unread body above :data:`DRAIN_LIMIT` closes the connection instead.
+* **Minimum body rate** (slow POST): the head gate only covers the head;
+  a client that then trickles its body a few bytes a second holds its worker
+  for as long as it likes, since each read waits at most ``io_timeout`` for
+  the *next* byte.  Here the body is read through :class:`PacedBody`, which
+  gives each socket read a timeout equal to the client's remaining credit
+  (``[http] min_body_rate``, ``body_rate_window``); a client below the rate
+  gets 408, the connection is closed and the worker freed.  The application
+  sees :class:`~xdsi.web.limits.BodyTooSlow` from its ``wsgi.input`` read and
+  its usual error path removes any partial STOW or SOAP spool file.
+
+Downloads are deliberately *not* rate-checked: a viewer on a slow link may
+legitimately take long to receive a whole study, and a response is written
+only as fast as the client reads it.  ``io_timeout`` still drops a client
+that stops reading altogether (no progress for that long on one write).
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 
 from xdsi.config import HttpLimits
+from xdsi.web.limits import BodyTooSlow
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +91,124 @@ class StrictHeaderReader(cheroot_server.HeaderReader):
         return hdict
 
 
+class PacedBody:
+    """The connection's buffered socket reader, for one request body, with a minimum arrival rate.
+
+    Credit model (a leaky bucket, in seconds): the client starts with
+    ``window`` seconds of credit (the grace period); every second spent
+    *waiting on the socket* costs one, every byte received earns
+    ``1 / rate``, and credit never exceeds ``window`` (a fast start cannot
+    buy a long stall later).  Each socket read is given exactly the remaining
+    credit as its timeout, so a read that times out *is* a client below the
+    rate; no watchdog thread and no per-byte bookkeeping.  A client sending
+    at a fraction f of the rate is cut after about ``window / (1 - f)``
+    seconds; one at or above the rate never is.  Time the application spends
+    between reads (parsing, writing the spool) is not charged to the client.
+
+    Only ``read``, ``readline`` and ``close`` are used by cheroot's
+    ``KnownLengthRFile``/``ChunkedRFile``; each reads with ``read1``/``peek``
+    (one ``recv`` at a time) so no single call waits for more than one
+    socket read's worth of data.
+    """
+
+    def __init__(self, stream: Any, sock: socket.socket, rate: int, window: float, io_timeout: float) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.rate = float(rate)
+        self.window = window
+        self.io_timeout = io_timeout
+        self.credit = window
+        self.tripped = False
+        self.received = 0
+
+    def _wait(self, fn: Callable[[], bytes]) -> bytes:
+        """One buffered-or-socket read ``fn``, within the client's credit; charges the time it waited."""
+        if self.tripped:
+            raise BodyTooSlow(self._reason())
+        budget = min(self.credit, self.io_timeout)
+        t0 = time.monotonic()
+        self.sock.settimeout(max(budget, 0.001))
+        try:
+            data = fn()
+        except TimeoutError:
+            if self.credit >= self.io_timeout:
+                raise  # the plain io_timeout, as before this class existed
+            self.tripped = True
+            raise BodyTooSlow(self._reason()) from None
+        finally:
+            try:
+                self.sock.settimeout(self.io_timeout)  # the response is written under io_timeout only
+            except OSError:
+                pass
+        self.credit -= time.monotonic() - t0
+        return data
+
+    def _earn(self, n: int) -> None:
+        self.received += n
+        self.credit = min(self.window, self.credit + n / self.rate)
+
+    def _reason(self) -> str:
+        return f"request body arrived slower than {int(self.rate)} bytes/s ({self.received} bytes received); closing the connection"
+
+    def read(self, size: int | None = -1) -> bytes:
+        out = bytearray()
+        while size is None or size < 0 or len(out) < size:
+            want = 64 * 1024 if size is None or size < 0 else size - len(out)
+            chunk = self._wait(lambda: self.stream.read1(want))
+            if not chunk:
+                break
+            self._earn(len(chunk))
+            out += chunk
+        return bytes(out)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        out = bytearray()
+        while size is None or size < 0 or len(out) < size:
+            buf = self._wait(lambda: self.stream.peek(1))  # what is buffered, or one socket read
+            if not buf:
+                break
+            limit = len(buf) if size is None or size < 0 else min(len(buf), size - len(out))
+            i = buf.find(b"\n", 0, limit)
+            take = i + 1 if i >= 0 else limit
+            data = self.stream.read(take)  # already buffered: does not block
+            self._earn(len(data))
+            out += data
+            if i >= 0:
+                break
+        return bytes(out)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 class GuardedRequest(cheroot_server.HTTPRequest):
+    pacer: PacedBody | None = None
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.header_reader = StrictHeaderReader()  # per request: it counts headers while reading
 
+    def respond(self) -> None:
+        """cheroot's respond, with the body (if any) read through :class:`PacedBody`."""
+        limits: HttpLimits = self.server.limits
+        has_body = self.chunked_read or self.inheaders.get(b"Content-Length", b"0") not in (b"0", b"")
+        if not (limits.min_body_rate and has_body):
+            super().respond()
+            return
+        raw = self.conn.rfile
+        self.pacer = PacedBody(raw, self.conn.socket, limits.min_body_rate, limits.body_rate_window, self.server.timeout)
+        self.conn.rfile = self.pacer  # only respond() builds the body reader from conn.rfile
+        try:
+            super().respond()
+        finally:
+            self.conn.rfile = raw
+
     def send_headers(self) -> None:
+        if self.pacer is not None and self.pacer.tripped:
+            # whatever the adapter made of BodyTooSlow (a SOAP Sender fault, a 400), the answer is 408 and the end
+            self.status = b"408 Request Timeout"
+            self.close_connection = True
+            self.conn.body_too_slow = True
         if not self.close_connection:
             if self.chunked_read:
                 # cheroot never drains a chunked body: what the application left would be parsed as the next request
@@ -95,6 +222,23 @@ class GuardedRequest(cheroot_server.HTTPRequest):
 class GuardedConnection(cheroot_server.HTTPConnection):
     RequestHandlerClass = GuardedRequest
     head_since: float | None = None  # monotonic time the head gate began waiting for this connection's head
+    body_too_slow = False  # a request body below min_body_rate: closed after its 408
+
+    def close(self) -> None:
+        if self.body_too_slow:
+            _discard_pending(self.socket)
+        super().close()
+
+
+def _discard_pending(sock: socket.socket) -> None:
+    """Read (without waiting) what the client already sent, so closing sends FIN rather than RST and the 408 arrives."""
+    try:
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(64 * 1024):
+                break
+    except OSError:
+        pass
 
 
 class HeadGate(threading.Thread):

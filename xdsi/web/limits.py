@@ -11,6 +11,11 @@ the whole server, and STOW-RS may legitimately send gigabytes where
   that passes the maximum raises :class:`RequestTooLarge` (413);
 * a resource that takes no body (maximum 0) refuses any body with 413.
 
+How fast a body must arrive is not decided here but in the HTTP server
+(:mod:`xdsi.web.httpd`, ``[http] min_body_rate``), which alone sees the
+socket; a body too slow surfaces in the application as :class:`BodyTooSlow`
+from a ``wsgi.input`` read, and the server answers 408 and closes.
+
 Every response header is also passed through :func:`header_text`, so no
 adapter can make the server emit a non-Latin-1 header (a 500 from cheroot).
 """
@@ -25,6 +30,19 @@ from xdsi.web.http import HttpError, MalformedBody, RequestTooLarge, header_text
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[..., Any]
+
+
+class BodyTooSlow(MalformedBody):
+    """408: the request body arrived slower than ``[http] min_body_rate``; raised from a ``wsgi.input`` read.
+
+    A :class:`MalformedBody` so every adapter's existing "the body itself is
+    bad" path (spool cleanup, a Sender fault for SOAP) handles it without
+    knowing about rates; the HTTP server makes the status 408 and closes the
+    connection whatever the adapter answered (:class:`xdsi.web.httpd.GuardedRequest`).
+    """
+
+    def __init__(self, reason: str) -> None:
+        HttpError.__init__(self, 408, reason)
 
 
 class LimitedInput:
