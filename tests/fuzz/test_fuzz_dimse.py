@@ -21,6 +21,7 @@ import io
 import socket
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -309,9 +310,12 @@ def assert_stored_complete(server: XdsiProcess, sop_uid: str) -> None:
     url = hit["00081190"]["Value"][0]
     g = requests.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
     assert g.status_code == 200, (g.status_code, g.text[:500])
-    ds = dcmread(io.BytesIO(MultipartDecoder(g.content, g.headers["Content-Type"]).parts[0].content))
-    for _ in ds.iterall():
-        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's VR guess is checked below, against the File Meta
+        ds = dcmread(io.BytesIO(MultipartDecoder(g.content, g.headers["Content-Type"]).parts[0].content))
+        for _ in ds.iterall():
+            pass
+    assert ds.original_encoding[0] == ds.file_meta.TransferSyntaxUID.is_implicit_VR, "the stored file's body is not in its File Meta's transfer syntax"
     assert ds.SOPInstanceUID == sop_uid
 
 
@@ -335,6 +339,8 @@ def test_mutated_datasets_by_c_store(server: XdsiProcess, tmp_path: Path, monkey
         path = part10(tmp_path / "m.dcm", ds, fresh)
         count = int(http_status(server)["instances"])
         rsp = _store(server, path)
+        if rsp is NOT_SENT:
+            return
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
         ok = status is not None and (status == 0 or status & 0xF000 == 0xB000)
         key = "stored" if ok else f"{status:04X}" if status is not None else "no answer"
@@ -363,9 +369,15 @@ def _store(server: XdsiProcess, path: Path) -> Dataset | None:
     assert assoc.is_established
     try:
         return assoc.send_c_store(path)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        # pynetdicom could not read our file's File Meta (the mutation reached into it): nothing was sent
+        return NOT_SENT
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+NOT_SENT = Dataset()
 
 
 def _uid_bytes(template: bytes, tag: int) -> bytes:
