@@ -16,6 +16,6 @@ _COMMON = dict(
     deadline=None,  # a server round trip varies with the machine; time is bounded by the Budget instead
     print_blob=True,
 )
-settings.register_profile("ci", max_examples=60, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate, Phase.shrink], **_COMMON)
+settings.register_profile("ci", max_examples=400, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate, Phase.shrink], **_COMMON)
 settings.register_profile("long", max_examples=1_000_000, derandomize=False, **_COMMON)
 settings.load_profile("long" if os.environ.get("XDSI_FUZZ") == "long" else "ci")

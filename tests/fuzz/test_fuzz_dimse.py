@@ -47,6 +47,10 @@ pytestmark = pytest.mark.timeout(150)
 ACSE = 2  # the server's A-ASSOCIATE-RQ / ARTIM deadline: how long a silent or half-sent peer may hold a socket
 NETWORK = 3  # its idle timeout inside an association
 PYNETDICOM_HANDLED = ("pynetdicom.dul", "pynetdicom.utils")  # decode failures it logs, then aborts
+# pynetdicom 3.0.4's reactor thread dies on an A-ASSOCIATE-RQ whose presentation context ID is even
+# (pdu_items.to_primitive -> ValueError in AE-6); the socket is closed and service goes on.  Upstream bug,
+# reproduced by test_even_presentation_context_id_kills_no_thread (xfail) and not failed again by the fuzzer.
+KNOWN_PYNETDICOM = ("'context_id' must be an odd integer between 1 and 255",)
 APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
 
 
@@ -166,9 +170,9 @@ followups = st.one_of(
 
 
 def exchange(server: XdsiProcess, first: bytes, then: list[bytes]) -> bytes:
-    """Send ``first``, read the answer (up to 1 s), send ``then`` if an A-ASSOCIATE-AC came back; close."""
+    """Send ``first``, read the answer (up to 0.4 s), send ``then`` if an A-ASSOCIATE-AC came back; close."""
     answer = b""
-    with socket.create_connection((server.host, server.dicom_port), timeout=1.0) as s:
+    with socket.create_connection((server.host, server.dicom_port), timeout=0.4) as s:
         try:
             s.sendall(first)
             answer = s.recv(65536)
@@ -182,7 +186,7 @@ def exchange(server: XdsiProcess, first: bytes, then: list[bytes]) -> bytes:
 
 
 def test_raw_pdus(server: XdsiProcess) -> None:
-    budget, before, log0 = Budget(20), rss(server), len(server.log)
+    budget, before, log0 = Budget(12), rss(server), len(server.log)
     assert exchange(server, associate_rq(), [])[:1] == b"\x02"  # the unmutated request is accepted
 
     @given(first=association_requests(), then=st.lists(followups, max_size=3))
@@ -196,10 +200,22 @@ def test_raw_pdus(server: XdsiProcess) -> None:
 
     run()
     echo(server)
-    assert_no_traceback(server, log0, PYNETDICOM_HANDLED)
+    assert_no_traceback(server, log0, PYNETDICOM_HANDLED, KNOWN_PYNETDICOM)
     assert_no_spool(server)
     assert rss(server) - before < RSS_GROWTH
     print(f"raw pdus: {budget.examples} examples")
+
+
+@pytest.mark.xfail(strict=True, reason="pynetdicom 3.0.4: an even presentation context ID in an A-ASSOCIATE-RQ raises ValueError in its "
+                   "reactor thread (fsm AE-6 -> PresentationContext.context_id); the thread dies with a traceback instead of "
+                   "answering A-ASSOCIATE-RJ/A-ABORT. Found by test_raw_pdus; upstream fix needed (or a pre-decode check)")
+def test_even_presentation_context_id_kills_no_thread(server: XdsiProcess) -> None:
+    log0 = len(server.log)
+    answer = exchange(server, associate_rq(contexts=[presentation_context(2, Verification.encode(), [ImplicitVRLittleEndian.encode()])]), [])
+    time.sleep(0.5)
+    echo(server)
+    assert answer[:1] in (b"\x03", b"\x07"), answer[:16]  # A-ASSOCIATE-RJ or A-ABORT (PS3.8 9.3.2.2: ID must be odd)
+    assert_no_traceback(server, log0, PYNETDICOM_HANDLED)
 
 
 # -- mutated data sets by C-STORE ------------------------------------------------------------------
@@ -321,7 +337,7 @@ def assert_stored_complete(server: XdsiProcess, sop_uid: str) -> None:
 
 def test_mutated_datasets_by_c_store(server: XdsiProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send our bytes exactly as mutated
-    budget, before, log0 = Budget(25), rss(server), len(server.log)
+    budget, before, log0 = Budget(15), rss(server), len(server.log)
     template = encode(ct_dataset())
     outcomes: dict[str, int] = {}
     ds = ct_dataset()
@@ -357,7 +373,7 @@ def test_mutated_datasets_by_c_store(server: XdsiProcess, tmp_path: Path, monkey
 
     run()
     echo(server)
-    assert_no_traceback(server, log0, PYNETDICOM_HANDLED)
+    assert_no_traceback(server, log0, PYNETDICOM_HANDLED, KNOWN_PYNETDICOM)
     assert rss(server) - before < RSS_GROWTH
     print(f"c-store: {budget.examples} examples, outcomes {outcomes}")
 

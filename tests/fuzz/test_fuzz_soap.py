@@ -132,7 +132,7 @@ def test_valid_request_is_answered(ids: IdsServer) -> None:
 
 
 def test_mutated_envelope_bytes(ids: IdsServer) -> None:
-    budget, before, log0 = _around(ids, 8)
+    budget, before, log0 = _around(ids, 6)
     valid = envelope(ids)
 
     @given(data=mutated(valid, max_ops=6), action=st.sampled_from([ACTION_RAD69, ACTION_ITI43, "", "urn:x"]))
@@ -146,7 +146,7 @@ def test_mutated_envelope_bytes(ids: IdsServer) -> None:
 
 
 def test_mutated_envelope_values(ids: IdsServer) -> None:
-    budget, before, log0 = _around(ids, 8)
+    budget, before, log0 = _around(ids, 6)
     field = st.one_of(st.none(), text_mutation())
 
     @given(study=field, series=field, sop=field, repo=field, ts=st.one_of(st.just("1.2.840.10008.1.2.1"), text_mutation()), action=st.sampled_from([ACTION_RAD69, ACTION_ITI43]), docs=st.integers(0, 40))
@@ -194,7 +194,7 @@ def mtom_message(draw: st.DrawFn, root: bytes) -> tuple[bytes, str]:
 
 
 def test_mutated_mtom_packaging(ids: IdsServer) -> None:
-    budget, before, log0 = _around(ids, 10)
+    budget, before, log0 = _around(ids, 8)
 
     @given(message=mtom_message(envelope(ids)))
     def run(message: tuple[bytes, str]) -> None:
@@ -212,7 +212,7 @@ def test_mutated_mtom_packaging(ids: IdsServer) -> None:
 
 
 def test_mutated_content_type(ids: IdsServer) -> None:
-    budget, before, log0 = _around(ids, 5)
+    budget, before, log0 = _around(ids, 4)
     valid = envelope(ids)
 
     @given(ct=st.one_of(text_mutation(), st.builds(lambda a, b: a + b, st.sampled_from(["application/soap+xml", "multipart/related", "text/xml", "application/xop+xml", "multipart/related; boundary=", ""]), text_mutation())))

@@ -120,7 +120,7 @@ def stow_message(draw: st.DrawFn) -> tuple[bytes, str]:
 
 
 def test_mutated_stow_bodies(server: XdsiProcess) -> None:
-    budget, before, log0 = Budget(15), rss(server), len(server.log)
+    budget, before, log0 = Budget(10), rss(server), len(server.log)
     # a baseline that must store
     r = stow(server, b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part10() + b"\r\n--b--\r\n", 'multipart/related; type="application/dicom"; boundary=b')
     assert r.status_code == 200, r.text

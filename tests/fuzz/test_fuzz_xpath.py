@@ -87,7 +87,7 @@ def test_control_characters_are_refused_not_raised(service: tuple[ImagingDocumen
 
 def test_fuzzed_xpath_is_answered_within_budget(service: tuple[ImagingDocumentSource, DocumentRequest, XPathPool]) -> None:
     ids, doc, pool = service
-    budget = Budget(25)
+    budget = Budget(12)
     me = psutil.Process()
     seen = {"answered": 0, "errors": 0, "slowest": 0.0}
 
