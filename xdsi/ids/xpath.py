@@ -95,7 +95,7 @@ def check(expr: str, max_length: int = MAX_EXPRESSION_LENGTH) -> str:
     del prev
     try:
         etree.XPath(expr, regexp=False, smart_strings=False)
-    except etree.XPathSyntaxError as exc:
+    except (etree.XPathSyntaxError, ValueError) as exc:  # ValueError: NUL or control characters, which lxml refuses
         raise XPathRefused(f"not a valid XPath 1.0 expression: {exc}") from None
     return expr
 
