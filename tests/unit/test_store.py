@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from sqlalchemy import select
 
 from tests.conftest import make_settings
@@ -100,6 +100,25 @@ def test_invalid_uid_never_reaches_a_path(archive: Archive, tmp_path: Path) -> N
     ds.save_as(bad)
     r = archive.store.store_file(bad)
     assert r.outcome is Outcome.REJECTED and "SOP Instance UID" in r.reason
+
+
+@pytest.mark.parametrize("tag", [0x00000000, 0x00000800, 0x00010010, 0x00070010])
+def test_command_or_illegal_group_in_the_data_set_is_refused(archive: Archive, tmp_path: Path, tag: int) -> None:
+    """Group 0000 (DIMSE command) and the reserved odd groups 0001-0007 never belong in a data set (found by the fuzzer)."""
+    f = write_study(tmp_path / "in", StudySpec(), per_series=1)[0]
+    ds = dcmread(f)
+    ds.add_new(tag, "UL" if tag >> 16 == 0 else "LO", 0 if tag >> 16 == 0 else "X")
+    fp = DicomBytesIO()
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    fp.is_little_endian, fp.is_implicit_VR = True, ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    write_dataset(fp, ds)  # dcmwrite() itself refuses group 0000: a peer's bytes are what is tested
+    bad = tmp_path / "stray.dcm"
+    bad.write_bytes(fp.getvalue())
+    r = archive.store.store_file(bad)
+    assert r.outcome is Outcome.REJECTED and "does not belong in a data set" in r.reason
+    with archive.index.read_session() as s:
+        assert s.scalars(select(Instance)).all() == []
 
 
 def test_bare_dataset_gets_file_meta(archive: Archive, tmp_path: Path) -> None:

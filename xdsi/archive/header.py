@@ -174,8 +174,16 @@ def _accession_issuer(ds: Dataset) -> str:
     return _s(item, "UniversalEntityID") or _s(item, "LocalNamespaceEntityID")
 
 
+_NOT_IN_A_DATA_SET = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
+
+
 def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bool) -> InstanceHeader:
     """Extract and validate what the index needs; raise :class:`InvalidDataset` when it cannot be archived."""
+    stray = next((t for t in ds.keys() if t.group in _NOT_IN_A_DATA_SET), None)
+    if stray is not None:
+        # PS3.5 7.1 / 7.8.1: group 0000 is the DIMSE command, 0002 the File Meta; 0001, 0003, 0005,
+        # 0007 and FFFF may not be used.  A data set carrying them was built wrong: readers disagree on it.
+        raise InvalidDataset(f"element {stray} does not belong in a data set (group {stray.group:04X})")
     try:
         study_uid = validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
         series_uid = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
