@@ -48,6 +48,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
+from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -150,11 +151,15 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = ArchiveAE(ae_title=s.ae_title)
-        self.ae.maximum_associations = s.max_associations
+        # association slots are counted by the governor (only peers whose A-ASSOCIATE-RQ arrived);
+        # pynetdicom's own count includes silent and already-closed connections, so keep it out of the way
+        self.governor = ConnectionGovernor(s.dimse_limits, s.max_associations, s.acse_timeout, s.network_timeout)
+        self.ae.maximum_associations = s.max_associations + s.dimse_limits.max_pending + 1024
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.acse_timeout = s.acse_timeout
         self.ae.network_timeout = s.network_timeout
-        self.ae.maximum_pdu_size = 0  # no limit on what peers may send us
+        # the Maximum Length Received we advertise; the governor's PduGuard refuses larger PDUs unread
+        self.ae.maximum_pdu_size = s.dimse_limits.max_pdu_size
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             # scp_role/scu_role: accept SCP/SCU role selection so C-GET requestors can receive
@@ -178,6 +183,7 @@ class DicomServer:
 
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
+            *self.governor.handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -324,6 +330,7 @@ class DicomServer:
         tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
         self.spool.temp_dir = Path(tempfile.tempdir)
         self.spool.start()
+        self.governor.start()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
@@ -353,6 +360,7 @@ class DicomServer:
             deadline = time.monotonic() + grace
             for assoc in open_assocs:
                 assoc.join(max(0.0, deadline - time.monotonic()))
+        self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
 
