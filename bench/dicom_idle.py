@@ -183,7 +183,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["idle-tcp", "idle-assoc", "storm", "big-rq"], action="append")
     args = ap.parse_args()
     src = args.xdsi_src.resolve()
-    print(f"xdsi from {src}")
+    # ``python -m xdsi`` puts its working directory first on sys.path: serve from the tree asked for
+    os.chdir(src)
+    rev = subprocess.run(["git", "-C", str(src), "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
+    print(f"xdsi from {src} ({rev})", flush=True)
     scenarios = {
         "idle-tcp": lambda srv: idle_tcp(srv, args.idle, args.seconds),
         "idle-assoc": lambda srv: idle_assoc(srv, args.idle, args.seconds),

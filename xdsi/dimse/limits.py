@@ -159,7 +159,7 @@ def _peer(sock: socket.socket) -> str:
     try:
         host, port = sock.getpeername()[:2]
         return f"{host}:{port}"
-    except OSError:
+    except (OSError, ValueError, TypeError):  # closed, or not an IP socket
         return "?"
 
 
@@ -341,7 +341,9 @@ class ConnectionGovernor:
             self._close_pending(conn)
         for conn in idle:
             log.warning("DICOM association from %s (%s) idle for %.0fs; aborting", conn.calling_ae, conn.address, self.limits.idle_timeout)
-            conn.assoc.abort()
+            conn.busy = -1  # not again while the abort runs
+            # pynetdicom's abort waits until the peer closes (up to the ARTIM timeout): not on the reaper's time
+            threading.Thread(target=conn.assoc.abort, name="xdsi-dimse-idle-abort", daemon=True).start()
 
     def _prune(self) -> None:
         """Forget associations whose thread ended (called with the lock held)."""
