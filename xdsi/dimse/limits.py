@@ -25,7 +25,15 @@ pattern, checked at start-up by :func:`check_pynetdicom_reader`:
 * ``dul.to_user_queue``: an acceptor waits on it for the A-ASSOCIATE-RQ; a
   ``None`` put there when the connection closes first ends that wait at once
   instead of after ``acse_timeout`` (what pynetdicom does when the wait times out).
-* ``acse.send_reject`` from ``EVT_REQUESTED`` (pynetdicom then skips negotiation).
+* ``acse.send_reject`` then ``Association.kill`` from ``EVT_REQUESTED``, as pynetdicom's own
+  ``maximum_associations`` check does (pynetdicom then skips negotiation).
+* ``AE.make_server(server_class=...)`` (public) gives the listener
+  :class:`xdsi.dimse.server.GovernedAssociationServer`: a 512-deep listen backlog and
+  socketserver's ``verify_request`` hook, which drops a connection the peer already closed
+  before pynetdicom spends two threads and a deep copy of every presentation context on it.
+
+pynetdicom's ``maximum_associations`` is set out of the way (it counts every
+acceptor thread, silent and closed connections included); the governor counts.
 """
 
 from __future__ import annotations
