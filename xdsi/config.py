@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "ConfigError",
+    "DimseLimits",
     "HttpLimits",
     "Peer",
     "TierSettings",
@@ -181,6 +182,60 @@ class HttpLimits:
 
 
 @dataclass(frozen=True)
+class DimseLimits:
+    """The ``[dimse]`` limits on what one DICOM peer may cost (issue 9): memory, threads and association slots.
+
+    Why each exists: before them a single unauthenticated peer could announce an
+    800 MB A-ASSOCIATE-RQ that was read whole into memory, 40 silent TCP
+    connections or 32 held associations locked every other peer out, and a
+    connect/close storm left threads waiting 30 s for requests that never came.
+    ``max_associations``, the timeouts and the rest of ``[dimse]`` stay flat on
+    :class:`Settings`; these are the newer limits, parsed together.
+    """
+
+    max_pdu_size: int = 1024 * 1024  # Maximum Length Received we advertise; a P-DATA-TF above it is aborted unread
+    max_associate_rq: int = 64 * 1024  # bytes of an A-ASSOCIATE-RQ (and any other non-data PDU); larger: A-ASSOCIATE-RJ
+    associate_timeout: float = 10.0  # seconds from TCP accept to a complete A-ASSOCIATE-RQ; then the connection is closed
+    max_pending: int = 64  # connections still without an A-ASSOCIATE-RQ; one more closes the oldest of them
+    max_associations_per_ae: int = 16  # associations at once from one calling AE title
+    max_associations_per_address: int = 24  # associations at once from one IP address
+    idle_timeout: float = 300.0  # seconds an association may sit without DIMSE traffic (no operation running); then A-ABORT
+
+
+DIMSE_LIMIT_KEYS = tuple(DimseLimits.__dataclass_fields__)
+_DIMSE_SIZES = {"max_pdu_size", "max_associate_rq"}
+_DIMSE_SECONDS = {"associate_timeout", "idle_timeout"}
+
+
+def dimse_limits_from(raw: Mapping[str, Any]) -> DimseLimits:
+    """Parse the ``[dimse]`` limits: sizes as bytes or "1 MiB", seconds > 0, counts >= 1."""
+    values: dict[str, Any] = {}
+    for key in DIMSE_LIMIT_KEYS:
+        if key not in raw:
+            continue
+        where = f"[dimse] {key}"
+        if key in _DIMSE_SECONDS:
+            n: Any = float(_number(where, raw[key]))
+            if n <= 0:
+                raise ConfigError(f"{where} must be more than 0 seconds, not {raw[key]!r}")
+        else:
+            try:
+                n = parse_size(raw[key]) if key in _DIMSE_SIZES else _int(where, raw[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            if n is None or n < 1:
+                raise ConfigError(f"{where} must be at least 1, not {raw[key]!r}")
+        values[key] = n
+    limits = DimseLimits(**values)
+    # PS3.8 D.1: 0 would mean "unlimited"; dcmtk refuses a Maximum Length below 4096
+    if not 4096 <= limits.max_pdu_size <= 256 * 1024 * 1024:
+        raise ConfigError(f"[dimse] max_pdu_size must be between 4 KiB and 256 MiB, not {limits.max_pdu_size}")
+    if limits.max_associate_rq < 1024:
+        raise ConfigError(f"[dimse] max_associate_rq must be at least 1 KiB, not {limits.max_associate_rq}")
+    return limits
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
@@ -195,6 +250,7 @@ class Settings:
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
     max_associations: int = 32
+    dimse_limits: DimseLimits = field(default_factory=DimseLimits)  # the rest of [dimse]
     log_level: str = "INFO"
     # [http] cors_origins: origins whose scripts may call DICOMweb and WADO-URI (["*"]: any); empty: no CORS
     cors_origins: tuple[str, ...] = ()
@@ -290,7 +346,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
-    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations"},
+    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
 _PEER_KEYS = {"host", "port"}
@@ -428,6 +484,7 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
+    settings = replace(settings, dimse_limits=dimse_limits_from(dimse))
     if "cors_origins" in doc.get("http", {}):
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
     if "limits" in doc:

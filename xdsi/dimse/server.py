@@ -8,6 +8,7 @@ Root FIND/MOVE/GET, and Storage Commitment Push Model.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import tempfile
 import time
@@ -32,6 +33,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -48,6 +50,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
+from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -105,6 +108,12 @@ def _on_conn_open(event: Any) -> None:
 class ArchiveAE(AE):
     """An AE whose outgoing associations (move sub-operations, commitment reports) use TCP_NODELAY."""
 
+    def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """pynetdicom's ``make_server`` (``start_server`` asks it for a threaded server): ours instead."""
+        if server_class is ThreadedAssociationServer:
+            server_class = GovernedAssociationServer
+        return super().make_server(address, *args, server_class=server_class, **kwargs)
+
     def associate(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         """pynetdicom's ``associate``, plus: the streaming sender, and no A801 for a known destination.
 
@@ -131,6 +140,34 @@ class ArchiveAE(AE):
         return assoc
 
 
+class GovernedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, plus a deep listen backlog and no work for connections already closed.
+
+    Measured (issue 9): socketserver listens with a backlog of 5, and pynetdicom
+    spends ~20 ms per accepted connection (two threads and a deep copy of our
+    170 presentation contexts) before it reads a byte, so after a connect/close
+    storm every further SYN waited for the client's 1 s retry and a real
+    association queued behind hundreds of dead ones.
+    """
+
+    request_queue_size = 512  # listen() backlog, capped by the kernel's net.core.somaxconn
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's hook before a connection gets its thread: drop one the peer already closed."""
+        return not peer_closed(request)
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has already closed (EOF or reset waiting), without consuming any data."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 class DicomServer:
     """One DICOM listener.
 
@@ -150,11 +187,15 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = ArchiveAE(ae_title=s.ae_title)
-        self.ae.maximum_associations = s.max_associations
+        # association slots are counted by the governor (only peers whose A-ASSOCIATE-RQ arrived);
+        # pynetdicom's own count includes silent and already-closed connections, so keep it out of the way
+        self.governor = ConnectionGovernor(s.dimse_limits, s.max_associations, s.acse_timeout, s.network_timeout)
+        self.ae.maximum_associations = s.max_associations + s.dimse_limits.max_pending + 1024
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.acse_timeout = s.acse_timeout
         self.ae.network_timeout = s.network_timeout
-        self.ae.maximum_pdu_size = 0  # no limit on what peers may send us
+        # the Maximum Length Received we advertise; the governor's PduGuard refuses larger PDUs unread
+        self.ae.maximum_pdu_size = s.dimse_limits.max_pdu_size
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             # scp_role/scu_role: accept SCP/SCU role selection so C-GET requestors can receive
@@ -178,6 +219,7 @@ class DicomServer:
 
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
+            *self.governor.handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -324,6 +366,7 @@ class DicomServer:
         tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
         self.spool.temp_dir = Path(tempfile.tempdir)
         self.spool.start()
+        self.governor.start()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
@@ -353,6 +396,7 @@ class DicomServer:
             deadline = time.monotonic() + grace
             for assoc in open_assocs:
                 assoc.join(max(0.0, deadline - time.monotonic()))
+        self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
 

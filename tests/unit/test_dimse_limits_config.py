@@ -1,0 +1,95 @@
+"""``[dimse]`` limits: parsing, defaults, refusals, and the pynetdicom read pattern the PDU guard relies on."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from xdsi.config import ConfigError, DimseLimits, load_settings
+from xdsi.dimse.limits import PduGuard, PduTooLarge, check_pynetdicom_reader
+
+
+def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    p = tmp_path / "xdsi.toml"
+    p.write_text(text)
+    return load_settings(p, env={})
+
+
+def test_defaults_are_bounded() -> None:
+    d = DimseLimits()
+    assert 4096 <= d.max_pdu_size <= 16 * 2**20
+    assert d.max_associate_rq <= 2**20
+    assert 0 < d.associate_timeout <= 30 and 0 < d.idle_timeout
+    assert 1 <= d.max_associations_per_ae and 1 <= d.max_associations_per_address and 1 <= d.max_pending
+
+
+def test_parsed_from_dimse_section(tmp_path: Path) -> None:
+    s = load(tmp_path, '[dimse]\nmax_pdu_size = "256 KiB"\nmax_associate_rq = 32768\nassociate_timeout = 2.5\n'
+                       "max_pending = 9\nmax_associations_per_ae = 2\nmax_associations_per_address = 3\nidle_timeout = 60\n"
+                       "max_associations = 5\n")
+    assert s.dimse_limits == DimseLimits(256 * 1024, 32768, 2.5, 9, 2, 3, 60.0)
+    assert s.max_associations == 5
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("max_pdu_size = 0", "max_pdu_size"),
+        ("max_pdu_size = 1024", "between 4 KiB and 256 MiB"),
+        ("max_pdu_size = '1 GiB'", "between 4 KiB and 256 MiB"),
+        ("max_associate_rq = 10", "max_associate_rq"),
+        ("associate_timeout = 0", "associate_timeout"),
+        ("idle_timeout = -1", "idle_timeout"),
+        ("max_pending = 0", "max_pending"),
+        ("max_associations_per_ae = 'many'", "max_associations_per_ae"),
+        ("max_pdu = 5", "unknown key"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load(tmp_path, f"[dimse]\n{text}\n")
+
+
+def test_pynetdicom_reads_pdus_the_way_the_guard_expects() -> None:
+    check_pynetdicom_reader()  # raises if an upgrade changed recv(6) / recv(pdu_length)
+
+
+class _Holder:
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+def test_guard_refuses_an_oversize_pdu_after_its_header() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        holder = _Holder(a)
+        guard = PduGuard(holder, DimseLimits(max_pdu_size=8192, max_associate_rq=2048), network_timeout=5)
+        assert holder.recv == guard.recv  # installed where pynetdicom's DUL calls it
+        b.sendall(struct.pack(">BBL", 0x04, 0, 9000) + b"x" * 100)
+        head = holder.recv(6)
+        assert struct.unpack(">BBL", head)[2] == 9000
+        with pytest.raises(PduTooLarge):
+            holder.recv(9000)
+        b.settimeout(2)
+        answer = b.recv(100)
+        assert answer[:1] == b"\x07" and answer[8:10] == bytes([2, 6])  # A-ABORT, provider, invalid PDU parameter
+
+
+def test_guard_passes_pdus_within_the_limit_and_enforces_the_request_deadline() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        holder = _Holder(a)
+        guard = PduGuard(holder, DimseLimits(associate_timeout=0.5), network_timeout=5)
+        body = b"y" * 300
+        threading.Timer(0.05, lambda: b.sendall(struct.pack(">BBL", 0x01, 0, 300) + body)).start()
+        assert holder.recv(6)[:1] == b"\x01"
+        assert bytes(holder.recv(300)) == body
+        b.sendall(struct.pack(">BBL", 0x01, 0, 300) + b"z")  # then the peer stalls
+        holder.recv(6)
+        with pytest.raises(TimeoutError):
+            holder.recv(300)
+        guard.deadline = None  # once associated, only network_timeout applies
