@@ -125,11 +125,12 @@ class LimitsSettings:
     xpath_per_request: int = 256  # expressions in one request, all documents together
     xpath_result_bytes: int = 1024 * 1024  # one document's serialised results
     xpath_response_bytes: int = 8 * 1024 * 1024  # all XPath results of one response
+    max_render_size: int = 4096  # rows/columns of a rendered image (WADO-URI, WADO-RS, RAD-55): a larger source is scaled down to fit
 
 
 _LIMIT_SECONDS = ("xpath_seconds", "xpath_request_seconds")
 _LIMIT_SIZES = ("xpath_worker_memory", "xpath_result_bytes", "xpath_response_bytes")
-_LIMIT_COUNTS = ("xpath_workers", "xpath_max_length", "xpath_per_document", "xpath_per_request")
+_LIMIT_COUNTS = ("xpath_workers", "xpath_max_length", "xpath_per_document", "xpath_per_request", "max_render_size")
 
 
 def limits_from(raw: object) -> LimitsSettings:

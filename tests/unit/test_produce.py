@@ -194,6 +194,28 @@ def test_deflated_and_big_endian_instances_render(archive: Archive, tmp_path: Pa
     assert img.shape == arr.shape and np.corrcoef(img.ravel(), arr.ravel())[0, 1] > 0.99
 
 
+def test_render_size_is_bounded_by_the_limit(tmp_path: Path, index_url: str) -> None:
+    """[limits] max_render_size: a larger source is scaled down to fit it, a larger request is refused."""
+    from PIL import Image
+
+    from tests.conftest import make_settings
+    from xdsi.config import LimitsSettings
+    from xdsi.render import InvalidParameter
+
+    archive = Archive.open(make_settings(tmp_path, index_url, limits=LimitsSettings(max_render_size=64)))
+    try:
+        ref = _store(archive, _ct(tmp_path))  # a 512 x 512 CT
+        data = archive.retrieve.render(ref, parse_render_request(RenderRequest(content_types=("image/png",))))
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+        small = archive.retrieve.render(ref, parse_render_request(RenderRequest(content_types=("image/png",), rows="32")))
+        assert Image.open(io.BytesIO(small)).size == (32, 32)
+        with pytest.raises(InvalidParameter) as err:
+            archive.retrieve.render(ref, parse_render_request(RenderRequest(content_types=("image/png",), columns="65")))
+        assert err.value.parameter == "columns"
+    finally:
+        archive.close()
+
+
 def test_bulk_values_of_deflated_and_little_endian_objects(archive: Archive, tmp_path: Path) -> None:
     f = tmp_path / "dfl.dcm"
     shutil.copy(get_testdata_file("image_dfl.dcm"), f)

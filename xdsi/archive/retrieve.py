@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -431,15 +431,25 @@ class RetrieveService:
         """
         from xdsi.render import render
 
+        from xdsi.render import InvalidParameter, NotRenderable
+
+        limit = self.settings.limits.max_render_size
+        for name in ("rows", "columns"):
+            asked = getattr(params, name)
+            if asked is not None and asked > limit:
+                raise InvalidParameter(name, f"{asked} is more than this server renders ({limit}, [limits] max_render_size)")
         path = self.path(ref)
         source: Path | Dataset = path
         if ref.transfer_syntax_uid in NEEDS_DATASET:
             source = content.dataset(path)
+        hdr = source if isinstance(source, Dataset) else dcmread(path, stop_before_pixels=True)
+        if "Rows" not in hdr or "Columns" not in hdr:
+            raise NotRenderable("object", "the object has no pixel data")
+        rows, columns = int(hdr.Rows), int(hdr.Columns)
         if params.viewport_source is not None:
-            hdr = source if isinstance(source, Dataset) else dcmread(path, stop_before_pixels=True)
-            if "Rows" not in hdr or "Columns" not in hdr:
-                from xdsi.render import NotRenderable
-
-                raise NotRenderable("object", "the object has no pixel data")
-            params = params.resolved(int(hdr.Rows), int(hdr.Columns))
+            params = params.resolved(rows, columns)
+        if params.rows is None and params.columns is None and max(rows, columns) > limit:
+            # a rendered image is a view: a source larger than the limit is scaled down to fit it,
+            # so one request cannot make us build a whole-slide-sized bitmap
+            params = replace(params, **({"rows": limit} if rows >= columns else {"columns": limit}))
         return render(source, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
