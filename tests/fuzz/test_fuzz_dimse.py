@@ -185,6 +185,19 @@ def exchange(server: XdsiProcess, first: bytes, then: list[bytes]) -> bytes:
     return answer
 
 
+def test_associate_rj_with_a_bad_source_logs_no_traceback(server: XdsiProcess) -> None:
+    """Found by test_raw_pdus in CI: an A-ASSOCIATE-RJ (an acceptor's PDU) with Source 9, sent to us after
+    the association is accepted, made pynetdicom's standard logging handler raise (logged with a traceback)."""
+    log0 = len(server.log)
+    rj = struct.pack(">BBIBBBB", 0x03, 0, 4, 0, 1, 9, 1)  # result 1, source 9 (not 1, 2 or 3), reason 1
+    answer = exchange(server, associate_rq(), [rj])
+    assert answer[:1] == b"\x02"
+    echo(server)
+    time.sleep(0.5)
+    text = "\n".join(server.log[log0:])
+    assert "Traceback (most recent call last)" not in text, text[-3000:]
+
+
 def test_raw_pdus(server: XdsiProcess) -> None:
     budget, before, log0 = Budget(12), rss(server), len(server.log)
     assert exchange(server, associate_rq(), [])[:1] == b"\x02"  # the unmutated request is accepted

@@ -186,6 +186,10 @@ class DicomServer:
         # not as a side effect of importing this module.
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # pynetdicom's "standard" log handlers decode every PDU again just to describe it, and raise
+        # (logged with a traceback) on values a hostile peer chooses, e.g. an A-ASSOCIATE-RJ with an
+        # invalid Source; our own log lines say what the service did.
+        _config.LOG_HANDLER_LEVEL = "none"
         self.ae = ArchiveAE(ae_title=s.ae_title)
         # association slots are counted by the governor (only peers whose A-ASSOCIATE-RQ arrived);
         # pynetdicom's own count includes silent and already-closed connections, so keep it out of the way
