@@ -19,13 +19,12 @@ import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
-from pydicom import dcmread, dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom import dcmread
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from tests.fuzz.fuzzing import RSS_GROWTH, Budget, fixed_uid, assert_no_traceback, assert_running, mutated, rss, text_mutation
 from tests.integration.dimse_support import leftover_temp_files
+from tests.support.objects import secondary_capture
 from tests.support.server import XdsiProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,24 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsiProcess]:
 
 
 def part10() -> bytes:
-    """A small valid Secondary Capture with fresh UIDs."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = fixed_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = fixed_uid(), fixed_uid()
-    ds.PatientName, ds.PatientID, ds.Modality, ds.StudyDate = "FUZZ^STOW", "FUZZ01", "OT", "20240101"
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(range(16))
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    """A small valid Secondary Capture with fresh (deterministic) UIDs."""
+    return secondary_capture("FUZZ^STOW", "FUZZ01", new_uid=fixed_uid)[0]
 
 
 def base(server: XdsiProcess) -> str:

@@ -19,6 +19,7 @@ import pytest
 import requests
 from lxml import etree
 
+from tests.support.objects import secondary_capture
 from tests.support.server import XdsiProcess
 from xdsi.xdsconst import ACTION_RAD69, NS_SOAP12
 
@@ -55,29 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsiProcess]:
 
 
 def stow_one(server: XdsiProcess) -> None:
-    import io
-
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality, ds.StudyDate = "DOE^JANE", "HARD01", "OT", "20240101"
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(range(16))
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + buf.getvalue() + b"\r\n--b--\r\n"
+    part10, _ = secondary_capture("DOE^JANE", "HARD01")
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part10 + b"\r\n--b--\r\n"
     r = requests.post(
         base(server) + "/dicomweb/studies", data=body, headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}, timeout=30
     )

@@ -10,7 +10,6 @@ spool file is left behind.
 
 from __future__ import annotations
 
-import io
 import select
 import socket
 import threading
@@ -22,6 +21,7 @@ import pytest
 import requests
 
 from tests.integration.test_http_hardening import base, mtom, rad69_body, soap_envelope
+from tests.support.objects import secondary_capture
 from tests.support.server import XdsiProcess
 
 THREADS = 4
@@ -57,28 +57,7 @@ def spool_files(server: XdsiProcess) -> list[Path]:
 
 def dicom_part10(size: int = 0) -> tuple[bytes, str]:
     """A small Secondary Capture instance as Part 10 bytes (pixel data padded to about ``size`` bytes) and its SOP Instance UID."""
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality, ds.StudyDate = "SLOW^BODY", "SLOW01", "OT", "20240101"
-    side = max(4, int(size**0.5) // 2 * 2)
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(i % 251 for i in range(side * side))
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue(), str(ds.SOPInstanceUID)
+    return secondary_capture("SLOW^BODY", "SLOW01", side=max(4, int(size**0.5) // 2 * 2))
 
 
 def stow_request(server: XdsiProcess, part10: bytes) -> tuple[bytes, bytes]:
