@@ -151,16 +151,11 @@ def dataset(path: Path) -> Dataset:
     return ds
 
 
+WHOLE_DATASET_SYNTAXES = (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)  # no frame can be read in place
+
+
 def frame_array(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
-    """One decoded frame (0-based ``index``), as pydicom decodes it; only that frame is read when the file allows."""
-    ds = dcmread(path, stop_before_pixels=True)
-    if transfer_syntax(ds) in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
-        return pixel_array(dataset(path), index=index, as_rgb=as_rgb)
-    return _decode_frame(path, index, as_rgb=as_rgb)
-
-
-def _decode_frame(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
-    """pydicom's decode of one frame, reading only that frame; from the whole dataset when the file needs it.
+    """pydicom's decode of one frame (0-based), reading only that frame; from the whole dataset when the file needs it.
 
     pydicom's file-level reader assumes the encoding the transfer syntax
     names; a dataset encoded otherwise (implicit VR under an explicit syntax,
@@ -170,7 +165,7 @@ def _decode_frame(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
         return pixel_array(path, index=index, as_rgb=as_rgb)
     except Exception:
         ds = dcmread(path)
-        if transfer_syntax(ds) == ExplicitVRBigEndian or transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+        if transfer_syntax(ds) in WHOLE_DATASET_SYNTAXES:
             ds = dataset(path)
         return pixel_array(ds, index=index, as_rgb=as_rgb)
 
@@ -322,7 +317,7 @@ def native_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
         raise CannotConvert(f"frames in {info.transfer_syntax_uid} cannot be decoded here")
     for n in numbers:
         try:
-            arr = _decode_frame(path, n - 1)
+            arr = frame_array(path, n - 1)
         except Exception as exc:  # pydicom/pylibjpeg raise many kinds for undecodable data
             raise CannotConvert(f"cannot decode frame {n}: {exc.__class__.__name__}: {exc}") from None
         if info.bits_allocated == 1:

@@ -88,7 +88,6 @@ class PresentationStateError(LookupError):
 
 GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-NEEDS_DATASET = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian: no raw pixel offsets
 
 
 @dataclass(frozen=True)
@@ -426,12 +425,10 @@ class RetrieveService:
     def render(self, ref: InstanceRef, params: "RenderParams", presentation_state: Dataset | None = None) -> bytes:
         """One rendered frame (raises xdsi.render.RenderError subclasses, NotAvailable).
 
-        Deflated and big-endian objects are rendered from their decoded
-        dataset; others by path, so only the requested frame is decoded.
+        The renderer reads the file itself, decoding only the requested frame
+        where the transfer syntax allows (deflated and big-endian objects whole).
         """
-        from xdsi.render import render
-
-        from xdsi.render import InvalidParameter, NotRenderable
+        from xdsi.render import InvalidParameter, NotRenderable, render
 
         limit = self.settings.limits.max_render_size
         for name in ("rows", "columns"):
@@ -439,10 +436,7 @@ class RetrieveService:
             if asked is not None and asked > limit:
                 raise InvalidParameter(name, f"{asked} is more than this server renders ({limit}, [limits] max_render_size)")
         path = self.path(ref)
-        source: Path | Dataset = path
-        if ref.transfer_syntax_uid in NEEDS_DATASET:
-            source = content.dataset(path)
-        hdr = source if isinstance(source, Dataset) else dcmread(path, stop_before_pixels=True)
+        hdr = dcmread(path, stop_before_pixels=True)
         if "Rows" not in hdr or "Columns" not in hdr:
             raise NotRenderable("object", "the object has no pixel data")
         rows, columns = int(hdr.Rows), int(hdr.Columns)
@@ -452,4 +446,4 @@ class RetrieveService:
             # a rendered image is a view: a source larger than the limit is scaled down to fit it,
             # so one request cannot make us build a whole-slide-sized bitmap
             params = replace(params, **({"rows": limit} if rows >= columns else {"columns": limit}))
-        return render(source, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
+        return render(path, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]

@@ -66,8 +66,12 @@ def _load(source: str | os.PathLike[str] | Dataset, frame_index: int) -> tuple[D
             ds = dcmread(path, stop_before_pixels=True)
             if "Rows" not in ds or "Columns" not in ds:
                 raise NotRenderable("object", "the object has no pixel data")
+            if content.transfer_syntax(ds) in content.WHOLE_DATASET_SYNTAXES:
+                # deflated / big endian: decoded once, little-endian normalised, so the header's
+                # binary values (LUT data) and the pixels are read the same way
+                return _load(content.dataset(path), frame_index)
             _check_frame(ds, frame_index)
-            arr = content.frame_array(path, frame_index)  # deflated and big-endian objects too
+            arr = content.frame_array(path, frame_index)
     except (NotRenderable, InvalidParameter):
         raise
     except (AttributeError, KeyError) as exc:
