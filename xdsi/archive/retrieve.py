@@ -19,7 +19,7 @@ import os
 from datetime import timedelta
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -328,16 +328,13 @@ class RetrieveService:
         path = path or self.path(ref)
         if choice.unchanged:
             return Produced(choice.transfer_syntax, path, unchanged=True, spooled=False)
-        fd, spool = new_spool(self.settings.temp_dir, "produce-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                transcode.write_converted(path, choice.transfer_syntax, out)
-        except BaseException as exc:
-            spool.unlink(missing_ok=True)
-            if isinstance(exc, (transcode.TranscodeError, OSError)) or not isinstance(exc, Exception):
-                raise
-            # a decoder raising something else is still a failed conversion of this instance
-            raise transcode.TranscodeError(f"cannot convert to {choice.transfer_syntax}: {exc.__class__.__name__}: {exc}") from exc
+        target = choice.transfer_syntax
+        spool = self._spool(
+            "produce-",
+            lambda out: transcode.write_converted(path, target, out),
+            lambda exc: transcode.TranscodeError(f"cannot convert to {target}: {exc.__class__.__name__}: {exc}"),
+            keep=(transcode.TranscodeError, OSError),
+        )
         log.debug("produced %s in %s", ref.sop_instance_uid, choice.transfer_syntax)
         return Produced(choice.transfer_syntax, spool, unchanged=False, spooled=True)
 
@@ -376,23 +373,49 @@ class RetrieveService:
             if info.encapsulated and not transcode.can_decode(ts):
                 raise content.CannotConvert(f"frames in {ts} cannot be decoded here")
             out_ts, media_type, source = str(ExplicitVRLittleEndian), OCTET_STREAM, content.native_frames
-        fd, spool = new_spool(self.settings.temp_dir, "frames-")
-        spans = []
-        try:
-            with os.fdopen(fd, "wb") as out:
-                offset = 0
-                for n, data in zip(numbers, source(path, numbers)):
-                    out.write(data)
-                    spans.append((n, offset, len(data)))
-                    offset += len(data)
+        spans: list[tuple[int, int, int]] = []
+
+        def write(out: BinaryIO) -> None:
+            offset = 0
+            for n, data in zip(numbers, source(path, numbers)):
+                out.write(data)
+                spans.append((n, offset, len(data)))
+                offset += len(data)
             if len(spans) != len(numbers):
                 raise content.CannotConvert("fewer frames were produced than requested")
+
+        spool = self._spool(
+            "frames-",
+            write,
+            lambda exc: content.CannotConvert(f"cannot produce the frames: {exc.__class__.__name__}: {exc}"),
+            keep=(content.ContentError, OSError),
+        )
+        return FrameSet(out_ts, media_type, spool, spans, spooled=True)
+
+    def _spool(
+        self,
+        prefix: str,
+        write: Callable[[BinaryIO], None],
+        failed: Callable[[Exception], Exception],
+        *,
+        keep: tuple[type[Exception], ...],
+    ) -> Path:
+        """A spool file under ``temp_dir`` filled by ``write``, complete before anyone announces it.
+
+        On any failure the spool is removed; the ``keep`` errors (the caller's own,
+        and OSError, e.g. a full disk) pass through, anything else a decoder raises becomes ``failed(exc)``:
+        still a failed conversion of this instance, never a server fault.
+        """
+        fd, spool = new_spool(self.settings.temp_dir, prefix)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
         except BaseException as exc:
             spool.unlink(missing_ok=True)
-            if isinstance(exc, (content.ContentError, OSError)) or not isinstance(exc, Exception):
+            if isinstance(exc, keep) or not isinstance(exc, Exception):
                 raise
-            raise content.CannotConvert(f"cannot produce the frames: {exc.__class__.__name__}: {exc}") from exc
-        return FrameSet(out_ts, media_type, spool, spans, spooled=True)
+            raise failed(exc) from exc
+        return spool
 
     def bulk(self, ref: InstanceRef, tag: int) -> BulkValue:
         """A top-level element value in little-endian encoding; its length is known before anything is sent.
