@@ -135,7 +135,7 @@ def test_frames_of_a_colour_jpeg_as_stored_and_native(archive: Archive, tmp_path
     ref = _store(archive, f)
     src = dcmread(f)
     info = archive.retrieve.frame_info(ref)
-    assert (info.transfer_syntax, info.encapsulated, info.media_type) == (JPEGBaseline8Bit, True, "image/jpeg")
+    assert (info.transfer_syntax, info.encapsulated, info.media_types) == (JPEGBaseline8Bit, True, ("image/jpeg",))
     with archive.retrieve.frames(ref, [1], stored=True) as fs:
         assert (fs.transfer_syntax, fs.media_type) == (JPEGBaseline8Bit, "image/jpeg")
         [(n, chunks)] = list(fs.parts())

@@ -58,33 +58,33 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 FILE_RANGE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 
 # PS3.18 Table 8.7.3-5 (and 8.7.3-4 for video): media type of a compressed frame / bulk pixel value
-FRAME_MEDIA_TYPES = {
-    "1.2.840.10008.1.2.4.50": "image/jpeg",
-    "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg",
-    "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls",
-    "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2",
-    "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.92": "image/jpx",
-    "1.2.840.10008.1.2.4.93": "image/jpx",
-    "1.2.840.10008.1.2.4.201": "image/jphc",
-    "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc",
-    "1.2.840.10008.1.2.4.110": "image/jxl",
-    "1.2.840.10008.1.2.4.111": "image/jxl",
-    "1.2.840.10008.1.2.4.112": "image/jxl",
-    "1.2.840.10008.1.2.5": "image/dicom-rle",
-    "1.2.840.10008.1.2.4.100": "video/mpeg2",
-    "1.2.840.10008.1.2.4.101": "video/mpeg2",
-    "1.2.840.10008.1.2.4.102": "video/mp4",
-    "1.2.840.10008.1.2.4.103": "video/mp4",
-    "1.2.840.10008.1.2.4.104": "video/mp4",
-    "1.2.840.10008.1.2.4.105": "video/mp4",
-    "1.2.840.10008.1.2.4.106": "video/mp4",
-    "1.2.840.10008.1.2.4.107": "video/H265",
-    "1.2.840.10008.1.2.4.108": "video/H265",
+FRAME_MEDIA_TYPES: dict[str, tuple[str, ...]] = {  # the standard's type first, then legacy x- names we accept
+    "1.2.840.10008.1.2.4.50": ("image/jpeg",),
+    "1.2.840.10008.1.2.4.51": ("image/jpeg",),
+    "1.2.840.10008.1.2.4.57": ("image/jpeg",),
+    "1.2.840.10008.1.2.4.70": ("image/jpeg",),
+    "1.2.840.10008.1.2.4.80": ("image/jls", "image/x-jls"),
+    "1.2.840.10008.1.2.4.81": ("image/jls", "image/x-jls"),
+    "1.2.840.10008.1.2.4.90": ("image/jp2",),
+    "1.2.840.10008.1.2.4.91": ("image/jp2",),
+    "1.2.840.10008.1.2.4.92": ("image/jpx",),
+    "1.2.840.10008.1.2.4.93": ("image/jpx",),
+    "1.2.840.10008.1.2.4.201": ("image/jphc",),
+    "1.2.840.10008.1.2.4.202": ("image/jphc",),
+    "1.2.840.10008.1.2.4.203": ("image/jphc",),
+    "1.2.840.10008.1.2.4.110": ("image/jxl",),
+    "1.2.840.10008.1.2.4.111": ("image/jxl",),
+    "1.2.840.10008.1.2.4.112": ("image/jxl",),
+    "1.2.840.10008.1.2.5": ("image/dicom-rle", "image/x-dicom-rle"),
+    "1.2.840.10008.1.2.4.100": ("video/mpeg2",),
+    "1.2.840.10008.1.2.4.101": ("video/mpeg2",),
+    "1.2.840.10008.1.2.4.102": ("video/mp4",),
+    "1.2.840.10008.1.2.4.103": ("video/mp4",),
+    "1.2.840.10008.1.2.4.104": ("video/mp4",),
+    "1.2.840.10008.1.2.4.105": ("video/mp4",),
+    "1.2.840.10008.1.2.4.106": ("video/mp4",),
+    "1.2.840.10008.1.2.4.107": ("video/H265",),
+    "1.2.840.10008.1.2.4.108": ("video/H265",),
 }
 
 
@@ -230,7 +230,8 @@ def check_frames(info: PixelInfo, numbers: list[int]) -> None:
 
 def frame_media_type(ts: str) -> str | None:
     """PS3.18 Table 8.7.3-5: the media type of a frame stored in ``ts``; None for native (uncompressed) syntaxes."""
-    return FRAME_MEDIA_TYPES.get(str(ts))
+    types = FRAME_MEDIA_TYPES.get(str(ts))
+    return types[0] if types else None
 
 
 def _native_frame(value: bytes | memoryview, info: PixelInfo, n: int) -> bytes:

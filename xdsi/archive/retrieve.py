@@ -97,7 +97,7 @@ class FrameInfo:
     transfer_syntax: str
     frames: int
     encapsulated: bool
-    media_type: str | None  # PS3.18 Table 8.7.3-5 type of a stored frame; None for native syntaxes
+    media_types: tuple[str, ...]  # PS3.18 Table 8.7.3-5 types of a stored (encapsulated) frame, standard first; () if native
     decodable: bool
 
 
@@ -346,7 +346,8 @@ class RetrieveService:
         """Raises content.NoSuchPart (no Pixel Data) or content.CannotConvert (frames we cannot cut)."""
         info = content.pixel_info(self.path(ref))
         ts = info.transfer_syntax_uid
-        return FrameInfo(ts, info.frames, info.encapsulated, content.frame_media_type(ts), transcode.can_decode(ts))
+        media_types = content.FRAME_MEDIA_TYPES.get(ts, ()) if info.encapsulated else ()
+        return FrameInfo(ts, info.frames, info.encapsulated, media_types, transcode.can_decode(ts))
 
     def frames(self, ref: InstanceRef, numbers: Sequence[int], *, stored: bool) -> FrameSet:
         """The requested frames, produced before this returns (PS3.18 8.7.3 frame retrieval).

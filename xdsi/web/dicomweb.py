@@ -285,7 +285,7 @@ class DicomWebApp:
             info = retrieve.frame_info(ref)
             form = _choose_frame_form(accept, info)
             if form is None:
-                offered = ", ".join(media.FRAME_MEDIA_TYPES.get(info.transfer_syntax, ())) if info.encapsulated else ""
+                offered = ", ".join(info.media_types)
                 raise HttpError(
                     406,
                     f"frames of this instance ({info.transfer_syntax}) are available as "
@@ -570,7 +570,7 @@ def _choose_frame_form(accept: list[MediaRange], info: FrameInfo) -> tuple[bool,
     Explicit VR Little Endian transfer syntax asks for native frames; an image
     media type of the stored syntax asks for the stored bitstream.
     """
-    stored_types = media.FRAME_MEDIA_TYPES.get(info.transfer_syntax, ()) if info.encapsulated else ()
+    stored_types = info.media_types
     for r in accept:
         if r.type == media.MULTIPART_RELATED:
             inner = MediaRange(r.params.get("type", media.OCTET_STREAM).lower())

@@ -14,24 +14,6 @@ MULTIPART_RELATED = "multipart/related"
 # PS3.18 8.7.3 default transfer syntax for application/dicom and uncompressed bulk data
 DEFAULT_TRANSFER_SYNTAX = str(ExplicitVRLittleEndian)
 
-# PS3.18 Table 8.7.3-5: media type of a compressed frame for its transfer syntax
-FRAME_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
-    "1.2.840.10008.1.2.4.50": ("image/jpeg",),
-    "1.2.840.10008.1.2.4.51": ("image/jpeg",),
-    "1.2.840.10008.1.2.4.57": ("image/jpeg",),
-    "1.2.840.10008.1.2.4.70": ("image/jpeg",),
-    "1.2.840.10008.1.2.4.80": ("image/jls", "image/x-jls"),
-    "1.2.840.10008.1.2.4.81": ("image/jls", "image/x-jls"),
-    "1.2.840.10008.1.2.4.90": ("image/jp2",),
-    "1.2.840.10008.1.2.4.91": ("image/jp2",),
-    "1.2.840.10008.1.2.4.92": ("image/jpx",),
-    "1.2.840.10008.1.2.4.93": ("image/jpx",),
-    "1.2.840.10008.1.2.4.201": ("image/jphc",),
-    "1.2.840.10008.1.2.4.202": ("image/jphc",),
-    "1.2.840.10008.1.2.4.203": ("image/jphc",),
-    "1.2.840.10008.1.2.5": ("image/dicom-rle", "image/x-dicom-rle"),
-}
-
 # PS3.18 Table 10.5.3-1 / PS3.4 B.2.3: STOW-RS Failure Reason (0008,1197) values
 FAILURE_PROCESSING = 0x0110
 FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122
