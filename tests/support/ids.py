@@ -149,7 +149,7 @@ class RawResponse:
         """The bytes an ihe:Document (xop:Include or inline) stands for."""
         import base64
 
-        from xdsi.soap.mtom import normalize_cid
+        from xdsi.wire.mtom import normalize_cid
 
         inc = element.find(f"{{{NS_XOP}}}Include")
         if inc is not None:

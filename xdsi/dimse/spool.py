@@ -36,7 +36,7 @@ from pynetdicom import evt
 
 log = logging.getLogger(__name__)
 
-# what pynetdicom's NamedTemporaryFile(suffix=".dcm") and the STOW spool (xdsi.web.http) are called
+# what pynetdicom's NamedTemporaryFile(suffix=".dcm") and the STOW spool (xdsi.wire.multipart) are called
 SPOOL_PATTERNS = ("tmp*.dcm", "stow-*.part")
 
 

@@ -27,6 +27,7 @@ from xdsi.ids.service import ImagingDocumentSource
 from xdsi.config import LimitsSettings
 from xdsi.ids.xpath import MAX_TREE_NODES, XPathRefused, XPathResult, check
 from xdsi.ids.xpath_pool import XPathBudgetExceeded, XPathPool, XPathPoolBusy, XPathWorkerFailed, shared_pool
+from xdsi.wire.xml import make_parser
 from xdsi.xdsconst import (
     WADO_FRAME_OUT_OF_RANGE,
     WADO_INVALID_PARAMETER,
@@ -65,7 +66,7 @@ class InformationResult:
 
 
 def _parse_results(raw: tuple[tuple[str, tuple[bytes, ...]], ...]) -> list[XPathResult]:
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    parser = make_parser()
     return [XPathResult(text, [etree.fromstring(b, parser) for b in els]) for text, els in raw]
 
 

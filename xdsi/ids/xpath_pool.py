@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from lxml import etree
 
 from xdsi.config import LimitsSettings
+from xdsi.wire.xml import make_parser
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Outcome:
 
 
 def _hardened_parser() -> Any:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=False)
+    return make_parser(remove_comments=False)
 
 
 def _arm_cpu_limit(seconds: float) -> None:

@@ -2,7 +2,7 @@
 
 zeep decodes MTOM answers only by holding them whole in memory, so it is
 used here for what it does well (a schema-correct SOAP 1.2 + WS-Addressing
-request from the WSDL) and the answer is read with :class:`MultipartReader`:
+request from the WSDL) and the answer is read with :func:`xdsi.wire.multipart.read_parts`:
 each attachment goes straight to ``<out>/<SOP Instance UID>.dcm`` as it
 arrives.  Works against any conformant Imaging Document Source.
 """
@@ -19,8 +19,10 @@ import requests
 from lxml import etree
 
 from xdsi.soap.envelope import parse_xml
-from xdsi.soap.mtom import MtomError, MultipartReader, normalize_cid, parse_content_type
 from xdsi.soap.validation import WSDL_DIR
+from xdsi.wire.media import parse_content_type
+from xdsi.wire.mtom import MtomError, normalize_cid
+from xdsi.wire.multipart import MultipartError, read_parts
 from xdsi.xdsconst import ACTION_RAD69, NS_IHE, NS_RS, NS_SOAP12, NS_XOP
 
 IHE = f"{{{NS_IHE}}}"
@@ -140,7 +142,9 @@ def retrieve(
             raw = resp.raw
             raw.decode_content = True
             try:
-                MultipartReader(raw, params.get("boundary", "")).read(sink)
+                read_parts(raw, params.get("boundary", ""), sink)
+            except MultipartError as exc:
+                raise MtomError(f"malformed MTOM answer: {exc}") from None
             finally:
                 for f in open_files[1:]:
                     f.close()

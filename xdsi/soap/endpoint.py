@@ -36,9 +36,10 @@ from xdsi.soap.envelope import (
     fault_envelope,
     parse_envelope,
 )
-from xdsi.soap.mtom import Attachment, IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, read_message, resolve_xop
-from xdsi.web.http import MalformedBody, RequestTooLarge
 from xdsi.soap.validation import SCHEMA_DIR, SchemaInvalid, validate
+from xdsi.wire.errors import MalformedBody, RequestTooLarge
+from xdsi.wire.mtom import Attachment, IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, read_message, resolve_xop
+from xdsi.wire.xml import make_parser
 from xdsi.xdsconst import ACTION_FAULT, NS_WSA
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,7 @@ class SoapEndpoint:
         return [data] if environ.get("REQUEST_METHOD") != "HEAD" else []
 
     def wsdl(self, base: str) -> bytes:
-        parser = etree.XMLParser(resolve_entities=False, no_network=True)
-        root = etree.parse(str(self.wsdl_file), parser).getroot()
+        root = etree.parse(str(self.wsdl_file), make_parser()).getroot()
         wsdl_dir = self.wsdl_file.parent
         for el in root.iter(f"{{{XSD_NS}}}include", f"{{{XSD_NS}}}import"):
             loc = el.get("schemaLocation")
@@ -212,8 +212,7 @@ class SoapEndpoint:
         path = (self.schema_dir / rel).resolve()
         if not path.is_file() or self.schema_dir.resolve() not in path.parents:
             return None
-        parser = etree.XMLParser(resolve_entities=False, no_network=True)
-        root = etree.parse(str(path), parser).getroot()
+        root = etree.parse(str(path), make_parser()).getroot()
         here = posixpath.dirname(rel)
         for el in root.iter(f"{{{XSD_NS}}}include", f"{{{XSD_NS}}}import"):
             loc = el.get("schemaLocation")

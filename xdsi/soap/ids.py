@@ -18,7 +18,7 @@ from xdsi.ids import DocumentRequest, ImagingDocumentSource
 from xdsi.ids.model import RetrieveResult
 from xdsi.soap.ebrs import registry_response
 from xdsi.soap.endpoint import Operation, Reply, RequestContext, SoapEndpoint
-from xdsi.soap.mtom import OutgoingAttachment, new_content_id, xop_include
+from xdsi.wire.mtom import OutgoingAttachment, new_content_id, xop_include
 from xdsi.soap.validation import WSDL_DIR
 from xdsi.xdsconst import (
     ACTION_INFORMATION,

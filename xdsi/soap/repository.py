@@ -17,7 +17,7 @@ from lxml import etree
 from xdsi.archive import Archive
 from xdsi.soap.ebrs import registry_response
 from xdsi.soap.endpoint import Operation, Reply, RequestContext, SoapEndpoint
-from xdsi.soap.mtom import OutgoingAttachment, new_content_id, xop_include
+from xdsi.wire.mtom import OutgoingAttachment, new_content_id, xop_include
 from xdsi.xds import constants as C
 from xdsi.xds.repository import DocumentError, ManifestRepository
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from lxml import etree
 
+from xdsi.wire.xml import make_parser
 from xdsi.xdsconst import NS_IHE, NS_IHERAD, NS_LCM, NS_QUERY, NS_RS, NS_WADO
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
@@ -40,8 +41,7 @@ def message_schema() -> etree.XMLSchema:
         f'<xs:import namespace="{ns}" schemaLocation="{(SCHEMA_DIR / rel).as_uri()}"/>' for ns, rel in _ENTRY.items()
     )
     doc = f'<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" targetNamespace="urn:xdsi:validation:wrapper">{imports}</xs:schema>'
-    parser = etree.XMLParser(resolve_entities=False, no_network=True)
-    root = etree.fromstring(doc.encode(), parser, base_url=(SCHEMA_DIR / "wrapper.xsd").as_uri())
+    root = etree.fromstring(doc.encode(), make_parser(), base_url=(SCHEMA_DIR / "wrapper.xsd").as_uri())
     return etree.XMLSchema(root)
 
 

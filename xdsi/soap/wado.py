@@ -15,7 +15,7 @@ from xdsi.render.request import RenderRequest
 from xdsi.soap.ebrs import registry_response
 from xdsi.soap.endpoint import Reply, RequestContext
 from xdsi.soap.ids import IHE, _echo_ids, _log_result, iter_document_elements
-from xdsi.soap.mtom import OutgoingAttachment, new_content_id, xop_include
+from xdsi.wire.mtom import OutgoingAttachment, new_content_id, xop_include
 from xdsi.xdsconst import (
     ACTION_INFORMATION_RESPONSE,
     ACTION_RENDERED_RESPONSE,

@@ -32,8 +32,10 @@ from xdsi.render.params import RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
 from xdsi.web import media
-from xdsi.web.http import HttpError, MediaRange, MultipartError, MultipartWriter, parse_accept, parse_content_type, spool_parts, warning_value
 from xdsi.web.qido import build_query, result_json
+from xdsi.wire.errors import HttpError, warning_value
+from xdsi.wire.media import MediaRange, parse_accept, parse_content_type
+from xdsi.wire.multipart import MultipartError, MultipartWriter, spool_parts
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ class DicomWebApp:
         def body() -> Iterator[bytes]:
             try:
                 for p in produced:
-                    yield from writer.part(p.chunks(), f"{media.DICOM}; transfer-syntax={p.transfer_syntax}")
+                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, p.chunks())
                 yield writer.end()
             finally:
                 for p in produced:
@@ -310,7 +312,7 @@ class DicomWebApp:
         def body() -> Iterator[bytes]:
             with frame_set:
                 for n, chunks in frame_set.parts():
-                    yield from writer.part(chunks, ctype, {"Content-Location": loc + str(n)})
+                    yield from writer.part({"Content-Type": ctype, "Content-Location": loc + str(n)}, chunks)
                 yield writer.end()
 
         return Response(body(), status=200, content_type=writer.content_type)
@@ -365,7 +367,7 @@ class DicomWebApp:
         writer = MultipartWriter(media.OCTET_STREAM)
 
         def body() -> Iterator[bytes]:
-            yield from writer.part(chunks, media.OCTET_STREAM, headers)
+            yield from writer.part({"Content-Type": media.OCTET_STREAM, **headers}, chunks)
             yield writer.end()
 
         r = Response(body(), status=status, content_type=writer.content_type)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, BinaryIO, Callable, Iterable
 
-from xdsi.web.http import HttpError, MalformedBody, RequestTooLarge, header_text
+from xdsi.wire.errors import HttpError, MalformedBody, RequestTooLarge, header_text
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _refuse(exc: HttpError, environ: dict[str, Any], start_response: Callable[..
 
 
 def safe_headers(app: WSGIApp) -> WSGIApp:
-    """Make every response header value ASCII (see :func:`xdsi.web.http.header_text`)."""
+    """Make every response header value ASCII (see :func:`xdsi.wire.errors.header_text`)."""
 
     def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         def sr(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 from xdsi.archive import Archive
 from xdsi.web.cors import with_cors
 from xdsi.web.dicomweb import DicomWebApp
-from xdsi.web.http import HttpError
+from xdsi.wire.errors import HttpError
 from xdsi.web.wado_uri import WadoUriApp
 
 WSGIApp = Callable[..., Any]

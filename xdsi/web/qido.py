@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from werkzeug.datastructures import MultiDict
 
 from xdsi.archive.query import ATTRS, LEVELS
-from xdsi.web.http import HttpError
+from xdsi.wire.errors import HttpError
 
 # PS3.18 Tables 10.6.3-3..5: attributes returned by default at each level
 STUDY_DEFAULTS = (

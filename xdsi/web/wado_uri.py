@@ -20,7 +20,8 @@ from xdsi.render.params import JPEG, RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
 from xdsi.web import media
-from xdsi.web.http import HttpError, parse_accept
+from xdsi.wire.errors import HttpError
+from xdsi.wire.media import parse_accept
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from xdsi.wire.xml import make_parser
 from xdsi.xds.constants import DEFAULT_CODES_FILE, MODALITY_CODING_SCHEME, SNOMED_CODING_SCHEME
 
 
@@ -70,9 +71,8 @@ class CodeTable:
     @classmethod
     def load(cls, path: Path | str | None = None) -> "CodeTable":
         p = Path(path) if path else DEFAULT_CODES_FILE
-        parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
         try:
-            root = etree.parse(str(p), parser).getroot()
+            root = etree.parse(str(p), make_parser()).getroot()
         except (OSError, etree.XMLSyntaxError) as exc:
             raise CodesFileError(f"{p}: {exc}") from None
         if etree.QName(root).localname != "Codes":

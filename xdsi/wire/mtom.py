@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +32,10 @@ from urllib.parse import quote, unquote
 
 from lxml import etree
 
+from xdsi.wire.errors import RequestTooLarge
+from xdsi.wire.media import parse_content_type
+from xdsi.wire.multipart import MultipartError, MultipartWriter, TooManyParts, read_parts
 from xdsi.xdsconst import MIME_SOAP12, MIME_XOP, NS_XOP
-from xdsi.storage.tiers import read_chunks
-from xdsi.web.http import RequestTooLarge
 
 CHUNK = 256 * 1024
 XOP_INCLUDE = f"{{{NS_XOP}}}Include"
@@ -50,26 +50,6 @@ class MtomTooLarge(MtomError, RequestTooLarge):
 
     def __init__(self, reason: str) -> None:
         RequestTooLarge.__init__(self, reason)
-
-
-# --------------------------------------------------------------------------------------------------
-# Content-Type parsing
-# --------------------------------------------------------------------------------------------------
-
-_PARAM_RE = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
-
-
-def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
-    """``'multipart/related; type="a"; start="<x>"'`` -> ``('multipart/related', {'type': 'a', 'start': '<x>'})``."""
-    value = value or ""
-    media = value.split(";", 1)[0].strip().lower()
-    params: dict[str, str] = {}
-    for m in _PARAM_RE.finditer(value[len(value.split(";", 1)[0]) :]):
-        v = m.group(2)
-        if v.startswith('"') and v.endswith('"') and len(v) >= 2:
-            v = re.sub(r"\\(.)", r"\1", v[1:-1])
-        params[m.group(1).lower()] = v
-    return media, params
 
 
 def normalize_cid(value: str) -> str:
@@ -118,43 +98,33 @@ def xop_include(parent: Any, content_id: str) -> Any:
     return inc
 
 
-file_chunks = read_chunks
-
-
 class MtomWriter:
     """A ``multipart/related`` MTOM message: root envelope first, then each attachment as it is read.
 
     Iterate the writer for the body; ``content_type`` is the HTTP header value,
     with the SOAP action as the ``action`` parameter (ITI TF-2 V.9, CP-ITI-914).
+    The framing is :class:`xdsi.wire.multipart.MultipartWriter`'s.
     """
 
     def __init__(self, envelope: bytes, attachments: Iterable[OutgoingAttachment] = (), *, action: str | None = None) -> None:
         self.envelope = envelope
         self.attachments = attachments
         self.action = action
-        self.boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
         self.root_cid = f"root.{uuid.uuid4().hex}@xdsi"
+        self.boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
+
+    def _framing(self) -> MultipartWriter:
+        return MultipartWriter(MIME_XOP, boundary=self.boundary, start=f"<{self.root_cid}>", start_info=MIME_SOAP12, action=self.action)
 
     @property
     def content_type(self) -> str:
-        ct = (
-            f'multipart/related; boundary="{self.boundary}"; type="{MIME_XOP}"; '
-            f'start="<{self.root_cid}>"; start-info="{MIME_SOAP12}"'
-        )
-        if self.action:
-            ct += f'; action="{self.action}"'
-        return ct
+        return self._framing().content_type
 
-    def _root_header(self) -> bytes:
+    def _root_headers(self) -> dict[str, str]:
         root_type = f'{MIME_XOP}; charset=UTF-8; type="{MIME_SOAP12}"'
         if self.action:
             root_type = f'{MIME_XOP}; charset=UTF-8; type="{MIME_SOAP12}; action=\\"{self.action}\\""'
-        return (
-            f"--{self.boundary}\r\n"
-            f"Content-Type: {root_type}\r\n"
-            f"Content-Transfer-Encoding: binary\r\n"
-            f"Content-ID: <{self.root_cid}>\r\n\r\n"
-        ).encode("ascii")
+        return {"Content-Type": root_type, "Content-Transfer-Encoding": "binary", "Content-ID": f"<{self.root_cid}>"}
 
     def close(self) -> None:
         """Release every attachment's produced bytes (after streaming, or when the client went away)."""
@@ -164,18 +134,17 @@ class MtomWriter:
                     att.close()
 
     def __iter__(self) -> Iterator[bytes]:
-        yield self._root_header() + self.envelope
+        w = self._framing()  # fresh per iteration: the framing knows whether a part was written
+        yield w.head(self._root_headers()) + self.envelope
         for att in self.attachments:
-            yield (
-                f"\r\n--{self.boundary}\r\n"
-                f"Content-Type: {att.content_type}\r\n"
-                f"Content-Transfer-Encoding: binary\r\n"
-                f"Content-ID: <{att.content_id}>\r\n\r\n"
-            ).encode("ascii")
-            for chunk in att.chunks():
-                if chunk:
-                    yield chunk
-        yield f"\r\n--{self.boundary}--\r\n".encode("ascii")
+            headers = {"Content-Type": att.content_type, "Content-Transfer-Encoding": "binary", "Content-ID": f"<{att.content_id}>"}
+            yield from w.part(headers, _produced(att))
+        yield w.end()
+
+
+def _produced(att: OutgoingAttachment) -> Iterator[bytes]:
+    """The attachment's chunks, produced only when the writer reaches its body (after its part head)."""
+    yield from att.chunks()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,120 +201,6 @@ class IncomingMessage:
         self.close()
 
 
-def _parse_headers(block: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    last = None
-    for raw in re.split(rb"\r?\n", block):
-        if not raw:
-            continue
-        line = raw.decode("latin-1")
-        if line[:1] in (" ", "\t") and last:
-            headers[last] += " " + line.strip()
-            continue
-        if ":" not in line:
-            raise MtomError(f"malformed MIME header line {line[:80]!r}")
-        name, value = line.split(":", 1)
-        last = name.strip().lower()
-        headers[last] = value.strip()
-    return headers
-
-
-PartSink = Callable[[dict[str, str]], IO[bytes]]
-
-
-class MultipartReader:
-    """Splits a ``multipart/related`` stream into parts with a buffer bounded by the read size.
-
-    For each part, ``sink(headers)`` returns a writable file that receives the
-    part body as it arrives; the reader never holds a whole part itself.
-    """
-
-    MAX_HEADER_BYTES = 16 * 1024
-
-    def __init__(self, stream: BinaryIO, boundary: str, read_size: int = CHUNK) -> None:
-        if not boundary or len(boundary) > 200:
-            raise MtomError("multipart/related without a usable boundary")
-        self.stream = stream
-        self.sep = b"\n--" + boundary.encode("latin-1")
-        self.read_size = read_size
-        self.buf = b"\n"  # so a delimiter at the very start is found like any other
-        self.eof = False
-
-    def _fill(self) -> bool:
-        if self.eof:
-            return False
-        data = self.stream.read(self.read_size)
-        if not data:
-            self.eof = True
-            return False
-        self.buf += data
-        return True
-
-    def _after_delimiter(self) -> bool:
-        """``buf`` starts right after a delimiter: True if a part follows, False at the close delimiter."""
-        while len(self.buf) < 2 and self._fill():
-            pass
-        if self.buf.startswith(b"--"):
-            return False
-        while True:  # skip transport padding to the end of the delimiter line
-            nl = self.buf.find(b"\n")
-            if nl >= 0:
-                self.buf = self.buf[nl + 1 :]
-                return True
-            if len(self.buf) > 1024 or not self._fill():
-                raise MtomError("malformed multipart delimiter line")
-
-    def _headers(self) -> dict[str, str]:
-        while len(self.buf) < 2 and self._fill():
-            pass
-        while True:
-            m = re.search(rb"\r?\n\r?\n", self.buf)
-            if self.buf.startswith(b"\r\n") or self.buf.startswith(b"\n"):
-                # a part with no headers at all
-                self.buf = self.buf[2 if self.buf.startswith(b"\r\n") else 1 :]
-                return {}
-            if m:
-                block, self.buf = self.buf[: m.start()], self.buf[m.end() :]
-                return _parse_headers(block)
-            if len(self.buf) > self.MAX_HEADER_BYTES:
-                raise MtomError("MIME part headers too long")
-            if not self._fill():
-                raise MtomError("truncated multipart message (in part headers)")
-
-    def _body(self, out: IO[bytes]) -> None:
-        keep = len(self.sep) + 1
-        while True:
-            i = self.buf.find(self.sep)
-            if i >= 0:
-                end = i - 1 if i > 0 and self.buf[i - 1 : i] == b"\r" else i
-                out.write(self.buf[:end])
-                self.buf = self.buf[i + len(self.sep) :]
-                return
-            if len(self.buf) > keep:
-                out.write(self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep :]
-            if not self._fill():
-                raise MtomError("truncated multipart message (no closing boundary)")
-
-    def read(self, sink: PartSink) -> int:
-        """Read every part into ``sink``; returns the number of parts."""
-        while True:  # preamble
-            i = self.buf.find(self.sep)
-            if i >= 0:
-                self.buf = self.buf[i + len(self.sep) :]
-                break
-            self.buf = self.buf[-len(self.sep) :]
-            if not self._fill():
-                raise MtomError("multipart body without its boundary")
-        n = 0
-        while self._after_delimiter():
-            headers = self._headers()
-            out = sink(headers)
-            self._body(out)
-            n += 1
-        return n
-
-
 class _Capped(io.BytesIO):
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -386,8 +241,6 @@ def read_message(
     parts: list[tuple[dict[str, str], IO[bytes]]] = []
 
     def sink(headers: dict[str, str]) -> IO[bytes]:
-        if len(parts) >= max_parts:
-            raise MtomTooLarge(f"MTOM message with more than {max_parts} MIME parts")
         cid = normalize_cid(headers.get("content-id", ""))
         is_root = (start is not None and cid == start) or (start is None and not parts)
         f: IO[bytes] = _Capped(max_root_bytes) if is_root else tempfile.SpooledTemporaryFile(spool_memory, dir=spool_dir)
@@ -395,7 +248,12 @@ def read_message(
         return f
 
     try:
-        MultipartReader(stream, params.get("boundary", "")).read(sink)
+        try:
+            read_parts(stream, params.get("boundary", ""), sink, read_size=CHUNK, max_parts=max_parts)
+        except TooManyParts as exc:
+            raise MtomTooLarge(exc.reason) from None
+        except MultipartError as exc:
+            raise MtomError(str(exc)) from None
         if not parts:
             raise MtomError("multipart/related message without parts")
         root_i = next((i for i, (h, _f) in enumerate(parts) if start is None or normalize_cid(h.get("content-id", "")) == start), None)

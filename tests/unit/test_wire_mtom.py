@@ -10,7 +10,7 @@ import pytest
 from lxml import etree
 
 from xdsi.soap.envelope import SoapFault, build_envelope, parse_envelope
-from xdsi.soap.mtom import (
+from xdsi.wire.mtom import (
     MtomError,
     MtomWriter,
     OutgoingAttachment,
