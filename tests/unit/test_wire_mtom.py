@@ -165,3 +165,43 @@ def test_envelope_rules() -> None:
     )
     with pytest.raises(SoapFault):
         parse_envelope(two_actions.encode())
+
+
+# -- on the shared wire reader and writer (xdsi.wire.multipart) --------------------------------------------
+
+
+def test_more_parts_than_allowed_is_mtom_too_large_413() -> None:
+    from xdsi.wire.errors import RequestTooLarge
+    from xdsi.wire.mtom import MtomTooLarge
+
+    data, ct, _ = _message([b"a", b"b", b"c"])
+    assert len(read_message(io.BytesIO(data), ct, max_parts=4).attachments) == 3
+    with pytest.raises(MtomTooLarge) as exc:
+        read_message(io.BytesIO(data), ct, max_parts=3)
+    assert isinstance(exc.value, RequestTooLarge) and exc.value.status == 413
+
+
+def test_bare_lf_framing_and_base64_root_are_read() -> None:
+    root = f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}"/></s:Body></s:Envelope>'.encode()
+    data = b"--b\nContent-Type: application/xop+xml\nContent-Transfer-Encoding: base64\nContent-ID: <r@x>\n\n" + base64.b64encode(root) + b"\n--b\nContent-ID: <a@x>\n\nATT\n--b--\n"
+    for n in (1, 3, 1 << 16):
+        msg = read_message(Trickle(data, n), 'multipart/related; boundary=b; start="<r@x>"')  # type: ignore[arg-type]
+        assert msg.envelope == root and msg.attachments["a@x"].read() == b"ATT"
+
+
+def test_content_type_round_trips_through_the_one_parser() -> None:
+    from xdsi.wire.media import parse_content_type
+    from xdsi.xdsconst import MIME_SOAP12, MIME_XOP
+
+    w = MtomWriter(b"<x/>", (), action="urn:ihe:iti:2007:RetrieveDocumentSet")
+    media, params = parse_content_type(w.content_type)
+    assert media == "multipart/related" and params["boundary"] == w.boundary and params["type"] == MIME_XOP
+    assert params["start"] == f"<{w.root_cid}>" and params["start-info"] == MIME_SOAP12 and params["action"] == "urn:ihe:iti:2007:RetrieveDocumentSet"
+    assert b"".join(w) == b"".join(w)  # iterating twice gives the same framing
+
+
+def test_malformed_framing_is_an_mtom_error_with_the_reason() -> None:
+    with pytest.raises(MtomError, match="malformed MIME header line"):
+        read_message(io.BytesIO(b"--b\r\nno colon\r\n\r\nx\r\n--b--"), "multipart/related; boundary=b")
+    with pytest.raises(MtomError, match="boundary"):
+        read_message(io.BytesIO(b"--b\r\n\r\nx\r\n--b--"), "multipart/related")
