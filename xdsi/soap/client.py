@@ -142,7 +142,7 @@ def retrieve(
             raw = resp.raw
             raw.decode_content = True
             try:
-                read_parts(raw, params.get("boundary", ""), sink)
+                read_parts(raw, params.get("boundary", ""), sink, read_size=256 * 1024)
             except MultipartError as exc:
                 raise MtomError(f"malformed MTOM answer: {exc}") from None
             finally:

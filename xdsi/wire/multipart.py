@@ -31,7 +31,9 @@ from typing import IO, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 
 from xdsi.wire.errors import RequestTooLarge
 
-CHUNK = 256 * 1024
+#: default read size of the blocking helpers: a blocking ``read(n)`` on a request body waits for n bytes,
+#: so a smaller read lets a slow upload reach its spool file (and the limits see it) sooner
+CHUNK = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BOUNDARY = 200  # RFC 2046 says 70; peers send longer ones, and it bounds the kept tail
 MAX_PADDING = 1024  # transport padding after a delimiter we wait for before calling the line malformed
