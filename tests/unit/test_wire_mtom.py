@@ -9,6 +9,7 @@ import os
 import pytest
 from lxml import etree
 
+from tests.support.streams import Trickle
 from xdsi.soap.envelope import SoapFault, build_envelope, parse_envelope
 from xdsi.wire.mtom import (
     MtomError,
@@ -21,21 +22,6 @@ from xdsi.wire.mtom import (
     xop_include,
 )
 from xdsi.xdsconst import NS_IHE, NS_SOAP12
-
-
-class Trickle(io.RawIOBase):
-    """A stream that returns at most ``n`` bytes per read, to put boundaries across reads."""
-
-    def __init__(self, data: bytes, n: int) -> None:
-        self.data, self.n, self.pos = data, n, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.data[self.pos : self.pos + min(self.n, size if size > 0 else self.n)]
-        self.pos += len(chunk)
-        return chunk
 
 
 def _message(payloads: list[bytes]) -> tuple[bytes, str, list[str]]:

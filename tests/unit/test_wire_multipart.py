@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.streams import Trickle
 from xdsi.wire.errors import RequestTooLarge
 from xdsi.wire.multipart import (
     Finished,
@@ -262,21 +263,6 @@ def test_feed_after_finish_is_ignored_and_close_is_idempotent() -> None:
 
 
 # -- blocking helpers -----------------------------------------------------------------------------------
-
-
-class Trickle(io.RawIOBase):
-    """A stream returning at most ``n`` bytes per read and recording how far it was read."""
-
-    def __init__(self, data: bytes, n: int) -> None:
-        self.data, self.n, self.pos = data, n, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.data[self.pos : self.pos + min(self.n, size if size > 0 else self.n)]
-        self.pos += len(chunk)
-        return chunk
 
 
 def test_read_parts_writes_each_part_into_its_sink(sample: bytes) -> None:
