@@ -126,6 +126,7 @@ class MultipartParser:
         self.parts = 0
         self._buf = b"\n"  # so a delimiter at the very start of the body is found like any other
         self._state = _PREAMBLE
+        self._scanned = 0  # how much of the header block was searched for its end already
 
     @property
     def done(self) -> bool:
@@ -206,7 +207,7 @@ class MultipartParser:
             self._state, self._buf = _DONE, b""
             return False
         self._buf = self._buf[self._buf.find(b"\n") + 1 :]  # transport padding and the line end
-        self._state = _HEADERS
+        self._state, self._scanned = _HEADERS, 0
         return True
 
     def _headers(self, events: list[Event]) -> bool:
@@ -219,10 +220,11 @@ class MultipartParser:
         elif buf == b"\r":
             return False
         else:
-            m = _HEADER_END.search(buf)
+            m = _HEADER_END.search(buf, max(0, self._scanned - 2))  # not from 0 again: one-byte feeds stay linear
             if (m is None and len(buf) > self.max_header_bytes) or (m is not None and m.start() > self.max_header_bytes):
                 raise MultipartError(f"multipart part headers too large (more than {self.max_header_bytes} bytes)")
             if m is None:
+                self._scanned = len(buf)
                 return False
             block, rest = buf[: m.start()].rstrip(b"\r"), buf[m.end() :]
         headers = parse_headers(block)
