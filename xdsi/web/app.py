@@ -55,7 +55,7 @@ def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
     mounts: dict[str, WSGIApp] = {"/status": status_app(archive)}
     # WADO-URI at /wado[/{AET}], DICOMweb at /dicomweb[/{AET}]; partitions: AE title -> Archive (None: open the configured ones)
     from xdsi.web.mounts import web_mounts
-    from xdsi.soap.ids import make_endpoint as make_ids_endpoint
+    from xdsi.soap.ids import make_application as make_ids_application
 
     from xdsi.web.limits import limit_body, safe_headers
 
@@ -63,11 +63,11 @@ def make_app(archive: Archive, partitions: Any = None) -> WSGIApp:
     web = web_mounts(archive, partitions)
     mounts["/wado"] = web["/wado"]
     mounts["/dicomweb"] = limit_body(web["/dicomweb"], limits.max_stow_bytes, "DICOMweb")  # STOW-RS; GETs send none
-    mounts["/xdsi/ImagingDocumentSource"] = limit_body(make_ids_endpoint(archive), limits.max_mtom_bytes, "SOAP")
+    mounts["/xdsi/ImagingDocumentSource"] = limit_body(make_ids_application(archive), limits.max_mtom_bytes, "SOAP")
     if archive.settings.xds.mode == "integrated":  # issue 4: xdsi is the XDS.b repository of its manifests
-        from xdsi.soap.repository import make_endpoint as make_repository_endpoint
+        from xdsi.soap.repository import make_application as make_repository_application
 
-        mounts["/xdsi/DocumentRepository"] = limit_body(make_repository_endpoint(archive), limits.max_mtom_bytes, "SOAP")
+        mounts["/xdsi/DocumentRepository"] = limit_body(make_repository_application(archive), limits.max_mtom_bytes, "SOAP")
     for prefix in ("/status", "/wado"):  # these take no request body: refused before it is read
         mounts[prefix] = limit_body(mounts[prefix], 0, prefix)
     return safe_headers(DispatcherMiddleware(not_found, mounts))
