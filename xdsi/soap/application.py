@@ -152,7 +152,7 @@ class SoapApplication(WsgiApplication):
 
     def operation_names(self) -> set[str]:
         """The operations the spyne services declare (``@rpc`` methods)."""
-        return {m.name for s in self.app.services for m in s.public_methods.values()}
+        return {m.operation_name for s in self.app.services for m in s.public_methods.values()}
 
     def wsdl(self, base: str) -> bytes:
         from xdsi.soap.envelope import PARSER

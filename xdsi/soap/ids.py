@@ -125,7 +125,7 @@ class ImagingDocumentSourceService(ServiceBase):
         _returns=M.RetrieveDocumentSetResponseType,
         _out_message_name=f"{{{NS_IHE}}}RetrieveDocumentSetResponse",
     )
-    def RetrieveImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
+    def ImagingDocumentSource_RetrieveImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context
         requests = [r for _d, r in _documents(request, "DocumentRequest")]
@@ -142,7 +142,7 @@ class ImagingDocumentSourceService(ServiceBase):
         _returns=M.RetrieveRenderedImagingDocumentSetResponseType,
         _out_message_name=f"{{{NS_WADO}}}RetrieveRenderedImagingDocumentSetResponse",
     )
-    def RetrieveRenderedImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveRenderedImagingDocumentSetResponseType:
+    def ImagingDocumentSource_RetrieveRenderedImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveRenderedImagingDocumentSetResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context
         requests = []
@@ -189,7 +189,7 @@ class ImagingDocumentSourceService(ServiceBase):
         _returns=M.RetrieveImagingDocumentSetInformationResponseType,
         _out_message_name=f"{{{NS_WADO}}}RetrieveImagingDocumentSetInformationResponse",
     )
-    def RetrieveImagingDocumentSetInformation(ctx: Any, request: Any) -> M.RetrieveImagingDocumentSetInformationResponseType:
+    def ImagingDocumentSource_RetrieveImagingDocumentSetInformation(ctx: Any, request: Any) -> M.RetrieveImagingDocumentSetInformationResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context
         requests = [

@@ -156,9 +156,9 @@ class IheSoap12(Soap12):
         ctx.in_document = env.root
         ctx.in_header_doc = None
         ctx.in_body_doc = body
-        ctx.method_request_string = self._method_key(ex.route.method)  # type: ignore[union-attr]
+        ctx.method_request_string = self.method_key(ex.route.method)  # type: ignore[union-attr]
 
-    def _method_key(self, request_element: str) -> str:
+    def method_key(self, request_element: str) -> str:
         """spyne's key of the ``@rpc`` method whose bare input message is ``request_element`` (Clark)."""
         keys = self._method_keys
         if keys is None:
