@@ -1,6 +1,6 @@
 """RAD-69 retrieval throughput and server memory, against a disk-read baseline in the same run.
 
-    python bench/retrieve.py [--instances 500] [--size 512] [--keep DIR]
+    python bench/retrieve.py [--instances 500] [--size 512] [--keep DIR] [--against OTHER_TREE --rounds N]
 
 Builds a study of N CT instances (size x size, 16 bit), imports it into a
 fresh data directory, starts ``xdsi serve``, and then:
@@ -11,7 +11,10 @@ fresh data directory, starts ``xdsi serve``, and then:
    temporary folder), sampling the server's RSS every 10 ms (peak, and the
    RSS before the request);
 
-and prints the figures.  Both reads hit the page cache the same way (the
+and prints the figures.  ``--against DIR`` serves the same data directory
+from another source tree too (``git worktree add /tmp/base REV``), alternating
+the two servers ``--rounds`` times, and prints their ratio: before/after figures
+from one run, on one machine state.  Both reads hit the page cache the same way (the
 study was just written), so the comparison is protocol cost, not disk.
 """
 
@@ -42,6 +45,8 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    ap.add_argument("--against", type=Path, help="also serve the same data from this source tree (e.g. a git worktree of an older revision), alternately")
+    ap.add_argument("--rounds", type=int, default=1, help="retrievals per tree (alternating with --against)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="xdsi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -69,41 +74,59 @@ def main() -> int:
         dt = time.perf_counter() - t
         print(f"disk read baseline: {n / 1e6 / dt:8.1f} MB/s  ({dt:.2f} s)")
 
-        # 2. RAD-69 through the server
-        proc = XdsiProcess(data).start()
-        try:
-            server = psutil.Process(proc.proc.pid)  # type: ignore[union-attr]
-            url = f"http://127.0.0.1:{proc.http_port}/xdsi/ImagingDocumentSource"
-            series = {refs[0].series_uid: [r.sop_instance_uid for r in refs]}
-            before = server.memory_info().rss
-            peak = [before]
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.is_set():
-                    try:
-                        peak[0] = max(peak[0], server.memory_info().rss)
-                    except psutil.Error:
-                        return
-                    time.sleep(0.01)
-
-            th = threading.Thread(target=sample, daemon=True)
-            th.start()
-            out = work / "out"
-            t = time.perf_counter()
-            report = retrieve(url, spec.study_uid, series, out, repository_unique_id=DEFAULT_REPOSITORY_UNIQUE_ID)
-            dt = time.perf_counter() - t
-            stop.set()
-            th.join()
-            assert report.status.endswith("Success") and len(report.saved) == len(refs), report
-            print(f"RAD-69 retrieval:   {report.bytes / 1e6 / dt:8.1f} MB/s  ({dt:.2f} s, {len(report.saved)} documents)")
-            print(f"server RSS: {before / 1e6:.0f} MB before, {peak[0] / 1e6:.0f} MB peak during the request (response {report.bytes / 1e6:.0f} MB)")
-        finally:
-            proc.stop()
+        # 2. RAD-69 through the server; with --against, alternately through this tree's and the other's
+        trees = [("this tree", None)] + ([(f"{args.against}", str(args.against))] if args.against else [])
+        results: dict[str, list[tuple[float, int, int]]] = {name: [] for name, _ in trees}
+        for _round in range(args.rounds):
+            for name, src in trees:
+                mbps, before, peak, nbytes = _rad69(data, work / "out", spec.study_uid, refs, src)
+                results[name].append((mbps, before, peak))
+                print(f"RAD-69 retrieval [{name}]: {mbps:8.1f} MB/s; server RSS {before / 1e6:.0f} MB before, {peak / 1e6:.0f} MB peak (+{(peak - before) / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB response)")
+        if args.against:
+            (a, _), (b, _) = trees
+            best = {name: max(r[0] for r in rs) for name, rs in results.items()}
+            growth = {name: max(r[2] - r[1] for r in rs) for name, rs in results.items()}
+            print(f"best MB/s: this tree {best[a]:.1f}, {b} {best[b]:.1f}: ratio {best[a] / best[b]:.3f}")
+            print(f"largest RSS growth: this tree {growth[a] / 1e6:.0f} MB, {b} {growth[b] / 1e6:.0f} MB")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _rad69(data: Path, out: Path, study_uid: str, refs: list, src: str | None) -> tuple[float, int, int, int]:
+    """One whole-study RAD-69 retrieval from a fresh ``xdsi serve`` (from ``src`` when given): MB/s, RSS before, peak RSS, bytes."""
+    env = {"PYTHONPATH": src} if src else None
+    proc = XdsiProcess(data, env=env).start()
+    try:
+        server = psutil.Process(proc.proc.pid)  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{proc.http_port}/xdsi/ImagingDocumentSource"
+        series = {refs[0].series_uid: [r.sop_instance_uid for r in refs]}
+        before = server.memory_info().rss
+        peak = [before]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                try:
+                    peak[0] = max(peak[0], server.memory_info().rss)
+                except psutil.Error:
+                    return
+                time.sleep(0.01)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        report = retrieve(url, study_uid, series, out, repository_unique_id=DEFAULT_REPOSITORY_UNIQUE_ID)
+        dt = time.perf_counter() - t
+        stop.set()
+        th.join()
+        assert report.status.endswith("Success") and len(report.saved) == len(refs), report
+        shutil.rmtree(out, ignore_errors=True)
+        return report.bytes / 1e6 / dt, before, peak[0], report.bytes
+    finally:
+        proc.stop()
 
 
 if __name__ == "__main__":

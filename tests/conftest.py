@@ -61,3 +61,15 @@ def xdsi_server(tmp_path: Path) -> Iterator[XdsiProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+#: Test modules of the SOAP/XDS web services and the wire layer under them (by path); scripts/test runs the
+#: ones marked ``soap`` again under Python 3.13, where spyne 2.14.0 needs xdsi.soap.spyne_compat and legacy-cgi.
+SOAP_MODULE_MARKS = ("conformance/", "soap", "mtom", "test_wire_", "xds_", "xpath")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(Path(__file__).resolve().parent).as_posix()
+        if any(mark in rel for mark in SOAP_MODULE_MARKS):
+            item.add_marker(pytest.mark.soap)

@@ -18,7 +18,7 @@ from xdsi.archive import Archive
 from xdsi.config import Settings
 from xdsi.dimse.server import DicomServer
 from xdsi.startup import StartupError, check_directories, directory_settings, listen_error, path_error
-from xdsi.web.app import make_app
+from xdsi.app import make_app
 from xdsi.web.httpd import HttpServer
 
 log = logging.getLogger(__name__)

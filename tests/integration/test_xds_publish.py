@@ -20,7 +20,7 @@ from xdsi.archive.remove import RemoveService
 from xdsi.config import XdsSettings
 from xdsi.index.xds_models import DONE, PENDING, SUPERSEDED
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.web.app import make_app
+from xdsi.app import make_app
 from xdsi.xds import constants as C
 from xdsi.xds.client import RepositoryClient
 from xdsi.xds.codes import CodeTable

@@ -40,6 +40,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from tests.support.server import free_port
+from xdsi.wire.xml import make_parser
 from xdsi.xds import constants as C
 from xdsi.xds.codes import CodeTable
 
@@ -49,7 +50,7 @@ SCHEMA_DIR = STANDARDS / "ihe" / "schema"
 if not SCHEMA_DIR.is_dir():  # a checkout without shared/: the byte-identical copies shipped with xdsi
     SCHEMA_DIR = Path(__file__).resolve().parents[2] / "xdsi" / "standards" / "ihe" / "schema"
 
-SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=False)
+SAFE_PARSER = make_parser()
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _DTM = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2})?)?)?)?)?$")

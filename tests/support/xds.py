@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from lxml import etree
-from zeep import Client, Plugin, Settings as ZeepSettings
+from zeep import Client, Settings as ZeepSettings
 
 from xdsi.xds import constants as C
-from xdsi.xds.client import REGISTRY_WSDL, MtomTransport, _add_addressing
+from xdsi.wire.xml import make_parser
+from xdsi.xds.client import REGISTRY_WSDL, IheAddressing, MtomTransport
 
 AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"  # IHERED, the shipped default
 PATIENT_CX = f"PAT001^^^&{AFFINITY}&ISO"
-SAFE = etree.XMLParser(resolve_entities=False, no_network=True)
-
-
-class IheAddressing(Plugin):
-    """zeep's own WS-Addressing lacks mustUnderstand and ReplyTo (IHE-WSA101/102); this adds them."""
-
-    def egress(self, envelope, http_headers, operation, binding_options):  # type: ignore[no-untyped-def]
-        _add_addressing(envelope, operation.soapaction, binding_options["address"])
-        return envelope, http_headers
+SAFE = make_parser()
 
 
 def stored_query(registry_url: str, query_id: str, params: dict[str, str]) -> etree._Element:

@@ -13,7 +13,7 @@ from tests.conftest import make_settings
 from xdsi.archive import Archive
 from xdsi.config import ConfigError, load_settings
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.web.app import make_app
+from xdsi.app import make_app
 
 
 @pytest.fixture

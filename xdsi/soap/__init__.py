@@ -1,14 +1,25 @@
-"""SOAP 1.2 adapter for the IHE web services.
+"""The SOAP adapter: the IHE web services as spyne applications.
 
-Reusable pieces (the XDS publishing side uses them too): :mod:`envelope` (hardened parsing, WS-Addressing
-headers, faults, wsse:Security logging), :mod:`validation` (lxml validation against the served schemas),
-:mod:`endpoint` (the WSGI endpoint: dispatch on wsa:Action, ?wsdl/?xsd serving), :mod:`ebrs`
-(RegistryResponse).  MTOM/XOP in and out is :mod:`xdsi.wire.mtom`, below this package.  The Imaging
-Document Source itself is :mod:`ids` and :mod:`wado`; the consumer is :mod:`client`.
+The Imaging Document Source (RAD-69, WADO-WS rendered and Information) and
+the ITI-43 repository are spyne ``Application`` s of ``ServiceBase`` classes
+(:mod:`ids`, :mod:`repository`) over typed ``ComplexModel`` requests and
+responses (:mod:`models`), served by :class:`~xdsi.soap.application.SoapApplication`,
+a thin ``spyne.server.wsgi.WsgiApplication``.  Where spyne 2.14 is weak, xdsi's
+own parts plug into its extension points (measured limits: its lxml validator
+rejects valid IHE requests, its MTOM output raises TypeError on Python 3, its
+MTOM input needs ~17x the payload in memory and fails on a root part with an
+XML declaration, it has no WS-Addressing, it answers Sender faults with HTTP
+500, and its generated WSDL is not the IHE one):
 
-spyne is not used: what it would contribute here (SOAP 1.2 envelopes and body mapping) is a few lines of
-lxml, while the parts that matter for IHE peers are unusable in spyne 2.14 (its lxml validator rejects
-valid IHE requests, MTOM output raises TypeError on Python 3, MTOM input fails on a root part with an XML
-declaration and needs ~17x the payload in memory, no wsa:Action dispatch or WS-A reply headers, and its
-generated WSDL has no operations for zeep).
+* :class:`~xdsi.soap.protocol.IheSoap12`, a ``Soap12`` subclass: dispatch on
+  ``wsa:Action``, WS-A reply headers, validation against the official schemas,
+  SOAP 1.2 faults with subcodes and the binding's HTTP status, XOP out;
+* :class:`~xdsi.soap.application.SoapApplication`: the request body read and
+  spooled by the streaming MTOM reader before spyne sees the envelope, the
+  response streamed part by part, the official WSDL and schemas at ``?wsdl``.
+
+Importing this package first makes spyne 2.14.0 importable on Python 3.12+
+(:mod:`xdsi.soap.spyne_compat`).
 """
+
+from xdsi.soap import spyne_compat as _spyne_compat  # noqa: F401 -- before any "import spyne"

@@ -236,8 +236,8 @@ def addressing_headers(action: str, *, relates_to: str | None = None, to: str | 
     return out
 
 
-def build_envelope(body: Any, headers: Iterable[Any] = ()) -> bytes:
-    """Serialise a SOAP 1.2 envelope (UTF-8, with declaration) around ``body``."""
+def envelope_element(body: Any, headers: Iterable[Any] = ()) -> Any:
+    """A SOAP 1.2 ``Envelope`` element with a Header (``headers``) and a Body holding ``body``."""
     env = etree.Element(S + "Envelope", nsmap={"s": NS_SOAP12, "wsa": NS_WSA})
     hdr = etree.SubElement(env, S + "Header")
     for h in headers:
@@ -245,7 +245,12 @@ def build_envelope(body: Any, headers: Iterable[Any] = ()) -> bytes:
     b = etree.SubElement(env, S + "Body")
     if body is not None:
         b.append(body)
-    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+    return env
+
+
+def build_envelope(body: Any, headers: Iterable[Any] = ()) -> bytes:
+    """Serialise a SOAP 1.2 envelope (UTF-8, with declaration) around ``body``."""
+    return etree.tostring(envelope_element(body, headers), xml_declaration=True, encoding="UTF-8")
 
 
 def fault_body(fault: SoapFault) -> Any:
@@ -265,6 +270,11 @@ def fault_body(fault: SoapFault) -> Any:
 
 
 def fault_envelope(fault: SoapFault, relates_to: str | None) -> bytes:
+    return etree.tostring(fault_envelope_element(fault, relates_to), xml_declaration=True, encoding="UTF-8")
+
+
+def fault_envelope_element(fault: SoapFault, relates_to: str | None) -> Any:
+    """The fault envelope: WS-A fault action, RelatesTo the request, NotUnderstood blocks for MustUnderstand."""
     headers = addressing_headers(ACTION_FAULT, relates_to=relates_to, reply_to=None)
     for qn in fault.not_understood:
         nu = etree.Element(S + "NotUnderstood", nsmap={"s": NS_SOAP12})
@@ -275,4 +285,4 @@ def fault_envelope(fault: SoapFault, relates_to: str | None) -> bytes:
         else:
             nu.set("qname", q.localname)
         headers.append(nu)
-    return build_envelope(fault_body(fault), headers)
+    return envelope_element(fault_body(fault), headers)

@@ -1,25 +1,32 @@
-"""The Imaging Document Source web service: RAD-69 and the two WADO-WS operations, XML in and out.
+"""The Imaging Document Source web service: RAD-69 and the two WADO-WS operations as a spyne application.
 
-This module only translates: request elements into :class:`DocumentRequest`
-values for :class:`xdsi.ids.ImagingDocumentSource`, and its results into
-response elements plus attachments streamed by the endpoint.  Every rule
-(which document is an error, which transfer syntax) lives in the service.
+:class:`ImagingDocumentSourceService` declares the three operations with
+``@rpc`` over the typed messages of :mod:`xdsi.soap.models`; each method only
+translates, typed request into :class:`~xdsi.ids.DocumentRequest` values for
+:class:`xdsi.ids.ImagingDocumentSource` and its result into the response model.
+Every rule (which document is an error, which transfer syntax) lives in the
+service layer.  :func:`make_application` mounts it at ``/xdsi/ImagingDocumentSource``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Iterator
 
-from lxml import etree
+from spyne import Application, ServiceBase, rpc
 
 from xdsi.archive import Archive
+from xdsi.config import LimitsSettings
 from xdsi.ids import DocumentRequest, ImagingDocumentSource
+from xdsi.ids.information import InformationRequest, retrieve_information
 from xdsi.ids.model import RetrieveResult
-from xdsi.soap.ebrs import registry_response
-from xdsi.soap.endpoint import Operation, Reply, RequestContext, SoapEndpoint
-from xdsi.wire.mtom import OutgoingAttachment, new_content_id, xop_include
-from xdsi.soap.validation import WSDL_DIR
+from xdsi.ids.rendered import RenderedRequest, retrieve_rendered
+from xdsi.render.request import RenderRequest
+from xdsi.soap import models as M
+from xdsi.soap.application import SoapApplication
+from xdsi.soap.protocol import Exchange, IheSoap12, Route, rename_namespace
+from xdsi.soap.validation import SCHEMA_DIR, WSDL_DIR
 from xdsi.xdsconst import (
     ACTION_INFORMATION,
     ACTION_INFORMATION_RESPONSE,
@@ -32,58 +39,50 @@ from xdsi.xdsconst import (
     ACTION_RENDERED_SWAPPED_RESPONSE,
     NS_IHE,
     NS_IHERAD,
-    NS_RS,
     NS_WADO,
     NS_WADO_SWAPPED,
 )
 
 log = logging.getLogger(__name__)
 
-IHE = f"{{{NS_IHE}}}"
-RAD = f"{{{NS_IHERAD}}}"
-WADO = f"{{{NS_WADO}}}"
-NSMAP_RESPONSE = {"ihe": NS_IHE, "rs": NS_RS}
+RAD69_REQUEST = f"{{{NS_IHERAD}}}RetrieveImagingDocumentSetRequest"
+RENDERED_REQUEST = f"{{{NS_WADO}}}RetrieveRenderedImagingDocumentSetRequest"
+INFORMATION_REQUEST = f"{{{NS_WADO}}}RetrieveImagingDocumentSetInformationRequest"
 
 
-def _text(el: Any, tag: str) -> str | None:
-    child = el.find(tag)
-    return None if child is None else (child.text or "").strip()
+@dataclass
+class SourceContext:
+    """What the service methods work with: the Imaging Document Source and the XPath limits."""
+
+    ids: ImagingDocumentSource
+    limits: LimitsSettings | None
 
 
-def document_request(el: Any, study_uid: str, series_uid: str) -> DocumentRequest:
-    """A DocumentRequest (ihe:, or wado:RenderedDocumentRequest / DocumentRequest) as a value."""
+def _s(value: str | None) -> str:
+    return (value or "").strip()
+
+
+def _document(req: Any, study_uid: str, series_uid: str) -> DocumentRequest:
+    hc = req.HomeCommunityId
     return DocumentRequest(
         study_uid=study_uid,
         series_uid=series_uid,
-        repository_unique_id=_text(el, IHE + "RepositoryUniqueId") or "",
-        document_unique_id=_text(el, IHE + "DocumentUniqueId") or "",
-        home_community_id=_text(el, IHE + "HomeCommunityId"),
+        repository_unique_id=_s(req.RepositoryUniqueId),
+        document_unique_id=_s(req.DocumentUniqueId),
+        home_community_id=None if hc is None else hc.strip(),
     )
 
 
-def iter_document_elements(body: Any, ns: str, doc_tag: str) -> list[tuple[Any, DocumentRequest]]:
-    """(element, request) for every document under StudyRequest/SeriesRequest, in document order."""
-    out = []
-    for study in body.iterchildren(ns + "StudyRequest"):
-        study_uid = (study.get("studyInstanceUID") or "").strip()
-        for series in study.iterchildren(ns + "SeriesRequest"):
-            series_uid = (series.get("seriesInstanceUID") or "").strip()
-            for doc in series.iterchildren(doc_tag):
-                out.append((doc, document_request(doc, study_uid, series_uid)))
-    return out
+def _documents(request: Any, member: str) -> Iterator[tuple[Any, DocumentRequest]]:
+    """(typed document element, request value) under every StudyRequest/SeriesRequest, in document order."""
+    for study in request.StudyRequest or ():
+        for series in study.SeriesRequest or ():
+            for doc in getattr(series, member) or ():
+                yield doc, _document(doc, _s(study.studyInstanceUID), _s(series.seriesInstanceUID))
 
 
-def _echo_ids(parent: Any, req: DocumentRequest, *, repository: bool = True, document_tag: str | None = IHE + "DocumentUniqueId") -> None:
-    if req.home_community_id is not None:  # echoed only when it was sent (ids_2018-4820)
-        etree.SubElement(parent, IHE + "HomeCommunityId").text = req.home_community_id
-    if repository:
-        etree.SubElement(parent, IHE + "RepositoryUniqueId").text = req.repository_unique_id
-    if document_tag:
-        etree.SubElement(parent, document_tag).text = req.document_unique_id
-
-
-def _log_result(what: str, result: RetrieveResult, ctx: RequestContext) -> None:
-    sec = ctx.envelope.security
+def _log_result(what: str, result: Any, ex: Exchange) -> None:
+    sec = ex.envelope.security if ex.envelope is not None else None
     log.info(
         "%s: %d document(s), %d error(s), status %s%s",
         what,
@@ -94,89 +93,162 @@ def _log_result(what: str, result: RetrieveResult, ctx: RequestContext) -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# RAD-69 RetrieveImagingDocumentSet
-# --------------------------------------------------------------------------------------------------
+def _echo(req: DocumentRequest) -> dict[str, Any]:
+    """The identifiers echoed in a response; HomeCommunityId only when it was sent (ids_2018-4820)."""
+    return {"HomeCommunityId": req.home_community_id, "RepositoryUniqueId": req.repository_unique_id}
 
 
-def retrieve_response(result: RetrieveResult) -> tuple[Any, list[OutgoingAttachment]]:
-    """``ihe:RetrieveDocumentSetResponse`` with one XOP-referenced Document per returned instance."""
-    root = etree.Element(IHE + "RetrieveDocumentSetResponse", nsmap=NSMAP_RESPONSE)
-    registry_response(result.status, result.errors, parent=root)
-    attachments = []
-    for doc in result.documents:
-        dr = etree.SubElement(root, IHE + "DocumentResponse")
-        _echo_ids(dr, doc.request)
-        etree.SubElement(dr, IHE + "mimeType").text = doc.mime_type
-        cid = new_content_id()
-        xop_include(etree.SubElement(dr, IHE + "Document"), cid)
-        attachments.append(OutgoingAttachment(cid, doc.chunks, doc.mime_type, close=doc.close))
-    return root, attachments
-
-
-def make_rad69(ids: ImagingDocumentSource) -> Callable[[Any, RequestContext], Reply]:
-    def handle(body: Any, ctx: RequestContext) -> Reply:
-        requests = [r for _el, r in iter_document_elements(body, RAD, IHE + "DocumentRequest")]
-        tsl = body.find(RAD + "TransferSyntaxUIDList")
-        syntaxes = [(t.text or "").strip() for t in tsl.iterchildren(RAD + "TransferSyntaxUID")] if tsl is not None else []
-        result = ids.retrieve_set(requests, syntaxes)
-        _log_result("RAD-69", result, ctx)
-        element, attachments = retrieve_response(result)
-        return Reply(element, ACTION_RAD69_RESPONSE, attachments)
-
-    return handle
-
-
-# --------------------------------------------------------------------------------------------------
-# wiring
-# --------------------------------------------------------------------------------------------------
-
-
-def _rename_namespace(el: Any, old: str, new: str) -> Any:
-    """Move every element of namespace ``old`` to ``new`` (for the legacy swapped WADO namespace)."""
-    for e in el.iter():
-        if isinstance(e.tag, str) and e.tag.startswith("{" + old + "}"):
-            e.tag = "{" + new + "}" + e.tag[len(old) + 2 :]
-    etree.cleanup_namespaces(el)
-    return el
-
-
-def make_endpoint(archive: Archive) -> SoapEndpoint:
-    """The WSGI application mounted at ``/xdsi/ImagingDocumentSource``."""
-    ids = ImagingDocumentSource(archive.retrieve, archive.settings.xds.repository_unique_id)
-    rad69 = Operation("RetrieveImagingDocumentSet", frozenset({RAD + "RetrieveImagingDocumentSetRequest"}), make_rad69(ids))
-    operations = {ACTION_RAD69: rad69, ACTION_RAD69_LEGACY: rad69}
-    from xdsi.soap.wado import make_information, make_rendered  # they build on this module's helpers
-
-    rendered = Operation(
-        "RetrieveRenderedImagingDocumentSet",
-        frozenset({WADO + "RetrieveRenderedImagingDocumentSetRequest", f"{{{NS_WADO_SWAPPED}}}RetrieveRenderedImagingDocumentSetRequest"}),
-        make_rendered(ids, archive),
-        normalize=lambda b: _rename_namespace(b, NS_WADO_SWAPPED, NS_WADO),
+def retrieve_response(result: RetrieveResult, ex: Exchange) -> M.RetrieveDocumentSetResponseType:
+    """``RetrieveDocumentSetResponse``: one XOP-referenced Document per returned instance (RAD-69, ITI-43)."""
+    ex.on_close(result.close)
+    return M.RetrieveDocumentSetResponseType(
+        RegistryResponse=M.registry_response(result.status, result.errors),
+        DocumentResponse=[
+            M.DocumentResponse(
+                **_echo(doc.request),
+                DocumentUniqueId=doc.request.document_unique_id,
+                mimeType=doc.mime_type,
+                Document=M.StreamedDocument(doc.chunks, doc.mime_type),
+            )
+            for doc in result.documents
+        ],
     )
-    operations[ACTION_RENDERED] = rendered
-    operations[ACTION_RENDERED_SWAPPED] = rendered
-    operations[ACTION_INFORMATION] = Operation(
-        "RetrieveImagingDocumentSetInformation",
-        frozenset({WADO + "RetrieveImagingDocumentSetInformationRequest"}),
-        make_information(ids, archive.settings.limits),
+
+
+class ImagingDocumentSourceService(ServiceBase):
+    """RAD-69 RetrieveImagingDocumentSet, WADO-WS RetrieveRenderedImagingDocumentSet and RetrieveImagingDocumentSetInformation."""
+
+    @rpc(
+        M.RetrieveImagingDocumentSetRequestType,
+        _body_style="bare",
+        _in_message_name=RAD69_REQUEST,
+        _returns=M.RetrieveDocumentSetResponseType,
+        _out_message_name=f"{{{NS_IHE}}}RetrieveDocumentSetResponse",
     )
+    def ImagingDocumentSource_RetrieveImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
+        ex: Exchange = ctx.udc
+        source: SourceContext = ex.context
+        requests = [r for _d, r in _documents(request, "DocumentRequest")]
+        tsl = request.TransferSyntaxUIDList
+        syntaxes = [_s(t) for t in (tsl.TransferSyntaxUID or ())] if tsl is not None else []
+        result = source.ids.retrieve_set(requests, syntaxes)
+        _log_result("RAD-69", result, ex)
+        return retrieve_response(result, ex)
+
+    @rpc(
+        M.RetrieveRenderedImagingDocumentSetRequestType,
+        _body_style="bare",
+        _in_message_name=RENDERED_REQUEST,
+        _returns=M.RetrieveRenderedImagingDocumentSetResponseType,
+        _out_message_name=f"{{{NS_WADO}}}RetrieveRenderedImagingDocumentSetResponse",
+    )
+    def ImagingDocumentSource_RetrieveRenderedImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveRenderedImagingDocumentSetResponseType:
+        ex: Exchange = ctx.udc
+        source: SourceContext = ex.context
+        requests = []
+        for doc, req in _documents(request, "RenderedDocumentRequest"):
+            content_types = doc.ContentTypeList.ContentType if doc.ContentTypeList is not None else None
+            charsets = doc.CharsetList.Charset if doc.CharsetList is not None else None
+            render = RenderRequest(
+                content_types=tuple(_s(c) for c in content_types or ()),
+                annotation=doc.Annotation,
+                rows=doc.Rows,
+                columns=doc.Columns,
+                region=doc.Region,
+                window_width=doc.WindowWidth,
+                window_center=doc.WindowCenter,
+                image_quality=doc.ImageQuality,
+                presentation_uid=doc.PresentationUID,
+                presentation_series_uid=doc.PresentationSeriesUID,
+                anonymize=doc.Anonymize,
+                frame_number=doc.FrameNumber,
+                charsets=tuple(_s(c) for c in charsets or ()),
+            )
+            requests.append(RenderedRequest(document=req, render=render))
+        result = retrieve_rendered(source.ids, requests)
+        _log_result("WADO-WS rendered", result, ex)
+        ex.on_close(result.close)
+        return M.RetrieveRenderedImagingDocumentSetResponseType(
+            RegistryResponse=M.registry_response(result.status, result.errors),
+            RenderedDocumentResponse=[
+                M.RenderedDocumentResponse(
+                    **_echo(doc.request),
+                    SourceDocumentUniqueId=doc.request.document_unique_id,
+                    **{name: doc.extra[name] for name in M.RENDERED_PARAMETERS if name in doc.extra},
+                    mimeType=doc.mime_type,
+                    Document=M.StreamedDocument(doc.chunks, doc.mime_type),
+                )
+                for doc in result.documents
+            ],
+        )
+
+    @rpc(
+        M.RetrieveImagingDocumentSetInformationRequestType,
+        _body_style="bare",
+        _in_message_name=INFORMATION_REQUEST,
+        _returns=M.RetrieveImagingDocumentSetInformationResponseType,
+        _out_message_name=f"{{{NS_WADO}}}RetrieveImagingDocumentSetInformationResponse",
+    )
+    def ImagingDocumentSource_RetrieveImagingDocumentSetInformation(ctx: Any, request: Any) -> M.RetrieveImagingDocumentSetInformationResponseType:
+        ex: Exchange = ctx.udc
+        source: SourceContext = ex.context
+        requests = [
+            InformationRequest(document=req, xpaths=tuple(x or "" for x in doc.XPath or ()), frame_number=doc.FrameNumber)
+            for doc, req in _documents(request, "DocumentRequest")
+        ]
+        result = retrieve_information(source.ids, requests, source.limits)
+        _log_result("WADO-WS information", result, ex)
+        return M.RetrieveImagingDocumentSetInformationResponseType(
+            RegistryResponse=M.registry_response(result.status, result.errors),
+            DocumentInformationResponse=[
+                M.DocumentInformationResponse(
+                    HomeCommunityId=doc.request.document.home_community_id,
+                    DocumentUniqueId=doc.request.document.document_unique_id,
+                    FrameNumber=doc.request.frame_number.strip() if doc.request.frame_number is not None else None,
+                    XPathResponseList=M.XPathResponseList(XPathResponse=[M.XPathResult(res.text, tuple(res.elements)) for res in doc.results]),
+                )
+                for doc in result.documents
+            ],
+        )
+
+
+def _to_wado(body: Any) -> Any:
+    return rename_namespace(body, NS_WADO_SWAPPED, NS_WADO)
+
+
+def _to_swapped(body: Any) -> Any:
+    return rename_namespace(body, NS_WADO, NS_WADO_SWAPPED)
+
+
+def routes() -> dict[str, Route]:
+    """``wsa:Action`` -> operation, legacy actions and the swapped WADO namespace (dcm4che before #380) included."""
+    rad69 = Route(RAD69_REQUEST, ACTION_RAD69_RESPONSE, frozenset({RAD69_REQUEST}))
+    swapped_request = f"{{{NS_WADO_SWAPPED}}}RetrieveRenderedImagingDocumentSetRequest"
+    rendered_bodies = frozenset({RENDERED_REQUEST, swapped_request})
+    return {
+        ACTION_RAD69: rad69,
+        ACTION_RAD69_LEGACY: rad69,
+        ACTION_RENDERED: Route(RENDERED_REQUEST, ACTION_RENDERED_RESPONSE, rendered_bodies, normalize=_to_wado),
+        # a legacy client is answered in its own namespace and action
+        ACTION_RENDERED_SWAPPED: Route(RENDERED_REQUEST, ACTION_RENDERED_SWAPPED_RESPONSE, rendered_bodies, normalize=_to_wado, denormalize=_to_swapped),
+        ACTION_INFORMATION: Route(INFORMATION_REQUEST, ACTION_INFORMATION_RESPONSE, frozenset({INFORMATION_REQUEST})),
+    }
+
+
+def make_application(archive: Archive) -> SoapApplication:
+    """The spyne WSGI application mounted at ``/xdsi/ImagingDocumentSource``."""
     lim = archive.settings.http_limits
-    return SoapEndpoint(
-        operations,
-        WSDL_DIR / "ImagingDocumentSource.wsdl",
+    def protocol() -> IheSoap12:  # spyne: one protocol instance per direction
+        return IheSoap12(routes(), max_document_requests=lim.max_document_requests)
+
+    app = Application([ImagingDocumentSourceService], tns=NS_IHERAD, name="ImagingDocumentSource", in_protocol=protocol(), out_protocol=protocol())
+    ids = ImagingDocumentSource(archive.retrieve, archive.settings.xds.repository_unique_id)
+    return SoapApplication(
+        app,
+        context=SourceContext(ids, archive.settings.limits),
+        wsdl_file=WSDL_DIR / "ImagingDocumentSource.wsdl",
+        schema_dir=SCHEMA_DIR,
         spool_dir=str(archive.settings.temp_dir),
         max_root_bytes=lim.max_soap_envelope,
         max_parts=lim.max_mtom_parts,
-        max_document_requests=lim.max_document_requests,
     )
-
-
-__all__ = [
-    "make_endpoint",
-    "retrieve_response",
-    "iter_document_elements",
-    "ACTION_INFORMATION_RESPONSE",
-    "ACTION_RENDERED_RESPONSE",
-    "ACTION_RENDERED_SWAPPED_RESPONSE",
-]

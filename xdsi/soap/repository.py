@@ -1,10 +1,11 @@
-"""ITI-43 Retrieve Document Set at ``/xdsi/DocumentRepository`` (integrated mode): XML in and out only.
+"""ITI-43 Retrieve Document Set at ``/xdsi/DocumentRepository`` (integrated mode) as a spyne application.
 
-Runs on the shared SOAP 1.2 / WS-Addressing / MTOM endpoint (:mod:`xdsi.soap.endpoint`),
-so its transport and error rules are the same as RAD-69's: documents go out as
-XOP attachments streamed from the archive, a per-document problem is a
-RegistryError with ``location`` = the DocumentUniqueId and no DocumentResponse,
-and the status is Success / PartialSuccess / Failure.
+It runs on the same protocol and transport as the Imaging Document Source
+(:mod:`xdsi.soap.protocol`, :mod:`xdsi.soap.application`), so its rules are
+RAD-69's: documents go out as XOP attachments streamed from the archive, a
+per-document problem is a RegistryError with ``location`` = the
+DocumentUniqueId and no DocumentResponse, and the status is Success /
+PartialSuccess / Failure.
 """
 
 from __future__ import annotations
@@ -12,51 +13,72 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lxml import etree
+from spyne import Application, ServiceBase, rpc
 
 from xdsi.archive import Archive
-from xdsi.soap.ebrs import registry_response
-from xdsi.soap.endpoint import Operation, Reply, RequestContext, SoapEndpoint
-from xdsi.wire.mtom import OutgoingAttachment, new_content_id, xop_include
+from xdsi.soap import models as M
+from xdsi.soap.application import SoapApplication
+from xdsi.soap.protocol import Exchange, IheSoap12, Route
 from xdsi.xds import constants as C
-from xdsi.xds.repository import DocumentError, ManifestRepository
+from xdsi.xds.repository import DocumentError, FoundDocument, ManifestRepository
 
-X = f"{{{C.NS_XDS}}}"
 STANDARDS = Path(__file__).resolve().parent.parent / "standards" / "ihe"
+ITI43_REQUEST = f"{{{C.NS_XDS}}}RetrieveDocumentSetRequest"
 
 
-def make_endpoint(archive: Archive) -> SoapEndpoint:
-    repo = ManifestRepository(archive)
+class DocumentRepositoryService(ServiceBase):
+    """ITI-43 Retrieve Document Set for the KOS manifests this archive published."""
 
-    def retrieve(body: Any, ctx: RequestContext) -> Reply:
-        resp = etree.Element(X + "RetrieveDocumentSetResponse", nsmap={"xds": C.NS_XDS, "rs": C.NS_RS})
+    @rpc(
+        M.RetrieveDocumentSetRequestType,
+        _body_style="bare",
+        _in_message_name=ITI43_REQUEST,
+        _returns=M.RetrieveDocumentSetResponseType,
+        _out_message_name=f"{{{C.NS_XDS}}}RetrieveDocumentSetResponse",
+    )
+    def DocumentRepository_RetrieveDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
+        ex: Exchange = ctx.udc
+        repo: ManifestRepository = ex.context
         errors: list[DocumentError] = []
-        attachments: list[OutgoingAttachment] = []
-        found = []
-        for dr in body.findall(X + "DocumentRequest"):
-            hc = dr.findtext(X + "HomeCommunityId")
-            r = repo.find((dr.findtext(X + "RepositoryUniqueId") or "").strip(), (dr.findtext(X + "DocumentUniqueId") or "").strip(), hc.strip() if hc else None)
-            (errors if isinstance(r, DocumentError) else found).append(r)
+        found: list[FoundDocument] = []
+        for dr in request.DocumentRequest or ():
+            hc = dr.HomeCommunityId
+            r = repo.find((dr.RepositoryUniqueId or "").strip(), (dr.DocumentUniqueId or "").strip(), hc.strip() if hc else None)
+            if isinstance(r, DocumentError):
+                errors.append(r)
+            else:
+                found.append(r)
+                ex.on_close(r.produced.close)
         status = C.STATUS_SUCCESS if not errors else (C.STATUS_PARTIAL if found else C.STATUS_FAILURE)
-        registry_response(status, errors, parent=resp)
-        for doc in found:
-            d = etree.SubElement(resp, X + "DocumentResponse")
-            if doc.home_community_id is not None:
-                etree.SubElement(d, X + "HomeCommunityId").text = doc.home_community_id
-            etree.SubElement(d, X + "RepositoryUniqueId").text = doc.repository_unique_id
-            etree.SubElement(d, X + "DocumentUniqueId").text = doc.document_unique_id
-            etree.SubElement(d, X + "mimeType").text = doc.mime_type
-            cid = new_content_id()
-            xop_include(etree.SubElement(d, X + "Document"), cid)
-            attachments.append(OutgoingAttachment(cid, doc.produced.chunks, "application/dicom", close=doc.produced.close))
-        return Reply(resp, C.ACTION_RETRIEVE_RESPONSE, attachments)
+        return M.RetrieveDocumentSetResponseType(
+            RegistryResponse=M.registry_response(status, errors),
+            DocumentResponse=[
+                M.DocumentResponse(
+                    HomeCommunityId=doc.home_community_id,
+                    RepositoryUniqueId=doc.repository_unique_id,
+                    DocumentUniqueId=doc.document_unique_id,
+                    mimeType=doc.mime_type,
+                    Document=M.StreamedDocument(doc.produced.chunks, C.MIME_DICOM),
+                )
+                for doc in found
+            ],
+        )
 
-    op = Operation("DocumentRepository_RetrieveDocumentSet", frozenset({X + "RetrieveDocumentSetRequest"}), retrieve)
-    return SoapEndpoint(
-        operations={C.ACTION_RETRIEVE: op},
+
+def make_application(archive: Archive) -> SoapApplication:
+    """The spyne WSGI application mounted at ``/xdsi/DocumentRepository``."""
+    lim = archive.settings.http_limits
+    route = Route(ITI43_REQUEST, C.ACTION_RETRIEVE_RESPONSE, frozenset({ITI43_REQUEST}))
+    def protocol() -> IheSoap12:  # spyne: one protocol instance per direction
+        return IheSoap12({C.ACTION_RETRIEVE: route}, max_document_requests=lim.max_document_requests)
+
+    app = Application([DocumentRepositoryService], tns=C.NS_XDS, name="DocumentRepository", in_protocol=protocol(), out_protocol=protocol())
+    return SoapApplication(
+        app,
+        context=ManifestRepository(archive),
         wsdl_file=STANDARDS / "wsdl" / "XDS.b_DocumentRepository.wsdl",
         schema_dir=STANDARDS / "schema",
-        max_root_bytes=archive.settings.http_limits.max_soap_envelope,
-        max_parts=archive.settings.http_limits.max_mtom_parts,
-        max_document_requests=archive.settings.http_limits.max_document_requests,
+        spool_dir=str(archive.settings.temp_dir),
+        max_root_bytes=lim.max_soap_envelope,
+        max_parts=lim.max_mtom_parts,
     )

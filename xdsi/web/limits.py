@@ -115,6 +115,7 @@ def limit_body(app: WSGIApp, limit: int, what: str) -> WSGIApp:
         except (RequestTooLarge, MalformedBody) as exc:  # raised while the application read the body, before it answered
             return _refuse(exc, environ, start_response)
 
+    wrapped.__wrapped__ = app  # type: ignore[attr-defined]  # what is mounted, for inspection
     return wrapped
 
 
@@ -133,6 +134,7 @@ def safe_headers(app: WSGIApp) -> WSGIApp:
 
         return app(environ, sr)
 
+    wrapped.__wrapped__ = app  # type: ignore[attr-defined]
     return wrapped
 
 

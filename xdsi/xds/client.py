@@ -1,39 +1,48 @@
 """zeep clients for the XDS.b registry and repository, built from the official IHE WSDLs.
 
-zeep builds the SOAP 1.2 envelope and parses the reply from the WSDL, and it
-reads MTOM replies, but it cannot *send* MTOM.  :class:`MtomTransport` is the
-small transport that does: it moves the base64 content of every
-``xds:Document`` into a binary MIME part referenced by ``xop:Include`` and
-sends the message as ``multipart/related; type="application/xop+xml"``
-(ITI TF-2 V.8 / V.9), as ITI-41 and ITI-43 require.
+zeep builds each request from the WSDL and parses each reply (MTOM replies
+included); xdsi customises it only where zeep's documented extension points
+allow, so a zeep upgrade within the pinned major version cannot break it:
 
-Two more things zeep does not do for IHE:
+* :class:`IheAddressing`, a zeep ``Plugin``: its ``egress`` puts the IHE
+  WS-Addressing headers (ITI TF-2 V.3.2.2: wsa:Action with
+  ``mustUnderstand="true"``, wsa:MessageID, wsa:ReplyTo anonymous, wsa:To)
+  built by :func:`xdsi.soap.envelope.addressing_headers`, in place of zeep's
+  own, and swaps in the ebRIM ``SubmitObjectsRequest`` built with lxml
+  (:mod:`xdsi.xds.metadata`): ebRIM's ``RegistryObjectList`` uses the abstract
+  ``rim:Identifiable`` substitution group, which zeep cannot serialise from
+  Python values.  Its ``ingress`` checks that the reply relates to the request.
+* :class:`MtomTransport`, a zeep ``Transport`` overriding ``post_xml`` (the
+  method zeep documents for customising how the envelope is sent): ITI-41
+  and ITI-43 go out as MTOM/XOP (ITI TF-2 V.8/V.9) through
+  :class:`xdsi.wire.mtom.MtomWriter`.  Each ``xds:Document`` becomes an
+  ``xop:Include`` whose bytes are read from the caller's source only while
+  the HTTP body is written, so a Provide and Register of any size is never
+  held in memory, nor base64-encoded.
 
-* WS-Addressing as IHE wants it (ITI TF-2 V.3.2.2): wsa:Action with
-  ``mustUnderstand="true"``, wsa:MessageID, wsa:ReplyTo anonymous, wsa:To;
-  added by :func:`_add_addressing`.
-* ebRIM ``RegistryObjectList`` uses the abstract ``rim:Identifiable``
-  substitution group, which zeep cannot serialise from Python values.  The
-  SubmitObjectsRequest is built with lxml (:mod:`xdsi.xds.metadata`, validated
-  against the official schema) and put into the envelope that zeep built for
-  the operation, in place of zeep's empty one.  Replies are parsed by zeep.
+Calls go through ``client.service[operation](...)``; what one call needs
+beyond zeep's arguments (the lxml body, the document sources, the action)
+travels in a context variable, so one client serves several threads.
 """
 
 from __future__ import annotations
 
-import base64
+import contextvars
+import copy
+import io
 import logging
-import threading
-import uuid
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterable, Iterator, Mapping, Union
 
 import requests
 from lxml import etree
-from zeep import Client, Settings as ZeepSettings
+from zeep import Client, Plugin, Settings as ZeepSettings
 from zeep.transports import Transport
 
+from xdsi.soap.envelope import addressing_headers
+from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
 from xdsi.xds import constants as C
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,13 @@ STANDARDS_DIR = Path(__file__).resolve().parent.parent / "standards" / "ihe"
 REGISTRY_WSDL = STANDARDS_DIR / "wsdl" / "XDS.b_DocumentRegistry.wsdl"
 REPOSITORY_WSDL = STANDARDS_DIR / "wsdl" / "XDS.b_DocumentRepository.wsdl"
 REPOSITORY_XSD = STANDARDS_DIR / "schema" / "IHE" / "XDS.b_DocumentRepository.xsd"
+
+SOAP_HEADER = f"{{{C.NS_SOAP12}}}Header"
+SOAP_BODY = f"{{{C.NS_SOAP12}}}Body"
+XDS_DOCUMENT = f"{{{C.NS_XDS}}}Document"
+
+#: What a document to send may be: its bytes, a file path, a binary file object or an iterable of byte chunks.
+DocumentSource = Union[bytes, bytearray, memoryview, "os.PathLike[str]", IO[bytes], Iterable[bytes]]
 
 
 class XdsTransportError(Exception):
@@ -74,8 +90,169 @@ class RegistryResult:
         return "; ".join(f"{e.code}: {e.context}" + (f" [{e.location}]" if e.location else "") for e in self.errors)
 
 
+# --------------------------------------------------------------------------------------------------
+# Document sources: read only when the HTTP body reaches them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """One xds:Document's bytes, produced chunk by chunk; ``size`` is None when it cannot be known up front."""
+
+    doc_id: str
+    value: Any
+    size: int | None
+
+    @classmethod
+    def of(cls, doc_id: str, value: DocumentSource) -> "_Source":
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return cls(doc_id, value, memoryview(value).nbytes)
+        if isinstance(value, str):
+            raise TypeError(f"document {doc_id}: give bytes, a pathlib.Path or an iterable of bytes, not a str")
+        if isinstance(value, os.PathLike):
+            return cls(doc_id, Path(value), os.stat(value).st_size)
+        if hasattr(value, "read") or isinstance(value, Iterable):
+            return cls(doc_id, value, None)
+        raise TypeError(f"document {doc_id}: {type(value).__name__} is not bytes, a path or an iterable of bytes")
+
+    def chunks(self) -> Iterator[bytes]:
+        v = self.value
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            mv = memoryview(v).cast("B")
+            for i in range(0, len(mv), CHUNK):
+                yield bytes(mv[i : i + CHUNK])
+            return
+        if isinstance(v, Path):
+            sent = 0
+            with open(v, "rb") as f:
+                while b := f.read(CHUNK):
+                    sent += len(b)
+                    yield b
+            if sent != self.size:  # the Content-Length already promised is wrong now: abort the request
+                raise ValueError(f"document {self.doc_id}: {v} changed size while it was sent ({self.size} -> {sent} bytes)")
+            return
+        if hasattr(v, "read"):
+            while b := v.read(CHUNK):
+                yield bytes(b)
+            return
+        for b in v:
+            if not isinstance(b, (bytes, bytearray, memoryview)):
+                raise TypeError(f"document {self.doc_id}: a chunk is {type(b).__name__}, not bytes")
+            yield bytes(b)
+
+
+# --------------------------------------------------------------------------------------------------
+# One call's context, shared by the plugin and the transport
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    action: str
+    body: etree._Element | None = None  # replaces the element of the same name that zeep built
+    documents: dict[str, _Source] = field(default_factory=dict)
+    message_id: str = ""
+    response: requests.Response | None = None
+    raw: str = ""
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("xdsi_xds_call", default=None)
+
+
+def add_addressing(envelope: etree._Element, action: str, to: str) -> str:
+    """Replace the WS-Addressing headers of a SOAP 1.2 envelope by IHE's; returns the new MessageID.
+
+    The headers themselves come from :func:`xdsi.soap.envelope.addressing_headers`, the one builder.
+    """
+    header = envelope.find(SOAP_HEADER)
+    if header is None:
+        header = etree.Element(SOAP_HEADER)
+        envelope.insert(0, header)
+    for old in header.findall(f"{{{C.NS_WSA}}}*"):
+        header.remove(old)
+    headers = addressing_headers(action, to=to)
+    for h in headers:
+        header.append(h)
+    return next(h.text or "" for h in headers if h.tag == f"{{{C.NS_WSA}}}MessageID")
+
+
+def _action_of(envelope: etree._Element) -> str:
+    el = envelope.find(f"{SOAP_HEADER}/{{{C.NS_WSA}}}Action")
+    return (el.text or "").strip() if el is not None else ""
+
+
+class IheAddressing(Plugin):
+    """zeep egress/ingress for IHE: WS-Addressing as ITI TF-2 V.3.2.2 wants it, and the lxml body swapped in.
+
+    Without a call context (a plain ``client.service`` call) it adds the
+    headers for the operation's own soapAction, which is what the IHE WSDLs give.
+    """
+
+    def egress(self, envelope: etree._Element, http_headers: dict[str, str], operation: Any, binding_options: dict[str, Any]) -> tuple[etree._Element, dict[str, str]]:
+        call = _CALL.get()
+        action = call.action if call is not None else (operation.soapaction or "")
+        message_id = add_addressing(envelope, action, binding_options["address"])
+        if call is not None:
+            call.message_id = message_id
+            if call.body is not None:
+                _swap_body(envelope, call.body)
+        return envelope, http_headers
+
+    def ingress(self, envelope: etree._Element, http_headers: Any, operation: Any) -> tuple[etree._Element, Any]:
+        call = _CALL.get()
+        relates = envelope.find(f"{SOAP_HEADER}/{{{C.NS_WSA}}}RelatesTo")
+        if call is not None and call.message_id and relates is not None and (relates.text or "").strip() != call.message_id:
+            log.warning("reply to %s relates to %r, not to the request %s", call.action, (relates.text or "").strip(), call.message_id)
+        return envelope, http_headers
+
+
+def _swap_body(envelope: etree._Element, body: etree._Element) -> None:
+    """Put a copy of ``body`` where zeep rendered the (empty) element of the same name."""
+    soap_body = envelope.find(SOAP_BODY)
+    target = next(soap_body.iter(body.tag), None) if soap_body is not None else None
+    if target is None:
+        raise ValueError(f"zeep built no {body.tag} to replace in the request")
+    target.getparent().replace(target, copy.deepcopy(body))  # the caller's tree stays untouched
+
+
+# --------------------------------------------------------------------------------------------------
+# The transport: plain SOAP 1.2, or MTOM streamed
+# --------------------------------------------------------------------------------------------------
+
+
+class _Body:
+    """An HTTP request body that is an iterable of chunks (requests sends it with chunked encoding)."""
+
+    def __init__(self, writer: MtomWriter) -> None:
+        self.writer = writer
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.writer)
+
+    def __repr__(self) -> str:  # zeep logs the message at DEBUG: never the bytes
+        return f"<MTOM body {self.writer.content_type}>"
+
+
+class _SizedBody(_Body):
+    """A body whose length is known before it is read: requests sends a Content-Length, not chunked encoding."""
+
+    def __init__(self, writer: MtomWriter, length: int) -> None:
+        super().__init__(writer)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _framing_length(writer: MtomWriter) -> int:
+    """The bytes the writer adds around the attachments' content (MIME headers, boundaries, envelope)."""
+    probe = copy.copy(writer)
+    probe.attachments = [OutgoingAttachment(a.content_id, lambda: (), a.content_type) for a in writer.attachments]  # type: ignore[union-attr]
+    return sum(len(c) for c in probe)
+
+
 class MtomTransport(Transport):
-    """A zeep transport that sends the request as MTOM/XOP when its wsa:Action needs it."""
+    """A zeep transport that sends ITI-41 and ITI-43 as MTOM/XOP, documents streamed from their sources."""
 
     MTOM_ACTIONS = frozenset({C.ACTION_PNR, C.ACTION_RETRIEVE})
 
@@ -83,150 +260,69 @@ class MtomTransport(Transport):
         session = requests.Session()
         session.trust_env = False  # never route registry traffic through an environment proxy by accident
         super().__init__(session=session, timeout=timeout, operation_timeout=timeout)
-        self.last_response: requests.Response | None = None
 
     def post_xml(self, address: str, envelope: etree._Element, headers: dict[str, str]) -> requests.Response:
+        call = _CALL.get()
         action = _action_of(envelope)
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("soapaction", "content-type")}
+        body: Any
         if action in self.MTOM_ACTIONS:
-            body, content_type = mtom_package(envelope, action)
-            headers = {**headers, "Content-Type": content_type}
+            parts = _xop_documents(envelope, call.documents if call is not None else {})
+            writer = MtomWriter(etree.tostring(envelope, xml_declaration=True, encoding="UTF-8"), [a for a, _ in parts], action=action)
+            sizes = [size for _, size in parts]
+            body = _Body(writer) if None in sizes else _SizedBody(writer, _framing_length(writer) + sum(s or 0 for s in sizes))
+            headers["Content-Type"] = writer.content_type
         else:
             body = etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
-            headers = {**headers, "Content-Type": f'application/soap+xml; charset=utf-8; action="{action}"'}
-        headers.pop("SOAPAction", None)
-        response = self.post(address, body, headers)
-        self.last_response = response
+            headers["Content-Type"] = f'application/soap+xml; charset=utf-8; action="{action}"'
+        try:
+            response = self.post(address, body, headers)
+        except requests.RequestException as exc:
+            raise XdsTransportError(f"{exc.__class__.__name__}: {exc}") from exc
+        raw = _soap_text(response)
+        if call is not None:
+            call.response, call.raw = response, raw
+        if response.status_code != 200 and not raw.lstrip().startswith("<"):
+            raise XdsTransportError(f"HTTP {response.status_code} from {address}: {response.text[:200]}")
         return response
 
 
-def _action_of(envelope: etree._Element) -> str:
-    el = envelope.find(f"{{{C.NS_SOAP12}}}Header/{{{C.NS_WSA}}}Action")
-    return (el.text or "").strip() if el is not None else ""
-
-
-def mtom_package(envelope: etree._Element, action: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of the envelope as an MTOM/XOP multipart message, documents as binary parts."""
-    env = etree.fromstring(etree.tostring(envelope))  # a copy: the caller's tree stays as zeep built it
-    parts: list[tuple[str, bytes]] = []
-    for doc in env.iter(f"{{{C.NS_XDS}}}Document"):
-        if doc.text and len(doc) == 0:
-            cid = f"{uuid.uuid4().hex}@xdsi"
-            parts.append((cid, base64.b64decode(doc.text)))
-            doc.text = None
-            inc = etree.SubElement(doc, f"{{{C.NS_XOP}}}Include", nsmap={"xop": C.NS_XOP})
-            inc.set("href", f"cid:{cid}")
-    boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
-    root_cid = f"root.{uuid.uuid4().hex}@xdsi"
-    out = bytearray()
-    out += (
-        f"--{boundary}\r\n"
-        f'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"\r\n'
-        f"Content-Transfer-Encoding: binary\r\n"
-        f"Content-ID: <{root_cid}>\r\n\r\n"
-    ).encode("ascii")
-    out += etree.tostring(env, xml_declaration=True, encoding="UTF-8")
-    out += b"\r\n"
-    for cid, data in parts:
-        out += (
-            f"--{boundary}\r\n"
-            f"Content-Type: application/octet-stream\r\n"
-            f"Content-Transfer-Encoding: binary\r\n"
-            f"Content-ID: <{cid}>\r\n\r\n"
-        ).encode("ascii")
-        out += data
-        out += b"\r\n"
-    out += f"--{boundary}--\r\n".encode("ascii")
-    content_type = (
-        f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; start="<{root_cid}>"; '
-        f'start-info="application/soap+xml"; action="{action}"'
-    )
-    return bytes(out), content_type
-
-
-def _add_addressing(envelope: etree._Element, action: str, to: str) -> str:
-    """IHE WS-Addressing headers; returns the MessageID."""
-    header = envelope.find(f"{{{C.NS_SOAP12}}}Header")
-    if header is None:
-        header = etree.Element(f"{{{C.NS_SOAP12}}}Header")
-        envelope.insert(0, header)
-    for old in header.findall(f"{{{C.NS_WSA}}}*"):
-        header.remove(old)
-    must = f"{{{C.NS_SOAP12}}}mustUnderstand"
-    a = etree.SubElement(header, f"{{{C.NS_WSA}}}Action", nsmap={"wsa": C.NS_WSA})
-    a.set(must, "true")
-    a.text = action
-    message_id = f"urn:uuid:{uuid.uuid4()}"
-    etree.SubElement(header, f"{{{C.NS_WSA}}}MessageID").text = message_id
-    reply = etree.SubElement(header, f"{{{C.NS_WSA}}}ReplyTo")
-    etree.SubElement(reply, f"{{{C.NS_WSA}}}Address").text = C.WSA_ANONYMOUS
-    t = etree.SubElement(header, f"{{{C.NS_WSA}}}To")
-    t.set(must, "true")
-    t.text = to
-    return message_id
-
-
-def parse_registry_response(el: etree._Element) -> tuple[str, list[RegistryError]]:
-    errors = [
-        RegistryError(
-            code=e.get("errorCode", ""),
-            context=e.get("codeContext", ""),
-            severity=e.get("severity", ""),
-            location=e.get("location", "") or "",
-        )
-        for e in el.iter(f"{{{C.NS_RS}}}RegistryError")
-    ]
-    return el.get("status", ""), errors
-
-
-class _WsdlClient:
-    """One zeep client per WSDL, shared; calls go through :meth:`call` so the body can be ours."""
-
-    def __init__(self, wsdl: Path, binding: str, address: str, timeout: float) -> None:
-        self.transport = MtomTransport(timeout=timeout)
-        self.client = Client(str(wsdl), transport=self.transport, settings=ZeepSettings(strict=True, xml_huge_tree=False))
-        self.service = self.client.create_service(binding, address)
-        self.address = address
-        self._lock = threading.Lock()  # the transport keeps last_response; one call at a time per client
-
-    def call(self, operation: str, action: str, kwargs: dict[str, Any], body: etree._Element | None = None, *, replace: str | None = None) -> tuple[Any, str]:
-        """Send ``operation``; ``body`` replaces the body element (or its child named ``replace``) zeep built."""
-        binding = self.service._binding
-        options = {"address": self.address}
-        with self._lock:
-            envelope, headers = binding._create(operation, (), kwargs, client=self.client, options=options)
-            if body is not None:
-                soap_body = envelope.find(f"{{{C.NS_SOAP12}}}Body")
-                target = soap_body[0]
-                if replace is not None:
-                    target = target.find(replace)
-                target.getparent().replace(target, body)
-            _add_addressing(envelope, action, self.address)
-            try:
-                response = self.transport.post_xml(self.address, envelope, headers)
-            except requests.RequestException as exc:
-                raise XdsTransportError(f"{exc.__class__.__name__}: {exc}") from exc
-            raw = _soap_text(response)
-            if response.status_code != 200 and not raw.lstrip().startswith("<"):
-                raise XdsTransportError(f"HTTP {response.status_code} from {self.address}: {response.text[:200]}")
-            try:
-                result = binding.process_reply(self.client, binding.get(operation), response)
-            except Exception as exc:  # zeep.Fault, TransportError, XMLSyntaxError: the peer did not answer usefully
-                raise XdsTransportError(f"{exc.__class__.__name__}: {exc} (HTTP {response.status_code})") from exc
-            return result, raw
+def _xop_documents(envelope: etree._Element, documents: Mapping[str, _Source]) -> list[tuple[OutgoingAttachment, int | None]]:
+    """Every xds:Document with a source becomes an ``xop:Include``; (attachment, size) in document order."""
+    out: list[tuple[OutgoingAttachment, int | None]] = []
+    seen: set[str] = set()
+    for el in envelope.iter(XDS_DOCUMENT):
+        doc_id = el.get("id", "")
+        source = documents.get(doc_id)
+        if source is None:
+            continue
+        if doc_id in seen:
+            raise ValueError(f"two xds:Document elements with id {doc_id}")
+        seen.add(doc_id)
+        cid = new_content_id()
+        xop_include(el, cid)
+        out.append((OutgoingAttachment(cid, source.chunks), source.size))
+    missing = set(documents) - seen
+    if missing:
+        raise ValueError(f"no xds:Document in the request for {sorted(missing)}")
+    return out
 
 
 def _soap_text(response: requests.Response) -> str:
     """The SOAP envelope text of a reply, MTOM or not, for the outbox record."""
     ctype = response.headers.get("Content-Type", "")
-    if "multipart/related" in ctype:
-        from requests_toolbelt.multipart.decoder import MultipartDecoder
-
+    if "multipart/related" in ctype.lower():
         try:
-            parts = MultipartDecoder(response.content, ctype).parts
-            return parts[0].content.decode("utf-8", "replace") if parts else ""
-        except Exception:  # malformed multipart: keep what arrived
+            with read_message(io.BytesIO(response.content), ctype) as message:
+                return message.envelope.decode("utf-8", "replace")
+        except MtomError:  # malformed multipart: keep what arrived
             return response.content[:100000].decode("utf-8", "replace")
     return response.content[:1000000].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------------------
+# The clients
+# --------------------------------------------------------------------------------------------------
 
 
 def _result_from(result: Any, raw: str) -> RegistryResult:
@@ -236,6 +332,37 @@ def _result_from(result: Any, raw: str) -> RegistryResult:
     for e in getattr(lst, "RegistryError", None) or []:
         errors.append(RegistryError(e.errorCode or "", e.codeContext or "", e.severity or "", e.location or ""))
     return RegistryResult(status=result.status, errors=errors, raw=raw)
+
+
+class _WsdlClient:
+    """One zeep client per WSDL; :meth:`call` runs one operation with its IHE context."""
+
+    def __init__(self, wsdl: Path, binding: str, address: str, timeout: float) -> None:
+        self.transport = MtomTransport(timeout=timeout)
+        settings = ZeepSettings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        self.client = Client(str(wsdl), transport=self.transport, settings=settings, plugins=[IheAddressing()])
+        self.service = self.client.create_service(binding, address)
+        self.address = address
+
+    def call(self, operation: str, action: str, kwargs: dict[str, Any], body: etree._Element | None = None, documents: Mapping[str, DocumentSource] | None = None) -> tuple[Any, str]:
+        """Send ``operation`` with ``action``; ``body`` replaces the element of its name that zeep built.
+
+        Anything zeep raises once the peer has answered (a SOAP Fault, a reply
+        that is not the WSDL's) is the peer's problem: :class:`XdsTransportError`,
+        retried later.  What goes wrong before that is ours and propagates.
+        """
+        call = _Call(action=action, body=body, documents={k: _Source.of(k, v) for k, v in (documents or {}).items()})
+        token = _CALL.set(call)
+        try:
+            return self.service[operation](**kwargs), call.raw
+        except XdsTransportError:
+            raise
+        except Exception as exc:
+            if call.response is None:
+                raise
+            raise XdsTransportError(f"{exc.__class__.__name__}: {exc} (HTTP {call.response.status_code})") from exc
+        finally:
+            _CALL.reset(token)
 
 
 class RegistryClient:
@@ -260,14 +387,18 @@ class RepositoryClient:
     def __init__(self, url: str, *, timeout: float = 60.0) -> None:
         self._c = _WsdlClient(REPOSITORY_WSDL, C.REPOSITORY_BINDING, url, timeout)
 
-    def provide_and_register(self, submit_objects_request: etree._Element, documents: dict[str, bytes]) -> RegistryResult:
+    def provide_and_register(self, submit_objects_request: etree._Element, documents: Mapping[str, DocumentSource]) -> RegistryResult:
+        """ITI-41 / RAD-68: ``documents`` maps each ``xds:Document@id`` to its bytes, a path, or chunks.
+
+        The documents are streamed as MTOM attachments while the request is
+        written: bytes and paths with a Content-Length, chunk iterables (read
+        once) with chunked transfer encoding.
+        """
         kwargs = {
             "SubmitObjectsRequest": {"RegistryObjectList": {}},
-            "Document": [{"_value_1": data, "id": doc_id} for doc_id, data in documents.items()],
+            "Document": [{"_value_1": b"", "id": doc_id} for doc_id in documents],
         }
-        result, raw = self._c.call(
-            C.OP_PNR, C.ACTION_PNR, kwargs, submit_objects_request, replace=C.q("lcm", "SubmitObjectsRequest")
-        )
+        result, raw = self._c.call(C.OP_PNR, C.ACTION_PNR, kwargs, submit_objects_request, documents)
         return _result_from(result, raw)
 
     def retrieve(self, repository_unique_id: str, document_unique_ids: list[str]) -> tuple[RegistryResult, dict[str, tuple[str, bytes]]]:
