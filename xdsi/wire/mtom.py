@@ -250,8 +250,8 @@ def read_message(
     try:
         try:
             read_parts(stream, params.get("boundary", ""), sink, read_size=CHUNK, max_parts=max_parts)
-        except TooManyParts as exc:
-            raise MtomTooLarge(exc.reason) from None
+        except TooManyParts:
+            raise MtomTooLarge(f"MTOM message with more than {max_parts} MIME parts") from None
         except MultipartError as exc:
             raise MtomError(str(exc)) from None
         if not parts:
