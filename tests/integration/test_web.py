@@ -362,3 +362,27 @@ def test_cors_is_off_by_default(server: XdsiProcess) -> None:
     for path in ("/dicomweb/studies", "/dicomweb/studies/1.2.03", "/wado"):
         r = requests.get(url(server, path), headers=origin, timeout=30)
         assert not any(k.lower().startswith("access-control-") for k in r.headers), (path, r.headers)
+
+
+def test_unquoted_media_type_parameters_are_read(server: XdsiProcess, tmp_path: Path) -> None:
+    """``type=application/dicom`` and a boundary with '=' sent unquoted (as many peers do) work for STOW-RS and WADO-RS."""
+    spec = StudySpec(patient_id=f"P{uuid.uuid4().hex[:8]}")
+    (path,) = _files(tmp_path, spec, per_series=1)[:1]
+    raw = path.read_bytes()
+    boundary = "----=_Part_0_" + uuid.uuid4().hex
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + raw + f"\r\n--{boundary}--\r\n".encode()
+    r = requests.post(
+        url(server, "/dicomweb/studies"),
+        data=body,
+        headers={"Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}", "Accept": "application/dicom+json"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    ds = pydicom.dcmread(path)
+    r = requests.get(
+        url(server, f"/dicomweb/studies/{spec.study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"),
+        headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert list(dicomweb(server)._decode_multipart_message(r, stream=False)) == [raw]

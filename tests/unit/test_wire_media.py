@@ -21,6 +21,11 @@ from xdsi.wire.media import MediaRange, parse_accept, parse_content_type
         ("multipart/related; boundary", ("multipart/related", {})),
         ("text/plain; title*=UTF-8''%E2%82%AC%20rates", ("text/plain", {"title": "\u20ac rates"})),  # RFC 8187
         (";;;", ("", {})),
+        # unquoted values run to the next ';' (werkzeug alone would cut them at the first non-token character)
+        ("multipart/related; type=application/dicom; boundary=xyz", ("multipart/related", {"type": "application/dicom", "boundary": "xyz"})),
+        ("multipart/related; boundary=----=_Part_0_1.2; type=\"application/xop+xml\"", ("multipart/related", {"boundary": "----=_Part_0_1.2", "type": "application/xop+xml"})),
+        ("multipart/related; boundary=uuid:0bd2-aa; start=<0.urn:uuid:1@apache.org>", ("multipart/related", {"boundary": "uuid:0bd2-aa", "start": "<0.urn:uuid:1@apache.org>"})),
+        ("text/plain; charset = utf-8", ("text/plain", {"charset": "utf-8"})),
     ],
 )
 def test_parse_content_type(value: str | None, expected: tuple[str, dict[str, str]]) -> None:
@@ -54,3 +59,10 @@ def test_accept_parameters_with_quotes_and_commas() -> None:
 )
 def test_media_range_matches(range_: str, media: str, ok: bool) -> None:
     assert MediaRange(range_).matches(media) is ok
+
+
+def test_accept_with_unquoted_part_type_and_spaced_q() -> None:
+    """WADO-RS clients send ``type=application/dicom`` unquoted; it must not become ``application``."""
+    (r1, r2) = parse_accept("multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2.1, multipart/related; type=application/octet-stream; q = 0.5")
+    assert r1.params == {"type": "application/dicom", "transfer-syntax": "1.2.840.10008.1.2.1"} and r1.q == 1.0
+    assert r2.params == {"type": "application/octet-stream"} and r2.q == 0.5

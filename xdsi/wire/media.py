@@ -31,13 +31,46 @@ class MediaRange:
 def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
     """``'Multipart/Related; type="a"; boundary=b'`` -> ``('multipart/related', {'type': 'a', 'boundary': 'b'})``.
 
-    The media type and the parameter names are lower-cased, values are unquoted with their
-    quoted-pairs resolved; an absent or empty value gives ``("", {})``.
+    The media type and the parameter names are lower-cased; quoted values are unquoted with their
+    quoted-pairs resolved and RFC 8187 ``name*=`` values decoded (werkzeug).  An unquoted value is
+    everything up to the next ``;``, stripped: werkzeug stops at the first non-token character, but
+    peers send ``type=application/dicom``, ``boundary=uuid:...`` and ``boundary=----=_Part_1``
+    unquoted, and cutting those would refuse (or misframe) requests that every other server reads.
+    An absent or empty value gives ``("", {})``.
     """
     if not value:
         return "", {}
-    media, params = parse_options_header(value)
-    return media.strip().lower(), {k.lower(): v for k, v in params.items()}
+    media, parsed = parse_options_header(value)
+    params = {k.lower(): v for k, v in parsed.items()}
+    for segment in _segments(value)[1:]:
+        name, eq, raw = segment.partition("=")
+        name, raw = name.strip().lower(), raw.strip()
+        if not eq or not name or name.endswith("*"):
+            continue
+        if raw.startswith('"'):
+            params.setdefault(name, raw.strip('"'))  # werkzeug's unescaped value when it could read the quoted string
+        else:
+            params[name] = raw
+    return media.strip().lower(), params
+
+
+def _segments(value: str) -> list[str]:
+    """``value`` split at each ``;`` outside a quoted string (a backslash escapes the next character inside one)."""
+    out, cur, quoted, escaped = [], [], False, False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return out
 
 
 def parse_accept(header: str | None) -> list[MediaRange]:
