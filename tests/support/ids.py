@@ -195,6 +195,7 @@ def zeep_client(wsdl: Path, url: str, **kw: Any) -> Any:
     client = zeep.Client(str(wsdl), settings=zeep.Settings(strict=True, xml_huge_tree=False), plugins=[history], **kw)
     service = client.create_service(next(iter(next(iter(client.wsdl.services.values())).ports.values())).binding.name, url)
     client.history = history  # type: ignore[attr-defined]
+    client.service_address = url  # type: ignore[attr-defined]  # where exchange() posts what zeep built
     return client, service
 
 
@@ -306,7 +307,7 @@ def exchange(client: Any, service: Any, op: str, kind: str, action: str, **kw: A
     body = env.find(f"{{{NS_SOAP12}}}Body")[0]
     assert_valid(body, kind)
     msg_id = env.find(".//{http://www.w3.org/2005/08/addressing}MessageID").text
-    resp = post_raw(service._binding_options["address"], etree.tostring(env, xml_declaration=True, encoding="UTF-8"), action=action)
+    resp = post_raw(client.service_address, etree.tostring(env, xml_declaration=True, encoding="UTF-8"), action=action)
     assert resp.http.status_code == 200, resp.http.text[:3000]
     assert_valid(resp.body, kind)
     assert resp.header("RelatesTo").text == msg_id
