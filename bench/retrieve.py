@@ -37,7 +37,7 @@ from xdsi.archive import Archive  # noqa: E402
 from xdsi.config import Settings  # noqa: E402
 from xdsi.soap.client import retrieve  # noqa: E402
 from xdsi.tools.synth import StudySpec, write_study  # noqa: E402
-from xdsi.xdsconst import DEFAULT_REPOSITORY_UNIQUE_ID  # noqa: E402
+from xdsi.standards.constants import DEFAULT_REPOSITORY_UNIQUE_ID  # noqa: E402
 
 
 def main() -> int:

@@ -25,11 +25,11 @@ from tests.support.ids import (
     status_of,
     zeep_client,
 )
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     ACTION_RAD69,
     ACTION_RAD69_LEGACY,
     ACTION_RAD69_RESPONSE,
-    NS_IHE,
+    NS_XDS,
     NS_SOAP12,
     NS_WSA,
     SEVERITY_ERROR,
@@ -42,7 +42,7 @@ from xdsi.xdsconst import (
 
 OP = "ImagingDocumentSource_RetrieveImagingDocumentSet"
 EXPLICIT = "1.2.840.10008.1.2.1"
-IHE = f"{{{NS_IHE}}}"
+IHE = f"{{{NS_XDS}}}"
 
 
 def doc(sop: str, repo: str = NIST_REPOSITORY, hcid: str | None = None) -> dict[str, Any]:

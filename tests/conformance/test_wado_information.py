@@ -27,7 +27,7 @@ from tests.support.ids import (
 )
 from tests.support.standards import STANDARDS
 from xdsi.archive.native_xml import to_native_xml
-from xdsi.xdsconst import ACTION_INFORMATION, NS_NATIVE_DICOM, NS_WADO, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
+from xdsi.standards.constants import ACTION_INFORMATION, NS_NATIVE_DICOM, NS_WADO, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
 
 OP = "ImagingDocumentSource_RetrieveImagingDocumentSetInformation"
 WADO = f"{{{NS_WADO}}}"

@@ -30,7 +30,7 @@ from tests.support.ids import (
     wado_server,  # noqa: F401  (fixture)
     zeep_client,
 )
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     ACTION_RENDERED,
     ACTION_RENDERED_SWAPPED,
     ACTION_RENDERED_SWAPPED_RESPONSE,

@@ -27,7 +27,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from tests.fuzz.fuzzing import RSS_GROWTH, Budget, assert_no_traceback, assert_running, mutated, rss, text_mutation
 from tests.support.ids import ENDPOINT, NIST_REPOSITORY, IdsServer, make_study, start_ids
-from xdsi.xdsconst import ACTION_ITI43, ACTION_RAD69, NS_SOAP12
+from xdsi.standards.constants import ACTION_ITI43, ACTION_RAD69, NS_SOAP12
 
 pytestmark = pytest.mark.timeout(120)
 

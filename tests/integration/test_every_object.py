@@ -512,7 +512,7 @@ _rad69_clients = threading.local()
 def _rad69(e: Env, syntaxes: Callable[[Sent], list[str]]) -> Callable[[Sent], Answer]:
     """RAD-69 per instance; the request built by zeep from the official IHE WSDL, the MTOM answer decoded by requests_toolbelt."""
     from tests.support.ids import IHE_WSDL, post_raw, registry_errors, status_of, zeep_client
-    from xdsi.xdsconst import ACTION_RAD69, NS_IHE, STATUS_SUCCESS
+    from xdsi.standards.constants import ACTION_RAD69, NS_XDS, STATUS_SUCCESS
 
     url = e.url("/xdsi/ImagingDocumentSource")
 
@@ -527,13 +527,13 @@ def _rad69(e: Env, syntaxes: Callable[[Sent], list[str]]) -> Callable[[Sent], An
         env = client.create_message(service, "ImagingDocumentSource_RetrieveImagingDocumentSet", StudyRequest=[study], TransferSyntaxUIDList={"TransferSyntaxUID": syntaxes(s)})
         resp = post_raw(url, etree.tostring(env, xml_declaration=True, encoding="UTF-8"), action=ACTION_RAD69)
         status = status_of(resp.body)
-        docs = list(resp.body.iter(f"{{{NS_IHE}}}DocumentResponse"))
+        docs = list(resp.body.iter(f"{{{NS_XDS}}}DocumentResponse"))
         if status != STATUS_SUCCESS or len(docs) != 1:
             return Answer(error=f"RAD-69 status {status.rsplit(':', 1)[-1]}, {len(docs)} documents, errors {registry_errors(resp.body)}")
         d = docs[0]
-        if d.findtext(f"{{{NS_IHE}}}DocumentUniqueId") != s.sop or d.findtext(f"{{{NS_IHE}}}mimeType") != "application/dicom":
-            return Answer(error=f"RAD-69 document {d.findtext(f'{{{NS_IHE}}}DocumentUniqueId')} {d.findtext(f'{{{NS_IHE}}}mimeType')}")
-        return Answer(resp.document(d.find(f"{{{NS_IHE}}}Document")))
+        if d.findtext(f"{{{NS_XDS}}}DocumentUniqueId") != s.sop or d.findtext(f"{{{NS_XDS}}}mimeType") != "application/dicom":
+            return Answer(error=f"RAD-69 document {d.findtext(f'{{{NS_XDS}}}DocumentUniqueId')} {d.findtext(f'{{{NS_XDS}}}mimeType')}")
+        return Answer(resp.document(d.find(f"{{{NS_XDS}}}Document")))
 
     return get
 
@@ -549,7 +549,7 @@ def fetch_rad69_stored(e: Env, root: Path) -> dict[str, Answer]:
 def fetch_iti43(e: Env, root: Path) -> dict[str, Any]:
     """Publish one study's KOS with ``xdsi publish`` (integrated mode, test registry), then ITI-43 it."""
     from tests.support.xds import AFFINITY, ext_id, find_documents
-    from xdsi.xds import constants as C
+    from xdsi.standards import constants as C
     from xdsi.xds.client import RepositoryClient
 
     s = e.sent[f"{KOS_SOURCE}-stow"]

@@ -21,7 +21,7 @@ from lxml import etree
 
 from tests.support.objects import secondary_capture
 from tests.support.server import XdsiProcess
-from xdsi.xdsconst import ACTION_RAD69, NS_SOAP12
+from xdsi.standards.constants import ACTION_RAD69, NS_SOAP12
 
 MiB = 1024 * 1024
 THREADS = 8  # fewer worker threads than slow sockets, so the head gate is what keeps the service up

@@ -27,11 +27,11 @@ from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, post_raw, populate, reg
 from tests.support.server import XdsiProcess
 from tests.unit.test_produce import corrupt_j2k, jpeg_colour
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.xdsconst import ACTION_RAD69, NS_IHE, STATUS_PARTIAL_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
+from xdsi.standards.constants import ACTION_RAD69, NS_XDS, STATUS_PARTIAL_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 VIEWER = "http://viewer.example.org:3000"
-IHE = f"{{{NS_IHE}}}"
+IHE = f"{{{NS_XDS}}}"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tests.support.ids import (
     registry_errors,
     status_of,
 )
-from xdsi.xdsconst import ACTION_FAULT, ACTION_RAD69, ACTION_RAD69_RESPONSE, NS_SOAP12, STATUS_SUCCESS
+from xdsi.standards.constants import ACTION_FAULT, ACTION_RAD69, ACTION_RAD69_RESPONSE, NS_SOAP12, STATUS_SUCCESS
 
 IHE_NS = "urn:ihe:iti:xds-b:2007"
 

@@ -28,7 +28,7 @@ from tests.support.registry import TestRegistry
 from tests.support.xds import PATIENT_CX
 from xdsi.soap.envelope import addressing_headers, build_envelope, parse_envelope
 from xdsi.wire.mtom import MtomWriter, read_message, resolve_xop
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
 
@@ -87,7 +87,7 @@ class Sink:
                     h.update(chunk)
                 seen.documents[el.get("id")] = (att.size, h.hexdigest())
         answer = etree.Element(C.q("rs", "RegistryResponse"), status=C.STATUS_SUCCESS, nsmap={"rs": C.NS_RS})
-        writer = MtomWriter(build_envelope(answer, addressing_headers(C.ACTION_PNR_RESPONSE, relates_to=env.addressing.message_id, reply_to=None)), action=C.ACTION_PNR_RESPONSE)
+        writer = MtomWriter(build_envelope(answer, addressing_headers(C.ACTION_ITI41_RESPONSE, relates_to=env.addressing.message_id, reply_to=None)), action=C.ACTION_ITI41_RESPONSE)
         start_response("200 OK", [("Content-Type", writer.content_type)])
         return writer
 
@@ -180,7 +180,7 @@ def test_iti41_every_document_form_is_accepted_by_the_strict_registry(registry: 
     assert r.success, r.error_text()
     assert registry.documents[doc.unique_id][1] == data
     assert registry.requests[-1].content_type.startswith("multipart/related")
-    assert f'action="{C.ACTION_PNR}"' in registry.requests[-1].content_type
+    assert f'action="{C.ACTION_ITI41}"' in registry.requests[-1].content_type
 
 
 def test_the_callers_submission_is_left_as_it_was(registry: TestRegistry) -> None:
@@ -198,7 +198,7 @@ def test_ihe_addressing_headers_once_each(registry: TestRegistry) -> None:
     wsa = [etree.QName(h).localname for h in header if etree.QName(h).namespace == C.NS_WSA]
     assert sorted(wsa) == ["Action", "MessageID", "ReplyTo", "To"]  # zeep's own headers replaced, not doubled
     action = header.find(f"{{{C.NS_WSA}}}Action")
-    assert action.text == C.ACTION_REGISTER and action.get(f"{{{C.NS_SOAP12}}}mustUnderstand") == "true"
+    assert action.text == C.ACTION_ITI42 and action.get(f"{{{C.NS_SOAP12}}}mustUnderstand") == "true"
     assert header.find(f"{{{C.NS_WSA}}}MessageID").text.startswith("urn:uuid:")
     assert header.find(f"{{{C.NS_WSA}}}ReplyTo/{{{C.NS_WSA}}}Address").text == C.WSA_ANONYMOUS
     assert header.find(f"{{{C.NS_WSA}}}To").text == registry.registry_url

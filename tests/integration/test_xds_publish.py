@@ -21,7 +21,8 @@ from xdsi.config import XdsSettings
 from xdsi.index.xds_models import DONE, PENDING, SUPERSEDED
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.app import make_app
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
+from xdsi.xds.codes import DEFAULT_CODES_FILE
 from xdsi.xds.client import RepositoryClient
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import load_study
@@ -77,7 +78,7 @@ def test_integrated_publish_rplc_deprecate_and_iti43(tmp_path: Path, index_url: 
             assert result.success, result.error_text()
             assert got[kos_uid] == ("application/dicom", stored)
             result, got = client.retrieve(archive.settings.xds.repository_unique_id, [kos_uid, "1.2.3.4"])
-            assert result.status == C.STATUS_PARTIAL and [e.code for e in result.errors] == [C.XDS_DOCUMENT_UNIQUE_ID_ERROR]
+            assert result.status == C.STATUS_PARTIAL_SUCCESS and [e.code for e in result.errors] == [C.XDS_DOCUMENT_UNIQUE_ID_ERROR]
             assert result.errors[0].location == "1.2.3.4" and list(got) == [kos_uid]
             result, got = client.retrieve("1.2.3", [kos_uid])
             assert result.status == C.STATUS_FAILURE and result.errors[0].code == C.XDS_UNKNOWN_REPOSITORY_ID and not got
@@ -118,7 +119,7 @@ def test_repository_mode_iti41_and_retrieve(tmp_path: Path, index_url: str, regi
         store_study(archive, tmp_path, spec, "a")
         [out] = Publisher(archive).run_once()
         assert out.state == DONE and out.transaction == "ITI-41", out
-        assert registry.count_actions(C.ACTION_PNR) == 1
+        assert registry.count_actions(C.ACTION_ITI41) == 1
         assert registry.requests[-1].content_type.startswith("multipart/related")
         [doc] = find_documents(registry.registry_url, PATIENT_CX)
         kos_uid = ext_id(doc, C.DE_UNIQUE_ID)
@@ -151,7 +152,7 @@ def test_registry_down_queued_then_delivered_after_restart(tmp_path: Path, index
         outs = Publisher(archive).run_once(now=utcnow() + timedelta(seconds=5))
         assert [o.state for o in outs] == [DONE]
         assert len(find_documents(registry.registry_url, PATIENT_CX)) == 1
-        assert registry.count_actions(C.ACTION_REGISTER) == 1  # the 503 was never a registration
+        assert registry.count_actions(C.ACTION_ITI42) == 1  # the 503 was never a registration
     finally:
         archive.close()
 
@@ -159,7 +160,7 @@ def test_registry_down_queued_then_delivered_after_restart(tmp_path: Path, index
 def test_rejected_then_retried_after_the_config_is_fixed(tmp_path: Path, index_url: str, registry: TestRegistry) -> None:
     # the registry's affinity domain does not list the practice setting code xdsi is configured with
     domain = tmp_path / "domain-codes.xml"
-    domain.write_text(C.DEFAULT_CODES_FILE.read_text().replace('code="R-3027B"', 'code="R-3027B-RETIRED"'))
+    domain.write_text(DEFAULT_CODES_FILE.read_text().replace('code="R-3027B"', 'code="R-3027B-RETIRED"'))
     registry.codes = CodeTable.load(domain)
     archive = open_archive(tmp_path, index_url, mode="integrated", registry_url=registry.registry_url)
     spec = StudySpec()
@@ -180,7 +181,7 @@ def test_rejected_then_retried_after_the_config_is_fixed(tmp_path: Path, index_u
         assert out is not None and out.state == DONE, out
         [row] = Publisher(archive).outbox.for_study(spec.study_uid)
         assert row.kos_sop_uid == kos_uid and row.attempts == 2  # same KOS, same submission, nothing else re-sent
-        assert registry.count_actions(C.ACTION_REGISTER) == 2
+        assert registry.count_actions(C.ACTION_ITI42) == 2
         [doc] = find_documents(registry.registry_url, PATIENT_CX)
         assert ext_id(doc, C.DE_UNIQUE_ID) == kos_uid
     finally:
@@ -243,7 +244,7 @@ def test_several_processes_never_send_twice(tmp_path: Path, postgres, registry: 
             t.join(60)
         delivered = [pk for r in results for (pk, state) in r if state == DONE]
         assert sorted(delivered) == sorted(set(delivered)) and len(delivered) == 6
-        assert registry.count_actions(C.ACTION_REGISTER) == 6
+        assert registry.count_actions(C.ACTION_ITI42) == 6
         assert len(find_documents(registry.registry_url, PATIENT_CX)) == 6
     finally:
         for a in archives:

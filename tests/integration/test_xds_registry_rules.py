@@ -17,7 +17,7 @@ from tests.support.xds import PATIENT_CX
 from xdsi.config import XdsSettings
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.client import RegistryClient, RepositoryClient, add_addressing
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos
@@ -227,7 +227,7 @@ def test_transport_rules(registry: TestRegistry) -> None:
     import base64
 
     d.text = base64.b64encode(data).decode()
-    add_addressing(env, C.ACTION_PNR, registry.repository_url)
+    add_addressing(env, C.ACTION_ITI41, registry.repository_url)
     r = requests.post(registry.repository_url, data=etree.tostring(env), headers={"Content-Type": "application/soap+xml; charset=utf-8"}, timeout=10)
     assert r.status_code == 400 and b"MTOM" in r.content
     env2 = copy.deepcopy(env)

@@ -17,7 +17,7 @@ from tests.support.registry import TestRegistry
 from tests.support.server import XdsiProcess
 from tests.support.xds import PATIENT_CX, ext_id, find_documents
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.codes import CodeTable
 
 
@@ -115,7 +115,7 @@ def test_registry_down_survives_xdsi_restart(tmp_path: Path, registry: TestRegis
         assert len(docs) == 1
     finally:
         proc.stop()
-    assert registry.count_actions(C.ACTION_REGISTER) == 1
+    assert registry.count_actions(C.ACTION_ITI42) == 1
 
 
 def _queued(tmp_path: Path, cfg: Path) -> bool:

@@ -19,7 +19,7 @@ from pydicom.sequence import Sequence
 from tests.support.ids import NIST_REPOSITORY, OUR_WSDL, exchange, make_wado_study, populate, registry_errors, status_of, zeep_client
 from tests.support.server import XdsiProcess
 from xdsi.uids import new_uid
-from xdsi.xdsconst import ACTION_INFORMATION, NS_WADO, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
+from xdsi.standards.constants import ACTION_INFORMATION, NS_WADO, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
 
 OP = "ImagingDocumentSource_RetrieveImagingDocumentSetInformation"
 BOMB_61 = "count(/*/*[0 * /*/*[0 * /*/*[0 * /*/*[0 * /*/*[0 * /*/*]]]]])"

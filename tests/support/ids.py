@@ -21,7 +21,7 @@ from tests.support.server import XdsiProcess
 from xdsi.archive import Archive
 from xdsi.config import Settings
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.xdsconst import NS_IHE, NS_IHERAD, NS_RS, NS_SOAP12, NS_WADO, NS_XOP
+from xdsi.standards.constants import NS_XDS, NS_IHERAD, NS_RS, NS_SOAP12, NS_WADO, NS_XOP
 
 from tests.support.standards import STANDARDS  # noqa: E402
 IHE_WSDL = STANDARDS / "ihe/wsdl/XDS-I.b_ImagingDocumentSource.wsdl"
@@ -109,7 +109,7 @@ def official_schema(kind: str) -> etree.XMLSchema:
     if kind not in _SCHEMAS:
         if kind == "ihe":
             _SCHEMAS[kind] = _schema(
-                {NS_IHERAD: STANDARDS / "ihe/schema/IHE/XDSI.b_ImagingDocumentSource.xsd", NS_IHE: STANDARDS / "ihe/schema/IHE/XDS.b_DocumentRepository.xsd"}
+                {NS_IHERAD: STANDARDS / "ihe/schema/IHE/XDSI.b_ImagingDocumentSource.xsd", NS_XDS: STANDARDS / "ihe/schema/IHE/XDS.b_DocumentRepository.xsd"}
             )
         elif kind == "wado":
             _SCHEMAS[kind] = _schema({NS_WADO: STANDARDS / "wado-ws/schema/DICOM/dicom.wado.ws.2011.xsd"})

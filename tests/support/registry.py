@@ -41,7 +41,7 @@ from werkzeug.wrappers import Request, Response
 
 from tests.support.server import free_port
 from xdsi.wire.xml import make_parser
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.codes import CodeTable
 
 from tests.support.standards import STANDARDS  # noqa: E402
@@ -239,11 +239,11 @@ class TestRegistry:
             payload = body[0]
             self.requests.append(Request_(action, request.headers.get("Content-Type", ""), etree.tostring(envelope)))
             handlers = {
-                ("/registry", C.ACTION_REGISTER): (self.iti42, C.q("lcm", "SubmitObjectsRequest"), False),
-                ("/registry", C.ACTION_UPDATE): (self.iti57, C.q("lcm", "SubmitObjectsRequest"), False),
-                ("/registry", C.ACTION_STORED_QUERY): (self.iti18, C.q("query", "AdhocQueryRequest"), False),
-                ("/repository", C.ACTION_PNR): (self.iti41, C.q("xds", "ProvideAndRegisterDocumentSetRequest"), True),
-                ("/repository", C.ACTION_RETRIEVE): (self.iti43, C.q("xds", "RetrieveDocumentSetRequest"), True),
+                ("/registry", C.ACTION_ITI42): (self.iti42, C.q("lcm", "SubmitObjectsRequest"), False),
+                ("/registry", C.ACTION_ITI57): (self.iti57, C.q("lcm", "SubmitObjectsRequest"), False),
+                ("/registry", C.ACTION_ITI18): (self.iti18, C.q("query", "AdhocQueryRequest"), False),
+                ("/repository", C.ACTION_ITI41): (self.iti41, C.q("xds", "ProvideAndRegisterDocumentSetRequest"), True),
+                ("/repository", C.ACTION_ITI43): (self.iti43, C.q("xds", "RetrieveDocumentSetRequest"), True),
             }
             if (path, action) not in handlers:
                 raise SoapFault("Sender", f"action {action!r} is not served at {path}")
@@ -258,7 +258,7 @@ class TestRegistry:
                 raise SchemaInvalid(f"schema validation failed: line {err.line}: {err.message}")
             with self.lock:
                 result, reply_attachments = handler(payload, documents)
-            return self._reply(action + "Response" if action != C.ACTION_UPDATE else C.ACTION_UPDATE_RESPONSE, message_id, result, reply_attachments, mtom_required)
+            return self._reply(action + "Response" if action != C.ACTION_ITI57 else C.ACTION_ITI57_RESPONSE, message_id, result, reply_attachments, mtom_required)
         except SchemaInvalid as exc:
             code = C.XDS_REPOSITORY_METADATA_ERROR if path == "/repository" else C.XDS_REGISTRY_METADATA_ERROR
             resp = registry_response([Err(code, str(exc))])
@@ -815,7 +815,7 @@ def query_response(errors: list[Err], objects: list[etree._Element]) -> etree._E
 def retrieve_response(errors: list[Err], docs: list[tuple[str, str, str, bytes]]) -> etree._Element:
     resp = etree.Element(C.q("xds", "RetrieveDocumentSetResponse"), nsmap={"xds": C.NS_XDS, "rs": C.NS_RS, "xop": C.NS_XOP})
     failed = any(e.severity == C.SEVERITY_ERROR for e in errors)
-    status = C.STATUS_SUCCESS if not failed else (C.STATUS_PARTIAL if docs else C.STATUS_FAILURE)
+    status = C.STATUS_SUCCESS if not failed else (C.STATUS_PARTIAL_SUCCESS if docs else C.STATUS_FAILURE)
     rr = etree.SubElement(resp, C.q("rs", "RegistryResponse"))
     rr.set("status", status)
     el = _error_list(errors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lxml import etree
 from zeep import Client, Settings as ZeepSettings
 
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.wire.xml import make_parser
 from xdsi.xds.client import REGISTRY_WSDL, IheAddressing, MtomTransport
 

@@ -16,7 +16,7 @@ from xdsi.archive import Archive
 from xdsi.ids import DocumentRequest, ImagingDocumentSource
 from xdsi.index.models import FileCopy, Study
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.xdsconst import STATUS_FAILURE, STATUS_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
+from xdsi.standards.constants import STATUS_FAILURE, STATUS_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
 
 REPO = "1.2.3.4.5"
 

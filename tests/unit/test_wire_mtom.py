@@ -21,15 +21,15 @@ from xdsi.wire.mtom import (
     resolve_xop,
     xop_include,
 )
-from xdsi.xdsconst import NS_IHE, NS_SOAP12
+from xdsi.standards.constants import NS_XDS, NS_SOAP12
 
 
 def _message(payloads: list[bytes]) -> tuple[bytes, str, list[str]]:
-    body = etree.Element(f"{{{NS_IHE}}}ProvideAndRegisterDocumentSetRequest")
+    body = etree.Element(f"{{{NS_XDS}}}ProvideAndRegisterDocumentSetRequest")
     cids = []
     atts = []
     for i, p in enumerate(payloads):
-        d = etree.SubElement(body, f"{{{NS_IHE}}}Document", id=f"doc{i}")
+        d = etree.SubElement(body, f"{{{NS_XDS}}}Document", id=f"doc{i}")
         cid = f"{i}.urn:uuid:{os.urandom(4).hex()}@example.org"
         xop_include(d, cid)
         cids.append(cid)
@@ -47,7 +47,7 @@ def test_round_trip_with_boundaries_split_anywhere(read_size: int) -> None:
     assert msg.mtom and msg.action_param == "urn:example:Action"
     env = parse_envelope(msg.envelope)
     resolved = resolve_xop(env.body, msg.attachments)
-    docs = env.body.findall(f"{{{NS_IHE}}}Document")
+    docs = env.body.findall(f"{{{NS_XDS}}}Document")
     assert [binary_content(d, resolved).read() for d in docs] == payloads
     assert all(d.text is None and len(d) == 0 for d in docs)  # Includes gone: the body now validates as base64Binary
 
@@ -56,7 +56,7 @@ def test_percent_encoded_cid_in_href_matches_plain_content_id() -> None:
     cid = "part1=weird@example.org"
     boundary = "b1"
     root = (
-        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}">'
+        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_XDS}">'
         f'<xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include" href="cid:part1%3Dweird%40example.org"/>'
         f"</ihe:Document></s:Body></s:Envelope>"
     ).encode()
@@ -77,7 +77,7 @@ def test_percent_encoded_cid_in_href_matches_plain_content_id() -> None:
 def test_inline_base64_accepted() -> None:
     payload = os.urandom(3000)
     env = (
-        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}">\n'
+        f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_XDS}">\n'
         + base64.encodebytes(payload).decode()
         + "</ihe:Document></s:Body></s:Envelope>"
     ).encode()
@@ -168,7 +168,7 @@ def test_more_parts_than_allowed_is_mtom_too_large_413() -> None:
 
 
 def test_bare_lf_framing_and_base64_root_are_read() -> None:
-    root = f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_IHE}"/></s:Body></s:Envelope>'.encode()
+    root = f'<s:Envelope xmlns:s="{NS_SOAP12}"><s:Body><ihe:Document xmlns:ihe="{NS_XDS}"/></s:Body></s:Envelope>'.encode()
     data = b"--b\nContent-Type: application/xop+xml\nContent-Transfer-Encoding: base64\nContent-ID: <r@x>\n\n" + base64.b64encode(root) + b"\n--b\nContent-ID: <a@x>\n\nATT\n--b--\n"
     for n in (1, 3, 1 << 16):
         msg = read_message(Trickle(data, n), 'multipart/related; boundary=b; start="<r@x>"')  # type: ignore[arg-type]
@@ -177,7 +177,7 @@ def test_bare_lf_framing_and_base64_root_are_read() -> None:
 
 def test_content_type_round_trips_through_the_one_parser() -> None:
     from xdsi.wire.media import parse_content_type
-    from xdsi.xdsconst import MIME_SOAP12, MIME_XOP
+    from xdsi.standards.constants import MIME_SOAP12, MIME_XOP
 
     w = MtomWriter(b"<x/>", (), action="urn:ihe:iti:2007:RetrieveDocumentSet")
     media, params = parse_content_type(w.content_type)

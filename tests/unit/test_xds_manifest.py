@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from lxml import etree
 from pydicom import dcmread
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from tests.support.registry import SAFE_PARSER, SCHEMA_DIR
 from xdsi.archive import Archive
 from xdsi.config import PatientIdMapping, XdsSettings
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import NonConformantManifest, RetrieveInfo, build_kos, load_study
 from xdsi.xds.metadata import DocumentInfo, MetadataError, build_submission, new_entry_uuid, oid_uid, patient_ids, xpn
@@ -46,14 +47,14 @@ def test_kos_passes_dciodvfy_and_matches_the_study(archive: Archive, study, tmp_
     kos = dcmread(out)
     images = [dcmread(p, stop_before_pixels=True) for p in paths]
     first = images[0]
-    assert kos.SOPClassUID == C.KOS_SOP_CLASS and kos.Modality == "KO"
+    assert kos.SOPClassUID == KeyObjectSelectionDocumentStorage and kos.Modality == "KO"
     assert kos.SOPInstanceUID == m.sop_instance_uid and kos.SOPInstanceUID not in {i.SOPInstanceUID for i in images}
     assert kos.SeriesInstanceUID not in {i.SeriesInstanceUID for i in images}
     for kw in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                "AccessionNumber", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName", "StudyDescription"):
         assert kos.get(kw) == first.get(kw), kw
     title = kos.ConceptNameCodeSequence[0]
-    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == C.MANIFEST_TITLE
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("113030", "DCM", "Manifest")
     assert kos.ContentTemplateSequence[0].TemplateIdentifier == "2010"
     assert kos.ValueType == "CONTAINER" and kos.ContinuityOfContent == "SEPARATE"
     req = kos.ReferencedRequestSequence[0]

@@ -28,7 +28,7 @@ from xdsi.config import LimitsSettings
 from xdsi.ids.xpath import MAX_TREE_NODES, XPathRefused, XPathResult, check
 from xdsi.ids.xpath_pool import XPathBudgetExceeded, XPathPool, XPathPoolBusy, XPathWorkerFailed, shared_pool
 from xdsi.wire.xml import make_parser
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     WADO_FRAME_OUT_OF_RANGE,
     WADO_INVALID_PARAMETER,
     WADO_PROCESSING_FAILURE,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from xdsi.archive.retrieve import InstanceRef
-from xdsi.xdsconst import SEVERITY_ERROR, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
+from xdsi.standards.constants import SEVERITY_ERROR, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from xdsi.ids.model import DocumentRequest, RegistryError, RetrieveResult, Retur
 from xdsi.ids.service import ImagingDocumentSource
 from xdsi.render import NotRenderable, RenderError, UnsupportedParameter
 from xdsi.render.request import RenderRequest, parse_render_request
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     WADO_ANONYMIZATION_NOT_SUPPORTED,
     WADO_FORMAT_NOT_SUPPORTED,
     WADO_FRAME_OUT_OF_RANGE,

@@ -25,7 +25,7 @@ from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, Retr
 from xdsi.archive.transcode import TranscodeError, is_known_transfer_syntax
 from xdsi.ids.model import DocumentRequest, RegistryError, Resolved, RetrieveResult, ReturnedDocument, errors_for
 from xdsi.uids import is_valid_uid
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     MIME_DICOM,
     WADO_CANNOT_PROVIDE_FORMAT,
     WADO_FORMAT_NOT_SUPPORTED,

@@ -27,7 +27,7 @@ from typing import Any
 
 from lxml import etree
 
-from xdsi.xdsconst import NS_NATIVE_DICOM
+from xdsi.standards.constants import NS_NATIVE_DICOM
 
 MAX_EXPRESSION_LENGTH = 1024
 MAX_EXPRESSIONS = 64

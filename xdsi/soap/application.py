@@ -42,7 +42,7 @@ from xdsi.soap.protocol import Exchange, fault_reply
 from xdsi.wire.errors import MalformedBody, RequestTooLarge
 from xdsi.wire.mtom import MtomError, read_message
 from xdsi.wire.xml import make_parser
-from xdsi.xdsconst import MIME_SOAP12
+from xdsi.standards.constants import MIME_SOAP12
 
 log = logging.getLogger(__name__)
 

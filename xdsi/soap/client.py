@@ -23,9 +23,9 @@ from xdsi.soap.validation import WSDL_DIR
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.mtom import MtomError, normalize_cid
 from xdsi.wire.multipart import MultipartError, read_parts
-from xdsi.xdsconst import ACTION_RAD69, NS_IHE, NS_RS, NS_SOAP12, NS_XOP
+from xdsi.standards.constants import ACTION_RAD69, NS_XDS, NS_RS, NS_SOAP12, NS_XOP
 
-IHE = f"{{{NS_IHE}}}"
+IHE = f"{{{NS_XDS}}}"
 RS = f"{{{NS_RS}}}"
 OP = "ImagingDocumentSource_RetrieveImagingDocumentSet"
 DEFAULT_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")

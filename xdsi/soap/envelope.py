@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from lxml import etree
 
 from xdsi.wire.xml import DoctypeRefused, NotWellFormed, parse_untrusted
-from xdsi.xdsconst import ACTION_FAULT, NS_SAML2, NS_SOAP11, NS_SOAP12, NS_WSA, NS_WSSE, WSA_ANONYMOUS
+from xdsi.standards.constants import ACTION_FAULT, NS_SAML2, NS_SOAP11, NS_SOAP12, NS_WSA, NS_WSSE, WSA_ANONYMOUS
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from xdsi.soap import models as M
 from xdsi.soap.application import SoapApplication
 from xdsi.soap.protocol import Exchange, IheSoap12, Route, rename_namespace
 from xdsi.soap.validation import SCHEMA_DIR, WSDL_DIR
-from xdsi.xdsconst import (
+from xdsi.standards.constants import (
     ACTION_INFORMATION,
     ACTION_INFORMATION_RESPONSE,
     ACTION_RAD69,
@@ -37,7 +37,7 @@ from xdsi.xdsconst import (
     ACTION_RENDERED_RESPONSE,
     ACTION_RENDERED_SWAPPED,
     ACTION_RENDERED_SWAPPED_RESPONSE,
-    NS_IHE,
+    NS_XDS,
     NS_IHERAD,
     NS_WADO,
     NS_WADO_SWAPPED,
@@ -123,7 +123,7 @@ class ImagingDocumentSourceService(ServiceBase):
         _body_style="bare",
         _in_message_name=RAD69_REQUEST,
         _returns=M.RetrieveDocumentSetResponseType,
-        _out_message_name=f"{{{NS_IHE}}}RetrieveDocumentSetResponse",
+        _out_message_name=f"{{{NS_XDS}}}RetrieveDocumentSetResponse",
     )
     def ImagingDocumentSource_RetrieveImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
         ex: Exchange = ctx.udc

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from spyne import ByteArray, ComplexModel, Unicode, XmlAttribute
 
-from xdsi.xdsconst import NS_IHE, NS_IHERAD, NS_RS, NS_WADO
+from xdsi.standards.constants import NS_XDS, NS_IHERAD, NS_RS, NS_WADO
 
 
 def _u(**kw: Any) -> Any:
@@ -102,7 +102,7 @@ class RegistryResponseType(ComplexModel):
 
 
 class DocumentRequest(ComplexModel):
-    __namespace__ = NS_IHE
+    __namespace__ = NS_XDS
     _type_info = [
         ("HomeCommunityId", _opt()),
         ("RepositoryUniqueId", _u(min_occurs=1)),
@@ -111,14 +111,14 @@ class DocumentRequest(ComplexModel):
 
 
 class RetrieveDocumentSetRequestType(ComplexModel):
-    __namespace__ = NS_IHE
+    __namespace__ = NS_XDS
     _type_info = [("DocumentRequest", _many(DocumentRequest))]
 
 
 class SeriesRequest(ComplexModel):
     __namespace__ = NS_IHERAD
     _type_info = [
-        ("DocumentRequest", _many(DocumentRequest, ns=NS_IHE)),
+        ("DocumentRequest", _many(DocumentRequest, ns=NS_XDS)),
         ("seriesInstanceUID", XmlAttribute(Unicode)),
     ]
 
@@ -145,7 +145,7 @@ class RetrieveImagingDocumentSetRequestType(ComplexModel):
 
 
 class DocumentResponse(ComplexModel):
-    __namespace__ = NS_IHE
+    __namespace__ = NS_XDS
     _type_info = [
         ("HomeCommunityId", _opt()),
         ("RepositoryUniqueId", _u()),
@@ -156,7 +156,7 @@ class DocumentResponse(ComplexModel):
 
 
 class RetrieveDocumentSetResponseType(ComplexModel):
-    __namespace__ = NS_IHE
+    __namespace__ = NS_XDS
     _type_info = [
         ("RegistryResponse", RegistryResponseType.customize(sub_ns=NS_RS)),
         ("DocumentResponse", _many(DocumentResponse, min_occurs=0)),
@@ -193,9 +193,9 @@ class CharsetList(ComplexModel):
 class RenderedDocumentRequest(ComplexModel):
     __namespace__ = NS_WADO
     _type_info = [
-        ("HomeCommunityId", _opt(NS_IHE)),
-        ("RepositoryUniqueId", _u(sub_ns=NS_IHE)),
-        ("DocumentUniqueId", _u(sub_ns=NS_IHE)),
+        ("HomeCommunityId", _opt(NS_XDS)),
+        ("RepositoryUniqueId", _u(sub_ns=NS_XDS)),
+        ("DocumentUniqueId", _u(sub_ns=NS_XDS)),
         *[(name, _opt()) for name in RENDERED_PARAMETERS],
         ("ContentTypeList", ContentTypeList),
         ("CharsetList", CharsetList.customize(min_occurs=0)),
@@ -226,12 +226,12 @@ class RetrieveRenderedImagingDocumentSetRequestType(ComplexModel):
 class RenderedDocumentResponse(ComplexModel):
     __namespace__ = NS_WADO
     _type_info = [
-        ("HomeCommunityId", _opt(NS_IHE)),
-        ("RepositoryUniqueId", _u(sub_ns=NS_IHE)),
+        ("HomeCommunityId", _opt(NS_XDS)),
+        ("RepositoryUniqueId", _u(sub_ns=NS_XDS)),
         ("SourceDocumentUniqueId", _u()),
         *[(name, _opt()) for name in RENDERED_PARAMETERS],
-        ("mimeType", _u(sub_ns=NS_IHE)),
-        ("Document", XopDocument.customize(sub_ns=NS_IHE)),
+        ("mimeType", _u(sub_ns=NS_XDS)),
+        ("Document", XopDocument.customize(sub_ns=NS_XDS)),
     ]
 
 
@@ -249,9 +249,9 @@ class RetrieveRenderedImagingDocumentSetResponseType(ComplexModel):
 class InformationDocumentRequest(ComplexModel):
     __namespace__ = NS_WADO
     _type_info = [
-        ("HomeCommunityId", _opt(NS_IHE)),
-        ("RepositoryUniqueId", _u(sub_ns=NS_IHE)),
-        ("DocumentUniqueId", _u(sub_ns=NS_IHE)),
+        ("HomeCommunityId", _opt(NS_XDS)),
+        ("RepositoryUniqueId", _u(sub_ns=NS_XDS)),
+        ("DocumentUniqueId", _u(sub_ns=NS_XDS)),
         ("FrameNumber", _opt()),
         ("XPath", _many(Unicode, min_occurs=0)),
     ]
@@ -286,8 +286,8 @@ class XPathResponseList(ComplexModel):
 class DocumentInformationResponse(ComplexModel):
     __namespace__ = NS_WADO
     _type_info = [
-        ("HomeCommunityId", _opt(NS_IHE)),
-        ("DocumentUniqueId", _u(sub_ns=NS_IHE)),
+        ("HomeCommunityId", _opt(NS_XDS)),
+        ("DocumentUniqueId", _u(sub_ns=NS_XDS)),
         ("FrameNumber", _opt()),
         ("XPathResponseList", XPathResponseList),
     ]
@@ -308,7 +308,7 @@ def registry_response(status: str, errors: Iterable[Any]) -> RegistryResponseTyp
     ``location`` (:class:`xdsi.ids.model.RegistryError`).  Each RegistryError
     has an empty body (Gazelle IHEXDSError checks).
     """
-    from xdsi.xdsconst import SEVERITY_ERROR, SEVERITY_WARNING
+    from xdsi.standards.constants import SEVERITY_ERROR, SEVERITY_WARNING
 
     errors = list(errors)
     lst = None

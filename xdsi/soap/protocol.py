@@ -40,7 +40,7 @@ from xdsi.soap.envelope import Envelope, SoapFault, addressing_headers, envelope
 from xdsi.soap.models import StreamedDocument, XopDocument, XPathResult, XPathValue
 from xdsi.soap.validation import SchemaInvalid, validate
 from xdsi.wire.mtom import IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, new_content_id, resolve_xop, xop_include
-from xdsi.xdsconst import ACTION_FAULT, NS_WSA
+from xdsi.standards.constants import ACTION_FAULT, NS_WSA
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from xdsi.archive import Archive
 from xdsi.soap import models as M
 from xdsi.soap.application import SoapApplication
 from xdsi.soap.protocol import Exchange, IheSoap12, Route
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.repository import DocumentError, FoundDocument, ManifestRepository
 
 STANDARDS = Path(__file__).resolve().parent.parent / "standards" / "ihe"
@@ -49,7 +49,7 @@ class DocumentRepositoryService(ServiceBase):
             else:
                 found.append(r)
                 ex.on_close(r.produced.close)
-        status = C.STATUS_SUCCESS if not errors else (C.STATUS_PARTIAL if found else C.STATUS_FAILURE)
+        status = C.STATUS_SUCCESS if not errors else (C.STATUS_PARTIAL_SUCCESS if found else C.STATUS_FAILURE)
         return M.RetrieveDocumentSetResponseType(
             RegistryResponse=M.registry_response(status, errors),
             DocumentResponse=[
@@ -68,9 +68,9 @@ class DocumentRepositoryService(ServiceBase):
 def make_application(archive: Archive) -> SoapApplication:
     """The spyne WSGI application mounted at ``/xdsi/DocumentRepository``."""
     lim = archive.settings.http_limits
-    route = Route(ITI43_REQUEST, C.ACTION_RETRIEVE_RESPONSE, frozenset({ITI43_REQUEST}))
+    route = Route(ITI43_REQUEST, C.ACTION_ITI43_RESPONSE, frozenset({ITI43_REQUEST}))
     def protocol() -> IheSoap12:  # spyne: one protocol instance per direction
-        return IheSoap12({C.ACTION_RETRIEVE: route}, max_document_requests=lim.max_document_requests)
+        return IheSoap12({C.ACTION_ITI43: route}, max_document_requests=lim.max_document_requests)
 
     app = Application([DocumentRepositoryService], tns=C.NS_XDS, name="DocumentRepository", in_protocol=protocol(), out_protocol=protocol())
     return SoapApplication(

@@ -15,13 +15,13 @@ from typing import Any
 from lxml import etree
 
 from xdsi.wire.xml import make_parser
-from xdsi.xdsconst import NS_IHE, NS_IHERAD, NS_LCM, NS_QUERY, NS_RS, NS_WADO
+from xdsi.standards.constants import NS_XDS, NS_IHERAD, NS_LCM, NS_QUERY, NS_RS, NS_WADO
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 WSDL_DIR = Path(__file__).with_name("wsdl")
 
 _ENTRY = {
-    NS_IHE: "IHE/XDS.b_DocumentRepository.xsd",
+    NS_XDS: "IHE/XDS.b_DocumentRepository.xsd",
     NS_IHERAD: "IHE/XDSI.b_ImagingDocumentSource.xsd",
     NS_WADO: "DICOM/dicom.wado.ws.2011.information.xsd",
     NS_RS: "ebRS/rs.xsd",

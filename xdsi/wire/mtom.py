@@ -35,7 +35,7 @@ from lxml import etree
 from xdsi.wire.errors import RequestTooLarge
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.multipart import MultipartError, MultipartWriter, TooManyParts, read_parts
-from xdsi.xdsconst import MIME_SOAP12, MIME_XOP, NS_XOP
+from xdsi.standards.constants import MIME_SOAP12, MIME_XOP, NS_XOP
 
 CHUNK = 256 * 1024
 XOP_INCLUDE = f"{{{NS_XOP}}}Include"

@@ -43,7 +43,7 @@ from zeep.transports import Transport
 
 from xdsi.soap.envelope import addressing_headers
 from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _framing_length(writer: MtomWriter) -> int:
 class MtomTransport(Transport):
     """A zeep transport that sends ITI-41 and ITI-43 as MTOM/XOP, documents streamed from their sources."""
 
-    MTOM_ACTIONS = frozenset({C.ACTION_PNR, C.ACTION_RETRIEVE})
+    MTOM_ACTIONS = frozenset({C.ACTION_ITI41, C.ACTION_ITI43})
 
     def __init__(self, *, timeout: float = 60.0) -> None:
         session = requests.Session()
@@ -372,12 +372,12 @@ class RegistryClient:
         self._c = _WsdlClient(REGISTRY_WSDL, C.REGISTRY_BINDING, url, timeout)
 
     def register(self, submit_objects_request: etree._Element) -> RegistryResult:
-        result, raw = self._c.call(C.OP_REGISTER, C.ACTION_REGISTER, {"RegistryObjectList": {}}, submit_objects_request)
+        result, raw = self._c.call(C.OP_REGISTER, C.ACTION_ITI42, {"RegistryObjectList": {}}, submit_objects_request)
         return _result_from(result, raw)
 
     def update(self, submit_objects_request: etree._Element) -> RegistryResult:
         """ITI-57 has no operation in the ITI-42 WSDL; its body is the same SubmitObjectsRequest, its action differs."""
-        result, raw = self._c.call(C.OP_REGISTER, C.ACTION_UPDATE, {"RegistryObjectList": {}}, submit_objects_request)
+        result, raw = self._c.call(C.OP_REGISTER, C.ACTION_ITI57, {"RegistryObjectList": {}}, submit_objects_request)
         return _result_from(result, raw)
 
 
@@ -398,12 +398,12 @@ class RepositoryClient:
             "SubmitObjectsRequest": {"RegistryObjectList": {}},
             "Document": [{"_value_1": b"", "id": doc_id} for doc_id in documents],
         }
-        result, raw = self._c.call(C.OP_PNR, C.ACTION_PNR, kwargs, submit_objects_request, documents)
+        result, raw = self._c.call(C.OP_PNR, C.ACTION_ITI41, kwargs, submit_objects_request, documents)
         return _result_from(result, raw)
 
     def retrieve(self, repository_unique_id: str, document_unique_ids: list[str]) -> tuple[RegistryResult, dict[str, tuple[str, bytes]]]:
         """(status, {documentUniqueId: (mimeType, bytes)})."""
         kwargs = {"DocumentRequest": [{"RepositoryUniqueId": repository_unique_id, "DocumentUniqueId": u} for u in document_unique_ids]}
-        result, raw = self._c.call(C.OP_RETRIEVE, C.ACTION_RETRIEVE, kwargs)
+        result, raw = self._c.call(C.OP_RETRIEVE, C.ACTION_ITI43, kwargs)
         docs = {d.DocumentUniqueId: (d.mimeType, d.Document) for d in (result.DocumentResponse or [])}
         return _result_from(result.RegistryResponse, raw), docs

@@ -17,7 +17,9 @@ from pathlib import Path
 from lxml import etree
 
 from xdsi.wire.xml import make_parser
-from xdsi.xds.constants import DEFAULT_CODES_FILE, MODALITY_CODING_SCHEME, SNOMED_CODING_SCHEME
+from xdsi.standards.constants import MODALITY_CODING_SCHEME, SNOMED_CODING_SCHEME
+
+DEFAULT_CODES_FILE = Path(__file__).with_name("data") / "codes.xml"  # the affinity-domain codes shipped with xdsi
 
 
 class CodesFileError(ValueError):

@@ -19,14 +19,14 @@ from typing import Iterable, Sequence
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage, PYDICOM_IMPLEMENTATION_UID
 from pydicom.valuerep import validate_value
 from sqlalchemy import select
 
 from xdsi.index.db import Index
 from xdsi.index.models import Instance, Patient, Series, Study
 from xdsi.uids import is_valid_uid, new_uid
-from xdsi.xds.constants import DCMR_MAPPING, KOS_SOP_CLASS, KOS_TEMPLATE_ID, MANIFEST_TITLE
+from xdsi.standards.constants import DCMR_MAPPING, KOS_TEMPLATE_ID, MANIFEST_TITLE
 
 
 class NonConformantManifest(ValueError):
@@ -207,7 +207,7 @@ def build_kos(
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UID(KOS_SOP_CLASS)
+    ds.file_meta.MediaStorageSOPClassUID = KeyObjectSelectionDocumentStorage
     ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -217,7 +217,7 @@ def build_kos(
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.SOPClassUID = KOS_SOP_CLASS
+    ds.SOPClassUID = KeyObjectSelectionDocumentStorage
     ds.SOPInstanceUID = sop_uid
     # General Study (values unchanged from the study)
     ds.StudyDate = snap.study_date
@@ -249,7 +249,7 @@ def build_kos(
     ds.InstanceNumber = 1
     # SR Document Content (root of TID 2010)
     ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = DicomSequence([_code_item(*MANIFEST_TITLE)])
+    ds.ConceptNameCodeSequence = DicomSequence([_code_item(MANIFEST_TITLE.value, MANIFEST_TITLE.scheme_designator, MANIFEST_TITLE.meaning)])
     ds.ContinuityOfContent = "SEPARATE"
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")

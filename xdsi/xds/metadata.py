@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from lxml import etree
 
 from xdsi.config import XdsSettings
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.codes import Code, CodeNotInDomain, CodeTable
 from xdsi.xds.manifest import StudySnapshot
 

@@ -44,7 +44,7 @@ from xdsi.index.xds_models import (
     XdsSubmission,
 )
 from xdsi.uids import validate_uid
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 from xdsi.xds.client import RegistryClient, RegistryResult, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos, load_study

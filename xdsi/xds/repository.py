@@ -19,7 +19,7 @@ from xdsi.archive.produced import Produced
 from xdsi.archive.retrieve import CannotProvide, NotAvailable
 from xdsi.index.xds_models import KIND_PUBLISH, XdsSubmission
 from xdsi.uids import is_valid_uid
-from xdsi.xds import constants as C
+from xdsi.standards import constants as C
 
 
 @dataclass(frozen=True)
