@@ -364,7 +364,7 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(f"{report.status.rsplit(':', 1)[-1]}: saved {len(report.saved)} of {total} file(s), {_human(report.bytes)} in {args.out}")
     for e in report.errors:
-        print(f"error {e.get('errorCode')} at {e.get('location', '-')}: {e.get('codeContext')}", file=sys.stderr)
+        print(f"error {e.error_code} at {e.location or '-'}: {e.code_context}", file=sys.stderr)
     return 0 if report.saved and not report.errors else 1
 
 

@@ -78,10 +78,10 @@ def test_integrated_publish_rplc_deprecate_and_iti43(tmp_path: Path, index_url: 
             assert result.success, result.error_text()
             assert got[kos_uid] == ("application/dicom", stored)
             result, got = client.retrieve(archive.settings.xds.repository_unique_id, [kos_uid, "1.2.3.4"])
-            assert result.status == C.STATUS_PARTIAL_SUCCESS and [e.code for e in result.errors] == [C.XDS_DOCUMENT_UNIQUE_ID_ERROR]
+            assert result.status == C.STATUS_PARTIAL_SUCCESS and [e.error_code for e in result.errors] == [C.XDS_DOCUMENT_UNIQUE_ID_ERROR]
             assert result.errors[0].location == "1.2.3.4" and list(got) == [kos_uid]
             result, got = client.retrieve("1.2.3", [kos_uid])
-            assert result.status == C.STATUS_FAILURE and result.errors[0].code == C.XDS_UNKNOWN_REPOSITORY_ID and not got
+            assert result.status == C.STATUS_FAILURE and result.errors[0].error_code == C.XDS_UNKNOWN_REPOSITORY_ID and not got
             image = next(r for r in archive.retrieve.select(study_uids=[spec.study_uid]) if r.sop_instance_uid != kos_uid)
             result, got = client.retrieve(archive.settings.xds.repository_unique_id, [image.sop_instance_uid])
             assert result.status == C.STATUS_FAILURE and not got  # images are RAD-69's, not ITI-43 documents

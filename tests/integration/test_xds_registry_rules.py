@@ -127,8 +127,8 @@ def test_iti42_rule_broken_is_rejected(registry: TestRegistry, case: str) -> Non
     before = len(registry.entries)
     result = RegistryClient(registry.registry_url).register(req)
     assert result.status == C.STATUS_FAILURE, case
-    assert code in [e.code for e in result.errors], (case, result.error_text())
-    assert all(e.context for e in result.errors)
+    assert code in [e.error_code for e in result.errors], (case, result.error_text())
+    assert all(e.code_context for e in result.errors)
     assert len(registry.entries) == before
 
 
@@ -154,18 +154,18 @@ def test_duplicate_and_rplc_rules(registry: TestRegistry) -> None:
                 if child.get(attr) == old:
                     child.set(attr, o.get("id"))
     r = RegistryClient(registry.registry_url).register(again)
-    assert C.XDS_NON_IDENTICAL_HASH in [e.code for e in r.errors], r.error_text()
+    assert C.XDS_NON_IDENTICAL_HASH in [e.error_code for e in r.errors], r.error_text()
     # RPLC: the replaced entry becomes Deprecated; replacing it again is refused
     req2, doc2, _ = good(replaces=doc.entry_uuid)
     assert RegistryClient(registry.registry_url).register(req2).success
     assert registry.entries[doc.entry_uuid].status == C.STATUS_DEPRECATED
     req3, _, _ = good(replaces=doc.entry_uuid)
     r = RegistryClient(registry.registry_url).register(req3)
-    assert "XDSRegistryDeprecatedDocumentError" in [e.code for e in r.errors], r.error_text()
+    assert "XDSRegistryDeprecatedDocumentError" in [e.error_code for e in r.errors], r.error_text()
     # RPLC across patients
     req4, _, _ = good(replaces=doc2.entry_uuid, patient_id="OTHER")
     r = RegistryClient(registry.registry_url).register(req4)
-    assert C.XDS_PATIENT_ID_DOES_NOT_MATCH in [e.code for e in r.errors], r.error_text()
+    assert C.XDS_PATIENT_ID_DOES_NOT_MATCH in [e.error_code for e in r.errors], r.error_text()
 
 
 def _rename_doc(req: etree._Element, new_id: str) -> None:
@@ -184,21 +184,21 @@ def test_iti41_repository_rules(registry: TestRegistry) -> None:
     bad = copy.deepcopy(req)
     set_value(slot(de_of(bad), "hash"), hashlib.sha1(b"other").hexdigest())
     r = repo.provide_and_register(bad, {doc.entry_uuid: data})
-    assert r.status == C.STATUS_FAILURE and C.XDS_REPOSITORY_METADATA_ERROR in [e.code for e in r.errors], r.error_text()
+    assert r.status == C.STATUS_FAILURE and C.XDS_REPOSITORY_METADATA_ERROR in [e.error_code for e in r.errors], r.error_text()
     # wrong size
     bad = copy.deepcopy(req)
     set_value(slot(de_of(bad), "size"), str(len(data) + 1))
     r = repo.provide_and_register(bad, {doc.entry_uuid: data})
-    assert C.XDS_REPOSITORY_METADATA_ERROR in [e.code for e in r.errors], r.error_text()
+    assert C.XDS_REPOSITORY_METADATA_ERROR in [e.error_code for e in r.errors], r.error_text()
     # a DocumentEntry without its Document, a Document without its DocumentEntry
     r = repo.provide_and_register(copy.deepcopy(req), {"urn:uuid:0bd1e0a5-71cb-4bd5-a3a8-0e9a8b0a1a1a": data})
-    codes = [e.code for e in r.errors]
+    codes = [e.error_code for e in r.errors]
     assert C.XDS_MISSING_DOCUMENT in codes and C.XDS_MISSING_DOCUMENT_METADATA in codes, r.error_text()
     # registry-side errors are copied into the ITI-41 answer and nothing is kept
     bad = copy.deepcopy(req)
     classification(de_of(bad), C.DE_CLASS_CODE).set("nodeRepresentation", "FOO")
     r = repo.provide_and_register(bad, {doc.entry_uuid: data})
-    assert C.XDS_REGISTRY_METADATA_ERROR in [e.code for e in r.errors]
+    assert C.XDS_REGISTRY_METADATA_ERROR in [e.error_code for e in r.errors]
     assert doc.unique_id not in registry.documents
     # and the correct one is accepted: the repository adds repositoryUniqueId
     r = repo.provide_and_register(req, {doc.entry_uuid: data})
@@ -211,7 +211,7 @@ def test_iti41_repository_rules(registry: TestRegistry) -> None:
     for s in ("hash", "size"):
         de_of(req2).remove(slot(de_of(req2), s))
     r = repo.provide_and_register(req2, {doc2.entry_uuid: data + b"x"})
-    codes = [e.code for e in r.errors]
+    codes = [e.error_code for e in r.errors]
     assert C.XDS_NON_IDENTICAL_HASH in codes and C.XDS_NON_IDENTICAL_SIZE in codes, r.error_text()
 
 

@@ -22,7 +22,8 @@ from lxml import etree
 
 from xdsi.archive.native_xml import NativeModelError, to_native_xml
 from xdsi.archive.retrieve import NotAvailable
-from xdsi.ids.model import DocumentRequest, RegistryError, response_status
+from xdsi.wire.ebrs import RegistryError, response_status
+from xdsi.ids.model import DocumentRequest
 from xdsi.ids.service import ImagingDocumentSource
 from xdsi.config import LimitsSettings
 from xdsi.ids.xpath import MAX_TREE_NODES, XPathRefused, XPathResult, check

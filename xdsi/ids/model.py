@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from xdsi.archive.retrieve import InstanceRef
-from xdsi.standards.constants import SEVERITY_ERROR, STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
+from xdsi.wire.ebrs import RegistryError, response_status
 
 
 @dataclass(frozen=True)
@@ -18,25 +18,6 @@ class DocumentRequest:
     repository_unique_id: str
     document_unique_id: str
     home_community_id: str | None = None
-
-
-@dataclass(frozen=True)
-class RegistryError:
-    error_code: str
-    code_context: str
-    location: str | None = None
-    severity: str = SEVERITY_ERROR
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == SEVERITY_ERROR
-
-
-def response_status(documents: int, errors: Iterable[RegistryError]) -> str:
-    """ITI TF-3 4.2.4: Success without errors, Failure with errors and nothing returned, else PartialSuccess."""
-    if not any(e.is_error for e in errors):
-        return STATUS_SUCCESS
-    return STATUS_PARTIAL_SUCCESS if documents else STATUS_FAILURE
 
 
 @dataclass

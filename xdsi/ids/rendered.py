@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from xdsi.archive.retrieve import NotAvailable, PresentationStateError
-from xdsi.ids.model import DocumentRequest, RegistryError, RetrieveResult, ReturnedDocument
+from xdsi.wire.ebrs import RegistryError
+from xdsi.ids.model import DocumentRequest, RetrieveResult, ReturnedDocument
 from xdsi.ids.service import ImagingDocumentSource
 from xdsi.render import NotRenderable, RenderError, UnsupportedParameter
 from xdsi.render.request import RenderRequest, parse_render_request

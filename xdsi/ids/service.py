@@ -23,7 +23,8 @@ from typing import Sequence
 
 from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, RetrieveService
 from xdsi.archive.transcode import TranscodeError, is_known_transfer_syntax
-from xdsi.ids.model import DocumentRequest, RegistryError, Resolved, RetrieveResult, ReturnedDocument, errors_for
+from xdsi.wire.ebrs import RegistryError
+from xdsi.ids.model import DocumentRequest, Resolved, RetrieveResult, ReturnedDocument, errors_for
 from xdsi.uids import is_valid_uid
 from xdsi.standards.constants import (
     MIME_DICOM,

@@ -21,6 +21,7 @@ from lxml import etree
 from xdsi.soap.envelope import parse_xml
 from xdsi.soap.validation import WSDL_DIR
 from xdsi.wire.media import parse_content_type
+from xdsi.wire.ebrs import RegistryError, parse_registry_response
 from xdsi.wire.mtom import MtomError, normalize_cid
 from xdsi.wire.multipart import MultipartError, read_parts
 from xdsi.standards.constants import ACTION_RAD69, NS_XDS, NS_RS, NS_SOAP12, NS_XOP
@@ -35,7 +36,7 @@ DEFAULT_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 class RetrieveReport:
     status: str = ""
     saved: list[Path] = field(default_factory=list)
-    errors: list[dict[str, str]] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
     fault: str | None = None
     bytes: int = 0
 
@@ -164,9 +165,9 @@ def retrieve(
     if payload is not None and etree.QName(payload).localname == "Fault":
         report.fault = " ".join(t.strip() for t in payload.itertext() if t.strip())
         return report
-    rr = root.find(f".//{RS}RegistryResponse")
-    report.status = rr.get("status", "") if rr is not None else ""
-    report.errors = [dict(e.attrib) for e in root.iter(RS + "RegistryError")]
+    if payload is not None:
+        answer = parse_registry_response(payload)
+        report.status, report.errors = answer.status, answer.errors
     return report
 
 

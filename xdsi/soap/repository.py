@@ -20,7 +20,8 @@ from xdsi.soap import models as M
 from xdsi.soap.application import SoapApplication
 from xdsi.soap.protocol import Exchange, IheSoap12, Route
 from xdsi.standards import constants as C
-from xdsi.xds.repository import DocumentError, FoundDocument, ManifestRepository
+from xdsi.wire.ebrs import RegistryError
+from xdsi.xds.repository import FoundDocument, ManifestRepository
 
 STANDARDS = Path(__file__).resolve().parent.parent / "standards" / "ihe"
 ITI43_REQUEST = f"{{{C.NS_XDS}}}RetrieveDocumentSetRequest"
@@ -39,12 +40,12 @@ class DocumentRepositoryService(ServiceBase):
     def DocumentRepository_RetrieveDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
         ex: Exchange = ctx.udc
         repo: ManifestRepository = ex.context
-        errors: list[DocumentError] = []
+        errors: list[RegistryError] = []
         found: list[FoundDocument] = []
         for dr in request.DocumentRequest or ():
             hc = dr.HomeCommunityId
             r = repo.find((dr.RepositoryUniqueId or "").strip(), (dr.DocumentUniqueId or "").strip(), hc.strip() if hc else None)
-            if isinstance(r, DocumentError):
+            if isinstance(r, RegistryError):
                 errors.append(r)
             else:
                 found.append(r)

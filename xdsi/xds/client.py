@@ -44,6 +44,7 @@ from zeep.transports import Transport
 from xdsi.soap.envelope import addressing_headers
 from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
 from xdsi.standards import constants as C
+from xdsi.wire.ebrs import RegistryError, RegistryResult
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +63,6 @@ DocumentSource = Union[bytes, bytearray, memoryview, "os.PathLike[str]", IO[byte
 
 class XdsTransportError(Exception):
     """The message did not reach the peer, or the peer did not answer with a SOAP message (retry later)."""
-
-
-@dataclass(frozen=True)
-class RegistryError:
-    code: str
-    context: str
-    severity: str
-    location: str = ""
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == C.SEVERITY_ERROR
-
-
-@dataclass
-class RegistryResult:
-    status: str
-    errors: list[RegistryError] = field(default_factory=list)
-    raw: str = ""  # the SOAP envelope as received
-
-    @property
-    def success(self) -> bool:
-        return self.status == C.STATUS_SUCCESS
-
-    def error_text(self) -> str:
-        return "; ".join(f"{e.code}: {e.context}" + (f" [{e.location}]" if e.location else "") for e in self.errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +305,7 @@ def _result_from(result: Any, raw: str) -> RegistryResult:
     errors: list[RegistryError] = []
     lst = getattr(result, "RegistryErrorList", None)
     for e in getattr(lst, "RegistryError", None) or []:
-        errors.append(RegistryError(e.errorCode or "", e.codeContext or "", e.severity or "", e.location or ""))
+        errors.append(RegistryError(e.errorCode or "", e.codeContext or "", e.location or None, e.severity or ""))
     return RegistryResult(status=result.status, errors=errors, raw=raw)
 
 

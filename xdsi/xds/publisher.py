@@ -45,7 +45,8 @@ from xdsi.index.xds_models import (
 )
 from xdsi.uids import validate_uid
 from xdsi.standards import constants as C
-from xdsi.xds.client import RegistryClient, RegistryResult, RepositoryClient, XdsTransportError
+from xdsi.wire.ebrs import RegistryResult
+from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos, load_study
 from xdsi.xds.metadata import (
@@ -310,7 +311,7 @@ class Publisher:
         if row.last_status != "transport error" or not result.errors:
             return False
         mine = {row.submission_set_uid, row.kos_sop_uid}
-        return all(e.code == C.XDS_DUPLICATE_UNIQUE_ID and e.location in mine for e in result.errors if e.is_error)
+        return all(e.error_code == C.XDS_DUPLICATE_UNIQUE_ID and e.location in mine for e in result.errors if e.is_error)
 
     def _failed(self, claim, row, status, text, raw, metadata, transaction, endpoint) -> Outcome:  # type: ignore[no-untyped-def]
         log.warning("%s for study %s failed (%s): %s", transaction or "submission", row.study_uid, status, text)

@@ -20,14 +20,7 @@ from xdsi.archive.retrieve import CannotProvide, NotAvailable
 from xdsi.index.xds_models import KIND_PUBLISH, XdsSubmission
 from xdsi.uids import is_valid_uid
 from xdsi.standards import constants as C
-
-
-@dataclass(frozen=True)
-class DocumentError:
-    error_code: str
-    code_context: str
-    location: str | None
-    severity: str = C.SEVERITY_ERROR
+from xdsi.wire.ebrs import RegistryError
 
 
 @dataclass(frozen=True)
@@ -44,22 +37,22 @@ class ManifestRepository:
         self.archive = archive
         self.repository_unique_id = archive.settings.xds.repository_unique_id
 
-    def find(self, repository_unique_id: str, document_unique_id: str, home_community_id: str | None = None) -> FoundDocument | DocumentError:
+    def find(self, repository_unique_id: str, document_unique_id: str, home_community_id: str | None = None) -> FoundDocument | RegistryError:
         if repository_unique_id != self.repository_unique_id:
-            return DocumentError(C.XDS_UNKNOWN_REPOSITORY_ID, f"repositoryUniqueId {repository_unique_id!r} is not this repository ({self.repository_unique_id})", document_unique_id or None)
+            return RegistryError(C.XDS_UNKNOWN_REPOSITORY_ID, f"repositoryUniqueId {repository_unique_id!r} is not this repository ({self.repository_unique_id})", document_unique_id or None)
         if not is_valid_uid(document_unique_id):
-            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"documentUniqueId {document_unique_id!r} is not a manifest of this repository", document_unique_id or None)
+            return RegistryError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"documentUniqueId {document_unique_id!r} is not a manifest of this repository", document_unique_id or None)
         with self.archive.index.session() as s:
             row = s.scalars(
                 select(XdsSubmission).where(XdsSubmission.kos_sop_uid == document_unique_id, XdsSubmission.kind == KIND_PUBLISH)
             ).first()
         if row is None:
-            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is not in this repository", document_unique_id)
+            return RegistryError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is not in this repository", document_unique_id)
         refs = self.archive.retrieve.select(study_uids=[row.study_uid], sop_uids=[document_unique_id])
         try:
             if not refs:
                 raise NotAvailable("not in the archive")
             produced = self.archive.retrieve.produce(refs[0], [refs[0].transfer_syntax_uid])  # as stored
         except (NotAvailable, CannotProvide, OSError) as exc:
-            return DocumentError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
+            return RegistryError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
         return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced)
