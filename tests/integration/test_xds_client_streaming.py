@@ -26,7 +26,7 @@ from werkzeug.wsgi import get_input_stream
 from tests.integration.test_xds_registry_rules import good
 from tests.support.registry import TestRegistry
 from tests.support.xds import PATIENT_CX
-from xdsi.soap.envelope import addressing_headers, build_envelope, parse_envelope
+from xdsi.wire.soap import addressing_headers, build_envelope, parse_envelope
 from xdsi.wire.mtom import MtomWriter, read_message, resolve_xop
 from xdsi.standards import constants as C
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError

@@ -10,7 +10,7 @@ import pytest
 from lxml import etree
 
 from tests.support.streams import Trickle
-from xdsi.soap.envelope import SoapFault, build_envelope, parse_envelope
+from xdsi.wire.soap import SoapFault, build_envelope, parse_envelope
 from xdsi.wire.mtom import (
     MtomError,
     MtomWriter,

@@ -37,12 +37,13 @@ from spyne import Application
 from spyne.server.wsgi import WsgiApplication
 from werkzeug.wsgi import get_input_stream
 
-from xdsi.soap.envelope import SoapFault
 from xdsi.soap.protocol import Exchange, fault_reply
-from xdsi.wire.errors import MalformedBody, RequestTooLarge
-from xdsi.wire.mtom import MtomError, read_message
-from xdsi.wire.xml import make_parser
 from xdsi.standards.constants import MIME_SOAP12
+from xdsi.wire.errors import MalformedBody, RequestTooLarge
+from xdsi.wire.media import parse_content_type
+from xdsi.wire.mtom import MtomError, read_message
+from xdsi.wire.soap import SoapFault
+from xdsi.wire.xml import make_parser
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class SoapApplication(WsgiApplication):
         content_type = environ.get("CONTENT_TYPE", "")
         length = str(environ.get("CONTENT_LENGTH") or "")
         declared = int(length) if length.isdigit() else 0
-        if declared > self.max_root_bytes and not content_type.lower().lstrip().startswith("multipart/"):
+        if declared > self.max_root_bytes and not parse_content_type(content_type)[0].startswith("multipart/"):
             raise RequestTooLarge(f"SOAP envelope of {declared} bytes is larger than the maximum of {self.max_root_bytes}")
         stream = get_input_stream(environ, safe_fallback=False)
         return read_message(stream, content_type, max_root_bytes=self.max_root_bytes, spool_dir=self.spool_dir, max_parts=self.max_parts)

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Sequence
 import requests
 from lxml import etree
 
-from xdsi.soap.envelope import parse_xml
+from xdsi.wire.soap import parse_xml
 from xdsi.soap.validation import WSDL_DIR
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.ebrs import RegistryError, parse_registry_response

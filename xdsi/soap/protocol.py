@@ -8,7 +8,7 @@ This subclass keeps spyne's model (the service method is found through
 ``ComplexModel`` by spyne) and overrides the protocol hooks:
 
 * ``decompose_incoming_envelope``: the SOAP 1.2 processing model of
-  :func:`xdsi.soap.envelope.parse_envelope` (one Header and one Body,
+  :func:`xdsi.wire.soap.parse_envelope` (one Header and one Body,
   ``mustUnderstand``, ``wsse:Security`` accepted and summarised, WS-A checks);
   dispatch on ``wsa:Action`` through a :class:`Route` table (legacy actions
   and the swapped WADO namespace too); the body must match the action; at most
@@ -36,7 +36,7 @@ from lxml import etree
 from spyne import Fault
 from spyne.protocol.soap import Soap12
 
-from xdsi.soap.envelope import Envelope, SoapFault, addressing_headers, envelope_element, fault_envelope_element, parse_envelope
+from xdsi.wire.soap import Envelope, SoapFault, addressing_headers, envelope_element, fault_envelope_element, parse_envelope
 from xdsi.soap.models import StreamedDocument, XopDocument, XPathResult, XPathValue
 from xdsi.soap.validation import SchemaInvalid, validate
 from xdsi.wire.mtom import IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, new_content_id, resolve_xop, xop_include

@@ -7,7 +7,7 @@ allow, so a zeep upgrade within the pinned major version cannot break it:
 * :class:`IheAddressing`, a zeep ``Plugin``: its ``egress`` puts the IHE
   WS-Addressing headers (ITI TF-2 V.3.2.2: wsa:Action with
   ``mustUnderstand="true"``, wsa:MessageID, wsa:ReplyTo anonymous, wsa:To)
-  built by :func:`xdsi.soap.envelope.addressing_headers`, in place of zeep's
+  built by :func:`xdsi.wire.soap.addressing_headers`, in place of zeep's
   own, and swaps in the ebRIM ``SubmitObjectsRequest`` built with lxml
   (:mod:`xdsi.xds.metadata`): ebRIM's ``RegistryObjectList`` uses the abstract
   ``rim:Identifiable`` substitution group, which zeep cannot serialise from
@@ -41,7 +41,7 @@ from lxml import etree
 from zeep import Client, Plugin, Settings as ZeepSettings
 from zeep.transports import Transport
 
-from xdsi.soap.envelope import addressing_headers
+from xdsi.wire.soap import addressing_headers
 from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
 from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryError, RegistryResult
@@ -137,7 +137,7 @@ _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("xdsi_xds_c
 def add_addressing(envelope: etree._Element, action: str, to: str) -> str:
     """Replace the WS-Addressing headers of a SOAP 1.2 envelope by IHE's; returns the new MessageID.
 
-    The headers themselves come from :func:`xdsi.soap.envelope.addressing_headers`, the one builder.
+    The headers themselves come from :func:`xdsi.wire.soap.addressing_headers`, the one builder.
     """
     header = envelope.find(SOAP_HEADER)
     if header is None:
