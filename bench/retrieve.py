@@ -21,14 +21,18 @@ study was just written), so the comparison is protocol cost, not disk.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
@@ -50,6 +54,10 @@ def main() -> int:
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="xdsi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # the servers' "python -m xdsi" must not pick up a source tree from the working directory
+    for name, src in [("this tree", str(ROOT))] + ([(str(args.against), str(args.against))] if args.against else []):
+        where = subprocess.run([sys.executable, "-c", "import xdsi; print(xdsi.__file__)"], env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True).stdout.strip()
+        print(f"[{name}] serves {where}")
     try:
         spec = StudySpec()
         t = time.perf_counter()
@@ -77,16 +85,18 @@ def main() -> int:
         # 2. RAD-69 through the server; with --against, alternately through this tree's and the other's
         trees = [("this tree", None)] + ([(f"{args.against}", str(args.against))] if args.against else [])
         results: dict[str, list[tuple[float, int, int]]] = {name: [] for name, _ in trees}
-        for _round in range(args.rounds):
-            for name, src in trees:
+        for round_ in range(args.rounds):
+            for name, src in trees if round_ % 2 == 0 else trees[::-1]:  # ABBA: neither tree always runs first
                 mbps, before, peak, nbytes = _rad69(data, work / "out", spec.study_uid, refs, src)
                 results[name].append((mbps, before, peak))
                 print(f"RAD-69 retrieval [{name}]: {mbps:8.1f} MB/s; server RSS {before / 1e6:.0f} MB before, {peak / 1e6:.0f} MB peak (+{(peak - before) / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB response)")
         if args.against:
             (a, _), (b, _) = trees
             best = {name: max(r[0] for r in rs) for name, rs in results.items()}
+            median = {name: statistics.median(r[0] for r in rs) for name, rs in results.items()}
             growth = {name: max(r[2] - r[1] for r in rs) for name, rs in results.items()}
             print(f"best MB/s: this tree {best[a]:.1f}, {b} {best[b]:.1f}: ratio {best[a] / best[b]:.3f}")
+            print(f"median MB/s: this tree {median[a]:.1f}, {b} {median[b]:.1f}: ratio {median[a] / median[b]:.3f}")
             print(f"largest RSS growth: this tree {growth[a] / 1e6:.0f} MB, {b} {growth[b] / 1e6:.0f} MB")
     finally:
         if not args.keep:
@@ -96,7 +106,7 @@ def main() -> int:
 
 def _rad69(data: Path, out: Path, study_uid: str, refs: list, src: str | None) -> tuple[float, int, int, int]:
     """One whole-study RAD-69 retrieval from a fresh ``xdsi serve`` (from ``src`` when given): MB/s, RSS before, peak RSS, bytes."""
-    env = {"PYTHONPATH": src} if src else None
+    env = {"PYTHONPATH": src or str(ROOT)}  # explicit for both: "python -m" would put the working directory first
     proc = XdsiProcess(data, env=env).start()
     try:
         server = psutil.Process(proc.proc.pid)  # type: ignore[union-attr]
