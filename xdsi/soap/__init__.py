@@ -22,4 +22,10 @@ Importing this package first makes spyne 2.14.0 importable on Python 3.12+
 (:mod:`xdsi.soap.spyne_compat`).
 """
 
+import logging
+
 from xdsi.soap import spyne_compat as _spyne_compat  # noqa: F401 -- before any "import spyne"
+
+# spyne narrates its start-up at INFO ("Initializing application ..."); an operator needs its warnings only,
+# and a start-up failure must stay one line on stderr
+logging.getLogger("spyne").setLevel(logging.WARNING)
