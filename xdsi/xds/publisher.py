@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -45,7 +46,7 @@ from xdsi.index.xds_models import (
 )
 from xdsi.uids import validate_uid
 from xdsi.standards import constants as C
-from xdsi.wire.ebrs import RegistryResult
+from xdsi.wire.ebrs import RegistryError, RegistryResult
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos, load_study
@@ -286,12 +287,17 @@ class Publisher:
         except XdsTransportError as exc:
             return self._failed(claim, row, "transport error", str(exc), "", metadata_xml, transaction, endpoint)
         self._keep_answer(row, metadata_xml, result)
-        if result.success or self._already_registered(row, result):
+        earlier = not result.success and proves_registered(result, row.submission_set_uid, row.kos_sop_uid if row.kind == KIND_PUBLISH else None)
+        if result.success or earlier:
             self.outbox.succeeded(
                 claim, status=result.status, response=result.raw, metadata=metadata_xml, error_text=result.error_text(),
                 replaces=replaces, transaction=transaction, endpoint=endpoint,
             )
-            log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
+            if earlier:
+                log.info("%s of %s for study %s: registered by an earlier attempt whose answer was lost (%s)",
+                         transaction, row.kos_sop_uid, row.study_uid, result.error_text())
+            else:
+                log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
 
@@ -305,13 +311,6 @@ class Publisher:
         if hashlib.sha1(data).hexdigest() != row.kos_sha1:
             raise MetadataError(f"the archived manifest {row.kos_sop_uid} no longer matches its recorded SHA-1")
         return data
-
-    def _already_registered(self, row: XdsSubmission, result: RegistryResult) -> bool:
-        """A retry after a lost answer: the registry says our own SubmissionSet and document are already there."""
-        if row.last_status != "transport error" or not result.errors:
-            return False
-        mine = {row.submission_set_uid, row.kos_sop_uid}
-        return all(e.error_code == C.XDS_DUPLICATE_UNIQUE_ID and e.location in mine for e in result.errors if e.is_error)
 
     def _failed(self, claim, row, status, text, raw, metadata, transaction, endpoint) -> Outcome:  # type: ignore[no-untyped-def]
         log.warning("%s for study %s failed (%s): %s", transaction or "submission", row.study_uid, status, text)
@@ -380,6 +379,39 @@ class Publisher:
                 self.deliver(c)
                 sent = True
         return sent
+
+
+def _names(error: RegistryError, uid: str) -> bool:
+    """Whether a RegistryError is about ``uid``: its location, or the UID as a whole word of its codeContext."""
+    if error.location == uid:
+        return True
+    return re.search(rf"(?<![0-9.]){re.escape(uid)}(?![0-9.])", error.code_context or "") is not None
+
+
+def proves_registered(result: RegistryResult, submission_set_uid: str, manifest_uid: str | None) -> bool:
+    """Whether a refused re-send proves that an earlier attempt of the same submission was registered.
+
+    An answer can be lost after the registry committed (a proxy timeout, a
+    dropped connection); the outbox then sends the same submission again.
+    Each submission has a SubmissionSet uniqueId generated for it alone and a
+    publication a manifest uniqueId of its own, and submissions are atomic
+    (ITI TF-2 3.42.4.1.3.1).  So ``XDSDuplicateUniqueIdInRegistry`` naming our
+    SubmissionSet uniqueId (its codeContext must give the value, ITI TF-3
+    Table 4.2.4.1-2) proves the whole earlier submission is in the registry,
+    and the re-send's other errors (our entryUUID already used, the RPLC
+    target already Deprecated by it, the ITI-57 status already changed) follow
+    from that.  A registry conforming to ITI-42 3.42.4.1.3.3.1 accepts a
+    re-sent DocumentEntry of the same uniqueId, hash and size without error;
+    older ones answer ``XDSDuplicateUniqueIdInRegistry`` for it, and that
+    naming our manifest's uniqueId is the same proof.  Never when the registry
+    has the manifest's uniqueId with another hash or size
+    (``XDSNonIdenticalHash`` / ``XDSNonIdenticalSize``): that is not ours.
+    """
+    errors = [e for e in result.errors if e.is_error]
+    if not errors or any(e.error_code in (C.XDS_NON_IDENTICAL_HASH, C.XDS_NON_IDENTICAL_SIZE) for e in errors):
+        return False
+    ours = [submission_set_uid] + ([manifest_uid] if manifest_uid else [])
+    return any(e.error_code == C.XDS_DUPLICATE_UNIQUE_ID and any(_names(e, uid) for uid in ours) for e in errors)
 
 
 class PublisherThread:
