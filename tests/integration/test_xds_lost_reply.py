@@ -20,6 +20,7 @@ from tests.support.registry import TestRegistry
 from tests.support.xds import PATIENT_CX, ext_id, find_documents
 from xdsi.archive import Archive
 from xdsi.archive.remove import RemoveService
+from xdsi.cli import main as cli_main
 from xdsi.config import XdsSettings
 from xdsi.index.xds_models import DONE, PENDING
 from xdsi.standards import constants as C
@@ -28,7 +29,8 @@ from xdsi.wire.ebrs import RegistryError, RegistryResult
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import load_study
 from xdsi.xds.outbox import utcnow
-from xdsi.xds.publisher import Publisher, proves_registered
+from xdsi.xds.publisher import Publisher
+from xdsi.xds.recovery import proves_registered, publication_findings
 
 
 @pytest.fixture(params=["ITI-42 conformant", "ITI-42 legacy duplicates"])
@@ -37,9 +39,9 @@ def registry(request: pytest.FixtureRequest) -> Iterator[TestRegistry]:
         yield reg
 
 
-def open_archive(tmp_path: Path, **xds: object) -> Archive:
+def open_archive(tmp_path: Path, index_in_data_dir: bool = False, **xds: object) -> Archive:
     x = XdsSettings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **xds})  # type: ignore[arg-type]
-    return Archive.open(make_settings(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}", xds=x))
+    return Archive.open(make_settings(tmp_path, None if index_in_data_dir else f"sqlite:///{tmp_path / 'index.sqlite'}", xds=x))
 
 
 def store(archive: Archive, tmp_path: Path, spec: StudySpec, name: str, series: int = 1, per_series: int = 2) -> None:
@@ -111,6 +113,8 @@ def test_lost_reply_of_a_replacement_and_of_a_deprecation(tmp_path: Path, regist
         second_uid = ext_id(second, C.DE_UNIQUE_ID)
         assert second_uid != first_uid and registry.by_unique_id(first_uid).status == C.STATUS_DEPRECATED
         assert len(registry.all_by_unique_id(second_uid)) == 1
+        [finding] = publication_findings(archive, spec.study_uid)
+        assert "earlier attempt whose answer was lost" in finding and second_uid in finding, finding
 
         # ITI-57 deprecation whose answer is lost
         snap = load_study(archive.index, spec.study_uid, pub.our_manifests(spec.study_uid))
@@ -138,10 +142,13 @@ def result(*errors: RegistryError) -> RegistryResult:
           RegistryError(C.XDS_REGISTRY_METADATA_ERROR, "entryUUID urn:uuid:y is already registered", "urn:uuid:y"),
           RegistryError(C.XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR, "RPLC target urn:uuid:z is not Approved")], True),
         ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, "not unique", SS)], True),  # named by location
+        ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId urn:oid:{SS}.")], True),  # end of a sentence
         ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"DocumentEntry uniqueId {KOS} is already registered", KOS)], True),  # legacy registry
         # not ours: another uniqueId, one that merely starts like ours, no duplicate at all, a warning only
         ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, "SubmissionSet uniqueId 2.25.222 is not unique")], False),
         ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId {SS}1 is not unique")], False),
+        ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId {SS}.5 is not unique")], False),
+        ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId 1.{SS} is not unique")], False),
         ([RegistryError(C.XDS_UNKNOWN_PATIENT_ID, f"patient unknown in submission {SS}")], False),
         ([RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId {SS}", None, C.SEVERITY_WARNING)], False),
         # the manifest's uniqueId registered with other bytes is never our earlier attempt
@@ -158,3 +165,29 @@ def test_manifest_uid_is_no_proof_for_a_deprecation() -> None:
     """An ITI-57 row carries the registered manifest's uniqueId; only its own SubmissionSet uniqueId proves anything."""
     dup = RegistryError(C.XDS_DUPLICATE_UNIQUE_ID, f"DocumentEntry uniqueId {KOS} is already registered", KOS)
     assert not proves_registered(result(dup), SS, None)
+
+
+def test_replacement_of_a_manifest_deprecated_by_someone_else_is_refused_and_explained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """XDSRegistryDeprecatedDocumentError for our RPLC target, without a lost answer: not mistaken for one, and explained."""
+    with TestRegistry(CodeTable.load(), {PATIENT_CX}) as registry:
+        archive = open_archive(tmp_path, index_in_data_dir=True, mode="integrated", registry_url=registry.registry_url)
+        try:
+            spec = StudySpec()
+            store(archive, tmp_path, spec, "a")
+            pub = Publisher(archive)
+            [out] = pub.run_once()
+            assert out.state == DONE and publication_findings(archive, spec.study_uid) == []
+            [first] = find_documents(registry.registry_url, PATIENT_CX)
+            entry = registry.by_unique_id(ext_id(first, C.DE_UNIQUE_ID))
+            entry.status = C.STATUS_DEPRECATED  # another actor deprecated our manifest in the registry
+            store(archive, tmp_path, spec, "b")
+            [out] = pub.run_once()
+            assert out.state == PENDING and C.XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR in out.errors, out
+            assert registry.find_by_patient(PATIENT_CX) == []  # nothing Approved was registered
+            [finding] = publication_findings(archive, spec.study_uid)
+            assert entry.entry_uuid in finding and "deprecated or replaced it" in finding, finding
+        finally:
+            archive.close()
+    # and `xdsi status --study` prints it
+    assert cli_main(["status", "--data-dir", str(tmp_path / "data"), "--study", spec.study_uid]) == 0
+    assert f"finding:    {finding}" in capsys.readouterr().out.splitlines()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -46,7 +45,7 @@ from xdsi.index.xds_models import (
 )
 from xdsi.uids import validate_uid
 from xdsi.standards import constants as C
-from xdsi.wire.ebrs import RegistryError, RegistryResult
+from xdsi.wire.ebrs import RegistryResult
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos, load_study
@@ -61,6 +60,7 @@ from xdsi.xds.metadata import (
     pretty,
 )
 from xdsi.xds.outbox import Claim, Outbox, _aware, utcnow
+from xdsi.xds.recovery import proves_registered
 
 log = logging.getLogger(__name__)
 
@@ -379,39 +379,6 @@ class Publisher:
                 self.deliver(c)
                 sent = True
         return sent
-
-
-def _names(error: RegistryError, uid: str) -> bool:
-    """Whether a RegistryError is about ``uid``: its location, or the UID as a whole word of its codeContext."""
-    if error.location == uid:
-        return True
-    return re.search(rf"(?<![0-9.]){re.escape(uid)}(?![0-9.])", error.code_context or "") is not None
-
-
-def proves_registered(result: RegistryResult, submission_set_uid: str, manifest_uid: str | None) -> bool:
-    """Whether a refused re-send proves that an earlier attempt of the same submission was registered.
-
-    An answer can be lost after the registry committed (a proxy timeout, a
-    dropped connection); the outbox then sends the same submission again.
-    Each submission has a SubmissionSet uniqueId generated for it alone and a
-    publication a manifest uniqueId of its own, and submissions are atomic
-    (ITI TF-2 3.42.4.1.3.1).  So ``XDSDuplicateUniqueIdInRegistry`` naming our
-    SubmissionSet uniqueId (its codeContext must give the value, ITI TF-3
-    Table 4.2.4.1-2) proves the whole earlier submission is in the registry,
-    and the re-send's other errors (our entryUUID already used, the RPLC
-    target already Deprecated by it, the ITI-57 status already changed) follow
-    from that.  A registry conforming to ITI-42 3.42.4.1.3.3.1 accepts a
-    re-sent DocumentEntry of the same uniqueId, hash and size without error;
-    older ones answer ``XDSDuplicateUniqueIdInRegistry`` for it, and that
-    naming our manifest's uniqueId is the same proof.  Never when the registry
-    has the manifest's uniqueId with another hash or size
-    (``XDSNonIdenticalHash`` / ``XDSNonIdenticalSize``): that is not ours.
-    """
-    errors = [e for e in result.errors if e.is_error]
-    if not errors or any(e.error_code in (C.XDS_NON_IDENTICAL_HASH, C.XDS_NON_IDENTICAL_SIZE) for e in errors):
-        return False
-    ours = [submission_set_uid] + ([manifest_uid] if manifest_uid else [])
-    return any(e.error_code == C.XDS_DUPLICATE_UNIQUE_ID and any(_names(e, uid) for uid in ours) for e in errors)
 
 
 class PublisherThread:
