@@ -23,8 +23,14 @@ accepts would be accepted there:
   ``XDSNonIdenticalHash`` / ``XDSNonIdenticalSize``; only a SubmissionSet or
   Folder uniqueId already used in the registry is
   ``XDSDuplicateUniqueIdInRegistry``, its codeContext naming which and the
-  value.  ``legacy_document_duplicates=True`` plays an older registry that
-  (against 3.42.4.1.3.3.1) also answers it for a DocumentEntry.
+  value; one uniqueId twice in a submission is
+  ``XDSRegistryDuplicateUniqueIdInMessage``.  ``legacy_document_duplicates=True``
+  plays an older registry that (against 3.42.4.1.3.3.1) also answers
+  ``XDSDuplicateUniqueIdInRegistry`` for a DocumentEntry;
+* the relationship rules of 3.42.4.1.3.5: an RPLC source or target that
+  resolves to nothing is ``UnresolvedReferenceException``, a target that is
+  not Approved ``XDSRegistryDeprecatedDocumentError``; new Folders (uniqueId,
+  patientId, FD-DE HasMember) are accepted and their uniqueIds kept.
 
 It runs as a werkzeug server on 127.0.0.1 in a thread; ``down = True`` makes it
 answer HTTP 503, ``lose_replies = n`` commits the next n requests and answers
