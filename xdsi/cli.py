@@ -258,10 +258,12 @@ def _print_xds_queue(settings: Settings) -> None:
 def cmd_status_study(settings: Settings, study_uid: str) -> int:
     from xdsi.uids import InvalidUID
     from xdsi.xds.publisher import study_report
+    from xdsi.xds.recovery import publication_findings as registry_answer_findings
 
     archive = _open_archive(settings)
     try:
         report = study_report(archive, study_uid)
+        findings = registry_answer_findings(archive, study_uid)  # issue 11: what the registry's answers mean
     except InvalidUID as exc:
         print(f"xdsi status: {exc}", file=sys.stderr)
         return 2
@@ -283,6 +285,8 @@ def cmd_status_study(settings: Settings, study_uid: str) -> int:
             print(f"  registry answer: {sub_['status']}" + (f": {sub_['error']}" if sub_["error"] else ""))
     for f in report["files"]:  # type: ignore[union-attr]
         print(f"kept:       {f}")
+    for line in findings:
+        print(f"finding:    {line}")
     if report["submissions"]:
         last = report["submissions"][-1]  # type: ignore[index]
         if last["response"]:

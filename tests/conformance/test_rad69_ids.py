@@ -37,6 +37,7 @@ from xdsi.standards.constants import (
     STATUS_PARTIAL_SUCCESS,
     STATUS_SUCCESS,
     XDS_DOCUMENT_UNIQUE_ID_ERROR,
+    XDS_REPOSITORY_ERROR,
     XDS_UNKNOWN_REPOSITORY_ID,
 )
 
@@ -171,7 +172,7 @@ def test_4811_03_sop_in_a_different_series(ids_server: IdsServer) -> None:
     (s1, items1), (s2, _items2) = list(st.series.items())
     resp = rad69(ids_server, [study_req(st.uid, {s2: [doc(items1[0][0])]})])
     errs = assert_failure(resp, items1[0][0])
-    assert errs[0]["errorCode"] == "urn:dicom:wado:0010"
+    assert errs[0]["errorCode"] == XDS_DOCUMENT_UNIQUE_ID_ERROR  # ITI TF-3 Table 4.2.4.1-2, not the WADO-WS 0010
 
 
 def test_4811_04_sop_in_a_different_study(ids_server: IdsServer) -> None:
@@ -180,11 +181,11 @@ def test_4811_04_sop_in_a_different_study(ids_server: IdsServer) -> None:
     # the instance and its series are right, the study is another one the archive holds
     resp = rad69(ids_server, [study_req(b.uid, {series_a: [doc(items_a[0][0])]})])
     errs = assert_failure(resp, items_a[0][0])
-    assert errs[0]["errorCode"] == "urn:dicom:wado:0010"
+    assert errs[0]["errorCode"] == XDS_DOCUMENT_UNIQUE_ID_ERROR
     # and with the other study's series as well
     series_b = next(iter(b.series))
     resp = rad69(ids_server, [study_req(b.uid, {series_b: [doc(items_a[0][0])]})])
-    assert_failure(resp, items_a[0][0])
+    assert assert_failure(resp, items_a[0][0])[0]["errorCode"] == XDS_DOCUMENT_UNIQUE_ID_ERROR
 
 
 @pytest.mark.parametrize("case", ["05_empty_study", "06_empty_series", "07_both_empty"])
@@ -211,7 +212,7 @@ def test_4811_09_unsupported_transfer_syntax(ids_server: IdsServer) -> None:
     series_uid, items = next(iter(st.series.items()))
     resp = rad69(ids_server, [study_req(st.uid, {series_uid: [doc(items[0][0])]})], syntaxes=["1.2.840.10008.1.2.1.999"])
     errs = assert_failure(resp, items[0][0])
-    assert errs[0]["errorCode"] == "urn:dicom:wado:0006"
+    assert errs[0]["errorCode"] == XDS_REPOSITORY_ERROR  # no specific IHE code; NIST's IDS simulator answers this one
 
 
 # -- ids_2018-4820: HomeCommunityId ----------------------------------------------------------------

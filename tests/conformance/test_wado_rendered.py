@@ -32,6 +32,7 @@ from tests.support.ids import (
 )
 from xdsi.standards.constants import (
     ACTION_RENDERED,
+    ACTION_RENDERED_RESPONSE,
     ACTION_RENDERED_SWAPPED,
     ACTION_RENDERED_SWAPPED_RESPONSE,
     NS_SOAP12,
@@ -232,3 +233,38 @@ def test_legacy_swapped_namespace_and_action(wado_server: WadoServer) -> None:
     img = Image.open(io.BytesIO(resp.document(d.find(IHE + "Document"))))
     assert img.format == "JPEG" and img.size == (32, 16)
     assert etree.QName(resp.body).localname == "RetrieveRenderedImagingDocumentSetResponse"
+
+
+@pytest.mark.parametrize(
+    ("action", "namespace", "response_action"),
+    [
+        (ACTION_RENDERED_SWAPPED, NS_WADO, ACTION_RENDERED_SWAPPED_RESPONSE),  # the legacy action, a standard body
+        (ACTION_RENDERED, NS_WADO_SWAPPED, ACTION_RENDERED_RESPONSE),  # the standard action, a swapped body
+        (ACTION_RENDERED, NS_WADO, ACTION_RENDERED_RESPONSE),
+        (ACTION_RENDERED_SWAPPED, NS_WADO_SWAPPED, ACTION_RENDERED_SWAPPED_RESPONSE),
+    ],
+)
+def test_answer_in_the_namespace_of_the_request_body(wado_server: WadoServer, action: str, namespace: str, response_action: str) -> None:
+    """The response body is in the namespace the request body used, whatever the action; the reply action follows the action."""
+    w = wado_server.wado
+    assert w is not None
+    s, sop, _f = w.image
+    env = (
+        f'<s:Envelope xmlns:s="{NS_SOAP12}" xmlns:a="http://www.w3.org/2005/08/addressing"><s:Header>'
+        f'<a:Action s:mustUnderstand="1">{action}</a:Action><a:MessageID>urn:uuid:{uuid.uuid4()}</a:MessageID></s:Header><s:Body>'
+        f'<w:RetrieveRenderedImagingDocumentSetRequest xmlns:w="{namespace}" xmlns:ihe="urn:ihe:iti:xds-b:2007">'
+        f'<w:StudyRequest studyInstanceUID="{w.study.uid}"><w:SeriesRequest seriesInstanceUID="{s}"><w:RenderedDocumentRequest>'
+        f"<ihe:RepositoryUniqueId>{NIST_REPOSITORY}</ihe:RepositoryUniqueId><ihe:DocumentUniqueId>{sop}</ihe:DocumentUniqueId>"
+        f"<w:Rows>16</w:Rows><w:ContentTypeList><w:ContentType>image/jpeg</w:ContentType></w:ContentTypeList>"
+        f"</w:RenderedDocumentRequest></w:SeriesRequest></w:StudyRequest></w:RetrieveRenderedImagingDocumentSetRequest></s:Body></s:Envelope>"
+    )
+    resp = post_raw(wado_server.url, env.encode(), action=action)
+    assert resp.header("Action").text == response_action
+    assert resp.body.tag == f"{{{namespace}}}RetrieveRenderedImagingDocumentSetResponse"
+    assert resp.body.find(f"{{{namespace}}}RegistryResponse").get("status") == STATUS_SUCCESS
+    (d,) = resp.body.iter(f"{{{namespace}}}RenderedDocumentResponse")
+    assert d.findtext(f"{{{namespace}}}SourceDocumentUniqueId") == sop
+    other = NS_WADO_SWAPPED if namespace == NS_WADO else NS_WADO
+    assert not [e for e in resp.body.iter() if isinstance(e.tag, str) and e.tag.startswith(f"{{{other}}}")]
+    img = Image.open(io.BytesIO(resp.document(d.find(IHE + "Document"))))
+    assert img.format == "JPEG" and img.size == (32, 16)

@@ -27,7 +27,7 @@ from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, post_raw, populate, reg
 from tests.support.server import XdsiProcess
 from tests.unit.test_produce import corrupt_j2k, jpeg_colour
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.standards.constants import ACTION_RAD69, NS_XDS, STATUS_PARTIAL_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
+from xdsi.standards.constants import ACTION_RAD69, NS_XDS, STATUS_PARTIAL_SUCCESS, XDS_REPOSITORY_ERROR
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 VIEWER = "http://viewer.example.org:3000"
@@ -87,7 +87,7 @@ def test_rad69_undecodable_instance_is_a_registry_error_and_the_others_arrive_in
     assert status_of(resp.body) == STATUS_PARTIAL_SUCCESS
     bad = dcmread(held.corrupt, stop_before_pixels=True).SOPInstanceUID
     errs = registry_errors(resp.body)
-    assert [(e["errorCode"], e["location"]) for e in errs] == [(WADO_CANNOT_PROVIDE_FORMAT, bad)]
+    assert [(e["errorCode"], e["location"]) for e in errs] == [(XDS_REPOSITORY_ERROR, bad)]
     docs = {d.findtext(IHE + "DocumentUniqueId"): resp.document(d.find(IHE + "Document")) for d in resp.body.iter(IHE + "DocumentResponse")}
     ct_uid, jpeg_uid = (dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (held.ct, held.jpeg))
     assert set(docs) == {ct_uid, jpeg_uid}

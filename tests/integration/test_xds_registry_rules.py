@@ -114,7 +114,7 @@ MUTATIONS: dict[str, tuple[Callable[[etree._Element], None], str]] = {
     "RPLC of an unknown entry": (
         lambda r: etree.SubElement(r[0], f"{R}Association", id=new_entry_uuid(), associationType=C.ASSOC_RPLC,
                                    sourceObject=de_of(r).get("id"), targetObject=new_entry_uuid()),
-        C.XDS_REGISTRY_METADATA_ERROR),
+        C.XDS_UNRESOLVED_REFERENCE),  # ITI TF-2 3.42.4.1.3.5
 }
 
 
@@ -161,11 +161,116 @@ def test_duplicate_and_rplc_rules(registry: TestRegistry) -> None:
     assert registry.entries[doc.entry_uuid].status == C.STATUS_DEPRECATED
     req3, _, _ = good(replaces=doc.entry_uuid)
     r = RegistryClient(registry.registry_url).register(req3)
-    assert "XDSRegistryDeprecatedDocumentError" in [e.error_code for e in r.errors], r.error_text()
+    assert C.XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR == "XDSRegistryDeprecatedDocumentError"
+    assert C.XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR in [e.error_code for e in r.errors], r.error_text()
     # RPLC across patients
     req4, _, _ = good(replaces=doc2.entry_uuid, patient_id="OTHER")
     r = RegistryClient(registry.registry_url).register(req4)
     assert C.XDS_PATIENT_ID_DOES_NOT_MATCH in [e.error_code for e in r.errors], r.error_text()
+
+
+def _fresh_ids(req: etree._Element, *, submission_set: bool = True) -> None:
+    """A new entryUUID for the DocumentEntry and (by default) a new SubmissionSet uniqueId: only the DocumentEntry uniqueId stays."""
+    _rename_doc(req, new_entry_uuid())
+    if submission_set:
+        ext(ss_of(req), C.SS_UNIQUE_ID).set("value", oid_uid())
+
+
+def codes_of(r) -> list[str]:  # type: ignore[no-untyped-def]
+    return [e.error_code for e in r.errors]
+
+
+def test_resent_document_entry_rules(registry: TestRegistry) -> None:
+    """ITI TF-2 3.42.4.1.3.3.1: same uniqueId, hash and size is no error; another hash or size is refused, each by its code."""
+    client = RegistryClient(registry.registry_url)
+    req, doc, _ = good()
+    assert client.register(copy.deepcopy(req)).success
+    again = copy.deepcopy(req)
+    _fresh_ids(again)
+    r = client.register(again)
+    assert r.success and not r.errors, r.error_text()
+    assert len(registry.all_by_unique_id(doc.unique_id)) == 2
+    for name, value, code in (("hash", "0" * 40, C.XDS_NON_IDENTICAL_HASH), ("size", "1", C.XDS_NON_IDENTICAL_SIZE)):
+        bad = copy.deepcopy(req)
+        _fresh_ids(bad)
+        set_value(slot(de_of(bad), name), value)
+        r = client.register(bad)
+        assert r.status == C.STATUS_FAILURE and codes_of(r) == [code], (name, r.error_text())
+        assert doc.unique_id in r.errors[0].code_context  # "The codeContext shall indicate uniqueId"
+    assert len(registry.all_by_unique_id(doc.unique_id)) == 2
+    # the same uniqueId twice in one submission
+    two = copy.deepcopy(req)
+    _fresh_ids(two)
+    de2 = copy.deepcopy(de_of(two))
+    two[0].insert(1, de2)
+    _rename_doc_el(two, de2, new_entry_uuid())
+    r = client.register(two)
+    assert C.XDS_REGISTRY_DUPLICATE_UNIQUE_ID_IN_MESSAGE in codes_of(r), r.error_text()
+
+
+def test_submission_set_and_folder_unique_ids(registry: TestRegistry) -> None:
+    """XDSDuplicateUniqueIdInRegistry only for a SubmissionSet or Folder uniqueId, its codeContext naming which and the value."""
+    client = RegistryClient(registry.registry_url)
+    req, doc, _ = good()
+    ss_uid = ext(ss_of(req), C.SS_UNIQUE_ID).get("value")
+    assert client.register(copy.deepcopy(req)).success
+    # the same SubmissionSet uniqueId again (with a new DocumentEntry, and with the very same one)
+    again, _, _ = good()
+    ext(ss_of(again), C.SS_UNIQUE_ID).set("value", ss_uid)
+    same = copy.deepcopy(req)
+    _fresh_ids(same, submission_set=False)
+    for sub in (again, same):
+        r = client.register(sub)
+        assert r.status == C.STATUS_FAILURE and codes_of(r) == [C.XDS_DUPLICATE_UNIQUE_ID], r.error_text()
+        assert "SubmissionSet" in r.errors[0].code_context and ss_uid in r.errors[0].code_context
+    # a SubmissionSet uniqueId that a registered DocumentEntry already has (3.42.4.1.3.3.7)
+    taken, _, _ = good()
+    ext(ss_of(taken), C.SS_UNIQUE_ID).set("value", doc.unique_id)
+    r = client.register(taken)
+    assert codes_of(r) == [C.XDS_DUPLICATE_UNIQUE_ID] and doc.unique_id in r.errors[0].code_context, r.error_text()
+    # a Folder: accepted once, its uniqueId refused the second time
+    folder_uid = oid_uid()
+    for attempt in range(2):
+        sub, _, _ = good()
+        _add_folder(sub, folder_uid, PATIENT_CX)
+        r = client.register(sub)
+        if attempt == 0:
+            assert r.success, r.error_text()
+            assert registry.folders[folder_uid] == PATIENT_CX
+        else:
+            assert codes_of(r) == [C.XDS_DUPLICATE_UNIQUE_ID], r.error_text()
+            assert "Folder" in r.errors[0].code_context and folder_uid in r.errors[0].code_context
+
+
+def _add_folder(req: etree._Element, uid: str, patient: str) -> None:
+    """A new Folder holding the submission's DocumentEntry (ITI TF-3 4.2.1.3, 4.2.3.4), member of the SubmissionSet."""
+    objs, fid = req[0], "Folder01"
+    ss_id, de_id = ss_of(req).get("id"), de_of(req).get("id")
+    f = etree.SubElement(objs, f"{R}RegistryPackage", id=fid, objectType=C.OBJECT_TYPE_REGISTRY_PACKAGE)
+    etree.SubElement(etree.SubElement(f, f"{R}Name"), f"{R}LocalizedString", value="imaging")
+    for scheme, value in ((C.FOLDER_PATIENT_ID, patient), (C.FOLDER_UNIQUE_ID, uid)):
+        e = etree.SubElement(f, f"{R}ExternalIdentifier", id=new_entry_uuid(), identificationScheme=scheme, value=value,
+                             objectType=C.EXTERNAL_IDENTIFIER_OBJECT_TYPE, registryObject=fid)
+        etree.SubElement(etree.SubElement(e, f"{R}Name"), f"{R}LocalizedString", value=C.EXTERNAL_ID_NAMES[scheme])
+    etree.SubElement(objs, f"{R}Classification", id=new_entry_uuid(), objectType=C.CLASSIFICATION_OBJECT_TYPE,
+                     classifiedObject=fid, classificationNode=C.FOLDER_CLASSIFICATION_NODE)
+    for src, tgt in ((ss_id, fid), (fid, de_id)):
+        etree.SubElement(objs, f"{R}Association", id=new_entry_uuid(), associationType=C.ASSOC_HAS_MEMBER, sourceObject=src, targetObject=tgt)
+
+
+def _rename_doc_el(req: etree._Element, de: etree._Element, new_id: str) -> None:
+    """Give one DocumentEntry a new id (its classifications and identifiers follow) and make it a member of the SubmissionSet."""
+    old = de.get("id")
+    for el in de.iter():
+        for attr in ("id", "classifiedObject", "registryObject"):
+            if el.get(attr) == old:
+                el.set(attr, new_id)
+    for el in de.iter():
+        if el is not de and el.get("id", "").startswith("urn:uuid:"):
+            el.set("id", new_entry_uuid())
+    hm = etree.SubElement(req[0], f"{R}Association", id=new_entry_uuid(), associationType=C.ASSOC_HAS_MEMBER,
+                          sourceObject=ss_of(req).get("id"), targetObject=new_id)
+    etree.SubElement(etree.SubElement(etree.SubElement(hm, f"{R}Slot", name="SubmissionSetStatus"), f"{R}ValueList"), f"{R}Value").text = "Original"
 
 
 def _rename_doc(req: etree._Element, new_id: str) -> None:

@@ -16,10 +16,26 @@ accepts would be accepted there:
   list, one DocumentEntry per Document, hash and size correct, known patient
   IDs, patient IDs that match, RPLC target known, Approved, same patient;
   it becomes Deprecated) answered with the RegistryErrors of ITI TF-3
-  Table 4.2.4.1-2.
+  Table 4.2.4.1-2;
+* the uniqueness rules of ITI TF-2 3.42.4.1.3.3: a DocumentEntry re-sent with
+  a registered uniqueId and the same hash and size is accepted without error
+  (a second entry with that uniqueId), a different hash or size is
+  ``XDSNonIdenticalHash`` / ``XDSNonIdenticalSize``; only a SubmissionSet or
+  Folder uniqueId already used in the registry is
+  ``XDSDuplicateUniqueIdInRegistry``, its codeContext naming which and the
+  value; one uniqueId twice in a submission is
+  ``XDSRegistryDuplicateUniqueIdInMessage``.  ``legacy_document_duplicates=True``
+  plays an older registry that (against 3.42.4.1.3.3.1) also answers
+  ``XDSDuplicateUniqueIdInRegistry`` for a DocumentEntry;
+* the relationship rules of 3.42.4.1.3.5: an RPLC source or target that
+  resolves to nothing is ``UnresolvedReferenceException``, a target that is
+  not Approved ``XDSRegistryDeprecatedDocumentError``; new Folders (uniqueId,
+  patientId, FD-DE HasMember) are accepted and their uniqueIds kept.
 
 It runs as a werkzeug server on 127.0.0.1 in a thread; ``down = True`` makes it
-answer HTTP 503, and :meth:`stop` / :meth:`start` restart it on the same port.
+answer HTTP 503, ``lose_replies = n`` commits the next n requests and answers
+each with an HTTP 504 instead of its RegistryResponse (a reply lost on the way
+back), and :meth:`stop` / :meth:`start` restart it on the same port.
 """
 
 from __future__ import annotations
@@ -59,7 +75,6 @@ _HEX40 = re.compile(r"^[0-9a-fA-F]{40}$")
 _LANG = re.compile(r"^[a-zA-Z]{1,8}(-[a-zA-Z0-9]{1,8})*$")
 _ISO_AA = re.compile(r"^[^&]*&[0-2](\.(0|[1-9][0-9]*))+&ISO$")
 
-ERROR_DEPRECATED_TARGET = "XDSRegistryDeprecatedDocumentError"
 ERROR_METADATA_UPDATE = "XDSMetadataUpdateError"
 
 AUTHOR_SLOTS = {"authorPerson", "authorInstitution", "authorRole", "authorSpecialty", "authorTelecommunication"}
@@ -164,6 +179,7 @@ class TestRegistry:
         *,
         repository_unique_id: str = "1.3.6.1.4.1.21367.13.80.999",
         port: int | None = None,
+        legacy_document_duplicates: bool = False,
     ) -> None:
         self.codes = codes
         self.known_patients = set(known_patients)
@@ -172,6 +188,9 @@ class TestRegistry:
         self.schema = etree.XMLSchema(etree.parse(str(SCHEMA_DIR / "IHE" / "XDS.b_DocumentRepository.xsd"), SAFE_PARSER))
         self.entries: dict[str, Entry] = {}  # entryUUID -> entry
         self.submission_sets: dict[str, str] = {}  # uniqueId -> patient id
+        self.folders: dict[str, str] = {}  # uniqueId -> patient id
+        self.legacy_document_duplicates = legacy_document_duplicates
+        self.lose_replies = 0
         self.documents: dict[str, tuple[str, bytes]] = {}  # repository: uniqueId -> (mimeType, bytes)
         self.requests: list[Request_] = []
         self.down = False
@@ -214,6 +233,11 @@ class TestRegistry:
     def by_unique_id(self, unique_id: str) -> Entry | None:
         with self.lock:
             return next((e for e in self.entries.values() if e.unique_id == unique_id), None)
+
+    def all_by_unique_id(self, unique_id: str) -> list[Entry]:
+        """Every registered DocumentEntry with this uniqueId (ITI-42 allows several with the same hash and size)."""
+        with self.lock:
+            return [e for e in self.entries.values() if e.unique_id == unique_id]
 
     def count_actions(self, action: str) -> int:
         return sum(1 for r in self.requests if r.action == action)
@@ -258,6 +282,11 @@ class TestRegistry:
                 raise SchemaInvalid(f"schema validation failed: line {err.line}: {err.message}")
             with self.lock:
                 result, reply_attachments = handler(payload, documents)
+                lost = self.lose_replies > 0
+                if lost:
+                    self.lose_replies -= 1
+            if lost:  # done and committed, but the answer never reaches the client (a proxy timed out)
+                return Response("gateway timeout: no answer from the registry in time\n", status=504)
             return self._reply(action + "Response" if action != C.ACTION_ITI57 else C.ACTION_ITI57_RESPONSE, message_id, result, reply_attachments, mtom_required)
         except SchemaInvalid as exc:
             code = C.XDS_REPOSITORY_METADATA_ERROR if path == "/repository" else C.XDS_REGISTRY_METADATA_ERROR
@@ -537,12 +566,19 @@ class TestRegistry:
         des = objs.findall(C.q("rim", "ExtrinsicObject"))
         for de in des:
             self._check_document_entry(de, errors, require_repository, ss[1] if ss else None)
+        folders = self._folders(objs, errors, ss[1] if ss else None)
+        self._check_unique_in_message(objs, errors)
         de_ids = {d.get("id", "") for d in des}
         members = set()
         for a in objs.findall(C.q("rim", "Association")):
             t = a.get("associationType", "")
             if t == C.ASSOC_HAS_MEMBER:
-                if ss is None or a.get("sourceObject") != ss[2]:
+                source = a.get("sourceObject")
+                if source in folders:  # FD-DE: a DocumentEntry of this submission filed in a new Folder
+                    if a.get("targetObject") not in de_ids:
+                        errors.append(Err(C.XDS_UNRESOLVED_REFERENCE, "Folder HasMember target is not a DocumentEntry of this submission", a.get("id", "")))
+                    continue
+                if ss is None or source != ss[2]:
                     errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, "HasMember source is not the SubmissionSet", a.get("id", "")))
                 members.add(a.get("targetObject", ""))
                 if a.get("targetObject") in de_ids and _slots(a).get("SubmissionSetStatus") != [["Original"]]:
@@ -550,19 +586,65 @@ class TestRegistry:
             elif t == C.ASSOC_RPLC:
                 src, tgt = a.get("sourceObject", ""), a.get("targetObject", "")
                 if src not in de_ids:
-                    errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, "RPLC source is not a DocumentEntry of this submission", src))
+                    errors.append(Err(C.XDS_UNRESOLVED_REFERENCE, "RPLC source is not a DocumentEntry of this submission", src))
                 target = self.entries.get(tgt)
                 if target is None:
-                    errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"RPLC target {tgt} is not in the registry", tgt))
+                    errors.append(Err(C.XDS_UNRESOLVED_REFERENCE, f"RPLC target {tgt} is not in the registry", tgt))
                 elif target.status != C.STATUS_APPROVED:
-                    errors.append(Err(ERROR_DEPRECATED_TARGET, f"RPLC target {tgt} is not Approved", tgt))
+                    errors.append(Err(C.XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR, f"RPLC target {tgt} is not Approved", tgt))
                 elif ss is not None and target.patient_id != ss[1]:
                     errors.append(Err(C.XDS_PATIENT_ID_DOES_NOT_MATCH, "RPLC target belongs to another patient", tgt))
             else:
                 errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"associationType {t!r} is not accepted in a submission", a.get("id", "")))
         for d in de_ids - members:
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"DocumentEntry {d} is not a member of the SubmissionSet", d))
+        for f in set(folders) - members:
+            errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"Folder {f} is not a member of the SubmissionSet", f))
         return errors
+
+    def _registered_unique_ids(self) -> dict[str, str]:
+        """uniqueId -> what holds it, over every registered SubmissionSet, Folder and DocumentEntry."""
+        out = {e.unique_id: "a DocumentEntry" for e in self.entries.values()}
+        out.update({u: "a Folder" for u in self.folders})
+        out.update({u: "a SubmissionSet" for u in self.submission_sets})
+        return out
+
+    def _check_unique_in_message(self, objs: etree._Element, errors: list[Err]) -> None:
+        """XDSRegistryDuplicateUniqueIdInMessage: one uniqueId on two objects of the submission."""
+        seen: set[str] = set()
+        for obj in objs:
+            for scheme in (C.DE_UNIQUE_ID, C.SS_UNIQUE_ID, C.FOLDER_UNIQUE_ID):
+                value = _ext_id(obj, scheme)
+                if not value:
+                    continue
+                if value in seen:
+                    errors.append(Err(C.XDS_REGISTRY_DUPLICATE_UNIQUE_ID_IN_MESSAGE, f"uniqueId {value} is used more than once in the submission", obj.get("id", "")))
+                seen.add(value)
+
+    def _folders(self, objs: etree._Element, errors: list[Err], ss_pid: str | None) -> dict[str, str]:
+        """{Folder id: uniqueId} of the new Folders, checked (ITI TF-3 4.2.3.4; ITI TF-2 3.42.4.1.3.3.2 / .7)."""
+        folder_ids = {
+            c.get("classifiedObject")
+            for c in objs.iter(C.q("rim", "Classification"))
+            if c.get("classificationNode") == C.FOLDER_CLASSIFICATION_NODE
+        }
+        out: dict[str, str] = {}
+        registered = self._registered_unique_ids()
+        for p in objs.findall(C.q("rim", "RegistryPackage")):
+            fid = p.get("id", "")
+            if fid not in folder_ids:
+                continue
+            uid = self._ext(p, C.FOLDER_UNIQUE_ID, errors, fid) or ""
+            pid = self._ext(p, C.FOLDER_PATIENT_ID, errors, fid)
+            if uid and not _OID.match(uid):
+                errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"Folder uniqueId {uid} is not an OID", fid))
+            if uid in registered:
+                errors.append(Err(C.XDS_DUPLICATE_UNIQUE_ID, f"Folder uniqueId {uid} is not unique: {registered[uid]} in the registry has it", fid))
+            self._check_pid(pid, errors, fid)
+            if pid and ss_pid and pid != ss_pid:
+                errors.append(Err(C.XDS_PATIENT_ID_DOES_NOT_MATCH, "Folder patientId differs from the SubmissionSet's", fid))
+            out[fid] = uid
+        return out
 
     def _submission_set(self, objs: etree._Element, errors: list[Err]) -> tuple[str, str, str] | None:
         """(uniqueId, patientId, id) of the one SubmissionSet, after checking it."""
@@ -572,7 +654,15 @@ class TestRegistry:
             for c in objs.iter(C.q("rim", "Classification"))
             if c.get("classificationNode") == C.SS_CLASSIFICATION_NODE
         }
+        folder_ids = {
+            c.get("classifiedObject")
+            for c in objs.iter(C.q("rim", "Classification"))
+            if c.get("classificationNode") == C.FOLDER_CLASSIFICATION_NODE
+        }
         sets = [p for p in packages if p.get("id") in ss_ids]
+        for p in packages:
+            if p.get("id") not in ss_ids and p.get("id") not in folder_ids:
+                errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"RegistryPackage {p.get('id')} is labeled neither SubmissionSet nor Folder", p.get("id", "")))
         if len(sets) != 1:
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"{len(sets)} SubmissionSets; exactly one is required"))
             return None
@@ -590,8 +680,9 @@ class TestRegistry:
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"SubmissionSet uniqueId {uid} is not an OID", sid))
         if source and not _OID.match(source):
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"sourceId {source} is not an OID", sid))
-        if uid in self.submission_sets:
-            errors.append(Err(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId {uid} was already submitted", uid))
+        registered = self._registered_unique_ids()
+        if uid and uid in registered:  # ITI TF-2 3.42.4.1.3.3.7; codeContext says which object and the value
+            errors.append(Err(C.XDS_DUPLICATE_UNIQUE_ID, f"SubmissionSet uniqueId {uid} is not unique: {registered[uid]} in the registry has it", sid))
         self._check_pid(pid, errors, sid)
         return (uid or "", pid or "", sid)
 
@@ -652,15 +743,16 @@ class TestRegistry:
             errors.append(Err(C.XDS_PATIENT_ID_DOES_NOT_MATCH, "DocumentEntry patientId differs from the SubmissionSet's", did))
         if uid is not None and (not uid or len(uid) > 128):
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, "DocumentEntry uniqueId is empty or too long", did))
+        # ITI TF-2 3.42.4.1.3.3.1: the same uniqueId with the same hash and size continues without error
         existing = next((e for e in self.entries.values() if e.unique_id == uid), None)
         if existing is not None:
             if one("hash") and existing.hash != one("hash").lower():
-                errors.append(Err(C.XDS_NON_IDENTICAL_HASH, f"uniqueId {uid} is registered with another hash", uid))
-            elif one("size") and str(existing.size) != one("size"):
-                errors.append(Err(C.XDS_NON_IDENTICAL_SIZE, f"uniqueId {uid} is registered with another size", uid))
-            else:
+                errors.append(Err(C.XDS_NON_IDENTICAL_HASH, f"{uid}: DocumentEntry uniqueId registered with hash {existing.hash}, not {one('hash')}", did))
+            if one("size") and str(existing.size) != one("size"):
+                errors.append(Err(C.XDS_NON_IDENTICAL_SIZE, f"{uid}: DocumentEntry uniqueId registered with size {existing.size}, not {one('size')}", did))
+            if self.legacy_document_duplicates:  # what older registries answer, against 3.42.4.1.3.3.1
                 errors.append(Err(C.XDS_DUPLICATE_UNIQUE_ID, f"DocumentEntry uniqueId {uid} is already registered", uid))
-        if did in self.entries:
+        if did in self.entries:  # ITI TF-2 3.42.4.1.3.7: a UUID once assigned is permanent
             errors.append(Err(C.XDS_REGISTRY_METADATA_ERROR, f"entryUUID {did} is already registered", did))
 
     def _check_author(self, obj: etree._Element, scheme: str, errors: list[Err], where: str) -> None:
@@ -746,9 +838,12 @@ class TestRegistry:
             if a.get("associationType") == C.ASSOC_RPLC:
                 self.entries[a.get("targetObject", "")].status = C.STATUS_DEPRECATED
         errors: list[Err] = []
+        folders = self._folders(objs, errors, None)
         ss = self._submission_set(objs, errors)
         if ss is not None:
             self.submission_sets[ss[0]] = ss[1]
+        for fid, uid in folders.items():
+            self.folders[uid] = _ext_id(next(p for p in objs if p.get("id") == fid), C.FOLDER_PATIENT_ID)
 
 
 class SchemaInvalid(Exception):

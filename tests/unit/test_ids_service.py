@@ -16,7 +16,7 @@ from xdsi.archive import Archive
 from xdsi.ids import DocumentRequest, ImagingDocumentSource
 from xdsi.index.models import FileCopy, Study
 from xdsi.tools.synth import StudySpec, write_study
-from xdsi.standards.constants import STATUS_FAILURE, STATUS_SUCCESS, WADO_CANNOT_PROVIDE_FORMAT
+from xdsi.standards.constants import STATUS_FAILURE, STATUS_SUCCESS, XDS_REPOSITORY_ERROR
 
 REPO = "1.2.3.4.5"
 
@@ -102,7 +102,7 @@ def test_no_producible_syntax_is_an_error(archive: Archive, tmp_path: Path) -> N
     ids = ImagingDocumentSource(archive.retrieve, REPO)
     res = ids.retrieve_set([_req(files[0])], ["1.2.840.10008.1.2.4.50"])  # JPEG baseline: no encoder here
     assert res.status == STATUS_FAILURE
-    assert [(e.error_code, e.location) for e in res.errors] == [(WADO_CANNOT_PROVIDE_FORMAT, _req(files[0]).document_unique_id)]
+    assert [(e.error_code, e.location) for e in res.errors] == [(XDS_REPOSITORY_ERROR, _req(files[0]).document_unique_id)]
 
 
 def test_instances_on_a_cold_tier_are_recalled_before_they_are_listed(tmp_path: Path, index_url: str) -> None:

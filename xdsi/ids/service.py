@@ -2,11 +2,27 @@
 
 The rules here are the ones Connectathon validators check (FACTS.md 1.3-1.7):
 a wrong repositoryUniqueId is ``XDSUnknownRepositoryId``; an unknown instance
-``XDSDocumentUniqueIdError``; an instance outside the named series, or a
-series outside the named study, is inconsistent (``urn:dicom:wado:0010``);
-empty or malformed UIDs and transfer syntaxes are errors of that document,
-reported as RegistryErrors (never faults) with ``location`` = the requested
-DocumentUniqueId, and a failed document gets no DocumentResponse.
+``XDSDocumentUniqueIdError``; empty or malformed UIDs and transfer syntaxes are
+errors of that document, reported as RegistryErrors (never faults) with
+``location`` = the requested DocumentUniqueId, and a failed document gets no
+DocumentResponse.
+
+Error codes come from ITI TF-3 Table 4.2.4.1-2 wherever one fits (its rule for
+RegistryError.errorCode); the DICOM WADO-WS codes (PS3.18 6.4.4) only where the
+table has nothing more specific than the generic one, or in the two DICOM
+WADO-WS operations, whose own list they are:
+
+* an instance outside the named series, or a series outside the named study:
+  for RAD-69 ``XDSDocumentUniqueIdError`` (the document is not available
+  under the identifiers asked for; NIST ids_2018-4811 cases 03/04 want a
+  Failure with any code); in WADO-WS rendered and information the operation's
+  own ``urn:dicom:wado:0010`` (inconsistent identifiers), see :meth:`resolve`;
+* a transfer syntax list none of whose entries can be produced (unknown,
+  unsupported, or the conversion failed): ``XDSRepositoryError`` with the
+  details in codeContext; the table has no specific code, and this is the one
+  NIST's Imaging Document Source simulator answers ("No valid Xfer Syntax");
+* an empty or malformed study/series/transfer syntax UID stays
+  ``urn:dicom:wado:0012`` (invalid parameter value): no IHE code names it.
 
 Identity comes from the index via :meth:`RetrieveService.select`; bytes via
 :meth:`RetrieveService.produce`, *before* the response lists the document:
@@ -28,11 +44,10 @@ from xdsi.ids.model import DocumentRequest, Resolved, RetrieveResult, ReturnedDo
 from xdsi.uids import is_valid_uid
 from xdsi.standards.constants import (
     MIME_DICOM,
-    WADO_CANNOT_PROVIDE_FORMAT,
-    WADO_FORMAT_NOT_SUPPORTED,
     WADO_INCONSISTENT_IDENTIFIERS,
     WADO_INVALID_PARAMETER,
     XDS_DOCUMENT_UNIQUE_ID_ERROR,
+    XDS_REPOSITORY_ERROR,
     XDS_UNKNOWN_REPOSITORY_ID,
 )
 
@@ -75,8 +90,13 @@ class ImagingDocumentSource:
                 found[ref.sop_instance_uid] = ref
         return found
 
-    def resolve(self, requests: Sequence[DocumentRequest]) -> tuple[list[Resolved], list[RegistryError]]:
-        """Check every request against our identity and the index; in request order."""
+    def resolve(self, requests: Sequence[DocumentRequest], *, inconsistent: str = WADO_INCONSISTENT_IDENTIFIERS) -> tuple[list[Resolved], list[RegistryError]]:
+        """Check every request against our identity and the index; in request order.
+
+        ``inconsistent`` is the code for an instance outside the named series or
+        study: the WADO-WS operations' own ``urn:dicom:wado:0010`` by default,
+        ``XDSDocumentUniqueIdError`` for RAD-69 (ITI TF-3 Table 4.2.4.1-2).
+        """
         errors: list[RegistryError] = []
         pending: list[DocumentRequest] = []
         early: dict[int, RegistryError] = {}
@@ -97,13 +117,9 @@ class ImagingDocumentSource:
             if ref is None:
                 errors.append(RegistryError(XDS_DOCUMENT_UNIQUE_ID_ERROR, f"no instance {loc} in this Imaging Document Source", loc))
             elif ref.series_uid != r.series_uid:
-                errors.append(
-                    RegistryError(WADO_INCONSISTENT_IDENTIFIERS, f"instance {loc} is not in series {r.series_uid}", loc)
-                )
+                errors.append(RegistryError(inconsistent, f"instance {loc} is not in series {r.series_uid}", loc))
             elif ref.study_uid != r.study_uid:
-                errors.append(
-                    RegistryError(WADO_INCONSISTENT_IDENTIFIERS, f"series {r.series_uid} is not in study {r.study_uid}", loc)
-                )
+                errors.append(RegistryError(inconsistent, f"series {r.series_uid} is not in study {r.study_uid}", loc))
             elif not ref.copies:
                 errors.append(RegistryError(XDS_DOCUMENT_UNIQUE_ID_ERROR, f"instance {loc} is no longer available", loc))
             else:
@@ -118,9 +134,9 @@ class ImagingDocumentSource:
         bad = [t for t in syntaxes if not is_valid_uid(t)]
         if not syntaxes or bad:
             what = "an empty TransferSyntaxUID" if (not syntaxes or "" in bad) else f"TransferSyntaxUID {bad[0][:80]!r} is not a valid UID"
-            resolved, errors = self.resolve(requests)
+            resolved, errors = self.resolve(requests, inconsistent=XDS_DOCUMENT_UNIQUE_ID_ERROR)
             return RetrieveResult([], errors + errors_for([x.request for x in resolved], WADO_INVALID_PARAMETER, f"the request has {what}"))
-        resolved, errors = self.resolve(requests)
+        resolved, errors = self.resolve(requests, inconsistent=XDS_DOCUMENT_UNIQUE_ID_ERROR)
         documents: list[ReturnedDocument] = []
         known = [t for t in syntaxes if is_known_transfer_syntax(t)]
         try:
@@ -132,12 +148,12 @@ class ImagingDocumentSource:
                 except CannotProvide:
                     if not known:
                         errors.append(
-                            RegistryError(WADO_FORMAT_NOT_SUPPORTED, f"none of the requested transfer syntaxes {', '.join(syntaxes)} is a DICOM transfer syntax we know", loc)
+                            RegistryError(XDS_REPOSITORY_ERROR, f"none of the requested transfer syntaxes {', '.join(syntaxes)} is a DICOM transfer syntax we know", loc)
                         )
                     else:
                         errors.append(
                             RegistryError(
-                                WADO_CANNOT_PROVIDE_FORMAT,
+                                XDS_REPOSITORY_ERROR,
                                 f"instance {loc} (stored as {ref.transfer_syntax_uid}) cannot be provided in {', '.join(syntaxes)}",
                                 loc,
                             )
@@ -146,7 +162,7 @@ class ImagingDocumentSource:
                 except TranscodeError as exc:
                     log.warning("RAD-69: %s could not be converted: %s", loc, exc)
                     errors.append(
-                        RegistryError(WADO_CANNOT_PROVIDE_FORMAT, f"instance {loc} (stored as {ref.transfer_syntax_uid}) could not be converted: {exc}", loc)
+                        RegistryError(XDS_REPOSITORY_ERROR, f"instance {loc} (stored as {ref.transfer_syntax_uid}) could not be converted: {exc}", loc)
                     )
                     continue
                 except (NotAvailable, OSError) as exc:

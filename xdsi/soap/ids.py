@@ -216,21 +216,34 @@ def _to_wado(body: Any) -> Any:
     return rename_namespace(body, NS_WADO_SWAPPED, NS_WADO)
 
 
-def _to_swapped(body: Any) -> Any:
-    return rename_namespace(body, NS_WADO, NS_WADO_SWAPPED)
+def _in_request_namespace(body: Any, request_qname: str) -> Any:
+    """The response in the WADO namespace the request *body* used: swapped only for a swapped body.
+
+    The action does not decide it: a client may send the legacy action with a
+    body in the standard ``urn:dicom:wado:ws:2011`` (or the reverse), and it
+    reads the answer with the namespace of the body it wrote.
+    """
+    if request_qname.startswith(f"{{{NS_WADO_SWAPPED}}}"):
+        return rename_namespace(body, NS_WADO, NS_WADO_SWAPPED)
+    return body
 
 
 def routes() -> dict[str, Route]:
-    """``wsa:Action`` -> operation, legacy actions and the swapped WADO namespace (dcm4che before #380) included."""
+    """``wsa:Action`` -> operation, legacy actions and the swapped WADO namespace (dcm4che before #380) included.
+
+    The response action follows the request's action; the response body's
+    namespace follows the request body's (:func:`_in_request_namespace`).
+    """
     rad69 = Route(RAD69_REQUEST, ACTION_RAD69_RESPONSE, frozenset({RAD69_REQUEST}))
     swapped_request = f"{{{NS_WADO_SWAPPED}}}RetrieveRenderedImagingDocumentSetRequest"
     rendered_bodies = frozenset({RENDERED_REQUEST, swapped_request})
     return {
         ACTION_RAD69: rad69,
         ACTION_RAD69_LEGACY: rad69,
-        ACTION_RENDERED: Route(RENDERED_REQUEST, ACTION_RENDERED_RESPONSE, rendered_bodies, normalize=_to_wado),
-        # a legacy client is answered in its own namespace and action
-        ACTION_RENDERED_SWAPPED: Route(RENDERED_REQUEST, ACTION_RENDERED_SWAPPED_RESPONSE, rendered_bodies, normalize=_to_wado, denormalize=_to_swapped),
+        ACTION_RENDERED: Route(RENDERED_REQUEST, ACTION_RENDERED_RESPONSE, rendered_bodies, normalize=_to_wado, denormalize=_in_request_namespace),
+        ACTION_RENDERED_SWAPPED: Route(
+            RENDERED_REQUEST, ACTION_RENDERED_SWAPPED_RESPONSE, rendered_bodies, normalize=_to_wado, denormalize=_in_request_namespace
+        ),
         ACTION_INFORMATION: Route(INFORMATION_REQUEST, ACTION_INFORMATION_RESPONSE, frozenset({INFORMATION_REQUEST})),
     }
 

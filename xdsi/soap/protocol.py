@@ -63,14 +63,17 @@ class Route:
 
     ``body_qnames``: the body element QNames (Clark) this action accepts, before
     ``normalize`` maps a legacy spelling onto ``method`` (the schema's);
-    ``denormalize`` maps the response back for a legacy client.
+    ``denormalize(response_body, request_qname)`` maps the response back into
+    the spelling of the request *body* as received (its QName, before
+    ``normalize``), which is what the client parses the answer with; the
+    action a client sends and the namespace its body uses need not agree.
     """
 
     method: str
     response_action: str
     body_qnames: frozenset[str]
     normalize: Callable[[Any], Any] | None = None
-    denormalize: Callable[[Any], Any] | None = None
+    denormalize: Callable[[Any, str], Any] | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Exchange:
     envelope: Envelope | None = None
     route: Route | None = None
     action: str | None = None
+    request_qname: str = ""  # the body element as received, before Route.normalize
     xop: dict[Any, Any] = field(default_factory=dict)
     relates_to: str | None = None
     reply_action: str | None = None
@@ -183,6 +187,7 @@ class IheSoap12(Soap12):
         if body.tag not in route.body_qnames:
             raise SoapFault("Sender", f"the body element {body.tag} does not match the action {a.action}")
         _check_document_count(body, self.max_document_requests)
+        ex.request_qname = body.tag
         if route.normalize is not None:
             body = route.normalize(body)
         try:
@@ -213,7 +218,7 @@ class IheSoap12(Soap12):
         route = ex.route
         assert route is not None
         if route.denormalize is not None:
-            body = route.denormalize(body)
+            body = route.denormalize(body, ex.request_qname)
         ctx.out_document = envelope_element(body, addressing_headers(route.response_action, relates_to=ex.relates_to, reply_to=None))
         ex.reply_action = route.response_action
 

@@ -136,10 +136,16 @@ XDS_PATIENT_ID_DOES_NOT_MATCH = "XDSPatientIdDoesNotMatch"
 XDS_MISSING_DOCUMENT_METADATA = "XDSMissingDocumentMetadata"
 XDS_NON_IDENTICAL_HASH = "XDSNonIdenticalHash"
 XDS_NON_IDENTICAL_SIZE = "XDSNonIdenticalSize"
+# a SubmissionSet or Folder uniqueId already used in the registry; never for a DocumentEntry, whose re-sent
+# uniqueId with the same hash and size is accepted (ITI TF-2 3.42.4.1.3.3.1), else XDSNonIdenticalHash/Size
 XDS_DUPLICATE_UNIQUE_ID = "XDSDuplicateUniqueIdInRegistry"
+XDS_REGISTRY_DUPLICATE_UNIQUE_ID_IN_MESSAGE = "XDSRegistryDuplicateUniqueIdInMessage"  # one uniqueId twice in a submission
 XDS_UNKNOWN_STORED_QUERY = "XDSUnknownStoredQuery"
 XDS_STORED_QUERY_MISSING_PARAM = "XDSStoredQueryMissingParam"
-XDS_REPLACED_DOCUMENT_NOT_APPROVED = "XDSRegistryMetadataError"  # RPLC target not Approved (ITI TF-3 4.2.2.2.1)
+# an Association (RPLC ...) whose target DocumentEntry is not Approved (ITI TF-2 3.42.4.1.3.5)
+XDS_REGISTRY_DEPRECATED_DOCUMENT_ERROR = "XDSRegistryDeprecatedDocumentError"
+# an entryUUID reference (Association source/target) that resolves to nothing (ITI TF-2 3.42.4.1.3.5)
+XDS_UNRESOLVED_REFERENCE = "UnresolvedReferenceException"
 
 # -- ebRIM object types, statuses, association types ------------------------------------------
 OBJECT_TYPE_STABLE_DOCUMENT = "urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1"
@@ -172,6 +178,11 @@ SS_PATIENT_ID = "urn:uuid:6b5aea1a-874d-4603-a4bc-96a0a7b38446"
 SS_SOURCE_ID = "urn:uuid:554ac39e-e3fe-47fe-b233-965d2a147832"
 SS_UNIQUE_ID = "urn:uuid:96fdda7c-d067-4183-912e-bf5ee74998a8"
 
+# -- Folder scheme UUIDs (ITI TF-3 4.2.5.3) --------------------------------------------------------
+FOLDER_CLASSIFICATION_NODE = "urn:uuid:d9d542f3-6cc4-48b6-8870-ea235fbc94c2"
+FOLDER_PATIENT_ID = "urn:uuid:f64ffdf0-4b97-4e06-b79f-a52b38ec2f8a"
+FOLDER_UNIQUE_ID = "urn:uuid:75df8f67-9973-4fbe-a900-df66cefecc5a"
+
 # Name of each ExternalIdentifier, as ITI TF-3 4.2.3 wants it written
 EXTERNAL_ID_NAMES = {
     DE_PATIENT_ID: "XDSDocumentEntry.patientId",
@@ -179,6 +190,8 @@ EXTERNAL_ID_NAMES = {
     SS_PATIENT_ID: "XDSSubmissionSet.patientId",
     SS_SOURCE_ID: "XDSSubmissionSet.sourceId",
     SS_UNIQUE_ID: "XDSSubmissionSet.uniqueId",
+    FOLDER_PATIENT_ID: "XDSFolder.patientId",
+    FOLDER_UNIQUE_ID: "XDSFolder.uniqueId",
 }
 
 # Codes-file CodeType name -> DocumentEntry / SubmissionSet classification scheme

@@ -60,6 +60,7 @@ from xdsi.xds.metadata import (
     pretty,
 )
 from xdsi.xds.outbox import Claim, Outbox, _aware, utcnow
+from xdsi.xds.recovery import proves_registered
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +287,17 @@ class Publisher:
         except XdsTransportError as exc:
             return self._failed(claim, row, "transport error", str(exc), "", metadata_xml, transaction, endpoint)
         self._keep_answer(row, metadata_xml, result)
-        if result.success or self._already_registered(row, result):
+        earlier = not result.success and proves_registered(result, row.submission_set_uid, row.kos_sop_uid if row.kind == KIND_PUBLISH else None)
+        if result.success or earlier:
             self.outbox.succeeded(
                 claim, status=result.status, response=result.raw, metadata=metadata_xml, error_text=result.error_text(),
                 replaces=replaces, transaction=transaction, endpoint=endpoint,
             )
-            log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
+            if earlier:
+                log.info("%s of %s for study %s: registered by an earlier attempt whose answer was lost (%s)",
+                         transaction, row.kos_sop_uid, row.study_uid, result.error_text())
+            else:
+                log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
 
@@ -305,13 +311,6 @@ class Publisher:
         if hashlib.sha1(data).hexdigest() != row.kos_sha1:
             raise MetadataError(f"the archived manifest {row.kos_sop_uid} no longer matches its recorded SHA-1")
         return data
-
-    def _already_registered(self, row: XdsSubmission, result: RegistryResult) -> bool:
-        """A retry after a lost answer: the registry says our own SubmissionSet and document are already there."""
-        if row.last_status != "transport error" or not result.errors:
-            return False
-        mine = {row.submission_set_uid, row.kos_sop_uid}
-        return all(e.error_code == C.XDS_DUPLICATE_UNIQUE_ID and e.location in mine for e in result.errors if e.is_error)
 
     def _failed(self, claim, row, status, text, raw, metadata, transaction, endpoint) -> Outcome:  # type: ignore[no-untyped-def]
         log.warning("%s for study %s failed (%s): %s", transaction or "submission", row.study_uid, status, text)
