@@ -257,11 +257,13 @@ def _print_xds_queue(settings: Settings) -> None:
 
 def cmd_status_study(settings: Settings, study_uid: str) -> int:
     from xdsi.uids import InvalidUID
+    from xdsi.xds.events import publication_findings
     from xdsi.xds.publisher import study_report
 
     archive = _open_archive(settings)
     try:
         report = study_report(archive, study_uid)
+        report["findings"] = publication_findings(archive, study_uid)  # codes the domain lacks (issue 11 items 1, 2)
     except InvalidUID as exc:
         print(f"xdsi status: {exc}", file=sys.stderr)
         return 2
@@ -283,6 +285,8 @@ def cmd_status_study(settings: Settings, study_uid: str) -> int:
             print(f"  registry answer: {sub_['status']}" + (f": {sub_['error']}" if sub_["error"] else ""))
     for f in report["files"]:  # type: ignore[union-attr]
         print(f"kept:       {f}")
+    for f in report["findings"]:  # type: ignore[union-attr]
+        print(f"finding:    {f}")
     if report["submissions"]:
         last = report["submissions"][-1]  # type: ignore[index]
         if last["response"]:
