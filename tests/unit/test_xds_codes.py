@@ -250,6 +250,7 @@ def test_kos_details(stored, tmp_path: Path) -> None:  # type: ignore[no-untyped
     report = run.stdout + run.stderr
     assert not [line for line in report.splitlines() if line.startswith("Error")], report
     kos = dcmread(out)
+    assert kos.TimezoneOffsetFromUTC == "+0100"  # the study's zone, so its copied Study Date/Time keep their meaning
     assert kos.SeriesNumber == 9  # above every series of the study (3..8), not a fixed 9901
     assert build_kos(snap, RETRIEVE, series_number=9901).dataset.SeriesNumber == 9901  # [xds] manifest_series_number
     req = kos.ReferencedRequestSequence[0]
@@ -258,6 +259,17 @@ def test_kos_details(stored, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert types[TwelveLeadECGWaveformStorage] == "WAVEFORM"
     assert types[SegmentationStorage] == "IMAGE" and types[ComprehensiveSRStorage] == "COMPOSITE"
     assert types[ct_instance(spec, "1.2", 1).SOPClassUID] == "IMAGE"
+
+
+def test_snapshot_round_trips_through_the_outbox_json(stored) -> None:  # type: ignore[no-untyped-def]
+    from xdsi.xds.publisher import snapshot_from_json, snapshot_to_json
+
+    archive, spec, _ = stored
+    snap = load_study(archive.index, spec.study_uid, headers=archive.retrieve)
+    pelvis = next(s for s in snap.series if s.series_number == 3)
+    assert pelvis.anatomic_regions == (("T-D6000", "SRT", "Pelvis"),) and snap.requested_procedure_id == "RP-77"
+    again, _ = snapshot_from_json(snapshot_to_json(snap, datetime.now()))
+    assert again == snap
 
 
 def test_no_request_attributes_means_an_empty_requested_procedure_id(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from io import BytesIO
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -226,7 +226,15 @@ def load_study(
 def next_series_number(snap: StudySnapshot) -> int:
     """The first Series Number above every series of the study: the manifest's series never reuses one."""
     used = [s.series_number for s in snap.series if s.series_number is not None]
-    return max(used, default=0) + 1
+    return min(max(used, default=0) + 1, 2**31 - 1)  # IS range
+
+
+def tz_from_offset(offset: str) -> timezone | None:
+    """The zone of a Timezone Offset From UTC (0008,0201) value ("+0100"), None for "" or a malformed one."""
+    if not TZ_OFFSET.fullmatch(offset or ""):
+        return None
+    sign = -1 if offset[0] == "-" else 1
+    return timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,9 @@ def build_kos(
     if not snap.series:
         raise NonConformantManifest(f"study {snap.study_uid} has no instances to reference")
     now = now or datetime.now().astimezone()
+    zone = tz_from_offset(snap.timezone_offset)
+    if zone is not None:  # our dates in the study's zone, which then applies to every date of the KOS
+        now = now.astimezone(zone)
     sop_uid = sop_instance_uid or new_uid()
     ser_uid = series_uid or new_uid()
 
@@ -296,6 +307,8 @@ def build_kos(
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = KeyObjectSelectionDocumentStorage
     ds.SOPInstanceUID = sop_uid
+    if zone is not None:
+        ds.TimezoneOffsetFromUTC = snap.timezone_offset
     # General Study (values unchanged from the study)
     ds.StudyDate = snap.study_date
     ds.StudyTime = snap.study_time

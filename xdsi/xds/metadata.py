@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from lxml import etree
 
@@ -22,7 +22,7 @@ from xdsi.config import XdsSettings
 from xdsi.standards import constants as C
 from xdsi.xds.codes import Code, CodeNotInDomain, CodeTable
 from xdsi.xds.events import event_codes as study_event_codes
-from xdsi.xds.manifest import StudySnapshot
+from xdsi.xds.manifest import StudySnapshot, tz_from_offset
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HL7_DELIMS = re.compile(r"[\^&~\\|]")
@@ -113,10 +113,9 @@ def source_patient_info(snap: StudySnapshot, ids: PatientIds) -> list[str]:
 def _local(date_time: str, offset: str) -> datetime:
     """YYYYMMDDHHMMSS in the zone Timezone Offset From UTC (0008,0201) names, else the server's own zone."""
     naive = datetime.strptime(date_time, "%Y%m%d%H%M%S")
-    if offset:
-        sign = -1 if offset[0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
-        return naive.replace(tzinfo=tz)
+    zone = tz_from_offset(offset)
+    if zone is not None:
+        return naive.replace(tzinfo=zone)
     return naive.astimezone()  # the instances do not say: the modality is assumed to be in our zone
 
 
