@@ -113,7 +113,7 @@ class StudySnapshot:
         return self._distinct("body_part")
 
 
-def _date_time(date: str, time: str) -> str:
+def date_time(date: str, time: str) -> str:
     """DA + TM as YYYYMMDDHHMMSS (missing time digits as zeros); "" when the date is not YYYYMMDD."""
     if not re.fullmatch(r"\d{8}", date or ""):
         return ""
@@ -189,17 +189,10 @@ def load_study(
             kept = tuple(InstanceRow(u, c) for u, c, _, _ in insts if u not in excluded)
             if kept:
                 out.append(SeriesRow(se.series_uid, se.modality, se.body_part, kept, se.series_number))
-                last = max([last, _date_time(se.series_date, se.series_time),
-                            *(_date_time(d, t) for u, _, d, t in insts if u not in excluded)])
+                last = max([last, date_time(se.series_date, se.series_time),
+                            *(date_time(d, t) for u, _, d, t in insts if u not in excluded)])
         code = (study.procedure_code_value, study.procedure_code_scheme, study.procedure_code_meaning)
-        found = _header_facts(headers, study.study_uid, {r.series_uid for r in out}, excluded) if headers else {}
-        out = [replace(r, anatomic_regions=_regions(found.get(r.series_uid))) for r in out]
-        offsets = [str(ds.get("TimezoneOffsetFromUTC", "") or "").strip() for ds in found.values()]
-        rpids = list(dict.fromkeys(
-            v for ds in found.values() for item in (ds.get("RequestAttributesSequence", []) or [])
-            if (v := str(item.get("RequestedProcedureID", "") or "").strip())
-        ))
-        return StudySnapshot(
+        snap = StudySnapshot(
             patient_id=patient.patient_id,
             issuer_of_patient_id=patient.issuer_of_patient_id,
             patient_name=study.patient_name,
@@ -216,11 +209,29 @@ def load_study(
             procedure_code=code if code[0] else None,
             series=tuple(out),
             updated_at=study.updated_at,
-            timezone_offset=next((o for o in offsets if TZ_OFFSET.fullmatch(o)), ""),
-            # one request: its ID; several or none: empty (Type 2), never the Study ID
-            requested_procedure_id=rpids[0] if len(rpids) == 1 else "",
-            last_date_time=last if last >= _date_time(study.study_date, study.study_time) else "",
+            last_date_time=last if last >= date_time(study.study_date, study.study_time) else "",
         )
+    return with_header_facts(snap, headers, excluded) if headers is not None else snap
+
+
+def with_header_facts(snap: StudySnapshot, headers: HeaderReader, excluded: set[str]) -> StudySnapshot:
+    """``snap`` with what one header per series adds: anatomic regions, time zone, Requested Procedure ID.
+
+    Read outside the index session: no transaction is held open while files are read.
+    """
+    found = _header_facts(headers, snap.study_uid, {r.series_uid for r in snap.series}, excluded)
+    offsets = [str(ds.get("TimezoneOffsetFromUTC", "") or "").strip() for ds in found.values()]
+    rpids = list(dict.fromkeys(
+        v for ds in found.values() for item in (ds.get("RequestAttributesSequence", []) or [])
+        if (v := str(item.get("RequestedProcedureID", "") or "").strip())
+    ))
+    return replace(
+        snap,
+        series=tuple(replace(r, anatomic_regions=_regions(found.get(r.series_uid))) for r in snap.series),
+        timezone_offset=next((o for o in offsets if TZ_OFFSET.fullmatch(o)), ""),
+        # one request: its ID; several or none: empty (Type 2), never the Study ID
+        requested_procedure_id=rpids[0] if len(rpids) == 1 else "",
+    )
 
 
 def next_series_number(snap: StudySnapshot) -> int:

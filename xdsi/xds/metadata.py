@@ -22,7 +22,7 @@ from xdsi.config import XdsSettings
 from xdsi.standards import constants as C
 from xdsi.xds.codes import Code, CodeNotInDomain, CodeTable
 from xdsi.xds.events import event_codes as study_event_codes
-from xdsi.xds.manifest import StudySnapshot, tz_from_offset
+from xdsi.xds.manifest import StudySnapshot, date_time, tz_from_offset
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HL7_DELIMS = re.compile(r"[\^&~\\|]")
@@ -121,11 +121,8 @@ def _local(date_time: str, offset: str) -> datetime:
 
 def service_start_time(snap: StudySnapshot) -> str | None:
     """Study Date/Time as an XDS UTC DTM (its zone from (0008,0201) when given); None when the study has no date."""
-    if not re.fullmatch(r"\d{8}", snap.study_date or ""):
-        return None
-    t = re.sub(r"[^0-9]", "", (snap.study_time or "").split(".")[0])[:6]
-    t = (t + "000000")[:6] if len(t) in (2, 4, 6) else "000000"
-    return xds_time(_local(snap.study_date + t, snap.timezone_offset))
+    start = date_time(snap.study_date, snap.study_time)
+    return xds_time(_local(start, snap.timezone_offset)) if start else None
 
 
 def service_stop_time(snap: StudySnapshot) -> str | None:
