@@ -315,3 +315,32 @@ def test_lossless_j2k_is_produced_when_lossy_is_listed_first(stored) -> None:  #
     assert np.array_equal(out.pixel_array, original.pixel_array)
     with archive.retrieve.produce(ref, [JPEG2000, ImplicitVRLittleEndian]) as p:
         assert p.transfer_syntax == JPEG2000  # lossy when no lossless JPEG 2000 is listed: the requester's order
+
+
+def test_manifest_series_number_setting(tmp_path: Path) -> None:
+    from xdsi.config import ConfigError, load_settings
+
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text('[xds]\nmanifest_series_number = 9901\n')
+    assert load_settings(cfg, env={}).xds.manifest_series_number == 9901
+    assert load_settings(None, env={}).xds.manifest_series_number == 0  # default: the next free number
+    cfg.write_text('[xds]\nmanifest_series_number = "many"\n')
+    with pytest.raises(ConfigError, match="manifest_series_number"):
+        load_settings(cfg, env={})
+
+
+@pytest.mark.parametrize("configured, expected", [(0, 2), (9901, 9901)])
+def test_publisher_builds_the_kos_with_the_configured_series_number(tmp_path: Path, configured: int, expected: int) -> None:
+    from xdsi.xds.publisher import Publisher
+
+    archive = Archive.open(make_settings(tmp_path, None, xds=XdsSettings(manifest_series_number=configured)))
+    try:
+        spec = StudySpec()
+        p = tmp_path / "a.dcm"
+        _instance(spec, new_uid(), 1, 1, TimezoneOffsetFromUTC="-0500").save_as(p, enforce_file_format=True)
+        assert archive.store.store_file(p).ok
+        row = Publisher(archive).prepare(spec.study_uid)
+        kos = dcmread(row.kos_path)
+        assert kos.SeriesNumber == expected and kos.TimezoneOffsetFromUTC == "-0500"
+    finally:
+        archive.close()
