@@ -257,13 +257,15 @@ def _print_xds_queue(settings: Settings) -> None:
 
 def cmd_status_study(settings: Settings, study_uid: str) -> int:
     from xdsi.uids import InvalidUID
+    from xdsi.xds.events import publication_findings as code_findings
     from xdsi.xds.publisher import study_report
     from xdsi.xds.recovery import publication_findings as registry_answer_findings
 
     archive = _open_archive(settings)
     try:
         report = study_report(archive, study_uid)
-        findings = registry_answer_findings(archive, study_uid)  # issue 11: what the registry's answers mean
+        # why a study is not (fully) published: codes the domain lacks, what the registry's answers mean
+        findings = code_findings(archive, study_uid) + registry_answer_findings(archive, study_uid)
     except InvalidUID as exc:
         print(f"xdsi status: {exc}", file=sys.stderr)
         return 2

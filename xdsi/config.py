@@ -737,6 +737,8 @@ class XdsSettings:
     timeout: float = 60.0
     # where the last KOS and metadata of every study are kept for inspection; None: data_dir/xds
     keep_dir: Path | None = None
+    # Series Number of our KOS manifests; 0: the first number above every series of the study
+    manifest_series_number: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -751,7 +753,7 @@ _XDS_SCALARS = {
     "language_code": str, "author_institution": str, "author_person": str, "author_role": str,
     "author_specialty": str, "retrieve_ae_title": str, "retrieve_url": str, "auto_publish": bool,
     "stability_delay": float, "poll_interval": float, "retry_initial": float, "retry_max": float,
-    "retry_factor": float, "max_attempts": int, "timeout": float,
+    "retry_factor": float, "max_attempts": int, "timeout": float, "manifest_series_number": int,
 }
 
 

@@ -105,7 +105,7 @@ def test_metadata_validates_against_the_official_schema(archive: Archive, study)
     assert fmt.get("nodeRepresentation") == "1.2.840.10008.5.1.4.1.1.88.59"
     assert fmt.findtext(f".//{C.q('rim', 'Value')}") == "1.2.840.10008.2.6.1"
     events = [c.get("nodeRepresentation") for c in de.findall(C.q("rim", "Classification")) if c.get("classificationScheme") == C.DE_EVENT_CODE]
-    assert events == ["CT", "43799004"]  # one CID 29 modality, then the CID 4 region of CHEST
+    assert events == ["CT", "816094009"]  # one CID 29 modality, then the CID 4 region of CHEST (816094009, not 43799004)
     slots = {s.get("name"): [v.text for v in s.iter(C.q("rim", "Value"))] for s in de.findall(C.q("rim", "Slot"))}
     assert slots["sourcePatientInfo"][1] == "PID-5|MÜLLER^JÜRGEN^K^JR^DR"  # DICOM prefix/suffix order -> XPN
     assert slots[C.SLOT_REFERENCE_ID_LIST] == [

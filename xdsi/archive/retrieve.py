@@ -292,7 +292,7 @@ class RetrieveService:
         produce for some pixels only (an encodable compressed syntax, or
         Explicit VR Big Endian) comes before or is that answer.
         """
-        accepted = [str(t) for t in accepted]
+        accepted = transcode.preference(accepted)
         quick = transcode.choose(ref.transfer_syntax_uid, accepted)
         if quick is not None and quick.unchanged:
             return quick, path

@@ -243,11 +243,26 @@ class Choice:
     unchanged: bool
 
 
+def preference(accepted: Sequence[str]) -> list[str]:
+    """The requester's order, except that JPEG 2000 lossless goes before JPEG 2000 (lossy) when both are listed.
+
+    A requester listing both accepts the image without loss; producing the lossy
+    one first would throw information away that the requester could have had
+    (issue 11 item 7).  Every other syntax keeps its place.
+    """
+    order = [str(t) for t in accepted]
+    if JPEG2000 in order and JPEG2000Lossless in order and order.index(JPEG2000) < order.index(JPEG2000Lossless):
+        order.remove(JPEG2000Lossless)
+        order.insert(order.index(JPEG2000), JPEG2000Lossless)
+    return order
+
+
 def choose(stored_ts: str, accepted: Sequence[str], facts: PixelFacts | None = None) -> Choice | None:
     """THE transfer-syntax policy: the syntax to send one instance in, or None when none accepted can be produced.
 
     The stored syntax, when accepted, means unchanged (no conversion, no loss);
-    otherwise the first accepted syntax, in the requester's order, that we can
+    otherwise the first accepted syntax, in the requester's order (JPEG 2000 lossless
+    before lossy when both are listed, :func:`preference`), that we can
     produce: a native target when there are no pixels or we can decode the
     stored syntax (big endian not for Pixel Data of more than 16 bits, see
     :func:`_big_endian_ambiguous`); a compressed target only when we can
@@ -256,7 +271,7 @@ def choose(stored_ts: str, accepted: Sequence[str], facts: PixelFacts | None = N
     considered (big endian included; :func:`write_converted` refuses the
     pixels it cannot write, before anything is sent).
     """
-    accepted = list(accepted)
+    accepted = preference(accepted)
     if stored_ts in accepted:
         return Choice(stored_ts, True)
     for ts in accepted:

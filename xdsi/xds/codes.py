@@ -17,7 +17,6 @@ from pathlib import Path
 from lxml import etree
 
 from xdsi.wire.xml import make_parser
-from xdsi.standards.constants import MODALITY_CODING_SCHEME, SNOMED_CODING_SCHEME
 
 DEFAULT_CODES_FILE = Path(__file__).with_name("data") / "codes.xml"  # the affinity-domain codes shipped with xdsi
 
@@ -35,30 +34,6 @@ class Code:
     code: str
     scheme: str  # codingScheme (an OID in most affinity domains)
     display: str
-
-
-# DICOM Body Part Examined (PS3.16 Annex L) -> CID 4 anatomic region, SNOMED CT concept id
-BODY_PART_REGIONS: dict[str, str] = {
-    "ABDOMEN": "818981001",
-    "ABDOMENPELVIS": "818982008",
-    "BRAIN": "12738006",
-    "BREAST": "76752008",
-    "CHEST": "43799004",
-    "CHESTABDOMEN": "416550000",
-    "CHESTABDPELVIS": "416775004",
-    "CSPINE": "122494005",
-    "WHOLEBODY": "38266002",
-    "HEAD": "69536005",
-    "HEADNECK": "774007",
-    "HEART": "80891009",
-    "KIDNEY": "64033007",
-    "LIVER": "10200004",
-    "LSPINE": "122496007",
-    "NECK": "45048000",
-    "PELVIS": "12921003",
-    "SPINE": "421060004",
-    "TSPINE": "122495006",
-}
 
 
 class CodeTable:
@@ -120,12 +95,3 @@ class CodeTable:
 
     def contains(self, code_type: str, code: str, scheme: str) -> bool:
         return (code, scheme) in self._types.get(code_type, {})
-
-    def modality(self, modality: str) -> Code | None:
-        """The CID 29 acquisition modality event code, if the domain lists it."""
-        return self.find("eventCodeList", modality.strip().upper(), MODALITY_CODING_SCHEME)
-
-    def anatomic_region(self, body_part: str) -> Code | None:
-        """The CID 4 anatomic region event code for a Body Part Examined, if known and listed."""
-        concept = BODY_PART_REGIONS.get(body_part.strip().upper().replace(" ", ""))
-        return self.find("eventCodeList", concept, SNOMED_CODING_SCHEME) if concept else None

@@ -12,10 +12,12 @@ the tests.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from datetime import datetime
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from io import BytesIO
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -27,6 +29,10 @@ from xdsi.index.db import Index
 from xdsi.index.models import Instance, Patient, Series, Study
 from xdsi.uids import is_valid_uid, new_uid
 from xdsi.standards.constants import DCMR_MAPPING, KOS_TEMPLATE_ID, MANIFEST_TITLE
+from xdsi.xds.iod import content_value_type
+
+log = logging.getLogger(__name__)
+TZ_OFFSET = re.compile(r"[+-](0\d|1[0-4])[0-5]\d")  # (0008,0201) &ZZXX, -1200 .. +1400
 
 
 class NonConformantManifest(ValueError):
@@ -49,6 +55,9 @@ class SeriesRow:
     modality: str
     body_part: str
     instances: tuple[InstanceRow, ...]
+    series_number: int | None = None
+    # Anatomic Region Sequence (0008,2218) of the series' first instance: (Code Value, Designator, Code Meaning)
+    anatomic_regions: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,12 @@ class StudySnapshot:
     procedure_code: tuple[str, str, str] | None
     series: tuple[SeriesRow, ...]
     updated_at: datetime | None = None
+    # Timezone Offset From UTC (0008,0201) of the instances ("+HHMM"/"-HHMM"); "" when they do not say
+    timezone_offset: str = ""
+    # Requested Procedure ID (0040,1001) of the instances' Request Attributes Sequence, when they agree on one
+    requested_procedure_id: str = ""
+    # latest Series or Content Date+Time of the study (local, YYYYMMDDHHMMSS): the end of the service
+    last_date_time: str = ""
 
     @property
     def sop_uids(self) -> list[str]:
@@ -98,8 +113,60 @@ class StudySnapshot:
         return self._distinct("body_part")
 
 
-def load_study(index: Index, study_uid: str, exclude_sops: Iterable[str] = ()) -> StudySnapshot | None:
-    """The study as the index has it now, without the instances in ``exclude_sops`` (our manifests)."""
+def date_time(date: str, time: str) -> str:
+    """DA + TM as YYYYMMDDHHMMSS (missing time digits as zeros); "" when the date is not YYYYMMDD."""
+    if not re.fullmatch(r"\d{8}", date or ""):
+        return ""
+    t = re.sub(r"[^0-9]", "", (time or "").split(".")[0])[:6]
+    return date + ((t + "000000")[:6] if len(t) in (2, 4, 6) else "000000")
+
+
+class HeaderReader(Protocol):
+    """What :func:`load_study` needs of the retrieve service to read one header per series."""
+
+    def select(self, *, study_uids: Iterable[str] = ...) -> list[Any]: ...  # noqa: E704
+    def header(self, ref: Any) -> Dataset: ...  # noqa: E704
+
+
+def _header_facts(headers: HeaderReader, study_uid: str, series_uids: set[str], excluded: set[str]) -> dict[str, Dataset]:
+    """The header (no pixels) of the first instance of each series, for what the index does not keep.
+
+    Anatomic Region Sequence, Timezone Offset From UTC and Request Attributes are
+    per instance in DICOM and not indexed; one header per series is read (a
+    cold instance is recalled, as any read does).  A header that cannot be read
+    leaves that series without these facts, logged, rather than failing the
+    manifest.
+    """
+    out: dict[str, Dataset] = {}
+    for ref in headers.select(study_uids=[study_uid]):
+        if ref.series_uid in out or ref.series_uid not in series_uids or ref.sop_instance_uid in excluded:
+            continue
+        try:
+            out[ref.series_uid] = headers.header(ref)
+        except Exception as exc:  # noqa: BLE001 - a missing fact is reported, not fatal
+            log.warning("study %s: header of %s unreadable (%s); its anatomic region and request attributes are not used",
+                        study_uid, ref.sop_instance_uid, exc)
+    return out
+
+
+def _regions(ds: Dataset | None) -> tuple[tuple[str, str, str], ...]:
+    if ds is None:
+        return ()
+    return tuple(
+        (str(i.get("CodeValue", "") or ""), str(i.get("CodingSchemeDesignator", "") or ""), str(i.get("CodeMeaning", "") or ""))
+        for i in ds.get("AnatomicRegionSequence", []) or []
+        if i.get("CodeValue")
+    )
+
+
+def load_study(
+    index: Index, study_uid: str, exclude_sops: Iterable[str] = (), headers: HeaderReader | None = None
+) -> StudySnapshot | None:
+    """The study as the index has it now, without the instances in ``exclude_sops`` (our manifests).
+
+    With ``headers`` (the archive's retrieve service) the first instance of each
+    series is read for the attributes the index does not keep (see :func:`_header_facts`).
+    """
     excluded = set(exclude_sops)
     with index.session() as s:
         row = s.execute(
@@ -112,17 +179,20 @@ def load_study(index: Index, study_uid: str, exclude_sops: Iterable[str] = ()) -
             select(Series).where(Series.study_fk == study.pk).order_by(Series.series_number, Series.pk)
         ).all()
         out: list[SeriesRow] = []
+        last = ""
         for se in series_rows:
             insts = s.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid)
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.content_date, Instance.content_time)
                 .where(Instance.series_fk == se.pk)
                 .order_by(Instance.instance_number, Instance.pk)
             ).all()
-            kept = tuple(InstanceRow(u, c) for u, c in insts if u not in excluded)
+            kept = tuple(InstanceRow(u, c) for u, c, _, _ in insts if u not in excluded)
             if kept:
-                out.append(SeriesRow(se.series_uid, se.modality, se.body_part, kept))
+                out.append(SeriesRow(se.series_uid, se.modality, se.body_part, kept, se.series_number))
+                last = max([last, date_time(se.series_date, se.series_time),
+                            *(date_time(d, t) for u, _, d, t in insts if u not in excluded)])
         code = (study.procedure_code_value, study.procedure_code_scheme, study.procedure_code_meaning)
-        return StudySnapshot(
+        snap = StudySnapshot(
             patient_id=patient.patient_id,
             issuer_of_patient_id=patient.issuer_of_patient_id,
             patient_name=study.patient_name,
@@ -139,7 +209,43 @@ def load_study(index: Index, study_uid: str, exclude_sops: Iterable[str] = ()) -
             procedure_code=code if code[0] else None,
             series=tuple(out),
             updated_at=study.updated_at,
+            last_date_time=last if last >= date_time(study.study_date, study.study_time) else "",
         )
+    return with_header_facts(snap, headers, excluded) if headers is not None else snap
+
+
+def with_header_facts(snap: StudySnapshot, headers: HeaderReader, excluded: set[str]) -> StudySnapshot:
+    """``snap`` with what one header per series adds: anatomic regions, time zone, Requested Procedure ID.
+
+    Read outside the index session: no transaction is held open while files are read.
+    """
+    found = _header_facts(headers, snap.study_uid, {r.series_uid for r in snap.series}, excluded)
+    offsets = [str(ds.get("TimezoneOffsetFromUTC", "") or "").strip() for ds in found.values()]
+    rpids = list(dict.fromkeys(
+        v for ds in found.values() for item in (ds.get("RequestAttributesSequence", []) or [])
+        if (v := str(item.get("RequestedProcedureID", "") or "").strip())
+    ))
+    return replace(
+        snap,
+        series=tuple(replace(r, anatomic_regions=_regions(found.get(r.series_uid))) for r in snap.series),
+        timezone_offset=next((o for o in offsets if TZ_OFFSET.fullmatch(o)), ""),
+        # one request: its ID; several or none: empty (Type 2), never the Study ID
+        requested_procedure_id=rpids[0] if len(rpids) == 1 else "",
+    )
+
+
+def next_series_number(snap: StudySnapshot) -> int:
+    """The first Series Number above every series of the study: the manifest's series never reuses one."""
+    used = [s.series_number for s in snap.series if s.series_number is not None]
+    return min(max(used, default=0) + 1, 2**31 - 1)  # IS range
+
+
+def tz_from_offset(offset: str) -> timezone | None:
+    """The zone of a Timezone Offset From UTC (0008,0201) value ("+0100"), None for "" or a malformed one."""
+    if not TZ_OFFSET.fullmatch(offset or ""):
+        return None
+    sign = -1 if offset[0] == "-" else 1
+    return timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
 
 
 @dataclass(frozen=True)
@@ -178,16 +284,6 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _content_value_type(sop_class_uid: str) -> str:
-    """IMAGE for image storage classes, WAVEFORM for waveforms, COMPOSITE for anything else (TID 2010)."""
-    name = UID(sop_class_uid).name
-    if "Waveform" in name:
-        return "WAVEFORM"
-    if "Image" in name and "Storage" in name:
-        return "IMAGE"
-    return "COMPOSITE"
-
-
 def build_kos(
     snap: StudySnapshot,
     retrieve: RetrieveInfo,
@@ -195,13 +291,16 @@ def build_kos(
     now: datetime | None = None,
     sop_instance_uid: str | None = None,
     series_uid: str | None = None,
-    series_number: int = 9901,
+    series_number: int | None = None,
     manufacturer: str = "xdsi",
 ) -> Manifest:
     """The KOS manifest of ``snap``, checked; raises :class:`NonConformantManifest` instead of returning a bad one."""
     if not snap.series:
         raise NonConformantManifest(f"study {snap.study_uid} has no instances to reference")
     now = now or datetime.now().astimezone()
+    zone = tz_from_offset(snap.timezone_offset)
+    if zone is not None:  # our dates in the study's zone, which then applies to every date of the KOS
+        now = now.astimezone(zone)
     sop_uid = sop_instance_uid or new_uid()
     ser_uid = series_uid or new_uid()
 
@@ -219,6 +318,8 @@ def build_kos(
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = KeyObjectSelectionDocumentStorage
     ds.SOPInstanceUID = sop_uid
+    if zone is not None:
+        ds.TimezoneOffsetFromUTC = snap.timezone_offset
     # General Study (values unchanged from the study)
     ds.StudyDate = snap.study_date
     ds.StudyTime = snap.study_time
@@ -245,7 +346,7 @@ def build_kos(
     ds.StudyInstanceUID = snap.study_uid
     ds.SeriesInstanceUID = ser_uid
     ds.StudyID = snap.study_id
-    ds.SeriesNumber = series_number
+    ds.SeriesNumber = series_number if series_number else next_series_number(snap)
     ds.InstanceNumber = 1
     # SR Document Content (root of TID 2010)
     ds.ValueType = "CONTAINER"
@@ -264,7 +365,7 @@ def build_kos(
         req.IssuerOfAccessionNumberSequence = DicomSequence([issuer])
     req.PlacerOrderNumberImagingServiceRequest = ""
     req.FillerOrderNumberImagingServiceRequest = ""
-    req.RequestedProcedureID = snap.study_id
+    req.RequestedProcedureID = snap.requested_procedure_id  # Type 2: from Request Attributes, never the Study ID
     req.RequestedProcedureDescription = snap.study_description
     req.RequestedProcedureCodeSequence = DicomSequence([_code_item(*snap.procedure_code)] if snap.procedure_code else [])
     ds.ReferencedRequestSequence = DicomSequence([req])
@@ -298,7 +399,7 @@ def build_kos(
         for inst in se.instances:
             c = Dataset()
             c.RelationshipType = "CONTAINS"
-            c.ValueType = _content_value_type(inst.sop_class_uid)
+            c.ValueType = content_value_type(inst.sop_class_uid)
             r = Dataset()
             r.ReferencedSOPClassUID = inst.sop_class_uid
             r.ReferencedSOPInstanceUID = inst.sop_instance_uid

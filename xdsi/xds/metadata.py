@@ -21,7 +21,8 @@ from lxml import etree
 from xdsi.config import XdsSettings
 from xdsi.standards import constants as C
 from xdsi.xds.codes import Code, CodeNotInDomain, CodeTable
-from xdsi.xds.manifest import StudySnapshot
+from xdsi.xds.events import event_codes as study_event_codes
+from xdsi.xds.manifest import StudySnapshot, date_time, tz_from_offset
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HL7_DELIMS = re.compile(r"[\^&~\\|]")
@@ -109,14 +110,26 @@ def source_patient_info(snap: StudySnapshot, ids: PatientIds) -> list[str]:
     return info
 
 
+def _local(date_time: str, offset: str) -> datetime:
+    """YYYYMMDDHHMMSS in the zone Timezone Offset From UTC (0008,0201) names, else the server's own zone."""
+    naive = datetime.strptime(date_time, "%Y%m%d%H%M%S")
+    zone = tz_from_offset(offset)
+    if zone is not None:
+        return naive.replace(tzinfo=zone)
+    return naive.astimezone()  # the instances do not say: the modality is assumed to be in our zone
+
+
 def service_start_time(snap: StudySnapshot) -> str | None:
-    """Study Date/Time (local time of the modality) as an XDS UTC DTM; None when the study has no date."""
-    if not re.fullmatch(r"\d{8}", snap.study_date or ""):
+    """Study Date/Time as an XDS UTC DTM (its zone from (0008,0201) when given); None when the study has no date."""
+    start = date_time(snap.study_date, snap.study_time)
+    return xds_time(_local(start, snap.timezone_offset)) if start else None
+
+
+def service_stop_time(snap: StudySnapshot) -> str | None:
+    """The latest Series/Content Date+Time of the study as an XDS UTC DTM (serviceStopTime, R2); None if unknown."""
+    if not snap.last_date_time or service_start_time(snap) is None:
         return None
-    t = re.sub(r"[^0-9]", "", (snap.study_time or "").split(".")[0])[:6]
-    t = (t + "000000")[:6] if len(t) in (2, 4, 6) else "000000"
-    local = datetime.strptime(snap.study_date + t, "%Y%m%d%H%M%S").astimezone()  # naive -> server's zone
-    return xds_time(local)
+    return xds_time(_local(snap.last_date_time, snap.timezone_offset))
 
 
 def configured_code(codes: CodeTable, code_type: str, value: str) -> Code:
@@ -136,17 +149,12 @@ def type_code(snap: StudySnapshot, x: XdsSettings, codes: CodeTable) -> Code:
 
 
 def event_codes(snap: StudySnapshot, codes: CodeTable) -> list[Code]:
-    """One CID 29 code per acquisition modality present, then CID 4 anatomic regions; only listed codes."""
-    out: list[Code] = []
-    for m in snap.modalities:
-        c = codes.modality(m)
-        if c is not None and c not in out:
-            out.append(c)
-    for bp in snap.body_parts:
-        c = codes.anatomic_region(bp)
-        if c is not None and c not in out:
-            out.append(c)
-    return out
+    """One CID 29 code per acquisition modality present, then CID 4 anatomic regions; only listed codes.
+
+    What the domain does not list is logged and reported by ``xdsi status --study``
+    (:func:`xdsi.xds.events.publication_findings`), never silently dropped.
+    """
+    return study_event_codes(snap, codes).codes
 
 
 # -- ebRIM element helpers ---------------------------------------------------------------------
@@ -275,6 +283,9 @@ def _build(snap, doc, x, codes, ss_uid, now, include_repository, replaces):  # t
     start = service_start_time(snap)
     if start:
         slot(de, "serviceStartTime", [start])
+    stop = service_stop_time(snap)
+    if stop:
+        slot(de, "serviceStopTime", [stop])
     slot(de, "sourcePatientId", [ids.source])
     slot(de, "sourcePatientInfo", source_patient_info(snap, ids))
     refs = [f"{_hl7_safe(snap.study_uid, 'Study Instance UID')}^^^^{C.REFID_STUDY_UID}"]

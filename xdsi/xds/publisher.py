@@ -78,7 +78,11 @@ def snapshot_from_json(text: str) -> tuple[StudySnapshot, datetime]:
     d["updated_at"] = datetime.fromisoformat(d["updated_at"]) if d.get("updated_at") else None
     d["procedure_code"] = tuple(d["procedure_code"]) if d.get("procedure_code") else None
     d["series"] = tuple(
-        SeriesRow(s["series_uid"], s["modality"], s["body_part"], tuple(InstanceRow(**i) for i in s["instances"])) for s in d["series"]
+        SeriesRow(
+            s["series_uid"], s["modality"], s["body_part"], tuple(InstanceRow(**i) for i in s["instances"]),
+            s.get("series_number"), tuple(tuple(r) for r in s.get("anatomic_regions", ())),  # type: ignore[misc]
+        )
+        for s in d["series"]
     )
     return StudySnapshot(**d), created
 
@@ -168,7 +172,7 @@ class Publisher:
     def prepare(self, study_uid: str) -> XdsSubmission | None:
         """Queue what the study needs now (publish, replace or deprecate); the row, or None if nothing is needed."""
         study_uid = validate_uid(study_uid, "Study Instance UID")
-        snap = load_study(self.archive.index, study_uid, exclude_sops=self.our_manifests(study_uid))
+        snap = load_study(self.archive.index, study_uid, exclude_sops=self.our_manifests(study_uid), headers=self.archive.retrieve)
         with self.archive.index.session() as s:
             registered = s.scalars(select(XdsManifest).where(XdsManifest.study_uid == study_uid)).one_or_none()
             latest = s.scalars(
@@ -188,7 +192,7 @@ class Publisher:
         return self._enqueue_publish(snap)
 
     def _enqueue_publish(self, snap: StudySnapshot) -> XdsSubmission:
-        manifest = build_kos(snap, self.retrieve_info(), now=datetime.now().astimezone())
+        manifest = build_kos(snap, self.retrieve_info(), now=datetime.now().astimezone(), series_number=self.x.manifest_series_number or None)
         created = datetime.now(timezone.utc)
         d = self.study_dir(snap.study_uid)
         d.mkdir(parents=True, exist_ok=True)
