@@ -56,9 +56,9 @@ from xdsi.xds.metadata import (
     build_submission,
     new_entry_uuid,
     oid_uid,
-    patient_ids,
     pretty,
 )
+from xdsi.xds.patients import PatientNotPublishable, patient_ids
 from xdsi.xds.outbox import Claim, Outbox, _aware, utcnow
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Publisher:
         self.keep_dir = (self.x.keep_dir or (self.settings.data_dir / "xds")).resolve()
         self._registry: RegistryClient | None = None
         self._repository: RepositoryClient | None = None
+        self._refused: set[tuple[str, str]] = set()  # (study, reason) refused and already logged
 
     # -- peers -------------------------------------------------------------------------------
     def registry(self) -> RegistryClient:
@@ -125,12 +126,19 @@ class Publisher:
         return self._repository
 
     def retrieve_info(self) -> RetrieveInfo:
+        """Where consumers retrieve from: the KOS Retrieve URL is built on ``[server] public_url``, never the bind address."""
         s = self.settings
         return RetrieveInfo(
             ae_title=self.x.retrieve_ae_title or s.ae_title,
             location_uid=self.x.repository_unique_id,
-            wado_rs_base=self.x.retrieve_url or f"http://{s.host}:{s.http_port}/dicomweb",
+            wado_rs_base=self.x.retrieve_url or (f"{s.public_url}/dicomweb" if s.public_url else ""),
         )
+
+    def new_uid(self) -> str | None:
+        """A UID under this installation's root for the KOS we create (None: build_kos's own 2.25 UID)."""
+        from xdsi.installation import new_uid_under
+
+        return new_uid_under(self.x.uid_root) if self.x.uid_root else None
 
     # -- files kept for inspection -----------------------------------------------------------------
     def study_dir(self, study_uid: str) -> Path:
@@ -184,10 +192,12 @@ class Publisher:
             return self._enqueue_deprecation(study_uid, registered)
         if latest is not None and latest.kind == KIND_PUBLISH and latest.fingerprint == snap.fingerprint:
             return latest  # this content is already queued or registered
+        patient_ids(snap, self.x)  # PatientNotPublishable: no manifest is built, stored or queued (issue 11)
         return self._enqueue_publish(snap)
 
     def _enqueue_publish(self, snap: StudySnapshot) -> XdsSubmission:
-        manifest = build_kos(snap, self.retrieve_info(), now=datetime.now().astimezone())
+        manifest = build_kos(snap, self.retrieve_info(), now=datetime.now().astimezone(),
+                             sop_instance_uid=self.new_uid(), series_uid=self.new_uid())
         created = datetime.now(timezone.utc)
         d = self.study_dir(snap.study_uid)
         d.mkdir(parents=True, exist_ok=True)
@@ -334,6 +344,11 @@ class Publisher:
             for study_uid in self.due_studies(now):
                 try:
                     self.prepare(study_uid)
+                except PatientNotPublishable as exc:  # logged once per study content, not at every poll
+                    key = (study_uid, str(exc))
+                    if key not in self._refused:
+                        self._refused.add(key)
+                        log.warning("study %s is not published: %s", study_uid, exc)
                 except Exception:  # one bad study must not stop the others
                     log.exception("could not prepare the manifest of %s", study_uid)
         return [self.deliver(c) for c in self.outbox.claim_due(now=now)]
