@@ -174,3 +174,31 @@ def test_generated_identifiers_are_stable_across_xdsi_serve_restarts(tmp_path: P
     assert seen[0] == seen[1]
     assert seen[0]["generated"] == "3" and seen[0]["repository"].startswith("2.25.")
     assert seen[0]["repository"] != C.DEFAULT_REPOSITORY_UNIQUE_ID
+
+
+def test_a_manifest_is_deprecated_under_its_registered_patient_after_the_mapping_is_gone(tmp_path: Path, registry: TestRegistry) -> None:
+    from xdsi.archive.remove import RemoveService
+    from xdsi.xds.manifest import load_study
+
+    spec = StudySpec()
+    archive = open_archive(tmp_path, mode="integrated", registry_url=registry.registry_url, **MAPPED)
+    try:
+        store_study(archive, tmp_path, spec)
+        pub = Publisher(archive)
+        [out] = pub.run_once()
+        assert out.state == "done", out
+        kos_uid = pub.outbox.for_study(spec.study_uid)[-1].kos_sop_uid
+    finally:
+        archive.close()
+    # the row is removed from the table (unmapped: refused), then every instance is deleted
+    archive = open_archive(tmp_path, mode="integrated", registry_url=registry.registry_url)
+    try:
+        pub = Publisher(archive)
+        snap = load_study(archive.index, spec.study_uid, pub.our_manifests(spec.study_uid))
+        assert RemoveService(archive.index, archive.tiers).remove(snap.sop_uids) == 4
+        [out] = pub.run_once()
+        assert out.state == "done" and out.transaction == "ITI-57", out
+        entry = registry.by_unique_id(kos_uid)
+        assert entry is not None and entry.status == C.STATUS_DEPRECATED and entry.patient_id == PATIENT_CX
+    finally:
+        archive.close()

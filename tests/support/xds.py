@@ -68,6 +68,7 @@ def xds_settings(**kw: object) -> "XdsSettings":
     base: dict[str, object] = {
         "repository_unique_id": C.DEFAULT_REPOSITORY_UNIQUE_ID, "source_id": "1.3.6.1.4.1.21367.13.80.110.1",
         "accession_authority": "1.3.6.1.4.1.21367.13.80.110.3", "uid_root": "1.3.6.1.4.1.21367.13.80.110.4",
+        "author_institution": "xdsi Imaging^^^^^^^^^1.3.6.1.4.1.21367.13.80.110",
         "patient_ids": (PatientIdMapping("PAT001", "HOSP", "PAT001", AFFINITY),), "issuer_oids": {"HOSP": HOSP_OID},
     }
     return XdsSettings(**{**base, **kw})  # type: ignore[arg-type]

@@ -268,8 +268,8 @@ class Publisher:
             snap, created = snapshot_from_json(row.snapshot)
             if row.kind == KIND_DEPRECATE:
                 transaction, endpoint = "ITI-57", self.x.update_url or self.x.registry_url
-                ids = patient_ids(snap, self.x)
-                sub = build_deprecation(ids.affinity, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
+                patient = self._registered_patient(row) or patient_ids(snap, self.x).affinity
+                sub = build_deprecation(patient, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
                 metadata_xml = pretty(sub.request)
                 result = self.update_client().update(sub.request)
             else:
@@ -304,6 +304,32 @@ class Publisher:
             log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
+
+    def _registered_patient(self, row: XdsSubmission) -> str:
+        """The patientId the manifest to deprecate was registered under, from the metadata we sent; "" if unknown.
+
+        Withdrawing a manifest must name the entry's own patient, whatever the mapping
+        table or unmapped_patients policy says today (a study published before a
+        mapping changed is still deprecated, issue 11).
+        """
+        from xdsi.wire.xml import parse_untrusted
+
+        with self.archive.index.session() as s:
+            sent = s.scalars(
+                select(XdsSubmission.last_metadata).where(
+                    XdsSubmission.kos_sop_uid == row.kos_sop_uid, XdsSubmission.kind == KIND_PUBLISH, XdsSubmission.state == DONE
+                ).order_by(XdsSubmission.pk.desc()).limit(1)
+            ).one_or_none()
+        if not sent:
+            return ""
+        try:
+            root = parse_untrusted(sent.encode())
+        except Exception:  # a damaged record: fall back to the current mapping
+            return ""
+        for e in root.iter(C.q("rim", "ExternalIdentifier")):
+            if e.get("identificationScheme") == C.DE_PATIENT_ID and e.get("registryObject") == row.entry_uuid:
+                return e.get("value", "")
+        return ""
 
     def _kos_bytes(self, row: XdsSubmission) -> bytes:
         """The manifest as archived (any process sharing the index and tiers can read it), checked against its SHA-1."""
