@@ -298,7 +298,7 @@ def cmd_status_study(settings: Settings, study_uid: str) -> int:
     for f in report["files"]:  # type: ignore[union-attr]
         print(f"kept:       {f}")
     for finding in findings:
-        print(f"finding:    {finding}")
+        print("finding:    " + finding.replace("\n", "\n            "))
     if report["submissions"]:
         last = report["submissions"][-1]  # type: ignore[index]
         if last["response"]:

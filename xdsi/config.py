@@ -798,9 +798,12 @@ _XDS_SCALARS = {
 
 def xds_from(raw: Mapping[str, Any], base: Path) -> XdsSettings:
     """Build :class:`XdsSettings` from the ``[xds]`` table; paths are relative to the config file."""
-    if "known_patient_ids_only" in raw:
-        raise ConfigError('[xds] known_patient_ids_only is gone: unmapped patients are refused by default; '
-                          'set unmapped_patients = "refuse" or "local-authority" instead')
+    if "known_patient_ids_only" in raw:  # the pre-issue-11 switch: true is what "refuse" now does by default
+        if raw["known_patient_ids_only"] is not True or raw.get("unmapped_patients", "refuse") != "refuse":
+            raise ConfigError('[xds] known_patient_ids_only is replaced by unmapped_patients (default "refuse": an unmapped '
+                              'patient is not published); remove it, and set unmapped_patients = "local-authority" only '
+                              "where local Patient IDs are the affinity domain's")
+        raw = {k: v for k, v in raw.items() if k != "known_patient_ids_only"}
     unknown = set(raw) - set(_XDS_SCALARS) - {"patient_ids", "issuer_oids", "codes_file", "keep_dir"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [xds]: {', '.join(sorted(unknown))}")

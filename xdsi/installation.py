@@ -129,7 +129,7 @@ def load_or_create(data_dir: Path) -> InstallationIds:
         except FileExistsError:
             pass
         else:
-            log.warning("generated the identifiers of this installation in %s: repositoryUniqueId %s, sourceId %s",
+            log.debug("generated the identifiers of this installation in %s: repositoryUniqueId %s, sourceId %s",
                         final, ids.repository_unique_id, ids.source_id)
     finally:
         tmp.unlink(missing_ok=True)

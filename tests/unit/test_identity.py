@@ -103,8 +103,12 @@ def test_unmapped_patients_setting(tmp_path: Path) -> None:
     assert s.xds.unmapped_patients == "local-authority"
     with pytest.raises(ConfigError, match="unmapped_patients must be one of refuse, local-authority"):
         load_settings(_toml(tmp_path, '[xds]\nunmapped_patients = "publish"\n'), env={})
-    with pytest.raises(ConfigError, match="known_patient_ids_only is gone.*unmapped_patients"):
+    # the old switch: false (publish unmapped patients under the domain's authority) is refused, true is "refuse"
+    with pytest.raises(ConfigError, match="known_patient_ids_only is replaced by unmapped_patients"):
         load_settings(_toml(tmp_path, "[xds]\nknown_patient_ids_only = false\n"), env={})
+    with pytest.raises(ConfigError, match="known_patient_ids_only is replaced"):
+        load_settings(_toml(tmp_path, '[xds]\nknown_patient_ids_only = true\nunmapped_patients = "local-authority"\n'), env={})
+    assert load_settings(_toml(tmp_path, "[xds]\nknown_patient_ids_only = true\n"), env={}).xds.unmapped_patients == "refuse"
 
 
 def test_public_url_setting(tmp_path: Path) -> None:
