@@ -5,6 +5,7 @@ from __future__ import annotations
 from lxml import etree
 from zeep import Client, Settings as ZeepSettings
 
+from xdsi.config import PatientIdMapping, XdsSettings
 from xdsi.standards import constants as C
 from xdsi.wire.xml import make_parser
 from xdsi.xds.client import REGISTRY_WSDL, IheAddressing, MtomTransport
@@ -61,10 +62,8 @@ PATIENT_ROWS_TOML = (
 )
 
 
-def xds_settings(**kw: object) -> "XdsSettings":
+def xds_settings(**kw: object) -> XdsSettings:
     """XdsSettings with fixed identifiers (DEFAULT_REPOSITORY_UNIQUE_ID) and PAT001 of HOSP mapped to PATIENT_CX."""
-    from xdsi.config import PatientIdMapping, XdsSettings
-
     base: dict[str, object] = {
         "repository_unique_id": C.DEFAULT_REPOSITORY_UNIQUE_ID, "source_id": "1.3.6.1.4.1.21367.13.80.110.1",
         "accession_authority": "1.3.6.1.4.1.21367.13.80.110.3", "uid_root": "1.3.6.1.4.1.21367.13.80.110.4",
