@@ -778,6 +778,7 @@ class XdsSettings:
     # affinity-domain ID (only where the local IDs ARE the domain's, e.g. a Connectathon or a shared MPI)
     unmapped_patients: str = "refuse"
     uid_root: str = ""  # OID root of the UIDs we create (KOS SOP instance and series); empty: generated per installation
+    pix_url: str = ""  # PIXm (ITI-83) base URL of the PIX Manager, asked for a patient the table does not map; empty: none
 
     @property
     def enabled(self) -> bool:
@@ -787,7 +788,7 @@ class XdsSettings:
 _XDS_SCALARS = {
     "mode": str, "registry_url": str, "repository_url": str, "update_url": str, "repository_unique_id": str,
     "source_id": str, "home_community_id": str, "patient_id_authority": str, "source_patient_authority": str,
-    "accession_authority": str, "unmapped_patients": str, "uid_root": str, "class_code": str, "confidentiality_code": str,
+    "accession_authority": str, "unmapped_patients": str, "uid_root": str, "pix_url": str, "class_code": str, "confidentiality_code": str,
     "healthcare_facility_type_code": str, "practice_setting_code": str, "type_code": str, "content_type_code": str,
     "language_code": str, "author_institution": str, "author_person": str, "author_role": str,
     "author_specialty": str, "retrieve_ae_title": str, "retrieve_url": str, "auto_publish": bool,
@@ -856,6 +857,8 @@ def validate_xds(x: XdsSettings) -> XdsSettings:
     for name, value in oids.items():
         if not _OID_RE.match(value) or len(value) > 64:
             raise ConfigError(f"[xds] {name} {value!r} is not an OID")
+    if x.pix_url and not re.match(r"^https?://[^/?#]+", x.pix_url):
+        raise ConfigError(f"[xds] pix_url {x.pix_url!r} must be an http:// or https:// URL (the PIXm FHIR base)")
     if x.uid_root and len(x.uid_root) > 50:
         raise ConfigError(f"[xds] uid_root {x.uid_root!r} is longer than 50 characters: too few digits left for unique UIDs")
     if x.retry_initial <= 0 or x.retry_max < x.retry_initial or x.retry_factor < 1:

@@ -202,3 +202,111 @@ def test_a_manifest_is_deprecated_under_its_registered_patient_after_the_mapping
         assert entry is not None and entry.status == C.STATUS_DEPRECATED and entry.patient_id == PATIENT_CX
     finally:
         archive.close()
+
+
+# -- PIXm (ITI-83) -----------------------------------------------------------------------------------------
+
+
+class PixManager:
+    """A PIXm Patient Identifier Cross-reference Manager double: answers from ``known`` as ITI-83 says."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, list[str]] = {}  # "urn:oid:OID|ID" -> affinity IDs
+        self.status = 200
+        self.requests: list[dict[str, str]] = []
+
+    def __call__(self, environ, start_response):  # type: ignore[no-untyped-def]
+        import json
+
+        from werkzeug.wrappers import Request, Response
+
+        req = Request(environ)
+        self.requests.append(dict(req.args))
+        if req.path != "/fhir/Patient/$ihe-pix" or self.status != 200:
+            return Response("no", status=self.status if self.status != 200 else 404)(environ, start_response)
+        target = req.args.get("targetSystem", "")
+        ids = self.known.get(req.args.get("sourceIdentifier", ""))
+        if ids is None:
+            outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
+            return Response(json.dumps(outcome), status=404, content_type="application/fhir+json")(environ, start_response)
+        params = [{"name": "targetIdentifier", "valueIdentifier": {"system": target, "value": v}} for v in ids]
+        params.append({"name": "targetIdentifier", "valueIdentifier": {"system": "urn:oid:1.2.3.999", "value": "OTHER-DOMAIN"}})
+        body = json.dumps({"resourceType": "Parameters", "parameter": params})
+        return Response(body, content_type="application/fhir+json")(environ, start_response)
+
+
+@pytest.fixture(scope="module")
+def pix() -> Iterator[tuple[PixManager, str]]:
+    import threading
+
+    from werkzeug.serving import make_server
+
+    app = PixManager()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield app, f"http://127.0.0.1:{server.server_port}/fhir"
+    finally:
+        server.shutdown()
+
+
+def test_pixm_lookup_of_an_unmapped_patient(pix: tuple[PixManager, str], tmp_path: Path) -> None:
+    from tests.support.xds import AFFINITY
+    from xdsi.xds.patients import patient_ids
+    from xdsi.xds.manifest import InstanceRow, SeriesRow, StudySnapshot
+
+    app, url = pix
+    snap = StudySnapshot("PAT001", "HOSP", "DOE^JANE", "19700101", "F", "1.2.3.4", "20240115", "101500", "ACC001", "", "1", "", "", None,
+                         (SeriesRow("1.2.3.4.1", "CT", "CHEST", (InstanceRow("1.2.3.4.1.1", "1.2.840.10008.5.1.4.1.1.2"),)),))
+    x = XdsSettings(pix_url=url, issuer_oids={"HOSP": HOSP_OID}, timeout=5)
+    source = f"urn:oid:{HOSP_OID}|PAT001"
+    app.known = {source: ["IHERED-42"]}
+    ids = patient_ids(snap, x)
+    assert ids.mapped and ids.affinity == f"IHERED-42^^^&{AFFINITY}&ISO" and ids.source == f"PAT001^^^&{HOSP_OID}&ISO"
+    assert app.requests[-1] == {"sourceIdentifier": source, "targetSystem": f"urn:oid:{AFFINITY}"}
+    # a table row wins over PIX
+    row = xds_settings().patient_ids[0]
+    assert patient_ids(snap, XdsSettings(pix_url=url, patient_ids=(row,), issuer_oids={"HOSP": HOSP_OID})).affinity == PATIENT_CX
+    app.known = {}  # 404: not known -> the unmapped policy
+    with pytest.raises(PatientNotPublishable, match="nor known to the PIX Manager"):
+        patient_ids(snap, x)
+    assert patient_ids(snap, XdsSettings(pix_url=url, unmapped_patients="local-authority")).affinity == PATIENT_CX
+    app.known = {source: ["IHERED-42", "IHERED-43"]}  # ambiguous
+    with pytest.raises(PatientNotPublishable, match="2 different IDs"):
+        patient_ids(snap, x)
+    app.known, app.status = {source: ["IHERED-42"]}, 500  # an error is not "unknown": the study waits
+    try:
+        with pytest.raises(PatientNotPublishable, match="answered HTTP 500.*once the PIX Manager answers"):
+            patient_ids(snap, replace_x(x, unmapped_patients="local-authority"))
+    finally:
+        app.status = 200
+    with pytest.raises(PatientNotPublishable, match="unreachable"):
+        patient_ids(snap, replace_x(x, pix_url="http://127.0.0.1:9/fhir", unmapped_patients="local-authority"))
+    with pytest.raises(PatientNotPublishable, match="no issuer OID is invented"):  # PIX needs the source domain's OID
+        patient_ids(snap, replace_x(x, issuer_oids={}))
+
+
+def replace_x(x: XdsSettings, **kw: object) -> XdsSettings:
+    from dataclasses import replace
+
+    return replace(x, **kw)  # type: ignore[arg-type]
+
+
+def test_published_under_the_pix_managers_id(pix: tuple[PixManager, str], tmp_path: Path, registry: TestRegistry) -> None:
+    from tests.support.xds import AFFINITY
+
+    app, url = pix
+    app.known = {f"urn:oid:{HOSP_OID}|PAT002": ["IHERED-77"]}
+    registry.known_patients.add(f"IHERED-77^^^&{AFFINITY}&ISO")
+    spec = StudySpec(patient_id="PAT002")
+    archive = open_archive(tmp_path, mode="integrated", registry_url=registry.registry_url, pix_url=url, issuer_oids={"HOSP": HOSP_OID})
+    try:
+        store_study(archive, tmp_path, spec)
+        pub = Publisher(archive)
+        [out] = pub.run_once()
+        assert out.state == "done", out
+        entry = registry.by_unique_id(pub.outbox.for_study(spec.study_uid)[-1].kos_sop_uid)
+        assert entry is not None and entry.patient_id == f"IHERED-77^^^&{AFFINITY}&ISO"
+    finally:
+        archive.close()

@@ -14,6 +14,9 @@ in the domain, and sourcePatientId fell back to an invented issuer OID.  Now:
   Even then a patient whose issuer is known to be another domain (its OID,
   through ``[xds.issuer_oids]`` or the Issuer itself, differs from
   ``patient_id_authority``) is refused.
+* ``[xds] pix_url`` set: a patient the table does not map is looked up with PIXm
+  (ITI-83) first; only a single affinity-domain ID is taken, an unreachable PIX
+  Manager leaves the study waiting.
 * sourcePatientId needs the OID of the local issuer (``[xds.issuer_oids]``, an
   OID Issuer of Patient ID, or ``source_patient_authority``); none is invented.
 """
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 from xdsi.config import PatientIdMapping, XdsSettings
 from xdsi.xds.manifest import StudySnapshot
 from xdsi.xds.metadata import MetadataError, cx
+from xdsi.xds.pix import PixError, pix_lookup
 
 if TYPE_CHECKING:
     from xdsi.archive import Archive
@@ -113,9 +117,20 @@ def patient_ids(snap: StudySnapshot, x: XdsSettings) -> PatientIds:
             cx(snap.patient_id, local_oid, "local patient ID"),
             True,
         )
+    if x.pix_url and not local_oid and x.unmapped_patients != "local-authority":
+        raise _source_authority_missing(snap)  # PIXm needs the source domain's OID
+    if x.pix_url and local_oid:
+        try:
+            found = pix_lookup(x.pix_url, snap.patient_id, local_oid, x.patient_id_authority, timeout=x.timeout)
+        except PixError as exc:
+            raise PatientNotPublishable(f"{_who(snap)}: {exc}; the study is published once the PIX Manager answers") from None
+        if found:
+            return PatientIds(cx(found, x.patient_id_authority, "affinity-domain patient ID (PIXm)"),
+                              cx(snap.patient_id, local_oid, "local patient ID"), True)
     if x.unmapped_patients != "local-authority":
+        unknown = " nor known to the PIX Manager" if x.pix_url else ""
         raise PatientNotPublishable(
-            f"{_who(snap)} is not in [[xds.patient_ids]] and [xds] unmapped_patients = \"refuse\": the study is not "
+            f"{_who(snap)} is not in [[xds.patient_ids]]{unknown} and [xds] unmapped_patients = \"refuse\": the study is not "
             f"published, so that it cannot be filed under another patient of the affinity domain. Add the row:\n"
             + row_to_add(snap, x)
         )
