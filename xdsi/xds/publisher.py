@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -105,6 +106,7 @@ class Publisher:
         self._registry: RegistryClient | None = None
         self._repository: RepositoryClient | None = None
         self._refused: set[tuple[str, str]] = set()  # (study, reason) refused and already logged
+        self._retry_refused: dict[str, float] = {}  # study -> monotonic time before which it is not asked again
 
     # -- peers -------------------------------------------------------------------------------
     def registry(self) -> RegistryClient:
@@ -368,9 +370,13 @@ class Publisher:
     def run_once(self, now: datetime | None = None) -> list[Outcome]:
         if self.x.auto_publish:
             for study_uid in self.due_studies(now):
+                if self._retry_refused.get(study_uid, 0.0) > time.monotonic():
+                    continue  # refused a moment ago (a PIX Manager is not asked at every poll)
                 try:
                     self.prepare(study_uid)
-                except PatientNotPublishable as exc:  # logged once per study content, not at every poll
+                    self._retry_refused.pop(study_uid, None)
+                except PatientNotPublishable as exc:  # logged once per reason, not at every poll
+                    self._retry_refused[study_uid] = time.monotonic() + self.x.retry_initial
                     key = (study_uid, str(exc))
                     if key not in self._refused:
                         self._refused.add(key)
