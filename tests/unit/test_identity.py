@@ -191,3 +191,19 @@ def test_local_authority_policy() -> None:
         patient_ids(snap(), replace(x, issuer_oids={"HOSP": HOSP_OID}))
     with pytest.raises(PatientNotPublishable, match="not the affinity domain"):
         patient_ids(snap(issuer=HOSP_OID), x)
+
+
+def test_metadata_is_not_built_without_our_identifiers() -> None:
+    """A bare XdsSettings() has no identifiers (Archive.open fills them): no sourceId-less submission is built."""
+    from datetime import datetime, timezone
+
+    from xdsi.xds.codes import CodeTable
+    from xdsi.xds.metadata import DocumentInfo, MetadataError, build_submission, new_entry_uuid, oid_uid
+
+    doc = DocumentInfo("1.2.3.4.9", new_entry_uuid(), 10, "0" * 40, datetime.now(timezone.utc))
+    x = XdsSettings(unmapped_patients="local-authority")
+    with pytest.raises(MetadataError, match="source_id, repository_unique_id, accession_authority not set"):
+        build_submission(snap(), doc, x, CodeTable.load(), submission_set_uid=oid_uid(), include_repository=True)
+    ids = {"source_id": "1.2.3.1", "repository_unique_id": "1.2.3.2", "accession_authority": "1.2.3.3"}
+    sub = build_submission(snap(), doc, replace(x, **ids), CodeTable.load(), submission_set_uid=oid_uid(), include_repository=True)
+    assert sub.patient_id == f"PAT001^^^&{AFFINITY}&ISO"

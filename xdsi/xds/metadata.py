@@ -240,7 +240,9 @@ def _build(snap, doc, x, codes, ss_uid, now, include_repository, replaces):  # t
     from xdsi.xds.patients import patient_ids  # the patient identity policy (issue 11); imports this module
 
     ids = patient_ids(snap, x)
-    unset = [k for k in ("source_id", "accession_authority", *(("repository_unique_id",) if include_repository else ())) if not getattr(x, k)]
+    unset = [k for k in ("source_id", *(("repository_unique_id",) if include_repository else ())) if not getattr(x, k)]
+    if snap.accession_number and not _OID.match(snap.accession_issuer or "") and not x.accession_authority:
+        unset.append("accession_authority")
     if unset:  # Archive.open fills them from the installation; a bare XdsSettings() has none
         raise MetadataError(f"[xds] {', '.join(unset)} not set and not generated for this installation")
     de_id = doc.entry_uuid
