@@ -106,7 +106,9 @@ def main() -> int:
 
 def _rad69(data: Path, out: Path, study_uid: str, refs: list, src: str | None) -> tuple[float, int, int, int]:
     """One whole-study RAD-69 retrieval from a fresh ``xdsi serve`` (from ``src`` when given): MB/s, RSS before, peak RSS, bytes."""
-    env = {"PYTHONPATH": src or str(ROOT)}  # explicit for both: "python -m" would put the working directory first
+    # explicit for both: "python -m" would put the working directory first; the repository id is the test one
+    # (an unconfigured install generates its own, issue 11)
+    env = {"PYTHONPATH": src or str(ROOT), "XDSI_REPOSITORY_UNIQUE_ID": DEFAULT_REPOSITORY_UNIQUE_ID}
     proc = XdsiProcess(data, env=env).start()
     try:
         server = psutil.Process(proc.proc.pid)  # type: ignore[union-attr]

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", action="append", default=[], metavar="UID", help="SOP Instance UID (repeat)")
     p.add_argument("--manifest", type=Path, metavar="KOS", help="take series and instances of --study from a KOS manifest")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the retrieved files")
-    p.add_argument("--repository-unique-id", metavar="OID", help="the source's repositoryUniqueId (default: ours)")
+    p.add_argument("--repository-unique-id", metavar="OID", help="the source's repositoryUniqueId (default: ours, configured or generated in the data dir)")
     p.add_argument("--transfer-syntax", action="append", default=[], metavar="UID", help="acceptable transfer syntax (repeat; default explicit and implicit VR LE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -198,7 +198,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         archive.close()
     print(f"AE title:   {settings.ae_title}")
-    print(f"repository: {settings.xds.repository_unique_id} (XDS-I.b repositoryUniqueId)")
+    _print_identifiers(settings, archive.settings)
     print(f"index:      {_redact(settings.effective_index_url)}")
     print(f"patients:   {st.patients}")
     print(f"studies:    {st.studies}")
@@ -215,6 +215,18 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
     return 0
+
+
+def _print_identifiers(configured: Settings, resolved: Settings) -> None:
+    """Our identifiers as published, and which were generated for this installation (issue 11)."""
+    from xdsi.installation import FILE_NAME
+
+    where = f"generated for this installation, {resolved.data_dir / FILE_NAME}"
+    for label, key, what in (("repository", "repository_unique_id", "XDS-I.b repositoryUniqueId"), ("source id", "source_id", "XDSSubmissionSet.sourceId"),
+                             ("uid root", "uid_root", "root of the UIDs of our manifests")):
+        value = getattr(resolved.xds, key)
+        print(f"{label + ':':<11} {value} ({what}" + ("" if getattr(configured.xds, key) else f"; {where}") + ")")
+    print(f"public url: {resolved.public_url or '(not set: [server] public_url; manifests carry no Retrieve URL)'}")
 
 
 def _queued(moves: list) -> str:  # type: ignore[type-arg]
@@ -258,14 +270,15 @@ def _print_xds_queue(settings: Settings) -> None:
 def cmd_status_study(settings: Settings, study_uid: str) -> int:
     from xdsi.uids import InvalidUID
     from xdsi.xds.events import publication_findings as code_findings
+    from xdsi.xds.patients import publication_findings as patient_findings
     from xdsi.xds.publisher import study_report
     from xdsi.xds.recovery import publication_findings as registry_answer_findings
 
     archive = _open_archive(settings)
     try:
         report = study_report(archive, study_uid)
-        # why a study is not (fully) published: codes the domain lacks, what the registry's answers mean
-        findings = code_findings(archive, study_uid) + registry_answer_findings(archive, study_uid)
+        # why a study is not (fully) published: its patient's identity, codes the domain lacks, what the registry's answers mean
+        findings = [*patient_findings(archive, study_uid), *code_findings(archive, study_uid), *registry_answer_findings(archive, study_uid)]
     except InvalidUID as exc:
         print(f"xdsi status: {exc}", file=sys.stderr)
         return 2
@@ -287,8 +300,8 @@ def cmd_status_study(settings: Settings, study_uid: str) -> int:
             print(f"  registry answer: {sub_['status']}" + (f": {sub_['error']}" if sub_["error"] else ""))
     for f in report["files"]:  # type: ignore[union-attr]
         print(f"kept:       {f}")
-    for line in findings:
-        print(f"finding:    {line}")
+    for finding in findings:
+        print("finding:    " + finding.replace("\n", "\n            "))
     if report["submissions"]:
         last = report["submissions"][-1]  # type: ignore[index]
         if last["response"]:
@@ -354,6 +367,11 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
         if not is_valid_uid(uid):
             print(f"xdsi retrieve: {uid!r} is not a valid UID", file=sys.stderr)
             return 2
+    repository = args.repository_unique_id or _our_repository_unique_id(settings)
+    if not repository:
+        print("xdsi retrieve: give --repository-unique-id (the source's repositoryUniqueId, the Retrieve Location UID of its "
+              "manifests); this installation has none configured or generated to default to", file=sys.stderr)
+        return 2
     total = sum(len(v) for v in series.values())
     with tqdm(total=None, unit="B", unit_scale=True, disable=args.no_progress or None, desc=f"{total} instance(s)") as bar:
         report = retrieve(
@@ -361,7 +379,7 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
             args.study,
             series,
             args.out,
-            repository_unique_id=args.repository_unique_id or settings.xds.repository_unique_id,
+            repository_unique_id=repository,
             transfer_syntaxes=args.transfer_syntax or DEFAULT_SYNTAXES,
             progress=bar.update,
         )
@@ -372,6 +390,16 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     for e in report.errors:
         print(f"error {e.error_code} at {e.location or '-'}: {e.code_context}", file=sys.stderr)
     return 0 if report.saved and not report.errors else 1
+
+
+def _our_repository_unique_id(settings: Settings) -> str:
+    """Ours as configured, or as generated in the data dir; "" when neither (nothing is created for a client command)."""
+    from xdsi.installation import load
+
+    if settings.xds.repository_unique_id:
+        return settings.xds.repository_unique_id
+    ids = load(settings.data_dir)
+    return ids.repository_unique_id if ids else ""
 
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
@@ -431,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](settings, args)
     except StartupError as exc:  # a port or directory the operator must fix: one line, like ConfigError
         print(f"xdsi: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # found only once the data dir is open (a damaged installation.toml)
+        print(f"xdsi: configuration error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -260,6 +260,9 @@ class Settings:
     partitions: Mapping[str, "PartitionSettings"] = field(default_factory=dict)
     xds: "XdsSettings" = field(default_factory=lambda: XdsSettings())  # [xds], defined below
     limits: LimitsSettings = field(default_factory=LimitsSettings)  # [limits]
+    # [server] public_url: how others reach our HTTP service (https://imaging.example.org), the base of every URL
+    # we publish (the KOS Retrieve URL); never derived from the bind address. Empty: the KOS carries no Retrieve URL
+    public_url: str = ""
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -333,6 +336,7 @@ _ENV = {
     "XDSI_AE_TITLE": ("ae_title", str),
     "XDSI_INDEX_URL": ("index_url", str),
     "XDSI_LOG_LEVEL": ("log_level", str),
+    "XDSI_PUBLIC_URL": ("public_url", str),
 }
 
 
@@ -344,7 +348,7 @@ _HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
-    "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level"},
+    "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level", "public_url"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
@@ -415,7 +419,7 @@ def load_settings(
 
     server = doc.get("server", {})
     kw: dict[str, Any] = {}
-    for key in ("host", "ae_title", "log_level"):
+    for key in ("host", "ae_title", "log_level", "public_url"):
         if key in server:
             kw[key] = str(server[key])
     for key in ("dicom_port", "http_port"):
@@ -538,8 +542,9 @@ def _validated(s: Settings) -> Settings:
     validate_ae_title(s.ae_title)
     from xdsi.uids import is_valid_uid
 
-    if not is_valid_uid(s.xds.repository_unique_id):
+    if s.xds.repository_unique_id and not is_valid_uid(s.xds.repository_unique_id):
         raise ConfigError(f"[xds] repository_unique_id {s.xds.repository_unique_id!r} is not a valid OID")
+    s = _validated_public_url(s)
     for port_name in ("dicom_port", "http_port"):
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
@@ -562,6 +567,33 @@ def _validated(s: Settings) -> Settings:
     if s.partitions:
         _validate_partitions(s)
     return s
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "", "*")  # bind addresses that name no host a consumer could reach
+
+
+def _validated_public_url(s: Settings) -> Settings:
+    """``[server] public_url``: an absolute http(s) URL without query or fragment, stored without a trailing slash.
+
+    Publishing with no public_url while listening on a wildcard address is refused: the
+    only URL we could derive (``http://0.0.0.0:8080``) reaches no one.
+    """
+    url = s.public_url.strip()
+    if url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"[server] public_url {url!r} must be an absolute http:// or https:// URL without query or fragment")
+        if parts.hostname in WILDCARD_HOSTS or parts.hostname == "0.0.0.0":
+            raise ConfigError(f"[server] public_url {url!r} names a wildcard address; give the host name consumers use")
+        url = url.rstrip("/")
+    elif s.xds.enabled and not s.xds.retrieve_url and s.host.strip() in WILDCARD_HOSTS:
+        raise ConfigError(
+            f"[server] host {s.host!r} is a wildcard bind address and [xds] publishing is on: set [server] public_url "
+            "(e.g. \"https://imaging.example.org\") so that published manifests carry a URL consumers can reach"
+        )
+    return s if url == s.public_url else replace(s, public_url=url)
 
 
 # -- partitions -----------------------------------------------------------------------------------
@@ -679,6 +711,7 @@ def _validate_partitions(s: Settings) -> None:
 # ---------------------------------------------------------------------------------------------
 
 XDS_MODES = ("off", "repository", "integrated")
+UNMAPPED_PATIENTS = ("refuse", "local-authority")  # [xds] unmapped_patients
 _OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
@@ -698,17 +731,19 @@ class XdsSettings:
     registry_url: str = ""  # ITI-42 endpoint (integrated mode) and ITI-57 update endpoint
     repository_url: str = ""  # ITI-41 endpoint (repository mode)
     update_url: str = ""  # ITI-57 endpoint for deprecation; empty: registry_url
-    # our IDS/repository uniqueId (RAD-69 RepositoryUniqueId, KOS Retrieve Location UID); a 2.25 OID of our own
-    repository_unique_id: str = "2.25.174983427195862233712418339462367446029"
-    source_id: str = "1.3.6.1.4.1.21367.13.80.110.1"  # XDSSubmissionSet.sourceId (our Document Source OID)
+    # our IDS/repository uniqueId (RAD-69 RepositoryUniqueId, KOS Retrieve Location UID); empty: generated
+    # once per installation and kept in the data dir (xdsi/installation.py), printed by `xdsi status`
+    repository_unique_id: str = ""
+    source_id: str = ""  # XDSSubmissionSet.sourceId (our Document Source OID); empty: generated per installation
     home_community_id: str = ""
     # identities
     patient_id_authority: str = "1.3.6.1.4.1.21367.13.20.1000"  # affinity domain (Connectathon IHERED)
     patient_ids: tuple[PatientIdMapping, ...] = ()
-    source_patient_authority: str = "1.3.6.1.4.1.21367.13.80.110.2"  # local issuer OID when none is mapped
+    # OID of our local Patient ID domain (sourcePatientId) when the instances' issuer has none; empty: none
+    # (a patient whose local issuer OID is unknown is then not published: no invented issuer OIDs)
+    source_patient_authority: str = ""
     issuer_oids: Mapping[str, str] = field(default_factory=dict)  # Issuer of Patient ID text -> OID
-    accession_authority: str = "1.3.6.1.4.1.21367.13.80.110.3"  # issuer of accession numbers (referenceIdList)
-    known_patient_ids_only: bool = False  # refuse to publish a patient the mapping table does not list
+    accession_authority: str = ""  # issuer of accession numbers (referenceIdList); empty: generated per installation
     # affinity-domain codes: "CODE" or "CODE^SCHEME", looked up in codes_file
     codes_file: Path | None = None  # None: the Connectathon list shipped with xdsi
     class_code: str = "IMAGES"
@@ -718,7 +753,8 @@ class XdsSettings:
     type_code: str = "18748-4"  # used when the study's procedure code is not in the typeCode list
     content_type_code: str = "22232009"
     language_code: str = "en-US"
-    author_institution: str = "xdsi Imaging^^^^^^^^^1.3.6.1.4.1.21367.13.80.110"  # XON
+    # XON; None: "xdsi" with an organization OID generated per installation; "": no authorInstitution
+    author_institution: str | None = None
     author_person: str = ""  # XCN; empty: none
     author_role: str = ""
     author_specialty: str = ""
@@ -739,6 +775,12 @@ class XdsSettings:
     keep_dir: Path | None = None
     # Series Number of our KOS manifests; 0: the first number above every series of the study
     manifest_series_number: int = 0
+    # issue 11: a patient the [[xds.patient_ids]] table does not map is "refuse"d (not published; `xdsi status
+    # --study` says which row to add), or published under "local-authority": the local Patient ID taken as an
+    # affinity-domain ID (only where the local IDs ARE the domain's, e.g. a Connectathon or a shared MPI)
+    unmapped_patients: str = "refuse"
+    uid_root: str = ""  # OID root of the UIDs we create (KOS SOP instance and series); empty: generated per installation
+    pix_url: str = ""  # PIXm (ITI-83) base URL of the PIX Manager, asked for a patient the table does not map; empty: none
 
     @property
     def enabled(self) -> bool:
@@ -748,7 +790,7 @@ class XdsSettings:
 _XDS_SCALARS = {
     "mode": str, "registry_url": str, "repository_url": str, "update_url": str, "repository_unique_id": str,
     "source_id": str, "home_community_id": str, "patient_id_authority": str, "source_patient_authority": str,
-    "accession_authority": str, "known_patient_ids_only": bool, "class_code": str, "confidentiality_code": str,
+    "accession_authority": str, "unmapped_patients": str, "uid_root": str, "pix_url": str, "class_code": str, "confidentiality_code": str,
     "healthcare_facility_type_code": str, "practice_setting_code": str, "type_code": str, "content_type_code": str,
     "language_code": str, "author_institution": str, "author_person": str, "author_role": str,
     "author_specialty": str, "retrieve_ae_title": str, "retrieve_url": str, "auto_publish": bool,
@@ -759,6 +801,12 @@ _XDS_SCALARS = {
 
 def xds_from(raw: Mapping[str, Any], base: Path) -> XdsSettings:
     """Build :class:`XdsSettings` from the ``[xds]`` table; paths are relative to the config file."""
+    if "known_patient_ids_only" in raw:  # the pre-issue-11 switch: true is what "refuse" now does by default
+        if raw["known_patient_ids_only"] is not True or raw.get("unmapped_patients", "refuse") != "refuse":
+            raise ConfigError('[xds] known_patient_ids_only is replaced by unmapped_patients (default "refuse": an unmapped '
+                              'patient is not published); remove it, and set unmapped_patients = "local-authority" only '
+                              "where local Patient IDs are the affinity domain's")
+        raw = {k: v for k, v in raw.items() if k != "known_patient_ids_only"}
     unknown = set(raw) - set(_XDS_SCALARS) - {"patient_ids", "issuer_oids", "codes_file", "keep_dir"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [xds]: {', '.join(sorted(unknown))}")
@@ -799,14 +847,22 @@ def validate_xds(x: XdsSettings) -> XdsSettings:
         raise ConfigError("[xds] mode = \"repository\" needs repository_url (the ITI-41 endpoint)")
     if x.mode == "integrated" and not x.registry_url:
         raise ConfigError("[xds] mode = \"integrated\" needs registry_url (the ITI-42 endpoint)")
-    oids = {"repository_unique_id": x.repository_unique_id, "source_id": x.source_id,
-            "patient_id_authority": x.patient_id_authority, "source_patient_authority": x.source_patient_authority,
-            "accession_authority": x.accession_authority}
+    if x.unmapped_patients not in UNMAPPED_PATIENTS:
+        raise ConfigError(f"[xds] unmapped_patients must be one of {', '.join(UNMAPPED_PATIENTS)}, not {x.unmapped_patients!r}")
+    # empty: generated per installation (repository_unique_id, source_id, accession_authority, uid_root) or none
+    optional = {"repository_unique_id": x.repository_unique_id, "source_id": x.source_id,
+                "source_patient_authority": x.source_patient_authority, "accession_authority": x.accession_authority,
+                "uid_root": x.uid_root}
+    oids = {"patient_id_authority": x.patient_id_authority, **{k: v for k, v in optional.items() if v}}
     oids.update({f"patient_ids[{m.local_id}].affinity_authority": m.affinity_authority for m in x.patient_ids})
     oids.update({f"issuer_oids.{k}": v for k, v in x.issuer_oids.items()})
     for name, value in oids.items():
         if not _OID_RE.match(value) or len(value) > 64:
             raise ConfigError(f"[xds] {name} {value!r} is not an OID")
+    if x.pix_url and not re.match(r"^https?://[^/?#]+", x.pix_url):
+        raise ConfigError(f"[xds] pix_url {x.pix_url!r} must be an http:// or https:// URL (the PIXm FHIR base)")
+    if x.uid_root and len(x.uid_root) > 50:
+        raise ConfigError(f"[xds] uid_root {x.uid_root!r} is longer than 50 characters: too few digits left for unique UIDs")
     if x.retry_initial <= 0 or x.retry_max < x.retry_initial or x.retry_factor < 1:
         raise ConfigError("[xds] retry policy: need 0 < retry_initial <= retry_max and retry_factor >= 1")
     if x.stability_delay < 0 or x.poll_interval <= 0:

@@ -73,6 +73,7 @@ class Servers:
                 raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if s.xds.enabled:
+            _warn_identifiers(s, self.archive.settings)
             from xdsi.xds.publisher import PublisherThread
 
             self.publisher = PublisherThread(self.archive)
@@ -98,6 +99,20 @@ class Servers:
             server.stop()
         self.partitions.close_extra()
         self.archive.close()
+
+
+def _warn_identifiers(configured: Settings, resolved: Settings) -> None:
+    """What an operator publishing to a registry must know about our identifiers and URLs (issue 11)."""
+    from xdsi.installation import generated_fields
+
+    generated = generated_fields(configured.xds)
+    log.info("XDS-I.b identifiers: repositoryUniqueId %s, sourceId %s, UID root %s%s", resolved.xds.repository_unique_id,
+             resolved.xds.source_id, resolved.xds.uid_root, f" ({', '.join(generated)} generated for this installation)" if generated else "")
+    if generated and not configured.effective_index_url.startswith("sqlite"):
+        log.warning("[xds] %s generated in %s: every xdsi process sharing this index must answer to the same ids; "
+                    "configure them in [xds] (see `xdsi status`)", ", ".join(generated), resolved.data_dir)
+    if not resolved.public_url and not resolved.xds.retrieve_url:
+        log.warning("[server] public_url is not set: published manifests carry no WADO-RS Retrieve URL")
 
 
 def serve(settings: Settings) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -62,6 +63,7 @@ from tests.support.corpus import (
 from tests.support.netns import NetNS
 from tests.support.nsrelay import NsRelay
 from tests.support.server import XdsiProcess
+from tests.support.xds import HOSP_OID
 
 pytestmark = [
     pytest.mark.dcmtk,
@@ -148,13 +150,15 @@ def _start_storescp(ns: NetNS, out: Path, aet: str, option: str, port: int) -> s
     raise RuntimeError(f"storescp {aet} did not start")
 
 
-def _config_file(path: Path, relays: dict[str, int], registry_url: str) -> Path:
+def _config_file(path: Path, relays: dict[str, int], registry_url: str, patient: str) -> Path:
     lines = []
     for aet, port in relays.items():
         lines += [f"[peers.{aet}]", 'host = "127.0.0.1"', f"port = {port}", ""]
     lines += [
         "[xds]", 'mode = "integrated"', f'registry_url = "{registry_url}"', f'repository_unique_id = "{REPOSITORY_UID}"',
-        "auto_publish = false", "timeout = 20", "",
+        "auto_publish = false", "timeout = 20", f'source_patient_authority = "{HOSP_OID}"', "",
+        # the published patient mapped, as a site must (issue 11: an unmapped patient is refused)
+        "[[xds.patient_ids]]", f"local_id = {json.dumps(patient)}", f"affinity_id = {json.dumps(patient)}", "",
     ]  # fmt: skip
     path.write_text("\n".join(lines))
     return path
@@ -191,7 +195,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 for aet, (option, port) in STORESCP.items():
                     procs.append(_start_storescp(ns, root / aet, aet, option, port))
                 with NsRelay(ns, STORESCP["XI"][1]) as xi, NsRelay(ns, STORESCP["XA"][1]) as xa:
-                    config = _config_file(root / "xdsi.toml", {"XI": xi.port, "XA": xa.port}, registry.registry_url)
+                    config = _config_file(root / "xdsi.toml", {"XI": xi.port, "XA": xa.port}, registry.registry_url, kos_patient)
                     server = XdsiProcess(root / "data", config=config).start()
                     e = Env(server, sent, root, pool, registry=registry)
                     try:

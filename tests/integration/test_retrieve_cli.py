@@ -34,8 +34,13 @@ def test_retrieve_reports_errors(ids_server: IdsServer, tmp_path: Path) -> None:
             "--out", str(tmp_path / "o"), "--repository-unique-id", NIST_REPOSITORY, "--no-progress")
     assert r.returncode == 1
     assert "PartialSuccess: saved 1 of 2" in r.stdout and "XDSDocumentUniqueIdError at 1.2.3.999" in r.stderr
-    r = run("retrieve", ids_server.url, "--study", st.uid, "--series", series_uid, "--instance", items[0][0], "--out", str(tmp_path / "o2"), "--no-progress")
-    assert r.returncode == 1 and "XDSUnknownRepositoryId" in r.stderr  # our default id is not the server's
+    r = run("retrieve", ids_server.url, "--study", st.uid, "--series", series_uid, "--instance", items[0][0], "--out", str(tmp_path / "o2"),
+            "--repository-unique-id", "1.2.3.4", "--no-progress")
+    assert r.returncode == 1 and "XDSUnknownRepositoryId" in r.stderr  # an id that is not the server's
+    # no id given and none configured or generated here (issue 11: no shared default): refused before sending
+    r = run("retrieve", ids_server.url, "--study", st.uid, "--series", series_uid, "--instance", items[0][0], "--out", str(tmp_path / "o3"),
+            "--data-dir", str(tmp_path / "nothing"), "--no-progress")
+    assert r.returncode == 2 and "--repository-unique-id" in r.stderr and not (tmp_path / "nothing").exists()
 
 
 def test_status_prints_repository_id(tmp_path: Path) -> None:

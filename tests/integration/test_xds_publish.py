@@ -14,7 +14,7 @@ from werkzeug.serving import make_server
 
 from tests.conftest import make_settings
 from tests.support.registry import TestRegistry
-from tests.support.xds import PATIENT_CX, ext_id, find_documents
+from tests.support.xds import PATIENT_CX, ext_id, find_documents, xds_settings
 from xdsi.archive import Archive
 from xdsi.archive.remove import RemoveService
 from xdsi.config import XdsSettings
@@ -37,7 +37,9 @@ def registry() -> Iterator[TestRegistry]:
 
 
 def open_archive(tmp_path: Path, index_url: str, **xds: object) -> Archive:
-    x = XdsSettings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **xds})  # type: ignore[arg-type]
+    # identifiers generated per data dir (issue 11); the synthetic patient PAT001 of HOSP mapped, as a site must
+    mapped = {"patient_ids": xds_settings().patient_ids, "issuer_oids": xds_settings().issuer_oids}
+    x = XdsSettings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **mapped, **xds})  # type: ignore[arg-type]
     return Archive.open(make_settings(tmp_path, index_url, xds=x))
 
 

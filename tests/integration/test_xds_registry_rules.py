@@ -13,7 +13,7 @@ import requests
 from lxml import etree
 
 from tests.support.registry import TestRegistry
-from tests.support.xds import PATIENT_CX
+from tests.support.xds import PATIENT_CX, xds_settings
 from xdsi.config import XdsSettings
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
@@ -49,7 +49,7 @@ def good(include_repository: bool = True, replaces: str = "", patient_id: str = 
     snap = snapshot(patient_id)
     m = build_kos(snap, RetrieveInfo("XDSI", "1.3.6.1.4.1.21367.13.80.110", ""))
     doc = DocumentInfo(m.sop_instance_uid, new_entry_uuid(), m.size, m.sha1, datetime.now())
-    sub = build_submission(snap, doc, XdsSettings(), CodeTable.load(), submission_set_uid=oid_uid(),
+    sub = build_submission(snap, doc, xds_settings(unmapped_patients="local-authority", patient_ids=(), issuer_oids={}), CodeTable.load(), submission_set_uid=oid_uid(),
                            include_repository=include_repository, replaces_entry_uuid=replaces)
     return sub.request, doc, m.data
 

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from tests.support.registry import TestRegistry
 from tests.support.server import XdsiProcess
-from tests.support.xds import PATIENT_CX, ext_id, find_documents
+from tests.support.xds import PATIENT_CX, PATIENT_ROWS_TOML, ext_id, find_documents
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.standards import constants as C
 from xdsi.xds.codes import CodeTable
@@ -37,7 +37,7 @@ def config(tmp_path: Path, registry: TestRegistry, **extra: object) -> Path:
         return ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else str(v))
 
     p = tmp_path / "xdsi.toml"
-    p.write_text("[xds]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in values.items()))
+    p.write_text("[xds]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in values.items()) + PATIENT_ROWS_TOML)  # PAT001 mapped
     return p
 
 

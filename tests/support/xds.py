@@ -5,6 +5,7 @@ from __future__ import annotations
 from lxml import etree
 from zeep import Client, Settings as ZeepSettings
 
+from xdsi.config import PatientIdMapping, XdsSettings
 from xdsi.standards import constants as C
 from xdsi.wire.xml import make_parser
 from xdsi.xds.client import REGISTRY_WSDL, IheAddressing, MtomTransport
@@ -48,3 +49,25 @@ def ext_id(obj: etree._Element, scheme: str) -> str:
         if e.get("identificationScheme") == scheme:
             return e.get("value", "")
     return ""
+
+
+# -- identity settings for tests (issue 11) ----------------------------------------------------------
+# An unmapped patient is refused by default, and identifiers not configured are generated per data dir.
+# Tests that build metadata without an Archive, or publish the synthetic patient PAT001 (issuer HOSP),
+# map it explicitly, the way a site must.
+HOSP_OID = "1.3.6.1.4.1.21367.13.80.110.2"  # the OID of the synthetic studies' local issuer "HOSP"
+PATIENT_ROWS_TOML = (
+    '[[xds.patient_ids]]\nlocal_id = "PAT001"\nlocal_issuer = "HOSP"\naffinity_id = "PAT001"\n'
+    f'affinity_authority = "{AFFINITY}"\n\n[xds.issuer_oids]\nHOSP = "{HOSP_OID}"\n'
+)
+
+
+def xds_settings(**kw: object) -> XdsSettings:
+    """XdsSettings with fixed identifiers (DEFAULT_REPOSITORY_UNIQUE_ID) and PAT001 of HOSP mapped to PATIENT_CX."""
+    base: dict[str, object] = {
+        "repository_unique_id": C.DEFAULT_REPOSITORY_UNIQUE_ID, "source_id": "1.3.6.1.4.1.21367.13.80.110.1",
+        "accession_authority": "1.3.6.1.4.1.21367.13.80.110.3", "uid_root": "1.3.6.1.4.1.21367.13.80.110.4",
+        "author_institution": "xdsi Imaging^^^^^^^^^1.3.6.1.4.1.21367.13.80.110",
+        "patient_ids": (PatientIdMapping("PAT001", "HOSP", "PAT001", AFFINITY),), "issuer_oids": {"HOSP": HOSP_OID},
+    }
+    return XdsSettings(**{**base, **kw})  # type: ignore[arg-type]

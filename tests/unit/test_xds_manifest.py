@@ -18,7 +18,9 @@ from xdsi.tools.synth import StudySpec, write_study
 from xdsi.standards import constants as C
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import NonConformantManifest, RetrieveInfo, build_kos, load_study
-from xdsi.xds.metadata import DocumentInfo, MetadataError, build_submission, new_entry_uuid, oid_uid, patient_ids, xpn
+from xdsi.xds.metadata import DocumentInfo, MetadataError, build_submission, new_entry_uuid, oid_uid, xpn
+from xdsi.xds.patients import patient_ids
+from tests.support.xds import xds_settings
 
 RETRIEVE = RetrieveInfo("XDSI", "1.3.6.1.4.1.21367.13.80.110", "http://127.0.0.1:8080/dicomweb")
 
@@ -92,7 +94,7 @@ def test_metadata_validates_against_the_official_schema(archive: Archive, study)
     spec, _ = study
     snap = load_study(archive.index, spec.study_uid)
     m = build_kos(snap, RETRIEVE)
-    x = XdsSettings()
+    x = xds_settings()
     codes = CodeTable.load()
     sub = build_submission(snap, DocumentInfo(m.sop_instance_uid, new_entry_uuid(), m.size, m.sha1, datetime.now()),
                            x, codes, submission_set_uid=oid_uid(), include_repository=True)
@@ -126,8 +128,8 @@ def test_patient_id_mapping_table(archive: Archive, study) -> None:  # type: ign
     ids = patient_ids(snap, x)
     assert ids.mapped and ids.affinity == "IHERED-994^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     assert ids.source == "PAT001^^^&1.2.3.4.5&ISO"
-    with pytest.raises(MetadataError, match="known_patient_ids_only"):
-        patient_ids(snap, XdsSettings(known_patient_ids_only=True))
+    with pytest.raises(MetadataError, match="not in \\[\\[xds.patient_ids\\]\\]"):
+        patient_ids(snap, XdsSettings())  # unmapped: refused by default (issue 11)
 
 
 def test_code_outside_the_domain_is_not_sent(archive: Archive, study) -> None:  # type: ignore[no-untyped-def]
@@ -136,7 +138,7 @@ def test_code_outside_the_domain_is_not_sent(archive: Archive, study) -> None:  
     m = build_kos(snap, RETRIEVE)
     with pytest.raises(MetadataError, match="classCode 'FOO' is not in the affinity domain"):
         build_submission(snap, DocumentInfo(m.sop_instance_uid, new_entry_uuid(), m.size, m.sha1, datetime.now()),
-                         XdsSettings(class_code="FOO"), CodeTable.load(), submission_set_uid=oid_uid())
+                         xds_settings(class_code="FOO"), CodeTable.load(), submission_set_uid=oid_uid())
 
 
 def test_xpn() -> None:

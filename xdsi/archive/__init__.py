@@ -43,6 +43,9 @@ class Archive:
         """
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        from xdsi.installation import resolve
+
+        settings = resolve(settings)  # identifiers not configured: this installation's, from the data dir (issue 11)
         index = open_index(settings.effective_index_url)
         tiers = TierSet(settings.effective_storage)
         tiers.ensure()

@@ -102,8 +102,9 @@ MIME_XOP = "application/xop+xml"
 MIME_NATIVE_DICOM = "application/x-dicom.native"
 
 # -- our defaults -----------------------------------------------------------------------------------
-# The repositoryUniqueId an unconfigured install answers to: a fixed UUID-derived OID so that
-# tests and first runs agree.  A deployment sets its own in ``[xds] repository_unique_id``.
+# A fixed UUID-derived repositoryUniqueId for tests and benches, which configure it explicitly
+# (XDSI_REPOSITORY_UNIQUE_ID / [xds] repository_unique_id).  It is nobody's default: an install
+# without one generates its own (xdsi/installation.py, issue 11).
 DEFAULT_REPOSITORY_UNIQUE_ID = "2.25.174983427195862233712418339462367446029"
 
 # == XDS.b publishing (ITI-41/42/43/57, ebRIM metadata) ==========================================

@@ -109,7 +109,8 @@ class DicomWebApp:
             return HttpError(500, f"internal error: {exc.__class__.__name__}: {exc}").response()
 
     def base(self, request: Request) -> str:
-        return public_base(request)
+        public_url = self.archive.settings.public_url  # [server] public_url: behind a proxy, the URL clients use
+        return f"{public_url}{request.script_root}" if public_url else public_base(request)
 
     # -- dispatch of shared paths --------------------------------------------------------------
 

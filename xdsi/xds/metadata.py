@@ -15,6 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
@@ -23,6 +24,9 @@ from xdsi.standards import constants as C
 from xdsi.xds.codes import Code, CodeNotInDomain, CodeTable
 from xdsi.xds.events import event_codes as study_event_codes
 from xdsi.xds.manifest import StudySnapshot, date_time, tz_from_offset
+
+if TYPE_CHECKING:
+    from xdsi.xds.patients import PatientIds
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HL7_DELIMS = re.compile(r"[\^&~\\|]")
@@ -67,30 +71,6 @@ def cx(id_value: str, authority_oid: str, what: str = "patient ID") -> str:
     return f"{_hl7_safe(id_value, what)}^^^&{authority_oid}&ISO"
 
 
-@dataclass(frozen=True)
-class PatientIds:
-    affinity: str  # XDSDocumentEntry.patientId
-    source: str  # sourcePatientId
-    mapped: bool  # found in the configured table (else the default affinity authority was used)
-
-
-def patient_ids(snap: StudySnapshot, x: XdsSettings) -> PatientIds:
-    """Map the local (Patient ID, Issuer) to the affinity domain, as the configured table says."""
-    local_authority = x.issuer_oids.get(snap.issuer_of_patient_id) or (
-        snap.issuer_of_patient_id if _OID.match(snap.issuer_of_patient_id or "") else x.source_patient_authority
-    )
-    source = cx(snap.patient_id, local_authority, "local patient ID")
-    for m in x.patient_ids:
-        if m.local_id == snap.patient_id and m.local_issuer in ("", snap.issuer_of_patient_id):
-            return PatientIds(cx(m.affinity_id, m.affinity_authority, "affinity-domain patient ID"), source, True)
-    if x.known_patient_ids_only:
-        raise MetadataError(
-            f"patient {snap.patient_id!r} (issuer {snap.issuer_of_patient_id!r}) is not in [[xds.patient_ids]] "
-            "and known_patient_ids_only is set"
-        )
-    return PatientIds(cx(snap.patient_id, x.patient_id_authority, "patient ID"), source, False)
-
-
 def xpn(dicom_pn: str) -> str:
     """DICOM PN (family^given^middle^prefix^suffix) -> HL7 XPN (family^given^middle^suffix^prefix)."""
     alphabetic = dicom_pn.split("=")[0]
@@ -99,7 +79,7 @@ def xpn(dicom_pn: str) -> str:
     return "^".join([family, given, middle, suffix, prefix]).rstrip("^")
 
 
-def source_patient_info(snap: StudySnapshot, ids: PatientIds) -> list[str]:
+def source_patient_info(snap: StudySnapshot, ids: "PatientIds") -> list[str]:
     info = [f"PID-3|{ids.source}"]
     if snap.patient_name:
         info.append(f"PID-5|{xpn(snap.patient_name)}")
@@ -265,7 +245,14 @@ def build_submission(
 
 
 def _build(snap, doc, x, codes, ss_uid, now, include_repository, replaces):  # type: ignore[no-untyped-def]
+    from xdsi.xds.patients import patient_ids  # the patient identity policy (issue 11); imports this module
+
     ids = patient_ids(snap, x)
+    unset = [k for k in ("source_id", *(("repository_unique_id",) if include_repository else ())) if not getattr(x, k)]
+    if snap.accession_number and not _OID.match(snap.accession_issuer or "") and not x.accession_authority:
+        unset.append("accession_authority")
+    if unset:  # Archive.open fills them from the installation; a bare XdsSettings() has none
+        raise MetadataError(f"[xds] {', '.join(unset)} not set and not generated for this installation")
     de_id = doc.entry_uuid
     ss_id = new_entry_uuid()
     req = etree.Element(C.q("lcm", "SubmitObjectsRequest"), nsmap={"lcm": C.NS_LCM, "rim": C.NS_RIM})

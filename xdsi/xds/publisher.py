@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -56,9 +57,9 @@ from xdsi.xds.metadata import (
     build_submission,
     new_entry_uuid,
     oid_uid,
-    patient_ids,
     pretty,
 )
+from xdsi.xds.patients import PatientNotPublishable, patient_ids
 from xdsi.xds.outbox import Claim, Outbox, _aware, utcnow
 from xdsi.xds.recovery import proves_registered
 
@@ -109,6 +110,8 @@ class Publisher:
         self.keep_dir = (self.x.keep_dir or (self.settings.data_dir / "xds")).resolve()
         self._registry: RegistryClient | None = None
         self._repository: RepositoryClient | None = None
+        self._refused: set[tuple[str, str]] = set()  # (study, reason) refused and already logged
+        self._retry_refused: dict[str, float] = {}  # study -> monotonic time before which it is not asked again
 
     # -- peers -------------------------------------------------------------------------------
     def registry(self) -> RegistryClient:
@@ -130,12 +133,19 @@ class Publisher:
         return self._repository
 
     def retrieve_info(self) -> RetrieveInfo:
+        """Where consumers retrieve from: the KOS Retrieve URL is built on ``[server] public_url``, never the bind address."""
         s = self.settings
         return RetrieveInfo(
             ae_title=self.x.retrieve_ae_title or s.ae_title,
             location_uid=self.x.repository_unique_id,
-            wado_rs_base=self.x.retrieve_url or f"http://{s.host}:{s.http_port}/dicomweb",
+            wado_rs_base=self.x.retrieve_url or (f"{s.public_url}/dicomweb" if s.public_url else ""),
         )
+
+    def new_uid(self) -> str | None:
+        """A UID under this installation's root for the KOS we create (None: build_kos's own 2.25 UID)."""
+        from xdsi.installation import new_uid_under
+
+        return new_uid_under(self.x.uid_root) if self.x.uid_root else None
 
     # -- files kept for inspection -----------------------------------------------------------------
     def study_dir(self, study_uid: str) -> Path:
@@ -189,10 +199,18 @@ class Publisher:
             return self._enqueue_deprecation(study_uid, registered)
         if latest is not None and latest.kind == KIND_PUBLISH and latest.fingerprint == snap.fingerprint:
             return latest  # this content is already queued or registered
+        patient_ids(snap, self.x)  # PatientNotPublishable: no manifest is built, stored or queued (issue 11)
         return self._enqueue_publish(snap)
 
     def _enqueue_publish(self, snap: StudySnapshot) -> XdsSubmission:
-        manifest = build_kos(snap, self.retrieve_info(), now=datetime.now().astimezone(), series_number=self.x.manifest_series_number or None)
+        manifest = build_kos(
+            snap,
+            self.retrieve_info(),
+            now=datetime.now().astimezone(),
+            series_number=self.x.manifest_series_number or None,
+            sop_instance_uid=self.new_uid(),
+            series_uid=self.new_uid(),
+        )
         created = datetime.now(timezone.utc)
         d = self.study_dir(snap.study_uid)
         d.mkdir(parents=True, exist_ok=True)
@@ -263,8 +281,8 @@ class Publisher:
             snap, created = snapshot_from_json(row.snapshot)
             if row.kind == KIND_DEPRECATE:
                 transaction, endpoint = "ITI-57", self.x.update_url or self.x.registry_url
-                ids = patient_ids(snap, self.x)
-                sub = build_deprecation(ids.affinity, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
+                patient = self._registered_patient(row) or patient_ids(snap, self.x).affinity
+                sub = build_deprecation(patient, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
                 metadata_xml = pretty(sub.request)
                 result = self.update_client().update(sub.request)
             else:
@@ -305,6 +323,32 @@ class Publisher:
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
 
+    def _registered_patient(self, row: XdsSubmission) -> str:
+        """The patientId the manifest to deprecate was registered under, from the metadata we sent; "" if unknown.
+
+        Withdrawing a manifest must name the entry's own patient, whatever the mapping
+        table or unmapped_patients policy says today (a study published before a
+        mapping changed is still deprecated, issue 11).
+        """
+        from xdsi.wire.xml import parse_untrusted
+
+        with self.archive.index.session() as s:
+            sent = s.scalars(
+                select(XdsSubmission.last_metadata).where(
+                    XdsSubmission.kos_sop_uid == row.kos_sop_uid, XdsSubmission.kind == KIND_PUBLISH, XdsSubmission.state == DONE
+                ).order_by(XdsSubmission.pk.desc()).limit(1)
+            ).one_or_none()
+        if not sent:
+            return ""
+        try:
+            root = parse_untrusted(sent.encode())
+        except Exception:  # a damaged record: fall back to the current mapping
+            return ""
+        for e in root.iter(C.q("rim", "ExternalIdentifier")):
+            if e.get("identificationScheme") == C.DE_PATIENT_ID and e.get("registryObject") == row.entry_uuid:
+                return e.get("value", "")
+        return ""
+
     def _kos_bytes(self, row: XdsSubmission) -> bytes:
         """The manifest as archived (any process sharing the index and tiers can read it), checked against its SHA-1."""
         refs = self.archive.retrieve.select(study_uids=[row.study_uid], sop_uids=[row.kos_sop_uid])
@@ -335,8 +379,17 @@ class Publisher:
     def run_once(self, now: datetime | None = None) -> list[Outcome]:
         if self.x.auto_publish:
             for study_uid in self.due_studies(now):
+                if self._retry_refused.get(study_uid, 0.0) > time.monotonic():
+                    continue  # refused a moment ago (a PIX Manager is not asked at every poll)
                 try:
                     self.prepare(study_uid)
+                    self._retry_refused.pop(study_uid, None)
+                except PatientNotPublishable as exc:  # logged once per reason, not at every poll
+                    self._retry_refused[study_uid] = time.monotonic() + self.x.retry_initial
+                    key = (study_uid, str(exc))
+                    if key not in self._refused:
+                        self._refused.add(key)
+                        log.warning("study %s is not published: %s", study_uid, exc)
                 except Exception:  # one bad study must not stop the others
                     log.exception("could not prepare the manifest of %s", study_uid)
         return [self.deliver(c) for c in self.outbox.claim_due(now=now)]
