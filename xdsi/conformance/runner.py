@@ -1,0 +1,343 @@
+"""Sending the cases' requests and checking what every answer must be, whatever the case.
+
+Requests are built by zeep from a WSDL (the official IHE one for RAD-69) and
+validated against the schemas before they are sent, so a failing case is the
+target's fault, not the tool's.  zeep's WS-Addressing headers are completed as
+ITI TF-2 V.3.2.2 asks (Action mustUnderstand, ReplyTo anonymous, To = the URL)
+because a strict target may refuse a request without them.  Answers are read
+with xdsi's streaming multipart reader, attachments go to files in a scratch
+folder, and each body is validated against the official schemas.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import requests
+from lxml import etree
+
+from xdsi.standards.constants import NS_IHERAD, NS_SOAP12, NS_WADO, NS_WSA, NS_XDS, NS_XOP
+from xdsi.wire.media import parse_content_type
+from xdsi.wire.mtom import normalize_cid
+from xdsi.wire.multipart import MultipartError, read_parts
+from xdsi.wire.soap import new_message_id, parse_xml
+from xdsi.wire.xml import make_parser
+
+PACKAGE = Path(__file__).resolve().parents[1]
+IHE_DIR = PACKAGE / "standards" / "ihe"
+IHE_WSDL = IHE_DIR / "wsdl" / "XDS-I.b_ImagingDocumentSource.wsdl"  # official IHE RAD-69 WSDL
+WADO_WSDL = PACKAGE / "soap" / "wsdl" / "ImagingDocumentSource.wsdl"  # no official WADO-WS WSDL exists (FACTS §0)
+WADO_XSD = PACKAGE / "soap" / "schemas" / "DICOM" / "dicom.wado.ws.2011.xsd"  # dcm4che's reconstruction, the one in use
+WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
+
+FAIL, WARN = "fail", "warn"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # FAIL: the target breaks a rule the case tests; WARN: a recommendation not followed
+    text: str
+
+
+@dataclass
+class Checks:
+    """What one case found; ``require`` failures fail it, ``advise`` ones are reported only."""
+
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def require(self, ok: bool, text: str) -> bool:
+        if not ok:
+            self.findings.append(Finding(FAIL, text))
+        return ok
+
+    def advise(self, ok: bool, text: str) -> bool:
+        if not ok:
+            self.findings.append(Finding(WARN, text))
+        return ok
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @property
+    def failed(self) -> bool:
+        return any(f.level == FAIL for f in self.findings)
+
+
+# -- schemas ---------------------------------------------------------------------------------------
+
+
+def _compile(entries: dict[str, Path]) -> etree.XMLSchema:
+    imports = "".join(f'<xs:import namespace="{ns}" schemaLocation="{p.as_uri()}"/>' for ns, p in entries.items())
+    doc = f'<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" targetNamespace="urn:xdsi:conformance:wrapper">{imports}</xs:schema>'
+    return etree.XMLSchema(etree.fromstring(doc.encode(), make_parser(), base_url=(PACKAGE / "w.xsd").as_uri()))
+
+
+@functools.lru_cache(maxsize=None)
+def schema(kind: str) -> etree.XMLSchema:
+    """``ihe``: the IHE-published RAD-69/ITI-43 schemas; ``wado``: the WADO-WS schema; ``information``: xdsi's own."""
+    if kind == "ihe":
+        return _compile({NS_IHERAD: IHE_DIR / "schema/IHE/XDSI.b_ImagingDocumentSource.xsd", NS_XDS: IHE_DIR / "schema/IHE/XDS.b_DocumentRepository.xsd"})
+    if kind == "wado":
+        return _compile({NS_WADO: WADO_XSD})
+    if kind == "information":  # PS3.18 published no schema for it: the one xdsi serves is all there is
+        from xdsi.soap.validation import message_schema
+
+        return message_schema()
+    raise ValueError(kind)
+
+
+def schema_errors(element: Any, kind: str) -> list[str]:
+    """Validation problems of a body element, with xop:Include children removed as the XOP infoset says."""
+    el = copy.deepcopy(element)
+    for inc in list(el.iter(f"{{{NS_XOP}}}Include")):
+        inc.getparent().remove(inc)
+    s = schema(kind)
+    if s.validate(etree.ElementTree(el)):
+        return []
+    return [f"line {e.line}: {e.message}" for e in list(s.error_log)[:3]]
+
+
+# -- exchanges -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One answer as received: HTTP, the SOAP envelope, and the attachments as files."""
+
+    request_message_id: str
+    http_status: int
+    content_type: str
+    media: str
+    envelope: Any = None
+    body: Any = None  # the first child of soap:Body
+    headers: list[Any] = field(default_factory=list)
+    attachments: dict[str, Path] = field(default_factory=dict)
+    problem: str = ""  # why the answer could not be read at all
+    seconds: float = 0.0
+
+    def header(self, local: str) -> Any:
+        return next((h for h in self.headers if etree.QName(h).namespace == NS_WSA and etree.QName(h).localname == local), None)
+
+    @property
+    def is_fault(self) -> bool:
+        return self.body is not None and self.body.tag == f"{{{NS_SOAP12}}}Fault"
+
+    def fault_text(self) -> str:
+        if not self.is_fault:
+            return ""
+        return " ".join(t.strip() for t in self.body.itertext() if t.strip())[:500]
+
+    def fault_subcodes(self) -> list[str]:
+        return [(v.text or "").strip() for v in self.body.iter(f"{{{NS_SOAP12}}}Value")] if self.is_fault else []
+
+
+class Exchange:
+    """zeep clients per WSDL, and raw POSTs whose answers are streamed to ``workdir``."""
+
+    def __init__(self, url: str, workdir: Path, *, timeout: float = 120, session: requests.Session | None = None) -> None:
+        self.url = url
+        self.workdir = workdir
+        self.timeout = timeout
+        self.http = session or requests.Session()
+        self._clients: dict[Path, tuple[Any, Any]] = {}
+        self._n = 0
+
+    def _client(self, wsdl: Path) -> tuple[Any, Any]:
+        if wsdl not in self._clients:
+            import zeep
+
+            client = zeep.Client(str(wsdl), settings=zeep.Settings(strict=True, xml_huge_tree=False))
+            binding = next(iter(next(iter(client.wsdl.services.values())).ports.values())).binding.name
+            self._clients[wsdl] = (client, client.create_service(binding, self.url))
+        return self._clients[wsdl]
+
+    def build(self, wsdl: Path, operation: str, **params: Any) -> Any:
+        """The request envelope zeep makes from ``wsdl``, with ITI TF-2 V.3.2.2 addressing completed."""
+        client, service = self._client(wsdl)
+        env = client.create_message(service, operation, **params)
+        header = env.find(f"{{{NS_SOAP12}}}Header")
+        action = header.find(f"{{{NS_WSA}}}Action")
+        action.set(f"{{{NS_SOAP12}}}mustUnderstand", "true")  # IHE-WSA101
+        if header.find(f"{{{NS_WSA}}}MessageID") is None:
+            etree.SubElement(header, f"{{{NS_WSA}}}MessageID").text = new_message_id()
+        to = header.find(f"{{{NS_WSA}}}To")
+        if to is None:
+            to = etree.SubElement(header, f"{{{NS_WSA}}}To")
+        to.text = self.url
+        if header.find(f"{{{NS_WSA}}}ReplyTo") is None:  # IHE-WSA102
+            reply = etree.SubElement(header, f"{{{NS_WSA}}}ReplyTo")
+            etree.SubElement(reply, f"{{{NS_WSA}}}Address").text = WSA_ANONYMOUS
+        return env
+
+    def send(self, envelope: Any) -> Answer:
+        """POST the envelope (``action`` in the Content-Type, CP-ITI-914) and read the answer to files."""
+        header = envelope.find(f"{{{NS_SOAP12}}}Header")
+        action = header.findtext(f"{{{NS_WSA}}}Action")
+        msg_id = header.findtext(f"{{{NS_WSA}}}MessageID")
+        data = etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+        self._n += 1
+        folder = self.workdir / f"answer-{self._n:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            resp = self.http.post(
+                self.url, data=data, headers={"Content-Type": f'application/soap+xml; charset=UTF-8; action="{action}"'}, stream=True, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            return Answer(msg_id, 0, "", "", problem=f"no answer: {exc}")
+        try:
+            answer = _read_answer(resp, msg_id, folder)
+        finally:
+            resp.close()
+        answer.seconds = time.monotonic() - t0
+        return answer
+
+
+def _read_answer(resp: requests.Response, msg_id: str, folder: Path) -> Answer:
+    ct = resp.headers.get("Content-Type", "")
+    media, params = parse_content_type(ct)
+    answer = Answer(msg_id, resp.status_code, ct, media)
+    root = io.BytesIO()
+    if media == "multipart/related":
+        files: list[IO[bytes]] = []
+
+        def sink(headers: dict[str, str]) -> IO[bytes]:
+            if not files:  # the root part comes first (ITI TF-2 V.9)
+                files.append(root)
+                return root
+            cid = normalize_cid(headers.get("content-id", "")) or f"part-{len(files)}"
+            path = folder / f"{len(files):05d}.part"
+            answer.attachments[cid] = path
+            f = open(path, "wb")
+            files.append(f)
+            return f
+
+        raw = resp.raw
+        raw.decode_content = True
+        try:
+            read_parts(raw, params.get("boundary", ""), sink, read_size=256 * 1024)
+        except MultipartError as exc:
+            answer.problem = f"malformed multipart answer: {exc}"
+            return answer
+        finally:
+            for f in files[1:]:
+                f.close()
+    else:
+        for chunk in resp.iter_content(256 * 1024):
+            root.write(chunk)
+    try:
+        env = parse_xml(root.getvalue())
+    except Exception as exc:  # noqa: BLE001  (anything unparsable is a finding, not a crash)
+        answer.problem = f"the answer is not XML: {str(exc)[:200]}; first bytes {root.getvalue()[:120]!r}"
+        return answer
+    answer.envelope = env
+    if env.tag != f"{{{NS_SOAP12}}}Envelope":
+        answer.problem = f"the answer's root is {env.tag}, not a SOAP 1.2 Envelope"
+        return answer
+    hdr = env.find(f"{{{NS_SOAP12}}}Header")
+    answer.headers = list(hdr) if hdr is not None else []
+    body = env.find(f"{{{NS_SOAP12}}}Body")
+    answer.body = body[0] if body is not None and len(body) else None
+    if answer.body is None:
+        answer.problem = "the SOAP Body is empty"
+    return answer
+
+
+def document_file(answer: Answer, element: Any, folder: Path, name: str) -> Path | None:
+    """The file an ``ihe:Document`` stands for: its XOP attachment, or its inline base64 written out."""
+    inc = element.find(f"{{{NS_XOP}}}Include")
+    if inc is not None:
+        return answer.attachments.get(normalize_cid(inc.get("href", "")))
+    text = (element.text or "").strip()
+    if not text:
+        return None
+    path = folder / f"{name}.inline"
+    path.write_bytes(base64.b64decode(text))
+    return path
+
+
+def check_transport(answer: Answer, checks: Checks, *, response_action: str, body_tag: str, schema_kind: str) -> bool:
+    """ITI TF-2 V and 3.43.5: SOAP 1.2, MTOM/XOP, WS-Addressing reply headers, the body valid. False: unusable."""
+    if not checks.require(not answer.problem, answer.problem or "answer unreadable"):
+        return False
+    if answer.is_fault:
+        checks.require(False, f"SOAP Fault instead of a {etree.QName(body_tag).localname}: {answer.fault_text()}")
+        return False
+    checks.require(answer.http_status == 200, f"HTTP status {answer.http_status}, expected 200")
+    checks.require(
+        answer.media == "multipart/related" and 'application/xop+xml' in answer.content_type,
+        f"answer is {answer.content_type!r}, not MTOM/XOP multipart/related (ITI TF-2 V.8, RAD-69 via ITI-43 3.43.5)",
+    )
+    checks.advise(f'action="{response_action}"' in answer.content_type.replace("'", '"'), f"no action=\"{response_action}\" in the Content-Type (CP-ITI-914)")
+    act = answer.header("Action")
+    checks.require(act is not None and (act.text or "") == response_action, f"wsa:Action is {None if act is None else act.text!r}, expected {response_action!r}")
+    if act is not None:
+        checks.require(act.get(f"{{{NS_SOAP12}}}mustUnderstand") in ("1", "true"), "wsa:Action without mustUnderstand=\"true\" (IHE-WSA101)")
+    rel = answer.header("RelatesTo")
+    checks.require(rel is not None and (rel.text or "").strip() == answer.request_message_id, "wsa:RelatesTo missing or not the request's MessageID")
+    if not checks.require(answer.body.tag == body_tag, f"body is {answer.body.tag}, expected {body_tag}"):
+        return False
+    errs = schema_errors(answer.body, schema_kind)
+    checks.require(not errs, f"answer invalid against the {schema_kind} schema: {'; '.join(errs)}")
+    for inc in answer.body.iter(f"{{{NS_XOP}}}Include"):
+        checks.require(normalize_cid(inc.get("href", "")) in answer.attachments, f"xop:Include {inc.get('href')!r} has no MIME part")
+    return True
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t0
+
+
+def iter_tag(element: Any, tag: str) -> Iterator[Any]:
+    return element.iter(tag) if element is not None else iter(())
+
+
+# -- a whole run -----------------------------------------------------------------------------------
+
+
+def run(url: str, subject: Any, *, case_ids: list[str] | None = None, max_documents: int = 20, timeout: float = 120, workdir: Path | None = None) -> list[Any]:
+    """Every case (or those named) against ``url``, in catalogue order; scratch files are removed after each case."""
+    import shutil
+    import tempfile
+
+    from xdsi.conformance.cases import CASES, Context, Skip, ToolError
+    from xdsi.conformance.report import ERROR, FAILED, PASS, SKIP, CaseResult
+
+    chosen = [c for c in CASES if case_ids is None or c.id in case_ids]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="xdsi-conformance-", dir=workdir) as tmp:
+        session = requests.Session()
+        for case in chosen:
+            scratch = Path(tmp) / case.id
+            scratch.mkdir()
+            ctx = Context(subject, Exchange(url, scratch, timeout=timeout, session=session), scratch, max_documents)
+            checks = Checks()
+            t0 = time.monotonic()
+            try:
+                case.run(ctx, checks)
+                outcome = FAILED if checks.failed else PASS
+            except Skip as exc:
+                outcome = SKIP
+                checks.note(str(exc))
+            except ToolError as exc:
+                outcome = ERROR
+                checks.note(f"tool error: {exc}")
+            except requests.RequestException as exc:
+                outcome = FAILED
+                checks.require(False, f"HTTP exchange failed: {exc}")
+            except Exception as exc:  # noqa: BLE001  (one broken case must not hide the others' results)
+                outcome = ERROR
+                checks.note(f"tool error: {type(exc).__name__}: {exc}")
+            results.append(CaseResult(case, outcome, checks.findings, checks.notes, time.monotonic() - t0))
+            shutil.rmtree(scratch, ignore_errors=True)  # a study's worth of documents never piles up
+    return results
