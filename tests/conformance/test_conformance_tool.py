@@ -27,7 +27,7 @@ from xdsi.conformance.cases import CASES
 from xdsi.conformance.report import FAILED, PASS, SKIP, failed
 from xdsi.conformance.runner import run
 from xdsi.conformance.subject import from_kos
-from xdsi.standards.constants import NS_RS, NS_WSA, NS_XDS, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS, XDS_UNKNOWN_REPOSITORY_ID
+from xdsi.standards.constants import NS_IHERAD, NS_RS, NS_WSA, NS_XDS, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS, XDS_UNKNOWN_REPOSITORY_ID
 
 ENDPOINT = "/xdsi/ImagingDocumentSource"
 ALL = {c.id for c in CASES}
@@ -170,10 +170,17 @@ class Broken:
             for el in env.iter(f"{{{NS_XDS}}}RepositoryUniqueId"):
                 el.text = NIST_REPOSITORY
             data = etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+        if self.mode == "ignores-syntax":  # answers in Explicit VR LE whatever was asked
+            for el in env.iter(f"{{{NS_IHERAD}}}TransferSyntaxUID"):
+                el.text = "1.2.840.10008.1.2.1"
+            data = etree.tostring(env, xml_declaration=True, encoding="UTF-8")
         up = requests.post(self.upstream, data=data, headers={"Content-Type": request.headers["Content-Type"]}, timeout=60)
+        if self.mode == "plain-soap":  # no MTOM packaging: the root part alone as application/soap+xml
+            root = self._spoil(up, root_only=True)
+            return Response(root, status=up.status_code, content_type='application/soap+xml; charset=UTF-8')
         return Response(self._spoil(up), status=up.status_code, content_type=up.headers["Content-Type"])
 
-    def _spoil(self, up: requests.Response) -> bytes:
+    def _spoil(self, up: requests.Response, root_only: bool = False) -> bytes:
         from requests_toolbelt.multipart.decoder import MultipartDecoder
 
         dec = MultipartDecoder(up.content, up.headers["Content-Type"])
@@ -181,12 +188,31 @@ class Broken:
         parts = list(dec.parts)
         root = etree.fromstring(parts[0].content)
         MUTATIONS.get(self.mode, lambda e: None)(root)
+        if root_only:
+            return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+        contents = [p.content for p in parts]
+        if self.mode == "swap-documents" and len(parts) >= 3:  # each DocumentResponse gets another instance's file
+            contents[1], contents[2] = contents[2], contents[1]
+        if self.mode == "other-patient" and len(parts) >= 2 and contents[1][128:132] == b"DICM":  # first document, another patient
+            contents[1] = _with_patient(contents[1], "OTHER^PATIENT", "OTHER01")
         out = []
         for i, p in enumerate(parts):
             head = b"".join(k + b": " + v + b"\r\n" for k, v in p.headers.items())
-            body = etree.tostring(root, xml_declaration=True, encoding="UTF-8") if i == 0 else p.content
+            body = etree.tostring(root, xml_declaration=True, encoding="UTF-8") if i == 0 else contents[i]
             out.append(b"--" + boundary + b"\r\n" + head + b"\r\n" + body + b"\r\n")
         return b"".join(out) + b"--" + boundary + b"--\r\n"
+
+
+def _with_patient(data: bytes, name: str, pid: str) -> bytes:
+    import io
+
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    ds.PatientName, ds.PatientID = name, pid
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def _fault(env: Any) -> bytes:
@@ -219,6 +245,11 @@ def _drop_relates_to(env: Any) -> None:
         el.getparent().remove(el)
 
 
+def _rename_mime_type(env: Any) -> None:
+    for el in env.iter(f"{{{NS_XDS}}}mimeType"):
+        el.tag = f"{{{NS_XDS}}}MimeType"
+
+
 def _text_in_error(env: Any) -> None:
     for e in env.iter(f"{{{NS_RS}}}RegistryError"):
         e.text = "details belong in codeContext"
@@ -230,7 +261,9 @@ MUTATIONS: dict[str, Mutation] = {
     "drop-home-community": _drop_home_community,
     "drop-relates-to": _drop_relates_to,
     "text-in-error": _text_in_error,
+    "schema-invalid": _rename_mime_type,
 }
+RETURNING = {"rad69-4803a-single", "rad69-4803b-series", "rad69-4803c-study", "rad69-4820-home-community", "rad69-transfer-syntax", "rad69-partial-success"}
 ERROR_CASES = {c.id for c in CASES if "4811" in c.id or c.id in ("rad69-unknown-series", "rad69-partial-success", "wado-rendered-unknown")}
 
 
@@ -264,6 +297,11 @@ def test_the_double_unspoiled_passes(broken: Broken, target: Target) -> None:
         ("drop-home-community", {"rad69-4820-home-community"}),
         ("text-in-error", ERROR_CASES),
         ("drop-relates-to", ALL),
+        ("plain-soap", ALL),
+        ("ignores-syntax", {"rad69-transfer-syntax", "rad69-4811-08-empty-syntax", "rad69-4811-09-unsupported-syntax"}),
+        ("swap-documents", {"rad69-4803b-series", "rad69-4803c-study", "rad69-4820-home-community"}),
+        ("schema-invalid", RETURNING | {"wado-rendered-jpeg"}),
+        ("other-patient", {"rad69-4803b-series", "rad69-4803c-study", "rad69-4820-home-community"}),
     ],
 )
 def test_broken_ids_fails_the_right_cases(broken: Broken, target: Target, mode: str, expected: set[str]) -> None:
@@ -272,6 +310,9 @@ def test_broken_ids_fails_the_right_cases(broken: Broken, target: Target, mode: 
     assert failing(results) == expected, [(r.case.id, r.findings) for r in results if r.outcome != PASS]
     assert failed(results)
     assert {r.outcome for r in results if r.case.id not in expected} <= {PASS}
+    if mode == "other-patient":  # a single document under another patient than the manifest's is reported, not failed
+        (single,) = [r for r in results if r.case.id == "rad69-4803a-single"]
+        assert any("Patient ID 'OTHER01' differs" in w for w in single.warnings), single.findings
 
 
 def test_broken_ids_cli_exit_status_and_junit(broken: Broken, target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -179,6 +179,7 @@ def expect_documents(ctx: Context, checks: Checks, answer: Answer, reg: Registry
 
     want = {r.sop: r for r in reqs}
     checks.require(set(reg.documents) == set(want), f"documents returned {sorted(reg.documents)} != requested {sorted(want)}")
+    patients: dict[tuple[str, str], list[str]] = {}
     for uid, d in reg.documents.items():
         r = want.get(uid)
         if r is None:
@@ -206,8 +207,13 @@ def expect_documents(ctx: Context, checks: Checks, answer: Answer, reg: Registry
             checks.require(str(ds.get("SOPClassUID", "")) == r.sop_class, f"{uid}: SOP Class {ds.get('SOPClassUID')} differs from the manifest's {r.sop_class}")
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
         checks.require(ts in syntaxes, f"{uid}: returned in transfer syntax {ts or 'none'}, not one of those requested {list(syntaxes)} (RAD TF-3 4.69.4.2.3)")
+        patients.setdefault((str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))), []).append(uid)
         if ctx.subject.patient_id:
             checks.advise(str(ds.get("PatientID", "")) == ctx.subject.patient_id, f"{uid}: Patient ID {ds.get('PatientID')!r} differs from the manifest's {ctx.subject.patient_id!r}")
+
+
+    # one study, one patient: documents of one answer under two patients would be a patient-safety defect
+    checks.require(len(patients) <= 1, f"the documents of one study carry different patients: {patients}")
 
 
 def expect_failure(checks: Checks, reg: Registry, location: str, *, code: str | None = None, advised_code: str | None = None, location_required: bool = True) -> None:

@@ -147,21 +147,11 @@ class Exchange:
         self.workdir = workdir
         self.timeout = timeout
         self.http = session or requests.Session()
-        self._clients: dict[Path, tuple[Any, Any]] = {}
         self._n = 0
-
-    def _client(self, wsdl: Path) -> tuple[Any, Any]:
-        if wsdl not in self._clients:
-            import zeep
-
-            client = zeep.Client(str(wsdl), settings=zeep.Settings(strict=True, xml_huge_tree=False))
-            binding = next(iter(next(iter(client.wsdl.services.values())).ports.values())).binding.name
-            self._clients[wsdl] = (client, client.create_service(binding, self.url))
-        return self._clients[wsdl]
 
     def build(self, wsdl: Path, operation: str, **params: Any) -> Any:
         """The request envelope zeep makes from ``wsdl``, with ITI TF-2 V.3.2.2 addressing completed."""
-        client, service = self._client(wsdl)
+        client, service = _zeep(wsdl, self.url)
         env = client.create_message(service, operation, **params)
         header = env.find(f"{{{NS_SOAP12}}}Header")
         action = header.find(f"{{{NS_WSA}}}Action")
@@ -199,6 +189,16 @@ class Exchange:
             resp.close()
         answer.seconds = time.monotonic() - t0
         return answer
+
+
+@functools.lru_cache(maxsize=8)
+def _zeep(wsdl: Path, url: str) -> tuple[Any, Any]:
+    """A zeep client and service per WSDL and URL: reading a WSDL costs more than a whole exchange."""
+    import zeep
+
+    client = zeep.Client(str(wsdl), settings=zeep.Settings(strict=True, xml_huge_tree=False))
+    binding = next(iter(next(iter(client.wsdl.services.values())).ports.values())).binding.name
+    return client, client.create_service(binding, url)
 
 
 def _read_answer(resp: requests.Response, msg_id: str, folder: Path) -> Answer:
