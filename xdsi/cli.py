@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=int, default=20, metavar="N", help="most documents per request (default 20)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default 120)")
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write the results as JUnit XML")
+    p.add_argument("--save", type=Path, metavar="DIR", help="keep every request and answer envelope, one folder per case")
     return parser
 
 
@@ -416,7 +417,7 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
         f"target:     {args.url}\nstudy:      {subject.study_uid} ({len(subject.series)} series, {n} instance(s); {subject.source})\n"
         f"repository: {subject.repository_unique_id}"
     )
-    results = run(args.url, subject, case_ids=args.case, max_documents=max(1, args.max_documents), timeout=args.timeout)
+    results = run(args.url, subject, case_ids=args.case, max_documents=max(1, args.max_documents), timeout=args.timeout, evidence=args.save)
     print_table(results, sys.stdout, header=header)
     if args.junit:
         write_junit(results, args.junit, properties={"url": args.url, "study": subject.study_uid, "repositoryUniqueId": subject.repository_unique_id})

@@ -318,10 +318,14 @@ def test_broken_ids_fails_the_right_cases(broken: Broken, target: Target, mode: 
 def test_broken_ids_cli_exit_status_and_junit(broken: Broken, target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken.mode = "wrong-code"
     junit = tmp_path / "j.xml"
-    rc = main(["conformance", broken.url, "--kos", str(target.kos), "--junit", str(junit)])
+    rc = main(["conformance", broken.url, "--kos", str(target.kos), "--junit", str(junit), "--save", str(tmp_path / "evidence")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "lacks XDSUnknownRepositoryId" in out
+    # the evidence a monitor asks for: the request as sent and the answer as received
+    kept = tmp_path / "evidence" / "rad69-4811-01-repository"
+    assert b"XDSDocumentUniqueIdError" in (kept / "01-response.xml").read_bytes()
+    assert b"RetrieveImagingDocumentSetRequest" in (kept / "01-request.xml").read_bytes()
     suite = etree.parse(str(junit)).getroot()[0]
     assert suite.get("failures") == "1"
     (bad,) = [c for c in suite.findall("testcase") if c.find("failure") is not None]

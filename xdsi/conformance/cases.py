@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lxml import etree
-
 from xdsi.conformance.runner import (
     IHE_WSDL,
     WADO_WSDL,

@@ -18,7 +18,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 import requests
 from lxml import etree
@@ -142,11 +142,12 @@ class Answer:
 class Exchange:
     """zeep clients per WSDL, and raw POSTs whose answers are streamed to ``workdir``."""
 
-    def __init__(self, url: str, workdir: Path, *, timeout: float = 120, session: requests.Session | None = None) -> None:
+    def __init__(self, url: str, workdir: Path, *, timeout: float = 120, session: requests.Session | None = None, evidence: Path | None = None) -> None:
         self.url = url
         self.workdir = workdir
         self.timeout = timeout
         self.http = session or requests.Session()
+        self.evidence = evidence  # keep each request and answer envelope here (a monitor asks for them)
         self._n = 0
 
     def build(self, wsdl: Path, operation: str, **params: Any) -> Any:
@@ -188,6 +189,17 @@ class Exchange:
         finally:
             resp.close()
         answer.seconds = time.monotonic() - t0
+        if self.evidence is not None:
+            self.evidence.mkdir(parents=True, exist_ok=True)
+            (self.evidence / f"{self._n:02d}-request.xml").write_bytes(data)
+            if answer.envelope is not None:
+                text = etree.tostring(answer.envelope, xml_declaration=True, encoding="UTF-8")
+                (self.evidence / f"{self._n:02d}-response.xml").write_bytes(text)
+            (self.evidence / f"{self._n:02d}-response.txt").write_text(
+                f"HTTP {answer.http_status}\nContent-Type: {answer.content_type}\n{answer.problem}\n"
+                + "".join(f"part {cid}: {p.stat().st_size} bytes\n" for cid, p in answer.attachments.items() if p.exists()),
+                encoding="utf-8",
+            )
         return answer
 
 
@@ -292,21 +304,16 @@ def check_transport(answer: Answer, checks: Checks, *, response_action: str, bod
     return True
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.monotonic()
-    out = fn()
-    return out, time.monotonic() - t0
-
-
-def iter_tag(element: Any, tag: str) -> Iterator[Any]:
-    return element.iter(tag) if element is not None else iter(())
-
-
 # -- a whole run -----------------------------------------------------------------------------------
 
 
-def run(url: str, subject: Any, *, case_ids: list[str] | None = None, max_documents: int = 20, timeout: float = 120, workdir: Path | None = None) -> list[Any]:
-    """Every case (or those named) against ``url``, in catalogue order; scratch files are removed after each case."""
+def run(
+    url: str, subject: Any, *, case_ids: list[str] | None = None, max_documents: int = 20, timeout: float = 120, workdir: Path | None = None, evidence: Path | None = None
+) -> list[Any]:
+    """Every case (or those named) against ``url``, in catalogue order; scratch files are removed after each case.
+
+    ``evidence``: a folder that keeps, per case, each request envelope and each answer's SOAP part.
+    """
     import shutil
     import tempfile
 
@@ -320,7 +327,7 @@ def run(url: str, subject: Any, *, case_ids: list[str] | None = None, max_docume
         for case in chosen:
             scratch = Path(tmp) / case.id
             scratch.mkdir()
-            ctx = Context(subject, Exchange(url, scratch, timeout=timeout, session=session), scratch, max_documents)
+            ctx = Context(subject, Exchange(url, scratch, timeout=timeout, session=session, evidence=None if evidence is None else evidence / case.id), scratch, max_documents)
             checks = Checks()
             t0 = time.monotonic()
             try:
