@@ -389,13 +389,15 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
     from xdsi.conformance.report import failed, print_table, write_junit
     from xdsi.conformance.runner import run
     from xdsi.conformance.subject import SubjectError, dicomweb_base, from_archive, from_dicomweb, from_kos
-    from xdsi.uids import InvalidUID
+    from xdsi.uids import InvalidUID, validate_uid
 
     unknown = [c for c in args.case or [] if c not in by_id()]
     if unknown:
         print(f"xdsi conformance: unknown case(s) {unknown}; known: {', '.join(by_id())}", file=sys.stderr)
         return 2
     try:
+        if args.repository_unique_id:
+            args.repository_unique_id = validate_uid(args.repository_unique_id.strip(), "repositoryUniqueId")
         if args.kos:
             subject = from_kos(args.kos, args.repository_unique_id)
         elif args.local:

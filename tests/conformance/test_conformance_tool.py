@@ -130,6 +130,8 @@ def test_cli_refuses_what_it_cannot_test(target: Target, tmp_path: Path, capsys:
     assert main(["conformance", target.url, "--kos", str(target.study.files[0])]) == 2  # an image, not a KOS
     assert "Key Object Selection" in capsys.readouterr().err
     assert main(["conformance", target.url, "--kos", str(target.kos), "--case", "no-such-case"]) == 2
+    assert main(["conformance", target.url, "--kos", str(target.kos), "--repository-unique-id", "1.2.x"]) == 2
+    assert "repositoryUniqueId" in capsys.readouterr().err
 
 
 def test_wrong_repository_id_fails_against_a_correct_target(target: Target) -> None:
@@ -339,3 +341,50 @@ def test_operation_not_offered_is_skipped_not_failed(broken: Broken, target: Tar
     wado = {c.id for c in CASES if c.group == "WADO-WS"}
     assert {k: v for k, v in outcomes(results).items() if k in wado} == dict.fromkeys(wado, SKIP)
     assert not failed(results)
+
+
+# -- the tool's own side: its requests, its input ---------------------------------------------------
+
+
+def test_requests_are_what_a_strict_ids_expects(tmp_path: Path) -> None:
+    """zeep's envelope completed per ITI TF-2 V.3.2.2 and valid against the official IHE schema."""
+    from xdsi.conformance.cases import OP_RAD69
+    from xdsi.conformance.runner import IHE_WSDL, Exchange, schema_errors
+    from xdsi.standards.constants import ACTION_RAD69, NS_SOAP12
+
+    url = "http://127.0.0.1:9/xdsi/ImagingDocumentSource"
+    env = Exchange(url, tmp_path).build(
+        IHE_WSDL, OP_RAD69,
+        StudyRequest=[{"studyInstanceUID": "1.2.3", "SeriesRequest": [{"seriesInstanceUID": "1.2.4", "DocumentRequest": [{"RepositoryUniqueId": "1.2.5", "DocumentUniqueId": "1.2.6"}]}]}],
+        TransferSyntaxUIDList={"TransferSyntaxUID": ["1.2.840.10008.1.2.1"]},
+    )  # fmt: skip
+    w = f"{{{NS_WSA}}}"
+    header = env.find(f"{{{NS_SOAP12}}}Header")
+    action = header.find(w + "Action")
+    assert action.text == ACTION_RAD69 and action.get(f"{{{NS_SOAP12}}}mustUnderstand") == "true"  # IHE-WSA101
+    assert header.findtext(f"{w}ReplyTo/{w}Address") == "http://www.w3.org/2005/08/addressing/anonymous"  # IHE-WSA102
+    assert header.findtext(w + "To") == url and header.findtext(w + "MessageID").startswith("urn:uuid:")
+    assert schema_errors(env.find(f"{{{NS_SOAP12}}}Body")[0], "ihe") == []
+    # and the official schema does catch a bad body: the check is not vacuous
+    body = env.find(f"{{{NS_SOAP12}}}Body")[0]
+    body.remove(body.find(f"{{{NS_IHERAD}}}TransferSyntaxUIDList"))
+    assert schema_errors(body, "ihe")
+
+
+def test_kos_without_one_retrieve_location_needs_the_repository(target: Target, tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    from xdsi.conformance.subject import SubjectError
+
+    ds = dcmread(target.kos)
+    series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    series[0].RetrieveLocationUID = "1.2.3.4"  # two repositories in one manifest
+    two = tmp_path / "two.dcm"
+    ds.save_as(two)
+    with pytest.raises(SubjectError, match="more than one Retrieve Location UID"):
+        from_kos(two)
+    assert from_kos(two, NIST_REPOSITORY).repository_unique_id == NIST_REPOSITORY
+    series[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID = "1.2.3/../x"  # never reaches a request
+    ds.save_as(two)
+    with pytest.raises(SubjectError, match="UID"):
+        from_kos(two, NIST_REPOSITORY)
