@@ -131,7 +131,7 @@ def test_cli_refuses_what_it_cannot_test(target: Target, tmp_path: Path, capsys:
     assert "Key Object Selection" in capsys.readouterr().err
     assert main(["conformance", target.url, "--kos", str(target.kos), "--case", "no-such-case"]) == 2
     assert main(["conformance", target.url, "--kos", str(target.kos), "--repository-unique-id", "1.2.x"]) == 2
-    assert "repositoryUniqueId" in capsys.readouterr().err
+    assert "'1.2.x' is not a valid" in capsys.readouterr().err
 
 
 def test_wrong_repository_id_fails_against_a_correct_target(target: Target) -> None:
