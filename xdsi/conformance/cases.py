@@ -27,15 +27,22 @@ from xdsi.conformance.runner import (
     schema_errors,
 )
 from xdsi.conformance.subject import Instance, Subject
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from xdsi.standards import constants as C
 from xdsi.standards.constants import (
     ACTION_INFORMATION_RESPONSE,
     ACTION_RAD69_RESPONSE,
     ACTION_RENDERED_RESPONSE,
+    MIME_DICOM,
     NS_NATIVE_DICOM,
     NS_RS,
     NS_SOAP12,
     NS_WADO,
     NS_XDS,
+    OP_INFORMATION,
+    OP_RAD69,
+    OP_RENDERED,
     SEVERITY_ERROR,
     SEVERITY_WARNING,
     STATUS_FAILURE,
@@ -47,19 +54,16 @@ from xdsi.standards.constants import (
 from xdsi.uids import new_uid
 
 IHE, RS, WADO, ND = f"{{{NS_XDS}}}", f"{{{NS_RS}}}", f"{{{NS_WADO}}}", f"{{{NS_NATIVE_DICOM}}}"
-OP_RAD69 = "ImagingDocumentSource_RetrieveImagingDocumentSet"
-OP_RENDERED = "ImagingDocumentSource_RetrieveRenderedImagingDocumentSet"
-OP_INFORMATION = "ImagingDocumentSource_RetrieveImagingDocumentSetInformation"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE, IMPLICIT_LE = str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)
+# values of the NIST test kit, not of a standard
 NOT_A_SYNTAX = "1.2.840.10008.1.2.1.999"  # ids_2018-4811 case 09
 HOME_COMMUNITY = "urn:oid:1.3.6.1.4.1.21367.13.70.200"  # ids_2018-4820
 STATUSES = (STATUS_SUCCESS, STATUS_PARTIAL_SUCCESS, STATUS_FAILURE)
 # ITI TF-3 Table 4.2.4.1-2 codes a retrieve may carry; PS3.18 6.4.4 adds urn:dicom:wado:00NN
 ITI_RETRIEVE_CODES = {
-    "XDSDocumentUniqueIdError", "XDSUnknownRepositoryId", "XDSRepositoryError", "XDSRepositoryBusy",
-    "XDSRepositoryOutOfResources", "XDSRepositoryMetadataError", "XDSMissingDocument", "XDSMissingHomeCommunityId",
-    "XDSUnknownCommunity", "XDSUnavailableCommunity", "XDSResultNotSinglePatient",
+    C.XDS_DOCUMENT_UNIQUE_ID_ERROR, C.XDS_UNKNOWN_REPOSITORY_ID, C.XDS_REPOSITORY_ERROR, C.XDS_REPOSITORY_BUSY,
+    C.XDS_REPOSITORY_OUT_OF_RESOURCES, C.XDS_REPOSITORY_METADATA_ERROR, C.XDS_MISSING_DOCUMENT, C.XDS_MISSING_HOME_COMMUNITY_ID,
+    C.XDS_UNKNOWN_COMMUNITY, C.XDS_UNAVAILABLE_COMMUNITY, C.XDS_RESULT_NOT_SINGLE_PATIENT,
 }  # fmt: skip
 
 
@@ -188,7 +192,7 @@ def expect_documents(ctx: Context, checks: Checks, answer: Answer, reg: Registry
             checks.require(hc is not None and hc.text == r.home_community, f"{uid}: HomeCommunityId not echoed (ids_2018-4820)")
         else:
             checks.require(hc is None, f"{uid}: HomeCommunityId returned although none was sent (ids_2018-4820)")
-        checks.require(d.findtext(IHE + "mimeType") == "application/dicom", f"{uid}: mimeType {d.findtext(IHE + 'mimeType')!r}, expected application/dicom")
+        checks.require(d.findtext(IHE + "mimeType") == MIME_DICOM, f"{uid}: mimeType {d.findtext(IHE + 'mimeType')!r}, expected {MIME_DICOM}")
         doc = d.find(IHE + "Document")
         path = document_file(answer, doc, ctx.scratch, uid) if doc is not None else None
         if not checks.require(path is not None and path.exists(), f"{uid}: no document content"):

@@ -23,7 +23,7 @@ from typing import IO, Any
 import requests
 from lxml import etree
 
-from xdsi.standards.constants import NS_IHERAD, NS_SOAP12, NS_WADO, NS_WSA, NS_XDS, NS_XOP
+from xdsi.standards.constants import MIME_XOP, NS_IHERAD, NS_SOAP12, NS_WADO, NS_WSA, NS_XDS, NS_XOP, WSA_ANONYMOUS
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.mtom import normalize_cid
 from xdsi.wire.multipart import MultipartError, read_parts
@@ -35,7 +35,6 @@ IHE_DIR = PACKAGE / "standards" / "ihe"
 IHE_WSDL = IHE_DIR / "wsdl" / "XDS-I.b_ImagingDocumentSource.wsdl"  # official IHE RAD-69 WSDL
 WADO_WSDL = PACKAGE / "soap" / "wsdl" / "ImagingDocumentSource.wsdl"  # no official WADO-WS WSDL exists (FACTS §0)
 WADO_XSD = PACKAGE / "soap" / "schemas" / "DICOM" / "dicom.wado.ws.2011.xsd"  # dcm4che's reconstruction, the one in use
-WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
 
 FAIL, WARN = "fail", "warn"
 
@@ -285,7 +284,7 @@ def check_transport(answer: Answer, checks: Checks, *, response_action: str, bod
         return False
     checks.require(answer.http_status == 200, f"HTTP status {answer.http_status}, expected 200")
     checks.require(
-        answer.media == "multipart/related" and 'application/xop+xml' in answer.content_type,
+        answer.media == "multipart/related" and MIME_XOP in answer.content_type,
         f"answer is {answer.content_type!r}, not MTOM/XOP multipart/related (ITI TF-2 V.8, RAD-69 via ITI-43 3.43.5)",
     )
     checks.advise(f'action="{response_action}"' in answer.content_type.replace("'", '"'), f"no action=\"{response_action}\" in the Content-Type (CP-ITI-914)")

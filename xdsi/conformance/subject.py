@@ -18,10 +18,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from xdsi.uids import InvalidUID, is_valid_uid, validate_uid
 
-KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
+KOS_SOP_CLASS = str(KeyObjectSelectionDocumentStorage)
 
 
 class SubjectError(ValueError):
