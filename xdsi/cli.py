@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--kos", type=Path, metavar="FILE", help="draw the UIDs from this KOS manifest (any IDS)")
     what.add_argument("--study", metavar="UID", help="draw the UIDs from this study, found by QIDO-RS on the target (or --local)")
     p.add_argument("--repository-unique-id", metavar="OID", help="the target's repositoryUniqueId (default: the KOS's Retrieve Location UID)")
+    p.add_argument("--other-study", metavar="UID", help="another study the target holds, for ids_2018-4811 case 04 (default: found by QIDO-RS)")
     p.add_argument("--dicomweb", metavar="URL", help="DICOMweb root for --study (default: /dicomweb on the URL's host)")
     p.add_argument("--local", action="store_true", help="with --study: read the study from this installation's data directory")
     p.add_argument("--case", action="append", default=None, metavar="ID", help="run only this case (repeat)")
@@ -414,6 +415,12 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:  # requests' connection errors are OSErrors too
         print(f"xdsi conformance: cannot read the study: {exc}", file=sys.stderr)
         return 2
+    if args.other_study:
+        try:
+            subject.other_study_uid = validate_uid(args.other_study, "Study Instance UID")
+        except InvalidUID as exc:
+            print(f"xdsi conformance: {exc}", file=sys.stderr)
+            return 2
     n = sum(len(v) for v in subject.series.values())
     header = (
         f"target:     {args.url}\nstudy:      {subject.study_uid} ({len(subject.series)} series, {n} instance(s); {subject.source})\n"

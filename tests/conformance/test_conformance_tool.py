@@ -38,6 +38,13 @@ class Target:
     proc: XdsiProcess
     study: Study
     kos: Path
+    other: Study  # a second study on the target, for ids_2018-4811 case 04
+
+    def subject(self) -> Any:
+        """The UIDs from the KOS file, with the other study a KOS cannot name."""
+        subject = from_kos(self.kos)
+        subject.other_study_uid = self.other.uid
+        return subject
 
     @property
     def url(self) -> str:
@@ -66,12 +73,13 @@ def _store_kos(data_dir: Path, study_uid: str, out: Path) -> Path:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("conformance")
     study = make_study(tmp / "s1", series=2, per_series=3)
+    other = make_study(tmp / "s2", series=1, per_series=1, patient_id="PAT002", patient_name="ROE^RICHARD")
     data = tmp / "xdsi-data"
-    populate(data, study.files)
+    populate(data, study.files + other.files)
     kos = _store_kos(data, study.uid, tmp / "kos.dcm")
     proc = XdsiProcess(data, env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY}).start()
     try:
-        yield Target(proc, study, kos)
+        yield Target(proc, study, kos, other)
     finally:
         proc.stop()
 
@@ -104,7 +112,7 @@ def test_cli_every_case_passes_against_xdsi(target: Target, tmp_path: Path, caps
 
 
 def test_kos_file_every_case_passes(target: Target) -> None:
-    subject = from_kos(target.kos)
+    subject = target.subject()
     assert subject.repository_unique_id == NIST_REPOSITORY
     assert {s: [i.sop_instance_uid for i in items] for s, items in subject.series.items()} == {
         s: [sop for sop, _f in items] for s, items in target.study.series.items()
@@ -117,10 +125,11 @@ def test_kos_file_every_case_passes(target: Target) -> None:
 
 def test_cli_local_data_dir(target: Target, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["conformance", target.url, "--study", target.study.uid, "--local", "--data-dir", str(target.proc.data_dir),
-               "--repository-unique-id", NIST_REPOSITORY, "--case", "rad69-4803c-study", "--case", "rad69-4811-01-repository"])  # fmt: skip
+               "--repository-unique-id", NIST_REPOSITORY, "--case", "rad69-4803c-study", "--case", "rad69-4811-01-repository",
+               "--case", "rad69-4811-04-other-study"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "local data directory" in out and out.count("PASS") == 2
+    assert "local data directory" in out and out.count("PASS") == 3
 
 
 def test_cli_refuses_what_it_cannot_test(target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,6 +160,7 @@ class Broken:
     """A proxy to the real xdsi that spoils requests or answers as ``mode`` says."""
 
     upstream: str
+    study_uid: str
     mode: str = ""
     port: int = 0
 
@@ -171,6 +181,10 @@ class Broken:
         if self.mode == "any-repository":  # success for a wrong repository
             for el in env.iter(f"{{{NS_XDS}}}RepositoryUniqueId"):
                 el.text = NIST_REPOSITORY
+            data = etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+        if self.mode == "ignores-study":  # a bare SOP Instance UID lookup: the study named is not checked
+            for el in env.iter(f"{{{NS_IHERAD}}}StudyRequest"):
+                el.set("studyInstanceUID", self.study_uid)
             data = etree.tostring(env, xml_declaration=True, encoding="UTF-8")
         if self.mode == "ignores-syntax":  # answers in Explicit VR LE whatever was asked
             for el in env.iter(f"{{{NS_IHERAD}}}TransferSyntaxUID"):
@@ -271,7 +285,7 @@ ERROR_CASES = {c.id for c in CASES if "4811" in c.id or c.id in ("rad69-unknown-
 
 @pytest.fixture(scope="module")
 def broken(target: Target) -> Iterator[Broken]:
-    proxy = Broken(target.url)
+    proxy = Broken(target.url, target.study.uid)
     server = make_server("127.0.0.1", 0, proxy, threaded=True)
     proxy.port = server.server_port
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -286,7 +300,7 @@ def broken(target: Target) -> Iterator[Broken]:
 def test_the_double_unspoiled_passes(broken: Broken, target: Target) -> None:
     """The proxy itself is transparent: every failure below comes from its mode."""
     broken.mode = ""
-    results = run(broken.url, from_kos(target.kos))
+    results = run(broken.url, target.subject())
     assert set(outcomes(results).values()) == {PASS}, [(r.case.id, r.findings) for r in results if r.outcome != PASS]
 
 
@@ -295,6 +309,7 @@ def test_the_double_unspoiled_passes(broken: Broken, target: Target) -> None:
     [
         ("wrong-code", {"rad69-4811-01-repository"}),
         ("any-repository", {"rad69-4811-01-repository"}),
+        ("ignores-study", {"rad69-4811-04-other-study", "rad69-4811-04-unknown-study", "rad69-4811-05-empty-study"}),
         ("partial-as-success", {"rad69-partial-success"}),
         ("drop-home-community", {"rad69-4820-home-community"}),
         ("text-in-error", ERROR_CASES),
@@ -308,7 +323,7 @@ def test_the_double_unspoiled_passes(broken: Broken, target: Target) -> None:
 )
 def test_broken_ids_fails_the_right_cases(broken: Broken, target: Target, mode: str, expected: set[str]) -> None:
     broken.mode = mode
-    results = run(broken.url, from_kos(target.kos))
+    results = run(broken.url, target.subject())
     assert failing(results) == expected, [(r.case.id, r.findings) for r in results if r.outcome != PASS]
     assert failed(results)
     assert {r.outcome for r in results if r.case.id not in expected} <= {PASS}
@@ -320,7 +335,7 @@ def test_broken_ids_fails_the_right_cases(broken: Broken, target: Target, mode: 
 def test_broken_ids_cli_exit_status_and_junit(broken: Broken, target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken.mode = "wrong-code"
     junit = tmp_path / "j.xml"
-    rc = main(["conformance", broken.url, "--kos", str(target.kos), "--junit", str(junit), "--save", str(tmp_path / "evidence")])
+    rc = main(["conformance", broken.url, "--kos", str(target.kos), "--other-study", target.other.uid, "--junit", str(junit), "--save", str(tmp_path / "evidence")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "lacks XDSUnknownRepositoryId" in out
@@ -337,7 +352,7 @@ def test_broken_ids_cli_exit_status_and_junit(broken: Broken, target: Target, tm
 def test_operation_not_offered_is_skipped_not_failed(broken: Broken, target: Target) -> None:
     """A target without WADO-WS answers ActionNotSupported: those cases are skipped, the run still passes."""
     broken.mode = "fault-for-wado"
-    results = run(broken.url, from_kos(target.kos))
+    results = run(broken.url, target.subject())
     wado = {c.id for c in CASES if c.group == "WADO-WS"}
     assert {k: v for k, v in outcomes(results).items() if k in wado} == dict.fromkeys(wado, SKIP)
     assert not failed(results)

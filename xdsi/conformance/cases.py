@@ -318,6 +318,13 @@ def _unknown_study(ctx: Context) -> list[Req]:
     return [req(ctx, s, i, study=new_uid())]
 
 
+def _other_study(ctx: Context) -> list[Req]:
+    if not ctx.subject.other_study_uid:
+        raise Skip("no other study on the target is known (--other-study UID)")
+    s, i = ctx.subject.first()
+    return [req(ctx, s, i, study=ctx.subject.other_study_uid)]
+
+
 def _unknown_series(ctx: Context) -> list[Req]:
     _, i = ctx.subject.first()
     return [req(ctx, new_uid(), i)]
@@ -487,6 +494,7 @@ CASES: tuple[Case, ...] = (
     Case("rad69-4811-01-repository", "RAD-69", "wrong repositoryUniqueId: XDSUnknownRepositoryId", f"{NIST}-4811 case 01; ITI TF-3 Table 4.2.4.1-2", bad(_wrong_repository, code=XDS_UNKNOWN_REPOSITORY_ID)),
     Case("rad69-4811-02-unknown-instance", "RAD-69", "unknown SOP Instance UID", f"{NIST}-4811 case 02", bad(_unknown_instance, advised_code=XDS_DOCUMENT_UNIQUE_ID_ERROR)),
     Case("rad69-4811-03-other-series", "RAD-69", "instance requested under another series of the study", f"{NIST}-4811 case 03", bad(_other_series)),
+    Case("rad69-4811-04-other-study", "RAD-69", "instance and its series requested under another study", f"{NIST}-4811 case 04", bad(_other_study)),
     Case("rad69-4811-04-unknown-study", "RAD-69", "instance requested under an unknown study", f"{NIST}-4811 case 04 (unknown study)", bad(_unknown_study)),
     Case("rad69-unknown-series", "RAD-69", "instance requested under an unknown series", f"{NIST}-4811 cases 03/04", bad(_unknown_series)),
     Case("rad69-4811-05-empty-study", "RAD-69", "empty studyInstanceUID", f"{NIST}-4811 case 05", bad(_empty(True, False), document_level=False)),

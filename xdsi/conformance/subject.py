@@ -44,6 +44,7 @@ class Subject:
     series: dict[str, list[Instance]] = field(default_factory=dict)
     patient_id: str = ""
     source: str = ""  # where the UIDs came from, for the report
+    other_study_uid: str = ""  # another study the target holds (ids_2018-4811 case 04); "" if none known
 
     def first(self, series_uid: str | None = None) -> tuple[str, Instance]:
         s = series_uid or next(iter(self.series))
@@ -161,6 +162,11 @@ def from_dicomweb(base: str, study_uid: str, repository_unique_id: str | None, *
     patients = _qido(http, f"{base}/studies?StudyInstanceUID={study_uid}", timeout)
     if patients:
         subject.patient_id = _value(patients[0], "00100020")
+    for other in _qido(http, f"{base}/studies?limit=10&includefield=StudyInstanceUID", timeout):
+        uid = _value(other, "0020000D")
+        if uid != study_uid and is_valid_uid(uid):
+            subject.other_study_uid = uid
+            break
     if not subject.repository_unique_id:
         for series_uid, sop in manifests:
             kos = _wado_instance(http, f"{base}/studies/{study_uid}/series/{series_uid}/instances/{sop}", timeout)
@@ -233,4 +239,11 @@ def from_archive(index: Any, study_uid: str, repository_unique_id: str) -> Subje
                 subject.series.setdefault(se.series_uid, []).append(Instance(inst.sop_instance_uid, inst.sop_class_uid))
     if not subject.series:
         raise SubjectError(f"study {study_uid} holds no instances besides manifests")
+    with index.session() as session:
+        from sqlalchemy import select
+
+        from xdsi.index.models import Study
+
+        other = session.scalars(select(Study.study_uid).where(Study.study_uid != study_uid).limit(1)).first()
+    subject.other_study_uid = other or ""
     return subject
