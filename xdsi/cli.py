@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default 120)")
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write the results as JUnit XML")
     p.add_argument("--save", type=Path, metavar="DIR", help="keep every request and answer envelope, one folder per case")
+    p.add_argument("--ca", type=Path, metavar="FILE", help="https: trust this CA bundle (e.g. the Connectathon's) instead of the system's")
+    p.add_argument("--cert", type=Path, metavar="FILE", help="https: our client certificate (PEM), for ATNA mutual TLS")
+    p.add_argument("--key", type=Path, metavar="FILE", help="https: the private key of --cert (PEM), if not in the same file")
     return parser
 
 
@@ -392,10 +395,17 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
     from xdsi.conformance.subject import SubjectError, dicomweb_base, from_archive, from_dicomweb, from_kos
     from xdsi.uids import InvalidUID, validate_uid
 
+    import requests
+
     unknown = [c for c in args.case or [] if c not in by_id()]
     if unknown:
         print(f"xdsi conformance: unknown case(s) {unknown}; known: {', '.join(by_id())}", file=sys.stderr)
         return 2
+    session = requests.Session()  # one TLS setup for QIDO-RS, WADO-RS and every SOAP exchange
+    if args.ca:
+        session.verify = str(args.ca)
+    if args.cert:
+        session.cert = (str(args.cert), str(args.key)) if args.key else str(args.cert)
     try:
         if args.repository_unique_id:
             args.repository_unique_id = validate_uid(args.repository_unique_id.strip(), "repositoryUniqueId")
@@ -408,7 +418,7 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
             finally:
                 archive.close()
         else:
-            subject = from_dicomweb(args.dicomweb or dicomweb_base(args.url), args.study, args.repository_unique_id, timeout=args.timeout)
+            subject = from_dicomweb(args.dicomweb or dicomweb_base(args.url), args.study, args.repository_unique_id, session=session, timeout=args.timeout)
     except (SubjectError, InvalidUID) as exc:
         print(f"xdsi conformance: {exc}", file=sys.stderr)
         return 2
@@ -426,7 +436,7 @@ def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
         f"target:     {args.url}\nstudy:      {subject.study_uid} ({len(subject.series)} series, {n} instance(s); {subject.source})\n"
         f"repository: {subject.repository_unique_id}"
     )
-    results = run(args.url, subject, case_ids=args.case, max_documents=max(1, args.max_documents), timeout=args.timeout, evidence=args.save)
+    results = run(args.url, subject, case_ids=args.case, max_documents=max(1, args.max_documents), timeout=args.timeout, evidence=args.save, session=session)
     print_table(results, sys.stdout, header=header)
     if args.junit:
         write_junit(results, args.junit, properties={"url": args.url, "study": subject.study_uid, "repositoryUniqueId": subject.repository_unique_id})

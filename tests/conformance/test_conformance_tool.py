@@ -403,3 +403,43 @@ def test_kos_without_one_retrieve_location_needs_the_repository(target: Target, 
     ds.save_as(two)
     with pytest.raises(SubjectError, match="UID"):
         from_kos(two, NIST_REPOSITORY)
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    import subprocess
+
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_https_with_mutual_tls(target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Connectathon IDS is behind ATNA mutual TLS: --ca trusts its CA, --cert/--key present ours."""
+    import ssl
+
+    server_cert, server_key = _self_signed(tmp_path, "127.0.0.1")
+    client_cert, client_key = _self_signed(tmp_path, "consumer")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server_cert, server_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(client_cert)
+    front = Broken(target.url, target.study.uid)
+    server = make_server("127.0.0.1", 0, front, threaded=True, ssl_context=ctx)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_port}{ENDPOINT}"
+        base = ["conformance", url, "--kos", str(target.kos), "--case", "rad69-4803a-single", "--case", "rad69-4811-01-repository"]
+        assert main([*base, "--ca", str(server_cert), "--cert", str(client_cert), "--key", str(client_key)]) == 0
+        assert capsys.readouterr().out.count("PASS") == 2
+        assert main([*base, "--ca", str(server_cert)]) == 1  # no client certificate: the handshake fails
+        assert "no answer" in capsys.readouterr().out
+        assert main([*base, "--cert", str(client_cert), "--key", str(client_key)]) == 1  # server not trusted
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+        thread.join(10)

@@ -179,7 +179,12 @@ class Exchange:
         t0 = time.monotonic()
         try:
             resp = self.http.post(
-                self.url, data=data, headers={"Content-Type": f'application/soap+xml; charset=UTF-8; action="{action}"'}, stream=True, timeout=self.timeout
+                self.url,
+                data=data,
+                headers={"Content-Type": f'application/soap+xml; charset=UTF-8; action="{action}"'},
+                stream=True,
+                timeout=self.timeout,
+                verify=self.http.verify,  # per request: REQUESTS_CA_BUNDLE would override the session's (requests #3829)
             )
         except requests.RequestException as exc:
             return Answer(msg_id, 0, "", "", problem=f"no answer: {exc}")
@@ -307,11 +312,13 @@ def check_transport(answer: Answer, checks: Checks, *, response_action: str, bod
 
 
 def run(
-    url: str, subject: Any, *, case_ids: list[str] | None = None, max_documents: int = 20, timeout: float = 120, workdir: Path | None = None, evidence: Path | None = None
+    url: str, subject: Any, *, case_ids: list[str] | None = None, max_documents: int = 20, timeout: float = 120, workdir: Path | None = None, evidence: Path | None = None,
+    session: requests.Session | None = None,
 ) -> list[Any]:
     """Every case (or those named) against ``url``, in catalogue order; scratch files are removed after each case.
 
     ``evidence``: a folder that keeps, per case, each request envelope and each answer's SOAP part.
+    ``session``: carries TLS settings (CA bundle, client certificate) to every exchange.
     """
     import shutil
     import tempfile
@@ -322,7 +329,7 @@ def run(
     chosen = [c for c in CASES if case_ids is None or c.id in case_ids]
     results = []
     with tempfile.TemporaryDirectory(prefix="xdsi-conformance-", dir=workdir) as tmp:
-        session = requests.Session()
+        session = session or requests.Session()
         for case in chosen:
             scratch = Path(tmp) / case.id
             scratch.mkdir()

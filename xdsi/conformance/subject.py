@@ -184,7 +184,8 @@ def from_dicomweb(base: str, study_uid: str, repository_unique_id: str | None, *
 
 
 def _qido(http: requests.Session, url: str, timeout: float) -> list[dict[str, Any]]:
-    r = http.get(url, headers={"Accept": "application/dicom+json"}, timeout=timeout)
+    # verify per request: REQUESTS_CA_BUNDLE would override the session's --ca (requests #3829)
+    r = http.get(url, headers={"Accept": "application/dicom+json"}, timeout=timeout, verify=http.verify)
     if r.status_code == 204:
         return []
     if r.status_code != 200:
@@ -205,7 +206,7 @@ def _wado_instance(http: requests.Session, url: str, timeout: float) -> Any:
     from xdsi.wire.media import parse_content_type
     from xdsi.wire.multipart import MultipartError, read_parts
 
-    r = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=timeout)
+    r = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=timeout, verify=http.verify)
     if r.status_code != 200:
         return None
     media, params = parse_content_type(r.headers.get("Content-Type", ""))
