@@ -37,6 +37,7 @@ WADO_WSDL = PACKAGE / "soap" / "wsdl" / "ImagingDocumentSource.wsdl"  # no offic
 WADO_XSD = PACKAGE / "soap" / "schemas" / "DICOM" / "dicom.wado.ws.2011.xsd"  # dcm4che's reconstruction, the one in use
 
 FAIL, WARN = "fail", "warn"
+MAX_ROOT_PART = 64 * 1024 * 1024  # the SOAP part of an answer is read into memory; documents never are
 
 
 @dataclass(frozen=True)
@@ -223,15 +224,13 @@ def _read_answer(resp: requests.Response, msg_id: str, folder: Path) -> Answer:
     answer = Answer(msg_id, resp.status_code, ct, media)
     root = io.BytesIO()
     if media == "multipart/related":
+        # every part to a file; the root is the part named by ``start``, else the first (RFC 2387)
+        parts: list[tuple[str, str, Path]] = []  # (content-id, content-type, file)
         files: list[IO[bytes]] = []
 
         def sink(headers: dict[str, str]) -> IO[bytes]:
-            if not files:  # the root part comes first (ITI TF-2 V.9)
-                files.append(root)
-                return root
-            cid = normalize_cid(headers.get("content-id", "")) or f"part-{len(files)}"
-            path = folder / f"{len(files):05d}.part"
-            answer.attachments[cid] = path
+            path = folder / f"{len(parts):05d}.part"
+            parts.append((normalize_cid(headers.get("content-id", "")), headers.get("content-type", ""), path))
             f = open(path, "wb")
             files.append(f)
             return f
@@ -244,11 +243,27 @@ def _read_answer(resp: requests.Response, msg_id: str, folder: Path) -> Answer:
             answer.problem = f"malformed multipart answer: {exc}"
             return answer
         finally:
-            for f in files[1:]:
+            for f in files:
                 f.close()
+        start = normalize_cid(params.get("start", ""))
+        root_part = next((p for p in parts if start and p[0] == start), parts[0] if parts else None)
+        if root_part is None:
+            answer.problem = "multipart answer without parts"
+            return answer
+        if not root_part[1].lower().startswith(MIME_XOP):
+            answer.problem = f"the root part is {root_part[1]!r}, not {MIME_XOP} (ITI TF-2 V.9)"
+            return answer
+        if root_part[2].stat().st_size > MAX_ROOT_PART:
+            answer.problem = f"the root part has {root_part[2].stat().st_size} bytes; more than {MAX_ROOT_PART} is not read"
+            return answer
+        root.write(root_part[2].read_bytes())
+        answer.attachments = {cid or f"part-{k}": path for k, (cid, _ct, path) in enumerate(parts) if (cid, _ct, path) != root_part}
     else:
         for chunk in resp.iter_content(256 * 1024):
             root.write(chunk)
+            if root.tell() > MAX_ROOT_PART:
+                answer.problem = f"the answer has more than {MAX_ROOT_PART} bytes of XML; not read"
+                return answer
     try:
         env = parse_xml(root.getvalue())
     except Exception as exc:  # noqa: BLE001  (anything unparsable is a finding, not a crash)
