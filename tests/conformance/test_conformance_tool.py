@@ -61,7 +61,7 @@ def _store_kos(data_dir: Path, study_uid: str, out: Path) -> Path:
     try:
         snap = load_study(archive.index, study_uid)
         assert snap is not None
-        manifest = build_kos(snap, RetrieveInfo("XDSI", NIST_REPOSITORY, "http://127.0.0.1/dicomweb"), now=datetime.now(timezone.utc))
+        manifest = build_kos(snap, RetrieveInfo(ae_title="XDSI", location_uid=NIST_REPOSITORY, wado_rs_base="http://127.0.0.1/dicomweb"), now=datetime.now(timezone.utc))
         out.write_bytes(manifest.data)
         assert archive.store.store_file(out).ok
     finally:
