@@ -23,11 +23,11 @@ from typing import IO, Any
 import requests
 from lxml import etree
 
-from xdsi.standards.constants import MIME_XOP, NS_IHERAD, NS_SOAP12, NS_WADO, NS_WSA, NS_XDS, NS_XOP, WSA_ANONYMOUS
+from xdsi.standards.constants import MIME_XOP, NS_IHERAD, NS_SOAP12, NS_WADO, NS_WSA, NS_XDS, NS_XOP
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.mtom import normalize_cid
 from xdsi.wire.multipart import MultipartError, read_parts
-from xdsi.wire.soap import new_message_id, parse_xml
+from xdsi.wire.soap import addressing_headers, parse_xml
 from xdsi.wire.xml import make_parser
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -155,17 +155,12 @@ class Exchange:
         client, service = _zeep(wsdl, self.url)
         env = client.create_message(service, operation, **params)
         header = env.find(f"{{{NS_SOAP12}}}Header")
-        action = header.find(f"{{{NS_WSA}}}Action")
-        action.set(f"{{{NS_SOAP12}}}mustUnderstand", "true")  # IHE-WSA101
-        if header.find(f"{{{NS_WSA}}}MessageID") is None:
-            etree.SubElement(header, f"{{{NS_WSA}}}MessageID").text = new_message_id()
-        to = header.find(f"{{{NS_WSA}}}To")
-        if to is None:
-            to = etree.SubElement(header, f"{{{NS_WSA}}}To")
-        to.text = self.url
-        if header.find(f"{{{NS_WSA}}}ReplyTo") is None:  # IHE-WSA102
-            reply = etree.SubElement(header, f"{{{NS_WSA}}}ReplyTo")
-            etree.SubElement(reply, f"{{{NS_WSA}}}Address").text = WSA_ANONYMOUS
+        action = header.findtext(f"{{{NS_WSA}}}Action")
+        for h in list(header):  # zeep's: no mustUnderstand, no ReplyTo, To from the WSDL's address
+            if etree.QName(h).namespace == NS_WSA:
+                header.remove(h)
+        for h in addressing_headers(action, to=self.url):  # the one builder, as the XDS client uses
+            header.append(h)
         return env
 
     def send(self, envelope: Any) -> Answer:
