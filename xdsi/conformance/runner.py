@@ -2,9 +2,9 @@
 
 Requests are built by zeep from a WSDL (the official IHE one for RAD-69) and
 validated against the schemas before they are sent, so a failing case is the
-target's fault, not the tool's.  zeep's WS-Addressing headers are completed as
-ITI TF-2 V.3.2.2 asks (Action mustUnderstand, ReplyTo anonymous, To = the URL)
-because a strict target may refuse a request without them.  Answers are read
+target's fault, not the tool's.  zeep's WS-Addressing headers are replaced by
+the ones ITI TF-2 V.3.2.2 asks for (Action mustUnderstand, ReplyTo anonymous,
+To = the URL) because a strict target may refuse a request without them.  Answers are read
 with xdsi's streaming multipart reader, attachments go to files in a scratch
 folder, and each body is validated against the official schemas.
 """
