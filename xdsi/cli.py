@@ -77,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository-unique-id", metavar="OID", help="the source's repositoryUniqueId (default: ours, configured or generated in the data dir)")
     p.add_argument("--transfer-syntax", action="append", default=[], metavar="UID", help="acceptable transfer syntax (repeat; default explicit and implicit VR LE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("conformance", help="run the Connectathon Imaging Document Source cases against an IDS endpoint")
+    _common(p)
+    p.add_argument("url", help="the Imaging Document Source endpoint, e.g. http://host:8080/xdsi/ImagingDocumentSource")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--kos", type=Path, metavar="FILE", help="draw the UIDs from this KOS manifest (any IDS)")
+    what.add_argument("--study", metavar="UID", help="draw the UIDs from this study, found by QIDO-RS on the target (or --local)")
+    p.add_argument("--repository-unique-id", metavar="OID", help="the target's repositoryUniqueId (default: the KOS's Retrieve Location UID)")
+    p.add_argument("--other-study", metavar="UID", help="another study the target holds, for ids_2018-4811 case 04 (default: found by QIDO-RS)")
+    p.add_argument("--dicomweb", metavar="URL", help="DICOMweb root for --study (default: /dicomweb on the URL's host)")
+    p.add_argument("--local", action="store_true", help="with --study: read the study from this installation's data directory")
+    p.add_argument("--case", action="append", default=None, metavar="ID", help="run only this case (repeat)")
+    p.add_argument("--max-documents", type=int, default=20, metavar="N", help="most documents per request (default 20)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default 120)")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="also write the results as JUnit XML")
+    p.add_argument("--save", type=Path, metavar="DIR", help="keep every request and answer envelope, one folder per case")
+    p.add_argument("--ca", type=Path, metavar="FILE", help="https: trust this CA bundle (e.g. the Connectathon's) instead of the system's")
+    p.add_argument("--cert", type=Path, metavar="FILE", help="https: our client certificate (PEM), for ATNA mutual TLS")
+    p.add_argument("--key", type=Path, metavar="FILE", help="https: the private key of --cert (PEM), if not in the same file")
     return parser
 
 
@@ -402,6 +421,62 @@ def _our_repository_unique_id(settings: Settings) -> str:
     return ids.repository_unique_id if ids else ""
 
 
+def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when every case passes (skips allowed), 1 on any failure, 2 when the UIDs cannot be found."""
+    from xdsi.conformance.cases import by_id
+    from xdsi.conformance.report import failed, print_table, write_junit
+    from xdsi.conformance.runner import run
+    from xdsi.conformance.subject import SubjectError, dicomweb_base, from_archive, from_dicomweb, from_kos
+    from xdsi.uids import InvalidUID, validate_uid
+
+    import requests
+
+    unknown = [c for c in args.case or [] if c not in by_id()]
+    if unknown:
+        print(f"xdsi conformance: unknown case(s) {unknown}; known: {', '.join(by_id())}", file=sys.stderr)
+        return 2
+    session = requests.Session()  # one TLS setup for QIDO-RS, WADO-RS and every SOAP exchange
+    if args.ca:
+        session.verify = str(args.ca)
+    if args.cert:
+        session.cert = (str(args.cert), str(args.key)) if args.key else str(args.cert)
+    try:
+        if args.repository_unique_id:
+            args.repository_unique_id = validate_uid(args.repository_unique_id.strip(), "repositoryUniqueId")
+        if args.kos:
+            subject = from_kos(args.kos, args.repository_unique_id)
+        elif args.local:
+            archive = _open_archive(settings)
+            try:
+                subject = from_archive(archive.index, args.study, args.repository_unique_id or archive.settings.xds.repository_unique_id)  # generated ids filled in
+            finally:
+                archive.close()
+        else:
+            subject = from_dicomweb(args.dicomweb or dicomweb_base(args.url), args.study, args.repository_unique_id, session=session, timeout=args.timeout)
+    except (SubjectError, InvalidUID) as exc:
+        print(f"xdsi conformance: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # requests' connection errors are OSErrors too
+        print(f"xdsi conformance: cannot read the study: {exc}", file=sys.stderr)
+        return 2
+    if args.other_study:
+        try:
+            subject.other_study_uid = validate_uid(args.other_study, "Study Instance UID")
+        except InvalidUID as exc:
+            print(f"xdsi conformance: {exc}", file=sys.stderr)
+            return 2
+    n = sum(len(v) for v in subject.series.values())
+    header = (
+        f"target:     {args.url}\nstudy:      {subject.study_uid} ({len(subject.series)} series, {n} instance(s); {subject.source})\n"
+        f"repository: {subject.repository_unique_id}"
+    )
+    results = run(args.url, subject, case_ids=args.case, max_documents=max(1, args.max_documents), timeout=args.timeout, evidence=args.save, session=session)
+    print_table(results, sys.stdout, header=header)
+    if args.junit:
+        write_junit(results, args.junit, properties={"url": args.url, "study": subject.study_uid, "repositoryUniqueId": subject.repository_unique_id})
+    return 1 if failed(results) else 0
+
+
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     """Delete from the archive; a published study then gets a replacement manifest, or its manifest deprecated."""
     from xdsi.uids import InvalidUID, validate_uid
@@ -438,6 +513,7 @@ COMMANDS = {
     "publish": cmd_publish,
     "delete": cmd_delete,
     "retrieve": cmd_retrieve,
+    "conformance": cmd_conformance,
 }
 
 

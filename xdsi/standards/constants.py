@@ -224,3 +224,9 @@ KOS_TEMPLATE_ID = "2010"
 DCMR_MAPPING = "DCMR"
 MODALITY_CODING_SCHEME = "1.2.840.10008.2.16.4"  # DCM, the scheme of CID 29 acquisition modality codes
 SNOMED_CODING_SCHEME = "2.16.840.1.113883.6.96"
+
+# -- Imaging Document Source operations in the WSDLs (xdsi conformance builds its requests by them) --
+OP_RAD69 = "ImagingDocumentSource_RetrieveImagingDocumentSet"
+OP_RENDERED = "ImagingDocumentSource_RetrieveRenderedImagingDocumentSet"
+OP_INFORMATION = "ImagingDocumentSource_RetrieveImagingDocumentSetInformation"
+XDS_UNAVAILABLE_COMMUNITY = "XDSUnavailableCommunity"  # ITI TF-3 Table 4.2.4.1-2 (XCA; a retrieve may carry it)
