@@ -17,11 +17,10 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.support.registry import TestRegistry
-from tests.support.xds import PATIENT_CX, ext_id, find_documents
+from tests.support.xds import PATIENT_CX, ext_id, find_documents, xds_settings
 from xdsi.archive import Archive
 from xdsi.archive.remove import RemoveService
 from xdsi.cli import main as cli_main
-from xdsi.config import XdsSettings
 from xdsi.index.xds_models import DONE, PENDING
 from xdsi.standards import constants as C
 from xdsi.tools.synth import StudySpec, write_study
@@ -40,7 +39,7 @@ def registry(request: pytest.FixtureRequest) -> Iterator[TestRegistry]:
 
 
 def open_archive(tmp_path: Path, index_in_data_dir: bool = False, **xds: object) -> Archive:
-    x = XdsSettings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **xds})  # type: ignore[arg-type]
+    x = xds_settings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **xds})  # type: ignore[arg-type]
     return Archive.open(make_settings(tmp_path, None if index_in_data_dir else f"sqlite:///{tmp_path / 'index.sqlite'}", xds=x))
 
 

@@ -42,7 +42,7 @@ from pydicom.uid import (
 from tests.conftest import make_settings
 from xdsi.archive import Archive
 from xdsi.archive import transcode
-from xdsi.config import XdsSettings
+from tests.support.xds import xds_settings
 from xdsi.standards import constants as C
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
@@ -158,12 +158,13 @@ def _request(rpid: str) -> Dataset:
 def stored(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("codes")
     codes_file = domain_file(tmp, NIST_EXCERPT)
-    settings = make_settings(tmp, None, xds=XdsSettings(codes_file=codes_file))
+    settings = make_settings(tmp, None, xds=xds_settings(codes_file=codes_file))
     archive = Archive.open(settings)
     spec = StudySpec(body_part="PELVIS", study_date="20240115", study_time="101500")
+    s1 = new_uid()  # one series of two instances
     series = [
         # CT pelvis, region also in the Anatomic Region Sequence (retired SNOMED-RT id), zone and request given
-        [_instance(spec, (s1 := new_uid()), n, 3, TimezoneOffsetFromUTC="+0100", StudyID="S-42",
+        [_instance(spec, s1, n, 3, TimezoneOffsetFromUTC="+0100", StudyID="S-42",
                    AnatomicRegionSequence=DicomSequence([_code("T-D6000", "SRT", "Pelvis")]),
                    RequestAttributesSequence=DicomSequence([_request("RP-77")])) for n in (1, 2)],
         # CT chest, later in the day: the end of the service
@@ -333,7 +334,7 @@ def test_manifest_series_number_setting(tmp_path: Path) -> None:
 def test_publisher_builds_the_kos_with_the_configured_series_number(tmp_path: Path, configured: int, expected: int) -> None:
     from xdsi.xds.publisher import Publisher
 
-    archive = Archive.open(make_settings(tmp_path, None, xds=XdsSettings(manifest_series_number=configured)))
+    archive = Archive.open(make_settings(tmp_path, None, xds=xds_settings(manifest_series_number=configured)))
     try:
         spec = StudySpec()
         p = tmp_path / "a.dcm"
