@@ -101,17 +101,13 @@ def _echo(req: DocumentRequest) -> dict[str, Any]:
 def retrieve_response(result: RetrieveResult, ex: Exchange) -> M.RetrieveDocumentSetResponseType:
     """``RetrieveDocumentSetResponse``: one XOP-referenced Document per returned instance (RAD-69, ITI-43)."""
     ex.on_close(result.close)
-    return M.RetrieveDocumentSetResponseType(
-        RegistryResponse=M.registry_response(result.status, result.errors),
-        DocumentResponse=[
-            M.DocumentResponse(
-                **_echo(doc.request),
-                DocumentUniqueId=doc.request.document_unique_id,
-                mimeType=doc.mime_type,
-                Document=M.StreamedDocument(doc.chunks, doc.mime_type),
-            )
-            for doc in result.documents
-        ],
+    return M.document_set_response(
+        result.status,
+        result.errors,
+        (
+            (d.request.home_community_id, d.request.repository_unique_id, d.request.document_unique_id, d.mime_type, M.StreamedDocument(d.chunks, d.mime_type))
+            for d in result.documents
+        ),
     )
 
 

@@ -163,6 +163,18 @@ class RetrieveDocumentSetResponseType(ComplexModel):
     ]
 
 
+def document_set_response(status: str, errors: Iterable[Any], documents: Iterable[tuple[str | None, str, str, str, StreamedDocument]]) -> RetrieveDocumentSetResponseType:
+    """``RetrieveDocumentSetResponse`` of RAD-69 and ITI-43: (HomeCommunityId or None, RepositoryUniqueId,
+    DocumentUniqueId, mimeType, bytes) per returned document, each sent as an XOP attachment."""
+    return RetrieveDocumentSetResponseType(
+        RegistryResponse=registry_response(status, errors),
+        DocumentResponse=[
+            DocumentResponse(HomeCommunityId=home, RepositoryUniqueId=repository, DocumentUniqueId=document, mimeType=mime, Document=data)
+            for home, repository, document, mime, data in documents
+        ],
+    )
+
+
 # -- WADO-WS rendered (dicom.wado.ws.2011.xsd) -------------------------------------------------------
 
 RENDERED_PARAMETERS = (

@@ -51,18 +51,10 @@ class DocumentRepositoryService(ServiceBase):
                 found.append(r)
                 ex.on_close(r.produced.close)
         status = C.STATUS_SUCCESS if not errors else (C.STATUS_PARTIAL_SUCCESS if found else C.STATUS_FAILURE)
-        return M.RetrieveDocumentSetResponseType(
-            RegistryResponse=M.registry_response(status, errors),
-            DocumentResponse=[
-                M.DocumentResponse(
-                    HomeCommunityId=doc.home_community_id,
-                    RepositoryUniqueId=doc.repository_unique_id,
-                    DocumentUniqueId=doc.document_unique_id,
-                    mimeType=doc.mime_type,
-                    Document=M.StreamedDocument(doc.produced.chunks, C.MIME_DICOM),
-                )
-                for doc in found
-            ],
+        return M.document_set_response(
+            status,
+            errors,
+            ((d.home_community_id, d.repository_unique_id, d.document_unique_id, d.mime_type, M.StreamedDocument(d.produced.chunks, C.MIME_DICOM)) for d in found),
         )
 
 
