@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from spyne import Application, ServiceBase, rpc
+from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
 from xdsi.config import LimitsSettings
@@ -25,7 +25,7 @@ from xdsi.ids.rendered import RenderedRequest, retrieve_rendered
 from xdsi.render.request import RenderRequest
 from xdsi.soap import models as M
 from xdsi.soap.application import SoapApplication
-from xdsi.soap.protocol import Exchange, IheSoap12, Route, rename_namespace
+from xdsi.soap.protocol import Exchange, IheSoap12, Route, ihe_operation, rename_namespace
 from xdsi.soap.validation import SCHEMA_DIR, WSDL_DIR
 from xdsi.standards.constants import (
     ACTION_INFORMATION,
@@ -114,13 +114,7 @@ def retrieve_response(result: RetrieveResult, ex: Exchange) -> M.RetrieveDocumen
 class ImagingDocumentSourceService(ServiceBase):
     """RAD-69 RetrieveImagingDocumentSet, WADO-WS RetrieveRenderedImagingDocumentSet and RetrieveImagingDocumentSetInformation."""
 
-    @rpc(
-        M.RetrieveImagingDocumentSetRequestType,
-        _body_style="bare",
-        _in_message_name=RAD69_REQUEST,
-        _returns=M.RetrieveDocumentSetResponseType,
-        _out_message_name=f"{{{NS_XDS}}}RetrieveDocumentSetResponse",
-    )
+    @ihe_operation(M.RetrieveImagingDocumentSetRequestType, RAD69_REQUEST, M.RetrieveDocumentSetResponseType, f"{{{NS_XDS}}}RetrieveDocumentSetResponse")
     def ImagingDocumentSource_RetrieveImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context
@@ -131,13 +125,7 @@ class ImagingDocumentSourceService(ServiceBase):
         _log_result("RAD-69", result, ex)
         return retrieve_response(result, ex)
 
-    @rpc(
-        M.RetrieveRenderedImagingDocumentSetRequestType,
-        _body_style="bare",
-        _in_message_name=RENDERED_REQUEST,
-        _returns=M.RetrieveRenderedImagingDocumentSetResponseType,
-        _out_message_name=f"{{{NS_WADO}}}RetrieveRenderedImagingDocumentSetResponse",
-    )
+    @ihe_operation(M.RetrieveRenderedImagingDocumentSetRequestType, RENDERED_REQUEST, M.RetrieveRenderedImagingDocumentSetResponseType, f"{{{NS_WADO}}}RetrieveRenderedImagingDocumentSetResponse")
     def ImagingDocumentSource_RetrieveRenderedImagingDocumentSet(ctx: Any, request: Any) -> M.RetrieveRenderedImagingDocumentSetResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context
@@ -178,13 +166,7 @@ class ImagingDocumentSourceService(ServiceBase):
             ],
         )
 
-    @rpc(
-        M.RetrieveImagingDocumentSetInformationRequestType,
-        _body_style="bare",
-        _in_message_name=INFORMATION_REQUEST,
-        _returns=M.RetrieveImagingDocumentSetInformationResponseType,
-        _out_message_name=f"{{{NS_WADO}}}RetrieveImagingDocumentSetInformationResponse",
-    )
+    @ihe_operation(M.RetrieveImagingDocumentSetInformationRequestType, INFORMATION_REQUEST, M.RetrieveImagingDocumentSetInformationResponseType, f"{{{NS_WADO}}}RetrieveImagingDocumentSetInformationResponse")
     def ImagingDocumentSource_RetrieveImagingDocumentSetInformation(ctx: Any, request: Any) -> M.RetrieveImagingDocumentSetInformationResponseType:
         ex: Exchange = ctx.udc
         source: SourceContext = ex.context

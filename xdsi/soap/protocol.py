@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from lxml import etree
-from spyne import Fault
+from spyne import Fault, rpc
 from spyne.protocol.soap import Soap12
 
 from xdsi.wire.soap import Envelope, SoapFault, addressing_headers, envelope_element, fault_envelope_element, parse_envelope
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 WSA = f"{{{NS_WSA}}}"
 _STATUS_TEXT = {400: "400 Bad Request", 413: "413 Content Too Large", 500: "500 Internal Server Error"}
+
+
+def ihe_operation(request: Any, request_element: str, response: Any, response_element: str) -> Any:
+    """``@rpc`` of an IHE operation: one body element in and one out (bare), named as the schemas name them (Clark)."""
+    return rpc(request, _body_style="bare", _in_message_name=request_element, _returns=response, _out_message_name=response_element)
 
 
 def rename_namespace(el: Any, old: str, new: str) -> Any:

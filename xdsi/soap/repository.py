@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spyne import Application, ServiceBase, rpc
+from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
 from xdsi.soap import models as M
 from xdsi.soap.application import SoapApplication
-from xdsi.soap.protocol import Exchange, IheSoap12, Route
+from xdsi.soap.protocol import Exchange, IheSoap12, Route, ihe_operation
 from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryError
 from xdsi.xds.repository import FoundDocument, ManifestRepository
@@ -30,13 +30,7 @@ ITI43_REQUEST = f"{{{C.NS_XDS}}}RetrieveDocumentSetRequest"
 class DocumentRepositoryService(ServiceBase):
     """ITI-43 Retrieve Document Set for the KOS manifests this archive published."""
 
-    @rpc(
-        M.RetrieveDocumentSetRequestType,
-        _body_style="bare",
-        _in_message_name=ITI43_REQUEST,
-        _returns=M.RetrieveDocumentSetResponseType,
-        _out_message_name=f"{{{C.NS_XDS}}}RetrieveDocumentSetResponse",
-    )
+    @ihe_operation(M.RetrieveDocumentSetRequestType, ITI43_REQUEST, M.RetrieveDocumentSetResponseType, f"{{{C.NS_XDS}}}RetrieveDocumentSetResponse")
     def DocumentRepository_RetrieveDocumentSet(ctx: Any, request: Any) -> M.RetrieveDocumentSetResponseType:
         ex: Exchange = ctx.udc
         repo: ManifestRepository = ex.context
