@@ -83,3 +83,13 @@ def test_a_reference_to_a_missing_test_would_be_caught(tmp_path: Path) -> None:
     assert "test_renamed" not in defined and "test_d" not in defined["TestB"]
     m = REFERENCE.search("see `tests/unit/test_x.py::TestB::test_c`.")
     assert m is not None and m.group(1) == "tests/unit/test_x.py" and m.group(2) == "::TestB::test_c"
+
+
+def test_implementation_uids_named_in_the_dicom_statement_are_the_installed_ones() -> None:
+    """The literal UIDs and version name the statement gives change with pynetdicom/pydicom: an upgrade must update it."""
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    text = (ROOT / "conformance" / "dicom-conformance-statement.md").read_text(encoding="utf-8")
+    for value in (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, PYDICOM_IMPLEMENTATION_UID):
+        assert f"`{value}`" in text, f"dicom-conformance-statement.md does not name the installed {value}"
