@@ -369,3 +369,23 @@ def test_storage_commitment(commit_env: tuple[XdsiProcess, CommitRequester], tes
     assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [(c, str(u)) for c, u in stored]
     (failed,) = info.FailedSOPSequence
     assert (failed.ReferencedSOPClassUID, failed.ReferencedSOPInstanceUID, failed.FailureReason) == (*unknown, 0x0112)
+
+
+def test_implementation_class_uid_is_pynetdicoms_on_the_wire_and_in_received_files(loaded_server: XdsiProcess) -> None:
+    """xdsi sets no Implementation Class UID of its own: associations and C-STORE-received files carry pynetdicom's."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.sop_class import Verification
+
+    assoc = _scu(Verification).associate(loaded_server.host, loaded_server.dicom_port, ae_title="XDSI")
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.implementation_class_uid == PYNETDICOM_IMPLEMENTATION_UID
+        assert assoc.acceptor.implementation_version_name == PYNETDICOM_IMPLEMENTATION_VERSION
+    finally:
+        assoc.release()
+    # the test data was sent by dcmtk's storescu; the File Meta of the archived files is written by pynetdicom
+    stored = [p for p in (loaded_server.data_dir / "storage").rglob("*") if p.is_file()]
+    assert stored
+    for p in stored[:5]:
+        meta = dcmread(p, stop_before_pixels=True).file_meta
+        assert meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID, p

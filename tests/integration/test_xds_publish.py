@@ -132,6 +132,30 @@ def test_repository_mode_iti41_and_retrieve(tmp_path: Path, index_url: str, regi
         archive.close()
 
 
+def test_repository_mode_replacement_is_an_rplc_over_iti41(tmp_path: Path, index_url: str, registry: TestRegistry) -> None:
+    """Document Replacement as an XDS.b Document Source: the changed study's manifest goes by ITI-41 with RPLC."""
+    archive = open_archive(tmp_path, index_url, mode="repository", repository_url=registry.repository_url)
+    try:
+        spec = StudySpec()
+        store_study(archive, tmp_path, spec, "a")
+        pub = Publisher(archive)
+        [out] = pub.run_once()
+        assert out.state == DONE and out.transaction == "ITI-41", out
+        [first] = find_documents(registry.registry_url, PATIENT_CX)
+        old_uid = ext_id(first, C.DE_UNIQUE_ID)
+        old_entry = registry.by_unique_id(old_uid).entry_uuid
+        store_study(archive, tmp_path, spec, "b", series=1, per_series=1)
+        [out] = pub.run_once()
+        assert out.state == DONE and out.transaction == "ITI-41", out
+        assert registry.count_actions(C.ACTION_ITI41) == 2
+        [new] = find_documents(registry.registry_url, PATIENT_CX)
+        assert ext_id(new, C.DE_UNIQUE_ID) != old_uid
+        assert registry.by_unique_id(old_uid).status == C.STATUS_DEPRECATED
+        assert pub.outbox.for_study(spec.study_uid)[-1].replaces_entry_uuid == old_entry
+    finally:
+        archive.close()
+
+
 def test_registry_down_queued_then_delivered_after_restart(tmp_path: Path, index_url: str, registry: TestRegistry) -> None:
     archive = open_archive(tmp_path, index_url, mode="integrated", registry_url=registry.registry_url)
     spec = StudySpec()

@@ -136,3 +136,23 @@ def test_bare_dataset_gets_file_meta(archive: Archive, tmp_path: Path) -> None:
         stored = dcmread(archive.tiers[c.tier].abspath(c.rel_path))
     assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
     assert stored.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_file_meta_written_by_the_archive_names_pydicom(archive: Archive, tmp_path: Path) -> None:
+    """A file stored without File Meta gets pydicom's Implementation Class UID and the calling AE as Source AE Title."""
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+    f = write_study(tmp_path / "in", StudySpec(), per_series=1)[0]
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, dcmread(f))
+    bare = tmp_path / "bare2.dcm"
+    bare.write_bytes(fp.getvalue())
+    r = archive.store.store_file(bare, source_ae="STOWER")
+    assert r.outcome is Outcome.STORED, r.reason
+    with archive.index.session() as s:
+        c = s.scalars(select(FileCopy).order_by(FileCopy.pk.desc())).first()
+        assert c is not None
+        meta = dcmread(archive.tiers[c.tier].abspath(c.rel_path), stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
+    assert meta.SourceApplicationEntityTitle == "STOWER"

@@ -94,3 +94,20 @@ def test_partition_config_validation(tmp_path: Path) -> None:
     p = s.for_partition("a")
     assert p.ae_title == "AAA" and p.data_dir == (tmp_path / "d" / "partitions" / "a").resolve()
     assert p.effective_index_url != s.effective_index_url and p.partitions == {}
+
+
+@pytest.mark.parametrize("public_url", ["", "https://imaging.example.org/pacs"])
+def test_qido_retrieve_url_is_built_on_public_url(tmp_path: Path, public_url: str) -> None:
+    """QIDO-RS RetrieveURL (0008,1190): on [server] public_url when set (behind a proxy), else the request's own host."""
+    a = Archive.open(make_settings(tmp_path, public_url=public_url))
+    try:
+        spec = StudySpec()
+        for p in write_study(tmp_path / "in", spec, series=1, per_series=1):
+            assert a.store.store_file(p).ok
+        r = Client(make_app(a, {})).get("/dicomweb/studies", base_url="http://10.0.0.7:8080/")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        [study] = json.loads(r.get_data())
+        base = public_url or "http://10.0.0.7:8080"
+        assert study["00081190"]["Value"] == [f"{base}/dicomweb/studies/{spec.study_uid}"]
+    finally:
+        a.close()

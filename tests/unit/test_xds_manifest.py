@@ -77,6 +77,23 @@ def test_kos_passes_dciodvfy_and_matches_the_study(archive: Archive, study, tmp_
     assert all(c.ValueType == "IMAGE" and c.RelationshipType == "CONTAINS" for c in kos.ContentSequence)
 
 
+def test_kos_file_meta_and_character_set(archive: Archive, study) -> None:  # type: ignore[no-untyped-def]
+    """What the DICOM Conformance Statement says of the KOS we create: pydicom's Implementation Class UID, our version name, UTF-8."""
+    from io import BytesIO
+
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    spec, _ = study
+    snap = load_study(archive.index, spec.study_uid)
+    assert snap is not None
+    kos = dcmread(BytesIO(build_kos(snap, RETRIEVE).data))
+    assert kos.file_meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
+    assert kos.file_meta.ImplementationVersionName == "XDSI_KOS_1"
+    assert kos.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert kos.SpecificCharacterSet == "ISO_IR 192" and kos.PatientName == spec.patient_name
+    assert kos.Manufacturer == "xdsi" and "SourceApplicationEntityTitle" not in kos.file_meta
+
+
 def test_non_conformant_kos_is_refused(archive: Archive, study) -> None:  # type: ignore[no-untyped-def]
     spec, _ = study
     snap = load_study(archive.index, spec.study_uid)
