@@ -760,7 +760,7 @@ class XdsSettings:
     author_specialty: str = ""
     # KOS retrieve information
     retrieve_ae_title: str = ""  # empty: the server AE title
-    retrieve_url: str = ""  # WADO-RS base; empty: http://host:http_port/dicomweb
+    retrieve_url: str = ""  # WADO-RS base in the KOS; empty: [server] public_url + "/dicomweb", or none (never the bind address)
     # when
     auto_publish: bool = True
     stability_delay: float = 300.0  # seconds without a new instance before a study is published
