@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
     p.add_argument("--http-port", type=int, metavar="N", help="HTTP port (default 8080)")
+    p.add_argument("--dicom-tls-port", type=int, metavar="N", help="DICOM TLS port ([server] dicom_tls_port; needs [tls]; IANA 2762)")
+    p.add_argument("--https-port", type=int, metavar="N", help="HTTPS port ([server] https_port; needs [tls])")
     p.add_argument("--ae-title", metavar="AET", help="our AE title (default XDSI)")
     p.add_argument("--repository-unique-id", metavar="OID", help="our XDS repositoryUniqueId ([xds] repository_unique_id)")
 
@@ -108,6 +110,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             host=getattr(args, "host", None),
             dicom_port=getattr(args, "dicom_port", None),
             http_port=getattr(args, "http_port", None),
+            dicom_tls_port=getattr(args, "dicom_tls_port", None),
+            https_port=getattr(args, "https_port", None),
             ae_title=getattr(args, "ae_title", None),
         ),
     )

@@ -236,12 +236,51 @@ def dimse_limits_from(raw: Mapping[str, Any]) -> DimseLimits:
     return limits
 
 
+TLS_PROFILES = ("bcp195", "bcp195-strict", "legacy")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: our node certificate and the peers we trust (IHE ITI-19); see :mod:`xdsi.security.tls`."""
+
+    certificate: Path | None = None  # PEM, our node certificate (with its chain, leaf first)
+    private_key: Path | None = None  # PEM, unencrypted, readable only by xdsi
+    ca_certificates: Path | None = None  # PEM bundle of the CAs whose certificates we accept from peers
+    require_client_certificate: bool = True  # mutual authentication, as ITI-19 requires
+    profile: str = "bcp195"  # one of TLS_PROFILES
+
+
+def tls_from(raw: Mapping[str, Any], base: Path) -> TlsSettings:
+    """Parse ``[tls]``; relative paths are relative to the config file."""
+    raw = _check_keys("[tls]", raw, {"certificate", "private_key", "ca_certificates", "require_client_certificate", "profile"})
+    kw: dict[str, Any] = {}
+    for key in ("certificate", "private_key", "ca_certificates"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not raw[key]:
+                raise ConfigError(f"[tls] {key} must be the path of a PEM file, not {raw[key]!r}")
+            p = Path(raw[key])
+            kw[key] = p if p.is_absolute() else base / p
+    if "require_client_certificate" in raw:
+        if not isinstance(raw["require_client_certificate"], bool):
+            raise ConfigError(f"[tls] require_client_certificate must be true or false, not {raw['require_client_certificate']!r}")
+        kw["require_client_certificate"] = raw["require_client_certificate"]
+    if "profile" in raw:
+        if raw["profile"] not in TLS_PROFILES:
+            raise ConfigError(f"[tls] profile must be one of {', '.join(TLS_PROFILES)}, not {raw['profile']!r}")
+        kw["profile"] = raw["profile"]
+    return TlsSettings(**kw)
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
     dicom_port: int = 11112
     http_port: int = 8080
+    # TLS listeners (None: none); both need [tls] certificate and private_key
+    dicom_tls_port: int | None = None
+    https_port: int | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)  # [tls]
     ae_title: str = "XDSI"
     index_url: str | None = None  # None: sqlite file under data_dir
     storage: StorageSettings | None = None  # None: one tier "cache" under data_dir
@@ -333,6 +372,8 @@ _ENV = {
     "XDSI_HOST": ("host", str),
     "XDSI_DICOM_PORT": ("dicom_port", int),
     "XDSI_HTTP_PORT": ("http_port", int),
+    "XDSI_DICOM_TLS_PORT": ("dicom_tls_port", int),
+    "XDSI_HTTPS_PORT": ("https_port", int),
     "XDSI_AE_TITLE": ("ae_title", str),
     "XDSI_INDEX_URL": ("index_url", str),
     "XDSI_LOG_LEVEL": ("log_level", str),
@@ -348,7 +389,7 @@ _HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
-    "server": {"data_dir", "host", "dicom_port", "http_port", "ae_title", "log_level", "public_url"},
+    "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
@@ -409,7 +450,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -422,7 +463,7 @@ def load_settings(
     for key in ("host", "ae_title", "log_level", "public_url"):
         if key in server:
             kw[key] = str(server[key])
-    for key in ("dicom_port", "http_port"):
+    for key in ("dicom_port", "http_port", "dicom_tls_port", "https_port"):
         if key in server:
             kw[key] = _int(f"[server] {key}", server[key])
     if "data_dir" in server:
@@ -494,6 +535,8 @@ def load_settings(
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
     if "limits" in doc:
         settings = replace(settings, limits=limits_from(doc["limits"]))
+    if "tls" in doc:
+        settings = replace(settings, tls=tls_from(doc["tls"], base))
     settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
@@ -545,10 +588,15 @@ def _validated(s: Settings) -> Settings:
     if s.xds.repository_unique_id and not is_valid_uid(s.xds.repository_unique_id):
         raise ConfigError(f"[xds] repository_unique_id {s.xds.repository_unique_id!r} is not a valid OID")
     s = _validated_public_url(s)
-    for port_name in ("dicom_port", "http_port"):
+    for port_name in ("dicom_port", "http_port", "dicom_tls_port", "https_port"):
+        if getattr(s, port_name) is None:
+            continue
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
             raise ConfigError(f"{port_name} {port} out of range")
+    for port_name in ("dicom_tls_port", "https_port"):
+        if getattr(s, port_name) is not None and (s.tls.certificate is None or s.tls.private_key is None):
+            raise ConfigError(f"[server] {port_name} needs [tls] certificate and private_key")
     st = s.effective_storage
     if st.duplicate_policy not in ("keep", "replace"):
         raise ConfigError(f"storage.duplicate_policy must be 'keep' or 'replace', not {st.duplicate_policy!r}")

@@ -51,6 +51,16 @@ class Servers:
         ]
         self._partition_port_names = [name for name, p in settings.partitions.items() if p.dicom_port is not None]
         self.http: Any = None
+        self.https: Any = None
+        # [tls] proven usable (key matches, not expired) before anything listens; None without a TLS port
+        from xdsi.security.tls import check_tls
+
+        try:
+            self.tls_context = check_tls(settings)
+        except BaseException:
+            self.partitions.close_extra()
+            self.archive.close()
+            raise
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
 
@@ -62,16 +72,29 @@ class Servers:
             self.http.start()
         except OSError as exc:
             raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
+        if self.tls_context is not None and s.https_port is not None:
+            self.https = HttpServer(s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context)
+            try:
+                self.https.start()
+            except OSError as exc:
+                raise listen_error("[server] https_port", "--https-port", s.https_port, s.host, exc) from None
         try:
             self.dicom.start(s.host, s.dicom_port)
         except OSError as exc:
             raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
+        if self.tls_context is not None and s.dicom_tls_port is not None:
+            try:
+                self.dicom.start_tls(s.host, s.dicom_tls_port, self.tls_context)
+            except OSError as exc:
+                raise listen_error("[server] dicom_tls_port", "--dicom-tls-port", s.dicom_tls_port, s.host, exc) from None
         for (server, port), name in zip(self.partition_dicom, self._partition_port_names):
             try:
                 server.start(s.host, port)
             except OSError as exc:
                 raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
+        if self.https is not None:
+            log.info("HTTPS listening on https://%s:%d/ (TLS profile %s)", s.host, self.https.server_port, s.tls.profile)
         if s.xds.enabled:
             _warn_identifiers(s, self.archive.settings)
             from xdsi.xds.publisher import PublisherThread
@@ -94,6 +117,8 @@ class Servers:
         stop_pools()
         if self.http is not None:
             self.http.shutdown()
+        if self.https is not None:
+            self.https.shutdown()
         self.dicom.stop()
         for server, _port in self.partition_dicom:
             server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -158,7 +159,13 @@ class GovernedAssociationServer(ThreadedAssociationServer):
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """True if the peer has already closed (EOF or reset waiting), without consuming any data."""
+    """True if the peer has already closed (EOF or reset waiting), without consuming any data.
+
+    A TLS socket cannot be peeked (its bytes are records to decrypt, and ``MSG_PEEK`` raises), and
+    its peer has just completed a handshake: it is never judged closed here.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
@@ -211,6 +218,7 @@ class DicomServer:
         # a spool file untouched for longer than the longest timeout belongs to no live transfer
         self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
         self._server: Any = None
+        self._tls_server: Any = None
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -375,9 +383,22 @@ class DicomServer:
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
 
+    def start_tls(self, host: str, port: int, context: "ssl.SSLContext") -> None:
+        """A second listener of the same AE, DICOM over TLS (PS3.15 B.1); call after :meth:`start`.
+
+        Same handlers, same association governor: a TLS peer is one more peer, not a second archive.
+        """
+        self._tls_server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers(), ssl_context=context)
+        set_nodelay(self._tls_server.socket)
+        log.info("DICOM %s listening with TLS on %s:%d", self.ae.ae_title, host, self._tls_server.server_address[1])
+
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return None if self._tls_server is None else int(self._tls_server.server_address[1])
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop listening, then abort the associations still open.
@@ -389,6 +410,9 @@ class DicomServer:
         association thread then gets ``grace`` seconds to finish the handler
         it is running before the archive closes under it.
         """
+        if self._tls_server is not None:
+            tls_server, self._tls_server = self._tls_server, None
+            tls_server.shutdown()
         if self._server is not None:
             server, self._server = self._server, None
             server.shutdown()

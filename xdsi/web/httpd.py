@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable
 
 from cheroot import server as cheroot_server
 from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from xdsi.config import HttpLimits
 from xdsi.web.limits import BodyTooSlow
@@ -312,6 +314,10 @@ class GatedServer(wsgi.Server):
         except (AttributeError, ValueError):
             return "ready"
         sock = conn.socket
+        if isinstance(sock, ssl.SSLSocket):
+            # TLS bytes cannot be peeked (the record layer must decrypt them); the head gate is bypassed over
+            # HTTPS and the request head is read by the worker under io_timeout
+            return "ready"
         try:
             sock.settimeout(0)  # with a timeout set, Python waits for data even under MSG_DONTWAIT
             try:
@@ -338,8 +344,29 @@ class GatedServer(wsgi.Server):
         super().process_conn(conn)
 
 
+class _ContextAdapter(BuiltinSSLAdapter):
+    """cheroot's builtin TLS adapter around a context built by :mod:`xdsi.security.tls` (not its own defaults)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:  # noqa: D107 - the base reads certificate files we already loaded
+        self._ssl_context = context
+        self.certificate = self.private_key = self.certificate_chain = None  # type: ignore[assignment]
+        self.ciphers = None
+        self._server_env = {}  # filled per connection by get_environ
+        self.context = context
+
+    def get_environ(self, sock: Any) -> dict[str, Any]:  # type: ignore[override]
+        env = {"wsgi.url_scheme": "https", "HTTPS": "on", "SSL_PROTOCOL": sock.version(), "SSL_CIPHER": (sock.cipher() or ("",))[0]}
+        peer = sock.getpeercert()
+        if peer:
+            env["SSL_CLIENT_VERIFY"] = "SUCCESS"
+            env["SSL_CLIENT_S_DN"] = ",".join("=".join(kv) for rdn in peer.get("subject", ()) for kv in rdn)
+        return env
+
+
 class HttpServer:
-    def __init__(self, host: str, port: int, app: Callable[..., Any], limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, app: Callable[..., Any], limits: HttpLimits | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         s = limits or HttpLimits()
         self.server = GatedServer(
             (host, port), app, numthreads=s.threads, server_name=host, request_queue_size=ACCEPT_QUEUE, timeout=s.io_timeout, shutdown_timeout=5
@@ -349,6 +376,8 @@ class HttpServer:
         # body limits are per endpoint, in the application (xdsi.web.limits): STOW-RS and MTOM bodies stream to disk
         self.server.max_request_body_size = 0
         self.server.max_request_header_size = MAX_HEADER_BYTES
+        if ssl_context is not None:
+            self.server.ssl_adapter = _ContextAdapter(ssl_context)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

@@ -1,0 +1,181 @@
+"""``xdsi serve`` with ``[server] dicom_tls_port`` and ``https_port``: real peers over TLS, and the refusals.
+
+Peers: Debian's dcmtk ``storescu +tls``, a pynetdicom SCU with an ``ssl.SSLContext``, ``requests``
+with a client certificate; certificates made in the test (tests/support/pki.py).  One server for the
+module; every refusal is followed by proof that the port still serves.
+"""
+
+from __future__ import annotations
+
+import io
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pydicom
+import pytest
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+
+from tests.integration.dimse_support import run, tool
+from tests.support.objects import secondary_capture
+from tests.support.pki import Issued, TestCA
+from tests.support.server import XdsiProcess, free_port
+from xdsi.config import TlsSettings
+from xdsi.security.tls import client_context
+
+pytestmark = pytest.mark.dcmtk
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    d = tmp_path_factory.mktemp("pki")
+    ca, stranger = TestCA(d / "ca"), TestCA(d / "other", "unknown CA")
+    return {
+        "ca": ca,
+        "server": ca.issue("127.0.0.1"),
+        "client": ca.issue("modality.example.org", server=False),
+        "expired": ca.issue("old.example.org", expired=True),
+        "stranger": stranger.issue("stranger.example.org"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object]) -> Iterator[XdsiProcess]:
+    d = tmp_path_factory.mktemp("tls-serve")
+    srv: Issued = pki["server"]  # type: ignore[assignment]
+    proc = XdsiProcess(d / "data", config=d / "xdsi.toml")
+    proc.dicom_tls_port, proc.https_port = free_port(), free_port()  # type: ignore[attr-defined]
+    (d / "xdsi.toml").write_text(
+        f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\nhttps_port = {proc.https_port}\n"  # type: ignore[attr-defined]
+        f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'  # type: ignore[attr-defined]
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _ctx(pki: dict[str, object], who: str | None) -> ssl.SSLContext:
+    ca: TestCA = pki["ca"]  # type: ignore[assignment]
+    if who is None:
+        return client_context(TlsSettings(ca_certificates=ca.pem))
+    issued: Issued = pki[who]  # type: ignore[assignment]
+    return client_context(TlsSettings(certificate=issued.cert, private_key=issued.key, ca_certificates=ca.pem))
+
+
+def _https(server: XdsiProcess, pki: dict[str, object], path: str, who: str | None = "client") -> requests.Response:
+    ca: TestCA = pki["ca"]  # type: ignore[assignment]
+    cert = None
+    if who is not None:
+        issued: Issued = pki[who]  # type: ignore[assignment]
+        cert = (str(issued.cert), str(issued.key))
+    return requests.get(f"https://127.0.0.1:{server.https_port}{path}", cert=cert, verify=str(ca.pem), timeout=10)  # type: ignore[attr-defined]
+
+
+def _store_pynetdicom(server: XdsiProcess, ctx: ssl.SSLContext, data: bytes) -> int | None:
+    """C-STORE over TLS; the status, or None when no association was established."""
+    ae = AE(ae_title="TLSSCU")
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(ctx, "127.0.0.1"))  # type: ignore[attr-defined]
+    if not assoc.is_established:
+        return None
+    try:
+        st = assoc.send_c_store(pydicom.dcmread(io.BytesIO(data)))
+        return int(st.Status)
+    finally:
+        assoc.release()
+
+
+def _has_instance(server: XdsiProcess, pki: dict[str, object], sop_uid: str) -> bool:
+    r = _https(server, pki, f"/dicomweb/instances?SOPInstanceUID={sop_uid}")
+    assert r.status_code in (200, 204), r.text
+    return r.status_code == 200 and sop_uid in r.text
+
+
+def test_pynetdicom_stores_over_tls_and_https_finds_it(server: XdsiProcess, pki: dict[str, object]) -> None:
+    data, uid = secondary_capture(patient_id="TLS01")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0x0000
+    assert _has_instance(server, pki, uid)
+
+
+def test_dcmtk_storescu_with_tls(server: XdsiProcess, pki: dict[str, object], tmp_path: Path) -> None:
+    data, uid = secondary_capture(patient_id="TLS02")
+    f = tmp_path / "sc.dcm"
+    f.write_bytes(data)
+    client: Issued = pki["client"]  # type: ignore[assignment]
+    run([tool("storescu"), "-aec", server.ae_title, "+tls", str(client.key), str(client.cert), "+cf", str(pki["ca"].pem),  # type: ignore[attr-defined]
+         "127.0.0.1", str(server.dicom_tls_port), str(f)])  # type: ignore[attr-defined]
+    assert _has_instance(server, pki, uid)
+
+
+def test_dcmtk_storescu_plain_tcp_to_the_tls_port_is_refused(server: XdsiProcess, pki: dict[str, object], tmp_path: Path) -> None:
+    data, uid = secondary_capture(patient_id="TLS03")
+    f = tmp_path / "sc.dcm"
+    f.write_bytes(data)
+    out = run([tool("storescu"), "-aec", server.ae_title, "127.0.0.1", str(server.dicom_tls_port), str(f)], check=False)  # type: ignore[attr-defined]
+    assert out.returncode != 0
+    assert not _has_instance(server, pki, uid)
+
+
+@pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
+def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
+    data, uid = secondary_capture(patient_id="TLS04")
+    ctx = _ctx(pki, who)
+    try:
+        status = _store_pynetdicom(server, ctx, data)
+    except (ssl.SSLError, OSError):
+        status = None
+    assert status is None
+    assert not _has_instance(server, pki, uid)
+    assert _store_pynetdicom(server, _ctx(pki, "client"), secondary_capture(patient_id="TLS05")[0]) == 0  # still serving
+
+
+def test_https_serves_a_client_with_a_trusted_certificate(server: XdsiProcess, pki: dict[str, object]) -> None:
+    r = _https(server, pki, "/status")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
+def test_https_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
+    with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+        _https(server, pki, "/status", who)
+    assert _https(server, pki, "/status").status_code == 200  # still serving
+
+
+def test_https_refuses_tls_1_0(server: XdsiProcess, pki: dict[str, object]) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+    client: Issued = pki["client"]  # type: ignore[assignment]
+    ctx.load_cert_chain(str(client.cert), str(client.key))
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.https_port), timeout=10) as raw:  # type: ignore[attr-defined]
+        with pytest.raises(ssl.SSLError) as err:
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+                tls.recv(100)
+    assert "version" in str(err.value).lower() or "protocol" in str(err.value).lower(), err.value
+
+
+def test_plain_ports_still_serve(server: XdsiProcess) -> None:
+    r = requests.get(f"http://127.0.0.1:{server.http_port}/status", timeout=10)
+    assert r.status_code == 200
+
+
+def test_serve_refuses_an_expired_certificate_in_one_line(tmp_path: Path, pki: dict[str, object]) -> None:
+    old: Issued = pki["expired"]  # type: ignore[assignment]
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(f'[server]\nhttps_port = 0\n[tls]\ncertificate = "{old.cert}"\nprivate_key = "{old.key}"\nca_certificates = "{pki["ca"].pem}"\n')  # type: ignore[attr-defined]
+    out = subprocess.run([sys.executable, "-m", "xdsi", "serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--dicom-port", "0", "--http-port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xdsi: [tls] certificate {old.cert}: expired on "), out.stderr
