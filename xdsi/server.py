@@ -157,7 +157,10 @@ def serve(settings: Settings) -> int:
         raise
     print(
         f"xdsi serving AE {settings.ae_title} on dicom://{settings.host}:{servers.dicom.port} "
-        f"and http://{settings.host}:{servers.http.server_port}/ (data in {settings.data_dir})",
+        f"and http://{settings.host}:{servers.http.server_port}/"
+        + (f", dicom+tls://{settings.host}:{servers.dicom.tls_port}" if servers.dicom.tls_port is not None else "")
+        + (f", https://{settings.host}:{servers.https.server_port}/" if servers.https is not None else "")
+        + f" (data in {settings.data_dir})",
         flush=True,
     )
     try:

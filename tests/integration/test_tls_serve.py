@@ -77,6 +77,26 @@ def _https(server: XdsiProcess, pki: dict[str, object], path: str, who: str | No
     return requests.get(f"https://127.0.0.1:{server.https_port}{path}", cert=cert, verify=str(ca.pem), timeout=10)  # type: ignore[attr-defined]
 
 
+REASONS = {
+    None: "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+    "stranger": "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate",
+    "expired": "CERTIFICATE_VERIFY_FAILED: certificate has expired",
+}
+
+
+def _logged(server: XdsiProcess, prefix: str, reason: str, before: int) -> str:
+    """Wait for the server's log line of a refused handshake after line ``before``; the line."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in server.log[before:]:
+            if prefix in line and reason in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix!r} ... {reason!r} in the log:\n" + "".join(server.log[before:]))
+
+
 def _store_pynetdicom(server: XdsiProcess, ctx: ssl.SSLContext, data: bytes) -> int | None:
     """C-STORE over TLS; the status, or None when no association was established."""
     ae = AE(ae_title="TLSSCU")
@@ -126,6 +146,7 @@ def test_dcmtk_storescu_plain_tcp_to_the_tls_port_is_refused(server: XdsiProcess
 @pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
 def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
     data, uid = secondary_capture(patient_id="TLS04")
+    before = len(server.log)
     ctx = _ctx(pki, who)
     try:
         status = _store_pynetdicom(server, ctx, data)
@@ -133,6 +154,7 @@ def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str,
         status = None
     assert status is None
     assert not _has_instance(server, pki, uid)
+    assert "refused" in _logged(server, "DICOM TLS handshake with 127.0.0.1:", REASONS[who], before)
     assert _store_pynetdicom(server, _ctx(pki, "client"), secondary_capture(patient_id="TLS05")[0]) == 0  # still serving
 
 
@@ -143,8 +165,10 @@ def test_https_serves_a_client_with_a_trusted_certificate(server: XdsiProcess, p
 
 @pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
 def test_https_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
+    before = len(server.log)
     with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
         _https(server, pki, "/status", who)
+    assert "refused" in _logged(server, "HTTPS: TLS handshake with 127.0.0.1:", REASONS[who], before)
     assert _https(server, pki, "/status").status_code == 200  # still serving
 
 
@@ -157,12 +181,14 @@ def test_https_refuses_tls_1_0(server: XdsiProcess, pki: dict[str, object]) -> N
     ctx.load_cert_chain(str(client.cert), str(client.key))
     import socket
 
+    before = len(server.log)
     with socket.create_connection(("127.0.0.1", server.https_port), timeout=10) as raw:  # type: ignore[attr-defined]
         with pytest.raises(ssl.SSLError) as err:
             with ctx.wrap_socket(raw) as tls:
                 tls.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
                 tls.recv(100)
     assert "version" in str(err.value).lower() or "protocol" in str(err.value).lower(), err.value
+    _logged(server, "HTTPS: TLS handshake with 127.0.0.1:", "UNSUPPORTED_PROTOCOL", before)
 
 
 def test_plain_ports_still_serve(server: XdsiProcess) -> None:
@@ -179,3 +205,23 @@ def test_serve_refuses_an_expired_certificate_in_one_line(tmp_path: Path, pki: d
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"xdsi: [tls] certificate {old.cert}: expired on "), out.stderr
+
+
+@pytest.mark.parametrize("port", ["dicom_tls_port", "https_port"])
+def test_a_silent_connection_does_not_hold_the_tls_listener(server: XdsiProcess, pki: dict[str, object], port: str) -> None:
+    """A peer that connects and never starts its handshake must not stop others from connecting."""
+    import socket
+    import time
+
+    silent = [socket.create_connection(("127.0.0.1", getattr(server, port)), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        if port == "dicom_tls_port":
+            assert _store_pynetdicom(server, _ctx(pki, "client"), secondary_capture(patient_id="TLS06")[0]) == 0
+        else:
+            assert _https(server, pki, "/status").status_code == 200
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in silent:
+            s.close()

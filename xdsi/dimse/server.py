@@ -63,6 +63,7 @@ from xdsi.dimse.sending import (
     prefer_requestor_syntaxes,
     refusal_reason,
 )
+from xdsi.security.tls import handshake_failure
 from xdsi.uids import InvalidUID
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,31 @@ class GovernedAssociationServer(ThreadedAssociationServer):
     """
 
     request_queue_size = 512  # listen() backlog, capped by the kernel's net.core.somaxconn
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; a TLS connection is wrapped but its handshake waits for the connection's own thread.
+
+        pynetdicom completes the handshake inside ``accept`` on a blocking socket: one peer that
+        connected and said nothing stopped every other TLS association (measured: indefinitely).
+        """
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The TLS handshake (bounded by the ACSE timeout), then pynetdicom's association; a refusal is logged."""
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.ae.acse_timeout or 30)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("DICOM TLS handshake with %s:%s refused: %s", client_address[0], client_address[1], handshake_failure(exc))
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's hook before a connection gets its thread: drop one the peer already closed."""

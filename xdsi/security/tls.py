@@ -27,7 +27,7 @@ from pathlib import Path
 from xdsi.config import Settings, TlsSettings
 from xdsi.startup import StartupError
 
-__all__ = ["PROFILES", "check_tls", "client_context", "server_context"]
+__all__ = ["PROFILES", "check_tls", "client_context", "handshake_failure", "server_context"]
 
 # OpenSSL names of the TLS 1.2 suites per profile (TLS 1.3 suites are configured separately by OpenSSL)
 _BCP195_STRICT = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
@@ -78,6 +78,16 @@ def client_context(tls: TlsSettings, *, check_hostname: bool = True) -> ssl.SSLC
     if tls.certificate is not None and tls.private_key is not None:
         ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return ctx
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """Why a handshake failed, for the log (and the Security Alert audit): OpenSSL's reason and, for a
+    refused certificate, the verification message ("certificate has expired", "unable to get local issuer ...")."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
 
 
 def _read(setting: str, path: Path) -> bytes:

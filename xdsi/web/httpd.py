@@ -56,6 +56,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from xdsi.config import HttpLimits
+from xdsi.security.tls import handshake_failure
 from xdsi.web.limits import BodyTooSlow
 
 log = logging.getLogger(__name__)
@@ -265,10 +266,16 @@ class HeadGate(threading.Thread):
             now = time.monotonic()
             for conn in pending:
                 state = self.server.head_state(conn)
-                if state != "waiting":
+                if state == "failed":
+                    _close(conn)
+                elif state != "waiting":
                     self.server.to_worker(conn)
                 elif now - (conn.head_since or now) > self.server.limits.header_timeout:
-                    _refuse(conn, b"408 Request Timeout", b"request head not received in time\n")
+                    if isinstance(conn.socket, ssl.SSLSocket) and not getattr(conn, "tls_done", False):
+                        log.warning("HTTPS: TLS handshake with %s not completed in time; closed", _peer(conn.socket))
+                        _close(conn)  # no TLS session to carry a 408
+                    else:
+                        _refuse(conn, b"408 Request Timeout", b"request head not received in time\n")
                 else:
                     keep.append(conn)
             with self._lock:
@@ -293,6 +300,14 @@ def _refuse(conn: Any, status: bytes, text: bytes) -> None:
     _close(conn)
 
 
+def _peer(sock: Any) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "(peer gone)"
+
+
 def _close(conn: Any) -> None:
     try:
         conn.socket.close()
@@ -315,9 +330,7 @@ class GatedServer(wsgi.Server):
             return "ready"
         sock = conn.socket
         if isinstance(sock, ssl.SSLSocket):
-            # TLS bytes cannot be peeked (the record layer must decrypt them); the head gate is bypassed over
-            # HTTPS and the request head is read by the worker under io_timeout
-            return "ready"
+            return self.tls_state(conn)
         try:
             sock.settimeout(0)  # with a timeout set, Python waits for data even under MSG_DONTWAIT
             try:
@@ -332,8 +345,41 @@ class GatedServer(wsgi.Server):
             return "ready"
         return "waiting"
 
+    def tls_state(self, conn: Any) -> str:
+        """The TLS handshake, one non-blocking step at a time, in the head gate rather than the accept loop.
+
+        cheroot's builtin adapter completes the handshake inside ``accept``: one peer that connects and
+        says nothing held every other HTTPS client for ``io_timeout`` (measured).  Here the handshake
+        advances whenever the gate looks, is bounded by ``header_timeout`` like a request head, and a
+        refused one is logged with the peer address and OpenSSL's reason.  Once it is done the
+        connection goes to a worker: TLS records cannot be peeked for a complete head, so over HTTPS
+        the worker reads the head itself under ``io_timeout``.
+        """
+        if getattr(conn, "tls_done", False):
+            return "ready"
+        sock = conn.socket
+        try:
+            sock.settimeout(0)
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return "waiting"
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("HTTPS: TLS handshake with %s refused: %s", _peer(sock), handshake_failure(exc))
+            return "failed"
+        finally:
+            try:
+                sock.settimeout(self.timeout)
+            except OSError:
+                pass
+        conn.tls_done = True
+        return "ready"
+
     def process_conn(self, conn: Any) -> None:
-        if self.head_state(conn) == "ready":
+        state = self.head_state(conn)
+        if state == "failed":
+            _close(conn)
+            return
+        if state == "ready":
             self.to_worker(conn)
             return
         conn.head_since = time.monotonic()
@@ -354,13 +400,13 @@ class _ContextAdapter(BuiltinSSLAdapter):
         self._server_env = {}  # filled per connection by get_environ
         self.context = context
 
+    def wrap(self, sock: Any) -> tuple[Any, dict[str, Any]]:  # type: ignore[override]
+        """Wrap without the handshake: :meth:`GatedServer.tls_state` completes it off the accept loop."""
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), self.get_environ(sock)
+
     def get_environ(self, sock: Any) -> dict[str, Any]:  # type: ignore[override]
-        env = {"wsgi.url_scheme": "https", "HTTPS": "on", "SSL_PROTOCOL": sock.version(), "SSL_CIPHER": (sock.cipher() or ("",))[0]}
-        peer = sock.getpeercert()
-        if peer:
-            env["SSL_CLIENT_VERIFY"] = "SUCCESS"
-            env["SSL_CLIENT_S_DN"] = ",".join("=".join(kv) for rdn in peer.get("subject", ()) for kv in rdn)
-        return env
+        # called by cheroot before the handshake, so nothing of the session (peer certificate) is known yet
+        return {"wsgi.url_scheme": "https", "HTTPS": "on"}
 
 
 class HttpServer:
