@@ -21,6 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
 from tests.integration.dimse_support import run, tool
+from tests.support.ids import NIST_REPOSITORY
 from tests.support.objects import secondary_capture
 from tests.support.pki import Issued, TestCA
 from tests.support.server import XdsiProcess, free_port
@@ -47,7 +48,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object]) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("tls-serve")
     srv: Issued = pki["server"]  # type: ignore[assignment]
-    proc = XdsiProcess(d / "data", config=d / "xdsi.toml")
+    proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY})
     proc.dicom_tls_port, proc.https_port = free_port(), free_port()  # type: ignore[attr-defined]
     (d / "xdsi.toml").write_text(
         f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\nhttps_port = {proc.https_port}\n"  # type: ignore[attr-defined]
@@ -225,3 +226,76 @@ def test_a_silent_connection_does_not_hold_the_tls_listener(server: XdsiProcess,
     finally:
         for s in silent:
             s.close()
+
+
+def test_rad69_through_zeep_over_https_with_a_client_certificate(server: XdsiProcess, pki: dict[str, object]) -> None:
+    """The served WSDL loaded by zeep over mutual TLS, and a RAD-69 through it: the stored bytes come back."""
+    import zeep
+    from zeep.transports import Transport
+
+    data, uid = secondary_capture(patient_id="TLS07")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    ds = pydicom.dcmread(io.BytesIO(data))
+    client_cert: Issued = pki["client"]  # type: ignore[assignment]
+    session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE in the environment overrides session.verify (requests' known quirk)
+    session.cert, session.verify = (str(client_cert.cert), str(client_cert.key)), str(pki["ca"].pem)  # type: ignore[attr-defined]
+    url = f"https://127.0.0.1:{server.https_port}/xdsi/ImagingDocumentSource"  # type: ignore[attr-defined]
+    client = zeep.Client(url + "?wsdl", settings=zeep.Settings(strict=True), transport=Transport(session=session))
+    res = client.service.ImagingDocumentSource_RetrieveImagingDocumentSet(
+        StudyRequest=[{"studyInstanceUID": ds.StudyInstanceUID, "SeriesRequest": [
+            {"seriesInstanceUID": ds.SeriesInstanceUID, "DocumentRequest": [{"RepositoryUniqueId": NIST_REPOSITORY, "DocumentUniqueId": uid}]}]}],
+        TransferSyntaxUIDList={"TransferSyntaxUID": ["1.2.840.10008.1.2.1"]},
+    )  # fmt: skip
+    assert res.RegistryResponse.status == "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+    out = pydicom.dcmread(io.BytesIO(res.DocumentResponse[0].Document))
+    assert out.SOPInstanceUID == uid and out.PixelData == ds.PixelData
+    # and zeep without our certificate gets no WSDL at all
+    bare = requests.Session()
+    bare.trust_env = False
+    bare.verify = str(pki["ca"].pem)  # type: ignore[attr-defined]
+    with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+        zeep.Client(url + "?wsdl", transport=Transport(session=bare))
+
+
+def test_dcmtk_findscu_and_pynetdicom_get_with_tls(server: XdsiProcess, pki: dict[str, object], tmp_path: Path) -> None:
+    """Query and retrieve over the TLS port with dcmtk: the instance comes back with its pixels intact."""
+    data, uid = secondary_capture(patient_id="TLS08")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    ds = pydicom.dcmread(io.BytesIO(data))
+    client: Issued = pki["client"]  # type: ignore[assignment]
+    tls = ["+tls", str(client.key), str(client.cert), "+cf", str(pki["ca"].pem)]  # type: ignore[attr-defined]
+    where = ["127.0.0.1", str(server.dicom_tls_port)]  # type: ignore[attr-defined]
+    found = tmp_path / "found"
+    found.mkdir()
+    run([tool("findscu"), "-S", "-aec", server.ae_title, *tls, "-X", "-od", str(found),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "-k", "PatientID", *where])  # fmt: skip
+    answers = [pydicom.dcmread(p) for p in found.iterdir()]
+    assert [(a.StudyInstanceUID, a.PatientID) for a in answers] == [(ds.StudyInstanceUID, "TLS08")]
+    # dcmtk 3.6.7's getscu has no TLS options ("Unknown option +tls"): C-GET over TLS with pynetdicom
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    received: list[pydicom.Dataset] = []
+
+    def on_store(event):  # type: ignore[no-untyped-def]
+        got = event.dataset
+        got.file_meta = event.file_meta  # the transfer syntax it came in, for pydicom's pixel decoding
+        received.append(got)
+        return 0x0000
+
+    ae = AE(ae_title="TLSGET")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(_ctx(pki, "client"), "127.0.0.1"),  # type: ignore[attr-defined]
+                         ext_neg=[build_role(SecondaryCaptureImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+    statuses = [int(st.Status) for st, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet) if st]
+    assoc.release()
+    assert statuses[-1] == 0x0000
+    assert len(received) == 1
+    out = received[0]
+    assert out.SOPInstanceUID == uid
+    assert (out.pixel_array == ds.pixel_array).all()
