@@ -21,6 +21,7 @@ from tests.support.pki import Issued, TestCA
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings
 from xdsi.security.tls import FFDHE2048, PROFILES, check_tls, client_context, server_context
 from xdsi.startup import StartupError
+from xdsi.web.httpd import tls_environ
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "1
         conn.settimeout(10)
         try:
             with server.wrap_socket(conn, server_side=True) as tls:
-                seen.update(version=tls.version(), cipher=tls.cipher()[0], peer=tls.getpeercert())
+                seen.update(version=tls.version(), cipher=tls.cipher()[0], peer=tls.getpeercert(), environ=tls_environ(tls))
                 tls.sendall(b"ok")
                 tls.recv(1)
         except (ssl.SSLError, OSError) as exc:
@@ -209,6 +210,8 @@ def test_mutual_handshake_per_profile(pki: dict[str, object], profile: str) -> N
     assert (c, s) == (None, None)
     assert seen["version"] in ("TLSv1.2", "TLSv1.3")
     assert dict(x[0] for x in seen["peer"]["subject"])["commonName"] == "modality.example.org"
+    assert seen["environ"] == {"SSL_PROTOCOL": seen["version"], "SSL_CIPHER": seen["cipher"], "SSL_CLIENT_VERIFY": "SUCCESS",
+                               "SSL_CLIENT_S_DN": "CN=modality.example.org"}
 
 
 @pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])

@@ -300,6 +300,20 @@ def _refuse(conn: Any, status: bytes, text: bytes) -> None:
     _close(conn)
 
 
+def tls_environ(sock: ssl.SSLSocket) -> dict[str, str]:
+    """mod_ssl's names for the session, so the application (and its audit records) know who the peer is."""
+    env = {"SSL_PROTOCOL": sock.version() or "", "SSL_CIPHER": (sock.cipher() or ("",))[0]}
+    der = sock.getpeercert(binary_form=True)
+    if der:
+        from cryptography import x509
+
+        env["SSL_CLIENT_VERIFY"] = "SUCCESS"  # the context verified it, or the handshake would have failed
+        env["SSL_CLIENT_S_DN"] = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    else:
+        env["SSL_CLIENT_VERIFY"] = "NONE"
+    return env
+
+
 def _peer(sock: Any) -> str:
     try:
         host, port = sock.getpeername()[:2]
@@ -372,6 +386,7 @@ class GatedServer(wsgi.Server):
             except OSError:
                 pass
         conn.tls_done = True
+        conn.ssl_env = {**(conn.ssl_env or {}), **tls_environ(sock)}  # cheroot copies it into every request's environ
         return "ready"
 
     def process_conn(self, conn: Any) -> None:
