@@ -81,6 +81,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # associations we open to it use TLS with our [tls] certificate, verifying it against ca_certificates
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
-_PEER_KEYS = {"host", "port"}
+_PEER_KEYS = {"host", "port", "tls"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -512,7 +513,10 @@ def load_settings(
         port = _int(f"{where} port", p["port"])
         if not 1 <= port <= 65535:
             raise ConfigError(f"{where} port {port} out of range")
-        peers[aet] = Peer(aet, str(p["host"]), port)
+        tls = p.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(f"{where} tls must be true or false, not {tls!r}")
+        peers[aet] = Peer(aet, str(p["host"]), port, tls)
     if peers:
         settings = replace(settings, peers=peers)
 
@@ -594,6 +598,9 @@ def _validated(s: Settings) -> Settings:
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
             raise ConfigError(f"{port_name} {port} out of range")
+    for peer in s.peers.values():
+        if peer.tls and s.tls.ca_certificates is None:
+            raise ConfigError(f"[peers.{peer.ae_title}] tls = true needs [tls] ca_certificates (to verify the peer)")
     for port_name in ("dicom_tls_port", "https_port"):
         if getattr(s, port_name) is not None and (s.tls.certificate is None or s.tls.private_key is None):
             raise ConfigError(f"[server] {port_name} needs [tls] certificate and private_key")

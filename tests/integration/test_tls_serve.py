@@ -41,17 +41,56 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "client": ca.issue("modality.example.org", server=False),
         "expired": ca.issue("old.example.org", expired=True),
         "stranger": stranger.issue("stranger.example.org"),
+        "dest": ca.issue("dest.example.org"),
     }
 
 
+class TlsDestination:
+    """A pynetdicom Storage SCP listening with TLS only, requiring a client certificate from our test CA."""
+
+    def __init__(self, pki: dict[str, object]) -> None:
+        from pynetdicom import evt
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        from xdsi.security.tls import server_context
+
+        dest: Issued = pki["dest"]  # type: ignore[assignment]
+        self.received: list[tuple[pydicom.Dataset, str]] = []  # (dataset with its file meta, the caller's certificate CN)
+        self.ae = AE(ae_title="TLSDEST")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        ctx = server_context(TlsSettings(certificate=dest.cert, private_key=dest.key, ca_certificates=pki["ca"].pem))  # type: ignore[attr-defined]
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event):  # type: ignore[no-untyped-def]
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        subject = dict(x[0] for x in event.assoc.dul.socket.socket.getpeercert()["subject"])
+        self.received.append((ds, subject["commonName"]))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object]) -> Iterator[XdsiProcess]:
+def tls_dest(pki: dict[str, object]) -> Iterator[TlsDestination]:
+    d = TlsDestination(pki)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls_dest: TlsDestination) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("tls-serve")
     srv: Issued = pki["server"]  # type: ignore[assignment]
     proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY})
     proc.dicom_tls_port, proc.https_port = free_port(), free_port()  # type: ignore[attr-defined]
     (d / "xdsi.toml").write_text(
         f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\nhttps_port = {proc.https_port}\n"  # type: ignore[attr-defined]
+        f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {tls_dest.port}\ntls = true\n'
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'  # type: ignore[attr-defined]
     )
     proc.start()
@@ -298,4 +337,27 @@ def test_dcmtk_findscu_and_pynetdicom_get_with_tls(server: XdsiProcess, pki: dic
     assert len(received) == 1
     out = received[0]
     assert out.SOPInstanceUID == uid
+    assert (out.pixel_array == ds.pixel_array).all()
+
+
+def test_c_move_to_a_tls_peer(server: XdsiProcess, pki: dict[str, object], tls_dest: TlsDestination) -> None:
+    """[peers.X] tls = true: the C-MOVE sub-association uses TLS with our certificate; the pixels arrive intact."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    data, uid = secondary_capture(patient_id="TLS09")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ae = AE(ae_title="TLSMOVE")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(_ctx(pki, "client"), "127.0.0.1"))  # type: ignore[attr-defined]
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+    statuses = [int(st.Status) for st, _ in assoc.send_c_move(query, "TLSDEST", StudyRootQueryRetrieveInformationModelMove) if st]
+    assoc.release()
+    assert statuses[-1] == 0x0000, [hex(x) for x in statuses]
+    got = [(d, cn) for d, cn in tls_dest.received if d.SOPInstanceUID == uid]
+    assert len(got) == 1
+    out, caller = got[0]
+    assert caller == "127.0.0.1"  # xdsi presented its own [tls] certificate
     assert (out.pixel_array == ds.pixel_array).all()

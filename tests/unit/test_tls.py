@@ -299,3 +299,20 @@ def test_example_documents_every_tls_key(tmp_path: Path) -> None:
     s = load_settings(cfg, env={})
     assert (s.dicom_tls_port, s.https_port) == (2762, 8443)
     assert s.tls == TlsSettings(Path("/etc/xdsi/tls/node.crt"), Path("/etc/xdsi/tls/node.key"), Path("/etc/xdsi/tls/partners.pem"), True, "bcp195")
+
+
+def test_peer_tls_flag(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[peers.PACS]\nhost = "pacs"\nport = 2762\ntls = true\n[tls]\nca_certificates = "cas.pem"\n')
+    s = load_settings(cfg, env={})
+    assert s.peers["PACS"].tls is True and s.tls.ca_certificates == tmp_path / "cas.pem"
+    cfg.write_text('[peers.WS]\nhost = "ws"\nport = 104\n')
+    assert load_settings(cfg, env={}).peers["WS"].tls is False
+    for text, message in (
+        ('[peers.PACS]\nhost = "pacs"\nport = 2762\ntls = "yes"\n', "[peers.PACS] tls must be true or false, not 'yes'"),
+        ('[peers.PACS]\nhost = "pacs"\nport = 2762\ntls = true\n', "[peers.PACS] tls = true needs [tls] ca_certificates (to verify the peer)"),
+    ):
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, env={})
+        assert str(err.value) == message

@@ -245,6 +245,7 @@ class DicomServer:
         self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
         self._server: Any = None
         self._tls_server: Any = None
+        self._client_tls: ssl.SSLContext | None = None
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -361,6 +362,8 @@ class DicomServer:
         kwargs: dict[str, Any] = {"xdsi_move_destination": destination}
         if pairs:
             kwargs["contexts"] = contexts_for(pairs)
+        if peer.tls:
+            kwargs["tls_args"] = (self.client_tls(), peer.host)
         yield peer.host, peer.port, kwargs
         yield len(refs)
         # pynetdicom has now tried the sub-association
@@ -408,6 +411,15 @@ class DicomServer:
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
+
+    def client_tls(self) -> ssl.SSLContext:
+        """Our outbound DICOM TLS context ([peers.X] tls = true), built once: the peer's chain is verified
+        against [tls] ca_certificates; its host name is not (DICOM peers are configured by address and AE title)."""
+        if self._client_tls is None:
+            from xdsi.security.tls import client_context
+
+            self._client_tls = client_context(self.archive.settings.tls, check_hostname=False)
+        return self._client_tls
 
     def start_tls(self, host: str, port: int, context: "ssl.SSLContext") -> None:
         """A second listener of the same AE, DICOM over TLS (PS3.15 B.1); call after :meth:`start`.
