@@ -396,16 +396,30 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
               "manifests); this installation has none configured or generated to default to", file=sys.stderr)
         return 2
     total = sum(len(v) for v in series.values())
+    session = None
+    if args.url.lower().startswith("https://"):  # [tls]: our certificate, the source verified against ca_certificates
+        import requests
+
+        from xdsi.security.tls import https_session
+
+        session = https_session(settings.tls)
     with tqdm(total=None, unit="B", unit_scale=True, disable=args.no_progress or None, desc=f"{total} instance(s)") as bar:
-        report = retrieve(
-            args.url,
-            args.study,
-            series,
-            args.out,
-            repository_unique_id=repository,
-            transfer_syntaxes=args.transfer_syntax or DEFAULT_SYNTAXES,
-            progress=bar.update,
-        )
+        try:
+            report = retrieve(
+                args.url,
+                args.study,
+                series,
+                args.out,
+                repository_unique_id=repository,
+                transfer_syntaxes=args.transfer_syntax or DEFAULT_SYNTAXES,
+                progress=bar.update,
+                session=session,
+            )
+        except Exception as exc:
+            if session is None or not isinstance(exc, requests.exceptions.SSLError):
+                raise
+            print(f"xdsi retrieve: TLS with {args.url} failed: {exc}", file=sys.stderr)
+            return 1
     if report.fault:
         print(f"SOAP fault: {report.fault}", file=sys.stderr)
         return 1

@@ -361,3 +361,29 @@ def test_c_move_to_a_tls_peer(server: XdsiProcess, pki: dict[str, object], tls_d
     out, caller = got[0]
     assert caller == "127.0.0.1"  # xdsi presented its own [tls] certificate
     assert (out.pixel_array == ds.pixel_array).all()
+
+
+def test_xdsi_retrieve_over_https(server: XdsiProcess, pki: dict[str, object], tmp_path: Path) -> None:
+    """``xdsi retrieve https://...`` with [tls] in its config: byte-exact; without a client certificate: one clear line."""
+    data, uid = secondary_capture(patient_id="TLS10")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    ds = pydicom.dcmread(io.BytesIO(data))
+    client: Issued = pki["client"]  # type: ignore[assignment]
+    url = f"https://127.0.0.1:{server.https_port}/xdsi/ImagingDocumentSource"  # type: ignore[attr-defined]
+
+    def retrieve(tls_table: str, out: Path) -> subprocess.CompletedProcess[str]:
+        cfg = tmp_path / f"{out.name}.toml"
+        cfg.write_text(f"[tls]\n{tls_table}")
+        return subprocess.run([sys.executable, "-m", "xdsi", "retrieve", url, "--config", str(cfg), "--data-dir", str(tmp_path / "client-data"),
+                               "--study", ds.StudyInstanceUID, "--series", ds.SeriesInstanceUID, "--instance", uid, "--out", str(out),
+                               "--repository-unique-id", NIST_REPOSITORY, "--no-progress"], capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    ok = retrieve(f'certificate = "{client.cert}"\nprivate_key = "{client.key}"\nca_certificates = "{pki["ca"].pem}"\n', tmp_path / "ok")  # type: ignore[attr-defined]
+    assert ok.returncode == 0, ok.stderr
+    got = pydicom.dcmread(tmp_path / "ok" / f"{uid}.dcm")
+    assert got.SOPInstanceUID == uid and got.PixelData == ds.PixelData
+    bare = retrieve(f'ca_certificates = "{pki["ca"].pem}"\n', tmp_path / "bare")  # type: ignore[attr-defined]
+    assert bare.returncode == 1
+    assert bare.stderr.splitlines()[-1].startswith(f"xdsi retrieve: TLS with {url} failed: "), bare.stderr
+    assert "Traceback" not in bare.stderr
+

@@ -27,7 +27,7 @@ from pathlib import Path
 from xdsi.config import Settings, TlsSettings
 from xdsi.startup import StartupError
 
-__all__ = ["PROFILES", "check_tls", "client_context", "handshake_failure", "server_context"]
+__all__ = ["PROFILES", "check_tls", "client_context", "handshake_failure", "https_session", "server_context"]
 
 # OpenSSL names of the TLS 1.2 suites per profile (TLS 1.3 suites are configured separately by OpenSSL)
 _BCP195_STRICT = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
@@ -78,6 +78,28 @@ def client_context(tls: TlsSettings, *, check_hostname: bool = True) -> ssl.SSLC
     if tls.certificate is not None and tls.private_key is not None:
         ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return ctx
+
+
+def https_session(tls: TlsSettings) -> "requests.Session":
+    """A requests session for our outbound HTTPS: our certificate, and the peer verified against ``ca_certificates``.
+
+    Why a subclass: requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` in the environment override a
+    session's ``verify``, which would silently trust the system CAs instead of our partners'.  Host names are
+    checked (requests always does).  Without ``ca_certificates`` the system CAs are used.
+    """
+    import requests
+
+    class _Pinned(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            merged["verify"], merged["cert"] = self.verify, self.cert
+            return merged
+
+    session = _Pinned()
+    session.verify = str(tls.ca_certificates) if tls.ca_certificates is not None else True
+    if tls.certificate is not None and tls.private_key is not None:
+        session.cert = (str(tls.certificate), str(tls.private_key))
+    return session
 
 
 def handshake_failure(exc: BaseException) -> str:
