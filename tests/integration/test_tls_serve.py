@@ -42,6 +42,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "expired": ca.issue("old.example.org", expired=True),
         "stranger": stranger.issue("stranger.example.org"),
         "dest": ca.issue("dest.example.org"),
+        "registry": ca.issue("localhost"),
     }
 
 
@@ -387,3 +388,49 @@ def test_xdsi_retrieve_over_https(server: XdsiProcess, pki: dict[str, object], t
     assert bare.stderr.splitlines()[-1].startswith(f"xdsi retrieve: TLS with {url} failed: "), bare.stderr
     assert "Traceback" not in bare.stderr
 
+
+
+def test_publish_iti41_to_an_https_repository_with_our_certificate(tmp_path: Path, pki: dict[str, object]) -> None:
+    """Repository mode over mutual TLS: ITI-41 reaches an HTTPS-only repository that requires our certificate."""
+    from tests.conftest import make_settings
+    from tests.support.registry import TestRegistry
+    from tests.support.xds import PATIENT_CX, xds_settings
+    from xdsi.archive import Archive
+    from xdsi.config import XdsSettings
+    from xdsi.index.xds_models import DONE
+    from xdsi.security.tls import server_context
+    from xdsi.standards import constants as C
+    from xdsi.tools.synth import StudySpec, write_study
+    from xdsi.xds.codes import CodeTable
+    from xdsi.xds.publisher import Publisher
+
+    reg_cert: Issued = pki["registry"]  # type: ignore[assignment]
+    ours: Issued = pki["server"]  # type: ignore[assignment]
+    ca: TestCA = pki["ca"]  # type: ignore[assignment]
+    ctx = server_context(TlsSettings(certificate=reg_cert.cert, private_key=reg_cert.key, ca_certificates=ca.pem))
+    mapped = {"patient_ids": xds_settings().patient_ids, "issuer_oids": xds_settings().issuer_oids}
+    with TestRegistry(CodeTable.load(), {PATIENT_CX}, ssl_context=ctx) as registry:
+        # the registry's certificate names localhost: by its address the host name check refuses it
+        good = registry.repository_url.replace("127.0.0.1", "localhost")
+        assert good.startswith("https://")
+        cases = [
+            # the repository's refusal reaches the client as an alert or a bare EOF, by timing: only "SSLError" is sure
+            ("no-cert", good, TlsSettings(ca_certificates=ca.pem), "SSLError"),
+            ("wrong-host", registry.repository_url, TlsSettings(ours.cert, ours.key, ca.pem), "IP address mismatch"),
+            ("ok", good, TlsSettings(ours.cert, ours.key, ca.pem), None),
+        ]
+        for name, url, tls, error in cases:
+            x = XdsSettings(**{"stability_delay": 0, "retry_initial": 0.2, "retry_max": 1.0, "timeout": 10, **mapped,  # type: ignore[arg-type]
+                               "mode": "repository", "repository_url": url})
+            archive = Archive.open(make_settings(tmp_path / name, None, xds=x, tls=tls))
+            try:
+                for p in write_study(tmp_path / f"study-{name}", StudySpec(), series=1, per_series=2):
+                    assert archive.store.store_file(p).ok
+                [out] = Publisher(archive).run_once()
+                if error is None:
+                    assert out.state == DONE, out
+                else:
+                    assert out.state != DONE and error in out.errors, out
+            finally:
+                archive.close()
+        assert registry.count_actions(C.ACTION_ITI41) == 1  # only the publisher with our certificate got through

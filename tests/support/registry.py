@@ -180,7 +180,9 @@ class TestRegistry:
         repository_unique_id: str = "1.3.6.1.4.1.21367.13.80.999",
         port: int | None = None,
         legacy_document_duplicates: bool = False,
+        ssl_context: Any = None,
     ) -> None:
+        self.ssl_context = ssl_context  # an ssl.SSLContext: the registry and repository serve HTTPS only
         self.codes = codes
         self.known_patients = set(known_patients)
         self.repository_unique_id = repository_unique_id
@@ -201,14 +203,14 @@ class TestRegistry:
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def registry_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/registry"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}/registry"
 
     @property
     def repository_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/repository"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}/repository"
 
     def start(self) -> "TestRegistry":
-        self._server = make_server("127.0.0.1", self.port, self.wsgi, threaded=True)
+        self._server = make_server("127.0.0.1", self.port, self.wsgi, threaded=True, ssl_context=self.ssl_context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="test-registry", daemon=True)
         self._thread.start()
         return self

@@ -41,6 +41,7 @@ from lxml import etree
 from zeep import Client, Plugin, Settings as ZeepSettings
 from zeep.transports import Transport
 
+from xdsi.config import TlsSettings
 from xdsi.wire.soap import addressing_headers
 from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
 from xdsi.standards import constants as C
@@ -231,8 +232,11 @@ class MtomTransport(Transport):
 
     MTOM_ACTIONS = frozenset({C.ACTION_ITI41, C.ACTION_ITI43})
 
-    def __init__(self, *, timeout: float = 60.0) -> None:
-        session = requests.Session()
+    def __init__(self, *, timeout: float = 60.0, tls: TlsSettings | None = None) -> None:
+        from xdsi.security.tls import https_session
+
+        # https:// endpoints: our [tls] certificate, the peer verified against ca_certificates (ITI-19)
+        session = https_session(tls or TlsSettings())
         session.trust_env = False  # never route registry traffic through an environment proxy by accident
         super().__init__(session=session, timeout=timeout, operation_timeout=timeout)
 
@@ -312,8 +316,8 @@ def _result_from(result: Any, raw: str) -> RegistryResult:
 class _WsdlClient:
     """One zeep client per WSDL; :meth:`call` runs one operation with its IHE context."""
 
-    def __init__(self, wsdl: Path, binding: str, address: str, timeout: float) -> None:
-        self.transport = MtomTransport(timeout=timeout)
+    def __init__(self, wsdl: Path, binding: str, address: str, timeout: float, tls: TlsSettings | None = None) -> None:
+        self.transport = MtomTransport(timeout=timeout, tls=tls)
         settings = ZeepSettings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True, forbid_external=True)
         self.client = Client(str(wsdl), transport=self.transport, settings=settings, plugins=[IheAddressing()])
         self.service = self.client.create_service(binding, address)
@@ -343,8 +347,8 @@ class _WsdlClient:
 class RegistryClient:
     """ITI-42 Register Document Set-b and ITI-57 Update Document Set against an XDS.b registry."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
-        self._c = _WsdlClient(REGISTRY_WSDL, C.REGISTRY_BINDING, url, timeout)
+    def __init__(self, url: str, *, timeout: float = 60.0, tls: TlsSettings | None = None) -> None:
+        self._c = _WsdlClient(REGISTRY_WSDL, C.REGISTRY_BINDING, url, timeout, tls)
 
     def register(self, submit_objects_request: etree._Element) -> RegistryResult:
         result, raw = self._c.call(C.OP_REGISTER, C.ACTION_ITI42, {"RegistryObjectList": {}}, submit_objects_request)
@@ -359,8 +363,8 @@ class RegistryClient:
 class RepositoryClient:
     """ITI-41 Provide and Register Document Set-b (RAD-68) and ITI-43 Retrieve Document Set, MTOM both ways."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
-        self._c = _WsdlClient(REPOSITORY_WSDL, C.REPOSITORY_BINDING, url, timeout)
+    def __init__(self, url: str, *, timeout: float = 60.0, tls: TlsSettings | None = None) -> None:
+        self._c = _WsdlClient(REPOSITORY_WSDL, C.REPOSITORY_BINDING, url, timeout, tls)
 
     def provide_and_register(self, submit_objects_request: etree._Element, documents: Mapping[str, DocumentSource]) -> RegistryResult:
         """ITI-41 / RAD-68: ``documents`` maps each ``xds:Document@id`` to its bytes, a path, or chunks.

@@ -116,7 +116,7 @@ class Publisher:
     # -- peers -------------------------------------------------------------------------------
     def registry(self) -> RegistryClient:
         if self._registry is None:
-            self._registry = RegistryClient(self.x.registry_url, timeout=self.x.timeout)
+            self._registry = RegistryClient(self.x.registry_url, timeout=self.x.timeout, tls=self.settings.tls)
         return self._registry
 
     def update_client(self) -> RegistryClient:
@@ -125,11 +125,11 @@ class Publisher:
             raise MetadataError("deprecating a manifest needs [xds] update_url or registry_url (ITI-57 endpoint)")
         if url == self.x.registry_url:
             return self.registry()
-        return RegistryClient(url, timeout=self.x.timeout)
+        return RegistryClient(url, timeout=self.x.timeout, tls=self.settings.tls)
 
     def repository(self) -> RepositoryClient:
         if self._repository is None:
-            self._repository = RepositoryClient(self.x.repository_url, timeout=self.x.timeout)
+            self._repository = RepositoryClient(self.x.repository_url, timeout=self.x.timeout, tls=self.settings.tls)
         return self._repository
 
     def retrieve_info(self) -> RetrieveInfo:
