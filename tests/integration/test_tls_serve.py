@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pydicom
 import pytest
@@ -83,8 +83,45 @@ def tls_dest(pki: dict[str, object]) -> Iterator[TlsDestination]:
         d.stop()
 
 
+class TlsCommitRequester:
+    """A modality asking for Storage Commitment over TLS, whose report listener is TLS-only with a client certificate required."""
+
+    def __init__(self, pki: dict[str, object]) -> None:
+        from pynetdicom import evt
+        from pynetdicom.sop_class import StorageCommitmentPushModel
+
+        from xdsi.security.tls import server_context
+
+        me: Issued = pki["dest"]  # type: ignore[assignment]
+        self.pki = pki
+        self.reports: list[tuple[Any, str]] = []  # (event information, CN of the certificate xdsi presented)
+        self.ae = AE(ae_title="TLSCOMMIT")
+        self.ae.add_requested_context(StorageCommitmentPushModel)
+        self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        ctx = server_context(TlsSettings(certificate=me.cert, private_key=me.key, ca_certificates=pki["ca"].pem))  # type: ignore[attr-defined]
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx, evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._report)])
+        self.port = self.server.server_address[1]
+
+    def _report(self, event):  # type: ignore[no-untyped-def]
+        subject = dict(x[0] for x in event.assoc.dul.socket.socket.getpeercert()["subject"])
+        self.reports.append((event.event_information, subject["commonName"]))
+        return 0x0000, None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls_dest: TlsDestination) -> Iterator[XdsiProcess]:
+def tls_commit(pki: dict[str, object]) -> Iterator[TlsCommitRequester]:
+    r = TlsCommitRequester(pki)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls_dest: TlsDestination, tls_commit: TlsCommitRequester) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("tls-serve")
     srv: Issued = pki["server"]  # type: ignore[assignment]
     proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY})
@@ -92,6 +129,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls
     (d / "xdsi.toml").write_text(
         f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\nhttps_port = {proc.https_port}\n"  # type: ignore[attr-defined]
         f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {tls_dest.port}\ntls = true\n'
+        f'[peers.TLSCOMMIT]\nhost = "127.0.0.1"\nport = {tls_commit.port}\ntls = true\n'
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'  # type: ignore[attr-defined]
     )
     proc.start()
@@ -434,3 +472,29 @@ def test_publish_iti41_to_an_https_repository_with_our_certificate(tmp_path: Pat
             finally:
                 archive.close()
         assert registry.count_actions(C.ACTION_ITI41) == 1  # only the publisher with our certificate got through
+
+
+def test_storage_commitment_report_to_a_tls_peer(server: XdsiProcess, pki: dict[str, object], tls_commit: TlsCommitRequester) -> None:
+    """N-ACTION over the TLS port, released at once: the N-EVENT-REPORT comes on a new TLS association with our certificate."""
+    import time
+
+    from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+
+    data, uid = secondary_capture(patient_id="TLS11")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    info = pydicom.Dataset()
+    info.TransactionUID = pydicom.uid.generate_uid()
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = SecondaryCaptureImageStorage, uid
+    info.ReferencedSOPSequence = [item]
+    assoc = tls_commit.ae.associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(_ctx(pki, "client"), "127.0.0.1"))  # type: ignore[attr-defined]
+    assert assoc.is_established
+    st, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+    assoc.release()  # before the report: xdsi must open its own association, with TLS
+    assert st is not None and st.Status == 0
+    deadline = time.monotonic() + 15
+    while not any(r.TransactionUID == info.TransactionUID for r, _ in tls_commit.reports) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [(report, caller)] = [(r, cn) for r, cn in tls_commit.reports if r.TransactionUID == info.TransactionUID]
+    assert caller == "127.0.0.1"  # xdsi's own [tls] certificate
+    assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [uid]

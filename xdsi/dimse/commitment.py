@@ -125,12 +125,18 @@ class CommitmentSCP:
             return
         # We are the Storage Commitment SCP sending on an association we open: negotiate the SCP role.
         role = build_role(StorageCommitmentPushModel, scp_role=True, scu_role=False)
+        tls: dict[str, Any] = {}
+        if peer.tls:  # [peers.X] tls = true: our certificate, the peer's verified against [tls] ca_certificates
+            from xdsi.security.tls import client_context
+
+            tls["tls_args"] = (client_context(archive.settings.tls, check_hostname=False), peer.host)
         out = self.ae.associate(
             peer.host,
             peer.port,
             ae_title=peer.ae_title,
             contexts=[build_context(StorageCommitmentPushModel)],
             ext_neg=[role],
+            **tls,
         )
         if not out.is_established:
             log.error("cannot report commitment %s: association to %s refused", report.TransactionUID, requester)
