@@ -249,13 +249,14 @@ class TlsSettings:
     ca_certificates: Path | None = None  # PEM bundle of the CAs whose certificates we accept from peers
     require_client_certificate: bool = True  # mutual authentication, as ITI-19 requires
     profile: str = "bcp195"  # one of TLS_PROFILES
+    crl: Path | None = None  # PEM certificate revocation list(s) of the CAs we trust: a revoked peer certificate is refused
 
 
 def tls_from(raw: Mapping[str, Any], base: Path) -> TlsSettings:
     """Parse ``[tls]``; relative paths are relative to the config file."""
-    raw = _check_keys("[tls]", raw, {"certificate", "private_key", "ca_certificates", "require_client_certificate", "profile"})
+    raw = _check_keys("[tls]", raw, {"certificate", "private_key", "ca_certificates", "require_client_certificate", "profile", "crl"})
     kw: dict[str, Any] = {}
-    for key in ("certificate", "private_key", "ca_certificates"):
+    for key in ("certificate", "private_key", "ca_certificates", "crl"):
         if key in raw:
             if not isinstance(raw[key], str) or not raw[key]:
                 raise ConfigError(f"[tls] {key} must be the path of a PEM file, not {raw[key]!r}")

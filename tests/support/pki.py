@@ -91,6 +91,23 @@ class TestCA:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return Issued(cert_path, _write_key(key, self.dir / f"{stem}.key"))
 
+    def crl(self, revoked: list[Issued], path: Path, *, days: float = 7) -> Path:
+        """A PEM CRL of this CA revoking ``revoked``, next update in ``days`` (negative: already outdated)."""
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.name)
+            .last_update(now - dt.timedelta(days=1) + (dt.timedelta(days=days) if days < 0 else dt.timedelta()))
+            .next_update(now + dt.timedelta(days=days))
+        )
+        for issued in revoked:
+            serial = x509.load_pem_x509_certificate(issued.cert.read_bytes()).serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - dt.timedelta(hours=1)).build()
+            )
+        path.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        return path
+
     def other_key(self, path: Path) -> Path:
         """A fresh key that matches no certificate (for the key-mismatch check)."""
         return _write_key(_key(), path)

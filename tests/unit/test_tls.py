@@ -56,11 +56,11 @@ def test_tls_table_is_parsed_relative_to_the_config_file(tmp_path: Path) -> None
     cfg.write_text(
         '[server]\nhttps_port = 8443\ndicom_tls_port = 2762\n'
         '[tls]\ncertificate = "pki/node.crt"\nprivate_key = "/etc/xdsi/node.key"\nca_certificates = "pki/cas.pem"\n'
-        'require_client_certificate = false\nprofile = "bcp195-strict"\n'
+        'require_client_certificate = false\nprofile = "bcp195-strict"\ncrl = "pki/cas.crl"\n'
     )
     s = load_settings(cfg, env={})
     assert (s.https_port, s.dicom_tls_port) == (8443, 2762)
-    assert s.tls == TlsSettings(tmp_path / "pki/node.crt", Path("/etc/xdsi/node.key"), tmp_path / "pki/cas.pem", False, "bcp195-strict")
+    assert s.tls == TlsSettings(tmp_path / "pki/node.crt", Path("/etc/xdsi/node.key"), tmp_path / "pki/cas.pem", False, "bcp195-strict", tmp_path / "pki/cas.crl")
 
 
 def test_defaults_are_mutual_bcp195_and_no_tls_port() -> None:
@@ -292,13 +292,14 @@ def test_example_documents_every_tls_key(tmp_path: Path) -> None:
     text = (Path(__file__).parents[2] / "xdsi.example.toml").read_text()
     tls_part = text.split("\n[tls]\n", 1)[1].split("\n[", 1)[0]
     settings_lines = re.findall(r"^# (\w+ = .+)$", tls_part, re.M)
-    assert {line.split(" = ")[0] for line in settings_lines} == {"certificate", "private_key", "ca_certificates", "require_client_certificate", "profile"}
+    assert {line.split(" = ")[0] for line in settings_lines} == {"certificate", "private_key", "ca_certificates", "require_client_certificate", "profile", "crl"}
     ports = re.findall(r"^# ((?:dicom_tls|https)_port = \d+)$", text, re.M)
     cfg = tmp_path / "x.toml"
     cfg.write_text("[server]\n" + "\n".join(ports) + "\n[tls]\n" + "\n".join(settings_lines) + "\n")
     s = load_settings(cfg, env={})
     assert (s.dicom_tls_port, s.https_port) == (2762, 8443)
-    assert s.tls == TlsSettings(Path("/etc/xdsi/tls/node.crt"), Path("/etc/xdsi/tls/node.key"), Path("/etc/xdsi/tls/partners.pem"), True, "bcp195")
+    assert s.tls == TlsSettings(Path("/etc/xdsi/tls/node.crt"), Path("/etc/xdsi/tls/node.key"), Path("/etc/xdsi/tls/partners.pem"), True, "bcp195",
+                                Path("/etc/xdsi/tls/partners.crl"))
 
 
 def test_peer_tls_flag(tmp_path: Path) -> None:
@@ -316,3 +317,29 @@ def test_peer_tls_flag(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_settings(cfg, env={})
         assert str(err.value) == message
+
+
+def test_revoked_client_certificate_is_refused(pki: dict[str, object], tmp_path: Path) -> None:
+    ca: TestCA = pki["ca"]  # type: ignore[assignment]
+    revoked = ca.issue("revoked.example.org", server=False)
+    crl = ca.crl([revoked], tmp_path / "ca.crl")
+    assert check_tls(_settings(_tls(pki, crl=crl))) is not None
+    server = server_context(_tls(pki, crl=crl))
+    c, s, seen = handshake(server, _client(pki, "client"))
+    assert (c, s) == (None, None)  # a certificate not on the list still passes
+    issued = {"client": revoked}
+    c, s, seen = handshake(server, client_context(_tls(pki, certificate=issued["client"].cert, private_key=issued["client"].key)))
+    assert c is not None and s is not None and not seen
+    assert "certificate revoked" in str(s), s
+
+
+def test_crl_problems_at_start(pki: dict[str, object], tmp_path: Path) -> None:
+    ca: TestCA = pki["ca"]  # type: ignore[assignment]
+    old = ca.crl([], tmp_path / "old.crl", days=-1)
+    with pytest.raises(StartupError) as err:
+        check_tls(_settings(_tls(pki, crl=old)))
+    assert str(err.value).startswith(f"[tls] crl {old}: outdated: its next update was due "), str(err.value)
+    junk = tmp_path / "junk.crl"
+    junk.write_text("not a crl\n")
+    with pytest.raises(StartupError, match=r"^\[tls\] crl .*: not a PEM certificate revocation list"):
+        check_tls(_settings(_tls(pki, crl=junk)))

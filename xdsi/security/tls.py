@@ -47,6 +47,15 @@ def _base(ctx: ssl.SSLContext, tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
+def _trust(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
+    """The CAs we accept peers from, and their revocation lists (leaf certificates checked against them)."""
+    if tls.ca_certificates is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    if tls.crl is not None:
+        ctx.load_verify_locations(cafile=str(tls.crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
     """The context of our TLS listeners: our certificate, and (by default) a client certificate from a CA we trust."""
     if tls.certificate is None or tls.private_key is None:
@@ -54,8 +63,7 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls)
     ctx.load_dh_params(str(FFDHE2048))
     ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if tls.ca_certificates is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    _trust(ctx, tls)
     # mutual authentication is ITI-19's point; CERT_OPTIONAL still verifies a certificate that is offered
     if tls.require_client_certificate:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -73,8 +81,7 @@ def client_context(tls: TlsSettings, *, check_hostname: bool = True) -> ssl.SSLC
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), tls)
     ctx.check_hostname = check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if tls.ca_certificates is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    _trust(ctx, tls)
     if tls.certificate is not None and tls.private_key is not None:
         ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return ctx
@@ -165,6 +172,15 @@ def check_tls(settings: Settings, now: dt.datetime | None = None) -> ssl.SSLCont
             raise StartupError("[tls] ca_certificates", tls.ca_certificates, None, "holds no certificate")
     elif tls.require_client_certificate:
         raise StartupError("[tls] ca_certificates", "(not set)", None, "require_client_certificate is true, so the CAs of the peers we trust are needed")
+    if tls.crl is not None:
+        crl_pem = _read("[tls] crl", tls.crl)
+        try:
+            crl = x509.load_pem_x509_crl(crl_pem)
+        except ValueError as exc:
+            raise StartupError("[tls] crl", tls.crl, None, f"not a PEM certificate revocation list: {exc}") from None
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            # OpenSSL refuses every peer of that CA against an outdated CRL: say so at start, not per handshake
+            raise StartupError("[tls] crl", tls.crl, None, f"outdated: its next update was due {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC")
     try:
         return server_context(tls)
     except ssl.SSLError as exc:
