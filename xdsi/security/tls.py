@@ -23,9 +23,13 @@ from __future__ import annotations
 import datetime as dt
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xdsi.config import Settings, TlsSettings
 from xdsi.startup import StartupError
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["PROFILES", "check_tls", "client_context", "handshake_failure", "https_session", "server_context"]
 
