@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.status import Status
 
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
@@ -241,7 +242,7 @@ class DicomServer:
         drop the data set pynetdicom spooled for it, which its Verification SCP would leave behind."""
         req = event.request
         if req.__class__.__name__ != "C_STORE":
-            return status.SUCCESS
+            return Status.SUCCESS
         self.spool.discard_request(req)
         log.warning("C-STORE from %s on the Verification SOP Class refused", event.assoc.requestor.ae_title)
         return status.SOP_CLASS_NOT_SUPPORTED
@@ -278,9 +279,9 @@ class DicomServer:
         finally:
             self.spool.release(path)
         if result.outcome in (Outcome.STORED, Outcome.REPLACED):
-            return status.SUCCESS
+            return Status.SUCCESS
         if result.outcome is Outcome.DUPLICATE:
-            return status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
+            return Status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
         if result.outcome is Outcome.REJECTED:
             code = status.DATASET_DOES_NOT_MATCH if result.mismatch else status.CANNOT_UNDERSTAND
         else:
@@ -294,9 +295,9 @@ class DicomServer:
             identifier = event.identifier
             for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
                 if event.is_cancelled:
-                    yield status.CANCEL, None
+                    yield Status.CANCEL, None
                     return
-                yield status.PENDING, ds
+                yield Status.PENDING, ds
         except QueryError as exc:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         except Exception as exc:  # a malformed identifier pydicom cannot decode
@@ -360,9 +361,9 @@ class DicomServer:
         source = self.archive_for(event.assoc).retrieve
         for ref in refs:
             if event.is_cancelled:
-                yield status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
+                yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
                 return
-            yield status.PENDING, StoredInstance(source, ref)
+            yield Status.PENDING, StoredInstance(source, ref)
 
     # -- lifecycle --------------------------------------------------------------
 
