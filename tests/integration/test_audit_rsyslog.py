@@ -153,7 +153,7 @@ def test_spooled_messages_survive_an_xdsi_restart(repo: rsyslog.Rsyslog, tmp_pat
         first.start()
         for i in range(100):
             _alert(first, f"restart-{i:03d}")
-        first.stop()  # xdsi stops with all 100 undelivered
+        first.stop(drain_seconds=0)  # xdsi stops with all 100 undelivered
         repo.start()
         second = AuditTrail(settings, repo.pki.client_context())
         assert second.status().depth == {repo.tls_url: 100}
@@ -183,4 +183,60 @@ def test_untrusted_repository_is_not_sent_to(repo: rsyslog.Rsyslog, tmp_path: Pa
         assert trail.status().depth == {repo.tls_url: 1}
         assert _alert_ids(repo, "untrusted-") == []
     finally:
-        trail.stop()
+        trail.stop(drain_seconds=0)
+
+
+def test_xdsi_serve_audits_start_store_find_stop(repo: rsyslog.Rsyslog, tmp_path: Path) -> None:
+    """`xdsi serve` with [audit] on UDP: dcmtk storescu and findscu, then SIGTERM; each event arrives valid."""
+    import subprocess
+
+    from pydicom import dcmread
+
+    from tests.support.objects import secondary_capture
+    from tests.support.server import XdsiProcess
+
+    data, _sop = secondary_capture(patient_id="AUDIT-PID-1")
+    f = tmp_path / "sc.dcm"
+    f.write_bytes(data)
+    study = str(dcmread(f).StudyInstanceUID)
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "XDSI-SERVE"\n')
+    server = XdsiProcess(tmp_path / "data", config=cfg, env={"TCP_NODELAY": "1"}).start()
+    try:
+        for _ in range(2):  # two associations with the same study: two Instances Transferred messages
+            subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "XDSI", "127.0.0.1", str(server.dicom_port), str(f)], check=True, capture_output=True)
+        subprocess.run(["/usr/bin/findscu", "-S", "-aet", "FINDSCU", "-aec", "XDSI", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=AUDIT-PID-1",
+                        "-k", "StudyInstanceUID", "127.0.0.1", str(server.dicom_port)], check=True, capture_output=True)
+    finally:
+        assert server.stop() == 0, server.output()
+
+    def mine() -> list:  # type: ignore[type-arg]
+        return [check_audit_message(xml) for i, _, _, xml in _received(repo) if b'AuditSourceID="XDSI-SERVE"' in xml]
+
+    _wait(lambda: len(mine()) >= 5, 10)
+    got = mine()
+    codes = [r.find("EventIdentification/EventID").get("csd-code") for r in got]
+    assert codes == ["110100", "110104", "110104", "110112", "110100"], server.output()
+    assert [r.find("EventIdentification/EventTypeCode").get("csd-code") for r in (got[0], got[-1])] == ["110120", "110121"]
+    for stored in got[1:3]:
+        objs = {o.get("ParticipantObjectTypeCodeRole"): o for o in stored.findall("ParticipantObjectIdentification")}
+        assert objs["3"].get("ParticipantObjectID") == study
+        assert objs["3"].find("SOPClass").attrib == {"UID": "1.2.840.10008.5.1.4.1.1.7", "NumberOfInstances": "1"}
+        assert objs["1"].get("ParticipantObjectID") == "AUDIT-PID-1"
+        parts = {a.get("UserID"): (a.get("UserIsRequestor"), a.get("NetworkAccessPointID"), a.find("RoleIDCode").get("csd-code")) for a in stored.findall("ActiveParticipant")}
+        assert parts == {"STORESCU": ("true", "127.0.0.1", "110153"), "XDSI": ("false", "127.0.0.1", "110152")}
+    query = got[3]
+    assert {a.get("UserID") for a in query.findall("ActiveParticipant")} == {"FINDSCU", "XDSI"}
+    objs = query.findall("ParticipantObjectIdentification")
+    assert objs[0].get("ParticipantObjectID") == "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root FIND
+    import base64
+    import io
+
+    from pydicom.filereader import read_dataset
+
+    syntax = base64.b64decode(objs[0].find("ParticipantObjectDetail").get("value")).decode()
+    assert syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+    raw = base64.b64decode(objs[0].find("ParticipantObjectQuery").text)
+    ident = read_dataset(io.BytesIO(raw), is_implicit_VR=syntax == "1.2.840.10008.1.2", is_little_endian=True)
+    assert ident.PatientID == "AUDIT-PID-1"
+    assert objs[1].get("ParticipantObjectID") == "AUDIT-PID-1"

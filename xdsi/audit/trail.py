@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from pathlib import Path
 
 from xdsi.audit.messages import AuditEvent, AuditSource, build
@@ -33,20 +34,29 @@ class AuditTrail:
         cfg = settings.audit
         self.source = AuditSource(cfg.audit_source_id or settings.ae_title, cfg.enterprise_site_id or None, cfg.audit_source_type)
         repos = [parse_repository(u) for u in cfg.repositories]
-        self.spool = AuditSpool(spool_path(settings), [r.url for r in repos], cfg.spool_max_messages)
-        self.sender = AuditSender(self.spool, repos, ssl_context, retry_seconds=cfg.retry_seconds, max_backoff=max(cfg.retry_max_seconds, cfg.retry_seconds))
         self.enabled = bool(repos)
+        # no file at all when auditing is off: an installation without [audit] keeps its data dir as it was
+        self.spool = AuditSpool(spool_path(settings), [r.url for r in repos], cfg.spool_max_messages) if repos else None
+        self.sender = AuditSender(self.spool, repos, ssl_context, retry_seconds=cfg.retry_seconds, max_backoff=max(cfg.retry_max_seconds, cfg.retry_seconds)) if self.spool else None
 
     def start(self) -> None:
-        self.sender.start()
+        if self.sender is not None:
+            self.sender.start()
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = 2.0) -> None:
+        """Stop delivery, first giving reachable repositories ``drain_seconds`` to take what waits
+        (the Application Stop message among it); the rest stays spooled for the next start."""
+        if self.sender is None or self.spool is None:
+            return
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline and any(self.spool.status().depth.values()):
+            time.sleep(0.05)
         self.sender.stop()
         self.spool.close()
 
     def record(self, event: AuditEvent) -> bool:
         """Spool one event for every repository; False (and logged) when it could not be kept."""
-        if not self.enabled:
+        if self.spool is None or self.sender is None:
             return False
         try:
             self.spool.put(frame(build(event), at=event.at), at=event.at)
@@ -60,7 +70,7 @@ class AuditTrail:
         return True
 
     def status(self) -> SpoolStatus:
-        return self.spool.status()
+        return self.spool.status() if self.spool is not None else SpoolStatus({}, None, 0)
 
 
 def spool_status(settings: "Settings") -> SpoolStatus | None:  # noqa: F821
