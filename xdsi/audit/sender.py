@@ -176,5 +176,10 @@ class AuditSender:
                 failing = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+            except Exception:  # the spool itself failed (disk full, closed at shutdown): say so, keep trying
+                if self._stop.is_set():
+                    break
+                log.exception("audit delivery to %s failed; retrying", repo.url)
+                self._stop.wait(self.max_backoff)
         if sock is not None:
             sock.close()
