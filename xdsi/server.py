@@ -54,7 +54,9 @@ class Servers:
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
         try:
-            self.audit = _audit_trail(settings, self.dicom)
+            self.audit = _audit_trail(settings, self.dicom, self.partitions)
+            for server, _port in self.partition_dicom:  # partitions on DICOM ports of their own
+                server.audit = self.dicom.audit
         except BaseException as exc:
             self.partitions.close_extra()
             self.archive.close()
@@ -120,7 +122,7 @@ class Servers:
         self.audit.record(m.application_activity(self.audit.source, us, started))
 
 
-def _audit_trail(settings: Settings, dicom: DicomServer) -> Any:
+def _audit_trail(settings: Settings, dicom: DicomServer, partitions: Any) -> Any:
     """The ATNA audit trail (issue 12), wired into the DIMSE server; a no-op without [audit] repositories."""
     from xdsi.audit.dimse import DimseAudit, patient_of
     from xdsi.audit.trail import AuditTrail
@@ -128,6 +130,8 @@ def _audit_trail(settings: Settings, dicom: DicomServer) -> Any:
     trail = AuditTrail(settings)
     if trail.enabled:
         dicom.audit = DimseAudit(trail, patient_of)
+        for archive in partitions.values():  # the HTTP adapters find it on the archive they serve
+            archive.audit = trail
     return trail
 
 

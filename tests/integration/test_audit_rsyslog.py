@@ -187,9 +187,11 @@ def test_untrusted_repository_is_not_sent_to(repo: rsyslog.Rsyslog, tmp_path: Pa
 
 
 def test_xdsi_serve_audits_start_store_find_stop(repo: rsyslog.Rsyslog, tmp_path: Path) -> None:
-    """`xdsi serve` with [audit] on UDP: dcmtk storescu and findscu, then SIGTERM; each event arrives valid."""
+    """`xdsi serve` with [audit] on UDP: dcmtk storescu and findscu, STOW-RS, then SIGTERM; each event arrives valid."""
+    import io
     import subprocess
 
+    import requests
     from pydicom import dcmread
 
     from tests.support.objects import secondary_capture
@@ -207,16 +209,26 @@ def test_xdsi_serve_audits_start_store_find_stop(repo: rsyslog.Rsyslog, tmp_path
             subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "XDSI", "127.0.0.1", str(server.dicom_port), str(f)], check=True, capture_output=True)
         subprocess.run(["/usr/bin/findscu", "-S", "-aet", "FINDSCU", "-aec", "XDSI", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=AUDIT-PID-1",
                         "-k", "StudyInstanceUID", "127.0.0.1", str(server.dicom_port)], check=True, capture_output=True)
+        stow_data, _ = secondary_capture(patient_id="AUDIT-PID-2")
+        stow_study = str(dcmread(io.BytesIO(stow_data)).StudyInstanceUID)
+        boundary = "audit-boundary"
+        body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + stow_data + f"\r\n--{boundary}--\r\n".encode()
+        r = requests.post(f"http://127.0.0.1:{server.http_port}/dicomweb/studies", data=body, timeout=30,
+                          headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"})
+        assert r.status_code == 200, r.text
     finally:
         assert server.stop() == 0, server.output()
 
     def mine() -> list:  # type: ignore[type-arg]
         return [check_audit_message(xml) for i, _, _, xml in _received(repo) if b'AuditSourceID="XDSI-SERVE"' in xml]
 
-    _wait(lambda: len(mine()) >= 5, 10)
+    _wait(lambda: len(mine()) >= 6, 10)
     got = mine()
     codes = [r.find("EventIdentification/EventID").get("csd-code") for r in got]
-    assert codes == ["110100", "110104", "110104", "110112", "110100"], server.output()
+    assert codes == ["110100", "110104", "110104", "110112", "110104", "110100"], server.output()
+    stow = {o.get("ParticipantObjectTypeCodeRole"): o.get("ParticipantObjectID") for o in got[4].findall("ParticipantObjectIdentification")}
+    assert stow == {"3": stow_study, "1": "AUDIT-PID-2"}
+    assert [(a.get("UserID"), a.get("UserIsRequestor")) for a in got[4].findall("ActiveParticipant")] == [("127.0.0.1", "true"), ("XDSI", "false")]
     assert [r.find("EventIdentification/EventTypeCode").get("csd-code") for r in (got[0], got[-1])] == ["110120", "110121"]
     for stored in got[1:3]:
         objs = {o.get("ParticipantObjectTypeCodeRole"): o for o in stored.findall("ParticipantObjectIdentification")}
@@ -230,7 +242,6 @@ def test_xdsi_serve_audits_start_store_find_stop(repo: rsyslog.Rsyslog, tmp_path
     objs = query.findall("ParticipantObjectIdentification")
     assert objs[0].get("ParticipantObjectID") == "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root FIND
     import base64
-    import io
 
     from pydicom.filereader import read_dataset
 
