@@ -212,6 +212,7 @@ class DicomServer:
         # a spool file untouched for longer than the longest timeout belongs to no live transfer
         self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
         self._server: Any = None
+        self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -234,6 +235,7 @@ class DicomServer:
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_N_ACTION, self.commitment.on_n_action),
             *self.spool.handlers(),
+            *(self.audit.handlers() if self.audit is not None else []),
         ]
 
     def on_echo(self, event: Any) -> Any:
@@ -274,10 +276,13 @@ class DicomServer:
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         self.spool.hold(path)
+        archive = self.archive_for(event.assoc)
         try:
-            result = self.archive_for(event.assoc).store.store_file(path, source_ae=calling, move=True, expect=expect)
+            result = archive.store.store_file(path, source_ae=calling, move=True, expect=expect)
         finally:
             self.spool.release(path)
+        if self.audit is not None and result.ok:  # a duplicate too: the peer did send it to us
+            self.audit.stored(event, archive, result.study_uid, result.sop_class_uid, replaced=result.outcome is Outcome.REPLACED)
         if result.outcome in (Outcome.STORED, Outcome.REPLACED):
             return Status.SUCCESS
         if result.outcome is Outcome.DUPLICATE:
@@ -291,6 +296,8 @@ class DicomServer:
 
     def on_find(self, event: Any) -> Iterator[Any]:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
+        if self.audit is not None:
+            self.audit.queried(event)
         try:
             identifier = event.identifier
             for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
