@@ -237,7 +237,23 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"spool:      {spool.files} file(s), {_human(spool.bytes)} in {settings.temp_dir}")
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
+    _print_audit_spool(settings)
     return 0
+
+
+def _print_audit_spool(settings: Settings) -> None:
+    """The audit trail in ``xdsi status``: messages waiting per repository, the oldest, refusals (issue 12)."""
+    from xdsi.audit.trail import spool_status
+
+    st = spool_status(settings)
+    if st is None:
+        print("audit:      off (no [audit] repositories)")
+        return
+    oldest = f", oldest pending {st.oldest_pending:%Y-%m-%dT%H:%M:%SZ}" if st.oldest_pending else ""
+    refused = f", {st.refused} refused (spool full)" if st.refused else ""
+    print(f"audit:      {max(st.depth.values(), default=0)} message(s) pending{oldest}{refused}")
+    for repo, n in st.depth.items():
+        print(f"  {repo}: {n} pending")
 
 
 def _print_identifiers(configured: Settings, resolved: Settings) -> None:

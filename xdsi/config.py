@@ -30,6 +30,7 @@ __all__ = [
     "PartitionSettings",
     "XdsSettings",
     "PatientIdMapping",
+    "AuditSettings",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -304,6 +305,7 @@ class Settings:
     # [server] public_url: how others reach our HTTP service (https://imaging.example.org), the base of every URL
     # we publish (the KOS Retrieve URL); never derived from the bind address. Empty: the KOS carries no Retrieve URL
     public_url: str = ""
+    audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -452,7 +454,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -543,6 +545,8 @@ def load_settings(
     if "tls" in doc:
         settings = replace(settings, tls=tls_from(doc["tls"], base))
     settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
+    if "audit" in doc:
+        settings = replace(settings, audit=audit_from(doc["audit"], base))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
@@ -924,3 +928,66 @@ def validate_xds(x: XdsSettings) -> XdsSettings:
     if x.stability_delay < 0 or x.poll_interval <= 0:
         raise ConfigError("[xds] stability_delay must be >= 0 and poll_interval > 0")
     return x
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: where the ATNA audit trail (ITI-20) goes and how much of it may wait on disk.
+
+    With no ``repositories`` nothing is audited.  Messages wait in a durable spool
+    (``spool_path``, default ``data_dir/audit/spool.sqlite``) until every repository has
+    taken them, across outages and restarts; at ``spool_max_messages`` new ones are refused
+    and counted (``xdsi status``) rather than older evidence being dropped.
+    """
+
+    repositories: tuple[str, ...] = ()  # "tls://arr.example.org:6514" (RFC 5425), "udp://arr.example.org:514" (RFC 5426)
+    audit_source_id: str = ""  # AuditSourceID; empty: our AE title
+    enterprise_site_id: str = ""  # AuditEnterpriseSiteID; empty: left out
+    audit_source_type: str = "4"  # AuditSourceTypeCode 1-9 (RFC 3881); 4 = Application Server
+    spool_max_messages: int = 100_000
+    spool_path: Path | None = None
+    retry_seconds: float = 1.0  # first wait after a failed delivery; doubles up to retry_max_seconds
+    retry_max_seconds: float = 30.0
+
+
+_AUDIT_KEYS = set(AuditSettings.__dataclass_fields__)
+
+
+def audit_from(raw: object, base: Path) -> AuditSettings:
+    """Parse ``[audit]``: repository URLs checked here, so a typo stops start-up instead of losing the trail."""
+    from xdsi.audit.sender import parse_repository
+
+    table = _check_keys("[audit]", raw, _AUDIT_KEYS)
+    kw: dict[str, Any] = {}
+    repos = table.get("repositories", [])
+    if not isinstance(repos, list) or not all(isinstance(r, str) for r in repos):
+        raise ConfigError(f"[audit] repositories must be a list of URLs, not {repos!r}")
+    for url in repos:
+        try:
+            parse_repository(url)
+        except ValueError as exc:
+            raise ConfigError(f"[audit] repositories: {exc}") from None
+    if len(set(repos)) != len(repos):
+        raise ConfigError("[audit] repositories lists a repository twice")
+    kw["repositories"] = tuple(repos)
+    for key in ("audit_source_id", "enterprise_site_id", "audit_source_type"):
+        if key in table:
+            if not isinstance(table[key], str):
+                raise ConfigError(f"[audit] {key} must be a string, not {table[key]!r}")
+            kw[key] = table[key].strip()
+    if kw.get("audit_source_type", "4") not in set("123456789"):
+        raise ConfigError(f"[audit] audit_source_type must be one of 1-9 (RFC 3881), not {kw['audit_source_type']!r}")
+    if "spool_max_messages" in table:
+        n = _int("[audit] spool_max_messages", table["spool_max_messages"])
+        if n < 1:
+            raise ConfigError(f"[audit] spool_max_messages must be at least 1, not {n}")
+        kw["spool_max_messages"] = n
+    if "spool_path" in table:
+        if not isinstance(table["spool_path"], str) or not table["spool_path"]:
+            raise ConfigError(f"[audit] spool_path must be a file path, not {table['spool_path']!r}")
+        p = Path(table["spool_path"])
+        kw["spool_path"] = p if p.is_absolute() else base / p
+    for key in ("retry_seconds", "retry_max_seconds"):
+        if key in table:
+            kw[key] = float(_number(f"[audit] {key}", table[key]))
+    return AuditSettings(**kw)

@@ -63,9 +63,20 @@ class Servers:
             raise
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
+        try:
+            self.audit = _audit_trail(settings, self.dicom, self.partitions)
+            for server, _port in self.partition_dicom:  # partitions on DICOM ports of their own
+                server.audit = self.dicom.audit
+        except BaseException as exc:
+            self.partitions.close_extra()
+            self.archive.close()
+            if isinstance(exc, OSError):
+                raise _blame_path(settings, exc) from None
+            raise
 
     def start(self) -> None:
         s = self.settings
+        self.audit.start()  # first: messages spooled while a repository is down go out as soon as it answers
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
         self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
         try:
@@ -95,6 +106,7 @@ class Servers:
         log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if self.https is not None:
             log.info("HTTPS listening on https://%s:%d/ (TLS profile %s)", s.host, self.https.server_port, s.tls.profile)
+        self._application_activity(started=True)
         if s.xds.enabled:
             _warn_identifiers(s, self.archive.settings)
             from xdsi.xds.publisher import PublisherThread
@@ -124,6 +136,28 @@ class Servers:
             server.stop()
         self.partitions.close_extra()
         self.archive.close()
+        if not quiet:
+            self._application_activity(started=False)
+        self.audit.stop()
+
+    def _application_activity(self, started: bool) -> None:
+        from xdsi.audit import messages as m
+
+        us = m.Participant(self.settings.ae_title, False, network_access_point=self.settings.host)
+        self.audit.record(m.application_activity(self.audit.source, us, started))
+
+
+def _audit_trail(settings: Settings, dicom: DicomServer, partitions: Any) -> Any:
+    """The ATNA audit trail (issue 12), wired into the DIMSE server; a no-op without [audit] repositories."""
+    from xdsi.audit.dimse import DimseAudit, patient_of
+    from xdsi.audit.trail import AuditTrail
+
+    trail = AuditTrail(settings)
+    if trail.enabled:
+        dicom.audit = DimseAudit(trail, patient_of)
+        for archive in partitions.values():  # the HTTP adapters find it on the archive they serve
+            archive.audit = trail
+    return trail
 
 
 def _warn_identifiers(configured: Settings, resolved: Settings) -> None:

@@ -18,7 +18,8 @@ from xdsi.config import XdsSettings
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
 from xdsi.standards import constants as C
-from xdsi.xds.client import RegistryClient, RepositoryClient, add_addressing
+from xdsi.wire.soap import readdress
+from xdsi.xds.client import RegistryClient, RepositoryClient
 from xdsi.xds.codes import CodeTable
 from xdsi.xds.manifest import InstanceRow, RetrieveInfo, SeriesRow, StudySnapshot, build_kos
 from xdsi.xds.metadata import DocumentInfo, build_submission, new_entry_uuid, oid_uid
@@ -332,7 +333,7 @@ def test_transport_rules(registry: TestRegistry) -> None:
     import base64
 
     d.text = base64.b64encode(data).decode()
-    add_addressing(env, C.ACTION_ITI41, registry.repository_url)
+    readdress(env, C.ACTION_ITI41, registry.repository_url)
     r = requests.post(registry.repository_url, data=etree.tostring(env), headers={"Content-Type": "application/soap+xml; charset=utf-8"}, timeout=10)
     assert r.status_code == 400 and b"MTOM" in r.content
     env2 = copy.deepcopy(env)

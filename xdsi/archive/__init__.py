@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from xdsi.archive.commitment import CommitmentService
 from xdsi.archive.lifecycle import TierPolicy
@@ -33,6 +34,7 @@ class Archive:
     commitment: CommitmentService
     remove: RemoveService
     metadata: MetadataService | None = None  # per-series DICOM JSON for WADO-RS metadata
+    audit: Any = None  # the ATNA audit trail (xdsi.audit.AuditTrail), set by xdsi.server when [audit] is configured
 
     @classmethod
     def open(cls, settings: Settings, *, clean: bool = True) -> "Archive":

@@ -27,7 +27,7 @@ from xdsi.standards.constants import MIME_XOP, NS_IHERAD, NS_SOAP12, NS_WADO, NS
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.mtom import normalize_cid
 from xdsi.wire.multipart import MultipartError, read_parts
-from xdsi.wire.soap import addressing_headers, parse_xml
+from xdsi.wire.soap import parse_xml, readdress
 from xdsi.wire.xml import make_parser
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -154,13 +154,7 @@ class Exchange:
         """The request envelope zeep makes from ``wsdl``, with ITI TF-2 V.3.2.2 addressing completed."""
         client, service = _zeep(wsdl, self.url)
         env = client.create_message(service, operation, **params)
-        header = env.find(f"{{{NS_SOAP12}}}Header")
-        action = header.findtext(f"{{{NS_WSA}}}Action")
-        for h in list(header):  # zeep's: no mustUnderstand, no ReplyTo, To from the WSDL's address
-            if etree.QName(h).namespace == NS_WSA:
-                header.remove(h)
-        for h in addressing_headers(action, to=self.url):  # the one builder, as the XDS client uses
-            header.append(h)
+        readdress(env, env.find(f"{{{NS_SOAP12}}}Header").findtext(f"{{{NS_WSA}}}Action"), self.url)  # zeep's WS-A is not IHE's
         return env
 
     def send(self, envelope: Any) -> Answer:

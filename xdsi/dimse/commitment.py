@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom.presentation import build_context, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+from pynetdicom.status import Status
 
 from xdsi.archive import Archive
 from xdsi.archive.commitment import CommitFailure
@@ -64,7 +65,7 @@ class CommitmentSCP:
             return status.INVALID_ARGUMENT_VALUE, None
         # The response goes out first; the report follows from the worker thread.
         self._work.put((event.assoc, event.assoc.requestor.ae_title, info, self.archive_for(event.assoc)))
-        return status.SUCCESS, None
+        return Status.SUCCESS, None
 
     # -- the report ------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.status import Status
 
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
@@ -246,6 +247,7 @@ class DicomServer:
         self._server: Any = None
         self._tls_server: Any = None
         self._client_tls: ssl.SSLContext | None = None
+        self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -268,6 +270,7 @@ class DicomServer:
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_N_ACTION, self.commitment.on_n_action),
             *self.spool.handlers(),
+            *(self.audit.handlers() if self.audit is not None else []),
         ]
 
     def on_echo(self, event: Any) -> Any:
@@ -276,7 +279,7 @@ class DicomServer:
         drop the data set pynetdicom spooled for it, which its Verification SCP would leave behind."""
         req = event.request
         if req.__class__.__name__ != "C_STORE":
-            return status.SUCCESS
+            return Status.SUCCESS
         self.spool.discard_request(req)
         log.warning("C-STORE from %s on the Verification SOP Class refused", event.assoc.requestor.ae_title)
         return status.SOP_CLASS_NOT_SUPPORTED
@@ -308,14 +311,17 @@ class DicomServer:
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         self.spool.hold(path)
+        archive = self.archive_for(event.assoc)
         try:
-            result = self.archive_for(event.assoc).store.store_file(path, source_ae=calling, move=True, expect=expect)
+            result = archive.store.store_file(path, source_ae=calling, move=True, expect=expect)
         finally:
             self.spool.release(path)
+        if self.audit is not None and result.ok:  # a duplicate too: the peer did send it to us
+            self.audit.stored(event, archive, result.study_uid, result.sop_class_uid, replaced=result.outcome is Outcome.REPLACED)
         if result.outcome in (Outcome.STORED, Outcome.REPLACED):
-            return status.SUCCESS
+            return Status.SUCCESS
         if result.outcome is Outcome.DUPLICATE:
-            return status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
+            return Status.SUCCESS  # PS3.4 B.2.3: a duplicate is not an error for the sender
         if result.outcome is Outcome.REJECTED:
             code = status.DATASET_DOES_NOT_MATCH if result.mismatch else status.CANNOT_UNDERSTAND
         else:
@@ -325,13 +331,15 @@ class DicomServer:
 
     def on_find(self, event: Any) -> Iterator[Any]:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
+        if self.audit is not None:
+            self.audit.queried(event)
         try:
             identifier = event.identifier
             for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
                 if event.is_cancelled:
-                    yield status.CANCEL, None
+                    yield Status.CANCEL, None
                     return
-                yield status.PENDING, ds
+                yield Status.PENDING, ds
         except QueryError as exc:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         except Exception as exc:  # a malformed identifier pydicom cannot decode
@@ -397,9 +405,9 @@ class DicomServer:
         source = self.archive_for(event.assoc).retrieve
         for ref in refs:
             if event.is_cancelled:
-                yield status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
+                yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
                 return
-            yield status.PENDING, StoredInstance(source, ref)
+            yield Status.PENDING, StoredInstance(source, ref)
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""DIMSE status codes used by the SCPs (PS3.4 and PS3.7 Annex C), named once."""
+"""DIMSE status codes used by the SCPs (PS3.4 and PS3.7 Annex C), named once.
 
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCEL = 0xFE00
+Success, Pending, Cancel and Move Destination Unknown are pynetdicom's ``pynetdicom.status.Status``;
+the codes it does not name are here.
+"""
+
 # C-STORE (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
@@ -12,7 +13,6 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported (PS3.7 C.5.
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 FIND_UNABLE_TO_PROCESS = 0xC001
 MOVE_UNABLE_TO_PROCESS = 0xC515
-MOVE_DESTINATION_UNKNOWN = 0xA801
 UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702  # Refused: Out of Resources
 # N-ACTION (PS3.7 C)
 NO_SUCH_ACTION_TYPE = 0x0123

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Sequence
 import requests
 from lxml import etree
 
-from xdsi.wire.soap import parse_xml
+from xdsi.wire.soap import parse_xml, readdress
 from xdsi.soap.validation import WSDL_DIR
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.ebrs import RegistryError, parse_registry_response
@@ -42,7 +42,7 @@ class RetrieveReport:
 
 
 def build_request(url: str, study: str, series: dict[str, Sequence[str]], repository_unique_id: str, transfer_syntaxes: Sequence[str] = DEFAULT_SYNTAXES, home_community_id: str | None = None) -> bytes:
-    """The RAD-69 envelope, built by zeep from the WSDL (WS-Addressing headers included)."""
+    """The RAD-69 envelope, built by zeep from the WSDL, with IHE's WS-Addressing headers (to ``url``)."""
     import zeep
 
     client = zeep.Client(str(WSDL_DIR / "ImagingDocumentSource.wsdl"), settings=zeep.Settings(strict=True))
@@ -61,6 +61,7 @@ def build_request(url: str, study: str, series: dict[str, Sequence[str]], reposi
         StudyRequest=[{"studyInstanceUID": study, "SeriesRequest": [{"seriesInstanceUID": s, "DocumentRequest": [doc(i) for i in sops]} for s, sops in series.items()]}],
         TransferSyntaxUIDList={"TransferSyntaxUID": list(transfer_syntaxes)},
     )
+    readdress(env, ACTION_RAD69, url)
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
 
 

@@ -95,7 +95,6 @@ class Exchange:
     relates_to: str | None = None
     reply_action: str | None = None
     attachments: list[OutgoingAttachment] = field(default_factory=list)
-    writer: MtomWriter | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def on_close(self, fn: Callable[[], None]) -> None:
@@ -231,9 +230,9 @@ class IheSoap12(Soap12):
         """The response as an always-multipart MTOM message, produced chunk by chunk while it is sent."""
         ex: Exchange = ctx.udc
         envelope = etree.tostring(ctx.out_document, xml_declaration=True, encoding="UTF-8")
-        ex.writer = MtomWriter(envelope, ex.attachments, action=ex.reply_action)
-        ctx.out_string = ex.writer
-        ctx.transport.resp_headers["Content-Type"] = ex.writer.content_type
+        writer = MtomWriter(envelope, ex.attachments, action=ex.reply_action)
+        ctx.out_string = writer  # spyne passes it through unjoined (chunked=True): read as it is sent
+        ctx.transport.resp_headers["Content-Type"] = writer.content_type
 
     def fault_to_http_response_code(self, fault: Any) -> str:
         status = fault.http_status if isinstance(fault, IheFault) else as_soap_fault(fault).http_status

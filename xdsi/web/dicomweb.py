@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Iterator
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -434,12 +435,13 @@ class DicomWebApp:
         failed: list[dict] = []
         reasons: list[str] = []
         studies: set[str] = set()
+        audited: dict[str, Counter[str]] = defaultdict(Counter)  # study -> SOP classes stored, for the audit trail
         parts = 0
         try:
             for headers, path in spool_parts(request.stream, params.get("boundary", ""), spool):
                 parts += 1
                 try:
-                    self._stow_part(headers, path, part_default, study, base, stored, failed, reasons, studies)
+                    self._stow_part(headers, path, part_default, study, base, stored, failed, reasons, studies, audited)
                 finally:
                     path.unlink(missing_ok=True)
         except MultipartError as exc:
@@ -449,6 +451,11 @@ class DicomWebApp:
             failed.append(_sop_item("", "", media.FAILURE_CANNOT_UNDERSTAND))
         if not parts:
             raise HttpError(400, "the request has no parts")
+        if self.archive.audit is not None:
+            from xdsi.audit.dimse import patient_of
+            from xdsi.audit.http import stow_received
+
+            stow_received(self.archive, request.environ, audited, patient_of)
         body: dict[str, Any] = {}
         if len(studies) == 1:
             body[media.TAG_RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
@@ -462,7 +469,7 @@ class DicomWebApp:
             r.headers.add("Warning", warning_value(reason))
         return r
 
-    def _stow_part(self, headers, path, part_default, study, base, stored, failed, reasons, studies) -> None:  # type: ignore[no-untyped-def]
+    def _stow_part(self, headers, path, part_default, study, base, stored, failed, reasons, studies, audited) -> None:  # type: ignore[no-untyped-def]
         ptype, _ = parse_content_type(headers.get("content-type"))
         ptype = ptype or part_default or media.DICOM
         if ptype != media.DICOM:
@@ -483,6 +490,7 @@ class DicomWebApp:
         result = self.archive.store.store_file(path, source_ae="", move=True)
         if result.ok:
             studies.add(result.study_uid)
+            audited[result.study_uid][result.sop_class_uid] += 1
             item = _sop_item(result.sop_class_uid, result.sop_instance_uid, None)
             item[media.TAG_RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base}/studies/{result.study_uid}"]}
             stored.append(item)

@@ -248,6 +248,24 @@ def envelope_element(body: Any, headers: Iterable[Any] = ()) -> Any:
     return env
 
 
+def readdress(envelope: Any, action: str, to: str) -> str:
+    """Replace an envelope's WS-Addressing headers (e.g. zeep's) by IHE's; returns the new MessageID.
+
+    zeep writes wsa:Action without mustUnderstand (IHE-WSA101), no wsa:ReplyTo and the WSDL's
+    address as wsa:To; every request we send goes through here instead.
+    """
+    header = envelope.find(S + "Header")
+    if header is None:
+        header = etree.Element(S + "Header")
+        envelope.insert(0, header)
+    for old in header.findall(WSA + "*"):
+        header.remove(old)
+    headers = addressing_headers(action, to=to)
+    for h in headers:
+        header.append(h)
+    return next(h.text or "" for h in headers if h.tag == WSA + "MessageID")
+
+
 def build_envelope(body: Any, headers: Iterable[Any] = ()) -> bytes:
     """Serialise a SOAP 1.2 envelope (UTF-8, with declaration) around ``body``."""
     return etree.tostring(envelope_element(body, headers), xml_declaration=True, encoding="UTF-8")

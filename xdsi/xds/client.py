@@ -42,7 +42,7 @@ from zeep import Client, Plugin, Settings as ZeepSettings
 from zeep.transports import Transport
 
 from xdsi.config import TlsSettings
-from xdsi.wire.soap import addressing_headers
+from xdsi.wire.soap import readdress
 from xdsi.wire.mtom import CHUNK, MtomError, MtomWriter, OutgoingAttachment, new_content_id, read_message, xop_include
 from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryError, RegistryResult
@@ -135,23 +135,6 @@ class _Call:
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("xdsi_xds_call", default=None)
 
 
-def add_addressing(envelope: etree._Element, action: str, to: str) -> str:
-    """Replace the WS-Addressing headers of a SOAP 1.2 envelope by IHE's; returns the new MessageID.
-
-    The headers themselves come from :func:`xdsi.wire.soap.addressing_headers`, the one builder.
-    """
-    header = envelope.find(SOAP_HEADER)
-    if header is None:
-        header = etree.Element(SOAP_HEADER)
-        envelope.insert(0, header)
-    for old in header.findall(f"{{{C.NS_WSA}}}*"):
-        header.remove(old)
-    headers = addressing_headers(action, to=to)
-    for h in headers:
-        header.append(h)
-    return next(h.text or "" for h in headers if h.tag == f"{{{C.NS_WSA}}}MessageID")
-
-
 def _action_of(envelope: etree._Element) -> str:
     el = envelope.find(f"{SOAP_HEADER}/{{{C.NS_WSA}}}Action")
     return (el.text or "").strip() if el is not None else ""
@@ -167,7 +150,7 @@ class IheAddressing(Plugin):
     def egress(self, envelope: etree._Element, http_headers: dict[str, str], operation: Any, binding_options: dict[str, Any]) -> tuple[etree._Element, dict[str, str]]:
         call = _CALL.get()
         action = call.action if call is not None else (operation.soapaction or "")
-        message_id = add_addressing(envelope, action, binding_options["address"])
+        message_id = readdress(envelope, action, binding_options["address"])
         if call is not None:
             call.message_id = message_id
             if call.body is not None:

@@ -1,0 +1,325 @@
+"""DICOM PS3.15 A.5 audit messages (the IHE ATNA / ITI-20 payload), built from typed parts.
+
+Why a builder of our own: no maintained Python library writes the DICOM audit
+message (RFC 3881 as re-based by DICOM), and the shape is small and fixed.  The
+element order and attributes follow the PS3.15 A.5.1 schema: EventIdentification,
+ActiveParticipant+, AuditSourceIdentification, ParticipantObjectIdentification*;
+coded values carry ``csd-code``, ``codeSystemName`` and ``originalText``.
+
+Every timestamp is UTC with an explicit offset (Consistent Time): a message read in
+another time zone, or after a DST change, still says when the event happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from lxml import etree
+
+__all__ = [
+    "Code",
+    "Participant",
+    "ParticipantObject",
+    "AuditSource",
+    "AuditEvent",
+    "build",
+    "application_activity",
+    "instances_transferred",
+    "query",
+    "security_alert",
+    "patient_object",
+    "study_object",
+    "EVENT",
+    "ROLE",
+    "OUTCOME",
+]
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded value as PS3.15 A.5.1 writes it: csd-code, codeSystemName, originalText (displayName optional)."""
+
+    code: str
+    system: str
+    meaning: str
+
+
+# PS3.16 CID 400 (Audit Event ID), CID 401 (Audit Event Type Code), CID 402 (Audit Active Participant Role ID)
+EVENT = {
+    "application_activity": Code("110100", "DCM", "Application Activity"),
+    "begin_transferring": Code("110102", "DCM", "Begin Transferring DICOM Instances"),
+    "instances_accessed": Code("110103", "DCM", "DICOM Instances Accessed"),
+    "instances_transferred": Code("110104", "DCM", "DICOM Instances Transferred"),
+    "export": Code("110106", "DCM", "Export"),
+    "import": Code("110107", "DCM", "Import"),
+    "query": Code("110112", "DCM", "Query"),
+    "security_alert": Code("110113", "DCM", "Security Alert"),
+}
+EVENT_TYPE = {
+    "application_start": Code("110120", "DCM", "Application Start"),
+    "application_stop": Code("110121", "DCM", "Application Stop"),
+    "node_authentication": Code("110126", "DCM", "Node Authentication"),
+    "network_configuration": Code("110128", "DCM", "Network Configuration"),
+    "security_configuration": Code("110129", "DCM", "Security Configuration"),
+    "use_of_restricted_function": Code("110132", "DCM", "Use of Restricted Function"),
+}
+ROLE = {
+    "application": Code("110150", "DCM", "Application"),
+    "application_launcher": Code("110151", "DCM", "Application Launcher"),
+    "destination": Code("110152", "DCM", "Destination Role ID"),
+    "source": Code("110153", "DCM", "Source Role ID"),
+}
+# EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious failure, 12 major failure
+OUTCOME = {"success": "0", "minor": "4", "serious": "8", "major": "12"}
+ACTIONS = frozenset("CRUDE")  # EventActionCode: Create, Read, Update, Delete, Execute
+# AuditSourceTypeCode (RFC 3881 / CID 20000-ish values as DICOM lists them): 4 = Application Server
+SOURCE_TYPES = frozenset("123456789")
+
+_STUDY_ID_TYPE = Code("110180", "DCM", "Study Instance UID")
+_PATIENT_ID_TYPE = Code("2", "RFC-3881", "Patient Number")
+_CLASS_UID_TYPE = Code("110181", "DCM", "SOP Class UID")
+
+
+@dataclass(frozen=True)
+class Participant:
+    """An ActiveParticipant: who took part, from where (IP address or host name) and in which role.
+
+    ``user_id`` is the AE title, process id or TLS certificate subject; ``alternative_user_id``
+    is where PS3.15 wants the AE title when ``user_id`` is a process or subject.
+    """
+
+    user_id: str
+    is_requestor: bool
+    role: Code | None = None
+    network_access_point: str | None = None
+    alternative_user_id: str | None = None
+    user_name: str | None = None
+
+    @property
+    def access_point_type(self) -> str:
+        """NetworkAccessPointTypeCode: 2 for an IP address, 1 for a machine name."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address((self.network_access_point or "").strip("[]"))
+            return "2"
+        except ValueError:
+            return "1"
+
+
+@dataclass(frozen=True)
+class ParticipantObject:
+    """A ParticipantObjectIdentification: patient, study, query or the subject of an alert."""
+
+    object_id: str
+    id_type: Code
+    type_code: str  # 1 person, 2 system object, 3 organization, 4 other
+    role: str | None = None  # ParticipantObjectTypeCodeRole: 1 patient, 3 report, 13 security resource, 24 query
+    name: str | None = None
+    query: bytes | None = None  # the query as received; base64 in the message
+    details: Sequence[tuple[str, bytes]] = ()
+    sop_classes: Sequence[tuple[str, int]] = ()  # (SOP Class UID, number of instances)
+    studies: Sequence[str] = ()  # ParticipantObjectContainsStudy
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditSource:
+    """AuditSourceIdentification: who writes the record (``[audit] audit_source_id`` and friends)."""
+
+    source_id: str
+    enterprise_site_id: str | None = None
+    type_code: str = "4"  # Application Server
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit record before serialisation."""
+
+    event: Code
+    action: str
+    outcome: str
+    participants: Sequence[Participant]
+    source: AuditSource
+    objects: Sequence[ParticipantObject] = ()
+    event_types: Sequence[Code] = ()
+    outcome_description: str | None = None
+    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+
+def _coded(parent: etree._Element, tag: str, code: Code) -> None:
+    etree.SubElement(parent, tag, {"csd-code": code.code, "codeSystemName": code.system, "originalText": code.meaning})
+
+
+def _timestamp(at: dt.datetime) -> str:
+    """xs:dateTime in UTC with the offset spelled out (never a naive local time)."""
+    if at.tzinfo is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return at.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def build(event: AuditEvent) -> bytes:
+    """Serialise ``event`` as a UTF-8 AuditMessage document; refuses what the schema would refuse."""
+    if event.action not in ACTIONS:
+        raise ValueError(f"EventActionCode {event.action!r} is not one of C, R, U, D, E")
+    if event.outcome not in OUTCOME.values():
+        raise ValueError(f"EventOutcomeIndicator {event.outcome!r} is not 0, 4, 8 or 12")
+    if not event.participants:
+        raise ValueError("an audit message needs at least one ActiveParticipant")
+    if event.source.type_code not in SOURCE_TYPES:
+        raise ValueError(f"AuditSourceTypeCode {event.source.type_code!r} is not 1-9")
+    root = etree.Element("AuditMessage")
+    ev = etree.SubElement(
+        root,
+        "EventIdentification",
+        {"EventActionCode": event.action, "EventDateTime": _timestamp(event.at), "EventOutcomeIndicator": event.outcome},
+    )
+    _coded(ev, "EventID", event.event)
+    for t in event.event_types:
+        _coded(ev, "EventTypeCode", t)
+    if event.outcome_description:
+        etree.SubElement(ev, "EventOutcomeDescription").text = event.outcome_description
+    for p in event.participants:
+        if not p.user_id:
+            raise ValueError("ActiveParticipant UserID must not be empty")
+        attrs = {"UserID": p.user_id}
+        if p.alternative_user_id:
+            attrs["AlternativeUserID"] = p.alternative_user_id
+        if p.user_name:
+            attrs["UserName"] = p.user_name
+        attrs["UserIsRequestor"] = "true" if p.is_requestor else "false"
+        if p.network_access_point:
+            attrs["NetworkAccessPointID"] = p.network_access_point
+            attrs["NetworkAccessPointTypeCode"] = p.access_point_type
+        el = etree.SubElement(root, "ActiveParticipant", attrs)
+        if p.role is not None:
+            _coded(el, "RoleIDCode", p.role)
+    if not event.source.source_id:
+        raise ValueError("AuditSourceID must not be empty")
+    src_attrs = {"AuditSourceID": event.source.source_id}
+    if event.source.enterprise_site_id:
+        src_attrs["AuditEnterpriseSiteID"] = event.source.enterprise_site_id
+    src = etree.SubElement(root, "AuditSourceIdentification", src_attrs)
+    etree.SubElement(src, "AuditSourceTypeCode", {"csd-code": event.source.type_code, "codeSystemName": "RFC-3881", "originalText": "Application Server" if event.source.type_code == "4" else event.source.type_code})
+    for o in event.objects:
+        _object(root, o)
+    # the declaration written by hand: lxml puts a newline after its own, and a syslog message stays on one line
+    return b'<?xml version="1.0" encoding="UTF-8"?>' + etree.tostring(root, encoding="UTF-8")
+
+
+def _object(root: etree._Element, o: ParticipantObject) -> None:
+    if not o.object_id:
+        raise ValueError("ParticipantObjectID must not be empty")
+    attrs = {"ParticipantObjectID": o.object_id, "ParticipantObjectTypeCode": o.type_code}
+    if o.role:
+        attrs["ParticipantObjectTypeCodeRole"] = o.role
+    el = etree.SubElement(root, "ParticipantObjectIdentification", attrs)
+    _coded(el, "ParticipantObjectIDTypeCode", o.id_type)
+    if o.name is not None and o.query is not None:
+        raise ValueError("ParticipantObjectName and ParticipantObjectQuery are exclusive")
+    if o.name is not None:
+        etree.SubElement(el, "ParticipantObjectName").text = o.name
+    if o.query is not None:
+        etree.SubElement(el, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode("ascii")
+    for key, value in o.details:
+        etree.SubElement(el, "ParticipantObjectDetail", {"type": key, "value": base64.b64encode(value).decode("ascii")})
+    if o.description:
+        etree.SubElement(el, "ParticipantObjectDescription").text = o.description
+    for uid, count in o.sop_classes:
+        etree.SubElement(el, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+    if o.studies:
+        contains = etree.SubElement(el, "ParticipantObjectContainsStudy")
+        for uid in o.studies:
+            etree.SubElement(contains, "StudyIDs", {"UID": uid})
+
+
+# -- the events, with the participants and objects PS3.15 A.5.3 asks for ---------------------------------------
+
+
+def patient_object(patient_id: str, patient_name: str | None = None) -> ParticipantObject:
+    """The patient an event is about (PS3.15: type 1 person, role 1 patient, ID type 2 Patient Number)."""
+    return ParticipantObject(patient_id, _PATIENT_ID_TYPE, "1", "1", name=patient_name or None)
+
+
+def study_object(study_uid: str, sop_classes: Iterable[tuple[str, int]] = ()) -> ParticipantObject:
+    """A study (type 2 system object, role 3 report, ID type 110180) with the SOP classes involved."""
+    return ParticipantObject(study_uid, _STUDY_ID_TYPE, "2", "3", sop_classes=tuple(sop_classes))
+
+
+def application_activity(source: AuditSource, app: Participant, started: bool, outcome: str = "0") -> AuditEvent:
+    """Application Start/Stop (PS3.15 A.5.3.1): the application itself, role Application, not the requestor."""
+    app = Participant(app.user_id, False, ROLE["application"], app.network_access_point, app.alternative_user_id)
+    kind = EVENT_TYPE["application_start" if started else "application_stop"]
+    return AuditEvent(EVENT["application_activity"], "E", outcome, [app], source, event_types=[kind])
+
+
+def instances_transferred(
+    source: AuditSource,
+    sender: Participant,
+    receiver: Participant,
+    study_uid: str,
+    patient_id: str,
+    sop_classes: Iterable[tuple[str, int]],
+    action: str = "C",
+    outcome: str = "0",
+    outcome_description: str | None = None,
+) -> AuditEvent:
+    """DICOM Instances Transferred (PS3.15 A.5.3.4): C-STORE/STOW received ("C") or sent ("R").
+
+    One message per study: PS3.15 allows a single patient per message, and our
+    callers audit per study, so the patient and study are both named.
+    """
+    sender = Participant(sender.user_id, sender.is_requestor, ROLE["source"], sender.network_access_point, sender.alternative_user_id)
+    receiver = Participant(receiver.user_id, receiver.is_requestor, ROLE["destination"], receiver.network_access_point, receiver.alternative_user_id)
+    objects = [study_object(study_uid, sop_classes), patient_object(patient_id)]
+    return AuditEvent(EVENT["instances_transferred"], action, outcome, [sender, receiver], source, objects, outcome_description=outcome_description)
+
+
+def query(
+    source: AuditSource,
+    requestor: Participant,
+    responder: Participant,
+    sop_class_uid: str,
+    query_bytes: bytes,
+    transfer_syntax: str | None = None,
+    event_type: Code | None = None,
+    patient_id: str | None = None,
+    outcome: str = "0",
+) -> AuditEvent:
+    """Query (PS3.15 A.5.3.10): the query as received, base64, identified by its SOP Class UID.
+
+    For C-FIND ``query_bytes`` is the identifier dataset as encoded and ``transfer_syntax``
+    its syntax (a ParticipantObjectDetail "TransferSyntax"); QIDO-RS and RAD-69 pass the
+    request's query string or body and an ``event_type`` naming the transaction.
+    """
+    requestor = Participant(requestor.user_id, True, ROLE["source"], requestor.network_access_point, requestor.alternative_user_id)
+    responder = Participant(responder.user_id, False, ROLE["destination"], responder.network_access_point, responder.alternative_user_id)
+    details = [("TransferSyntax", transfer_syntax.encode("ascii"))] if transfer_syntax else []
+    q = ParticipantObject(sop_class_uid, _CLASS_UID_TYPE, "2", "24", query=query_bytes, details=details)
+    objects = [q] + ([patient_object(patient_id)] if patient_id else [])
+    return AuditEvent(EVENT["query"], "E", outcome, [requestor, responder], source, objects, event_types=[event_type] if event_type else [])
+
+
+def security_alert(
+    source: AuditSource,
+    reporter: Participant,
+    kind: str,
+    subject: str,
+    description: str,
+    performer: Participant | None = None,
+    outcome: str = "4",
+) -> AuditEvent:
+    """Security Alert (PS3.15 A.5.3.11): e.g. a failed TLS handshake (kind "node_authentication").
+
+    ``subject`` names what the alert is about (the peer address, certificate subject or
+    setting); ``description`` says why, so the record reads without our logs.
+    """
+    if kind not in EVENT_TYPE or kind.startswith("application_"):
+        raise ValueError(f"unknown security alert type {kind!r}")
+    reporter = Participant(reporter.user_id, performer is None, ROLE["application"], reporter.network_access_point, reporter.alternative_user_id)
+    people = [reporter] + ([Participant(performer.user_id, True, None, performer.network_access_point, performer.alternative_user_id)] if performer else [])
+    obj = ParticipantObject(subject, Code("12", "RFC-3881", "URI"), "2", "13", description=description)
+    return AuditEvent(EVENT["security_alert"], "E", outcome, people, source, [obj], event_types=[EVENT_TYPE[kind]], outcome_description=description)
