@@ -85,6 +85,8 @@ class Servers:
             raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
         if self.tls_context is not None and s.https_port is not None:
             self.https = HttpServer(s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context)
+            if self.audit.enabled:
+                self.https.server.on_tls_refused = self._tls_refused
             try:
                 self.https.start()
             except OSError as exc:
@@ -94,6 +96,8 @@ class Servers:
         except OSError as exc:
             raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
         if self.tls_context is not None and s.dicom_tls_port is not None:
+            if self.audit.enabled:
+                self.dicom.ae.on_tls_refused = self._tls_refused
             try:
                 self.dicom.start_tls(s.host, s.dicom_tls_port, self.tls_context)
             except OSError as exc:
@@ -139,6 +143,14 @@ class Servers:
         if not quiet:
             self._application_activity(started=False)
         self.audit.stop()
+
+    def _tls_refused(self, interface: str, peer: str, reason: str) -> None:
+        """A refused TLS handshake as an ATNA Security Alert (node authentication failure), off the request path."""
+        from xdsi.audit import messages as m
+
+        us = m.Participant(self.settings.ae_title, False, network_access_point=self.settings.host)
+        them = m.Participant(peer, True, network_access_point=peer)
+        self.audit.record(m.security_alert(self.audit.source, us, "node_authentication", peer, f"{interface} TLS handshake refused: {reason}", performer=them))
 
     def _application_activity(self, started: bool) -> None:
         from xdsi.audit import messages as m

@@ -120,8 +120,69 @@ def tls_commit(pki: dict[str, object]) -> Iterator[TlsCommitRequester]:
         r.stop()
 
 
+class UdpAuditReceiver:
+    """A loopback RFC 5426 receiver for the audit trail: every datagram, as text, collected by a thread."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except OSError:
+                continue
+            self.messages.append(data.decode("utf-8", "replace"))
+
+    def wait_for(self, *needles: str, timeout: float = 10) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in list(self.messages):
+                if all(n in msg for n in needles):
+                    return msg
+            time.sleep(0.05)
+        raise AssertionError(f"no audit message with {needles!r} among {len(self.messages)}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def _check_alert(frame: str) -> None:
+    """The RFC 5424 frame's AuditMessage is valid (tests/support/audit_schema) and names the refused peer."""
+    from tests.support.audit_schema import check_audit_message
+
+    root = check_audit_message(frame[frame.index("<AuditMessage"):].encode("utf-8"))
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110113"
+    assert "110126" in [e.get("csd-code") for e in root.iterfind("EventIdentification/EventTypeCode")]  # DCM 110126 Node Authentication
+    assert "127.0.0.1" in [p.get("NetworkAccessPointID") for p in root.iterfind("ActiveParticipant")]
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls_dest: TlsDestination, tls_commit: TlsCommitRequester) -> Iterator[XdsiProcess]:
+def audit_rx() -> Iterator[UdpAuditReceiver]:
+    rx = UdpAuditReceiver()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls_dest: TlsDestination, tls_commit: TlsCommitRequester,
+           audit_rx: UdpAuditReceiver) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("tls-serve")
     srv: Issued = pki["server"]  # type: ignore[assignment]
     proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY})
@@ -130,6 +191,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], tls
         f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\nhttps_port = {proc.https_port}\n"  # type: ignore[attr-defined]
         f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {tls_dest.port}\ntls = true\n'
         f'[peers.TLSCOMMIT]\nhost = "127.0.0.1"\nport = {tls_commit.port}\ntls = true\n'
+        f'[audit]\nrepositories = ["udp://127.0.0.1:{audit_rx.port}"]\n'
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'  # type: ignore[attr-defined]
     )
     proc.start()
@@ -223,7 +285,7 @@ def test_dcmtk_storescu_plain_tcp_to_the_tls_port_is_refused(server: XdsiProcess
 
 
 @pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
-def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
+def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None, audit_rx: UdpAuditReceiver) -> None:
     data, uid = secondary_capture(patient_id="TLS04")
     before = len(server.log)
     ctx = _ctx(pki, who)
@@ -234,6 +296,8 @@ def test_dicom_tls_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str,
     assert status is None
     assert not _has_instance(server, pki, uid)
     assert "refused" in _logged(server, "DICOM TLS handshake with 127.0.0.1:", REASONS[who], before)
+    # and audited: a Security Alert (DCM 110113) of type Node Authentication naming the reason, valid per PS3.15
+    _check_alert(audit_rx.wait_for("110113", "DICOM TLS handshake refused: " + REASONS[who]))
     assert _store_pynetdicom(server, _ctx(pki, "client"), secondary_capture(patient_id="TLS05")[0]) == 0  # still serving
 
 
@@ -243,11 +307,12 @@ def test_https_serves_a_client_with_a_trusted_certificate(server: XdsiProcess, p
 
 
 @pytest.mark.parametrize("who", [None, "stranger", "expired"], ids=["no-client-certificate", "unknown-ca", "expired"])
-def test_https_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None) -> None:
+def test_https_refuses_untrusted_clients(server: XdsiProcess, pki: dict[str, object], who: str | None, audit_rx: UdpAuditReceiver) -> None:
     before = len(server.log)
     with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
         _https(server, pki, "/status", who)
     assert "refused" in _logged(server, "HTTPS: TLS handshake with 127.0.0.1:", REASONS[who], before)
+    _check_alert(audit_rx.wait_for("110113", "HTTPS TLS handshake refused: " + REASONS[who]))
     assert _https(server, pki, "/status").status_code == 200  # still serving
 
 

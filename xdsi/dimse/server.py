@@ -175,7 +175,11 @@ class GovernedAssociationServer(ThreadedAssociationServer):
                 request.do_handshake()
                 request.settimeout(previous)
             except (ssl.SSLError, OSError) as exc:
-                log.warning("DICOM TLS handshake with %s:%s refused: %s", client_address[0], client_address[1], handshake_failure(exc))
+                reason = handshake_failure(exc)
+                log.warning("DICOM TLS handshake with %s:%s refused: %s", client_address[0], client_address[1], reason)
+                refused = getattr(self.ae, "on_tls_refused", None)  # the Security Alert audit, when [audit] is on
+                if refused is not None:
+                    refused("DICOM", str(client_address[0]), reason)
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)

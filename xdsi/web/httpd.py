@@ -334,6 +334,7 @@ class GatedServer(wsgi.Server):
 
     ConnectionClass = GuardedConnection
     limits: HttpLimits
+    on_tls_refused: Callable[[str, str, str], None] | None = None  # (interface, peer address, reason)
 
     def head_state(self, conn: Any) -> str:
         """"ready" (a complete head, or something a worker should answer: EOF, an oversized head), or "waiting"."""
@@ -378,7 +379,10 @@ class GatedServer(wsgi.Server):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return "waiting"
         except (ssl.SSLError, OSError) as exc:
-            log.warning("HTTPS: TLS handshake with %s refused: %s", _peer(sock), handshake_failure(exc))
+            reason = handshake_failure(exc)
+            log.warning("HTTPS: TLS handshake with %s refused: %s", _peer(sock), reason)
+            if self.on_tls_refused is not None:  # the Security Alert audit, when [audit] is on
+                self.on_tls_refused("HTTPS", _peer(sock).rsplit(":", 1)[0], reason)
             return "failed"
         finally:
             try:
