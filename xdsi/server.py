@@ -164,7 +164,14 @@ def _audit_trail(settings: Settings, dicom: DicomServer, partitions: Any) -> Any
     from xdsi.audit.dimse import DimseAudit, patient_of
     from xdsi.audit.trail import AuditTrail
 
-    trail = AuditTrail(settings)
+    ssl_context = None
+    if settings.tls.ca_certificates is not None or settings.tls.certificate is not None:
+        # RFC 5425 to tls:// repositories as ITI-19 wants it: our [tls] certificate, the repository verified
+        # against ca_certificates and its host name
+        from xdsi.security.tls import client_context
+
+        ssl_context = client_context(settings.tls)
+    trail = AuditTrail(settings, ssl_context)
     if trail.enabled:
         dicom.audit = DimseAudit(trail, patient_of)
         for archive in partitions.values():  # the HTTP adapters find it on the archive they serve

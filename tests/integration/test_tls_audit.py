@@ -1,0 +1,54 @@
+"""``xdsi serve`` sends its audit trail over RFC 5425 with the ``[tls]`` certificate: a real rsyslogd (rsyslog-gnutls)
+that requires a client certificate from its CA receives the Application Start; without ``[tls]`` it receives nothing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support import rsyslog
+from tests.support.audit_schema import check_audit_message
+from tests.support.server import XdsiProcess
+
+pytestmark = pytest.mark.skipif(not rsyslog.available(), reason="needs Debian rsyslog + rsyslog-gnutls (scripts/test installs them)")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog]:
+    folder = tmp_path_factory.mktemp("arr")
+    r = rsyslog.Rsyslog(folder, rsyslog.make_pki(folder / "pki"))
+    r.start()
+    yield r
+    r.stop()
+
+
+def _starts(repo: rsyslog.Rsyslog, source_id: str) -> list[str]:
+    """The inputs (imtcp = TLS, imudp) on which an Application Start of ``source_id`` arrived."""
+    out = []
+    for line in repo.lines():
+        inp, _app, _msgid, msg = line.split(" ", 3)
+        xml = msg.lstrip("\ufeff").encode("utf-8")
+        if f'AuditSourceID="{source_id}"'.encode() in xml:
+            root = check_audit_message(xml)
+            if root.find("EventIdentification/EventTypeCode").get("csd-code") == "110120":  # Application Start
+                out.append(inp)
+    return out
+
+
+@pytest.mark.parametrize("with_tls", [True, False], ids=["our-certificate", "no-tls-table"])
+def test_audit_over_tls_uses_our_certificate(repo: rsyslog.Rsyslog, tmp_path: Path, with_tls: bool) -> None:
+    source = f"XDSI-TLS-{with_tls}"
+    tls = f'[tls]\ncertificate = "{repo.pki.client_cert}"\nprivate_key = "{repo.pki.client_key}"\nca_certificates = "{repo.pki.ca}"\n'
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(f'[audit]\nrepositories = ["{repo.tls_url}"]\naudit_source_id = "{source}"\nretry_seconds = 0.2\n' + (tls if with_tls else ""))
+    server = XdsiProcess(tmp_path / "data", config=cfg).start()
+    try:
+        deadline = time.monotonic() + (10 if with_tls else 3)
+        while time.monotonic() < deadline and not _starts(repo, source):
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    assert _starts(repo, source) == (["imtcp"] if with_tls else []), server.output()
