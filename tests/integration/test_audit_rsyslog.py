@@ -30,11 +30,8 @@ PEER = m.Participant("MODALITY", True, network_access_point="127.0.0.2")
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog]:
-    folder = tmp_path_factory.mktemp("arr")
-    r = rsyslog.Rsyslog(folder, rsyslog.make_pki(folder / "pki"))
-    r.start()
-    yield r
-    r.stop()
+    with rsyslog.running(tmp_path_factory.mktemp("arr")) as r:
+        yield r
 
 
 def _settings(tmp: Path, repositories: tuple[str, ...], source_id: str = "XDSI-TEST") -> Settings:

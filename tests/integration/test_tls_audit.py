@@ -18,11 +18,8 @@ pytestmark = pytest.mark.skipif(not rsyslog.available(), reason="needs Debian rs
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog]:
-    folder = tmp_path_factory.mktemp("arr")
-    r = rsyslog.Rsyslog(folder, rsyslog.make_pki(folder / "pki"))
-    r.start()
-    yield r
-    r.stop()
+    with rsyslog.running(tmp_path_factory.mktemp("arr")) as r:
+        yield r
 
 
 def _starts(repo: rsyslog.Rsyslog, source_id: str) -> list[str]:

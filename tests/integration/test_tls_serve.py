@@ -23,7 +23,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 from tests.integration.dimse_support import run, tool
 from tests.support.ids import NIST_REPOSITORY
 from tests.support.objects import secondary_capture
-from tests.support.pki import Issued, TestCA
+from tests.support.pki import Issued, TestCA, standard_pki
 from tests.support.server import XdsiProcess, free_port
 from xdsi.config import TlsSettings
 from xdsi.security.tls import client_context
@@ -34,16 +34,9 @@ pytestmark = pytest.mark.dcmtk
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     d = tmp_path_factory.mktemp("pki")
-    ca, stranger = TestCA(d / "ca"), TestCA(d / "other", "unknown CA")
-    return {
-        "ca": ca,
-        "server": ca.issue("127.0.0.1"),
-        "client": ca.issue("modality.example.org", server=False),
-        "expired": ca.issue("old.example.org", expired=True),
-        "stranger": stranger.issue("stranger.example.org"),
-        "dest": ca.issue("dest.example.org"),
-        "registry": ca.issue("localhost"),
-    }
+    cast = standard_pki(d)
+    ca = cast["ca"]
+    return {**cast, "dest": ca.issue("dest.example.org"), "registry": ca.issue("localhost")}
 
 
 class TlsDestination:

@@ -35,6 +35,26 @@ def _write_key(key: rsa.RSAPrivateKey, path: Path) -> Path:
     return path
 
 
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def standard_pki(directory: Path) -> dict[str, object]:
+    """The usual cast: our CA, a server and a client it signed, an expired one, and a stranger's from another CA."""
+    ca, stranger = TestCA(directory / "ca"), TestCA(directory / "other", "unknown CA")
+    return {
+        "ca": ca,
+        "server": ca.issue("127.0.0.1"),
+        "client": ca.issue("modality.example.org", server=False),
+        "expired": ca.issue("old.example.org", expired=True),
+        "stranger": stranger.issue("stranger.example.org"),
+        "dir": directory,
+    }
+
+
 class TestCA:
     """A self-signed CA in ``directory``; :meth:`issue` writes leaf certificates it signed."""
 
@@ -62,15 +82,12 @@ class TestCA:
         self.pem = directory / f"{name.replace(' ', '-')}.pem"
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, cn: str, *, days: float = 30, expired: bool = False, server: bool = True, client: bool = True) -> Issued:
-        """A leaf for ``cn`` (also its DNS/IP subjectAltName); ``expired``: validity ended yesterday."""
+    def issue(self, cn: str, *, days: float = 30, expired: bool = False, server: bool = True, client: bool = True, also: tuple[str, ...] = ()) -> Issued:
+        """A leaf for ``cn`` (also its DNS/IP subjectAltName, and ``also``'s); ``expired``: validity ended yesterday."""
         key = _key()
         now = dt.datetime.now(dt.timezone.utc)
         start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (now - dt.timedelta(hours=1), now + dt.timedelta(days=days))
-        try:
-            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(cn))
-        except ValueError:
-            san = x509.DNSName(cn)
+        sans = [_san(name) for name in (cn, *also)]
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         cert = (
             x509.CertificateBuilder()
@@ -81,7 +98,7 @@ class TestCA:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())

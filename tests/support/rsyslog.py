@@ -8,20 +8,19 @@ started again on the same ports, which is how the tests take the repository away
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tests.support.pki import TestCA
+from tests.support.server import free_port
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 
@@ -47,53 +46,12 @@ class Pki:
         return ctx
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def make_pki(folder: Path) -> Pki:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, valid for a day."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder().subject_name(_name("xdsi test CA")).issuer_name(_name("xdsi test CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-    import ipaddress
-
-    s_cert, s_key = leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    c_cert, c_key = leaf("xdsi-node", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("xdsi-node")])
-    files = {"ca.pem": ca.public_bytes(serialization.Encoding.PEM), "server.pem": s_cert, "server.key": s_key, "client.pem": c_cert, "client.key": c_key}
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-        (folder / name).chmod(0o600)
-    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem", folder / "client.key")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (tests.support.pki)."""
+    ca = TestCA(folder)
+    server = ca.issue("127.0.0.1", also=("localhost",), client=False)
+    client = ca.issue("xdsi-node", server=False)
+    return Pki(ca.pem, server.cert, server.key, client.cert, client.key)
 
 
 class Rsyslog:
@@ -164,3 +122,14 @@ action(type="omfile" file="{self.out}" template="audit")
         if not self.out.exists():
             return []
         return self.out.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+@contextmanager
+def running(folder: Path) -> Iterator[Rsyslog]:
+    """An Audit Record Repository with its own PKI under ``folder``, started, and stopped afterwards."""
+    r = Rsyslog(folder, make_pki(folder / "pki"))
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()

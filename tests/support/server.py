@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port free for ``kind`` (TCP by default, ``socket.SOCK_DGRAM`` for UDP) at the time of asking."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class XdsiProcess:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.pki import Issued, TestCA
+from tests.support.pki import Issued, TestCA, standard_pki
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings
 from xdsi.security.tls import FFDHE2048, PROFILES, check_tls, client_context, server_context
 from xdsi.startup import StartupError
@@ -26,16 +26,7 @@ from xdsi.web.httpd import tls_environ
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    d = tmp_path_factory.mktemp("pki")
-    ca, stranger = TestCA(d / "ca"), TestCA(d / "other", "unknown CA")
-    return {
-        "ca": ca,
-        "server": ca.issue("127.0.0.1"),
-        "client": ca.issue("modality.example.org", server=False),
-        "expired": ca.issue("old.example.org", expired=True),
-        "stranger": stranger.issue("stranger.example.org"),
-        "dir": d,
-    }
+    return standard_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls(pki: dict[str, object], **kw: object) -> TlsSettings:
