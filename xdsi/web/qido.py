@@ -128,13 +128,16 @@ def build_query(level: str, args: MultiDict, fixed: dict[str, str], *, max_value
         if value is None or vr == "SQ":
             ds.add_new(kw, vr, None if vr != "SQ" else [])
             continue
-        if vr == "UI":
-            # a QIDO UID list is comma-separated (PS3.18 8.3.4.1)
-            ds.add_new(kw, vr, [u.strip() for u in value.split(",")] if "," in value else value)
-        elif vr in ("DA", "TM", "DT"):
-            ds.add_new(kw, vr, value)
-        else:
-            ds.add_new(kw, vr, value.replace(",", "\\"))
+        try:
+            if vr == "UI":
+                # a QIDO UID list is comma-separated (PS3.18 8.3.4.1)
+                ds.add_new(kw, vr, [u.strip() for u in value.split(",")] if "," in value else value)
+            elif vr in ("DA", "TM", "DT"):
+                ds.add_new(kw, vr, value)
+            else:
+                ds.add_new(kw, vr, value.replace(",", "\\"))
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. SeriesNumber=":" (IS has no range matching)
+            raise HttpError(400, f"{kw}: {value[:80]!r} is not a valid {vr} value ({exc})") from None
     return QidoQuery(
         identifier=ds,
         limit=_int_param(args, "limit", 0, MAX_LIMIT),
