@@ -14,7 +14,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 __all__ = [
     "ConfigError",
@@ -138,25 +138,36 @@ _LIMIT_COUNTS = ("xpath_workers", "xpath_max_length", "xpath_per_document", "xpa
 def limits_from(raw: object) -> LimitsSettings:
     """Parse ``[limits]``: seconds > 0, sizes as bytes or "8MiB"-style strings, counts >= 1."""
     table = _check_keys("[limits]", raw, set(_LIMIT_SECONDS + _LIMIT_SIZES + _LIMIT_COUNTS))
-    kw: dict[str, Any] = {}
-    for key, value in table.items():
-        where = f"[limits] {key}"
-        if key in _LIMIT_SECONDS:
-            kw[key] = float(_number(where, value))
-        elif key in _LIMIT_SIZES:
+    return LimitsSettings(**_limit_values("limits", table, _LIMIT_SECONDS + _LIMIT_SIZES + _LIMIT_COUNTS, seconds=_LIMIT_SECONDS, sizes=_LIMIT_SIZES))
+
+
+def _limit_values(
+    section: str, raw: Mapping[str, Any], keys: Iterable[str], *, seconds: Collection[str], sizes: Collection[str], zero_off: Collection[str] = ()
+) -> dict[str, Any]:
+    """The keys of one table of limits that ``raw`` sets: seconds > 0, sizes as bytes or "8 MiB", counts >= 1
+    (or 0 for a key in ``zero_off``, where 0 turns the check off).  [limits], [dimse] and [http] share it."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key not in raw:
+            continue
+        where, value = f"[{section}] {key}", raw[key]
+        if key in seconds:
+            values[key] = float(_number(where, value))
+            continue
+        if key in sizes:
             try:
-                size = parse_size(value)
+                n = parse_size(value)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
-            if not size or size < 1:
-                raise ConfigError(f"{where} must be a size > 0, not {value!r}")
-            kw[key] = size
         else:
             n = _int(where, value)
-            if n < 1:
-                raise ConfigError(f"{where} must be at least 1, not {n}")
-            kw[key] = n
-    return LimitsSettings(**kw)
+        if key in zero_off and n == 0:
+            values[key] = 0
+        elif n is None or n < 1:
+            raise ConfigError(f"{where} must be at least 1, not {value!r}")
+        else:
+            values[key] = n
+    return values
 
 
 @dataclass(frozen=True)
@@ -212,23 +223,7 @@ _DIMSE_SECONDS = {"associate_timeout", "idle_timeout"}
 
 def dimse_limits_from(raw: Mapping[str, Any]) -> DimseLimits:
     """Parse the ``[dimse]`` limits: sizes as bytes or "1 MiB", seconds > 0, counts >= 1."""
-    values: dict[str, Any] = {}
-    for key in DIMSE_LIMIT_KEYS:
-        if key not in raw:
-            continue
-        where = f"[dimse] {key}"
-        if key in _DIMSE_SECONDS:
-            n: Any = float(_number(where, raw[key]))
-            if n <= 0:
-                raise ConfigError(f"{where} must be more than 0 seconds, not {raw[key]!r}")
-        else:
-            try:
-                n = parse_size(raw[key]) if key in _DIMSE_SIZES else _int(where, raw[key])
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            if n is None or n < 1:
-                raise ConfigError(f"{where} must be at least 1, not {raw[key]!r}")
-        values[key] = n
+    values = _limit_values("dimse", raw, DIMSE_LIMIT_KEYS, seconds=_DIMSE_SECONDS, sizes=_DIMSE_SIZES)
     limits = DimseLimits(**values)
     # PS3.8 D.1: 0 would mean "unlimited"; dcmtk refuses a Maximum Length below 4096
     if not 4096 <= limits.max_pdu_size <= 256 * 1024 * 1024:
@@ -554,22 +549,8 @@ def load_settings(
 
 
 def _http_limits(raw: Mapping[str, Any]) -> HttpLimits:
-    """The ``[http]`` limits: sizes as byte counts or "32 MiB", seconds > 0, counts >= 1."""
-    values: dict[str, Any] = {}
-    for key in HTTP_LIMIT_KEYS:
-        if key not in raw:
-            continue
-        where = f"[http] {key}"
-        if key in _HTTP_SECONDS:
-            values[key] = float(_number(where, raw[key]))
-            continue
-        n = parse_size(raw[key]) if key in _HTTP_SIZES else _int(where, raw[key])
-        if key in _HTTP_ZERO_OFF and n == 0:
-            values[key] = 0
-            continue
-        if n is None or n < 1:
-            raise ConfigError(f"{where} must be at least 1, not {raw[key]!r}")
-        values[key] = n
+    """The ``[http]`` limits: sizes as byte counts or "32 MiB", seconds > 0, counts >= 1 (``min_body_rate`` 0: off)."""
+    values = _limit_values("http", raw, HTTP_LIMIT_KEYS, seconds=_HTTP_SECONDS, sizes=_HTTP_SIZES, zero_off=_HTTP_ZERO_OFF)
     return HttpLimits(**values)
 
 
