@@ -653,14 +653,16 @@ RESERVED_PARTITION_NAMES = frozenset({"studies", "series", "instances", "workite
 class PartitionSettings:
     """``[partitions.NAME]``: ``ae_title`` (default NAME), ``data_dir`` (default ``<data_dir>/partitions/NAME``),
     ``index_url`` (default a SQLite file in its data dir), ``dicom_port`` (optional: a DICOM listener for
-    this AE title), ``duplicate_policy``, ``recall_on_read`` and ``[[partitions.NAME.tiers]]`` (default one
-    tier in its data dir); relative paths are under the partition's data dir."""
+    this AE title), ``dicom_tls_port`` (optional: a DICOM TLS listener for this AE title, with the ``[tls]``
+    certificate and profile), ``duplicate_policy``, ``recall_on_read`` and ``[[partitions.NAME.tiers]]``
+    (default one tier in its data dir); relative paths are under the partition's data dir."""
 
     name: str
     ae_title: str
     data_dir: Path | None = None
     index_url: str | None = None
     dicom_port: int | None = None
+    dicom_tls_port: int | None = None  # None (absent or 0): served over TLS on [server] dicom_tls_port by called AE title only
     tiers: tuple[TierSettings, ...] = ()
     duplicate_policy: str = "keep"
     recall_on_read: bool = True
@@ -685,7 +687,7 @@ class PartitionSettings:
 
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
-    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "tiers", "duplicate_policy", "recall_on_read"}
+    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -709,11 +711,22 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             data_dir=data_dir,
             index_url=str(p["index_url"]) if p.get("index_url") else None,
             dicom_port=int(p["dicom_port"]) if p.get("dicom_port") is not None else None,
+            dicom_tls_port=_partition_tls_port(name, p.get("dicom_tls_port")),
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
         )
     return out
+
+
+def _partition_tls_port(name: str, value: object) -> int | None:
+    """``[partitions.NAME] dicom_tls_port``: a DICOM TLS port of its own for this AE title; absent or 0: none."""
+    if value is None:
+        return None
+    port = _int(f"[partitions.{name}] dicom_tls_port", value)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"[partitions.{name}] dicom_tls_port {port} out of range (0: no port of its own)")
+    return port or None
 
 
 def _validate_partitions(s: Settings) -> None:
@@ -743,6 +756,18 @@ def _validate_partitions(s: Settings) -> None:
         dp = s.partitions[name].dicom_port
         if dp is not None and dp and dp == s.dicom_port:
             raise ConfigError(f"partition {name}: dicom_port {dp} is the main DICOM port")
+        tp = s.partitions[name].dicom_tls_port
+        if tp is not None:
+            # ITI-19 on this partition's own port too: the same [tls] certificate, trusted CAs and profile as the main node
+            if s.tls.certificate is None or s.tls.private_key is None:
+                raise ConfigError(f"[partitions.{name}] dicom_tls_port needs [tls] certificate and private_key")
+            taken = {"[server] dicom_port": s.dicom_port, "[server] http_port": s.http_port, "[server] dicom_tls_port": s.dicom_tls_port,
+                     "[server] https_port": s.https_port, f"[partitions.{name}] dicom_port": dp}
+            taken.update({f"[partitions.{other}] {key}": getattr(q, key) for other, q in s.partitions.items() if other != name
+                          for key in ("dicom_port", "dicom_tls_port")})
+            for where, port in taken.items():
+                if port == tp:
+                    raise ConfigError(f"[partitions.{name}] dicom_tls_port {tp} is also {where}")
 
 
 # ---------------------------------------------------------------------------------------------
