@@ -1030,6 +1030,10 @@ def xua_from(raw: object, base: Path) -> XuaSettings:
             raise ConfigError(f"[xua] clock_skew_seconds must be a number of seconds from 0 to 3600, not {skew!r}")
         kw["clock_skew_seconds"] = float(skew)
     x = XuaSettings(**kw)
+    from xdsi.security.xua import load_certificates  # here: the certificates are checked before anything listens
+
+    for path in x.trusted_issuers:
+        load_certificates(path)
     if x.required and not x.trusted_issuers:
         raise ConfigError("[xua] required = true needs trusted_issuers (the X-Assertion Providers' certificates)")
     if x.trusted_issuers and not x.audience:

@@ -409,3 +409,17 @@ def _value(v: Any) -> str:
 def _escape(value: str) -> str:
     return value.replace("^", " ").replace("~", " ")
 
+
+
+def protocol_options(archive: Any) -> dict[str, Any]:
+    """The ``IheSoap12`` keyword arguments of ``[xua]`` for an endpoint serving ``archive`` (empty when XUA is off)."""
+    policy = XuaPolicy.from_settings(archive.settings.xua)
+    if policy is None:
+        return {}
+
+    def refused(ctx: Any, exc: XuaRefused) -> None:
+        from xdsi.audit.xua import xua_refused
+
+        xua_refused(archive, getattr(ctx.transport, "req_env", {}) or {}, exc)
+
+    return {"xua": policy, "on_xua_refused": refused}
