@@ -7,12 +7,12 @@ before our validator is shown to refuse them.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from lxml import etree
 from signxml import SignatureConfiguration, XMLVerifier
 
 from tests.support import saml
@@ -335,3 +335,81 @@ def test_audit_is_skipped_when_off_and_never_raises(policy: XuaPolicy) -> None:
 
     archive.audit = Broken()
     xua_refused(archive, {}, refused(policy, None))  # logged, not raised
+
+
+# -- the Principal handed on with the request (in-process WSGI, the real spyne application) ---------
+
+
+@pytest.fixture(scope="module")
+def ids_app(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, saml.Provider]) -> Iterator[tuple[Any, list[Any]]]:
+    """The RAD-69 endpoint with [xua] on, and the (Exchange, environ) of every request it finished."""
+    from tests.conftest import make_settings
+    from xdsi.archive import Archive
+    from xdsi.soap import ids
+
+    settings = make_settings(tmp_path_factory.mktemp("xua-app"), xua=XuaSettings(required=False, trusted_issuers=(pki["idp"].cert_file,), audience=(saml.AUDIENCE,)))
+    archive = Archive.open(settings)
+    seen: list[Any] = []
+    try:
+        app = ids.make_application(archive)
+        app.event_manager.add_listener("wsgi_return", lambda ctx: seen.append((ctx.udc, ctx.transport.req_env)))
+        yield app, seen
+    finally:
+        archive.close()
+
+
+def _rad69_envelope(security: Any | None) -> bytes:
+    from xdsi.standards import constants as C
+    from xdsi.wire.soap import addressing_headers, build_envelope
+
+    body = etree.fromstring(
+        f'<iherad:RetrieveImagingDocumentSetRequest xmlns:iherad="{C.NS_IHERAD}" xmlns:ihe="{C.NS_XDS}">'
+        '<iherad:StudyRequest studyInstanceUID="1.2.3"><iherad:SeriesRequest seriesInstanceUID="1.2.3.4"><ihe:DocumentRequest>'
+        "<ihe:RepositoryUniqueId>1.2.3.5</ihe:RepositoryUniqueId><ihe:DocumentUniqueId>1.2.3.4.5</ihe:DocumentUniqueId>"
+        "</ihe:DocumentRequest></iherad:SeriesRequest></iherad:StudyRequest><iherad:TransferSyntaxUIDList>"
+        "<iherad:TransferSyntaxUID>1.2.840.10008.1.2.1</iherad:TransferSyntaxUID></iherad:TransferSyntaxUIDList></iherad:RetrieveImagingDocumentSetRequest>".encode()
+    )
+    return build_envelope(body, addressing_headers(C.ACTION_RAD69, to="http://localhost/") + ([security] if security is not None else []))
+
+
+def _post(app: Any, data: bytes, **environ: Any) -> tuple[int, bytes]:
+    from werkzeug.test import Client
+
+    resp = Client(app).post("/", data=data, content_type="application/soap+xml; charset=utf-8", environ_base=environ)
+    return resp.status_code, resp.get_data()
+
+
+def test_the_principal_reaches_the_exchange_and_the_environ(ids_app: tuple[Any, list[Any]], pki: dict[str, saml.Provider]) -> None:
+    from xdsi.security.principal import ENVIRON_KEY
+
+    app, seen = ids_app
+    seen.clear()
+    status, _ = _post(app, _rad69_envelope(saml.security_header(pki["idp"].sign(saml.assertion(user="nurse@example.org")))))
+    assert status == 200
+    (exchange, environ), = seen
+    assert exchange.principal is not None and exchange.principal.subject == "nurse@example.org" and exchange.principal.via == "xua"
+    assert environ[ENVIRON_KEY] is exchange.principal and environ["xdsi.xua.principal"] is exchange.principal
+
+
+def test_an_http_level_identity_is_kept_next_to_the_xua_user(ids_app: tuple[Any, list[Any]], pki: dict[str, saml.Provider]) -> None:
+    from xdsi.security.principal import ENVIRON_KEY
+
+    app, seen = ids_app
+    seen.clear()
+    system = Principal("CN=consumer.example.org", frozenset({"read"}), "tls")
+    status, _ = _post(app, _rad69_envelope(saml.security_header(pki["idp"].sign(saml.assertion(user="nurse@example.org")))), **{ENVIRON_KEY: system})
+    assert status == 200
+    (exchange, environ), = seen
+    assert environ[ENVIRON_KEY] is system and environ["xdsi.xua.principal"].subject == "nurse@example.org"
+
+
+def test_without_an_assertion_nothing_is_claimed_and_a_bad_one_is_a_fault(ids_app: tuple[Any, list[Any]], pki: dict[str, saml.Provider]) -> None:
+    from xdsi.security.principal import ENVIRON_KEY
+
+    app, seen = ids_app
+    seen.clear()
+    assert _post(app, _rad69_envelope(None))[0] == 200  # required = false: served anonymously
+    (exchange, environ), = seen
+    assert exchange.principal is None and ENVIRON_KEY not in environ
+    status, body = _post(app, _rad69_envelope(saml.security_header(pki["stranger"].sign(saml.assertion()))))
+    assert status == 400 and b"FailedAuthentication" in body and b"wss-wssecurity-secext-1.0.xsd" in body
