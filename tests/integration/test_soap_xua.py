@@ -243,3 +243,20 @@ def test_serve_refuses_a_trusted_issuer_file_that_is_no_certificate(tmp_path: Pa
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "[xua] trusted_issuers" in lines[0] and "holds no PEM certificate" in lines[0], p.stderr
+
+
+def test_every_action_of_the_imaging_document_source_is_guarded(env: Env) -> None:
+    """RAD-69 (both actions), WADO-WS Rendered and Information (both namespaces): no assertion, no service.
+
+    The assertion is checked before the action is routed or the body validated, so an arbitrary body shows it.
+    """
+    from tests.support.ids import IdsServer
+    from tests.integration.test_soap_transport import envelope
+    from xdsi.soap.ids import routes
+
+    ids = IdsServer(env.server, [env.study], NIST_REPOSITORY)
+    actions = sorted(routes())
+    assert len(actions) >= 5  # RAD-69, its legacy action, WADO-WS rendered (+ swapped namespace), information
+    for action in actions:
+        data, _ = envelope(ids, action=action, body='<x:Anything xmlns:x="urn:example"/>')
+        assert_ws_security_fault(post_raw(env.url("/xdsi/ImagingDocumentSource"), data, action=action), "FailedAuthentication")

@@ -413,3 +413,11 @@ def test_without_an_assertion_nothing_is_claimed_and_a_bad_one_is_a_fault(ids_ap
     assert exchange.principal is None and ENVIRON_KEY not in environ
     status, body = _post(app, _rad69_envelope(saml.security_header(pki["stranger"].sign(saml.assertion()))))
     assert status == 400 and b"FailedAuthentication" in body and b"wss-wssecurity-secext-1.0.xsd" in body
+
+
+def test_the_example_configuration_documents_xua_with_its_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "xdsi.example.toml"
+    s = load_settings(example, env={})
+    assert s.xua == XuaSettings()
+    text = example.read_text()
+    assert all(f"\n{k} = " in text or f"\n# {k} = " in text for k in ("required", "trusted_issuers", "audience", "clock_skew_seconds"))
