@@ -498,7 +498,7 @@ class GatedServer(wsgi.Server):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
             pass
         except (ssl.SSLError, OSError):
-            state = "ready"  # a broken session: the worker meets the same error and closes the connection
+            state = "failed"  # a broken session (bad record, reset): closed here, no worker needed to find that out
         finally:
             try:
                 sock.settimeout(self.timeout)
