@@ -139,6 +139,10 @@ class ArchiveAE(AE):
             if sock is not None:
                 sock.close()
             return RefusedSubAssociation(destination.refused)
+        if destination is not None and destination.audited:  # the destination's TLS certificate, for the audit trail
+            from xdsi.audit.dimse import certificate_subject
+
+            destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         install_streaming_sender(assoc)
         return assoc
 
@@ -370,7 +374,7 @@ class DicomServer:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), failed_identifier([])
             return
         pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
-        destination = MoveDestination(dest)
+        destination = MoveDestination(dest, audited=self.audit is not None)
         kwargs: dict[str, Any] = {"xdsi_move_destination": destination}
         if pairs:
             kwargs["contexts"] = contexts_for(pairs)
@@ -379,14 +383,23 @@ class DicomServer:
         yield peer.host, peer.port, kwargs
         yield len(refs)
         # pynetdicom has now tried the sub-association
+        retrieval = None
+        if self.audit is not None and refs:
+            from xdsi.audit import messages as m
+
+            retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs,
+                                             destination=m.Participant(dest, False, network_access_point=peer.host),
+                                             destination_subject=destination.tls_subject)
         if destination.refused is not None:
+            if retrieval is not None:  # nothing was sent: the attempt is on record, with why
+                retrieval.end(note=destination.refused)
             # PS3.4 C.4.2.1.5: A702 Refused: Out of Resources - Unable to perform sub-operations;
             # every instance is a failed sub-operation and is listed
             yield _failure(status.UNABLE_TO_PERFORM_SUBOPERATIONS, destination.refused), failed_identifier(
                 r.sop_instance_uid for r in refs
             )
             return
-        yield from self._suboperations(event, refs)
+        yield from self._suboperations(event, refs, retrieval)
 
     def on_get(self, event: Any) -> Iterator[Any]:
         try:
@@ -397,21 +410,41 @@ class DicomServer:
             return
         install_streaming_sender(event.assoc)
         yield len(refs)
-        yield from self._suboperations(event, refs)
+        retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs) if self.audit is not None and refs else None
+        yield from self._suboperations(event, refs, retrieval)
 
-    def _suboperations(self, event: Any, refs: list[Any]) -> Iterator[Any]:
+    def _suboperations(self, event: Any, refs: list[Any], retrieval: Any = None) -> Iterator[Any]:
         """One placeholder per instance; the sender produces it (recall, conversion) when it is its turn.
 
         A placeholder whose instance cannot be produced or sent makes
         ``send_c_store`` raise, which pynetdicom counts as a failed
         sub-operation and lists in Failed SOP Instance UID List.
+
+        ``retrieval`` (an :class:`xdsi.audit.dimse.RetrieveAudit`, when [audit] is on) hears when the
+        sub-operations start, how each one ended, and when the request is over: pynetdicom asks
+        for the next placeholder only after the previous C-STORE was answered, so the end comes
+        after the last one and before our final C-MOVE/C-GET response; on a cancel or abort the
+        generator is closed and ``finally`` still records what was sent.
         """
         source = self.archive_for(event.assoc).retrieve
-        for ref in refs:
-            if event.is_cancelled:
-                yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
-                return
-            yield Status.PENDING, StoredInstance(source, ref)
+        if retrieval is not None:
+            retrieval.begin()
+        try:
+            for ref in refs:
+                if event.is_cancelled:
+                    if retrieval is not None:
+                        retrieval.note = "cancelled by the requestor (C-CANCEL)"
+                    yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
+                    return
+                placeholder = StoredInstance(source, ref)
+                if retrieval is not None:
+                    placeholder._xdsi_on_sent = retrieval.sent
+                yield Status.PENDING, placeholder
+        finally:
+            if retrieval is not None:
+                if not event.assoc.is_established and retrieval.note is None:
+                    retrieval.note = "the association ended before every instance was sent"
+                retrieval.end()
 
     # -- lifecycle --------------------------------------------------------------
 
