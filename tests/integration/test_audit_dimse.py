@@ -203,6 +203,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, repo: rsyslog.Rsyslog, pki:
         f'[peers.PLAINDEST]\nhost = "127.0.0.1"\nport = {peers["PLAINDEST"].port}\n'
         f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {peers["TLSDEST"].port}\ntls = true\n'
         f'[peers.DOWNDEST]\nhost = "127.0.0.1"\nport = {down}\n'
+        # the requestors of these tests are known peers: only they may associate, and only to our AE title
+        + "".join(f'[peers.{aet}]\nhost = "127.0.0.1"\nport = {down}\n' for aet in ("STORESCU", "MOVESCU", "GETSCU", "TLSMOVE", "TLSGET"))
+        + "[dimse]\nrequire_known_calling_ae = true\nrequire_known_called_ae = true\n"
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'
         f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n'
     )
@@ -463,3 +466,38 @@ def test_migrate_offline_is_delivered_by_the_next_serve_and_a_settings_change_is
     # the reporting process, alone: nobody else is known to have asked for the change (PS3.15 A.5.3.11)
     assert [(p[0], p[1], p[2]) for p in participants(alert)] == [("XDSI", "true", "110150")]
     assert objects(alert)["13"].get("ParticipantObjectID") == f"xdsi-settings:{data.resolve()}"
+
+
+# -- refused associations ---------------------------------------------------------------------------------------------
+
+
+def alerts_since(repo: rsyslog.Rsyslog, before: int) -> list[Any]:
+    return [r for r in messages(repo)[before:] if event_id(r) == "110113"]
+
+
+def test_unknown_calling_or_called_ae_is_refused_and_alerted(server: XdsiProcess, repo: rsyslog.Rsyslog) -> None:
+    """[dimse] require_known_calling_ae / require_known_called_ae: dcmtk echoscu from an AE title with no [peers]
+    entry, or to an AE title that is not ours, gets A-ASSOCIATE-RJ and a Security Alert (Node Authentication,
+    outcome 4) naming the peer and why; the same refusal again at once is counted, not alerted again."""
+    before = len(messages(repo))
+    where = ["127.0.0.1", str(server.dicom_port)]
+    out = run([tool("echoscu"), "-aet", "STRANGER", "-aec", server.ae_title, *where], check=False)
+    assert out.returncode != 0 and "Rejected" in out.stdout + out.stderr, out.stdout + out.stderr
+    run([tool("echoscu"), "-aet", "STRANGER", "-aec", server.ae_title, *where], check=False)  # held back: same peer, at once
+    out = run([tool("echoscu"), "-aet", "STORESCU", "-aec", "NOTUS", *where], check=False)
+    assert out.returncode != 0
+    assert run([tool("echoscu"), "-aet", "STORESCU", "-aec", server.ae_title, *where]).returncode == 0  # a known peer is served
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(alerts_since(repo, before)) < 2:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    got = alerts_since(repo, before)
+    assert len(got) == 2, [r.find("EventIdentification/EventOutcomeDescription").text for r in got]
+    for r, calling, why in ((got[0], "STRANGER", "calling AE title 'STRANGER' not recognised"), (got[1], "STORESCU", "called AE title 'NOTUS' not recognised")):
+        ev = r.find("EventIdentification")
+        assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("E", "4")
+        assert ev.find("EventTypeCode").get("csd-code") == "110126"
+        assert why in ev.find("EventOutcomeDescription").text
+        assert participants(r) == [("XDSI", "false", "110150", "127.0.0.1", None), (calling, "true", None, "127.0.0.1", None)]
+        assert objects(r)["13"].get("ParticipantObjectID") == "127.0.0.1"

@@ -87,9 +87,12 @@ def _with_nodes(event: m.AuditEvent, nodes: Sequence[m.Participant]) -> m.AuditE
 class DimseAudit:
     """Per-association bookkeeping for the audit trail; ``patient_of(archive, study_uid)`` looks up the patient."""
 
-    # at most one Security Alert per peer address and this many seconds for refused associations: a peer that
-    # retries in a loop must not fill the bounded spool and crowd out the records of patient data
+    # Security Alerts for refused associations are rate-limited: a peer that retries in a loop, or cycles
+    # through AE titles, must not fill the bounded spool and crowd out the records of patient data.  At most
+    # one alert per (address, calling AE, called AE) and ALERT_INTERVAL seconds, and ALERT_BURST alerts at
+    # once refilled at one per second overall; what was held back is counted in the next alert's text.
     ALERT_INTERVAL = 10.0
+    ALERT_BURST = 20.0
 
     def __init__(self, trail: AuditTrail, patient_of: Callable[[Any, str], str]) -> None:
         self.trail = trail
@@ -97,7 +100,10 @@ class DimseAudit:
         self._lock = threading.Lock()
         # id(assoc) -> (archive, study UID -> Counter of SOP Class UIDs, studies with a replaced instance)
         self._received: dict[int, tuple[Any, dict[str, Counter[str]], set[str]]] = {}
-        self._alerted: dict[str, tuple[float, int]] = {}  # address -> (last alert, refusals not alerted since)
+        self._alerted: dict[tuple[str, str, str], tuple[float, int]] = {}  # (address, calling, called) -> (last alert, held back since)
+        self._tokens = self.ALERT_BURST
+        self._refilled = time.monotonic()
+        self._held_back = 0  # refusals not alerted because of the overall budget
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -207,7 +213,7 @@ class DimseAudit:
     # -- refused associations --------------------------------------------------------------------------------
 
     def _rejected(self, event: Any) -> None:
-        """EVT_REJECTED: we answered A-ASSOCIATE-RJ (PS3.8 7.1.1.9), e.g. an unknown calling or called AE title."""
+        """EVT_REJECTED: pynetdicom answered A-ASSOCIATE-RJ itself (its ``require_calling_aet``/``require_called_aet``)."""
         assoc = event.assoc
         primitive = getattr(assoc.requestor, "primitive", None)
         calling = _aet(getattr(primitive, "calling_ae_title", None))
@@ -219,9 +225,18 @@ class DimseAudit:
             reason = f"called AE title {called!r} not recognised"
         else:
             reason = "association rejected"
+        self.association_refused(assoc, reason)
+
+    def association_refused(self, assoc: Any, reason: str) -> None:
+        """We answered ``assoc``'s A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 7.1.1.9) because of ``reason``."""
+        if not self.trail.enabled:
+            return
+        primitive = getattr(assoc.requestor, "primitive", None)
+        calling = _aet(getattr(primitive, "calling_ae_title", None))
+        called = _aet(getattr(primitive, "called_ae_title", None))
         address = str(assoc.requestor.address or "") or "unknown"
-        us = _participant(assoc.acceptor, False)
-        self.refused(us, address, calling, called, reason, getattr(assoc, _SUBJECT_ATTR, None))
+        subject = getattr(assoc, _SUBJECT_ATTR, None) or certificate_subject(_assoc_socket(assoc))
+        self.refused(_participant(assoc.acceptor, False), address, calling, called, reason, subject)
 
     def refused(self, us: m.Participant, address: str, calling: str, called: str, reason: str, subject: str | None = None) -> None:
         """A Security Alert (110113, type Node Authentication) for a peer we refused; rate-limited per address.
@@ -230,17 +245,26 @@ class DimseAudit:
         if not self.trail.enabled:
             return
         now = time.monotonic()
+        key = (address, calling, called)
         with self._lock:
-            last, quiet = self._alerted.get(address, (float("-inf"), 0))
-            if now - last < self.ALERT_INTERVAL:
-                self._alerted[address] = (last, quiet + 1)
+            self._tokens = min(self.ALERT_BURST, self._tokens + (now - self._refilled))
+            self._refilled = now
+            last, quiet = self._alerted.get(key, (float("-inf"), 0))
+            if now - last < self.ALERT_INTERVAL or self._tokens < 1:
+                if now - last < self.ALERT_INTERVAL:
+                    self._alerted[key] = (last, quiet + 1)
+                else:
+                    self._held_back += 1
                 return
-            if len(self._alerted) > 4096:  # many addresses: forget the old ones rather than grow
+            self._tokens -= 1
+            if len(self._alerted) > 4096:  # many peers: forget the old ones rather than grow
                 self._alerted.clear()
-            self._alerted[address] = (now, 0)
+            self._alerted[key] = (now, 0)
+            held, self._held_back = self._held_back, 0
         try:
             them = m.Participant(calling or "UNKNOWN", True, network_access_point=address)
-            more = f" ({quiet} more refusal(s) from {address} not alerted separately)" if quiet else ""
+            more = f" ({quiet} more such refusal(s) not alerted separately)" if quiet else ""
+            more += f" ({held} other refusal(s) not alerted: too many at once)" if held else ""
             why = f"DICOM association from {calling or '?'} at {address} to {called or '?'} refused (A-ASSOCIATE-RJ): {reason}{more}"
             msg = m.security_alert(self.trail.source, us, "node_authentication", address, why, performer=them)
             self.trail.record(_with_nodes(msg, node_participant(them, subject)))

@@ -269,6 +269,7 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             *self.governor.handlers(),
+            (evt.EVT_REQUESTED, self.check_ae_titles),  # after the governor: a request it rejected is not rejected twice
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -280,6 +281,37 @@ class DicomServer:
             *self.spool.handlers(),
             *(self.audit.handlers() if self.audit is not None else []),
         ]
+
+    def check_ae_titles(self, event: Any) -> None:
+        """EVT_REQUESTED: ``[dimse] require_known_calling_ae`` / ``require_known_called_ae`` (off by default).
+
+        An unknown calling AE title (no ``[peers.X]`` entry) or called AE title (neither ours nor a
+        partition's) gets A-ASSOCIATE-RJ, rejected-permanent, service-user, calling/called AE title
+        not recognised (PS3.8 7.1.1.9), as pynetdicom's own check answers; pynetdicom's check is not
+        used because it knows a single called AE title and no partitions.  Each refusal is logged
+        and, with [audit], recorded as a Security Alert.
+        """
+        s = self.archive.settings
+        if not (s.require_known_calling_ae or s.require_known_called_ae):
+            return
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        primitive = assoc.requestor.primitive
+        calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
+        reason, diagnostic = None, 0
+        if s.require_known_calling_ae and s.peer(calling) is None:
+            reason, diagnostic = f"calling AE title {calling!r} not recognised (no [peers] entry)", 0x03
+        elif s.require_known_called_ae and called != s.ae_title and called not in self.partitions:
+            reason, diagnostic = f"called AE title {called!r} not recognised (not ours)", 0x07
+        if reason is None:
+            return
+        address = str(assoc.requestor.address or "?")
+        log.warning("DICOM association from %s (%s) to %s rejected: %s", calling, address, called, reason)
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, DICOM UL service-user
+        assoc.kill()
+        if self.audit is not None:
+            self.audit.association_refused(assoc, reason)
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
@@ -510,6 +542,12 @@ class DicomServer:
         self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
+
+
+def _aet(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
 
 
 def _failure(code: int, comment: str) -> Dataset:
