@@ -352,9 +352,13 @@ def test_c_get_with_dcmtk_getscu(server: XdsiProcess, repo: rsyslog.Rsyslog, tmp
 
 def test_c_get_and_c_find_over_tls_carry_the_certificate_subject(server: XdsiProcess, repo: rsyslog.Rsyslog, pki: dict[str, Any],
                                                                 tmp_path: Path) -> None:
-    """pynetdicom over DICOM TLS: the C-FIND Query and the C-GET messages name the peer's certificate subject."""
+    """pynetdicom over DICOM TLS: the C-STORE received, the C-FIND Query and the C-GET messages name the peer's
+    certificate subject."""
     st = make_study(tmp_path, "GET-PID-TLS", 1)
-    store(server, st)
+    sender = tls_ae("TLSGET").associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(client_tls(pki), "127.0.0.1"))  # type: ignore[attr-defined]
+    assert sender.is_established
+    assert int(sender.send_c_store(st.files[0]).Status) == 0x0000
+    sender.release()
     received: list[str] = []
 
     def on_store(event: Any) -> int:
@@ -373,6 +377,10 @@ def test_c_get_and_c_find_over_tls_carry_the_certificate_subject(server: XdsiPro
     node = ("CN=modality.example.org", "true", None, "127.0.0.1", "AETITLES=TLSGET")
     for r in wait_for(repo, for_study(st.study_uid, "110102", "110104"), 2):
         assert participants(r) == [US_PLAIN, ("TLSGET", "true", "110152", "127.0.0.1", None), node]
+    stored = wait_for(repo, lambda ms: [r for r in ms if event_id(r) == "110104" and about(r, st.study_uid)
+                                        and r.find("EventIdentification").get("EventActionCode") == "C"], 1)
+    assert len(stored) == 1
+    assert participants(stored[0]) == [("TLSGET", "true", "110153", "127.0.0.1", None), ("XDSI", "false", "110152", "127.0.0.1", None), node]
     queries = wait_for(repo, lambda ms: [r for r in ms if event_id(r) == "110112" and objects(r).get("1") is not None
                                          and objects(r)["1"].get("ParticipantObjectID") == "GET-PID-TLS"], 1)
     assert len(queries) == 1
