@@ -33,7 +33,7 @@ from tests.integration.dimse_support import dcmtk_available, run, tool
 from tests.support import rsyslog
 from tests.support.audit_schema import check_audit_message
 from tests.support.objects import secondary_capture
-from tests.support.pki import Issued, TestCA, standard_pki
+from tests.support.pki import Issued, standard_pki
 from tests.support.server import XdsiProcess, free_port
 from xdsi.config import TlsSettings
 from xdsi.security.tls import client_context, server_context

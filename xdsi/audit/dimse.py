@@ -173,17 +173,20 @@ class DimseAudit:
             patient = str(event.identifier.get("PatientID", "") or "") or None
         except Exception:  # an identifier pydicom cannot decode is still audited, without a patient
             patient = None
-        requestor, *nodes = self.peer(event.assoc)
-        msg = m.query(
-            self.trail.source,
-            requestor,
-            _participant(event.assoc.acceptor, False),
-            str(req.AffectedSOPClassUID),
-            raw,
-            str(event.context.transfer_syntax),
-            patient_id=patient,
-        )
-        self.trail.record(_with_nodes(msg, nodes))
+        try:
+            requestor, *nodes = self.peer(event.assoc)
+            msg = m.query(
+                self.trail.source,
+                requestor,
+                _participant(event.assoc.acceptor, False),
+                str(req.AffectedSOPClassUID),
+                raw,
+                str(event.context.transfer_syntax),
+                patient_id=patient,
+            )
+            self.trail.record(_with_nodes(msg, nodes))
+        except Exception:  # the C-FIND is answered regardless
+            log.exception("audit of a C-FIND failed")
 
     # -- C-MOVE and C-GET ----------------------------------------------------------------------------------
 
@@ -201,14 +204,18 @@ class DimseAudit:
         """
         if not self.trail.enabled:
             return None
-        us = _participant(event.assoc.acceptor, False)
-        requestor = self.peer(event.assoc)
-        if destination is None:  # C-GET: the requestor is the receiver
-            receiver, others = requestor[0], requestor[1:]
-        else:  # C-MOVE: a third party asked us to send to the destination
-            receiver = destination
-            others = [*node_participant(destination, destination_subject), *requestor]
-        return RetrieveAudit(self.trail, lambda uid: self._patient(archive, uid), us, receiver, others, refs)
+        try:
+            us = _participant(event.assoc.acceptor, False)
+            requestor = self.peer(event.assoc)
+            if destination is None:  # C-GET: the requestor is the receiver
+                receiver, others = requestor[0], requestor[1:]
+            else:  # C-MOVE: a third party asked us to send to the destination
+                receiver = destination
+                others = [*node_participant(destination, destination_subject), *requestor]
+            return RetrieveAudit(self.trail, lambda uid: self._patient(archive, uid), us, receiver, others, refs)
+        except Exception:  # the retrieve goes on, unaudited, rather than fail because of its audit
+            log.exception("audit of a retrieve could not start")
+            return None
 
     # -- refused associations --------------------------------------------------------------------------------
 
