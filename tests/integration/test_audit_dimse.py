@@ -509,3 +509,40 @@ def test_unknown_calling_or_called_ae_is_refused_and_alerted(server: XdsiProcess
         assert why in ev.find("EventOutcomeDescription").text
         assert participants(r) == [("XDSI", "false", "110150", "127.0.0.1", None), (calling, "true", None, "127.0.0.1", None)]
         assert objects(r)["13"].get("ParticipantObjectID") == "127.0.0.1"
+
+
+def test_c_get_aborted_by_the_requestor_records_what_was_sent(server: XdsiProcess, repo: rsyslog.Rsyslog, tmp_path: Path) -> None:
+    """The C-GET requestor aborts after the first instance: the transfer is still audited when the request ends,
+    outcome 4, naming only what the requestor stored and saying that the rest was not sent."""
+    import threading
+
+    st = make_study(tmp_path, "GET-PID-ABORT", 4)
+    store(server, st)
+    received: list[str] = []
+    holder: dict[str, Any] = {}
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 2:  # the first was answered; this one never will be
+            threading.Thread(target=holder["assoc"].abort).start()  # from another thread, as a user's cancel button would
+            time.sleep(0.5)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.dimse_timeout = 2  # pynetdicom's send_c_get waits this long for an answer once its own association is aborted
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                         ext_neg=[build_role(SecondaryCaptureImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    holder["assoc"] = assoc
+    list(assoc.send_c_get(study_query(st.study_uid), StudyRootQueryRetrieveInformationModelGet))
+    assert assoc.is_aborted and received == st.sops[:2]
+    begin, done = wait_for(repo, for_study(st.study_uid, "110102", "110104"), 2)
+    assert sop_classes(objects(begin)["3"]) == {SC: "4"}
+    ev = done.find("EventIdentification")
+    assert (event_id(done), ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("110104", "R", "4")
+    # sent = stored and answered by the receiver: the second arrived but its answer never came back
+    assert sop_classes(objects(done)["3"]) == {SC: "1"}
+    assert "3 of 4 instance(s) not sent to GETSCU" in ev.find("EventOutcomeDescription").text
+    assert objects(done)["1"].get("ParticipantObjectID") == "GET-PID-ABORT"
