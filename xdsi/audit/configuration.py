@@ -37,7 +37,7 @@ __all__ = ["digests", "changed_settings", "configuration_changed", "KINDS"]
 log = logging.getLogger(__name__)
 
 NETWORK = {"host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "public_url", "peers", "partitions"}
-SECURITY = {"tls", "audit", "cors_origins", "dimse_limits", "http_limits", "limits", "max_associations", "dimse_timeout",
+SECURITY = {"tls", "audit", "xua", "cors_origins", "dimse_limits", "http_limits", "limits", "max_associations", "dimse_timeout",
             "acse_timeout", "network_timeout", "require_known_calling_ae", "require_known_called_ae"}
 KINDS = ("network_configuration", "security_configuration", "software_configuration")
 
