@@ -411,7 +411,7 @@ def test_xdsi_delete_beside_the_server(server: XdsiProcess, repo: rsyslog.Rsyslo
     assert [(event_id(r), r.find("EventIdentification").get("EventActionCode"), r.find("EventIdentification").get("EventOutcomeIndicator"))
             for r in got] == [("110103", "D", "0"), ("110105", "D", "0")], "the dry run records nothing"
     assert [sop_classes(objects(r)["3"]) for r in got] == [{SC: "1"}, {SC: "2"}]
-    person = f"{os.environ.get('USER') or __import__('getpass').getuser()}@{socket.getfqdn()}"
+    person = f"{__import__('getpass').getuser()}@{socket.gethostname()}"
     for r in got:
         assert objects(r)["1"].get("ParticipantObjectID") == "DEL-PID-1"
         (who, proc) = r.findall("ActiveParticipant")

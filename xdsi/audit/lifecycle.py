@@ -76,8 +76,8 @@ def operator() -> m.Participant | None:
         login = getpass.getuser()
     except Exception:  # no login name in a bare container
         return None
-    host = socket.getfqdn() or socket.gethostname()
-    return m.Participant(f"{login}@{host}", True, None, socket.gethostname() or None)
+    host = socket.gethostname()  # not getfqdn(): a reverse DNS lookup can hang a command for seconds
+    return m.Participant(f"{login}@{host}" if host else login, True, None, host or None)
 
 
 def _actors(trail: Any, actors: Sequence[m.Participant]) -> list[m.Participant]:
