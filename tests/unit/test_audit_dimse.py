@@ -221,3 +221,31 @@ def test_dimse_ae_title_checks_are_booleans(tmp_path: Path, value: str, ok: bool
     else:
         with pytest.raises(ConfigError, match=r"\[dimse\] require_known_calling_ae must be true or false"):
             load_settings(str(cfg))
+
+
+def test_pynetdicom_own_ae_title_refusal_is_alerted(tmp_path: Path) -> None:
+    """EVT_REJECTED: an AE that uses pynetdicom's require_calling_aet (not xdsi's [dimse] check) is audited too."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    trail = make_trail(tmp_path)
+    scp = AE(ae_title="GUARDED")
+    scp.add_supported_context(Verification)
+    scp.require_calling_aet = ["KNOWN"]
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=DimseAudit(trail, lambda a, uid: "").handlers())
+    try:
+        scu = AE(ae_title="STRANGER")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="GUARDED")
+        assert assoc.is_rejected
+        known = AE(ae_title="KNOWN")
+        known.add_requested_context(Verification)
+        ok = known.associate("127.0.0.1", server.server_address[1], ae_title="GUARDED")
+        assert ok.is_established
+        ok.release()
+    finally:
+        server.shutdown()
+    (r,) = spooled(trail)
+    assert event_of(r) == ("110113", "E", "4")
+    assert "calling AE title 'STRANGER' not recognised" in r.find("EventIdentification/EventOutcomeDescription").text
+    assert [(a.get("UserID"), a.get("UserIsRequestor")) for a in r.findall("ActiveParticipant")] == [("GUARDED", "false"), ("STRANGER", "true")]

@@ -230,8 +230,8 @@ class DimseAudit:
             reason = f"calling AE title {calling!r} not recognised"
         elif ae.require_called_aet and called != _aet(ae.ae_title):
             reason = f"called AE title {called!r} not recognised"
-        else:
-            reason = "association rejected"
+        else:  # pynetdicom's other refusals are resource limits, not a failed node authentication
+            return
         self.association_refused(assoc, reason)
 
     def association_refused(self, assoc: Any, reason: str) -> None:
