@@ -274,6 +274,10 @@ class MoveDestination:
     connect: bool = True  # False: the request is answered with a failure, do not open the association
     audited: bool = False  # [audit] is on: keep the destination's TLS certificate subject
     tls_subject: str | None = None
+    connected: bool = False  # the TCP (and TLS) connection was made: EVT_CONN_OPEN came
+
+    def on_connected(self, _event: Any) -> None:
+        self.connected = True
 
 
 class RefusedSubAssociation:
@@ -300,6 +304,8 @@ def refusal_reason(assoc: Any, destination: MoveDestination) -> str:
     """Short enough for Error Comment (64 characters) with a 16-character AE title."""
     if assoc.is_rejected:
         what = "rejected the association"
+    elif not destination.connected:  # pynetdicom reports a refused or timed-out connect as an abort
+        what = "could not be reached"
     elif assoc.is_aborted:
         what = "aborted (accepted no context?)"
     else:

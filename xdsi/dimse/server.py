@@ -131,6 +131,8 @@ class ArchiveAE(AE):
             return RefusedSubAssociation("not connected: the request failed")
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
+        if destination is not None:  # tells "could not be reached" from "aborted" in the refusal (and the audit)
+            handlers.append((evt.EVT_CONN_OPEN, destination.on_connected))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
         if destination is not None and not assoc.is_established:
             destination.refused = refusal_reason(assoc, destination)
