@@ -78,11 +78,12 @@ class Servers:
         s = self.settings
         self.audit.start()  # first: messages spooled while a repository is down go out as soon as it answers
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
-        self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
-        try:
-            self.http.start()
-        except OSError as exc:
-            raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
+        if s.http_port:  # 0: no plain HTTP (a TLS-only node)
+            self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
+            try:
+                self.http.start()
+            except OSError as exc:
+                raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
         if self.tls_context is not None and s.https_port is not None:
             self.https = HttpServer(s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context)
             if self.audit.enabled:
@@ -91,10 +92,11 @@ class Servers:
                 self.https.start()
             except OSError as exc:
                 raise listen_error("[server] https_port", "--https-port", s.https_port, s.host, exc) from None
-        try:
-            self.dicom.start(s.host, s.dicom_port)
-        except OSError as exc:
-            raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
+        if s.dicom_port:  # 0: no plain DICOM (a TLS-only node)
+            try:
+                self.dicom.start(s.host, s.dicom_port)
+            except OSError as exc:
+                raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
         if self.tls_context is not None and s.dicom_tls_port is not None:
             if self.audit.enabled:
                 self.dicom.ae.on_tls_refused = self._tls_refused
@@ -107,9 +109,12 @@ class Servers:
                 server.start(s.host, port)
             except OSError as exc:
                 raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
-        log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
+        if self.http is not None:
+            log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if self.https is not None:
             log.info("HTTPS listening on https://%s:%d/ (TLS profile %s)", s.host, self.https.server_port, s.tls.profile)
+        log.info("listeners: %s", describe_listeners(s))
+        _write_running(s)
         self._application_activity(started=True)
         if s.xds.enabled:
             _warn_identifiers(s, self.archive.settings)
@@ -140,6 +145,7 @@ class Servers:
             server.stop()
         self.partitions.close_extra()
         self.archive.close()
+        _clear_running(self.settings)
         if not quiet:
             self._application_activity(started=False)
         self.audit.stop()
@@ -208,19 +214,35 @@ def serve(settings: Settings) -> int:
     except BaseException:
         servers.stop(quiet=True)  # what did start (a DICOM listener's threads) must not keep the process alive
         raise
-    print(
-        f"xdsi serving AE {settings.ae_title} on dicom://{settings.host}:{servers.dicom.port} "
-        f"and http://{settings.host}:{servers.http.server_port}/"
-        + (f", dicom+tls://{settings.host}:{servers.dicom.tls_port}" if servers.dicom.tls_port is not None else "")
-        + (f", https://{settings.host}:{servers.https.server_port}/" if servers.https is not None else "")
-        + f" (data in {settings.data_dir})",
-        flush=True,
-    )
+    print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
     try:
         done.wait()
     finally:
         servers.stop()
     return 0
+
+
+def describe_listeners(settings: Settings) -> str:
+    """``dicom://h:p, http://h:p/, ...`` and which plain ports are off: what the start-up line and the log say."""
+    running = [lst.label(settings.host) for lst in settings.listeners()]
+    off = [name for name, port in (("dicom_port", settings.dicom_port), ("http_port", settings.http_port)) if not port]
+    return ", ".join(running) + (f"; off: {', '.join(off)}" if off else "")
+
+
+def _write_running(settings: Settings) -> None:
+    """Tell ``xdsi status`` which listeners this process serves (a file in data_dir, removed at stop)."""
+    from xdsi.running import write_running
+
+    try:
+        write_running(settings)
+    except OSError as exc:  # the listeners run; only `xdsi status` will not know
+        log.warning("cannot record the listeners for `xdsi status` in %s: %s", settings.data_dir, exc)
+
+
+def _clear_running(settings: Settings) -> None:
+    from xdsi.running import clear_running
+
+    clear_running(settings)
 
 
 def _blame_path(settings: Settings, exc: OSError) -> StartupError:
