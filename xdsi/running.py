@@ -17,7 +17,7 @@ from pathlib import Path
 
 from xdsi.config import Settings
 
-__all__ = ["FILE_NAME", "Running", "clear_running", "read_running", "write_running"]
+__all__ = ["FILE_NAME", "Running", "clear_running", "describe_listeners", "read_running", "write_running"]
 
 FILE_NAME = "serving.json"
 
@@ -30,6 +30,13 @@ class Running:
     started: datetime
     listeners: tuple[str, ...]
     alive: bool
+
+
+def describe_listeners(settings: Settings) -> str:
+    """``http://h:p/, dicom://h:p, ...`` and which plain ports are off: the start-up line, the log and status say it so."""
+    running = [lst.label(settings.host) for lst in settings.listeners()]
+    off = [name for name, port in (("dicom_port", settings.dicom_port), ("http_port", settings.http_port)) if not port]
+    return ", ".join(running) + (f"; off: {', '.join(off)}" if off else "")
 
 
 def write_running(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from xdsi.config import Settings
 from xdsi.dimse.server import DicomServer
 from xdsi.startup import StartupError, check_directories, directory_settings, listen_error, path_error
 from xdsi.app import make_app
+from xdsi.running import describe_listeners
 from xdsi.web.httpd import HttpServer
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class Servers:
     def start(self) -> None:
         s = self.settings
         self.audit.start()  # first: messages spooled while a repository is down go out as soon as it answers
+        from xdsi.security import clock
+
+        clock.install(s.data_dir)  # peers' HTTP Date readings for `xdsi status` (Consistent Time)
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
         if s.http_port:  # 0: no plain HTTP (a TLS-only node)
             self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
@@ -220,13 +224,6 @@ def serve(settings: Settings) -> int:
     finally:
         servers.stop()
     return 0
-
-
-def describe_listeners(settings: Settings) -> str:
-    """``dicom://h:p, http://h:p/, ...`` and which plain ports are off: what the start-up line and the log say."""
-    running = [lst.label(settings.host) for lst in settings.listeners()]
-    off = [name for name, port in (("dicom_port", settings.dicom_port), ("http_port", settings.http_port)) if not port]
-    return ", ".join(running) + (f"; off: {', '.join(off)}" if off else "")
 
 
 def _write_running(settings: Settings) -> None:
