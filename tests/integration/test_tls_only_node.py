@@ -209,6 +209,7 @@ def test_status_of_a_stopped_and_a_killed_server(tmp_path: Path) -> None:
         assert f"serving:    not running (pid {pid}, started " in out and f"it listened on http://127.0.0.1:{proc.http_port}/)" in out, out
         proc.start()
     finally:
-        proc.stop()
+        rc = proc.stop()
+    assert rc == 0, proc.output()  # SIGTERM stops an HTTP-only node cleanly (no DICOM listener to stop)
     assert "serving:    not running\n" in _status(proc)
     assert not (tmp_path / "data" / "serving.json").exists()
