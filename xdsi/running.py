@@ -76,10 +76,16 @@ def read_running(data_dir: Path) -> Running | None:
 
 
 def _alive(pid: int) -> bool:
+    """The process lives and (where /proc tells) is an xdsi: a pid reused by another program after a crash is not us."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: it exists
+        pass
+    if not Path("/proc/self").exists():  # not Linux: kill() is all we know
         return True
-    return True
+    try:
+        return b"xdsi" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return False
