@@ -31,6 +31,7 @@ __all__ = [
     "XdsSettings",
     "PatientIdMapping",
     "AuditSettings",
+    "Listener",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -273,9 +274,10 @@ def tls_from(raw: Mapping[str, Any], base: Path) -> TlsSettings:
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
+    # plain listeners; 0 switches one off (issue 12: a TLS-only node), it never means "any free port"
     dicom_port: int = 11112
     http_port: int = 8080
-    # TLS listeners (None: none); both need [tls] certificate and private_key
+    # TLS listeners (None, or 0 in the file / environment / flags: none); both need [tls] certificate and private_key
     dicom_tls_port: int | None = None
     https_port: int | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)  # [tls]
@@ -301,6 +303,10 @@ class Settings:
     # we publish (the KOS Retrieve URL); never derived from the bind address. Empty: the KOS carries no Retrieve URL
     public_url: str = ""
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
+    # [dimse] AE title checks (PS3.8 7.1.1.9 A-ASSOCIATE-RJ permanent, calling / called AE title not recognised), each
+    # refusal audited as a Security Alert: only calling AE titles with a [peers.X] entry; only our AE title and the partitions'
+    require_known_calling_ae: bool = False
+    require_known_called_ae: bool = False
     xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
@@ -324,6 +330,25 @@ class Settings:
     def peer(self, ae_title: str) -> Peer | None:
         return self.peers.get(ae_title.strip())
 
+    def listeners(self) -> list["Listener"]:
+        """The listeners this configuration turns on, in the order ``xdsi serve`` starts them.
+
+        One place decides what "off" means (0, or no TLS port), so the server, the start-up
+        line and ``xdsi status`` cannot disagree about which ports are served.
+        """
+        out = [Listener(setting, scheme, int(port)) for setting, scheme, port in (
+            ("http_port", "http", self.http_port),
+            ("https_port", "https", self.https_port),
+            ("dicom_port", "dicom", self.dicom_port),
+            ("dicom_tls_port", "dicom+tls", self.dicom_tls_port),
+        ) if port]
+        for name, p in self.partitions.items():
+            if p.dicom_port:
+                out.append(Listener(f"[partitions.{name}] dicom_port", "dicom", int(p.dicom_port), p.ae_title))
+            if p.dicom_tls_port:
+                out.append(Listener(f"[partitions.{name}] dicom_tls_port", "dicom+tls", int(p.dicom_tls_port), p.ae_title))
+        return out
+
     def for_partition(self, name: str) -> "Settings":
         """The settings of one partition as a complete archive of its own (own AE title, index, tiers, data dir)."""
         return self.partitions[name].resolve(self)
@@ -331,6 +356,23 @@ class Settings:
     def with_overrides(self, **kw: Any) -> "Settings":
         """Apply command-line flags; ``None`` means "not given"."""
         return _validated(replace(self, **{k: v for k, v in kw.items() if v is not None}))
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One port ``xdsi serve`` listens on: the setting that turns it on, its scheme, and the AE title it serves."""
+
+    setting: str  # "dicom_port", "https_port", "[partitions.NAME] dicom_port", "[partitions.NAME] dicom_tls_port"
+    scheme: str  # "dicom", "dicom+tls", "http", "https"
+    port: int
+    ae_title: str | None = None  # a partition's own DICOM port; None: the main AE title (and every partition by called AE)
+
+    def url(self, host: str) -> str:
+        return f"{self.scheme}://{host}:{self.port}" + ("/" if self.scheme.startswith("http") else "")
+
+    def label(self, host: str) -> str:
+        """The URL, and the AE title when it is a partition's own port: how the start-up line and status name it."""
+        return self.url(host) + (f" (AE {self.ae_title})" if self.ae_title else "")
 
 
 def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
@@ -392,7 +434,8 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
-    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
+    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", "require_known_calling_ae", "require_known_called_ae",
+              *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
 _PEER_KEYS = {"host", "port", "tls"}
@@ -533,6 +576,11 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
+    for key in ("require_known_calling_ae", "require_known_called_ae"):
+        if key in dimse:
+            if not isinstance(dimse[key], bool):
+                raise ConfigError(f"[dimse] {key} must be true or false, not {dimse[key]!r}")
+            settings = replace(settings, **{key: dimse[key]})
     settings = replace(settings, dimse_limits=dimse_limits_from(dimse))
     if "cors_origins" in doc.get("http", {}):
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
@@ -586,7 +634,9 @@ def _validated(s: Settings) -> Settings:
             continue
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
-            raise ConfigError(f"{port_name} {port} out of range")
+            raise ConfigError(f"{port_name} {port} out of range (0 switches the listener off)")
+        if port == 0 and port_name in ("dicom_tls_port", "https_port"):
+            s = replace(s, **{port_name: None})  # one spelling of "off" for TLS ports, which code tests with `is None`
     for peer in s.peers.values():
         if peer.tls and s.tls.ca_certificates is None:
             raise ConfigError(f"[peers.{peer.ae_title}] tls = true needs [tls] ca_certificates (to verify the peer)")
@@ -610,6 +660,15 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.partitions:
         _validate_partitions(s)
+    listeners = s.listeners()
+    if not listeners:
+        raise ConfigError("no listener: [server] dicom_port and http_port are 0 (off) and no dicom_tls_port or https_port is set; "
+                          "turn at least one on")
+    seen: dict[int, str] = {}
+    for lst in listeners:
+        if lst.port in seen:
+            raise ConfigError(f"{lst.setting} {lst.port} is also {seen[lst.port]}: one port, one listener")
+        seen[lst.port] = lst.setting
     return s
 
 
@@ -713,8 +772,8 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             ae_title=validate_ae_title(str(p.get("ae_title", name)), f"partition {name} AE title"),
             data_dir=data_dir,
             index_url=str(p["index_url"]) if p.get("index_url") else None,
-            dicom_port=int(p["dicom_port"]) if p.get("dicom_port") is not None else None,
-            dicom_tls_port=_partition_tls_port(name, p.get("dicom_tls_port")),
+            dicom_port=_partition_port(name, p.get("dicom_port")),
+            dicom_tls_port=_partition_port(name, p.get("dicom_tls_port"), "dicom_tls_port"),
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
@@ -722,13 +781,14 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
     return out
 
 
-def _partition_tls_port(name: str, value: object) -> int | None:
-    """``[partitions.NAME] dicom_tls_port``: a DICOM TLS port of its own for this AE title; absent or 0: none."""
+def _partition_port(name: str, value: object, key: str = "dicom_port") -> int | None:
+    """``[partitions.NAME] dicom_port`` (or ``dicom_tls_port``): a port of its own for this AE title; absent or 0: none
+    (served by called AE title on the main DICOM ports, plain or TLS)."""
     if value is None:
         return None
-    port = _int(f"[partitions.{name}] dicom_tls_port", value)
+    port = _int(f"[partitions.{name}] {key}", value)
     if not 0 <= port <= 65535:
-        raise ConfigError(f"[partitions.{name}] dicom_tls_port {port} out of range (0: no port of its own)")
+        raise ConfigError(f"[partitions.{name}] {key} {port} out of range (0: no port of its own)")
     return port or None
 
 
@@ -759,18 +819,10 @@ def _validate_partitions(s: Settings) -> None:
         dp = s.partitions[name].dicom_port
         if dp is not None and dp and dp == s.dicom_port:
             raise ConfigError(f"partition {name}: dicom_port {dp} is the main DICOM port")
-        tp = s.partitions[name].dicom_tls_port
-        if tp is not None:
-            # ITI-19 on this partition's own port too: the same [tls] certificate, trusted CAs and profile as the main node
-            if s.tls.certificate is None or s.tls.private_key is None:
-                raise ConfigError(f"[partitions.{name}] dicom_tls_port needs [tls] certificate and private_key")
-            taken = {"[server] dicom_port": s.dicom_port, "[server] http_port": s.http_port, "[server] dicom_tls_port": s.dicom_tls_port,
-                     "[server] https_port": s.https_port, f"[partitions.{name}] dicom_port": dp}
-            taken.update({f"[partitions.{other}] {key}": getattr(q, key) for other, q in s.partitions.items() if other != name
-                          for key in ("dicom_port", "dicom_tls_port")})
-            for where, port in taken.items():
-                if port == tp:
-                    raise ConfigError(f"[partitions.{name}] dicom_tls_port {tp} is also {where}")
+        # ITI-19 on a partition's own port too: the same [tls] certificate, trusted CAs and profile as the main node
+        # (a port used twice is refused with every other listener, in _validated)
+        if s.partitions[name].dicom_tls_port is not None and (s.tls.certificate is None or s.tls.private_key is None):
+            raise ConfigError(f"[partitions.{name}] dicom_tls_port needs [tls] certificate and private_key")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,13 +36,19 @@ def test_a_partition_tls_port_alone_makes_the_tls_material_checked(tmp_path: Pat
     assert check_tls(s) is not None  # the server context the partition's listener uses
 
 
+def test_listed_as_a_listener_of_the_partition_ae(tmp_path: Path, tls_table: str) -> None:
+    s = _load(tmp_path, tls_table + '[partitions.a]\nae_title = "PARTA"\ndicom_port = 11113\ndicom_tls_port = 2763\n')
+    mine = [(lst.setting, lst.scheme, lst.port, lst.ae_title) for lst in s.listeners() if lst.setting.startswith("[partitions.a]")]
+    assert mine == [("[partitions.a] dicom_port", "dicom", 11113, "PARTA"), ("[partitions.a] dicom_tls_port", "dicom+tls", 2763, "PARTA")]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ('[partitions.a]\ndicom_tls_port = 2763\n', "[partitions.a] dicom_tls_port needs [tls] certificate and private_key"),
-        ("TLS" + '[partitions.a]\ndicom_tls_port = 11112\n', "[partitions.a] dicom_tls_port 11112 is also [server] dicom_port"),
+        ("TLS" + '[partitions.a]\ndicom_tls_port = 11112\n', "[partitions.a] dicom_tls_port 11112 is also dicom_port: one port, one listener"),
         ("TLS" + '[partitions.a]\ndicom_port = 2000\ndicom_tls_port = 2000\n', "[partitions.a] dicom_tls_port 2000 is also [partitions.a] dicom_port"),
-        ("TLS" + '[partitions.a]\ndicom_tls_port = 2763\n[partitions.b]\ndicom_tls_port = 2763\n', "[partitions.a] dicom_tls_port 2763 is also [partitions.b] dicom_tls_port"),
+        ("TLS" + '[partitions.a]\ndicom_tls_port = 2763\n[partitions.b]\ndicom_tls_port = 2763\n', "[partitions.b] dicom_tls_port 2763 is also [partitions.a] dicom_tls_port"),
         ("TLS" + '[partitions.a]\ndicom_tls_port = 70000\n', "[partitions.a] dicom_tls_port 70000 out of range"),
         ("TLS" + '[partitions.a]\ndicom_tls_port = "x"\n', "[partitions.a] dicom_tls_port must be an integer"),
     ],
