@@ -134,3 +134,6 @@ def test_startup_line_names_the_partition_tls_listeners(server: XdsiProcess) -> 
     logged = "".join(server.log)
     for ae, port in ((TLS_ONLY, server.ports["only_tls"]), (BOTH, server.ports["both_tls"])):  # type: ignore[attr-defined]
         assert f"DICOM {ae} listening with TLS on 127.0.0.1:{port}" in logged, logged
+    serving = next(line for line in server.log if line.startswith("xdsi serving"))
+    assert f"dicom+tls://127.0.0.1:{server.ports['only_tls']} (AE {TLS_ONLY})" in serving, serving  # type: ignore[attr-defined]
+    assert f"dicom+tls://127.0.0.1:{server.ports['both_tls']} (AE {BOTH})" in serving, serving  # type: ignore[attr-defined]
