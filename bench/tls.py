@@ -153,10 +153,8 @@ def main() -> int:
     print(f"  {'':12s} {'wall':>7s}  {'MB/s':>7s}  {'server CPU':>10s}  {'client CPU':>10s}")
     for k, v in med.items():
         print(f"  {k:12s} {v:7.2f} s {mb / v:7.1f}  {statistics.median(server_cpu[k]):9.2f} s  {statistics.median(client_cpu[k]):9.2f} s")
-    best = {k: min(v) for k, v in times.items()}  # noise on a shared machine only adds: the fastest round is the cleanest look
     print(f"  ingest TLS/plain {med['ingest tls'] / med['ingest plain']:.2f}   RAD-69 HTTPS/HTTP {med['rad69 https'] / med['rad69 http']:.2f}"
-          f"   (fastest rounds: ingest {best['ingest tls'] / best['ingest plain']:.2f}, RAD-69 {best['rad69 https'] / best['rad69 http']:.2f};"
-          f" CPU server+client: ingest {cpu['ingest tls'] / cpu['ingest plain']:.2f}, RAD-69 {cpu['rad69 https'] / cpu['rad69 http']:.2f})")
+          f"   (CPU server+client: ingest {cpu['ingest tls'] / cpu['ingest plain']:.2f}, RAD-69 {cpu['rad69 https'] / cpu['rad69 http']:.2f})")
     return 0
 
 
