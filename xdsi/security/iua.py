@@ -218,7 +218,7 @@ class TokenValidator:
             # the JWK's own "alg" binds it; a JWK without one takes the token's alg, which from_jwk only builds
             # for the matching key type (an RSA JWK refuses ES256, and HS* is not in self.algorithms)
             key = jwt.PyJWK(dict(jwk), None if jwk.get("alg") else alg)
-        except jwt.PyJWKError as exc:
+        except (jwt.PyJWKError, jwt.InvalidKeyError) as exc:  # an EC token naming an RSA key, ...
             raise TokenError("invalid_token", f"key {kid!r} cannot verify {alg}: {exc}") from None
         try:
             claims = jwt.decode(
@@ -242,7 +242,7 @@ class TokenValidator:
             raise TokenError("invalid_token", "the token signature does not verify") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenError("invalid_token", f"the token lacks the {exc.claim!r} claim") from None
-        except (jwt.InvalidTokenError, jwt.PyJWKError) as exc:
+        except jwt.PyJWTError as exc:  # InvalidTokenError, InvalidKeyError (a key too short), ...
             raise TokenError("invalid_token", f"the token is not valid: {exc}") from None
         return self._principal(claims)
 
