@@ -467,3 +467,12 @@ def test_middleware_basic_and_none(tmp_path: Path) -> None:
     assert anon.get("/status", environ_base={"REMOTE_ADDR": "127.0.0.5"}).get_data(as_text=True) == "127.0.0.5 anonymous admin,read,write"
     tls = anon.get("/status", environ_base={"REMOTE_ADDR": "127.0.0.5", "SSL_CLIENT_S_DN": "CN=ws1"})
     assert tls.get_data(as_text=True) == "CN=ws1 tls admin,read,write"
+
+
+def test_the_example_configuration_documents_http_auth_and_iua_with_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "xdsi.example.toml"
+    assert load_settings(example, env={}).auth == AuthSettings()
+    text = example.read_text()
+    for key in ("auth", "allow_anonymous", "users_file", *(k for k in IuaSettings.__dataclass_fields__ if k != "scopes")):
+        assert f"\n{key} = " in text or f"\n# {key} = " in text, key
+    assert "\n[iua.scopes]\n" in text
