@@ -476,3 +476,10 @@ def test_the_example_configuration_documents_http_auth_and_iua_with_defaults() -
     for key in ("auth", "allow_anonymous", "users_file", *(k for k in IuaSettings.__dataclass_fields__ if k != "scopes")):
         assert f"\n{key} = " in text or f"\n# {key} = " in text, key
     assert "\n[iua.scopes]\n" in text
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the test's own signing with the weak key
+def test_a_short_rsa_key_is_refused(tmp_path: Path) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    v = validator(write_jwks(tmp_path / "jwks.json", jwk_of(weak, "weak")))
+    assert "2048" in refused(v, token(weak, kid="weak"))  # PyJWT's minimum key length, enforced (RFC 7518 3.3)

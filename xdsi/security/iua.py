@@ -133,9 +133,15 @@ class JwksCache:
             self._last_attempt = self.clock()
             self._keys = _KeySet(_parse_jwks(self._read(), str(self.source)), self.clock())
 
-    def _refresh(self, why: str) -> None:
-        """Refetch under the lock unless another thread just did, or the last attempt is too recent."""
-        with self._lock:
+    def _refresh(self, why: str, *, wait: bool = True) -> None:
+        """Refetch under the lock unless another thread just did, or the last attempt is too recent.
+
+        ``wait=False`` (a JWKS merely getting old): when another thread is already fetching, go on with
+        the keys we have rather than queue every request behind a slow authorization server.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             now = self.clock()
             if self._last_attempt is not None and now - self._last_attempt < self.refresh_seconds:
                 return
@@ -145,12 +151,16 @@ class JwksCache:
                 log.info("IUA: JWKS reloaded from %s (%s): key ids %s", self.source, why, sorted(self._keys.keys))
             except (OSError, ValueError, requests.RequestException) as exc:
                 log.warning("IUA: JWKS from %s could not be read (%s); keeping the keys we have: %s", self.source, why, exc)
+        finally:
+            self._lock.release()
 
     def key(self, kid: str | None) -> Mapping[str, Any]:
         """The JWK for ``kid`` (a token without ``kid`` only when the JWKS holds exactly one key)."""
         ks = self._keys
-        if ks is None or self.clock() - ks.fetched > self.max_age_seconds:
-            self._refresh("first use" if ks is None else "older than jwks_max_age_seconds")
+        if ks is None:
+            self._refresh("first use")
+        elif self.clock() - ks.fetched > self.max_age_seconds:
+            self._refresh("older than jwks_max_age_seconds", wait=False)
         found = self._lookup(kid)
         if found is None and kid is not None:
             self._refresh(f"unknown key id {kid!r}")

@@ -222,6 +222,10 @@ def check_startup(archive: Any) -> HttpAuth:
     except (OSError, ValueError) as exc:
         setting = "[http] users_file" if s.auth.mode == "basic" else "[iua] jwks_file"
         raise StartupError(setting, users_path(s) if s.auth.mode == "basic" else s.auth.iua.jwks_file, None, str(exc)) from None
+    if s.auth.mode != "none" and s.http_port and not is_loopback(s.host):
+        # not refused (a TLS-terminating proxy may sit in front), but the operator must know
+        log.warning("[http] auth = %r on plain http_port %s at %s: credentials and tokens cross the network in clear "
+                    "unless a TLS proxy fronts it; prefer https_port", s.auth.mode, s.http_port, s.host)
     archive.http_auth = auth
     return auth
 
