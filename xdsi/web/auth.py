@@ -38,6 +38,7 @@ import binascii
 import ipaddress
 import logging
 import re
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from xdsi.config import AUTH_RIGHTS, Settings
@@ -64,7 +65,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def users_path(settings: Settings):  # type: ignore[no-untyped-def]
+def users_path(settings: Settings) -> Path:
     """The users file of ``[http] auth = "basic"``: ``[http] users_file``, else ``<data_dir>/users``."""
     return settings.auth.users_file or (settings.data_dir / "users").resolve()
 
