@@ -354,9 +354,16 @@ def basic_server(tmp_path_factory: pytest.TempPathFactory, study: Any) -> Iterat
         r = subprocess.run([sys.executable, "-m", "xdsi", "users", "add", name, "--rights", rights, "--password-stdin", "--data-dir", str(data)],
                            input=pw + "\n", capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+    from tests.support.pki import standard_pki
+
+    pki = standard_pki(base / "pki")
+    server_cert, ca = pki["server"], pki["ca"]
+    https_port = free_port()
     cfg = base / "xdsi.toml"
-    cfg.write_text('[http]\nauth = "basic"\n')
+    cfg.write_text(f'[server]\nhttps_port = {https_port}\n[http]\nauth = "basic"\n'
+                   f'[tls]\ncertificate = "{server_cert.cert}"\nprivate_key = "{server_cert.key}"\nca_certificates = "{ca.pem}"\n')  # type: ignore[attr-defined]
     proc = XdsiProcess(data, config=cfg).start()
+    proc.https_port, proc.pki = https_port, pki  # type: ignore[attr-defined]
     try:
         yield proc
     finally:
@@ -380,6 +387,13 @@ def test_basic_auth_with_hashed_users_file(basic_server: XdsiProcess, study: Any
                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, timeout=10)
     assert r.status_code == 403
     assert requests.get(url(basic_server, "/status"), auth=("bob", "battery staple"), timeout=10).json()["studies"] == 1
+    # the HTTPS listener (mutual TLS) asks for the same credentials: a client certificate is not a user
+    client_cert, ca = basic_server.pki["client"], basic_server.pki["ca"]  # type: ignore[attr-defined]
+    https = f"https://127.0.0.1:{basic_server.https_port}/status"  # type: ignore[attr-defined]
+    tls = {"cert": (str(client_cert.cert), str(client_cert.key)), "verify": str(ca.pem), "timeout": 10}
+    r = requests.get(https, **tls)  # type: ignore[arg-type]
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == 'Basic realm="xdsi", charset="UTF-8"'
+    assert requests.get(https, auth=("bob", "battery staple"), **tls).json()["studies"] == 1  # type: ignore[arg-type]
     # removing a user takes effect in the running server, without a restart
     assert cli.main(["users", "remove", "alice", "--data-dir", str(basic_server.data_dir)]) == 0
     assert requests.get(url(basic_server, "/dicomweb/studies"), auth=("alice", "correct horse"), timeout=10).status_code == 401
