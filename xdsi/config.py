@@ -986,7 +986,8 @@ def audit_from(raw: object, base: Path) -> AuditSettings:
 
 HTTP_AUTH_MODES = ("none", "bearer", "basic")
 AUTH_RIGHTS = ("read", "write", "admin")
-HTTP_AUTH_KEYS = {"auth", "allow_anonymous", "users_file"}
+SOAP_AUTH_MODES = ("http", "xua")
+HTTP_AUTH_KEYS = {"auth", "allow_anonymous", "users_file", "soap_auth"}
 _SECTION_KEYS["http"] |= HTTP_AUTH_KEYS
 
 
@@ -1015,6 +1016,9 @@ class AuthSettings:
     mode: str = "none"
     allow_anonymous: bool = False
     users_file: Path | None = None  # None: <data_dir>/users
+    # the SOAP endpoints (RAD-69, WADO-WS, ITI-43): "http" = the same HTTP credentials as everything else;
+    # "xua" = left to XUA alone (SAML in wsse:Security, as IHE consumers send it), allowed only with [xua] required
+    soap_auth: str = "http"
     iua: IuaSettings = field(default_factory=IuaSettings)
 
 
@@ -1088,6 +1092,10 @@ def auth_from(http: Mapping[str, Any], iua: object, base: Path) -> AuthSettings:
         kw["allow_anonymous"] = http["allow_anonymous"]
     if "users_file" in http:
         kw["users_file"] = _path_setting("[http] users_file", http["users_file"], base)
+    if "soap_auth" in http:
+        if http["soap_auth"] not in SOAP_AUTH_MODES:
+            raise ConfigError(f"[http] soap_auth must be one of {', '.join(SOAP_AUTH_MODES)}, not {http['soap_auth']!r}")
+        kw["soap_auth"] = http["soap_auth"]
     if iua is not None:
         kw["iua"] = _iua_from(iua, base)
     auth = AuthSettings(**kw)

@@ -472,7 +472,7 @@ def test_the_example_configuration_documents_http_auth_and_iua_with_defaults() -
     example = Path(__file__).resolve().parents[2] / "xdsi.example.toml"
     assert load_settings(example, env={}).auth == AuthSettings()
     text = example.read_text()
-    for key in ("auth", "allow_anonymous", "users_file", *(k for k in IuaSettings.__dataclass_fields__ if k != "scopes")):
+    for key in ("auth", "allow_anonymous", "users_file", "soap_auth", *(k for k in IuaSettings.__dataclass_fields__ if k != "scopes")):
         assert f"\n{key} = " in text or f"\n# {key} = " in text, key
     assert "\n[iua.scopes]\n" in text
 
@@ -482,3 +482,34 @@ def test_a_short_rsa_key_is_refused(tmp_path: Path) -> None:
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     v = validator(write_jwks(tmp_path / "jwks.json", jwk_of(weak, "weak")))
     assert "2048" in refused(v, token(weak, kid="weak"))  # PyJWT's minimum key length, enforced (RFC 7518 3.3)
+
+
+def test_soap_left_to_xua_only_when_xua_is_required(tmp_path: Path) -> None:
+    from xdsi.config import XuaSettings
+
+    add_user(tmp_path / "users", "alice", "pw", frozenset({"read"}))
+    basic = AuthSettings(mode="basic", soap_auth="xua")
+    with pytest.raises(StartupError, match=r'\[http\] soap_auth "xua": leaves the SOAP endpoints to XUA: needs \[xua\] required = true'):
+        check_startup(SimpleNamespace(settings=Settings(data_dir=tmp_path, auth=basic)))
+    with pytest.raises(StartupError):
+        check_startup(SimpleNamespace(settings=Settings(data_dir=tmp_path, auth=basic, xua=XuaSettings(required=False, trusted_issuers=(tmp_path / "idp.pem",)))))
+    # an in-process app built without check_startup does not skip the check either
+    loose = SimpleNamespace(settings=Settings(data_dir=tmp_path, auth=basic), audit=None)
+    assert Client(protect(_app, loose)).post("/xdsi/ImagingDocumentSource", data=b"<x/>").status_code == 401
+    holder = SimpleNamespace(settings=Settings(data_dir=tmp_path, auth=basic, xua=XuaSettings(required=True, trusted_issuers=(tmp_path / "idp.pem",))), audit=None)
+    check_startup(holder)
+    seen: list[dict[str, Any]] = []
+
+    def soap(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ)
+        start_response("200 OK", [])
+        return [b""]
+
+    c = Client(protect(soap, holder))
+    assert c.post("/xdsi/ImagingDocumentSource", data=b"<x/>").status_code == 200  # XUA's to refuse, not ours
+    assert c.get("/xdsi/DocumentRepository?wsdl").status_code == 200
+    assert "xdsi.principal" not in seen[0]
+    assert c.get("/dicomweb/studies").status_code == 401  # everything else still needs the HTTP credentials
+    assert c.get("/status").status_code == 401
+    with pytest.raises(ConfigError, match="soap_auth must be one of http, xua"):
+        load_settings(_toml(tmp_path, '[http]\nsoap_auth = "none"\n'), env={})

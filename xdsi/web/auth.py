@@ -15,7 +15,10 @@ retrieve (QIDO-RS, WADO-RS, WADO-URI, RAD-69/WADO-WS, ITI-43, ``?wsdl``),
 ``write`` to store (STOW-RS), ``admin`` for ``/status`` and deletes.  A CORS
 preflight carries no credentials by design (Fetch standard) and is let through
 to the CORS layer; every other request, unknown paths included, must
-authenticate.
+authenticate.  The SOAP endpoints may instead be left to XUA alone
+(``[http] soap_auth = "xua"``, only with ``[xua] required = true``): IHE
+consumers of RAD-69 and ITI-43 identify their user with a SAML assertion in
+``wsse:Security`` and send no bearer token.
 
 Refusals: 401 with a ``WWW-Authenticate`` challenge when credentials are
 missing or wrong (RFC 6750 3 / RFC 7617 2), 400 ``invalid_request`` for a
@@ -107,10 +110,11 @@ def _quoted(text: str) -> str:
 class HttpAuth:
     """The authentication scheme in force: who the request is (a :class:`Principal`) or a :class:`Refusal`."""
 
-    def __init__(self, mode: str, *, tokens: Any = None, users: Any = None) -> None:
+    def __init__(self, mode: str, *, tokens: Any = None, users: Any = None, soap_by_xua: bool = False) -> None:
         self.mode = mode
         self.tokens = tokens  # xdsi.security.iua.TokenValidator for "bearer"
         self.users = users  # xdsi.security.users.BasicAuthenticator for "basic"
+        self.soap_by_xua = soap_by_xua  # [http] soap_auth = "xua": the SOAP endpoints are XUA's to guard
 
     def challenge(self, error: str | None = None, description: str | None = None, scope: str | None = None) -> str:
         if self.mode == "basic":
@@ -176,6 +180,8 @@ def build_authenticator(settings: Settings) -> HttpAuth:
     logged: the server starts and refuses tokens until the authorization server's keys can be fetched.
     """
     a = settings.auth
+    # never without XUA actually required: check_startup refuses that configuration, and so does this (in-process apps)
+    soap_by_xua = a.soap_auth == "xua" and settings.xua.required and settings.xua.enabled
     if a.mode == "bearer":
         from xdsi.security.iua import JwksCache, TokenValidator
 
@@ -192,11 +198,11 @@ def build_authenticator(settings: Settings) -> HttpAuth:
         else:
             keys.load()
         validator = TokenValidator(keys, issuer=i.issuer, audience=i.audience, algorithms=i.algorithms, clock_skew_seconds=i.clock_skew_seconds, scopes=i.scopes)
-        return HttpAuth("bearer", tokens=validator)
+        return HttpAuth("bearer", tokens=validator, soap_by_xua=soap_by_xua)
     if a.mode == "basic":
         from xdsi.security.users import BasicAuthenticator, UsersFile
 
-        return HttpAuth("basic", users=BasicAuthenticator(UsersFile(users_path(settings))))
+        return HttpAuth("basic", users=BasicAuthenticator(UsersFile(users_path(settings))), soap_by_xua=soap_by_xua)
     return HttpAuth("none")
 
 
@@ -208,6 +214,8 @@ def check_startup(archive: Any) -> HttpAuth:
     from xdsi.startup import StartupError
 
     s = archive.settings
+    if s.auth.soap_auth == "xua" and s.auth.mode != "none" and not (s.xua.required and s.xua.enabled):
+        raise StartupError("[http] soap_auth", '"xua"', None, "leaves the SOAP endpoints to XUA: needs [xua] required = true and trusted_issuers")
     if s.auth.mode == "none" and not s.auth.allow_anonymous and not is_loopback(s.host):
         raise StartupError(
             "[server] host", s.host, "--host",
@@ -271,6 +279,8 @@ def protect(app: WSGIApp, archive: Any) -> WSGIApp:
         if method == "OPTIONS" and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD") and environ.get("HTTP_ORIGIN"):
             return app(environ, start_response)  # CORS preflight: browsers send it without credentials
         path = str(environ.get("PATH_INFO") or "")
+        if auth.soap_by_xua and any(path.startswith(p) for p in SOAP_PATHS):
+            return app(environ, start_response)  # [http] soap_auth = "xua": XUA (required) checks every SOAP request itself
         try:
             principal = auth.identify(environ)
             auth.authorize(principal, required_right(method, path))
