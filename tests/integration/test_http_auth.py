@@ -7,7 +7,8 @@ with RFC 6750 challenges; the right token -> 200, through dicomweb-client (QIDO,
 with pixels compared to pydicom's decoding of the original, STOW), WADO-URI and RAD-69
 (request built by zeep from the official WSDL).  A refused SOAP request gets a SOAP 1.2
 fault with the ``wsse:FailedAuthentication`` subcode, which zeep raises as a Fault.  Key
-rotation: a token by a new key works once the JWKS has it.  Every refusal arrives as a
+rotation: a token by a new key works once the JWKS has it.  With ``soap_auth = "xua"`` RAD-69 is
+served on a SAML assertion alone while DICOMweb still wants the token.  Every refusal arrives as a
 Security Alert in a real Audit Record Repository (rsyslogd) and validates against the
 PS3.15 schema.
 
@@ -44,7 +45,7 @@ from tests.support.audit_schema import check_audit_message
 from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, make_study, populate, zeep_client
 from tests.support.server import XdsiProcess, free_port
 from xdsi import cli
-from xdsi.standards.constants import ACTION_RAD69, NS_WSSE, NS_XDS
+from xdsi.standards.constants import ACTION_RAD69, NS_SOAP12, NS_WSSE, NS_XDS
 
 ISS = "https://as.example.org/realms/imaging"
 AUD = "https://imaging.example.org/"
@@ -340,6 +341,63 @@ def test_key_rotation_is_honoured(bearer_server: XdsiProcess, auth_server: AuthS
     r = requests.get(url(bearer_server, "/dicomweb/studies"), headers=bearer(tok), timeout=10)
     assert r.status_code == 200, r.text
     assert requests.get(url(bearer_server, "/dicomweb/studies"), headers=bearer(auth_server.token()), timeout=10).status_code == 200
+
+
+# -- bearer for DICOMweb, XUA for SOAP ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xua_server(tmp_path_factory: pytest.TempPathFactory, auth_server: AuthServer, study: Any) -> Iterator[Any]:
+    from tests.support import saml
+
+    base = tmp_path_factory.mktemp("bearer-xua")
+    populate(base / "data", study.files)
+    idp = saml.Provider.create(base / "idp")
+    cfg = base / "xdsi.toml"
+    cfg.write_text(f"""
+[http]
+auth = "bearer"
+soap_auth = "xua"
+[iua]
+issuer = "{ISS}"
+audience = "{AUD}"
+jwks_url = "{auth_server.jwks_url}"
+[xua]
+required = true
+trusted_issuers = ["{idp.cert_file}"]
+audience = ["{saml.AUDIENCE}"]
+""")
+    proc = XdsiProcess(base / "data", config=cfg, env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY}).start()
+    proc.idp = idp  # type: ignore[attr-defined]
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_soap_left_to_xua_serves_an_assertion_without_a_bearer_token(xua_server: Any, auth_server: AuthServer, study: Any) -> None:
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    from tests.support import saml
+
+    endpoint = url(xua_server, "/xdsi/ImagingDocumentSource")
+    ct = f'application/soap+xml; charset=utf-8; action="{ACTION_RAD69}"'
+    envelope, sops = _rad69_envelope(study)
+    # no assertion: XUA's WS-Security fault (SOAP 1.2 binding: Sender -> 400), not our 401
+    r = requests.post(endpoint, data=envelope, headers={"Content-Type": ct}, timeout=30)
+    assert r.status_code == 400 and "FailedAuthentication" in r.text and "WWW-Authenticate" not in r.headers
+    # a signed assertion in wsse:Security, no bearer token: served
+    env = etree.fromstring(envelope)
+    header = env.find(f"{{{NS_SOAP12}}}Header")
+    header.append(saml.security_header(xua_server.idp.sign(saml.assertion(user="consumer@hospital.example"))))
+    r = requests.post(endpoint, data=etree.tostring(env, xml_declaration=True, encoding="UTF-8"), headers={"Content-Type": ct}, timeout=30)
+    assert r.status_code == 200, r.text[:2000]
+    parts = MultipartDecoder(r.content, r.headers["Content-Type"]).parts
+    root = etree.fromstring(parts[0].content)
+    assert sorted(d.findtext(f"{{{NS_XDS}}}DocumentUniqueId") for d in root.iter(f"{{{NS_XDS}}}DocumentResponse")) == sorted(sops)
+    # the rest of the HTTP side still wants the bearer token
+    assert requests.get(url(xua_server, "/dicomweb/studies"), timeout=10).status_code == 401
+    assert requests.get(url(xua_server, "/dicomweb/studies"), headers=bearer(auth_server.token()), timeout=10).status_code == 200
 
 
 # -- basic -----------------------------------------------------------------------------------------
