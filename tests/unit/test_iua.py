@@ -377,9 +377,12 @@ def test_start_refused_on_network_without_auth(tmp_path: Path) -> None:
             check_startup(SimpleNamespace(settings=Settings(data_dir=tmp_path, host=host)))
         assert str(info.value).startswith(f"[server] host {host} (--host): anyone who reaches this address")
         assert "allow_anonymous = true" in str(info.value)
+    with pytest.raises(StartupError):  # HTTPS only, plain HTTP off: still anyone with a certificate of the CA
+        check_startup(SimpleNamespace(settings=replace(Settings(data_dir=tmp_path, host="0.0.0.0", http_port=0), https_port=8443)))
     for s in (
         Settings(data_dir=tmp_path),  # loopback
         Settings(data_dir=tmp_path, host="0.0.0.0", auth=AuthSettings(allow_anonymous=True)),
+        Settings(data_dir=tmp_path, host="0.0.0.0", http_port=0),  # no HTTP listener at all (DICOM only)
     ):
         holder = SimpleNamespace(settings=s)
         assert check_startup(holder).mode == "none" and holder.http_auth.mode == "none"  # type: ignore[attr-defined]

@@ -216,7 +216,8 @@ def check_startup(archive: Any) -> HttpAuth:
     s = archive.settings
     if s.auth.soap_auth == "xua" and s.auth.mode != "none" and not (s.xua.required and s.xua.enabled):
         raise StartupError("[http] soap_auth", '"xua"', None, "leaves the SOAP endpoints to XUA: needs [xua] required = true and trusted_issuers")
-    if s.auth.mode == "none" and not s.auth.allow_anonymous and not is_loopback(s.host):
+    http_listens = bool(s.http_port) or bool(s.https_port)  # 0 / None: that listener is off
+    if s.auth.mode == "none" and not s.auth.allow_anonymous and http_listens and not is_loopback(s.host):
         raise StartupError(
             "[server] host", s.host, "--host",
             'anyone who reaches this address could read and store every study: set [http] auth = "bearer" or "basic", '
