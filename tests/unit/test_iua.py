@@ -424,6 +424,10 @@ def test_middleware_bearer_answers(keys: dict[str, Any], tmp_path: Path) -> None
     r = c.post("/dicomweb/studies", headers={"Authorization": f"Bearer {token(keys['rsa1'])}"})
     assert r.status_code == 403
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="xdsi", error="insufficient_scope", error_description="this request needs the write right", scope="write"'
+    custom = SimpleNamespace(settings=holder.settings, audit=None,
+                             http_auth=HttpAuth("bearer", tokens=validator(tmp_path / "jwks.json", scopes={"user/*.write": ("write",), "system/*.*": ("read", "write")})))
+    r = Client(protect(_app, custom)).post("/dicomweb/studies", headers={"Authorization": f"Bearer {token(keys['rsa1'], scope='user/*.read')}"})
+    assert r.status_code == 403 and r.headers["WWW-Authenticate"].endswith('scope="system/*.* user/*.write"')  # the scopes that would do
     r = c.get("/dicomweb/studies", headers={"Authorization": f"bearer {token(keys['rsa1'])}"})  # the scheme is case-insensitive
     assert r.status_code == 200 and r.get_data(as_text=True) == "dr.who bearer read"
     # CORS preflight passes without credentials

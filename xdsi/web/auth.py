@@ -169,7 +169,10 @@ class HttpAuth:
             return
         have = ", ".join(sorted(principal.rights)) or "none"
         if self.mode == "bearer":
-            raise Refusal(403, f"the token grants {have}; this request needs {right!r}", self.challenge("insufficient_scope", f"this request needs the {right} right", scope=right), principal)
+            # RFC 6750 3: "scope" names the scope(s) that would do, i.e. those [iua.scopes] maps to the right
+            granting = " ".join(sorted(sc for sc, rights in self.tokens.scopes.items() if right in rights)) or right
+            challenge = self.challenge("insufficient_scope", f"this request needs the {right} right", scope=_quoted(granting))
+            raise Refusal(403, f"the token grants {have}; this request needs {right!r}", challenge, principal)
         raise Refusal(403, f"user {principal.subject!r} has the rights {have}; this request needs {right!r}", None, principal)
 
 
