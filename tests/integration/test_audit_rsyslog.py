@@ -230,7 +230,7 @@ def test_xdsi_serve_audits_start_store_find_stop(repo: rsyslog.Rsyslog, tmp_path
     for stored in got[1:3]:
         objs = {o.get("ParticipantObjectTypeCodeRole"): o for o in stored.findall("ParticipantObjectIdentification")}
         assert objs["3"].get("ParticipantObjectID") == study
-        assert objs["3"].find("SOPClass").attrib == {"UID": "1.2.840.10008.5.1.4.1.1.7", "NumberOfInstances": "1"}
+        assert objs["3"].find("ParticipantObjectDescription/SOPClass").attrib == {"UID": "1.2.840.10008.5.1.4.1.1.7", "NumberOfInstances": "1"}
         assert objs["1"].get("ParticipantObjectID") == "AUDIT-PID-1"
         parts = {a.get("UserID"): (a.get("UserIsRequestor"), a.get("NetworkAccessPointID"), a.find("RoleIDCode").get("csd-code")) for a in stored.findall("ActiveParticipant")}
         assert parts == {"STORESCU": ("true", "127.0.0.1", "110153"), "XDSI": ("false", "127.0.0.1", "110152")}

@@ -52,7 +52,7 @@ def test_instances_transferred_names_patient_study_and_peers() -> None:
     assert addr["MODALITY"] == ("192.0.2.20", "2")
     objs = {o.get("ParticipantObjectTypeCodeRole"): o for o in root.findall("ParticipantObjectIdentification")}
     assert objs["3"].get("ParticipantObjectID") == STUDY
-    assert objs["3"].find("SOPClass").attrib == {"UID": CT, "NumberOfInstances": "3"}
+    assert objs["3"].find("ParticipantObjectDescription/SOPClass").attrib == {"UID": CT, "NumberOfInstances": "3"}
     assert objs["1"].get("ParticipantObjectID") == "PID-7"
     assert root.find("AuditSourceIdentification").attrib == {"AuditSourceID": "XDSI", "AuditEnterpriseSiteID": "SITE-1"}
 
@@ -69,6 +69,8 @@ def test_security_alert_says_what_and_why() -> None:
     root = check_audit_message(m.build(_events()["alert"]))
     assert root.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
     assert root.find("EventIdentification/EventOutcomeDescription").text == "TLS handshake failed: unknown CA"
+    detail = root.find("ParticipantObjectIdentification/ParticipantObjectDetail")
+    assert (detail.get("type"), base64.b64decode(detail.get("value"))) == ("Alert Description", b"TLS handshake failed: unknown CA")
     assert root.find("ParticipantObjectIdentification").get("ParticipantObjectID") == "192.0.2.99"
 
 
@@ -88,6 +90,17 @@ def test_builder_refuses_what_the_schema_refuses() -> None:
         m.security_alert(SOURCE, US, "application_start", "x", "y")
 
 
+def _flattened(xml: bytes) -> bytes:
+    from lxml import etree
+
+    root = etree.fromstring(xml)
+    for desc in root.iter("ParticipantObjectDescription"):
+        parent = desc.getparent()
+        parent.remove(desc)
+        parent.extend(list(desc))
+    return etree.tostring(root)
+
+
 def test_the_checker_can_fail() -> None:
     """The structural check is not a rubber stamp: order, missing attributes and bad codes are caught."""
     from lxml import etree
@@ -102,7 +115,11 @@ def test_the_checker_can_fail() -> None:
         good.replace(b' UserIsRequestor="true"', b""),
         good.replace(b'csd-code="110104"', b'code="110104"'),
         good.replace(b'EventDateTime="', b'EventDateTime="x'),
+        re.sub(rb'(EventDateTime="[^"]*?)(\+00:00|Z)"', rb'\1"', good),  # a local time without its zone
+        good.replace(b"<ParticipantObjectName/>", b"").replace(b"<ParticipantObjectName></ParticipantObjectName>", b""),  # neither name nor query (CP-2399)
+        _flattened(good),  # SOPClass beside, not inside, ParticipantObjectDescription: the shape we once wrote
     ):
+        assert bad != good
         with pytest.raises(AuditSchemaError):
             check_audit_message(bad)
 

@@ -2,9 +2,14 @@
 
 Why a builder of our own: no maintained Python library writes the DICOM audit
 message (RFC 3881 as re-based by DICOM), and the shape is small and fixed.  The
-element order and attributes follow the PS3.15 A.5.1 schema: EventIdentification,
-ActiveParticipant+, AuditSourceIdentification, ParticipantObjectIdentification*;
-coded values carry ``csd-code``, ``codeSystemName`` and ``originalText``.
+element order and attributes follow the PS3.15 A.5.1 schema (current edition, after
+CP-2399): EventIdentification, ActiveParticipant+, AuditSourceIdentification,
+ParticipantObjectIdentification*; coded values carry ``csd-code``, ``codeSystemName``
+and ``originalText``.  Two rules of that schema are easy to miss and were missed here
+once: every participant object carries a ParticipantObjectName or a
+ParticipantObjectQuery, and SOPClass / Accession / ParticipantObjectContainsStudy live
+inside a ParticipantObjectDescription, which has no text of its own.  The tests validate
+every message against the standard's RELAX NG text (tests/support/data).
 
 Every timestamp is UTC with an explicit offset (Consistent Time): a message read in
 another time zone, or after a DST change, still says when the event happened.
@@ -118,12 +123,12 @@ class ParticipantObject:
     id_type: Code
     type_code: str  # 1 person, 2 system object, 3 organization, 4 other
     role: str | None = None  # ParticipantObjectTypeCodeRole: 1 patient, 3 report, 13 security resource, 24 query
-    name: str | None = None
+    name: str | None = None  # written as an empty token when unknown: the schema wants a name or a query
     query: bytes | None = None  # the query as received; base64 in the message
-    details: Sequence[tuple[str, bytes]] = ()
+    details: Sequence[tuple[str, bytes]] = ()  # ParticipantObjectDetail type/value pairs (value base64)
     sop_classes: Sequence[tuple[str, int]] = ()  # (SOP Class UID, number of instances)
     studies: Sequence[str] = ()  # ParticipantObjectContainsStudy
-    description: str | None = None
+    accessions: Sequence[str] = ()  # Accession Numbers
 
 
 @dataclass(frozen=True)
@@ -220,20 +225,22 @@ def _object(root: etree._Element, o: ParticipantObject) -> None:
     _coded(el, "ParticipantObjectIDTypeCode", o.id_type)
     if o.name is not None and o.query is not None:
         raise ValueError("ParticipantObjectName and ParticipantObjectQuery are exclusive")
-    if o.name is not None:
-        etree.SubElement(el, "ParticipantObjectName").text = o.name
     if o.query is not None:
         etree.SubElement(el, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode("ascii")
+    else:  # PS3.15 A.5.1 (CP-2399): a name or a query is required; an unknown name is an empty token
+        etree.SubElement(el, "ParticipantObjectName").text = o.name or ""
     for key, value in o.details:
         etree.SubElement(el, "ParticipantObjectDetail", {"type": key, "value": base64.b64encode(value).decode("ascii")})
-    if o.description:
-        etree.SubElement(el, "ParticipantObjectDescription").text = o.description
-    for uid, count in o.sop_classes:
-        etree.SubElement(el, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
-    if o.studies:
-        contains = etree.SubElement(el, "ParticipantObjectContainsStudy")
-        for uid in o.studies:
-            etree.SubElement(contains, "StudyIDs", {"UID": uid})
+    if o.accessions or o.sop_classes or o.studies:
+        desc = etree.SubElement(el, "ParticipantObjectDescription")  # DICOMObjectDescriptionContents, in schema order
+        for number in o.accessions:
+            etree.SubElement(desc, "Accession", {"Number": number})
+        for uid, count in o.sop_classes:
+            etree.SubElement(desc, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+        if o.studies:
+            contains = etree.SubElement(desc, "ParticipantObjectContainsStudy")
+            for uid in o.studies:
+                etree.SubElement(contains, "StudyIDs", {"UID": uid})
 
 
 # -- the events, with the participants and objects PS3.15 A.5.3 asks for ---------------------------------------
@@ -244,9 +251,9 @@ def patient_object(patient_id: str, patient_name: str | None = None) -> Particip
     return ParticipantObject(patient_id, _PATIENT_ID_TYPE, "1", "1", name=patient_name or None)
 
 
-def study_object(study_uid: str, sop_classes: Iterable[tuple[str, int]] = ()) -> ParticipantObject:
+def study_object(study_uid: str, sop_classes: Iterable[tuple[str, int]] = (), accessions: Iterable[str] = ()) -> ParticipantObject:
     """A study (type 2 system object, role 3 report, ID type 110180) with the SOP classes involved."""
-    return ParticipantObject(study_uid, _STUDY_ID_TYPE, "2", "3", sop_classes=tuple(sop_classes))
+    return ParticipantObject(study_uid, _STUDY_ID_TYPE, "2", "3", sop_classes=tuple(sop_classes), accessions=tuple(a for a in accessions if a))
 
 
 def application_activity(source: AuditSource, app: Participant, started: bool, outcome: str = "0") -> AuditEvent:
@@ -321,7 +328,8 @@ def security_alert(
         raise ValueError(f"unknown security alert type {kind!r}")
     reporter = Participant(reporter.user_id, performer is None, ROLE["application"], reporter.network_access_point, reporter.alternative_user_id)
     people = [reporter] + ([Participant(performer.user_id, True, None, performer.network_access_point, performer.alternative_user_id)] if performer else [])
-    obj = ParticipantObject(subject, Code("12", "RFC-3881", "URI"), "2", "13", description=description)
+    # the schema's ParticipantObjectDescription holds DICOM object details only: the why goes in a detail
+    obj = ParticipantObject(subject, Code("12", "RFC-3881", "URI"), "2", "13", name=subject, details=[("Alert Description", description.encode("utf-8"))])
     return AuditEvent(EVENT["security_alert"], "E", outcome, people, source, [obj], event_types=[EVENT_TYPE[kind]], outcome_description=description)
 
 
