@@ -28,6 +28,7 @@ from xdsi.archive.produced import Produced
 from xdsi.archive.retrieve import CannotProvide, FrameInfo, InstanceRef, NotAvailable
 from xdsi.archive.transcode import TranscodeError
 from xdsi.archive.store import Outcome
+from xdsi.audit import http as audit_http
 from xdsi.render import RenderError, UnsupportedParameter
 from xdsi.render.params import RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
@@ -141,11 +142,14 @@ class DicomWebApp:
         lim = self.archive.settings.http_limits
         q = build_query(level, request.args, fixed, max_value=lim.max_query_value, max_wildcards=lim.max_query_wildcards)
         base = self.base(request)
+        patient = request.args.get("PatientID") or request.args.get("00100020")
         try:
             results = self.archive.query.find(q.identifier, "STUDY", limit=q.limit, offset=q.offset, fuzzy=q.fuzzy)
             first = next(results, None)
         except QueryError as exc:
+            audit_http.qido_query(self.archive, request.environ, patient, failure=str(exc))
             raise HttpError(400, str(exc)) from None
+        audit_http.qido_query(self.archive, request.environ, patient)  # the query as asked, when it ran (issue 12)
 
         def url(ds: Any) -> str:
             u = f"{base}/studies/{ds.StudyInstanceUID}"
@@ -197,37 +201,51 @@ class DicomWebApp:
             raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
         refs = self._select(study, series, sop)
         retrieve = self.archive.retrieve
+        # the audit trail's view of this response: what it will send, what it could not, what it did (issue 12)
+        audit = audit_http.transfer(self.archive, request.environ, None, "WADO-RS")
         # every instance is produced (recalled, converted into a spool) before the status line is sent
-        produced: list[Produced] = []
+        produced: list[tuple[InstanceRef, Produced]] = []
         omitted: list[str] = []
         refusals: list[HttpError] = []
         try:
             for ref in refs:
                 try:
-                    produced.append(retrieve.produce(ref, _accepted_syntaxes(choices, ref.transfer_syntax_uid)))
+                    produced.append((ref, retrieve.produce(ref, _accepted_syntaxes(choices, ref.transfer_syntax_uid))))
                 except (CannotProvide, NotAvailable, TranscodeError, OSError) as exc:
                     if not isinstance(exc, CannotProvide):
                         log.error("WADO-RS: %s cannot be sent: %s", ref.sop_instance_uid, exc)
                     refusals.append(_production_error(ref.sop_instance_uid, exc))
                     omitted.append(f"{ref.sop_instance_uid}: {exc}")
+                    if audit is not None:
+                        audit.omit(ref.study_uid, f"{ref.sop_instance_uid}: {exc}")
         except BaseException:
-            for p in produced:
+            for _ref, p in produced:
                 p.close()
             raise
         if not produced:  # nothing to send: the first reason, with its status, before any header
+            if audit is not None:
+                audit.close()
             raise refusals[0]
         writer = MultipartWriter(media.DICOM)
+        if audit is not None:
+            for ref, _p in produced:
+                audit.intend(ref.study_uid, ref.sop_class_uid)
 
         def body() -> Iterator[bytes]:
             try:
-                for p in produced:
-                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, p.chunks())
+                for ref, p in produced:
+                    chunks: Iterable[bytes] = p.chunks()
+                    if audit is not None:
+                        chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
+                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, chunks)
                 yield writer.end()
             finally:
-                for p in produced:
+                for _ref, p in produced:
                     p.close()
 
         r = Response(body(), status=200, content_type=writer.content_type)
+        if audit is not None:
+            r.call_on_close(audit.close)  # when the server closes the body: complete, or the client went away
         for reason in omitted[:20]:
             r.headers.add("Warning", warning_value(f"omitted {reason}"))
         return r

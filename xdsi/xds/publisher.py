@@ -277,6 +277,8 @@ class Publisher:
         transaction = ""
         endpoint = ""
         replaces = ""
+        sub = None  # the submission as built: what the audit record names (patient, submission set)
+        sent = False  # the request reached the client (else nothing left us and nothing is audited)
         try:
             snap, created = snapshot_from_json(row.snapshot)
             if row.kind == KIND_DEPRECATE:
@@ -284,6 +286,7 @@ class Publisher:
                 patient = self._registered_patient(row) or patient_ids(snap, self.x).affinity
                 sub = build_deprecation(patient, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
                 metadata_xml = pretty(sub.request)
+                sent = True
                 result = self.update_client().update(sub.request)
             else:
                 data = self._kos_bytes(row)
@@ -298,6 +301,7 @@ class Publisher:
                     include_repository=integrated, replaces_entry_uuid=replaces,
                 )
                 metadata_xml = pretty(sub.request)
+                sent = True
                 if integrated:
                     transaction, endpoint = "ITI-42", self.x.registry_url
                     result = self.registry().register(sub.request)
@@ -305,11 +309,20 @@ class Publisher:
                     transaction, endpoint = "ITI-41", self.x.repository_url
                     result = self.repository().provide_and_register(sub.request, {row.entry_uuid: data})
         except (MetadataError, OSError, ValueError, LookupError) as exc:
+            if sent and sub is not None:
+                self._audit(transaction, endpoint, sub, "8", f"{transaction} failed: {exc}")
             return self._failed(claim, row, "not sent", str(exc), "", metadata_xml, transaction, endpoint)
         except XdsTransportError as exc:
+            self._audit(transaction, endpoint, sub, "8", f"{transaction} transport error: {exc}")
             return self._failed(claim, row, "transport error", str(exc), "", metadata_xml, transaction, endpoint)
         self._keep_answer(row, metadata_xml, result)
         earlier = not result.success and proves_registered(result, row.submission_set_uid, row.kos_sop_uid if row.kind == KIND_PUBLISH else None)
+        if result.success:
+            self._audit(transaction, endpoint, sub, "0", None)
+        elif earlier:
+            self._audit(transaction, endpoint, sub, "4", f"registered by an earlier attempt whose answer was lost: {result.error_text()}")
+        else:
+            self._audit(transaction, endpoint, sub, "8", f"{result.status.rsplit(':', 1)[-1]}: {result.error_text()}")
         if result.success or earlier:
             self.outbox.succeeded(
                 claim, status=result.status, response=result.raw, metadata=metadata_xml, error_text=result.error_text(),
@@ -322,6 +335,14 @@ class Publisher:
                 log.info("%s of %s for study %s: Success", transaction, row.kos_sop_uid, row.study_uid)
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
+
+    def _audit(self, transaction: str, endpoint: str, sub: object, outcome: str, description: str | None) -> None:
+        """The ATNA Export for this attempt (issue 12): patient and submission set as sent; no-op when auditing is off."""
+        if sub is None or getattr(self.archive, "audit", None) is None:
+            return
+        from xdsi.audit.xds import submission_sent
+
+        submission_sent(self.archive, transaction, endpoint, sub.submission_set_uid, sub.patient_id, outcome, description)  # type: ignore[attr-defined]
 
     def _registered_patient(self, row: XdsSubmission) -> str:
         """The patientId the manifest to deprecate was registered under, from the metadata we sent; "" if unknown.

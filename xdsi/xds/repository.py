@@ -30,6 +30,7 @@ class FoundDocument:
     home_community_id: str | None
     mime_type: str
     produced: Produced  # the stored bytes, ready: stream with produced.chunks()
+    study_uid: str = ""  # the study the manifest describes (its patient is named in the audit record)
 
 
 class ManifestRepository:
@@ -55,4 +56,4 @@ class ManifestRepository:
             produced = self.archive.retrieve.produce(refs[0], [refs[0].transfer_syntax_uid])  # as stored
         except (NotAvailable, CannotProvide, OSError) as exc:
             return RegistryError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
-        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced)
+        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced, row.study_uid)
