@@ -44,7 +44,8 @@ def submission_sent(
     try:
         codes, action = TRANSACTIONS[transaction]
         host = socket.gethostname()
-        us = m.Participant(archive.settings.ae_title, False, network_access_point=host or None, alternative_user_id=str(os.getpid()))
+        # we start the transaction: UserIsRequestor true (the ITI tables leave it "U" for the Document Source)
+        us = m.Participant(archive.settings.ae_title, True, network_access_point=host or None, alternative_user_id=str(os.getpid()))
         peer_host = urlsplit(endpoint).hostname or None
         them = m.Participant(endpoint or "UNKNOWN", False, network_access_point=peer_host)
         trail.record(m.submission_exported(trail.source, us, them, codes, submission_set_uid, patient_id or "UNKNOWN", outcome, description, action=action))
