@@ -361,6 +361,11 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
         print("xdsi publish: [xds] mode is \"off\"; set it to \"repository\" or \"integrated\"", file=sys.stderr)
         return 2
     archive = _open_archive(settings)
+    trail = None
+    if settings.audit.repositories:  # the Export of what we send is audited here too (issue 12); spooled only:
+        from xdsi.audit.trail import AuditTrail  # the server's sender delivers it, never two processes at once
+
+        trail = archive.audit = AuditTrail(settings)
     try:
         outcome = Publisher(archive).publish_now(args.study_uid, wait=args.wait)
     except (InvalidUID, NonConformantManifest, MetadataError) as exc:
@@ -368,6 +373,8 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     finally:
         archive.close()
+        if trail is not None:
+            trail.stop(drain_seconds=0)
     if outcome is None:
         print(f"xdsi publish: study {args.study_uid} is not in the archive and has no registered manifest", file=sys.stderr)
         return 1
