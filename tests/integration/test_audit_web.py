@@ -303,3 +303,32 @@ def test_wado_ws_information_is_a_query(env: Env) -> None:
     assert xpath.encode() in envelope and sop.encode() in envelope
     assert objs["1"].get("ParticipantObjectID") == "WADO01"
     assert objs["3"].get("ParticipantObjectID") == study
+
+
+def test_wado_rs_metadata_and_frames_are_instances_sent(env: Env) -> None:
+    study = env.wado.study.uid
+    series, sop, _f = env.wado.multiframe
+    before = count_about(env, study)
+    r = requests.get(f"{env.base}/dicomweb/studies/{study}/metadata", headers={"Accept": "application/dicom+json"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()) == 3
+    got = wait_for(env, about_study(study), before + 2)
+    begin, done = got[before:]
+    assert [event(begin), event(done)] == [("110102", "E", "0"), ("110104", "R", "0")]
+    assert sop_classes(objects(begin)["3"]) == sop_classes(objects(done)["3"]) == {CT: "2", GSPS: "1"}
+
+    r = requests.get(f"{env.base}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/1,3",
+                     headers={"Accept": 'multipart/related; type="application/octet-stream"'}, timeout=30)
+    assert r.status_code == 200
+    got = wait_for(env, about_study(study), before + 4)
+    begin, done = got[before + 2:]
+    assert [event(begin), event(done)] == [("110102", "E", "0"), ("110104", "R", "0")]
+    assert sop_classes(objects(done)["3"]) == {CT: "1"}
+    assert participants(done) == [("XDSI", env.pid, "false", "110153", "127.0.0.1"), ("127.0.0.1", None, "true", "110152", "127.0.0.1")]
+
+    r = requests.get(f"{env.base}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/9",
+                     headers={"Accept": 'multipart/related; type="application/octet-stream"'}, timeout=30)
+    assert r.status_code == 404  # the instance has 3 frames: refused, recorded as a failure with nothing sent
+    got = wait_for(env, about_study(study), before + 5)
+    [refused] = got[before + 4:]
+    assert event(refused) == ("110104", "R", "4") and sop_classes(objects(refused)["3"]) == {}
+    assert sop in outcome_text(refused)

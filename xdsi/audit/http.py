@@ -162,6 +162,15 @@ class Transfer:
         with self._lock:
             self._intended[study_uid][sop_class_uid] += 1
 
+    def forget(self, study_uid: str, sop_class_uid: str) -> None:
+        """Take back an :meth:`intend` for an instance that turned out not to be sendable after all."""
+        with self._lock:
+            c = self._intended.get(study_uid)
+            if c is not None and c[sop_class_uid] > 0:
+                c[sop_class_uid] -= 1
+                if c[sop_class_uid] == 0:
+                    del c[sop_class_uid]
+
     def omit(self, study_uid: str, reason: str) -> None:
         """An instance of ``study_uid`` that was asked for and will not be sent (not available, no syntax...)."""
         with self._lock:

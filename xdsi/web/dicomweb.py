@@ -261,6 +261,8 @@ class DicomWebApp:
         assert md is not None
         base = self.base(request)
         gzip_ok = "gzip" in request.accept_encodings and request.accept_encodings["gzip"] > 0
+        # the attributes of a patient's instances leave the archive: audited as those instances sent (issue 12)
+        audit = self._audit(request, "WADO-RS metadata", refs)
 
         def items() -> Iterator[bytes]:
             yield b"["
@@ -269,10 +271,12 @@ class DicomWebApp:
                 prefix = f"{base}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/bulkdata/"
                 yield sep + text.replace(BULK_TOKEN, prefix).encode("utf-8")
                 sep = b","
+                if audit is not None:  # resumed: the server took the instance's JSON (gzip: compressed it)
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
             yield b"]"
 
         if not gzip_ok:
-            return Response(items(), status=200, mimetype=media.DICOM_JSON)
+            return _closing(Response(items(), status=200, mimetype=media.DICOM_JSON), audit)
 
         def gz() -> Iterator[bytes]:
             z = zlib.compressobj(6, zlib.DEFLATED, 31)
@@ -291,7 +295,7 @@ class DicomWebApp:
         r = Response(gz(), status=200, mimetype=media.DICOM_JSON)
         r.headers["Content-Encoding"] = "gzip"
         r.headers["Vary"] = "Accept-Encoding"
-        return r
+        return _closing(r, audit)
 
     # -- WADO-RS: frames and bulk data ---------------------------------------------------------
 
@@ -303,6 +307,7 @@ class DicomWebApp:
         accept = parse_accept(request.headers.get("Accept"))
         ref = self._one(study, series, sop)
         retrieve = self.archive.retrieve
+        audit = self._audit(request, "WADO-RS frames", [ref])
         try:
             info = retrieve.frame_info(ref)
             form = _choose_frame_form(accept, info)
@@ -317,13 +322,15 @@ class DicomWebApp:
             stored, part_type = form
             frame_set = retrieve.frames(ref, numbers, stored=stored)  # produced before the status line
         except content.NoSuchPart as exc:
-            raise HttpError(404, str(exc)) from None
+            raise _refused(audit, ref, HttpError(404, str(exc))) from None
         except content.CannotConvert as exc:
-            raise HttpError(406, str(exc)) from None
+            raise _refused(audit, ref, HttpError(406, str(exc))) from None
         except NotAvailable as exc:
-            raise HttpError(404, str(exc)) from None
+            raise _refused(audit, ref, HttpError(404, str(exc))) from None
         except OSError as exc:
-            raise HttpError(500, f"frames of {sop} cannot be read: {exc}") from None
+            raise _refused(audit, ref, HttpError(500, f"frames of {sop} cannot be read: {exc}")) from None
+        except HttpError as exc:
+            raise _refused(audit, ref, exc) from None
         part_type = part_type or frame_set.media_type
         writer = MultipartWriter(part_type)
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
@@ -333,9 +340,11 @@ class DicomWebApp:
             with frame_set:
                 for n, chunks in frame_set.parts():
                     yield from writer.part({"Content-Type": ctype, "Content-Location": loc + str(n)}, chunks)
+                if audit is not None:  # every frame asked for was written
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
                 yield writer.end()
 
-        return Response(body(), status=200, content_type=writer.content_type)
+        return _closing(Response(body(), status=200, content_type=writer.content_type), audit)
 
     def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
         if not (len(tag) == 8 and all(c in "0123456789abcdefABCDEF" for c in tag)):
@@ -360,6 +369,7 @@ class DicomWebApp:
             raise HttpError(406, str(exc)) from None
         except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
+        audit = self._audit(request, "WADO-RS bulk data", [ref])
         length = value.length
         start, end, status = 0, length, 200
         rng = request.range
@@ -377,13 +387,15 @@ class DicomWebApp:
         try:
             chunks = value.chunks(start, end)
         except content.ContentError as exc:
-            raise HttpError(406, str(exc)) from None
+            raise _refused(audit, ref, HttpError(406, str(exc))) from None
+        if audit is not None:
+            chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
         if not multipart:
             r = Response(chunks, status=status, mimetype=media.OCTET_STREAM)
             r.headers.update(headers)
             r.headers["Content-Length"] = str(end - start)
             r.headers["Accept-Ranges"] = "bytes"
-            return r
+            return _closing(r, audit)
         writer = MultipartWriter(media.OCTET_STREAM)
 
         def body() -> Iterator[bytes]:
@@ -392,7 +404,7 @@ class DicomWebApp:
 
         r = Response(body(), status=status, content_type=writer.content_type)
         r.headers["Accept-Ranges"] = "bytes"
-        return r
+        return _closing(r, audit)
 
     # -- WADO-RS: rendered ---------------------------------------------------------------------
 
@@ -433,7 +445,22 @@ class DicomWebApp:
             raise HttpError(404 if exc.parameter == "frame_number" else 400, _rs_render_reason(exc)) from None
         except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
-        return Response(data, status=200, mimetype=ct)
+        audit = self._audit(request, "WADO-RS rendered", [ref])
+        if audit is None:
+            return Response(data, status=200, mimetype=ct)
+        # a rendering discloses the instance: audited as the instance sent (PS3.15 A.5.3.7)
+        r = Response(audit.track([data], ref.study_uid, ref.sop_class_uid), status=200, mimetype=ct, headers={"Content-Length": str(len(data))})
+        return _closing(r, audit)
+
+    def _audit(self, request: Request, what: str, refs: list[InstanceRef]) -> audit_http.Transfer | None:
+        """The audit record of a response sending ``refs`` (what it sets out to send), None when auditing is off."""
+        if request.method != "GET":
+            return None
+        audit = audit_http.transfer(self.archive, request.environ, None, what)
+        if audit is not None:
+            for ref in refs:
+                audit.intend(ref.study_uid, ref.sop_class_uid)
+        return audit
 
     # -- STOW-RS -------------------------------------------------------------------------------
 
@@ -516,6 +543,22 @@ class DicomWebApp:
         code = media.FAILURE_CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else media.FAILURE_OUT_OF_RESOURCES
         failed.append(_sop_item(result.sop_class_uid, result.sop_instance_uid, code))
         reasons.append(f"{result.sop_instance_uid or 'part ' + str(len(stored) + len(failed))}: {result.reason}")
+
+
+def _closing(r: Response, audit: audit_http.Transfer | None) -> Response:
+    """``r``, recording ``audit`` when the server closes its body: sent whole, or the client went away."""
+    if audit is not None:
+        r.call_on_close(audit.close)
+    return r
+
+
+def _refused(audit: audit_http.Transfer | None, ref: InstanceRef, exc: HttpError) -> HttpError:
+    """``exc``, after recording that ``ref`` was asked for and not sent (outcome 4, no Begin Transferring)."""
+    if audit is not None:
+        audit.forget(ref.study_uid, ref.sop_class_uid)
+        audit.omit(ref.study_uid, f"{ref.sop_instance_uid}: {exc.reason}")
+        audit.close()
+    return exc
 
 
 def public_base(request: Request) -> str:
