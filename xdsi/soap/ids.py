@@ -211,7 +211,7 @@ class ImagingDocumentSourceService(ServiceBase):
         ]
         result = retrieve_information(source.ids, requests, source.limits)
         _log_result("WADO-WS information", result, ex)
-        if source.archive is not None:  # a Query per study asked about (issue 12); nothing when auditing is off
+        if getattr(source.archive, "audit", None) is not None:  # a Query per study asked about (issue 12); nothing when auditing is off
             failed = "; ".join(f"{e.location}: {e.code_context}" for e in result.errors if e.is_error) or None
             audit_http.information_query(source.archive, ctx.transport.req_env, ACTION_INFORMATION, ex.message.envelope,
                                          [r.document.study_uid for r in requests], failure=failed)

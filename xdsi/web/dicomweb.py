@@ -143,6 +143,8 @@ class DicomWebApp:
         q = build_query(level, request.args, fixed, max_value=lim.max_query_value, max_wildcards=lim.max_query_wildcards)
         base = self.base(request)
         patient = request.args.get("PatientID") or request.args.get("00100020")
+        if patient and any(c in patient for c in "*?,\\"):
+            patient = None  # a pattern or list names no one patient; the query itself is in the record
         try:
             results = self.archive.query.find(q.identifier, "STUDY", limit=q.limit, offset=q.offset, fuzzy=q.fuzzy)
             first = next(results, None)
