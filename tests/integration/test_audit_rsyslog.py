@@ -142,6 +142,40 @@ def test_burst_while_repository_is_down_arrives_once_in_order(repo: rsyslog.Rsys
             repo.start()
 
 
+def test_repository_stopped_mid_burst_loses_nothing(repo: rsyslog.Rsyslog, tmp_path: Path) -> None:
+    """The repository goes away while messages stream over a live connection (three times).
+
+    The message written at the moment of the stop is the one at risk: before delivery waited
+    for TCP acknowledgements, 5 of 12 such runs lost it (our write had succeeded into a
+    connection the repository had just closed).
+    """
+    import threading
+
+    settings = _settings(tmp_path, (repo.tls_url,))
+    trail = AuditTrail(settings, repo.pki.client_context())
+    trail.start()
+    try:
+        for r in range(3):
+            prefix = f"mid{r}-"
+            stopper = threading.Thread(target=repo.stop)
+            for i in range(200):
+                _alert(trail, f"{prefix}{i:03d}")
+                if i == 100:
+                    stopper.start()
+                time.sleep(0.002)
+            stopper.join()
+            repo.start()
+            _wait(lambda: len(_alert_ids(repo, prefix)) >= 200)
+            time.sleep(0.5)  # and nothing more comes
+            assert _alert_ids(repo, prefix) == [f"{prefix}{i:03d}" for i in range(200)], f"round {r}"
+        _wait(lambda: trail.status().depth == {repo.tls_url: 0})
+        assert trail.status().depth == {repo.tls_url: 0}
+    finally:
+        trail.stop()
+        if repo.proc is None:
+            repo.start()
+
+
 def test_spooled_messages_survive_an_xdsi_restart(repo: rsyslog.Rsyslog, tmp_path: Path) -> None:
     settings = _settings(tmp_path, (repo.tls_url,))
     repo.stop()

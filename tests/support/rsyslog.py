@@ -4,6 +4,11 @@ It listens on TLS (RFC 5425, mutual authentication with certificates made here b
 ``cryptography``) and UDP (RFC 5426) and writes each message it receives as one line
 (%msg%, control characters escaped by rsyslog) to a file.  It can be stopped and
 started again on the same ports, which is how the tests take the repository away.
+
+Its main queue is "Direct" (each message written by the receiving thread), as an ARR
+that must not lose what it accepted would be configured: with rsyslog's default
+in-memory queue, a stop can drop messages rsyslog had already read from the
+connection, which no sender can see or repair (measured while testing the sender).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ global(workDirectory="{folder / 'work'}" maxMessageSize="256k"
        DefaultNetstreamDriverCAFile="{pki.ca}"
        DefaultNetstreamDriverCertFile="{pki.server_cert}"
        DefaultNetstreamDriverKeyFile="{pki.server_key}")
+main_queue(queue.type="Direct")
 module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid")
 input(type="imtcp" address="127.0.0.1" port="{self.tls_port}")
 module(load="imudp")
