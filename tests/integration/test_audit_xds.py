@@ -172,7 +172,7 @@ def test_serve_registers_serves_and_deprecates_audited(tmp_path: Path, repo: rsy
         [d] = objects(ok, "3")
         assert (d.get("ParticipantObjectID"), d.get("ParticipantObjectTypeCode")) == (kos_uid, "2")
         assert details(d) == {"Repository Unique ID": entry.repository_unique_id}
-        assert [p.get("ParticipantObjectID") for p in objects(ok, "1")] == [spec.patient_id]  # the patient of the manifest's study
+        assert [p.get("ParticipantObjectID") for p in objects(ok, "1")] == [PATIENT_CX]  # as registered, not the local PAT001
         [d] = objects(failed, "3")
         assert d.get("ParticipantObjectID") == "1.2.3.4" and objects(failed, "1") == []
         assert "1.2.3.4" in (failed.findtext("EventIdentification/EventOutcomeDescription") or "")

@@ -88,6 +88,17 @@ def _patient(archive: Any, study_uid: str) -> str:
         return ""
 
 
+def _registered_patient(archive: Any, document_uid: str) -> str:
+    """The affinity-domain CX a manifest was registered under (ITI TF-2: "the patient ID in HL7 CX format"); "" if not registered."""
+    from xdsi.xds.repository import registered_patient
+
+    try:
+        return registered_patient(archive, document_uid)
+    except Exception:
+        log.exception("audit: registered patient of document %s not found", document_uid)
+        return ""
+
+
 def stow_received(archive: Any, environ: Mapping[str, Any], studies: Mapping[str, Counter[str]], patient_of: Any) -> None:
     """One DICOM Instances Transferred (action C) per study a STOW-RS request stored; never raises."""
     trail = getattr(archive, "audit", None)
@@ -272,7 +283,9 @@ class DocumentExport:
 
     ITI TF-2 3.43.6.1: an Export per patient for the documents retrieved (outcome 0, or 4 when
     the client went away before a document was written) and a failure Export for those not
-    retrieved (4 when others were returned, 8 when none was).
+    retrieved (4 when others were returned, 8 when none was).  The patient is the one the
+    manifest was registered under (the affinity-domain CX), or, for a manifest not yet
+    registered, the Patient ID of its study in the archive.
     """
 
     def __init__(self, archive: Any, trail: Any, environ: Mapping[str, Any]) -> None:
@@ -315,7 +328,7 @@ class DocumentExport:
         src = self.trail.source
         by_patient: dict[str, list[tuple[str, str, str | None, str]]] = defaultdict(list)
         for doc in self._found:
-            by_patient[_patient(self.archive, doc[3])].append(doc)
+            by_patient[_registered_patient(self.archive, doc[0]) or _patient(self.archive, doc[3])].append(doc)
         for patient, docs in by_patient.items():
             cut = [d for d, *_ in docs if d not in sent]
             desc = f"{len(cut)} of {len(docs)} document(s) not written: the client went away or the stream failed" if cut else None

@@ -45,7 +45,6 @@ from xdsi.index.xds_models import (
     XdsSubmission,
 )
 from xdsi.uids import validate_uid
-from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryResult
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
@@ -351,24 +350,9 @@ class Publisher:
         table or unmapped_patients policy says today (a study published before a
         mapping changed is still deprecated, issue 11).
         """
-        from xdsi.wire.xml import parse_untrusted
+        from xdsi.xds.repository import registered_patient
 
-        with self.archive.index.session() as s:
-            sent = s.scalars(
-                select(XdsSubmission.last_metadata).where(
-                    XdsSubmission.kos_sop_uid == row.kos_sop_uid, XdsSubmission.kind == KIND_PUBLISH, XdsSubmission.state == DONE
-                ).order_by(XdsSubmission.pk.desc()).limit(1)
-            ).one_or_none()
-        if not sent:
-            return ""
-        try:
-            root = parse_untrusted(sent.encode())
-        except Exception:  # a damaged record: fall back to the current mapping
-            return ""
-        for e in root.iter(C.q("rim", "ExternalIdentifier")):
-            if e.get("identificationScheme") == C.DE_PATIENT_ID and e.get("registryObject") == row.entry_uuid:
-                return e.get("value", "")
-        return ""
+        return registered_patient(self.archive, row.kos_sop_uid, row.entry_uuid)
 
     def _kos_bytes(self, row: XdsSubmission) -> bytes:
         """The manifest as archived (any process sharing the index and tiers can read it), checked against its SHA-1."""
