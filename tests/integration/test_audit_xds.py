@@ -259,3 +259,39 @@ def test_refused_and_unreachable_registry_are_serious_failures(tmp_path: Path, r
         assert_submission(down, PATIENT_CX, ss_uid)  # the same submission set, tried again
     finally:
         _close(archive)
+
+
+def test_publish_command_spools_its_export_for_the_server_to_deliver(tmp_path: Path, repo: rsyslog.Rsyslog, registry: TestRegistry) -> None:
+    """``xdsi publish`` records the Export in the durable spool (it starts no sender of its own); ``xdsi serve`` delivers it."""
+    source = "XDSI-XDS-CLI"
+    spec = StudySpec()
+    data = tmp_path / "data"
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(
+        f'[xds]\nmode = "integrated"\nregistry_url = "{registry.registry_url}"\nauto_publish = false\nstability_delay = 3600\ntimeout = 5\n'
+        + PATIENT_ROWS_TOML + f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{source}"\n'
+    )
+
+    def xdsi(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xdsi", *args, "--data-dir", str(data), "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+
+    imp = xdsi("import", "--no-progress", *map(str, write_study(tmp_path / "in", spec, series=1, per_series=1)))
+    assert imp.returncode == 0, imp.stderr
+    out = xdsi("publish", spec.study_uid)
+    assert out.returncode == 0 and "Success" in out.stdout, out.stdout + out.stderr
+    status = xdsi("status")
+    assert "audit:      1 message(s) pending" in status.stdout, status.stdout  # kept, not sent by the command
+    assert received(repo, source) == []
+    proc = XdsiProcess(data, config=cfg).start()
+    try:
+        assert proc.proc is not None
+        server_pid = str(proc.proc.pid)
+        [msg] = wait_for(repo, source, of_type("ITI-42"), 1)
+    finally:
+        proc.stop()
+    assert event(msg) == ("110106", "R", "0")
+    [ss_uid] = registry.submission_sets
+    assert_submission(msg, PATIENT_CX, ss_uid)
+    user, pid, requestor, role, _nap = participants(msg)[0]
+    assert (user, requestor, role) == ("XDSI", "true", "110153")
+    assert pid is not None and pid.isdigit() and pid != server_pid  # the process that sent it: the publish command
