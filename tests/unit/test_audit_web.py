@@ -131,3 +131,14 @@ def test_nothing_is_tracked_when_auditing_is_off(tmp_path: Path) -> None:
         audit_http.qido_query(archive, ENV, "P1")  # returns at once, nothing to record into
     finally:
         archive.close()
+
+
+def test_a_huge_query_is_kept_by_its_start_and_its_size(spooled: tuple[Archive, AuditTrail, StudySpec]) -> None:
+    archive, trail, spec = spooled
+    envelope = b"<Envelope>" + b"x" * (audit_http.MAX_QUERY_BYTES * 3) + b"</Envelope>"
+    audit_http.information_query(archive, ENV, "urn:dicom:wado:ws:2011:RetrieveImagingDocumentSetInformation", envelope, [spec.study_uid])
+    [msg] = _messages(trail)
+    q = [o for o in msg.findall("ParticipantObjectIdentification") if o.get("ParticipantObjectTypeCodeRole") == "24"][0]
+    assert base64.b64decode(q.findtext("ParticipantObjectQuery")) == envelope[: audit_http.MAX_QUERY_BYTES]
+    assert {d.get("type"): base64.b64decode(d.get("value")) for d in q.findall("ParticipantObjectDetail")} == {"QueryTruncatedFrom": str(len(envelope)).encode()}
+    assert [o.get("ParticipantObjectID") for o in msg.findall("ParticipantObjectIdentification") if o.get("ParticipantObjectTypeCodeRole") == "1"] == ["UNIT-PID"]

@@ -45,6 +45,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_QUERY_BYTES = 16 * 1024  # of a SOAP envelope kept as ParticipantObjectQuery (base64: ~22 KB, fits a UDP datagram)
+
 
 def _trail(archive: Any) -> Any:
     """The archive's audit trail when auditing is on, else None (the adapters then do nothing more)."""
@@ -131,11 +133,13 @@ def qido_query(archive: Any, environ: Mapping[str, Any], patient_id: str | None,
     try:
         target = (str(environ.get("SCRIPT_NAME") or "") + str(environ.get("PATH_INFO") or "")).encode("latin-1", "replace")
         qs = str(environ.get("QUERY_STRING") or "").encode("latin-1", "replace")
+        query = target + (b"?" + qs if qs else b"")
+        details = [("QueryTruncatedFrom", str(len(query)).encode("ascii"))] if len(query) > MAX_QUERY_BYTES else []
         trail.record(
             m.web_query(
-                trail.source, requester(environ), _us(archive, environ), m.STUDY_ROOT_FIND, target + (b"?" + qs if qs else b""),
+                trail.source, requester(environ), _us(archive, environ), m.STUDY_ROOT_FIND, query[:MAX_QUERY_BYTES],
                 m.TRANSACTION["RAD-129"], patient_id=patient_id or None,
-                outcome=m.OUTCOME["minor"] if failure else m.OUTCOME["success"], outcome_description=failure,
+                outcome=m.OUTCOME["minor"] if failure else m.OUTCOME["success"], outcome_description=failure, details=details,
             )
         )
     except Exception:
@@ -267,10 +271,16 @@ def information_query(archive: Any, environ: Mapping[str, Any], action: str, env
     try:
         asker, server = requester(environ), _us(archive, environ, endpoint=True)
         outcome = m.OUTCOME["minor"] if failure else m.OUTCOME["success"]
+        details: list[tuple[str, bytes]] = []
+        if len(envelope) > MAX_QUERY_BYTES:
+            # an envelope of megabytes (the SOAP limit allows it) would make every message of it that large, and
+            # too large for a UDP repository: its start is kept, and its true size said
+            details.append(("QueryTruncatedFrom", str(len(envelope)).encode("ascii")))
+            envelope = envelope[:MAX_QUERY_BYTES]
         for study_uid in dict.fromkeys(study_uids) or [""]:
             patient = _patient(archive, study_uid) if study_uid else ""
             trail.record(m.web_query(trail.source, asker, server, action, envelope, None, patient or None, study_uid or None, uri_id=True,
-                                     outcome=outcome, outcome_description=failure))
+                                     outcome=outcome, outcome_description=failure, details=details))
     except Exception:
         log.exception("audit of a WADO-WS Information request failed")
 

@@ -417,6 +417,7 @@ def web_query(
     uri_id: bool = False,
     outcome: str = "0",
     outcome_description: str | None = None,
+    details: Sequence[tuple[str, bytes]] = (),
 ) -> AuditEvent:
     """Query (PS3.15 A.5.3.10) over HTTP: QIDO-RS (``query_id`` the Study Root FIND SOP Class UID) or a
     WADO-WS Information/XPath request (``uri_id``: the operation's action URI, there being no SOP class).
@@ -424,7 +425,7 @@ def web_query(
     ``query_bytes`` is the request as received (query string, or SOAP envelope); the patient and
     study are named when the request names them (one patient per message).
     """
-    q = ParticipantObject(query_id, _URI_ID_TYPE if uri_id else Code("110181", "DCM", "SOP Class UID"), "2", "24", query=query_bytes)
+    q = ParticipantObject(query_id, _URI_ID_TYPE if uri_id else Code("110181", "DCM", "SOP Class UID"), "2", "24", query=query_bytes, details=tuple(details))
     objects = [q]
     if patient_id:
         objects.append(patient_object(patient_id))

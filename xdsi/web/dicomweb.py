@@ -204,7 +204,7 @@ class DicomWebApp:
         refs = self._select(study, series, sop)
         retrieve = self.archive.retrieve
         # the audit trail's view of this response: what it will send, what it could not, what it did (issue 12)
-        audit = audit_http.transfer(self.archive, request.environ, None, "WADO-RS")
+        audit = audit_http.transfer(self.archive, request.environ, None, "WADO-RS") if request.method == "GET" else None  # HEAD sends none
         # every instance is produced (recalled, converted into a spool) before the status line is sent
         produced: list[tuple[InstanceRef, Produced]] = []
         omitted: list[str] = []
