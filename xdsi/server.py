@@ -135,6 +135,10 @@ class Servers:
             self.http.shutdown()
         if self.https is not None:
             self.https.shutdown()
+        if self.audit.enabled:  # what the HTTP adapters handed to their audit worker, recorded before the index closes
+            from xdsi.audit.http import drain
+
+            drain(self.audit)
         self.dicom.stop()
         for server, _port in self.partition_dicom:
             server.stop()

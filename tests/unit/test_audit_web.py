@@ -82,6 +82,7 @@ def spooled(tmp_path: Path) -> Iterator[tuple[Archive, AuditTrail, StudySpec]]:
 
 def _messages(trail: AuditTrail) -> list[etree._Element]:
     assert trail.spool is not None
+    audit_http.drain(trail)  # recorded off the response path: wait for the worker
     return [check_audit_message(body.split(b"\xef\xbb\xbf", 1)[1]) for _seq, body in trail.spool.pending(REPO)]
 
 
