@@ -331,3 +331,33 @@ def test_wado_rs_metadata_and_frames_are_instances_sent(env: Env) -> None:
     [refused] = got[before + 4:]
     assert event(refused) == ("110104", "R", "4") and sop_classes(objects(refused)["3"]) == {}
     assert sop in outcome_text(refused)
+
+
+def test_records_handed_over_at_shutdown_are_kept_in_order(env: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A request answered just before SIGTERM: its record (made off the response path) is written before the Application Stop."""
+    tmp = tmp_path_factory.mktemp("audit-web-stop")
+    source = "XDSI-WEB-STOP"
+    populate(tmp / "data", env.wado.study.files)
+    cfg = tmp / "xdsi.toml"
+    cfg.write_text(f'[audit]\nrepositories = ["{env.repo.udp_url}"]\naudit_source_id = "{source}"\n')
+    proc = XdsiProcess(tmp / "data", config=cfg, env={"XDSI_REPOSITORY_UNIQUE_ID": NIST_REPOSITORY}).start()
+    try:
+        series, sop, _f = env.wado.image
+        r = requests.get(f"http://127.0.0.1:{proc.http_port}/wado", timeout=30, params={
+            "requestType": "WADO", "studyUID": env.wado.study.uid, "seriesUID": series, "objectUID": sop, "contentType": "application/dicom"})
+        assert r.status_code == 200
+    finally:
+        assert proc.stop() == 0, proc.output()
+
+    def codes() -> list[str]:
+        out = []
+        for line in env.repo.lines():
+            xml = line.split(" ", 3)[3].lstrip("\ufeff").encode("utf-8")
+            if f'AuditSourceID="{source}"'.encode() in xml:
+                out.append(event(check_audit_message(xml))[0])
+        return out
+
+    deadline = time.monotonic() + 15
+    while len(codes()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert codes() == ["110100", "110102", "110104", "110100"]  # start, the WADO-URI pair, stop
