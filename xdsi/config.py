@@ -31,6 +31,7 @@ __all__ = [
     "XdsSettings",
     "PatientIdMapping",
     "AuditSettings",
+    "Listener",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -273,9 +274,10 @@ def tls_from(raw: Mapping[str, Any], base: Path) -> TlsSettings:
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
+    # plain listeners; 0 switches one off (issue 12: a TLS-only node), it never means "any free port"
     dicom_port: int = 11112
     http_port: int = 8080
-    # TLS listeners (None: none); both need [tls] certificate and private_key
+    # TLS listeners (None, or 0 in the file / environment / flags: none); both need [tls] certificate and private_key
     dicom_tls_port: int | None = None
     https_port: int | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)  # [tls]
@@ -301,6 +303,11 @@ class Settings:
     # we publish (the KOS Retrieve URL); never derived from the bind address. Empty: the KOS carries no Retrieve URL
     public_url: str = ""
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
+    # [dimse] AE title checks (PS3.8 7.1.1.9 A-ASSOCIATE-RJ permanent, calling / called AE title not recognised), each
+    # refusal audited as a Security Alert: only calling AE titles with a [peers.X] entry; only our AE title and the partitions'
+    require_known_calling_ae: bool = False
+    require_known_called_ae: bool = False
+    xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -323,6 +330,22 @@ class Settings:
     def peer(self, ae_title: str) -> Peer | None:
         return self.peers.get(ae_title.strip())
 
+    def listeners(self) -> list["Listener"]:
+        """The listeners this configuration turns on, in the order ``xdsi serve`` starts them.
+
+        One place decides what "off" means (0, or no TLS port), so the server, the start-up
+        line and ``xdsi status`` cannot disagree about which ports are served.
+        """
+        out = [Listener(setting, scheme, int(port)) for setting, scheme, port in (
+            ("http_port", "http", self.http_port),
+            ("https_port", "https", self.https_port),
+            ("dicom_port", "dicom", self.dicom_port),
+            ("dicom_tls_port", "dicom+tls", self.dicom_tls_port),
+        ) if port]
+        out += [Listener(f"[partitions.{name}] dicom_port", "dicom", int(p.dicom_port), p.ae_title)
+                for name, p in self.partitions.items() if p.dicom_port]
+        return out
+
     def for_partition(self, name: str) -> "Settings":
         """The settings of one partition as a complete archive of its own (own AE title, index, tiers, data dir)."""
         return self.partitions[name].resolve(self)
@@ -330,6 +353,23 @@ class Settings:
     def with_overrides(self, **kw: Any) -> "Settings":
         """Apply command-line flags; ``None`` means "not given"."""
         return _validated(replace(self, **{k: v for k, v in kw.items() if v is not None}))
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One port ``xdsi serve`` listens on: the setting that turns it on, its scheme, and the AE title it serves."""
+
+    setting: str  # "dicom_port", "https_port", "[partitions.NAME] dicom_port"
+    scheme: str  # "dicom", "dicom+tls", "http", "https"
+    port: int
+    ae_title: str | None = None  # a partition's own DICOM port; None: the main AE title (and every partition by called AE)
+
+    def url(self, host: str) -> str:
+        return f"{self.scheme}://{host}:{self.port}" + ("/" if self.scheme.startswith("http") else "")
+
+    def label(self, host: str) -> str:
+        """The URL, and the AE title when it is a partition's own port: how the start-up line and status name it."""
+        return self.url(host) + (f" (AE {self.ae_title})" if self.ae_title else "")
 
 
 def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
@@ -391,7 +431,8 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
-    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
+    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", "require_known_calling_ae", "require_known_called_ae",
+              *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
 _PEER_KEYS = {"host", "port", "tls"}
@@ -449,7 +490,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -532,6 +573,11 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
+    for key in ("require_known_calling_ae", "require_known_called_ae"):
+        if key in dimse:
+            if not isinstance(dimse[key], bool):
+                raise ConfigError(f"[dimse] {key} must be true or false, not {dimse[key]!r}")
+            settings = replace(settings, **{key: dimse[key]})
     settings = replace(settings, dimse_limits=dimse_limits_from(dimse))
     if "cors_origins" in doc.get("http", {}):
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
@@ -542,6 +588,8 @@ def load_settings(
     settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
     if "audit" in doc:
         settings = replace(settings, audit=audit_from(doc["audit"], base))
+    if "xua" in doc:
+        settings = replace(settings, xua=xua_from(doc["xua"], base))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
@@ -583,7 +631,9 @@ def _validated(s: Settings) -> Settings:
             continue
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
-            raise ConfigError(f"{port_name} {port} out of range")
+            raise ConfigError(f"{port_name} {port} out of range (0 switches the listener off)")
+        if port == 0 and port_name in ("dicom_tls_port", "https_port"):
+            s = replace(s, **{port_name: None})  # one spelling of "off" for TLS ports, which code tests with `is None`
     for peer in s.peers.values():
         if peer.tls and s.tls.ca_certificates is None:
             raise ConfigError(f"[peers.{peer.ae_title}] tls = true needs [tls] ca_certificates (to verify the peer)")
@@ -607,6 +657,15 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.partitions:
         _validate_partitions(s)
+    listeners = s.listeners()
+    if not listeners:
+        raise ConfigError("no listener: [server] dicom_port and http_port are 0 (off) and no dicom_tls_port or https_port is set; "
+                          "turn at least one on")
+    seen: dict[int, str] = {}
+    for lst in listeners:
+        if lst.port in seen:
+            raise ConfigError(f"{lst.setting} {lst.port} is also {seen[lst.port]}: one port, one listener")
+        seen[lst.port] = lst.setting
     return s
 
 
@@ -708,12 +767,23 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             ae_title=validate_ae_title(str(p.get("ae_title", name)), f"partition {name} AE title"),
             data_dir=data_dir,
             index_url=str(p["index_url"]) if p.get("index_url") else None,
-            dicom_port=int(p["dicom_port"]) if p.get("dicom_port") is not None else None,
+            dicom_port=_partition_port(name, p.get("dicom_port")),
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
         )
     return out
+
+
+def _partition_port(name: str, value: object) -> int | None:
+    """``[partitions.NAME] dicom_port``: a port of its own for this AE title; absent or 0: none (served by called AE
+    title on the main DICOM ports)."""
+    if value is None:
+        return None
+    port = _int(f"[partitions.{name}] dicom_port", value)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"[partitions.{name}] dicom_port {port} out of range (0: no port of its own)")
+    return port or None
 
 
 def _validate_partitions(s: Settings) -> None:
@@ -972,3 +1042,68 @@ def audit_from(raw: object, base: Path) -> AuditSettings:
         if key in table:
             kw[key] = float(_number(f"[audit] {key}", table[key]))
     return AuditSettings(**kw)
+
+
+# -- [xua] (issue 13, helper xua) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XuaSettings:
+    """``[xua]``: SAML 2.0 identity assertions (IHE XUA, ITI-40) on RAD-69, WADO-WS and ITI-43.
+
+    With ``trusted_issuers`` set, every assertion that comes in a ``wsse:Security`` header is
+    validated (signature by one of these X-Assertion Providers, or by a certificate one of them
+    issued; validity window; ``audience``) and a bad one is refused with a WS-Security fault;
+    ``required`` also refuses a request that carries none.  Without ``trusted_issuers`` an
+    assertion is only logged, unverified, as before.
+    """
+
+    required: bool = False
+    trusted_issuers: tuple[Path, ...] = ()  # PEM files: the X-Assertion Providers' signing certificates or their CAs
+    audience: tuple[str, ...] = ()  # URIs naming us (ITI-40: the X-Service Provider, optionally the affinity domain)
+    clock_skew_seconds: float = 60.0  # tolerance on NotBefore / NotOnOrAfter / IssueInstant
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.trusted_issuers)
+
+
+_XUA_KEYS = set(XuaSettings.__dataclass_fields__)
+
+
+def xua_from(raw: object, base: Path) -> XuaSettings:
+    """Parse ``[xua]``; relative certificate paths are relative to the config file (read at start-up)."""
+    table = _check_keys("[xua]", raw, _XUA_KEYS)
+    kw: dict[str, Any] = {}
+    if "required" in table:
+        if not isinstance(table["required"], bool):
+            raise ConfigError(f"[xua] required must be true or false, not {table['required']!r}")
+        kw["required"] = table["required"]
+    issuers = table.get("trusted_issuers", [])
+    if isinstance(issuers, str):
+        issuers = [issuers]
+    if not isinstance(issuers, list) or not all(isinstance(i, str) and i for i in issuers):
+        raise ConfigError(f"[xua] trusted_issuers must be a list of PEM certificate file paths, not {issuers!r}")
+    kw["trusted_issuers"] = tuple(p if p.is_absolute() else base / p for p in map(Path, issuers))
+    audience = table.get("audience", [])
+    if isinstance(audience, str):
+        audience = [audience]
+    if not isinstance(audience, list) or not all(isinstance(a, str) and a.strip() for a in audience):
+        raise ConfigError(f"[xua] audience must be a URI or a list of URIs, not {audience!r}")
+    kw["audience"] = tuple(a.strip() for a in audience)
+    if "clock_skew_seconds" in table:
+        skew = table["clock_skew_seconds"]
+        if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not 0 <= skew <= 3600:
+            raise ConfigError(f"[xua] clock_skew_seconds must be a number of seconds from 0 to 3600, not {skew!r}")
+        kw["clock_skew_seconds"] = float(skew)
+    x = XuaSettings(**kw)
+    from xdsi.security.xua import load_certificates  # here: the certificates are checked before anything listens
+
+    for path in x.trusted_issuers:
+        load_certificates(path)
+    if x.required and not x.trusted_issuers:
+        raise ConfigError("[xua] required = true needs trusted_issuers (the X-Assertion Providers' certificates)")
+    if x.trusted_issuers and not x.audience:
+        # ITI-40 3.40.4.1.2: the assertion carries an AudienceRestriction naming the X-Service Provider; we must know our name
+        raise ConfigError("[xua] trusted_issuers needs audience: the URI(s) X-Assertion Providers put in AudienceRestriction for this service")
+    return x

@@ -36,11 +36,12 @@ def _check(event: m.AuditEvent) -> etree._Element:
 
 
 def test_builders_are_schema_valid_and_carry_the_prescribed_codes() -> None:
-    begin = _check(m.begin_transferring(SRC, US, PEER, "1.2.3", "P1", [(CT, 3)], m.TRANSACTION["RAD-69"]))
+    begin = _check(m.with_transaction(m.begin_transferring(SRC, US, PEER, "1.2.3", "P1", [(CT, 3)]), m.TRANSACTION["RAD-69"]))
+    assert [(t.get("csd-code"), t.get("codeSystemName")) for t in begin.iter("EventTypeCode")] == [("RAD-69", "IHE Transactions")]
     assert begin.find("EventIdentification").attrib["EventActionCode"] == "E"
     assert [r.get("csd-code") for r in begin.iter("RoleIDCode")] == ["110153", "110152"]
 
-    sent = _check(m.instances_sent(SRC, US, PEER, "1.2.3", "P1", [(CT, 2)], "4", "1 of 3 not sent", m.TRANSACTION["RAD-55"]))
+    sent = _check(m.with_transaction(m.instances_sent(SRC, US, PEER, "1.2.3", "P1", [(CT, 2)], outcome="4", outcome_description="1 of 3 not sent"), m.TRANSACTION["RAD-55"]))
     ev = sent.find("EventIdentification")
     assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator"), ev.findtext("EventOutcomeDescription")) == ("R", "4", "1 of 3 not sent")
 

@@ -302,7 +302,8 @@ class Transfer:
             want = intended.get(study_uid, Counter())
             got = sent.get(study_uid, Counter())
             if want:
-                self.trail.record(m.begin_transferring(src, self.sender, self.receiver, study_uid, patient, sorted(want.items()), self.event_type, at=self.started))
+                begin = m.begin_transferring(src, self.sender, self.receiver, study_uid, patient, sorted(want.items()))
+                self.trail.record(m.with_transaction(begin, self.event_type, self.started))  # stamped with when the response started
             problems = []
             n_want, n_got = sum(want.values()), sum(got.values())
             if n_got < n_want:
@@ -311,8 +312,9 @@ class Transfer:
                 reasons = omitted[study_uid]
                 problems.append(f"{len(reasons)} requested instance(s) not provided: " + "; ".join(reasons[:5]) + ("; ..." if len(reasons) > 5 else ""))
             outcome = m.OUTCOME["minor"] if problems else m.OUTCOME["success"]
-            done = m.instances_sent(src, self.sender, self.receiver, study_uid, patient, sorted(got.items()), outcome, " | ".join(problems) or None, self.event_type)
-            self.trail.record(dataclasses.replace(done, at=ended))  # when the response ended, not when this ran
+            done = m.instances_sent(src, self.sender, self.receiver, study_uid, patient, sorted(got.items()), outcome=outcome,
+                                    outcome_description=" | ".join(problems) or None)
+            self.trail.record(m.with_transaction(done, self.event_type, ended))  # when the response ended, not when this ran
 
 
 def transfer(archive: Any, environ: Mapping[str, Any], event_type: m.Code | None, what: str, endpoint: bool = False) -> Transfer | None:
