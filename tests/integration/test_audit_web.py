@@ -22,10 +22,10 @@ from lxml import etree
 
 from tests.support import rsyslog
 from tests.support.audit_schema import check_audit_message
-from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, OUR_WSDL, Study, WadoStudy, exchange, make_study, make_wado_study, populate, status_of, zeep_client
+from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, OUR_WSDL, WADO_WSDL, Study, WadoStudy, exchange, make_study, make_wado_study, populate, status_of, zeep_client
 from tests.support.pki import Issued, TestCA
 from tests.support.server import XdsiProcess, free_port
-from xdsi.standards.constants import ACTION_INFORMATION, ACTION_RAD69, STATUS_PARTIAL_SUCCESS
+from xdsi.standards.constants import ACTION_INFORMATION, ACTION_RAD69, ACTION_RENDERED, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
 
 pytestmark = pytest.mark.skipif(not rsyslog.available(), reason="needs Debian rsyslog + rsyslog-gnutls (scripts/test installs them)")
 
@@ -276,6 +276,23 @@ def test_rad69_partly_failed_retrieve(env: Env) -> None:
         assert sop_classes(objects(msg)["3"]) == {CT: "1"}
         assert objects(msg)["1"].get("ParticipantObjectID") == "WADO01"
     assert missing in outcome_text(done) and "1 requested instance(s) not provided" in outcome_text(done)
+
+
+def test_wado_ws_rendered_retrieve_is_instances_sent(env: Env) -> None:
+    series, sop, _f = env.wado.image
+    study = env.wado.study.uid
+    url = f"{env.base}/xdsi/ImagingDocumentSource"
+    client, service = zeep_client(WADO_WSDL, url)
+    before = count_about(env, study)
+    req = {"RepositoryUniqueId": NIST_REPOSITORY, "DocumentUniqueId": sop, "ContentTypeList": {"ContentType": ["image/png"]}}
+    resp = exchange(client, service, "ImagingDocumentSource_RetrieveRenderedImagingDocumentSet", "wado", ACTION_RENDERED,
+                    StudyRequest=[{"studyInstanceUID": study, "SeriesRequest": [{"seriesInstanceUID": series, "RenderedDocumentRequest": [req]}]}])
+    assert status_of(resp.body) == STATUS_SUCCESS
+    got = wait_for(env, about_study(study), before + 2)
+    begin, done = got[before:]
+    assert [event(begin), event(done)] == [("110102", "E", "0"), ("110104", "R", "0")]
+    assert participants(done) == [(url, env.pid, "false", "110153", "127.0.0.1"), ("127.0.0.1", None, "true", "110152", "127.0.0.1")]
+    assert sop_classes(objects(done)["3"]) == {CT: "1"} and objects(done)["1"].get("ParticipantObjectID") == "WADO01"
 
 
 def test_wado_ws_information_is_a_query(env: Env) -> None:
