@@ -374,7 +374,15 @@ def test_records_handed_over_at_shutdown_are_kept_in_order(env: Env, tmp_path_fa
                 out.append(event(check_audit_message(xml))[0])
         return out
 
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while len(codes()) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert codes() == ["110100", "110102", "110104", "110100"]  # start, the WADO-URI pair, stop
+    got = codes()
+    assert got[:3] == ["110100", "110102", "110104"], got  # start, then the WADO-URI pair: recorded before the trail closed
+    if got[3:] != ["110100"]:  # a loaded machine: the Application Stop may still wait in the spool (sent at the next start)
+        import subprocess
+        import sys
+
+        status = subprocess.run([sys.executable, "-m", "xdsi", "status", "--config", str(cfg), "--data-dir", str(tmp / "data")],
+                                capture_output=True, text=True, timeout=60)
+        assert got[3:] == [] and "audit:      1 message(s) pending" in status.stdout, (got, status.stdout)
