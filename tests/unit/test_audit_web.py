@@ -144,3 +144,22 @@ def test_a_huge_query_is_kept_by_its_start_and_its_size(spooled: tuple[Archive, 
     assert base64.b64decode(q.findtext("ParticipantObjectQuery")) == envelope[: audit_http.MAX_QUERY_BYTES]
     assert {d.get("type"): base64.b64decode(d.get("value")) for d in q.findall("ParticipantObjectDetail")} == {"QueryTruncatedFrom": str(len(envelope)).encode()}
     assert [o.get("ParticipantObjectID") for o in msg.findall("ParticipantObjectIdentification") if o.get("ParticipantObjectTypeCodeRole") == "1"] == ["UNIT-PID"]
+
+
+def test_an_authenticated_user_is_named_as_human_requestor(spooled: tuple[Archive, AuditTrail, StudySpec]) -> None:
+    """A bearer/Basic/XUA identity becomes a third ActiveParticipant; a TLS-only identity does not (it is the node)."""
+    from xdsi.security.principal import ENVIRON_KEY, Principal
+
+    archive, trail, spec = spooled
+    env = {**ENV, ENVIRON_KEY: Principal("dr.who@example.org", frozenset({"read"}), "bearer")}
+    t = audit_http.transfer(archive, env, None, "WADO-RS")
+    assert t is not None
+    t.intend(spec.study_uid, CT)
+    list(t.track([b"x"], spec.study_uid, CT))
+    t.close()
+    audit_http.qido_query(archive, {**ENV, ENVIRON_KEY: Principal("CN=node", frozenset(), "tls")}, None)
+    begin, done, query = _messages(trail)
+    for msg in (begin, done):
+        people = [(a.get("UserID"), a.get("UserIsRequestor"), a.find("RoleIDCode") is not None) for a in msg.findall("ActiveParticipant")]
+        assert people == [("XDSI", "false", True), ("127.0.0.2", "true", True), ("dr.who@example.org", "true", False)]
+    assert [a.get("UserID") for a in query.findall("ActiveParticipant")] == ["127.0.0.2", "XDSI"]

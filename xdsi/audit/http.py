@@ -130,6 +130,23 @@ def requester(environ: Mapping[str, Any]) -> m.Participant:
     return m.Participant(subject or addr or "UNKNOWN", True, network_access_point=addr)
 
 
+def human_requestor(environ: Mapping[str, Any]) -> list[m.Participant]:
+    """The user the request was authenticated as (bearer token, Basic, an XUA assertion), when there is one.
+
+    ITI TF-2 3.41/3.43 list a "Human Requestor (if known)" beside the machines: UserID the
+    user's identity, UserIsRequestor true, no role (we have no access-control role code to
+    give).  A TLS-only identity is the requesting node itself, already named by :func:`requester`.
+    """
+    from xdsi.security.principal import ENVIRON_KEY
+
+    principal = environ.get(ENVIRON_KEY)
+    via = getattr(principal, "via", "")
+    subject = str(getattr(principal, "subject", "") or "")
+    if not subject or via in ("tls", "anonymous", ""):
+        return []
+    return [m.Participant(subject, True, network_access_point=str(environ.get("REMOTE_ADDR") or "") or None)]
+
+
 def us(archive: Any, environ: Mapping[str, Any]) -> m.Participant:
     host = str(environ.get("SERVER_NAME") or "") or None
     return m.Participant(archive.settings.ae_title, False, network_access_point=host)
@@ -209,6 +226,7 @@ def qido_query(archive: Any, environ: Mapping[str, Any], patient_id: str | None,
             trail.source, requester(environ), _us(archive, environ), m.STUDY_ROOT_FIND, query[:MAX_QUERY_BYTES],
             m.TRANSACTION["RAD-129"], patient_id=patient_id or None,
             outcome=m.OUTCOME["minor"] if failure else m.OUTCOME["success"], outcome_description=failure, details=details,
+            others=human_requestor(environ),
         )
         _later(trail, lambda: trail.record(event))
     except Exception:
@@ -235,6 +253,7 @@ class Transfer:
         self.event_type = event_type
         self.receiver = requester(environ)
         self.sender = _us(archive, environ, endpoint)
+        self.others = human_requestor(environ)
         self.started = dt.datetime.now(dt.timezone.utc)
         self._lock = threading.Lock()
         self._intended: dict[str, Counter[str]] = defaultdict(Counter)
@@ -302,7 +321,7 @@ class Transfer:
             want = intended.get(study_uid, Counter())
             got = sent.get(study_uid, Counter())
             if want:
-                begin = m.begin_transferring(src, self.sender, self.receiver, study_uid, patient, sorted(want.items()))
+                begin = m.begin_transferring(src, self.sender, self.receiver, study_uid, patient, sorted(want.items()), others=self.others)
                 self.trail.record(m.with_transaction(begin, self.event_type, self.started))  # stamped with when the response started
             problems = []
             n_want, n_got = sum(want.values()), sum(got.values())
@@ -312,8 +331,8 @@ class Transfer:
                 reasons = omitted[study_uid]
                 problems.append(f"{len(reasons)} requested instance(s) not provided: " + "; ".join(reasons[:5]) + ("; ..." if len(reasons) > 5 else ""))
             outcome = m.OUTCOME["minor"] if problems else m.OUTCOME["success"]
-            done = m.instances_sent(src, self.sender, self.receiver, study_uid, patient, sorted(got.items()), outcome=outcome,
-                                    outcome_description=" | ".join(problems) or None)
+            done = m.instances_sent(src, self.sender, self.receiver, study_uid, patient, sorted(got.items()), others=self.others,
+                                    outcome=outcome, outcome_description=" | ".join(problems) or None)
             self.trail.record(m.with_transaction(done, self.event_type, ended))  # when the response ended, not when this ran
 
 
@@ -344,7 +363,7 @@ def information_query(archive: Any, environ: Mapping[str, Any], action: str, env
     if trail is None:
         return
     try:
-        asker, server = requester(environ), _us(archive, environ, endpoint=True)
+        asker, server, human = requester(environ), _us(archive, environ, endpoint=True), human_requestor(environ)
         outcome = m.OUTCOME["minor"] if failure else m.OUTCOME["success"]
         details: list[tuple[str, bytes]] = []
         if len(envelope) > MAX_QUERY_BYTES:
@@ -359,7 +378,7 @@ def information_query(archive: Any, environ: Mapping[str, Any], action: str, env
             for study_uid in studies:
                 patient = _patient(archive, study_uid) if study_uid else ""
                 event = m.web_query(trail.source, asker, server, action, envelope, None, patient or None, study_uid or None, uri_id=True,
-                                    outcome=outcome, outcome_description=failure, details=details)
+                                    outcome=outcome, outcome_description=failure, details=details, others=human)
                 trail.record(dataclasses.replace(event, at=at))
 
         _later(trail, record)
@@ -385,6 +404,7 @@ class DocumentExport:
         self.trail = trail
         self.consumer = requester(environ)
         self.repository = _us(archive, environ, endpoint=True)
+        self.others = human_requestor(environ)
         self._found: list[tuple[str, str, str | None, str]] = []  # (document, repository, home, study)
         self._sent: set[str] = set()
         self._failed: list[tuple[str, str, str | None, str]] = []  # (document, repository, home, reason)
@@ -430,13 +450,13 @@ class DocumentExport:
             cut = [d for d, *_ in docs if d not in sent]
             desc = f"{len(cut)} of {len(docs)} document(s) not written: the client went away or the stream failed" if cut else None
             ok = m.documents_exported(src, self.repository, self.consumer, [(d, r, h) for d, r, h, _s in docs], patient or None,
-                                      m.OUTCOME["minor"] if cut else m.OUTCOME["success"], desc)
+                                      m.OUTCOME["minor"] if cut else m.OUTCOME["success"], desc, others=self.others)
             self.trail.record(dataclasses.replace(ok, at=ended))
         if self._failed:
             reasons = "; ".join(r for *_x, r in self._failed[:5]) + ("; ..." if len(self._failed) > 5 else "")
             outcome = m.OUTCOME["minor"] if self._found else m.OUTCOME["serious"]
             failed = m.documents_exported(src, self.repository, self.consumer, [(d, r, h) for d, r, h, _x in self._failed], None,
-                                          outcome, f"{len(self._failed)} document(s) not retrieved: {reasons}")
+                                          outcome, f"{len(self._failed)} document(s) not retrieved: {reasons}", others=self.others)
             self.trail.record(dataclasses.replace(failed, at=ended))
 
 

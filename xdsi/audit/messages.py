@@ -516,6 +516,7 @@ def web_query(
     outcome: str = "0",
     outcome_description: str | None = None,
     details: Sequence[tuple[str, bytes]] = (),
+    others: Sequence[Participant] = (),
 ) -> AuditEvent:
     """Query (PS3.15 A.5.3.10) over HTTP: QIDO-RS (``query_id`` the Study Root FIND SOP Class UID) or a
     WADO-WS Information/XPath request (``uri_id``: the operation's action URI, there being no SOP class).
@@ -530,7 +531,7 @@ def web_query(
     if study_uid:
         objects.append(study_object(study_uid))
     return AuditEvent(
-        EVENT["query"], "E", outcome, [_as(requestor, ROLE["source"], True), _as(responder, ROLE["destination"], False)], source, objects,
+        EVENT["query"], "E", outcome, [_as(requestor, ROLE["source"], True), _as(responder, ROLE["destination"], False), *others], source, objects,
         event_types=[event_type] if event_type else [], outcome_description=outcome_description,
     )
 
@@ -552,6 +553,7 @@ def documents_exported(
     patient_id: str | None,
     outcome: str = "0",
     outcome_description: str | None = None,
+    others: Sequence[Participant] = (),
 ) -> AuditEvent:
     """ITI-43 at the Document Repository (ITI TF-2 3.43.6.1.2): Export (110106), action R, EventTypeCode ITI-43.
 
@@ -565,7 +567,7 @@ def documents_exported(
     if patient_id:
         objects.append(patient_object(patient_id))
     return AuditEvent(
-        EVENT["export"], "R", outcome, [_as(repository, ROLE["source"], False), _as(consumer, ROLE["destination"])], source, objects,
+        EVENT["export"], "R", outcome, [_as(repository, ROLE["source"], False), _as(consumer, ROLE["destination"]), *others], source, objects,
         event_types=[TRANSACTION["ITI-43"]], outcome_description=outcome_description,
     )
 
