@@ -22,8 +22,8 @@ provided or the client went away mid-stream.
 
 Off the response path: cheroot writes the last chunk of a chunked response only after
 the body's ``close()`` returned, and ``trail.record`` commits to the spool (an fsync,
-~2.6 ms here) after the patient is looked up in the index; done in ``close()`` that
-doubled the time of a small WADO-RS frame request (median 5-6 ms to 10-17 ms).  So the
+~2.6 ms each here, two per retrieve) after the patient is looked up in the index; done
+in ``close()`` the client waited for all of it before its response was complete.  So the
 recording is handed to one worker thread per trail (:func:`_later`: FIFO, so records
 keep their order; bounded, recording inline rather than dropping when it is full), and
 ``xdsi serve`` drains it (:func:`drain`) after the HTTP servers stopped and before the
