@@ -53,6 +53,7 @@ from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
+from xdsi.dimse.policy import NOT_AUTHORIZED, DimsePolicy
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -252,6 +253,9 @@ class DicomServer:
         self._tls_server: Any = None
         self._client_tls: ssl.SSLContext | None = None
         self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
+        # who may associate and do what (issue 13); on_policy_refused(decision) is called for each rejected association
+        self.policy = DimsePolicy.for_archives(s, self.partitions)
+        self.on_policy_refused: Any = None
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -265,6 +269,7 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             *self.governor.handlers(),
+            (evt.EVT_REQUESTED, self.on_requested),  # after the governor's: a slot is checked first
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -272,10 +277,35 @@ class DicomServer:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_N_ACTION, self.commitment.on_n_action),
+            (evt.EVT_N_ACTION, self.on_n_action),
             *self.spool.handlers(),
             *(self.audit.handlers() if self.audit is not None else []),
         ]
+
+    def on_requested(self, event: Any) -> None:
+        """The A-ASSOCIATE-RQ is in: accept, or A-ASSOCIATE-RJ as :class:`DimsePolicy` decides."""
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:  # the governor has already answered it
+            return
+        decision = self.policy.on_association(assoc)
+        if decision.accepted:
+            return
+        c = decision.caller
+        log.warning("DICOM association from %s (%s) to %s rejected: %s", c.calling_ae, c.address, c.called_ae, decision.reason)
+        assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
+        assoc.kill()
+        if self.on_policy_refused is not None:
+            try:
+                self.on_policy_refused(decision)
+            except Exception:  # an audit failure must not change the answer
+                log.exception("DICOM: reporting a rejected association failed")
+
+    def on_n_action(self, event: Any) -> Any:
+        """Storage Commitment needs the peer's ``commit`` right."""
+        refused = self.policy.refusal(event.assoc, "commit")
+        if refused is not None:
+            return _failure(NOT_AUTHORIZED, refused), None
+        return self.commitment.on_n_action(event)
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
@@ -302,6 +332,9 @@ class DicomServer:
         """
         req = event.request
         calling = event.assoc.requestor.ae_title
+        refused = self.policy.refusal(event.assoc, "store")
+        if refused is not None:
+            return _failure(NOT_AUTHORIZED, refused)
         path = Path(event.dataset_path)
         abstract = str(event.context.abstract_syntax)
         command_class = str(req.AffectedSOPClassUID or "")
@@ -334,6 +367,10 @@ class DicomServer:
         return _failure(code, result.reason)
 
     def on_find(self, event: Any) -> Iterator[Any]:
+        refused = self.policy.refusal(event.assoc, "find")
+        if refused is not None:
+            yield _failure(NOT_AUTHORIZED, refused), None
+            return
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
         if self.audit is not None:
             self.audit.queried(event)
@@ -355,6 +392,10 @@ class DicomServer:
 
     def on_move(self, event: Any) -> Iterator[Any]:
         dest = event.move_destination.strip() if isinstance(event.move_destination, str) else event.move_destination.decode().strip()
+        refused = self.policy.refusal(event.assoc, "move")
+        if refused is not None:  # before the destination is looked up: a refused peer learns nothing of our AE table
+            yield from _refuse_retrieve(refused, MoveDestination(dest, connect=False))
+            return
         peer = self.archive.settings.peer(dest)  # one AE table for the whole process
         if peer is None:
             log.warning("C-MOVE from %s to unknown destination %r", event.assoc.requestor.ae_title, dest)
@@ -389,6 +430,10 @@ class DicomServer:
         yield from self._suboperations(event, refs)
 
     def on_get(self, event: Any) -> Iterator[Any]:
+        refused = self.policy.refusal(event.assoc, "get")
+        if refused is not None:
+            yield from _refuse_retrieve(refused, None)
+            return
         try:
             refs = self._select(event)
         except (InvalidUID, ValueError) as exc:
@@ -477,6 +522,19 @@ class DicomServer:
         self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
+
+
+def _refuse_retrieve(reason: str, destination: MoveDestination | None) -> Iterator[Any]:
+    """C-MOVE / C-GET answered 0124 Refused: Not Authorized, with nothing sent.
+
+    pynetdicom's handler protocol has no status before the sub-operation count (and answers
+    Success to a count of 0), so one sub-operation is announced and the request failed at
+    once, as for an identifier we cannot use; for C-MOVE the destination is never contacted.
+    """
+    if destination is not None:
+        yield "0.0.0.0", 0, {"xdsi_move_destination": destination}
+    yield 1
+    yield _failure(NOT_AUTHORIZED, reason), failed_identifier([])
 
 
 def _failure(code: int, comment: str) -> Dataset:
