@@ -230,3 +230,9 @@ def test_refusal_is_decided_once_per_association_and_names_the_operation(tmp_pat
     assert p.refusal(assoc, "find") == "CT1 is not authorised to find"
     assoc.requestor.address = "10.9.9.9"  # the decision made at association time holds for the association
     assert p.refusal(assoc, "store") is None
+
+
+def test_describe_says_who_is_accepted(tmp_path: Path) -> None:
+    assert policy(tmp_path).describe() == "accepting only the 3 AE title(s) in [peers], called AE title(s) ARCHIVE, STUDYX"
+    s = settings(tmp_path, "[dimse]\naccept_any_called_aet = true\n")
+    assert DimsePolicy.for_archives(s).describe() == "accepting any calling AE title, any called AE title"

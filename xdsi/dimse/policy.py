@@ -123,6 +123,13 @@ class DimsePolicy:
             served[aet] = archive.settings.dimse_policy.own_peers
         return cls(main.dimse_policy, main.host, served, main.ae_title)
 
+    def describe(self) -> str:
+        """One line for the start-up log: who will be accepted, so a locked-out site sees why at once."""
+        known = len(self.settings.peers)
+        who = "any calling AE title" if self.accept_unknown else f"only the {known} AE title(s) in [peers]"
+        called = "any called AE title" if self.settings.accept_any_called_aet else "called AE title(s) " + ", ".join(sorted(self.served))
+        return f"accepting {who}, {called}"
+
     def decide(self, caller: Caller) -> Decision:
         called, calling = caller.called_ae.strip(), caller.calling_ae.strip()
         if called in self.served:

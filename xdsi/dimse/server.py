@@ -468,6 +468,8 @@ class DicomServer:
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
+        log.log(logging.WARNING if not (self.policy.accept_unknown or self.policy.settings.peers) else logging.INFO,
+                "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
 
     def client_tls(self) -> ssl.SSLContext:
         """Our outbound DICOM TLS context ([peers.X] tls = true), built once: the peer's chain is verified
