@@ -395,3 +395,48 @@ def test_refused_peers_leave_the_server_serving(server: XdsiProcess) -> None:
     for t in threads:
         t.join(TIMEOUT)
     assert _echo_ok(_associate(server, "FULL"))
+
+
+def test_the_server_log_has_no_tracebacks(server: XdsiProcess) -> None:
+    """Every refusal above was an answer, not an exception in a handler (runs after them: module order)."""
+    assert "Traceback" not in server.output()
+
+
+# -- the refusal hook, in process -------------------------------------------------------------------
+
+
+def test_refusals_are_reported_to_the_hook_and_a_failing_hook_changes_no_answer(tmp_path: Path) -> None:
+    """``DicomServer.on_policy_refused(decision, operation)``: what an audit trail (Security Alert) is fed."""
+    from xdsi.archive import Archive
+    from xdsi.config import DimsePolicySettings, PeerRights, Settings
+    from xdsi.dimse.server import DicomServer
+
+    settings = Settings(data_dir=tmp_path / "data", dimse_policy=DimsePolicySettings(
+        accept_unknown_peers=False, peers={"NOFIND": PeerRights("NOFIND", find=False)}))
+    archive = Archive.open(settings)
+    dicom = DicomServer(archive)
+    seen: list[tuple[Any, str | None]] = []
+    dicom.on_policy_refused = lambda decision, operation: seen.append((decision, operation))
+    dicom.start("127.0.0.1", 0)
+    q = _study_query("1.2.3")
+    try:
+        stranger = _ae("STRANGER").associate("127.0.0.1", dicom.port, ae_title="XDSI")
+        assert _rj(stranger) == (1, 1, 3)
+        assoc = _ae("NOFIND", StudyRootQueryRetrieveInformationModelFind).associate("127.0.0.1", dicom.port, ae_title="XDSI")
+        assert [int(st.Status) for st, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)] == [NOT_AUTHORIZED]
+        assoc.release()
+        assert [(d.caller.calling_ae, d.caller.address, d.diagnostic, op) for d, op in seen] == [
+            ("STRANGER", "127.0.0.1", 3, None), ("NOFIND", "127.0.0.1", None, "find")]
+        assert seen[0][0].reason == "calling AE title 'STRANGER' is not in [peers] (accept_unknown_peers is off)"
+
+        def broken(decision: Any, operation: str | None) -> None:
+            raise RuntimeError("audit spool gone")
+
+        dicom.on_policy_refused = broken
+        assert _rj(_ae("STRANGER").associate("127.0.0.1", dicom.port, ae_title="XDSI")) == (1, 1, 3)
+        assoc = _ae("NOFIND", StudyRootQueryRetrieveInformationModelFind).associate("127.0.0.1", dicom.port, ae_title="XDSI")
+        assert [int(st.Status) for st, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)] == [NOT_AUTHORIZED]
+        assoc.release()
+    finally:
+        dicom.stop()
+        archive.close()

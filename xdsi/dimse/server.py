@@ -14,7 +14,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -53,7 +53,7 @@ from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
-from xdsi.dimse.policy import NOT_AUTHORIZED, DimsePolicy
+from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -253,9 +253,10 @@ class DicomServer:
         self._tls_server: Any = None
         self._client_tls: ssl.SSLContext | None = None
         self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
-        # who may associate and do what (issue 13); on_policy_refused(decision) is called for each rejected association
+        # who may associate and do what (issue 13). on_policy_refused(decision, operation) is told of each
+        # refusal (operation None: the association was rejected), e.g. for a Security Alert; it must not raise
         self.policy = DimsePolicy.for_archives(s, self.partitions)
-        self.on_policy_refused: Any = None
+        self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -294,15 +295,26 @@ class DicomServer:
         log.warning("DICOM association from %s (%s) to %s rejected: %s", c.calling_ae, c.address, c.called_ae, decision.reason)
         assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
         assoc.kill()
-        if self.on_policy_refused is not None:
-            try:
-                self.on_policy_refused(decision)
-            except Exception:  # an audit failure must not change the answer
-                log.exception("DICOM: reporting a rejected association failed")
+        self._report_refusal(decision, None)
+
+    def _refused(self, assoc: Any, operation: str) -> str | None:
+        """Why this association's peer may not do ``operation`` (reported), or None."""
+        reason = self.policy.refusal(assoc, operation)
+        if reason is not None:
+            self._report_refusal(assoc.xdsi_policy_decision, operation)
+        return reason
+
+    def _report_refusal(self, decision: Decision, operation: str | None) -> None:
+        if self.on_policy_refused is None:
+            return
+        try:
+            self.on_policy_refused(decision, operation)
+        except Exception:  # an audit failure must not change the answer
+            log.exception("DICOM: reporting a policy refusal failed")
 
     def on_n_action(self, event: Any) -> Any:
         """Storage Commitment needs the peer's ``commit`` right."""
-        refused = self.policy.refusal(event.assoc, "commit")
+        refused = self._refused(event.assoc, "commit")
         if refused is not None:
             return _failure(NOT_AUTHORIZED, refused), None
         return self.commitment.on_n_action(event)
@@ -332,7 +344,7 @@ class DicomServer:
         """
         req = event.request
         calling = event.assoc.requestor.ae_title
-        refused = self.policy.refusal(event.assoc, "store")
+        refused = self._refused(event.assoc, "store")
         if refused is not None:
             return _failure(NOT_AUTHORIZED, refused)
         path = Path(event.dataset_path)
@@ -367,7 +379,7 @@ class DicomServer:
         return _failure(code, result.reason)
 
     def on_find(self, event: Any) -> Iterator[Any]:
-        refused = self.policy.refusal(event.assoc, "find")
+        refused = self._refused(event.assoc, "find")
         if refused is not None:
             yield _failure(NOT_AUTHORIZED, refused), None
             return
@@ -392,7 +404,7 @@ class DicomServer:
 
     def on_move(self, event: Any) -> Iterator[Any]:
         dest = event.move_destination.strip() if isinstance(event.move_destination, str) else event.move_destination.decode().strip()
-        refused = self.policy.refusal(event.assoc, "move")
+        refused = self._refused(event.assoc, "move")
         if refused is not None:  # before the destination is looked up: a refused peer learns nothing of our AE table
             yield from _refuse_retrieve(refused, MoveDestination(dest, connect=False))
             return
@@ -430,7 +442,7 @@ class DicomServer:
         yield from self._suboperations(event, refs)
 
     def on_get(self, event: Any) -> Iterator[Any]:
-        refused = self.policy.refusal(event.assoc, "get")
+        refused = self._refused(event.assoc, "get")
         if refused is not None:
             yield from _refuse_retrieve(refused, None)
             return
