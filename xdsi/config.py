@@ -304,6 +304,7 @@ class Settings:
     public_url: str = ""
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
     dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
+    xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -452,7 +453,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -548,6 +549,8 @@ def load_settings(
     settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
     if "audit" in doc:
         settings = replace(settings, audit=audit_from(doc["audit"], base))
+    if "xua" in doc:
+        settings = replace(settings, xua=xua_from(doc["xua"], base))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
@@ -1133,3 +1136,68 @@ def validate_dimse_policy(s: Settings) -> None:
         for aet in p.peers or ():
             if aet not in s.dimse_policy.peers:
                 raise ConfigError(f"[partitions.{name}] peers: {aet!r} is not configured in [peers] (add [peers.{aet}])")
+
+
+# -- [xua] (issue 13, helper xua) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XuaSettings:
+    """``[xua]``: SAML 2.0 identity assertions (IHE XUA, ITI-40) on RAD-69, WADO-WS and ITI-43.
+
+    With ``trusted_issuers`` set, every assertion that comes in a ``wsse:Security`` header is
+    validated (signature by one of these X-Assertion Providers, or by a certificate one of them
+    issued; validity window; ``audience``) and a bad one is refused with a WS-Security fault;
+    ``required`` also refuses a request that carries none.  Without ``trusted_issuers`` an
+    assertion is only logged, unverified, as before.
+    """
+
+    required: bool = False
+    trusted_issuers: tuple[Path, ...] = ()  # PEM files: the X-Assertion Providers' signing certificates or their CAs
+    audience: tuple[str, ...] = ()  # URIs naming us (ITI-40: the X-Service Provider, optionally the affinity domain)
+    clock_skew_seconds: float = 60.0  # tolerance on NotBefore / NotOnOrAfter / IssueInstant
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.trusted_issuers)
+
+
+_XUA_KEYS = set(XuaSettings.__dataclass_fields__)
+
+
+def xua_from(raw: object, base: Path) -> XuaSettings:
+    """Parse ``[xua]``; relative certificate paths are relative to the config file (read at start-up)."""
+    table = _check_keys("[xua]", raw, _XUA_KEYS)
+    kw: dict[str, Any] = {}
+    if "required" in table:
+        if not isinstance(table["required"], bool):
+            raise ConfigError(f"[xua] required must be true or false, not {table['required']!r}")
+        kw["required"] = table["required"]
+    issuers = table.get("trusted_issuers", [])
+    if isinstance(issuers, str):
+        issuers = [issuers]
+    if not isinstance(issuers, list) or not all(isinstance(i, str) and i for i in issuers):
+        raise ConfigError(f"[xua] trusted_issuers must be a list of PEM certificate file paths, not {issuers!r}")
+    kw["trusted_issuers"] = tuple(p if p.is_absolute() else base / p for p in map(Path, issuers))
+    audience = table.get("audience", [])
+    if isinstance(audience, str):
+        audience = [audience]
+    if not isinstance(audience, list) or not all(isinstance(a, str) and a.strip() for a in audience):
+        raise ConfigError(f"[xua] audience must be a URI or a list of URIs, not {audience!r}")
+    kw["audience"] = tuple(a.strip() for a in audience)
+    if "clock_skew_seconds" in table:
+        skew = table["clock_skew_seconds"]
+        if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not 0 <= skew <= 3600:
+            raise ConfigError(f"[xua] clock_skew_seconds must be a number of seconds from 0 to 3600, not {skew!r}")
+        kw["clock_skew_seconds"] = float(skew)
+    x = XuaSettings(**kw)
+    from xdsi.security.xua import load_certificates  # here: the certificates are checked before anything listens
+
+    for path in x.trusted_issuers:
+        load_certificates(path)
+    if x.required and not x.trusted_issuers:
+        raise ConfigError("[xua] required = true needs trusted_issuers (the X-Assertion Providers' certificates)")
+    if x.trusted_issuers and not x.audience:
+        # ITI-40 3.40.4.1.2: the assertion carries an AudienceRestriction naming the X-Service Provider; we must know our name
+        raise ConfigError("[xua] trusted_issuers needs audience: the URI(s) X-Assertion Providers put in AudienceRestriction for this service")
+    return x

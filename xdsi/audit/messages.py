@@ -331,3 +331,31 @@ def security_alert(
     # the schema's ParticipantObjectDescription holds DICOM object details only: the why goes in a detail
     obj = ParticipantObject(subject, Code("12", "RFC-3881", "URI"), "2", "13", name=subject, details=[("Alert Description", description.encode("utf-8"))])
     return AuditEvent(EVENT["security_alert"], "E", outcome, people, source, [obj], event_types=[EVENT_TYPE[kind]], outcome_description=description)
+
+
+# -- xua ----
+# PS3.15 A.5.3.12: what ITI-40 3.40.4.1.3 calls "the ATNA Audit event for Authentication Failure"
+EVENT.update({"user_authentication": Code("110114", "DCM", "User Authentication")})
+# kept out of EVENT_TYPE on purpose: security_alert() takes any EVENT_TYPE key, and Login is no alert type
+USER_AUTHENTICATION_TYPE = {"login": Code("110122", "DCM", "Login"), "logout": Code("110123", "DCM", "Logout")}
+
+
+def user_authentication(
+    source: AuditSource,
+    person: Participant,
+    node: Participant,
+    *,
+    login: bool = True,
+    outcome: str = "0",
+    description: str | None = None,
+) -> AuditEvent:
+    """User Authentication (PS3.15 A.5.3.12): a user logged in (or tried to), e.g. by a SAML assertion (IHE XUA).
+
+    ``person`` is the user authenticated or claimed (NetworkAccessPointID is mandatory: where the
+    request came from); ``node`` the system that did the authenticating (us).  No participant
+    objects: the message is about the user, not about data.
+    """
+    person = Participant(person.user_id, True, person.role, person.network_access_point or "UNKNOWN", person.alternative_user_id, person.user_name)
+    node = Participant(node.user_id, False, ROLE["application"], node.network_access_point, node.alternative_user_id, node.user_name)
+    kind = USER_AUTHENTICATION_TYPE["login" if login else "logout"]
+    return AuditEvent(EVENT["user_authentication"], "E", outcome, [person, node], source, (), event_types=[kind], outcome_description=description)

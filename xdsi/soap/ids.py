@@ -24,6 +24,7 @@ from xdsi.ids.model import RetrieveResult
 from xdsi.ids.rendered import RenderedRequest, retrieve_rendered
 from xdsi.render.request import RenderRequest
 from xdsi.soap import models as M
+from xdsi.security.xua import protocol_options
 from xdsi.soap.application import SoapApplication
 from xdsi.soap.protocol import Exchange, IheSoap12, Route, ihe_operation, rename_namespace
 from xdsi.soap.validation import SCHEMA_DIR, WSDL_DIR
@@ -229,8 +230,10 @@ def routes() -> dict[str, Route]:
 def make_application(archive: Archive) -> SoapApplication:
     """The spyne WSGI application mounted at ``/xdsi/ImagingDocumentSource``."""
     lim = archive.settings.http_limits
+    xua = protocol_options(archive)  # [xua]: the assertion policy and the audit of refusals, loaded once
+
     def protocol() -> IheSoap12:  # spyne: one protocol instance per direction
-        return IheSoap12(routes(), max_document_requests=lim.max_document_requests)
+        return IheSoap12(routes(), max_document_requests=lim.max_document_requests, **xua)
 
     app = Application([ImagingDocumentSourceService], tns=NS_IHERAD, name="ImagingDocumentSource", in_protocol=protocol(), out_protocol=protocol())
     ids = ImagingDocumentSource(archive.retrieve, archive.settings.xds.repository_unique_id)

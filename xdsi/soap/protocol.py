@@ -10,6 +10,10 @@ This subclass keeps spyne's model (the service method is found through
 * ``decompose_incoming_envelope``: the SOAP 1.2 processing model of
   :func:`xdsi.wire.soap.parse_envelope` (one Header and one Body,
   ``mustUnderstand``, ``wsse:Security`` accepted and summarised, WS-A checks);
+  with ``[xua]`` on, the SAML assertion in ``wsse:Security`` validated
+  (:mod:`xdsi.security.xua`) *before* anything else is done for the request,
+  a refusal answered with the WS-Security fault, the identity kept as the
+  request's :class:`~xdsi.security.principal.Principal`;
   dispatch on ``wsa:Action`` through a :class:`Route` table (legacy actions
   and the swapped WADO namespace too); the body must match the action; at most
   ``max_document_requests`` documents; ``xop:Include`` resolved; the body
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from lxml import etree
 from spyne import Fault, rpc
@@ -41,6 +45,10 @@ from xdsi.soap.models import StreamedDocument, XopDocument, XPathResult, XPathVa
 from xdsi.soap.validation import SchemaInvalid, validate
 from xdsi.wire.mtom import IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, new_content_id, resolve_xop, xop_include
 from xdsi.standards.constants import ACTION_FAULT, NS_WSA
+
+if TYPE_CHECKING:
+    from xdsi.security.principal import Principal
+    from xdsi.security.xua import XuaPolicy, XuaRefused
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,7 @@ class Exchange:
     reply_action: str | None = None
     attachments: list[OutgoingAttachment] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    principal: "Principal | None" = None  # the XUA-authenticated user ([xua]), for the audit trail
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Release ``fn``'s resources when the response is done (streamed, failed or abandoned)."""
@@ -134,10 +143,19 @@ def as_soap_fault(error: Any) -> SoapFault:
 class IheSoap12(Soap12):
     """SOAP 1.2 for IHE peers; see the module docstring for what it adds to spyne's ``Soap12``."""
 
-    def __init__(self, routes: dict[str, Route], *, max_document_requests: int = 50_000) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        *,
+        max_document_requests: int = 50_000,
+        xua: "XuaPolicy | None" = None,
+        on_xua_refused: "Callable[[Any, XuaRefused], None] | None" = None,
+    ) -> None:
         super().__init__(validator=None, cleanup_namespaces=True)
         self.routes = routes
         self.max_document_requests = max_document_requests
+        self.xua = xua  # None: [xua] off, a wsse:Security header is only summarised in the log
+        self.on_xua_refused = on_xua_refused  # (spyne context, refusal): the audit of an authentication failure
         self._method_keys: dict[str, str] | None = None
         self.serialization_handlers[XopDocument] = self._xop_to_parent
         self.serialization_handlers[XPathValue] = self._xpath_to_parent
@@ -157,6 +175,8 @@ class IheSoap12(Soap12):
             raise IheFault(fault) from None
         ex.envelope = env
         ex.relates_to = env.addressing.message_id
+        if self.xua is not None:
+            self._authenticate(ctx, ex, env)
         try:
             body = self._route(ex, env)
         except SoapFault as fault:
@@ -165,6 +185,37 @@ class IheSoap12(Soap12):
         ctx.in_header_doc = None
         ctx.in_body_doc = body
         ctx.method_request_string = self.method_key(ex.route.method)  # type: ignore[union-attr]
+
+    def _authenticate(self, ctx: Any, ex: Exchange, env: Envelope) -> None:
+        """XUA (ITI-40 3.40.4.1.3): validate the assertion, or answer with the WS-Security fault and audit the failure.
+
+        Done before routing and schema validation, so an unauthenticated peer costs no more
+        than the envelope parse and learns nothing about the request it sent.
+        """
+        from xdsi.security.principal import ENVIRON_KEY
+        from xdsi.security.xua import XuaRefused
+
+        assert self.xua is not None
+        try:
+            principal = self.xua.check(env.security.element if env.security is not None else None)
+        except XuaRefused as refused:
+            log.warning("XUA refused (%s): %s", etree.QName(refused.subcode).localname, refused.detail)
+            if self.on_xua_refused is not None:
+                try:
+                    self.on_xua_refused(ctx, refused)
+                except Exception:  # the audit must never change the answer
+                    log.exception("auditing a refused XUA assertion failed")
+            raise IheFault(SoapFault("Sender", refused.reason, refused.subcode)) from None
+        if principal is None:
+            return
+        ex.principal = principal
+        environ = getattr(ctx.transport, "req_env", None)
+        if isinstance(environ, dict):
+            # the user the request is made for; an HTTP-level identity (bearer, TLS) stays in "xdsi.principal" if set
+            environ["xdsi.xua.principal"] = principal
+            current = environ.get(ENVIRON_KEY)
+            if current is None or getattr(current, "via", None) == "anonymous":
+                environ[ENVIRON_KEY] = principal
 
     def method_key(self, request_element: str) -> str:
         """spyne's key of the ``@rpc`` method whose bare input message is ``request_element`` (Clark)."""

@@ -17,6 +17,7 @@ from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
 from xdsi.soap import models as M
+from xdsi.security.xua import protocol_options
 from xdsi.soap.application import SoapApplication
 from xdsi.soap.protocol import Exchange, IheSoap12, Route, ihe_operation
 from xdsi.standards import constants as C
@@ -56,8 +57,10 @@ def make_application(archive: Archive) -> SoapApplication:
     """The spyne WSGI application mounted at ``/xdsi/DocumentRepository``."""
     lim = archive.settings.http_limits
     route = Route(ITI43_REQUEST, C.ACTION_ITI43_RESPONSE, frozenset({ITI43_REQUEST}))
+    xua = protocol_options(archive)  # [xua]: the assertion policy and the audit of refusals, loaded once
+
     def protocol() -> IheSoap12:  # spyne: one protocol instance per direction
-        return IheSoap12({C.ACTION_ITI43: route}, max_document_requests=lim.max_document_requests)
+        return IheSoap12({C.ACTION_ITI43: route}, max_document_requests=lim.max_document_requests, **xua)
 
     app = Application([DocumentRepositoryService], tns=C.NS_XDS, name="DocumentRepository", in_protocol=protocol(), out_protocol=protocol())
     return SoapApplication(
