@@ -78,6 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], des
     ca: TestCA = pki["ca"]  # type: ignore[assignment]
     proc = XdsiProcess(d / "data", config=d / "xdsi.toml")
     proc.dicom_tls_port = free_port()  # type: ignore[attr-defined]
+    proc.studyx_port = free_port()  # type: ignore[attr-defined]
     (d / "xdsi.toml").write_text(
         f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\n"  # type: ignore[attr-defined]
         "[dimse]\naccept_unknown_peers = false\n"
@@ -92,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], des
         '[peers.RESEARCH]\nhosts = ["127.0.0.0/8"]\n'
         '[peers.MODALITY]\ntls_subject = "CN=modality.example.org"\n'
         '[peers.PINNED]\ntls_subject = "CN=someone-else.example.org"\n'
-        '[partitions.STUDYX]\npeers = ["RESEARCH"]\n'
+        f'[partitions.STUDYX]\npeers = ["RESEARCH"]\ndicom_port = {proc.studyx_port}\n'  # type: ignore[attr-defined]
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{ca.pem}"\n'
     )
     proc.start()
@@ -363,6 +364,17 @@ def test_partition_is_only_for_its_peers(server: XdsiProcess) -> None:
     assert _find(server, "RESEARCH", "STUDYX01", called="STUDYX") == ([study], 0x0000)
     assert _find(server, "FULL", "STUDYX01") == ([], 0x0000)  # not in the main archive either
     assert _find(server, "RESEARCH", "STUDYX01") == ([], 0x0000)  # RESEARCH may use the main AE title, which holds none of it
+
+
+def test_partition_port_serves_only_the_partition_to_its_peers(server: XdsiProcess) -> None:
+    """The partition's own dicom_port: its AE title for its peers; the main AE title is not served there."""
+    port = server.studyx_port  # type: ignore[attr-defined]
+    ae = _ae("RESEARCH")
+    assert _echo_ok(ae.associate("127.0.0.1", port, ae_title="STUDYX"))
+    assert _rj(ae.associate("127.0.0.1", port, ae_title="XDSI")) == (1, 1, 7)  # before: answered from the partition's archive
+    assert _rj(_ae("FULL").associate("127.0.0.1", port, ae_title="STUDYX")) == (1, 1, 3)
+    out = run([tool("echoscu"), "-aet", "FULL", "-aec", "STUDYX", "127.0.0.1", str(port)], check=False)
+    assert out.returncode != 0 and "Calling AE Title Not Recognized" in _dcmtk_text(out)
 
 
 # -- TLS certificate subject --------------------------------------------------------------------
