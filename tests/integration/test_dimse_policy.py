@@ -412,6 +412,7 @@ def test_refused_peers_leave_the_server_serving(server: XdsiProcess) -> None:
 def test_the_server_log_has_no_tracebacks(server: XdsiProcess) -> None:
     """Every refusal above was an answer, not an exception in a handler (runs after them: module order)."""
     assert "Traceback" not in server.output()
+    assert "INFO xdsi.dimse.server: DICOM XDSI: accepting only the 11 AE title(s) in [peers], called AE title(s) STUDYX, XDSI" in server.output()
 
 
 # -- the refusal hook, in process -------------------------------------------------------------------
