@@ -616,7 +616,7 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.partitions:
         _validate_partitions(s)
-        validate_dimse_policy(s)
+    validate_dimse_policy(s)
     return s
 
 
@@ -1131,7 +1131,12 @@ def partition_peers_from(value: object, name: str) -> tuple[str, ...]:
 
 def validate_dimse_policy(s: Settings) -> None:
     """A partition's ``peers`` must name AE titles configured in ``[peers]``: an allow-list of
-    identities, whose ``hosts``/``tls_subject`` say what makes the AE title believable."""
+    identities, whose ``hosts``/``tls_subject`` say what makes the AE title believable.  A peer
+    with a ``tls_subject`` can only call a DICOM TLS listener: without one it could never associate."""
+    if s.dicom_tls_port is None:
+        pinned = sorted(aet for aet, r in s.dimse_policy.peers.items() if r.tls_subject is not None)
+        if pinned:
+            raise ConfigError(f"[peers.{pinned[0]}] tls_subject needs a DICOM TLS listener ([server] dicom_tls_port and [tls])")
     for name, p in s.partitions.items():
         for aet in p.peers or ():
             if aet not in s.dimse_policy.peers:

@@ -22,6 +22,11 @@ POLICY = """
 [server]
 host = "0.0.0.0"
 ae_title = "ARCHIVE"
+dicom_tls_port = 2762
+
+[tls]
+certificate = "node.crt"
+private_key = "node.key"
 
 [dimse]
 accept_unknown_peers = false
@@ -113,6 +118,7 @@ def test_the_default_follows_a_host_given_on_the_command_line(tmp_path: Path) ->
         ("[peers.CT1]\nhosts = []\n", r"\[peers.CT1\] hosts must be a list of addresses or networks"),
         ("[peers.CT1]\ntls_subject = 'ct1.example.org'\n", r"\[peers.CT1\] tls_subject 'ct1.example.org' is not an RFC 4514 subject"),
         ("[peers.CT1]\ntls_subject = 7\n", r"\[peers.CT1\] tls_subject must be a string"),
+        ("[peers.CT1]\ntls_subject = 'CN=ct1'\n", r"\[peers.CT1\] tls_subject needs a DICOM TLS listener"),
         ("[peers.CT1]\nwrite = true\n", r"unknown key\(s\) in \[peers.CT1\]: write"),
         ("[peers.CT1]\nhost = 'ct1'\n", r"\[peers.CT1\] needs host and port"),
         ("[partitions.P]\npeers = ['NOBODY']\n", r"\[partitions.P\] peers: 'NOBODY' is not configured in \[peers\]"),
