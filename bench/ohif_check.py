@@ -159,12 +159,22 @@ def reference(path: Path, index: int, out: Path) -> None:
 
 # -- xdsi serve ---------------------------------------------------------------------------------
 
+def _free_port() -> int:
+    """A loopback TCP port free at the time of asking."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Xdsi:
-    """``xdsi serve`` from ``src`` on 127.0.0.1, ports chosen by the OS, stopped by SIGTERM."""
+    """``xdsi serve`` from ``src`` on 127.0.0.1, on ports free when asked, stopped by SIGTERM.
+
+    (A port of 0 switches a listener off, it does not ask the OS for one.)
+    """
 
     def __init__(self, src: Path, data: Path, cors_origin: str | None) -> None:
         cfg = data.parent / "xdsi.toml"
-        text = f'[server]\ndata_dir = "{data}"\nhost = "127.0.0.1"\ndicom_port = 0\nhttp_port = 0\n'
+        text = f'[server]\ndata_dir = "{data}"\nhost = "127.0.0.1"\ndicom_port = {_free_port()}\nhttp_port = {_free_port()}\n'
         if cors_origin:
             text += f'\n[http]\ncors_origins = ["{cors_origin}"]\n'
         cfg.write_text(text)

@@ -221,6 +221,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         archive.close()
     print(f"AE title:   {settings.ae_title}")
+    _print_listeners(settings)
     _print_identifiers(settings, archive.settings)
     print(f"index:      {_redact(settings.effective_index_url)}")
     print(f"patients:   {st.patients}")
@@ -238,7 +239,35 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
     _print_audit_spool(settings)
+    _print_clock(settings)
     return 0
+
+
+def _print_listeners(settings: Settings) -> None:
+    """Which listeners run (what a running ``xdsi serve`` recorded) and which this configuration turns on (issue 12).
+
+    Flags given to ``xdsi serve`` are not flags of ``xdsi status``: the running server's own record
+    is what it listens on; the configuration is what the next start would.
+    """
+    from xdsi.running import describe_listeners, read_running
+
+    running = read_running(settings.data_dir)
+    if running is None:
+        print("serving:    not running")
+    elif running.alive:
+        print(f"serving:    pid {running.pid} since {running.started:%Y-%m-%dT%H:%M:%SZ} on {', '.join(running.listeners)}")
+    else:
+        print(f"serving:    not running (pid {running.pid}, started {running.started:%Y-%m-%dT%H:%M:%SZ}, ended without "
+              f"stopping cleanly; it listened on {', '.join(running.listeners)})")
+    print(f"listeners:  {describe_listeners(settings)} (as configured)")
+
+
+def _print_clock(settings: Settings) -> None:
+    """Consistent Time: the clock offsets peers' HTTP Date headers showed (issue 12)."""
+    from xdsi.security.clock import report
+
+    for line in report(settings.data_dir):
+        print(line)
 
 
 def _print_audit_spool(settings: Settings) -> None:
@@ -361,6 +390,9 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
         print("xdsi publish: [xds] mode is \"off\"; set it to \"repository\" or \"integrated\"", file=sys.stderr)
         return 2
     archive = _open_archive(settings)
+    from xdsi.security import clock
+
+    clock.install(settings.data_dir)  # the registry's Date against our clock, for `xdsi status`
     try:
         outcome = Publisher(archive).publish_now(args.study_uid, wait=args.wait)
     except (InvalidUID, NonConformantManifest, MetadataError) as exc:

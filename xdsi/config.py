@@ -33,6 +33,7 @@ __all__ = [
     "AuditSettings",
     "DimsePolicySettings",
     "PeerRights",
+    "Listener",
 ]
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
@@ -275,9 +276,10 @@ def tls_from(raw: Mapping[str, Any], base: Path) -> TlsSettings:
 class Settings:
     data_dir: Path = Path("xdsi-data")
     host: str = "127.0.0.1"
+    # plain listeners; 0 switches one off (issue 12: a TLS-only node), it never means "any free port"
     dicom_port: int = 11112
     http_port: int = 8080
-    # TLS listeners (None: none); both need [tls] certificate and private_key
+    # TLS listeners (None, or 0 in the file / environment / flags: none); both need [tls] certificate and private_key
     dicom_tls_port: int | None = None
     https_port: int | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)  # [tls]
@@ -327,6 +329,22 @@ class Settings:
     def peer(self, ae_title: str) -> Peer | None:
         return self.peers.get(ae_title.strip())
 
+    def listeners(self) -> list["Listener"]:
+        """The listeners this configuration turns on, in the order ``xdsi serve`` starts them.
+
+        One place decides what "off" means (0, or no TLS port), so the server, the start-up
+        line and ``xdsi status`` cannot disagree about which ports are served.
+        """
+        out = [Listener(setting, scheme, int(port)) for setting, scheme, port in (
+            ("http_port", "http", self.http_port),
+            ("https_port", "https", self.https_port),
+            ("dicom_port", "dicom", self.dicom_port),
+            ("dicom_tls_port", "dicom+tls", self.dicom_tls_port),
+        ) if port]
+        out += [Listener(f"[partitions.{name}] dicom_port", "dicom", int(p.dicom_port), p.ae_title)
+                for name, p in self.partitions.items() if p.dicom_port]
+        return out
+
     def for_partition(self, name: str) -> "Settings":
         """The settings of one partition as a complete archive of its own (own AE title, index, tiers, data dir)."""
         return self.partitions[name].resolve(self)
@@ -334,6 +352,23 @@ class Settings:
     def with_overrides(self, **kw: Any) -> "Settings":
         """Apply command-line flags; ``None`` means "not given"."""
         return _validated(replace(self, **{k: v for k, v in kw.items() if v is not None}))
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One port ``xdsi serve`` listens on: the setting that turns it on, its scheme, and the AE title it serves."""
+
+    setting: str  # "dicom_port", "https_port", "[partitions.NAME] dicom_port"
+    scheme: str  # "dicom", "dicom+tls", "http", "https"
+    port: int
+    ae_title: str | None = None  # a partition's own DICOM port; None: the main AE title (and every partition by called AE)
+
+    def url(self, host: str) -> str:
+        return f"{self.scheme}://{host}:{self.port}" + ("/" if self.scheme.startswith("http") else "")
+
+    def label(self, host: str) -> str:
+        """The URL, and the AE title when it is a partition's own port: how the start-up line and status name it."""
+        return self.url(host) + (f" (AE {self.ae_title})" if self.ae_title else "")
 
 
 def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
@@ -592,7 +627,9 @@ def _validated(s: Settings) -> Settings:
             continue
         port = _int(port_name, getattr(s, port_name))
         if not 0 <= port <= 65535:
-            raise ConfigError(f"{port_name} {port} out of range")
+            raise ConfigError(f"{port_name} {port} out of range (0 switches the listener off)")
+        if port == 0 and port_name in ("dicom_tls_port", "https_port"):
+            s = replace(s, **{port_name: None})  # one spelling of "off" for TLS ports, which code tests with `is None`
     for peer in s.peers.values():
         if peer.tls and s.tls.ca_certificates is None:
             raise ConfigError(f"[peers.{peer.ae_title}] tls = true needs [tls] ca_certificates (to verify the peer)")
@@ -617,6 +654,15 @@ def _validated(s: Settings) -> Settings:
     if s.partitions:
         _validate_partitions(s)
     validate_dimse_policy(s)
+    listeners = s.listeners()
+    if not listeners:
+        raise ConfigError("no listener: [server] dicom_port and http_port are 0 (off) and no dicom_tls_port or https_port is set; "
+                          "turn at least one on")
+    seen: dict[int, str] = {}
+    for lst in listeners:
+        if lst.port in seen:
+            raise ConfigError(f"{lst.setting} {lst.port} is also {seen[lst.port]}: one port, one listener")
+        seen[lst.port] = lst.setting
     return s
 
 
@@ -720,13 +766,24 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             ae_title=validate_ae_title(str(p.get("ae_title", name)), f"partition {name} AE title"),
             data_dir=data_dir,
             index_url=str(p["index_url"]) if p.get("index_url") else None,
-            dicom_port=int(p["dicom_port"]) if p.get("dicom_port") is not None else None,
+            dicom_port=_partition_port(name, p.get("dicom_port")),
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
             peers=partition_peers_from(p["peers"], name) if "peers" in p else None,
         )
     return out
+
+
+def _partition_port(name: str, value: object) -> int | None:
+    """``[partitions.NAME] dicom_port``: a port of its own for this AE title; absent or 0: none (served by called AE
+    title on the main DICOM ports)."""
+    if value is None:
+        return None
+    port = _int(f"[partitions.{name}] dicom_port", value)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"[partitions.{name}] dicom_port {port} out of range (0: no port of its own)")
+    return port or None
 
 
 def _validate_partitions(s: Settings) -> None:

@@ -19,6 +19,7 @@ from xdsi.config import Settings
 from xdsi.dimse.server import DicomServer
 from xdsi.startup import StartupError, check_directories, directory_settings, listen_error, path_error
 from xdsi.app import make_app
+from xdsi.running import describe_listeners
 from xdsi.web.httpd import HttpServer
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,16 @@ class Servers:
     def start(self) -> None:
         s = self.settings
         self.audit.start()  # first: messages spooled while a repository is down go out as soon as it answers
+        from xdsi.security import clock
+
+        clock.install(s.data_dir)  # peers' HTTP Date readings for `xdsi status` (Consistent Time)
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
-        self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
-        try:
-            self.http.start()
-        except OSError as exc:
-            raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
+        if s.http_port:  # 0: no plain HTTP (a TLS-only node)
+            self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
+            try:
+                self.http.start()
+            except OSError as exc:
+                raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
         if self.tls_context is not None and s.https_port is not None:
             self.https = HttpServer(s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context)
             if self.audit.enabled:
@@ -91,10 +96,11 @@ class Servers:
                 self.https.start()
             except OSError as exc:
                 raise listen_error("[server] https_port", "--https-port", s.https_port, s.host, exc) from None
-        try:
-            self.dicom.start(s.host, s.dicom_port)
-        except OSError as exc:
-            raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
+        if s.dicom_port:  # 0: no plain DICOM (a TLS-only node)
+            try:
+                self.dicom.start(s.host, s.dicom_port)
+            except OSError as exc:
+                raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
         if self.tls_context is not None and s.dicom_tls_port is not None:
             if self.audit.enabled:
                 self.dicom.ae.on_tls_refused = self._tls_refused
@@ -107,9 +113,12 @@ class Servers:
                 server.start(s.host, port)
             except OSError as exc:
                 raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
-        log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
+        if self.http is not None:
+            log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if self.https is not None:
             log.info("HTTPS listening on https://%s:%d/ (TLS profile %s)", s.host, self.https.server_port, s.tls.profile)
+        log.info("listeners: %s", describe_listeners(s))
+        _write_running(s)
         self._application_activity(started=True)
         if s.xds.enabled:
             _warn_identifiers(s, self.archive.settings)
@@ -140,6 +149,7 @@ class Servers:
             server.stop()
         self.partitions.close_extra()
         self.archive.close()
+        _clear_running(self.settings)
         if not quiet:
             self._application_activity(started=False)
         self.audit.stop()
@@ -208,19 +218,28 @@ def serve(settings: Settings) -> int:
     except BaseException:
         servers.stop(quiet=True)  # what did start (a DICOM listener's threads) must not keep the process alive
         raise
-    print(
-        f"xdsi serving AE {settings.ae_title} on dicom://{settings.host}:{servers.dicom.port} "
-        f"and http://{settings.host}:{servers.http.server_port}/"
-        + (f", dicom+tls://{settings.host}:{servers.dicom.tls_port}" if servers.dicom.tls_port is not None else "")
-        + (f", https://{settings.host}:{servers.https.server_port}/" if servers.https is not None else "")
-        + f" (data in {settings.data_dir})",
-        flush=True,
-    )
+    print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
     try:
         done.wait()
     finally:
         servers.stop()
     return 0
+
+
+def _write_running(settings: Settings) -> None:
+    """Tell ``xdsi status`` which listeners this process serves (a file in data_dir, removed at stop)."""
+    from xdsi.running import write_running
+
+    try:
+        write_running(settings)
+    except OSError as exc:  # the listeners run; only `xdsi status` will not know
+        log.warning("cannot record the listeners for `xdsi status` in %s: %s", settings.data_dir, exc)
+
+
+def _clear_running(settings: Settings) -> None:
+    from xdsi.running import clear_running
+
+    clear_running(settings)
 
 
 def _blame_path(settings: Settings, exc: OSError) -> StartupError:

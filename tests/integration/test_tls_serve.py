@@ -336,8 +336,8 @@ def test_plain_ports_still_serve(server: XdsiProcess) -> None:
 def test_serve_refuses_an_expired_certificate_in_one_line(tmp_path: Path, pki: dict[str, object]) -> None:
     old: Issued = pki["expired"]  # type: ignore[assignment]
     cfg = tmp_path / "xdsi.toml"
-    cfg.write_text(f'[server]\nhttps_port = 0\n[tls]\ncertificate = "{old.cert}"\nprivate_key = "{old.key}"\nca_certificates = "{pki["ca"].pem}"\n')  # type: ignore[attr-defined]
-    out = subprocess.run([sys.executable, "-m", "xdsi", "serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--dicom-port", "0", "--http-port", "0"],
+    cfg.write_text(f'[server]\nhttps_port = {free_port()}\n[tls]\ncertificate = "{old.cert}"\nprivate_key = "{old.key}"\nca_certificates = "{pki["ca"].pem}"\n')  # type: ignore[attr-defined]
+    out = subprocess.run([sys.executable, "-m", "xdsi", "serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--dicom-port", str(free_port()), "--http-port", str(free_port())],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.splitlines()

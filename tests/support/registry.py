@@ -35,7 +35,8 @@ accepts would be accepted there:
 It runs as a werkzeug server on 127.0.0.1 in a thread; ``down = True`` makes it
 answer HTTP 503, ``lose_replies = n`` commits the next n requests and answers
 each with an HTTP 504 instead of its RegistryResponse (a reply lost on the way
-back), and :meth:`stop` / :meth:`start` restart it on the same port.
+back), ``date_skew`` moves the clock its HTTP ``Date`` headers are stamped with (a peer
+whose clock is off), and :meth:`stop` / :meth:`start` restart it on the same port.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import copy
 import hashlib
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +54,7 @@ from typing import Any, Callable
 
 from lxml import etree
 from requests_toolbelt.multipart.decoder import MultipartDecoder
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from tests.support.server import free_port
@@ -197,6 +199,7 @@ class TestRegistry:
         self.requests: list[Request_] = []
         self.down = False
         self.lock = threading.Lock()
+        self.date_skew = 0.0  # seconds added to the Date header of every answer: a registry whose clock is off
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -210,7 +213,13 @@ class TestRegistry:
         return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}/repository"
 
     def start(self) -> "TestRegistry":
-        self._server = make_server("127.0.0.1", self.port, self.wsgi, threaded=True, ssl_context=self.ssl_context)
+        registry = self
+
+        class _Handler(WSGIRequestHandler):
+            def date_time_string(self, timestamp: float | None = None) -> str:  # the Date header (http.server)
+                return super().date_time_string((time.time() if timestamp is None else timestamp) + registry.date_skew)
+
+        self._server = make_server("127.0.0.1", self.port, self.wsgi, threaded=True, ssl_context=self.ssl_context, request_handler=_Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="test-registry", daemon=True)
         self._thread.start()
         return self

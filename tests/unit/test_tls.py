@@ -36,7 +36,7 @@ def _tls(pki: dict[str, object], **kw: object) -> TlsSettings:
 
 
 def _settings(tls: TlsSettings) -> Settings:
-    return Settings(https_port=0, tls=tls)
+    return Settings(https_port=8443, tls=tls)  # nothing binds it: check_tls only reads [tls]
 
 
 # -- configuration ----------------------------------------------------------------------------------------

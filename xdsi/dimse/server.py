@@ -251,6 +251,7 @@ class DicomServer:
         self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
         self._server: Any = None
         self._tls_server: Any = None
+        self._prepared = False  # spool keeper and association governor started (by the first listener)
         self._client_tls: ssl.SSLContext | None = None
         self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
         # who may associate and do what (issue 13). on_policy_refused(decision, operation) is told of each
@@ -472,16 +473,23 @@ class DicomServer:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def start(self, host: str, port: int) -> None:
+    def _prepare(self) -> None:
+        """What any listener needs, done once: the plain port may be off (``dicom_port = 0``) and TLS the only one."""
+        if self._prepared:
+            return
+        self._prepared = True
         tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
         self.spool.temp_dir = Path(tempfile.tempdir)
         self.spool.start()
         self.governor.start()
+        log.log(logging.WARNING if not (self.policy.accept_unknown or self.policy.settings.peers) else logging.INFO,
+                "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
+
+    def start(self, host: str, port: int) -> None:
+        self._prepare()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
-        log.log(logging.WARNING if not (self.policy.accept_unknown or self.policy.settings.peers) else logging.INFO,
-                "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
 
     def client_tls(self) -> ssl.SSLContext:
         """Our outbound DICOM TLS context ([peers.X] tls = true), built once: the peer's chain is verified
@@ -493,17 +501,19 @@ class DicomServer:
         return self._client_tls
 
     def start_tls(self, host: str, port: int, context: "ssl.SSLContext") -> None:
-        """A second listener of the same AE, DICOM over TLS (PS3.15 B.1); call after :meth:`start`.
+        """A listener of the same AE, DICOM over TLS (PS3.15 B.1), beside :meth:`start`'s or alone.
 
         Same handlers, same association governor: a TLS peer is one more peer, not a second archive.
         """
+        self._prepare()
         self._tls_server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers(), ssl_context=context)
         set_nodelay(self._tls_server.socket)
         log.info("DICOM %s listening with TLS on %s:%d", self.ae.ae_title, host, self._tls_server.server_address[1])
 
     @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+    def port(self) -> int | None:
+        """The plain DICOM port listened on; None when it is off (``dicom_port = 0``) or not started."""
+        return None if self._server is None else int(self._server.server_address[1])
 
     @property
     def tls_port(self) -> int | None:
@@ -519,12 +529,11 @@ class DicomServer:
         association thread then gets ``grace`` seconds to finish the handler
         it is running before the archive closes under it.
         """
-        if self._tls_server is not None:
-            tls_server, self._tls_server = self._tls_server, None
-            tls_server.shutdown()
-        if self._server is not None:
-            server, self._server = self._server, None
-            server.shutdown()
+        listening = [srv for srv in (self._tls_server, self._server) if srv is not None]
+        self._tls_server = self._server = None
+        for srv in listening:
+            srv.shutdown()
+        if listening:  # associations of either listener (a TLS-only node has no plain one)
             open_assocs = list(self.ae.active_associations)
             for assoc in open_assocs:
                 if assoc.is_established:

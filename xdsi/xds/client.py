@@ -221,6 +221,9 @@ class MtomTransport(Transport):
         # https:// endpoints: our [tls] certificate, the peer verified against ca_certificates (ITI-19)
         session = https_session(tls or TlsSettings())
         session.trust_env = False  # never route registry traffic through an environment proxy by accident
+        from xdsi.security.clock import observe
+
+        session.hooks["response"].append(observe)  # Consistent Time: the peer's Date against our clock (xdsi status)
         super().__init__(session=session, timeout=timeout, operation_timeout=timeout)
 
     def post_xml(self, address: str, envelope: etree._Element, headers: dict[str, str]) -> requests.Response:

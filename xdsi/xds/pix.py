@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import requests
 
+from xdsi.security.clock import observe
+
 __all__ = ["PixError", "pix_lookup"]
 
 
@@ -24,7 +26,8 @@ def pix_lookup(pix_url: str, local_id: str, local_oid: str, target_oid: str, *, 
     url = pix_url.rstrip("/") + "/Patient/$ihe-pix"
     params = {"sourceIdentifier": f"urn:oid:{local_oid}|{local_id}", "targetSystem": f"urn:oid:{target_oid}"}
     try:
-        r = requests.get(url, params=params, headers={"Accept": "application/fhir+json"}, timeout=timeout)
+        # hooks: Consistent Time, the PIX Manager's Date against our clock (xdsi status)
+        r = requests.get(url, params=params, headers={"Accept": "application/fhir+json"}, timeout=timeout, hooks={"response": observe})
     except requests.RequestException as exc:
         raise PixError(f"PIX Manager {url} unreachable: {exc}") from None
     if r.status_code == 404:
