@@ -258,6 +258,7 @@ class DicomServer:
         # refusal (operation None: the association was rejected), e.g. for a Security Alert; it must not raise
         self.policy = DimsePolicy.for_archives(s, self.partitions)
         self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
+        self._policy_logged = False
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -482,14 +483,13 @@ class DicomServer:
         self.spool.temp_dir = Path(tempfile.tempdir)
         self.spool.start()
         self.governor.start()
-        log.log(logging.WARNING if not (self.policy.accept_unknown or self.policy.settings.peers) else logging.INFO,
-                "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
 
     def start(self, host: str, port: int) -> None:
         self._prepare()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
+        self._log_policy()
 
     def client_tls(self) -> ssl.SSLContext:
         """Our outbound DICOM TLS context ([peers.X] tls = true), built once: the peer's chain is verified
@@ -509,6 +509,15 @@ class DicomServer:
         self._tls_server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers(), ssl_context=context)
         set_nodelay(self._tls_server.socket)
         log.info("DICOM %s listening with TLS on %s:%d", self.ae.ae_title, host, self._tls_server.server_address[1])
+        self._log_policy()
+
+    def _log_policy(self) -> None:
+        """Once, after the first listener is bound (a busy port stays a one-line error): whom DIMSE accepts."""
+        if self._policy_logged:
+            return
+        self._policy_logged = True
+        level = logging.INFO if self.policy.accept_unknown or self.policy.settings.peers else logging.WARNING
+        log.log(level, "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
 
     @property
     def port(self) -> int | None:
