@@ -8,7 +8,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from xdsi import __version__
 from xdsi.config import ConfigError, Settings, load_settings
@@ -195,13 +195,35 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if counts["failed"] or missing or unreadable else 0
 
 
+def _command_audit(settings: Settings, archive: Any, command: str) -> tuple[Any, list[Any]]:
+    """The audit trail of a one-shot command, set on ``archive``, and who acts: (None, []) without [audit].
+
+    The trail only spools (no sender is started): the server's sender delivers from the same
+    spool, so a message is never sent by two processes (see :mod:`xdsi.audit.lifecycle`).
+    """
+    if not settings.audit.repositories:
+        return None, []
+    from xdsi.audit.lifecycle import operator, this_process
+    from xdsi.audit.trail import AuditTrail
+
+    trail = AuditTrail(settings)
+    archive.audit = trail
+    person = operator()
+    actors = [p for p in (person, this_process(settings.ae_title, command, requestor=person is None)) if p is not None]
+    return trail, actors
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     archive = _open_archive(settings)
+    trail = None
     try:
+        trail, archive.policy.audit_actors = _command_audit(settings, archive, "xdsi migrate")
         report = archive.policy.run_once()
     finally:
         archive.close()
+        if trail is not None:
+            trail.stop(drain_seconds=0)
     print(f"moved {report.moved_studies} stud(ies), {report.moved_files} file(s), {_human(report.moved_bytes)}")
     for err in report.errors:
         print(f"error: {err}", file=sys.stderr)
@@ -555,6 +577,7 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
         print(f"xdsi delete: {exc}", file=sys.stderr)
         return 2
     archive = _open_archive(settings)
+    trail = None
     try:
         refs = archive.retrieve.select(study_uids=[study], series_uids=series, sop_uids=sops)
         if not refs:
@@ -564,9 +587,12 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
         if not args.yes:
             print(f"would delete {len(refs)} instance(s), {_human(size)}; run again with --yes to delete")
             return 0
-        removed = archive.remove.remove([r.sop_instance_uid for r in refs])
+        trail, actors = _command_audit(settings, archive, "xdsi delete")
+        removed = archive.remove.remove([r.sop_instance_uid for r in refs], actors=actors)
     finally:
         archive.close()
+        if trail is not None:
+            trail.stop(drain_seconds=0)
     print(f"deleted {removed} instance(s), {_human(size)}")
     return 0
 

@@ -120,6 +120,11 @@ class Servers:
         log.info("listeners: %s", describe_listeners(s))
         _write_running(s)
         self._application_activity(started=True)
+        if self.audit.enabled:  # Security Alert when the settings differ from the previous start's
+            from xdsi.audit.configuration import configuration_changed
+            from xdsi.audit import messages as m
+
+            configuration_changed(self.audit, s, m.Participant(s.ae_title, False, network_access_point=s.host))
         if s.xds.enabled:
             _warn_identifiers(s, self.archive.settings)
             from xdsi.xds.publisher import PublisherThread

@@ -228,14 +228,14 @@ def test_unknown_calling_ae_is_rejected_and_nothing_stored(server: XdsiProcess, 
     assert out.returncode != 0 and "Calling AE Title Not Recognized" in out.stdout + out.stderr
     assert _rj(_associate(server, "STRANGER")) == (1, 1, 3)  # rejected-permanent, service-user, calling AE
     assert _find(server, "FULL", "STRANGER01") == ([], 0x0000)
-    assert "calling AE title 'STORESCU' is not in [peers]" in server.output()
+    assert "calling AE title 'STORESCU' not recognised: not in [peers]" in server.output()
 
 
 def test_known_ae_from_a_host_outside_its_hosts_is_rejected(server: XdsiProcess) -> None:
     assert _rj(_associate(server, "ALT")) == (1, 1, 3)  # ALT may only call from 127.0.0.2
     assert _echo_ok(_associate(server, "ALT", bind="127.0.0.2"))
     assert _rj(_associate(server, "FULL", bind="127.0.0.2")) == (1, 1, 3)  # FULL only from 127.0.0.1
-    assert "known AE title 'FULL' called from 127.0.0.2, outside its hosts" in server.output()
+    assert "calling AE title 'FULL' not recognised: called from 127.0.0.2, outside its hosts" in server.output()
 
 
 def test_dcmtk_known_ae_from_its_host_is_accepted(server: XdsiProcess) -> None:
@@ -385,7 +385,7 @@ def test_tls_subject_must_match(server: XdsiProcess, pki: dict[str, object]) -> 
     assert _echo_ok(_associate(server, "MODALITY", tls=client))
     assert _rj(_associate(server, "MODALITY")) == (1, 1, 3)  # plain DICOM: no certificate at all
     assert _rj(_associate(server, "PINNED", tls=client)) == (1, 1, 3)  # someone else's certificate
-    assert "known AE title 'PINNED' called with certificate 'CN=modality.example.org', not its tls_subject" in server.output()
+    assert "calling AE title 'PINNED' not recognised: certificate 'CN=modality.example.org', not its tls_subject" in server.output()
 
 
 def test_dcmtk_tls_subject(server: XdsiProcess, pki: dict[str, object]) -> None:
@@ -440,7 +440,7 @@ def test_refusals_are_reported_to_the_hook_and_a_failing_hook_changes_no_answer(
         assoc.release()
         assert [(d.caller.calling_ae, d.caller.address, d.diagnostic, op) for d, op in seen] == [
             ("STRANGER", "127.0.0.1", 3, None), ("NOFIND", "127.0.0.1", None, "find")]
-        assert seen[0][0].reason == "calling AE title 'STRANGER' is not in [peers] (accept_unknown_peers is off)"
+        assert seen[0][0].reason == "calling AE title 'STRANGER' not recognised: not in [peers] (accept_unknown_peers is off)"
 
         def broken(decision: Any, operation: str | None) -> None:
             raise RuntimeError("audit spool gone")

@@ -71,6 +71,8 @@ class Archive:
             commitment=CommitmentService(retrieve, tiers),
             remove=RemoveService(index, tiers),
         )
+        # the services that audit themselves (deletes, tier moves) find the trail the server or CLI set on the archive
+        archive.remove.audit_trail = archive.policy.audit_trail = lambda: archive.audit
         archive.metadata = MetadataService(settings, archive.retrieve)
         md = archive.metadata
         archive.store.listeners.append(

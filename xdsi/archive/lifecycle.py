@@ -19,8 +19,10 @@ The plan (:meth:`TierPolicy.plan`) is computed from the index alone, so
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import delete, func, select
 
@@ -67,6 +69,10 @@ class TierPolicy:
     def __init__(self, index: Index, tiers: TierSet) -> None:
         self.index = index
         self.tiers = tiers
+        # the archive's audit trail (or None), asked at each move; wired by Archive.open.  A move removes the
+        # copy from the faster tier and is audited per study (xdsi.audit.lifecycle.migrated)
+        self.audit_trail: Callable[[], Any] = lambda: None
+        self.audit_actors: Sequence[Any] = ()  # who runs the policy (``xdsi migrate`` names the operator)
 
     def tier_bytes(self) -> dict[str, int]:
         with self.index.read_session() as s:
@@ -152,6 +158,8 @@ class TierPolicy:
                     .order_by(FileCopy.pk)
                 )
             ]
+        trail = self.audit_trail()
+        audit = self._audit_subject(move.study_pk, src.name, dst.name) if trail is not None and trail.enabled and copies else None
         moved_any = False
         for copy_pk, inst_pk, rel, size, sha, ts, last_read in copies:
             try:
@@ -160,12 +168,37 @@ class TierPolicy:
                 msg = f"{rel}: {src.name} -> {dst.name}: {exc}"
                 log.error("migration failed, source copy kept: %s", msg)
                 report.errors.append(msg)
+                if audit is not None:
+                    audit[0].errors.append(msg)
                 continue
             report.moved_files += 1
             report.moved_bytes += size
             moved_any = True
+            if audit is not None:
+                audit[0].sop_classes[audit[1].get(inst_pk, "")] += 1
         if moved_any:
             report.moved_studies += 1
+        if audit is not None:
+            from xdsi.audit.lifecycle import migrated
+
+            migrated(trail, audit[0], self.audit_actors)
+
+    def _audit_subject(self, study_pk: int, source: str, target: str) -> "tuple[Any, dict[int, str]] | None":
+        """The study, its patient and the SOP class of each instance, for the audit of a move (auditing on only)."""
+        from xdsi.audit.lifecycle import MigratedStudy
+
+        with self.index.read_session() as s:
+            row = s.execute(
+                select(Study.study_uid, Patient.patient_id).join(Patient, Study.patient_fk == Patient.pk, isouter=True).where(Study.pk == study_pk)
+            ).first()
+            if row is None:
+                return None
+            classes = dict(
+                s.execute(
+                    select(Instance.pk, Instance.sop_class_uid).join(Series, Instance.series_fk == Series.pk).where(Series.study_fk == study_pk)
+                ).all()
+            )
+        return MigratedStudy(str(row[0]), str(row[1] or ""), Counter(), source, target), classes
 
     def _lower_copy(self, src: Tier, inst_pk: int) -> FileCopy | None:
         """A verified copy of the instance on a tier below ``src`` (left there by an earlier recall), if any."""

@@ -1,39 +1,98 @@
-"""What the DIMSE server tells the audit trail: instances received per association, and queries.
+"""What the DIMSE server tells the audit trail: instances received and sent, queries, refused associations.
 
-PS3.15 A.5.3.4 wants one DICOM Instances Transferred message per study (one patient per
+PS3.15 wants one DICOM Instances Transferred message per study (one patient per
 message), not one per instance: a 2,000-image CT would otherwise be 2,000 records.  So
 C-STOREs are counted per association and study, and the messages are recorded when the
-association is released or aborted.  All of it runs on the association's thread but
-only touches memory and the local spool: the network is the sender thread's business.
+association is released or aborted; a C-MOVE or C-GET records one Begin Transferring per
+study when its sub-operations start and one DICOM Instances Transferred per study when
+they end (:class:`RetrieveAudit`).  All of it runs on the association's thread but only
+touches memory and the local spool: the network is the sender thread's business.
+
+The TLS peer (PS3.15 A.5.2.1/A.5.2.2).  A DICOM peer is named by its AE title as UserID, as
+before, so a search by AE title finds every record.  When the association came over DICOM
+TLS, the certificate subject is the authenticated identity of the peer *node*: A.5.2.1 lets a
+node's UserID be its node name, and A.5.2.2 reserves AlternativeUserID of a DICOM application
+for its AE titles, so the subject cannot go there.  It goes into a second ActiveParticipant:
+UserID = the certificate subject (RFC 4514), AlternativeUserID = ``AETITLES=<AE title>``
+tying it to the application, the same address and UserIsRequestor, and no RoleIDCode (it
+is the same party, not a second sender or receiver).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+import time
 from collections import Counter, defaultdict
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
 
 from pynetdicom import evt
 
 from xdsi.audit import messages as m
 from xdsi.audit.trail import AuditTrail
 
-__all__ = ["DimseAudit"]
+__all__ = ["DimseAudit", "RetrieveAudit", "certificate_subject", "patient_of"]
 
 log = logging.getLogger(__name__)
+
+_SUBJECT_ATTR = "_xdsi_tls_subject"  # set on a pynetdicom Association by EVT_REQUESTED (audit on only)
+
+
+def certificate_subject(sock: Any) -> str | None:
+    """The RFC 4514 subject of the certificate the peer of ``sock`` presented; None for plain TCP or none offered."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError):  # closed, or the handshake is not done
+        return None
+    if not der:
+        return None
+    from cryptography import x509
+
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string() or None
+    except ValueError:
+        return None
+
+
+def _assoc_socket(assoc: Any) -> Any:
+    return getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+
+
+def _aet(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
 
 
 def _participant(info: Any, requestor: bool) -> m.Participant:
     """An association end as an ActiveParticipant: AE title as UserID, its IP address as access point."""
-    aet = info.ae_title
-    if isinstance(aet, bytes):
-        aet = aet.decode("ascii", "replace")
-    return m.Participant(str(aet or "").strip() or "UNKNOWN", requestor, network_access_point=str(info.address or "") or None)
+    return m.Participant(_aet(info.ae_title) or "UNKNOWN", requestor, network_access_point=str(info.address or "") or None)
+
+
+def node_participant(app: m.Participant, subject: str | None) -> list[m.Participant]:
+    """The TLS-authenticated node behind ``app`` (see the module text), or nothing without TLS."""
+    if not subject:
+        return []
+    return [m.Participant(subject, app.is_requestor, None, app.network_access_point, f"AETITLES={app.user_id}")]
+
+
+def _with_nodes(event: m.AuditEvent, nodes: Sequence[m.Participant]) -> m.AuditEvent:
+    return replace(event, participants=[*event.participants, *nodes]) if nodes else event
 
 
 class DimseAudit:
     """Per-association bookkeeping for the audit trail; ``patient_of(archive, study_uid)`` looks up the patient."""
+
+    # Security Alerts for refused associations are rate-limited: a peer that retries in a loop, or cycles
+    # through AE titles, must not fill the bounded spool and crowd out the records of patient data.  At most
+    # one alert per (address, calling AE, called AE) and ALERT_INTERVAL seconds, and ALERT_BURST alerts at
+    # once refilled at one per second overall; what was held back is counted in the next alert's text.
+    ALERT_INTERVAL = 10.0
+    ALERT_BURST = 20.0
 
     def __init__(self, trail: AuditTrail, patient_of: Callable[[Any, str], str]) -> None:
         self.trail = trail
@@ -41,9 +100,35 @@ class DimseAudit:
         self._lock = threading.Lock()
         # id(assoc) -> (archive, study UID -> Counter of SOP Class UIDs, studies with a replaced instance)
         self._received: dict[int, tuple[Any, dict[str, Counter[str]], set[str]]] = {}
+        self._alerted: dict[tuple[str, str, str], tuple[float, int]] = {}  # (address, calling, called) -> (last alert, held back since)
+        self._tokens = self.ALERT_BURST
+        self._refilled = time.monotonic()
+        self._held_back = 0  # refusals not alerted because of the overall budget
 
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_RELEASED, self._flush), (evt.EVT_ABORTED, self._flush)]
+        return [
+            (evt.EVT_REQUESTED, self._requested),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_RELEASED, self._flush),
+            (evt.EVT_ABORTED, self._flush),
+        ]
+
+    # -- who the peer is ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _requested(event: Any) -> None:
+        """Keep the TLS peer's certificate subject while the socket is open (it is gone by the release)."""
+        subject = certificate_subject(_assoc_socket(event.assoc))
+        if subject:
+            setattr(event.assoc, _SUBJECT_ATTR, subject)
+
+    @staticmethod
+    def peer(assoc: Any) -> list[m.Participant]:
+        """The requestor of an association we accepted: its AE participant, then its TLS node participant if any."""
+        app = _participant(assoc.requestor, True)
+        return [app, *node_participant(app, getattr(assoc, _SUBJECT_ATTR, None))]
+
+    # -- C-STORE received ----------------------------------------------------------------------------
 
     def stored(self, event: Any, archive: Any, study_uid: str, sop_class_uid: str, replaced: bool = False) -> None:
         """One instance accepted (stored, replaced or a duplicate we already held: all were sent to us)."""
@@ -61,16 +146,22 @@ class DimseAudit:
         if entry is None:
             return
         archive, studies, updated = entry
-        sender = _participant(event.assoc.requestor, True)
+        sender, *nodes = self.peer(event.assoc)
         receiver = _participant(event.assoc.acceptor, False)
         for study_uid, classes in studies.items():
-            try:
-                patient = self.patient_of(archive, study_uid) or "UNKNOWN"
-            except Exception:  # the index is busy or gone: audit what we know rather than nothing
-                log.exception("audit: patient of study %s not found", study_uid)
-                patient = "UNKNOWN"
-            action = "U" if study_uid in updated else "C"  # PS3.15 A.5.3.4: Create, or Update when we replaced a copy
-            self.trail.record(m.instances_transferred(self.trail.source, sender, receiver, study_uid, patient, sorted(classes.items()), action=action))
+            patient = self._patient(archive, study_uid)
+            action = "U" if study_uid in updated else "C"  # PS3.15 A.5.3.7: Create, or Update when we replaced a copy
+            msg = m.instances_transferred(self.trail.source, sender, receiver, study_uid, patient, sorted(classes.items()), action=action)
+            self.trail.record(_with_nodes(msg, nodes))
+
+    def _patient(self, archive: Any, study_uid: str) -> str:
+        try:
+            return self.patient_of(archive, study_uid) or "UNKNOWN"
+        except Exception:  # the index is busy or gone: audit what we know rather than nothing
+            log.exception("audit: patient of study %s not found", study_uid)
+            return "UNKNOWN"
+
+    # -- C-FIND ------------------------------------------------------------------------------------------
 
     def queried(self, event: Any) -> None:
         """C-FIND: the identifier as received (encoded) and its transfer syntax (PS3.15 A.5.3.10)."""
@@ -82,17 +173,182 @@ class DimseAudit:
             patient = str(event.identifier.get("PatientID", "") or "") or None
         except Exception:  # an identifier pydicom cannot decode is still audited, without a patient
             patient = None
-        self.trail.record(
-            m.query(
+        try:
+            requestor, *nodes = self.peer(event.assoc)
+            msg = m.query(
                 self.trail.source,
-                _participant(event.assoc.requestor, True),
+                requestor,
                 _participant(event.assoc.acceptor, False),
                 str(req.AffectedSOPClassUID),
                 raw,
                 str(event.context.transfer_syntax),
                 patient_id=patient,
             )
-        )
+            self.trail.record(_with_nodes(msg, nodes))
+        except Exception:  # the C-FIND is answered regardless
+            log.exception("audit of a C-FIND failed")
+
+    # -- C-MOVE and C-GET ----------------------------------------------------------------------------------
+
+    def retrieval(
+        self,
+        event: Any,
+        archive: Any,
+        refs: Sequence[Any],
+        destination: m.Participant | None = None,
+        destination_subject: str | None = None,
+    ) -> "RetrieveAudit | None":
+        """The audit of one C-MOVE (``destination`` = the move destination) or C-GET (the requestor receives).
+
+        None when auditing is off, so the retrieve path does no audit work at all.
+        """
+        if not self.trail.enabled:
+            return None
+        try:
+            us = _participant(event.assoc.acceptor, False)
+            requestor = self.peer(event.assoc)
+            if destination is None:  # C-GET: the requestor is the receiver
+                receiver, others = requestor[0], requestor[1:]
+            else:  # C-MOVE: a third party asked us to send to the destination
+                receiver = destination
+                others = [*node_participant(destination, destination_subject), *requestor]
+            return RetrieveAudit(self.trail, lambda uid: self._patient(archive, uid), us, receiver, others, refs)
+        except Exception:  # the retrieve goes on, unaudited, rather than fail because of its audit
+            log.exception("audit of a retrieve could not start")
+            return None
+
+    # -- refused associations --------------------------------------------------------------------------------
+
+    def _rejected(self, event: Any) -> None:
+        """EVT_REJECTED: pynetdicom answered A-ASSOCIATE-RJ itself (its ``require_calling_aet``/``require_called_aet``)."""
+        assoc = event.assoc
+        primitive = getattr(assoc.requestor, "primitive", None)
+        calling = _aet(getattr(primitive, "calling_ae_title", None))
+        called = _aet(getattr(primitive, "called_ae_title", None))
+        ae = assoc.ae
+        if ae.require_calling_aet and calling not in [_aet(a) for a in ae.require_calling_aet]:
+            reason = f"calling AE title {calling!r} not recognised"
+        elif ae.require_called_aet and called != _aet(ae.ae_title):
+            reason = f"called AE title {called!r} not recognised"
+        else:  # pynetdicom's other refusals are resource limits, not a failed node authentication
+            return
+        self.association_refused(assoc, reason)
+
+    def association_refused(self, assoc: Any, reason: str) -> None:
+        """We answered ``assoc``'s A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 7.1.1.9) because of ``reason``."""
+        if not self.trail.enabled:
+            return
+        primitive = getattr(assoc.requestor, "primitive", None)
+        calling = _aet(getattr(primitive, "calling_ae_title", None))
+        called = _aet(getattr(primitive, "called_ae_title", None))
+        address = str(assoc.requestor.address or "") or "unknown"
+        subject = getattr(assoc, _SUBJECT_ATTR, None) or certificate_subject(_assoc_socket(assoc))
+        self.refused(_participant(assoc.acceptor, False), address, calling, called, reason, subject)
+
+    def refused(self, us: m.Participant, address: str, calling: str, called: str, reason: str, subject: str | None = None) -> None:
+        """A Security Alert (110113, type Node Authentication) for a peer we refused; rate-limited per address.
+
+        ``us`` reports it (our AE title, not the called one the peer may have invented); the peer is the performer."""
+        if not self.trail.enabled:
+            return
+        now = time.monotonic()
+        key = (address, calling, called)
+        with self._lock:
+            self._tokens = min(self.ALERT_BURST, self._tokens + (now - self._refilled))
+            self._refilled = now
+            last, quiet = self._alerted.get(key, (float("-inf"), 0))
+            if now - last < self.ALERT_INTERVAL or self._tokens < 1:
+                if now - last < self.ALERT_INTERVAL:
+                    self._alerted[key] = (last, quiet + 1)
+                else:
+                    self._held_back += 1
+                return
+            self._tokens -= 1
+            if len(self._alerted) > 4096:  # many peers: forget the old ones rather than grow
+                self._alerted.clear()
+            self._alerted[key] = (now, 0)
+            held, self._held_back = self._held_back, 0
+        try:
+            them = m.Participant(calling or "UNKNOWN", True, network_access_point=address)
+            more = f" ({quiet} more such refusal(s) not alerted separately)" if quiet else ""
+            more += f" ({held} other refusal(s) not alerted: too many at once)" if held else ""
+            why = f"DICOM association from {calling or '?'} at {address} to {called or '?'} refused (A-ASSOCIATE-RJ): {reason}{more}"
+            msg = m.security_alert(self.trail.source, us, "node_authentication", address, why, performer=them)
+            self.trail.record(_with_nodes(msg, node_participant(them, subject)))
+        except Exception:  # the refusal stands regardless
+            log.exception("audit of a refused association failed")
+
+
+class RetrieveAudit:
+    """One C-MOVE or C-GET request, per study: Begin Transferring DICOM Instances when the sub-operations
+    start (what we intend to send), DICOM Instances Transferred when they end (what was actually sent).
+
+    Outcome 0 when every instance of the study was sent, else 4 (minor failure) with an
+    EventOutcomeDescription saying how many were not and why; the SOP classes listed are those
+    sent.  The comparison of the two messages is what PS3.15 A.5.3.3 says they are for.
+    """
+
+    def __init__(
+        self,
+        trail: AuditTrail,
+        patient_of: Callable[[str], str],
+        sender: m.Participant,
+        receiver: m.Participant,
+        others: Sequence[m.Participant],
+        refs: Iterable[Any],
+    ) -> None:
+        self.trail = trail
+        self.sender = sender
+        self.receiver = receiver
+        self.others = list(others)
+        self.intended: dict[str, Counter[str]] = defaultdict(Counter)
+        for r in refs:
+            self.intended[r.study_uid][r.sop_class_uid] += 1
+        self.sent_ok: dict[str, Counter[str]] = defaultdict(Counter)
+        self.reasons: dict[str, Counter[str]] = defaultdict(Counter)  # study -> reason -> instances
+        self.note: str | None = None  # why the rest was not sent (cancelled, aborted, refused)
+        self._patients = {uid: patient_of(uid) for uid in self.intended}
+        self._ended = False
+
+    def begin(self) -> None:
+        """The sub-operations start now: one Begin Transferring per study."""
+        for study_uid, classes in self.intended.items():
+            self._record(m.begin_transferring(self.trail.source, self.sender, self.receiver, study_uid, self._patients[study_uid],
+                                              sorted(classes.items()), self.others))
+
+    def sent(self, ref: Any, ok: bool, reason: str | None = None) -> None:
+        """One sub-operation finished: the instance was stored by the receiver (``ok``) or not, and why."""
+        if ok:
+            self.sent_ok[ref.study_uid][ref.sop_class_uid] += 1
+        else:
+            self.reasons[ref.study_uid][(reason or "failed")[:200]] += 1
+
+    def end(self, note: str | None = None) -> None:
+        """The request is over (completed, cancelled, aborted or refused): one Instances Transferred per study."""
+        if self._ended:
+            return
+        self._ended = True
+        note = note or self.note
+        for study_uid, classes in self.intended.items():
+            total = sum(classes.values())
+            sent = self.sent_ok.get(study_uid, Counter())
+            missing = total - sum(sent.values())
+            description = None
+            if missing:
+                failed = self.reasons.get(study_uid, Counter())
+                parts = [f"{n} x {why}" for why, n in failed.most_common(3)]
+                unsent = missing - sum(failed.values())
+                if unsent > 0:
+                    parts.append(f"{unsent} not attempted" + (f": {note}" if note else ""))
+                description = f"{missing} of {total} instance(s) not sent to {self.receiver.user_id}: " + "; ".join(parts)
+            self._record(m.instances_sent(self.trail.source, self.sender, self.receiver, study_uid, self._patients[study_uid],
+                                          sorted(sent.items()), self.others, m.OUTCOME["minor"] if missing else m.OUTCOME["success"], description))
+
+    def _record(self, event: m.AuditEvent) -> None:
+        try:
+            self.trail.record(event)
+        except Exception:  # record() does not raise; a builder bug must not fail the retrieve either
+            log.exception("audit of a retrieve failed")
 
 
 def patient_of(archive: Any, study_uid: str) -> str:

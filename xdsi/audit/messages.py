@@ -333,6 +333,109 @@ def security_alert(
     return AuditEvent(EVENT["security_alert"], "E", outcome, people, source, [obj], event_types=[EVENT_TYPE[kind]], outcome_description=description)
 
 
+# -- audit-dimse ----
+# Builders for the events of the DIMSE retrieve paths and the archive's life cycle (issue 12):
+# Begin Transferring / DICOM Instances Transferred for C-MOVE and C-GET, DICOM Study Deleted and
+# DICOM Instances Accessed for deletes and tier migrations, and the event types of Security Alerts
+# for refused associations and configuration changes.  Section names follow PS3.15 2024e+ (A.5.3.3
+# Begin Transferring, A.5.3.6 Instances Accessed, A.5.3.7 Instances Transferred, A.5.3.8 Study Deleted).
+
+EVENT.update({"study_deleted": Code("110105", "DCM", "DICOM Study Deleted")})
+EVENT_TYPE.update({"software_configuration": Code("110131", "DCM", "Software Configuration")})
+__all__ += ["begin_transferring", "instances_sent", "study_deleted", "instances_accessed"]
+
+
+def _as(p: Participant, role: Code | None, is_requestor: bool | None = None) -> Participant:
+    """``p`` in ``role`` (and, if given, with UserIsRequestor changed); everything else kept."""
+    return Participant(
+        p.user_id, p.is_requestor if is_requestor is None else is_requestor, role, p.network_access_point, p.alternative_user_id, p.user_name
+    )
+
+
+def begin_transferring(
+    source: AuditSource,
+    sender: Participant,
+    receiver: Participant,
+    study_uid: str,
+    patient_id: str,
+    sop_classes: Iterable[tuple[str, int]],
+    others: Sequence[Participant] = (),
+) -> AuditEvent:
+    """Begin Transferring DICOM Instances (PS3.15 A.5.3.3, 110102, action E): what we intend to send, per study.
+
+    ``others`` are further participants, above all the requestor of a C-MOVE (a third party);
+    they carry no role (the table leaves it optional) so they are not mistaken for the sender.
+    """
+    people = [_as(sender, ROLE["source"]), _as(receiver, ROLE["destination"]), *others]
+    objects = [study_object(study_uid, tuple(sop_classes)), patient_object(patient_id)]
+    return AuditEvent(EVENT["begin_transferring"], "E", OUTCOME["success"], people, source, objects)
+
+
+def instances_sent(
+    source: AuditSource,
+    sender: Participant,
+    receiver: Participant,
+    study_uid: str,
+    patient_id: str,
+    sop_classes: Iterable[tuple[str, int]],
+    others: Sequence[Participant] = (),
+    outcome: str = "0",
+    outcome_description: str | None = None,
+) -> AuditEvent:
+    """DICOM Instances Transferred (PS3.15 A.5.3.7) from us, action R: the audit source is the sender and
+    does not know whether the receiver held copies before ("R" by the table's rule), with the SOP
+    classes actually sent and any third-party requestor in ``others``."""
+    event = instances_transferred(source, sender, receiver, study_uid, patient_id, sop_classes, "R", outcome, outcome_description)
+    return AuditEvent(event.event, event.action, event.outcome, [*event.participants, *others], source, event.objects,
+                      outcome_description=event.outcome_description)
+
+
+def study_deleted(
+    source: AuditSource,
+    actors: Sequence[Participant],
+    study_uid: str,
+    patient_id: str,
+    sop_classes: Iterable[tuple[str, int]],
+    outcome: str = "0",
+    outcome_description: str | None = None,
+) -> AuditEvent:
+    """DICOM Study Deleted (PS3.15 A.5.3.8, 110105, action D): a whole study and all its instances removed.
+
+    ``actors`` are the person and/or process deleting it (1..2)."""
+    if not 1 <= len(actors) <= 2:
+        raise ValueError("DICOM Study Deleted names one or two actors (the person and/or process)")
+    objects = [study_object(study_uid, tuple(sop_classes)), patient_object(patient_id)]
+    return AuditEvent(EVENT["study_deleted"], "D", outcome, list(actors), source, objects, outcome_description=outcome_description)
+
+
+def instances_accessed(
+    source: AuditSource,
+    actors: Sequence[Participant],
+    action: str,
+    study_uid: str,
+    patient_id: str,
+    sop_classes: Iterable[tuple[str, int]],
+    outcome: str = "0",
+    outcome_description: str | None = None,
+    details: Sequence[tuple[str, bytes]] = (),
+) -> AuditEvent:
+    """DICOM Instances Accessed (PS3.15 A.5.3.6, 110103): some instances of one study created, read, updated
+    or deleted (``action`` C/R/U/D).  A delete of every instance of a study is :func:`study_deleted` instead.
+
+    ``details`` go on the study object as ParticipantObjectDetail (e.g. the tiers of a migration)."""
+    if action not in "CRUD" or len(action) != 1:
+        raise ValueError(f"DICOM Instances Accessed action must be C, R, U or D, not {action!r}")
+    if not 1 <= len(actors) <= 2:
+        raise ValueError("DICOM Instances Accessed names one or two actors (the person and/or process)")
+    study = study_object(study_uid, tuple(sop_classes))
+    if details:
+        from dataclasses import replace as _replace
+
+        study = _replace(study, details=tuple(study.details) + tuple(details))
+    objects = [study, patient_object(patient_id)]
+    return AuditEvent(EVENT["instances_accessed"], action, outcome, list(actors), source, objects, outcome_description=outcome_description)
+
+
 # -- xua ----
 # PS3.15 A.5.3.12: what ITI-40 3.40.4.1.3 calls "the ATNA Audit event for Authentication Failure"
 EVENT.update({"user_authentication": Code("110114", "DCM", "User Authentication")})

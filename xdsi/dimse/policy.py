@@ -137,18 +137,18 @@ class DimsePolicy:
         elif self.settings.accept_any_called_aet:
             allow_list = self.served.get(self.main_ae)
         else:
-            return _reject(caller, CALLED_AE_NOT_RECOGNISED, f"called AE title {called!r} is not served here")
+            return _reject(caller, CALLED_AE_NOT_RECOGNISED, f"called AE title {called!r} not recognised: not served here")
         rights = self.settings.peers.get(calling)
         if rights is not None:
             if rights.hosts is not None and not _from_hosts(caller.address, rights.hosts):
-                return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"known AE title {calling!r} called from {caller.address}, outside its hosts")
+                return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} not recognised: called from {caller.address}, outside its hosts")
             if rights.tls_subject is not None and caller.tls_subject != rights.tls_subject:
                 got = "no certificate (plain DICOM)" if caller.tls_subject is None else f"certificate {caller.tls_subject!r}"
-                return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"known AE title {calling!r} called with {got}, not its tls_subject")
+                return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} not recognised: {got}, not its tls_subject")
         elif not self.accept_unknown:
-            return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} is not in [peers] (accept_unknown_peers is off)")
+            return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} not recognised: not in [peers] (accept_unknown_peers is off)")
         if allow_list is not None and calling not in allow_list:
-            return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} may not use {called!r} (not in its peers)")
+            return _reject(caller, CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} not recognised: not among the peers of {called!r}")
         return Decision(caller, True, "known peer" if rights is not None else "unknown peer accepted", rights=rights)
 
     # -- the server's two questions -------------------------------------------------------

@@ -172,8 +172,37 @@ def install_streaming_sender(assoc: Any) -> None:
                 )
             return original(produced.file_path(), *args, **kwargs)
 
-    assoc.send_c_store = send_c_store
+    def audited_send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """``send_c_store``, telling the placeholder's audit (``_xdsi_on_sent``, set only when [audit] is on)
+        whether the receiver stored the instance: the audit lists what was actually sent, not what was meant."""
+        on_sent = getattr(dataset, "_xdsi_on_sent", None) if isinstance(dataset, StoredInstance) else None
+        if on_sent is None:
+            return send_c_store(dataset, *args, **kwargs)
+        try:
+            rsp = send_c_store(dataset, *args, **kwargs)
+        except Exception as exc:
+            on_sent(dataset._xdsi_ref, False, f"{exc.__class__.__name__}: {exc}")
+            raise
+        ok, why = stored_by_peer(rsp)
+        on_sent(dataset._xdsi_ref, ok, why)
+        return rsp
+
+    assoc.send_c_store = audited_send_c_store
     assoc._xdsi_streaming = True
+
+
+def stored_by_peer(rsp: Any) -> tuple[bool, str | None]:
+    """Whether a C-STORE response says the peer kept the instance (Success or Warning, PS3.4 B.2.3), and if not why."""
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    code = getattr(rsp, "Status", None)
+    if code is None:
+        return False, "no C-STORE response (association aborted or timed out)"
+    category = STORAGE_SERVICE_CLASS_STATUS.get(int(code), ("Failure", "unknown status"))[0]
+    if category in ("Success", "Warning"):
+        return True, None
+    comment = str(getattr(rsp, "ErrorComment", "") or "")
+    return False, f"C-STORE status 0x{int(code):04X}" + (f" ({comment})" if comment else "")
 
 
 # -- C-MOVE: what we propose ------------------------------------------------------------------------
@@ -243,6 +272,12 @@ class MoveDestination:
     ae_title: str
     refused: str | None = None
     connect: bool = True  # False: the request is answered with a failure, do not open the association
+    audited: bool = False  # [audit] is on: keep the destination's TLS certificate subject
+    tls_subject: str | None = None
+    connected: bool = False  # the TCP (and TLS) connection was made: EVT_CONN_OPEN came
+
+    def on_connected(self, _event: Any) -> None:
+        self.connected = True
 
 
 class RefusedSubAssociation:
@@ -269,6 +304,8 @@ def refusal_reason(assoc: Any, destination: MoveDestination) -> str:
     """Short enough for Error Comment (64 characters) with a 16-character AE title."""
     if assoc.is_rejected:
         what = "rejected the association"
+    elif not destination.connected:  # pynetdicom reports a refused or timed-out connect as an abort
+        what = "could not be reached"
     elif assoc.is_aborted:
         what = "aborted (accepted no context?)"
     else:
@@ -294,4 +331,5 @@ __all__: Sequence[str] = (
     "prefer_requestor_syntaxes",
     "refusal_reason",
     "requestor_choice",
+    "stored_by_peer",
 )

@@ -132,6 +132,8 @@ class ArchiveAE(AE):
             return RefusedSubAssociation("not connected: the request failed")
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
+        if destination is not None:  # tells "could not be reached" from "aborted" in the refusal (and the audit)
+            handlers.append((evt.EVT_CONN_OPEN, destination.on_connected))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
         if destination is not None and not assoc.is_established:
             destination.refused = refusal_reason(assoc, destination)
@@ -140,6 +142,10 @@ class ArchiveAE(AE):
             if sock is not None:
                 sock.close()
             return RefusedSubAssociation(destination.refused)
+        if destination is not None and destination.audited:  # the destination's TLS certificate, for the audit trail
+            from xdsi.audit.dimse import certificate_subject
+
+            destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         install_streaming_sender(assoc)
         return assoc
 
@@ -273,6 +279,7 @@ class DicomServer:
         return [
             *self.governor.handlers(),
             (evt.EVT_REQUESTED, self.on_requested),  # after the governor's: a slot is checked first
+            (evt.EVT_REQUESTED, self.check_ae_titles),  # [dimse] require_known_* (issue 12); skips a request already rejected
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -297,6 +304,8 @@ class DicomServer:
         log.warning("DICOM association from %s (%s) to %s rejected: %s", c.calling_ae, c.address, c.called_ae, decision.reason)
         assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
         assoc.kill()
+        if self.audit is not None:  # Security Alert (Node Authentication), rate-limited per peer; never raises
+            self.audit.association_refused(assoc, decision.reason)
         self._report_refusal(decision, None)
 
     def _refused(self, assoc: Any, operation: str) -> str | None:
@@ -320,6 +329,37 @@ class DicomServer:
         if refused is not None:
             return _failure(NOT_AUTHORIZED, refused), None
         return self.commitment.on_n_action(event)
+
+    def check_ae_titles(self, event: Any) -> None:
+        """EVT_REQUESTED: ``[dimse] require_known_calling_ae`` / ``require_known_called_ae`` (off by default).
+
+        An unknown calling AE title (no ``[peers.X]`` entry) or called AE title (neither ours nor a
+        partition's) gets A-ASSOCIATE-RJ, rejected-permanent, service-user, calling/called AE title
+        not recognised (PS3.8 7.1.1.9), as pynetdicom's own check answers; pynetdicom's check is not
+        used because it knows a single called AE title and no partitions.  Each refusal is logged
+        and, with [audit], recorded as a Security Alert.
+        """
+        s = self.archive.settings
+        if not (s.require_known_calling_ae or s.require_known_called_ae):
+            return
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        primitive = assoc.requestor.primitive
+        calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
+        reason, diagnostic = None, 0
+        if s.require_known_calling_ae and calling not in s.dimse_policy.peers:  # [peers.X], with or without host/port
+            reason, diagnostic = f"calling AE title {calling!r} not recognised (no [peers] entry)", 0x03
+        elif s.require_known_called_ae and called != s.ae_title and called not in self.partitions:
+            reason, diagnostic = f"called AE title {called!r} not recognised (not ours)", 0x07
+        if reason is None:
+            return
+        address = str(assoc.requestor.address or "?")
+        log.warning("DICOM association from %s (%s) to %s rejected: %s", calling, address, called, reason)
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, DICOM UL service-user
+        assoc.kill()
+        if self.audit is not None:
+            self.audit.association_refused(assoc, reason)
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
@@ -425,7 +465,7 @@ class DicomServer:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), failed_identifier([])
             return
         pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
-        destination = MoveDestination(dest)
+        destination = MoveDestination(dest, audited=self.audit is not None)
         kwargs: dict[str, Any] = {"xdsi_move_destination": destination}
         if pairs:
             kwargs["contexts"] = contexts_for(pairs)
@@ -434,14 +474,23 @@ class DicomServer:
         yield peer.host, peer.port, kwargs
         yield len(refs)
         # pynetdicom has now tried the sub-association
+        retrieval = None
+        if self.audit is not None and refs:
+            from xdsi.audit import messages as m
+
+            retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs,
+                                             destination=m.Participant(dest, False, network_access_point=peer.host),
+                                             destination_subject=destination.tls_subject)
         if destination.refused is not None:
+            if retrieval is not None:  # nothing was sent: the attempt is on record, with why
+                retrieval.end(note=destination.refused)
             # PS3.4 C.4.2.1.5: A702 Refused: Out of Resources - Unable to perform sub-operations;
             # every instance is a failed sub-operation and is listed
             yield _failure(status.UNABLE_TO_PERFORM_SUBOPERATIONS, destination.refused), failed_identifier(
                 r.sop_instance_uid for r in refs
             )
             return
-        yield from self._suboperations(event, refs)
+        yield from self._suboperations(event, refs, retrieval)
 
     def on_get(self, event: Any) -> Iterator[Any]:
         refused = self._refused(event.assoc, "get")
@@ -456,21 +505,41 @@ class DicomServer:
             return
         install_streaming_sender(event.assoc)
         yield len(refs)
-        yield from self._suboperations(event, refs)
+        retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs) if self.audit is not None and refs else None
+        yield from self._suboperations(event, refs, retrieval)
 
-    def _suboperations(self, event: Any, refs: list[Any]) -> Iterator[Any]:
+    def _suboperations(self, event: Any, refs: list[Any], retrieval: Any = None) -> Iterator[Any]:
         """One placeholder per instance; the sender produces it (recall, conversion) when it is its turn.
 
         A placeholder whose instance cannot be produced or sent makes
         ``send_c_store`` raise, which pynetdicom counts as a failed
         sub-operation and lists in Failed SOP Instance UID List.
+
+        ``retrieval`` (an :class:`xdsi.audit.dimse.RetrieveAudit`, when [audit] is on) hears when the
+        sub-operations start, how each one ended, and when the request is over: pynetdicom asks
+        for the next placeholder only after the previous C-STORE was answered, so the end comes
+        after the last one and before our final C-MOVE/C-GET response; on a cancel or abort the
+        generator is closed and ``finally`` still records what was sent.
         """
         source = self.archive_for(event.assoc).retrieve
-        for ref in refs:
-            if event.is_cancelled:
-                yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
-                return
-            yield Status.PENDING, StoredInstance(source, ref)
+        if retrieval is not None:
+            retrieval.begin()
+        try:
+            for ref in refs:
+                if event.is_cancelled:
+                    if retrieval is not None:
+                        retrieval.note = "cancelled by the requestor (C-CANCEL)"
+                    yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
+                    return
+                placeholder = StoredInstance(source, ref)
+                if retrieval is not None:
+                    placeholder._xdsi_on_sent = retrieval.sent
+                yield Status.PENDING, placeholder
+        finally:
+            if retrieval is not None:
+                if not event.assoc.is_established and retrieval.note is None:
+                    retrieval.note = "the association ended before every instance was sent"
+                retrieval.end()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -567,6 +636,12 @@ def _refuse_retrieve(reason: str, destination: MoveDestination | None) -> Iterat
         yield "0.0.0.0", 0, {"xdsi_move_destination": destination}
     yield 1
     yield _failure(NOT_AUTHORIZED, reason), failed_identifier([])
+
+
+def _aet(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
 
 
 def _failure(code: int, comment: str) -> Dataset:
