@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,8 @@ from pynetdicom.sop_class import (
 )
 
 from tests.integration.dimse_support import dcmtk_available, run, tool
+from tests.support import rsyslog
+from tests.support.audit_schema import check_audit_message
 from tests.support.objects import secondary_capture
 from tests.support.pki import Issued, TestCA, standard_pki
 from tests.support.server import XdsiProcess, free_port
@@ -71,8 +74,22 @@ def dest() -> Iterator[Destination]:
         d.server.shutdown()
 
 
+AUDIT_SOURCE = "XDSI-DIMSE-POLICY"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], dest: Destination) -> Iterator[XdsiProcess]:
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog | None]:
+    """The Audit Record Repository (Debian's rsyslogd); None where it is not installed (the alert tests skip)."""
+    if not rsyslog.available():
+        yield None
+        return
+    with rsyslog.running(tmp_path_factory.mktemp("arr")) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], dest: Destination,
+           repo: rsyslog.Rsyslog | None) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("dimse-policy")
     srv: Issued = pki["server"]  # type: ignore[assignment]
     ca: TestCA = pki["ca"]  # type: ignore[assignment]
@@ -91,10 +108,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], des
         '[peers.ALT]\nhosts = ["127.0.0.2"]\n'
         f'[peers.DEST]\nhost = "127.0.0.1"\nport = {dest.port}\nstore = false\nfind = false\nmove = false\nget = false\ncommit = false\n'
         '[peers.RESEARCH]\nhosts = ["127.0.0.0/8"]\n'
-        '[peers.MODALITY]\ntls_subject = "CN=modality.example.org"\n'
+        '[peers.MODALITY]\ntls_subject = "CN=modality.example.org"\nfind = false\n'
         '[peers.PINNED]\ntls_subject = "CN=someone-else.example.org"\n'
         f'[partitions.STUDYX]\npeers = ["RESEARCH"]\ndicom_port = {proc.studyx_port}\n'  # type: ignore[attr-defined]
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{ca.pem}"\n'
+        + (f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{AUDIT_SOURCE}"\n' if repo is not None else "")
     )
     proc.start()
     try:
@@ -453,3 +471,77 @@ def test_refusals_are_reported_to_the_hook_and_a_failing_hook_changes_no_answer(
     finally:
         dicom.stop()
         archive.close()
+
+
+# -- Security Alerts (with an Audit Record Repository) -----------------------------------------------
+
+
+def _alerts(repo: rsyslog.Rsyslog, event_type: str, text: str, n: int, seconds: float = 15.0) -> list[Any]:
+    """Security Alerts (110113) of our source with ``event_type`` whose description has ``text``, once there are ``n``."""
+    deadline = time.monotonic() + seconds
+    got: list[Any] = []
+    while True:
+        got = []
+        for line in repo.lines():
+            msg = line.split(" ", 3)[3].lstrip("\ufeff").encode("utf-8")
+            if f'AuditSourceID="{AUDIT_SOURCE}"'.encode() not in msg:
+                continue
+            root = check_audit_message(msg)  # every message valid against the PS3.15 schema
+            ev = root.find("EventIdentification")
+            if ev.find("EventID").get("csd-code") == "110113" and ev.find("EventTypeCode").get("csd-code") == event_type \
+                    and text in ev.find("EventOutcomeDescription").text:
+                got.append(root)
+        if len(got) >= n or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def _participants(root: Any) -> list[tuple[str | None, ...]]:
+    return [(ap.get("UserID"), ap.get("UserIsRequestor"), None if ap.find("RoleIDCode") is None else ap.find("RoleIDCode").get("csd-code"),
+             ap.get("NetworkAccessPointID"), ap.get("AlternativeUserID")) for ap in root.findall("ActiveParticipant")]
+
+
+def test_a_refused_operation_is_a_security_alert_once_per_peer_and_interval(server: XdsiProcess, repo: rsyslog.Rsyslog | None,
+                                                                              stored: tuple[str, str]) -> None:
+    """C-FIND refused twice at once: one Security Alert (Use of Restricted Function), naming the peer, the operation
+    and the setting; the second is counted in the next alert, not alerted on its own."""
+    if repo is None:
+        pytest.skip("needs Debian rsyslog + rsyslog-gnutls")
+    assert _find(server, "NOGET", "POLICY01")[1] == 0x0000  # a peer with the right raises no alert
+    for _ in range(2):
+        assert _find(server, "NOFIND", "POLICY01") == ([], NOT_AUTHORIZED)
+    (alert,) = _alerts(repo, "110132", "C-FIND from NOFIND at 127.0.0.1 to XDSI refused (0124H Refused: Not Authorized)", 1)
+    time.sleep(1.0)
+    assert len(_alerts(repo, "110132", "C-FIND from NOFIND", 2, seconds=0)) == 1  # the second refusal was held back
+    assert len(_alerts(repo, "110132", "C-FIND from NOGET", 1, seconds=0)) == 0
+    ev = alert.find("EventIdentification")
+    assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("E", "4")
+    assert "[peers.NOFIND] find = false" in ev.find("EventOutcomeDescription").text
+    assert _participants(alert) == [("XDSI", "false", "110150", "127.0.0.1", None), ("NOFIND", "true", None, "127.0.0.1", None)]
+    (subject,) = alert.findall("ParticipantObjectIdentification")
+    assert (subject.get("ParticipantObjectID"), subject.get("ParticipantObjectTypeCodeRole")) == ("127.0.0.1", "13")
+
+
+def test_a_refused_operation_over_tls_names_the_certificate(server: XdsiProcess, repo: rsyslog.Rsyslog | None, pki: dict[str, object]) -> None:
+    if repo is None:
+        pytest.skip("needs Debian rsyslog + rsyslog-gnutls")
+    q = Dataset()
+    q.QueryRetrieveLevel, q.PatientID, q.StudyInstanceUID = "STUDY", "POLICY01", ""
+    assoc = _associate(server, "MODALITY", StudyRootQueryRetrieveInformationModelFind, tls=_tls(pki, "client"))
+    assert assoc.is_established
+    try:
+        assert [int(st.Status) for st, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)] == [NOT_AUTHORIZED]
+    finally:
+        assoc.release()
+    (alert,) = _alerts(repo, "110132", "C-FIND from MODALITY", 1)
+    assert _participants(alert) == [("XDSI", "false", "110150", "127.0.0.1", None), ("MODALITY", "true", None, "127.0.0.1", None),
+                                    ("CN=modality.example.org", "true", None, "127.0.0.1", "AETITLES=MODALITY")]
+
+
+def test_a_rejected_association_is_a_node_authentication_alert(server: XdsiProcess, repo: rsyslog.Rsyslog | None) -> None:
+    """The policy's A-ASSOCIATE-RJ goes to the issue 12 alert (xdsi.audit.dimse), with the policy's reason."""
+    if repo is None:
+        pytest.skip("needs Debian rsyslog + rsyslog-gnutls")
+    assert _rj(_associate(server, "INTRUDER", bind="127.0.0.3")) == (1, 1, 3)
+    (alert,) = _alerts(repo, "110126", "calling AE title 'INTRUDER' not recognised: not in [peers] (accept_unknown_peers is off)", 1)
+    assert ("INTRUDER", "true", None, "127.0.0.3", None) in _participants(alert)

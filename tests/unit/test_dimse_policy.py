@@ -242,3 +242,18 @@ def test_describe_says_who_is_accepted(tmp_path: Path) -> None:
     assert policy(tmp_path).describe() == "accepting only the 3 AE title(s) in [peers], called AE title(s) ARCHIVE, STUDYX"
     s = settings(tmp_path, "[dimse]\naccept_any_called_aet = true\n")
     assert DimsePolicy.for_archives(s).describe() == "accepting any calling AE title, any called AE title"
+
+
+def test_certificate_subject_of_a_plain_unconnected_or_closed_socket_is_none() -> None:
+    import socket
+    import ssl
+
+    from xdsi.dimse.policy import certificate_subject
+
+    assert certificate_subject(None) is None
+    with socket.socket() as plain:
+        assert certificate_subject(plain) is None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(socket.socket(), server_hostname="x", do_handshake_on_connect=False)
+    assert certificate_subject(tls) is None  # no handshake yet
+    tls.close()
+    assert certificate_subject(tls) is None  # closed

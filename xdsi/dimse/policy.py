@@ -193,7 +193,7 @@ def certificate_subject(sock: Any) -> str | None:
         return None
     try:
         der = sock.getpeercert(binary_form=True)
-    except (ValueError, OSError):  # closed, or handshake not done
+    except (ValueError, OSError, AttributeError):  # handshake not done, or closed (ssl then has no _sslobj)
         return None
     if not der:
         return None

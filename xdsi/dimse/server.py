@@ -54,6 +54,7 @@ from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
+from xdsi.dimse.policy_audit import RefusalAlerts
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -265,6 +266,7 @@ class DicomServer:
         self.policy = DimsePolicy.for_archives(s, self.partitions)
         self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
         self._policy_logged = False
+        self.refusal_alerts = RefusalAlerts(s.ae_title)
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -303,15 +305,21 @@ class DicomServer:
         c = decision.caller
         log.warning("DICOM association from %s (%s) to %s rejected: %s", c.calling_ae, c.address, c.called_ae, decision.reason)
         assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
+        if self.audit is not None:  # Security Alert (Node Authentication), rate-limited per peer
+            try:  # before kill(): it closes the socket, whose TLS certificate the alert names
+                self.audit.association_refused(assoc, decision.reason)
+            except Exception:  # an audit failure must not change the answer
+                log.exception("DICOM: auditing a rejected association failed")
         assoc.kill()
-        if self.audit is not None:  # Security Alert (Node Authentication), rate-limited per peer; never raises
-            self.audit.association_refused(assoc, decision.reason)
         self._report_refusal(decision, None)
 
     def _refused(self, assoc: Any, operation: str) -> str | None:
         """Why this association's peer may not do ``operation`` (reported), or None."""
         reason = self.policy.refusal(assoc, operation)
         if reason is not None:
+            if self.audit is not None:  # Security Alert, Use of Restricted Function (rate-limited; never raises)
+                self.refusal_alerts.operation_refused(self.audit.trail, assoc.xdsi_policy_decision, operation,
+                                                      str(getattr(assoc.acceptor, "address", "") or "") or None)
             self._report_refusal(assoc.xdsi_policy_decision, operation)
         return reason
 
