@@ -280,8 +280,6 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             *self.governor.handlers(),
-            (evt.EVT_REQUESTED, self.on_requested),  # after the governor's: a slot is checked first
-            (evt.EVT_REQUESTED, self.check_ae_titles),  # [dimse] require_known_* (issue 12); skips a request already rejected
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -292,6 +290,10 @@ class DicomServer:
             (evt.EVT_N_ACTION, self.on_n_action),
             *self.spool.handlers(),
             *(self.audit.handlers() if self.audit is not None else []),
+            # last: the governor has taken a slot (or rejected), and every other EVT_REQUESTED handler (the audit's
+            # keeps the TLS certificate subject) has seen the request while its socket is open; rejecting closes it
+            (evt.EVT_REQUESTED, self.on_requested),  # who may associate (issue 13); skips a request already rejected
+            (evt.EVT_REQUESTED, self.check_ae_titles),  # [dimse] require_known_* (issue 12); skips a request already rejected
         ]
 
     def on_requested(self, event: Any) -> None:
@@ -365,9 +367,9 @@ class DicomServer:
         address = str(assoc.requestor.address or "?")
         log.warning("DICOM association from %s (%s) to %s rejected: %s", calling, address, called, reason)
         assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, DICOM UL service-user
-        assoc.kill()
-        if self.audit is not None:
+        if self.audit is not None:  # before kill(), which closes the socket whose TLS certificate the alert names
             self.audit.association_refused(assoc, reason)
+        assoc.kill()
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
