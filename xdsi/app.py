@@ -5,7 +5,8 @@ The adapters do not know each other: ``web`` (WADO-URI, DICOMweb, status) and
 repository) are both built here from the same :class:`Archive` and mounted
 under their prefixes with werkzeug's ``DispatcherMiddleware`` (which moves the
 prefix to ``SCRIPT_NAME``).  Body limits and header hygiene wrap them here too,
-so every adapter gets the same ones.
+so every adapter gets the same ones, and so does the access check
+(:mod:`xdsi.web.auth`: who is asking and whether they may), outside them all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def soap_applications(archive: Archive) -> dict[str, Any]:
 
 def make_app(archive: Archive, partitions: Mapping[str, Archive] | None = None) -> WSGIApp:
     """The whole HTTP application; ``partitions``: AE title -> Archive (``None``: open the configured ones)."""
+    from xdsi.web.auth import protect
     from xdsi.web.limits import limit_body, safe_headers
     from xdsi.web.mounts import web_mounts
     from xdsi.web.status import not_found, status_app
@@ -48,4 +50,5 @@ def make_app(archive: Archive, partitions: Mapping[str, Archive] | None = None) 
     }
     for path, app in soap_applications(archive).items():
         mounts[path] = limit_body(app, limits.max_mtom_bytes, "SOAP")
-    return safe_headers(DispatcherMiddleware(not_found, mounts))
+    # the access check sees every request first: nothing is routed, read or spooled for a requester it refuses
+    return safe_headers(protect(DispatcherMiddleware(not_found, mounts), archive))

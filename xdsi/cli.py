@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path, metavar="FILE", help="https: trust this CA bundle (e.g. the Connectathon's) instead of the system's")
     p.add_argument("--cert", type=Path, metavar="FILE", help="https: our client certificate (PEM), for ATNA mutual TLS")
     p.add_argument("--key", type=Path, metavar="FILE", help="https: the private key of --cert (PEM), if not in the same file")
+    p = sub.add_parser("users", help="HTTP Basic users ([http] auth = \"basic\"): add, remove, list")
+    _common(p)
+    users = p.add_subparsers(dest="users_command", required=True)
+    u = users.add_parser("add", help="add a user, or set its password and rights")
+    u.add_argument("name", metavar="NAME")
+    u.add_argument("--rights", required=True, metavar="LIST", help="comma list of read, write, admin")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin instead of asking")
+    u = users.add_parser("remove", help="remove a user")
+    u.add_argument("name", metavar="NAME")
+    users.add_parser("list", help="the users and their rights")
+    for u in users.choices.values():  # --config / --data-dir after the verb too; SUPPRESS keeps a value given before it
+        u.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
+        u.add_argument("--data-dir", metavar="DIR", type=Path, default=argparse.SUPPRESS, help="data directory (default ./xdsi-data)")
     return parser
 
 
@@ -597,6 +610,47 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
+    """``xdsi users add|remove|list``: the users file of ``[http] auth = "basic"`` (argon2id hashes, never a password)."""
+    from xdsi.security.users import UsersError, add_user, parse_rights, read_users, remove_user
+    from xdsi.web.auth import users_path
+
+    path = users_path(settings)
+    try:
+        if args.users_command == "list":
+            users = read_users(path) if path.exists() else {}
+            for u in users.values():
+                print(f"{u.name}\t{','.join(sorted(u.rights))}")
+            if not users:
+                print(f"no users in {path}", file=sys.stderr)
+            return 0
+        if args.users_command == "remove":
+            if not remove_user(path, args.name):
+                print(f"xdsi users: no user {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"removed {args.name} from {path}")
+            return 0
+        rights = parse_rights(args.rights)
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            import getpass
+
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                print("xdsi users: the passwords differ", file=sys.stderr)
+                return 2
+        new = add_user(path, args.name, password, rights)
+    except UsersError as exc:
+        print(f"xdsi users: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"xdsi users: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"{'added' if new else 'updated'} {args.name} ({','.join(sorted(rights))}) in {path}")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "import": cmd_import,
@@ -606,6 +660,7 @@ COMMANDS = {
     "delete": cmd_delete,
     "retrieve": cmd_retrieve,
     "conformance": cmd_conformance,
+    "users": cmd_users,
 }
 
 

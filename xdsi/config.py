@@ -33,6 +33,8 @@ __all__ = [
     "AuditSettings",
     "DimsePolicySettings",
     "PeerRights",
+    "AuthSettings",
+    "IuaSettings",
     "Listener",
 ]
 
@@ -306,6 +308,7 @@ class Settings:
     public_url: str = ""
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
     dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
+    auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
     # [dimse] AE title checks (PS3.8 7.1.1.9 A-ASSOCIATE-RJ permanent, calling / called AE title not recognised), each
     # refusal audited as a Security Alert: only calling AE titles with a [peers.X] entry; only our AE title and the partitions'
     require_known_calling_ae: bool = False
@@ -493,7 +496,7 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -594,6 +597,7 @@ def load_settings(
     settings = replace(settings, http_limits=_http_limits(doc.get("http", {})))
     if "audit" in doc:
         settings = replace(settings, audit=audit_from(doc["audit"], base))
+    settings = replace(settings, auth=auth_from(doc.get("http", {}), doc.get("iua"), base))
     if "xua" in doc:
         settings = replace(settings, xua=xua_from(doc["xua"], base))
     parts = _partitions_from(doc.get("partitions") or {}, base)
@@ -1210,6 +1214,131 @@ def validate_dimse_policy(s: Settings) -> None:
                 raise ConfigError(f"[partitions.{name}] peers: {aet!r} is not configured in [peers] (add [peers.{aet}])")
 
 
+# -- iua: who may use the HTTP services (issue 13) ----------------------------------------------------
+# [http] auth / allow_anonymous / users_file and the [iua] table; see xdsi.web.auth for how they are used.
+
+HTTP_AUTH_MODES = ("none", "bearer", "basic")
+AUTH_RIGHTS = ("read", "write", "admin")
+SOAP_AUTH_MODES = ("http", "xua")
+HTTP_AUTH_KEYS = {"auth", "allow_anonymous", "users_file", "soap_auth"}
+_SECTION_KEYS["http"] |= HTTP_AUTH_KEYS
+
+
+@dataclass(frozen=True)
+class IuaSettings:
+    """``[iua]``: the IUA Authorization Server whose JWT access tokens we accept (``[http] auth = "bearer"``)."""
+
+    issuer: str = ""  # the "iss" every token must carry, exactly
+    audience: tuple[str, ...] = ()  # accepted "aud" values (ours: e.g. our public URL); a token must name one
+    jwks_url: str = ""  # the issuer's JWKS (http(s)); or
+    jwks_file: Path | None = None  # a JWKS file (relative to the config file)
+    jwks_ca_certificates: Path | None = None  # https jwks_url: verify against this PEM bundle instead of the system's
+    clock_skew_seconds: float = 30.0  # leeway on exp / nbf / iat
+    jwks_refresh_seconds: float = 60.0  # a token with an unknown kid refetches the JWKS at most this often
+    jwks_max_age_seconds: float = 3600.0  # a JWKS older than this is refetched on next use
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+    # scope -> rights it grants; the default maps the scopes "read", "write", "admin" to the rights of that name
+    scopes: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {r: (r,) for r in AUTH_RIGHTS})
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """``[http] auth``: "none" (anyone who reaches the port; refused at start on a non-loopback address unless
+    ``allow_anonymous = true``), "bearer" (IUA tokens, ``[iua]``) or "basic" (``users_file``)."""
+
+    mode: str = "none"
+    allow_anonymous: bool = False
+    users_file: Path | None = None  # None: <data_dir>/users
+    # the SOAP endpoints (RAD-69, WADO-WS, ITI-43): "http" = the same HTTP credentials as everything else;
+    # "xua" = left to XUA alone (SAML in wsse:Security, as IHE consumers send it), allowed only with [xua] required
+    soap_auth: str = "http"
+    iua: IuaSettings = field(default_factory=IuaSettings)
+
+
+_IUA_KEYS = set(IuaSettings.__dataclass_fields__)
+
+
+def _path_setting(where: str, value: object, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a file path, not {value!r}")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _iua_from(raw: object, base: Path) -> IuaSettings:
+    table = _check_keys("[iua]", raw, _IUA_KEYS)
+    kw: dict[str, Any] = {}
+    for key in ("issuer", "jwks_url"):
+        if key in table:
+            if not isinstance(table[key], str) or not table[key].strip():
+                raise ConfigError(f"[iua] {key} must be a non-empty string, not {table[key]!r}")
+            kw[key] = table[key].strip()
+    if "jwks_url" in kw and not re.match(r"^https?://[^/?#]+", kw["jwks_url"]):
+        raise ConfigError(f"[iua] jwks_url {kw['jwks_url']!r} must be an http:// or https:// URL")
+    if "audience" in table:
+        aud = table["audience"]
+        aud = [aud] if isinstance(aud, str) else aud
+        if not isinstance(aud, list) or not aud or not all(isinstance(a, str) and a.strip() for a in aud):
+            raise ConfigError(f"[iua] audience must be a string or a list of strings, not {table['audience']!r}")
+        kw["audience"] = tuple(a.strip() for a in aud)
+    for key in ("jwks_file", "jwks_ca_certificates"):
+        if key in table:
+            kw[key] = _path_setting(f"[iua] {key}", table[key], base)
+    if "clock_skew_seconds" in table:
+        v = table["clock_skew_seconds"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 600:
+            raise ConfigError(f"[iua] clock_skew_seconds must be a number of seconds from 0 to 600, not {v!r}")
+        kw["clock_skew_seconds"] = float(v)
+    for key in ("jwks_refresh_seconds", "jwks_max_age_seconds"):
+        if key in table:
+            kw[key] = float(_number(f"[iua] {key}", table[key]))
+    if "algorithms" in table:
+        algs = table["algorithms"]
+        allowed = IuaSettings.algorithms
+        if not isinstance(algs, list) or not algs or not all(a in allowed for a in algs):
+            raise ConfigError(f"[iua] algorithms must be a list of {', '.join(allowed)} (asymmetric only), not {algs!r}")
+        kw["algorithms"] = tuple(algs)
+    if "scopes" in table:
+        scopes = table["scopes"]
+        if not isinstance(scopes, dict) or not scopes:
+            raise ConfigError('[iua] scopes must be a table of scope = right(s), e.g. [iua.scopes] "user/*.read" = "read"')
+        out: dict[str, tuple[str, ...]] = {}
+        for scope, rights in scopes.items():
+            rights = [rights] if isinstance(rights, str) else rights
+            if not isinstance(rights, list) or not rights or not all(r in AUTH_RIGHTS for r in rights):
+                raise ConfigError(f"[iua.scopes] {scope!r} must name rights among {', '.join(AUTH_RIGHTS)}, not {scopes[scope]!r}")
+            out[str(scope)] = tuple(rights)
+        kw["scopes"] = out
+    return IuaSettings(**kw)
+
+
+def auth_from(http: Mapping[str, Any], iua: object, base: Path) -> AuthSettings:
+    """Parse ``[http] auth``, ``allow_anonymous``, ``users_file`` and ``[iua]``; "bearer" needs a complete ``[iua]``."""
+    kw: dict[str, Any] = {}
+    if "auth" in http:
+        if http["auth"] not in HTTP_AUTH_MODES:
+            raise ConfigError(f"[http] auth must be one of {', '.join(HTTP_AUTH_MODES)}, not {http['auth']!r}")
+        kw["mode"] = http["auth"]
+    if "allow_anonymous" in http:
+        if not isinstance(http["allow_anonymous"], bool):
+            raise ConfigError(f"[http] allow_anonymous must be true or false, not {http['allow_anonymous']!r}")
+        kw["allow_anonymous"] = http["allow_anonymous"]
+    if "users_file" in http:
+        kw["users_file"] = _path_setting("[http] users_file", http["users_file"], base)
+    if "soap_auth" in http:
+        if http["soap_auth"] not in SOAP_AUTH_MODES:
+            raise ConfigError(f"[http] soap_auth must be one of {', '.join(SOAP_AUTH_MODES)}, not {http['soap_auth']!r}")
+        kw["soap_auth"] = http["soap_auth"]
+    if iua is not None:
+        kw["iua"] = _iua_from(iua, base)
+    auth = AuthSettings(**kw)
+    if auth.mode == "bearer":
+        i = auth.iua
+        if not i.issuer or not i.audience:
+            raise ConfigError('[http] auth = "bearer" needs [iua] issuer and audience (the iss and aud our tokens carry)')
+        if bool(i.jwks_url) == (i.jwks_file is not None):
+            raise ConfigError('[http] auth = "bearer" needs exactly one of [iua] jwks_url or jwks_file (the issuer\'s keys)')
+    return auth
 # -- [xua] (issue 13, helper xua) ------------------------------------------------------------------
 
 

@@ -62,6 +62,14 @@ class Servers:
             self.partitions.close_extra()
             self.archive.close()
             raise
+        try:  # [http] auth: no anonymous service on the network unless written down; users file / JWKS loaded
+            from xdsi.web.auth import check_startup
+
+            check_startup(self.archive)
+        except BaseException:
+            self.partitions.close_extra()
+            self.archive.close()
+            raise
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
         try:

@@ -41,7 +41,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
 
 def _mounted(archive: Archive) -> dict[str, Any]:
     """What the composed HTTP application mounts at each prefix, under its body-limit wrapper."""
-    dispatcher = make_app(archive, {}).__wrapped__  # safe_headers -> DispatcherMiddleware
+    dispatcher = make_app(archive, {}).__wrapped__  # safe_headers -> access check (xdsi.web.auth) -> DispatcherMiddleware
+    while not hasattr(dispatcher, "mounts"):
+        dispatcher = dispatcher.__wrapped__
     return {path: getattr(app, "__wrapped__", app) for path, app in dispatcher.mounts.items()}
 
 
