@@ -348,8 +348,11 @@ class Settings:
             ("dicom_port", "dicom", self.dicom_port),
             ("dicom_tls_port", "dicom+tls", self.dicom_tls_port),
         ) if port]
-        out += [Listener(f"[partitions.{name}] dicom_port", "dicom", int(p.dicom_port), p.ae_title)
-                for name, p in self.partitions.items() if p.dicom_port]
+        for name, p in self.partitions.items():
+            if p.dicom_port:
+                out.append(Listener(f"[partitions.{name}] dicom_port", "dicom", int(p.dicom_port), p.ae_title))
+            if p.dicom_tls_port:
+                out.append(Listener(f"[partitions.{name}] dicom_tls_port", "dicom+tls", int(p.dicom_tls_port), p.ae_title))
         return out
 
     def for_partition(self, name: str) -> "Settings":
@@ -365,7 +368,7 @@ class Settings:
 class Listener:
     """One port ``xdsi serve`` listens on: the setting that turns it on, its scheme, and the AE title it serves."""
 
-    setting: str  # "dicom_port", "https_port", "[partitions.NAME] dicom_port"
+    setting: str  # "dicom_port", "https_port", "[partitions.NAME] dicom_port", "[partitions.NAME] dicom_tls_port"
     scheme: str  # "dicom", "dicom+tls", "http", "https"
     port: int
     ae_title: str | None = None  # a partition's own DICOM port; None: the main AE title (and every partition by called AE)
@@ -723,14 +726,16 @@ RESERVED_PARTITION_NAMES = frozenset({"studies", "series", "instances", "workite
 class PartitionSettings:
     """``[partitions.NAME]``: ``ae_title`` (default NAME), ``data_dir`` (default ``<data_dir>/partitions/NAME``),
     ``index_url`` (default a SQLite file in its data dir), ``dicom_port`` (optional: a DICOM listener for
-    this AE title), ``duplicate_policy``, ``recall_on_read`` and ``[[partitions.NAME.tiers]]`` (default one
-    tier in its data dir); relative paths are under the partition's data dir."""
+    this AE title), ``dicom_tls_port`` (optional: a DICOM TLS listener for this AE title, with the ``[tls]``
+    certificate and profile), ``duplicate_policy``, ``recall_on_read`` and ``[[partitions.NAME.tiers]]``
+    (default one tier in its data dir); relative paths are under the partition's data dir."""
 
     name: str
     ae_title: str
     data_dir: Path | None = None
     index_url: str | None = None
     dicom_port: int | None = None
+    dicom_tls_port: int | None = None  # None (absent or 0): served over TLS on [server] dicom_tls_port by called AE title only
     tiers: tuple[TierSettings, ...] = ()
     duplicate_policy: str = "keep"
     recall_on_read: bool = True
@@ -757,7 +762,7 @@ class PartitionSettings:
 
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
-    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "tiers", "duplicate_policy", "recall_on_read", "peers"}
+    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -781,6 +786,7 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             data_dir=data_dir,
             index_url=str(p["index_url"]) if p.get("index_url") else None,
             dicom_port=_partition_port(name, p.get("dicom_port")),
+            dicom_tls_port=_partition_port(name, p.get("dicom_tls_port"), "dicom_tls_port"),
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
@@ -789,14 +795,14 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
     return out
 
 
-def _partition_port(name: str, value: object) -> int | None:
-    """``[partitions.NAME] dicom_port``: a port of its own for this AE title; absent or 0: none (served by called AE
-    title on the main DICOM ports)."""
+def _partition_port(name: str, value: object, key: str = "dicom_port") -> int | None:
+    """``[partitions.NAME] dicom_port`` (or ``dicom_tls_port``): a port of its own for this AE title; absent or 0: none
+    (served by called AE title on the main DICOM ports, plain or TLS)."""
     if value is None:
         return None
-    port = _int(f"[partitions.{name}] dicom_port", value)
+    port = _int(f"[partitions.{name}] {key}", value)
     if not 0 <= port <= 65535:
-        raise ConfigError(f"[partitions.{name}] dicom_port {port} out of range (0: no port of its own)")
+        raise ConfigError(f"[partitions.{name}] {key} {port} out of range (0: no port of its own)")
     return port or None
 
 
@@ -827,6 +833,10 @@ def _validate_partitions(s: Settings) -> None:
         dp = s.partitions[name].dicom_port
         if dp is not None and dp and dp == s.dicom_port:
             raise ConfigError(f"partition {name}: dicom_port {dp} is the main DICOM port")
+        # ITI-19 on a partition's own port too: the same [tls] certificate, trusted CAs and profile as the main node
+        # (a port used twice is refused with every other listener, in _validated)
+        if s.partitions[name].dicom_tls_port is not None and (s.tls.certificate is None or s.tls.private_key is None):
+            raise ConfigError(f"[partitions.{name}] dicom_tls_port needs [tls] certificate and private_key")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1204,10 +1214,10 @@ def validate_dimse_policy(s: Settings) -> None:
     """A partition's ``peers`` must name AE titles configured in ``[peers]``: an allow-list of
     identities, whose ``hosts``/``tls_subject`` say what makes the AE title believable.  A peer
     with a ``tls_subject`` can only call a DICOM TLS listener: without one it could never associate."""
-    if s.dicom_tls_port is None:
+    if s.dicom_tls_port is None and not any(p.dicom_tls_port for p in s.partitions.values()):
         pinned = sorted(aet for aet, r in s.dimse_policy.peers.items() if r.tls_subject is not None)
         if pinned:
-            raise ConfigError(f"[peers.{pinned[0]}] tls_subject needs a DICOM TLS listener ([server] dicom_tls_port and [tls])")
+            raise ConfigError(f"[peers.{pinned[0]}] tls_subject needs a DICOM TLS listener ([server] or [partitions.NAME] dicom_tls_port, and [tls])")
     for name, p in s.partitions.items():
         for aet in p.peers or ():
             if aet not in s.dimse_policy.peers:

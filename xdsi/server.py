@@ -45,12 +45,14 @@ class Servers:
                 raise _blame_path(settings, exc) from None
             raise
         self.dicom = DicomServer(self.archive, self.partitions.extra())
+        # (server, plain port or None) per partition with a port of its own; its TLS port (or None) in the parallel list
+        own = [(name, p) for name, p in settings.partitions.items() if p.dicom_port is not None or p.dicom_tls_port is not None]
         self.partition_dicom = [
-            (DicomServer(self.partitions[settings.for_partition(name).ae_title]), int(p.dicom_port))
-            for name, p in settings.partitions.items()
-            if p.dicom_port is not None
+            (DicomServer(self.partitions[settings.for_partition(name).ae_title]), None if p.dicom_port is None else int(p.dicom_port))
+            for name, p in own
         ]
-        self._partition_port_names = [name for name, p in settings.partitions.items() if p.dicom_port is not None]
+        self._partition_port_names = [name for name, _p in own]
+        self._partition_tls_ports = [p.dicom_tls_port for _name, p in own]
         self.http: Any = None
         self.https: Any = None
         # [tls] proven usable (key matches, not expired) before anything listens; None without a TLS port
@@ -116,11 +118,20 @@ class Servers:
                 self.dicom.start_tls(s.host, s.dicom_tls_port, self.tls_context)
             except OSError as exc:
                 raise listen_error("[server] dicom_tls_port", "--dicom-tls-port", s.dicom_tls_port, s.host, exc) from None
-        for (server, port), name in zip(self.partition_dicom, self._partition_port_names):
-            try:
-                server.start(s.host, port)
-            except OSError as exc:
-                raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
+        for (server, port), name, tls_port in zip(self.partition_dicom, self._partition_port_names, self._partition_tls_ports):
+            if port is not None:
+                try:
+                    server.start(s.host, port)
+                except OSError as exc:
+                    raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
+            if tls_port is not None and self.tls_context is not None:
+                # the partition's own TLS port: same context (certificate, trusted CAs, profile) as the main TLS port
+                if self.audit.enabled:
+                    server.ae.on_tls_refused = self._tls_refused
+                try:
+                    server.start_tls(s.host, tls_port, self.tls_context)
+                except OSError as exc:
+                    raise listen_error(f"[partitions.{name}] dicom_tls_port", None, tls_port, s.host, exc) from None
         if self.http is not None:
             log.info("HTTP listening on http://%s:%d/", s.host, self.http.server_port)
         if self.https is not None:

@@ -136,7 +136,7 @@ def check_tls(settings: Settings, now: dt.datetime | None = None) -> ssl.SSLCont
     Why before anything listens: a listener that starts and then fails every handshake looks
     like a network problem to the partner; a refusal to start names the file to fix.
     """
-    if settings.https_port is None and settings.dicom_tls_port is None:
+    if settings.https_port is None and settings.dicom_tls_port is None and not any(p.dicom_tls_port for p in settings.partitions.values()):
         return None
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

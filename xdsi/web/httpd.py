@@ -17,6 +17,12 @@ points (``ConnectionClass``/``RequestHandlerClass``, ``HeaderReader``,
   kernel buffer (seen with ``MSG_PEEK``); until then it waits in
   :class:`HeadGate`, one thread polling every pending socket, and is answered
   408 and closed when the head is not complete within ``header_timeout``.
+  Over HTTPS the gate also runs the TLS handshake and then decrypts the head
+  itself (ciphertext cannot be peeked), so a peer that completes the handshake
+  and says nothing holds no worker either (:meth:`GatedServer.tls_head`).
+* **Coalesced output**: small response writes (the head, multipart part
+  heads) go out with the next write (:class:`CoalescingWriter`), so over TLS
+  they do not each cost a record, a syscall and a client wake-up.
 * **Request smuggling**: a repeated Content-Length, a Content-Length that
   is not a plain decimal, or Content-Length together with Transfer-Encoding
   is refused with 400 and the connection closed (RFC 9112 6.3: such a
@@ -65,6 +71,7 @@ MAX_HEADER_BYTES = 64 * 1024
 DRAIN_LIMIT = 64 * 1024  # an unread body up to this is drained to keep the connection; above, it is closed
 GATE_POLL = 0.05  # seconds between looks at connections whose head is still arriving
 ACCEPT_QUEUE = 128  # listen() backlog: connections the kernel holds before cheroot accepts them
+COALESCE_BELOW = 16 * 1024  # response writes smaller than this wait for the next (one TLS record's worth of payload)
 
 
 class StrictHeaderReader(cheroot_server.HeaderReader):
@@ -184,6 +191,55 @@ class PacedBody:
         self.stream.close()
 
 
+class CoalescingWriter:
+    """The connection's output for one response: small writes wait to go out with the next one.
+
+    Why: cheroot writes the response head, then every WSGI chunk, each with its own ``send``; a
+    RAD-69 or WADO-RS multipart body alternates a part head of ~200 bytes with the instance.  Over
+    TLS each ``send`` is at least one TLS record, so every small write became a record of its own
+    (its own encryption, its own syscall, and on the client its own two ``recv`` calls for header
+    and body: OpenSSL reads records without read-ahead) and the client woke once per record.
+    Writes below :data:`COALESCE_BELOW` are held and sent in front of the next write, so a part
+    head shares its record with the instance bytes.  Nothing is held past the end of the response:
+    :meth:`GuardedRequest.respond` flushes.  This also writes from a ``memoryview`` with ``send``
+    instead of cheroot's pure-Python buffered writer, which copied every chunk twice
+    (``bytearray.extend`` and ``bytes(...)``).  Each ``send`` waits at most ``io_timeout`` for
+    progress, as cheroot's writer did, so a client that stops reading is still dropped.
+    """
+
+    def __init__(self, raw: Any, sock: Any) -> None:
+        self.raw = raw  # cheroot's StreamWriter: kept for its byte count and for writes after the response
+        self.sock = sock
+        self._held = bytearray()
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if len(self._held) + n < COALESCE_BELOW:
+            self._held += data
+            return n
+        if self._held:
+            self._held += data
+            data, self._held = self._held, bytearray()  # type: ignore[assignment]
+        self._send(data)
+        return n
+
+    def flush(self) -> None:
+        if self._held:
+            data, self._held = self._held, bytearray()
+            self._send(data)
+
+    def _send(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while sent < total:
+            sent += self.sock.send(view[sent:])
+        self.raw.bytes_written += total
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
 class GuardedRequest(cheroot_server.HTTPRequest):
     pacer: PacedBody | None = None
 
@@ -192,7 +248,24 @@ class GuardedRequest(cheroot_server.HTTPRequest):
         self.header_reader = StrictHeaderReader()  # per request: it counts headers while reading
 
     def respond(self) -> None:
-        """cheroot's respond, with the body (if any) read through :class:`PacedBody`."""
+        """cheroot's respond, its output through :class:`CoalescingWriter`, and the body (if any) read through :class:`PacedBody`."""
+        raw_out = self.conn.wfile
+        writer = CoalescingWriter(raw_out, self.conn.socket)
+        self.conn.wfile = writer  # cheroot writes the head, every body chunk and the last chunk through conn.wfile
+        done = False
+        try:
+            self._respond_paced()
+            done = True
+        finally:
+            self.conn.wfile = raw_out  # error answers cheroot writes after an exception go straight out
+            try:
+                writer.flush()
+            except OSError:
+                if done:
+                    raise  # a failure of its own: cheroot closes the connection as for any write error
+                # else the exception already on its way says what went wrong
+
+    def _respond_paced(self) -> None:
         limits: HttpLimits = self.server.limits
         has_body = self.chunked_read or self.inheaders.get(b"Content-Length", b"0") not in (b"0", b"")
         if not (limits.min_body_rate and has_body):
@@ -338,14 +411,14 @@ class GatedServer(wsgi.Server):
 
     def head_state(self, conn: Any) -> str:
         """"ready" (a complete head, or something a worker should answer: EOF, an oversized head), or "waiting"."""
+        sock = conn.socket
+        if isinstance(sock, ssl.SSLSocket):
+            return self.tls_state(conn)
         try:
             if conn.rfile.has_data():
                 return "ready"  # pipelined: the next request is already in our buffer
         except (AttributeError, ValueError):
             return "ready"
-        sock = conn.socket
-        if isinstance(sock, ssl.SSLSocket):
-            return self.tls_state(conn)
         try:
             sock.settimeout(0)  # with a timeout set, Python waits for data even under MSG_DONTWAIT
             try:
@@ -361,37 +434,79 @@ class GatedServer(wsgi.Server):
         return "waiting"
 
     def tls_state(self, conn: Any) -> str:
-        """The TLS handshake, one non-blocking step at a time, in the head gate rather than the accept loop.
+        """The TLS handshake, then the request head, each one non-blocking step at a time, in the head gate.
 
         cheroot's builtin adapter completes the handshake inside ``accept``: one peer that connects and
         says nothing held every other HTTPS client for ``io_timeout`` (measured).  Here the handshake
         advances whenever the gate looks, is bounded by ``header_timeout`` like a request head, and a
-        refused one is logged with the peer address and OpenSSL's reason.  Once it is done the
-        connection goes to a worker: TLS records cannot be peeked for a complete head, so over HTTPS
-        the worker reads the head itself under ``io_timeout``.
+        refused one is logged with the peer address and OpenSSL's reason.  Once it is done, the head is
+        awaited here too (:meth:`tls_head`): a peer that completes the handshake and then sends nothing,
+        or trickles its head, waits without a worker and is answered 408 at ``header_timeout``, as over HTTP.
         """
-        if getattr(conn, "tls_done", False):
+        if not getattr(conn, "tls_done", False):
+            sock = conn.socket
+            try:
+                sock.settimeout(0)
+                sock.do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return "waiting"
+            except (ssl.SSLError, OSError) as exc:
+                reason = handshake_failure(exc)
+                log.warning("HTTPS: TLS handshake with %s refused: %s", _peer(sock), reason)
+                if self.on_tls_refused is not None:  # the Security Alert audit, when [audit] is on
+                    self.on_tls_refused("HTTPS", _peer(sock).rsplit(":", 1)[0], reason)
+                return "failed"
+            finally:
+                try:
+                    sock.settimeout(self.timeout)
+                except OSError:
+                    pass
+            conn.tls_done = True
+            conn.ssl_env = {**(conn.ssl_env or {}), **tls_environ(sock)}  # cheroot copies it into every request's environ
+        return self.tls_head(conn)
+
+    def tls_head(self, conn: Any) -> str:
+        """Whether a whole request head has arrived over TLS, decrypting (without waiting) what the peer sent.
+
+        TLS records cannot be peeked in the kernel as plain HTTP heads are (``MSG_PEEK`` would see
+        ciphertext), so the gate reads the plaintext itself and keeps it in the connection's read
+        buffer, where cheroot's request parser finds it first.  ``conn.rfile`` is cheroot's
+        ``StreamReader``, a ``_pyio.BufferedReader``: its buffer is ``_read_buf``/``_read_pos``, the same
+        fields cheroot's own ``has_data`` reads.  Bytes past the head (a body sent with it) stay there too.
+        """
+        rfile = conn.rfile
+        try:
+            held = rfile._read_buf[rfile._read_pos :]
+        except AttributeError:  # not the reader we know: let a worker read the head as cheroot does
+            return "ready"
+        if b"\r\n\r\n" in held or len(held) > MAX_HEADER_BYTES:
             return "ready"
         sock = conn.socket
+        got = bytearray(held)
+        state = "waiting"
         try:
             sock.settimeout(0)
-            sock.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return "waiting"
-        except (ssl.SSLError, OSError) as exc:
-            reason = handshake_failure(exc)
-            log.warning("HTTPS: TLS handshake with %s refused: %s", _peer(sock), reason)
-            if self.on_tls_refused is not None:  # the Security Alert audit, when [audit] is on
-                self.on_tls_refused("HTTPS", _peer(sock).rsplit(":", 1)[0], reason)
-            return "failed"
+            while True:
+                data = sock.recv(MAX_HEADER_BYTES + 4)  # at most one TLS record's plaintext per call
+                if not data:
+                    state = "ready"  # close_notify or EOF: the worker sees it and closes quietly
+                    break
+                got += data
+                if b"\r\n\r\n" in got or len(got) > MAX_HEADER_BYTES:
+                    state = "ready"
+                    break
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            pass
+        except (ssl.SSLError, OSError):
+            state = "failed"  # a broken session (bad record, reset): closed here, no worker needed to find that out
         finally:
             try:
                 sock.settimeout(self.timeout)
             except OSError:
                 pass
-        conn.tls_done = True
-        conn.ssl_env = {**(conn.ssl_env or {}), **tls_environ(sock)}  # cheroot copies it into every request's environ
-        return "ready"
+        if len(got) != len(held):
+            rfile._read_buf, rfile._read_pos = bytes(got), 0
+        return state
 
     def process_conn(self, conn: Any) -> None:
         state = self.head_state(conn)
