@@ -425,6 +425,11 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
         print("xdsi publish: [xds] mode is \"off\"; set it to \"repository\" or \"integrated\"", file=sys.stderr)
         return 2
     archive = _open_archive(settings)
+    trail = None
+    if settings.audit.repositories:  # the Export of what we send is audited here too (issue 12); spooled only:
+        from xdsi.audit.trail import AuditTrail  # the server's sender delivers it, never two processes at once
+
+        trail = archive.audit = AuditTrail(settings)
     from xdsi.security import clock
 
     clock.install(settings.data_dir)  # the registry's Date against our clock, for `xdsi status`
@@ -435,6 +440,8 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     finally:
         archive.close()
+        if trail is not None:
+            trail.stop(drain_seconds=0)
     if outcome is None:
         print(f"xdsi publish: study {args.study_uid} is not in the archive and has no registered manifest", file=sys.stderr)
         return 1

@@ -168,6 +168,10 @@ class Servers:
             self.http.shutdown()
         if self.https is not None:
             self.https.shutdown()
+        if self.audit.enabled:  # what the HTTP adapters handed to their audit worker, recorded before the index closes
+            from xdsi.audit.http import drain
+
+            drain(self.audit)
         self.dicom.stop()
         for server, _port in self.partition_dicom:
             server.stop()
@@ -244,7 +248,10 @@ def serve(settings: Settings) -> int:
         raise
     print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
     try:
-        done.wait()
+        # with a timeout: the kernel may hand SIGTERM to any thread, and then an untimed wait in the main
+        # thread is never interrupted, so Python never runs the handler (seen: `xdsi serve` ignoring SIGTERM)
+        while not done.wait(0.5):
+            pass
     finally:
         servers.stop()
     return 0

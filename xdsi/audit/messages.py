@@ -462,3 +462,143 @@ def user_authentication(
     node = Participant(node.user_id, False, ROLE["application"], node.network_access_point, node.alternative_user_id, node.user_name)
     kind = USER_AUTHENTICATION_TYPE["login" if login else "logout"]
     return AuditEvent(EVENT["user_authentication"], "E", outcome, [person, node], source, (), event_types=[kind], outcome_description=description)
+
+
+# -- audit-web ----
+# Events of the HTTP front doors (QIDO-RS, WADO-RS, WADO-URI, RAD-69, ITI-43) and of XDS publishing
+# (ITI-41 = RAD-68, ITI-42, ITI-57).  Where IHE specialises a message the source is named beside the
+# builder; where it does not (DICOMweb, WADO-URI, WADO-WS Information) PS3.15 A.5.3 is followed as is.
+
+# EventTypeCode of an IHE transaction: csd-code "ITI-41", codeSystemName "IHE Transactions" (ITI TF-2 3.41.5.1 ...)
+TRANSACTION = {
+    "ITI-41": Code("ITI-41", "IHE Transactions", "Provide and Register Document Set-b"),
+    "ITI-42": Code("ITI-42", "IHE Transactions", "Register Document Set-b"),
+    "ITI-43": Code("ITI-43", "IHE Transactions", "Retrieve Document Set"),
+    "ITI-57": Code("ITI-57", "IHE Transactions", "Update Document Set"),
+    "RAD-68": Code("RAD-68", "IHE Transactions", "Provide and Register Imaging Document Set - MTOM/XOP"),
+    "RAD-69": Code("RAD-69", "IHE Transactions", "Retrieve Imaging Document Set"),
+    "RAD-55": Code("RAD-55", "IHE Transactions", "WADO Retrieve"),
+    # QIDO-RS is named RAD-129 "QIDO-RS Query" by the IHE RAD Web-based Image Access profile; FACTS.md is
+    # silent on it and the supplement text was not at hand here: an EventTypeCode is "U" in PS3.15 A.5.3.10,
+    # so a repository that does not know the code loses nothing, and one that does can filter DICOMweb queries.
+    "RAD-129": Code("RAD-129", "IHE Transactions", "QIDO-RS Query"),
+}
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # QIDO-RS searches the Study Root information model (PS3.18 10.6)
+_DOCUMENT_ID_TYPE = Code("9", "RFC-3881", "Report Number")  # ITI TF-2 3.43.6.1: "not specialized"; what IHE samples use
+_SUBMISSION_SET_ID_TYPE = Code("urn:uuid:a54d6aa5-d40d-43f9-88c5-b4633d873bdd", "IHE XDS Metadata", "submission set classificationNode")
+_URI_ID_TYPE = Code("12", "RFC-3881", "URI")
+
+
+def with_transaction(event: AuditEvent, event_type: Code | None, at: dt.datetime | None = None) -> AuditEvent:
+    """``event`` (e.g. from :func:`begin_transferring` / :func:`instances_sent`) with an EventTypeCode naming
+    the IHE transaction (RAD-69, RAD-55...) and, when given, the time it happened (a response is
+    recorded when it ends; its Begin Transferring is stamped with when it started)."""
+    from dataclasses import replace as _replace
+
+    changes: dict[str, object] = {}
+    if event_type is not None:
+        changes["event_types"] = [*event.event_types, event_type]
+    if at is not None:
+        changes["at"] = at
+    return _replace(event, **changes) if changes else event
+
+
+def web_query(
+    source: AuditSource,
+    requestor: Participant,
+    responder: Participant,
+    query_id: str,
+    query_bytes: bytes,
+    event_type: Code | None = None,
+    patient_id: str | None = None,
+    study_uid: str | None = None,
+    uri_id: bool = False,
+    outcome: str = "0",
+    outcome_description: str | None = None,
+    details: Sequence[tuple[str, bytes]] = (),
+    others: Sequence[Participant] = (),
+) -> AuditEvent:
+    """Query (PS3.15 A.5.3.10) over HTTP: QIDO-RS (``query_id`` the Study Root FIND SOP Class UID) or a
+    WADO-WS Information/XPath request (``uri_id``: the operation's action URI, there being no SOP class).
+
+    ``query_bytes`` is the request as received (query string, or SOAP envelope); the patient and
+    study are named when the request names them (one patient per message).
+    """
+    q = ParticipantObject(query_id, _URI_ID_TYPE if uri_id else Code("110181", "DCM", "SOP Class UID"), "2", "24", query=query_bytes, details=tuple(details))
+    objects = [q]
+    if patient_id:
+        objects.append(patient_object(patient_id))
+    if study_uid:
+        objects.append(study_object(study_uid))
+    return AuditEvent(
+        EVENT["query"], "E", outcome, [_as(requestor, ROLE["source"], True), _as(responder, ROLE["destination"], False), *others], source, objects,
+        event_types=[event_type] if event_type else [], outcome_description=outcome_description,
+    )
+
+
+def document_object(document_uid: str, repository_uid: str, home_community_id: str | None = None) -> ParticipantObject:
+    """An XDS document (ITI TF-2 3.43.6.1): type 2, role 3 (report), ID = DocumentUniqueId, the repository
+    (and homeCommunityId when known) as ParticipantObjectDetail with the literal types ITI-43 prescribes."""
+    details = [("Repository Unique ID", repository_uid.encode("utf-8"))]
+    if home_community_id:
+        details.append(("ihe:homeCommunityID", home_community_id.encode("utf-8")))
+    return ParticipantObject(document_uid, _DOCUMENT_ID_TYPE, "2", "3", details=details)
+
+
+def documents_exported(
+    source: AuditSource,
+    repository: Participant,
+    consumer: Participant,
+    documents: Sequence[tuple[str, str, str | None]],
+    patient_id: str | None,
+    outcome: str = "0",
+    outcome_description: str | None = None,
+    others: Sequence[Participant] = (),
+) -> AuditEvent:
+    """ITI-43 at the Document Repository (ITI TF-2 3.43.6.1.2): Export (110106), action R, EventTypeCode ITI-43.
+
+    Source = the repository (UserID its SOAP endpoint URI, AlternativeUserID our process id,
+    UserIsRequestor false), Destination = the consumer, one Document object per
+    (DocumentUniqueId, RepositoryUniqueId, homeCommunityId).  The table lists no Patient for the
+    repository; we add it when the documents are ours (issue 12: every message names the patient),
+    PS3.15 allowing further participant objects.
+    """
+    objects = [document_object(d, r, h) for d, r, h in documents]
+    if patient_id:
+        objects.append(patient_object(patient_id))
+    return AuditEvent(
+        EVENT["export"], "R", outcome, [_as(repository, ROLE["source"], False), _as(consumer, ROLE["destination"]), *others], source, objects,
+        event_types=[TRANSACTION["ITI-43"]], outcome_description=outcome_description,
+    )
+
+
+def submission_set_object(submission_set_uid: str) -> ParticipantObject:
+    """The SubmissionSet (ITI TF-2 3.41.5.1.1): type 2, role 20 (job), ID type the submission set classificationNode."""
+    return ParticipantObject(submission_set_uid, _SUBMISSION_SET_ID_TYPE, "2", "20")
+
+
+def submission_exported(
+    source: AuditSource,
+    document_source: Participant,
+    destination: Participant,
+    transactions: Sequence[str],
+    submission_set_uid: str,
+    patient_id: str,
+    outcome: str = "0",
+    outcome_description: str | None = None,
+    action: str = "R",
+) -> AuditEvent:
+    """What we SEND to a registry or repository: Export (110106) with Patient (1) and SubmissionSet (1).
+
+    ITI TF-2 3.41.5.1.1 (ITI-41 Document Source) and 3.42.5.1.1 (ITI-42 Integrated Document
+    Source/Repository): action R, Source = us (AlternativeUserID our process id), Destination = the
+    SOAP endpoint URI (UserIsRequestor false).  RAD-68 is ITI-41 carrying a KOS manifest, so its
+    message carries both EventTypeCodes.  ITI-57 (Document Administrator, XDS Metadata Update
+    supplement, not in FACTS.md and not checked here) is sent with ``action`` U.
+    """
+    codes = [TRANSACTION[t] for t in transactions]
+    objects = [patient_object(patient_id), submission_set_object(submission_set_uid)]
+    return AuditEvent(
+        EVENT["export"], action, outcome, [_as(document_source, ROLE["source"]), _as(destination, ROLE["destination"], False)], source, objects,
+        event_types=codes, outcome_description=outcome_description,
+    )

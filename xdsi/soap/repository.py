@@ -16,6 +16,7 @@ from typing import Any
 from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
+from xdsi.audit import http as audit_http
 from xdsi.soap import models as M
 from xdsi.security.xua import protocol_options
 from xdsi.soap.application import SoapApplication
@@ -37,19 +38,32 @@ class DocumentRepositoryService(ServiceBase):
         repo: ManifestRepository = ex.context
         errors: list[RegistryError] = []
         found: list[FoundDocument] = []
+        # ITI TF-2 3.43.6.1: an Export per patient for what was returned, a failure Export for what was not
+        audit = audit_http.document_export(repo.archive, ctx.transport.req_env)
         for dr in request.DocumentRequest or ():
             hc = dr.HomeCommunityId
-            r = repo.find((dr.RepositoryUniqueId or "").strip(), (dr.DocumentUniqueId or "").strip(), hc.strip() if hc else None)
+            repository_uid, document_uid, home = (dr.RepositoryUniqueId or "").strip(), (dr.DocumentUniqueId or "").strip(), hc.strip() if hc else None
+            r = repo.find(repository_uid, document_uid, home)
             if isinstance(r, RegistryError):
                 errors.append(r)
+                if audit is not None and document_uid:
+                    audit.failed(document_uid, repository_uid, home, r.code_context)
             else:
                 found.append(r)
                 ex.on_close(r.produced.close)
+                if audit is not None:
+                    audit.found(r.document_unique_id, r.repository_unique_id, r.home_community_id, r.study_uid)
+        if audit is not None:
+            ex.on_close(audit.close)  # when the response is written whole, or the consumer went away
         status = C.STATUS_SUCCESS if not errors else (C.STATUS_PARTIAL_SUCCESS if found else C.STATUS_FAILURE)
+
+        def chunks(d: FoundDocument) -> Any:
+            return d.produced.chunks if audit is None else audit.tracked(d.produced.chunks, d.document_unique_id)
+
         return M.document_set_response(
             status,
             errors,
-            ((d.home_community_id, d.repository_unique_id, d.document_unique_id, d.mime_type, M.StreamedDocument(d.produced.chunks, C.MIME_DICOM)) for d in found),
+            ((d.home_community_id, d.repository_unique_id, d.document_unique_id, d.mime_type, M.StreamedDocument(chunks(d), C.MIME_DICOM)) for d in found),
         )
 
 

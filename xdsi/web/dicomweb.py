@@ -28,6 +28,7 @@ from xdsi.archive.produced import Produced
 from xdsi.archive.retrieve import CannotProvide, FrameInfo, InstanceRef, NotAvailable
 from xdsi.archive.transcode import TranscodeError
 from xdsi.archive.store import Outcome
+from xdsi.audit import http as audit_http
 from xdsi.render import RenderError, UnsupportedParameter
 from xdsi.render.params import RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
@@ -141,11 +142,16 @@ class DicomWebApp:
         lim = self.archive.settings.http_limits
         q = build_query(level, request.args, fixed, max_value=lim.max_query_value, max_wildcards=lim.max_query_wildcards)
         base = self.base(request)
+        patient = request.args.get("PatientID") or request.args.get("00100020")
+        if patient and any(c in patient for c in "*?,\\"):
+            patient = None  # a pattern or list names no one patient; the query itself is in the record
         try:
             results = self.archive.query.find(q.identifier, "STUDY", limit=q.limit, offset=q.offset, fuzzy=q.fuzzy)
             first = next(results, None)
         except QueryError as exc:
+            audit_http.qido_query(self.archive, request.environ, patient, failure=str(exc))
             raise HttpError(400, str(exc)) from None
+        audit_http.qido_query(self.archive, request.environ, patient)  # the query as asked, when it ran (issue 12)
 
         def url(ds: Any) -> str:
             u = f"{base}/studies/{ds.StudyInstanceUID}"
@@ -197,37 +203,51 @@ class DicomWebApp:
             raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
         refs = self._select(study, series, sop)
         retrieve = self.archive.retrieve
+        # the audit trail's view of this response: what it will send, what it could not, what it did (issue 12)
+        audit = audit_http.transfer(self.archive, request.environ, None, "WADO-RS") if request.method == "GET" else None  # HEAD sends none
         # every instance is produced (recalled, converted into a spool) before the status line is sent
-        produced: list[Produced] = []
+        produced: list[tuple[InstanceRef, Produced]] = []
         omitted: list[str] = []
         refusals: list[HttpError] = []
         try:
             for ref in refs:
                 try:
-                    produced.append(retrieve.produce(ref, _accepted_syntaxes(choices, ref.transfer_syntax_uid)))
+                    produced.append((ref, retrieve.produce(ref, _accepted_syntaxes(choices, ref.transfer_syntax_uid))))
                 except (CannotProvide, NotAvailable, TranscodeError, OSError) as exc:
                     if not isinstance(exc, CannotProvide):
                         log.error("WADO-RS: %s cannot be sent: %s", ref.sop_instance_uid, exc)
                     refusals.append(_production_error(ref.sop_instance_uid, exc))
                     omitted.append(f"{ref.sop_instance_uid}: {exc}")
+                    if audit is not None:
+                        audit.omit(ref.study_uid, f"{ref.sop_instance_uid}: {exc}")
         except BaseException:
-            for p in produced:
+            for _ref, p in produced:
                 p.close()
             raise
         if not produced:  # nothing to send: the first reason, with its status, before any header
+            if audit is not None:
+                audit.close()
             raise refusals[0]
         writer = MultipartWriter(media.DICOM)
+        if audit is not None:
+            for ref, _p in produced:
+                audit.intend(ref.study_uid, ref.sop_class_uid)
 
         def body() -> Iterator[bytes]:
             try:
-                for p in produced:
-                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, p.chunks())
+                for ref, p in produced:
+                    chunks: Iterable[bytes] = p.chunks()
+                    if audit is not None:
+                        chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
+                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, chunks)
                 yield writer.end()
             finally:
-                for p in produced:
+                for _ref, p in produced:
                     p.close()
 
         r = Response(body(), status=200, content_type=writer.content_type)
+        if audit is not None:
+            r.call_on_close(audit.close)  # when the server closes the body: complete, or the client went away
         for reason in omitted[:20]:
             r.headers.add("Warning", warning_value(f"omitted {reason}"))
         return r
@@ -243,6 +263,8 @@ class DicomWebApp:
         assert md is not None
         base = self.base(request)
         gzip_ok = "gzip" in request.accept_encodings and request.accept_encodings["gzip"] > 0
+        # the attributes of a patient's instances leave the archive: audited as those instances sent (issue 12)
+        audit = self._audit(request, "WADO-RS metadata", refs)
 
         def items() -> Iterator[bytes]:
             yield b"["
@@ -251,10 +273,12 @@ class DicomWebApp:
                 prefix = f"{base}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/bulkdata/"
                 yield sep + text.replace(BULK_TOKEN, prefix).encode("utf-8")
                 sep = b","
+                if audit is not None:  # resumed: the server took the instance's JSON (gzip: compressed it)
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
             yield b"]"
 
         if not gzip_ok:
-            return Response(items(), status=200, mimetype=media.DICOM_JSON)
+            return _closing(Response(items(), status=200, mimetype=media.DICOM_JSON), audit)
 
         def gz() -> Iterator[bytes]:
             z = zlib.compressobj(6, zlib.DEFLATED, 31)
@@ -273,7 +297,7 @@ class DicomWebApp:
         r = Response(gz(), status=200, mimetype=media.DICOM_JSON)
         r.headers["Content-Encoding"] = "gzip"
         r.headers["Vary"] = "Accept-Encoding"
-        return r
+        return _closing(r, audit)
 
     # -- WADO-RS: frames and bulk data ---------------------------------------------------------
 
@@ -285,6 +309,7 @@ class DicomWebApp:
         accept = parse_accept(request.headers.get("Accept"))
         ref = self._one(study, series, sop)
         retrieve = self.archive.retrieve
+        audit = self._audit(request, "WADO-RS frames", [ref])
         try:
             info = retrieve.frame_info(ref)
             form = _choose_frame_form(accept, info)
@@ -299,13 +324,15 @@ class DicomWebApp:
             stored, part_type = form
             frame_set = retrieve.frames(ref, numbers, stored=stored)  # produced before the status line
         except content.NoSuchPart as exc:
-            raise HttpError(404, str(exc)) from None
+            raise _refused(audit, ref, HttpError(404, str(exc))) from None
         except content.CannotConvert as exc:
-            raise HttpError(406, str(exc)) from None
+            raise _refused(audit, ref, HttpError(406, str(exc))) from None
         except NotAvailable as exc:
-            raise HttpError(404, str(exc)) from None
+            raise _refused(audit, ref, HttpError(404, str(exc))) from None
         except OSError as exc:
-            raise HttpError(500, f"frames of {sop} cannot be read: {exc}") from None
+            raise _refused(audit, ref, HttpError(500, f"frames of {sop} cannot be read: {exc}")) from None
+        except HttpError as exc:
+            raise _refused(audit, ref, exc) from None
         part_type = part_type or frame_set.media_type
         writer = MultipartWriter(part_type)
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
@@ -315,9 +342,11 @@ class DicomWebApp:
             with frame_set:
                 for n, chunks in frame_set.parts():
                     yield from writer.part({"Content-Type": ctype, "Content-Location": loc + str(n)}, chunks)
+                if audit is not None:  # every frame asked for was written
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
                 yield writer.end()
 
-        return Response(body(), status=200, content_type=writer.content_type)
+        return _closing(Response(body(), status=200, content_type=writer.content_type), audit)
 
     def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
         if not (len(tag) == 8 and all(c in "0123456789abcdefABCDEF" for c in tag)):
@@ -342,6 +371,7 @@ class DicomWebApp:
             raise HttpError(406, str(exc)) from None
         except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
+        audit = self._audit(request, "WADO-RS bulk data", [ref])
         length = value.length
         start, end, status = 0, length, 200
         rng = request.range
@@ -359,13 +389,15 @@ class DicomWebApp:
         try:
             chunks = value.chunks(start, end)
         except content.ContentError as exc:
-            raise HttpError(406, str(exc)) from None
+            raise _refused(audit, ref, HttpError(406, str(exc))) from None
+        if audit is not None:
+            chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
         if not multipart:
             r = Response(chunks, status=status, mimetype=media.OCTET_STREAM)
             r.headers.update(headers)
             r.headers["Content-Length"] = str(end - start)
             r.headers["Accept-Ranges"] = "bytes"
-            return r
+            return _closing(r, audit)
         writer = MultipartWriter(media.OCTET_STREAM)
 
         def body() -> Iterator[bytes]:
@@ -374,7 +406,7 @@ class DicomWebApp:
 
         r = Response(body(), status=status, content_type=writer.content_type)
         r.headers["Accept-Ranges"] = "bytes"
-        return r
+        return _closing(r, audit)
 
     # -- WADO-RS: rendered ---------------------------------------------------------------------
 
@@ -415,7 +447,22 @@ class DicomWebApp:
             raise HttpError(404 if exc.parameter == "frame_number" else 400, _rs_render_reason(exc)) from None
         except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
-        return Response(data, status=200, mimetype=ct)
+        audit = self._audit(request, "WADO-RS rendered", [ref])
+        if audit is None:
+            return Response(data, status=200, mimetype=ct)
+        # a rendering discloses the instance: audited as the instance sent (PS3.15 A.5.3.7)
+        r = Response(audit.track([data], ref.study_uid, ref.sop_class_uid), status=200, mimetype=ct, headers={"Content-Length": str(len(data))})
+        return _closing(r, audit)
+
+    def _audit(self, request: Request, what: str, refs: list[InstanceRef]) -> audit_http.Transfer | None:
+        """The audit record of a response sending ``refs`` (what it sets out to send), None when auditing is off."""
+        if request.method != "GET":
+            return None
+        audit = audit_http.transfer(self.archive, request.environ, None, what)
+        if audit is not None:
+            for ref in refs:
+                audit.intend(ref.study_uid, ref.sop_class_uid)
+        return audit
 
     # -- STOW-RS -------------------------------------------------------------------------------
 
@@ -498,6 +545,22 @@ class DicomWebApp:
         code = media.FAILURE_CANNOT_UNDERSTAND if result.outcome is Outcome.REJECTED else media.FAILURE_OUT_OF_RESOURCES
         failed.append(_sop_item(result.sop_class_uid, result.sop_instance_uid, code))
         reasons.append(f"{result.sop_instance_uid or 'part ' + str(len(stored) + len(failed))}: {result.reason}")
+
+
+def _closing(r: Response, audit: audit_http.Transfer | None) -> Response:
+    """``r``, recording ``audit`` when the server closes its body: sent whole, or the client went away."""
+    if audit is not None:
+        r.call_on_close(audit.close)
+    return r
+
+
+def _refused(audit: audit_http.Transfer | None, ref: InstanceRef, exc: HttpError) -> HttpError:
+    """``exc``, after recording that ``ref`` was asked for and not sent (outcome 4, no Begin Transferring)."""
+    if audit is not None:
+        audit.forget(ref.study_uid, ref.sop_class_uid)
+        audit.omit(ref.study_uid, f"{ref.sop_instance_uid}: {exc.reason}")
+        audit.close()
+    return exc
 
 
 def public_base(request: Request) -> str:

@@ -15,6 +15,8 @@ from werkzeug.wrappers import Request, Response
 from xdsi.archive import Archive
 from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, PresentationStateError
 from xdsi.archive.transcode import TranscodeError
+from xdsi.audit import http as audit_http
+from xdsi.audit.messages import TRANSACTION
 from xdsi.render import InvalidParameter, NotRenderable, RenderError, UnsupportedParameter
 from xdsi.render.params import JPEG, RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
@@ -113,20 +115,39 @@ class WadoUriApp:
             want = validate_uid(want, "transferSyntax")
         except InvalidUID as exc:
             raise HttpError(400, str(exc)) from None
+        audit = self._audit(request)
         try:
-            produced = self.archive.retrieve.produce(ref, [want])
-        except CannotProvide:
-            raise HttpError(406, f"the object is stored in {ref.transfer_syntax_uid} and cannot be sent in {want}") from None
-        except NotAvailable as exc:
-            raise HttpError(404, str(exc)) from None
-        except TranscodeError as exc:
-            raise HttpError(406, f"the object cannot be provided in {want}: {exc}") from None
-        except OSError as exc:
-            raise HttpError(500, f"the object cannot be read: {exc}") from None
+            try:
+                produced = self.archive.retrieve.produce(ref, [want])
+            except CannotProvide:
+                raise HttpError(406, f"the object is stored in {ref.transfer_syntax_uid} and cannot be sent in {want}") from None
+            except NotAvailable as exc:
+                raise HttpError(404, str(exc)) from None
+            except TranscodeError as exc:
+                raise HttpError(406, f"the object cannot be provided in {want}: {exc}") from None
+            except OSError as exc:
+                raise HttpError(500, f"the object cannot be read: {exc}") from None
+        except HttpError as exc:
+            if audit is not None:  # asked for a patient's object and refused: recorded, outcome 4
+                audit.omit(ref.study_uid, f"{ref.sop_instance_uid}: {exc.reason}")
+                audit.close()
+            raise
         headers = {"Content-Disposition": f'inline; filename="{ref.sop_instance_uid}.dcm"', "Content-Length": str(produced.size)}
-        r = Response(produced.chunks(), status=200, mimetype=media.DICOM, headers=headers)
+        chunks = produced.chunks()
+        if audit is not None:
+            audit.intend(ref.study_uid, ref.sop_class_uid)
+            chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
+        r = Response(chunks, status=200, mimetype=media.DICOM, headers=headers)
         r.call_on_close(produced.close)
+        if audit is not None:
+            r.call_on_close(audit.close)  # when the body is closed: sent whole, or the client went away
         return r
+
+    def _audit(self, request: Request) -> audit_http.Transfer | None:
+        """The audit trail's record of this retrieve (RAD-55 WADO Retrieve), for a GET when auditing is on."""
+        if request.method != "GET":
+            return None  # HEAD sends no object
+        return audit_http.transfer(self.archive, request.environ, TRANSACTION["RAD-55"], "WADO-URI")
 
     def rendered(self, request: Request, ct: str, ref: InstanceRef) -> Response:
         args = request.args
@@ -161,7 +182,14 @@ class WadoUriApp:
             raise HttpError(400, f"{_PARAM_NAMES.get(exc.parameter, exc.parameter)}: {exc.message}") from None
         except NotAvailable as exc:
             raise HttpError(404, str(exc)) from None
-        return Response(data, status=200, mimetype=ct)
+        audit = self._audit(request)
+        if audit is None:
+            return Response(data, status=200, mimetype=ct)
+        # a rendering of the instance is a disclosure of it: audited as the instance sent (PS3.15 A.5.3.7)
+        audit.intend(ref.study_uid, ref.sop_class_uid)
+        r = Response(audit.track([data], ref.study_uid, ref.sop_class_uid), status=200, mimetype=ct, headers={"Content-Length": str(len(data))})
+        r.call_on_close(audit.close)
+        return r
 
 
 def _required(args: Any, name: str) -> str:

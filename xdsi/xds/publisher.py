@@ -45,7 +45,6 @@ from xdsi.index.xds_models import (
     XdsSubmission,
 )
 from xdsi.uids import validate_uid
-from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryResult
 from xdsi.xds.client import RegistryClient, RepositoryClient, XdsTransportError
 from xdsi.xds.codes import CodeTable
@@ -277,6 +276,8 @@ class Publisher:
         transaction = ""
         endpoint = ""
         replaces = ""
+        sub = None  # the submission as built: what the audit record names (patient, submission set)
+        sent = False  # the request reached the client (else nothing left us and nothing is audited)
         try:
             snap, created = snapshot_from_json(row.snapshot)
             if row.kind == KIND_DEPRECATE:
@@ -284,6 +285,7 @@ class Publisher:
                 patient = self._registered_patient(row) or patient_ids(snap, self.x).affinity
                 sub = build_deprecation(patient, row.entry_uuid, self.x, self.codes, submission_set_uid=row.submission_set_uid)
                 metadata_xml = pretty(sub.request)
+                sent = True
                 result = self.update_client().update(sub.request)
             else:
                 data = self._kos_bytes(row)
@@ -298,6 +300,7 @@ class Publisher:
                     include_repository=integrated, replaces_entry_uuid=replaces,
                 )
                 metadata_xml = pretty(sub.request)
+                sent = True
                 if integrated:
                     transaction, endpoint = "ITI-42", self.x.registry_url
                     result = self.registry().register(sub.request)
@@ -305,11 +308,20 @@ class Publisher:
                     transaction, endpoint = "ITI-41", self.x.repository_url
                     result = self.repository().provide_and_register(sub.request, {row.entry_uuid: data})
         except (MetadataError, OSError, ValueError, LookupError) as exc:
+            if sent and sub is not None:
+                self._audit(transaction, endpoint, sub, "8", f"{transaction} failed: {exc}")
             return self._failed(claim, row, "not sent", str(exc), "", metadata_xml, transaction, endpoint)
         except XdsTransportError as exc:
+            self._audit(transaction, endpoint, sub, "8", f"{transaction} transport error: {exc}")
             return self._failed(claim, row, "transport error", str(exc), "", metadata_xml, transaction, endpoint)
         self._keep_answer(row, metadata_xml, result)
         earlier = not result.success and proves_registered(result, row.submission_set_uid, row.kos_sop_uid if row.kind == KIND_PUBLISH else None)
+        if result.success:
+            self._audit(transaction, endpoint, sub, "0", None)
+        elif earlier:
+            self._audit(transaction, endpoint, sub, "4", f"registered by an earlier attempt whose answer was lost: {result.error_text()}")
+        else:
+            self._audit(transaction, endpoint, sub, "8", f"{result.status.rsplit(':', 1)[-1]}: {result.error_text()}")
         if result.success or earlier:
             self.outbox.succeeded(
                 claim, status=result.status, response=result.raw, metadata=metadata_xml, error_text=result.error_text(),
@@ -323,6 +335,14 @@ class Publisher:
             return Outcome(row.pk, row.study_uid, DONE, result.status, result.error_text(), transaction)
         return self._failed(claim, row, result.status, result.error_text(), result.raw, metadata_xml, transaction, endpoint)
 
+    def _audit(self, transaction: str, endpoint: str, sub: object, outcome: str, description: str | None) -> None:
+        """The ATNA Export for this attempt (issue 12): patient and submission set as sent; no-op when auditing is off."""
+        if sub is None or getattr(self.archive, "audit", None) is None:
+            return
+        from xdsi.audit.xds import submission_sent
+
+        submission_sent(self.archive, transaction, endpoint, sub.submission_set_uid, sub.patient_id, outcome, description)  # type: ignore[attr-defined]
+
     def _registered_patient(self, row: XdsSubmission) -> str:
         """The patientId the manifest to deprecate was registered under, from the metadata we sent; "" if unknown.
 
@@ -330,24 +350,9 @@ class Publisher:
         table or unmapped_patients policy says today (a study published before a
         mapping changed is still deprecated, issue 11).
         """
-        from xdsi.wire.xml import parse_untrusted
+        from xdsi.xds.repository import registered_patient
 
-        with self.archive.index.session() as s:
-            sent = s.scalars(
-                select(XdsSubmission.last_metadata).where(
-                    XdsSubmission.kos_sop_uid == row.kos_sop_uid, XdsSubmission.kind == KIND_PUBLISH, XdsSubmission.state == DONE
-                ).order_by(XdsSubmission.pk.desc()).limit(1)
-            ).one_or_none()
-        if not sent:
-            return ""
-        try:
-            root = parse_untrusted(sent.encode())
-        except Exception:  # a damaged record: fall back to the current mapping
-            return ""
-        for e in root.iter(C.q("rim", "ExternalIdentifier")):
-            if e.get("identificationScheme") == C.DE_PATIENT_ID and e.get("registryObject") == row.entry_uuid:
-                return e.get("value", "")
-        return ""
+        return registered_patient(self.archive, row.kos_sop_uid, row.entry_uuid)
 
     def _kos_bytes(self, row: XdsSubmission) -> bytes:
         """The manifest as archived (any process sharing the index and tiers can read it), checked against its SHA-1."""

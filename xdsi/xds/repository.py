@@ -17,7 +17,7 @@ from sqlalchemy import select
 from xdsi.archive import Archive
 from xdsi.archive.produced import Produced
 from xdsi.archive.retrieve import CannotProvide, NotAvailable
-from xdsi.index.xds_models import KIND_PUBLISH, XdsSubmission
+from xdsi.index.xds_models import DONE, KIND_PUBLISH, XdsSubmission
 from xdsi.uids import is_valid_uid
 from xdsi.standards import constants as C
 from xdsi.wire.ebrs import RegistryError
@@ -30,6 +30,7 @@ class FoundDocument:
     home_community_id: str | None
     mime_type: str
     produced: Produced  # the stored bytes, ready: stream with produced.chunks()
+    study_uid: str = ""  # the study the manifest describes (its patient is named in the audit record)
 
 
 class ManifestRepository:
@@ -55,4 +56,33 @@ class ManifestRepository:
             produced = self.archive.retrieve.produce(refs[0], [refs[0].transfer_syntax_uid])  # as stored
         except (NotAvailable, CannotProvide, OSError) as exc:
             return RegistryError(C.XDS_DOCUMENT_UNIQUE_ID_ERROR, f"document {document_unique_id} is no longer available: {exc}", document_unique_id)
-        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced)
+        return FoundDocument(repository_unique_id, document_unique_id, home_community_id, C.MIME_DICOM, produced, row.study_uid)
+
+
+def registered_patient(archive: Archive, kos_sop_uid: str, entry_uuid: str | None = None) -> str:
+    """The patientId manifest ``kos_sop_uid`` was registered under (the affinity-domain CX), from the metadata
+    of its last successful submission; "" when it was never registered (or the record is unreadable).
+
+    Used where the entry's own patient must be named whatever the mapping says today: deprecating
+    it (ITI-57, issue 11) and the audit record of its retrieval (ITI-43, issue 12).
+    """
+    from xdsi.wire.xml import parse_untrusted
+
+    with archive.index.session() as s:
+        found = s.execute(
+            select(XdsSubmission.last_metadata, XdsSubmission.entry_uuid)
+            .where(XdsSubmission.kos_sop_uid == kos_sop_uid, XdsSubmission.kind == KIND_PUBLISH, XdsSubmission.state == DONE)
+            .order_by(XdsSubmission.pk.desc())
+            .limit(1)
+        ).first()
+    if found is None or not found[0]:
+        return ""
+    sent, entry = found
+    try:
+        root = parse_untrusted(sent.encode())
+    except Exception:  # a damaged record: the caller falls back to what it knows
+        return ""
+    for e in root.iter(C.q("rim", "ExternalIdentifier")):
+        if e.get("identificationScheme") == C.DE_PATIENT_ID and e.get("registryObject") == (entry_uuid or entry):
+            return e.get("value", "")
+    return ""
