@@ -31,6 +31,8 @@ __all__ = [
     "XdsSettings",
     "PatientIdMapping",
     "AuditSettings",
+    "DimsePolicySettings",
+    "PeerRights",
     "AuthSettings",
     "IuaSettings",
     "Listener",
@@ -305,6 +307,7 @@ class Settings:
     # we publish (the KOS Retrieve URL); never derived from the bind address. Empty: the KOS carries no Retrieve URL
     public_url: str = ""
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
+    dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
     auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
     # [dimse] AE title checks (PS3.8 7.1.1.9 A-ASSOCIATE-RJ permanent, calling / called AE title not recognised), each
     # refusal audited as a Security Alert: only calling AE titles with a [peers.X] entry; only our AE title and the partitions'
@@ -553,6 +556,8 @@ def load_settings(
         where = f"[peers.{aet}]"
         p = _check_keys(where, p, _PEER_KEYS)
         aet = validate_ae_title(aet, "peer AE title")
+        if "host" not in p and "port" not in p:
+            continue  # a peer that only calls us (its rights: dimse_policy_from); no association is opened to it
         if "host" not in p or "port" not in p:
             raise ConfigError(f"{where} needs host and port")
         port = _int(f"{where} port", p["port"])
@@ -585,6 +590,7 @@ def load_settings(
                 raise ConfigError(f"[dimse] {key} must be true or false, not {dimse[key]!r}")
             settings = replace(settings, **{key: dimse[key]})
     settings = replace(settings, dimse_limits=dimse_limits_from(dimse))
+    settings = replace(settings, dimse_policy=dimse_policy_from(dimse, peers_raw))
     if "cors_origins" in doc.get("http", {}):
         settings = replace(settings, cors_origins=_cors_origins(doc["http"]["cors_origins"]))
     if "limits" in doc:
@@ -664,6 +670,7 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError(f"log_level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.partitions:
         _validate_partitions(s)
+    validate_dimse_policy(s)
     listeners = s.listeners()
     if not listeners:
         raise ConfigError("no listener: [server] dicom_port and http_port are 0 (off) and no dicom_tls_port or https_port is set; "
@@ -732,6 +739,7 @@ class PartitionSettings:
     tiers: tuple[TierSettings, ...] = ()
     duplicate_policy: str = "keep"
     recall_on_read: bool = True
+    peers: tuple[str, ...] | None = None  # AE titles from [peers] that may use this partition; None: any accepted peer
 
     def resolve(self, main: "Settings") -> "Settings":
         data_dir = self.data_dir or (main.data_dir / "partitions" / self.name)
@@ -748,12 +756,13 @@ class PartitionSettings:
             storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read),
             dicom_port=self.dicom_port if self.dicom_port is not None else 0,
             partitions={},
+            dimse_policy=replace(main.dimse_policy, own_peers=self.peers),
         )
 
 
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
-    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read"}
+    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -781,6 +790,7 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
+            peers=partition_peers_from(p["peers"], name) if "peers" in p else None,
         )
     return out
 
@@ -1056,6 +1066,162 @@ def audit_from(raw: object, base: Path) -> AuditSettings:
         if key in table:
             kw[key] = float(_number(f"[audit] {key}", table[key]))
     return AuditSettings(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM peer policy (issue 13 item 1): who may associate with us and do what.
+# [dimse] accept_any_called_aet / accept_unknown_peers, [peers.AET] store/find/move/get/commit/
+# hosts/tls_subject, [partitions.NAME] peers.  The decisions are made in xdsi.dimse.policy.
+# ---------------------------------------------------------------------------------------------
+
+DIMSE_OPERATIONS = ("store", "find", "move", "get", "commit")
+DIMSE_POLICY_KEYS = {"accept_any_called_aet", "accept_unknown_peers"}
+PEER_POLICY_KEYS = {*DIMSE_OPERATIONS, "hosts", "tls_subject"}
+_SECTION_KEYS["dimse"] |= DIMSE_POLICY_KEYS
+_PEER_KEYS |= PEER_POLICY_KEYS
+
+
+@dataclass(frozen=True)
+class PeerRights:
+    """``[peers.AET]`` seen as a caller: what it may do, and from where / with which certificate.
+
+    Why ``hosts`` and ``tls_subject``: an AE title is a name the peer chooses, not an identity.
+    A known AE title from an address outside ``hosts``, or without the certificate subject
+    ``tls_subject`` names, is treated as an unknown caller.
+    """
+
+    ae_title: str
+    store: bool = True
+    find: bool = True
+    move: bool = True
+    get: bool = True
+    commit: bool = True
+    hosts: tuple[str, ...] | None = None  # networks ("10.0.0.0/24", "10.0.0.7/32"); None: any address
+    tls_subject: str | None = None  # RFC 4514 subject the peer's certificate must carry; None: no TLS required
+
+    def allows(self, operation: str) -> bool:
+        return bool(getattr(self, operation))
+
+
+@dataclass(frozen=True)
+class DimsePolicySettings:
+    """``[dimse] accept_any_called_aet`` / ``accept_unknown_peers`` and every ``[peers.AET]`` as a caller.
+
+    ``accept_unknown_peers`` None means "true only while [server] host is a loopback address": a
+    fresh install on a laptop answers local tools, one listening on a network refuses strangers.
+    ``own_peers`` is the ``[partitions.NAME] peers`` allow-list of the archive these settings are
+    for (set by :meth:`PartitionSettings.resolve`); None lets any accepted peer use it.
+    """
+
+    accept_any_called_aet: bool = False
+    accept_unknown_peers: bool | None = None
+    peers: Mapping[str, PeerRights] = field(default_factory=dict)
+    own_peers: tuple[str, ...] | None = None
+
+    def accepts_unknown_peers(self, host: str) -> bool:
+        if self.accept_unknown_peers is not None:
+            return self.accept_unknown_peers
+        return is_loopback_host(host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127/8, ::1); a wildcard or any other name is not."""
+    import ipaddress
+
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def canonical_subject(value: str, where: str) -> str:
+    """An RFC 4514 subject ("CN=modality1.example.org,O=Hospital") in the form we compare certificates with.
+
+    Spaces after the separating commas are allowed; the result is what
+    ``cryptography``'s ``Name.rfc4514_string()`` prints for a certificate with that subject.
+    """
+    from cryptography import x509
+
+    text = re.sub(r"(?<!\\)([,+])\s+", r"\1", value.strip())
+    try:
+        name = x509.Name.from_rfc4514_string(text)
+    except ValueError:
+        name = None
+    if name is None or not list(name):
+        raise ConfigError(
+            f"{where} {value!r} is not an RFC 4514 subject such as \"CN=modality1.example.org,O=Hospital\" "
+            "(openssl x509 -noout -subject -nameopt RFC2253 prints it)"
+        )
+    return name.rfc4514_string()
+
+
+def _networks(value: object, where: str) -> tuple[str, ...]:
+    import ipaddress
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of addresses or networks such as [\"10.0.0.7\", \"10.1.0.0/16\"], not {value!r}")
+    out: list[str] = []
+    for v in value:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{where}: {v!r} is not an IP address or network (host names are not accepted: give addresses)") from None
+    return tuple(out)
+
+
+def dimse_policy_from(dimse: Mapping[str, Any], peers_raw: Mapping[str, Any]) -> DimsePolicySettings:
+    """Parse the policy keys of ``[dimse]`` and of every ``[peers.AET]`` (tables already key-checked)."""
+    kw: dict[str, Any] = {}
+    for key in DIMSE_POLICY_KEYS:
+        if key in dimse:
+            if not isinstance(dimse[key], bool):
+                raise ConfigError(f"[dimse] {key} must be true or false, not {dimse[key]!r}")
+            kw[key] = dimse[key]
+    rights: dict[str, PeerRights] = {}
+    for name, p in peers_raw.items():
+        aet = validate_ae_title(name, "peer AE title")
+        where = f"[peers.{aet}]"
+        r: dict[str, Any] = {}
+        for op in DIMSE_OPERATIONS:
+            if op in p:
+                if not isinstance(p[op], bool):
+                    raise ConfigError(f"{where} {op} must be true or false, not {p[op]!r}")
+                r[op] = p[op]
+        if "hosts" in p:
+            r["hosts"] = _networks(p["hosts"], f"{where} hosts")
+        if "tls_subject" in p:
+            if not isinstance(p["tls_subject"], str):
+                raise ConfigError(f"{where} tls_subject must be a string, not {p['tls_subject']!r}")
+            r["tls_subject"] = canonical_subject(p["tls_subject"], f"{where} tls_subject")
+        rights[aet] = PeerRights(aet, **r)
+    return DimsePolicySettings(peers=rights, **kw)
+
+
+def partition_peers_from(value: object, name: str) -> tuple[str, ...]:
+    """``[partitions.NAME] peers``: AE titles from ``[peers]`` (checked in :func:`validate_dimse_policy`)."""
+    where = f"[partitions.{name}] peers"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of AE titles from [peers], not {value!r}")
+    return tuple(validate_ae_title(v, f"{where} entry") for v in value)
+
+
+def validate_dimse_policy(s: Settings) -> None:
+    """A partition's ``peers`` must name AE titles configured in ``[peers]``: an allow-list of
+    identities, whose ``hosts``/``tls_subject`` say what makes the AE title believable.  A peer
+    with a ``tls_subject`` can only call a DICOM TLS listener: without one it could never associate."""
+    if s.dicom_tls_port is None and not any(p.dicom_tls_port for p in s.partitions.values()):
+        pinned = sorted(aet for aet, r in s.dimse_policy.peers.items() if r.tls_subject is not None)
+        if pinned:
+            raise ConfigError(f"[peers.{pinned[0]}] tls_subject needs a DICOM TLS listener ([server] or [partitions.NAME] dicom_tls_port, and [tls])")
+    for name, p in s.partitions.items():
+        for aet in p.peers or ():
+            if aet not in s.dimse_policy.peers:
+                raise ConfigError(f"[partitions.{name}] peers: {aet!r} is not configured in [peers] (add [peers.{aet}])")
 
 
 # -- iua: who may use the HTTP services (issue 13) ----------------------------------------------------

@@ -14,7 +14,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -53,6 +53,8 @@ from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
+from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
+from xdsi.dimse.policy_audit import RefusalAlerts
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -259,6 +261,12 @@ class DicomServer:
         self._prepared = False  # spool keeper and association governor started (by the first listener)
         self._client_tls: ssl.SSLContext | None = None
         self.audit: Any = None  # an xdsi.audit.dimse.DimseAudit, set before start() when [audit] is configured
+        # who may associate and do what (issue 13). on_policy_refused(decision, operation) is told of each
+        # refusal (operation None: the association was rejected), e.g. for a Security Alert; it must not raise
+        self.policy = DimsePolicy.for_archives(s, self.partitions)
+        self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
+        self._policy_logged = False
+        self.refusal_alerts = RefusalAlerts(s.ae_title)
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -272,7 +280,6 @@ class DicomServer:
     def _handlers(self) -> list[tuple[Any, Any]]:
         return [
             *self.governor.handlers(),
-            (evt.EVT_REQUESTED, self.check_ae_titles),  # after the governor: a request it rejected is not rejected twice
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
@@ -280,10 +287,58 @@ class DicomServer:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_N_ACTION, self.commitment.on_n_action),
+            (evt.EVT_N_ACTION, self.on_n_action),
             *self.spool.handlers(),
             *(self.audit.handlers() if self.audit is not None else []),
+            # last: the governor has taken a slot (or rejected), and every other EVT_REQUESTED handler (the audit's
+            # keeps the TLS certificate subject) has seen the request while its socket is open; rejecting closes it
+            (evt.EVT_REQUESTED, self.on_requested),  # who may associate (issue 13); skips a request already rejected
+            (evt.EVT_REQUESTED, self.check_ae_titles),  # [dimse] require_known_* (issue 12); skips a request already rejected
         ]
+
+    def on_requested(self, event: Any) -> None:
+        """The A-ASSOCIATE-RQ is in: accept, or A-ASSOCIATE-RJ as :class:`DimsePolicy` decides."""
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:  # the governor has already answered it
+            return
+        decision = self.policy.on_association(assoc)
+        if decision.accepted:
+            return
+        c = decision.caller
+        log.warning("DICOM association from %s (%s) to %s rejected: %s", c.calling_ae, c.address, c.called_ae, decision.reason)
+        assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
+        if self.audit is not None:  # Security Alert (Node Authentication), rate-limited per peer
+            try:  # before kill(): it closes the socket, whose TLS certificate the alert names
+                self.audit.association_refused(assoc, decision.reason)
+            except Exception:  # an audit failure must not change the answer
+                log.exception("DICOM: auditing a rejected association failed")
+        assoc.kill()
+        self._report_refusal(decision, None)
+
+    def _refused(self, assoc: Any, operation: str) -> str | None:
+        """Why this association's peer may not do ``operation`` (reported), or None."""
+        reason = self.policy.refusal(assoc, operation)
+        if reason is not None:
+            if self.audit is not None:  # Security Alert, Use of Restricted Function (rate-limited; never raises)
+                self.refusal_alerts.operation_refused(self.audit.trail, assoc.xdsi_policy_decision, operation,
+                                                      str(getattr(assoc.acceptor, "address", "") or "") or None)
+            self._report_refusal(assoc.xdsi_policy_decision, operation)
+        return reason
+
+    def _report_refusal(self, decision: Decision, operation: str | None) -> None:
+        if self.on_policy_refused is None:
+            return
+        try:
+            self.on_policy_refused(decision, operation)
+        except Exception:  # an audit failure must not change the answer
+            log.exception("DICOM: reporting a policy refusal failed")
+
+    def on_n_action(self, event: Any) -> Any:
+        """Storage Commitment needs the peer's ``commit`` right."""
+        refused = self._refused(event.assoc, "commit")
+        if refused is not None:
+            return _failure(NOT_AUTHORIZED, refused), None
+        return self.commitment.on_n_action(event)
 
     def check_ae_titles(self, event: Any) -> None:
         """EVT_REQUESTED: ``[dimse] require_known_calling_ae`` / ``require_known_called_ae`` (off by default).
@@ -303,7 +358,7 @@ class DicomServer:
         primitive = assoc.requestor.primitive
         calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
         reason, diagnostic = None, 0
-        if s.require_known_calling_ae and s.peer(calling) is None:
+        if s.require_known_calling_ae and calling not in s.dimse_policy.peers:  # [peers.X], with or without host/port
             reason, diagnostic = f"calling AE title {calling!r} not recognised (no [peers] entry)", 0x03
         elif s.require_known_called_ae and called != s.ae_title and called not in self.partitions:
             reason, diagnostic = f"called AE title {called!r} not recognised (not ours)", 0x07
@@ -312,9 +367,9 @@ class DicomServer:
         address = str(assoc.requestor.address or "?")
         log.warning("DICOM association from %s (%s) to %s rejected: %s", calling, address, called, reason)
         assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, DICOM UL service-user
-        assoc.kill()
-        if self.audit is not None:
+        if self.audit is not None:  # before kill(), which closes the socket whose TLS certificate the alert names
             self.audit.association_refused(assoc, reason)
+        assoc.kill()
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
@@ -341,6 +396,9 @@ class DicomServer:
         """
         req = event.request
         calling = event.assoc.requestor.ae_title
+        refused = self._refused(event.assoc, "store")
+        if refused is not None:
+            return _failure(NOT_AUTHORIZED, refused)
         path = Path(event.dataset_path)
         abstract = str(event.context.abstract_syntax)
         command_class = str(req.AffectedSOPClassUID or "")
@@ -373,6 +431,10 @@ class DicomServer:
         return _failure(code, result.reason)
 
     def on_find(self, event: Any) -> Iterator[Any]:
+        refused = self._refused(event.assoc, "find")
+        if refused is not None:
+            yield _failure(NOT_AUTHORIZED, refused), None
+            return
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
         if self.audit is not None:
             self.audit.queried(event)
@@ -394,6 +456,10 @@ class DicomServer:
 
     def on_move(self, event: Any) -> Iterator[Any]:
         dest = event.move_destination.strip() if isinstance(event.move_destination, str) else event.move_destination.decode().strip()
+        refused = self._refused(event.assoc, "move")
+        if refused is not None:  # before the destination is looked up: a refused peer learns nothing of our AE table
+            yield from _refuse_retrieve(refused, MoveDestination(dest, connect=False))
+            return
         peer = self.archive.settings.peer(dest)  # one AE table for the whole process
         if peer is None:
             log.warning("C-MOVE from %s to unknown destination %r", event.assoc.requestor.ae_title, dest)
@@ -437,6 +503,10 @@ class DicomServer:
         yield from self._suboperations(event, refs, retrieval)
 
     def on_get(self, event: Any) -> Iterator[Any]:
+        refused = self._refused(event.assoc, "get")
+        if refused is not None:
+            yield from _refuse_retrieve(refused, None)
+            return
         try:
             refs = self._select(event)
         except (InvalidUID, ValueError) as exc:
@@ -498,6 +568,7 @@ class DicomServer:
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
+        self._log_policy()
 
     def client_tls(self) -> ssl.SSLContext:
         """Our outbound DICOM TLS context ([peers.X] tls = true), built once: the peer's chain is verified
@@ -517,6 +588,15 @@ class DicomServer:
         self._tls_server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers(), ssl_context=context)
         set_nodelay(self._tls_server.socket)
         log.info("DICOM %s listening with TLS on %s:%d", self.ae.ae_title, host, self._tls_server.server_address[1])
+        self._log_policy()
+
+    def _log_policy(self) -> None:
+        """Once, after the first listener is bound (a busy port stays a one-line error): whom DIMSE accepts."""
+        if self._policy_logged:
+            return
+        self._policy_logged = True
+        level = logging.INFO if self.policy.accept_unknown or self.policy.settings.peers else logging.WARNING
+        log.log(level, "DICOM %s: %s", self.ae.ae_title, self.policy.describe())
 
     @property
     def port(self) -> int | None:
@@ -553,6 +633,19 @@ class DicomServer:
         self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
+
+
+def _refuse_retrieve(reason: str, destination: MoveDestination | None) -> Iterator[Any]:
+    """C-MOVE / C-GET answered 0124 Refused: Not Authorized, with nothing sent.
+
+    pynetdicom's handler protocol has no status before the sub-operation count (and answers
+    Success to a count of 0), so one sub-operation is announced and the request failed at
+    once, as for an identifier we cannot use; for C-MOVE the destination is never contacted.
+    """
+    if destination is not None:
+        yield "0.0.0.0", 0, {"xdsi_move_destination": destination}
+    yield 1
+    yield _failure(NOT_AUTHORIZED, reason), failed_identifier([])
 
 
 def _aet(value: Any) -> str:
