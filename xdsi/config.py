@@ -309,10 +309,6 @@ class Settings:
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())  # [audit], defined below
     dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
     auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
-    # [dimse] AE title checks (PS3.8 7.1.1.9 A-ASSOCIATE-RJ permanent, calling / called AE title not recognised), each
-    # refusal audited as a Security Alert: only calling AE titles with a [peers.X] entry; only our AE title and the partitions'
-    require_known_calling_ae: bool = False
-    require_known_called_ae: bool = False
     xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
@@ -440,8 +436,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
-    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", "require_known_calling_ae", "require_known_called_ae",
-              *DIMSE_LIMIT_KEYS},
+    "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
 _PEER_KEYS = {"host", "port", "tls"}
@@ -584,11 +579,6 @@ def load_settings(
         if n < 1:
             raise ConfigError(f"[dimse] max_associations must be at least 1, not {n}")
         settings = replace(settings, max_associations=n)
-    for key in ("require_known_calling_ae", "require_known_called_ae"):
-        if key in dimse:
-            if not isinstance(dimse[key], bool):
-                raise ConfigError(f"[dimse] {key} must be true or false, not {dimse[key]!r}")
-            settings = replace(settings, **{key: dimse[key]})
     settings = replace(settings, dimse_limits=dimse_limits_from(dimse))
     settings = replace(settings, dimse_policy=dimse_policy_from(dimse, peers_raw))
     if "cors_origins" in doc.get("http", {}):

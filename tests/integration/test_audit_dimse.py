@@ -205,7 +205,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, repo: rsyslog.Rsyslog, pki:
         f'[peers.DOWNDEST]\nhost = "127.0.0.1"\nport = {down}\n'
         # the requestors of these tests are known peers: only they may associate, and only to our AE title
         + "".join(f'[peers.{aet}]\nhost = "127.0.0.1"\nport = {down}\n' for aet in ("STORESCU", "MOVESCU", "GETSCU", "TLSMOVE", "TLSGET"))
-        + "[dimse]\nrequire_known_calling_ae = true\nrequire_known_called_ae = true\n"
+        + "[dimse]\naccept_unknown_peers = false\naccept_any_called_aet = false\n"
         f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'
         f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n'
     )
@@ -484,7 +484,7 @@ def alerts_since(repo: rsyslog.Rsyslog, before: int) -> list[Any]:
 
 
 def test_unknown_calling_or_called_ae_is_refused_and_alerted(server: XdsiProcess, repo: rsyslog.Rsyslog) -> None:
-    """[dimse] require_known_calling_ae / require_known_called_ae: dcmtk echoscu from an AE title with no [peers]
+    """[dimse] accept_unknown_peers = false, accept_any_called_aet = false: dcmtk echoscu from an AE title with no [peers]
     entry, or to an AE title that is not ours, gets A-ASSOCIATE-RJ and a Security Alert (Node Authentication,
     outcome 4) naming the peer and why; the same refusal again at once is counted, not alerted again."""
     before = len(messages(repo))

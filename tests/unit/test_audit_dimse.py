@@ -22,7 +22,7 @@ from xdsi.audit.configuration import changed_settings, digests, kind_of
 from xdsi.audit.dimse import DimseAudit, RetrieveAudit
 from xdsi.audit.syslog import BOM
 from xdsi.audit.trail import AuditTrail
-from xdsi.config import AuditSettings, ConfigError, Settings, TlsSettings, load_settings
+from xdsi.config import AuditSettings, Settings, TlsSettings
 from xdsi.dimse.sending import stored_by_peer
 
 REPO = "udp://127.0.0.1:9"  # never started: the messages stay in the spool, where the test reads them
@@ -189,9 +189,9 @@ def test_settings_digest_names_what_changed_and_its_kind(tmp_path: Path) -> None
     cert.write_text("renewed")  # same path, new certificate: a security configuration change
     assert changed_settings(before, digests(base)) == {"security_configuration": ["tls.certificate"]}
     cert.write_text("one")
-    moved = replace(base, dicom_port=11113, log_level="DEBUG", require_known_calling_ae=True)
+    moved = replace(base, dicom_port=11113, log_level="DEBUG", dimse_policy=replace(base.dimse_policy, accept_unknown_peers=False))
     assert changed_settings(before, digests(moved)) == {
-        "network_configuration": ["dicom_port"], "security_configuration": ["require_known_calling_ae"], "software_configuration": ["log_level"]}
+        "network_configuration": ["dicom_port"], "security_configuration": ["dimse_policy.accept_unknown_peers"], "software_configuration": ["log_level"]}
     assert kind_of("peers.PACS") == "network_configuration" and kind_of("audit.repositories") == "security_configuration"
 
 
@@ -209,18 +209,6 @@ def test_configuration_changed_records_an_alert_only_against_a_previous_start(tm
     assert r.find("EventIdentification/EventTypeCode").get("csd-code") == "110128"
     assert r.find("EventIdentification/EventOutcomeDescription").text.endswith("host, http_port")
     assert "0.0.0.0" not in digest_path(settings).read_text(), "digests only, never the values"
-
-
-@pytest.mark.parametrize("value, ok", [("true", True), ("false", True), ('"yes"', False), ("1", False)])
-def test_dimse_ae_title_checks_are_booleans(tmp_path: Path, value: str, ok: bool) -> None:
-    cfg = tmp_path / "x.toml"
-    cfg.write_text(f"[dimse]\nrequire_known_calling_ae = {value}\nrequire_known_called_ae = {value}\n")
-    if ok:
-        s = load_settings(str(cfg))
-        assert (s.require_known_calling_ae, s.require_known_called_ae) == (value == "true",) * 2
-    else:
-        with pytest.raises(ConfigError, match=r"\[dimse\] require_known_calling_ae must be true or false"):
-            load_settings(str(cfg))
 
 
 def test_pynetdicom_own_ae_title_refusal_is_alerted(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 NETWORK = {"host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "public_url", "peers", "partitions"}
 SECURITY = {"tls", "audit", "xua", "cors_origins", "dimse_limits", "http_limits", "limits", "max_associations", "dimse_timeout",
-            "acse_timeout", "network_timeout", "require_known_calling_ae", "require_known_called_ae"}
+            "acse_timeout", "network_timeout", "dimse_policy", "auth"}
 KINDS = ("network_configuration", "security_configuration", "software_configuration")
 
 

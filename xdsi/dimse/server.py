@@ -293,7 +293,6 @@ class DicomServer:
             # last: the governor has taken a slot (or rejected), and every other EVT_REQUESTED handler (the audit's
             # keeps the TLS certificate subject) has seen the request while its socket is open; rejecting closes it
             (evt.EVT_REQUESTED, self.on_requested),  # who may associate (issue 13); skips a request already rejected
-            (evt.EVT_REQUESTED, self.check_ae_titles),  # [dimse] require_known_* (issue 12); skips a request already rejected
         ]
 
     def on_requested(self, event: Any) -> None:
@@ -339,37 +338,6 @@ class DicomServer:
         if refused is not None:
             return _failure(NOT_AUTHORIZED, refused), None
         return self.commitment.on_n_action(event)
-
-    def check_ae_titles(self, event: Any) -> None:
-        """EVT_REQUESTED: ``[dimse] require_known_calling_ae`` / ``require_known_called_ae`` (off by default).
-
-        An unknown calling AE title (no ``[peers.X]`` entry) or called AE title (neither ours nor a
-        partition's) gets A-ASSOCIATE-RJ, rejected-permanent, service-user, calling/called AE title
-        not recognised (PS3.8 7.1.1.9), as pynetdicom's own check answers; pynetdicom's check is not
-        used because it knows a single called AE title and no partitions.  Each refusal is logged
-        and, with [audit], recorded as a Security Alert.
-        """
-        s = self.archive.settings
-        if not (s.require_known_calling_ae or s.require_known_called_ae):
-            return
-        assoc = event.assoc
-        if assoc.is_rejected or assoc.is_aborted:
-            return
-        primitive = assoc.requestor.primitive
-        calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
-        reason, diagnostic = None, 0
-        if s.require_known_calling_ae and calling not in s.dimse_policy.peers:  # [peers.X], with or without host/port
-            reason, diagnostic = f"calling AE title {calling!r} not recognised (no [peers] entry)", 0x03
-        elif s.require_known_called_ae and called != s.ae_title and called not in self.partitions:
-            reason, diagnostic = f"called AE title {called!r} not recognised (not ours)", 0x07
-        if reason is None:
-            return
-        address = str(assoc.requestor.address or "?")
-        log.warning("DICOM association from %s (%s) to %s rejected: %s", calling, address, called, reason)
-        assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, DICOM UL service-user
-        if self.audit is not None:  # before kill(), which closes the socket whose TLS certificate the alert names
-            self.audit.association_refused(assoc, reason)
-        assoc.kill()
 
     def on_echo(self, event: Any) -> Any:
         """C-ECHO: Success.  pynetdicom routes a C-STORE by its command's SOP Class, so a C-STORE
