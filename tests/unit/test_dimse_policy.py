@@ -248,7 +248,7 @@ def test_certificate_subject_of_a_plain_unconnected_or_closed_socket_is_none() -
     import socket
     import ssl
 
-    from xdsi.dimse.policy import certificate_subject
+    from xdsi.security.tls import certificate_subject
 
     assert certificate_subject(None) is None
     with socket.socket() as plain:

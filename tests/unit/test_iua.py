@@ -28,7 +28,8 @@ from xdsi.security.iua import JwksCache, TokenError, TokenValidator
 from xdsi.security.principal import Principal
 from xdsi.security.users import BasicAuthenticator, UsersError, UsersFile, add_user, read_users, remove_user
 from xdsi.startup import StartupError
-from xdsi.web.auth import HttpAuth, check_startup, is_loopback, protect, required_right
+from xdsi.config import is_loopback_host as is_loopback
+from xdsi.web.auth import HttpAuth, check_startup, protect, required_right
 
 ISS = "https://as.example.org/oauth2"
 AUD = "https://imaging.example.org/"

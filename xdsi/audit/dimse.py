@@ -21,7 +21,6 @@ is the same party, not a second sender or receiver).
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,30 +31,13 @@ from pynetdicom import evt
 
 from xdsi.audit import messages as m
 from xdsi.audit.trail import AuditTrail
+from xdsi.security.tls import certificate_subject
 
-__all__ = ["DimseAudit", "RetrieveAudit", "certificate_subject", "patient_of"]
+__all__ = ["DimseAudit", "RetrieveAudit", "patient_of"]
 
 log = logging.getLogger(__name__)
 
 _SUBJECT_ATTR = "_xdsi_tls_subject"  # set on a pynetdicom Association by EVT_REQUESTED (audit on only)
-
-
-def certificate_subject(sock: Any) -> str | None:
-    """The RFC 4514 subject of the certificate the peer of ``sock`` presented; None for plain TCP or none offered."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    try:
-        der = sock.getpeercert(binary_form=True)
-    except (ValueError, OSError):  # closed, or the handshake is not done
-        return None
-    if not der:
-        return None
-    from cryptography import x509
-
-    try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string() or None
-    except ValueError:
-        return None
 
 
 def _assoc_socket(assoc: Any) -> Any:

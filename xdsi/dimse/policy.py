@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from xdsi.config import DIMSE_OPERATIONS, DimsePolicySettings, PeerRights, Settings
+from xdsi.security.tls import certificate_subject
 
 __all__ = [
     "Caller",
@@ -187,19 +187,3 @@ def caller_of(assoc: Any) -> Caller:
     return Caller(called, calling, address, certificate_subject(sock))
 
 
-def certificate_subject(sock: Any) -> str | None:
-    """RFC 4514 subject of the peer certificate on a TLS socket (verified by the handshake), else None."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    try:
-        der = sock.getpeercert(binary_form=True)
-    except (ValueError, OSError, AttributeError):  # handshake not done, or closed (ssl then has no _sslobj)
-        return None
-    if not der:
-        return None
-    from cryptography import x509
-
-    try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except ValueError:  # pragma: no cover - OpenSSL accepted it, so it parses
-        return None

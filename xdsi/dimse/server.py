@@ -144,7 +144,7 @@ class ArchiveAE(AE):
                 sock.close()
             return RefusedSubAssociation(destination.refused)
         if destination is not None and destination.audited:  # the destination's TLS certificate, for the audit trail
-            from xdsi.audit.dimse import certificate_subject
+            from xdsi.security.tls import certificate_subject
 
             destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         install_streaming_sender(assoc)

@@ -31,7 +31,7 @@ from xdsi.startup import StartupError
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["PROFILES", "check_tls", "client_context", "handshake_failure", "https_session", "server_context"]
+__all__ = ["PROFILES", "certificate_subject", "check_tls", "client_context", "handshake_failure", "https_session", "server_context"]
 
 # OpenSSL names of the TLS 1.2 suites per profile (TLS 1.3 suites are configured separately by OpenSSL)
 _BCP195_STRICT = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
@@ -189,3 +189,21 @@ def check_tls(settings: Settings, now: dt.datetime | None = None) -> ssl.SSLCont
         return server_context(tls)
     except ssl.SSLError as exc:
         raise StartupError("[tls] certificate", tls.certificate, None, f"OpenSSL refused it: {exc.reason or exc}") from None
+
+
+def certificate_subject(sock: object) -> str | None:
+    """RFC 4514 subject of the peer certificate on a TLS socket (verified by the handshake), else None."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError, AttributeError):  # handshake not done, or closed (ssl then has no _sslobj)
+        return None
+    if not der:
+        return None
+    from cryptography import x509
+
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:  # pragma: no cover - OpenSSL accepted it, so it parses
+        return None

@@ -38,16 +38,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from xdsi.config import AUTH_RIGHTS, Settings
+from xdsi.config import AUTH_RIGHTS, Settings, is_loopback_host
 from xdsi.security.principal import ENVIRON_KEY, Principal
 
-__all__ = ["HttpAuth", "Refusal", "required_right", "check_startup", "is_loopback", "build_authenticator", "protect", "users_path"]
+__all__ = ["HttpAuth", "Refusal", "required_right", "check_startup", "build_authenticator", "protect", "users_path"]
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +56,6 @@ SOAP_PATHS = ("/xdsi/",)  # the SOAP endpoints (RAD-69/WADO-WS, ITI-43) are moun
 _TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 2.1 b64token
 
 
-def is_loopback(host: str) -> bool:
-    """Only loopback addresses (and the name ``localhost``) count: a wildcard or any other name reaches the network."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def users_path(settings: Settings) -> Path:
@@ -220,7 +210,7 @@ def check_startup(archive: Any) -> HttpAuth:
     if s.auth.soap_auth == "xua" and s.auth.mode != "none" and not (s.xua.required and s.xua.enabled):
         raise StartupError("[http] soap_auth", '"xua"', None, "leaves the SOAP endpoints to XUA: needs [xua] required = true and trusted_issuers")
     http_listens = bool(s.http_port) or bool(s.https_port)  # 0 / None: that listener is off
-    if s.auth.mode == "none" and not s.auth.allow_anonymous and http_listens and not is_loopback(s.host):
+    if s.auth.mode == "none" and not s.auth.allow_anonymous and http_listens and not is_loopback_host(s.host):
         raise StartupError(
             "[server] host", s.host, "--host",
             'anyone who reaches this address could read and store every study: set [http] auth = "bearer" or "basic", '
@@ -235,7 +225,7 @@ def check_startup(archive: Any) -> HttpAuth:
     except (OSError, ValueError) as exc:
         setting = "[http] users_file" if s.auth.mode == "basic" else "[iua] jwks_file"
         raise StartupError(setting, users_path(s) if s.auth.mode == "basic" else s.auth.iua.jwks_file, None, str(exc)) from None
-    if s.auth.mode != "none" and s.http_port and not is_loopback(s.host):
+    if s.auth.mode != "none" and s.http_port and not is_loopback_host(s.host):
         # not refused (a TLS-terminating proxy may sit in front), but the operator must know
         log.warning("[http] auth = %r on plain http_port %s at %s: credentials and tokens cross the network in clear "
                     "unless a TLS proxy fronts it; prefer https_port", s.auth.mode, s.http_port, s.host)
