@@ -486,23 +486,26 @@ def alerts_since(repo: rsyslog.Rsyslog, before: int) -> list[Any]:
 def test_unknown_calling_or_called_ae_is_refused_and_alerted(server: XdsiProcess, repo: rsyslog.Rsyslog) -> None:
     """[dimse] accept_unknown_peers = false, accept_any_called_aet = false: dcmtk echoscu from an AE title with no [peers]
     entry, or to an AE title that is not ours, gets A-ASSOCIATE-RJ and a Security Alert (Node Authentication,
-    outcome 4) naming the peer and why; the same refusal again at once is counted, not alerted again."""
+    outcome 4) naming the peer and why; the same refusal repeated at once is alerted 3 times, then counted."""
     before = len(messages(repo))
     where = ["127.0.0.1", str(server.dicom_port)]
     out = run([tool("echoscu"), "-aet", "STRANGER", "-aec", server.ae_title, *where], check=False)
     assert out.returncode != 0 and "Rejected" in out.stdout + out.stderr, out.stdout + out.stderr
-    run([tool("echoscu"), "-aet", "STRANGER", "-aec", server.ae_title, *where], check=False)  # held back: same peer, at once
+    for _ in range(3):  # the same refusal again at once: alerted up to 3 times in 10 s, then counted (the 4th)
+        run([tool("echoscu"), "-aet", "STRANGER", "-aec", server.ae_title, *where], check=False)
     out = run([tool("echoscu"), "-aet", "STORESCU", "-aec", "NOTUS", *where], check=False)
     assert out.returncode != 0
     assert run([tool("echoscu"), "-aet", "STORESCU", "-aec", server.ae_title, *where]).returncode == 0  # a known peer is served
 
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(alerts_since(repo, before)) < 2:
+    while time.monotonic() < deadline and len(alerts_since(repo, before)) < 4:
         time.sleep(0.1)
     time.sleep(0.5)
     got = alerts_since(repo, before)
-    assert len(got) == 2, [r.find("EventIdentification/EventOutcomeDescription").text for r in got]
-    for r, calling, why in ((got[0], "STRANGER", "calling AE title 'STRANGER' not recognised"), (got[1], "STORESCU", "called AE title 'NOTUS' not recognised")):
+    assert len(got) == 4, [r.find("EventIdentification/EventOutcomeDescription").text for r in got]
+    cases = [(r, "STRANGER", "calling AE title 'STRANGER' not recognised") for r in got[:3]]
+    cases.append((got[3], "STORESCU", "called AE title 'NOTUS' not recognised"))
+    for r, calling, why in cases:
         ev = r.find("EventIdentification")
         assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("E", "4")
         assert ev.find("EventTypeCode").get("csd-code") == "110126"

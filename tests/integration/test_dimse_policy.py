@@ -503,16 +503,17 @@ def _participants(root: Any) -> list[tuple[str | None, ...]]:
 
 def test_a_refused_operation_is_a_security_alert_once_per_peer_and_interval(server: XdsiProcess, repo: rsyslog.Rsyslog | None,
                                                                               stored: tuple[str, str]) -> None:
-    """C-FIND refused twice at once: one Security Alert (Use of Restricted Function), naming the peer, the operation
-    and the setting; the second is counted in the next alert, not alerted on its own."""
+    """C-FIND refused four times at once: three Security Alerts (Use of Restricted Function), naming the peer, the
+    operation and the setting; the fourth is counted in the next alert, not alerted on its own."""
     if repo is None:
         pytest.skip("needs Debian rsyslog + rsyslog-gnutls")
     assert _find(server, "NOGET", "POLICY01")[1] == 0x0000  # a peer with the right raises no alert
-    for _ in range(2):
+    for _ in range(4):
         assert _find(server, "NOFIND", "POLICY01") == ([], NOT_AUTHORIZED)
-    (alert,) = _alerts(repo, "110132", "C-FIND from NOFIND at 127.0.0.1 to XDSI refused (0124H Refused: Not Authorized)", 1)
+    alert, *_more = _alerts(repo, "110132", "C-FIND from NOFIND at 127.0.0.1 to XDSI refused (0124H Refused: Not Authorized)", 3)
+    assert len(_more) == 2
     time.sleep(1.0)
-    assert len(_alerts(repo, "110132", "C-FIND from NOFIND", 2, seconds=0)) == 1  # the second refusal was held back
+    assert len(_alerts(repo, "110132", "C-FIND from NOFIND", 4, seconds=0)) == 3  # the fourth refusal was held back
     assert len(_alerts(repo, "110132", "C-FIND from NOGET", 1, seconds=0)) == 0
     ev = alert.find("EventIdentification")
     assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("E", "4")

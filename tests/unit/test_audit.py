@@ -208,3 +208,20 @@ def test_audit_settings_errors_name_the_setting(tmp_path: Path, body: str, messa
     cfg.write_text(f"[audit]\n{body}\n")
     with pytest.raises(ConfigError, match=message):
         load_settings(cfg, env={})
+
+
+def test_alert_limiter_per_key_and_per_kind() -> None:
+    """Refusal alerts: per_key per key and interval (the rest counted into the next one), and a budget per kind of
+    refusal, so a flood of one kind neither fills the spool nor silences alerts of another kind."""
+    from xdsi.audit.ratelimit import AlertLimiter
+
+    lim = AlertLimiter(interval=10.0, burst=5.0, per_key=2)
+    key = ("http", "192.0.2.1", 401, None, "/x", "no credentials")
+    assert [lim.admit(key) for _ in range(4)] == ["", "", None, None]
+    start, sent, quiet = lim._last[key]
+    lim._last[key] = (start - 11.0, sent, quiet)  # the interval has passed
+    assert lim.admit(key) == " (2 more such refusal(s) not alerted separately)"
+    # the http budget (5) is now spent by three distinct keys; the next http key is counted overall
+    assert [lim.admit(("http", f"192.0.2.{i}", 401, None, "/x", "no credentials")) for i in (2, 3)] == ["", ""]
+    assert lim.admit(("http", "192.0.2.9", 401, None, "/x", "no credentials")) is None
+    assert lim.admit(("association", "192.0.2.9", "AE", "XDSI")) == " (1 other refusal(s) not alerted: too many at once)"

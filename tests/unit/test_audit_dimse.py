@@ -99,21 +99,24 @@ def test_retrieve_audit_compares_intended_and_sent_per_study(tmp_path: Path) -> 
 def test_refused_association_alerts_are_rate_limited(tmp_path: Path) -> None:
     trail = make_trail(tmp_path)
     audit = DimseAudit(trail, lambda archive, uid: "")
-    for _ in range(3):
+    for _ in range(trail.alerts.per_key + 2):  # per_key alerts, then 2 counted
         audit.refused(US, "192.0.2.9", "STRANGER", "XDSI", "calling AE title 'STRANGER' not recognised")
     audit.refused(US, "192.0.2.9", "OTHER", "XDSI", "calling AE title 'OTHER' not recognised")  # another peer: its own alert
-    audit._alerted[("192.0.2.9", "STRANGER", "XDSI")] = (-1e9, 2)  # as if the interval had passed, 2 held back
+    start, sent, quiet = trail.alerts._last[("association", "192.0.2.9", "STRANGER", "XDSI")]
+    assert (sent, quiet) == (trail.alerts.per_key, 2)
+    trail.alerts._last[("association", "192.0.2.9", "STRANGER", "XDSI")] = (-1e9, sent, quiet)  # as if the interval had passed
     audit.refused(US, "192.0.2.9", "STRANGER", "XDSI", "calling AE title 'STRANGER' not recognised", subject="CN=stranger")
     got = spooled(trail)
-    assert [event_of(r) for r in got] == [("110113", "E", "4")] * 3
+    n = trail.alerts.per_key
+    assert [event_of(r) for r in got] == [("110113", "E", "4")] * (n + 2)
     texts = [r.find("EventIdentification/EventOutcomeDescription").text for r in got]
-    assert "STRANGER" in texts[0] and "OTHER" in texts[1] and "(2 more such refusal(s) not alerted separately)" in texts[2]
-    last = [(a.get("UserID"), a.get("AlternativeUserID")) for a in got[2].findall("ActiveParticipant")]
+    assert all("STRANGER" in t and "not alerted" not in t for t in texts[:n])
+    assert "OTHER" in texts[n] and "(2 more such refusal(s) not alerted separately)" in texts[n + 1]
+    last = [(a.get("UserID"), a.get("AlternativeUserID")) for a in got[n + 1].findall("ActiveParticipant")]
     assert last == [("XDSI", None), ("STRANGER", None), ("CN=stranger", "AETITLES=STRANGER")]
-    audit._tokens = 0.0  # the overall budget spent: a new peer is counted, not alerted
-    audit._refilled = float("inf")
+    trail.alerts._tokens["association"] = (0.0, float("inf"))  # the budget for refused associations spent: a new peer is counted
     audit.refused(US, "192.0.2.10", "THIRD", "XDSI", "x")
-    assert len(spooled(trail)) == 3 and audit._held_back == 1
+    assert len(spooled(trail)) == n + 2 and trail.alerts._held_overall == 1
 
 
 # -- delete and migration through the services ----------------------------------------------------------------------

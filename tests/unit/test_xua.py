@@ -275,7 +275,10 @@ class _Trail:
     source = m.AuditSource("XDSI-TEST")
 
     def __init__(self) -> None:
+        from xdsi.audit.ratelimit import AlertLimiter
+
         self.events: list[m.AuditEvent] = []
+        self.alerts = AlertLimiter()
 
     def record(self, event: m.AuditEvent) -> bool:
         self.events.append(event)

@@ -31,10 +31,14 @@ def http_access_refused(archive: Any, environ: Mapping[str, Any], status: int, r
         return
     try:
         who = requester(environ)
+        path = (str(environ.get("SCRIPT_NAME") or "") + str(environ.get("PATH_INFO") or "")) or "/"
+        # the same refusal (address, status, user, path, reason) repeated within the interval is counted into the next alert
+        more = trail.alerts.admit(("http", who.network_access_point, status, principal.subject if principal else None, path, reason))
+        if more is None:  # a client retrying, or a flood of bad tokens
+            return
         if principal is not None:  # authenticated but lacking the right: name the user, keep the address
             who = m.Participant(principal.subject, True, network_access_point=who.network_access_point, alternative_user_id=who.user_id)
-        path = (str(environ.get("SCRIPT_NAME") or "") + str(environ.get("PATH_INFO") or "")) or "/"
-        description = f"HTTP {status} {environ.get('REQUEST_METHOD', '')} {path[:512]}: {reason}"
+        description = f"HTTP {status} {environ.get('REQUEST_METHOD', '')} {path[:512]}: {reason}{more}"
         trail.record(m.security_alert(trail.source, us(archive, environ), "use_of_restricted_function", path[:1024], description, performer=who))
     except Exception:  # the refusal goes out regardless
         log.exception("audit of a refused HTTP request failed")

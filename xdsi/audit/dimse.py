@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
@@ -69,23 +68,12 @@ def _with_nodes(event: m.AuditEvent, nodes: Sequence[m.Participant]) -> m.AuditE
 class DimseAudit:
     """Per-association bookkeeping for the audit trail; ``patient_of(archive, study_uid)`` looks up the patient."""
 
-    # Security Alerts for refused associations are rate-limited: a peer that retries in a loop, or cycles
-    # through AE titles, must not fill the bounded spool and crowd out the records of patient data.  At most
-    # one alert per (address, calling AE, called AE) and ALERT_INTERVAL seconds, and ALERT_BURST alerts at
-    # once refilled at one per second overall; what was held back is counted in the next alert's text.
-    ALERT_INTERVAL = 10.0
-    ALERT_BURST = 20.0
-
     def __init__(self, trail: AuditTrail, patient_of: Callable[[Any, str], str]) -> None:
         self.trail = trail
         self.patient_of = patient_of
         self._lock = threading.Lock()
         # id(assoc) -> (archive, study UID -> Counter of SOP Class UIDs, studies with a replaced instance)
         self._received: dict[int, tuple[Any, dict[str, Counter[str]], set[str]]] = {}
-        self._alerted: dict[tuple[str, str, str], tuple[float, int]] = {}  # (address, calling, called) -> (last alert, held back since)
-        self._tokens = self.ALERT_BURST
-        self._refilled = time.monotonic()
-        self._held_back = 0  # refusals not alerted because of the overall budget
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -228,37 +216,46 @@ class DimseAudit:
         self.refused(_participant(assoc.acceptor, False), address, calling, called, reason, subject)
 
     def refused(self, us: m.Participant, address: str, calling: str, called: str, reason: str, subject: str | None = None) -> None:
-        """A Security Alert (110113, type Node Authentication) for a peer we refused; rate-limited per address.
+        """A Security Alert (110113, type Node Authentication) for a peer we refused; rate-limited (``trail.alerts``).
 
         ``us`` reports it (our AE title, not the called one the peer may have invented); the peer is the performer."""
         if not self.trail.enabled:
             return
-        now = time.monotonic()
-        key = (address, calling, called)
-        with self._lock:
-            self._tokens = min(self.ALERT_BURST, self._tokens + (now - self._refilled))
-            self._refilled = now
-            last, quiet = self._alerted.get(key, (float("-inf"), 0))
-            if now - last < self.ALERT_INTERVAL or self._tokens < 1:
-                if now - last < self.ALERT_INTERVAL:
-                    self._alerted[key] = (last, quiet + 1)
-                else:
-                    self._held_back += 1
-                return
-            self._tokens -= 1
-            if len(self._alerted) > 4096:  # many peers: forget the old ones rather than grow
-                self._alerted.clear()
-            self._alerted[key] = (now, 0)
-            held, self._held_back = self._held_back, 0
+        more = self.trail.alerts.admit(("association", address, calling, called))
+        if more is None:
+            return
         try:
             them = m.Participant(calling or "UNKNOWN", True, network_access_point=address)
-            more = f" ({quiet} more such refusal(s) not alerted separately)" if quiet else ""
-            more += f" ({held} other refusal(s) not alerted: too many at once)" if held else ""
             why = f"DICOM association from {calling or '?'} at {address} to {called or '?'} refused (A-ASSOCIATE-RJ): {reason}{more}"
             msg = m.security_alert(self.trail.source, us, "node_authentication", address, why, performer=them)
             self.trail.record(_with_nodes(msg, node_participant(them, subject)))
         except Exception:  # the refusal stands regardless
             log.exception("audit of a refused association failed")
+
+    def operation_refused(self, caller: Any, operation: str, our_ae_title: str, our_address: str | None = None) -> None:
+        """A known peer asked for an operation its ``[peers.AET]`` rights do not allow (answered 0124H, issue 13).
+
+        PS3.15 A.5.3.11 Security Alert, event type 110132 "Use of Restricted Function": the peer as
+        performer, us as reporter, its certificate subject as a second participant over TLS.
+        ``caller`` is the policy's :class:`xdsi.dimse.policy.Caller`.  Rate-limited per peer and operation."""
+        if not self.trail.enabled:
+            return
+        c = caller
+        more = self.trail.alerts.admit(("operation", c.address, c.calling_ae, operation))
+        if more is None:
+            return
+        try:
+            us = m.Participant(our_ae_title, False, network_access_point=our_address or None)
+            them = m.Participant(c.calling_ae or "UNKNOWN", True, network_access_point=c.address or None)
+            why = (f"DICOM {DIMSE_NAMES[operation]} from {c.calling_ae or '?'} at {c.address or '?'} to {c.called_ae or '?'} "
+                   f"refused (0124H Refused: Not Authorized): [peers.{c.calling_ae}] {operation} = false{more}")
+            msg = m.security_alert(self.trail.source, us, "use_of_restricted_function", c.address or c.calling_ae or "unknown", why, performer=them)
+            self.trail.record(_with_nodes(msg, node_participant(them, c.tls_subject)))
+        except Exception:  # the refusal stands regardless
+            log.exception("audit of a refused DICOM %s failed", operation)
+
+
+DIMSE_NAMES = {"store": "C-STORE", "find": "C-FIND", "move": "C-MOVE", "get": "C-GET", "commit": "Storage Commitment (N-ACTION)"}
 
 
 class RetrieveAudit:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from xdsi.audit.messages import AuditEvent, AuditSource, build
+from xdsi.audit.ratelimit import AlertLimiter
 from xdsi.audit.sender import AuditSender, parse_repository
 from xdsi.audit.spool import AuditSpool, SpoolFull, SpoolStatus
 from xdsi.audit.syslog import frame
@@ -32,6 +33,7 @@ class AuditTrail:
 
     def __init__(self, settings: "Settings", ssl_context: ssl.SSLContext | None = None) -> None:  # noqa: F821
         cfg = settings.audit
+        self.alerts = AlertLimiter()  # one budget for every refusal alert, whatever the interface
         self.source = AuditSource(cfg.audit_source_id or settings.ae_title, cfg.enterprise_site_id or None, cfg.audit_source_type)
         repos = [parse_repository(u) for u in cfg.repositories]
         self.enabled = bool(repos)

@@ -29,6 +29,10 @@ def xua_refused(archive: Any, environ: Mapping[str, Any], refused: Any) -> None:
         from xdsi.security.xua import audit_user_name
 
         peer = requester(environ)
+        # the same refusal repeated within the interval (a client looping on a bad assertion) is counted, not re-alerted
+        more = trail.alerts.admit(("xua", peer.network_access_point, str(refused.subcode), str(refused.detail), getattr(refused.claimed, "user", None)))
+        if more is None:
+            return
         claimed = refused.claimed
         if claimed is not None and claimed.user:
             user_name = audit_user_name(claimed.user, claimed.issuer or "", claimed.alias)
@@ -36,7 +40,7 @@ def xua_refused(archive: Any, environ: Mapping[str, Any], refused: Any) -> None:
         else:
             person = m.Participant(peer.user_id, True, None, peer.network_access_point)
         subcode = str(refused.subcode).rsplit("}", 1)[-1]
-        description = f"XUA assertion refused (wsse:{subcode}): {refused.detail}"[:1024]
+        description = f"XUA assertion refused (wsse:{subcode}): {refused.detail}"[:1024] + more
         trail.record(m.user_authentication(trail.source, person, us(archive, environ), outcome=m.OUTCOME["minor"], description=description))
     except Exception:  # the fault goes out regardless
         log.exception("audit of a refused XUA assertion failed")

@@ -54,7 +54,6 @@ from xdsi.dimse import status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
-from xdsi.dimse.policy_audit import RefusalAlerts
 from xdsi.dimse.spool import SpoolKeeper
 from xdsi.dimse.sending import (
     MoveDestination,
@@ -266,7 +265,6 @@ class DicomServer:
         self.policy = DimsePolicy.for_archives(s, self.partitions)
         self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
         self._policy_logged = False
-        self.refusal_alerts = RefusalAlerts(s.ae_title)
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -319,8 +317,8 @@ class DicomServer:
         reason = self.policy.refusal(assoc, operation)
         if reason is not None:
             if self.audit is not None:  # Security Alert, Use of Restricted Function (rate-limited; never raises)
-                self.refusal_alerts.operation_refused(self.audit.trail, assoc.xdsi_policy_decision, operation,
-                                                      str(getattr(assoc.acceptor, "address", "") or "") or None)
+                self.audit.operation_refused(assoc.xdsi_policy_decision.caller, operation, self.archive.settings.ae_title,
+                                            str(getattr(assoc.acceptor, "address", "") or "") or None)
             self._report_refusal(assoc.xdsi_policy_decision, operation)
         return reason
 
