@@ -25,15 +25,12 @@ from typing import Callable, Iterator
 
 import pytest
 from lxml import etree
-from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from tests.conftest import make_settings
 from tests.support import rsyslog
 from tests.support.audit_schema import check_audit_message
 from tests.support.registry import TestRegistry
-from tests.support.server import XdsiProcess
+from tests.support.server import XdsiProcess, c_store
 from tests.support.xds import PATIENT_CX, PATIENT_ROWS_TOML, ext_id, find_documents, xds_settings
 from xdsi.archive import Archive
 from xdsi.audit.trail import AuditTrail
@@ -141,15 +138,7 @@ def test_serve_registers_serves_and_deprecates_audited(tmp_path: Path, repo: rsy
     try:
         assert proc.proc is not None
         pid = str(proc.proc.pid)
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", proc.dicom_port, ae_title=proc.ae_title)
-        assert assoc.is_established
-        try:
-            for p in paths:
-                assert assoc.send_c_store(dcmread(p)).Status == 0
-        finally:
-            assoc.release()
+        c_store(proc, paths)
 
         # ITI-42: Export R, us (the Integrated Document Source/Repository) to the registry endpoint
         [reg] = wait_for(repo, source, of_type("ITI-42"), 1)

@@ -14,7 +14,6 @@ import datetime as dt
 import io
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +22,12 @@ from typing import Any, Iterator
 import pytest
 from lxml import etree
 from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from tests.support import rsyslog, saml
 from tests.support.audit_schema import check_audit_message
 from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, RawResponse, assert_valid, make_study, post_raw, registry_errors, status_of, zeep_client
 from tests.support.registry import TestRegistry
-from tests.support.server import XdsiProcess, free_port
+from tests.support.server import XdsiProcess, c_store, free_port, wait_until
 from tests.support.standards import STANDARDS
 from tests.support.xds import PATIENT_CX, PATIENT_ROWS_TOML, ext_id, find_documents
 from xdsi.standards import constants as C
@@ -74,8 +71,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         )
         server = XdsiProcess(tmp / "data", config=cfg).start()
         try:
-            _c_store(server, study.files)
-            docs = _wait(lambda: find_documents(registry.registry_url, PATIENT_CX), 60)
+            c_store(server, study.files)
+            docs = wait_until(lambda: find_documents(registry.registry_url, PATIENT_CX), 60)
             kos_uid = ext_id(docs[0], C.DE_UNIQUE_ID)
             entry = registry.by_unique_id(kos_uid)
             assert entry is not None
@@ -84,26 +81,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             server.stop()
 
 
-def _c_store(proc: XdsiProcess, paths: list[Path]) -> None:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", proc.dicom_port, ae_title=proc.ae_title)
-    assert assoc.is_established
-    try:
-        for p in paths:
-            assert assoc.send_c_store(dcmread(p)).Status == 0
-    finally:
-        assoc.release()
-
-
-def _wait(pred, seconds: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 # -- requests built by zeep, sent raw --------------------------------------------------------------
@@ -175,7 +152,7 @@ def test_valid_assertion_is_served(env: Env, transaction: str) -> None:
         assert kos.Modality == "KO" and kos.StudyInstanceUID == env.study.uid
     # the identity the server accepted: subject and issuer as ITI-40 3.40.4.2 writes them for the audit trail
     line = f"user '{user}' issuer 'https://idp.example.org'"
-    _wait(lambda: line in env.server.output(), 5)
+    wait_until(lambda: line in env.server.output(), 5)
 
 
 CASES = {
@@ -210,7 +187,7 @@ def test_refusals_reach_the_audit_repository_as_failed_user_authentication(env: 
                 out.append(check_audit_message(xml))
         return out
 
-    _wait(lambda: any(r.find("ActiveParticipant").get("UserID") == user for r in found()), 15)
+    wait_until(lambda: any(r.find("ActiveParticipant").get("UserID") == user for r in found()), 15)
     msgs = found()
     mine = next(r for r in msgs if r.find("ActiveParticipant").get("UserID") == user)
     ev = mine.find("EventIdentification")

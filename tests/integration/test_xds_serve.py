@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from tests.support.registry import TestRegistry
-from tests.support.server import XdsiProcess
+from tests.support.server import XdsiProcess, c_store, wait_until
 from tests.support.xds import PATIENT_CX, PATIENT_ROWS_TOML, ext_id, find_documents
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.standards import constants as C
@@ -41,26 +37,6 @@ def config(tmp_path: Path, registry: TestRegistry, **extra: object) -> Path:
     return p
 
 
-def c_store(proc: XdsiProcess, paths: list[Path]) -> None:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", proc.dicom_port, ae_title=proc.ae_title)
-    assert assoc.is_established
-    try:
-        for p in paths:
-            assert assoc.send_c_store(dcmread(p)).Status == 0
-    finally:
-        assoc.release()
-
-
-def wait_for(pred, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def xdsi(*args: str) -> subprocess.CompletedProcess[str]:
@@ -73,7 +49,7 @@ def test_cstore_then_published_automatically(tmp_path: Path, registry: TestRegis
     proc = XdsiProcess(tmp_path / "data", config=config(tmp_path, registry)).start()
     try:
         c_store(proc, paths)
-        docs = wait_for(lambda: find_documents(registry.registry_url, PATIENT_CX))
+        docs = wait_until(lambda: find_documents(registry.registry_url, PATIENT_CX))
         assert len(docs) == 1
         kos_uid = ext_id(docs[0], C.DE_UNIQUE_ID)
         # the KOS served over ITI-43 by the running server equals the one it registered (hash and size)
@@ -102,7 +78,7 @@ def test_registry_down_survives_xdsi_restart(tmp_path: Path, registry: TestRegis
     proc = XdsiProcess(tmp_path / "data", config=cfg).start()
     try:
         c_store(proc, paths)
-        wait_for(lambda: _queued(tmp_path, cfg))
+        wait_until(lambda: _queued(tmp_path, cfg))
     finally:
         proc.stop()
     status = xdsi("status", "--data-dir", str(tmp_path / "data"), "--config", str(cfg))
@@ -111,7 +87,7 @@ def test_registry_down_survives_xdsi_restart(tmp_path: Path, registry: TestRegis
     registry.down = False
     proc = XdsiProcess(tmp_path / "data", config=cfg).start()
     try:
-        docs = wait_for(lambda: find_documents(registry.registry_url, PATIENT_CX))
+        docs = wait_until(lambda: find_documents(registry.registry_url, PATIENT_CX))
         assert len(docs) == 1
     finally:
         proc.stop()

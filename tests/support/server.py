@@ -105,3 +105,31 @@ class XdsiProcess:
 
     def output(self) -> str:
         return "".join(self.log)
+
+
+def c_store(proc: "XdsiProcess", paths: Sequence[Path], ae_title: str = "MODALITY") -> None:
+    """Store ``paths`` (CT Image Storage) into a running xdsi over one pynetdicom association; each must succeed."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", proc.dicom_port, ae_title=proc.ae_title)
+    assert assoc.is_established
+    try:
+        for p in paths:
+            assert assoc.send_c_store(dcmread(p)).Status == 0
+    finally:
+        assoc.release()
+
+
+def wait_until(pred, seconds: float = 30.0):  # type: ignore[no-untyped-def]
+    """``pred()``'s first true value, polled every 0.2 s; AssertionError when none comes within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
