@@ -21,7 +21,7 @@ import requests
 from lxml import etree
 
 from tests.support import rsyslog
-from tests.support.audit_schema import check_audit_message
+from tests.support.audit_schema import check_audit_message, event, event_types, wait_for_messages
 from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, OUR_WSDL, WADO_WSDL, Study, WadoStudy, exchange, make_study, make_wado_study, populate, status_of, zeep_client
 from tests.support.pki import Issued, TestCA
 from tests.support.server import XdsiProcess, free_port
@@ -85,33 +85,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def received(env: Env) -> list[etree._Element]:
     """Every message of this server that rsyslog wrote, each checked against the PS3.15 schema."""
-    out = []
-    for line in env.repo.lines():
-        _inp, _app, _msgid, msg = line.split(" ", 3)
-        xml = msg.lstrip("\ufeff").encode("utf-8")
-        if f'AuditSourceID="{SOURCE}"'.encode() in xml:
-            out.append(check_audit_message(xml))
-    return out
+    return env.repo.audit_messages(SOURCE)
 
 
 def wait_for(env: Env, pred: Callable[[etree._Element], bool], count: int, seconds: float = 15.0) -> list[etree._Element]:
-    deadline = time.monotonic() + seconds
-    while True:
-        got = [r for r in received(env) if pred(r)]
-        if len(got) >= count or time.monotonic() > deadline:
-            time.sleep(0.3)  # and no more than that arrive
-            got = [r for r in received(env) if pred(r)]
-            assert len(got) == count, f"{len(got)} message(s), expected {count}:\n" + "\n".join(etree.tostring(r).decode() for r in got) + env.proc.output()[-3000:]
-            return got
-
-
-def event(r: etree._Element) -> tuple[str, str, str]:
-    e = r.find("EventIdentification")
-    return e.find("EventID").get("csd-code"), e.get("EventActionCode"), e.get("EventOutcomeIndicator")
-
-
-def event_types(r: etree._Element) -> list[tuple[str, str]]:
-    return [(t.get("csd-code"), t.get("codeSystemName")) for t in r.findall("EventIdentification/EventTypeCode")]
+    return wait_for_messages(lambda: received(env), pred, count, seconds, lambda: env.proc.output()[-3000:])
 
 
 def outcome_text(r: etree._Element) -> str:

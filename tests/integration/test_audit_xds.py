@@ -28,7 +28,7 @@ from lxml import etree
 
 from tests.conftest import make_settings
 from tests.support import rsyslog
-from tests.support.audit_schema import check_audit_message
+from tests.support.audit_schema import event, event_types, wait_for_messages
 from tests.support.registry import TestRegistry
 from tests.support.server import XdsiProcess, c_store
 from tests.support.xds import PATIENT_CX, PATIENT_ROWS_TOML, ext_id, find_documents, xds_settings
@@ -60,33 +60,11 @@ def registry() -> Iterator[TestRegistry]:
 
 
 def received(repo: rsyslog.Rsyslog, source: str) -> list[etree._Element]:
-    out = []
-    for line in repo.lines():
-        _inp, _app, _msgid, msg = line.split(" ", 3)
-        xml = msg.lstrip("\ufeff").encode("utf-8")
-        if f'AuditSourceID="{source}"'.encode() in xml:
-            out.append(check_audit_message(xml))
-    return out
+    return repo.audit_messages(source)
 
 
 def wait_for(repo: rsyslog.Rsyslog, source: str, pred: Callable[[etree._Element], bool], count: int, seconds: float = 30.0) -> list[etree._Element]:
-    deadline = time.monotonic() + seconds
-    while True:
-        got = [r for r in received(repo, source) if pred(r)]
-        if len(got) >= count or time.monotonic() > deadline:
-            time.sleep(0.3)
-            got = [r for r in received(repo, source) if pred(r)]
-            assert len(got) == count, f"{len(got)} message(s), expected {count}:\n" + "\n".join(etree.tostring(r).decode() for r in received(repo, source))
-            return got
-
-
-def event(r: etree._Element) -> tuple[str, str, str]:
-    e = r.find("EventIdentification")
-    return e.find("EventID").get("csd-code"), e.get("EventActionCode"), e.get("EventOutcomeIndicator")
-
-
-def event_types(r: etree._Element) -> list[tuple[str, str]]:
-    return [(t.get("csd-code"), t.get("codeSystemName")) for t in r.findall("EventIdentification/EventTypeCode")]
+    return wait_for_messages(lambda: received(repo, source), pred, count, seconds)
 
 
 def of_type(code: str) -> Callable[[etree._Element], bool]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lxml import etree
 
-__all__ = ["check_audit_message", "AuditSchemaError", "schema"]
+__all__ = ["check_audit_message", "AuditSchemaError", "schema", "event", "event_types", "wait_for_messages"]
 
 SCHEMA_FILE = Path(__file__).parent / "data" / "dicom-audit-message.rnc"
 
@@ -63,3 +63,27 @@ def check_audit_message(xml: bytes) -> etree._Element:
     for d in root.iter("ParticipantObjectDetail"):
         base64.b64decode(d.get("value", ""), validate=True)
     return root
+
+
+def event(r: etree._Element) -> tuple[str, str, str]:
+    """(EventID code, EventActionCode, EventOutcomeIndicator) of a message."""
+    e = r.find("EventIdentification")
+    return e.find("EventID").get("csd-code"), e.get("EventActionCode"), e.get("EventOutcomeIndicator")  # type: ignore[union-attr]
+
+
+def event_types(r: etree._Element) -> list[tuple[str, str]]:
+    return [(t.get("csd-code"), t.get("codeSystemName")) for t in r.findall("EventIdentification/EventTypeCode")]  # type: ignore[misc]
+
+
+def wait_for_messages(read, pred, count: int, seconds: float = 30.0, context=lambda: "") -> list[etree._Element]:  # type: ignore[no-untyped-def]
+    """Exactly ``count`` messages of ``read()`` matching ``pred``, once they are there (then 0.3 s more: no more come)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        got = [r for r in read() if pred(r)]
+        if len(got) >= count or time.monotonic() > deadline:
+            time.sleep(0.3)
+            got = [r for r in read() if pred(r)]
+            assert len(got) == count, f"{len(got)} message(s), expected {count}:\n" + "\n".join(etree.tostring(r).decode() for r in got) + context()
+            return got

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from typing import TYPE_CHECKING
+
 from tests.support.pki import TestCA
+
+if TYPE_CHECKING:
+    from lxml import etree
 from tests.support.server import free_port
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
@@ -123,6 +128,18 @@ action(type="omfile" file="{self.out}" template="audit")
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def audit_messages(self, source_id: str) -> list["etree._Element"]:
+        """Every message whose AuditSourceID is ``source_id`` that rsyslog wrote, each checked against the PS3.15 schema."""
+        from tests.support.audit_schema import check_audit_message
+
+        out = []
+        for line in self.lines():
+            _inp, _app, _msgid, msg = line.split(" ", 3)
+            xml = msg.lstrip("\ufeff").encode("utf-8")
+            if f'AuditSourceID="{source_id}"'.encode() in xml:
+                out.append(check_audit_message(xml))
+        return out
 
     def lines(self) -> list[str]:
         if not self.out.exists():
