@@ -12,6 +12,7 @@ import logging
 import ssl
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xdsi.audit.messages import AuditEvent, AuditSource, build
 from xdsi.audit.ratelimit import AlertLimiter
@@ -19,19 +20,22 @@ from xdsi.audit.sender import AuditSender, parse_repository
 from xdsi.audit.spool import AuditSpool, SpoolFull, SpoolStatus
 from xdsi.audit.syslog import frame
 
+if TYPE_CHECKING:  # xdsi.config imports nothing of this package; only the type is needed here
+    from xdsi.config import Settings
+
 __all__ = ["AuditTrail", "spool_path", "spool_status"]
 
 log = logging.getLogger(__name__)
 
 
-def spool_path(settings: "Settings") -> Path:  # noqa: F821 - imported lazily to keep xdsi.config free of this package
+def spool_path(settings: "Settings") -> Path:
     return settings.audit.spool_path or (settings.data_dir / "audit" / "spool.sqlite").resolve()
 
 
 class AuditTrail:
     """Spool plus sender for ``[audit]``; with no repository configured, ``record`` is a cheap no-op."""
 
-    def __init__(self, settings: "Settings", ssl_context: ssl.SSLContext | None = None) -> None:  # noqa: F821
+    def __init__(self, settings: "Settings", ssl_context: ssl.SSLContext | None = None) -> None:
         cfg = settings.audit
         self.alerts = AlertLimiter()  # one budget for every refusal alert, whatever the interface
         self.source = AuditSource(cfg.audit_source_id or settings.ae_title, cfg.enterprise_site_id or None, cfg.audit_source_type)
@@ -75,7 +79,7 @@ class AuditTrail:
         return self.spool.status() if self.spool is not None else SpoolStatus({}, None, 0)
 
 
-def spool_status(settings: "Settings") -> SpoolStatus | None:  # noqa: F821
+def spool_status(settings: "Settings") -> SpoolStatus | None:
     """For ``xdsi status``: the spool as it is on disk, or None when no repository is configured."""
     if not settings.audit.repositories:
         return None
