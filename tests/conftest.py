@@ -73,3 +73,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rel = Path(str(item.fspath)).resolve().relative_to(Path(__file__).resolve().parent).as_posix()
         if any(mark in rel for mark in SOAP_MODULE_MARKS):
             item.add_marker(pytest.mark.soap)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_wide_dicom_settings():  # type: ignore[no-untyped-def]
+    """An in-process DicomServer sets pynetdicom's process-wide chunking flags (received data sets go to
+    spool files) and ``tempfile.tempdir``: put them back after every test, or a later pynetdicom SCU in
+    the same process gets empty ``event.request.DataSet``s (found when test_dimse_policy ran before
+    test_dimse_pynetdicom) and later temporary files land in a deleted test folder."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
+    tempdir = tempfile.tempdir  # DicomServer.start points it at the data disk (spool files), a test's tmp_path here
+    yield
+    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = saved
+    tempfile.tempdir = tempdir

@@ -172,11 +172,3 @@ def _verification():  # type: ignore[no-untyped-def]
     return build_context(Verification)
 
 
-@pytest.fixture(autouse=True)
-def _restore_pynetdicom_config():  # type: ignore[no-untyped-def]
-    """DicomServer sets pynetdicom's process-wide chunking flags; put them back for other tests."""
-    from pynetdicom import _config
-
-    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
-    yield
-    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = saved

@@ -142,9 +142,11 @@ action(type="omfile" file="{self.out}" template="audit")
         return out
 
     def lines(self) -> list[str]:
+        """The complete lines written so far (a last line rsyslog is still writing is left for the next read)."""
         if not self.out.exists():
             return []
-        return self.out.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = self.out.read_text(encoding="utf-8", errors="replace")
+        return text[: text.rfind("\n") + 1].splitlines()
 
 
 @contextmanager
