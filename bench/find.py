@@ -2,6 +2,14 @@
 """Study-level C-FIND latency: M queries from pynetdicom against a real ``xdsi serve`` indexing N studies.
 
     .venv/bin/python bench/find.py [-n 1000] [-m 200] [--pg | --index-url URL]
+    ip netns exec NS .venv/bin/python bench/find.py --orthanc-port 24342 [--rounds 3]
+
+With ``--orthanc-port`` (an Orthanc started by ../shared/peers/start_orthanc.sh, run
+the bench inside its network namespace) the same studies are also C-STORed into
+Orthanc (headers only, no pixels) and dcmtk ``findscu`` queries both servers in
+alternating rounds: the marginal time per query inside one association
+(``findscu --repeat K`` minus ``--repeat 1``, divided by K-1) for a Patient ID,
+a Patient Name wildcard and all studies, with xdsi's figure, Orthanc's and the ratio.
 
 The studies are written straight into the index through the catalog (one
 series, one instance each, no pixel files): this measures matching, not
@@ -28,12 +36,14 @@ GIVEN = ["ANNA", "JOHN", "MARIA", "PETER", "LUCIA", "TOM", "EVA", "SAM"]
 MODALITIES = ["CT", "MR", "US", "CR", "DX", "MG", "PT", "NM"]
 
 
-def populate(index_url: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """Index n studies for n/2 patients; returns (patient id, patient name) of each patient."""
+def populate(index_url: str, n: int, rng: random.Random, headers: list | None = None) -> list[tuple[str, str]]:
+    """Index n studies for n/2 patients; returns (patient id, patient name) of each patient.
+
+    ``headers``, when given, receives each InstanceHeader so that a peer can be loaded with the same studies.
+    """
     from xdsi.archive.header import InstanceHeader
     from xdsi.index import catalog
     from xdsi.index.db import open_index
-    from xdsi.uids import new_uid
 
     patients = [(f"P{i:06d}", f"{rng.choice(FAMILY)}^{rng.choice(GIVEN)}") for i in range(max(1, n // 2))]
     index = open_index(index_url)
@@ -43,7 +53,8 @@ def populate(index_url: str, n: int, rng: random.Random) -> list[tuple[str, str]
             with index.session() as s:
                 for i in range(start, min(n, start + batch)):
                     pid, name = patients[i % len(patients)]
-                    study, series, sop = new_uid(), new_uid(), new_uid()
+                    # UIDs from the seeded generator: a peer already loaded by an earlier run holds the same studies
+                    study, series, sop = (f"2.25.{rng.getrandbits(120)}" for _ in range(3))
                     date = f"{rng.randint(2015, 2024)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
                     h = InstanceHeader(
                         patient_id=pid, issuer_of_patient_id="BENCH", patient_name=name, birth_date="19700101", sex="O",
@@ -56,6 +67,8 @@ def populate(index_url: str, n: int, rng: random.Random) -> list[tuple[str, str]
                         transfer_syntax_uid="1.2.840.10008.1.2.1", instance_number=1, number_of_frames=None,
                         content_date=date, content_time="", rows=512, columns=512, has_file_meta=True,
                     )
+                    if headers is not None:
+                        headers.append(h)
                     copy = catalog.CopyRecord("cache", f"{study}/{series}/{sop}.dcm", 526000, "0" * 64, h.transfer_syntax_uid)
                     catalog.record_instance(s, h, copy, source_ae="BENCH")
     finally:
@@ -84,11 +97,113 @@ def queries(m: int, patients: list[tuple[str, str]], rng: random.Random):  # typ
         yield kind, ds
 
 
+FINDSCU = "/usr/bin/findscu"
+
+
+def _study_dataset(h) -> "Dataset":  # type: ignore[no-untyped-def,name-defined]
+    """A header-only CT instance carrying the same study attributes the index was given."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = h.sop_class_uid, h.sop_instance_uid
+    ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = h.patient_name, h.patient_id, h.issuer_of_patient_id
+    ds.PatientBirthDate, ds.PatientSex = h.birth_date, h.sex
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = h.study_uid, h.study_date, h.study_time
+    ds.AccessionNumber, ds.StudyID, ds.StudyDescription = h.accession_number, h.study_id, h.study_description
+    ds.ReferringPhysicianName = h.referring_physician
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = h.series_uid, h.modality, h.series_number
+    ds.InstanceNumber, ds.Rows, ds.Columns = h.instance_number, h.rows, h.columns
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def load_peer(port: int, aet: str, headers: list) -> None:  # type: ignore[type-arg]
+    """C-STORE the benchmark's studies into the peer over one association."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(headers[0].sop_class_uid, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        raise RuntimeError(f"peer {aet} at {port}: association refused")
+    try:
+        for h in headers:
+            st = assoc.send_c_store(_study_dataset(h))
+            if st is None or st.Status != 0:
+                raise RuntimeError(f"peer C-STORE failed: {st}")
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def _query_file(folder: Path, name: str, **keys: str) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for kw in ("PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
+               "StudyInstanceUID", "ModalitiesInStudy"):
+        setattr(ds, kw, keys.get(kw, ""))
+    ds.NumberOfStudyRelatedInstances = None
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R Find
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def findscu(port: int, aet: str, query: Path, repeat: int) -> tuple[float, int]:
+    """Seconds for one findscu run of ``repeat`` identical queries on one association, and matches per query."""
+    import subprocess
+
+    cmd = [FINDSCU, "-v", "-S", "-aec", aet, "--repeat", str(repeat), "127.0.0.1", str(port), str(query)]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env={"TCP_NODELAY": "1"}, timeout=600)
+    elapsed = time.perf_counter() - t
+    log = out.stdout + out.stderr
+    if out.returncode != 0 or "Final Find Response" not in log:
+        raise RuntimeError(f"findscu against {aet}:{port} failed ({out.returncode}):\n{log[-2000:]}")
+    return elapsed, log.count("(Pending)") // repeat
+
+
+def compare(xdsi: tuple[int, str], peer: tuple[int, str], queries_: dict[str, tuple[Path, int]], rounds: int) -> list[str]:
+    """Marginal ms per query for xdsi and the peer, alternating rounds; medians over rounds."""
+    per: dict[tuple[str, str], list[float]] = {}
+    matches: dict[tuple[str, str], int] = {}
+    for _ in range(rounds):
+        for kind, (path, k) in queries_.items():
+            for who, (port, aet) in (("xdsi", xdsi), ("orthanc", peer)):
+                t1, _m = findscu(port, aet, path, 1)
+                tk, m = findscu(port, aet, path, k)
+                per.setdefault((kind, who), []).append((tk - t1) / (k - 1) * 1000)
+                matches[(kind, who)] = m
+    lines = []
+    for kind in queries_:
+        x, o = median(per[(kind, "xdsi")]), median(per[(kind, "orthanc")])
+        lines.append(
+            f"  {kind:<5} xdsi {x:8.1f} ms  orthanc {o:8.1f} ms  ratio xdsi/orthanc {x / o:5.2f}"
+            f"  (matches {matches[(kind, 'xdsi')]} / {matches[(kind, 'orthanc')]}; xdsi rounds "
+            + ", ".join(f"{v:.1f}" for v in per[(kind, "xdsi")]) + "; orthanc "
+            + ", ".join(f"{v:.1f}" for v in per[(kind, "orthanc")]) + ")"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=1000, help="studies to index (default 1000)")
     p.add_argument("-m", type=int, default=200, help="C-FIND requests to time (default 200)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--orthanc-port", type=int, help="also load and query this Orthanc (findscu, same run)")
+    p.add_argument("--orthanc-aet", default="ORTHANC")
+    p.add_argument("--orthanc-loaded", action="store_true", help="Orthanc already holds this seed's studies: skip loading")
+    p.add_argument("--rounds", type=int, default=3, help="alternating findscu rounds (default 3)")
     add_index_options(p)
     args = p.parse_args(argv)
 
@@ -100,9 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     with bench(args, "find") as b:
         t0 = time.perf_counter()
-        patients = populate(b.index_url, args.n, rng)
+        headers: list = []  # type: ignore[type-arg]
+        patients = populate(b.index_url, args.n, rng, headers)
         print(f"indexed {args.n} studies of {len(patients)} patients in {time.perf_counter() - t0:.1f} s")
         server = b.serve()
+        if args.orthanc_port:
+            t0 = time.perf_counter()
+            if not args.orthanc_loaded:
+                load_peer(args.orthanc_port, args.orthanc_aet, headers)
+            print(f"stored the same {args.n} studies into Orthanc in {time.perf_counter() - t0:.1f} s")
+            qdir = b.dir / "queries"
+            qdir.mkdir()
+            pid = patients[len(patients) // 2][0]
+            qs = {
+                "id": (_query_file(qdir, "id", PatientID=pid), 21),
+                "name": (_query_file(qdir, "name", PatientName="SMI*"), 11),
+                "all": (_query_file(qdir, "all"), 4),
+            }
+            lines = compare((server.dicom_port, server.ae_title), (args.orthanc_port, args.orthanc_aet), qs, args.rounds)
+            print(f"find vs Orthanc: findscu, study root, {args.n} studies, {b.backend} index, marginal ms per query "
+                  f"inside one association, median of {args.rounds} alternating rounds [{machine()}]")
+            print("\n".join(lines))
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         # the SCU switches Nagle off too, or each request waits ~40 ms for a delayed ACK on loopback
