@@ -20,7 +20,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.datadict import keyword_for_tag, dictionary_VR
 from pydicom.sequence import Sequence
 from sqlalchemy import Select, and_, exists, func, or_, select
@@ -294,25 +296,33 @@ class QueryService:
         if limit is not None:
             stmt = stmt.limit(limit)
 
+        # Everything that does not depend on the row is worked out once per query: each response is
+        # then a handful of DataElements made from (tag, VR) pairs looked up here, not per match
+        # (keyword and dictionary lookups per element were most of the Python time of a large answer).
+        unique = [
+            (_TAG_VR[UNIQUE_KEY[lv]], lv, ATTRS[UNIQUE_KEY[lv]].column.key)  # type: ignore[union-attr]
+            for lv in LEVELS[: depth + 1]
+            if not (lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested)
+        ]
+        returned = [(kw, _TAG_VR.get(kw) or _tag_vr(kw)) for kw in requested]
+        returned = [(kw, tv) for kw, tv in returned if tv is not None]
+        availability = any(e.keyword == "InstanceAvailability" for e in identifier)
         with self.index.read_session() as s:
             for row in s.execute(stmt).yield_per(500):
                 objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row[: depth + 1]))
                 counters = dict(zip(counted, row[depth + 1 :]))
                 ds = Dataset()
                 charset_needed = False
-                ds.QueryRetrieveLevel = level
-                for lv in LEVELS[: depth + 1]:
-                    if lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested:
-                        continue
-                    key = UNIQUE_KEY[lv]
-                    setattr(ds, key, getattr(objs[lv], ATTRS[key].column.key))  # type: ignore[union-attr]
-                for kw in requested:
+                ds[_QRL_TAG] = DataElement(_QRL_TAG, "CS", level)
+                for (tag, vr), lv, column in unique:
+                    ds[tag] = DataElement(tag, vr, getattr(objs[lv], column))
+                for kw, (tag, vr) in returned:
                     value = self._value(s, kw, objs, counters, in_scope, level)
-                    _set(ds, kw, value)
+                    _put(ds, tag, vr, value)
                     if isinstance(value, str) and not value.isascii():
                         charset_needed = True
-                ds.RetrieveAETitle = self.retrieve_ae_title
-                if "InstanceAvailability" in {e.keyword for e in identifier}:
+                ds[_RAE_TAG] = DataElement(_RAE_TAG, "AE", self.retrieve_ae_title)
+                if availability:
                     ds.InstanceAvailability = "ONLINE"
                 if charset_needed:
                     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -348,6 +358,32 @@ def _elements(identifier: Dataset) -> Iterator:  # type: ignore[type-arg]
         except Exception as exc:  # pydicom decodes raw values lazily and raises on bad ones
             name = keyword_for_tag(tag) or str(tag)
             raise QueryError(f"{name}: value cannot be decoded: {exc}") from None
+
+
+_QRL_TAG = Tag("QueryRetrieveLevel")
+_RAE_TAG = Tag("RetrieveAETitle")
+
+
+def _tag_vr(kw: str) -> tuple[BaseTag, str] | None:
+    """(tag, VR) of a dictionary keyword, or None for one pydicom does not know."""
+    try:
+        return Tag(kw), dictionary_VR(kw)
+    except (KeyError, ValueError):
+        return None
+
+
+# every keyword the index can answer, looked up once at import
+_TAG_VR: dict[str, tuple[BaseTag, str]] = {kw: tv for kw in ATTRS if (tv := _tag_vr(kw)) is not None}
+
+
+def _put(ds: Dataset, tag: BaseTag, vr: str, value: object) -> None:
+    """:func:`_set` for a known (tag, VR): an empty value is returned zero-length, a sequence as one."""
+    if value is None or value == "":
+        ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
+        return
+    if vr == "SQ" and not isinstance(value, Sequence):
+        value = Sequence()
+    ds[tag] = DataElement(tag, vr, value)
 
 
 def _set(ds: Dataset, kw: str, value: object) -> None:

@@ -235,6 +235,9 @@ class DicomServer:
         # (logged with a traceback) on values a hostile peer chooses, e.g. an A-ASSOCIATE-RJ with an
         # invalid Source; our own log lines say what the service did.
         _config.LOG_HANDLER_LEVEL = "none"
+        # pynetdicom formats every C-FIND/C-GET/C-MOVE Pending identifier for a debug line even when
+        # debug logging is off: ~7 % of the server's time answering a 1,000-match C-FIND
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         self.ae = ArchiveAE(ae_title=s.ae_title)
         # association slots are counted by the governor (only peers whose A-ASSOCIATE-RQ arrived);
         # pynetdicom's own count includes silent and already-closed connections, so keep it out of the way
