@@ -50,7 +50,7 @@ from pynetdicom.status import Status
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
-from xdsi.dimse import status
+from xdsi.dimse import find_responses, status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -407,6 +407,7 @@ class DicomServer:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
         if self.audit is not None:
             self.audit.queried(event)
+        find_responses.install(event.assoc)  # Pending responses from a command set encoded once per request
         try:
             identifier = event.identifier
             for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
