@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdu", type=int, default=16384, help="getscu's maximum receive PDU (dcmtk default 16384)")
     p.add_argument("--only", choices=["get", "move"], help="run only one of the two")
     p.add_argument("--no-orthanc", action="store_true", help="xdsi alone (e.g. while profiling)")
-    p.add_argument("--profile", type=Path, help="py-spy flame graph (SVG) of xdsi during one extra C-GET")
+    p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra C-GETs: a flame graph (.svg) or collapsed stacks (any other suffix)")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
     for tool in (GETSCU, MOVESCU, STORESCU):
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
-        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
+        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT), **({"XDSI_DUL_DELAY": os.environ["XDSI_DUL_DELAY"]} if "XDSI_DUL_DELAY" in os.environ else {})}).start(timeout=60)
         servers = {"xdsi": (proc.dicom_port, proc.ae_title)}
         if not args.no_orthanc:
             servers["orthanc"] = (PORT_BASE + 1, "ORTHANC")
@@ -192,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "-p", str(proc.proc.pid), "--threads", *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
+                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
             time.sleep(1.0)
             for _ in range(3):
                 c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            spy.terminate()  # py-spy writes the graph on SIGTERM/SIGINT
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             spy.wait(30)
             print(f"profile: {args.profile}")
     finally:

@@ -28,8 +28,9 @@ requestor's order, because the requestor knows what it wants to receive
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -135,6 +136,38 @@ def prefer_requestor_syntaxes(event: Any) -> None:
 
 
 # -- the sender -----------------------------------------------------------------------------------
+
+# How long pynetdicom's DUL reactor sleeps when it finds nothing to do (its ``_run_loop_delay``, 1 ms).
+# Every C-STORE sub-operation waits for the peer's response through that loop, and a 1 ms poll is a
+# fifth of the ~5 ms one 512x512 CT takes on loopback; polling ten times as often while we send
+# measured +13 % C-GET MB/s (getscu).  Only for the duration of a retrieve: an idle association
+# polling every 100 us would cost CPU for nothing.
+SENDING_LOOP_DELAY = 0.0001
+
+
+def poll_fast(assoc: Any) -> float | None:
+    """Let ``assoc``'s DUL reactor poll at :data:`SENDING_LOOP_DELAY`; returns the delay it had (None: no DUL).
+
+    ``_run_loop_delay`` is pynetdicom's (3.0) only knob for the reactor's idle sleep; it is read
+    on every loop, so setting it on a running association takes effect at once.  An object
+    without a DUL (a :class:`RefusedSubAssociation`) is left alone.
+    """
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if previous is not None:
+        dul._run_loop_delay = min(previous, SENDING_LOOP_DELAY)
+    return previous
+
+
+@contextmanager
+def fast_polling(assoc: Any) -> Iterator[None]:
+    """:func:`poll_fast` while the block runs (the sub-operations of a C-GET), then the reactor's own delay again."""
+    previous = poll_fast(assoc)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            assoc.dul._run_loop_delay = previous
 
 
 def _peer(assoc: Any) -> str:
@@ -327,6 +360,8 @@ __all__: Sequence[str] = (
     "accepted_syntaxes",
     "contexts_for",
     "failed_identifier",
+    "fast_polling",
+    "poll_fast",
     "install_streaming_sender",
     "prefer_requestor_syntaxes",
     "refusal_reason",
