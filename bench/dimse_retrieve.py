@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["get", "move"], help="run only one of the two")
     p.add_argument("--no-orthanc", action="store_true", help="xdsi alone (e.g. while profiling)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra C-GETs: a flame graph (.svg) or collapsed stacks (any other suffix)")
+    p.add_argument("--against", type=Path, help="also serve a copy of the data from this source tree (a git worktree "
+                   "of the base revision), alternating with this one: before/after ratio from one run")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
     for tool in (GETSCU, MOVESCU, STORESCU):
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-dimse-retrieve-"))
     env = peer_env(work)
     started: list[str] = []
-    proc = None
+    proc = base = None
     try:
         spec = StudySpec(patient_id="BENCHGET", patient_name="BENCH^RETRIEVE")
         files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
@@ -157,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
-        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT), **({"XDSI_DUL_DELAY": os.environ["XDSI_DUL_DELAY"]} if "XDSI_DUL_DELAY" in os.environ else {})}).start(timeout=60)
+        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
         servers = {"xdsi": (proc.dicom_port, proc.ae_title)}
+        if args.against:
+            shutil.copytree(data, work / "data-base")
+            base = XdsiProcess(work / "data-base", config=config,
+                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)}).start(timeout=60)
+            servers["base"] = (base.dicom_port, base.ae_title)
         if not args.no_orthanc:
             servers["orthanc"] = (PORT_BASE + 1, "ORTHANC")
 
@@ -189,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                 ratios = [a / b for a, b in zip(x, o)]
                 line += (f", Orthanc {statistics.median(o):.1f} MB/s ({min(o):.0f}-{max(o):.0f}); "
                          f"xdsi/Orthanc {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
-            print(line)
+            if "base" in servers:
+                b = mbps[(kind, "base")]
+                ratios = [a / c for a, c in zip(x, b)]
+                line = (f"C-{kind.upper()} median: base ({args.against}) {statistics.median(b):.1f} MB/s ({min(b):.0f}-{max(b):.0f}); "
+                        f"this tree/base {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+                if "orthanc" in servers:
+                    ro = [c / o for c, o in zip(b, mbps[(kind, "orthanc")])]
+                    line += f"; base/Orthanc {statistics.median(ro):.2f}"
+                print(line)
 
         if args.profile:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
@@ -202,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             spy.wait(30)
             print(f"profile: {args.profile}")
     finally:
-        if proc is not None:
-            proc.stop()
+        for server in (proc, base):
+            if server is not None:
+                server.stop()
         if "orthanc" in started:
             subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
         if "storescp" in started:

@@ -223,7 +223,8 @@ class RetrieveService:
             if tier_name not in self.tiers:
                 continue
             tier = self.tiers[tier_name]
-            if not tier.exists(rel):
+            found = tier.abspath(rel)  # resolved (and checked to stay in the tier) once: realpath was 14 % of a C-GET
+            if not found.is_file():
                 log.warning("%s: indexed copy missing on tier %s", ref.sop_instance_uid, tier_name)
                 continue
             if tier_name != hot.name and self.recall:
@@ -239,7 +240,7 @@ class RetrieveService:
                         return recalled
             now = utcnow()
             self._touch(ref.pk, tier_name, now, dict(ref.read_at).get(tier_name))
-            return tier.abspath(rel)
+            return found
         return None
 
     def _recall(self, ref: InstanceRef, tier, rel: str, sha: str) -> Path | None:  # type: ignore[no-untyped-def]
