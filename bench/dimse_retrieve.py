@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdu", type=int, default=16384, help="getscu's maximum receive PDU (dcmtk default 16384)")
     p.add_argument("--only", choices=["get", "move"], help="run only one of the two")
     p.add_argument("--no-orthanc", action="store_true", help="xdsi alone (e.g. while profiling)")
-    p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra C-GETs: a flame graph (.svg) or collapsed stacks (any other suffix)")
+    p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra C-GETs (C-MOVEs with --only move): a flame graph (.svg) or collapsed stacks (any other suffix)")
     p.add_argument("--against", type=Path, help="also serve a copy of the data from this source tree (a git worktree "
                    "of the base revision), alternating with this one: before/after ratio from one run")
     p.add_argument("--keep", action="store_true")
@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "-p", str(proc.proc.pid), "--threads", *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
                                     *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
             time.sleep(1.0)
-            for _ in range(3):
-                c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
+            for _ in range(3):  # C-MOVEs with --only move, else C-GETs
+                if args.only == "move":
+                    c_move(proc.dicom_port, proc.ae_title, spec.study_uid)
+                else:
+                    c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             spy.wait(30)
             print(f"profile: {args.profile}")

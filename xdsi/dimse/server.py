@@ -62,6 +62,7 @@ from xdsi.dimse.sending import (
     contexts_for,
     failed_identifier,
     fast_polling,
+    hold_reactor,
     poll_fast,
     install_streaming_sender,
     prefer_requestor_syntaxes,
@@ -150,6 +151,7 @@ class ArchiveAE(AE):
             destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         if destination is not None:  # a C-MOVE sub-association lives only while it sends: poll fast throughout
             poll_fast(assoc)
+            hold_reactor(assoc)
         install_streaming_sender(assoc)
         return assoc
 
