@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """C-GET and C-MOVE of one study: xdsi against Orthanc (and dcmtk storescp as the move destination), one run.
 
-    python bench/dimse_retrieve.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--profile OUT.svg]
+    python bench/dimse_retrieve.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--only get|move]
+                                   [--against BASE_TREE] [--no-orthanc] [--profile OUT.svg|OUT.txt]
 
 Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``, or ``--peers DIR``).
 The script re-executes itself in its own network namespace (``BENCH_NETNS``,
@@ -16,7 +17,9 @@ each round (ABBA), times:
 
 It prints each server's MB/s per round, the medians and the per-round ratio
 xdsi/Orthanc: only ratios measured in one run mean anything on a shared machine.
-``--profile`` runs py-spy on the xdsi server during one extra C-GET and writes a flame graph.
+``--against DIR`` also serves a copy of the data from another source tree (e.g. ``git archive BASE | tar -x -C DIR``)
+in the same rounds and prints this tree/base.  ``--profile`` runs py-spy on the xdsi server during three extra
+C-GETs (C-MOVEs with ``--only move``; ``PYSPY_GIL=1`` samples only the thread holding the GIL).
 """
 
 from __future__ import annotations
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratios = [a / b for a, b in zip(x, o)]
                 line += (f", Orthanc {statistics.median(o):.1f} MB/s ({min(o):.0f}-{max(o):.0f}); "
                          f"xdsi/Orthanc {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+            print(line)
             if "base" in servers:
                 b = mbps[(kind, "base")]
                 ratios = [a / c for a, c in zip(x, b)]
