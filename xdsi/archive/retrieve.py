@@ -55,8 +55,9 @@ class InstanceRef:
     sop_class_uid: str
     transfer_syntax_uid: str
     copies: tuple[tuple[str, str, int, str], ...]  # (tier, rel_path, size, sha256), fastest tier first
-    # (tier, last_read_at) as :meth:`RetrieveService.select` found them: a copy read within TOUCH_INTERVAL
-    # is served without asking the index again (one query per instance was a fifth of a C-GET's CPU)
+    # (tier, last_read_at) as :meth:`RetrieveService.select_by_identifier` found them for a C-GET/C-MOVE
+    # that reads them right away: a copy read within TOUCH_INTERVAL is served without asking the index
+    # again (one query per instance was a fifth of a C-GET's CPU); empty: the index is asked on each read
     read_at: tuple[tuple[str, datetime | None], ...] = field(default=(), compare=False)
 
     @property
@@ -130,10 +131,13 @@ class RetrieveService:
         sop_uids: Iterable[str] = (),
         patient_id: str | None = None,
         issuer_of_patient_id: str | None = None,
+        read_stamps: bool = False,
     ) -> list[InstanceRef]:
         """Instances matching every given constraint; an empty constraint matches anything.
 
         At least one constraint is required: a retrieve never means "everything".
+        ``read_stamps``: keep each copy's last read time in the refs (:attr:`InstanceRef.read_at`),
+        for a caller that reads them all at once, so a fresh stamp is not looked up again per read.
         """
         study_uids, series_uids, sop_uids = list(study_uids), list(series_uids), list(sop_uids)
         if not (study_uids or series_uids or sop_uids or patient_id):
@@ -176,7 +180,7 @@ class RetrieveService:
                         sop_class_uid=inst.sop_class_uid,
                         transfer_syntax_uid=inst.transfer_syntax_uid,
                         copies=tuple((c.tier, c.rel_path, c.size, c.sha256) for c in cs),
-                        read_at=tuple((c.tier, c.last_read_at) for c in cs),
+                        read_at=tuple((c.tier, c.last_read_at) for c in cs) if read_stamps else (),
                     )
                 )
         return out
@@ -196,7 +200,10 @@ class RetrieveService:
         issuer = str(identifier.get("IssuerOfPatientID", "") or "").strip() or None
         if level != "PATIENT":
             patient_id = issuer = None
-        return self.select(study_uids=study, series_uids=series, sop_uids=sops, patient_id=patient_id, issuer_of_patient_id=issuer)
+        # C-GET/C-MOVE send the selection at once: a copy stamped within TOUCH_INTERVAL when selected is not asked about again
+        return self.select(
+            study_uids=study, series_uids=series, sop_uids=sops, patient_id=patient_id, issuer_of_patient_id=issuer, read_stamps=True
+        )
 
     def path(self, ref: InstanceRef) -> Path:
         """A readable path for the instance, recalling it to the hot tier if it is only on a cold one.
