@@ -25,6 +25,7 @@ import io
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +43,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     UltrasoundImageStorage,
 )
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from tests.integration.dimse_corpus import SOURCES, Corpus, Item, make_corpus, store
@@ -195,19 +196,25 @@ class Destinations:
 
 @pytest.fixture(scope="module")
 def destinations() -> Iterator[Destinations]:
-    received: dict[str, list[str]] = {"CTONLY": [], "REJECTER": [], "NOCONTEXT": []}
-    ports = {"CTONLY": free_port(), "REJECTER": free_port(), "NOCONTEXT": free_port(), "CLOSED": free_port()}
+    received: dict[str, list[str]] = {"CTONLY": [], "REJECTER": [], "NOCONTEXT": [], "ABORTER": []}
+    ports = {"CTONLY": free_port(), "REJECTER": free_port(), "NOCONTEXT": free_port(), "CLOSED": free_port(), "ABORTER": free_port()}
     servers = []
-    for aet in ("CTONLY", "REJECTER", "NOCONTEXT"):
+    for aet in ("CTONLY", "REJECTER", "NOCONTEXT", "ABORTER"):
         ae = AE(ae_title=aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
         # NOCONTEXT takes only a SOP class the study does not have: it accepts no proposed context
-        ae.add_supported_context(UltrasoundImageStorage if aet == "NOCONTEXT" else CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if aet == "ABORTER":  # every storage class, native syntaxes: it would take the whole study
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        else:
+            ae.add_supported_context(UltrasoundImageStorage if aet == "NOCONTEXT" else CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         if aet == "REJECTER":
             ae.require_calling_aet = ["SOMEONE-ELSE"]
 
-        def on_store(event: Any, box: list[str] = received[aet]) -> int:
+        def on_store(event: Any, box: list[str] = received[aet], aborts: bool = aet == "ABORTER") -> int:
             box.append(str(event.request.AffectedSOPInstanceUID))
+            if aborts and len(box) == 2:  # ABORTER takes one instance, then aborts in the middle of the second
+                event.assoc.abort()
             return 0x0000
 
         servers.append(ae.start_server(("127.0.0.1", ports[aet]), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]))
@@ -430,6 +437,28 @@ def test_move_destination_refusing_association_fails_every_suboperation(local_se
     assert identifier is not None
     assert set(identifier.FailedSOPInstanceUIDList) == set(corpus.by_sop())
     assert dest in str(final.get("ErrorComment", ""))
+
+
+def test_move_destination_aborting_midway_fails_the_rest_promptly(local_server: XdsiProcess, corpus: Corpus, destinations: Destinations) -> None:
+    """ABORTER stores the first instance and aborts during the second C-STORE: the C-MOVE ends at once
+    (well inside the DIMSE timeout) with one completed and every other instance failed and listed, and the
+    server goes on serving moves (the sub-association's reactor, held paused between sub-operations, has ended)."""
+    ct = [i for i in corpus.items if i.sop_class == CTImageStorage]
+    assert len(corpus.items) >= 3 and ct
+    destinations.received["ABORTER"].clear()
+    q = study_query(corpus)
+    t = time.monotonic()
+    final, identifier = c_move(local_server, "ABORTER", q)
+    assert time.monotonic() - t < TIMEOUT / 3
+    assert final.Status in (0xA702, 0xB000), hex(final.Status)
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfFailedSuboperations == len(corpus.items) - 1
+    assert identifier is not None
+    assert set(identifier.FailedSOPInstanceUIDList) == set(corpus.by_sop()) - {destinations.received["ABORTER"][0]}
+    destinations.received["CTONLY"].clear()
+    final, _ = c_move(local_server, "CTONLY", q)
+    assert final.NumberOfCompletedSuboperations == len(ct)
+    assert set(destinations.received["CTONLY"]) == {i.sop_uid for i in ct}
 
 
 def test_move_unknown_destination_is_still_a801(local_server: XdsiProcess, corpus: Corpus) -> None:

@@ -53,3 +53,32 @@ def test_reads_stamp_last_read_at_at_most_once_per_interval(archive: Archive, tm
         second = as_utc(s.scalar(select(FileCopy.last_read_at).where(FileCopy.instance_fk == ref.pk)))
     assert second == first, "a second read within the interval must not write"
     assert TOUCH_INTERVAL <= timedelta(hours=1)  # far finer than the policy's days
+
+
+def test_retrieve_selection_stamps_stale_copies_and_reads_fresh_ones_without_the_index(archive: Archive, tmp_path: Path) -> None:
+    """C-GET/C-MOVE select with the copies' read stamps: a copy stale when selected is stamped when read;
+    one fresh when selected is read without asking the index again (its stamp stays what the selection saw,
+    within TOUCH_INTERVAL of the request, which the policy's days do not notice)."""
+    spec = _stored(archive, tmp_path)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = spec.study_uid
+    old = utcnow() - timedelta(days=3)
+
+    def stamps() -> list:
+        with archive.index.read_session() as s:
+            return [as_utc(v) for v in s.scalars(select(FileCopy.last_read_at).order_by(FileCopy.instance_fk))]
+
+    with archive.index.session() as s:
+        s.execute(update(FileCopy).values(last_read_at=old))
+    refs = archive.retrieve.select_by_identifier(ident)
+    assert len(refs) == 2 and all(r.read_at for r in refs)
+    for r in refs:
+        archive.retrieve.path(r)
+    assert all(v > old + timedelta(days=2) for v in stamps()), "a copy stale when selected must be stamped"
+    fresh = archive.retrieve.select_by_identifier(ident)
+    with archive.index.session() as s:  # the index changes behind the selection's back
+        s.execute(update(FileCopy).values(last_read_at=old))
+    for r in fresh:
+        archive.retrieve.path(r)
+    assert stamps() == [old, old], "a copy fresh when selected is read without a lookup or a write"

@@ -28,8 +28,10 @@ requestor's order, because the requestor knows what it wants to receive
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -136,9 +138,87 @@ def prefer_requestor_syntaxes(event: Any) -> None:
 
 # -- the sender -----------------------------------------------------------------------------------
 
+# How long pynetdicom's DUL reactor sleeps when it finds nothing to do (its ``_run_loop_delay``, 1 ms).
+# Every C-STORE sub-operation waits for the peer's response through that loop, and a 1 ms poll is a
+# fifth of the ~5 ms one 512x512 CT takes on loopback; polling ten times as often while we send
+# measured +13 % C-GET MB/s (getscu).  Only for the duration of a retrieve: an idle association
+# polling every 100 us would cost CPU for nothing.
+SENDING_LOOP_DELAY = 0.0001
+
+
+def poll_fast(assoc: Any) -> float | None:
+    """Let ``assoc``'s DUL reactor poll at :data:`SENDING_LOOP_DELAY`; returns the delay it had (None: no DUL).
+
+    ``_run_loop_delay`` is pynetdicom's (3.0) only knob for the reactor's idle sleep; it is read
+    on every loop, so setting it on a running association takes effect at once.  An object
+    without a DUL (a :class:`RefusedSubAssociation`) is left alone.
+    """
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if previous is not None:
+        dul._run_loop_delay = min(previous, SENDING_LOOP_DELAY)
+    return previous
+
+
+@contextmanager
+def fast_polling(assoc: Any) -> Iterator[None]:
+    """:func:`poll_fast` while the block runs (the sub-operations of a C-GET), then the reactor's own delay again."""
+    previous = poll_fast(assoc)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            assoc.dul._run_loop_delay = previous
+
+
+class HeldCheckpoint(threading.Event):
+    """A C-MOVE sub-association's reactor checkpoint that keeps the reactor paused between C-STOREs.
+
+    pynetdicom's ``Association.send_c_store`` clears ``_reactor_checkpoint``, waits until the
+    association's reactor thread notices and pauses (it looks every 1 ms, ``time.sleep(0.001)`` in
+    ``_run_reactor``), sends, and sets the checkpoint again.  On a requestor association that
+    does nothing but send, that was ~1 ms of every sub-operation (8 % of the C-MOVE handler's
+    samples spinning in that wait).  With this checkpoint installed, ``set()`` leaves the
+    reactor paused while the association is established and sending; it is a real ``set()``
+    once the association is released, aborted, killed or its DUL has stopped, so the
+    reactor always gets to see the end and exit (pynetdicom's ``release``, ``abort`` and
+    ``kill`` all call ``set()`` after marking that state, and :meth:`DicomServer.stop` aborts).
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def set(self) -> None:
+        a = self._assoc
+        if a.is_established and not a._sent_abort and not a._kill and a.dul.is_alive():
+            return  # stay paused: the next send_c_store finds the reactor already out of the way
+        super().set()
+
+
+def hold_reactor(assoc: Any) -> None:
+    """Install :class:`HeldCheckpoint` on an established sub-association (one that only sends C-STOREs).
+
+    pynetdicom (3.0) reads ``assoc._reactor_checkpoint`` on every reactor loop, so the new
+    event is the one waited on from the next loop; it starts set, as the old one is.
+    """
+    if getattr(assoc, "dul", None) is None or not hasattr(assoc, "_reactor_checkpoint"):
+        return
+    checkpoint = HeldCheckpoint(assoc)
+    threading.Event.set(checkpoint)  # running, like the checkpoint it replaces; the first send pauses it
+    assoc._reactor_checkpoint = checkpoint
+
 
 def _peer(assoc: Any) -> str:
     return str(assoc.acceptor.ae_title if assoc.is_requestor else assoc.requestor.ae_title).strip()
+
+
+def _dul_established(assoc: Any) -> bool:
+    """The DUL is still in Sta6 (association established): with the reactor held paused, nobody else
+    notices that the peer aborted or closed between two sub-operations."""
+    dul = getattr(assoc, "dul", None)
+    machine = getattr(dul, "state_machine", None)
+    return machine is None or (dul.is_alive() and machine.current_state == "Sta6")
 
 
 def install_streaming_sender(assoc: Any) -> None:
@@ -151,7 +231,7 @@ def install_streaming_sender(assoc: Any) -> None:
         if not isinstance(dataset, StoredInstance):
             return original(dataset, *args, **kwargs)
         ref = dataset._xdsi_ref
-        if not assoc.is_established:
+        if not assoc.is_established or (assoc.is_requestor and not _dul_established(assoc)):
             # the peer released or aborted: fail the remaining instances without recalling or converting them
             raise ConnectionError(f"association with {_peer(assoc)} is no longer established")
         accepted = accepted_syntaxes(assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor)
@@ -327,6 +407,9 @@ __all__: Sequence[str] = (
     "accepted_syntaxes",
     "contexts_for",
     "failed_identifier",
+    "fast_polling",
+    "hold_reactor",
+    "poll_fast",
     "install_streaming_sender",
     "prefer_requestor_syntaxes",
     "refusal_reason",

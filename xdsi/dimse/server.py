@@ -61,6 +61,9 @@ from xdsi.dimse.sending import (
     StoredInstance,
     contexts_for,
     failed_identifier,
+    fast_polling,
+    hold_reactor,
+    poll_fast,
     install_streaming_sender,
     prefer_requestor_syntaxes,
     refusal_reason,
@@ -146,6 +149,9 @@ class ArchiveAE(AE):
             from xdsi.security.tls import certificate_subject
 
             destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
+        if destination is not None:  # a C-MOVE sub-association lives only while it sends: poll fast throughout
+            poll_fast(assoc)
+            hold_reactor(assoc)
         install_streaming_sender(assoc)
         return assoc
 
@@ -505,21 +511,26 @@ class DicomServer:
         if retrieval is not None:
             retrieval.begin()
         try:
-            for ref in refs:
-                if event.is_cancelled:
-                    if retrieval is not None:
-                        retrieval.note = "cancelled by the requestor (C-CANCEL)"
-                    yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
-                    return
-                placeholder = StoredInstance(source, ref)
-                if retrieval is not None:
-                    placeholder._xdsi_on_sent = retrieval.sent
-                yield Status.PENDING, placeholder
+            with fast_polling(event.assoc):
+                yield from self._placeholders(event, source, refs, retrieval)
         finally:
             if retrieval is not None:
                 if not event.assoc.is_established and retrieval.note is None:
                     retrieval.note = "the association ended before every instance was sent"
                 retrieval.end()
+
+    def _placeholders(self, event: Any, source: Any, refs: list[Any], retrieval: Any) -> Iterator[Any]:
+        """The Pending placeholders of :meth:`_suboperations`, until done or cancelled."""
+        for ref in refs:
+            if event.is_cancelled:
+                if retrieval is not None:
+                    retrieval.note = "cancelled by the requestor (C-CANCEL)"
+                yield Status.CANCEL, None  # pynetdicom adds the failed UIDs it counted
+                return
+            placeholder = StoredInstance(source, ref)
+            if retrieval is not None:
+                placeholder._xdsi_on_sent = retrieval.sent
+            yield Status.PENDING, placeholder
 
     # -- lifecycle --------------------------------------------------------------
 
