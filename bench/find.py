@@ -100,7 +100,7 @@ def queries(m: int, patients: list[tuple[str, str]], rng: random.Random):  # typ
 FINDSCU = "/usr/bin/findscu"
 
 
-def _study_dataset(h) -> "Dataset":  # type: ignore[no-untyped-def,name-defined]
+def _study_dataset(h):  # type: ignore[no-untyped-def]
     """A header-only CT instance carrying the same study attributes the index was given."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
