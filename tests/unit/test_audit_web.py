@@ -45,7 +45,7 @@ def test_builders_are_schema_valid_and_carry_the_prescribed_codes() -> None:
     ev = sent.find("EventIdentification")
     assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator"), ev.findtext("EventOutcomeDescription")) == ("R", "4", "1 of 3 not sent")
 
-    q = _check(m.web_query(SRC, PEER, US, m.STUDY_ROOT_FIND, b"/dicomweb/studies?PatientID=P1", m.TRANSACTION["RAD-129"], "P1"))
+    q = _check(m.query(SRC, PEER, US, m.STUDY_ROOT_FIND, b"/dicomweb/studies?PatientID=P1", event_type=m.TRANSACTION["RAD-129"], patient_id="P1"))
     obj = q.find("ParticipantObjectIdentification")
     assert obj.get("ParticipantObjectTypeCodeRole") == "24" and base64.b64decode(obj.findtext("ParticipantObjectQuery")) == b"/dicomweb/studies?PatientID=P1"
     assert [a.get("UserIsRequestor") for a in q.findall("ActiveParticipant")] == ["true", "false"]

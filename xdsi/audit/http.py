@@ -222,9 +222,9 @@ def qido_query(archive: Any, environ: Mapping[str, Any], patient_id: str | None,
         qs = str(environ.get("QUERY_STRING") or "").encode("latin-1", "replace")
         query = target + (b"?" + qs if qs else b"")
         details = [("QueryTruncatedFrom", str(len(query)).encode("ascii"))] if len(query) > MAX_QUERY_BYTES else []
-        event = m.web_query(
+        event = m.query(
             trail.source, requester(environ), _us(archive, environ), m.STUDY_ROOT_FIND, query[:MAX_QUERY_BYTES],
-            m.TRANSACTION["RAD-129"], patient_id=patient_id or None,
+            event_type=m.TRANSACTION["RAD-129"], patient_id=patient_id or None,
             outcome=m.OUTCOME["minor"] if failure else m.OUTCOME["success"], outcome_description=failure, details=details,
             others=human_requestor(environ),
         )
@@ -377,8 +377,8 @@ def information_query(archive: Any, environ: Mapping[str, Any], action: str, env
         def record() -> None:
             for study_uid in studies:
                 patient = _patient(archive, study_uid) if study_uid else ""
-                event = m.web_query(trail.source, asker, server, action, envelope, None, patient or None, study_uid or None, uri_id=True,
-                                    outcome=outcome, outcome_description=failure, details=details, others=human)
+                event = m.query(trail.source, asker, server, action, envelope, patient_id=patient or None, study_uid=study_uid or None,
+                                uri_id=True, outcome=outcome, outcome_description=failure, details=details, others=human)
                 trail.record(dataclasses.replace(event, at=at))
 
         _later(trail, record)

@@ -289,25 +289,39 @@ def query(
     source: AuditSource,
     requestor: Participant,
     responder: Participant,
-    sop_class_uid: str,
+    query_id: str,
     query_bytes: bytes,
     transfer_syntax: str | None = None,
     event_type: Code | None = None,
     patient_id: str | None = None,
     outcome: str = "0",
+    *,
+    study_uid: str | None = None,
+    uri_id: bool = False,
+    outcome_description: str | None = None,
+    details: Sequence[tuple[str, bytes]] = (),
+    others: Sequence[Participant] = (),
 ) -> AuditEvent:
     """Query (PS3.15 A.5.3.10): the query as received, base64, identified by its SOP Class UID.
 
     For C-FIND ``query_bytes`` is the identifier dataset as encoded and ``transfer_syntax``
-    its syntax (a ParticipantObjectDetail "TransferSyntax"); QIDO-RS and RAD-69 pass the
-    request's query string or body and an ``event_type`` naming the transaction.
+    its syntax (a ParticipantObjectDetail "TransferSyntax").  Over HTTP: QIDO-RS (``query_id``
+    the Study Root FIND SOP Class UID, the request target as received) or a WADO-WS
+    Information/XPath request (``uri_id``: the operation's action URI, there being no SOP class;
+    the SOAP envelope), with an ``event_type`` naming the transaction.  The patient and study
+    are named when the request names them (one patient per message).
     """
-    requestor = Participant(requestor.user_id, True, ROLE["source"], requestor.network_access_point, requestor.alternative_user_id)
-    responder = Participant(responder.user_id, False, ROLE["destination"], responder.network_access_point, responder.alternative_user_id)
-    details = [("TransferSyntax", transfer_syntax.encode("ascii"))] if transfer_syntax else []
-    q = ParticipantObject(sop_class_uid, _CLASS_UID_TYPE, "2", "24", query=query_bytes, details=details)
-    objects = [q] + ([patient_object(patient_id)] if patient_id else [])
-    return AuditEvent(EVENT["query"], "E", outcome, [requestor, responder], source, objects, event_types=[event_type] if event_type else [])
+    extra = [("TransferSyntax", transfer_syntax.encode("ascii"))] if transfer_syntax else []
+    q = ParticipantObject(query_id, _URI_ID_TYPE if uri_id else _CLASS_UID_TYPE, "2", "24", query=query_bytes, details=(*extra, *details))
+    objects = [q]
+    if patient_id:
+        objects.append(patient_object(patient_id))
+    if study_uid:
+        objects.append(study_object(study_uid))
+    return AuditEvent(
+        EVENT["query"], "E", outcome, [_as(requestor, ROLE["source"], True), _as(responder, ROLE["destination"], False), *others], source, objects,
+        event_types=[event_type] if event_type else [], outcome_description=outcome_description,
+    )
 
 
 def security_alert(
@@ -501,39 +515,6 @@ def with_transaction(event: AuditEvent, event_type: Code | None, at: dt.datetime
     if at is not None:
         changes["at"] = at
     return _replace(event, **changes) if changes else event
-
-
-def web_query(
-    source: AuditSource,
-    requestor: Participant,
-    responder: Participant,
-    query_id: str,
-    query_bytes: bytes,
-    event_type: Code | None = None,
-    patient_id: str | None = None,
-    study_uid: str | None = None,
-    uri_id: bool = False,
-    outcome: str = "0",
-    outcome_description: str | None = None,
-    details: Sequence[tuple[str, bytes]] = (),
-    others: Sequence[Participant] = (),
-) -> AuditEvent:
-    """Query (PS3.15 A.5.3.10) over HTTP: QIDO-RS (``query_id`` the Study Root FIND SOP Class UID) or a
-    WADO-WS Information/XPath request (``uri_id``: the operation's action URI, there being no SOP class).
-
-    ``query_bytes`` is the request as received (query string, or SOAP envelope); the patient and
-    study are named when the request names them (one patient per message).
-    """
-    q = ParticipantObject(query_id, _URI_ID_TYPE if uri_id else Code("110181", "DCM", "SOP Class UID"), "2", "24", query=query_bytes, details=tuple(details))
-    objects = [q]
-    if patient_id:
-        objects.append(patient_object(patient_id))
-    if study_uid:
-        objects.append(study_object(study_uid))
-    return AuditEvent(
-        EVENT["query"], "E", outcome, [_as(requestor, ROLE["source"], True), _as(responder, ROLE["destination"], False), *others], source, objects,
-        event_types=[event_type] if event_type else [], outcome_description=outcome_description,
-    )
 
 
 def document_object(document_uid: str, repository_uid: str, home_community_id: str | None = None) -> ParticipantObject:
