@@ -31,7 +31,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Stu
 
 from tests.integration.dimse_support import dcmtk_available, run, tool
 from tests.support import rsyslog
-from tests.support.audit_schema import check_audit_message
 from tests.support.objects import secondary_capture
 from tests.support.pki import Issued, standard_pki
 from tests.support.server import XdsiProcess, free_port
@@ -103,13 +102,7 @@ def make_study(folder: Path, patient_id: str, count: int, series: int = 1) -> St
 
 def messages(repo: rsyslog.Rsyslog, source_id: str = SOURCE_ID) -> list[Any]:
     """Every audit message of ``source_id`` rsyslog wrote, each checked against the PS3.15 schema."""
-    out = []
-    for line in repo.lines():
-        _inp, _app, _msgid, msg = line.split(" ", 3)
-        xml = msg.lstrip("\ufeff").encode("utf-8")
-        if f'AuditSourceID="{source_id}"'.encode() in xml:
-            out.append(check_audit_message(xml))
-    return out
+    return repo.audit_messages(source_id)
 
 
 def event_id(root: Any) -> str:

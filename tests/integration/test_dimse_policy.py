@@ -80,10 +80,7 @@ AUDIT_SOURCE = "XDSI-DIMSE-POLICY"
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog | None]:
     """The Audit Record Repository (Debian's rsyslogd); None where it is not installed (the alert tests skip)."""
-    if not rsyslog.available():
-        yield None
-        return
-    with rsyslog.running(tmp_path_factory.mktemp("arr")) as r:
+    with rsyslog.running_if_available(tmp_path_factory.mktemp("arr")) as r:
         yield r
 
 

@@ -20,13 +20,10 @@ And ``xdsi serve`` refuses a wildcard address with ``auth = "none"`` unless
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,6 +38,7 @@ from jwt.algorithms import RSAAlgorithm
 from lxml import etree
 
 from tests.support import rsyslog
+from tests.support.jwks import JwksServer
 from tests.support.audit_schema import check_audit_message
 from tests.support.ids import IHE_WSDL, NIST_REPOSITORY, make_study, populate, zeep_client
 from tests.support.server import XdsiProcess, free_port
@@ -56,21 +54,6 @@ RAD69_OP = "ImagingDocumentSource_RetrieveImagingDocumentSet"
 # -- the Authorization Server side: keys, JWKS endpoint, tokens -----------------------------------
 
 
-class _Jwks(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        srv: Any = self.server
-        srv.hits += 1
-        body = json.dumps({"keys": srv.keys}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def _jwk(private: Any, kid: str) -> dict[str, Any]:
     jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
     jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
@@ -84,15 +67,11 @@ class AuthServer:
         self.key1 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.key2 = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # rotated in by a test
         self.evil = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), _Jwks)
-        self.http.hits = 0  # type: ignore[attr-defined]
-        self.http.keys = [_jwk(self.key1, "k1")]  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = JwksServer([_jwk(self.key1, "k1")])
 
     @property
     def jwks_url(self) -> str:
-        return f"http://127.0.0.1:{self.http.server_address[1]}/protocol/openid-connect/certs"
+        return self.http.url("/protocol/openid-connect/certs")
 
     def token(self, scope: str = "read", key: Any = None, kid: str = "k1", **claims: Any) -> str:
         now = int(time.time())
@@ -102,8 +81,7 @@ class AuthServer:
         return jwt.encode({k: v for k, v in body.items() if v is not None}, key or self.key1, algorithm="RS256", headers={"kid": kid})
 
     def stop(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +95,7 @@ def auth_server() -> Iterator[AuthServer]:
 
 @pytest.fixture(scope="module")
 def arr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rsyslog.Rsyslog | None]:
-    if not rsyslog.available():
-        yield None
-        return
-    with rsyslog.running(tmp_path_factory.mktemp("arr")) as r:
+    with rsyslog.running_if_available(tmp_path_factory.mktemp("arr")) as r:
         yield r
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from werkzeug.test import Client
 
+from tests.support.jwks import JwksServer
 from xdsi.config import AuthSettings, ConfigError, IuaSettings, Settings, load_settings
 from xdsi.security.iua import JwksCache, TokenError, TokenValidator
 from xdsi.security.principal import Principal
@@ -177,45 +176,25 @@ def test_jwks_file_rotation_refetch_at_most_every_n_seconds(keys: dict[str, Any]
     assert v.validate(new).subject == "dr.who"
 
 
-class _JwksHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        srv: Any = self.server
-        srv.hits += 1
-        body = json.dumps(srv.jwks).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def jwks_server() -> Iterator[Any]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
-    srv.hits = 0  # type: ignore[attr-defined]
-    srv.jwks = {"keys": []}  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+def jwks_server() -> Iterator[JwksServer]:
+    srv = JwksServer()
     try:
         yield srv
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()
 
 
 def test_jwks_url_fetched_cached_and_refetched_on_unknown_kid(keys: dict[str, Any], jwks_server: Any) -> None:
-    jwks_server.jwks = {"keys": [jwk_of(keys["rsa1"], "k1")]}
+    jwks_server.keys = [jwk_of(keys["rsa1"], "k1")]
     jwks_server.hits = 0
     now = [0.0]
-    cache = JwksCache(f"http://127.0.0.1:{jwks_server.server_address[1]}/jwks", refresh_seconds=5, clock=lambda: now[0])
+    cache = JwksCache(jwks_server.url("/jwks"), refresh_seconds=5, clock=lambda: now[0])
     v = validator(cache)
     for _ in range(5):
         assert v.validate(token(keys["rsa1"])).subject == "dr.who"
     assert jwks_server.hits == 1  # fetched on first use, then cached
-    jwks_server.jwks = {"keys": [jwk_of(keys["rsa1"], "k1"), jwk_of(keys["rsa2"], "k2")]}
+    jwks_server.keys = [jwk_of(keys["rsa1"], "k1"), jwk_of(keys["rsa2"], "k2")]
     now[0] += 6
     assert v.validate(token(keys["rsa2"], kid="k2")).subject == "dr.who"  # rotation honoured
     assert jwks_server.hits == 2
