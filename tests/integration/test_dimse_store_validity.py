@@ -24,6 +24,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
 from tests.integration.dimse_support import cli_status, dcmtk_available, http_status, leftover_temp_files, run, tool
@@ -195,6 +196,22 @@ def test_abort_mid_store_leaves_no_spool_file(server: XdsiProcess, monkeypatch: 
     before = _instances(server)
     assoc = _scu((CTImageStorage, [ExplicitVRLittleEndian])).associate(server.host, server.dicom_port, ae_title="XDSI")
     assert assoc.is_established
+    # The sender is held after ~2 MB of P-DATA until the abort has gone, so the whole data set can never
+    # arrive first, however fast the machine (CI once received all 18 MB before the A-ABORT).
+    release = threading.Event()
+    queue_pdu = assoc.dul.send_pdu
+    sent = 0
+
+    def held_send_pdu(primitive) -> None:  # type: ignore[no-untyped-def]
+        nonlocal sent
+        if isinstance(primitive, P_DATA):
+            sent += 1
+            if sent > 128:
+                release.wait(30)
+                return
+        queue_pdu(primitive)
+
+    monkeypatch.setattr(assoc.dul, "send_pdu", held_send_pdu)
     sender = threading.Thread(target=lambda: _swallow(assoc.send_c_store, big), daemon=True)
     sender.start()
     deadline = time.monotonic() + 20
@@ -205,6 +222,7 @@ def test_abort_mid_store_leaves_no_spool_file(server: XdsiProcess, monkeypatch: 
     else:
         pytest.fail("the transfer never started spooling")
     assoc.abort()
+    release.set()
     sender.join(10)
     assert _wait_no_spool(server, 3) == [], "the partial data set of an aborted transfer is still on disk"
     assert _instances(server) == before
