@@ -310,6 +310,7 @@ class Settings:
     dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
     auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
     xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
+    hl7: "Hl7Settings" = field(default_factory=lambda: Hl7Settings())  # [hl7] and [[prefetch]] (issue 15), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -494,7 +495,8 @@ def load_settings(
             raise ConfigError(f"{p}: {exc}") from None
         base = p.resolve().parent
 
-    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua"}
+    known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua",
+             "hl7", "prefetch"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -596,6 +598,8 @@ def load_settings(
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
+    if "hl7" in doc or "prefetch" in doc:
+        settings = replace(settings, hl7=hl7_from(doc.get("hl7", {}), doc.get("prefetch", []), settings.peers))
     return _validated(settings)
 
 
@@ -1402,3 +1406,134 @@ def xua_from(raw: object, base: Path) -> XuaSettings:
         # ITI-40 3.40.4.1.2: the assertion carries an AudienceRestriction naming the X-Service Provider; we must know our name
         raise ConfigError("[xua] trusted_issuers needs audience: the URI(s) X-Assertion Providers put in AudienceRestriction for this service")
     return x
+
+
+# -- [hl7] and [[prefetch]] (issue 15 item 4): the HIS/RIS interface -------------------------------------------
+
+HL7_TRIGGERS = ("ORM^O01", "OMI^O23", "ADT^A01", "ADT^A04", "ADT^A05")  # messages that may trigger a prefetch
+
+
+@dataclass(frozen=True)
+class PrefetchRule:
+    """One ``[[prefetch]]`` rule: which message triggers it, which priors it selects, where they go.
+
+    Why rules and not "everything of the patient": a prior is recalled from a slow tier to
+    the cache (and perhaps pushed over the network) before the radiologist opens the new
+    study; recalling every study of a patient with a long history fills the cache with
+    what nobody reads.  A prior is selected when it has a series of one of ``modalities``
+    (any, when empty) and of one of ``body_parts`` (any, when empty); of those, the
+    ``last_studies`` most recent (0: all) within ``years`` years (0: any age).
+    ``same_modality``: the order's own modality (OBR-24 / IPC-5) is required as well.
+    """
+
+    name: str
+    triggers: tuple[str, ...] = HL7_TRIGGERS  # "ORM^O01", "ADT^A04", ...
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    same_modality: bool = False
+    last_studies: int = 0
+    years: int = 0
+    recall: bool = True  # copy the priors from slower tiers to the first (cache) tier
+    push_to: str = ""  # a [peers.AE] to send the priors to by C-STORE; "" = none
+
+
+@dataclass(frozen=True)
+class Hl7Settings:
+    """``[hl7]``: the MLLP listener for HL7 v2 from the HIS/RIS (orders, patient updates)."""
+
+    port: int = 0  # 0: no listener
+    tls: bool = False  # the port speaks TLS with the [tls] certificate (mutual if require_client_certificate)
+    application: str = "XDSI"  # MSH-3 of our ACKs (Sending Application)
+    facility: str = ""  # MSH-4 of our ACKs (Sending Facility)
+    max_message_bytes: int = 1024 * 1024  # one MLLP block; larger: NAK (AR) and the block is skipped
+    read_timeout: float = 300.0  # seconds a connection may stay silent before it is closed
+    # RAD-12 patient update: republish (RPLC) the manifest of every registered study whose patient changed
+    republish: bool = True
+    prefetch: tuple[PrefetchRule, ...] = ()  # [[prefetch]]
+
+
+_HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish"}
+_PREFETCH_KEYS = {"name", "triggers", "modalities", "body_parts", "same_modality", "last_studies", "years", "recall", "push_to"}
+
+
+def _str_list(where: str, value: object, upper: bool = True) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+    return tuple(v.strip().upper() if upper else v.strip() for v in value)
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
+def hl7_from(raw: object, prefetch_raw: object, peers: Mapping[str, Peer]) -> Hl7Settings:
+    """Parse ``[hl7]`` and ``[[prefetch]]``; a prefetch rule's ``push_to`` must name a ``[peers.AE]`` with host and port."""
+    table = _check_keys("[hl7]", raw, _HL7_KEYS)
+    kw: dict[str, Any] = {}
+    if "port" in table:
+        port = _int("[hl7] port", table["port"])
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"[hl7] port {port} out of range (0 turns the listener off)")
+        kw["port"] = port
+    for key in ("tls", "republish"):
+        if key in table:
+            kw[key] = _bool(f"[hl7] {key}", table[key])
+    for key in ("application", "facility"):
+        if key in table:
+            v = table[key]
+            if not isinstance(v, str) or any(c in v for c in "|^~\\&\r\n"):
+                raise ConfigError(f"[hl7] {key} must be a string without HL7 delimiters, not {v!r}")
+            kw[key] = v
+    if "max_message_bytes" in table:
+        try:
+            n = parse_size(table["max_message_bytes"])
+        except ConfigError as exc:
+            raise ConfigError(f"[hl7] max_message_bytes: {exc}") from None
+        if n is None or n < 1024:
+            raise ConfigError(f"[hl7] max_message_bytes must be at least 1 KiB, not {table['max_message_bytes']!r}")
+        kw["max_message_bytes"] = n
+    if "read_timeout" in table:
+        kw["read_timeout"] = float(_number("[hl7] read_timeout", table["read_timeout"]))
+    if not isinstance(prefetch_raw, list) or not all(isinstance(r, dict) for r in prefetch_raw):
+        raise ConfigError("prefetch must be an array of tables: [[prefetch]]")
+    rules: list[PrefetchRule] = []
+    for i, r in enumerate(prefetch_raw):
+        where = f"[[prefetch]] #{i + 1}"
+        r = _check_keys(where, r, _PREFETCH_KEYS)
+        name = str(r.get("name", f"prefetch-{i + 1}"))
+        where = f"[[prefetch]] {name!r}"
+        rk: dict[str, Any] = {"name": name}
+        if "triggers" in r:
+            rk["triggers"] = _str_list(f"{where} triggers", r["triggers"])
+            bad = [t for t in rk["triggers"] if t not in HL7_TRIGGERS]
+            if bad:
+                raise ConfigError(f"{where} triggers: {', '.join(bad)} not one of {', '.join(HL7_TRIGGERS)}")
+        for key in ("modalities", "body_parts"):
+            if key in r:
+                rk[key] = _str_list(f"{where} {key}", r[key])
+        for key in ("same_modality", "recall"):
+            if key in r:
+                rk[key] = _bool(f"{where} {key}", r[key])
+        for key in ("last_studies", "years"):
+            if key in r:
+                n = _int(f"{where} {key}", r[key])
+                if n < 0:
+                    raise ConfigError(f"{where} {key} must be 0 (no limit) or more, not {n}")
+                rk[key] = n
+        if "push_to" in r:
+            aet = validate_ae_title(str(r["push_to"]), f"{where} push_to")
+            if aet not in peers:
+                raise ConfigError(f"{where} push_to {aet!r} is not a [peers.{aet}] with host and port")
+            rk["push_to"] = aet
+        rule = PrefetchRule(**rk)
+        if not rule.recall and not rule.push_to:
+            raise ConfigError(f"{where} does nothing: set recall = true or push_to")
+        rules.append(rule)
+    names = [r.name for r in rules]
+    if len(names) != len(set(names)):
+        raise ConfigError("[[prefetch]] rule names must be unique")
+    return Hl7Settings(**kw, prefetch=tuple(rules))

@@ -183,3 +183,4 @@ class FileCopy(Base):
 
 # XDS-I.b publishing tables (outbox, registered manifests): defined in their own module, registered on Base here.
 from xdsi.index import xds_models as _xds_models  # noqa: E402,F401
+from xdsi.hl7 import models as _hl7_models  # noqa: E402,F401  (the HL7 order store, issue 15)
