@@ -74,6 +74,7 @@ class Servers:
             raise
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
+        self.hl7: Any = None  # HL7 v2 MLLP listener (issue 15), when [hl7] port is set
         try:
             self.audit = _audit_trail(settings, self.dicom, self.partitions)
             for server, _port in self.partition_dicom:  # partitions on DICOM ports of their own
@@ -150,6 +151,8 @@ class Servers:
 
             self.publisher = PublisherThread(self.archive)
             self.publisher.start()
+        if s.hl7.port:
+            _start_hl7(self)
 
     def stop(self, *, quiet: bool = False) -> None:
         """Stop whatever started; ``quiet`` after a failed start, whose one-line reason should stand alone."""
@@ -160,6 +163,8 @@ class Servers:
             log.info("stopping")
         if self.publisher is not None:
             self.publisher.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         # XPath workers first: a request thread waiting on one is answered at once, not at its deadline
         from xdsi.ids.xpath_pool import stop_pools
 
@@ -255,6 +260,24 @@ def serve(settings: Settings) -> int:
     finally:
         servers.stop()
     return 0
+
+
+def _start_hl7(servers: Servers) -> None:
+    """The HL7 MLLP listener ([hl7] port), TLS with the [tls] certificate when [hl7] tls is set."""
+    from xdsi.hl7.listener import Hl7Listener
+    from xdsi.security.tls import server_context
+
+    s = servers.settings
+    try:
+        ctx = (servers.tls_context or server_context(s.tls)) if s.hl7.tls else None
+    except (ValueError, OSError) as exc:
+        raise StartupError("[hl7] tls", "true", None, str(exc)) from None
+    listener = Hl7Listener(servers.archive, ctx)
+    try:
+        listener.start(s.host, s.hl7.port)
+    except OSError as exc:
+        raise listen_error("[hl7] port", None, s.hl7.port, s.host, exc) from None
+    servers.hl7 = listener
 
 
 def _write_running(settings: Settings) -> None:

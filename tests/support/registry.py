@@ -250,6 +250,24 @@ class TestRegistry:
         with self.lock:
             return [e for e in self.entries.values() if e.unique_id == unique_id]
 
+    def merge_patients(self, subsumed: str, surviving: str) -> int:
+        """What a Document Registry does on a Patient Identity Feed merge (ITI-8 A40 / ITI-44): every entry,
+        SubmissionSet and Folder of ``subsumed`` is filed under ``surviving``, which must be a known patient.
+        The number of DocumentEntries moved."""
+        with self.lock:
+            assert surviving in self.known_patients, surviving
+            moved = [e for e in self.entries.values() if e.patient_id == subsumed]
+            for e in moved:
+                e.patient_id = surviving
+                for ext in e.element.findall(C.q("rim", "ExternalIdentifier")):
+                    if ext.get("identificationScheme") == C.DE_PATIENT_ID:
+                        ext.set("value", surviving)
+            for table in (self.submission_sets, self.folders):
+                for uid, pid in list(table.items()):
+                    if pid == subsumed:
+                        table[uid] = surviving
+            return len(moved)
+
     def count_actions(self, action: str) -> int:
         return sum(1 for r in self.requests if r.action == action)
 

@@ -178,8 +178,13 @@ class Publisher:
             ).all()
         return list(dict.fromkeys([*changed, *vanished]))
 
-    def prepare(self, study_uid: str) -> XdsSubmission | None:
-        """Queue what the study needs now (publish, replace or deprecate); the row, or None if nothing is needed."""
+    def prepare(self, study_uid: str, *, force: bool = False) -> XdsSubmission | None:
+        """Queue what the study needs now (publish, replace or deprecate); the row, or None if nothing is needed.
+
+        ``force``: queue a new manifest even when the study's instances are those already queued or
+        registered: its patient changed (RAD-12 Patient Update, :mod:`xdsi.hl7.patients`), which the
+        fingerprint (the SOP Instance UIDs) does not see.
+        """
         study_uid = validate_uid(study_uid, "Study Instance UID")
         snap = load_study(self.archive.index, study_uid, exclude_sops=self.our_manifests(study_uid), headers=self.archive.retrieve)
         with self.archive.index.session() as s:
@@ -196,7 +201,7 @@ class Publisher:
             if latest is not None and latest.kind == KIND_DEPRECATE and latest.state != DONE:
                 return latest
             return self._enqueue_deprecation(study_uid, registered)
-        if latest is not None and latest.kind == KIND_PUBLISH and latest.fingerprint == snap.fingerprint:
+        if not force and latest is not None and latest.kind == KIND_PUBLISH and latest.fingerprint == snap.fingerprint:
             return latest  # this content is already queued or registered
         patient_ids(snap, self.x)  # PatientNotPublishable: no manifest is built, stored or queued (issue 11)
         return self._enqueue_publish(snap)

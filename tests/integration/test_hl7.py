@@ -1,0 +1,310 @@
+"""The HIS/RIS interface (issue 15 item 4) through python-hl7's own MLLP client against our listener.
+
+* malformed input gets a NAK (AR/AE with an ERR segment naming the problem) and the listener goes on;
+* an ORM is recorded in the order store (routing reads patient location and ordering physician from it)
+  and, through a ``[[prefetch]]`` rule, recalls exactly the rule's priors from the cold tier;
+* ADT^A08 updates demographics; ADT^A40 moves the prior patient's studies under the surviving ID and
+  queues a replacement manifest (RPLC) that the strict test registry accepts once it has merged too.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+import hl7
+import pytest
+from hl7.client import MLLPClient
+from sqlalchemy import select
+
+from tests.conftest import make_settings
+from tests.support.registry import TestRegistry
+from tests.support.server import free_port
+from tests.support.xds import AFFINITY, HOSP_OID, PATIENT_CX, find_documents
+from xdsi.archive import Archive
+from xdsi.config import ConfigError, Hl7Settings, PatientIdMapping, PrefetchRule, XdsSettings, hl7_from
+from xdsi.hl7.listener import Hl7Listener
+from xdsi.hl7.orders import order_attributes
+from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
+from xdsi.index.xds_models import DONE, PENDING
+from xdsi.standards import constants as C
+from xdsi.tools.synth import StudySpec, write_study
+from xdsi.xds.codes import CodeTable
+from xdsi.xds.publisher import Publisher
+
+SB, EB = b"\x0b", b"\x1c\r"
+
+
+def msh(kind: str, control: str, version: str = "2.5") -> str:
+    return f"MSH|^~\\&|RIS|HOSP|XDSI|RAD|20261130101500||{kind}|{control}|P|{version}"
+
+
+def orm(control: str, pid: str, accession: str, *, modality: str = "CT", location: str = "WARD3^301^B^HOSP",
+        physician: str = "1234^HOUSE^GREGORY^^^DR") -> str:
+    return "\r".join([
+        msh("ORM^O01", control, "2.3.1"),
+        f"PID|||{pid}^^^HOSP||DOE^JANE||19700101|F",
+        f"PV1||I|{location}|||||5678^WILSON^JAMES",
+        f"ORC|NW|PL{accession}|FL{accession}||SC||^^^20261201090000||20261130|||{physician}",
+        f"OBR|1|PL{accession}|FL{accession}|CTCHEST^CT Chest^LOCAL||||||||||||||{accession}||||||{modality}",
+    ]) + "\r"
+
+
+def ack_fields(reply: bytes) -> dict[str, str]:
+    """MSA-1, MSA-2, ERR-3.1 and ERR-8 of an ACK as python-hl7 parses it."""
+    assert reply.startswith(SB) and reply.endswith(EB), reply
+    msg = hl7.parse(reply[1:-2].decode())
+    out = {"msh9": str(msg.segment("MSH")[9]), "code": str(msg.segment("MSA")[1]), "control": str(msg.segment("MSA")[2])}
+    try:
+        err = msg.segment("ERR")
+    except KeyError:
+        return out
+    out.update(err_code=str(err[3][0][0]), err_text=msg.unescape(str(err[8])))
+    return out
+
+
+@pytest.fixture
+def listener_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    started: list[tuple[Hl7Listener, Archive]] = []
+
+    def start(settings) -> tuple[Hl7Listener, Archive]:  # type: ignore[no-untyped-def]
+        archive = Archive.open(settings)
+        listener = Hl7Listener(archive)
+        listener.start("127.0.0.1", free_port())
+        started.append((listener, archive))
+        return listener, archive
+
+    yield start
+    for listener, archive in started:
+        listener.stop()
+        archive.close()
+
+
+def test_malformed_input_is_nak_and_the_listener_goes_on(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}")
+    settings = replace(settings, hl7=Hl7Settings(port=1, max_message_bytes=4096))
+    listener, archive = listener_factory(settings)
+    with MLLPClient("127.0.0.1", listener.port) as client:
+        a = ack_fields(client.send_message("this is not HL7"))
+        assert (a["code"], a["err_code"]) == ("AR", "100") and "MSH" in a["err_text"]
+        a = ack_fields(client.send_message(msh("ORU^R01", "C2") + "\rPID|||1^^^HOSP\r"))
+        assert (a["code"], a["control"], a["err_code"]) == ("AR", "C2", "200") and a["msh9"] == "ACK^R01^ACK"
+        a = ack_fields(client.send_message(msh("ADT^A99", "C3") + "\rPID|||1^^^HOSP\r"))
+        assert (a["code"], a["err_code"]) == ("AR", "201")
+        a = ack_fields(client.send_message(msh("", "C4") + "\r"))
+        assert (a["code"], a["err_code"]) == ("AR", "101") and "MSH-9" in a["err_text"]
+        # understood but not applicable: AE with the field that is missing
+        a = ack_fields(client.send_message(orm("C5", "", "ACC5")))
+        assert (a["code"], a["control"], a["err_code"]) == ("AE", "C5", "101") and "PID-3" in a["err_text"]
+        # a block without the MLLP start byte, then one larger than max_message_bytes: both answered, the connection kept
+        a = ack_fields(client.send(b"garbage without a start block" + EB))
+        assert a["code"] == "AR" and "<VT>" in a["err_text"]
+        client.socket.sendall(SB + b"MSH|^~\\&|" + b"X" * 8000 + EB)
+        a = ack_fields(client.socket.recv(65536))
+        assert a["code"] == "AR" and "max_message_bytes" in a["err_text"]
+        # and the same connection still works
+        a = ack_fields(client.send_message(orm("C6", "PAT001", "ACC6")))
+        assert (a["code"], a["control"]) == ("AA", "C6")
+    # a client that vanishes mid-block does not take the listener with it; a new connection is served
+    with socket.create_connection(("127.0.0.1", listener.port)) as raw:
+        raw.sendall(SB + b"MSH|^~\\&|half a mess")
+    with MLLPClient("127.0.0.1", listener.port) as client:
+        assert ack_fields(client.send_message(orm("C7", "PAT001", "ACC7")))["code"] == "AA"
+    assert listener.handler.handled == {"AR": 6, "AE": 1, "AA": 2}
+
+
+def test_orm_records_the_order_for_routing(tmp_path: Path, index_url: str, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    listener, archive = listener_factory(replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1)))
+    with MLLPClient("127.0.0.1", listener.port) as client:
+        assert ack_fields(client.send_message(orm("O1", "PAT001", "ACC100")))["code"] == "AA"
+        # the RIS changes the order (same patient and accession): updated, not duplicated
+        assert ack_fields(client.send_message(orm("O2", "PAT001", "ACC100", location="ICU^1^A^HOSP")))["code"] == "AA"
+        # an OMI^O23 (RAD-4, v2.5.1): accession from IPC-1, modality from IPC-5
+        omi = "\r".join([
+            msh("OMI^O23", "O3", "2.5.1"), "PID|||PAT002^^^HOSP||ROE^RICHARD", "PV1||O|OUTPAT^1",
+            "ORC|NW|PL200|FL200||SC||||20261130|||77^CHASE^ROBERT", "TQ1|||||||20261202080000",
+            "OBR|1|PL200|FL200|MRHEAD^MR Head^LOCAL", "IPC|ACC200|RP200|1.2.3.4.5|SPS200|MR",
+        ]) + "\r"
+        assert ack_fields(client.send_message(omi))["code"] == "AA"
+    with archive.index.read_session() as s:
+        got = order_attributes(s, "ACC100", "PAT001")
+        assert got["patient_location"] == "ICU^1^A^HOSP"
+        assert got["ordering_physician"] == "1234^HOUSE^GREGORY^^^DR"
+        assert got["referring_physician"] == "5678^WILSON^JAMES"
+        assert (got["procedure_code"], got["modality"], got["order_control"]) == ("CTCHEST", "CT", "NW")
+        omi_got = order_attributes(s, "ACC200", "PAT002")
+        assert (omi_got["modality"], omi_got["ordering_physician"], omi_got["scheduled_at"]) == ("MR", "77^CHASE^ROBERT", "20261202080000")
+        assert order_attributes(s, "ACC100", "PAT002") == {}  # another patient's accession: no order
+        assert order_attributes(s, "", "PAT001") == {}
+        from xdsi.hl7.models import Hl7Order
+
+        assert len(s.scalars(select(Hl7Order)).all()) == 2
+
+
+def _tiers_of(archive: Archive) -> dict[str, set[str]]:
+    """Study UID -> the tiers holding a copy of any of its instances."""
+    with archive.index.read_session() as s:
+        rows = s.execute(
+            select(Study.study_uid, FileCopy.tier).join(Series, Series.study_fk == Study.pk)
+            .join(Instance, Instance.series_fk == Series.pk).join(FileCopy, FileCopy.instance_fk == Instance.pk)
+        ).all()
+    out: dict[str, set[str]] = {}
+    for uid, tier in rows:
+        out.setdefault(uid, set()).add(tier)
+    return out
+
+
+def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    rules = (
+        PrefetchRule("ct-priors", triggers=("ORM^O01",), modalities=("CT",), years=6, last_studies=2),
+        # triggered only by an admission: the ORM must not run it
+        PrefetchRule("admission-head", triggers=("ADT^A04",), body_parts=("HEAD",)),
+    )
+    settings = replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}", tiers=3), hl7=Hl7Settings(port=1, prefetch=rules))
+    listener, archive = listener_factory(settings)
+    year = date.today().year
+    specs = {
+        "ct-1y": StudySpec(study_date=f"{year - 1}0301", accession="P1"),
+        "ct-2y": StudySpec(study_date=f"{year - 2}0301", accession="P2"),
+        "mr-3y": StudySpec(study_date=f"{year - 3}0301", accession="P3", modality="MR", body_part="HEAD"),
+        "ct-4y": StudySpec(study_date=f"{year - 4}0301", accession="P4"),  # beyond last_studies = 2
+        "ct-8y": StudySpec(study_date=f"{year - 8}0301", accession="P5"),  # beyond years = 6
+        "other": StudySpec(patient_id="PAT999", study_date=f"{year - 1}0601", accession="P6"),  # another patient
+    }
+    originals: dict[str, dict[str, bytes]] = {}
+    for name, spec in specs.items():
+        paths = write_study(tmp_path / name, spec, series=1, per_series=2, rows=16, columns=16)
+        originals[spec.study_uid] = {}
+        for p in paths:
+            assert archive.store.store_file(p).ok
+            from pydicom import dcmread
+
+            originals[spec.study_uid][str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p.read_bytes()
+    with archive.index.read_session() as s:
+        pks = dict(s.execute(select(Study.study_uid, Study.pk)).all())
+    for spec in specs.values():
+        assert not archive.policy.move_study(pks[spec.study_uid], "cache", "cold").errors
+    assert all(t == {"cold"} for t in _tiers_of(archive).values())
+
+    with MLLPClient("127.0.0.1", listener.port) as client:
+        assert ack_fields(client.send_message(orm("PF1", "PAT001", "NEWACC")))["code"] == "AA"
+    assert listener.prefetcher is not None and listener.prefetcher.wait_idle(60)
+    [result] = listener.prefetcher.results
+    wanted = [specs["ct-1y"].study_uid, specs["ct-2y"].study_uid]
+    assert (result.rule, result.studies, result.recalled, result.errors) == ("ct-priors", wanted, 4, [])
+    tiers = _tiers_of(archive)
+    for name, spec in specs.items():
+        assert tiers[spec.study_uid] == ({"cache", "cold"} if spec.study_uid in wanted else {"cold"}), name
+    # the cache copies are the bytes received
+    for uid in wanted:
+        for ref in archive.retrieve.select(study_uids=[uid]):
+            assert ref.copies[0][0] == "cache"
+            path = archive.tiers["cache"].abspath(ref.copies[0][1])
+            assert path.read_bytes() == originals[uid][ref.sop_instance_uid]
+
+
+def test_prefetch_settings_parse_and_refuse() -> None:
+    h = hl7_from({"port": 2575, "application": "PACS"}, [{"name": "r", "triggers": ["ORM^O01"], "modalities": ["ct"], "last_studies": 3}], {})
+    assert h.port == 2575 and h.prefetch[0].modalities == ("CT",) and h.prefetch[0].last_studies == 3
+    with pytest.raises(ConfigError, match="ORU"):
+        hl7_from({}, [{"triggers": ["ORU^R01"]}], {})
+    with pytest.raises(ConfigError, match="push_to"):
+        hl7_from({}, [{"push_to": "WS1"}], {})
+    with pytest.raises(ConfigError, match="unknown key"):
+        hl7_from({"prot": 1}, [], {})
+    with pytest.raises(ConfigError, match="does nothing"):
+        hl7_from({}, [{"recall": False}], {})
+
+
+def _adt(kind: str, control: str, pid: str, name: str, extra: str = "") -> str:
+    return "\r".join([msh(kind, control), "EVN||20261130101500", f"PID|||{pid}^^^HOSP||{name}||19700101|F", "PV1||O"]
+                     + ([extra] if extra else [])) + "\r"
+
+
+def test_a08_and_a40_update_the_index_and_replace_the_manifest(tmp_path: Path, index_url: str, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    tmp_cx = f"TMP9^^^&{AFFINITY}&ISO"
+    with TestRegistry(CodeTable.load(), {PATIENT_CX, tmp_cx}) as registry:
+        mapping = (PatientIdMapping("PAT001", "HOSP", "PAT001", AFFINITY), PatientIdMapping("TMP9", "HOSP", "TMP9", AFFINITY))
+        x = XdsSettings(mode="integrated", registry_url=registry.registry_url, stability_delay=0, retry_initial=0.2, retry_max=1.0,
+                        timeout=10, patient_ids=mapping, issuer_oids={"HOSP": HOSP_OID})
+        listener, archive = listener_factory(replace(make_settings(tmp_path, index_url, xds=x), hl7=Hl7Settings(port=1)))
+        # a study filed under a temporary ID at the modality, published under it; another already under PAT001
+        temp = StudySpec(patient_id="TMP9", patient_name="UNKNOWN^TRAUMA")
+        kept = StudySpec(patient_id="PAT001", patient_name="DOE^JANE", accession="ACC2")
+        for name, spec in (("temp", temp), ("kept", kept)):
+            for p in write_study(tmp_path / name, spec, series=1, per_series=2, rows=16, columns=16):
+                assert archive.store.store_file(p).ok
+        pub = Publisher(archive)
+        assert sorted(o.state for o in pub.run_once()) == [DONE, DONE]
+        [old_entry] = registry.find_by_patient(tmp_cx)
+
+        with MLLPClient("127.0.0.1", listener.port) as client:
+            # A08: new demographics for PAT001 (the study's copy of the name follows; the manifest is replaced too)
+            a = ack_fields(client.send_message(_adt("ADT^A08", "U1", "PAT001", "DOE^JANE^MARIE")))
+            assert a["code"] == "AA", a
+            # A40: TMP9 is PAT001
+            a = ack_fields(client.send_message(_adt("ADT^A40", "M1", "PAT001", "DOE^JANE^MARIE", "MRG|TMP9^^^HOSP")))
+            assert a["code"] == "AA", a
+            # the same merge again (a resend after a lost ACK): nothing left to merge, still AA
+            assert ack_fields(client.send_message(_adt("ADT^A40", "M2", "PAT001", "DOE^JANE^MARIE", "MRG|TMP9^^^HOSP")))["code"] == "AA"
+            # a merge that names no prior patient is an error, not a silent success
+            a = ack_fields(client.send_message(_adt("ADT^A40", "M3", "PAT001", "DOE^JANE")))
+            assert (a["code"], a["err_code"]) == ("AE", "101")
+
+        with archive.index.read_session() as s:
+            assert s.scalars(select(Patient).where(Patient.patient_id == "TMP9")).all() == []
+            rows = s.execute(select(Study.study_uid, Patient.patient_id, Study.patient_name).join(Patient, Study.patient_fk == Patient.pk)).all()
+        assert sorted(rows) == sorted([(temp.study_uid, "PAT001", "DOE^JANE^MARIE"), (kept.study_uid, "PAT001", "DOE^JANE^MARIE")])
+        # C-FIND answers the new identity
+        from pydicom.dataset import Dataset
+
+        q = Dataset()
+        q.QueryRetrieveLevel, q.PatientID, q.StudyInstanceUID, q.PatientName = "STUDY", "PAT001", "", ""
+        answers = list(archive.query.find(q))
+        assert {(str(a.StudyInstanceUID), str(a.PatientName)) for a in answers} == {
+            (temp.study_uid, "DOE^JANE^MARIE"), (kept.study_uid, "DOE^JANE^MARIE")}
+        q.PatientID = "TMP9"
+        assert list(archive.query.find(q)) == []
+
+        # both studies have a replacement queued; the registry has not merged TMP9 yet: the RPLC of the merged
+        # study is refused (XDSPatientIdDoesNotMatch) and stays in the outbox
+        outcomes = {o.study_uid: o for o in pub.run_once()}
+        assert outcomes[kept.study_uid].state == DONE
+        assert outcomes[temp.study_uid].state == PENDING and "XDSPatientIdDoesNotMatch" in outcomes[temp.study_uid].errors
+        assert registry.by_unique_id(old_entry.unique_id).status == C.STATUS_APPROVED  # nothing replaced yet
+        # the affinity domain merges TMP9 into PAT001 (its own patient identity feed); the retry is accepted
+        assert registry.merge_patients(tmp_cx, PATIENT_CX) == 1
+        from xdsi.xds.outbox import utcnow
+        from datetime import timedelta
+
+        [retried] = pub.run_once(now=utcnow() + timedelta(seconds=5))
+        assert (retried.study_uid, retried.state) == (temp.study_uid, DONE), retried
+        assert registry.by_unique_id(old_entry.unique_id).status == C.STATUS_DEPRECATED
+        subs = pub.outbox.for_study(temp.study_uid)
+        assert subs[-1].replaces_entry_uuid == old_entry.entry_uuid
+        approved = find_documents(registry.registry_url, PATIENT_CX)
+        assert len(approved) == 2 and registry.find_by_patient(tmp_cx) == []
+        # the replacement manifest names the surviving patient
+        from pydicom import dcmread
+
+        [ref] = archive.retrieve.select(sop_uids=[subs[-1].kos_sop_uid])
+        kos = dcmread(archive.retrieve.path(ref))
+        assert (str(kos.PatientID), str(kos.PatientName)) == ("PAT001", "DOE^JANE^MARIE")
+
+
+def test_mllp_send_cli(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    """python-hl7's own ``mllp_send`` command, as a RIS integrator would test with it."""
+    listener, archive = listener_factory(replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite'}"), hl7=Hl7Settings(port=1)))
+    f = tmp_path / "orm.hl7"
+    f.write_bytes(orm("CLI1", "PAT001", "ACC9").replace("\r", "\n").encode())  # one segment a line, as people keep them
+    exe = Path(sys.executable).parent / "mllp_send"
+    out = subprocess.run([str(exe), "-p", str(listener.port), "--loose", "-f", str(f), "127.0.0.1"], capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert b"MSA|AA|CLI1" in out.stdout
+    with archive.index.read_session() as s:
+        assert order_attributes(s, "ACC9", "PAT001")["patient_location"] == "WARD3^301^B^HOSP"
