@@ -161,7 +161,7 @@ def _tiers_of(archive: Archive) -> dict[str, set[str]]:
 
 def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
     rules = (
-        PrefetchRule("ct-priors", triggers=("ORM^O01",), modalities=("CT",), years=6, last_studies=2),
+        PrefetchRule("ct-priors", triggers=("ORM^O01",), modalities=("CT",), years=6, last_studies=3),
         # triggered only by an admission: the ORM must not run it
         PrefetchRule("admission-head", triggers=("ADT^A04",), body_parts=("HEAD",)),
     )
@@ -172,7 +172,8 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
         "ct-1y": StudySpec(study_date=f"{year - 1}0301", accession="P1"),
         "ct-2y": StudySpec(study_date=f"{year - 2}0301", accession="P2"),
         "mr-3y": StudySpec(study_date=f"{year - 3}0301", accession="P3", modality="MR", body_part="HEAD"),
-        "ct-4y": StudySpec(study_date=f"{year - 4}0301", accession="P4"),  # beyond last_studies = 2
+        "ct-4y": StudySpec(study_date=f"{year - 4}0301", accession="P4"),
+        "ct-5y": StudySpec(study_date=f"{year - 5}0301", accession="P7"),  # beyond last_studies = 3
         "ct-8y": StudySpec(study_date=f"{year - 8}0301", accession="P5"),  # beyond years = 6
         "other": StudySpec(patient_id="PAT999", study_date=f"{year - 1}0601", accession="P6"),  # another patient
     }
@@ -195,8 +196,8 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
         assert ack_fields(client.send_message(orm("PF1", "PAT001", "NEWACC")))["code"] == "AA"
     assert listener.prefetcher is not None and listener.prefetcher.wait_idle(60)
     [result] = listener.prefetcher.results
-    wanted = [specs["ct-1y"].study_uid, specs["ct-2y"].study_uid]
-    assert (result.rule, result.studies, result.recalled, result.errors) == ("ct-priors", wanted, 4, [])
+    wanted = [specs["ct-1y"].study_uid, specs["ct-2y"].study_uid, specs["ct-4y"].study_uid]
+    assert (result.rule, result.studies, result.recalled, result.errors) == ("ct-priors", wanted, 6, [])
     tiers = _tiers_of(archive)
     for name, spec in specs.items():
         assert tiers[spec.study_uid] == ({"cache", "cold"} if spec.study_uid in wanted else {"cold"}), name
@@ -206,6 +207,21 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
             assert ref.copies[0][0] == "cache"
             path = archive.tiers["cache"].abspath(ref.copies[0][1])
             assert path.read_bytes() == originals[uid][ref.sop_instance_uid]
+
+    # each selection criterion on its own (index only): years, count, body part, the order's modality, its own study
+    from xdsi.hl7.prefetch import PrefetchJob, select_priors
+
+    def picked(rule: PrefetchRule, **job: str) -> list[str]:
+        uids = select_priors(archive, PrefetchJob(rule, "PAT001", "HOSP", **job))
+        return [next(n for n, sp in specs.items() if sp.study_uid == u) for u in uids]
+
+    assert picked(PrefetchRule("y", modalities=("CT",), years=6)) == ["ct-1y", "ct-2y", "ct-4y", "ct-5y"]
+    assert picked(PrefetchRule("n", last_studies=2)) == ["ct-1y", "ct-2y"]
+    assert picked(PrefetchRule("b", body_parts=("HEAD",))) == ["mr-3y"]
+    assert picked(PrefetchRule("m", same_modality=True), modality="MR") == ["mr-3y"]
+    assert picked(PrefetchRule("m", same_modality=True)) == []  # no modality in the order: nothing, not everything
+    assert picked(PrefetchRule("a", last_studies=1), accession_number="P1") == ["ct-2y"]  # the ordered study is no prior
+    assert select_priors(archive, PrefetchJob(PrefetchRule("o"), "PAT001", "OTHER")) == []  # another issuer's PAT001
 
 
 def test_prefetch_settings_parse_and_refuse() -> None:
