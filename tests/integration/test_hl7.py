@@ -324,3 +324,28 @@ def test_mllp_send_cli(tmp_path: Path, listener_factory) -> None:  # type: ignor
     assert b"MSA|AA|CLI1" in out.stdout
     with archive.index.read_session() as s:
         assert order_attributes(s, "ACC9", "PAT001")["patient_location"] == "WARD3^301^B^HOSP"
+
+
+def test_xdsi_serve_runs_the_listener_from_the_config(tmp_path: Path) -> None:
+    """``[hl7] port`` in the TOML file: ``xdsi serve`` answers on it, stops it on SIGTERM, and names the setting of a busy port."""
+    from tests.support.server import XdsiProcess
+    from xdsi.config import load_settings
+
+    assert load_settings(Path(__file__).parents[2] / "xdsi.example.toml", env={}).hl7.prefetch  # the example parses
+    port = free_port()
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(f'[hl7]\nport = {port}\napplication = "PACS"\n\n[[prefetch]]\nname = "all"\n')
+    proc = XdsiProcess(tmp_path / "data", config=cfg).start()
+    try:
+        with MLLPClient("127.0.0.1", port) as client:
+            reply = client.send_message(orm("S1", "PAT001", "ACC1"))
+        assert ack_fields(reply)["code"] == "AA" and b"MSH|^~\\&|PACS|" in reply
+    finally:
+        assert proc.stop() == 0, proc.output()
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # our own client's TIME_WAIT must not fail the bind
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        with pytest.raises(RuntimeError) as info:
+            XdsiProcess(tmp_path / "data", config=cfg).start()
+        assert f"[hl7] port {port}" in str(info.value)
