@@ -349,3 +349,45 @@ def test_xdsi_serve_runs_the_listener_from_the_config(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError) as info:
             XdsiProcess(tmp_path / "data", config=cfg).start()
         assert f"[hl7] port {port}" in str(info.value)
+
+
+def test_tls_listener_needs_a_trusted_client_certificate(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
+    """``[hl7] tls``: the [tls] server context (mutual by default); a client without a certificate is refused, the next is served."""
+    import ssl
+
+    from tests.support.pki import standard_pki
+    from xdsi.config import TlsSettings
+    from xdsi.security.tls import server_context
+
+    pki = standard_pki(tmp_path / "pki")
+    ca = pki["ca"]
+    tls = TlsSettings(certificate=pki["server"].cert, private_key=pki["server"].key, ca_certificates=ca.pem)  # type: ignore[attr-defined]
+    archive = Archive.open(replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite'}"), tls=tls, hl7=Hl7Settings(port=1, tls=True)))
+    listener = Hl7Listener(archive, server_context(tls))
+    listener.start("127.0.0.1", free_port())
+    try:
+        def client(with_cert: bool, accession: str) -> bytes:
+            ctx = ssl.create_default_context(cafile=str(ca.pem))  # type: ignore[attr-defined]
+            if with_cert:
+                ctx.load_cert_chain(str(pki["client"].cert), str(pki["client"].key))  # type: ignore[attr-defined]
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(SB + orm("T1", "PAT001", accession).encode() + EB)
+                data = b""
+                while not data.endswith(EB):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+
+        try:  # TLS 1.3: the client may finish its side of the handshake before the server's alert arrives
+            refused = client(False, "ACCX")
+        except (ssl.SSLError, ConnectionError):
+            refused = b""
+        assert refused == b""
+        assert ack_fields(client(True, "ACCT"))["code"] == "AA"
+        with archive.index.read_session() as s:
+            assert order_attributes(s, "ACCX", "PAT001") == {} and order_attributes(s, "ACCT", "PAT001")
+    finally:
+        listener.stop()
+        archive.close()
