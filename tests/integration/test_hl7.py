@@ -196,6 +196,11 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
         assert ack_fields(client.send_message(orm("PF1", "PAT001", "NEWACC")))["code"] == "AA"
     assert listener.prefetcher is not None and listener.prefetcher.wait_idle(60)
     [result] = listener.prefetcher.results
+    from xdsi.hl7.models import JOB_DONE, Hl7PrefetchJob
+
+    with archive.index.read_session() as s:
+        [job] = s.scalars(select(Hl7PrefetchJob)).all()  # one rule triggered (the ADT^A04 one is not)
+        assert (job.rule, job.state, job.studies, job.recalled, job.message_control_id) == ("ct-priors", JOB_DONE, 3, 6, "PF1")
     wanted = [specs["ct-1y"].study_uid, specs["ct-2y"].study_uid, specs["ct-4y"].study_uid]
     assert (result.rule, result.studies, result.recalled, result.errors) == ("ct-priors", wanted, 6, [])
     tiers = _tiers_of(archive)
@@ -390,4 +395,47 @@ def test_tls_listener_needs_a_trusted_client_certificate(tmp_path: Path, listene
             assert order_attributes(s, "ACCX", "PAT001") == {} and order_attributes(s, "ACCT", "PAT001")
     finally:
         listener.stop()
+        archive.close()
+
+
+def test_prefetch_jobs_are_recorded_before_the_ack_and_survive_a_restart(tmp_path: Path) -> None:
+    """The ACK means the job is in the index: a worker started later (after a restart) runs it; a dead worker's claim is taken over."""
+    from datetime import timedelta
+
+    from xdsi.hl7.listener import Hl7Handler
+    from xdsi.hl7.models import JOB_DONE, JOB_FAILED, JOB_PENDING, JOB_RUNNING, Hl7PrefetchJob
+    from xdsi.hl7.prefetch import Prefetcher
+    from xdsi.index.catalog import utcnow
+
+    rules = (PrefetchRule("any", triggers=("ORM^O01",)),)
+    archive = Archive.open(replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite'}", tiers=2), hl7=Hl7Settings(port=1, prefetch=rules)))
+    try:
+        spec = StudySpec(study_date="20250101")
+        for p in write_study(tmp_path / "prior", spec, series=1, per_series=2, rows=16, columns=16):
+            assert archive.store.store_file(p).ok
+        with archive.index.read_session() as s:
+            study_pk = s.scalars(select(Study.pk)).one()
+        assert not archive.policy.move_study(study_pk, "cache", "warm").errors
+        # the listener's handler with no worker running (the process dies right after the ACK)
+        reply = Hl7Handler(archive, None).handle(orm("R1", "PAT001", "NEW1").encode())
+        assert b"MSA|AA|R1" in reply
+        with archive.index.read_session() as s:
+            assert [j.state for j in s.scalars(select(Hl7PrefetchJob))] == [JOB_PENDING]
+        # the next process's worker finds it
+        [result] = Prefetcher(archive).run_once()
+        assert (result.studies, result.recalled, result.errors) == ([spec.study_uid], 2, [])
+        assert _tiers_of(archive)[spec.study_uid] == {"cache", "warm"}
+        # claims: a running job whose worker died an hour ago is taken over, a fresh one is not; a rule removed meanwhile fails
+        now = utcnow()
+        with archive.index.session() as s:
+            for rule, started in (("any", now - timedelta(hours=2)), ("any", now - timedelta(minutes=1)), ("gone", None)):
+                s.add(Hl7PrefetchJob(rule=rule, patient_id="PAT001", state=JOB_RUNNING if started else JOB_PENDING, started_at=started,
+                                     created_at=now, studies=0, recalled=0, pushed=0, error=""))
+        results = Prefetcher(archive).run_once()
+        assert [(r.rule, r.recalled, r.errors) for r in results] == [
+            ("any", 0, []), ("gone", 0, ["prefetch rule 'gone' is no longer configured"])]  # already recalled: nothing copied
+        with archive.index.read_session() as s:
+            states = [j.state for j in s.scalars(select(Hl7PrefetchJob).order_by(Hl7PrefetchJob.pk))]
+        assert states == [JOB_DONE, JOB_DONE, JOB_RUNNING, JOB_FAILED]
+    finally:
         archive.close()

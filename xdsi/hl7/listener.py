@@ -13,7 +13,8 @@ database never stalls the reading of other connections.  Every block gets an ans
 A NAK carries an ERR segment with the HL7 table 0357 code, where, and the reason.  A
 malformed block never ends the connection, let alone the listener; only EOF, an idle
 connection (``read_timeout``) or ``stop()`` do.  Orders and patient updates are written
-in one transaction before the ACK is sent (acknowledged = recorded); prefetch runs after.
+in one transaction before the ACK is sent (acknowledged = recorded), with the prefetch jobs
+they trigger; the prefetch itself runs after (:mod:`xdsi.hl7.prefetch`).
 """
 
 from __future__ import annotations
@@ -90,16 +91,20 @@ class Hl7Handler:
         from xdsi.hl7.orders import order_facts, record_order
 
         facts = order_facts(r)
-        with self.archive.index.session() as s:
+        with self.archive.index.session() as s:  # the order and its prefetch jobs, one transaction, before the ACK
             record_order(s, facts)
-        queued = self._prefetch(r.message_type, facts["patient_id"], facts["issuer_of_patient_id"], facts["modality"], facts["accession_number"])
+            queued = self._prefetch(s, r, facts["patient_id"], facts["issuer_of_patient_id"], facts["modality"], facts["accession_number"])
+        self._wake(queued)
         return f"order {facts['accession_number']!r} ({facts['order_control'] or '?'}) for patient {facts['patient_id']!r} recorded; {queued} prefetch job(s)"
 
     def _admission(self, r: Received) -> str:
         pid, issuer = r.get("PID", 3, 1), r.get("PID", 3, 4)
         if not pid:
             raise Hl7Error("AE", m.REQUIRED_FIELD_MISSING, "PID-3 (patient identifier) is empty", "PID^1^3")
-        return f"{self._prefetch(r.message_type, pid, issuer)} prefetch job(s) for patient {pid!r}"
+        with self.archive.index.session() as s:
+            queued = self._prefetch(s, r, pid, issuer)
+        self._wake(queued)
+        return f"{queued} prefetch job(s) for patient {pid!r}"
 
     def _patient_update(self, r: Received) -> str:
         from xdsi.hl7.patients import merge_patients, republish, update_patient
@@ -109,12 +114,14 @@ class Hl7Handler:
         queued = republish(self.archive, done.studies)
         return done.note + (f"; replacement manifest queued for {len(queued)} studies" if queued else "")
 
-    def _prefetch(self, message_type: str, patient_id: str, issuer: str, modality: str = "", accession: str = "") -> int:
-        if self.prefetcher is None or not self.settings.prefetch:
-            return 0
-        from xdsi.hl7.prefetch import jobs_for
+    def _prefetch(self, session: Any, r: Received, patient_id: str, issuer: str, modality: str = "", accession: str = "") -> int:
+        from xdsi.hl7.prefetch import record_jobs
 
-        return self.prefetcher.submit(jobs_for(self.settings.prefetch, message_type, patient_id, issuer, modality, accession))
+        return record_jobs(session, self.settings.prefetch, r.message_type, patient_id, issuer, modality, accession, r.control_id)
+
+    def _wake(self, queued: int) -> None:
+        if queued and self.prefetcher is not None:
+            self.prefetcher.wake()
 
 
 class Hl7Listener:

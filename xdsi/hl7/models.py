@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Integer, Text, UniqueConstraint
+from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xdsi.index.models import Base
@@ -40,3 +40,38 @@ class Hl7Order(Base):
     message_control_id: Mapped[str] = mapped_column(Text, default="")  # MSH-10 of the last message for this order
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# Hl7PrefetchJob.state values
+JOB_PENDING = "pending"  # recorded with the message, before its ACK
+JOB_RUNNING = "running"  # claimed by one process's prefetch worker (retaken when started_at is older than JOB_LEASE)
+JOB_DONE = "done"
+JOB_FAILED = "failed"  # some instance could not be recalled or pushed; `error` says which and why
+
+
+class Hl7PrefetchJob(Base):
+    """One ``[[prefetch]]`` rule to run for one message: recorded before the ACK, so a restart does not forget it.
+
+    Why rows and not an in-memory queue: the RIS was told ``AA``; the priors it expects in the
+    cache must come even if ``xdsi serve`` restarts in between, and ``xdsi status`` (another
+    process) shows what is waiting and what failed.
+    """
+
+    __tablename__ = "hl7_prefetch_job"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(Text, default="")  # [[prefetch]] name
+    patient_id: Mapped[str] = mapped_column(Text, default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(Text, default="")
+    modality: Mapped[str] = mapped_column(Text, default="")  # the order's (same_modality)
+    accession_number: Mapped[str] = mapped_column(Text, default="")  # the order's own study is no prior
+    message_type: Mapped[str] = mapped_column(Text, default="")
+    message_control_id: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16), default=JOB_PENDING, index=True)
+    studies: Mapped[int] = mapped_column(Integer, default=0)  # priors selected
+    recalled: Mapped[int] = mapped_column(Integer, default=0)  # instances copied to the first tier
+    pushed: Mapped[int] = mapped_column(Integer, default=0)  # instances the push_to peer acknowledged
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -9,23 +9,29 @@ body part, the last N studies, the last N years) and then
   read path (:meth:`xdsi.archive.retrieve.RetrieveService.path`, recall forced on);
 * pushes them, when the rule names ``push_to``, to that peer by C-STORE.
 
-The work runs on one background thread, after the ACK: a RIS waits for nobody's disk.
-Jobs are held in memory; a restart forgets the ones not yet done (the next order of the
-patient asks again).  The same study asked for twice while queued is recalled once.
+Each rule a message triggers is a row (``hl7_prefetch_job``) written in the same
+transaction as the order, before the ACK; the work runs after it on one background
+thread (a RIS waits for nobody's disk), and a restart picks up what was not done.  A job
+is claimed by one process at a time (a conditional UPDATE), so several ``xdsi serve``
+processes on one index never run a job twice; a claim older than :data:`JOB_LEASE`
+(its process died) is taken over.  An instance already on the first tier is not copied
+again, so a job run twice costs one index read.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from xdsi.config import PrefetchRule
+from xdsi.hl7.models import JOB_DONE, JOB_FAILED, JOB_PENDING, JOB_RUNNING, Hl7PrefetchJob
+from xdsi.index.catalog import utcnow
 from xdsi.index.models import Patient, Series, Study
 
 if TYPE_CHECKING:
@@ -33,7 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrefetchJob", "PrefetchResult", "select_priors", "Prefetcher"]
+__all__ = ["PrefetchJob", "PrefetchResult", "select_priors", "record_jobs", "Prefetcher", "JOB_LEASE"]
+
+JOB_LEASE = timedelta(hours=1)  # a running job not finished by then: its process died, another takes it over
 
 
 @dataclass(frozen=True)
@@ -174,39 +182,108 @@ def push_studies(archive: "Archive", peer_ae: str, study_uids: Iterable[str]) ->
     return done, errors
 
 
-class Prefetcher:
-    """The background worker: jobs in, priors recalled (and pushed) one study at a time."""
+def record_jobs(session: Session, rules: Iterable[PrefetchRule], message_type: str, patient_id: str, issuer: str,
+                modality: str = "", accession_number: str = "", control_id: str = "", now: datetime | None = None) -> int:
+    """One pending job per rule that ``message_type`` triggers, in the caller's transaction (the message's); how many."""
+    now = now or utcnow()
+    n = 0
+    for rule in rules:
+        if message_type not in rule.triggers:
+            continue
+        session.add(Hl7PrefetchJob(
+            rule=rule.name, patient_id=patient_id, issuer_of_patient_id=issuer, modality=modality.upper(),
+            accession_number=accession_number, message_type=message_type, message_control_id=control_id,
+            state=JOB_PENDING, studies=0, recalled=0, pushed=0, error="", created_at=now,
+        ))
+        n += 1
+    return n
 
-    def __init__(self, archive: "Archive") -> None:
+
+class Prefetcher:
+    """The background worker: claims pending jobs from the index, recalls (and pushes) their priors, records the outcome."""
+
+    def __init__(self, archive: "Archive", poll_interval: float = 10.0) -> None:
         self.archive = archive
-        self.results: list[PrefetchResult] = []  # the last jobs' outcomes (for tests and `xdsi status`), bounded
-        self._queue: "queue.Queue[PrefetchJob | None]" = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
+        self.poll_interval = poll_interval  # jobs recorded by another process are found within this many seconds
+        self.results: list[PrefetchResult] = []  # this process's last outcomes (bounded), for tests and logs
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hl7-prefetch", daemon=True)
-        self._pending = 0
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
-    def submit(self, jobs: Iterable[PrefetchJob]) -> int:
-        n = 0
-        for job in jobs:
-            with self._lock:
-                self._pending += 1
-                self._idle.clear()
-            self._queue.put(job)
-            n += 1
-        return n
+    def wake(self) -> None:
+        """New jobs were committed: look now rather than at the next poll."""
+        self._wake.set()
+
+    def open_jobs(self) -> int:
+        with self.archive.index.read_session() as s:
+            return int(s.scalar(select(func.count()).select_from(Hl7PrefetchJob).where(Hl7PrefetchJob.state.in_((JOB_PENDING, JOB_RUNNING)))) or 0)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Every submitted job done (tests; `xdsi` itself never waits)."""
-        return self._idle.wait(timeout)
+        """No job pending or running (tests; ``xdsi`` itself never waits)."""
+        deadline = datetime.now().timestamp() + timeout
+        while datetime.now().timestamp() < deadline:
+            if self.open_jobs() == 0:
+                return True
+            self._stop.wait(0.1)
+        return False
+
+    def claim(self, now: datetime | None = None) -> tuple[int, PrefetchJob | None, str] | None:
+        """Take the oldest due job: (pk, the job or None when its rule is gone, rule name); None when there is none."""
+        now = now or utcnow()
+        due = or_(Hl7PrefetchJob.state == JOB_PENDING, and_(Hl7PrefetchJob.state == JOB_RUNNING, Hl7PrefetchJob.started_at < now - JOB_LEASE))
+        rules = {r.name: r for r in self.archive.settings.hl7.prefetch}
+        while True:
+            with self.archive.index.session() as s:
+                row = s.scalars(select(Hl7PrefetchJob).where(due).order_by(Hl7PrefetchJob.pk).limit(1)).first()
+                if row is None:
+                    return None
+                # conditional on what we read: of two processes reading the same row, one updates it
+                taken = s.execute(
+                    update(Hl7PrefetchJob)
+                    .where(Hl7PrefetchJob.pk == row.pk, Hl7PrefetchJob.state == row.state,
+                           Hl7PrefetchJob.started_at.is_(None) if row.started_at is None else Hl7PrefetchJob.started_at == row.started_at)
+                    .values(state=JOB_RUNNING, started_at=now)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if taken != 1:
+                    continue
+                rule = rules.get(row.rule)
+                job = None if rule is None else PrefetchJob(rule, row.patient_id, row.issuer_of_patient_id, row.modality, row.accession_number)
+                return row.pk, job, row.rule
+
+    def run_once(self) -> list[PrefetchResult]:
+        """Run every due job now; their outcomes."""
+        out = []
+        while not self._stop.is_set():
+            claimed = self.claim()
+            if claimed is None:
+                break
+            pk, job, name = claimed
+            if job is None:
+                result = PrefetchResult(name, errors=[f"prefetch rule {name!r} is no longer configured"])
+            else:
+                try:
+                    result = self.run_job(job)
+                except Exception as exc:  # a failed job must not end the worker
+                    log.exception("prefetch %s for patient %r failed", job.rule.name, job.patient_id)
+                    result = PrefetchResult(name, errors=[f"{type(exc).__name__}: {exc}"])
+            with self.archive.index.session() as s:
+                s.execute(update(Hl7PrefetchJob).where(Hl7PrefetchJob.pk == pk).values(
+                    state=JOB_FAILED if result.errors else JOB_DONE, studies=len(result.studies), recalled=result.recalled,
+                    pushed=result.pushed, error="; ".join(result.errors)[:4000], finished_at=utcnow(),
+                ).execution_options(synchronize_session=False))
+            self.results = (self.results + [result])[-100:]
+            out.append(result)
+        return out
 
     def run_job(self, job: PrefetchJob) -> PrefetchResult:
         result = PrefetchResult(job.rule.name)
@@ -224,23 +301,18 @@ class Prefetcher:
         return result
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
+        while not self._stop.is_set():
+            self._wake.clear()
             try:
-                result = self.run_job(job)
-            except Exception as exc:  # a failed job must not end the worker
-                log.exception("prefetch %s for patient %r failed", job.rule.name, job.patient_id)
-                result = PrefetchResult(job.rule.name, errors=[str(exc)])
-            self.results = (self.results + [result])[-100:]
-            with self._lock:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
+                self.run_once()
+            except Exception:  # the index unreachable for a moment: try again at the next poll
+                log.exception("prefetch pass failed; next in %.0f s", self.poll_interval)
+            self._wake.wait(self.poll_interval)
 
 
-def jobs_for(rules: Iterable[PrefetchRule], message_type: str, patient_id: str, issuer: str, modality: str = "",
-             accession_number: str = "") -> list[PrefetchJob]:
-    """One job per rule that ``message_type`` triggers."""
-    return [PrefetchJob(rule, patient_id, issuer, modality.upper(), accession_number) for rule in rules if message_type in rule.triggers]
+def prefetch_status(index) -> tuple[dict[str, int], list[Hl7PrefetchJob]]:  # type: ignore[no-untyped-def]
+    """For ``xdsi status``: jobs per state, and the last failed ones (newest first)."""
+    with index.read_session() as s:
+        counts = {state: int(n) for state, n in s.execute(select(Hl7PrefetchJob.state, func.count()).group_by(Hl7PrefetchJob.state))}
+        failed = list(s.scalars(select(Hl7PrefetchJob).where(Hl7PrefetchJob.state == JOB_FAILED).order_by(Hl7PrefetchJob.pk.desc()).limit(5)))
+    return counts, failed
