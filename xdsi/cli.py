@@ -273,6 +273,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"spool:      {spool.files} file(s), {_human(spool.bytes)} in {settings.temp_dir}")
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
+    _print_hl7(settings)
     _print_audit_spool(settings)
     _print_clock(settings)
     return 0
@@ -295,6 +296,14 @@ def _print_listeners(settings: Settings) -> None:
         print(f"serving:    not running (pid {running.pid}, started {running.started:%Y-%m-%dT%H:%M:%SZ}, ended without "
               f"stopping cleanly; it listened on {', '.join(running.listeners)})")
     print(f"listeners:  {describe_listeners(settings)} (as configured)")
+
+
+def _print_hl7(settings: Settings) -> None:
+    """The HIS/RIS interface in ``xdsi status`` (issue 15): the listener, the prefetch rules, their jobs and the last failures."""
+    from xdsi.hl7.status import status_lines
+
+    for line in status_lines(settings):
+        print(line)
 
 
 def _print_clock(settings: Settings) -> None:

@@ -437,5 +437,11 @@ def test_prefetch_jobs_are_recorded_before_the_ack_and_survive_a_restart(tmp_pat
         with archive.index.read_session() as s:
             states = [j.state for j in s.scalars(select(Hl7PrefetchJob).order_by(Hl7PrefetchJob.pk))]
         assert states == [JOB_DONE, JOB_DONE, JOB_RUNNING, JOB_FAILED]
+        # `xdsi status` shows the rules, the jobs per state and why the failed one failed
+        from xdsi.hl7.status import status_lines
+
+        lines = status_lines(archive.settings)
+        assert lines[1] == "prefetch:   rules any; jobs: 2 done, 1 failed, 1 running", lines
+        assert "prefetch rule 'gone' is no longer configured" in lines[2]
     finally:
         archive.close()
