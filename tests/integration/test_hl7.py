@@ -445,3 +445,47 @@ def test_prefetch_jobs_are_recorded_before_the_ack_and_survive_a_restart(tmp_pat
         assert "prefetch rule 'gone' is no longer configured" in lines[2]
     finally:
         archive.close()
+
+
+def test_prefetch_pushes_the_priors_to_the_rules_workstation(tmp_path: Path) -> None:
+    """``push_to``: the priors go by C-STORE to a [peers.AE] (a pynetdicom storage SCP on loopback), pixels as stored."""
+    import numpy as np
+    from pydicom import dcmread
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from xdsi.config import Peer
+    from xdsi.hl7.prefetch import PrefetchJob, Prefetcher
+
+    received: dict[str, object] = {}
+
+    def on_store(event):  # type: ignore[no-untyped-def]
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    scp = AE(ae_title="WS1")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    rule = PrefetchRule("push", modalities=("CT",), recall=False, push_to="WS1")
+    settings = replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite'}"), peers={"WS1": Peer("WS1", "127.0.0.1", port)},
+                       hl7=Hl7Settings(port=1, prefetch=(rule,)))
+    archive = Archive.open(settings)
+    try:
+        ct, mr = StudySpec(), StudySpec(modality="MR", accession="ACC9")
+        paths = {}
+        for name, spec in (("ct", ct), ("mr", mr)):
+            for p in write_study(tmp_path / name, spec, series=1, per_series=3, rows=16, columns=16):
+                assert archive.store.store_file(p).ok
+                paths[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p
+        result = Prefetcher(archive).run_job(PrefetchJob(rule, "PAT001", "HOSP"))
+        assert (result.studies, result.pushed, result.recalled, result.errors) == ([ct.study_uid], 3, 0, [])
+        assert len(received) == 3
+        for uid, ds in received.items():
+            original = dcmread(paths[uid])
+            assert str(original.StudyInstanceUID) == ct.study_uid
+            assert np.array_equal(ds.pixel_array, original.pixel_array)  # type: ignore[attr-defined]
+    finally:
+        archive.close()
+        server.shutdown()
