@@ -1450,9 +1450,10 @@ class Hl7Settings:
     # RAD-12 patient update: republish (RPLC) the manifest of every registered study whose patient changed
     republish: bool = True
     prefetch: tuple[PrefetchRule, ...] = ()  # [[prefetch]]
+    charset: str = "utf-8"  # Python codec of messages whose MSH-18 is empty (HL7's default is ASCII; many HIS send Latin-1)
 
 
-_HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish"}
+_HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish", "charset"}
 _PREFETCH_KEYS = {"name", "triggers", "modalities", "body_parts", "same_modality", "last_studies", "years", "recall", "push_to"}
 
 
@@ -1498,6 +1499,13 @@ def hl7_from(raw: object, prefetch_raw: object, peers: Mapping[str, Peer]) -> Hl
         kw["max_message_bytes"] = n
     if "read_timeout" in table:
         kw["read_timeout"] = float(_number("[hl7] read_timeout", table["read_timeout"]))
+    if "charset" in table:
+        import codecs
+
+        try:
+            kw["charset"] = codecs.lookup(str(table["charset"])).name
+        except LookupError:
+            raise ConfigError(f"[hl7] charset {table['charset']!r} is not a character set Python knows (e.g. \"utf-8\", \"iso8859-1\")") from None
     if not isinstance(prefetch_raw, list) or not all(isinstance(r, dict) for r in prefetch_raw):
         raise ConfigError("prefetch must be an array of tables: [[prefetch]]")
     rules: list[PrefetchRule] = []

@@ -421,6 +421,11 @@ def test_prefetch_jobs_are_recorded_before_the_ack_and_survive_a_restart(tmp_pat
         assert b"MSA|AA|R1" in reply
         with archive.index.read_session() as s:
             assert [j.state for j in s.scalars(select(Hl7PrefetchJob))] == [JOB_PENDING]
+        # the RIS cancels the order: recorded (routing sees CA), no prefetch job
+        assert b"MSA|AA|R2" in Hl7Handler(archive, None).handle(orm("R2", "PAT001", "NEW1").replace("ORC|NW|", "ORC|CA|").encode())
+        with archive.index.read_session() as s:
+            assert len(s.scalars(select(Hl7PrefetchJob)).all()) == 1
+            assert order_attributes(s, "NEW1", "PAT001")["order_control"] == "CA"
         # the next process's worker finds it
         [result] = Prefetcher(archive).run_once()
         assert (result.studies, result.recalled, result.errors) == ([spec.study_uid], 2, [])
@@ -489,3 +494,45 @@ def test_prefetch_pushes_the_priors_to_the_rules_workstation(tmp_path: Path) -> 
     finally:
         archive.close()
         server.shutdown()
+
+
+def test_a08_character_sets_nulls_and_ambiguous_patients(tmp_path: Path) -> None:
+    """MSH-18 decides how a name's bytes are read (never replaced by U+FFFD); ``""`` clears a value, an empty field keeps it;
+    a Patient ID held under two issuers is not updated from a message that names no issuer."""
+    from xdsi.hl7.listener import Hl7Handler
+
+    archive = Archive.open(replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite'}"), hl7=Hl7Settings(port=1)))
+    try:
+        for name, spec in (("a", StudySpec(patient_id="P7", issuer="HOSP")), ("b", StudySpec(patient_id="P8", issuer="HOSP")),
+                           ("c", StudySpec(patient_id="P8", issuer="CLINIC", accession="ACC3"))):
+            for p in write_study(tmp_path / name, spec, series=1, per_series=1, rows=8, columns=8):
+                assert archive.store.store_file(p).ok
+        handler = Hl7Handler(archive)
+
+        def study_of(pid: str) -> tuple[str, str, str]:
+            with archive.index.read_session() as s:
+                return tuple(s.execute(select(Study.patient_name, Study.patient_birth_date, Study.patient_sex)
+                                 .join(Patient, Study.patient_fk == Patient.pk).where(Patient.patient_id == pid)).one())
+
+        latin = (msh("ADT^A08", "L1") + "||||||8859/1\rPID|||P7^^^HOSP||M\u00fcller^J\u00fcrgen||\"\"|\r").encode("latin-1")
+        assert ack_fields(SB + handler.handle(latin) + EB)["code"] == "AA"
+        assert study_of("P7") == ("M\u00fcller^J\u00fcrgen", "", "F")  # name in Latin-1 read right; birth date cleared; sex kept
+        # the same bytes without MSH-18 are not UTF-8: refused, nothing written
+        a = ack_fields(SB + handler.handle((msh("ADT^A08", "L2") + "\rPID|||P7^^^HOSP||Meier\xe9\r").encode("latin-1")) + EB)
+        assert a["code"] == "AR" and "MSH-18" in a["err_text"]
+        assert study_of("P7")[0] == "M\u00fcller^J\u00fcrgen"
+        # P8 is held by HOSP and by CLINIC: a message without an issuer is an AE, and neither is touched
+        a = ack_fields(SB + handler.handle((msh("ADT^A08", "L3") + "\rPID|||P8||WRONG^NAME\r").encode()) + EB)
+        assert a["code"] == "AE" and "several issuers" in a["err_text"]
+        with archive.index.read_session() as s:
+            assert sorted(s.scalars(select(Study.patient_name).join(Patient, Study.patient_fk == Patient.pk).where(Patient.patient_id == "P8"))) == ["DOE^JANE", "DOE^JANE"]
+        # naming the issuer updates exactly that patient
+        assert ack_fields(SB + handler.handle((msh("ADT^A08", "L4") + "\rPID|||P8^^^CLINIC||ROE^ANN\r").encode()) + EB)["code"] == "AA"
+        with archive.index.read_session() as s:
+            got = dict(s.execute(select(Patient.issuer_of_patient_id, Study.patient_name).join(Patient, Study.patient_fk == Patient.pk)
+                                 .where(Patient.patient_id == "P8")).all())
+        assert got == {"HOSP": "DOE^JANE", "CLINIC": "ROE^ANN"}
+        # an unknown patient: nothing to update, still AA (a HIS sends every A08 to every system)
+        assert ack_fields(SB + handler.handle((msh("ADT^A08", "L5") + "\rPID|||NOBODY^^^HOSP||X^Y\r").encode()) + EB)["code"] == "AA"
+    finally:
+        archive.close()

@@ -42,6 +42,8 @@ __all__ = ["Hl7Listener", "Hl7Handler", "ORDER_TYPES", "PREFETCH_ADT", "UPDATE_T
 ORDER_TYPES = ("ORM^O01", "OMI^O23")
 PREFETCH_ADT = ("ADT^A01", "ADT^A04", "ADT^A05")
 UPDATE_TYPES = ("ADT^A08", "ADT^A31", "ADT^A40")
+# ORC-1 order controls that end an order (HL7 table 0119): recorded, but they trigger no prefetch
+CANCELLING = ("CA", "DC", "OC", "CR", "OD", "DR")
 
 
 class Hl7Handler:
@@ -53,26 +55,27 @@ class Hl7Handler:
         self.prefetcher = prefetcher
         self.handled: dict[str, int] = {}  # ACK code -> messages answered with it (for status and tests)
 
-    def _ack(self, r: Received | None, code: str, error: Hl7Error | None = None) -> bytes:
+    def answer(self, r: Received | None, code: str, error: Hl7Error | None = None) -> bytes:
+        """The ACK bytes, counted in :attr:`handled`."""
         self.handled[code] = self.handled.get(code, 0) + 1
         return m.ack(r, code, application=self.settings.application, facility=self.settings.facility, error=error)
 
     def handle(self, block: bytes) -> bytes:
         try:
-            r = m.parse(block)
+            r = m.parse(block, self.settings.charset)
         except Hl7Error as exc:
             log.warning("HL7 block refused (%s): %s", exc.ack_code, exc.text)
-            return self._ack(None, exc.ack_code, exc)
+            return self.answer(None, exc.ack_code, exc)
         try:
             note = self.dispatch(r)
         except Hl7Error as exc:
             log.warning("HL7 %s %s answered %s: %s", r.message_type, r.control_id, exc.ack_code, exc.text)
-            return self._ack(r, exc.ack_code, exc)
+            return self.answer(r, exc.ack_code, exc)
         except Exception as exc:  # the index failed: nothing was committed; the sender may retry
             log.exception("HL7 %s %s could not be applied", r.message_type, r.control_id)
-            return self._ack(r, "AE", Hl7Error("AE", m.APPLICATION_INTERNAL_ERROR, f"not applied: {type(exc).__name__}: {exc}"))
+            return self.answer(r, "AE", Hl7Error("AE", m.APPLICATION_INTERNAL_ERROR, f"not applied: {type(exc).__name__}: {exc}"))
         log.info("HL7 %s %s: %s", r.message_type, r.control_id, note)
-        return self._ack(r, "AA")
+        return self.answer(r, "AA")
 
     def dispatch(self, r: Received) -> str:
         kind = r.message_type
@@ -93,7 +96,8 @@ class Hl7Handler:
         facts = order_facts(r)
         with self.archive.index.session() as s:  # the order and its prefetch jobs, one transaction, before the ACK
             record_order(s, facts)
-            queued = self._prefetch(s, r, facts["patient_id"], facts["issuer_of_patient_id"], facts["modality"], facts["accession_number"])
+            queued = 0 if facts["order_control"] in CANCELLING else self._prefetch(
+                s, r, facts["patient_id"], facts["issuer_of_patient_id"], facts["modality"], facts["accession_number"])
         self._wake(queued)
         return f"order {facts['accession_number']!r} ({facts['order_control'] or '?'}) for patient {facts['patient_id']!r} recorded; {queued} prefetch job(s)"
 
@@ -193,9 +197,9 @@ class Hl7Listener:
                         log.warning("HL7 connection from %s closed in the middle of a block (%d bytes unanswered)", peer, len(exc.partial))
                     return
                 except InvalidBlockError:
-                    reply = self.handler._ack(None, "AR", Hl7Error("AR", m.SEGMENT_SEQUENCE_ERROR, "block does not begin with <VT> (MLLP start block)"))
+                    reply = self.handler.answer(None, "AR", Hl7Error("AR", m.SEGMENT_SEQUENCE_ERROR, "block does not begin with <VT> (MLLP start block)"))
                 except ValueError:  # larger than max_message_bytes: the block was skipped
-                    reply = self.handler._ack(None, "AR", Hl7Error(
+                    reply = self.handler.answer(None, "AR", Hl7Error(
                         "AR", m.APPLICATION_INTERNAL_ERROR, f"message larger than [hl7] max_message_bytes ({self.settings.max_message_bytes} bytes)"))
                 except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
                     return

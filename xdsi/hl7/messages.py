@@ -74,6 +74,17 @@ class Received:
             return ""
         return self.message.unescape(str(value)).strip() if value else ""
 
+    def value(self, segment: str, field: int, component: int = 1) -> str | None:
+        """Like :meth:`get`, telling "not sent" (None) from the HL7 null ``""`` ("delete the value": "")."""
+        try:
+            raw = self.message.extract_field(segment, 1, field, 1, component)
+        except (KeyError, IndexError):
+            return None
+        raw = str(raw).strip() if raw else ""
+        if raw == '""':
+            return ""
+        return self.message.unescape(raw).strip() or None
+
     def raw(self, segment: str, field: int, repetition: int = 1, occurrence: int = 1) -> str:
         """A whole field repetition with its component delimiters, as sent (an XCN, a PL); "" when absent."""
         try:
@@ -99,14 +110,42 @@ class Received:
             return 0
 
 
-def parse(block: bytes) -> Received:
+# HL7 table 0211 (MSH-18 character set) -> Python codec, for the sets a HIS sends in practice
+CHARSETS = {
+    "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8", "UTF-8": "utf-8",
+    **{f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+}
+
+
+def _charset(block: bytes, default: str) -> str:
+    """The codec MSH-18 names (read from the raw MSH, which is ASCII), else ``default`` ([hl7] charset)."""
+    head = block.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if len(head) < 4:
+        return default
+    fields = head.split(head[3:4])
+    declared = fields[17].split(b"~")[0].decode("ascii", "replace").strip().upper() if len(fields) > 17 else ""
+    if not declared:
+        return default
+    codec = CHARSETS.get(declared)
+    if codec is None:
+        raise Hl7Error("AR", DATA_TYPE_ERROR, f"MSH-18 character set {declared!r} is not supported "
+                       f"(supported: {', '.join(sorted(CHARSETS))})", "MSH^1^18")
+    return codec
+
+
+def parse(block: bytes, charset: str = "utf-8") -> Received:
     """Parse one MLLP block; :class:`Hl7Error` (``AR``) when it is not an HL7 v2 message with a usable MSH.
 
-    The encoding is taken as UTF-8 with undecodable bytes replaced: MSH-18 is rarely sent
-    and the identifiers we act on (IDs, UIDs, codes) are ASCII; a name with a stray byte
-    is kept with U+FFFD rather than refusing the patient update that carries it.
+    The text is decoded with the character set MSH-18 declares, else ``charset`` (``[hl7] charset``),
+    strictly: bytes that are not valid in it are refused (``AR``) rather than replaced, because a
+    replaced character in a patient's name would be written into the index by an ADT^A08.
     """
-    text = block.decode("utf-8", "replace").replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+    try:
+        text = block.decode(_charset(block, charset))
+    except UnicodeDecodeError as exc:
+        raise Hl7Error("AR", DATA_TYPE_ERROR, f"byte {exc.start} is not valid {exc.encoding}: declare the character set in MSH-18 "
+                       "or set [hl7] charset") from None
+    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Hl7Error("AR", SEGMENT_SEQUENCE_ERROR, "the message does not begin with an MSH segment", "MSH^1")
     if len(text) < 8 or text[4:8].count(text[3]) or not text[3].strip():
@@ -164,7 +203,7 @@ def ack(r: Received | None, ack_code: str, *, application: str, facility: str, e
     if error is None:
         segments.append(f"MSA|{ack_code}|{control}")
     else:
-        segments.append(f"MSA|{ack_code}|{control}|{_escape(error.text)[:80]}")
+        segments.append(f"MSA|{ack_code}|{control}|{_escape(error.text[:80])}")
         erl = "^".join(_escape(p) for p in error.location.split("^")) if error.location else ""
         code = f"{error.code}^{_escape(_CODE_TEXT.get(error.code, ''))}^HL70357"
         # ERR-1 (v2.3 compatibility: ELD) empty, ERR-2 location, ERR-3 code, ERR-4 severity E, ERR-8 user message

@@ -59,20 +59,23 @@ class PatientUpdate:
 
 
 def _pn_from_xpn(r: Received) -> str | None:
-    """PID-5 (XPN: family^given^middle^suffix^prefix) as a DICOM PN (family^given^middle^prefix^suffix)."""
-    family = r.get("PID", 5, 1).split("&", 1)[0]  # FN.1 surname (further subcomponents: own surname prefix ...)
-    given, middle, suffix, prefix = (r.get("PID", 5, i) for i in (2, 3, 4, 5))
-    if not any((family, given, middle, suffix, prefix)):
+    """PID-5 (XPN: family^given^middle^suffix^prefix) as a DICOM PN (family^given^middle^prefix^suffix).
+
+    None: not sent (keep the name); "": the HL7 null ``""`` (clear it)."""
+    parts = [r.value("PID", 5, i) for i in (1, 2, 3, 4, 5)]
+    if all(p is None for p in parts):
         return None
+    family, given, middle, suffix, prefix = ((p or "") for p in parts)
+    family = family.split("&", 1)[0]  # FN.1 surname (further subcomponents: own surname prefix ...)
     return "^".join([family, given, middle, prefix, suffix]).rstrip("^")
 
 
 def demographics(r: Received) -> Demographics:
-    birth = r.get("PID", 7)[:8]
-    if birth and not (len(birth) == 8 and birth.isdigit()):
-        birth = ""  # a DTM we cannot read as a DICOM DA: cleared rather than wrong
-    sex = r.get("PID", 8).upper()
-    return Demographics(_pn_from_xpn(r), birth or None, _SEX.get(sex, "") if sex else None)
+    birth = r.value("PID", 7)
+    if birth:
+        birth = birth[:8] if len(birth) >= 8 and birth[:8].isdigit() else ""  # a DTM we cannot read as a DA: cleared, not wrong
+    sex = r.value("PID", 8)
+    return Demographics(_pn_from_xpn(r), birth, _SEX.get(sex.upper(), "") if sex is not None else None)
 
 
 def _identity(r: Received, segment: str, fld: int) -> tuple[str, str]:
