@@ -253,7 +253,13 @@ def test_a08_and_a40_update_the_index_and_replace_the_manifest(tmp_path: Path, i
         mapping = (PatientIdMapping("PAT001", "HOSP", "PAT001", AFFINITY), PatientIdMapping("TMP9", "HOSP", "TMP9", AFFINITY))
         x = XdsSettings(mode="integrated", registry_url=registry.registry_url, stability_delay=0, retry_initial=0.2, retry_max=1.0,
                         timeout=10, patient_ids=mapping, issuer_oids={"HOSP": HOSP_OID})
-        listener, archive = listener_factory(replace(make_settings(tmp_path, index_url, xds=x), hl7=Hl7Settings(port=1)))
+        # [audit] to a repository that is never reached: the records wait in the real spool, where they are read back
+        from xdsi.audit.trail import AuditTrail
+        from xdsi.config import AuditSettings
+
+        audit = AuditSettings(repositories=("udp://127.0.0.1:9",))
+        listener, archive = listener_factory(replace(make_settings(tmp_path, index_url, xds=x), hl7=Hl7Settings(port=1), audit=audit))
+        archive.audit = AuditTrail(archive.settings)
         # a study filed under a temporary ID at the modality, published under it; another already under PAT001
         temp = StudySpec(patient_id="TMP9", patient_name="UNKNOWN^TRAUMA")
         kept = StudySpec(patient_id="PAT001", patient_name="DOE^JANE", accession="ACC2")
@@ -276,6 +282,19 @@ def test_a08_and_a40_update_the_index_and_replace_the_manifest(tmp_path: Path, i
             # a merge that names no prior patient is an error, not a silent success
             a = ack_fields(client.send_message(_adt("ADT^A40", "M3", "PAT001", "DOE^JANE")))
             assert (a["code"], a["err_code"]) == ("AE", "101")
+
+        # ATNA: Patient Record (110110) per changed record: U for A08; D for the merged TMP9 and U for PAT001 for the A40;
+        # nothing for the repeated merge that found nothing; every record valid against PS3.15's schema
+        from tests.support.audit_schema import check_audit_message, event, event_types
+
+        frames = [body for _seq, body in archive.audit.spool.pending("udp://127.0.0.1:9")]
+        records = [check_audit_message(f[f.index(b"<?xml") if b"<?xml" in f else f.index(b"<AuditMessage"):]) for f in frames]
+        patient_records = [(event(r), r.find("ParticipantObjectIdentification").get("ParticipantObjectID")) for r in records
+                           if event(r)[0] == "110110"]
+        assert patient_records == [(("110110", "U", "0"), "PAT001^^^HOSP"), (("110110", "D", "0"), "TMP9^^^HOSP"),
+                                   (("110110", "U", "0"), "PAT001^^^HOSP")], patient_records
+        assert all(("RAD-12", "IHE Transactions") in event_types(r) for r in records if event(r)[0] == "110110")
+        archive.audit.spool.close()
 
         with archive.index.read_session() as s:
             assert s.scalars(select(Patient).where(Patient.patient_id == "TMP9")).all() == []

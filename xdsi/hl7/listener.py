@@ -60,14 +60,15 @@ class Hl7Handler:
         self.handled[code] = self.handled.get(code, 0) + 1
         return m.ack(r, code, application=self.settings.application, facility=self.settings.facility, error=error)
 
-    def handle(self, block: bytes) -> bytes:
+    def handle(self, block: bytes, peer: str = "") -> bytes:
+        """The ACK for one block; ``peer`` (the sender's address) is what the audit records name."""
         try:
             r = m.parse(block, self.settings.charset)
         except Hl7Error as exc:
             log.warning("HL7 block refused (%s): %s", exc.ack_code, exc.text)
             return self.answer(None, exc.ack_code, exc)
         try:
-            note = self.dispatch(r)
+            note = self.dispatch(r, peer)
         except Hl7Error as exc:
             log.warning("HL7 %s %s answered %s: %s", r.message_type, r.control_id, exc.ack_code, exc.text)
             return self.answer(r, exc.ack_code, exc)
@@ -77,7 +78,7 @@ class Hl7Handler:
         log.info("HL7 %s %s: %s", r.message_type, r.control_id, note)
         return self.answer(r, "AA")
 
-    def dispatch(self, r: Received) -> str:
+    def dispatch(self, r: Received, peer: str = "") -> str:
         kind = r.message_type
         if r.processing_id and r.processing_id[:1] not in ("P", "D", "T"):
             raise Hl7Error("AR", m.UNSUPPORTED_PROCESSING_ID, f"MSH-11 processing ID {r.processing_id!r} is not P, D or T", "MSH^1^11")
@@ -86,7 +87,7 @@ class Hl7Handler:
         if kind in PREFETCH_ADT:
             return self._admission(r)
         if kind in UPDATE_TYPES:
-            return self._patient_update(r)
+            return self._patient_update(r, peer)
         code = m.UNSUPPORTED_MESSAGE_TYPE if not kind.startswith(("ORM^", "OMI^", "ADT^")) else m.UNSUPPORTED_EVENT_CODE
         raise Hl7Error("AR", code, f"message type {kind} is not taken here (ORM^O01, OMI^O23, ADT^A01/A04/A05/A08/A31/A40)", "MSH^1^9")
 
@@ -110,11 +111,14 @@ class Hl7Handler:
         self._wake(queued)
         return f"{queued} prefetch job(s) for patient {pid!r}"
 
-    def _patient_update(self, r: Received) -> str:
+    def _patient_update(self, r: Received, peer: str) -> str:
+        from xdsi.hl7.audit import patient_record_events
         from xdsi.hl7.patients import merge_patients, republish, update_patient
 
         with self.archive.index.session() as s:
             done = merge_patients(s, r) if r.message_type == "ADT^A40" else update_patient(s, r)
+        for event in patient_record_events(self.archive, r, done, peer):
+            self.archive.audit.record(event)
         queued = republish(self.archive, done.studies)
         return done.note + (f"; replacement manifest queued for {len(queued)} studies" if queued else "")
 
@@ -204,7 +208,7 @@ class Hl7Listener:
                 except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
                     return
                 else:
-                    reply = await loop.run_in_executor(self._pool, self.handler.handle, block)
+                    reply = await loop.run_in_executor(self._pool, self.handler.handle, block, peer[0] if peer else "")
                 writer.writeblock(reply)
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, asyncio.CancelledError):

@@ -56,6 +56,8 @@ class PatientUpdate:
     studies: list[str] = field(default_factory=list)
     patients: int = 0
     note: str = ""
+    updated: list[tuple[str, str, str]] = field(default_factory=list)  # (Patient ID, issuer, name) whose record changed
+    deleted: list[tuple[str, str, str]] = field(default_factory=list)  # (Patient ID, issuer, name) merged away
 
 
 def _pn_from_xpn(r: Received) -> str | None:
@@ -121,7 +123,8 @@ def update_patient(session: Session, r: Received) -> PatientUpdate:
     if patient is None:
         return PatientUpdate(note=f"patient {pid!r} (issuer {issuer!r}) is not held: nothing to update")
     studies = _apply(session, patient, demographics(r), utcnow())
-    return PatientUpdate(studies, 1, f"patient {pid!r}: demographics updated ({len(studies)} studies)")
+    return PatientUpdate(studies, 1, f"patient {pid!r}: demographics updated ({len(studies)} studies)",
+                         updated=[(patient.patient_id, patient.issuer_of_patient_id, patient.patient_name)])
 
 
 def merge_patients(session: Session, r: Received) -> PatientUpdate:
@@ -134,6 +137,8 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
     d = demographics(r)
     moved: list[str] = []
     merged = 0
+    deleted: list[tuple[str, str, str]] = []
+    target: Patient | None = None
     for occurrence in range(1, groups + 1):
         # (one PID/MRG pair per merge; several pairs in one A40 all name the same surviving patient here)
         old_id, old_issuer = r.get("MRG", 1, 1, occurrence=occurrence), r.get("MRG", 1, 4, occurrence=occurrence)
@@ -144,6 +149,7 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
         prior = _find(session, old_id, old_issuer, f"MRG^{occurrence}^1")
         if prior is None:
             continue
+        deleted.append((prior.patient_id, prior.issuer_of_patient_id, prior.patient_name))
         surviving = _find(session, pid, issuer, "PID^1^3")
         if surviving is None and issuer == "" and prior.issuer_of_patient_id:
             issuer_for_new = prior.issuer_of_patient_id  # same assigning authority as the prior ID
@@ -169,7 +175,9 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
     session.flush()
     if not merged:
         return PatientUpdate(note=f"no prior patient of the merge into {pid!r} is held: nothing to merge")
-    return PatientUpdate(moved, merged, f"merged {merged} patient(s) into {pid!r} (issuer {issuer!r}): {len(moved)} studies")
+    assert target is not None
+    return PatientUpdate(moved, merged, f"merged {merged} patient(s) into {pid!r} (issuer {issuer!r}): {len(moved)} studies",
+                         updated=[(target.patient_id, target.issuer_of_patient_id, target.patient_name)], deleted=deleted)
 
 
 def republish(archive: "Archive", study_uids: list[str]) -> list[str]:
