@@ -274,6 +274,8 @@ def test_a08_and_a40_update_the_index_and_replace_the_manifest(tmp_path: Path, i
             # A08: new demographics for PAT001 (the study's copy of the name follows; the manifest is replaced too)
             a = ack_fields(client.send_message(_adt("ADT^A08", "U1", "PAT001", "DOE^JANE^MARIE")))
             assert a["code"] == "AA", a
+            # an order placed for TMP9 before the merge
+            assert ack_fields(client.send_message(orm("O9", "TMP9", "ACC77")))["code"] == "AA"
             # A40: TMP9 is PAT001
             a = ack_fields(client.send_message(_adt("ADT^A40", "M1", "PAT001", "DOE^JANE^MARIE", "MRG|TMP9^^^HOSP")))
             assert a["code"] == "AA", a
@@ -297,6 +299,9 @@ def test_a08_and_a40_update_the_index_and_replace_the_manifest(tmp_path: Path, i
         archive.audit.spool.close()
 
         with archive.index.read_session() as s:
+            # the order follows the patient: routing finds it by the ID the images will now carry
+            assert order_attributes(s, "ACC77", "PAT001")["patient_location"] == "WARD3^301^B^HOSP"
+            assert order_attributes(s, "ACC77", "TMP9") == {}
             assert s.scalars(select(Patient).where(Patient.patient_id == "TMP9")).all() == []
             rows = s.execute(select(Study.study_uid, Patient.patient_id, Study.patient_name).join(Patient, Study.patient_fk == Patient.pk)).all()
         assert sorted(rows) == sorted([(temp.study_uid, "PAT001", "DOE^JANE^MARIE"), (kept.study_uid, "PAT001", "DOE^JANE^MARIE")])

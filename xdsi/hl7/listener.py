@@ -224,9 +224,12 @@ class Hl7Listener:
             async def close() -> None:
                 if self._server is not None:
                     self._server.close()
-                for t in list(self._clients):
+                clients = list(self._clients)
+                for t in clients:
                     t.cancel()
-                await asyncio.sleep(0)
+                # a handler already running in the pool finishes its transaction; its ACK may not be sent (the
+                # RIS sends the message again, and applying it twice changes nothing)
+                await asyncio.wait(clients, timeout=5) if clients else None
                 loop.stop()
 
             asyncio.run_coroutine_threadsafe(close(), loop)

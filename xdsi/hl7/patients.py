@@ -139,6 +139,7 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
     merged = 0
     deleted: list[tuple[str, str, str]] = []
     target: Patient | None = None
+    orders = 0
     for occurrence in range(1, groups + 1):
         # (one PID/MRG pair per merge; several pairs in one A40 all name the same surviving patient here)
         old_id, old_issuer = r.get("MRG", 1, 1, occurrence=occurrence), r.get("MRG", 1, 4, occurrence=occurrence)
@@ -146,6 +147,7 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
             raise Hl7Error("AE", REQUIRED_FIELD_MISSING, "MRG-1 (prior patient identifier) is empty", f"MRG^{occurrence}^1")
         if (old_id, old_issuer) == (pid, issuer):
             raise Hl7Error("AE", UNKNOWN_KEY_IDENTIFIER, "MRG-1 names the surviving patient itself", f"MRG^{occurrence}^1")
+        orders += _move_orders(session, (old_id, old_issuer), (pid, issuer), now)
         prior = _find(session, old_id, old_issuer, f"MRG^{occurrence}^1")
         if prior is None:
             continue
@@ -174,10 +176,30 @@ def merge_patients(session: Session, r: Received) -> PatientUpdate:
         merged += 1
     session.flush()
     if not merged:
-        return PatientUpdate(note=f"no prior patient of the merge into {pid!r} is held: nothing to merge")
+        return PatientUpdate(note=f"no prior patient of the merge into {pid!r} is held: nothing to merge"
+                             + (f" ({orders} order(s) moved)" if orders else ""))
     assert target is not None
-    return PatientUpdate(moved, merged, f"merged {merged} patient(s) into {pid!r} (issuer {issuer!r}): {len(moved)} studies",
+    return PatientUpdate(moved, merged, f"merged {merged} patient(s) into {pid!r} (issuer {issuer!r}): {len(moved)} studies, {orders} order(s)",
                          updated=[(target.patient_id, target.issuer_of_patient_id, target.patient_name)], deleted=deleted)
+
+
+def _move_orders(session: Session, prior: tuple[str, str], surviving: tuple[str, str], now) -> int:  # type: ignore[no-untyped-def]
+    """The prior patient's orders now belong to the surviving patient: routing looks them up by the ID the
+    images will carry.  An accession the surviving patient already has an order for keeps that order."""
+    from xdsi.hl7.models import Hl7Order
+
+    stmt = select(Hl7Order).where(Hl7Order.patient_id == prior[0])
+    if prior[1]:
+        stmt = stmt.where(Hl7Order.issuer_of_patient_id.in_((prior[1], "")))
+    taken = set(session.scalars(select(Hl7Order.accession_number).where(Hl7Order.patient_id == surviving[0])))
+    n = 0
+    for order in session.scalars(stmt).all():
+        if order.accession_number in taken:
+            continue
+        order.patient_id, order.issuer_of_patient_id, order.updated_at = surviving[0], surviving[1] or order.issuer_of_patient_id, now
+        n += 1
+    session.flush()
+    return n
 
 
 def republish(archive: "Archive", study_uids: list[str]) -> list[str]:
