@@ -560,3 +560,48 @@ def test_a08_character_sets_nulls_and_ambiguous_patients(tmp_path: Path) -> None
         assert ack_fields(SB + handler.handle((msh("ADT^A08", "L5") + "\rPID|||NOBODY^^^HOSP||X^Y\r").encode()) + EB)["code"] == "AA"
     finally:
         archive.close()
+
+
+def test_two_workers_never_run_the_same_prefetch_job(tmp_path: Path, index_url: str) -> None:
+    """Two prefetch workers on one index (two ``xdsi serve`` processes): every job is claimed and run exactly once."""
+    import threading
+
+    from xdsi.hl7.models import JOB_DONE, Hl7PrefetchJob
+    from xdsi.hl7.prefetch import Prefetcher
+    from xdsi.index.catalog import utcnow
+
+    rules = (PrefetchRule("any"),)
+    settings = replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1, prefetch=rules))
+    archives = [Archive.open(settings), Archive.open(settings)]
+    try:
+        with archives[0].index.session() as s:
+            for i in range(40):
+                s.add(Hl7PrefetchJob(rule="any", patient_id=f"P{i}", state="pending", created_at=utcnow(), studies=0, recalled=0, pushed=0, error=""))
+        ran: list[list[str]] = [[], []]
+        claimed_pks: list[list[int]] = [[], []]
+
+        def work(i: int) -> None:
+            p = Prefetcher(archives[i])
+            original = p.claim
+
+            def claim(now=None):  # type: ignore[no-untyped-def]
+                got = original(now)
+                if got is not None:
+                    claimed_pks[i].append(got[0])
+                return got
+
+            p.claim = claim  # type: ignore[method-assign]
+            ran[i] = [r.rule for r in p.run_once()]
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(ran[0]) + len(ran[1]) == 40
+        assert not set(claimed_pks[0]) & set(claimed_pks[1])
+        with archives[0].index.read_session() as s:
+            assert {j.state for j in s.scalars(select(Hl7PrefetchJob))} == {JOB_DONE}
+    finally:
+        for a in archives:
+            a.close()
