@@ -1451,9 +1451,12 @@ class Hl7Settings:
     republish: bool = True
     prefetch: tuple[PrefetchRule, ...] = ()  # [[prefetch]]
     charset: str = "utf-8"  # Python codec of messages whose MSH-18 is empty (HL7's default is ASCII; many HIS send Latin-1)
+    # MSH-11 processing IDs applied; others are refused (AR 202): a training (T) or debugging (D) merge must not
+    # change the production index
+    processing_ids: tuple[str, ...] = ("P",)
 
 
-_HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish", "charset"}
+_HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish", "charset", "processing_ids"}
 _PREFETCH_KEYS = {"name", "triggers", "modalities", "body_parts", "same_modality", "last_studies", "years", "recall", "push_to"}
 
 
@@ -1506,6 +1509,11 @@ def hl7_from(raw: object, prefetch_raw: object, peers: Mapping[str, Peer]) -> Hl
             kw["charset"] = codecs.lookup(str(table["charset"])).name
         except LookupError:
             raise ConfigError(f"[hl7] charset {table['charset']!r} is not a character set Python knows (e.g. \"utf-8\", \"iso8859-1\")") from None
+    if "processing_ids" in table:
+        ids = _str_list("[hl7] processing_ids", table["processing_ids"])
+        if not ids or any(i not in ("P", "T", "D") for i in ids):
+            raise ConfigError(f"[hl7] processing_ids must list some of \"P\", \"T\", \"D\" (HL7 table 0103), not {table['processing_ids']!r}")
+        kw["processing_ids"] = ids
     if not isinstance(prefetch_raw, list) or not all(isinstance(r, dict) for r in prefetch_raw):
         raise ConfigError("prefetch must be an array of tables: [[prefetch]]")
     rules: list[PrefetchRule] = []

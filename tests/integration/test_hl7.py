@@ -96,6 +96,9 @@ def test_malformed_input_is_nak_and_the_listener_goes_on(tmp_path: Path, listene
         assert (a["code"], a["control"], a["err_code"]) == ("AR", "C2", "200") and a["msh9"] == "ACK^R01^ACK"
         a = ack_fields(client.send_message(msh("ADT^A99", "C3") + "\rPID|||1^^^HOSP\r"))
         assert (a["code"], a["err_code"]) == ("AR", "201")
+        # a training message must not change the production index
+        a = ack_fields(client.send_message(orm("CT", "PAT001", "ACCT").replace("|P|2.3.1", "|T|2.3.1", 1)))
+        assert (a["code"], a["err_code"]) == ("AR", "202")
         a = ack_fields(client.send_message(msh("", "C4") + "\r"))
         assert (a["code"], a["err_code"]) == ("AR", "101") and "MSH-9" in a["err_text"]
         # understood but not applicable: AE with the field that is missing
@@ -115,7 +118,9 @@ def test_malformed_input_is_nak_and_the_listener_goes_on(tmp_path: Path, listene
         raw.sendall(SB + b"MSH|^~\\&|half a mess")
     with MLLPClient("127.0.0.1", listener.port) as client:
         assert ack_fields(client.send_message(orm("C7", "PAT001", "ACC7")))["code"] == "AA"
-    assert listener.handler.handled == {"AR": 6, "AE": 1, "AA": 2}
+    assert listener.handler.handled == {"AR": 7, "AE": 1, "AA": 2}
+    with archive.index.read_session() as s:
+        assert order_attributes(s, "ACCT", "PAT001") == {}
 
 
 def test_orm_records_the_order_for_routing(tmp_path: Path, index_url: str, listener_factory) -> None:  # type: ignore[no-untyped-def]

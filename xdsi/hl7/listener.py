@@ -80,8 +80,9 @@ class Hl7Handler:
 
     def dispatch(self, r: Received, peer: str = "") -> str:
         kind = r.message_type
-        if r.processing_id and r.processing_id[:1] not in ("P", "D", "T"):
-            raise Hl7Error("AR", m.UNSUPPORTED_PROCESSING_ID, f"MSH-11 processing ID {r.processing_id!r} is not P, D or T", "MSH^1^11")
+        if r.processing_id[:1] not in self.settings.processing_ids:
+            raise Hl7Error("AR", m.UNSUPPORTED_PROCESSING_ID, f"MSH-11 processing ID {r.processing_id!r} is not taken here "
+                           f"([hl7] processing_ids: {', '.join(self.settings.processing_ids)})", "MSH^1^11")
         if kind in ORDER_TYPES:
             return self._order(r)
         if kind in PREFETCH_ADT:

@@ -218,7 +218,11 @@ def republish(archive: "Archive", study_uids: list[str]) -> list[str]:
     with archive.index.read_session() as s:
         published = set(s.scalars(select(XdsSubmission.study_uid).where(XdsSubmission.study_uid.in_(study_uids))))
     queued: list[str] = []
-    publisher = Publisher(archive)
+    try:
+        publisher = Publisher(archive)
+    except Exception as exc:  # the index change is committed and acknowledged; the operator must see this
+        log.error("the replacement manifests of %d studies after a patient update were not queued: %s", len(study_uids), exc)
+        return []
     for uid in study_uids:
         if uid not in published:
             continue
