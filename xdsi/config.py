@@ -310,6 +310,9 @@ class Settings:
     dimse_policy: "DimsePolicySettings" = field(default_factory=lambda: DimsePolicySettings())  # who may call us (issue 13)
     auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
     xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
+    # [[routes]] (xdsi.routing.settings.Route) and [routing] (its RoutingSettings): forwards to peers (issue 15)
+    routes: tuple[Any, ...] = ()
+    routing: Any = field(default_factory=lambda: _default_routing())
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -495,6 +498,7 @@ def load_settings(
         base = p.resolve().parent
 
     known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua"}
+    known |= {"routes", "routing"}  # issue 15: routing rules (xdsi.routing.settings)
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -596,6 +600,13 @@ def load_settings(
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
+    if "routes" in doc or "routing" in doc:  # issue 15: parsed by the routing engine, destinations checked against [peers]
+        from xdsi.routing.settings import routes_from, routing_settings_from
+
+        if "routing" in doc:
+            settings = replace(settings, routing=routing_settings_from(doc["routing"]))
+        if "routes" in doc:
+            settings = replace(settings, routes=routes_from(doc["routes"], settings.peers))
     return _validated(settings)
 
 
@@ -1402,3 +1413,10 @@ def xua_from(raw: object, base: Path) -> XuaSettings:
         # ITI-40 3.40.4.1.2: the assertion carries an AudienceRestriction naming the X-Service Provider; we must know our name
         raise ConfigError("[xua] trusted_issuers needs audience: the URI(s) X-Assertion Providers put in AudienceRestriction for this service")
     return x
+
+
+def _default_routing() -> Any:
+    """``[routing]`` defaults (xdsi.routing.settings.RoutingSettings), imported late: routing imports config."""
+    from xdsi.routing.settings import RoutingSettings
+
+    return RoutingSettings()

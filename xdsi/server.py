@@ -74,6 +74,7 @@ class Servers:
             raise
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
+        self.routing: Any = None  # the routing worker (issue 15), started with the publisher
         try:
             self.audit = _audit_trail(settings, self.dicom, self.partitions)
             for server, _port in self.partition_dicom:  # partitions on DICOM ports of their own
@@ -150,6 +151,10 @@ class Servers:
 
             self.publisher = PublisherThread(self.archive)
             self.publisher.start()
+        from xdsi.routing.service import RoutingService  # [[routes]] forwards (issue 15): once per node
+
+        self.routing = RoutingService(list(self.partitions.values()))
+        self.routing.start()
 
     def stop(self, *, quiet: bool = False) -> None:
         """Stop whatever started; ``quiet`` after a failed start, whose one-line reason should stand alone."""
@@ -160,6 +165,8 @@ class Servers:
             log.info("stopping")
         if self.publisher is not None:
             self.publisher.stop()
+        if self.routing is not None:
+            self.routing.stop()
         # XPath workers first: a request thread waiting on one is answered at once, not at its deadline
         from xdsi.ids.xpath_pool import stop_pools
 

@@ -183,3 +183,5 @@ class FileCopy(Base):
 
 # XDS-I.b publishing tables (outbox, registered manifests): defined in their own module, registered on Base here.
 from xdsi.index import xds_models as _xds_models  # noqa: E402,F401
+# Routing queue tables (issue 15): defined with the routing engine, registered on Base here.
+from xdsi.routing import models as _routing_models  # noqa: E402,F401

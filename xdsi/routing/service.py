@@ -1,0 +1,137 @@
+"""The routing worker: one thread per node that evaluates new instances and sends due forwards.
+
+``xdsi serve`` starts it once (:meth:`RoutingService.start`, beside the XDS
+publisher) for the main archive and every partition; with several worker
+processes only one of them may run it (the queue is safe if two do, through
+its leases, but they would compete for nothing).  Each archive's store service
+gets a listener that only wakes the thread: the rules are evaluated from the
+index (:meth:`RouteQueue.evaluate_new`), so nothing routing does sits on the
+path of an acknowledgement.
+
+The thread sends one batch (one destination, one transfer syntax) at a time,
+highest priority first, and looks for new instances between batches, so a
+long backlog for one workstation does not keep new arrivals from being queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+from xdsi.routing.queue import Claimed, RouteQueue
+from xdsi.routing.senders import send_batch
+
+log = logging.getLogger(__name__)
+
+
+def queues_for(archives: Sequence[Any]) -> list[RouteQueue]:
+    """One queue per archive (main AE title and partitions), each with the routes of the settings."""
+    out = []
+    for a in archives:
+        s = a.settings
+        out.append(RouteQueue(a, s.routes, s.routing))
+    return out
+
+
+class RoutingService:
+    def __init__(self, archives: Sequence[Any]) -> None:
+        self.queues = queues_for(archives)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listening: list[tuple[Any, Any]] = []
+
+    @property
+    def poll_interval(self) -> float:
+        return min(q.settings.poll_interval for q in self.queues) if self.queues else 1.0
+
+    def wake(self, *_args: Any) -> None:
+        """A store listener: something arrived (or `xdsi route` queued rows); look now, not at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        for q in self.queues:
+            q.archive.store.listeners.append(self.wake)
+            self._listening.append((q.archive, self.wake))
+            try:
+                q.release_dead_leases()
+            except Exception:
+                log.exception("routing: could not release the leases of a previous process")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="xdsi-routing", daemon=True)
+        self._thread.start()
+        routes = sum(len(q.routes) for q in self.queues)
+        log.info("routing: %d route(s) over %d archive(s)", routes, len(self.queues))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the instance being sent (its answer is recorded); what was claimed and not sent is released."""
+        self._stop.set()
+        self._wake.set()
+        for archive, listener in self._listening:
+            try:
+                archive.store.listeners.remove(listener)
+            except ValueError:
+                pass
+        self._listening.clear()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("routing: the worker did not stop within %.0f s", timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            busy = False
+            for q in self.queues:
+                if self._stop.is_set():
+                    break
+                try:
+                    busy |= self.step(q)
+                except Exception:
+                    log.exception("routing: pass over %s failed", q.called_aet)
+            if not busy:
+                self._wake.wait(self.poll_interval)
+
+    def step(self, q: RouteQueue) -> bool:
+        """One pass: evaluate new instances, then send one batch; True if there may be more to do at once."""
+        looked = q.evaluate_new()
+        claims = q.claim()
+        if claims:
+            self.deliver(q, claims)
+        return bool(looked or claims)
+
+    def deliver(self, q: RouteQueue, claims: Sequence[Claimed]) -> None:
+        deliver(q, claims, self._stop.is_set)
+
+
+def deliver_now(q: RouteQueue, pks: Sequence[int]) -> list[Claimed]:
+    """Send these rows in this process (``xdsi route``); returns what was claimed (the rest is another process's)."""
+    done: list[Claimed] = []
+    remaining = list(pks)
+    while remaining:
+        claims = q.claim(pks=remaining)
+        if not claims:
+            break
+        deliver(q, claims)
+        done += claims
+        claimed = {c.pk for c in claims}
+        remaining = [pk for pk in remaining if pk not in claimed]
+    return done
+
+
+def deliver(q: RouteQueue, claims: Sequence[Claimed], stopping: Callable[[], bool] = lambda: False) -> None:
+    """Send claimed rows, settling each as its answer comes; rows not attempted (stopping) are released."""
+    pending = [c.pk for c in claims]
+
+    def report(c: Claimed, ok: bool, error: str, final: bool) -> None:
+        if c.pk in pending:
+            pending.remove(c.pk)
+        if not ok:
+            log.warning("routing: %s to %s failed: %s", c.sop_instance_uid, c.destination, error)
+        q.settle(c, ok, error, final=final, renew=pending)
+
+    q.release(send_batch(q.archive, claims, q.settings, report, stopping))
