@@ -61,9 +61,9 @@ class RouteForward(Base):
 class RouteCursor(Base):
     """How far the rules have been evaluated: instances with a larger ``instance.pk`` are still to be looked at.
 
-    One row (name ``"instances"``).  Absent on the first start with routing: it
-    is set to the newest instance, so routes apply to what arrives from then on
-    and ``xdsi route`` sends older studies by hand.
+    One row (name ``"instances"``), created by migration ``0006_routing_queue`` at the
+    newest instance then held: routes apply to what arrives from then on (a new index:
+    from its first instance), and ``xdsi route`` sends older studies by hand.
     """
 
     __tablename__ = "route_cursor"

@@ -15,8 +15,8 @@ stored bytes changed (``duplicate_policy = "replace"``: another sha256).
 
 On PostgreSQL, transactions commit out of ``pk`` order: a row whose pk is below
 one already seen may appear later.  The cursor therefore stops short of
-instances created less than :data:`PG_SETTLE` ago; they are evaluated again on
-the next pass (harmless, see above).  On SQLite writes are serialised
+instances created less than :data:`PG_SETTLE` ago; they are read again on the
+next passes (and evaluated once: the pass remembers what it evaluated above the cursor).  On SQLite writes are serialised
 (``BEGIN IMMEDIATE``), so pk order is commit order.
 
 Delivery is at-least-once with a lease, like the XDS outbox
@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CURSOR = "instances"
 EVALUATE_BATCH = 500
-PG_SETTLE = timedelta(seconds=30)  # longer than any store transaction; see the module docstring
+PG_SETTLE = timedelta(seconds=10)  # longer than any store transaction; see the module docstring
 
 
 def utcnow() -> datetime:
@@ -108,14 +109,30 @@ class RouteQueue:
         self.settings = settings
         self.owner = owner or process_name()
         self.called_aet = archive.settings.ae_title
+        self._lock = threading.Lock()
+        self._stored: set[str] = set()  # SOP Instance UIDs stored since the last pass (see stored())
+        self._seen: dict[int, str] = {}  # instance pk -> sha256 evaluated above the cursor (PostgreSQL, see PG_SETTLE)
         s = archive.settings
         # one exchange with the destination, twice, plus slack; renewed at every instance settled
         self.lease = timedelta(seconds=2 * max(s.dimse_timeout, s.network_timeout, settings.stow_timeout) + 30)
 
     # -- evaluation ---------------------------------------------------------------------------
 
+    def stored(self, header: Any, _path: Any = None, _sha256: str = "") -> None:
+        """A store listener: note the instance, so that a *replaced* one (same index row, same pk) is looked at again.
+
+        New instances are found by the cursor; a replacement keeps its row and
+        pk (``catalog.record_instance``), so only this note brings it back.  A
+        replacement stored by another process, or lost in a crash before the
+        next pass, is not re-sent: `xdsi route` does it by hand.
+        """
+        with self._lock:
+            self._stored.add(header.sop_instance_uid)
+
     def evaluate_new(self, limit: int = EVALUATE_BATCH) -> int:
-        """Match instances past the cursor against the routes; returns how many instances were looked at."""
+        """Match instances past the cursor, and replaced ones, against the routes; returns how many were looked at."""
+        with self._lock:
+            noted, self._stored = self._stored, set()
         with self.index.read_session() as s:
             cursor = s.get(RouteCursor, CURSOR)
             start = cursor.instance_pk if cursor is not None else None
@@ -123,18 +140,36 @@ class RouteQueue:
                 newest = s.scalar(select(func.max(Instance.pk))) or 0
             else:
                 rows = s.execute(self._facts_query().where(Instance.pk > start).order_by(Instance.pk).limit(limit)).all()
-        if start is None:  # first start with routing: from now on; `xdsi route` sends what was there before
+                # noted instances at or below the cursor were evaluated before: these are replacements
+                uids = sorted(noted)
+                again = [
+                    r for i in range(0, len(uids), 500)
+                    for r in s.execute(self._facts_query().where(Instance.sop_instance_uid.in_(uids[i : i + 500]), Instance.pk <= start)).all()
+                ]
+        if start is None:  # created by migration 0006; if it was removed: from now on, never into the past
             with self.index.session() as s:
                 if s.get(RouteCursor, CURSOR) is None:
                     s.add(RouteCursor(name=CURSOR, instance_pk=newest, updated_at=utcnow()))
             return 0
-        if not rows:
+        advance = self._advance_to(start, rows) if rows else start
+        # PostgreSQL: rows above the cursor are read again until they settle; evaluate each version once
+        fresh = [r for r in rows if self._seen.get(r.pk) != (r.sha256 or "")]
+        if not fresh and not again:
+            if advance != start:
+                self._write([], advance)
+            self._forget(advance)
             return 0
-        facts = self._facts(rows)
+        facts = self._facts([*fresh, *again])
         wanted = self._wanted(facts) if self.routes else []
-        advance = self._advance_to(start, rows)
         self._write(wanted, advance)
-        return len(rows)
+        for r in fresh:
+            self._seen[r.pk] = r.sha256 or ""
+        self._forget(advance)
+        return len(fresh) + len(again)
+
+    def _forget(self, cursor: int) -> None:
+        for pk in [pk for pk in self._seen if pk <= cursor]:
+            del self._seen[pk]
 
     def _advance_to(self, start: int, rows: Sequence[Any]) -> int:
         if self.index.dialect != "postgresql":

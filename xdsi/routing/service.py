@@ -50,12 +50,20 @@ class RoutingService:
         """A store listener: something arrived (or `xdsi route` queued rows); look now, not at the next poll."""
         self._wake.set()
 
+    def _listener(self, q: RouteQueue) -> Callable[..., None]:
+        def stored(header: Any, path: Any, sha256: str) -> None:
+            q.stored(header, path, sha256)
+            self._wake.set()
+
+        return stored
+
     def start(self) -> None:
         if self._thread is not None:
             return
         for q in self.queues:
-            q.archive.store.listeners.append(self.wake)
-            self._listening.append((q.archive, self.wake))
+            listener = self._listener(q)
+            q.archive.store.listeners.append(listener)
+            self._listening.append((q.archive, listener))
             try:
                 q.release_dead_leases()
             except Exception:

@@ -3,6 +3,9 @@
 Revision ID: 0006_routing_queue
 Revises: 0003
 Create Date: 2026-11-30
+
+The cursor row is created here, at the newest instance, so that routes never reach back into
+what an upgraded archive already held, and a new archive routes from its first instance.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -45,6 +48,12 @@ def upgrade() -> None:
     sa.Column('instance_pk', sa.Integer(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_route_cursor'))
+    )
+    # routes apply to what arrives from now on: an existing archive's instances are not sent by a
+    # route added later (`xdsi route` sends them by hand); a new index starts at 0, so nothing is skipped
+    op.execute(
+        "INSERT INTO route_cursor (name, instance_pk, updated_at) "
+        "SELECT 'instances', COALESCE(MAX(pk), 0), CURRENT_TIMESTAMP FROM instance"
     )
 
 
