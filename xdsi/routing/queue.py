@@ -159,8 +159,7 @@ class RouteQueue:
                 self._write([], advance)
             self._forget(advance)
             return 0
-        facts = self._facts([*fresh, *again])
-        wanted = self._wanted(facts) if self.routes else []
+        wanted = self._wanted(self._facts([*fresh, *again])) if self.routes else []
         self._write(wanted, advance)
         for r in fresh:
             self._seen[r.pk] = r.sha256 or ""
@@ -346,21 +345,32 @@ class RouteQueue:
             and_(RouteForward.state == SENDING, RouteForward.lease_until < now),
         )
 
-    def claim(self, pks: Sequence[int] | None = None, now: datetime | None = None) -> list[Claimed]:
+    def claim(self, pks: Sequence[int] | None = None, now: datetime | None = None, exclude: Iterable[str] = ()) -> list[Claimed]:
         """Lease up to ``batch`` due rows for one destination and transfer syntax, highest priority first.
 
-        ``pks``: exactly these rows (``xdsi route``), due or not.  Rows whose
-        route has a delay wait until their study has been unchanged that long
+        ``pks``: exactly these rows (``xdsi route``), due or not.  ``exclude``:
+        destinations this process is sending to already.  Rows whose route has
+        a delay wait until their study has been unchanged that long
         (``study.updated_at``): their next attempt is moved, no attempt counted.
         """
         now = now or utcnow()
         limit = self.settings.batch
+        exclude = list(exclude)
+        if pks is None:  # the idle case, every poll: a read, not the write lock (BEGIN IMMEDIATE on SQLite)
+            with self.index.read_session() as s:
+                probe = select(RouteForward.pk).where(self._due(now)).limit(1)
+                if exclude:
+                    probe = probe.where(RouteForward.destination.not_in(exclude))
+                if s.scalar(probe) is None:
+                    return []
         with self.index.session() as s:
             stmt = select(RouteForward)
             if pks is not None:
                 stmt = stmt.where(RouteForward.pk.in_(list(pks)), or_(RouteForward.state == PENDING, self._due(now)))
             else:
                 stmt = stmt.where(self._due(now))
+            if exclude:
+                stmt = stmt.where(RouteForward.destination.not_in(exclude))
             rows = s.scalars(
                 stmt.order_by(RouteForward.priority.desc(), RouteForward.pk).limit(limit * 4).with_for_update(skip_locked=True)
             ).all()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from xdsi.routing.queue import Claimed, RouteQueue
@@ -90,30 +91,47 @@ class RoutingService:
                 log.warning("routing: the worker did not stop within %.0f s", timeout)
             self._thread = None
 
+    @property
+    def parallel(self) -> int:
+        return max((q.settings.parallel for q in self.queues), default=1)
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            busy = False
-            for q in self.queues:
-                if self._stop.is_set():
-                    break
-                try:
-                    busy |= self.step(q)
-                except Exception:
-                    log.exception("routing: pass over %s failed", q.called_aet)
-            if not busy:
-                self._wake.wait(self.poll_interval)
+        """Evaluate, then keep up to ``parallel`` batches in flight, one per destination; sleep when idle."""
+        inflight: dict[Future[None], tuple[RouteQueue, str]] = {}
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="xdsi-route-send") as pool:
+            while not self._stop.is_set():
+                self._wake.clear()
+                busy = False
+                for f in [f for f in inflight if f.done()]:
+                    q, dest = inflight.pop(f)
+                    if f.exception() is not None:
+                        log.error("routing: sending to %s failed", dest, exc_info=f.exception())
+                for q in self.queues:
+                    if self._stop.is_set():
+                        break
+                    try:
+                        busy |= bool(q.evaluate_new())
+                        while len(inflight) < self.parallel and not self._stop.is_set():
+                            claims = q.claim(exclude={d for qq, d in inflight.values() if qq is q})
+                            if not claims:
+                                break
+                            f = pool.submit(deliver, q, claims, self._stop.is_set)
+                            f.add_done_callback(lambda _f: self._wake.set())
+                            inflight[f] = (q, claims[0].destination)
+                    except Exception:
+                        log.exception("routing: pass over %s failed", q.called_aet)
+                if not busy:
+                    self._wake.wait(self.poll_interval)
+            # stopping: leaving the pool waits for each batch, which ends after the instance it is sending
+            # and releases the rest of its rows
 
     def step(self, q: RouteQueue) -> bool:
-        """One pass: evaluate new instances, then send one batch; True if there may be more to do at once."""
+        """One pass in the calling thread (tests, one-shot commands): evaluate, then send one batch."""
         looked = q.evaluate_new()
         claims = q.claim()
         if claims:
-            self.deliver(q, claims)
+            deliver(q, claims)
         return bool(looked or claims)
-
-    def deliver(self, q: RouteQueue, claims: Sequence[Claimed]) -> None:
-        deliver(q, claims, self._stop.is_set)
 
 
 def deliver_now(q: RouteQueue, pks: Sequence[int]) -> list[Claimed]:

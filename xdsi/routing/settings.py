@@ -29,7 +29,7 @@ from xdsi.routing.conditions import CONDITION_KEYS, Condition, compile_patterns
 PRIORITIES = {"high": 2, "medium": 1, "low": 0}  # queue order, higher first
 DIMSE_PRIORITY = {2: 1, 1: 0, 0: 2}  # queue priority -> C-STORE Priority (PS3.7 9.3.1.1: 0 medium, 1 high, 2 low)
 ROUTE_KEYS = {"name", "destinations", "delay", "transfer_syntax", "priority", *CONDITION_KEYS}
-ROUTING_KEYS = {"retry_initial", "retry_max", "retry_factor", "max_attempts", "poll_interval", "batch", "stow_timeout"}
+ROUTING_KEYS = {"retry_initial", "retry_max", "retry_factor", "max_attempts", "poll_interval", "batch", "stow_timeout", "parallel"}
 MANUAL = "manual"  # RouteForward.route of what `xdsi route` queues
 
 
@@ -61,6 +61,7 @@ class RoutingSettings:
     poll_interval: float = 1.0  # how often the worker looks for due rows and new instances when nothing wakes it
     batch: int = 100  # instances sent on one association / in one STOW-RS request
     stow_timeout: float = 120.0  # seconds a STOW-RS request may take (connect and each read)
+    parallel: int = 4  # destinations sent to at once (one association or request each): one slow peer does not hold up the others
 
 
 def is_url(destination: str) -> bool:
@@ -100,7 +101,7 @@ def routing_settings_from(raw: object) -> RoutingSettings:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or f < 1:
             raise _error(f"[routing] retry_factor must be a number >= 1, not {f!r}")
         kw["retry_factor"] = float(f)
-    for key, low in (("max_attempts", 0), ("batch", 1)):
+    for key, low in (("max_attempts", 0), ("batch", 1), ("parallel", 1)):
         if key in t:
             v = t[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
