@@ -275,3 +275,45 @@ def test_department_read_from_the_stored_header_only_when_a_route_asks(routed: A
         assert routed.store.store_file(f, source_ae="X").ok
     q.evaluate_new()
     assert [r.sop_instance_uid for r in _rows(routed)] == [ds.SOPInstanceUID]
+
+
+def test_example_file_documents_routing_with_the_defaults(tmp_path: Path) -> None:
+    """xdsi.example.toml: [routing] holds every key at its default, and its commented [[routes]] parses as written."""
+    from xdsi.routing.settings import ROUTE_KEYS, ROUTING_KEYS
+
+    example = Path(__file__).resolve().parents[2] / "xdsi.example.toml"
+    text = example.read_text()
+    assert load_settings(example, env={}).routing == RoutingSettings()
+    assert all(f"\n{k} = " in text for k in ROUTING_KEYS)
+    block = text[text.index("# [[routes]]"):text.index("[routing]")]
+    uncommented = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(text.replace("[routing]", uncommented + "\n\n[routing]"))
+    (route,) = load_settings(cfg, env={}).routes
+    assert route.name == "ct-reading-room" and route.destinations == ("WORKSTATION1", "https://pacs.example.org/dicomweb")
+    documented = {k for k in ROUTE_KEYS if f"{k} = " in uncommented or k in text[: text.index("[routing]")]}
+    assert documented == ROUTE_KEYS
+
+
+def test_called_aet_is_the_archive_that_stored_the_instance(tmp_path: Path) -> None:
+    """A partition is an archive of its own: its queue matches called_aet against the partition's AE title."""
+    routes = _routes({"name": "part", "called_aet": "RESEARCH", "destinations": "WSA"})
+    settings = replace(make_settings(tmp_path, None), ae_title="RESEARCH", routes=routes)
+    a = Archive.open(settings)
+    try:
+        q = RouteQueue(a, routes, RoutingSettings())
+        _store(a, tmp_path, "CT1", 2)
+        q.evaluate_new()
+        assert len(_rows(a)) == 2
+        other = RouteQueue(a, _routes({"name": "main", "called_aet": "XDSI", "destinations": "WSA"}), RoutingSettings())
+        from xdsi.routing.models import RouteCursor
+
+        with a.index.session() as s:
+            s.get(RouteCursor, "instances").instance_pk = 0
+        with a.index.session() as s:
+            for r in s.scalars(select(RouteForward)):
+                s.delete(r)
+        other.evaluate_new()
+        assert _rows(a) == []
+    finally:
+        a.close()
