@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from contextlib import ExitStack
 from typing import Any, Callable, Iterator, Sequence
@@ -99,7 +100,6 @@ def _c_store(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], repo
             else f"{dest} ({peer.host}:{peer.port}) could not be reached or aborted the association"
         )
     if assoc is None or not assoc.is_established:
-        log.warning("routing: %s; %d instance(s) wait for the next attempt", why, len(claims))
         for c in claims:
             report(c, False, why, False)
         return []
@@ -149,14 +149,7 @@ def _stow(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], setting
         produced.append(c)
         files.append(p.file_path())
 
-    def body() -> Iterator[bytes]:
-        for path in files:
-            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    yield chunk
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
+    body = _MultipartBody(files, boundary)
 
     with stack:
         for c in claims:
@@ -168,7 +161,7 @@ def _stow(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], setting
         try:
             r = session.post(
                 url,
-                data=body(),
+                data=body,
                 headers={
                     "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                     "Accept": "application/dicom+json",
@@ -177,7 +170,6 @@ def _stow(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], setting
             )
         except Exception as exc:
             why = f"STOW-RS to {url}: {exc.__class__.__name__}: {exc}"
-            log.warning("routing: %s; %d instance(s) wait for the next attempt", why, len(produced))
             for c in produced:
                 report(c, False, why, False)
             return []
@@ -193,6 +185,32 @@ def _stow(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], setting
         else:
             report(c, False, f"STOW-RS {r.status_code}: {r.text[:300]}", False)
     return []
+
+
+class _MultipartBody:
+    """The STOW-RS request body, streamed from the files, with its length known in advance.
+
+    requests sends an iterable with ``__len__`` with that Content-Length and no chunked coding: some
+    servers refuse chunked uploads, and ours refuses a request that carries both framings.
+    """
+
+    def __init__(self, files: Sequence[Any], boundary: str) -> None:
+        self.files = list(files)
+        self.head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self.tail = f"--{boundary}--\r\n".encode()
+        self.length = sum(len(self.head) + os.path.getsize(f) + 2 for f in self.files) + len(self.tail)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        for path in self.files:
+            yield self.head
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+            yield b"\r\n"
+        yield self.tail
 
 
 def _stow_outcome(r: Any) -> tuple[set[str], dict[str, str]]:

@@ -16,6 +16,7 @@ long backlog for one workstation does not keep new arrivals from being queued.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -152,12 +153,20 @@ def deliver_now(q: RouteQueue, pks: Sequence[int]) -> list[Claimed]:
 def deliver(q: RouteQueue, claims: Sequence[Claimed], stopping: Callable[[], bool] = lambda: False) -> None:
     """Send claimed rows, settling each as its answer comes; rows not attempted (stopping) are released."""
     pending = [c.pk for c in claims]
+    failures: Counter[str] = Counter()
 
     def report(c: Claimed, ok: bool, error: str, final: bool) -> None:
         if c.pk in pending:
             pending.remove(c.pk)
         if not ok:
-            log.warning("routing: %s to %s failed: %s", c.sop_instance_uid, c.destination, error)
+            if not failures[error]:  # once per distinct reason and batch: a destination that is down is one line
+                log.warning("routing: %s to %s failed: %s", c.sop_instance_uid, c.destination, error)
+            failures[error] += 1
         q.settle(c, ok, error, final=final, renew=pending)
 
     q.release(send_batch(q.archive, claims, q.settings, report, stopping))
+    failed = sum(failures.values())
+    if failed > 1:
+        log.warning("routing: %d of %d instance(s) to %s failed this attempt", failed, len(claims), claims[0].destination)
+    elif not failed:
+        log.info("routing: %d instance(s) sent to %s", len(claims), claims[0].destination)
