@@ -396,21 +396,31 @@ class RouteQueue:
         return out
 
     def settle(self, claim: Claimed, ok: bool, error: str = "", *, final: bool = False, renew: Sequence[int] = ()) -> bool:
-        """Record one answer; False if the row was no longer ours (re-queued meanwhile).
+        """Record one answer; False if the row was no longer ours (re-queued meanwhile)."""
+        return self.settle_many([(claim, ok, error, final)], renew=renew) == 1
+
+    def settle_many(self, answers: Sequence[tuple[Claimed, bool, str, bool]], *, renew: Sequence[int] = ()) -> int:
+        """Record answers ``(claim, ok, error, final)`` in one commit; returns how many rows were still ours.
 
         ``final``: no retry (the instance is no longer archived).  ``renew``: the
         rows still to be sent in this batch get a fresh lease in the same commit.
         """
         now = utcnow()
+        recorded = 0
         with self.index.session() as s:
-            row = s.get(RouteForward, claim.pk, with_for_update=True)
-            if row is None or row.state != SENDING or row.lease_owner != self.owner:
-                log.warning("routing: %s to %s: lease lost before the answer was recorded", claim.sop_instance_uid, claim.destination)
-                return False
-            row.updated_at, row.lease_owner, row.lease_until = now, "", None
-            if ok:
-                row.state, row.sent_at, row.last_error = SENT, now, ""
-            else:
+            rows = {r.pk: r for r in s.scalars(
+                select(RouteForward).where(RouteForward.pk.in_([a[0].pk for a in answers])).with_for_update()
+            )}
+            for claim, ok, error, final in answers:
+                row = rows.get(claim.pk)
+                if row is None or row.state != SENDING or row.lease_owner != self.owner:
+                    log.warning("routing: %s to %s: lease lost before the answer was recorded", claim.sop_instance_uid, claim.destination)
+                    continue
+                recorded += 1
+                row.updated_at, row.lease_owner, row.lease_until = now, "", None
+                if ok:
+                    row.state, row.sent_at, row.last_error = SENT, now, ""
+                    continue
                 row.attempts += 1
                 row.last_error = error[:4000]
                 if final or (self.settings.max_attempts and row.attempts >= self.settings.max_attempts):
@@ -423,7 +433,7 @@ class RouteQueue:
                     .where(RouteForward.pk.in_(list(renew)), RouteForward.state == SENDING, RouteForward.lease_owner == self.owner)
                     .values(lease_until=now + self.lease)
                 )
-        return True
+        return recorded
 
     def release(self, claims: Sequence[Claimed]) -> None:
         """Claimed rows not attempted (stopping): pending again at once, no attempt counted."""

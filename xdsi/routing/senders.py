@@ -41,7 +41,8 @@ def send_batch(archive: Any, claims: Sequence[Claimed], settings: RoutingSetting
     """Send ``claims`` (one destination, one transfer syntax); returns the claims not attempted (stopping)."""
     if not claims:
         return []
-    refs = {r.sop_instance_uid: r for r in archive.retrieve.select(sop_uids=[c.sop_instance_uid for c in claims])}
+    # read_stamps: a copy read (or stored) within the last minutes is not stamped again per instance (profiled: 11 %)
+    refs = {r.sop_instance_uid: r for r in archive.retrieve.select(sop_uids=[c.sop_instance_uid for c in claims], read_stamps=True)}
     todo = []
     for c in claims:
         if c.sop_instance_uid in refs:
@@ -71,7 +72,7 @@ def _contexts(claims: Sequence[Claimed], refs: dict[str, Any]) -> list[Any]:
 
 
 def _c_store(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], report: Report, stopping: Callable[[], bool]) -> list[Claimed]:
-    from xdsi.dimse.sending import StoredInstance, stored_by_peer
+    from xdsi.dimse.sending import StoredInstance, hold_reactor, poll_fast, stored_by_peer
     from xdsi.dimse.server import ArchiveAE
 
     s = archive.settings
@@ -103,6 +104,9 @@ def _c_store(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], repo
         for c in claims:
             report(c, False, why, False)
         return []
+    # an association that only sends C-STOREs, like a C-MOVE sub-association: the same reactor settings
+    poll_fast(assoc)
+    hold_reactor(assoc)
     left: list[Claimed] = []
     try:
         for i, c in enumerate(claims):

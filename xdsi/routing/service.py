@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -150,10 +151,28 @@ def deliver_now(q: RouteQueue, pks: Sequence[int]) -> list[Claimed]:
     return done
 
 
+SETTLE_EVERY = 16  # answers recorded per commit at most ...
+SETTLE_AFTER = 0.25  # ... or after this many seconds, whichever comes first
+
+
 def deliver(q: RouteQueue, claims: Sequence[Claimed], stopping: Callable[[], bool] = lambda: False) -> None:
-    """Send claimed rows, settling each as its answer comes; rows not attempted (stopping) are released."""
+    """Send claimed rows, recording the answers in small groups; rows not attempted (stopping) are released.
+
+    One commit per answer (an fsync each on SQLite) was a third of the sending time (profiled: 1.6 of
+    4.6 s for 200 instances); answers are committed together, at most :data:`SETTLE_EVERY` or
+    :data:`SETTLE_AFTER` seconds apart.  The price: if the process dies, the answers not yet recorded
+    (at most that many instances) are sent again after the restart, which a storage SCP takes as a
+    duplicate.
+    """
     pending = [c.pk for c in claims]
     failures: Counter[str] = Counter()
+    answers: list[tuple[Claimed, bool, str, bool]] = []
+    first_at = [0.0]
+
+    def flush() -> None:
+        if answers:
+            q.settle_many(answers, renew=pending)
+            answers.clear()
 
     def report(c: Claimed, ok: bool, error: str, final: bool) -> None:
         if c.pk in pending:
@@ -162,9 +181,17 @@ def deliver(q: RouteQueue, claims: Sequence[Claimed], stopping: Callable[[], boo
             if not failures[error]:  # once per distinct reason and batch: a destination that is down is one line
                 log.warning("routing: %s to %s failed: %s", c.sop_instance_uid, c.destination, error)
             failures[error] += 1
-        q.settle(c, ok, error, final=final, renew=pending)
+        if not answers:
+            first_at[0] = time.monotonic()
+        answers.append((c, ok, error, final))
+        if len(answers) >= SETTLE_EVERY or time.monotonic() - first_at[0] >= SETTLE_AFTER or not pending:
+            flush()
 
-    q.release(send_batch(q.archive, claims, q.settings, report, stopping))
+    try:
+        left = send_batch(q.archive, claims, q.settings, report, stopping)
+    finally:
+        flush()
+    q.release(left)
     failed = sum(failures.values())
     if failed > 1:
         log.warning("routing: %d of %d instance(s) to %s failed this attempt", failed, len(claims), claims[0].destination)
