@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {port}\n'
         plain, routed = work / "plain.toml", work / "routed.toml"
         plain.write_text(peers)
-        routed.write_text(peers + '\n[[routes]]\nname = "all"\ndestinations = ["STORESCP"]\n\n[routing]\npoll_interval = 0.05\n')
+        routed.write_text(peers + '\n[[routes]]\nname = "all"\ndestinations = ["STORESCP"]\n')
         settings = load_settings(plain, env={}, overrides={"data_dir": work / "archive"})
         archive = Archive.open(settings)
         for f in files:

@@ -28,6 +28,9 @@ from xdsi.routing.senders import send_batch
 log = logging.getLogger(__name__)
 
 
+GATHER = 0.2  # seconds to wait after a wake-up before the next pass
+
+
 def queues_for(archives: Sequence[Any]) -> list[RouteQueue]:
     """One queue per archive (main AE title and partitions), each with the routes of the settings."""
     out = []
@@ -122,8 +125,10 @@ class RoutingService:
                             inflight[f] = (q, claims[0].destination)
                     except Exception:
                         log.exception("routing: pass over %s failed", q.called_aet)
-                if not busy:
-                    self._wake.wait(self.poll_interval)
+                if not busy and self._wake.wait(self.poll_interval) and not self._stop.is_set():
+                    # woken by a store (or a finished batch): let more arrive, so that a study being received
+                    # is evaluated and sent in groups (one transaction, one association), not one by one
+                    self._stop.wait(GATHER)
             # stopping: leaving the pool waits for each batch, which ends after the instance it is sending
             # and releases the rest of its rows
 
