@@ -273,3 +273,27 @@ def test_xdsi_route_resends_a_study_by_hand(hub: dict[str, Any]) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 2 and "no [peers.NOBODY]" in bad.stderr
+
+
+def test_stow_rs_refusal_is_not_sent_and_shows_in_status(hub: dict[str, Any]) -> None:
+    """The STOW-RS peer already holds the study under another patient: it refuses that instance (409 with a
+    Failed SOP Sequence) and stores the other study's; the refused forward stays queued, failing, with the reason."""
+    server, root, peer, config = hub["server"], hub["root"], hub["peer"], hub["config"]
+    clash = _study(root, "clash", 1, patient_id="R8")
+    fine = _study(root, "fine", 1, patient_id="R9")
+    theirs = dcmread(clash[0])
+    theirs.PatientID = "SOMEONE-ELSE"
+    theirs.SOPInstanceUID = theirs.file_meta.MediaStorageSOPInstanceUID = "2.25.4242424242424242"
+    (root / "theirs").mkdir()
+    theirs.save_as(root / "theirs" / "x.dcm", enforce_file_format=True)
+    storescu(peer.host, peer.dicom_port, [root / "theirs" / "x.dcm"], aec=peer.ae_title)
+    _send(server, clash + fine, "WEB2")
+    (fine_uid,) = _uids(fine)
+    wait_until(lambda: list(peer.data_dir.rglob(f"{fine_uid}*.dcm")), 60)
+    dest = f"http://127.0.0.1:{peer.http_port}/dicomweb"
+    line = wait_until(lambda: (l := _destination_line(_status(server, config), dest)) and "(1 failing)" in l and l, 60)
+    assert "4 sent" in line  # the 3 of the earlier test and this study's other instance
+    status = _status(server, config)
+    assert re.search(r"last error .*: STOW-RS (409|202): failure reason", status), status
+    (clash_uid,) = _uids(clash)
+    assert not list(peer.data_dir.rglob(f"{clash_uid}*.dcm"))
