@@ -317,3 +317,16 @@ def test_called_aet_is_the_archive_that_stored_the_instance(tmp_path: Path) -> N
         assert _rows(a) == []
     finally:
         a.close()
+
+
+def test_small_windows_reach_every_instance(routed: Archive, tmp_path: Path) -> None:
+    """Passes of two instances each get through five (on PostgreSQL the cursor waits for rows to settle,
+    and rows already evaluated must not hide the ones after them)."""
+    q = RouteQueue(routed, _routes({"name": "all", "destinations": "WSA"}), routed.settings.routing)
+    files = _store(routed, tmp_path, "X", 5)
+    passes = 0
+    while q.evaluate_new(limit=2):
+        passes += 1
+        assert passes < 10
+    assert sorted(r.sop_instance_uid for r in _rows(routed)) == sorted(dcmread(f).SOPInstanceUID for f in files)
+    assert q.evaluate_new(limit=2) == 0

@@ -133,6 +133,14 @@ class RouteQueue:
         """Match instances past the cursor, and replaced ones, against the routes; returns how many were looked at."""
         with self._lock:
             noted, self._stored = self._stored, set()
+        try:
+            return self._evaluate(noted, limit)
+        except BaseException:
+            with self._lock:  # the index is unavailable: look at the replaced instances again next pass
+                self._stored |= noted
+            raise
+
+    def _evaluate(self, noted: set[str], limit: int) -> int:
         with self.index.read_session() as s:
             cursor = s.get(RouteCursor, CURSOR)
             start = cursor.instance_pk if cursor is not None else None
@@ -140,6 +148,12 @@ class RouteQueue:
                 newest = s.scalar(select(func.max(Instance.pk))) or 0
             else:
                 rows = s.execute(self._facts_query().where(Instance.pk > start).order_by(Instance.pk).limit(limit)).all()
+                # PostgreSQL: a window of rows already evaluated but not yet settled must not hide the ones after it
+                while len(rows) >= limit and all(self._seen.get(r.pk) == (r.sha256 or "") for r in rows[-limit:]):
+                    more = s.execute(self._facts_query().where(Instance.pk > rows[-1].pk).order_by(Instance.pk).limit(limit)).all()
+                    if not more:
+                        break
+                    rows = [*rows, *more]
                 # noted instances at or below the cursor were evaluated before: these are replacements
                 uids = sorted(noted)
                 again = [
