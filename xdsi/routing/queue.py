@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
@@ -111,6 +111,7 @@ class RouteQueue:
         self.called_aet = archive.settings.ae_title
         self._lock = threading.Lock()
         self._stored: set[str] = set()  # SOP Instance UIDs stored since the last pass (see stored())
+        self._facts_stmt: Any = None
         self._seen: dict[int, str] = {}  # instance pk -> sha256 evaluated above the cursor (PostgreSQL, see PG_SETTLE)
         s = archive.settings
         # one exchange with the destination, twice, plus slack; renewed at every instance settled
@@ -155,7 +156,7 @@ class RouteQueue:
                         break
                     rows = [*rows, *more]
                 # noted instances at or below the cursor were evaluated before: these are replacements
-                uids = sorted(noted)
+                uids = sorted(noted - {r.sop_instance_uid for r in rows})
                 again = [
                     r for i in range(0, len(uids), 500)
                     for r in s.execute(self._facts_query().where(Instance.sop_instance_uid.in_(uids[i : i + 500]), Instance.pk <= start)).all()
@@ -196,6 +197,12 @@ class RouteQueue:
         return at
 
     def _facts_query(self):  # type: ignore[no-untyped-def]
+        """The joined select of everything the rules read, built once (SQLAlchemy then reuses its compiled form)."""
+        if self._facts_stmt is None:
+            self._facts_stmt = self._build_facts_query()
+        return self._facts_stmt
+
+    def _build_facts_query(self):  # type: ignore[no-untyped-def]
         sha = select(FileCopy.sha256).where(FileCopy.instance_fk == Instance.pk).limit(1).scalar_subquery()
         return (
             select(
@@ -297,7 +304,11 @@ class RouteQueue:
                     raise
 
     def _upsert(self, s: Any, items: Sequence[tuple[str, str, Facts, str, int, int]], *, force: bool = False) -> list[int]:
-        """Insert missing rows; re-queue rows whose instance changed (or every given row, ``force``: `xdsi route`)."""
+        """Insert missing rows; re-queue rows whose instance changed (or every given row, ``force``: `xdsi route`).
+
+        Returns the pks of the rows inserted or re-queued when ``force`` (`xdsi route` sends exactly
+        those); the evaluation path inserts with one multi-row INSERT and gets no pks back.
+        """
         now = utcnow()
         uids = sorted({item[2].sop_instance_uid for item in items})
         existing: dict[tuple[str, str], RouteForward] = {}
@@ -305,8 +316,17 @@ class RouteQueue:
             for row in s.scalars(select(RouteForward).where(RouteForward.sop_instance_uid.in_(uids[i : i + 500]))):
                 existing[(row.destination, row.sop_instance_uid)] = row
         touched: list[RouteForward] = []
+        new_rows: dict[tuple[str, str], dict[str, Any]] = {}
         for route_name, dest, f, ts, prio, delay in items:
             row = existing.get((dest, f.sop_instance_uid))
+            if row is None and not force:
+                new_rows.setdefault((dest, f.sop_instance_uid), dict(
+                    destination=dest, sop_instance_uid=f.sop_instance_uid, study_uid=f.study_uid, sha256=f.sha256,
+                    route=route_name, transfer_syntax=ts, priority=prio, delay=delay, state=PENDING, attempts=0,
+                    next_attempt_at=now, lease_owner="", lease_until=None, last_error="", created_at=now, updated_at=now,
+                    sent_at=None,
+                ))
+                continue
             if row is None:
                 row = RouteForward(
                     destination=dest, sop_instance_uid=f.sop_instance_uid, study_uid=f.study_uid, sha256=f.sha256,
@@ -326,6 +346,8 @@ class RouteQueue:
             else:
                 continue
             touched.append(row)
+        if new_rows:
+            s.execute(insert(RouteForward), list(new_rows.values()))
         s.flush()
         return [r.pk for r in touched]
 

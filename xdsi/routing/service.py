@@ -28,7 +28,7 @@ from xdsi.routing.senders import send_batch
 log = logging.getLogger(__name__)
 
 
-GATHER = 0.2  # seconds to wait after a wake-up before the next pass
+GATHER = 0.5  # seconds to wait after a wake-up before the next pass (profiled: passes of a few instances cost 8 % of ingest CPU)
 
 
 def queues_for(archives: Sequence[Any]) -> list[RouteQueue]:
