@@ -33,8 +33,9 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.skipif(not dcmtk_available(), reaso
 class Workstation:
     """A storage SCP (pynetdicom) that records every instance it is sent: SOP Instance UID -> [(syntax, data set bytes)]."""
 
-    def __init__(self, aet: str) -> None:
+    def __init__(self, aet: str, answer_after: float = 0.0) -> None:
         self.aet = aet
+        self.answer_after = answer_after  # seconds each C-STORE response is held back (a slow workstation)
         self.port = free_port()
         self.received: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
         self.callers: set[str] = set()
@@ -49,6 +50,7 @@ class Workstation:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 
         def on_store(event: Any) -> int:
+            time.sleep(self.answer_after)
             data = event.request.DataSet.getvalue()
             with self._lock:
                 self.received[str(event.request.AffectedSOPInstanceUID)].append((str(event.context.transfer_syntax), data))
@@ -98,8 +100,10 @@ def _destination_line(status: str, dest: str) -> str:
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("routing")
     ws = {name: Workstation(name) for name in ("WSA", "WSB", "WSC")}
+    ws["SLOW"] = Workstation("SLOW", answer_after=1.0)
     ws["WSA"].start()
     ws["WSB"].start()  # WSC starts down
+    ws["SLOW"].start()
     stow_peer = XdsiProcess(root / "peer-data", ae_title="PEER").start()
     config = root / "xdsi.toml"
     config.write_text(
@@ -127,6 +131,11 @@ name = "ct3-native"
 calling_aet = "CT3"
 destinations = ["WSA"]
 transfer_syntax = "{ImplicitVRLittleEndian}"
+
+[[routes]]
+name = "fan-out"
+calling_aet = "PAR1"
+destinations = ["SLOW", "WSB"]
 
 [[routes]]
 name = "web"
@@ -297,3 +306,16 @@ def test_stow_rs_refusal_is_not_sent_and_shows_in_status(hub: dict[str, Any]) ->
     assert re.search(r"last error .*: STOW-RS (409|202): failure reason", status), status
     (clash_uid,) = _uids(clash)
     assert not list(peer.data_dir.rglob(f"{clash_uid}*.dcm"))
+
+
+def test_a_slow_workstation_does_not_hold_up_the_others(hub: dict[str, Any]) -> None:
+    """Two destinations are sent to at once ([routing] parallel): WSB has every instance while SLOW
+    (one second per C-STORE response) is still receiving; SLOW gets them all too, each once."""
+    server, ws, root = hub["server"], hub["ws"], hub["root"]
+    files = _study(root, "fan-out", 5, patient_id="R10")
+    uids = _uids(files)
+    _send(server, files, "PAR1")
+    wait_until(lambda: ws["WSB"].count(uids) == 5, 60)
+    assert ws["SLOW"].count(uids) < 5, "the fast workstation waited for the slow one"
+    wait_until(lambda: ws["SLOW"].count(uids) == 5, 60)
+    assert all(len(ws["SLOW"].received[u]) == 1 and len(ws["WSB"].received[u]) == 1 for u in uids)
