@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path, metavar="FILE", help="https: trust this CA bundle (e.g. the Connectathon's) instead of the system's")
     p.add_argument("--cert", type=Path, metavar="FILE", help="https: our client certificate (PEM), for ATNA mutual TLS")
     p.add_argument("--key", type=Path, metavar="FILE", help="https: the private key of --cert (PEM), if not in the same file")
+    from xdsi.routing.cli import add_parser as _add_route_parser  # issue 15: `xdsi route`
+
+    _add_route_parser(sub, _common)
     p = sub.add_parser("users", help="HTTP Basic users ([http] auth = \"basic\"): add, remove, list")
     _common(p)
     users = p.add_subparsers(dest="users_command", required=True)
@@ -274,6 +277,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"queued:     {_queued(queued)}")
     _print_xds_queue(settings)
     _print_hl7(settings)
+    from xdsi.routing.cli import print_status as _print_routing  # issue 15: routes, queue depth and failures
+
+    _print_routing(settings)
     _print_audit_spool(settings)
     _print_clock(settings)
     return 0
@@ -667,6 +673,13 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(settings: Settings, args: argparse.Namespace) -> int:
+    """``xdsi route --study UID --to PEER`` (issue 15): in xdsi.routing.cli."""
+    from xdsi.routing.cli import cmd_route as run
+
+    return run(settings, args)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "import": cmd_import,
@@ -677,6 +690,7 @@ COMMANDS = {
     "retrieve": cmd_retrieve,
     "conformance": cmd_conformance,
     "users": cmd_users,
+    "route": cmd_route,
 }
 
 

@@ -311,6 +311,9 @@ class Settings:
     auth: "AuthSettings" = field(default_factory=lambda: AuthSettings())  # [http] auth, allow_anonymous, users_file and [iua], defined below
     xua: "XuaSettings" = field(default_factory=lambda: XuaSettings())  # [xua] (XUA on the SOAP endpoints), defined below
     hl7: "Hl7Settings" = field(default_factory=lambda: Hl7Settings())  # [hl7] and [[prefetch]] (issue 15), defined below
+    # [[routes]] (xdsi.routing.settings.Route) and [routing] (its RoutingSettings): forwards to peers (issue 15)
+    routes: tuple[Any, ...] = ()
+    routing: Any = field(default_factory=lambda: _default_routing())
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -497,6 +500,7 @@ def load_settings(
 
     known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua",
              "hl7", "prefetch"}
+    known |= {"routes", "routing"}  # issue 15: routing rules (xdsi.routing.settings)
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -600,6 +604,13 @@ def load_settings(
         settings = replace(settings, partitions=parts)
     if "hl7" in doc or "prefetch" in doc:
         settings = replace(settings, hl7=hl7_from(doc.get("hl7", {}), doc.get("prefetch", []), settings.peers))
+    if "routes" in doc or "routing" in doc:  # issue 15: parsed by the routing engine, destinations checked against [peers]
+        from xdsi.routing.settings import routes_from, routing_settings_from
+
+        if "routing" in doc:
+            settings = replace(settings, routing=routing_settings_from(doc["routing"]))
+        if "routes" in doc:
+            settings = replace(settings, routes=routes_from(doc["routes"], settings.peers))
     return _validated(settings)
 
 
@@ -1553,3 +1564,8 @@ def hl7_from(raw: object, prefetch_raw: object, peers: Mapping[str, Peer]) -> Hl
     if len(names) != len(set(names)):
         raise ConfigError("[[prefetch]] rule names must be unique")
     return Hl7Settings(**kw, prefetch=tuple(rules))
+def _default_routing() -> Any:
+    """``[routing]`` defaults (xdsi.routing.settings.RoutingSettings), imported late: routing imports config."""
+    from xdsi.routing.settings import RoutingSettings
+
+    return RoutingSettings()

@@ -75,6 +75,7 @@ class Servers:
         self._stopped = threading.Event()
         self.publisher: Any = None  # XDS-I.b publisher loop (issue 4), when [xds] mode is not "off"
         self.hl7: Any = None  # HL7 v2 MLLP listener (issue 15), when [hl7] port is set
+        self.routing: Any = None  # the routing worker (issue 15), started with the publisher
         try:
             self.audit = _audit_trail(settings, self.dicom, self.partitions)
             for server, _port in self.partition_dicom:  # partitions on DICOM ports of their own
@@ -153,6 +154,10 @@ class Servers:
             self.publisher.start()
         if s.hl7.port:
             _start_hl7(self)
+        from xdsi.routing.service import RoutingService  # [[routes]] forwards (issue 15): once per node
+
+        self.routing = RoutingService(list(self.partitions.values()))
+        self.routing.start()
 
     def stop(self, *, quiet: bool = False) -> None:
         """Stop whatever started; ``quiet`` after a failed start, whose one-line reason should stand alone."""
@@ -165,6 +170,8 @@ class Servers:
             self.publisher.stop()
         if self.hl7 is not None:
             self.hl7.stop()
+        if self.routing is not None:
+            self.routing.stop()
         # XPath workers first: a request thread waiting on one is answered at once, not at its deadline
         from xdsi.ids.xpath_pool import stop_pools
 

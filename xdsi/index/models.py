@@ -184,3 +184,5 @@ class FileCopy(Base):
 # XDS-I.b publishing tables (outbox, registered manifests): defined in their own module, registered on Base here.
 from xdsi.index import xds_models as _xds_models  # noqa: E402,F401
 from xdsi.hl7 import models as _hl7_models  # noqa: E402,F401  (the HL7 order store, issue 15)
+# Routing queue tables (issue 15): defined with the routing engine, registered on Base here.
+from xdsi.routing import models as _routing_models  # noqa: E402,F401

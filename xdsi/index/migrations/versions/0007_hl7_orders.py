@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0007_hl7_orders'
-down_revision = '0003'
+down_revision = '0006_routing_queue'
 branch_labels = None
 depends_on = None
 
