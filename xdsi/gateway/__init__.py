@@ -174,7 +174,8 @@ class Gateway:
         storage = _mirrored_storage_contexts(event.assoc) if how == "get" else []
         try:
             r.start_source(client, how, identifier, model, relay, storage)
-            yield from r.relay_suboperations(event, relay, what)
+            with r.fast_polling(event.assoc):  # the requester's C-STORE responses read without the 1 ms idle sleep
+                yield from r.relay_suboperations(event, relay, what)
         finally:
             undo()
 

@@ -31,6 +31,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
-from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier
+from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, fast_polling, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def hand_over(event: Any) -> int | None:
             relay = mine[0] if len(mine) == 1 else None
     if relay is None:
         return None
+    poll_fast(event.assoc)  # the remote's storage association: its next C-STORE is read without the 1 ms idle sleep
     ts = str(event.context.transfer_syntax)
     return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
 
@@ -221,6 +223,7 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
             with client.association(contexts, scp_roles=[str(cx.abstract_syntax) for cx in storage[:127]],
                                     handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
+                poll_fast(assoc)
                 for st, ident in assoc.send_c_get(identifier, model, msg_id=relay.msg_id):
                     if getattr(st, "Status", None) is None:
                         problem = f"{client.remote.name}: no C-GET response in {client.remote.timeout:g} s"
@@ -439,6 +442,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
     """
     ex = Exchange(event, relay)
     sent = 0
+    t_start = time.monotonic()
     try:
         total = ex.total()
         if total is None and ex.cancelled:
@@ -465,7 +469,9 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             return
         if on_count is not None:
             on_count(total)
+        t_count = time.monotonic()
         yield total
+        sending = 0.0
         for arrived in ex.rest():
             if sent >= total:
                 log.warning("%s: the remote sent more instances than it announced (%d); %s dropped", what, total, arrived.sop_instance_uid)
@@ -473,7 +479,11 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
                 relay.consumed()
                 continue
             sent += 1
+            t = time.monotonic()
             yield Status.PENDING, RelayedInstance(arrived)
+            sending += time.monotonic() - t
+        log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote)",
+                 what, sent, t_count - t_start, time.monotonic() - t_count, sending)
         if ex.cancelled:
             ex.cancel()
             yield Status.CANCEL, None
