@@ -94,11 +94,13 @@ def get(args: argparse.Namespace) -> dict[str, Any]:
     ds.StudyInstanceUID = args.study
     out: dict[str, Any] = {}
     pendings = 0
-    for st, _ident in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet, msg_id=1):
+    for st, ident in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet, msg_id=1):
         if "Status" in st and st.Status == 0xFF00:
             pendings += 1
             continue
         out = _final(st)
+        failed = ident.get("FailedSOPInstanceUIDList", []) if ident is not None else []
+        out["failed_uids"] = [failed] if isinstance(failed, str) else [str(u) for u in failed]
     assoc.release()
     out["received"] = received
     out["pendings"] = pendings

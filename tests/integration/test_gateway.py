@@ -57,6 +57,8 @@ class Env:
     dest_dir: Path  # storescp DEST / DIRECT output
     pacs1: dq.Dcmqrscp
     pacs2: dq.Dcmqrscp
+    study_d: list[Path]  # on PACS1 only, one of its files lost after indexing
+    spec_d: StudySpec
 
     def client(self, *args: str) -> dict[str, Any]:
         proc = run(self.ns.cmd(sys.executable, "-m", "tests.integration.gateway_client", *args), cwd=REPO)
@@ -131,6 +133,11 @@ remotes = ["PACS2G"]
 [partitions.GWD.gateway]
 remotes = ["PACS2", "DEAD"]
 
+[partitions.GWC]
+[partitions.GWC.gateway]
+remotes = ["PACS2"]
+cache = true
+
 [partitions.FB]
 [partitions.FB.gateway]
 remotes = ["DEAD"]
@@ -150,6 +157,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     study_a = write_study(root / "a", spec_a, series=2, per_series=15)
     study_b = write_study(root / "b", spec_b, series=1, per_series=4)
     study_c = write_study(root / "c", spec_c, series=1, per_series=3)
+    spec_d = StudySpec(patient_id="GWD", patient_name="REMOTE^DORA", accession="GD1")
+    study_d = write_study(root / "d", spec_d, series=1, per_series=5)
     procs: list[subprocess.Popen[bytes]] = []
     with NetNS() as ns:
         p1, p2, dead, dest = free_port(), free_port(), free_port(), free_port()
@@ -162,17 +171,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"TCP_NODELAY": "1"})
         procs.append(storescp)
         pacs1 = dq.Dcmqrscp(ns.cmd(), root / "pacs1", "PACS1", p1, {"XDSI": us, "DIRECT": ("127.0.0.1", dest)}, get=False)
-        pacs2 = dq.Dcmqrscp(ns.cmd(), root / "pacs2", "PACS2", p2, {"XDSI": us, "GW2": us, "GWD": us}, get=True)
+        pacs2 = dq.Dcmqrscp(ns.cmd(), root / "pacs2", "PACS2", p2, {"XDSI": us, "GW2": us, "GWD": us, "GWC": us}, get=True)
         try:
             wait_for_echo(ns, "DEST", dest, storescp)
-            pacs1.load(study_a)
+            pacs1.load(study_a + study_d)
+            (pacs1.storage / study_d[2].name).unlink()  # indexed, then lost: PACS1 fails that sub-operation
             pacs2.load(study_a + study_b)
             pacs1.start()
             pacs2.start()
             server.start()
             try:
                 storescu(server.host, server.dicom_port, study_c, prefix=ns.cmd(), aec="FB")
-                yield Env(ns, server, root, study_a, study_b, study_c, spec_a, spec_b, spec_c, dest_dir, pacs1, pacs2)
+                yield Env(ns, server, root, study_a, study_b, study_c, spec_a, spec_b, spec_c, dest_dir, pacs1, pacs2, study_d, spec_d)
             finally:
                 server.stop()
         finally:
@@ -185,8 +195,8 @@ def test_find_merged_and_deduplicated_from_two_remotes(env: Env) -> None:
     out = env.client("find", str(env.server.dicom_port), "XDSI", "STUDY", "StudyInstanceUID=", "PatientID=", "PatientName=")
     assert out["status"] == 0x0000, out
     studies = [m["StudyInstanceUID"] for m in out["matches"]]
-    # A is on both remotes and comes once; B only on PACS2; C is the FB partition's, not the remotes'
-    assert sorted(studies) == sorted([env.spec_a.study_uid, env.spec_b.study_uid]), out
+    # A is on both remotes and comes once; B only on PACS2, D only on PACS1; C is the FB partition's, not the remotes'
+    assert sorted(studies) == sorted([env.spec_a.study_uid, env.spec_b.study_uid, env.spec_d.study_uid]), out
     names = {m["StudyInstanceUID"]: m["PatientName"] for m in out["matches"]}
     assert names[env.spec_b.study_uid] == "REMOTE^BEN"
 
@@ -320,3 +330,29 @@ def test_fallback_forwards_what_it_does_not_hold(env: Env) -> None:
     out = env.client("get", str(env.server.dicom_port), "FB", env.spec_a.study_uid)
     assert out["status"] == 0xA702 and "DEAD" in out["comment"], out  # forwarded to DEAD: a clear failure
     assert out["received"] == []
+
+
+def test_get_via_cmove_counts_what_the_remote_failed(env: Env) -> None:
+    """PACS1 cannot read one file of study D: that sub-operation is failed, with its UID; the rest relayed."""
+    lost = str(dcmread(env.study_d[2], stop_before_pixels=True).SOPInstanceUID)
+    out = env.client("get", str(env.server.dicom_port), "XDSI", env.spec_d.study_uid)
+    n = len(env.study_d)
+    assert out["status"] == 0xB000, out
+    assert (out["completed"], out["failed"], out["warning"]) == (n - 1, 1, 0), out
+    assert sorted(out["received"]) == sorted(set(_by_sop(env.study_d)) - {lost}), out
+    assert out["failed_uids"] == [lost], out
+
+
+def test_get_with_cache_keeps_what_was_relayed(env: Env) -> None:
+    out = env.client("get", str(env.server.dicom_port), "GWC", env.spec_b.study_uid)
+    assert out["status"] == 0x0000 and out["completed"] == len(env.study_b), out
+    url = f"http://127.0.0.1:{env.server.http_port}/dicomweb/GWC/studies/{env.spec_b.study_uid}/instances"
+    proc = run(env.ns.cmd("curl", "-sf", url))
+    cached = {i["00080018"]["Value"][0] for i in json.loads(proc.stdout)}
+    assert cached == set(_by_sop(env.study_b))
+    # the cached copies are what the remote sent (by C-GET, in the syntax this requester accepted): same pixels
+    data = env.root / "data" / "partitions" / "GWC"
+    stored = _by_sop([p for p in (data / "storage").rglob("*") if p.is_file()])
+    for sop, path in _by_sop(env.study_b).items():
+        assert np.array_equal(dcmread(stored[sop]).pixel_array, dcmread(path).pixel_array), sop
+    assert not env.relay_spool()
