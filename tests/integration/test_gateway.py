@@ -179,7 +179,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             pacs2.load(study_a + study_b)
             pacs1.start()
             pacs2.start()
-            server.start()
+            server.start(timeout=120)  # five archives to migrate on a loaded machine
             try:
                 storescu(server.host, server.dicom_port, study_c, prefix=ns.cmd(), aec="FB")
                 yield Env(ns, server, root, study_a, study_b, study_c, spec_a, spec_b, spec_c, dest_dir, pacs1, pacs2, study_d, spec_d)

@@ -76,6 +76,10 @@ class Gateway:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.remotes = Remotes(server.archive.settings, server.client_tls)
+        if server.archive.settings.gateway.enabled:
+            removed = r.sweep(server.archive.settings.temp_dir / "relay")
+            if removed:
+                log.info("gateway: removed %d relay spool file(s) left by an earlier run", removed)
 
     # -- which requests -------------------------------------------------------------------------
 

@@ -199,6 +199,8 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
         finally:
             relay.cancel_remote = None
             relay.end(problem)
+            # only now: until the remote's last response, a late instance (after a cancel) is refused, not archived
+            unregister(relay)
 
     register(relay)
     t = threading.Thread(target=run, name=f"relay-move-{client.remote.name}", daemon=True)
@@ -442,6 +444,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
     """
     ex = Exchange(event, relay)
     sent = 0
+    last: Arrived | None = None
     t_start = time.monotonic()
     try:
         total = ex.total()
@@ -480,7 +483,9 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
                 continue
             sent += 1
             t = time.monotonic()
+            last = arrived
             yield Status.PENDING, RelayedInstance(arrived)
+            last = None
             sending += time.monotonic() - t
         log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote)",
                  what, sent, t_count - t_start, time.monotonic() - t_count, sending)
@@ -499,9 +504,10 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
         if not ex.ended:
             ex.cancel()
         relay.close()
-        unregister(relay)
         for arrived in ex.buffered:
             _unlink(arrived.path)
+        if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
+            _unlink(last.path)
 
 
 def start_source(client: RemoteClient, how: str, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> None:
@@ -509,6 +515,25 @@ def start_source(client: RemoteClient, how: str, identifier: Dataset, model: str
         start_move_source(client, identifier, model, relay)
     else:
         start_get_source(client, identifier, model, relay, storage)
+
+
+def sweep(spool_dir: Path, older_than: float = 3600.0) -> int:
+    """Remove relay spool files older than ``older_than`` seconds (left by a crash); newer ones may be another
+    process's live relay (``xdsi serve --workers``).  Returns how many were removed."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        entries = list(spool_dir.iterdir())
+    except FileNotFoundError:
+        return 0
+    for p in entries:
+        try:
+            if p.name.startswith("relay-") and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def new_relay(spool_dir: Path, client: RemoteClient) -> Relay:
