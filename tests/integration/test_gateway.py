@@ -356,3 +356,40 @@ def test_get_with_cache_keeps_what_was_relayed(env: Env) -> None:
     for sop, path in _by_sop(env.study_b).items():
         assert np.array_equal(dcmread(stored[sop]).pixel_array, dcmread(path).pixel_array), sop
     assert not env.relay_spool()
+
+
+def test_rad69_of_a_study_only_a_remote_holds(env: Env) -> None:
+    """RAD-69 (xdsi retrieve) on the main AE: study A is fetched from PACS1 (C-MOVE to us), cached, then served."""
+    by_sop = _by_sop(env.study_a)
+    first = dcmread(env.study_a[0], stop_before_pixels=True)
+    series = str(first.SeriesInstanceUID)
+    sops = [s for s, p in by_sop.items() if str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) == series][:3]
+    out_dir = env.root / "rad69"
+    url = f"http://127.0.0.1:{env.server.http_port}/xdsi/ImagingDocumentSource"
+    args = ["retrieve", url, "--data-dir", str(env.root / "data"), "--study", env.spec_a.study_uid, "--series", series,
+            "--out", str(out_dir), "--no-progress"]
+    for sop in sops:
+        args += ["--instance", sop]
+    run(env.ns.cmd(sys.executable, "-m", "xdsi", *args), cwd=REPO)
+    got = _by_sop([p for p in out_dir.rglob("*") if p.is_file()])
+    assert set(got) == set(sops)
+    for sop in sops:
+        assert dataset_bytes(got[sop]) == dataset_bytes(by_sop[sop]), sop
+    assert "fetched study" in "".join(env.server.log)
+    assert not env.relay_spool()
+
+
+def test_wado_uri_of_a_study_only_a_remote_holds(env: Env) -> None:
+    """WADO-URI on the main AE: study B is fetched from PACS2 (it offers C-GET), then served byte for byte."""
+    sop, path = next(iter(_by_sop(env.study_b).items()))
+    series = str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+    out = env.root / "wado.dcm"
+    url = (f"http://127.0.0.1:{env.server.http_port}/wado?requestType=WADO&studyUID={env.spec_b.study_uid}"
+           f"&seriesUID={series}&objectUID={sop}&contentType=application/dicom")
+    run(env.ns.cmd("curl", "-sf", "-o", str(out), url))
+    assert dataset_bytes(out) == dataset_bytes(path)
+    # a study no remote holds is still a 404, after asking
+    missing = run(env.ns.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             f"http://127.0.0.1:{env.server.http_port}/wado?requestType=WADO&studyUID=1.2.3.999"
+                             f"&seriesUID=1.2.3.998&objectUID=1.2.3.997&contentType=application/dicom"), check=False)
+    assert missing.stdout.strip() == "404", missing.stdout

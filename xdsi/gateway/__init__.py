@@ -76,6 +76,11 @@ class Gateway:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.remotes = Remotes(server.archive.settings, server.client_tls)
+        from xdsi.gateway.fetch import Fetcher
+
+        for archive in {id(a): a for a in (server.archive, *server.partitions.values())}.values():
+            if archive.settings.gateway.enabled:  # RAD-69 / WADO-RS / WADO-URI of a study only a remote holds
+                archive.retrieve.fetch_missing = Fetcher(self, archive)
         if server.archive.settings.gateway.enabled:
             removed = r.sweep(server.archive.settings.temp_dir / "relay")
             if removed:
