@@ -393,3 +393,13 @@ def test_wado_uri_of_a_study_only_a_remote_holds(env: Env) -> None:
                              f"http://127.0.0.1:{env.server.http_port}/wado?requestType=WADO&studyUID=1.2.3.999"
                              f"&seriesUID=1.2.3.998&objectUID=1.2.3.997&contentType=application/dicom"), check=False)
     assert missing.stdout.strip() == "404", missing.stdout
+
+
+def test_find_cancel_is_passed_on(env: Env) -> None:
+    proc = run(env.ns.cmd(tool("findscu"), "-v", "-S", "--cancel", "1", "-aec", "XDSI", "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", "StudyInstanceUID", "127.0.0.1", str(env.server.dicom_port)), check=False)
+    log = proc.stdout + proc.stderr
+    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in log, log
+    # the gateway answers the next query normally
+    out = env.client("find", str(env.server.dicom_port), "XDSI", "STUDY", f"StudyInstanceUID={env.spec_b.study_uid}")
+    assert out["status"] == 0 and len(out["matches"]) == 1, out
