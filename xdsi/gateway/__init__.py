@@ -81,6 +81,8 @@ class Gateway:
         for archive in {id(a): a for a in (server.archive, *server.partitions.values())}.values():
             if archive.settings.gateway.enabled:  # RAD-69 / WADO-RS / WADO-URI of a study only a remote holds
                 archive.retrieve.fetch_missing = Fetcher(self, archive)
+        if r.INBOX_ROOT is None:  # every worker of one data dir shares it (see relay.py)
+            r.INBOX_ROOT = server.archive.settings.temp_dir / "relay"
         if server.archive.settings.gateway.enabled:
             removed = r.sweep(server.archive.settings.temp_dir / "relay")
             if removed:

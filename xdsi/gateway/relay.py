@@ -16,6 +16,13 @@ on as soon as it arrived (the data set streamed from the spool file pynetdicom w
 the requester accepted its transfer syntax, converted otherwise), and then either archived (the
 gateway's ``cache``) or deleted.
 
+Several processes (``xdsi serve --workers N``): the remote's storage association may be accepted by
+another worker than the one waiting for the instances.  Each move-to-us relay therefore also has an
+inbox directory, ``<temp_dir>/relay/inbox-<remote AE>-<our AE>-<Message ID>`` (its creation reserves the
+Message ID across processes); a worker that receives an instance for a relay it does not hold moves
+the spool file there (the name carries SOP Class, SOP Instance and transfer syntax) before answering
+the C-STORE, and the waiting worker picks it up.  In one process the in-memory queue is used.
+
 Counts: pynetdicom's C-GET/C-MOVE SCP needs the number of sub-operations before the first one; it
 comes from the remote's first Pending response (Remaining + Completed + Failed + Warning) or, if
 the remote sends none, its final response; instances that arrive before then wait in the spool.
@@ -30,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -47,6 +55,7 @@ from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_i
 log = logging.getLogger(__name__)
 
 PENDING = (0xFF00, 0xFF01)
+INBOX_POLL = 0.01  # how often a relay with an inbox looks into it while its queue is empty
 POLL = 0.05  # how often the requester's C-CANCEL and association are looked at while waiting
 HIGH_WATER = 8  # instances spooled ahead of the requester before the remote's C-STORE is answered
 REFUSED_CLOSED = 0xA700  # C-STORE Out of Resources: an instance for a relay already cancelled or over
@@ -78,6 +87,8 @@ class Relay:
         self._cond = threading.Condition()
         self.cancel_remote: Callable[[], None] | None = None  # set by the source once its request is out
         self.timeout = 60.0
+        self.originator = ""  # our AE title as we called the remote (its Move Originator AE Title)
+        self.inbox: Path | None = None  # move-to-us relays: where other processes put what they receive for us
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -119,6 +130,13 @@ class Relay:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
+        if self.inbox is not None:
+            try:
+                (self.inbox / CLOSED).touch()
+            except OSError:
+                pass
+            for arrived in self.from_inbox():
+                _unlink(arrived.path)
         while True:
             try:
                 kind, value = self.items.get_nowait()
@@ -126,6 +144,65 @@ class Relay:
                 return
             if kind == "instance":
                 _unlink(value.path)
+
+
+    def from_inbox(self) -> list[Arrived]:
+        """Instances another process put in our inbox, oldest first, taken out of it."""
+        if self.inbox is None:
+            return []
+        try:
+            names = sorted(n for n in os.listdir(self.inbox) if n.endswith(".dcm"))
+        except FileNotFoundError:
+            return []
+        out = []
+        if names:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            parts = name[:-4].split("_")
+            if len(parts) != 5:
+                continue
+            _, _, sop_class, sop_uid, ts = parts
+            own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
+            try:
+                os.replace(self.inbox / name, own)
+            except OSError:
+                continue
+            with self._cond:
+                self.ahead += 1
+            out.append(Arrived(own, sop_class, sop_uid, ts))
+        return out
+
+
+CLOSED = ".closed"
+INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
+
+
+def inbox_path(remote_ae: str, originator: str, msg_id: int) -> Path | None:
+    if INBOX_ROOT is None:
+        return None
+    safe = ["".join(c if c.isalnum() else f"%{ord(c):02x}" for c in aet) for aet in (remote_ae, originator)]
+    return INBOX_ROOT / f"inbox-{safe[0]}-{safe[1]}-{msg_id}"
+
+
+def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float) -> int:
+    """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
+    if (inbox / CLOSED).exists():
+        return REFUSED_CLOSED
+    name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
+    try:
+        os.replace(path, inbox / name)
+    except OSError:
+        shutil.move(str(path), str(inbox / name))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (inbox / CLOSED).exists():
+        try:
+            waiting = sum(1 for n in os.listdir(inbox) if n.endswith(".dcm"))
+        except FileNotFoundError:
+            break
+        if waiting <= HIGH_WATER:
+            break
+        time.sleep(0.005)
+    return 0x0000
 
 
 def _unlink(path: Path) -> None:
@@ -137,39 +214,58 @@ def _unlink(path: Path) -> None:
 
 # -- the registry the storage SCP asks ----------------------------------------------------------------
 
-_relays: dict[tuple[str, int], Relay] = {}
+_relays: dict[tuple[str, str, int], Relay] = {}
 _lock = threading.Lock()
 
 
 def register(relay: Relay) -> None:
+    """Known to this process's storage SCP, and (with an inbox root) to the other workers': the inbox directory's
+    creation reserves the Message ID, so a number another process is using is not used twice."""
+    for _ in range(64):
+        inbox = inbox_path(relay.remote_ae, relay.originator, relay.msg_id)
+        if inbox is None:
+            break
+        try:
+            inbox.parent.mkdir(parents=True, exist_ok=True)
+            inbox.mkdir()
+            relay.inbox = inbox
+            break
+        except FileExistsError:
+            relay.msg_id = next_message_id()
     with _lock:
-        _relays[(relay.remote_ae, relay.msg_id)] = relay
+        _relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
 
 
 def unregister(relay: Relay) -> None:
     with _lock:
-        _relays.pop((relay.remote_ae, relay.msg_id), None)
+        _relays.pop((relay.remote_ae, relay.originator, relay.msg_id), None)
+    if relay.inbox is not None:
+        shutil.rmtree(relay.inbox, ignore_errors=True)
 
 
 def hand_over(event: Any) -> int | None:
     """EVT_C_STORE hook: the C-STORE status if this instance belongs to a pending relay, else None (archive it).
 
-    Matched by calling AE title and Move Originator Message ID (PS3.7 9.1.1.1, which the remote copies
-    from our C-MOVE); a remote that leaves the Message ID out is matched by AE title when exactly one
-    relay from it is pending.
+    Matched by the calling AE title (the remote's), the Move Originator AE Title (ours, as we called the
+    remote) and the Move Originator Message ID (our C-MOVE's), which the remote copies into each C-STORE
+    sub-operation (PS3.4 C.4.2.2, PS3.7 9.1.1.1).  A C-STORE without them is never taken for a relay: it
+    may be anything the remote pushes to us, and relaying it to a requester who did not ask would be a
+    disclosure.
     """
-    if not _relays:
-        return None
     req = event.request
-    calling = str(event.assoc.requestor.ae_title).strip()
     mid = getattr(req, "MoveOriginatorMessageID", None)
-    with _lock:
-        relay = _relays.get((calling, int(mid))) if mid is not None else None
-        if relay is None and mid is None:
-            mine = [r for (aet, _), r in _relays.items() if aet == calling]
-            relay = mine[0] if len(mine) == 1 else None
-    if relay is None:
+    originator = str(getattr(req, "MoveOriginatorApplicationEntityTitle", None) or "").strip()
+    if mid is None or not originator or (not _relays and INBOX_ROOT is None):
         return None
+    calling = str(event.assoc.requestor.ae_title).strip()
+    with _lock:
+        relay = _relays.get((calling, originator, int(mid)))
+    if relay is None:
+        inbox = inbox_path(calling, originator, int(mid))
+        if inbox is None or not inbox.is_dir():
+            return None
+        return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                                 str(event.context.transfer_syntax), 60.0)
     poll_fast(event.assoc)  # the remote's storage association: its next C-STORE is read without the 1 ms idle sleep
     ts = str(event.context.transfer_syntax)
     return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
@@ -357,17 +453,32 @@ class Exchange:
         self.problem: str | None = None
         self.ended = False
         self.cancelled = False
+        self.pending: list[tuple[str, Any]] = []
 
     def _next(self) -> tuple[str, Any] | None:
-        """The next item, or None when the requester cancelled or went away (checked every POLL)."""
+        """The next item, or None when the requester cancelled or went away (checked every POLL).
+
+        Instances in the relay's inbox (put there by another process) come before a response or the end:
+        the remote answers only after our C-STORE response, which comes after the file is in the inbox.
+        """
+        poll = POLL if self.relay.inbox is None else INBOX_POLL
         while True:
             if self.event.is_cancelled or not self.event.assoc.is_established:
                 self.cancelled = True
                 return None
+            if self.pending:
+                return self.pending.pop(0)
             try:
-                return self.relay.items.get(timeout=POLL)
+                item = self.relay.items.get(timeout=poll)
             except queue.Empty:
+                item = None
+            if self.relay.inbox is not None and (item is None or item[0] != "instance"):
+                self.pending = [("instance", a) for a in self.relay.from_inbox()]
+                if item is not None:
+                    self.pending.append(item)
                 continue
+            if item is not None:
+                return item
 
     def total(self) -> int | None:
         """Sub-operations the remote announces (None: it ended without saying, or the requester cancelled)."""
@@ -531,6 +642,9 @@ def sweep(spool_dir: Path, older_than: float = 3600.0) -> int:
             if p.name.startswith("relay-") and p.stat().st_mtime < cutoff:
                 p.unlink()
                 removed += 1
+            elif p.name.startswith("inbox-") and p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)  # a crashed process's relay: nobody waits for what would land there
+                removed += 1
         except OSError:
             continue
     return removed
@@ -538,5 +652,6 @@ def sweep(spool_dir: Path, older_than: float = 3600.0) -> int:
 
 def new_relay(spool_dir: Path, client: RemoteClient) -> Relay:
     relay = Relay(spool_dir, client.remote.ae_title, next_message_id())
+    relay.originator = client.calling_ae
     relay.timeout = client.remote.timeout
     return relay
