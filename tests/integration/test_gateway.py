@@ -41,6 +41,16 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+SILENT_LISTENER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+held = []
+while True:
+    held.append(s.accept())
+"""
 
 
 @dataclass
@@ -90,7 +100,7 @@ def _by_sop(paths: list[Path]) -> dict[str, Path]:
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
 
 
-def _write_config(path: Path, *, p1: int, p2: int, dead: int, dest: int) -> Path:
+def _write_config(path: Path, *, p1: int, p2: int, dead: int, slow: int, dest: int) -> Path:
     path.write_text(f"""
 [peers.DEST]
 host = "127.0.0.1"
@@ -121,6 +131,12 @@ port = {dead}
 connect_timeout = 2
 find_timeout = 3
 
+[remotes.SLOW]
+host = "127.0.0.1"
+port = {slow}
+connect_timeout = 10
+find_timeout = 3
+
 [gateway]
 remotes = ["PACS1", "PACS2"]
 mode = "forward"
@@ -131,7 +147,7 @@ remotes = ["PACS2G"]
 
 [partitions.GWD]
 [partitions.GWD.gateway]
-remotes = ["PACS2", "DEAD"]
+remotes = ["PACS2", "DEAD", "SLOW"]
 
 [partitions.GWC]
 [partitions.GWC.gateway]
@@ -161,9 +177,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     study_d = write_study(root / "d", spec_d, series=1, per_series=5)
     procs: list[subprocess.Popen[bytes]] = []
     with NetNS() as ns:
-        p1, p2, dead, dest = free_port(), free_port(), free_port(), free_port()
-        server = XdsiProcess(root / "data", config=_write_config(root / "xdsi.toml", p1=p1, p2=p2, dead=dead, dest=dest),
+        p1, p2, dead, slow, dest = free_port(), free_port(), free_port(), free_port(), free_port()
+        server = XdsiProcess(root / "data", config=_write_config(root / "xdsi.toml", p1=p1, p2=p2, dead=dead, slow=slow, dest=dest),
                              prefix=ns.cmd())
+        # SLOW: accepts connections and never says a word (a hung PACS)
+        blackhole = subprocess.Popen(ns.cmd(sys.executable, "-c", SILENT_LISTENER, str(slow)), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        procs.append(blackhole)
         us = ("127.0.0.1", server.dicom_port)
         dest_dir = root / "dest"
         dest_dir.mkdir()
@@ -209,13 +229,14 @@ def test_find_key_not_requested_is_not_returned(env: Env) -> None:
     assert all("StudyInstanceUID" not in m for m in out["matches"]), out
 
 
-def test_find_with_a_remote_down_is_a_warning_not_a_silent_success(env: Env) -> None:
+def test_find_with_remotes_down_or_hung_is_a_warning_not_a_silent_success(env: Env) -> None:
     t0 = time.monotonic()
     out = env.client("find", str(env.server.dicom_port), "GWD", "STUDY", "StudyInstanceUID=", "PatientID=")
-    assert out["status"] == 0xB001, out  # matches from PACS2, and a warning naming DEAD
-    assert "DEAD" in out["comment"], out
+    assert out["status"] == 0xB001, out  # matches from PACS2, and a warning naming DEAD (refused) and SLOW (silent)
+    assert out["comment"].startswith("incomplete: DEAD, SLOW"), out
+    assert "no answer in 3 s" in out["comment"], out
     assert sorted(m["StudyInstanceUID"] for m in out["matches"]) == sorted([env.spec_a.study_uid, env.spec_b.study_uid])
-    assert time.monotonic() - t0 < 30
+    assert 3 <= time.monotonic() - t0 < 30  # SLOW's find_timeout, not its connect_timeout or forever
 
 
 def _check_identical(got_dir: Path, originals: list[Path]) -> None:
@@ -396,10 +417,13 @@ def test_wado_uri_of_a_study_only_a_remote_holds(env: Env) -> None:
 
 
 def test_find_cancel_is_passed_on(env: Env) -> None:
-    proc = run(env.ns.cmd(tool("findscu"), "-v", "-S", "--cancel", "1", "-aec", "XDSI", "-k", "QueryRetrieveLevel=STUDY",
+    """GWD's SLOW remote keeps the query open for 3 s: the C-CANCEL after the first match always comes before the end."""
+    t0 = time.monotonic()
+    proc = run(env.ns.cmd(tool("findscu"), "-v", "-S", "--cancel", "1", "-aec", "GWD", "-k", "QueryRetrieveLevel=STUDY",
                           "-k", "StudyInstanceUID", "127.0.0.1", str(env.server.dicom_port)), check=False)
     log = proc.stdout + proc.stderr
     assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in log, log
+    assert time.monotonic() - t0 < 2.5, "the cancel waited for the hung remote"
     # the gateway answers the next query normally
     out = env.client("find", str(env.server.dicom_port), "XDSI", "STUDY", f"StudyInstanceUID={env.spec_b.study_uid}")
     assert out["status"] == 0 and len(out["matches"]) == 1, out

@@ -379,8 +379,6 @@ class DicomServer:
         refused = self._refused(event.assoc, "store")
         if refused is not None:
             return _failure(NOT_AUTHORIZED, refused)
-        if (relayed := gateway_hand_over(event)) is not None:  # an instance a remote sends for a gateway retrieve
-            return relayed
         path = Path(event.dataset_path)
         abstract = str(event.context.abstract_syntax)
         command_class = str(req.AffectedSOPClassUID or "")
@@ -392,6 +390,8 @@ class DicomServer:
             )
             log.warning("C-STORE from %s refused: %s", calling, reason)
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
+        if (relayed := gateway_hand_over(event)) is not None:  # an instance a remote sends for a gateway retrieve
+            return relayed
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)

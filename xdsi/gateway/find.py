@@ -71,7 +71,7 @@ def _ask(src: _Source, identifier: Dataset, model: str, out: "queue.Queue[tuple[
             for st, ds in assoc.send_c_find(identifier, model, msg_id=src.msg_id):
                 code = getattr(st, "Status", None)
                 if code is None:
-                    src.problem = "no response (timed out or aborted)"
+                    src.problem = src.problem or "no response (timed out or aborted)"
                     break
                 if code in PENDING:
                     if ds is not None:
@@ -81,13 +81,14 @@ def _ask(src: _Source, identifier: Dataset, model: str, out: "queue.Queue[tuple[
                     break
                 if code not in (0x0000,):
                     comment = str(getattr(st, "ErrorComment", "") or "")
-                    src.problem = f"status 0x{code:04X}" + (f" {comment}" if comment else "")
+                    src.problem = src.problem or f"status 0x{code:04X}" + (f" {comment}" if comment else "")
                 break
     except RemoteUnavailable as exc:
-        src.problem = str(exc)
+        log.warning("C-FIND forwarded: %s", exc)
+        src.problem = src.problem or "unreachable"  # a timeout already reported stays the reason
     except Exception as exc:  # a remote that answers nonsense must not take the query down
         log.warning("C-FIND forwarded to %s failed: %s: %s", src.client, exc.__class__.__name__, exc)
-        src.problem = f"{exc.__class__.__name__}"
+        src.problem = src.problem or f"{exc.__class__.__name__}"
     finally:
         out.put((src, None))
 
@@ -146,11 +147,14 @@ def forward_find(
                 if not s.done and now > deadline[id(s)] and s.problem is None:
                     s.problem = f"no answer in {s.client.remote.find_timeout:g} s"
                     log.warning("C-FIND forwarded to %s: %s; answering without it", s.client, s.problem)
+                    s.done = True  # not waited for any more; its thread ends on its own (abort, or its connect timeout)
+                    running -= 1
                     _abort(s)
             continue
         if ds is None:
-            src.done = True
-            running -= 1
+            if not src.done:
+                src.done = True
+                running -= 1
             continue
         if src.problem is not None:  # timed out already: its late matches are not mixed in
             continue
@@ -162,8 +166,9 @@ def forward_find(
         log.warning("C-FIND forwarded to %s: %s", s.client, s.problem)
     if failed and len(failed) == len(sources) and not matched and not seen:
         yield status(OUT_OF_RESOURCES, "no remote answered: " + "; ".join(f"{s.name} {s.problem}" for s in failed)), None
-    elif failed:
-        yield status(INCOMPLETE_WARNING, "incomplete, " + "; ".join(f"{s.name} {s.problem}" for s in failed)), None
+    elif failed:  # the Error Comment holds 64 characters: names first, so every failed remote is named
+        names = ", ".join(s.name for s in failed)
+        yield status(INCOMPLETE_WARNING, f"incomplete: {names}: " + "; ".join(str(s.problem) for s in failed)), None
     else:
         yield Status.SUCCESS, None
 
