@@ -133,6 +133,9 @@ class Gateway:
             return None
         identifier = event.identifier
         uid = str(event.request.AffectedSOPClassUID)
+        bad = bad_uids(identifier)
+        if bad is not None:
+            return _refused_find(bad)
         if g.mode == "fallback":
             return self._fallback_find(event, archive, identifier, model, uid, clients)
         return forward_find(event, identifier, uid, clients)
@@ -171,6 +174,9 @@ class Gateway:
         identifier = event.identifier
         if g.mode == "fallback" and self._held_locally(archive, identifier):
             return None
+        bad = bad_uids(identifier, retrieve=True)
+        if bad is not None:
+            return _refused_retrieve(bad, None)
         client = self._holder(clients, identifier, str(event.request.AffectedSOPClassUID))
         how = "get" if client.remote.offers("get") else "move"
         return self._get(event, archive, g, client, how, identifier)
@@ -203,6 +209,9 @@ class Gateway:
         identifier = event.identifier
         if g.mode == "fallback" and self._held_locally(archive, identifier):
             return None
+        bad = bad_uids(identifier, retrieve=True)
+        if bad is not None:
+            return _refused_retrieve(bad, destination)
         client = self._holder(clients, identifier, str(event.request.AffectedSOPClassUID))
         if client.remote.offers("move") and client.remote.knows(destination):
             return self._forward_move(event, client, destination, identifier)
@@ -231,8 +240,8 @@ class Gateway:
         if peer.tls:
             kwargs["tls_args"] = (self.server.client_tls(), peer.host)
         what = f"C-MOVE to {destination} via {'C-GET' if how == 'get' else 'C-MOVE'} to {client.remote.name}"
-        r.start_source(client, how, identifier, model, relay, contexts if how == "get" else [])
         yield peer.host, peer.port, kwargs
+        r.start_source(client, how, identifier, model, relay, contexts if how == "get" else [])
         inner = r.relay_suboperations(event, relay, what)
         try:
             for item in inner:
@@ -271,8 +280,8 @@ class Gateway:
                 relay.end(problem)
                 done.set()
 
-        threading.Thread(target=run, name=f"forward-move-{client.remote.name}", daemon=True).start()
         yield client.remote.host, client.remote.port, {"xdsi_stand_in": ForwardedSubAssociation()}
+        threading.Thread(target=run, name=f"forward-move-{client.remote.name}", daemon=True).start()
         yield from _forwarded_counts(event, relay, f"C-MOVE to {destination} forwarded to {client.remote.name}")
 
 
@@ -374,6 +383,57 @@ class ForwardedSubAssociation:
 
     def abort(self) -> None:
         pass
+
+
+UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+def bad_uids(identifier: Dataset, *, retrieve: bool = False) -> str | None:
+    """Why the identifier must not be sent to a remote (an invalid UID, a retrieve without its level's key), or None.
+
+    UIDs are checked before they reach anyone's query: ours is protected by the index layer, a remote's
+    only by us.  C-FIND keys may be empty (return keys) or lists of UIDs; wildcards are not UID matching.
+    """
+    from xdsi.uids import is_valid_uid
+
+    try:
+        level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        if level not in LEVELS:
+            return f"QueryRetrieveLevel {level!r} is not valid"
+        for key in UID_KEYS:
+            value = identifier.get(key)
+            if value is None or value == "":
+                continue
+            values = [str(v) for v in value] if not isinstance(value, str) else str(value).split("\\")
+            for v in values:
+                if not is_valid_uid(v.strip()):
+                    return f"{key} {v[:40]!r} is not a valid UID"
+        if retrieve:
+            need = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}[level]
+            if not str(identifier.get(need, "") or "").strip():
+                return f"the {level} level unique key {need} is missing"
+    except Exception as exc:  # an identifier pydicom cannot decode
+        return f"identifier cannot be decoded: {exc.__class__.__name__}"
+    return None
+
+
+def _refused_find(reason: str) -> Iterator[Any]:
+    from xdsi.dimse import status
+
+    yield r.failure(status.IDENTIFIER_DOES_NOT_MATCH, reason), None
+
+
+def _refused_retrieve(reason: str, destination: str | None) -> Iterator[Any]:
+    """A900 with nothing sent: pynetdicom answers Success to a count of 0, so one sub-operation is announced and failed
+    (as DicomServer does for a local identifier it cannot use); for C-MOVE the destination is not contacted."""
+    from xdsi.dimse import status
+    from xdsi.dimse.sending import MoveDestination
+
+    if destination is not None:
+        yield "0.0.0.0", 0, {"xdsi_move_destination": MoveDestination(destination, connect=False)}
+    yield 1
+    yield r.failure(status.IDENTIFIER_DOES_NOT_MATCH, reason), r.failed_identifier([])
 
 
 def _has_match(client: RemoteClient, identifier: Dataset, model: str) -> bool:
