@@ -314,6 +314,9 @@ class Settings:
     # [[routes]] (xdsi.routing.settings.Route) and [routing] (its RoutingSettings): forwards to peers (issue 15)
     routes: tuple[Any, ...] = ()
     routing: Any = field(default_factory=lambda: _default_routing())
+    # [remotes.NAME] and [gateway] (issue 15): remote archives we forward C-FIND/C-MOVE/C-GET to, defined below
+    remotes: Mapping[str, "RemoteSettings"] = field(default_factory=dict)
+    gateway: "GatewaySettings" = field(default_factory=lambda: GatewaySettings())
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -499,7 +502,7 @@ def load_settings(
         base = p.resolve().parent
 
     known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua",
-             "hl7", "prefetch"}
+             "hl7", "prefetch", "remotes", "gateway"}
     known |= {"routes", "routing"}  # issue 15: routing rules (xdsi.routing.settings)
     unknown = set(doc) - known
     if unknown:
@@ -599,6 +602,8 @@ def load_settings(
     settings = replace(settings, auth=auth_from(doc.get("http", {}), doc.get("iua"), base))
     if "xua" in doc:
         settings = replace(settings, xua=xua_from(doc["xua"], base))
+    settings = replace(settings, remotes=remotes_from(doc.get("remotes") or {}),
+                       gateway=gateway_from(doc.get("gateway"), "[gateway]"))
     parts = _partitions_from(doc.get("partitions") or {}, base)
     if parts:
         settings = replace(settings, partitions=parts)
@@ -676,6 +681,7 @@ def _validated(s: Settings) -> Settings:
     if s.partitions:
         _validate_partitions(s)
     validate_dimse_policy(s)
+    validate_gateway(s)
     listeners = s.listeners()
     if not listeners:
         raise ConfigError("no listener: [server] dicom_port and http_port are 0 (off) and no dicom_tls_port or https_port is set; "
@@ -745,6 +751,7 @@ class PartitionSettings:
     duplicate_policy: str = "keep"
     recall_on_read: bool = True
     peers: tuple[str, ...] | None = None  # AE titles from [peers] that may use this partition; None: any accepted peer
+    gateway: "GatewaySettings" = field(default_factory=lambda: GatewaySettings())  # [partitions.NAME.gateway]: its own, off by default
 
     def resolve(self, main: "Settings") -> "Settings":
         data_dir = self.data_dir or (main.data_dir / "partitions" / self.name)
@@ -762,12 +769,14 @@ class PartitionSettings:
             dicom_port=self.dicom_port if self.dicom_port is not None else 0,
             partitions={},
             dimse_policy=replace(main.dimse_policy, own_peers=self.peers),
+            gateway=self.gateway,
         )
 
 
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
-    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers"}
+    allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers",
+               "gateway"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -796,6 +805,7 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
             peers=partition_peers_from(p["peers"], name) if "peers" in p else None,
+            gateway=gateway_from(p.get("gateway"), f"[partitions.{name}.gateway]"),
         )
     return out
 
@@ -1569,3 +1579,142 @@ def _default_routing() -> Any:
     from xdsi.routing.settings import RoutingSettings
 
     return RoutingSettings()
+# -- [remotes.NAME] and [gateway] (issue 15, helper gateway) -------------------------------------------
+
+REMOTE_SERVICES = ("find", "move", "get")
+GATEWAY_MODES = ("off", "forward", "fallback")
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """``[remotes.NAME]``: a remote archive (PACS) the gateway forwards queries and retrieves to.
+
+    ``move_destination`` is the AE title under which the remote knows *us* as a C-MOVE destination
+    (its AE table maps it to our host and DICOM port); it must be an AE title we answer (ours or a
+    partition's), default our ``[server] ae_title``.  ``known_destinations`` are AE titles the remote
+    itself can C-MOVE to (``["*"]``: any): a C-MOVE to one of them is forwarded as is, any other is
+    moved to us and relayed to the destination from our ``[peers]`` table.
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    services: tuple[str, ...] = ("find", "move")
+    move_destination: str = ""  # empty: our [server] ae_title
+    known_destinations: tuple[str, ...] = ()
+    connect_timeout: float = 10.0  # TCP connect + A-ASSOCIATE
+    timeout: float = 60.0  # one DIMSE message (a C-FIND match, a C-MOVE/C-GET response, a sub-operation)
+    find_timeout: float = 30.0  # a whole forwarded C-FIND: a slower remote is reported with a warning status
+    max_associations: int = 4  # associations we keep open to it at once; more requests wait
+
+    def offers(self, service: str) -> bool:
+        return service in self.services
+
+    def knows(self, destination: str) -> bool:
+        return "*" in self.known_destinations or destination in self.known_destinations
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]`` (main AE title) or ``[partitions.NAME.gateway]``: forward to remotes.
+
+    ``mode``: ``"forward"`` answers C-FIND from the remotes (merged, de-duplicated) and retrieves from
+    them; ``"fallback"`` answers locally and forwards only when nothing local matches; ``"off"``.
+    ``cache``: keep the instances relayed from a remote in the archive (first tier).
+    """
+
+    remotes: tuple[str, ...] = ()
+    mode: str = "off"
+    cache: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off" and bool(self.remotes)
+
+
+_REMOTE_KEYS = {"ae_title", "host", "port", "tls", "services", "move_destination", "known_destinations", "connect_timeout",
+                "timeout", "find_timeout", "max_associations"}
+
+
+def _aet_list(where: str, value: object, *, star: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of AE titles, not {value!r}")
+    return tuple(v.strip() if star and v.strip() == "*" else validate_ae_title(v, f"{where} entry") for v in value)
+
+
+def remotes_from(raw: object) -> dict[str, RemoteSettings]:
+    """Parse every ``[remotes.NAME]`` table (``move_destination`` empty: our ``[server] ae_title``, resolved when used)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[remotes] must hold one table per remote archive: [remotes.PACS1]")
+    out: dict[str, RemoteSettings] = {}
+    for name, r in raw.items():
+        where = f"[remotes.{name}]"
+        r = _check_keys(where, r, _REMOTE_KEYS)
+        if "host" not in r or "port" not in r:
+            raise ConfigError(f"{where} needs host and port")
+        port = _int(f"{where} port", r["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{where} port {port} out of range")
+        kw: dict[str, Any] = {}
+        tls = r.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(f"{where} tls must be true or false, not {tls!r}")
+        services = r.get("services", ["find", "move"])
+        if not isinstance(services, list) or not services or any(s not in REMOTE_SERVICES for s in services):
+            raise ConfigError(f"{where} services must be a non-empty list of {', '.join(REMOTE_SERVICES)}, not {services!r}")
+        for key in ("connect_timeout", "timeout", "find_timeout"):
+            if key in r:
+                kw[key] = float(_number(f"{where} {key}", r[key]))
+        if "max_associations" in r:
+            n = _int(f"{where} max_associations", r["max_associations"])
+            if not 1 <= n <= 64:
+                raise ConfigError(f"{where} max_associations must be 1 to 64, not {n}")
+            kw["max_associations"] = n
+        out[name] = RemoteSettings(
+            name=name,
+            ae_title=validate_ae_title(str(r.get("ae_title", name)), f"{where} ae_title"),
+            host=str(r["host"]),
+            port=port,
+            tls=tls,
+            services=tuple(dict.fromkeys(services)),
+            move_destination=validate_ae_title(str(r["move_destination"]), f"{where} move_destination") if "move_destination" in r else "",
+            known_destinations=_aet_list(f"{where} known_destinations", r.get("known_destinations", []), star=True),
+            **kw,
+        )
+    return out
+
+
+def gateway_from(raw: object, where: str) -> GatewaySettings:
+    """Parse ``[gateway]`` or ``[partitions.NAME.gateway]`` (absent: off)."""
+    if raw is None:
+        return GatewaySettings()
+    table = _check_keys(where, raw, {"remotes", "mode", "cache"})
+    remotes = table.get("remotes", [])
+    if not isinstance(remotes, list) or not all(isinstance(v, str) and v for v in remotes):
+        raise ConfigError(f'{where} remotes must be a list of [remotes.NAME] names, such as ["PACS1"], not {remotes!r}')
+    mode = table.get("mode", "forward" if remotes else "off")
+    if mode not in GATEWAY_MODES:
+        raise ConfigError(f"{where} mode must be one of {', '.join(GATEWAY_MODES)}, not {mode!r}")
+    cache = table.get("cache", False)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"{where} cache must be true or false, not {cache!r}")
+    return GatewaySettings(remotes=tuple(dict.fromkeys(remotes)), mode=mode, cache=cache)
+
+
+def validate_gateway(s: Settings) -> None:
+    """Every gateway names configured remotes; TLS remotes need our CA bundle; a remote's move destination is an AE we answer."""
+    ours = {s.ae_title, *(p.ae_title for p in s.partitions.values())}
+    for where, g in [("[gateway]", s.gateway), *((f"[partitions.{n}.gateway]", p.gateway) for n, p in s.partitions.items())]:
+        for name in g.remotes:
+            if name not in s.remotes:
+                raise ConfigError(f"{where} remotes: {name!r} is not configured (add [remotes.{name}])")
+        if g.mode != "off" and not g.remotes:
+            raise ConfigError(f'{where} mode = "{g.mode}" needs remotes')
+    for r in s.remotes.values():
+        if r.tls and s.tls.ca_certificates is None:
+            raise ConfigError(f"[remotes.{r.name}] tls = true needs [tls] ca_certificates (to verify the remote)")
+        if r.offers("move") and (r.move_destination or s.ae_title) not in ours and not s.dimse_policy.accept_any_called_aet:
+            raise ConfigError(f"[remotes.{r.name}] move_destination {r.move_destination!r} is not an AE title we answer "
+                              f"({', '.join(sorted(ours))}); the remote's C-STOREs would be rejected")

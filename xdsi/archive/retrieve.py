@@ -122,6 +122,8 @@ class RetrieveService:
         self.index = index
         self.tiers = tiers
         self.recall = settings.effective_storage.recall_on_read
+        # issue 15: set by the gateway when it is on; called with Study Instance UIDs a selection found nothing of
+        self.fetch_missing: Callable[[list[str]], bool] | None = None
 
     def select(
         self,
@@ -183,6 +185,9 @@ class RetrieveService:
                         read_at=tuple((c.tier, c.last_read_at) for c in cs) if read_stamps else (),
                     )
                 )
+        if not out and study_uids and not read_stamps and self.fetch_missing is not None and self.fetch_missing(study_uids):
+            return self.select(study_uids=study_uids, series_uids=series_uids, sop_uids=sop_uids, patient_id=patient_id,
+                               issuer_of_patient_id=issuer_of_patient_id)  # a remote held it: fetched (issue 15)
         return out
 
     def select_by_identifier(self, identifier) -> list[InstanceRef]:  # type: ignore[no-untyped-def]

@@ -55,6 +55,7 @@ from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
 from xdsi.dimse.spool import SpoolKeeper
+from xdsi.gateway import Gateway, hand_over as gateway_hand_over
 from xdsi.dimse.sending import (
     MoveDestination,
     RefusedSubAssociation,
@@ -130,6 +131,9 @@ class ArchiveAE(AE):
         :class:`RefusedSubAssociation`, so the handler answers with failed
         sub-operations instead of pynetdicom's A801 Move Destination Unknown.
         """
+        stand_in = kwargs.pop("xdsi_stand_in", None)  # a C-MOVE the gateway forwards: the remote does the sub-operations
+        if stand_in is not None:
+            return stand_in
         destination: MoveDestination | None = kwargs.pop("xdsi_move_destination", None)
         if destination is not None and not destination.connect:
             return RefusedSubAssociation("not connected: the request failed")
@@ -274,6 +278,7 @@ class DicomServer:
         self.policy = DimsePolicy.for_archives(s, self.partitions)
         self.on_policy_refused: Callable[[Decision, str | None], None] | None = None
         self._policy_logged = False
+        self.gateway = Gateway(self)  # [gateway]: C-FIND/C-MOVE/C-GET answered from remote archives (issue 15)
 
     def archive_for(self, assoc: Any) -> Archive:
         """The archive of the AE title this association called."""
@@ -385,6 +390,8 @@ class DicomServer:
             )
             log.warning("C-STORE from %s refused: %s", calling, reason)
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
+        if (relayed := gateway_hand_over(event)) is not None:  # an instance a remote sends for a gateway retrieve
+            return relayed
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)
@@ -413,6 +420,9 @@ class DicomServer:
         model = QR_FIND.get(event.request.AffectedSOPClassUID, "STUDY")
         if self.audit is not None:
             self.audit.queried(event)
+        if (forwarded := self.gateway.find(event, self.archive_for(event.assoc), model)) is not None:
+            yield from forwarded
+            return
         find_responses.install(event.assoc)  # Pending responses from a command set encoded once per request
         try:
             identifier = event.identifier
@@ -435,6 +445,9 @@ class DicomServer:
         refused = self._refused(event.assoc, "move")
         if refused is not None:  # before the destination is looked up: a refused peer learns nothing of our AE table
             yield from _refuse_retrieve(refused, MoveDestination(dest, connect=False))
+            return
+        if (forwarded := self.gateway.move(event, self.archive_for(event.assoc), dest)) is not None:
+            yield from forwarded
             return
         peer = self.archive.settings.peer(dest)  # one AE table for the whole process
         if peer is None:
@@ -482,6 +495,9 @@ class DicomServer:
         refused = self._refused(event.assoc, "get")
         if refused is not None:
             yield from _refuse_retrieve(refused, None)
+            return
+        if (forwarded := self.gateway.get(event, self.archive_for(event.assoc))) is not None:
+            yield from forwarded
             return
         try:
             refs = self._select(event)

@@ -107,6 +107,10 @@ class ImagingDocumentSource:
             else:
                 pending.append(r)
         refs = self._lookup([r.document_unique_id for r in pending]) if pending else {}
+        missing = [r for r in pending if r.document_unique_id not in refs]
+        fetch = getattr(self.retrieve, "fetch_missing", None)
+        if missing and fetch is not None and fetch([r.study_uid for r in missing]):  # issue 15: a remote held them
+            refs.update(self._lookup([r.document_unique_id for r in missing]))
         resolved: list[Resolved] = []
         for i, r in enumerate(requests):
             if i in early:

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""C-GET via C-MOVE through the xdsi gateway against a direct C-GET from the remote PACS, one run (issue 15).
+
+    python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache]
+
+Needs root and Debian's dcmtk.  The script re-executes itself in its own network namespace
+(``BENCH_NETNS``, default ``bench-gateway``) holding only ``lo``, where it starts one dcmtk
+``dcmqrscp`` (the remote PACS, C-GET enabled so it can be measured directly) holding a synthetic CT
+study, and ``xdsi serve`` with that PACS as ``[remotes.PACS]`` offering only ``find`` and ``move``,
+so xdsi serves a C-GET by C-MOVE: the PACS sends each instance to xdsi's storage SCP, which relays
+it on the requester's association as it arrives.  Alternating the two each round (ABBA), dcmtk
+``getscu`` at STUDY level retrieves the study:
+
+- direct: ``getscu`` -> dcmqrscp (C-GET);
+- gateway: ``getscu`` -> xdsi -> (C-MOVE) dcmqrscp -> xdsi -> ``getscu``.
+
+It prints MB/s per round, the medians and the per-round ratio gateway/direct (aim: >= 0.7), and
+checks every round that every instance arrived.  Only ratios from one run mean anything on a
+shared machine; the ratio bounds what relaying costs over the remote's own C-GET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+NETNS = os.environ.get("BENCH_NETNS", "bench-gateway")
+PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24500"))
+GETSCU = "/usr/bin/getscu"
+
+
+def in_netns() -> bool:
+    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
+
+
+def reexec_in_netns(argv: list[str]) -> int:
+    """Create the namespace (only ``lo``), run this script again inside it, delete the namespace after."""
+    created = not Path(f"/var/run/netns/{NETNS}").exists()
+    if created:
+        subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
+        env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
+        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
+    finally:
+        if created:
+            subprocess.run(["ip", "netns", "del", NETNS], check=False)
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [GETSCU, "-v", "-aet", "BENCH", "-aec", aet, "-pdu", str(pdu), "-S", "-k", "QueryRetrieveLevel=STUDY",
+           "-k", f"StudyInstanceUID={study_uid}", "-od", str(out), "127.0.0.1", str(port)]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "TCP_NODELAY": "1"})
+    dt = time.perf_counter() - t
+    if r.returncode != 0 or "Received C-GET Response (Success)" not in r.stdout + r.stderr:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+    return dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--instances", type=int, default=200)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pdu", type=int, default=16384, help="getscu's maximum receive PDU (dcmtk default 16384)")
+    p.add_argument("--cache", action="store_true", help="[gateway] cache = true: keep what is relayed")
+    p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
+    args = p.parse_args(argv)
+    if not os.access(GETSCU, os.X_OK):
+        print(f"{GETSCU} missing: apt-get install dcmtk", file=sys.stderr)
+        return 2
+    if not in_netns():
+        return reexec_in_netns(argv)
+
+    from bench.common import machine
+    from tests.support.dcmqrscp import Dcmqrscp
+    from tests.support.server import XdsiProcess
+    from xdsi.tools.synth import StudySpec, write_study
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-gateway-"))
+    pacs = proc = None
+    try:
+        spec = StudySpec(patient_id="BENCHGW", patient_name="BENCH^GATEWAY")
+        files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
+        total = sum(f.stat().st_size for f in files)
+        pacs_port, xdsi_port = PORT_BASE + 1, PORT_BASE + 2
+        config = work / "xdsi.toml"
+        config.write_text(
+            f'[remotes.PACS]\nhost = "127.0.0.1"\nport = {pacs_port}\nservices = ["find", "move"]\n\n'
+            f'[gateway]\nremotes = ["PACS"]\nmode = "forward"\ncache = {"true" if args.cache else "false"}\n'
+        )
+        proc = XdsiProcess(work / "data", config=config,
+                           env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)})
+        proc.dicom_port = xdsi_port
+        pacs = Dcmqrscp([], work / "pacs", "PACS", pacs_port, {"XDSI": ("127.0.0.1", xdsi_port)}, get=True)
+        pacs.load(files)
+        pacs.start()
+        proc.start(timeout=60)
+        print(f"study: {args.instances} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB; getscu pdu {args.pdu}; "
+              f"cache {'on' if args.cache else 'off'}; {machine()}")
+        servers = {"direct": (pacs_port, "PACS"), "gateway": (xdsi_port, proc.ae_title)}
+        mbps: dict[str, list[float]] = {s: [] for s in servers}
+        names = list(servers)
+        for rnd in range(args.rounds + 1):  # round 0 warms the page cache and both paths; not counted
+            order = names if rnd % 2 else names[::-1]
+            for name in order:
+                port, aet = servers[name]
+                out = work / "got"
+                dt = c_get(port, aet, spec.study_uid, out, args.pdu)
+                n = count_files(out)
+                if n != args.instances:
+                    raise RuntimeError(f"C-GET {name} delivered {n} of {args.instances} instances")
+                if rnd:
+                    mbps[name].append(total / 1e6 / dt)
+                    print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s")
+        if args.profile:
+            fmt = "flamegraph" if args.profile.suffix == ".svg" else "raw"
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.proc.pid), "-r", "200",
+                                    "--threads", "-f", fmt, "-o", str(args.profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.5)
+            for _ in range(3):
+                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
+            spy.send_signal(2)
+            spy.wait(60)
+            print(f"profile: {args.profile}")
+        d, g = mbps["direct"], mbps["gateway"]
+        ratios = [a / b for a, b in zip(g, d)]
+        print(f"C-GET median: direct (dcmqrscp) {statistics.median(d):.1f} MB/s ({min(d):.0f}-{max(d):.0f}), "
+              f"gateway C-GET via C-MOVE {statistics.median(g):.1f} MB/s ({min(g):.0f}-{max(g):.0f}); "
+              f"gateway/direct per round {', '.join(f'{r:.2f}' for r in ratios)}, median {statistics.median(ratios):.2f} (aim >= 0.7)")
+        return 0
+    finally:
+        if proc is not None:
+            proc.stop()
+            if os.environ.get("XDSI_LOG_LEVEL"):
+                print("".join(line for line in proc.log if "xdsi.gateway" in line))
+        if pacs is not None:
+            pacs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""On-demand fetch (issue 15): a study asked for over HTTP (RAD-69, WADO-RS, WADO-URI) that we do not hold
+but a remote does is retrieved from it (C-MOVE to us, or C-GET), archived on the first tier, then served.
+
+The retrieve service asks :meth:`Fetcher.__call__` when a selection by Study Instance UID found nothing
+(``RetrieveService.fetch_missing``, set for archives whose gateway is on).  One fetch per study at a
+time: a second request for the same study waits for the first and then reads what it stored.  A
+published manifest may therefore reference a study the PACS still holds: the first consumer's
+retrieve brings it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterable
+
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
+
+from xdsi.gateway import relay as r
+from xdsi.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+
+class _Detached:
+    """Stands in for the requester's event in :class:`relay.Exchange`: nobody cancels a fetch, nobody goes away."""
+
+    is_cancelled = False
+
+    class assoc:  # noqa: N801 - attribute shape of pynetdicom's event.assoc
+        is_established = True
+
+
+class Fetcher:
+    """Fetch whole studies from the gateway's remotes into one archive."""
+
+    def __init__(self, gateway: Any, archive: Any) -> None:
+        self.gateway = gateway
+        self.archive = archive
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, study_uids: Iterable[str]) -> bool:
+        """Fetch each study not held; True when at least one instance was stored (the caller selects again)."""
+        stored = 0
+        for uid in dict.fromkeys(study_uids):
+            if not is_valid_uid(uid):
+                continue
+            with self._guard:
+                lock = self._locks.setdefault(uid, threading.Lock())
+            with lock:
+                if self.archive.retrieve.select(study_uids=[uid], read_stamps=True):  # fetched while we waited
+                    stored += 1
+                    continue
+                stored += self._fetch(uid)
+        return stored > 0
+
+    def _fetch(self, study_uid: str) -> int:
+        g = self.archive.settings.gateway
+        clients = self.gateway._clients(g, "get", "move")
+        if not clients:
+            return 0
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        client = self.gateway._holder(clients, identifier, StudyRootQueryRetrieveInformationModelMove)
+        how = "get" if client.remote.offers("get") else "move"
+        model = StudyRootQueryRetrieveInformationModelGet if how == "get" else StudyRootQueryRetrieveInformationModelMove
+        relay = r.new_relay(self.archive.settings.temp_dir / "relay", client)
+        from xdsi.gateway import _native_storage_contexts
+
+        r.start_source(client, how, identifier, model, relay, _native_storage_contexts() if how == "get" else [])
+        ex = r.Exchange(_Detached, relay)
+        stored = failed = 0
+        try:
+            if ex.total() is None:
+                log.warning("fetch of study %s from %s: %s", study_uid, client.remote.name, ex.problem or "no answer")
+                return 0
+            relay.announce()
+            for arrived in ex.rest():
+                try:
+                    result = self.archive.store.store_file(arrived.path, source_ae=client.remote.ae_title, move=True)
+                    if result.ok:
+                        stored += 1
+                    else:
+                        failed += 1
+                        log.warning("fetched %s not stored: %s", arrived.sop_instance_uid, result.reason)
+                finally:
+                    r._unlink(arrived.path)
+                    relay.consumed()
+        finally:
+            relay.close()
+        log.info("fetched study %s from %s (%s): %d stored, %d refused%s", study_uid, client.remote.name,
+                 "C-GET" if how == "get" else "C-MOVE", stored, failed, f"; {ex.problem}" if ex.problem else "")
+        return stored

@@ -1,0 +1,657 @@
+"""Retrieve through a remote archive, instance by instance, as the remote delivers (issue 15).
+
+Sources (how instances come from the remote), feeding one :class:`Relay`:
+
+* **move to us**: we send the remote a C-MOVE whose destination is our own AE title (as the remote
+  knows us, ``move_destination``) and whose Message ID is unique in the process; the remote opens
+  a storage association to us, and our C-STORE handler hands each arriving instance to the relay
+  whose (remote AE title, Move Originator Message ID) it carries (:func:`hand_over`, the one-line
+  hook in ``DicomServer.on_store``) instead of archiving it;
+* **get**: we send the remote a C-GET on an association where we took the SCP role for the storage
+  SOP classes; its C-STORE sub-operations come back on that association.
+
+Sinks (where they go): the requester's own association as C-STORE sub-operations of its C-GET, or a
+C-MOVE destination's association (:class:`RelaySubAssociation`).  Either way each instance is sent
+on as soon as it arrived (the data set streamed from the spool file pynetdicom wrote, unchanged when
+the requester accepted its transfer syntax, converted otherwise), and then either archived (the
+gateway's ``cache``) or deleted.
+
+Several processes (``xdsi serve --workers N``): the remote's storage association may be accepted by
+another worker than the one waiting for the instances.  Each move-to-us relay therefore also has an
+inbox directory, ``<temp_dir>/relay/inbox-<remote AE>-<our AE>-<Message ID>`` (its creation reserves the
+Message ID across processes); a worker that receives an instance for a relay it does not hold moves
+the spool file there (the name carries SOP Class, SOP Instance and transfer syntax) before answering
+the C-STORE, and the waiting worker picks it up.  In one process the in-memory queue is used.
+
+Counts: pynetdicom's C-GET/C-MOVE SCP needs the number of sub-operations before the first one; it
+comes from the remote's first Pending response (Remaining + Completed + Failed + Warning) or, if
+the remote sends none, its final response; instances that arrive before then wait in the spool.
+Each relayed instance is one sub-operation, each instance the remote failed to deliver is a failed
+one (with its SOP Instance UID when the remote lists it), so the requester's counts add up.  The
+requester's C-CANCEL is passed on to the remote (C-CANCEL) and answered FE00 at once; instances
+that arrive after it are refused and removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom.status import Status
+
+from xdsi.archive import transcode
+from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, fast_polling, poll_fast
+from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
+
+log = logging.getLogger(__name__)
+
+PENDING = (0xFF00, 0xFF01)
+INBOX_POLL = 0.01  # how often a relay with an inbox looks into it while its queue is empty
+POLL = 0.05  # how often the requester's C-CANCEL and association are looked at while waiting
+HIGH_WATER = 8  # instances spooled ahead of the requester before the remote's C-STORE is answered
+REFUSED_CLOSED = 0xA700  # C-STORE Out of Resources: an instance for a relay already cancelled or over
+COUNT_KEYS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+              "NumberOfWarningSuboperations")
+
+
+@dataclass
+class Arrived:
+    """One instance the remote delivered, spooled; ours until it is sent on and archived or deleted."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class Relay:
+    """What one retrieve receives from the remote: instances and the remote's responses, in order."""
+
+    def __init__(self, spool_dir: Path, remote_ae: str, msg_id: int) -> None:
+        self.spool_dir = spool_dir
+        self.remote_ae = remote_ae
+        self.msg_id = msg_id
+        self.items: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.closed = False
+        self.announced = False  # the count is out: from now on the remote waits when we are HIGH_WATER ahead
+        self.ahead = 0
+        self._cond = threading.Condition()
+        self.cancel_remote: Callable[[], None] | None = None  # set by the source once its request is out
+        self.timeout = 60.0
+        self.originator = ""  # our AE title as we called the remote (its Move Originator AE Title)
+        self.inbox: Path | None = None  # move-to-us relays: where other processes put what they receive for us
+
+    # -- the source side --------------------------------------------------------------------------
+
+    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str) -> int:
+        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status."""
+        if self.closed:
+            log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
+            return REFUSED_CLOSED
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
+        os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
+        with self._cond:
+            self.ahead += 1
+        self.items.put(("instance", Arrived(own, sop_class, sop_uid, ts)))
+        with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
+            self._cond.wait_for(lambda: self.closed or not self.announced or self.ahead <= HIGH_WATER, timeout=self.timeout)
+        return 0x0000
+
+    def response(self, st: Dataset, identifier: Dataset | None) -> None:
+        self.items.put(("rsp", (st, identifier)))
+
+    def end(self, problem: str | None = None) -> None:
+        self.items.put(("end", problem))
+
+    # -- the sink side ----------------------------------------------------------------------------
+
+    def consumed(self) -> None:
+        with self._cond:
+            self.ahead -= 1
+            self._cond.notify_all()
+
+    def announce(self) -> None:
+        with self._cond:
+            self.announced = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more instances wanted: refuse what still comes, remove what is spooled and unsent."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        if self.inbox is not None:
+            try:
+                (self.inbox / CLOSED).touch()
+            except OSError:
+                pass
+            for arrived in self.from_inbox():
+                _unlink(arrived.path)
+        while True:
+            try:
+                kind, value = self.items.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "instance":
+                _unlink(value.path)
+
+
+    def from_inbox(self) -> list[Arrived]:
+        """Instances another process put in our inbox, oldest first, taken out of it."""
+        if self.inbox is None:
+            return []
+        try:
+            names = sorted(n for n in os.listdir(self.inbox) if n.endswith(".dcm"))
+        except FileNotFoundError:
+            return []
+        out = []
+        if names:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            parts = name[:-4].split("_")
+            if len(parts) != 5:
+                continue
+            _, _, sop_class, sop_uid, ts = parts
+            own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
+            try:
+                os.replace(self.inbox / name, own)
+            except OSError:
+                continue
+            with self._cond:
+                self.ahead += 1
+            out.append(Arrived(own, sop_class, sop_uid, ts))
+        return out
+
+
+CLOSED = ".closed"
+INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
+
+
+def inbox_path(remote_ae: str, originator: str, msg_id: int) -> Path | None:
+    if INBOX_ROOT is None:
+        return None
+    safe = ["".join(c if c.isalnum() else f"%{ord(c):02x}" for c in aet) for aet in (remote_ae, originator)]
+    return INBOX_ROOT / f"inbox-{safe[0]}-{safe[1]}-{msg_id}"
+
+
+def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float) -> int:
+    """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
+    if (inbox / CLOSED).exists():
+        return REFUSED_CLOSED
+    name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
+    try:
+        os.replace(path, inbox / name)
+    except OSError:
+        shutil.move(str(path), str(inbox / name))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (inbox / CLOSED).exists():
+        try:
+            waiting = sum(1 for n in os.listdir(inbox) if n.endswith(".dcm"))
+        except FileNotFoundError:
+            break
+        if waiting <= HIGH_WATER:
+            break
+        time.sleep(0.005)
+    return 0x0000
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# -- the registry the storage SCP asks ----------------------------------------------------------------
+
+_relays: dict[tuple[str, str, int], Relay] = {}
+_lock = threading.Lock()
+
+
+def register(relay: Relay) -> None:
+    """Known to this process's storage SCP, and (with an inbox root) to the other workers': the inbox directory's
+    creation reserves the Message ID, so a number another process is using is not used twice."""
+    for _ in range(64):
+        inbox = inbox_path(relay.remote_ae, relay.originator, relay.msg_id)
+        if inbox is None:
+            break
+        try:
+            inbox.parent.mkdir(parents=True, exist_ok=True)
+            inbox.mkdir()
+            relay.inbox = inbox
+            break
+        except FileExistsError:
+            relay.msg_id = next_message_id()
+    with _lock:
+        _relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+
+
+def unregister(relay: Relay) -> None:
+    with _lock:
+        _relays.pop((relay.remote_ae, relay.originator, relay.msg_id), None)
+    if relay.inbox is not None:
+        shutil.rmtree(relay.inbox, ignore_errors=True)
+
+
+def hand_over(event: Any) -> int | None:
+    """EVT_C_STORE hook: the C-STORE status if this instance belongs to a pending relay, else None (archive it).
+
+    Matched by the calling AE title (the remote's), the Move Originator AE Title (ours, as we called the
+    remote) and the Move Originator Message ID (our C-MOVE's), which the remote copies into each C-STORE
+    sub-operation (PS3.4 C.4.2.2, PS3.7 9.1.1.1).  A C-STORE without them is never taken for a relay: it
+    may be anything the remote pushes to us, and relaying it to a requester who did not ask would be a
+    disclosure.
+    """
+    req = event.request
+    mid = getattr(req, "MoveOriginatorMessageID", None)
+    originator = str(getattr(req, "MoveOriginatorApplicationEntityTitle", None) or "").strip()
+    if mid is None or not originator or (not _relays and INBOX_ROOT is None):
+        return None
+    calling = str(event.assoc.requestor.ae_title).strip()
+    with _lock:
+        relay = _relays.get((calling, originator, int(mid)))
+    if relay is None:
+        inbox = inbox_path(calling, originator, int(mid))
+        if inbox is None or not inbox.is_dir():
+            return None
+        return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                                 str(event.context.transfer_syntax), 60.0)
+    poll_fast(event.assoc)  # the remote's storage association: its next C-STORE is read without the 1 ms idle sleep
+    ts = str(event.context.transfer_syntax)
+    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+def start_move_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay) -> threading.Thread:
+    """C-MOVE to us from the remote, in a thread; its responses go into ``relay``."""
+
+    def run() -> None:
+        problem = None
+        try:
+            with client.association(qr_contexts(model)) as assoc:
+                relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
+                for st, ident in assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id):
+                    if getattr(st, "Status", None) is None:
+                        problem = f"{client.remote.name}: no C-MOVE response in {client.remote.timeout:g} s"
+                        break
+                    relay.response(st, ident)
+        except RemoteUnavailable as exc:
+            problem = str(exc)
+        except Exception as exc:
+            log.exception("C-MOVE to %s failed", client)
+            problem = f"{client.remote.name}: {exc.__class__.__name__}"
+        finally:
+            relay.cancel_remote = None
+            relay.end(problem)
+            # only now: until the remote's last response, a late instance (after a cancel) is refused, not archived
+            unregister(relay)
+
+    register(relay)
+    t = threading.Thread(target=run, name=f"relay-move-{client.remote.name}", daemon=True)
+    t.start()
+    return t
+
+
+def start_get_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> threading.Thread:
+    """C-GET from the remote, in a thread, taking the SCP role for ``storage`` contexts; instances and responses into ``relay``."""
+
+    def on_store(event: Any) -> int:
+        req = event.request
+        return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                             str(event.context.transfer_syntax))
+
+    def run() -> None:
+        problem = None
+        contexts = qr_contexts(model) + storage[: 128 - 1]
+        try:
+            from pynetdicom import evt
+
+            with client.association(contexts, scp_roles=[str(cx.abstract_syntax) for cx in storage[:127]],
+                                    handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+                relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
+                poll_fast(assoc)
+                for st, ident in assoc.send_c_get(identifier, model, msg_id=relay.msg_id):
+                    if getattr(st, "Status", None) is None:
+                        problem = f"{client.remote.name}: no C-GET response in {client.remote.timeout:g} s"
+                        break
+                    relay.response(st, ident)
+        except RemoteUnavailable as exc:
+            problem = str(exc)
+        except Exception as exc:
+            log.exception("C-GET from %s failed", client)
+            problem = f"{client.remote.name}: {exc.__class__.__name__}"
+        finally:
+            relay.cancel_remote = None
+            relay.end(problem)
+
+    t = threading.Thread(target=run, name=f"relay-get-{client.remote.name}", daemon=True)
+    t.start()
+    return t
+
+
+# -- placeholders and sending -------------------------------------------------------------------------
+
+
+class RelayedInstance(Dataset):
+    """The placeholder yielded to pynetdicom for an instance that arrived: identity only, the bytes are in a file."""
+
+    def __init__(self, arrived: Arrived) -> None:
+        super().__init__()
+        self.SOPClassUID = arrived.sop_class_uid
+        self.SOPInstanceUID = arrived.sop_instance_uid
+        self._xdsi_arrived = arrived
+
+
+class MissingInstance(Dataset):
+    """A sub-operation the remote failed (or never delivered): counted and listed as failed, nothing sent."""
+
+    def __init__(self, sop_instance_uid: str, reason: str) -> None:
+        super().__init__()
+        if sop_instance_uid:
+            self.SOPInstanceUID = sop_instance_uid
+        self._xdsi_reason = reason
+
+
+class Finisher:
+    """What happens to an arrived instance once it is sent on: archived (``cache``) or deleted."""
+
+    def __init__(self, relay: Relay, store: Any | None, source_ae: str) -> None:
+        self.relay = relay
+        self.store = store
+        self.source_ae = source_ae
+
+    def __call__(self, arrived: Arrived) -> None:
+        try:
+            if self.store is not None:
+                result = self.store.store_file(arrived.path, source_ae=self.source_ae, move=True)
+                if not result.ok:
+                    log.warning("relayed %s not cached: %s", arrived.sop_instance_uid, result.reason)
+        except Exception:
+            log.exception("caching relayed %s failed", arrived.sop_instance_uid)
+        finally:
+            _unlink(arrived.path)
+            self.relay.consumed()
+
+
+def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish: Finisher, *args: Any, **kwargs: Any) -> Any:
+    """Send a :class:`RelayedInstance` on ``assoc`` (unchanged if its syntax was accepted, else converted)."""
+    if isinstance(dataset, MissingInstance):
+        raise LookupError(dataset._xdsi_reason)
+    if not isinstance(dataset, RelayedInstance):
+        return original(dataset, *args, **kwargs)
+    arrived: Arrived = dataset._xdsi_arrived
+    converted: Path | None = None
+    try:
+        if not assoc.is_established:
+            raise ConnectionError("the association is no longer established")
+        accepted = accepted_syntaxes(assoc, arrived.sop_class_uid, arrived.transfer_syntax_uid, native_first=assoc.is_requestor)
+        if not accepted:
+            raise NoAcceptedContext(f"no accepted presentation context for {arrived.sop_class_uid} ({arrived.sop_instance_uid})")
+        choice = transcode.choose(arrived.transfer_syntax_uid, accepted, transcode.facts(arrived.path)
+                                  if arrived.transfer_syntax_uid not in accepted else None)
+        if choice is None:
+            raise transcode.TranscodeError(f"{arrived.sop_instance_uid} ({arrived.transfer_syntax_uid}) cannot be sent as any of {', '.join(accepted)}")
+        path = arrived.path
+        if not choice.unchanged:
+            converted = arrived.path.with_suffix(".converted.dcm")
+            with open(converted, "wb") as out:
+                transcode.write_converted(arrived.path, choice.transfer_syntax, out)
+            path = converted
+        return original(path, *args, **kwargs)
+    finally:
+        if converted is not None:
+            _unlink(converted)
+        finish(arrived)
+
+
+def install_relay_sender(assoc: Any, finish: Finisher) -> Callable[[], None]:
+    """Wrap the requester association's ``send_c_store`` for the relay's placeholders; returns the undo."""
+    original = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        return send_relayed(assoc, original, dataset, finish, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+
+    def undo() -> None:
+        assoc.send_c_store = original
+
+    return undo
+
+
+# -- the retrieve handlers ------------------------------------------------------------------------------
+
+
+def _counts(st: Dataset) -> list[int] | None:
+    values = [st.get(k) for k in COUNT_KEYS]
+    if any(v is None or v == "" for v in values[1:]):
+        return None
+    return [int(v or 0) for v in values]
+
+
+class Exchange:
+    """Reads the relay's items for one retrieve: the total, the instances in order, the remote's outcome."""
+
+    def __init__(self, event: Any, relay: Relay) -> None:
+        self.event = event
+        self.relay = relay
+        self.buffered: list[Arrived] = []
+        self.final: Dataset | None = None
+        self.final_identifier: Dataset | None = None
+        self.problem: str | None = None
+        self.ended = False
+        self.cancelled = False
+        self.pending: list[tuple[str, Any]] = []
+
+    def _next(self) -> tuple[str, Any] | None:
+        """The next item, or None when the requester cancelled or went away (checked every POLL).
+
+        Instances in the relay's inbox (put there by another process) come before a response or the end:
+        the remote answers only after our C-STORE response, which comes after the file is in the inbox.
+        """
+        poll = POLL if self.relay.inbox is None else INBOX_POLL
+        while True:
+            if self.event.is_cancelled or not self.event.assoc.is_established:
+                self.cancelled = True
+                return None
+            if self.pending:
+                return self.pending.pop(0)
+            try:
+                item = self.relay.items.get(timeout=poll)
+            except queue.Empty:
+                item = None
+            if self.relay.inbox is not None and (item is None or item[0] != "instance"):
+                self.pending = [("instance", a) for a in self.relay.from_inbox()]
+                if item is not None:
+                    self.pending.append(item)
+                continue
+            if item is not None:
+                return item
+
+    def total(self) -> int | None:
+        """Sub-operations the remote announces (None: it ended without saying, or the requester cancelled)."""
+        while True:
+            item = self._next()
+            if item is None:
+                return None
+            kind, value = item
+            if kind == "instance":
+                self.buffered.append(value)
+            elif kind == "rsp":
+                st, ident = value
+                counts = _counts(st)
+                if int(st.Status) in PENDING:
+                    if counts is not None and counts[0] is not None:
+                        self.relay.announce()
+                        return sum(counts)
+                    continue
+                self.final, self.final_identifier = st, ident
+                return sum(counts[1:]) + (counts[0] or 0) if counts is not None else len(self.buffered)
+            else:
+                self.ended, self.problem = True, value
+                return None
+
+    def rest(self) -> Iterator[Arrived]:
+        """Every instance (buffered first) until the remote's final response and the source's end."""
+        while self.buffered:
+            yield self.buffered.pop(0)
+        while not self.ended:
+            item = self._next()
+            if item is None:
+                return
+            kind, value = item
+            if kind == "instance":
+                yield value
+            elif kind == "rsp":
+                st, ident = value
+                if int(st.Status) not in PENDING:
+                    self.final, self.final_identifier = st, ident
+                    log.info("relay %s/%d: remote final 0x%04X counts %s", self.relay.remote_ae, self.relay.msg_id,
+                             int(st.Status), _counts(st))
+            else:
+                self.ended = True
+                self.problem = self.problem or value
+
+    def failed_uids(self) -> list[str]:
+        ident = self.final_identifier
+        value = ident.get("FailedSOPInstanceUIDList", []) if ident is not None else []
+        if isinstance(value, str):
+            return [value] if value else []
+        return [str(v) for v in value]
+
+    def cancel(self) -> None:
+        cancel = self.relay.cancel_remote
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception as exc:
+                log.debug("C-CANCEL to the remote: %s", exc)
+
+
+def failure(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[[int], None] | None = None) -> Iterator[Any]:
+    """Yields the count, then one placeholder per sub-operation (pynetdicom's C-GET/C-MOVE protocol after the destination).
+
+    ``what`` names the retrieve in log lines.  Cleans up (relay closed, remote cancelled if still
+    running, unsent files removed) however the generator ends.
+    """
+    ex = Exchange(event, relay)
+    sent = 0
+    last: Arrived | None = None
+    t_start = time.monotonic()
+    try:
+        total = ex.total()
+        if total is None and ex.cancelled:
+            ex.cancel()
+            yield max(1, len(ex.buffered))
+            yield Status.CANCEL, None
+            return
+        if total is None:  # the remote ended without a response: unreachable, refused, timed out
+            reason = ex.problem or "the remote gave no answer"
+            log.warning("%s: %s", what, reason)
+            yield 1
+            yield failure(0xA702, reason), failed_identifier([])
+            return
+        if total == 0:
+            code = int(ex.final.Status) if ex.final is not None else 0
+            if code not in (0x0000, 0xB000):
+                comment = str(ex.final.get("ErrorComment", "") or "") if ex.final is not None else ""
+                reason = f"remote answered 0x{code:04X}" + (f" {comment}" if comment else "")
+                log.warning("%s: %s", what, reason)
+                yield 1
+                yield failure(0xA702 if code == 0xA801 else code, reason), failed_identifier([])
+                return
+            yield 0
+            return
+        if on_count is not None:
+            on_count(total)
+        t_count = time.monotonic()
+        yield total
+        sending = 0.0
+        for arrived in ex.rest():
+            if sent >= total:
+                log.warning("%s: the remote sent more instances than it announced (%d); %s dropped", what, total, arrived.sop_instance_uid)
+                _unlink(arrived.path)
+                relay.consumed()
+                continue
+            sent += 1
+            t = time.monotonic()
+            last = arrived
+            yield Status.PENDING, RelayedInstance(arrived)
+            last = None
+            sending += time.monotonic() - t
+        log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote)",
+                 what, sent, t_count - t_start, time.monotonic() - t_count, sending)
+        if ex.cancelled:
+            ex.cancel()
+            yield Status.CANCEL, None
+            return
+        missing = total - sent
+        if missing > 0:
+            uids = ex.failed_uids()
+            reason = ex.problem or "the remote did not deliver it"
+            log.warning("%s: %d of %d instances not delivered by the remote (%s)", what, missing, total, reason)
+            for i in range(missing):
+                yield Status.PENDING, MissingInstance(uids[i] if i < len(uids) else "", reason)
+    finally:
+        if not ex.ended:
+            ex.cancel()
+        relay.close()
+        for arrived in ex.buffered:
+            _unlink(arrived.path)
+        if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
+            _unlink(last.path)
+
+
+def start_source(client: RemoteClient, how: str, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> None:
+    if how == "move":
+        start_move_source(client, identifier, model, relay)
+    else:
+        start_get_source(client, identifier, model, relay, storage)
+
+
+def sweep(spool_dir: Path, older_than: float = 3600.0) -> int:
+    """Remove relay spool files older than ``older_than`` seconds (left by a crash); newer ones may be another
+    process's live relay (``xdsi serve --workers``).  Returns how many were removed."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        entries = list(spool_dir.iterdir())
+    except FileNotFoundError:
+        return 0
+    for p in entries:
+        try:
+            if p.name.startswith("relay-") and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed += 1
+            elif p.name.startswith("inbox-") and p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)  # a crashed process's relay: nobody waits for what would land there
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def new_relay(spool_dir: Path, client: RemoteClient) -> Relay:
+    relay = Relay(spool_dir, client.remote.ae_title, next_message_id())
+    relay.originator = client.calling_ae
+    relay.timeout = client.remote.timeout
+    return relay
