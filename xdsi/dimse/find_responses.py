@@ -22,8 +22,9 @@ tests/unit/test_find_responses.py compares the P-DATA against pynetdicom's.
 
 from __future__ import annotations
 
+import time
 from io import BytesIO
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_FIND_RSP
@@ -99,3 +100,93 @@ def install(assoc: Any) -> None:
         return
     dimse.send_msg = PendingSender(assoc, dimse.send_msg)
     setattr(dimse, _MARK, True)
+
+
+# -- streaming pre-encoded identifiers -----------------------------------------------------------
+#
+# Why: with the identifiers already encoded from index rows (QueryService.find_encoded), what is
+# left per match of pynetdicom's C-FIND loop (status validation, a C_FIND primitive, send_msg, a
+# P-DATA for the command and another for the identifier, each a pass of the DUL reactor loop and a
+# socket write) was most of an all-studies answer.  :func:`stream_pending` sends each Pending
+# response itself: its command set is encoded once per request, and command and identifier travel
+# as two PDVs of ONE P-DATA-TF PDU when they fit the peer's maximum PDU length (PS3.8 9.3.5: a
+# P-DATA-TF carries one or more PDVs; pynetdicom and dcmtk read them in order).  PDVs of two
+# different messages never share a PDU: pynetdicom's ``DIMSEMessage.decode_msg`` stops reading a
+# P-DATA at the end of the first complete message.  The PDUs go through the association's DUL
+# (``dul.send_pdu``), the one writer of its socket, so TLS and the state machine are untouched,
+# and pynetdicom then sends the final response after them, in order.
+
+# transfer syntax of the C-FIND presentation context -> implicit VR? (QueryService.find_encoded);
+# other syntaxes (big endian, deflated) take pynetdicom's own path with Datasets
+ENCODED_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
+BACKLOG_HIGH = 256  # P-DATA primitives waiting in the DUL's queue before the sender waits
+BACKLOG_LOW = 64
+SENT_EVENT_EVERY = 64  # EVT_DIMSE_SENT (the governor's activity clock) once per this many responses
+
+
+def message_pdatas(context_id: int, command: bytes, dataset: bytes, max_pdu: int) -> list[P_DATA]:
+    """One DIMSE message as few P-DATA primitives as the peer's maximum PDU length allows.
+
+    Fragments are those of pynetdicom's ``encode_msg`` (at most ``max_pdu - 6`` bytes each,
+    command flagged 0x01/0x03, data set 0x00/0x02); consecutive fragments share a P-DATA while the
+    PDV items (6 bytes of item header each) fit in ``max_pdu`` (0: no limit).
+    """
+    pdvs: list[tuple[int, bytes]] = []
+    for more, last, data in ((b"\x01", b"\x03", command), (b"\x00", b"\x02", dataset)):
+        pieces = list(_fragments(data, max_pdu))
+        for i, piece in enumerate(pieces):
+            pdvs.append((context_id, (last if i == len(pieces) - 1 else more) + piece))
+    out: list[P_DATA] = []
+    current: P_DATA | None = None
+    used = 0
+    for pdv in pdvs:
+        size = 5 + len(pdv[1])  # item length (4) + context ID (1) + control header and fragment
+        if current is None or (max_pdu and used + size > max_pdu):
+            current = P_DATA()
+            out.append(current)
+            used = 0
+        current.presentation_data_value_list.append(pdv)
+        used += size
+    return out
+
+
+def stream_pending(event: Any, identifiers: Iterable[bytes]) -> str:
+    """Send each encoded identifier as a C-FIND Pending (FF00) response to ``event``'s request.
+
+    Returns ``"done"`` when every identifier was sent, ``"cancelled"`` when the peer's C-CANCEL
+    arrived first, ``"aborted"`` when the association ended.  The caller then yields the final
+    status to pynetdicom (nothing for Success).  The identifiers must be encoded in the transfer
+    syntax of the request's presentation context.
+    """
+    assoc = event.assoc
+    context_id = event.context.context_id
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = event.request.MessageID
+    rsp.AffectedSOPClassUID = event.request.AffectedSOPClassUID
+    rsp.Status = 0xFF00
+    rsp.Identifier = BytesIO(b"\0")  # present: Command Data Set Type 0x0000
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    message.context_id = context_id
+    command = encode(message.command_set, True, True)  # PS3.7 6.3.1: always implicit VR LE
+    dimse = assoc.dimse
+    dul = dimse.dul
+    backlog = dul.to_provider_queue
+    max_pdu = dimse.maximum_pdu_size
+    sent = 0
+    for data in identifiers:
+        if event.is_cancelled:
+            return "cancelled"
+        if not assoc.is_established:
+            return "aborted"
+        for pdata in message_pdatas(context_id, command, data, max_pdu):
+            dul.send_pdu(pdata)
+        sent += 1
+        if sent % SENT_EVENT_EVERY == 1:
+            message.data_set = BytesIO(data)
+            evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        if backlog.qsize() > BACKLOG_HIGH:
+            # a slow reader: hold the query's cursor rather than queue the whole answer in memory
+            while backlog.qsize() > BACKLOG_LOW and assoc.is_established and not event.is_cancelled:
+                time.sleep(0.0005)
+    return "done"

@@ -416,7 +416,17 @@ class DicomServer:
         find_responses.install(event.assoc)  # Pending responses from a command set encoded once per request
         try:
             identifier = event.identifier
-            for ds in self.archive_for(event.assoc).query.find(identifier, model=model):
+            query = self.archive_for(event.assoc).query
+            syntax = event.context.transfer_syntax
+            if syntax in find_responses.ENCODED_SYNTAXES:
+                # little endian: identifiers encoded from the index rows and streamed to the DUL here;
+                # pynetdicom only sends the final status (find_responses.stream_pending)
+                encoded = query.find_encoded(identifier, model=model, implicit_vr=find_responses.ENCODED_SYNTAXES[syntax])
+                outcome = find_responses.stream_pending(event, encoded)
+                if outcome == "cancelled":
+                    yield Status.CANCEL, None
+                return  # "done": pynetdicom answers Success; "aborted": nothing left to answer
+            for ds in query.find(identifier, model=model):
                 if event.is_cancelled:
                     yield Status.CANCEL, None
                     return
