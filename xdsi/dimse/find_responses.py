@@ -119,8 +119,10 @@ def install(assoc: Any) -> None:
 # transfer syntax of the C-FIND presentation context -> implicit VR? (QueryService.find_encoded);
 # other syntaxes (big endian, deflated) take pynetdicom's own path with Datasets
 ENCODED_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
-BACKLOG_HIGH = 256  # P-DATA primitives waiting in the DUL's queue before the sender waits
-BACKLOG_LOW = 64
+# P-DATA primitives waiting in the DUL's queue before the sender waits for it to drain: bounds the
+# memory of a large answer to a slow reader.  It waits for an EMPTY queue, because pynetdicom's DUL
+# reads the socket only when it has nothing to send: that is when a C-CANCEL gets in.
+BACKLOG_HIGH = 128
 SENT_EVENT_EVERY = 64  # EVT_DIMSE_SENT (the governor's activity clock) once per this many responses
 
 
@@ -186,7 +188,7 @@ def stream_pending(event: Any, identifiers: Iterable[bytes]) -> str:
             message.data_set = BytesIO(data)
             evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
         if backlog.qsize() > BACKLOG_HIGH:
-            # a slow reader: hold the query's cursor rather than queue the whole answer in memory
-            while backlog.qsize() > BACKLOG_LOW and assoc.is_established and not event.is_cancelled:
+            # hold the query's cursor rather than queue the whole answer in memory
+            while backlog.qsize() and assoc.is_established and not event.is_cancelled:
                 time.sleep(0.0005)
     return "done"
