@@ -152,3 +152,33 @@ def test_findscu_receives_every_match(server: tuple[XdsiProcess, str], tmp_path:
     assert out.returncode == 0, log[-2000:]
     assert log.count("(Pending)") == N
     assert "Received Final Find Response (Success)" in log
+
+
+def test_many_queries_on_one_association(server: tuple[XdsiProcess, str]) -> None:
+    """After the first C-FIND the association's threads wake on activity (xdsi.dimse.wakeup): every later
+    request on it is still answered whole, in order, and the association still releases."""
+    from xdsi.dimse import wakeup
+
+    assert wakeup.check_pynetdicom(), "pynetdicom's polling loops changed: xdsi.dimse.wakeup no longer applies"
+    proc, url = server
+    ae = AE(ae_title="MANYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(FIND, [ExplicitVRLittleEndian])
+    assoc = ae.associate(proc.host, proc.dicom_port, ae_title="XDSI")
+    assert assoc.is_established
+    try:
+        for i in range(60):
+            query = _query(PatientID=f"P{(i * 7) % (N // 3):05d}")
+            got, final = [], -1
+            for st, ident in assoc.send_c_find(query, FIND, msg_id=i + 1):
+                assert st is not None, "no response"
+                if st.Status in (0xFF00, 0xFF01):
+                    got.append(ident.to_json_dict())
+                else:
+                    final = st.Status
+            assert final == 0x0000
+            assert got == _expected(url, query) and len(got) == 3
+    finally:
+        assoc.release()
+        ae.shutdown()
+    assert assoc.is_released

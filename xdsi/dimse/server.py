@@ -50,7 +50,7 @@ from pynetdicom.status import Status
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
-from xdsi.dimse import find_responses, status
+from xdsi.dimse import find_responses, status, wakeup
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -414,6 +414,7 @@ class DicomServer:
         if self.audit is not None:
             self.audit.queried(event)
         find_responses.install(event.assoc)  # Pending responses from a command set encoded once per request
+        wakeup.install(event.assoc)  # this association's next requests are not held by pynetdicom's 1 ms polls
         try:
             identifier = event.identifier
             query = self.archive_for(event.assoc).query
