@@ -16,6 +16,7 @@ own ``write_data_element``, so nothing is guessed.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Callable, Iterable
 
@@ -36,6 +37,17 @@ _DEFAULT = "iso8859"  # pydicom's default_encoding
 _CHARSET_UTF8 = Tag("SpecificCharacterSet")
 
 
+@functools.cache
+def _charset_element(implicit_vr: bool) -> bytes:
+    """(0008,0005) Specific Character Set "ISO_IR 192", written by pydicom once per encoding."""
+    elem = DataElement(_CHARSET_UTF8, "CS", "ISO_IR 192")
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit_vr
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
 class RowEncoder:
     """Encodes one query's response identifiers; built once per query from its fields."""
 
@@ -51,7 +63,7 @@ class RowEncoder:
             self._encoders.append(self._element(f))
             if f.charset:
                 self._charset_getters.append(f.get)
-        self._charset_element = self._fallback(_CHARSET_UTF8, "CS", "ISO_IR 192", False)
+        self._charset_element = _charset_element(implicit_vr)
 
     def encode(self, row: tuple) -> bytes:  # type: ignore[type-arg]
         """The encoded identifier for one result row."""

@@ -305,8 +305,8 @@ class QueryService:
         plan = self._plan(identifier, model, None, 0, False)
         encoder = RowEncoder(plan.fields, implicit_vr=implicit_vr)
         encode = encoder.encode
-        with self.index.read_session() as s:
-            for row in s.execute(plan.stmt).yield_per(500):
+        with self.index.read_connection() as conn:
+            for row in conn.execution_options(yield_per=500).execute(plan.stmt):
                 yield encode(row)
 
     def _plan(self, identifier: Dataset, model: str, limit: int | None, offset: int, fuzzy: bool) -> _Plan:

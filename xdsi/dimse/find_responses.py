@@ -22,6 +22,7 @@ tests/unit/test_find_responses.py compares the P-DATA against pynetdicom's.
 
 from __future__ import annotations
 
+import struct
 import time
 from io import BytesIO
 from typing import Any, Callable, Iterable, Iterator
@@ -46,13 +47,65 @@ def _fragments(data: bytes, max_pdu: int) -> Iterator[bytes]:
         yield data[offset : offset + size]
 
 
-def _pdatas(context_id: int, command: bytes, dataset: bytes, max_pdu: int) -> Iterator[P_DATA]:
-    for more, last, data in ((b"\x01", b"\x03", command), (b"\x00", b"\x02", dataset)):
+def _pdatas(context_id: int, command: bytes, dataset: bytes | None, max_pdu: int) -> Iterator[P_DATA]:
+    """pynetdicom's P-DATA for one message: one per fragment; no data set fragment when ``dataset`` is None."""
+    parts = [(b"\x01", b"\x03", command)] + ([] if dataset is None else [(b"\x00", b"\x02", dataset)])
+    for more, last, data in parts:
         pieces = list(_fragments(data, max_pdu))
         for i, piece in enumerate(pieces):
             pdata = P_DATA()
             pdata.presentation_data_value_list.append((context_id, (last if i == len(pieces) - 1 else more) + piece))
             yield pdata
+
+
+# Encoded C-FIND-RSP command sets differ between requests only in Message ID Being Responded To
+# (0000,0120), a US at a fixed offset: each (SOP class, status, data set present) is encoded once by
+# pynetdicom and then copied with that value patched in.  The final response (Success, Cancel) takes
+# the same path, so a small answer costs no pydicom encoding at all.
+_MSG_ID_ELEMENT = b"\x00\x00\x20\x01\x02\x00\x00\x00"  # (0000,0120), implicit VR, length 2
+_templates: dict[tuple[str, int, bool], tuple[bytes, int]] = {}  # shared: immutable bytes
+
+
+class Commands:
+    """C-FIND-RSP command sets for one association (the message objects are not shared between threads)."""
+
+    def __init__(self) -> None:
+        self._messages: dict[tuple[str, int, bool], C_FIND_RSP] = {}
+
+    def __call__(self, sop_class_uid: str, status: int, with_identifier: bool, message_id: int) -> tuple[bytes, C_FIND_RSP]:
+        """A C-FIND-RSP without Offending Element / Error Comment: its command set encoded as pynetdicom
+        encodes it, and a C_FIND_RSP message carrying that command set (for EVT_DIMSE_SENT)."""
+        key = (str(sop_class_uid), int(status), with_identifier)
+        message = self._messages.get(key)
+        found = _templates.get(key)
+        if message is None or found is None:
+            rsp = C_FIND()
+            rsp.MessageIDBeingRespondedTo = 1
+            rsp.AffectedSOPClassUID = sop_class_uid
+            rsp.Status = status
+            rsp.Identifier = BytesIO(b"\0") if with_identifier else None  # Command Data Set Type 0x0000 / 0x0101
+            message = C_FIND_RSP()
+            message.primitive_to_message(rsp)
+            template = encode(message.command_set, True, True)  # PS3.7 6.3.1: always implicit VR LE
+            found = (template, template.index(_MSG_ID_ELEMENT) + len(_MSG_ID_ELEMENT))
+            if len(_templates) < 256:  # a handful of SOP classes and statuses; never grows without bound
+                _templates[key] = found
+            if len(self._messages) < 64:
+                self._messages[key] = message
+        template, at = found
+        message.command_set.MessageIDBeingRespondedTo = message_id
+        return template[:at] + struct.pack("<H", message_id) + template[at + 2 :], message
+
+
+def _plain(primitive: Any) -> bool:
+    """A C-FIND response :func:`command_set` encodes: no Offending Element, no Error Comment."""
+    return (
+        isinstance(primitive, C_FIND)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.OffendingElement is None
+        and primitive.ErrorComment is None
+    )
 
 
 class PendingSender:
@@ -61,35 +114,36 @@ class PendingSender:
     def __init__(self, assoc: Any, original: Callable[[Any, int], None]) -> None:
         self.assoc = assoc
         self.original = original
-        self._key: tuple[Any, ...] | None = None
-        self._message: C_FIND_RSP | None = None
-        self._command = b""
+        self.commands = Commands()
 
     def __call__(self, primitive: Any, context_id: int) -> None:
-        if not (
-            isinstance(primitive, C_FIND)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status in PENDING
-            and isinstance(primitive.Identifier, BytesIO)
-        ):
+        if not _plain(primitive):
+            self.original(primitive, context_id)
+            return
+        dimse = self.assoc.dimse
+        if primitive.Identifier is None and primitive.Status not in PENDING:
+            # the final response (Success, Cancel, a failure without comment): a command set only
+            command, message = self.commands(primitive.AffectedSOPClassUID, primitive.Status, False,
+                                             primitive.MessageIDBeingRespondedTo)
+            message.context_id = context_id
+            message.data_set = None
+            evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+            for piece in _pdatas(context_id, command, None, dimse.maximum_pdu_size):
+                dimse.dul.send_pdu(piece)
+            return
+        if not (primitive.Status in PENDING and isinstance(primitive.Identifier, BytesIO)):
             self.original(primitive, context_id)
             return
         data = primitive.Identifier.getvalue()
         if not data:  # pynetdicom sends no data set fragment for an empty one; keep its own path
             self.original(primitive, context_id)
             return
-        key = (primitive.MessageIDBeingRespondedTo, primitive.AffectedSOPClassUID, primitive.Status, context_id)
-        if key != self._key or self._message is None:
-            message = C_FIND_RSP()
-            message.primitive_to_message(primitive)
-            message.context_id = context_id
-            self._command = encode(message.command_set, True, True)  # PS3.7 6.3.1: always implicit VR LE
-            self._message, self._key = message, key
-        message = self._message
+        command, message = self.commands(primitive.AffectedSOPClassUID, primitive.Status, True,
+                                         primitive.MessageIDBeingRespondedTo)
+        message.context_id = context_id
         message.data_set = primitive.Identifier
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
-        dimse = self.assoc.dimse
-        for pdata in _pdatas(context_id, self._command, data, dimse.maximum_pdu_size):
+        for pdata in _pdatas(context_id, command, data, dimse.maximum_pdu_size):
             dimse.dul.send_pdu(pdata)
 
 
@@ -162,15 +216,9 @@ def stream_pending(event: Any, identifiers: Iterable[bytes]) -> str:
     """
     assoc = event.assoc
     context_id = event.context.context_id
-    rsp = C_FIND()
-    rsp.MessageIDBeingRespondedTo = event.request.MessageID
-    rsp.AffectedSOPClassUID = event.request.AffectedSOPClassUID
-    rsp.Status = 0xFF00
-    rsp.Identifier = BytesIO(b"\0")  # present: Command Data Set Type 0x0000
-    message = C_FIND_RSP()
-    message.primitive_to_message(rsp)
+    commands = getattr(assoc.dimse.send_msg, "commands", None) or Commands()  # the association's PendingSender's
+    command, message = commands(event.request.AffectedSOPClassUID, 0xFF00, True, event.request.MessageID)
     message.context_id = context_id
-    command = encode(message.command_set, True, True)  # PS3.7 6.3.1: always implicit VR LE
     dimse = assoc.dimse
     dul = dimse.dul
     backlog = dul.to_provider_queue

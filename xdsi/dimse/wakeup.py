@@ -113,11 +113,21 @@ def install(assoc: Any) -> bool:
     wake_r.setblocking(False)
     wake_w.setblocking(False)
 
+    # A poke is a system call: made only while the DUL thread is (about to be) in select().  The
+    # DUL raises ``selecting`` before it looks at its queue one last time, a sender puts before it
+    # looks at ``selecting``, so an item is either seen by that look or poked about.
+    selecting = [False]
+    to_provider = dul.to_provider_queue
+
     def poke() -> None:
         try:
             wake_w.send(b"\0")
         except (BlockingIOError, OSError):  # already full of pokes, or closed with the association
             pass
+
+    def poke_if_selecting() -> None:
+        if selecting[0]:
+            poke()
 
     def dul_wait(seconds: float) -> None:
         sock = getattr(getattr(dul, "socket", None), "socket", None)
@@ -126,11 +136,16 @@ def install(assoc: Any) -> bool:
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data already buffered: select() would not see it
+        selecting[0] = True
         try:
+            if to_provider.qsize():
+                return
             select.select([sock, wake_r], [], [], seconds)
         except (OSError, ValueError):  # the socket was closed meanwhile
             time.sleep(seconds)
             return
+        finally:
+            selecting[0] = False
         try:
             while wake_r.recv(4096):
                 pass
@@ -154,7 +169,7 @@ def install(assoc: Any) -> bool:
             except OSError:
                 pass
 
-    _signal_on_put(dul.to_provider_queue, poke)
+    _signal_on_put(dul.to_provider_queue, poke_if_selecting)
     _signal_on_put(assoc.dimse.msg_queue, arrived.set)
     _signal_on_put(dul.to_user_queue, arrived.set)
     setattr(dul, _WAIT, dul_wait)
