@@ -37,6 +37,21 @@ _DEFAULT = "iso8859"  # pydicom's default_encoding
 _CHARSET_UTF8 = Tag("SpecificCharacterSet")
 
 
+_U32 = struct.Struct("<I").pack
+_U16 = struct.Struct("<H").pack
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(tag: int, vr: str, implicit_vr: bool) -> tuple[bytes, Callable[[int], bytes]]:
+    """An element's tag (and VR) bytes, and how its value length is written."""
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit_vr:
+        return head, _U32
+    if vr in _LONG_VRS:
+        return head + vr.encode() + b"\0\0", _U32
+    return head + vr.encode(), _U16
+
+
 @functools.cache
 def _charset_element(implicit_vr: bool) -> bytes:
     """(0008,0005) Specific Character Set "ISO_IR 192", written by pydicom once per encoding."""
@@ -82,13 +97,7 @@ class RowEncoder:
     # -- per element ---------------------------------------------------------------------------
 
     def _header(self, tag: int, vr: str) -> tuple[bytes, Callable[[int], bytes]]:
-        """The element's tag (and VR) bytes, and how its value length is written."""
-        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-        if self.implicit_vr:
-            return head, struct.Struct("<I").pack
-        if vr in _LONG_VRS:
-            return head + vr.encode() + b"\0\0", struct.Struct("<I").pack
-        return head + vr.encode(), struct.Struct("<H").pack
+        return _header(tag, vr, self.implicit_vr)
 
     def _element(self, f: Any) -> Callable[[tuple, bool], bytes]:  # type: ignore[type-arg]
         tag, vr, get = int(f.tag), f.vr, f.get
@@ -118,7 +127,7 @@ class RowEncoder:
 
             return text
         if vr == "US":
-            us = struct.Struct("<H").pack
+            us = _U16
 
             def unsigned_short(row: tuple, utf8: bool) -> bytes:  # type: ignore[type-arg]
                 v = get(row)
