@@ -16,8 +16,14 @@ flagged ``0x01``/``0x03`` then the identifier fragment(s) flagged
 ``0x00``/``0x02``, each at most the peer's maximum PDU length minus the
 6-byte PDV item header (PS3.8 Annex E; ``DIMSEMessage.encode_msg``), and
 ``EVT_DIMSE_SENT`` is still triggered with a C-FIND-RSP message carrying that
-command set.  Every other message goes through pynetdicom's own ``send_msg``.
-tests/unit/test_find_responses.py compares the P-DATA against pynetdicom's.
+command set.  The final response without identifier or error comment (Success,
+Cancel) goes the same way; every other message goes through pynetdicom's own
+``send_msg``.  tests/unit/test_find_responses.py compares the P-DATA against
+pynetdicom's.
+
+For little endian requests the server does not hand Pending Datasets to
+pynetdicom at all: :func:`stream_pending` (below) sends identifiers that
+``QueryService.find_encoded`` encoded from the index rows.
 """
 
 from __future__ import annotations
