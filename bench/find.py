@@ -3,17 +3,27 @@
 
     .venv/bin/python bench/find.py [-n 1000] [-m 200] [--pg | --index-url URL]
     ip netns exec NS .venv/bin/python bench/find.py --orthanc-port 24342 [--rounds 3]
+    .venv/bin/python bench/find.py --pg-1m [--studies 20000 --instances 50] [--pg-cache DIR]
 
 With ``--orthanc-port`` (an Orthanc started by ../shared/peers/start_orthanc.sh, run
 the bench inside its network namespace) the same studies are also C-STORed into
 Orthanc (headers only, no pixels) and dcmtk ``findscu`` queries both servers in
 alternating rounds: the marginal time per query inside one association
-(``findscu --repeat K`` minus ``--repeat 1``, divided by K-1) for a Patient ID,
+(``findscu --repeat K`` minus ``--repeat 1``, divided by K-1; K large enough, 201 for a
+Patient ID, that findscu's own start-up noise is spread thin on a loaded machine) for a Patient ID,
 a Patient Name wildcard and all studies, with xdsi's figure, Orthanc's and the ratio.
 
 The studies are written straight into the index through the catalog (one
 series, one instance each, no pixel files): this measures matching, not
-ingest.  Queries rotate through Patient ID (exact), Patient Name (wildcard)
+ingest.
+
+``--pg-1m`` measures at scale instead: a PostgreSQL index of ``--studies`` studies (two series
+each) of ``--instances`` instances, 1 M instance rows by default, generated with COPY (rows only:
+no files, no file copies; the study/series aggregates set as the catalog keeps them).  The server
+and its data folder are kept in ``--pg-cache`` (default /tmp/xdsi-bench-find-pg1m), so only the
+first run pays the ~minutes of building; later runs start that PostgreSQL and query.  It prints
+findscu's marginal time per query for a Patient ID, a Patient Name wildcard and all studies, then
+the median latency of pynetdicom C-FINDs (Patient ID, name, date range).  Queries rotate through Patient ID (exact), Patient Name (wildcard)
 and Study Date (one-month range), all over one association; each latency is
 one C-FIND from request to final status, every response received.
 """
@@ -74,6 +84,158 @@ def populate(index_url: str, n: int, rng: random.Random, headers: list | None = 
     finally:
         index.dispose()
     return patients
+
+
+class CachedPostgres:
+    """A PostgreSQL server whose data folder outlives the run (``--pg-1m`` builds its index once).
+
+    Same set-up as tests/support/postgres.py (loopback only, trust auth, run as ``postgres`` when
+    we are root), but :meth:`stop` leaves the folder for the next run.
+    """
+
+    def __init__(self, root: Path) -> None:
+        import os
+        import pwd
+
+        from tests.support.postgres import _bindir, _free_port
+
+        self.bindir = _bindir()
+        self.root = root
+        self.data = root / "data"
+        self.port = _free_port()
+        self.user = "xdsi"
+        self._as: list[str] = []
+        root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(root, pw.pw_uid, pw.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str, check: bool = True) -> None:
+        import subprocess
+
+        subprocess.run([*self._as, *args], check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+
+    def start(self) -> "CachedPostgres":
+        import socket
+
+        if not (self.data / "PG_VERSION").exists():
+            self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
+        elif (self.data / "postmaster.pid").exists():  # left running by an interrupted run
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
+        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+                "-c max_connections=100 -c shared_buffers=256MB")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("PostgreSQL did not start")
+
+    def conninfo(self, database: str) -> str:
+        return f"host=127.0.0.1 port={self.port} user={self.user} dbname={database}"
+
+    def database(self, name: str) -> str:
+        """The SQLAlchemy URL of database ``name``, created if missing."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
+
+
+_UID_ROOT = "1.2.826.0.1.3680043.8.498.14"  # pydicom's root + this bench: 1=patient 2=study 3=series 4=instance
+
+
+def scale_patients(studies: int, seed: int) -> list[tuple[str, str]]:
+    """(Patient ID, name) of the ``--pg-1m`` index's patients: two studies each."""
+    rng = random.Random(seed)
+    return [(f"Q{i:07d}", f"{rng.choice(FAMILY)}^{rng.choice(GIVEN)}") for i in range(max(1, studies // 2))]
+
+
+def build_scale_index(pg: CachedPostgres, url: str, studies: int, instances: int, seed: int) -> None:
+    """Generate the ``--pg-1m`` rows with COPY: ``studies`` studies of two series, ``instances`` instances each.
+
+    Aggregates (study.num_series/num_instances, series.num_instances, study.modalities) are written
+    as the catalog keeps them; tests/unit/test_query_encoded.py checks the catalog's own bookkeeping.
+    """
+    from datetime import datetime, timezone
+
+    import psycopg
+
+    from xdsi.index.db import open_index
+
+    open_index(url).dispose()  # the schema, by the migrations
+    patients = scale_patients(studies, seed)
+    rng = random.Random(seed + 1)
+    now = datetime(2026, 11, 30, tzinfo=timezone.utc)
+    conninfo = pg.conninfo(url.rsplit("/", 1)[1])
+    per_series = [instances - instances // 2, instances // 2]
+    with psycopg.connect(conninfo) as conn:
+        for table in ("file_copy", "instance", "series", "study", "patient"):
+            conn.execute(f"DELETE FROM {table}")
+        with conn.cursor().copy("COPY patient (pk, patient_id, issuer_of_patient_id, scope_study_uid, patient_name, "
+                                "patient_name_norm, birth_date, sex, created_at) FROM STDIN") as cp:
+            for i, (pid, name) in enumerate(patients, start=1):
+                cp.write_row((i, pid, "BENCH", "", name, name.upper(), "19700101", "O", now))
+        study_rows, series_rows = [], []
+        for st in range(1, studies + 1):
+            p = (st - 1) % len(patients)
+            pid, name = patients[p]
+            date = f"{rng.randint(2015, 2024)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+            mods = rng.sample(MODALITIES, 2)
+            study_rows.append((st, p + 1, f"{_UID_ROOT}.2.{st}", name, name.upper(), "19700101", "O", date,
+                               f"{rng.randint(7, 18):02d}{rng.randint(0, 59):02d}00", f"B{st:08d}", "", str(st),
+                               "BENCH STUDY", "REF^DOC", "", "", "", "\\".join(sorted(mods)), now, now, 2, instances))
+            for k in range(2):
+                se = 2 * (st - 1) + k + 1
+                series_rows.append((se, st, f"{_UID_ROOT}.3.{se}", mods[k], k + 1, "", "", date, "", "", "", now,
+                                    per_series[k]))
+        with conn.cursor().copy("COPY study (pk, patient_fk, study_uid, patient_name, patient_name_norm, patient_birth_date, "
+                                "patient_sex, study_date, study_time, accession_number, accession_issuer, study_id, "
+                                "study_description, referring_physician, procedure_code_value, procedure_code_scheme, "
+                                "procedure_code_meaning, modalities, created_at, updated_at, num_series, num_instances) "
+                                "FROM STDIN") as cp:
+            for row in study_rows:
+                cp.write_row(row)
+        with conn.cursor().copy("COPY series (pk, study_fk, series_uid, modality, series_number, series_description, "
+                                "body_part, series_date, series_time, institution_name, station_name, created_at, "
+                                "num_instances) FROM STDIN") as cp:
+            for row in series_rows:
+                cp.write_row(row)
+        with conn.cursor().copy("COPY instance (pk, series_fk, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                                "instance_number, number_of_frames, content_date, content_time, rows, columns, "
+                                "source_ae_title, created_at) FROM STDIN") as cp:
+            ipk = 0
+            for se, _st, _uid, _mod, _num, _d1, _b, date, *_rest, count in series_rows:
+                for n in range(count):
+                    ipk += 1
+                    cp.write_row((ipk, se, f"{_UID_ROOT}.4.{ipk}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                  n + 1, None, date, "", 512, 512, "BENCH", now))
+        for table in ("patient", "study", "series", "instance"):
+            conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), (SELECT max(pk) FROM {table}))")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+
+
+def xdsi_marginal(port: int, aet: str, queries_: dict[str, tuple[Path, int]], rounds: int) -> list[str]:
+    """findscu's marginal ms per query against xdsi alone (the ``--pg-1m`` index is not loaded into a peer)."""
+    lines = []
+    for kind, (path, k) in queries_.items():
+        per, m = [], 0
+        for _ in range(rounds):
+            t1, _m = findscu(port, aet, path, 1)
+            tk, m = findscu(port, aet, path, k)
+            per.append((tk - t1) / (k - 1) * 1000)
+        lines.append(f"  {kind:<5} xdsi {median(per):8.1f} ms  (matches {m}; rounds " + ", ".join(f"{v:.1f}" for v in per) + ")")
+    return lines
 
 
 def queries(m: int, patients: list[tuple[str, str]], rng: random.Random):  # type: ignore[no-untyped-def]
@@ -204,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orthanc-aet", default="ORTHANC")
     p.add_argument("--orthanc-loaded", action="store_true", help="Orthanc already holds this seed's studies: skip loading")
     p.add_argument("--rounds", type=int, default=3, help="alternating findscu rounds (default 3)")
+    p.add_argument("--pg-1m", action="store_true", help="a cached PostgreSQL index of --studies x --instances rows")
+    p.add_argument("--studies", type=int, default=20000, help="--pg-1m: studies (default 20000)")
+    p.add_argument("--instances", type=int, default=50, help="--pg-1m: instances per study (default 50)")
+    p.add_argument("--pg-cache", type=Path, default=Path("/tmp/xdsi-bench-find-pg1m"), help="--pg-1m: server folder kept between runs")
     add_index_options(p)
     args = p.parse_args(argv)
 
@@ -216,9 +382,40 @@ def main(argv: list[str] | None = None) -> int:
     with bench(args, "find") as b:
         t0 = time.perf_counter()
         headers: list = []  # type: ignore[type-arg]
-        patients = populate(b.index_url, args.n, rng, headers)
-        print(f"indexed {args.n} studies of {len(patients)} patients in {time.perf_counter() - t0:.1f} s")
+        if args.pg_1m:
+            pg = CachedPostgres(args.pg_cache).start()
+            b.stack.callback(pg.stop)
+            name = f"find_{args.studies}x{args.instances}_{args.seed}"
+            b.index_url, b.backend = pg.database(name), "postgresql"
+            marker = args.pg_cache / f"{name}.built"
+            if not marker.exists():
+                build_scale_index(pg, b.index_url, args.studies, args.instances, args.seed)
+                marker.write_text("built\n")
+                print(f"built {args.studies} studies x {args.instances} instances with COPY in {time.perf_counter() - t0:.1f} s")
+            else:
+                from xdsi.index.db import open_index
+
+                open_index(b.index_url).dispose()  # migrations since the build, if any
+                print(f"reusing {args.studies} x {args.instances} rows in {args.pg_cache}")
+            patients = scale_patients(args.studies, args.seed)
+            args.n = args.studies
+        else:
+            patients = populate(b.index_url, args.n, rng, headers)
+            print(f"indexed {args.n} studies of {len(patients)} patients in {time.perf_counter() - t0:.1f} s")
         server = b.serve()
+        if args.pg_1m:
+            qdir = b.dir / "queries"
+            qdir.mkdir()
+            qs = {
+                "id": (_query_file(qdir, "id", PatientID=patients[len(patients) // 2][0]), 201),
+                "name": (_query_file(qdir, "name", PatientName="SMI*"), 6),
+                "all": (_query_file(qdir, "all"), 3),
+            }
+            lines = xdsi_marginal(server.dicom_port, server.ae_title, qs, args.rounds)
+            print(f"find at scale: findscu, study root, {args.studies} studies x {args.instances} instances "
+                  f"({args.studies * args.instances} instance rows), postgresql index, marginal ms per query inside one "
+                  f"association, median of {args.rounds} rounds [{machine()}]")
+            print("\n".join(lines))
         if args.orthanc_port:
             t0 = time.perf_counter()
             if not args.orthanc_loaded:
@@ -228,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             qdir.mkdir()
             pid = patients[len(patients) // 2][0]
             qs = {
-                "id": (_query_file(qdir, "id", PatientID=pid), 21),
-                "name": (_query_file(qdir, "name", PatientName="SMI*"), 11),
-                "all": (_query_file(qdir, "all"), 4),
+                "id": (_query_file(qdir, "id", PatientID=pid), 201),
+                "name": (_query_file(qdir, "name", PatientName="SMI*"), 41),
+                "all": (_query_file(qdir, "all"), 8),
             }
             lines = compare((server.dicom_port, server.ae_title), (args.orthanc_port, args.orthanc_aet), qs, args.rounds)
             print(f"find vs Orthanc: findscu, study root, {args.n} studies, {b.backend} index, marginal ms per query "

@@ -556,3 +556,28 @@ def test_storage_commitment_report_to_a_tls_peer(server: XdsiProcess, pki: dict[
     [(report, caller)] = [(r, cn) for r, cn in tls_commit.reports if r.TransactionUID == info.TransactionUID]
     assert caller == "127.0.0.1"  # xdsi's own [tls] certificate
     assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [uid]
+
+
+def test_many_finds_on_one_tls_association(server: XdsiProcess, pki: dict[str, object]) -> None:
+    """After its first C-FIND a TLS association's DUL waits in select() on the TLS socket (xdsi.dimse.wakeup):
+    decrypted data buffered in the SSL object must still be read, so every later query is answered."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    data, uid = secondary_capture(patient_id="TLSMANY")
+    assert _store_pynetdicom(server, _ctx(pki, "client"), data) == 0
+    study = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    ae = AE(ae_title="TLSFIND")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", server.dicom_tls_port, ae_title=server.ae_title, tls_args=(_ctx(pki, "client"), "127.0.0.1"))  # type: ignore[attr-defined]
+    assert assoc.is_established
+    try:
+        for i in range(40):
+            q = pydicom.Dataset()
+            q.QueryRetrieveLevel, q.PatientID, q.StudyInstanceUID = "STUDY", "TLSMANY", ""
+            answers = [(int(st.Status), ident.StudyInstanceUID if ident is not None else None)
+                       for st, ident in assoc.send_c_find(q, FIND, msg_id=i + 1)]
+            assert answers == [(0xFF00, study), (0x0000, None)], f"query {i}"
+    finally:
+        assoc.release()
+    assert assoc.is_released

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Callable, Iterator
 
 from pydicom import config
@@ -240,6 +241,31 @@ def _fuzzy_pn(target, value: str):  # type: ignore[no-untyped-def]
     return and_(*conds) if conds else None
 
 
+@dataclass
+class _Field:
+    """One element of every response to a query: where its value comes from and how it is written.
+
+    ``get`` takes the result row (a tuple of the selected columns) and returns the value as
+    :meth:`QueryService.find` puts it in the Dataset (None or "" for an empty element).
+    """
+
+    tag: BaseTag
+    vr: str
+    get: Callable[[tuple], object]  # type: ignore[type-arg]
+    charset: bool = False  # a string value that may need Specific Character Set ISO_IR 192
+
+
+@dataclass
+class _Plan:
+    level: str
+    stmt: Select  # type: ignore[type-arg]
+    fields: list[_Field]  # in the order the Dataset path sets them; later ones replace earlier (same tag)
+
+
+def _const(value: object) -> Callable[[tuple], object]:  # type: ignore[type-arg]
+    return lambda _row: value
+
+
 class QueryService:
     def __init__(self, index: Index, retrieve_ae_title: str) -> None:
         self.index = index
@@ -252,6 +278,39 @@ class QueryService:
 
         ``fuzzy``: QIDO-RS fuzzy matching of person names (see :func:`_fuzzy_pn`).
         """
+        plan = self._plan(identifier, model, limit, offset, fuzzy)
+        with self.index.read_session() as s:
+            for row in s.execute(plan.stmt).yield_per(500):
+                ds = Dataset()
+                charset_needed = False
+                for f in plan.fields:
+                    value = f.get(row)
+                    _put(ds, f.tag, f.vr, value)
+                    if f.charset and isinstance(value, str) and not value.isascii():
+                        charset_needed = True
+                if charset_needed:
+                    ds.SpecificCharacterSet = "ISO_IR 192"
+                yield ds
+
+    def find_encoded(self, identifier: Dataset, model: str = "STUDY", *, implicit_vr: bool = True) -> Iterator[bytes]:
+        """:meth:`find`, each response already encoded (little endian, implicit or explicit VR).
+
+        Why: a C-FIND answer is mostly per-match Python; pydicom building and writing a Dataset
+        per match was more than half of it.  Here the element headers are worked out once per
+        query and each match is a join of a few byte strings, the same bytes pydicom writes for
+        the Dataset :meth:`find` yields (tests/unit/test_query_encoded.py compares them).
+        """
+        from xdsi.archive.find_encoder import RowEncoder
+
+        plan = self._plan(identifier, model, None, 0, False)
+        encoder = RowEncoder(plan.fields, implicit_vr=implicit_vr)
+        encode = encoder.encode
+        with self.index.read_connection() as conn:
+            for row in conn.execution_options(yield_per=500).execute(plan.stmt):
+                yield encode(row)
+
+    def _plan(self, identifier: Dataset, model: str, limit: int | None, offset: int, fuzzy: bool) -> _Plan:
+        """The statement and the response fields of one query: everything that does not depend on the row."""
         try:
             level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         except Exception as exc:  # raw bytes pydicom cannot decode
@@ -268,8 +327,11 @@ class QueryService:
 
         requested: list[str] = []
         conds = []
+        availability = False
         for elem in _elements(identifier):
             kw = elem.keyword or keyword_for_tag(elem.tag)
+            if kw == "InstanceAvailability":
+                availability = True
             if not kw or kw in _CONTROL or elem.tag.group == 0x0002:
                 continue
             requested.append(kw)
@@ -282,10 +344,34 @@ class QueryService:
             if cond is not None:
                 conds.append(cond)
 
-        entities = [Patient, Study, Series, Instance][: depth + 1]
-        # counts are correlated subqueries in the same statement, not one query per response
-        counted = [kw for kw in dict.fromkeys(requested) if kw in _COUNTS and ATTRS[kw].level in in_scope]
-        stmt: Select = select(*entities, *(_COUNTS[kw]().label(kw) for kw in counted))
+        # Only columns are selected (no ORM entities to build per row); each response element reads
+        # its value from the row by position.
+        columns: list = []  # type: ignore[type-arg]
+        positions: dict[int, int] = {}
+
+        def column(expr) -> Callable[[tuple], object]:  # type: ignore[no-untyped-def,type-arg]
+            key = id(expr)
+            if key not in positions:
+                positions[key] = len(columns)
+                columns.append(expr)
+            return itemgetter(positions[key])
+
+        fields: list[_Field] = [_Field(_QRL_TAG, "CS", _const(level))]
+        for lv in LEVELS[: depth + 1]:
+            if lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested:
+                continue
+            tag, vr = _TAG_VR[UNIQUE_KEY[lv]]
+            fields.append(_Field(tag, vr, column(ATTRS[UNIQUE_KEY[lv]].column)))
+        for kw in requested:
+            tv = _TAG_VR.get(kw) or _tag_vr(kw)
+            if tv is None:
+                continue
+            fields.append(_Field(tv[0], tv[1], self._getter(kw, level, in_scope, column), charset=True))
+        fields.append(_Field(_RAE_TAG, "AE", _const(self.retrieve_ae_title)))
+        if availability:
+            fields.append(_Field(_AVAILABILITY_TAG, "CS", _const("ONLINE")))
+
+        stmt: Select = select(*columns).select_from(Patient)  # type: ignore[type-arg]
         if depth >= 1:
             stmt = stmt.join(Study, Study.patient_fk == Patient.pk)
         if depth >= 2:
@@ -297,59 +383,35 @@ class QueryService:
             stmt = stmt.offset(offset)
         if limit is not None:
             stmt = stmt.limit(limit)
+        return _Plan(level, stmt, fields)
 
-        # Everything that does not depend on the row is worked out once per query: each response is
-        # then a handful of DataElements made from (tag, VR) pairs looked up here, not per match
-        # (keyword and dictionary lookups per element were most of the Python time of a large answer).
-        unique = [
-            (_TAG_VR[UNIQUE_KEY[lv]], lv, ATTRS[UNIQUE_KEY[lv]].column.key)  # type: ignore[union-attr]
-            for lv in LEVELS[: depth + 1]
-            if not (lv == "PATIENT" and model == "STUDY" and "PatientID" not in requested)
-        ]
-        returned = [(kw, _TAG_VR.get(kw) or _tag_vr(kw)) for kw in requested]
-        returned = [(kw, tv) for kw, tv in returned if tv is not None]
-        availability = any(e.keyword == "InstanceAvailability" for e in identifier)
-        with self.index.read_session() as s:
-            for row in s.execute(stmt).yield_per(500):
-                objs = dict(zip(("PATIENT", "STUDY", "SERIES", "IMAGE"), row[: depth + 1]))
-                counters = dict(zip(counted, row[depth + 1 :]))
-                ds = Dataset()
-                charset_needed = False
-                ds[_QRL_TAG] = DataElement(_QRL_TAG, "CS", level)
-                for (tag, vr), lv, column in unique:
-                    ds[tag] = DataElement(tag, vr, getattr(objs[lv], column), validation_mode=config.IGNORE)
-                for kw, (tag, vr) in returned:
-                    value = self._value(s, kw, objs, counters, in_scope, level)
-                    _put(ds, tag, vr, value)
-                    if isinstance(value, str) and not value.isascii():
-                        charset_needed = True
-                ds[_RAE_TAG] = DataElement(_RAE_TAG, "AE", self.retrieve_ae_title)
-                if availability:
-                    ds.InstanceAvailability = "ONLINE"
-                if charset_needed:
-                    ds.SpecificCharacterSet = "ISO_IR 192"
-                yield ds
-
-    def _value(self, s, kw: str, objs: dict, counters: dict, in_scope: set[str], level: str):  # type: ignore[no-untyped-def]
+    @staticmethod
+    def _getter(kw: str, level: str, in_scope: set[str], column: Callable) -> Callable[[tuple], object]:  # type: ignore[type-arg]
+        """How the value of ``kw`` is read from a result row (None: returned empty)."""
         attr = attr_for(kw, level)
         if attr is None or attr.level not in in_scope:
-            return None
-        obj = objs.get(attr.level)
-        if obj is None:
-            return None
-        if kw in counters:
-            return int(counters[kw])
+            return _const(None)
+        if kw in _COUNTS:
+            get = column(_COUNTS[kw]())
+            return lambda row: int(get(row) or 0)
         if kw == "ModalitiesInStudy":
-            return [m for m in obj.modalities.split("\\") if m]
+            get = column(Study.modalities)
+            return lambda row: [m for m in get(row).split("\\") if m]
         if kw == "ProcedureCodeSequence":
-            if not obj.procedure_code_value:
-                return Sequence()
-            item = Dataset()
-            item.CodeValue = obj.procedure_code_value
-            item.CodingSchemeDesignator = obj.procedure_code_scheme
-            item.CodeMeaning = obj.procedure_code_meaning
-            return Sequence([item])
-        return getattr(obj, attr.column.key)  # type: ignore[union-attr]
+            value, scheme, meaning = (column(c) for c in (Study.procedure_code_value, Study.procedure_code_scheme,
+                                                           Study.procedure_code_meaning))
+
+            def code(row: tuple) -> Sequence:  # type: ignore[type-arg]
+                if not value(row):
+                    return Sequence()
+                item = Dataset()
+                item.CodeValue = value(row)
+                item.CodingSchemeDesignator = scheme(row)
+                item.CodeMeaning = meaning(row)
+                return Sequence([item])
+
+            return code
+        return column(attr.column)
 
 
 def _elements(identifier: Dataset) -> Iterator:  # type: ignore[type-arg]
@@ -364,6 +426,7 @@ def _elements(identifier: Dataset) -> Iterator:  # type: ignore[type-arg]
 
 _QRL_TAG = Tag("QueryRetrieveLevel")
 _RAE_TAG = Tag("RetrieveAETitle")
+_AVAILABILITY_TAG = Tag("InstanceAvailability")
 
 
 def _tag_vr(kw: str) -> tuple[BaseTag, str] | None:
@@ -405,54 +468,30 @@ def _set(ds: Dataset, kw: str, value: object) -> None:
     ds.add_new(kw, vr, value)
 
 
-def _count(what, *joins, where):  # type: ignore[no-untyped-def]
-    stmt = select(func.count(what))
-    for target, on in joins:
-        stmt = stmt.join(target, on)
-    return stmt.where(where).scalar_subquery()
-
-
 def _patient_studies():  # type: ignore[no-untyped-def]
     st = aliased(Study)
-    return _count(st.pk, where=st.patient_fk == Patient.pk)
+    return select(func.count(st.pk)).where(st.patient_fk == Patient.pk).scalar_subquery()
 
 
-def _patient_series():  # type: ignore[no-untyped-def]
-    st, se = aliased(Study), aliased(Series)
-    return _count(se.pk, (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
+def _patient_sum(column):  # type: ignore[no-untyped-def]
+    """A sum of a study aggregate over the patient's studies (the study rows, not the instance rows)."""
+    st = aliased(Study)
+    return select(func.coalesce(func.sum(getattr(st, column.key)), 0)).where(st.patient_fk == Patient.pk).scalar_subquery()
 
 
-def _patient_instances():  # type: ignore[no-untyped-def]
-    st, se, i = aliased(Study), aliased(Series), aliased(Instance)
-    return _count(i.pk, (se, i.series_fk == se.pk), (st, se.study_fk == st.pk), where=st.patient_fk == Patient.pk)
-
-
-def _study_series():  # type: ignore[no-untyped-def]
-    se = aliased(Series)
-    return _count(se.pk, where=se.study_fk == Study.pk)
-
-
-def _study_instances():  # type: ignore[no-untyped-def]
-    se, i = aliased(Series), aliased(Instance)
-    return _count(i.pk, (se, i.series_fk == se.pk), where=se.study_fk == Study.pk)
-
-
-def _series_instances():  # type: ignore[no-untyped-def]
-    i = aliased(Instance)
-    return _count(i.pk, where=i.series_fk == Series.pk)
-
-
-# Inner tables are aliased so that each subquery correlates only with the
-# entity it counts for, whatever else the outer query joins.  Each is built once
-# (functools.cache) and reused by every statement: SQL constructs are immutable,
-# and building the aliases was ~40 % of a small query's Python time.
-_COUNTS: dict[str, Callable] = {
+# Study and series counts are columns kept in step at ingest and delete (catalog.record_instance,
+# catalog.prune_empty; migration 0004 filled them): a query reads them, never counts instance rows.
+# The patient counts add up the patient's study rows (a patient has few), so that moving a study
+# to another patient (a merge) needs no patient counter.  The patient subqueries alias Study so
+# that each correlates only with the outer Patient, whatever else the outer query joins; each is
+# built once (functools.cache) and reused by every statement: SQL constructs are immutable.
+_COUNTS: dict[str, Callable] = {  # type: ignore[type-arg]
     "NumberOfPatientRelatedStudies": functools.cache(_patient_studies),
-    "NumberOfPatientRelatedSeries": functools.cache(_patient_series),
-    "NumberOfPatientRelatedInstances": functools.cache(_patient_instances),
-    "NumberOfStudyRelatedSeries": functools.cache(_study_series),
-    "NumberOfStudyRelatedInstances": functools.cache(_study_instances),
-    "NumberOfSeriesRelatedInstances": functools.cache(_series_instances),
+    "NumberOfPatientRelatedSeries": functools.cache(lambda: _patient_sum(Study.num_series)),
+    "NumberOfPatientRelatedInstances": functools.cache(lambda: _patient_sum(Study.num_instances)),
+    "NumberOfStudyRelatedSeries": lambda: Study.num_series,
+    "NumberOfStudyRelatedInstances": lambda: Study.num_instances,
+    "NumberOfSeriesRelatedInstances": lambda: Series.num_instances,
 }
 
 __all__ = ["QueryService", "QueryError", "ATTRS", "LEVELS", "attr_for"]

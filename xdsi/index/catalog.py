@@ -43,7 +43,8 @@ class CopyRecord:
     transfer_syntax_uid: str
 
 
-def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: list[str]) -> None:
+def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: list[str]) -> bool:
+    """INSERT unless the unique key exists; True when this statement inserted the row."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
@@ -51,7 +52,8 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], confli
         stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
     else:  # pragma: no cover - only the two supported backends
         raise NotImplementedError(dialect)
-    session.execute(stmt)
+    # RETURNING, not rowcount: the ORM session reports -1 for this statement on PostgreSQL
+    return session.execute(stmt.returning(model.pk)).first() is not None  # type: ignore[attr-defined]
 
 
 def _fill_empty(row: Any, values: dict[str, Any]) -> None:
@@ -163,7 +165,8 @@ def _study(session: Session, h: "InstanceHeader", now: datetime) -> Study:
     return row
 
 
-def _series(session: Session, h: "InstanceHeader", study: Study, now: datetime) -> Series:
+def _series(session: Session, h: "InstanceHeader", study: Study, now: datetime) -> tuple[Series, bool]:
+    """The series row, and whether this call created it (not a concurrent store)."""
     values = {
         "modality": h.modality,
         "series_number": h.series_number,
@@ -175,14 +178,15 @@ def _series(session: Session, h: "InstanceHeader", study: Study, now: datetime) 
         "station_name": h.station_name,
     }
     row = session.scalars(select(Series).filter_by(series_uid=h.series_uid)).one_or_none()
+    created = False
     if row is None:
-        _insert_ignore(
+        created = _insert_ignore(
             session, Series, {"series_uid": h.series_uid, "study_fk": study.pk, "created_at": now, **values}, ["series_uid"]
         )
         row = session.scalars(select(Series).filter_by(series_uid=h.series_uid)).one()
     else:
         _fill_empty(row, values)
-    return row
+    return row, created
 
 
 def add_copy(
@@ -211,6 +215,27 @@ def refresh_study_modalities(session: Session, study_pk: int) -> None:
     session.execute(update(Study).where(Study.pk == study_pk).values(modalities="\\".join(sorted(mods))))
 
 
+def refresh_counts(session: Session, series_pk: int | None = None, study_pk: int | None = None) -> None:
+    """Recount the query aggregates of a series and/or a study from the rows (delete, move, replace).
+
+    Ingest counts up instead (:func:`record_instance`); a recount is for the rare paths where an
+    instance leaves a series, so that no path has to get an increment exactly right.
+    """
+    if series_pk is not None:
+        n = select(func.count()).select_from(Instance).where(Instance.series_fk == series_pk).scalar_subquery()
+        session.execute(update(Series).where(Series.pk == series_pk).values(num_instances=n))
+    if study_pk is not None:
+        se = select(Series).where(Series.study_fk == study_pk).subquery()
+        session.execute(
+            update(Study)
+            .where(Study.pk == study_pk)
+            .values(
+                num_series=select(func.count()).select_from(se).scalar_subquery(),
+                num_instances=select(func.coalesce(func.sum(se.c.num_instances), 0)).scalar_subquery(),
+            )
+        )
+
+
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalars(select(Instance).filter_by(sop_instance_uid=sop_instance_uid)).one_or_none()
 
@@ -226,7 +251,7 @@ def record_instance(
     """
     now = utcnow()
     study = _study(session, h, now)
-    series = _series(session, h, study, now)
+    series, series_created = _series(session, h, study, now)
     values = {
         "series_fk": series.pk,
         "sop_class_uid": h.sop_class_uid,
@@ -241,6 +266,8 @@ def record_instance(
     }
     old_copies: list[CopyRecord] = []
     inst = find_instance(session, h.sop_instance_uid)
+    moved_from: int | None = None
+    other_study: int | None = None
     if inst is not None:
         if not replace:
             raise DuplicateInstance(h.sop_instance_uid)
@@ -253,11 +280,25 @@ def record_instance(
             setattr(inst, k, v)
         inst.created_at = now
         if old_series_fk != series.pk:
-            prune_empty(session, old_series_fk)
+            moved_from = old_series_fk
     else:
         inst = Instance(sop_instance_uid=h.sop_instance_uid, created_at=now, **values)
         session.add(inst)
+        # query aggregates count up in SQL (atomic beside concurrent stores), flushed with this instance;
+        # a series row of another study (a reused Series Instance UID) has that study recounted instead
+        series.num_instances = Series.num_instances + 1  # type: ignore[assignment]
+        if series.study_fk == study.pk:
+            study.num_instances = Study.num_instances + 1  # type: ignore[assignment]
+            if series_created:
+                study.num_series = Study.num_series + 1  # type: ignore[assignment]
+        else:
+            other_study = series.study_fk
     session.flush()
+    if moved_from is not None:
+        refresh_counts(session, series_pk=series.pk, study_pk=series.study_fk)
+        prune_empty(session, moved_from)  # recounts the old series and its study
+    elif other_study is not None:
+        refresh_counts(session, study_pk=other_study)
     add_copy(session, inst.pk, copy, now=now)
     study.updated_at = now
     if h.modality and h.modality not in study.modalities.split("\\"):
@@ -266,19 +307,24 @@ def record_instance(
 
 
 def prune_empty(session: Session, series_pk: int) -> None:
-    """Remove a series (and its study) that no longer has instances."""
+    """Remove a series (and its study) that no longer has instances; recount what is left.
+
+    Called after every instance that leaves a series (delete, replace into another series).
+    """
     n = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_fk == series_pk))
-    if n:
-        return
     series = session.get(Series, series_pk)
     if series is None:
         return
     study_pk = series.study_fk
+    if n:
+        refresh_counts(session, series_pk=series_pk, study_pk=study_pk)
+        return
     session.delete(series)
     session.flush()
     left = session.scalar(select(func.count()).select_from(Series).where(Series.study_fk == study_pk))
     if left:
         refresh_study_modalities(session, study_pk)
+        refresh_counts(session, study_pk=study_pk)
     else:
         study = session.get(Study, study_pk)
         if study is not None:

@@ -64,6 +64,9 @@ class Patient(Base):
     __tablename__ = "patient"
     __table_args__ = (
         UniqueConstraint("patient_id", "issuer_of_patient_id", "scope_study_uid", name="uq_patient_identity"),
+        # text_pattern_ops: PostgreSQL answers a prefix wildcard (LIKE 'SMI%') from this index whatever the
+        # database collation; SQLite ignores the option
+        Index("ix_patient_patient_name_norm", "patient_name_norm", postgresql_ops={"patient_name_norm": "text_pattern_ops"}),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -72,7 +75,7 @@ class Patient(Base):
     scope_study_uid: Mapped[str] = mapped_column(UID, default="", server_default="")
     patient_name: Mapped[str] = mapped_column(Text, default="", index=True)
     # upper-cased copy of the name for case-insensitive matching on every backend
-    patient_name_norm: Mapped[str] = mapped_column(Text, default="", index=True)
+    patient_name_norm: Mapped[str] = mapped_column(Text, default="")
     birth_date: Mapped[str] = mapped_column(Text, default="")
     sex: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -85,6 +88,7 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_date_time", "study_date", "study_time"),
         Index("ix_study_patient_date", "patient_fk", "study_date"),
+        Index("ix_study_patient_name_norm", "patient_name_norm", postgresql_ops={"patient_name_norm": "text_pattern_ops"}),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -94,7 +98,7 @@ class Study(Base):
     # study's own, answered at study/series/image level even if another study of the
     # same Patient ID arrived with a different name
     patient_name: Mapped[str] = mapped_column(Text, default="", server_default="")
-    patient_name_norm: Mapped[str] = mapped_column(Text, default="", server_default="", index=True)
+    patient_name_norm: Mapped[str] = mapped_column(Text, default="", server_default="")
     patient_birth_date: Mapped[str] = mapped_column(Text, default="", server_default="")
     patient_sex: Mapped[str] = mapped_column(Text, default="", server_default="")
     study_date: Mapped[str] = mapped_column(Text, default="")
@@ -112,6 +116,10 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # last time an instance was added or removed: the "stable study" clock for publishing
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # Number of Study Related Series / Instances, kept in step by catalog (record_instance counts
+    # up, prune_empty recounts after a delete or a move), so a query reads them instead of counting
+    num_series: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    num_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list["Series"]] = relationship(back_populates="study")
@@ -132,6 +140,8 @@ class Series(Base):
     institution_name: Mapped[str] = mapped_column(Text, default="")
     station_name: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Number of Series Related Instances, kept in step like Study.num_instances
+    num_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
