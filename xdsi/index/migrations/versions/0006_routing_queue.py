@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 
 revision = '0006_routing_queue'
-down_revision = '0003'
+down_revision = '0004_query_aggregates'
 branch_labels = None
 depends_on = None
 
