@@ -18,6 +18,7 @@ from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
 from xdsi.audit import http as audit_http
+from xdsi.wire.regions import FileChunks
 from xdsi.audit.messages import TRANSACTION
 from xdsi.config import LimitsSettings
 from xdsi.ids import DocumentRequest, ImagingDocumentSource
@@ -118,7 +119,10 @@ def retrieve_response(result: RetrieveResult, ex: Exchange, audit: audit_http.Tr
 def _tracked(d: Any, audit: audit_http.Transfer | None) -> Any:
     """The document's chunks, counted by the audit trail as sent once written whole."""
     if audit is None or d.ref is None:
-        return d.chunks
+        return d.produce if isinstance(d.produce, FileChunks) else d.chunks
+    if isinstance(d.produce, FileChunks):  # stays a file the server can sendfile; counted once sent whole
+        ref = d.ref
+        return d.produce.then(lambda: audit.sent(ref.study_uid, ref.sop_class_uid))
     return audit.tracked(d.chunks, d.ref.study_uid, d.ref.sop_class_uid)
 
 

@@ -105,6 +105,7 @@ class Exchange:
     attachments: list[OutgoingAttachment] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
     principal: "Principal | None" = None  # the XUA-authenticated user ([xua]), for the audit trail
+    writer: MtomWriter | None = None  # the response message, once create_out_string made it (its file parts can be sendfile'd)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Release ``fn``'s resources when the response is done (streamed, failed or abandoned)."""
@@ -283,6 +284,7 @@ class IheSoap12(Soap12):
         envelope = etree.tostring(ctx.out_document, xml_declaration=True, encoding="UTF-8")
         writer = MtomWriter(envelope, ex.attachments, action=ex.reply_action)
         ctx.out_string = writer  # spyne passes it through unjoined (chunked=True): read as it is sent
+        ex.writer = writer
         ctx.transport.resp_headers["Content-Type"] = writer.content_type
 
     def fault_to_http_response_code(self, fault: Any) -> str:

@@ -38,6 +38,7 @@ from xdsi.web.qido import build_query, result_json
 from xdsi.wire.errors import HttpError, warning_value
 from xdsi.wire.media import MediaRange, parse_accept, parse_content_type
 from xdsi.wire.multipart import MultipartError, MultipartWriter, spool_parts
+from xdsi.wire.regions import FileRegion, Item, RegionBody, item_length
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,8 @@ class DicomWebApp:
     # -- WADO-RS: instances --------------------------------------------------------------------
 
     def _select(self, study: str, series: str | None = None, sop: str | None = None) -> list[InstanceRef]:
-        refs = self.archive.retrieve.select(
-            study_uids=[study], series_uids=[series] if series else [], sop_uids=[sop] if sop else []
+        refs = self.archive.retrieve.select(  # read at once: a fresh read stamp is not asked for again per instance
+            study_uids=[study], series_uids=[series] if series else [], sop_uids=[sop] if sop else [], read_stamps=True
         )
         if not refs:
             what = "instance" if sop else "series" if series else "study"
@@ -233,21 +234,31 @@ class DicomWebApp:
             for ref, _p in produced:
                 audit.intend(ref.study_uid, ref.sop_class_uid)
 
-        def body() -> Iterator[bytes]:
-            try:
-                for ref, p in produced:
-                    chunks: Iterable[bytes] = p.chunks()
-                    if audit is not None:
-                        chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
-                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, chunks)
-                yield writer.end()
-            finally:
-                for _ref, p in produced:
-                    p.close()
+        def sent(ref: InstanceRef, p: Produced) -> Callable[[], None]:
+            def after() -> None:
+                p.close()  # a transcoded spool goes as soon as it is sent
+                if audit is not None:
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
 
-        r = Response(body(), status=200, content_type=writer.content_type)
-        if audit is not None:
-            r.call_on_close(audit.close)  # when the server closes the body: complete, or the client went away
+            return after
+
+        # every part is known now (heads, sizes): a Content-Length instead of chunked framing, and each
+        # file handed to the server as a range it can sendfile (xdsi.wire.regions)
+        items: list[Item] = []
+        for ref, p in produced:
+            items.append(writer.head({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}))
+            items.append(FileRegion(p.file_path(), 0, p.size, sent(ref, p)))
+        items.append(writer.end())
+
+        def close() -> None:
+            for _ref, p in produced:
+                p.close()
+            if audit is not None:  # when the server closes the body: complete, or the client went away
+                audit.close()
+
+        body = RegionBody(items, length=sum(item_length(i) for i in items), on_close=[close])
+        r = Response(body, status=200, content_type=writer.content_type, direct_passthrough=True)
+        r.headers["Content-Length"] = str(body.length)
         for reason in omitted[:20]:
             r.headers.add("Warning", warning_value(f"omitted {reason}"))
         return r
