@@ -349,15 +349,20 @@ class DicomWebApp:
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
         ctype = f"{part_type}; transfer-syntax={frame_set.transfer_syntax}"
 
-        def body() -> Iterator[bytes]:
-            with frame_set:
-                for n, chunks in frame_set.parts():
-                    yield from writer.part({"Content-Type": ctype, "Content-Location": loc + str(n)}, chunks)
-                if audit is not None:  # every frame asked for was written
-                    audit.sent(ref.study_uid, ref.sop_class_uid)
-                yield writer.end()
-
-        return _closing(Response(body(), status=200, content_type=writer.content_type), audit)
+        # every frame is a range of a file (the stored one, or the spool it was produced into): known lengths,
+        # a Content-Length, and ranges the server can sendfile (xdsi.wire.regions)
+        items: list[Item] = []
+        last = len(frame_set.spans) - 1
+        for i, (n, offset, length) in enumerate(frame_set.spans):
+            items.append(writer.head({"Content-Type": ctype, "Content-Location": loc + str(n)}))
+            done = (lambda: audit.sent(ref.study_uid, ref.sop_class_uid)) if audit is not None and i == last else None
+            items.append(FileRegion(frame_set.path, offset, length, done))  # the last frame sent: every frame asked for was
+        items.append(writer.end())
+        close = [frame_set.close] + ([audit.close] if audit is not None else [])
+        body = RegionBody(items, length=sum(item_length(i) for i in items), on_close=close)
+        r = Response(body, status=200, content_type=writer.content_type, direct_passthrough=True)
+        r.headers["Content-Length"] = str(body.length)
+        return r
 
     def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
         if not (len(tag) == 8 and all(c in "0123456789abcdefABCDEF" for c in tag)):
