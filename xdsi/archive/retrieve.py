@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequen
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.archive import content, transcode
@@ -116,6 +116,19 @@ def _uid_list(value: object, what: str) -> list[str]:
     return [validate_uid(v.strip(), what) for v in items if v.strip()]
 
 
+_ONE_INSTANCE = (
+    select(
+        Instance.pk, Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+        Series.series_uid, Study.study_uid,
+        FileCopy.tier, FileCopy.rel_path, FileCopy.size, FileCopy.sha256, FileCopy.last_read_at,
+    )
+    .join(Series, Instance.series_fk == Series.pk)
+    .join(Study, Series.study_fk == Study.pk)
+    .outerjoin(FileCopy, FileCopy.instance_fk == Instance.pk)
+    .where(Instance.sop_instance_uid == bindparam("sop"))
+)  # fmt: skip
+
+
 class RetrieveService:
     def __init__(self, settings: Settings, index: Index, tiers: TierSet) -> None:
         self.settings = settings
@@ -184,6 +197,32 @@ class RetrieveService:
                     )
                 )
         return out
+
+    def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> InstanceRef | None:
+        """The one instance the three UIDs name, with its copies and read stamps; None if not there (or not under them).
+
+        Why not :meth:`select`: a viewer asks for each frame of each instance separately, and the
+        ORM selection cost ~1.7 ms a request where the query itself takes ~0.1 ms.  This is one
+        Core query of plain columns (instance, series, study and its copies) on the SOP Instance
+        UID's unique index.  The read stamps are kept, as ``select(read_stamps=True)`` keeps them.
+        """
+        with self.index.engine.connect() as c:
+            c.execution_options(xdsi_readonly=True)  # a deferred read transaction on SQLite (Index.read_session)
+            rows = c.execute(_ONE_INSTANCE, {"sop": sop_uid}).all()
+        if not rows or rows[0].study_uid != study_uid or rows[0].series_uid != series_uid:
+            return None
+        first = rows[0]
+        cs = sorted((r for r in rows if r.tier is not None and r.tier in self.tiers), key=lambda r: self.tiers.rank(r.tier))
+        return InstanceRef(
+            pk=first.pk,
+            study_uid=first.study_uid,
+            series_uid=first.series_uid,
+            sop_instance_uid=first.sop_instance_uid,
+            sop_class_uid=first.sop_class_uid,
+            transfer_syntax_uid=first.transfer_syntax_uid,
+            copies=tuple((r.tier, r.rel_path, r.size, r.sha256) for r in cs),
+            read_at=tuple((r.tier, r.last_read_at) for r in cs),
+        )
 
     def select_by_identifier(self, identifier) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
         """Instances named by a C-MOVE / C-GET identifier (unique keys at and above its level)."""

@@ -313,7 +313,10 @@ class DicomWebApp:
     # -- WADO-RS: frames and bulk data ---------------------------------------------------------
 
     def _one(self, study: str, series: str, sop: str) -> InstanceRef:
-        return self._select(study, series, sop)[0]
+        ref = self.archive.retrieve.instance(study, series, sop)  # one Core query: asked once per frame by viewers
+        if ref is None:
+            raise HttpError(404, "no such instance in this archive")
+        return ref
 
     def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
         numbers = _frame_list(frames, self.archive.settings.http_limits.max_frames)
