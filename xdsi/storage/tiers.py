@@ -106,10 +106,18 @@ class Tier:
         self.tmp.mkdir(exist_ok=True)
 
     def abspath(self, rel_path: str) -> Path:
-        p = (self.root / rel_path).resolve()
-        if self.root.resolve() not in p.parents:
+        root = self._real_root()
+        p = (root / rel_path).resolve()
+        if p == root or not p.is_relative_to(root):
             raise StorageError(f"path {rel_path!r} escapes tier {self.name}")
         return p
+
+    def _real_root(self) -> Path:
+        """The tier root, symlinks resolved once: resolving it again for every file was half of a WADO-RS study's set-up."""
+        real = self.__dict__.get("_root_real")
+        if real is None:
+            real = self.__dict__["_root_real"] = self.root.resolve()
+        return real
 
     def exists(self, rel_path: str) -> bool:
         return self.abspath(rel_path).is_file()
