@@ -1,7 +1,7 @@
 """Viewer launch (OHIF-style) against xdsi and Orthanc's DICOMweb in one run, beside pydicom reading the same headers.
 
     python bench/web.py [--instances 200] [--size 512] [--threads 4] [--rounds 5] [--against OTHER_TREE]
-                        [--no-orthanc] [--profile OUT.svg|OUT.txt] [--keep]
+                        [--cold] [--no-orthanc] [--profile OUT.svg|OUT.txt] [--keep]
 
 Needs root, dcmtk's storescu and Debian's orthanc + orthanc-dicomweb
 (``/work/shared/peers/README.md``).  Re-executes itself in its own network
@@ -18,7 +18,9 @@ a fresh Orthanc with storescu, and then, alternating the servers each round
 Baseline: pydicom reading the same 200 headers from disk (``stop_before_pixels``).
 Prints per-round times, medians, frames/s and the ratios xdsi/Orthanc (only
 ratios from one run mean anything on a shared machine).  Round 0 warms up and
-is not counted.
+is not counted.  ``--cold`` restarts each server before each of its launches, so
+every launch is a first view for the servers' own caches (xdsi keeps each
+file's pixel layout after its first read).
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--against", type=Path, help="also serve a copy of the data from this source tree, alternately")
     ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="restart every server before each of its launches (a first view: "
+                    "no cache in any server; the page cache stays warm)")
     ap.add_argument("--profile", type=Path, help="py-spy of xdsi during 3 extra launches (.svg flame graph or raw text)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
@@ -145,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             if rnd:
                 disk.append(time.perf_counter() - t)
             for name in names if rnd % 2 else names[::-1]:
+                if args.cold:
+                    if name == "Orthanc":
+                        orthanc.restart()
+                        targets[name] = (orthanc.dicomweb, orthanc.pid)
+                    else:
+                        servers[name].stop()
+                        servers[name].start(timeout=60)
+                        targets[name] = (targets[name][0], servers[name].proc.pid)  # type: ignore[union-attr]
                 base, pid = targets[name]
                 c0 = cpu_seconds(pid)
                 res = launch(base, spec.study_uid, args.threads, frame_bytes)

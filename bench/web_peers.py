@@ -65,8 +65,8 @@ class Orthanc:
     def dicomweb(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
-    def start(self) -> "Orthanc":
-        r = subprocess.run([str(PEERS / "start_orthanc.sh"), "--fresh"], env=self.env, capture_output=True, text=True)
+    def start(self, fresh: bool = True) -> "Orthanc":
+        r = subprocess.run([str(PEERS / "start_orthanc.sh"), *(["--fresh"] if fresh else [])], env=self.env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"start_orthanc.sh failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         self.started = True
@@ -82,10 +82,15 @@ class Orthanc:
         if r.returncode != 0:
             raise RuntimeError(f"storescu to Orthanc failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 
-    def stop(self) -> None:
+    def stop(self, wipe: bool = True) -> None:
         if self.started:
-            subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=self.env, capture_output=True)
+            subprocess.run([str(PEERS / "stop_orthanc.sh"), *(["--wipe"] if wipe else [])], env=self.env, capture_output=True)
             self.started = False
+
+    def restart(self) -> None:
+        """Stopped and started again on the same storage: its caches are cold, the page cache is not."""
+        self.stop(wipe=False)
+        self.start(fresh=False)
 
 
 class RssPeak:
