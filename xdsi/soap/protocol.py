@@ -44,7 +44,7 @@ from xdsi.wire.soap import Envelope, SoapFault, addressing_headers, envelope_ele
 from xdsi.soap.models import StreamedDocument, XopDocument, XPathResult, XPathValue
 from xdsi.soap.validation import SchemaInvalid, validate
 from xdsi.wire.mtom import IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, new_content_id, resolve_xop, xop_include
-from xdsi.standards.constants import ACTION_FAULT, NS_WSA
+from xdsi.standards.constants import ACTION_FAULT, NS_WSA, NS_XDS
 
 if TYPE_CHECKING:
     from xdsi.security.principal import Principal
@@ -119,6 +119,30 @@ class Exchange:
                 log.exception("releasing a SOAP response's resources failed")
         self.closers.clear()
         self.message.close()
+
+
+def _take_streamed_documents(ctx: Any) -> list[Any] | None:
+    """The DocumentResponse list of a RetrieveDocumentSetResponse whose documents are all streamed, taken out of it.
+
+    Those are written by :meth:`IheSoap12._document_responses` after spyne has written the rest
+    (the RegistryResponse); None (spyne writes everything) for any other answer, or a document
+    response of another shape.
+    """
+    from xdsi.soap.models import DocumentResponse, RetrieveDocumentSetResponseType
+
+    out = ctx.out_object[0] if isinstance(ctx.out_object, (list, tuple)) and len(ctx.out_object) == 1 else None
+    if type(out) is not RetrieveDocumentSetResponseType or not out.DocumentResponse:
+        return None
+    documents = list(out.DocumentResponse)
+    for d in documents:
+        if type(d) is not DocumentResponse or not isinstance(d.Document, StreamedDocument):
+            return None
+        if not all(isinstance(v, str) for v in (d.RepositoryUniqueId, d.DocumentUniqueId, d.mimeType)):
+            return None
+        if d.HomeCommunityId is not None and not isinstance(d.HomeCommunityId, str):
+            return None
+    out.DocumentResponse = None
+    return documents
 
 
 class IheFault(Fault):
@@ -269,8 +293,15 @@ class IheSoap12(Soap12):
             ctx.out_body_doc = ctx.out_document[-1]
             ex.reply_action = ACTION_FAULT
             return
-        super().serialize(ctx, message)  # spyne maps the returned ComplexModel into ctx.out_body_doc
+        documents = _take_streamed_documents(ctx)
+        try:
+            super().serialize(ctx, message)  # spyne maps the returned ComplexModel into ctx.out_body_doc
+        finally:
+            if documents is not None:
+                ctx.out_object[0].DocumentResponse = documents
         body = ctx.out_body_doc[0]
+        if documents is not None:
+            self._document_responses(ctx, body, documents)
         route = ex.route
         assert route is not None
         if route.denormalize is not None:
@@ -290,6 +321,31 @@ class IheSoap12(Soap12):
     def fault_to_http_response_code(self, fault: Any) -> str:
         status = fault.http_status if isinstance(fault, IheFault) else as_soap_fault(fault).http_status
         return _STATUS_TEXT.get(status, "500 Internal Server Error")
+
+    def _document_responses(self, ctx: Any, parent: Any, documents: list[Any]) -> None:
+        """The ``DocumentResponse`` elements of a RAD-69 / ITI-43 response, written with lxml, as spyne writes them.
+
+        Why: spyne's generic serialiser spent ~0.15 ms of Python per DocumentResponse (a
+        200-instance RAD-69 spent about half its time before the first byte there).  These
+        elements have one fixed shape (xds-b ``DocumentResponseType``): the optional
+        HomeCommunityId, RepositoryUniqueId, DocumentUniqueId, mimeType, and the Document as an
+        ``xop:Include`` of an attachment (what :meth:`_xop_to_parent` does for spyne).
+        """
+        sub = etree.SubElement
+        tag = {name: f"{{{NS_XDS}}}{name}" for name in ("DocumentResponse", "HomeCommunityId", "RepositoryUniqueId", "DocumentUniqueId", "mimeType", "Document")}
+        for d in documents:
+            el = sub(parent, tag["DocumentResponse"])
+            if d.HomeCommunityId is not None:
+                sub(el, tag["HomeCommunityId"]).text = d.HomeCommunityId
+            sub(el, tag["RepositoryUniqueId"]).text = d.RepositoryUniqueId
+            sub(el, tag["DocumentUniqueId"]).text = d.DocumentUniqueId
+            sub(el, tag["mimeType"]).text = d.mimeType
+            inst: StreamedDocument = d.Document
+            cid = new_content_id()
+            xop_include(sub(el, tag["Document"]), cid)
+            ctx.udc.attachments.append(OutgoingAttachment(cid, inst.chunks, inst.content_type))
+            if inst.close is not None:
+                ctx.udc.on_close(inst.close)
 
     def _xop_to_parent(self, ctx: Any, cls: Any, inst: StreamedDocument, parent: Any, ns: str, name: str = "Document", **kwargs: Any) -> None:
         elt = self._gen_tag(cls, ns, name, **kwargs)
