@@ -121,6 +121,19 @@ class Exchange:
         self.message.close()
 
 
+#: readers of a request body element (Clark name -> the object the operation receives), used instead of spyne's
+#: generic deserialiser for the few large, fixed-shape requests (RAD-69: one element per requested instance)
+BODY_READERS: dict[str, Callable[[Any], Any]] = {}
+_XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
+
+
+def text_value(el: Any) -> str | None:
+    """An xsd:string element's value as spyne reads it: None when absent or nil, '' when empty."""
+    if el is None or el.get(_XSI_NIL) in ("true", "1"):
+        return None
+    return el.text or ""
+
+
 def _take_streamed_documents(ctx: Any) -> list[Any] | None:
     """The DocumentResponse list of a RetrieveDocumentSetResponse whose documents are all streamed, taken out of it.
 
@@ -280,6 +293,20 @@ class IheSoap12(Soap12):
             raise SoapFault("Sender", f"the {etree.QName(body).localname} does not conform to its schema: {exc}") from None
         ex.route, ex.action = route, a.action
         return body
+
+    def from_element(self, ctx: Any, cls: Any, element: Any) -> Any:
+        """spyne's reader, except for a request body that has a reader of its own in :data:`BODY_READERS`.
+
+        The body has been validated against the official schema already (:meth:`_route`), so such a
+        reader only maps elements to attributes; spyne's generic one spent ~0.1 ms of Python per
+        element (a 200-instance RAD-69 request: a quarter of the time before the first byte).
+        """
+        descriptor = getattr(ctx, "descriptor", None)
+        if descriptor is not None and cls is descriptor.in_message and element.get(_XSI_NIL) is None:
+            reader = BODY_READERS.get(element.tag)
+            if reader is not None:
+                return reader(element)
+        return super().from_element(ctx, cls, element)
 
     # -- out --------------------------------------------------------------------------------------
 
