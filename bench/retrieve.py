@@ -60,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="py-spy of xdsi during 3 extra retrievals (.svg flame graph or raw text)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
+    args.rounds = max(1, args.rounds)
     if not in_netns():
         return reexec_in_netns(__file__, argv)
 
+    import xdsi
     from tests.support.server import XdsiProcess
+
+    print(f"xdsi imported from {Path(xdsi.__file__).parent}")
     from xdsi.archive import Archive
     from xdsi.config import Settings
     from xdsi.soap.client import build_request
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         for label in mbps:
             if label != ref and ref in mbps:
                 r = [a / b for a, b in zip(mbps[label], mbps[ref])]
-                print(f"  ratio {label} / {ref}: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+                c = [a / b for a, b in zip(cpu[label], cpu[ref]) if b > 0]
+                print(f"  ratio {label} / {ref}: MB/s {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+                      + (f", server CPU per study {statistics.median(c):.2f}" if c else ""))  # fmt: skip
         if "base" in servers:
             for kind in ("WADO-RS", "RAD-69"):
                 a, b = mbps.get(f"xdsi {kind}"), mbps.get(f"base {kind}")

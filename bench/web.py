@@ -101,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="py-spy of xdsi during 3 extra launches (.svg flame graph or raw text)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
+    args.rounds = max(1, args.rounds)
     if not in_netns():
         return reexec_in_netns(__file__, argv)
 
     import pydicom
 
+    import xdsi
     from tests.support.server import XdsiProcess
+
+    print(f"xdsi imported from {Path(xdsi.__file__).parent}")
     from xdsi.archive import Archive
     from xdsi.config import Settings
     from xdsi.tools.synth import StudySpec, write_study
