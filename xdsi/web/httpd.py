@@ -321,7 +321,7 @@ class RegionGateway(wsgi.Gateway_10):
     """cheroot's WSGI 1.0 gateway, sending the file ranges of a :class:`~xdsi.wire.regions.RegionBody` with ``sendfile``.
 
     Only on plain HTTP: over TLS the bytes must pass through OpenSSL anyway, so the body is
-    iterated as any WSGI body (its file ranges read in 1 MiB pieces).  Chunked framing, when the
+    iterated as any WSGI body (its file ranges read in 256 KiB pieces).  Chunked framing, when the
     application gave no Content-Length, is written around each range; the declared
     Content-Length is enforced as cheroot enforces it for ordinary chunks.
     """

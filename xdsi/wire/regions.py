@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
-READ_CHUNK = 1 << 20  # the copy path (TLS, other servers): fewer, larger writes
+READ_CHUNK = 256 * 1024  # the copy path (TLS, other servers): the read size the retrieve paths used before
 
 
 class RegionError(OSError):
