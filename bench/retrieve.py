@@ -1,21 +1,28 @@
-"""RAD-69 retrieval throughput and server memory, against a disk-read baseline in the same run.
+"""Whole-study retrieval, xdsi (WADO-RS and RAD-69 MTOM) against Orthanc's WADO-RS, in one run.
 
-    python bench/retrieve.py [--instances 500] [--size 512] [--keep DIR] [--against OTHER_TREE --rounds N]
+    python bench/retrieve.py [--instances 200] [--size 512] [--rounds 3] [--against OTHER_TREE] [--no-orthanc]
+                             [--profile OUT.svg|OUT.txt] [--keep]
 
-Builds a study of N CT instances (size x size, 16 bit), imports it into a
-fresh data directory, starts ``xdsi serve``, and then:
+Needs root, curl, dcmtk's storescu and Debian's orthanc + orthanc-dicomweb
+(``/work/shared/peers/README.md``).  The script re-executes itself in its own
+network namespace (``BENCH_NETNS``, default ``bench-web-perf``; see
+:mod:`bench.web_peers`), builds a study of N CT instances (size x size,
+16 bit), imports it into a fresh xdsi data directory, sends it to a fresh
+Orthanc with storescu, starts ``xdsi serve`` and then, in alternating order
+each round (ABBA), times ``--repeat`` requests with curl (body to /dev/null, so the client costs
+the same for every server):
 
-1. baseline: reads every stored file from disk in 256 KiB chunks (MB/s);
-2. RAD-69: retrieves the whole study in one request with the streaming
-   client (:func:`xdsi.soap.client.retrieve`, attachments written to a
-   temporary folder), sampling the server's RSS every 10 ms (peak, and the
-   RSS before the request);
+- xdsi WADO-RS ``GET /dicomweb/studies/{uid}`` (multipart/related; type="application/dicom"; transfer-syntax=*);
+- xdsi RAD-69 (``POST /xdsi/ImagingDocumentSource``, MTOM answer);
+- Orthanc WADO-RS ``GET /dicom-web/studies/{uid}`` with the same Accept.
 
-and prints the figures.  ``--against DIR`` serves the same data directory
-from another source tree too (``git worktree add /tmp/base REV``), alternating
-the two servers ``--rounds`` times, and prints their ratio: before/after figures
-from one run, on one machine state.  Both reads hit the page cache the same way (the
-study was just written), so the comparison is protocol cost, not disk.
+Each server's RSS is sampled every 10 ms during its requests (growth =
+peak - RSS before).  Round 0 warms the page cache and the servers and is not
+counted.  Prints MB/s per request, medians, and the per-round ratios
+xdsi/Orthanc: only ratios measured in one run mean anything on a shared
+machine.  ``--against DIR`` serves a copy of the data from another source tree
+too (``git worktree add /tmp/base REV``), in the same rounds, and prints this
+tree/base.
 """
 
 from __future__ import annotations
@@ -23,122 +30,167 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
+from bench.web_peers import LAST_TTFB, Orthanc, RssPeak, cpu_seconds, curl, in_netns, load_line, reexec_in_netns  # noqa: E402
 
-from tests.support.server import XdsiProcess  # noqa: E402
-from xdsi.archive import Archive  # noqa: E402
-from xdsi.config import Settings  # noqa: E402
-from xdsi.soap.client import retrieve  # noqa: E402
-from xdsi.tools.synth import StudySpec, write_study  # noqa: E402
-from xdsi.standards.constants import DEFAULT_REPOSITORY_UNIQUE_ID  # noqa: E402
+ACCEPT_DICOM = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
-    ap.add_argument("--against", type=Path, help="also serve the same data from this source tree (e.g. a git worktree of an older revision), alternately")
-    ap.add_argument("--rounds", type=int, default=1, help="retrievals per tree (alternating with --against)")
-    args = ap.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="xdsi-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)  # the servers' "python -m xdsi" must not pick up a source tree from the working directory
-    for name, src in [("this tree", str(ROOT))] + ([(str(args.against), str(args.against))] if args.against else []):
-        where = subprocess.run([sys.executable, "-c", "import xdsi; print(xdsi.__file__)"], env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True).stdout.strip()
-        print(f"[{name}] serves {where}")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3, help="requests per measurement (one after the other, timed together)")
+    ap.add_argument("--against", type=Path, help="also serve a copy of the data from this source tree, alternately")
+    ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--only", choices=["wado", "rad69"], help="xdsi's WADO-RS or RAD-69 only")
+    ap.add_argument("--profile", type=Path, help="py-spy of xdsi during 3 extra retrievals (.svg flame graph or raw text)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args(argv)
+    args.rounds = max(1, args.rounds)
+    if not in_netns():
+        return reexec_in_netns(__file__, argv)
+
+    import xdsi
+    from tests.support.server import XdsiProcess
+
+    print(f"xdsi imported from {Path(xdsi.__file__).parent}")
+    from xdsi.archive import Archive
+    from xdsi.config import Settings
+    from xdsi.soap.client import build_request
+    from xdsi.standards.constants import ACTION_RAD69, DEFAULT_REPOSITORY_UNIQUE_ID
+    from xdsi.tools.synth import StudySpec, write_study
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-retrieve-"))
+    os.chdir(work)  # "python -m xdsi" must not pick up a source tree from the working directory
+    orthanc = Orthanc(work)
+    servers: dict[str, XdsiProcess] = {}
     try:
-        spec = StudySpec()
-        t = time.perf_counter()
+        spec = StudySpec(patient_id="BENCHWEB", patient_name="BENCH^WEB")
         files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
+        total = sum(f.stat().st_size for f in files)
         data = work / "data"
         archive = Archive.open(Settings(data_dir=data))
         for f in files:
-            archive.store.store_file(f, move=True)
+            archive.store.store_file(f, move=False)
         refs = archive.retrieve.select(study_uids=[spec.study_uid])
-        stored = [archive.retrieve.path(r) for r in refs]
         archive.close()
-        total = sum(p.stat().st_size for p in stored)
-        print(f"study: {len(refs)} instances of {args.size}x{args.size}, {total / 1e6:.1f} MB (prepared in {time.perf_counter() - t:.1f} s)")
+        print(f"study: {len(refs)} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB; {load_line()}")
+        if not args.no_orthanc:
+            orthanc.start()
+            orthanc.load(work / "in")
 
-        # 1. baseline: the same files straight from disk
-        t = time.perf_counter()
-        n = 0
-        for p in stored:
-            with open(p, "rb") as fh:
-                while b := fh.read(256 * 1024):
-                    n += len(b)
-        dt = time.perf_counter() - t
-        print(f"disk read baseline: {n / 1e6 / dt:8.1f} MB/s  ({dt:.2f} s)")
-
-        # 2. RAD-69 through the server; with --against, alternately through this tree's and the other's
-        trees = [("this tree", None)] + ([(f"{args.against}", str(args.against))] if args.against else [])
-        results: dict[str, list[tuple[float, int, int]]] = {name: [] for name, _ in trees}
-        for round_ in range(args.rounds):
-            for name, src in trees if round_ % 2 == 0 else trees[::-1]:  # ABBA: neither tree always runs first
-                mbps, before, peak, nbytes = _rad69(data, work / "out", spec.study_uid, refs, src)
-                results[name].append((mbps, before, peak))
-                print(f"RAD-69 retrieval [{name}]: {mbps:8.1f} MB/s; server RSS {before / 1e6:.0f} MB before, {peak / 1e6:.0f} MB peak (+{(peak - before) / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB response)")
+        env = {"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "XDSI_REPOSITORY_UNIQUE_ID": DEFAULT_REPOSITORY_UNIQUE_ID}
+        servers["xdsi"] = XdsiProcess(data, env={**env, "PYTHONPATH": str(ROOT)}).start(timeout=60)
         if args.against:
-            (a, _), (b, _) = trees
-            best = {name: max(r[0] for r in rs) for name, rs in results.items()}
-            median = {name: statistics.median(r[0] for r in rs) for name, rs in results.items()}
-            growth = {name: max(r[2] - r[1] for r in rs) for name, rs in results.items()}
-            print(f"best MB/s: this tree {best[a]:.1f}, {b} {best[b]:.1f}: ratio {best[a] / best[b]:.3f}")
-            print(f"median MB/s: this tree {median[a]:.1f}, {b} {median[b]:.1f}: ratio {median[a] / median[b]:.3f}")
-            print(f"largest RSS growth: this tree {growth[a] / 1e6:.0f} MB, {b} {growth[b] / 1e6:.0f} MB")
+            shutil.copytree(data, work / "data-base")
+            servers["base"] = XdsiProcess(work / "data-base", env={**env, "PYTHONPATH": str(args.against)}).start(timeout=60)
+
+        series = {refs[0].series_uid: [r.sop_instance_uid for r in refs]}
+        envelopes: dict[str, Path] = {}
+        for name, proc in servers.items():
+            url = f"http://127.0.0.1:{proc.http_port}/xdsi/ImagingDocumentSource"
+            envelopes[name] = work / f"rad69-{name}.xml"
+            envelopes[name].write_bytes(build_request(url, spec.study_uid, series, DEFAULT_REPOSITORY_UNIQUE_ID))
+
+        def wado(port: int, prefix: str) -> list[str]:
+            return ["-H", ACCEPT_DICOM, f"http://127.0.0.1:{port}/{prefix}/studies/{spec.study_uid}"]
+
+        def rad69(name: str) -> list[str]:
+            proc = servers[name]
+            return ["-X", "POST", "--data-binary", f"@{envelopes[name]}",
+                    "-H", f'Content-Type: application/soap+xml; charset=UTF-8; action="{ACTION_RAD69}"',
+                    f"http://127.0.0.1:{proc.http_port}/xdsi/ImagingDocumentSource"]  # fmt: skip
+
+        # (label, pid, curl args)
+        cases: list[tuple[str, int, list[str]]] = []
+        for name, proc in servers.items():
+            pid = proc.proc.pid  # type: ignore[union-attr]
+            if args.only in (None, "wado"):
+                cases.append((f"{name} WADO-RS", pid, wado(proc.http_port, "dicomweb")))
+            if args.only in (None, "rad69"):
+                cases.append((f"{name} RAD-69", pid, rad69(name)))
+        if not args.no_orthanc:
+            cases.append(("Orthanc WADO-RS", orthanc.pid, wado(orthanc.http_port, "dicom-web")))
+
+        mbps: dict[str, list[float]] = {c[0]: [] for c in cases}
+        growth: dict[str, list[int]] = {c[0]: [] for c in cases}
+        cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
+        for rnd in range(args.rounds + 1):
+            for label, pid, cmd in cases if rnd % 2 else cases[::-1]:
+                c0 = cpu_seconds(pid)
+                with RssPeak(pid) as rss:
+                    dt = ttfb = 0.0
+                    for _ in range(args.repeat):
+                        t, size = curl(cmd)
+                        dt += t
+                        ttfb += LAST_TTFB[0]
+                        if size < total:
+                            raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
+                dt /= args.repeat
+                ttfb /= args.repeat
+                c1 = (cpu_seconds(pid) - c0) / args.repeat + c0
+                if size < total:
+                    raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
+                if rnd:
+                    mbps[label].append(total / 1e6 / dt)
+                    growth[label].append(rss.growth)
+                    cpu[label].append(c1 - c0)
+                    print(f"round {rnd} {label:18s} {dt:6.3f} s {total / 1e6 / dt:7.1f} MB/s  first byte {ttfb * 1e3:4.0f} ms  server CPU {c1 - c0:5.2f} s  "
+                          f"RSS {rss.before / 2**20:.0f} -> {rss.peak / 2**20:.0f} MiB")  # fmt: skip
+
+        print(f"\nmedians over {args.rounds} rounds ({load_line()}):")
+        for label in mbps:
+            m = mbps[label]
+            print(f"  {label:18s} {statistics.median(m):7.1f} MB/s ({min(m):.0f}-{max(m):.0f}), server CPU "
+                  f"{statistics.median(cpu[label]):.2f} s, largest RSS growth {max(growth[label]) / 2**20:.1f} MiB")  # fmt: skip
+        ref = "Orthanc WADO-RS"
+        for label in mbps:
+            if label != ref and ref in mbps:
+                r = [a / b for a, b in zip(mbps[label], mbps[ref])]
+                c = [a / b for a, b in zip(cpu[label], cpu[ref]) if b > 0]
+                print(f"  ratio {label} / {ref}: MB/s {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+                      + (f", server CPU per study {statistics.median(c):.2f}" if c else ""))  # fmt: skip
+        if "base" in servers:
+            for kind in ("WADO-RS", "RAD-69"):
+                a, b = mbps.get(f"xdsi {kind}"), mbps.get(f"base {kind}")
+                if a and b:
+                    r = [x / y for x, y in zip(a, b)]
+                    print(f"  ratio this tree / base ({args.against}) {kind}: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+
+        if args.profile:
+            proc = servers["xdsi"]
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
+                                    "-p", str(proc.proc.pid), "--threads",  # type: ignore[union-attr]
+                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
+            time.sleep(1.0)
+            for _ in range(3):
+                curl(rad69("xdsi") if args.only == "rad69" else wado(proc.http_port, "dicomweb"))
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+            print(f"profile: {args.profile}")
     finally:
-        if not args.keep:
+        for proc in servers.values():
+            proc.stop()
+        orthanc.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _rad69(data: Path, out: Path, study_uid: str, refs: list, src: str | None) -> tuple[float, int, int, int]:
-    """One whole-study RAD-69 retrieval from a fresh ``xdsi serve`` (from ``src`` when given): MB/s, RSS before, peak RSS, bytes."""
-    # explicit for both: "python -m" would put the working directory first; the repository id is the test one
-    # (an unconfigured install generates its own, issue 11)
-    env = {"PYTHONPATH": src or str(ROOT), "XDSI_REPOSITORY_UNIQUE_ID": DEFAULT_REPOSITORY_UNIQUE_ID}
-    proc = XdsiProcess(data, env=env).start()
-    try:
-        server = psutil.Process(proc.proc.pid)  # type: ignore[union-attr]
-        url = f"http://127.0.0.1:{proc.http_port}/xdsi/ImagingDocumentSource"
-        series = {refs[0].series_uid: [r.sop_instance_uid for r in refs]}
-        before = server.memory_info().rss
-        peak = [before]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                try:
-                    peak[0] = max(peak[0], server.memory_info().rss)
-                except psutil.Error:
-                    return
-                time.sleep(0.01)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.perf_counter()
-        report = retrieve(url, study_uid, series, out, repository_unique_id=DEFAULT_REPOSITORY_UNIQUE_ID)
-        dt = time.perf_counter() - t
-        stop.set()
-        th.join()
-        assert report.status.endswith("Success") and len(report.saved) == len(refs), report
-        shutil.rmtree(out, ignore_errors=True)
-        return report.bytes / 1e6 / dt, before, peak[0], report.bytes
-    finally:
-        proc.stop()
 
 
 if __name__ == "__main__":

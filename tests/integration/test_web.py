@@ -386,3 +386,34 @@ def test_unquoted_media_type_parameters_are_read(server: XdsiProcess, tmp_path: 
     )
     assert r.status_code == 200, r.text
     assert list(dicomweb(server)._decode_multipart_message(r, stream=False)) == [raw]
+
+
+def test_whole_study_and_frames_are_sent_byte_exact_with_a_content_length(server: XdsiProcess, tmp_path: Path) -> None:
+    """WADO-RS answers made of stored files (sent by sendfile on plain HTTP) carry an exact Content-Length and the stored bytes."""
+    spec = StudySpec(patient_id=f"P{uuid.uuid4().hex[:8]}")
+    paths = _files(tmp_path, spec, series=2, per_series=3)
+    raw = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p.read_bytes() for p in paths}
+    assert stow_raw(server, list(raw.values()), study=spec.study_uid).status_code == 200
+    client = dicomweb(server)
+    r = requests.get(url(server, f"/dicomweb/studies/{spec.study_uid}"),
+                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=30)  # fmt: skip
+    assert r.status_code == 200 and "Transfer-Encoding" not in r.headers
+    assert int(r.headers["Content-Length"]) == len(r.content)
+    parts = list(client._decode_multipart_message(r, stream=False))
+    assert sorted(parts) == sorted(raw.values())
+    # HEAD: the same length, no body
+    h = requests.head(r.url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=30)
+    assert h.status_code == 200 and h.headers["Content-Length"] == r.headers["Content-Length"] and h.content == b""
+    # a frame: the stored pixel bytes, pydicom's own reading of the original
+    ds = pydicom.dcmread(paths[4])
+    r = requests.get(url(server, f"/dicomweb/studies/{spec.study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1"),
+                     headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}, timeout=30)  # fmt: skip
+    assert r.status_code == 200 and int(r.headers["Content-Length"]) == len(r.content)
+    assert list(client._decode_multipart_message(r, stream=False)) == [ds.PixelData]
+    assert np.array_equal(np.frombuffer(ds.PixelData, dtype="<u2").reshape(ds.Rows, ds.Columns), ds.pixel_array)
+    # an instance under the wrong series is not found, by the one-query lookup as before
+    other = pydicom.dcmread(paths[0])
+    if other.SeriesInstanceUID != ds.SeriesInstanceUID:
+        r = requests.get(url(server, f"/dicomweb/studies/{spec.study_uid}/series/{other.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1"),
+                         headers={"Accept": 'multipart/related; type="application/octet-stream"'}, timeout=30)  # fmt: skip
+        assert r.status_code == 404

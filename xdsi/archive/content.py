@@ -29,6 +29,8 @@ only that range; otherwise it comes from the decoded, little-endian dataset.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -51,6 +53,7 @@ from pydicom.uid import (
 from xdsi.archive import transcode as transcode_service
 
 CHUNK = 1 << 20
+PIXEL_INFO_CACHE = 8192  # files whose pixel layout is kept (a few hundred bytes each); errors are not cached
 PIXEL_DATA = 0x7FE00010
 PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -171,8 +174,20 @@ def frame_array(path: Path, index: int, *, as_rgb: bool = True) -> np.ndarray:
 
 
 def pixel_info(path: Path) -> PixelInfo:
-    ds = _read(path)
-    return _pixel_info(ds)
+    """Where and how the pixels of the file at ``path`` are stored; parsed once per file version.
+
+    A frame request used to parse the header twice (negotiation, then the frames) and every
+    viewer that opened the study again parsed it again.  The answer depends only on the file's
+    bytes, so it is kept per (path, inode, size, mtime): a replaced or rewritten file is a new
+    key and is parsed afresh.
+    """
+    st = os.stat(path)
+    return _cached_pixel_info(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=PIXEL_INFO_CACHE)
+def _cached_pixel_info(path: str, _ino: int, _size: int, _mtime_ns: int) -> PixelInfo:
+    return _pixel_info(_read(Path(path)))
 
 
 def _pixel_info(ds: Dataset) -> PixelInfo:

@@ -122,6 +122,13 @@ class FrameSet(_Spooled):
         self.spans = spans  # (frame number, file offset, length)
 
     @property
+    def path(self) -> Path:
+        """The file the spans are ranges of (a spool lives until :meth:`close`)."""
+        if self.closed:
+            raise ValueError("this frame set was closed")
+        return self._path
+
+    @property
     def numbers(self) -> list[int]:
         return [n for n, _o, _l in self.spans]
 

@@ -40,6 +40,7 @@ from typing import Sequence
 from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable, RetrieveService
 from xdsi.archive.transcode import TranscodeError, is_known_transfer_syntax
 from xdsi.wire.ebrs import RegistryError
+from xdsi.wire.regions import FileChunks
 from xdsi.ids.model import DocumentRequest, Resolved, RetrieveResult, ReturnedDocument, errors_for
 from xdsi.uids import is_valid_uid
 from xdsi.standards.constants import (
@@ -86,7 +87,7 @@ class ImagingDocumentSource:
         found: dict[str, InstanceRef] = {}
         unique = list(dict.fromkeys(sop_uids))
         for i in range(0, len(unique), LOOKUP_BATCH):
-            for ref in self.retrieve.select(sop_uids=unique[i : i + LOOKUP_BATCH]):
+            for ref in self.retrieve.select(sop_uids=unique[i : i + LOOKUP_BATCH], read_stamps=True):  # read at once: no per-instance stamp query
                 found[ref.sop_instance_uid] = ref
         return found
 
@@ -177,7 +178,8 @@ class ImagingDocumentSource:
                     ReturnedDocument(
                         request=item.request,
                         mime_type=MIME_DICOM,
-                        produce=produced.chunks,
+                        # the file itself, so the HTTP server can sendfile it (plain HTTP); removed (a spool) once sent
+                        produce=FileChunks(produced.file_path(), produced.size, [produced.close]),
                         ref=ref,
                         transfer_syntax=produced.transfer_syntax,
                         close=produced.close,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+from itertools import chain
 import posixpath
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -42,7 +43,7 @@ from xdsi.soap.protocol import Exchange, fault_reply
 from xdsi.standards.constants import MIME_SOAP12
 from xdsi.wire.errors import MalformedBody, RequestTooLarge
 from xdsi.wire.media import parse_content_type
-from xdsi.wire.mtom import MtomError, read_message
+from xdsi.wire.mtom import MtomError, MtomWriter, read_message
 from xdsi.wire.soap import SoapFault
 from xdsi.wire.xml import make_parser
 
@@ -129,7 +130,8 @@ class SoapApplication(WsgiApplication):
             ex = inner.get(EXCHANGE_KEY)
             (ex.close if ex is not None else message.close)()
             raise
-        return _closing(result, inner.get(EXCHANGE_KEY) or message)
+        ex = inner.get(EXCHANGE_KEY)
+        return _Closing(result, ex or message, getattr(ex, "writer", None))
 
     def _read(self, environ: dict[str, Any]) -> Any:
         content_type = environ.get("CONTENT_TYPE", "")
@@ -197,16 +199,47 @@ class SoapApplication(WsgiApplication):
         return data
 
 
-def _closing(result: Iterable[bytes], owner: Any) -> Iterator[bytes]:
-    """Stream spyne's response and release the request's spools and produced documents when it is done."""
-    try:
-        yield from result
-    except Exception:
-        # headers are sent: the only honest signal left is to cut the connection
-        log.exception("streaming the response failed; aborting it")
-        raise
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        owner.close()
+class _Closing:
+    """spyne's response, streamed; the request's spools and produced documents released when it is done.
+
+    It is a plain WSGI iterable of bytes; :meth:`regions` offers the same message with each
+    attachment that is a whole file as a :class:`~xdsi.wire.regions.FileRegion`, so the HTTP server
+    can ``sendfile`` it (:class:`xdsi.web.httpd.RegionGateway`).  spyne's result is
+    ``chain(writer, ())``: once the writer's regions are taken, iterating the result gives nothing
+    more of it.
+    """
+
+    def __init__(self, result: Iterable[bytes], owner: Any, writer: MtomWriter | None) -> None:
+        self.result = result
+        self.owner = owner
+        self.writer = writer
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._stream(iter(self.result))  # type: ignore[return-value]
+
+    def regions(self) -> Iterator[Any]:
+        if self.writer is None:
+            return self._stream(iter(self.result))
+        return self._stream(chain(self.writer.regions(), self.result))
+
+    def _stream(self, items: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from items
+        except Exception:
+            # headers are sent: the only honest signal left is to cut the connection
+            log.exception("streaming the response failed; aborting it")
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.owner.close()

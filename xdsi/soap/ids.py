@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 from spyne import Application, ServiceBase
 
 from xdsi.archive import Archive
 from xdsi.audit import http as audit_http
+from xdsi.wire.regions import FileChunks
 from xdsi.audit.messages import TRANSACTION
 from xdsi.config import LimitsSettings
 from xdsi.ids import DocumentRequest, ImagingDocumentSource
@@ -28,7 +30,7 @@ from xdsi.render.request import RenderRequest
 from xdsi.soap import models as M
 from xdsi.security.xua import protocol_options
 from xdsi.soap.application import SoapApplication
-from xdsi.soap.protocol import Exchange, IheSoap12, Route, ihe_operation, rename_namespace
+from xdsi.soap.protocol import BODY_READERS, Exchange, IheSoap12, Route, ihe_operation, rename_namespace, text_value
 from xdsi.soap.validation import SCHEMA_DIR, WSDL_DIR
 from xdsi.standards.constants import (
     ACTION_INFORMATION,
@@ -85,6 +87,39 @@ def _documents(request: Any, member: str) -> Iterator[tuple[Any, DocumentRequest
                 yield doc, _document(doc, _s(study.studyInstanceUID), _s(series.seriesInstanceUID))
 
 
+def _read_rad69_request(el: Any) -> SimpleNamespace:
+    """A schema-valid ``RetrieveImagingDocumentSetRequest`` element as the attributes the operation reads.
+
+    The same values spyne's reader gives (attributes as given, element text '' when empty, None
+    when absent), without building a spyne ComplexModel per DocumentRequest (:data:`BODY_READERS`).
+    """
+    rad, xds = f"{{{NS_IHERAD}}}", f"{{{NS_XDS}}}"
+
+    def document(d: Any) -> SimpleNamespace:
+        return SimpleNamespace(
+            HomeCommunityId=text_value(d.find(xds + "HomeCommunityId")),
+            RepositoryUniqueId=text_value(d.find(xds + "RepositoryUniqueId")),
+            DocumentUniqueId=text_value(d.find(xds + "DocumentUniqueId")),
+        )
+
+    studies = [
+        SimpleNamespace(
+            studyInstanceUID=st.get("studyInstanceUID"),
+            SeriesRequest=[
+                SimpleNamespace(seriesInstanceUID=se.get("seriesInstanceUID"), DocumentRequest=[document(d) for d in se.iterchildren(xds + "DocumentRequest")])
+                for se in st.iterchildren(rad + "SeriesRequest")
+            ],
+        )
+        for st in el.iterchildren(rad + "StudyRequest")
+    ]
+    tsl = el.find(rad + "TransferSyntaxUIDList")
+    syntaxes = None if tsl is None else SimpleNamespace(TransferSyntaxUID=[text_value(t) for t in tsl.iterchildren(rad + "TransferSyntaxUID")])
+    return SimpleNamespace(StudyRequest=studies, TransferSyntaxUIDList=syntaxes)
+
+
+BODY_READERS[RAD69_REQUEST] = _read_rad69_request
+
+
 def _log_result(what: str, result: Any, ex: Exchange) -> None:
     sec = ex.envelope.security if ex.envelope is not None else None
     log.info(
@@ -118,7 +153,10 @@ def retrieve_response(result: RetrieveResult, ex: Exchange, audit: audit_http.Tr
 def _tracked(d: Any, audit: audit_http.Transfer | None) -> Any:
     """The document's chunks, counted by the audit trail as sent once written whole."""
     if audit is None or d.ref is None:
-        return d.chunks
+        return d.produce if isinstance(d.produce, FileChunks) else d.chunks
+    if isinstance(d.produce, FileChunks):  # stays a file the server can sendfile; counted once sent whole
+        ref = d.ref
+        return d.produce.then(lambda: audit.sent(ref.study_uid, ref.sop_class_uid))
     return audit.tracked(d.chunks, d.ref.study_uid, d.ref.sop_class_uid)
 
 

@@ -44,7 +44,7 @@ from xdsi.wire.soap import Envelope, SoapFault, addressing_headers, envelope_ele
 from xdsi.soap.models import StreamedDocument, XopDocument, XPathResult, XPathValue
 from xdsi.soap.validation import SchemaInvalid, validate
 from xdsi.wire.mtom import IncomingMessage, MtomError, MtomWriter, OutgoingAttachment, new_content_id, resolve_xop, xop_include
-from xdsi.standards.constants import ACTION_FAULT, NS_WSA
+from xdsi.standards.constants import ACTION_FAULT, NS_WSA, NS_XDS
 
 if TYPE_CHECKING:
     from xdsi.security.principal import Principal
@@ -105,6 +105,7 @@ class Exchange:
     attachments: list[OutgoingAttachment] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
     principal: "Principal | None" = None  # the XUA-authenticated user ([xua]), for the audit trail
+    writer: MtomWriter | None = None  # the response message, once create_out_string made it (its file parts can be sendfile'd)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Release ``fn``'s resources when the response is done (streamed, failed or abandoned)."""
@@ -118,6 +119,43 @@ class Exchange:
                 log.exception("releasing a SOAP response's resources failed")
         self.closers.clear()
         self.message.close()
+
+
+#: readers of a request body element (Clark name -> the object the operation receives), used instead of spyne's
+#: generic deserialiser for the few large, fixed-shape requests (RAD-69: one element per requested instance)
+BODY_READERS: dict[str, Callable[[Any], Any]] = {}
+_XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
+
+
+def text_value(el: Any) -> str | None:
+    """An xsd:string element's value as spyne reads it: None when absent or nil, '' when empty."""
+    if el is None or el.get(_XSI_NIL) in ("true", "1"):
+        return None
+    return el.text or ""
+
+
+def _take_streamed_documents(ctx: Any) -> list[Any] | None:
+    """The DocumentResponse list of a RetrieveDocumentSetResponse whose documents are all streamed, taken out of it.
+
+    Those are written by :meth:`IheSoap12._document_responses` after spyne has written the rest
+    (the RegistryResponse); None (spyne writes everything) for any other answer, or a document
+    response of another shape.
+    """
+    from xdsi.soap.models import DocumentResponse, RetrieveDocumentSetResponseType
+
+    out = ctx.out_object[0] if isinstance(ctx.out_object, (list, tuple)) and len(ctx.out_object) == 1 else None
+    if type(out) is not RetrieveDocumentSetResponseType or not out.DocumentResponse:
+        return None
+    documents = list(out.DocumentResponse)
+    for d in documents:
+        if type(d) is not DocumentResponse or not isinstance(d.Document, StreamedDocument):
+            return None
+        if not all(isinstance(v, str) for v in (d.RepositoryUniqueId, d.DocumentUniqueId, d.mimeType)):
+            return None
+        if d.HomeCommunityId is not None and not isinstance(d.HomeCommunityId, str):
+            return None
+    out.DocumentResponse = None
+    return documents
 
 
 class IheFault(Fault):
@@ -256,6 +294,20 @@ class IheSoap12(Soap12):
         ex.route, ex.action = route, a.action
         return body
 
+    def from_element(self, ctx: Any, cls: Any, element: Any) -> Any:
+        """spyne's reader, except for a request body that has a reader of its own in :data:`BODY_READERS`.
+
+        The body has been validated against the official schema already (:meth:`_route`), so such a
+        reader only maps elements to attributes; spyne's generic one spent ~0.1 ms of Python per
+        element (a 200-instance RAD-69 request: a quarter of the time before the first byte).
+        """
+        descriptor = getattr(ctx, "descriptor", None)
+        if descriptor is not None and cls is descriptor.in_message and element.get(_XSI_NIL) is None:
+            reader = BODY_READERS.get(element.tag)
+            if reader is not None:
+                return reader(element)
+        return super().from_element(ctx, cls, element)
+
     # -- out --------------------------------------------------------------------------------------
 
     def serialize(self, ctx: Any, message: Any) -> None:
@@ -268,8 +320,15 @@ class IheSoap12(Soap12):
             ctx.out_body_doc = ctx.out_document[-1]
             ex.reply_action = ACTION_FAULT
             return
-        super().serialize(ctx, message)  # spyne maps the returned ComplexModel into ctx.out_body_doc
+        documents = _take_streamed_documents(ctx)
+        try:
+            super().serialize(ctx, message)  # spyne maps the returned ComplexModel into ctx.out_body_doc
+        finally:
+            if documents is not None:
+                ctx.out_object[0].DocumentResponse = documents
         body = ctx.out_body_doc[0]
+        if documents is not None:
+            self._document_responses(ctx, body, documents)
         route = ex.route
         assert route is not None
         if route.denormalize is not None:
@@ -283,11 +342,37 @@ class IheSoap12(Soap12):
         envelope = etree.tostring(ctx.out_document, xml_declaration=True, encoding="UTF-8")
         writer = MtomWriter(envelope, ex.attachments, action=ex.reply_action)
         ctx.out_string = writer  # spyne passes it through unjoined (chunked=True): read as it is sent
+        ex.writer = writer
         ctx.transport.resp_headers["Content-Type"] = writer.content_type
 
     def fault_to_http_response_code(self, fault: Any) -> str:
         status = fault.http_status if isinstance(fault, IheFault) else as_soap_fault(fault).http_status
         return _STATUS_TEXT.get(status, "500 Internal Server Error")
+
+    def _document_responses(self, ctx: Any, parent: Any, documents: list[Any]) -> None:
+        """The ``DocumentResponse`` elements of a RAD-69 / ITI-43 response, written with lxml, as spyne writes them.
+
+        Why: spyne's generic serialiser spent ~0.15 ms of Python per DocumentResponse (a
+        200-instance RAD-69 spent about half its time before the first byte there).  These
+        elements have one fixed shape (xds-b ``DocumentResponseType``): the optional
+        HomeCommunityId, RepositoryUniqueId, DocumentUniqueId, mimeType, and the Document as an
+        ``xop:Include`` of an attachment (what :meth:`_xop_to_parent` does for spyne).
+        """
+        sub = etree.SubElement
+        tag = {name: f"{{{NS_XDS}}}{name}" for name in ("DocumentResponse", "HomeCommunityId", "RepositoryUniqueId", "DocumentUniqueId", "mimeType", "Document")}
+        for d in documents:
+            el = sub(parent, tag["DocumentResponse"])
+            if d.HomeCommunityId is not None:
+                sub(el, tag["HomeCommunityId"]).text = d.HomeCommunityId
+            sub(el, tag["RepositoryUniqueId"]).text = d.RepositoryUniqueId
+            sub(el, tag["DocumentUniqueId"]).text = d.DocumentUniqueId
+            sub(el, tag["mimeType"]).text = d.mimeType
+            inst: StreamedDocument = d.Document
+            cid = new_content_id()
+            xop_include(sub(el, tag["Document"]), cid)
+            ctx.udc.attachments.append(OutgoingAttachment(cid, inst.chunks, inst.content_type))
+            if inst.close is not None:
+                ctx.udc.on_close(inst.close)
 
     def _xop_to_parent(self, ctx: Any, cls: Any, inst: StreamedDocument, parent: Any, ns: str, name: str = "Document", **kwargs: Any) -> None:
         elt = self._gen_tag(cls, ns, name, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,32 @@ def sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def _plain_below(root: str, rel_path: str) -> str | None:
+    """``root/rel_path`` when every component is a plain name and none below ``root`` is a symlink, else None.
+
+    What ``realpath`` would return for such a path (``root`` being resolved already), without
+    its per-component Python work on the root's own components.  A component that does not
+    exist ends the walk: nothing below it can be a symlink, and the caller finds the file missing.
+    """
+    if not rel_path or rel_path.startswith("/") or "\x00" in rel_path:
+        return None
+    parts = rel_path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    cur, exists = root, True
+    for part in parts:
+        cur = f"{cur}/{part}"
+        if exists:
+            try:
+                if stat.S_ISLNK(os.lstat(cur).st_mode):
+                    return None
+            except FileNotFoundError:
+                exists = False
+            except OSError:
+                return None
+    return cur
+
+
 class Tier:
     def __init__(self, settings: TierSettings) -> None:
         self.settings = settings
@@ -106,10 +133,28 @@ class Tier:
         self.tmp.mkdir(exist_ok=True)
 
     def abspath(self, rel_path: str) -> Path:
-        p = (self.root / rel_path).resolve()
-        if self.root.resolve() not in p.parents:
+        """The file's absolute path, symlinks resolved; :class:`StorageError` if it would lie outside the tier.
+
+        The usual relative path (plain names, no symlink below the root) is checked with one
+        ``lstat`` per component under the once-resolved root instead of a full ``realpath``
+        (0.1 ms a file, most of a 200-instance retrieve's set-up); any other form (``..``, a
+        symlink, an absolute path) takes the full resolution and its containment check, as before.
+        """
+        root = self._real_root()
+        fast = _plain_below(str(root), rel_path)
+        if fast is not None:
+            return Path(fast)
+        p = (root / rel_path).resolve()
+        if p == root or not p.is_relative_to(root):
             raise StorageError(f"path {rel_path!r} escapes tier {self.name}")
         return p
+
+    def _real_root(self) -> Path:
+        """The tier root, symlinks resolved once: resolving it again for every file was half of a WADO-RS study's set-up."""
+        real = self.__dict__.get("_root_real")
+        if real is None:
+            real = self.__dict__["_root_real"] = self.root.resolve()
+        return real
 
     def exists(self, rel_path: str) -> bool:
         return self.abspath(rel_path).is_file()

@@ -38,6 +38,7 @@ from xdsi.web.qido import build_query, result_json
 from xdsi.wire.errors import HttpError, warning_value
 from xdsi.wire.media import MediaRange, parse_accept, parse_content_type
 from xdsi.wire.multipart import MultipartError, MultipartWriter, spool_parts
+from xdsi.wire.regions import FileRegion, Item, RegionBody, item_length
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,9 @@ class DicomWebApp:
     # -- WADO-RS: instances --------------------------------------------------------------------
 
     def _select(self, study: str, series: str | None = None, sop: str | None = None) -> list[InstanceRef]:
-        refs = self.archive.retrieve.select(
-            study_uids=[study], series_uids=[series] if series else [], sop_uids=[sop] if sop else []
+        refs = self.archive.retrieve.select(  # read at once: a fresh read stamp is not asked for again per instance
+            study_uids=[study], series_uids=[series] if series else [], sop_uids=[sop] if sop else [], read_stamps=True,
+            fetch_remote=True,  # a study only a gateway remote holds is fetched first (issue 15)
         )
         if not refs:
             what = "instance" if sop else "series" if series else "study"
@@ -233,21 +235,31 @@ class DicomWebApp:
             for ref, _p in produced:
                 audit.intend(ref.study_uid, ref.sop_class_uid)
 
-        def body() -> Iterator[bytes]:
-            try:
-                for ref, p in produced:
-                    chunks: Iterable[bytes] = p.chunks()
-                    if audit is not None:
-                        chunks = audit.track(chunks, ref.study_uid, ref.sop_class_uid)
-                    yield from writer.part({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}, chunks)
-                yield writer.end()
-            finally:
-                for _ref, p in produced:
-                    p.close()
+        def sent(ref: InstanceRef, p: Produced) -> Callable[[], None]:
+            def after() -> None:
+                p.close()  # a transcoded spool goes as soon as it is sent
+                if audit is not None:
+                    audit.sent(ref.study_uid, ref.sop_class_uid)
 
-        r = Response(body(), status=200, content_type=writer.content_type)
-        if audit is not None:
-            r.call_on_close(audit.close)  # when the server closes the body: complete, or the client went away
+            return after
+
+        # every part is known now (heads, sizes): a Content-Length instead of chunked framing, and each
+        # file handed to the server as a range it can sendfile (xdsi.wire.regions)
+        items: list[Item] = []
+        for ref, p in produced:
+            items.append(writer.head({"Content-Type": f"{media.DICOM}; transfer-syntax={p.transfer_syntax}"}))
+            items.append(FileRegion(p.file_path(), 0, p.size, sent(ref, p)))
+        items.append(writer.end())
+
+        def close() -> None:
+            for _ref, p in produced:
+                p.close()
+            if audit is not None:  # when the server closes the body: complete, or the client went away
+                audit.close()
+
+        body = RegionBody(items, length=sum(item_length(i) for i in items), on_close=[close])
+        r = Response(body, status=200, content_type=writer.content_type, direct_passthrough=True)
+        r.headers["Content-Length"] = str(body.length)
         for reason in omitted[:20]:
             r.headers.add("Warning", warning_value(f"omitted {reason}"))
         return r
@@ -302,7 +314,10 @@ class DicomWebApp:
     # -- WADO-RS: frames and bulk data ---------------------------------------------------------
 
     def _one(self, study: str, series: str, sop: str) -> InstanceRef:
-        return self._select(study, series, sop)[0]
+        ref = self.archive.retrieve.instance(study, series, sop)  # one Core query: asked once per frame by viewers
+        if ref is None:
+            raise HttpError(404, "no such instance in this archive")
+        return ref
 
     def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
         numbers = _frame_list(frames, self.archive.settings.http_limits.max_frames)
@@ -338,15 +353,20 @@ class DicomWebApp:
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
         ctype = f"{part_type}; transfer-syntax={frame_set.transfer_syntax}"
 
-        def body() -> Iterator[bytes]:
-            with frame_set:
-                for n, chunks in frame_set.parts():
-                    yield from writer.part({"Content-Type": ctype, "Content-Location": loc + str(n)}, chunks)
-                if audit is not None:  # every frame asked for was written
-                    audit.sent(ref.study_uid, ref.sop_class_uid)
-                yield writer.end()
-
-        return _closing(Response(body(), status=200, content_type=writer.content_type), audit)
+        # every frame is a range of a file (the stored one, or the spool it was produced into): known lengths,
+        # a Content-Length, and ranges the server can sendfile (xdsi.wire.regions)
+        items: list[Item] = []
+        last = len(frame_set.spans) - 1
+        for i, (n, offset, length) in enumerate(frame_set.spans):
+            items.append(writer.head({"Content-Type": ctype, "Content-Location": loc + str(n)}))
+            done = (lambda: audit.sent(ref.study_uid, ref.sop_class_uid)) if audit is not None and i == last else None
+            items.append(FileRegion(frame_set.path, offset, length, done))  # the last frame sent: every frame asked for was
+        items.append(writer.end())
+        close = [frame_set.close] + ([audit.close] if audit is not None else [])
+        body = RegionBody(items, length=sum(item_length(i) for i in items), on_close=close)
+        r = Response(body, status=200, content_type=writer.content_type, direct_passthrough=True)
+        r.headers["Content-Length"] = str(body.length)
+        return r
 
     def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
         if not (len(tag) == 8 and all(c in "0123456789abcdefABCDEF" for c in tag)):

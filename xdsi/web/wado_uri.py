@@ -83,7 +83,7 @@ class WadoUriApp:
         supported = [t for t in wanted if t in RENDERED_TYPES or t == media.DICOM or t in ("*/*", "image/*")]
         if not supported:
             raise HttpError(406, f"contentType {','.join(wanted)} is not available; use application/dicom or {', '.join(RENDERED_TYPES)}")
-        refs = self.archive.retrieve.select(study_uids=[study], series_uids=[series], sop_uids=[sop])
+        refs = self.archive.retrieve.select(study_uids=[study], series_uids=[series], sop_uids=[sop], fetch_remote=True)
         if not refs:
             raise HttpError(404, "no such object in this archive")
         ref = refs[0]

@@ -35,6 +35,7 @@ from lxml import etree
 from xdsi.wire.errors import RequestTooLarge
 from xdsi.wire.media import parse_content_type
 from xdsi.wire.multipart import MultipartError, MultipartWriter, TooManyParts, read_parts
+from xdsi.wire.regions import FileChunks, Item
 from xdsi.standards.constants import MIME_SOAP12, MIME_XOP, NS_XOP
 
 CHUNK = 256 * 1024
@@ -112,6 +113,7 @@ class MtomWriter:
         self.action = action
         self.root_cid = f"root.{uuid.uuid4().hex}@xdsi"
         self.boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
+        self._regions_taken = False
 
     def _framing(self) -> MultipartWriter:
         return MultipartWriter(MIME_XOP, boundary=self.boundary, start=f"<{self.root_cid}>", start_info=MIME_SOAP12, action=self.action)
@@ -134,10 +136,29 @@ class MtomWriter:
                     att.close()
 
     def __iter__(self) -> Iterator[bytes]:
-        w = self._framing()  # fresh per iteration: the framing knows whether a part was written
+        """The message, freshly produced on each iteration (the XDS client re-sends one on a retry)."""
+        if self._regions_taken:
+            return
+        yield from self._message(regions=False)  # type: ignore[misc]  # no FileRegion without regions=True
+
+    def regions(self) -> Iterator[Item]:
+        """The message once, an attachment that is a whole file (:class:`FileChunks`) as a :class:`FileRegion`.
+
+        For a server that sends file ranges itself (:class:`xdsi.web.httpd.RegionGateway`).  Once this is
+        taken, iterating the writer yields nothing: the message is not produced a second time.
+        """
+        self._regions_taken = True
+        return self._message(regions=True)
+
+    def _message(self, regions: bool) -> Iterator[Item]:
+        w = self._framing()  # fresh per message: the framing knows whether a part was written
         yield w.head(self._root_headers()) + self.envelope
         for att in self.attachments:
             headers = {"Content-Type": att.content_type, "Content-Transfer-Encoding": "binary", "Content-ID": f"<{att.content_id}>"}
+            if regions and isinstance(att.chunks, FileChunks):
+                yield w.head(headers)
+                yield att.chunks.region()
+                continue
             yield from w.part(headers, _produced(att))
         yield w.end()
 
