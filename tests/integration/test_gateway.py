@@ -437,3 +437,37 @@ def test_invalid_uids_are_refused_before_reaching_a_remote(env: Env) -> None:
     assert got["status"] == 0xA900 and got["received"] == [], got
     log = env.movescu("XDSI", "DEST", "9..9")
     assert "Received Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in log, log  # dcmtk's name for A900
+
+
+def test_wado_rs_of_a_study_only_a_remote_holds(env: Env) -> None:
+    """WADO-RS study retrieve on the main AE: study D is fetched from PACS1 (C-MOVE to us), then served byte for byte.
+
+    PACS1 lost one file of D after indexing it, so the fetch stores the others and WADO-RS serves
+    exactly those; none was held here before (the C-GET of D earlier went through without caching).
+    """
+    import io
+
+    from xdsi.wire.multipart import PartData, PartStart, iter_events
+
+    held = {sop: p for sop, p in _by_sop(env.study_d).items() if p.name != env.study_d[2].name}
+    before = "".join(env.server.log).count(f"fetched study {env.spec_d.study_uid}")
+    body, headers = env.root / "wado-rs.bin", env.root / "wado-rs.headers"
+    url = f"http://127.0.0.1:{env.server.http_port}/dicomweb/studies/{env.spec_d.study_uid}"
+    run(env.ns.cmd("curl", "-sf", "-D", str(headers), "-o", str(body), "-H", 'Accept: multipart/related; type="application/dicom"', url))
+    assert "".join(env.server.log).count(f"fetched study {env.spec_d.study_uid}") == before + 1
+    ctype = next(line for line in headers.read_text().splitlines() if line.lower().startswith("content-type:"))
+    boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"')
+    parts: list[bytearray] = []
+    for ev in iter_events(io.BytesIO(body.read_bytes()), boundary):
+        if isinstance(ev, PartStart):
+            parts.append(bytearray())
+        elif isinstance(ev, PartData):
+            parts[-1] += ev.data
+    got = {}
+    for i, data in enumerate(parts):
+        p = env.root / f"wado-rs-{i}.dcm"
+        p.write_bytes(bytes(data))
+        got[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p
+    assert set(got) == set(held)
+    for sop, p in got.items():
+        assert dataset_bytes(p) == dataset_bytes(held[sop]), sop
