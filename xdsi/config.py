@@ -1456,6 +1456,9 @@ class PrefetchRule:
     years: int = 0
     recall: bool = True  # copy the priors from slower tiers to the first (cache) tier
     push_to: str = ""  # a [peers.AE] to send the priors to by C-STORE; "" = none
+    # [remotes.NAME] asked for priors we do not hold (C-FIND by Patient ID, then fetched to the first tier);
+    # None: the [gateway] remotes when the gateway is on, else none; (): our own index only
+    remotes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -1478,7 +1481,8 @@ class Hl7Settings:
 
 
 _HL7_KEYS = {"port", "tls", "application", "facility", "max_message_bytes", "read_timeout", "republish", "charset", "processing_ids"}
-_PREFETCH_KEYS = {"name", "triggers", "modalities", "body_parts", "same_modality", "last_studies", "years", "recall", "push_to"}
+_PREFETCH_KEYS = {"name", "triggers", "modalities", "body_parts", "same_modality", "last_studies", "years", "recall", "push_to",
+                  "remotes"}
 
 
 def _str_list(where: str, value: object, upper: bool = True) -> tuple[str, ...]:
@@ -1566,6 +1570,11 @@ def hl7_from(raw: object, prefetch_raw: object, peers: Mapping[str, Peer]) -> Hl
             if aet not in peers:
                 raise ConfigError(f"{where} push_to {aet!r} is not a [peers.{aet}] with host and port")
             rk["push_to"] = aet
+        if "remotes" in r:  # checked against [remotes.NAME] by validate_gateway (parsed after [hl7])
+            names = r["remotes"]
+            if not isinstance(names, list) or not all(isinstance(v, str) and v for v in names):
+                raise ConfigError(f'{where} remotes must be a list of [remotes.NAME] names, such as ["PACS1"], not {names!r}')
+            rk["remotes"] = tuple(dict.fromkeys(names))
         rule = PrefetchRule(**rk)
         if not rule.recall and not rule.push_to:
             raise ConfigError(f"{where} does nothing: set recall = true or push_to")
@@ -1712,6 +1721,13 @@ def validate_gateway(s: Settings) -> None:
                 raise ConfigError(f"{where} remotes: {name!r} is not configured (add [remotes.{name}])")
         if g.mode != "off" and not g.remotes:
             raise ConfigError(f'{where} mode = "{g.mode}" needs remotes')
+    for rule in s.hl7.prefetch:  # [[prefetch]] remotes: asked by C-FIND, fetched by C-MOVE or C-GET
+        for name in rule.remotes or ():
+            r = s.remotes.get(name)
+            if r is None:
+                raise ConfigError(f"[[prefetch]] {rule.name!r} remotes: {name!r} is not configured (add [remotes.{name}])")
+            if not r.offers("find") or not (r.offers("move") or r.offers("get")):
+                raise ConfigError(f"[[prefetch]] {rule.name!r} remotes: [remotes.{name}] must offer find and move or get")
     for r in s.remotes.values():
         if r.tls and s.tls.ca_certificates is None:
             raise ConfigError(f"[remotes.{r.name}] tls = true needs [tls] ca_certificates (to verify the remote)")

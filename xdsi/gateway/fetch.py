@@ -41,8 +41,11 @@ class Fetcher:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def __call__(self, study_uids: Iterable[str]) -> bool:
-        """Fetch each study not held; True when at least one instance was stored (the caller selects again)."""
+    def __call__(self, study_uids: Iterable[str], client: Any = None) -> bool:
+        """Fetch each study not held; True when at least one instance was stored (the caller selects again).
+
+        ``client``: the remote to fetch from (a prefetch knows which remote answered for the study); None:
+        chosen among the gateway's remotes."""
         stored = 0
         for uid in dict.fromkeys(study_uids):
             if not is_valid_uid(uid):
@@ -53,18 +56,18 @@ class Fetcher:
                 if self.archive.retrieve.select(study_uids=[uid], read_stamps=True):  # fetched while we waited
                     stored += 1
                     continue
-                stored += self._fetch(uid)
+                stored += self._fetch(uid, client)
         return stored > 0
 
-    def _fetch(self, study_uid: str) -> int:
-        g = self.archive.settings.gateway
-        clients = self.gateway._clients(g, "get", "move")
-        if not clients:
-            return 0
+    def _fetch(self, study_uid: str, client: Any = None) -> int:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.StudyInstanceUID = study_uid
-        client = self.gateway._holder(clients, identifier, StudyRootQueryRetrieveInformationModelMove)
+        if client is None:
+            clients = self.gateway._clients(self.archive.settings.gateway, "get", "move")
+            if not clients:
+                return 0
+            client = self.gateway._holder(clients, identifier, StudyRootQueryRetrieveInformationModelMove)
         how = "get" if client.remote.offers("get") else "move"
         model = StudyRootQueryRetrieveInformationModelGet if how == "get" else StudyRootQueryRetrieveInformationModelMove
         relay = r.new_relay(self.archive.settings.temp_dir / "relay", client)

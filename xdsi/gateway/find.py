@@ -195,3 +195,40 @@ def _abort(s: _Source) -> None:
             assoc.abort()
         except Exception:  # pragma: no cover - already gone
             pass
+
+
+def find_each(identifier: Dataset, model: str, clients: Sequence[RemoteClient]) -> tuple[list[tuple[RemoteClient, Dataset]], dict[str, str]]:
+    """One C-FIND to each of ``clients`` in parallel, for callers that are not a requester's association (prefetch).
+
+    Unlike :func:`forward_find` nothing is merged: each match comes with the remote that answered it (the
+    caller retrieves from the remote that holds the study).  A remote that fails or does not finish within
+    its ``find_timeout`` is left out with its reason in the second value (remote name -> problem); what it
+    answered until then is not used, as a partial answer could make "the last N studies" wrong.
+    """
+    out: "queue.Queue[tuple[_Source, Any]]" = queue.Queue()
+    sources = [_Source(c, next_message_id()) for c in clients]
+    for src in sources:
+        threading.Thread(target=_ask, args=(src, identifier, model, out), name=f"find-{src.name}", daemon=True).start()
+    deadline = {id(s): time.monotonic() + s.client.remote.find_timeout for s in sources}
+    answers: dict[int, list[Dataset]] = {id(s): [] for s in sources}
+    running = len(sources)
+    while running:
+        try:
+            src, ds = out.get(timeout=POLL)
+        except queue.Empty:
+            now = time.monotonic()
+            for s in sources:
+                if not s.done and now > deadline[id(s)]:
+                    s.problem = s.problem or f"no answer in {s.client.remote.find_timeout:g} s"
+                    s.done = True
+                    running -= 1
+                    _abort(s)
+            continue
+        if ds is None:
+            if not src.done:
+                src.done = True
+                running -= 1
+        elif not src.done:
+            answers[id(src)].append(ds)
+    matches = [(s.client, ds) for s in sources if s.problem is None for ds in answers[id(s)]]
+    return matches, {s.name: str(s.problem) for s in sources if s.problem is not None}
