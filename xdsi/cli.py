@@ -280,6 +280,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from xdsi.routing.cli import print_status as _print_routing  # issue 15: routes, queue depth and failures
 
     _print_routing(settings)
+    _print_remotes(settings)
     _print_audit_spool(settings)
     _print_clock(settings)
     return 0
@@ -302,6 +303,38 @@ def _print_listeners(settings: Settings) -> None:
         print(f"serving:    not running (pid {running.pid}, started {running.started:%Y-%m-%dT%H:%M:%SZ}, ended without "
               f"stopping cleanly; it listened on {', '.join(running.listeners)})")
     print(f"listeners:  {describe_listeners(settings)} (as configured)")
+
+
+def _print_remotes(settings: Settings, timeout: float = 3.0) -> None:
+    """``[remotes.NAME]`` with address, services and reachability by C-ECHO, and each AE title's gateway (issue 15).
+
+    The remotes are probed in parallel, each with ``timeout`` seconds, so a dead PACS costs a few seconds
+    of ``xdsi status``, not its configured connect timeout times the number of remotes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xdsi.gateway.remotes import probe
+
+    if not settings.remotes:
+        return
+    tls = None
+    if any(r.tls for r in settings.remotes.values()):
+        from xdsi.security.tls import client_context
+
+        tls = lambda: client_context(settings.tls, check_hostname=False)  # noqa: E731
+    remotes = list(settings.remotes.values())
+    with ThreadPoolExecutor(max_workers=min(16, len(remotes))) as pool:
+        states = list(pool.map(lambda r: probe(r, settings, timeout, tls), remotes))
+    print("remotes:")
+    width = max(len(r.name) for r in remotes)
+    for r, (state, ms) in zip(remotes, states):
+        print(f"  {r.name:<{width}}  {r.ae_title}@{r.host}:{r.port}{' (TLS)' if r.tls else ''}  {', '.join(r.services)}  "
+              f"{state} in {ms:.0f} ms")
+    gateways = [(settings.ae_title, settings.gateway), *((p.ae_title, p.gateway) for p in settings.partitions.values())]
+    for aet, g in gateways:
+        if g.mode != "off" and g.remotes:
+            print(f"  gateway {aet}: {g.mode} to {', '.join(g.remotes)}{' (cache)' if g.cache else ''}")
+        else:
+            print(f"  gateway {aet}: off")
 
 
 def _print_hl7(settings: Settings) -> None:

@@ -55,6 +55,24 @@ with MLLPClient("127.0.0.1", port) as c:
     print(c.send_message(msg).decode(errors="replace"))
 """
 
+FULL_BACKLOG = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(0)
+held = []
+for _ in range(3):  # fill the accept queue; connects beyond it wait (their SYNs are dropped)
+    c = socket.socket(); c.setblocking(False)
+    try:
+        c.connect(("127.0.0.1", int(sys.argv[1])))
+    except BlockingIOError:
+        pass
+    held.append(c)
+time.sleep(0.5)
+print("full", flush=True)
+time.sleep(3600)
+"""
+
 # name -> (where, spec); the rule: CT, last 4 studies, within 6 years
 PRIORS = {
     "ct-1y-local": ("local", StudySpec(study_date=f"{YEAR - 1}0301", accession="L1")),
@@ -79,9 +97,10 @@ class Env:
     files: dict[str, list[Path]]
     dest_dir: Path
     hl7_port: int
+    config: Path
 
 
-def _config(root: Path, *, hl7: int, pacs: int, dead: int, dest: int) -> Path:
+def _config(root: Path, *, hl7: int, pacs: int, dead: int, dest: int, slow: int) -> Path:
     tiers = "\n".join(f'[[storage.tiers]]\nname = "{n}"\npath = "{root / "storage" / n}"\n' for n in ("cache", "warm", "cold"))
     path = root / "xdsi.toml"
     path.write_text(f"""
@@ -107,6 +126,21 @@ host = "127.0.0.1"
 port = {dead}
 connect_timeout = 2
 find_timeout = 3
+
+[remotes.SLOW]
+ae_title = "SLOWPACS"
+host = "127.0.0.1"
+port = {slow}
+services = ["find", "move", "get"]
+
+[gateway]
+remotes = ["PACS1"]
+mode = "fallback"
+
+[partitions.GW2]
+[partitions.GW2.gateway]
+remotes = ["PACS1", "SLOW"]
+cache = true
 
 [[prefetch]]
 name = "ct-priors"
@@ -146,8 +180,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         archive.close()
     procs: list[subprocess.Popen[bytes]] = []
     with NetNS() as ns:
-        hl7, pacs_port, dead, dest = free_port(), free_port(), free_port(), free_port()
-        server = XdsiProcess(root / "data", config=_config(root, hl7=hl7, pacs=pacs_port, dead=dead, dest=dest), prefix=ns.cmd())
+        hl7, pacs_port, dead, dest, slow = free_port(), free_port(), free_port(), free_port(), free_port()
+        config = _config(root, hl7=hl7, pacs=pacs_port, dead=dead, dest=dest, slow=slow)
+        server = XdsiProcess(root / "data", config=config, prefix=ns.cmd())
+        # SLOW: a listener whose accept queue is full and never drained: further SYNs go unanswered (a host behind a firewall)
+        full = subprocess.Popen(ns.cmd(sys.executable, "-c", FULL_BACKLOG, str(slow)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        procs.append(full)
+        assert full.stdout is not None and full.stdout.readline().strip() == b"full"
         dest_dir = root / "ws1"
         dest_dir.mkdir()
         storescp = subprocess.Popen(ns.cmd(tool("storescp"), "-aet", "WS1", "+B", "-od", str(dest_dir), str(dest)),
@@ -160,7 +199,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             pacs.start()
             server.start(timeout=120)
             try:
-                yield Env(ns, server, root, files, dest_dir, hl7)
+                yield Env(ns, server, root, files, dest_dir, hl7, config)
             finally:
                 server.stop()
         finally:
@@ -234,3 +273,22 @@ def test_orm_brings_exactly_the_rules_priors_from_cold_tier_and_remote(env: Env)
     assert set(got) == set(want)
     for sop, p in got.items():
         assert dataset_bytes(p) == dataset_bytes(want[sop])
+
+
+def test_status_shows_remotes_reachability_and_gateway_per_ae(env: Env) -> None:
+    out = subprocess.run(env.ns.cmd(sys.executable, "-m", "xdsi", "status", "--config", str(env.config), "--data-dir",
+                                    str(env.root / "data")), capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    block = lines[lines.index("remotes:") + 1:]
+    rows = {line.split()[0]: line for line in block if line.startswith("  ") and not line.startswith("  gateway")}
+    assert set(rows) == {"PACS1", "DEAD", "SLOW"}, out.stdout
+    assert rows["PACS1"].split()[1:4] == ["PACS1@127.0.0.1:" + rows["PACS1"].split(":")[1].split()[0], "find,", "move"]
+    assert " reachable in " in rows["PACS1"], rows
+    assert " refused in " in rows["DEAD"], rows
+    slow = rows["SLOW"]
+    assert "SLOWPACS@127.0.0.1:" in slow and "find, move, get" in slow and " timed out in " in slow, rows
+    assert 2500 <= int(slow.rsplit(" in ", 1)[1].split()[0]) < 10000, slow  # the probe's 3 s, not the remote's connect_timeout
+    assert "  gateway XDSI: fallback to PACS1" in block, out.stdout
+    assert "  gateway GW2: forward to PACS1, SLOW (cache)" in block, out.stdout

@@ -132,3 +132,43 @@ class Remotes:
             if c is None:
                 c = self._clients[name] = RemoteClient(self.settings.remotes[name], self.settings, self._tls_context)
             return c
+
+
+def probe(remote: RemoteSettings, settings: Settings, timeout: float = 3.0,
+          tls_context: Callable[[], ssl.SSLContext] | None = None) -> tuple[str, float]:
+    """Is the remote there (``xdsi status``)?  ("reachable" | "refused" | "timed out" | why not, milliseconds).
+
+    A TCP connect first, so that "nothing listens" (refused) and "no answer" (timed out: a firewall, a
+    host down) are told apart, which pynetdicom's failed association does not; then A-ASSOCIATE and a
+    C-ECHO with the same short timeout, as the gateway would call it (our AE title, TLS when set).
+    """
+    import time
+    from dataclasses import replace
+
+    from pynetdicom.sop_class import Verification
+
+    t0 = time.monotonic()
+    ms = lambda: (time.monotonic() - t0) * 1000  # noqa: E731
+    try:
+        socket.create_connection((remote.host, remote.port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return "refused", ms()
+    except (socket.timeout, TimeoutError):
+        return "timed out", ms()
+    except OSError as exc:
+        return f"unreachable ({exc.strerror or exc.__class__.__name__})", ms()
+    client = RemoteClient(replace(remote, connect_timeout=timeout, timeout=timeout, max_associations=1), settings, tls_context)
+    t0 = time.monotonic()
+    try:
+        with client.association([build_context(Verification)]) as assoc:
+            if not any(str(cx.abstract_syntax) == Verification for cx in assoc.accepted_contexts):
+                return "reachable (association accepted; C-ECHO not offered)", ms()
+            st = assoc.send_c_echo()
+            code = getattr(st, "Status", None)
+            if code is None:
+                return "timed out (no C-ECHO response)", ms()
+            return ("reachable" if code == 0 else f"C-ECHO status 0x{code:04X}"), ms()
+    except RemoteUnavailable as exc:
+        return ("association rejected" if "rejected" in str(exc) else "association failed (aborted or timed out)"), ms()
+    except (OSError, ssl.SSLError) as exc:
+        return f"unreachable ({exc.__class__.__name__})", ms()
