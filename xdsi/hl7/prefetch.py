@@ -145,7 +145,7 @@ def _choose(candidates: list[Candidate], job: PrefetchJob, today: date | None,
         if (need_modality and c.modalities is None) or (rule.body_parts and c.body_parts is None):
             if describe is not None:
                 describe(c)
-        if need_modality and c.modalities is None or rule.body_parts and c.body_parts is None:
+        if (need_modality and c.modalities is None) or (rule.body_parts and c.body_parts is None):  # still unknown
             continue
         if rule.modalities and not (c.modalities or set()) & set(rule.modalities):
             continue
