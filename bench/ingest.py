@@ -367,17 +367,17 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
         print(f"\nmedians of {args.rounds} rounds, {args.associations} association(s):")
-        for r in receivers:
+        for r in receivers if args.rounds else ():
             print(f"  {r.name:8s} {statistics.median(r.inst_s):7.1f} inst/s ({min(r.inst_s):.0f}-{max(r.inst_s):.0f}) "
                   f"{statistics.median(r.mb_s):6.1f} MB/s  server CPU {statistics.median(r.cpu_ms):5.2f} ms/inst")
         by = {r.name: r for r in receivers}
         x = by["xdsi"].inst_s
         for other, label in (("storescp", "xdsi/storescp +B"), ("orthanc", "xdsi/Orthanc"), ("base", "this tree/base")):
-            if other in by:
+            if other in by and x:
                 print("  " + ratio_line(label, x, by[other].inst_s))
         if "base" in by:
             for other, label in (("storescp", "base/storescp +B"), ("orthanc", "base/Orthanc")):
-                if other in by:
+                if other in by and x:
                     print("  " + ratio_line(label, by["base"].inst_s, by[other].inst_s))
 
         if args.profile:

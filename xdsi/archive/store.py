@@ -23,19 +23,24 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pydicom.filewriter import write_file_meta_info
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from xdsi.archive.header import InstanceHeader, InvalidDataset, read_header
+from sqlalchemy import bindparam, select
+
+from xdsi.archive.header import InstanceHeader, InvalidDataset, read_header_dataset
 from xdsi.config import Settings
 from xdsi.index import catalog
 from xdsi.index.db import Index
+from xdsi.index.models import Instance
 from xdsi.storage.tiers import TierSet, instance_path
 
 log = logging.getLogger(__name__)
+
+_ARCHIVED = select(Instance.pk).where(Instance.sop_instance_uid == bindparam("uid")).limit(1)
 
 
 class Outcome(enum.Enum):
@@ -97,6 +102,9 @@ class StoreService:
         # called after each instance is durable and indexed: (header, stored path, sha256);
         # a listener's failure is logged, never turned into a store failure
         self.listeners: list[Callable[[InstanceHeader, Path, str], None]] = []
+        # the metadata journal (xdsi.archive.metadata.MetadataService), called before the listeners with the
+        # data set the store path parsed, so it does not parse the stored file again
+        self.metadata: Any = None
 
     def store_file(
         self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None
@@ -109,7 +117,7 @@ class StoreService:
         context); a dataset that is something else is refused, not stored.
         """
         try:
-            header = read_header(path)
+            header, dataset = read_header_dataset(path)
         except InvalidDataset as exc:
             return StoreResult(Outcome.REJECTED, reason=str(exc))
         if expect is not None:
@@ -119,10 +127,10 @@ class StoreService:
         if not header.has_file_meta or not header.has_preamble:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
-            return self._store_with_meta(path, header, source_ae)
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move))
+            return self._store_with_meta(path, header, source_ae, dataset)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move), dataset)
 
-    def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str) -> StoreResult:
+    def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None) -> StoreResult:
         """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.
 
         Any File Meta group the file had is replaced, not patched: the new one
@@ -149,16 +157,25 @@ class StoreService:
                 while chunk := fh.read(1 << 20):
                     yield chunk
 
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel))
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel), dataset)
 
-    def _store(self, header: InstanceHeader, source_ae: str, place) -> StoreResult:  # type: ignore[no-untyped-def]
+    def _archived(self, sop_instance_uid: str) -> bool:
+        """Whether the index already holds this instance: one indexed lookup, read-only.
+
+        Only a hint for where to place the file (and to spare writing a
+        duplicate): the write transaction of :meth:`_store` decides, so a
+        concurrent store of the same instance is still caught there.
+        """
+        with self.index.read_session() as s:
+            return s.execute(_ARCHIVED, {"uid": sop_instance_uid}).first() is not None
+
+    def _store(self, header: InstanceHeader, source_ae: str, place, dataset: Dataset | None = None) -> StoreResult:  # type: ignore[no-untyped-def]
         ids = dict(
             sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid, study_uid=header.study_uid
         )
-        with self.index.session() as s:
-            existing = catalog.find_instance(s, header.sop_instance_uid)
-            if existing is not None and not self.replace:
-                return StoreResult(Outcome.DUPLICATE, reason="already archived; first copy kept", **ids)
+        existing = self._archived(header.sop_instance_uid) or None
+        if existing is not None and not self.replace:
+            return StoreResult(Outcome.DUPLICATE, reason="already archived; first copy kept", **ids)
         rel = instance_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         if existing is not None:
             rel = rel[: -len(".dcm")] + f".{uuid.uuid4().hex[:8]}.dcm"
@@ -191,9 +208,16 @@ class StoreService:
                     self.tiers[c.tier].delete(c.rel_path)
                 except OSError as exc:  # the index no longer points at it; log and go on
                     log.warning("could not delete superseded copy %s on %s: %s", c.rel_path, c.tier, exc)
+        stored = hot.abspath(placed.rel_path)
+        if self.metadata is not None:
+            try:
+                self.metadata.record(header.study_uid, header.series_uid, header.sop_instance_uid, stored, placed.sha256,
+                                     dataset=dataset, transfer_syntax_uid=header.transfer_syntax_uid)
+            except Exception:
+                log.exception("metadata journal failed for %s", header.sop_instance_uid)
         for listener in self.listeners:
             try:
-                listener(header, hot.abspath(placed.rel_path), placed.sha256)
+                listener(header, stored, placed.sha256)
             except Exception:
                 log.exception("store listener failed for %s", header.sop_instance_uid)
         return StoreResult(Outcome.REPLACED if old or existing is not None else Outcome.STORED, **ids)
