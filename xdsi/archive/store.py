@@ -31,6 +31,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from sqlalchemy import bindparam, select
 
+from xdsi.archive.group_commit import GroupCommitter
 from xdsi.archive.header import InstanceHeader, InvalidDataset, read_header_dataset
 from xdsi.config import Settings
 from xdsi.index import catalog
@@ -99,6 +100,7 @@ class StoreService:
         self.index = index
         self.tiers = tiers
         self.replace = settings.effective_storage.duplicate_policy == "replace"
+        self.committer = GroupCommitter(index)
         # called after each instance is durable and indexed: (header, stored path, sha256);
         # a listener's failure is logged, never turned into a store failure
         self.listeners: list[Callable[[InstanceHeader, Path, str], None]] = []
@@ -187,8 +189,10 @@ class StoreService:
             return StoreResult(Outcome.FAILED, reason=f"storage failure: {exc.strerror or exc}", **ids)
         copy = catalog.CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, header.transfer_syntax_uid)
         try:
-            with self.index.session() as s:
-                _, old = catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace)
+            # shares a transaction with instances stored at the same moment; returns once it has committed
+            _, old = self.committer.run(
+                lambda s: catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace)
+            )
         except catalog.PatientMismatch as exc:
             # the study is archived for another patient: refuse rather than file it under the wrong person
             hot.delete(placed.rel_path)
