@@ -51,7 +51,7 @@ from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import find_responses, status
-from xdsi.dimse import store_responses  # issue 14 (ingest): own line, to keep merges clean
+from xdsi.dimse import store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -388,6 +388,7 @@ class DicomServer:
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         store_responses.install(event.assoc)  # Success C-STORE-RSP encoded straight to bytes (idempotent)
+        store_polling.install(event.assoc)  # its loops wake for the next message, not on a 1 ms timer
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)
         try:
