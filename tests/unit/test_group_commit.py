@@ -131,3 +131,73 @@ def test_a_failed_commit_fails_every_instance_of_the_batch(archive: Archive, tmp
     assert _count(archive, Instance) == 0
     assert not list(archive.tiers.hot.root.rglob("*.dcm"))  # the placed file went with the failed commit
     assert archive.store.store_file(files[0]).outcome is Outcome.STORED
+
+
+def test_sqlite_leaders_of_two_processes_take_turns_through_the_writer_lock(archive: Archive, tmp_path: Path) -> None:
+    """While one process's leader writes, another process cannot take the writer lock (it would wait in the
+    kernel, not in SQLite's busy handler); after the commit it can.  PostgreSQL has no such lock."""
+    import subprocess
+    import sys
+
+    committer = archive.store.committer
+    if archive.index.dialect != "sqlite":
+        assert committer.lock is None
+        return
+    assert committer.lock is not None
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\nsys.exit(0)")
+    h = read_header(write_study(tmp_path / "in", StudySpec(patient_id="GC-L"), series=1, per_series=1)[0])
+    seen: list[int] = []
+
+    def while_writing(s):  # type: ignore[no-untyped-def]
+        seen.append(subprocess.run([sys.executable, "-c", probe, str(committer.lock.path)]).returncode)
+        copy = catalog.CopyRecord("cache", f"x/{h.sop_instance_uid}.dcm", 1, "0" * 64, h.transfer_syntax_uid)
+        return catalog.record_instance(s, h, copy)
+
+    committer.run(while_writing)
+    after = subprocess.run([sys.executable, "-c", probe, str(committer.lock.path)]).returncode
+    assert seen == [3] and after == 0
+    assert _count(archive, Instance) == 1
+
+
+def test_two_processes_store_into_one_sqlite_index(tmp_path: Path) -> None:
+    """Two processes (as `xdsi serve --workers 2` runs) storing at once into one SQLite index: all indexed once."""
+    import subprocess
+    import sys
+
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    Archive.open(settings).close()  # create the index once
+    script = (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from tests.conftest import make_settings\n"
+        "from xdsi.archive import Archive\n"
+        "from xdsi.tools.synth import StudySpec, write_study\n"
+        "tmp = Path(sys.argv[1]); k = sys.argv[2]\n"
+        "a = Archive.open(make_settings(tmp), clean=False)\n"
+        "files = write_study(tmp / ('in' + k), StudySpec(patient_id='GC-W' + k), series=1, per_series=12)\n"
+        "bad = []\n"
+        "def worker(part):\n"
+        "    for f in part:\n"
+        "        r = a.store.store_file(f)\n"
+        "        if r.outcome.value != 'stored': bad.append(r)\n"
+        "ts = [threading.Thread(target=worker, args=(files[i::2],)) for i in range(2)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "a.close()\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(k)], env=env) for k in range(2)]
+    assert [p.wait(180) for p in procs] == [0, 0]
+    a = Archive.open(settings, clean=False)
+    try:
+        assert _count(a, Instance) == 24
+        with a.index.session() as s:
+            for c in s.scalars(select(FileCopy)):
+                assert sha256_file(a.tiers[c.tier].abspath(c.rel_path)) == (c.size, c.sha256)
+    finally:
+        a.close()

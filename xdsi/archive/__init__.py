@@ -78,4 +78,5 @@ class Archive:
         return archive
 
     def close(self) -> None:
+        self.store.committer.close()
         self.index.dispose()

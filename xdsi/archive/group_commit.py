@@ -17,12 +17,22 @@ then does :meth:`run` return, so no acknowledgement is sent before its commit
 ("acknowledged = durable" holds).  A failed commit fails every instance of the
 batch, as it failed the one instance before.  One store alone is a batch of one,
 written exactly as before (no savepoint).
+
+Across processes (``xdsi serve --workers N`` on one SQLite index) the leaders
+of the processes take turns through an exclusive ``flock`` on a file beside the
+database (:class:`WriterLock`): a waiting leader sleeps in the kernel and wakes
+the moment the other commits, instead of polling in SQLite's busy handler.
+PostgreSQL needs no such lock: its writers do not exclude one another.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -43,6 +53,48 @@ class _Job(Generic[T]):
         self.done = False
 
 
+class WriterLock:
+    """An exclusive ``flock`` on ``<database>-xdsi-writer.lock``, held for one write transaction.
+
+    Taken only by group-commit leaders (one per process at a time), so it
+    orders the processes; other writers (the XDS publisher, tier moves) still
+    meet the leaders at SQLite's own lock.  The file holds nothing and may be
+    deleted while no xdsi runs.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + "-xdsi-writer.lock")
+        self._fd: int | None = None
+        self._open_lock = threading.Lock()
+
+    def _fileno(self) -> int:
+        with self._open_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return self._fd
+
+    def __enter__(self) -> "WriterLock":
+        fcntl.flock(self._fileno(), fcntl.LOCK_EX)  # blocks in the kernel, without the GIL
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self._fileno(), fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._open_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def writer_lock(index: Index) -> WriterLock | None:
+    """The cross-process writer lock of a SQLite index on a file; None for PostgreSQL or an in-memory database."""
+    url = index.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return WriterLock(Path(url.database))
+
+
 class GroupCommitter:
     """Runs ``fn(session)`` for concurrent callers in shared transactions; returns after its transaction committed."""
 
@@ -52,6 +104,7 @@ class GroupCommitter:
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Job[Any]] = []
         self._writing = False
+        self.lock = writer_lock(index)
         # figures for tests and benchmarks: transactions committed, instances written in them
         self.transactions = 0
         self.jobs = 0
@@ -78,9 +131,14 @@ class GroupCommitter:
             raise job.error
         return job.value  # type: ignore[return-value]
 
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
     def _write(self, batch: list[_Job[Any]]) -> None:
+        lock: ContextManager[Any] = self.lock if self.lock is not None else nullcontext()
         try:
-            with self.index.session() as s:
+            with lock, self.index.session() as s:
                 if len(batch) == 1:  # alone: no savepoint, the transaction is the instance's own
                     batch[0].value = batch[0].fn(s)
                 else:
