@@ -26,10 +26,19 @@ from xdsi.index.models import Instance
 from xdsi.tools.synth import StudySpec, write_study
 
 
+_PROCESS_WIDE = ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "LOG_HANDLER_LEVEL", "LOG_RESPONSE_IDENTIFIERS")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Archive, list[Path]]]:
+    """An in-process DicomServer; what it sets process-wide (pynetdicom's _config, the spool directory) is put back."""
+    import tempfile
+
+    from pynetdicom import _config
+
     from xdsi.dimse.server import DicomServer
 
+    saved = {k: getattr(_config, k) for k in _PROCESS_WIDE}, tempfile.tempdir
     tmp = tmp_path_factory.mktemp("polling")
     archive = Archive.open(make_settings(tmp))
     files = write_study(tmp / "in", StudySpec(patient_id="POLL01"), series=1, per_series=6, rows=128, columns=128)
@@ -40,6 +49,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Arch
     finally:
         dicom.stop()
         archive.close()
+        for k, v in saved[0].items():
+            setattr(_config, k, v)
+        tempfile.tempdir = saved[1]
 
 
 def _acceptor(dicom: Any) -> Any:

@@ -51,7 +51,7 @@ class MessageCheckpoint(threading.Event):
         dimse = getattr(self.assoc, "dimse", None)
         queue = getattr(dimse, "msg_queue", None)
         if queue is None:
-            return True
+            return super().wait(timeout)
         with queue.not_empty:
             if not queue._qsize():
                 queue.not_empty.wait(MESSAGE_WAIT)
@@ -64,7 +64,9 @@ class MessageCheckpoint(threading.Event):
                 dul._run_loop_delay = min(getattr(dul, "_run_loop_delay", FAST_LOOP_DELAY), FAST_LOOP_DELAY)
         elif dul is not None and now - self.last_message > IDLE_AFTER:
             dul._run_loop_delay = self.slow_delay
-        return True
+        # paused while we waited (pynetdicom clears the gate, sees ``_is_paused`` and then uses the DIMSE
+        # queue itself, e.g. the commitment report sent on this association): stay paused until it is done
+        return super().wait(timeout)
 
 
 def install(assoc: Any) -> None:
