@@ -3,12 +3,16 @@
 Order of events for every instance, so that an acknowledgement means the
 instance is safe:
 
-1. parse and check the whole file (:func:`read_header`); bad input is refused
-   before anything is written;
+1. parse and check the whole file once (:func:`read_header_dataset`); bad
+   input is refused before anything is written;
 2. place the bytes on the hot tier durably (temporary name, fsync, rename,
    fsync directory);
-3. commit the index rows;
-4. only then report success to the caller (who acknowledges the peer).
+3. commit the index rows, in a transaction shared with the instances other
+   associations store at the same moment (:mod:`xdsi.archive.group_commit`),
+   and wait for that commit;
+4. only then report success to the caller (who acknowledges the peer); the
+   metadata journal line is built from the parse of step 1, not by parsing
+   the stored file again.
 
 A failure at 2 or 3 removes what 2 wrote; a crash between 2 and 3 leaves an
 unindexed file that was never acknowledged and is overwritten when the peer
