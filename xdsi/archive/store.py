@@ -14,9 +14,13 @@ instance is safe:
    metadata journal line is built from the parse of step 1, not by parsing
    the stored file again.
 
-A failure at 2 or 3 removes what 2 wrote; a crash between 2 and 3 leaves an
-unindexed file that was never acknowledged and is overwritten when the peer
-sends the instance again.
+A failure at 2 or 3 removes what 2 wrote.  Step 2 never replaces a file
+already at the instance's path (another store of the same instance may have
+placed it and not yet committed: replacing it, then deleting "our" copy when
+that store wins the index, lost the copy it acknowledged); the file is placed
+beside it under a unique name.  So a crash between 2 and 3 leaves an unindexed
+file, never acknowledged and never served, beside which a re-sent copy is
+stored.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ class StoreService:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
             return self._store_with_meta(path, header, source_ae, dataset)
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move), dataset)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset)
 
     def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None) -> StoreResult:
         """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.
@@ -173,7 +177,7 @@ class StoreService:
                 while chunk := fh.read(1 << 20):
                     yield chunk
 
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel), dataset)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel, exclusive=True), dataset)
 
     def _archived(self, sop_instance_uid: str) -> bool:
         """Whether the index already holds this instance: one indexed lookup on a pooled connection.
