@@ -1,34 +1,96 @@
 #!/usr/bin/env python3
-"""C-STORE ingest throughput: Debian's storescu sends N CT images to a real ``xdsi serve`` over one association.
+"""C-STORE ingest: xdsi against dcmtk storescp +B (the ceiling) and Orthanc, in one run, alternating rounds (ABBA).
 
-    .venv/bin/python bench/ingest.py [-n 500] [--rows 512] [--cols 512] [--pg | --index-url URL]
+    python bench/ingest.py [-n 500] [--rows 512] [--cols 512] [--rounds 3] [--associations K] [--workers N]
+                           [--no-orthanc] [--no-storescp] [--against BASE_TREE] [--profile OUT.svg|OUT.txt]
+                           [--pg | --index-url URL] [--keep]
 
-The figure is the wall time of the storescu run (association set-up to
-release), so it includes xdsi's full store path: parse, fsync the file,
-commit the index row, acknowledge.  Afterwards the index must hold exactly N
-instances, or the run fails.
+Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``; ``BENCH_PEERS`` names
+another folder).  The script re-executes itself in its own network namespace (``BENCH_NETNS``, default
+``bench-ingest``) where it starts storescp +B, Orthanc and ``xdsi serve`` on ports of their own
+(``BENCH_PORT_BASE``).  Each round every receiver starts empty (fresh data folder) and Debian's
+``storescu`` sends the same N CT images to it, over one association or, with ``--associations K``, K
+storescu processes in parallel, each with its share.  Figures per receiver: wall time of the storescu
+run(s) (association set-up to release) as inst/s and MB/s, and the server's CPU time (user + system of
+the server process and its children, from ``/proc``) per instance.
+
+The order of receivers alternates each round (ABBA), and the summary gives the median of the per-round
+ratios xdsi/storescp and xdsi/Orthanc: only ratios measured in one run mean anything on a shared machine.
+After each round the receiver must hold exactly N instances (xdsi: index rows; Orthanc: its statistics;
+storescp: files), and a sample of xdsi's stored files must be byte-identical to what was sent.
+
+``--workers N`` is passed to ``xdsi serve`` only if its ``--help`` lists the flag.  ``--against DIR`` also
+runs xdsi from another source tree (e.g. ``git worktree add DIR BASE``) in the same rounds and prints
+this tree/base.  ``--profile`` records py-spy (``--native`` off) on xdsi during one extra round.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from bench.common import add_index_options, bench, machine  # noqa: E402
-from xdsi.tools.synth import StudySpec, ct_instance  # noqa: E402
-from xdsi.uids import new_uid  # noqa: E402
-
+NETNS = os.environ.get("BENCH_NETNS", "bench-ingest")
+PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24600"))
+PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def in_netns() -> bool:
+    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
+
+
+def reexec_in_netns(argv: list[str]) -> int:
+    """Create the namespace (only ``lo``) and run this script again inside it."""
+    if not Path(f"/var/run/netns/{NETNS}").exists():
+        subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
+    env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
+    return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
+
+
+def peer_env(work: Path) -> dict[str, str]:
+    """Settings for the shared peer scripts: our namespace, our ports, our folders, storescp bit-preserving."""
+    return {
+        **os.environ,
+        "BENCH_NETNS": NETNS,
+        "BENCH_ROOT": str(work / "peers"),
+        "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
+        "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
+        "STORESCP_PORT": str(PORT_BASE + 3),
+        "DCMQRSCP_PORT": str(PORT_BASE + 4),
+        "STORESCP_OPTS": "+B",
+        "TCP_NODELAY": "1",
+    }
+
+
+def peer(script: str, env: dict[str, str], *args: str) -> None:
+    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
 
 
 def generate(out: Path, n: int, rows: int, cols: int) -> int:
     """Write n CT instances of one study (100 per series); returns the total bytes written."""
+    from xdsi.tools.synth import StudySpec, ct_instance
+    from xdsi.uids import new_uid
+
     out.mkdir(parents=True)
     spec = StudySpec(patient_id="BENCH01", patient_name="BENCH^INGEST")
     total = 0
@@ -43,55 +105,303 @@ def generate(out: Path, n: int, rows: int, cols: int) -> int:
     return total
 
 
-def count_instances(index_url: str) -> int:
-    from sqlalchemy import func, select
+def split(src: Path, k: int) -> list[Path]:
+    """K folders of hard links, instance i in folder i mod K: one per parallel storescu."""
+    if k == 1:
+        return [src]
+    parts = [src.parent / f"{src.name}.part{j}" for j in range(k)]
+    for d in parts:
+        d.mkdir(exist_ok=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        target = parts[i % k] / f.name
+        if not target.exists():
+            os.link(f, target)
+    return parts
 
-    from xdsi.index.db import open_index
-    from xdsi.index.models import Instance
 
-    index = open_index(index_url, migrate=False)
-    try:
-        with index.session() as s:
-            return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
-    finally:
-        index.dispose()
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every living descendant."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rindex(")") + 2 :].split()
+        ppid = int(rest[1])
+        children.setdefault(ppid, []).append(int(d.name))
+        times[int(d.name)] = (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime, stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def send(port: int, aet: str, folders: list[Path]) -> float:
+    """Wall time of one storescu per folder, all at once; every one must succeed."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t = time.perf_counter()
+    procs = [
+        subprocess.Popen([STORESCU, "-aet", "BENCH", "-aec", aet, "+sd", "127.0.0.1", str(port), str(f)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for f in folders
+    ]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    dt = time.perf_counter() - t
+    for p, out in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {aet}:{port} failed ({p.returncode}):\n{out[-3000:]}")
+    return dt
+
+
+@dataclass
+class Receiver:
+    """One C-STORE SCP under test: how to start it empty, stop it, find its pid and count what it holds."""
+
+    name: str
+    port: int = 0
+    aet: str = ""
+    pid: int = 0
+    inst_s: list[float] = field(default_factory=list)
+    mb_s: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def count(self) -> int: ...
+    def check(self, sources: list[Path]) -> None: ...
+
+
+class Storescp(Receiver):
+    def __init__(self, env: dict[str, str], work: Path) -> None:
+        super().__init__("storescp", PORT_BASE + 3, "STORESCP")
+        self.env, self.dir = env, work / "peers" / "storescp"
+
+    def start(self) -> None:
+        peer("start_storescp.sh", self.env, "--fresh")
+        self.pid = int((self.dir / "storescp.pid").read_text())
+
+    def stop(self) -> None:
+        subprocess.run([str(PEERS / "stop_storescp.sh"), "--wipe"], env=self.env, capture_output=True)
+
+    def count(self) -> int:
+        return sum(1 for p in (self.dir / "data").rglob("*") if p.is_file())
+
+
+class Orthanc(Receiver):
+    def __init__(self, env: dict[str, str], work: Path) -> None:
+        super().__init__("orthanc", PORT_BASE + 1, "ORTHANC")
+        self.env, self.dir = env, work / "peers" / "orthanc"
+
+    def start(self) -> None:
+        peer("start_orthanc.sh", self.env, "--fresh")
+        self.pid = int((self.dir / "orthanc.pid").read_text())
+
+    def stop(self) -> None:
+        subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=self.env, capture_output=True)
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT_BASE + 2}/statistics", timeout=30) as r:
+            return int(json.load(r)["CountInstances"])
+
+
+class Xdsi(Receiver):
+    def __init__(self, name: str, tree: Path, work: Path, args: argparse.Namespace) -> None:
+        super().__init__(name)
+        self.tree, self.work, self.args = tree, work / name, args
+        self.proc = None
+        self.pg = None
+        self.index_url = ""
+
+    def start(self) -> None:
+        from tests.support.server import XdsiProcess
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        data = self.work / "data"
+        self.index_url = self.args.index_url or f"sqlite:///{data / 'index.sqlite'}"
+        if self.args.pg:
+            from tests.support.postgres import PostgresServer
+
+            if self.pg is None:
+                self.pg = PostgresServer().start()
+            self.index_url = self.pg.create_database(f"bench{int(time.time() * 1000)}")
+        env = {"XDSI_INDEX_URL": self.index_url, "XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1",
+               "PYTHONPATH": str(self.tree)}
+        config = None
+        if self.args.workers is not None and workers_supported(self.tree):
+            config = self.work / "xdsi.toml"
+            self.work.mkdir(parents=True, exist_ok=True)
+            config.write_text(f"[server]\nworkers = {self.args.workers}\n")
+        # cwd = the tree: ``python -m xdsi`` imports from the current directory first
+        self.proc = XdsiProcess(data, env=env, config=config, prefix=["env", "-C", str(self.tree)]).start(timeout=120)
+        self.port, self.aet = self.proc.dicom_port, self.proc.ae_title
+        self.pid = self.proc.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.pg is not None:
+            self.pg.stop()
+
+    def count(self) -> int:
+        from sqlalchemy import func, select
+
+        from xdsi.index.db import open_index
+        from xdsi.index.models import Instance
+
+        index = open_index(self.index_url, migrate=False)
+        try:
+            with index.session() as s:
+                return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+        finally:
+            index.dispose()
+
+    def check(self, sources: list[Path]) -> None:
+        """A sample of stored files: the data set bytes after the File Meta group are the ones sent."""
+        from xdsi.archive.header import dataset_start
+        from xdsi.storage.tiers import instance_path
+        from pydicom import dcmread
+
+        for src in random.Random(len(sources)).sample(sources, min(5, len(sources))):
+            ds = dcmread(src, stop_before_pixels=True)
+            stored = self.work / "data" / "storage" / instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            if not stored.exists():
+                hits = list((self.work / "data").rglob(f"{ds.SOPInstanceUID}*.dcm"))
+                stored = hits[0] if hits else stored
+            with open(src, "rb") as a, open(stored, "rb") as b:
+                oa, ob = dataset_start(a)[1], dataset_start(b)[1]
+                a.seek(oa)
+                b.seek(ob)
+                if a.read() != b.read():
+                    raise RuntimeError(f"{self.name}: stored {stored} differs from the sent {src}")
+
+
+def workers_supported(tree: Path) -> bool:
+    r = subprocess.run([sys.executable, "-m", "xdsi", "serve", "--help"], capture_output=True, text=True, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": str(tree)})
+    return "--workers" in r.stdout
+
+
+def ratio_line(label: str, a: list[float], b: list[float]) -> str:
+    r = [x / y for x, y in zip(a, b)]
+    return f"{label} {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-n", type=int, default=500, help="instances to send (default 500)")
+    p.add_argument("-n", type=int, default=500, help="instances to send per round (default 500)")
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--cols", type=int, default=512)
-    add_index_options(p)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3)")
+    p.add_argument("--associations", type=int, default=1, help="parallel storescu processes (default 1)")
+    p.add_argument("--workers", type=int, help="xdsi serve --workers N (only if this xdsi has the flag)")
+    p.add_argument("--no-orthanc", action="store_true")
+    p.add_argument("--no-storescp", action="store_true")
+    p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds")
+    p.add_argument("--profile", type=Path, help="py-spy on xdsi during one extra round: .svg flame graph, else raw")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--index-url", metavar="URL", help="xdsi's index database (default: SQLite in its data folder)")
+    g.add_argument("--pg", action="store_true", help="a throwaway PostgreSQL server for xdsi's index")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = p.parse_args(argv)
     if not os.access(STORESCU, os.X_OK):
         print(f"{STORESCU} not found: apt-get install dcmtk", file=sys.stderr)
         return 2
+    if not in_netns():
+        return reexec_in_netns(argv)
 
-    with bench(args, "ingest") as b:
+    from bench.common import machine
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-ingest-"))
+    env = peer_env(work)
+    receivers: list[Receiver] = []
+    try:
         t0 = time.perf_counter()
-        total = generate(b.dir / "in", args.n, args.rows, args.cols)
-        print(f"generated {args.n} instances, {total / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s ({b.dir / 'in'})")
-        server = b.serve()
-        cmd = [STORESCU, "-aet", "BENCH", "-aec", server.ae_title, "+sd", server.host, str(server.dicom_port), str(b.dir / "in")]
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(600, args.n))
-        wall = time.perf_counter() - t0
-        if r.returncode != 0:
-            print(f"storescu failed ({r.returncode}):\n{r.stdout}{r.stderr}\n--- xdsi ---\n{server.output()}", file=sys.stderr)
-            return 1
-        stored = count_instances(b.index_url)
-        ok = stored == args.n
-        summary = (
-            f"ingest: {args.n} x {args.rows}x{args.cols}x16-bit CT ({total / 1e6:.0f} MB) via dcmtk storescu, "
-            f"1 association, {b.backend} index: {wall:.2f} s, {args.n / wall:.1f} inst/s, {total / 1e6 / wall:.1f} MB/s; "
-            f"index holds {stored}/{args.n} [{machine()}]"
-        )
-        print(summary)
-        if not ok:
-            print(f"index count mismatch: {stored} != {args.n}\n{r.stdout}{r.stderr}", file=sys.stderr)
-            return 1
+        src = work / "in"
+        total = generate(src, args.n, args.rows, args.cols)
+        sources = sorted(src.iterdir())
+        folders = split(src, args.associations)
+        print(f"ingest: {args.n} x {args.rows}x{args.cols}x16-bit CT ({total / 1e6:.0f} MB, generated in "
+              f"{time.perf_counter() - t0:.1f} s), {args.associations} association(s), xdsi workers "
+              f"{args.workers if args.workers is not None else 'default'}"
+              f"{'' if args.workers is None or workers_supported(ROOT) else ' (flag not supported: not passed)'}; "
+              f"{'PostgreSQL' if args.pg else args.index_url or 'SQLite'} index; {machine()}")
+        receivers.append(Xdsi("xdsi", ROOT, work, args))
+        if args.against:
+            receivers.append(Xdsi("base", args.against.resolve(), work, args))
+        if not args.no_storescp:
+            receivers.append(Storescp(env, work))
+        if not args.no_orthanc:
+            receivers.append(Orthanc(env, work))
+
+        for rnd in range(args.rounds + 1):  # round 0 warms the page cache and every server; not counted
+            order = receivers if rnd % 2 else receivers[::-1]
+            for r in order:
+                r.start()
+                try:
+                    cpu0 = tree_cpu(r.pid)
+                    dt = send(r.port, r.aet, folders)
+                    cpu = tree_cpu(r.pid) - cpu0
+                    n = r.count()
+                    if n != args.n:
+                        raise RuntimeError(f"{r.name} holds {n} instances after the round, not {args.n}")
+                    r.check(sources)
+                finally:
+                    r.stop()
+                if rnd:
+                    r.inst_s.append(args.n / dt)
+                    r.mb_s.append(total / 1e6 / dt)
+                    r.cpu_ms.append(cpu * 1000 / args.n)
+                print(f"round {rnd}{'' if rnd else ' (warm-up)'} {r.name:8s} {dt:6.2f} s {args.n / dt:7.1f} inst/s "
+                      f"{total / 1e6 / dt:6.1f} MB/s  server CPU {cpu * 1000 / args.n:5.2f} ms/inst  load {os.getloadavg()[0]:.1f}",
+                      flush=True)
+
+        print(f"\nmedians of {args.rounds} rounds, {args.associations} association(s):")
+        for r in receivers if args.rounds else ():
+            print(f"  {r.name:8s} {statistics.median(r.inst_s):7.1f} inst/s ({min(r.inst_s):.0f}-{max(r.inst_s):.0f}) "
+                  f"{statistics.median(r.mb_s):6.1f} MB/s  server CPU {statistics.median(r.cpu_ms):5.2f} ms/inst")
+        by = {r.name: r for r in receivers}
+        x = by["xdsi"].inst_s
+        for other, label in (("storescp", "xdsi/storescp +B"), ("orthanc", "xdsi/Orthanc"), ("base", "this tree/base")):
+            if other in by and x:
+                print("  " + ratio_line(label, x, by[other].inst_s))
+        if "base" in by:
+            for other, label in (("storescp", "base/storescp +B"), ("orthanc", "base/Orthanc")):
+                if other in by and x:
+                    print("  " + ratio_line(label, by["base"].inst_s, by[other].inst_s))
+
+        if args.profile:
+            r = by["xdsi"]
+            r.start()
+            try:
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
+                                        "-p", str(r.pid), "--threads", "--subprocesses",
+                                        *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
+                                        *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
+                time.sleep(1.0)
+                dt = send(r.port, r.aet, folders)
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                spy.wait(60)
+                print(f"profile: {args.profile} (round under py-spy: {args.n / dt:.1f} inst/s)")
+            finally:
+                r.stop()
+    finally:
+        for r in receivers:
+            (r.close if isinstance(r, Xdsi) else r.stop)()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

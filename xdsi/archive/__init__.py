@@ -74,11 +74,9 @@ class Archive:
         # the services that audit themselves (deletes, tier moves) find the trail the server or CLI set on the archive
         archive.remove.audit_trail = archive.policy.audit_trail = lambda: archive.audit
         archive.metadata = MetadataService(settings, archive.retrieve)
-        md = archive.metadata
-        archive.store.listeners.append(
-            lambda h, path, sha: md.record(h.study_uid, h.series_uid, h.sop_instance_uid, path, sha)
-        )
+        archive.store.metadata = archive.metadata  # the store path hands it the data set it parsed
         return archive
 
     def close(self) -> None:
+        self.store.committer.close()
         self.index.dispose()

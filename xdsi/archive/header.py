@@ -13,9 +13,11 @@ import re
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -299,19 +301,69 @@ def check_encoding(fh: Any, offset: int, transfer_syntax_uid: str) -> None:
         )
 
 
+def raw_vr(raw: Any) -> str:
+    """The VR of a not yet decoded element: as read (explicit VR), else the dictionary's (implicit VR; UN if unknown)."""
+    if raw.VR is not None:
+        return str(raw.VR)
+    try:
+        return str(dictionary_VR(raw.tag))
+    except KeyError:
+        return "UN"
+
+
+def is_deferred_bulk(raw: Any) -> bool:
+    """A bulk value ``defer_size`` left unread in the file (Pixel Data and the like)."""
+    return isinstance(raw, RawDataElement) and raw.value is None and bool(raw.length) and raw_vr(raw) in _BULK_VRS
+
+
+def raw_elements(ds: Dataset) -> Iterator[Any]:
+    """The top-level elements in tag order as stored: decoded or raw, a deferred value left unread.
+
+    (pydicom's ``Dataset.elements()`` reads deferred values; this does not.)
+    """
+    for tag in sorted(ds.keys()):
+        yield ds.get_item(tag, keep_deferred=True)
+
+
+def _touch(ds: Dataset) -> None:
+    """Decode every value now, while the file is open, so one pydicom cannot decode fails here rather than later.
+
+    A value left unread by ``defer_size`` stays unread when it is bulk data
+    (Pixel Data of a 1 GB whole-slide image is not loaded to be checked: its
+    bytes were skipped, and a file shorter than the element lengths say is
+    caught by the caller).  Any other deferred value (a long sequence or text)
+    is read and decoded like the rest.  Sequence items are walked too.
+    """
+    for raw in raw_elements(ds):
+        if is_deferred_bulk(raw):
+            continue
+        elem = ds[raw.tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _touch(item)
+        elif elem.VR not in _BULK_VRS:
+            _ = elem.value
+
+
 def read_header(path: Path | str) -> InstanceHeader:
     """Parse a Part 10 file (or a bare dataset) end to end without loading large values."""
+    return read_header_dataset(path)[0]
+
+
+def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
+    """:func:`read_header`, plus the parsed data set (bulk values deferred, everything else decoded).
+
+    The store path hands the data set on to the metadata journal
+    (:func:`xdsi.archive.metadata.dataset_json`), so a received instance is
+    parsed once, not once per consumer.
+    """
     path = Path(path)
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as fh:
             ds = dcmread(fh, defer_size=DEFER, force=True)
             end = fh.tell()
-            # Touch every top-level element now, while the file is open, so a
-            # value pydicom cannot decode fails here rather than later.
-            for elem in ds.iterall():
-                if elem.VR not in _BULK_VRS:
-                    _ = elem.value
+            _touch(ds)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise InvalidDataset(f"malformed or truncated dataset: {exc}") from None
     except Exception as exc:  # any other pydicom decoding failure is bad input, not a server fault
@@ -336,4 +388,4 @@ def read_header(path: Path | str) -> InstanceHeader:
         implicit, little = ds.original_encoding
         ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
     header = header_from_dataset(ds, str(ts), has_meta)
-    return replace(header, has_preamble=preamble, dataset_offset=offset)
+    return replace(header, has_preamble=preamble, dataset_offset=offset), ds

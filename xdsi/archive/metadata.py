@@ -30,11 +30,13 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
 
+from xdsi.archive.header import raw_elements, raw_vr
 from xdsi.archive.retrieve import InstanceRef, NotAvailable, RetrieveService
 from xdsi.config import Settings, TierSettings
 from xdsi.storage.tiers import Tier
@@ -62,6 +64,58 @@ def instance_json(path: Path | str) -> str:
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
 
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where ``stop_before_pixels`` stops reading
+# deferred values of these VRs become a BulkDataURI without being read (pydicom would say the same VR);
+# an ambiguous VR ("OB or OW") or a UN that pydicom would replace by the dictionary's VR needs the value
+_TOKEN_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+class NeedsFile(Exception):
+    """The parsed data set has a value left unread that JSON cannot describe without reading it."""
+
+
+def _has_deferred(ds: Dataset) -> bool:
+    for raw in raw_elements(ds):
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            return True
+        if isinstance(raw, DataElement) and raw.VR == "SQ" and any(_has_deferred(item) for item in raw.value):
+            return True
+    return False
+
+
+def dataset_json(ds: Dataset, transfer_syntax_uid: str) -> str:
+    """:func:`instance_json` from a data set already parsed by :func:`read_header_dataset`, without reading the file.
+
+    The same text as :func:`instance_json` gives for the stored file (elements
+    in the order pydicom reads them, everything from the first Pixel Data
+    element on left out, Pixel Data then described by a token); values the
+    header parse left unread are bulk data and become tokens without being
+    read.  Raises :class:`NeedsFile` for a data set where that cannot be done
+    faithfully (a deferred value of an ambiguous VR, or inside a sequence
+    item); the caller then reads the stored file.
+    """
+    d: dict[str, Any] = {}
+    for tag in ds.keys():
+        if tag in _PIXEL_TAGS:
+            break
+        raw = ds.get_item(tag, keep_deferred=True)
+        key = f"{int(tag):08X}"
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            vr = raw_vr(raw)
+            if vr in _TOKEN_VRS or (vr == "UN" and tag.is_private):
+                d[key] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}{int(tag):08X}"}
+                continue
+            raise NeedsFile(f"deferred {vr} value {tag}")
+        elem = ds[tag]
+        if elem.VR == "SQ" and any(_has_deferred(item) for item in elem.value):
+            raise NeedsFile(f"deferred value in sequence {tag}")
+        d[key] = elem.to_json_dict(bulk_data_element_handler=_bulk_handler, bulk_data_threshold=BULK_THRESHOLD)
+    if "Rows" in ds and "Columns" in ds:
+        vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or int(ds.get("BitsAllocated", 16) or 16) <= 8 else "OW"
+        d["7FE00010"] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}7FE00010"}
+    return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
 def _line(sop_uid: str, sha256: str, text: str) -> bytes:
     return f"{sop_uid}\t{sha256}\t{text}\n".encode("utf-8")
 
@@ -78,9 +132,24 @@ class MetadataService:
 
     # -- store time ---------------------------------------------------------------------------
 
-    def record(self, study_uid: str, series_uid: str, sop_uid: str, path: Path, sha256: str) -> None:
-        """Append one instance's JSON to its series journal (the store-time hook)."""
-        self._append(study_uid, series_uid, [_line(sop_uid, sha256, instance_json(path))])
+    def record(
+        self, study_uid: str, series_uid: str, sop_uid: str, path: Path, sha256: str, *,
+        dataset: Dataset | None = None, transfer_syntax_uid: str = "",
+    ) -> None:
+        """Append one instance's JSON to its series journal (the store-time hook).
+
+        ``dataset``: the data set the store path parsed (bulk values unread), so
+        the JSON is built without parsing the stored file a second time.
+        """
+        text = None
+        if dataset is not None:
+            try:
+                text = dataset_json(dataset, transfer_syntax_uid)
+            except NeedsFile:
+                text = None
+        if text is None:
+            text = instance_json(path)
+        self._append(study_uid, series_uid, [_line(sop_uid, sha256, text)])
 
     def _append(self, study_uid: str, series_uid: str, lines: list[bytes]) -> None:
         member = gzip.compress(b"".join(lines), compresslevel=1, mtime=0)
@@ -168,4 +237,4 @@ class MetadataService:
             yield from self.series_json(batch, complete=complete)
 
 
-__all__ = ["MetadataService", "BULK_TOKEN", "instance_json"]
+__all__ = ["MetadataService", "BULK_TOKEN", "dataset_json", "instance_json"]

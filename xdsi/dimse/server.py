@@ -51,6 +51,7 @@ from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import find_responses, status, wakeup
+from xdsi.dimse import store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -396,6 +397,8 @@ class DicomServer:
         if (relayed := gateway_hand_over(event)) is not None:  # an instance a remote sends for a gateway retrieve
             return relayed
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
+        store_responses.install(event.assoc)  # Success C-STORE-RSP encoded straight to bytes (idempotent)
+        store_polling.install(event.assoc)  # its loops wake for the next message, not on a 1 ms timer
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)
         try:

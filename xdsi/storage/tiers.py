@@ -11,6 +11,7 @@ request text, so nothing a peer sends can name a file outside the tier.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -164,14 +165,29 @@ class Tier:
         self.tmp.mkdir(parents=True, exist_ok=True)
         return self.tmp / f"{uuid.uuid4().hex}.part"
 
-    def _commit_temp(self, temp: Path, rel_path: str) -> None:
+    def _commit_temp(self, temp: Path, rel_path: str, exclusive: bool = False) -> str:
+        """Give ``temp`` its final name (durably); returns the relative path it got.
+
+        ``exclusive``: never replace a file already at ``rel_path`` (another
+        store of the same instance may have placed it and not yet indexed it:
+        replacing it, and then deleting "our" copy when that store wins the
+        index, would lose the instance it acknowledged).  The file is placed
+        beside it under a unique name instead.
+        """
         final = self.abspath(rel_path)
         _makedirs_durable(final.parent, self.root)
-        os.replace(temp, final)
+        if exclusive:
+            try:
+                rel_path, final = _link_exclusive(temp, final, rel_path, self)
+            except _NoHardLinks:
+                os.replace(temp, final)
+        else:
+            os.replace(temp, final)
         _fsync_dir(final.parent)
+        return rel_path
 
-    def place_file(self, src: Path, rel_path: str, *, move: bool = False) -> Placed:
-        """Make the bytes of ``src`` durable at ``rel_path``.
+    def place_file(self, src: Path, rel_path: str, *, move: bool = False, exclusive: bool = False) -> Placed:
+        """Make the bytes of ``src`` durable at ``rel_path`` (``exclusive``: see :meth:`_commit_temp`).
 
         With ``move`` and ``src`` on the same file system the file is renamed
         rather than copied: the incoming C-STORE spool becomes the stored file
@@ -182,15 +198,15 @@ class Tier:
             temp = self.new_temp()
             os.replace(src, temp)  # take ownership first: the spool's owner may unlink its name
             try:
-                self._commit_temp(temp, rel_path)
+                rel_path = self._commit_temp(temp, rel_path, exclusive)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
             return Placed(rel_path, size, digest)
         with open(src, "rb") as fh:
-            return self.place_stream(fh, rel_path)
+            return self.place_stream(fh, rel_path, exclusive=exclusive)
 
-    def place_stream(self, stream: BinaryIO | Iterable[bytes], rel_path: str) -> Placed:
+    def place_stream(self, stream: BinaryIO | Iterable[bytes], rel_path: str, *, exclusive: bool = False) -> Placed:
         temp = self.new_temp()
         h = hashlib.sha256()
         size = 0
@@ -203,7 +219,7 @@ class Tier:
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            self._commit_temp(temp, rel_path)
+            rel_path = self._commit_temp(temp, rel_path, exclusive)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -253,6 +269,30 @@ class Tier:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+class _NoHardLinks(Exception):
+    """The tier's file system cannot make hard links: fall back to rename (replacing)."""
+
+
+def _link_exclusive(temp: Path, final: Path, rel_path: str, tier: "Tier") -> tuple[str, Path]:
+    """Name ``temp`` ``final`` unless that name exists, else a unique name beside it; then drop ``temp``'s name.
+
+    ``link`` + ``unlink`` is the portable rename that refuses to replace
+    (``renameat2(RENAME_NOREPLACE)`` is not in Python's ``os``).
+    """
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        rel_path = f"{rel_path[: -len('.dcm')] if rel_path.endswith('.dcm') else rel_path}.{uuid.uuid4().hex[:8]}.dcm"
+        final = tier.abspath(rel_path)
+        os.link(temp, final)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise _NoHardLinks() from exc
+        raise
+    os.unlink(temp)
+    return rel_path, final
 
 
 def _same_device(a: Path, b: Path) -> bool:

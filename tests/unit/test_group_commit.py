@@ -1,0 +1,203 @@
+"""Group commit of index writes (issue 14): shared transactions, per-instance refusals, nothing returned before commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from xdsi.archive import Archive
+from xdsi.archive.header import read_header
+from xdsi.archive.store import Outcome
+from xdsi.index import catalog
+from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
+from xdsi.storage.tiers import sha256_file
+from xdsi.tools.synth import StudySpec, write_study
+from xdsi.uids import new_uid
+
+
+def _count(archive: Archive, model: type) -> int:
+    with archive.index.session() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_followers_share_one_transaction_and_a_refusal_stays_their_own(archive: Archive, tmp_path: Path) -> None:
+    """Seven stores queued behind a busy writer go out in one transaction.  The one naming another patient for
+    the same study is refused alone; so is a second copy of an instance sent under a new series, and the series
+    row it had written before its duplicate was found goes with its savepoint (no empty series left behind)."""
+    spec = StudySpec(patient_id="GC-P1")
+    good = [read_header(p) for p in write_study(tmp_path / "a", spec, series=1, per_series=6)]
+    other = StudySpec(patient_id="GC-P2", study_uid=spec.study_uid)  # same study, another person
+    bad = read_header(write_study(tmp_path / "b", other, series=1, per_series=1)[0])
+    dup = dataclasses.replace(good[1], series_uid=new_uid())  # same SOP Instance UID, another series
+    first, followers = good[0], [*good[1:3], bad, dup, *good[3:]]
+
+    def record(h):  # type: ignore[no-untyped-def]
+        copy = catalog.CopyRecord("cache", f"x/{h.sop_instance_uid}.dcm", 1, "0" * 64, h.transfer_syntax_uid)
+        return lambda s: catalog.record_instance(s, h, copy)
+
+    committer = archive.store.committer
+    go = threading.Event()
+    results: dict[tuple[str, str], object] = {}
+
+    def leader() -> None:
+        def slow(s):  # type: ignore[no-untyped-def]
+            go.wait(30)
+            return record(first)(s)
+        results[(first.sop_instance_uid, first.series_uid)] = committer.run(slow)
+
+    def follower(h) -> None:  # type: ignore[no-untyped-def]
+        try:
+            results[(h.sop_instance_uid, h.series_uid)] = committer.run(record(h))
+        except Exception as exc:
+            results[(h.sop_instance_uid, h.series_uid)] = exc
+
+    threads = [threading.Thread(target=leader)]
+    threads[0].start()
+    while not committer._writing:
+        time.sleep(0.001)
+    threads += [threading.Thread(target=follower, args=(h,)) for h in followers]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(committer._queue) < len(followers):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    # nothing returned while the leader's transaction is open
+    assert not results
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert committer.transactions == 2 and committer.jobs == 8
+    assert isinstance(results[(bad.sop_instance_uid, bad.series_uid)], catalog.PatientMismatch)
+    assert isinstance(results[(dup.sop_instance_uid, dup.series_uid)], catalog.DuplicateInstance)
+    assert all(not isinstance(results[(h.sop_instance_uid, h.series_uid)], Exception) for h in good)
+    with archive.index.session() as s:
+        sops = set(s.scalars(select(Instance.sop_instance_uid)))
+        assert sops == {h.sop_instance_uid for h in good}
+        assert set(s.scalars(select(Patient.patient_id))) == {"GC-P1"}  # GC-P2's row went with its savepoint
+        assert s.scalar(select(func.count()).select_from(Study)) == 1
+        assert set(s.scalars(select(Series.series_uid))) == {good[0].series_uid}
+
+
+def test_concurrent_stores_all_land_intact(archive: Archive, tmp_path: Path) -> None:
+    """Four threads storing at once (as four associations do): every instance indexed once, bytes as sent."""
+    files = []
+    for k in range(4):
+        files += write_study(tmp_path / f"in{k}", StudySpec(patient_id=f"GC-C{k}"), series=2, per_series=5)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+
+    def worker(part: list[Path]) -> None:
+        for f in part:
+            r = archive.store.store_file(f)
+            with lock:
+                outcomes.append(r.outcome)
+
+    threads = [threading.Thread(target=worker, args=(files[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes.count(Outcome.STORED) == len(files) == 40
+    assert _count(archive, Instance) == 40
+    with archive.index.session() as s:
+        for c in s.scalars(select(FileCopy)):
+            assert sha256_file(archive.tiers[c.tier].abspath(c.rel_path)) == (c.size, c.sha256)
+    assert archive.store.committer.jobs == 40
+
+
+def test_a_failed_commit_fails_every_instance_of_the_batch(archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit itself failing (disk full, connection lost) is reported to each caller; nothing is stored."""
+    files = write_study(tmp_path / "in", StudySpec(patient_id="GC-F"), series=1, per_series=2)
+    real = archive.index.session
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def failing():  # type: ignore[no-untyped-def]
+        with real() as s:
+            yield s
+            raise OSError("disk full")
+
+    monkeypatch.setattr(archive.index, "session", failing)
+    r = archive.store.store_file(files[0])
+    assert r.outcome is Outcome.FAILED and "index failure" in r.reason
+    monkeypatch.setattr(archive.index, "session", real)
+    assert _count(archive, Instance) == 0
+    assert not list(archive.tiers.hot.root.rglob("*.dcm"))  # the placed file went with the failed commit
+    assert archive.store.store_file(files[0]).outcome is Outcome.STORED
+
+
+def test_sqlite_leaders_of_two_processes_take_turns_through_the_writer_lock(archive: Archive, tmp_path: Path) -> None:
+    """While one process's leader writes, another process cannot take the writer lock (it would wait in the
+    kernel, not in SQLite's busy handler); after the commit it can.  PostgreSQL has no such lock."""
+    import subprocess
+    import sys
+
+    committer = archive.store.committer
+    if archive.index.dialect != "sqlite":
+        assert committer.lock is None
+        return
+    assert committer.lock is not None
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\nsys.exit(0)")
+    h = read_header(write_study(tmp_path / "in", StudySpec(patient_id="GC-L"), series=1, per_series=1)[0])
+    seen: list[int] = []
+
+    def while_writing(s):  # type: ignore[no-untyped-def]
+        seen.append(subprocess.run([sys.executable, "-c", probe, str(committer.lock.path)]).returncode)
+        copy = catalog.CopyRecord("cache", f"x/{h.sop_instance_uid}.dcm", 1, "0" * 64, h.transfer_syntax_uid)
+        return catalog.record_instance(s, h, copy)
+
+    committer.run(while_writing)
+    after = subprocess.run([sys.executable, "-c", probe, str(committer.lock.path)]).returncode
+    assert seen == [3] and after == 0
+    assert _count(archive, Instance) == 1
+
+
+def test_two_processes_store_into_one_sqlite_index(tmp_path: Path) -> None:
+    """Two processes (as `xdsi serve --workers 2` runs) storing at once into one SQLite index: all indexed once."""
+    import subprocess
+    import sys
+
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    Archive.open(settings).close()  # create the index once
+    script = (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from tests.conftest import make_settings\n"
+        "from xdsi.archive import Archive\n"
+        "from xdsi.tools.synth import StudySpec, write_study\n"
+        "tmp = Path(sys.argv[1]); k = sys.argv[2]\n"
+        "a = Archive.open(make_settings(tmp), clean=False)\n"
+        "files = write_study(tmp / ('in' + k), StudySpec(patient_id='GC-W' + k), series=1, per_series=12)\n"
+        "bad = []\n"
+        "def worker(part):\n"
+        "    for f in part:\n"
+        "        r = a.store.store_file(f)\n"
+        "        if r.outcome.value != 'stored': bad.append(r)\n"
+        "ts = [threading.Thread(target=worker, args=(files[i::2],)) for i in range(2)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "a.close()\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(k)], env=env) for k in range(2)]
+    assert [p.wait(180) for p in procs] == [0, 0]
+    a = Archive.open(settings, clean=False)
+    try:
+        assert _count(a, Instance) == 24
+        with a.index.session() as s:
+            for c in s.scalars(select(FileCopy)):
+                assert sha256_file(a.tiers[c.tier].abspath(c.rel_path)) == (c.size, c.sha256)
+    finally:
+        a.close()

@@ -1,0 +1,112 @@
+"""C-STORE Success responses encoded straight to bytes, not through a pydicom Dataset.
+
+Why: for every C-STORE-RSP pynetdicom's ``DIMSEServiceProvider.send_msg``
+builds the command set as a pydicom Dataset (``primitive_to_message``, which
+encodes it once to learn the group length) and encodes it again in
+``encode_msg``: ~8 % of the server's CPU per stored instance (py-spy, issue 14),
+for seven fixed elements of which two change per instance.
+
+:func:`install` gives one association's DIMSE provider a ``send_msg`` (an
+instance attribute wrapping whatever ``send_msg`` it had, so the C-FIND
+sender of :mod:`xdsi.dimse.find_responses` can sit beside it) that encodes a
+Success C-STORE-RSP without optional elements directly in Implicit VR Little
+Endian (PS3.7 6.3.1, E.1-1: Command Group Length, Affected SOP Class UID,
+Command Field 8001H, Message ID Being Responded To, Command Data Set Type
+0101H, Status, Affected SOP Instance UID), and sends it as the one command
+fragment pynetdicom would send, flagged ``0x03`` (PS3.8 E.2).
+``EVT_DIMSE_SENT`` is still triggered, with a ``C_STORE_RSP`` message whose
+command set carries these values (one message object per association,
+updated per response: the handlers read the class and the Status).  Every
+other response (a warning or failure, one with an Error Comment or Offending
+Element) goes through pynetdicom's own path.  tests/unit/test_store_responses.py
+compares the P-DATA with pynetdicom's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+from xdsi.dimse.find_responses import _fragments
+
+_MARK = "_xdsi_store_responses"
+_US = struct.Struct("<HHIH")  # group, element, length 2, value
+_HEAD = struct.Struct("<HHI")  # group, element, length
+
+
+def _ui(element: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"  # UI is padded with NUL to an even length (PS3.5 6.2)
+    return _HEAD.pack(0x0000, element, len(value)) + value
+
+
+def encode_success(sop_class_uid: str, message_id: int, sop_instance_uid: str) -> bytes:
+    """The command set of a Success C-STORE-RSP without optional elements, Implicit VR Little Endian."""
+    body = b"".join((
+        _ui(0x0002, sop_class_uid),
+        _US.pack(0x0000, 0x0100, 2, 0x8001),
+        _US.pack(0x0000, 0x0120, 2, message_id),
+        _US.pack(0x0000, 0x0800, 2, 0x0101),
+        _US.pack(0x0000, 0x0900, 2, 0x0000),
+        _ui(0x1000, sop_instance_uid),
+    ))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+class SuccessSender:
+    """``send_msg`` for one association: Success C-STORE responses encoded by :func:`encode_success`."""
+
+    def __init__(self, assoc: Any, original: Callable[[Any, int], None]) -> None:
+        self.assoc = assoc
+        self.original = original
+        self._message: C_STORE_RSP | None = None
+
+    def __call__(self, primitive: Any, context_id: int) -> None:
+        if not (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status == 0x0000
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+        ):
+            self.original(primitive, context_id)
+            return
+        sop_class, sop_instance = str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID)
+        msg_id = int(primitive.MessageIDBeingRespondedTo)
+        command = encode_success(sop_class, msg_id, sop_instance)
+        message = self._message
+        if message is None:
+            message = C_STORE_RSP()
+            message.primitive_to_message(primitive)
+            self._message = message
+        else:
+            cs = message.command_set
+            cs.AffectedSOPClassUID = sop_class
+            cs.MessageIDBeingRespondedTo = msg_id
+            cs.AffectedSOPInstanceUID = sop_instance
+            cs.CommandGroupLength = len(command) - 12
+        message.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        dimse = self.assoc.dimse
+        pieces = list(_fragments(command, dimse.maximum_pdu_size))
+        for i, piece in enumerate(pieces):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, (b"\x03" if i == len(pieces) - 1 else b"\x01") + piece))
+            dimse.dul.send_pdu(pdata)
+
+
+def install(assoc: Any) -> None:
+    """Route this association's Success C-STORE responses through a :class:`SuccessSender` (idempotent)."""
+    dimse = assoc.dimse
+    if getattr(dimse, _MARK, False):
+        return
+    dimse.send_msg = SuccessSender(assoc, dimse.send_msg)
+    setattr(dimse, _MARK, True)
