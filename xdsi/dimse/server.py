@@ -50,7 +50,7 @@ from pynetdicom.status import Status
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
-from xdsi.dimse import find_responses, status
+from xdsi.dimse import direct, find_responses, status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -135,6 +135,7 @@ class ArchiveAE(AE):
             return RefusedSubAssociation("not connected: the request failed")
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
+        handlers.append((evt.EVT_CONN_OPEN, direct.on_conn_open))  # before the DUL sends: direct writes can be enabled
         if destination is not None:  # tells "could not be reached" from "aborted" in the refusal (and the audit)
             handlers.append((evt.EVT_CONN_OPEN, destination.on_connected))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
@@ -152,6 +153,7 @@ class ArchiveAE(AE):
         if destination is not None:  # a C-MOVE sub-association lives only while it sends: poll fast throughout
             poll_fast(assoc)
             hold_reactor(assoc)
+            direct.enable(assoc)  # C-STOREs written straight to the socket (xdsi.dimse.direct)
         install_streaming_sender(assoc)
         return assoc
 
@@ -288,6 +290,7 @@ class DicomServer:
         return [
             *self.governor.handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_CONN_OPEN, direct.on_conn_open),  # the DUL's writes serialised with direct ones (C-GET, C-MOVE)
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -458,6 +461,7 @@ class DicomServer:
         if peer.tls:
             kwargs["tls_args"] = (self.client_tls(), peer.host)
         yield peer.host, peer.port, kwargs
+        direct.enable(event.assoc)  # Pending C-MOVE responses written straight to the socket
         yield len(refs)
         # pynetdicom has now tried the sub-association
         retrieval = None
@@ -490,6 +494,7 @@ class DicomServer:
             yield _failure(status.IDENTIFIER_DOES_NOT_MATCH, str(exc)), failed_identifier([])
             return
         install_streaming_sender(event.assoc)
+        direct.enable(event.assoc)  # C-STOREs and Pending responses written straight to the socket
         yield len(refs)
         retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs) if self.audit is not None and refs else None
         yield from self._suboperations(event, refs, retrieval)
