@@ -39,7 +39,9 @@ class FakeAssoc:
         self.dul = SimpleNamespace(
             send_pdu=self._queued, to_provider_queue=self.to_provider_queue, event_queue=self.event_queue,
             state_machine=self.state_machine, _kill_thread=False,
-            socket=SimpleNamespace(socket=sock, send=lambda data: sock.sendall(data) if sock else None),
+            socket=SimpleNamespace(socket=sock, send=lambda data: sock.sendall(data) if sock else None,
+                                   recv=lambda n: bytearray(sock.recv(n)) if sock else bytearray()),
+            _is_transport_event=lambda: False,
         )
         self.is_requestor = False
         self.requestor = SimpleNamespace(maximum_length=max_pdu)
@@ -130,7 +132,7 @@ def test_direct_writes_match_pynetdicom_byte_for_byte(tmp_path: Path, max_pdu: i
     reference = FakeAssoc(max_pdu)
     a, b = socket.socketpair()
     fast = FakeAssoc(max_pdu, a)
-    fast.dul._xdsi_direct_lock = threading.RLock()  # what guard() leaves
+    assert direct.guard(fast) is not None
     writer = direct.enable(fast)
     assert writer is not None and direct.enable(fast) is writer
     received = bytearray()
@@ -218,7 +220,7 @@ def test_messages_queued_before_keep_their_place(tmp_path: Path) -> None:
     """With something still in the DUL's queue, a message goes through the queue too (order kept); nothing is written."""
     a, b = socket.socketpair()
     fast = FakeAssoc(16384, a)
-    fast.dul._xdsi_direct_lock = threading.RLock()
+    direct.guard(fast)
     writer = direct.enable(fast)
     assert writer is not None
     fast.to_provider_queue.put("something queued earlier")
@@ -232,7 +234,7 @@ def test_messages_queued_before_keep_their_place(tmp_path: Path) -> None:
 def test_not_established_goes_through_the_dul() -> None:
     a, _b = socket.socketpair()
     fast = FakeAssoc(16384, a)
-    fast.dul._xdsi_direct_lock = threading.RLock()
+    direct.guard(fast)
     writer = direct.enable(fast)
     assert writer is not None
     fast.state_machine.current_state = "Sta13"  # e.g. released meanwhile: the state machine decides
@@ -247,7 +249,7 @@ def test_unguarded_association_is_not_enabled() -> None:
 def test_broken_transport_tells_the_dul_and_fails_the_message(tmp_path: Path) -> None:
     a, b = socket.socketpair()
     fast = FakeAssoc(16384, a)
-    fast.dul._xdsi_direct_lock = threading.RLock()
+    direct.guard(fast)
     direct.enable(fast)
     b.close()
     with pytest.raises(ConnectionError):
@@ -259,9 +261,10 @@ def test_guard_serialises_the_duls_actions_and_writes() -> None:
     """guard() wraps do_action and the socket's send in the lock a direct write holds."""
     a, b = socket.socketpair()
     fast = FakeAssoc(16384, a)
-    fast.dul.socket = SimpleNamespace(socket=a, send=a.sendall)
-    lock = direct.guard(fast)
-    assert lock is not None and direct.guard(fast) is lock
+    fast.dul.socket = SimpleNamespace(socket=a, send=a.sendall, recv=a.recv)
+    found = direct.guard(fast)
+    assert found is not None and direct.guard(fast) is found
+    lock = found.lock
     order: list[str] = []
     fast.dul.state_machine.do_action  # wrapped
     with lock:
@@ -271,3 +274,25 @@ def test_guard_serialises_the_duls_actions_and_writes() -> None:
         order.append("direct")  # the DUL's action waited for the lock
     t.join(5)
     assert order == ["direct", "dul"]
+
+
+def test_dataset_offset_is_split_datasets(tmp_path: Path) -> None:
+    """Where the data set starts, as pynetdicom's split_dataset (pydicom) finds it, for the archive's kinds of files."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom.dsutils import split_dataset
+
+    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "no_meta_group_length.dcm"]
+    for name in names:
+        path = Path(get_testdata_file(name))
+        assert direct.dataset_offset(path.read_bytes()[: direct.HEAD_BYTES]) == split_dataset(path)[1], name
+    # a File Meta with a long (OB) element and no group length
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.file_meta["FileMetaInformationGroupLength"]
+    ds.file_meta.FileMetaInformationVersion = b"\0\1"
+    out = tmp_path / "nogl.dcm"
+    ds.save_as(out, enforce_file_format=False)
+    assert direct.dataset_offset(out.read_bytes()) == split_dataset(out)[1]
+    # what it does not know: pydicom decides
+    assert direct.dataset_offset(b"\0" * 50) is None
+    assert direct.dataset_offset(path.read_bytes()[:140]) is None  # File Meta cut short

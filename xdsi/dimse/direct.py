@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import ssl
 import struct
 import threading
@@ -60,9 +61,10 @@ from typing import Any, Callable
 
 from pynetdicom import evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE  # type: ignore[attr-defined]
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
+from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -79,35 +81,88 @@ _GUARD = "_xdsi_direct_lock"
 _ENABLED = "_xdsi_direct"
 
 
-def guard(assoc: Any) -> threading.RLock | None:
-    """Serialise the DUL's state machine and socket writes with direct writes (idempotent; call before the DUL runs).
+class Guard:
+    """The locks and the read-back buffer shared by one association's DUL thread and its direct writer/reader.
 
-    Returns the lock, or None when the association has no socket yet.
+    ``lock`` (re-entrant) is held by every DUL state-machine action and socket write and by a direct
+    write.  ``read_lock`` is held by the DUL while it reads a PDU (``_is_transport_event``; it skips
+    reading when a direct reader holds it, and goes on sending) and by a direct reader waiting for a
+    C-STORE response.  ``pushback``: bytes a direct reader took off the socket but did not consume (any
+    PDU other than the plain C-STORE-RSP it waited for); the DUL's next reads get them first, so it sees
+    every PDU in order.
+    """
+
+    def __init__(self, dul: Any) -> None:
+        self.lock = threading.RLock()
+        self.read_lock = threading.Lock()
+        self.pushback = bytearray()
+        # True from the DUL reading a PDU until its state machine has acted on every event queued: a PDU
+        # the DUL has read but not yet passed on is invisible in its queues for a moment (event taken,
+        # action waiting for ``lock``), and a direct reader must not start reading after it
+        self.unprocessed = False
+        self.dul = dul
+        sock = dul.socket
+        machine = dul.state_machine
+        do_action, send, recv, transport_event = machine.do_action, sock.send, sock.recv, dul._is_transport_event
+        self.raw_recv: Callable[[int], bytearray] = recv  # the governor's PduGuard.recv on accepted associations
+        lock, read_lock, pushback = self.lock, self.read_lock, self.pushback
+
+        def locked_do_action(event: str) -> None:
+            with lock:
+                try:
+                    do_action(event)
+                finally:
+                    if not dul.event_queue.queue:
+                        self.unprocessed = False
+
+        def locked_send(data: bytes) -> None:
+            with lock:
+                send(data)
+
+        def recv_after_pushback(nr_bytes: int) -> bytearray:
+            if not pushback:
+                return recv(nr_bytes)
+            out = bytearray(pushback[:nr_bytes])
+            del pushback[: len(out)]
+            if len(out) < nr_bytes:
+                out += recv(nr_bytes - len(out))
+            return out
+
+        def is_transport_event() -> bool:
+            if not read_lock.acquire(blocking=False):
+                return False  # a direct reader has the socket; the DUL goes on sending what is queued
+            try:
+                if pushback:  # a PDU a direct reader gave back: read it as if it had just arrived
+                    dul._read_pdu_data()
+                    self.unprocessed = True
+                    return True
+                if transport_event():
+                    self.unprocessed = True
+                    return True
+                return False
+            finally:
+                read_lock.release()
+
+        machine.do_action = locked_do_action
+        sock.send = locked_send
+        sock.recv = self.recv = recv_after_pushback
+        dul._is_transport_event = is_transport_event
+
+
+def guard(assoc: Any) -> Guard | None:
+    """:class:`Guard` the association's DUL (idempotent; call before the DUL runs: ``EVT_CONN_OPEN``).
+
+    Returns the guard, or None when the association has no socket yet.
     """
     dul = getattr(assoc, "dul", None)
     sock = getattr(dul, "socket", None)
     if dul is None or sock is None:
         return None
-    lock = getattr(dul, _GUARD, None)
-    if lock is not None:
-        return lock
-    lock = threading.RLock()
-    machine = dul.state_machine
-    do_action = machine.do_action
-    send = sock.send
-
-    def locked_do_action(event: str) -> None:
-        with lock:
-            do_action(event)
-
-    def locked_send(data: bytes) -> None:
-        with lock:
-            send(data)
-
-    machine.do_action = locked_do_action
-    sock.send = locked_send
-    setattr(dul, _GUARD, lock)
-    return lock
+    found = getattr(dul, _GUARD, None)
+    if found is None:
+        found = Guard(dul)
+        setattr(dul, _GUARD, found)
+    return found
 
 
 def on_conn_open(event: Any) -> None:
@@ -207,6 +262,74 @@ def fast_command(primitive: Any) -> tuple[bytes, type[DIMSEMessage]] | None:
     return None
 
 
+# -- where a Part 10 file's data set starts ------------------------------------------------------------------
+
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_GROUP_ELEMENT = struct.Struct("<HH")
+_SHORT_LENGTH = struct.Struct("<H")
+_LONG_LENGTH = struct.Struct("<L")
+HEAD_BYTES = 8192
+
+
+def dataset_offset(head: bytes) -> int | None:
+    """Offset of the data set in a Part 10 file starting with ``head``: after the preamble and group 0002.
+
+    What ``pynetdicom.dsutils.split_dataset`` finds with pydicom (~60 us per file), by walking the
+    File Meta elements (always Explicit VR Little Endian, PS3.10 7.1).  None when the file does not
+    start with a preamble and 'DICM', or its File Meta does not end within ``head``: the caller then
+    asks pydicom.
+    """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(head):
+        group, _ = _GROUP_ELEMENT.unpack_from(head, pos)
+        if group != 2:
+            return pos
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                return None
+            length = _LONG_LENGTH.unpack_from(head, pos + 8)[0]
+            if length == 0xFFFFFFFF:
+                return None
+            pos += 12 + length
+        else:
+            pos += 8 + _SHORT_LENGTH.unpack_from(head, pos + 6)[0]
+    return pos if pos == len(head) else None
+
+
+_ELEMENT_HEAD = struct.Struct("<HHL")
+_BE_LENGTH = struct.Struct(">L")  # PDU and PDV item lengths are big endian (PS3.8 9.3.1)
+STORE_RSP = 0x8001
+# the elements of a C-STORE-RSP that carries nothing but its status: read here; anything else (Error Comment,
+# Offending Element, ...) and pynetdicom decodes the response
+_PLAIN_STORE_RSP = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
+
+
+def parse_command(command: bytes) -> dict[int, bytes] | None:
+    """Group 0000 elements of an Implicit VR Little Endian command set: element number -> value bytes.
+
+    None if it is not a well-formed run of group 0000 elements (the caller lets pynetdicom decide).
+    """
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(command):
+        if pos + 8 > len(command):
+            return None
+        group, element, length = _ELEMENT_HEAD.unpack_from(command, pos)
+        pos += 8
+        if group != 0 or pos + length > len(command):
+            return None
+        out[element] = command[pos : pos + length]
+        pos += length
+    return out
+
+
+def _us(value: bytes | None) -> int | None:
+    return _SHORT_LENGTH.unpack(value)[0] if value is not None and len(value) == 2 else None
+
+
 _LAZY: dict[type, type] = {}
 
 
@@ -238,14 +361,18 @@ def sent_message(cls: type[DIMSEMessage], command: bytes, context_id: int, data_
 class DirectWriter:
     """Writes one association's messages to its socket (see the module docstring)."""
 
-    def __init__(self, assoc: Any, lock: threading.RLock, fallback: Callable[[Any, int], None]) -> None:
+    def __init__(self, assoc: Any, guard: Guard, fallback: Callable[[Any, int], None]) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
-        self.lock = lock
+        self.guard = guard
+        self.lock = guard.lock
         self.fallback = fallback  # pynetdicom's send_msg (through the DUL's queue)
         self._buffer = bytearray()
-        self.direct_messages = 0  # for tests and the bench: how many went the direct way
+        self._contexts: dict[tuple[str, str], Any] = {}
+        self.direct_messages = 0  # for tests: how many went the direct way
         self.queued_messages = 0
+        self.direct_responses = 0  # C-STORE responses read here, not by the DUL
+        self.dul_responses = 0
 
     # -- the DIMSE provider's send_msg --------------------------------------------------------------------
 
@@ -254,18 +381,7 @@ class DirectWriter:
         fast = fast_command(primitive)
         if fast is not None:
             command, cls = fast
-            path = getattr(primitive, "_dataset_path", None)
-            if path is not None:
-                self._await_empty_queue()
-            message = sent_message(cls, command, context_id, None, path)
-            evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
-            if self.write(context_id, command, b"", path):
-                self.direct_messages += 1
-                return
-            self.queued_messages += 1
-            message.command_set = decode(BytesIO(command), True, True)  # pynetdicom's encoder reads the Dataset
-            for pdata in message.encode_msg(context_id, self.max_pdu):
-                self.dul.send_pdu(pdata)
+            self._send(cls, command, context_id, getattr(primitive, "_dataset_path", None))
             return
         if primitive.MessageIDBeingRespondedTo is None:
             message = _RQ_TO_MESSAGE[primitive.__class__]()
@@ -285,6 +401,184 @@ class DirectWriter:
             self.direct_messages += 1
             return
         self.queued_messages += 1
+        for pdata in message.encode_msg(context_id, self.max_pdu):
+            self.dul.send_pdu(pdata)
+
+    def send_c_store(
+        self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, msg_id: int = 1, priority: int = 2,
+        originator_aet: str | None = None, originator_id: int | None = None,
+    ) -> Dataset | None:
+        """``Association.send_c_store`` of a Part 10 file in ``transfer_syntax``, sent directly; its status Dataset.
+
+        What pynetdicom's does (3.0, ``STORE_SEND_CHUNKED_DATASET``): the accepted context for the
+        class and syntax with us as SCU, the association's reactor paused while we wait for the
+        response, an empty Dataset when none comes (the DIMSE timeout aborts), else the response's
+        status elements, but without pydicom reading the File Meta or building the command set.
+        None: the File Meta is unusual (no preamble, very long); the caller uses pynetdicom's.
+        """
+        assoc = self.assoc
+        if not assoc.is_established:
+            raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
+        context = self._context(sop_class, transfer_syntax)
+        with open(path, "rb") as f:
+            offset = dataset_offset(f.read(HEAD_BYTES))
+        if offset is None:
+            return None
+        context_id = int(context.context_id)
+        command = encode_command([
+            (0x0002, "UI", sop_class),
+            (0x0100, "US", STORE_RQ),
+            (0x0110, "US", msg_id),
+            (0x0700, "US", priority),
+            (0x0800, "US", DATA_SET_PRESENT),
+            (0x1000, "UI", sop_instance),
+            (0x1030, "AE", originator_aet),
+            (0x1031, "US", originator_id),
+        ])
+        assoc._reactor_checkpoint.clear()
+        try:
+            while not assoc._is_paused:  # a requestor's reactor must not take our response off the queue
+                time.sleep(0.0001)
+            self._send(C_STORE_RQ, command, context_id, (Path(path), offset))
+            read, status = self._read_response(msg_id, context_id)
+            if not read:
+                self.dul_responses += 1
+                _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        if read:
+            self.direct_responses += 1
+            if status is None:  # nothing within the DIMSE timeout
+                assoc._handle_no_response()
+                return Dataset()
+            return status
+        if rsp is None:
+            assoc._handle_no_response()
+            return Dataset()
+        return assoc._check_received_status(rsp)
+
+    # -- reading the C-STORE response --------------------------------------------------------------------
+
+    def _read_response(self, msg_id: int, context_id: int) -> tuple[bool, Dataset | None]:
+        """The C-STORE-RSP to ``msg_id`` read by this thread: (True, its status), (True, None) if none came in time.
+
+        Why: through the DUL a response waits for its reactor's next poll, then passes through the state
+        machine, pydicom's decoder and two queues before this thread wakes; measured that as the largest
+        part of a sub-operation after the writes were direct.  Here the thread that waits blocks on the
+        socket itself.  Only when nothing is in flight (DUL in Sta6, its event and provider queues empty,
+        no message half received, none waiting to be taken) and only while holding the guard's
+        ``read_lock``, so the DUL reads nothing meanwhile.  A PDU that is not exactly a one-PDV C-STORE-RSP
+        to ``msg_id`` on ``context_id`` with nothing but status in it (an A-ABORT, A-RELEASE-RQ, C-CANCEL,
+        a response with an Error Comment) is put back for the DUL, which then reads it as if it had just
+        arrived: (False, None), and the caller waits for the DUL as pynetdicom does.  Waiting is cut into
+        50 ms slices; a request to send anything (an abort from another thread) or the association
+        leaving Sta6 hands the socket back to the DUL.
+        """
+        g, dul, assoc = self.guard, self.dul, self.assoc
+        dimse = assoc.dimse
+        if not g.read_lock.acquire(timeout=1.0):  # the DUL holds it only while it reads one PDU
+            return False, None
+        try:
+            with g.lock:
+                if not (
+                    dul.state_machine.current_state == "Sta6"
+                    and not dul.event_queue.queue
+                    and not dul.to_provider_queue.queue
+                    and dimse.message is None
+                    and not dimse.msg_queue.queue
+                    and not g.pushback
+                    and not g.unprocessed
+                    and dul.socket.recv is g.recv
+                ):
+                    return False, None
+            raw = dul.socket.socket
+            timeout = dimse.dimse_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    return True, None
+                if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                    break
+                try:
+                    readable, _, _ = select.select([raw], [], [], left)
+                except (OSError, ValueError):  # closed under us: the DUL finds out
+                    return False, None
+                if readable:
+                    break
+                if dul.to_provider_queue.queue or dul.state_machine.current_state != "Sta6" or dul._kill_thread:
+                    return False, None
+            return self._take_response(msg_id, context_id)
+        finally:
+            g.read_lock.release()
+
+    def _take_response(self, msg_id: int, context_id: int) -> tuple[bool, Dataset | None]:
+        """Read one PDU; consume it if it is the plain C-STORE-RSP awaited, else give it back to the DUL."""
+        g, dul = self.guard, self.dul
+        try:
+            header = g.recv(6)  # through the governor's PduGuard: its limits hold for what we read
+            if len(header) < 6 or header[0] != P_DATA_TF or _BE_LENGTH.unpack_from(header, 2)[0] > 4096:
+                g.pushback += header  # not a small P-DATA-TF (or the peer closed): the DUL reads the rest
+                return False, None
+            length = _BE_LENGTH.unpack_from(header, 2)[0]
+            body = g.recv(length)
+        except Exception:  # what the DUL does when reading fails (the PduGuard has answered an oversize PDU)
+            dul.event_queue.put("Evt17")
+            return False, None
+        pdu = bytes(header + body)
+        fields = None
+        if len(body) == length >= 6 and _BE_LENGTH.unpack_from(body, 0)[0] == length - 4 and body[4] == context_id and body[5] == COMMAND_LAST:
+            command = bytes(body[6:])
+            fields = parse_command(command)
+        if (
+            fields is None
+            or _us(fields.get(0x0100)) != STORE_RSP
+            or _us(fields.get(0x0120)) != msg_id
+            or _us(fields.get(0x0800)) != NO_DATA_SET
+            or _us(fields.get(0x0900)) is None
+        ):
+            g.pushback += pdu
+            return False, None
+        dul._idle_timer.restart()
+        message = sent_message(C_STORE_RSP, command, context_id, None, None)
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        if not fields.keys() <= _PLAIN_STORE_RSP:  # status comment, offending element...: pynetdicom's reading
+            return True, self.assoc._check_received_status(message.message_to_primitive())
+        status = Dataset()
+        status.Status = _us(fields[0x0900])
+        return True, status
+
+    def _context(self, sop_class: str, transfer_syntax: str) -> Any:
+        """pynetdicom's ``_get_valid_context(sop_class, syntax, "scu", allow_conversion=False)``, once per pair."""
+        key = (sop_class, transfer_syntax)
+        cx = self._contexts.get(key)
+        if cx is None:
+            for candidate in self.assoc.accepted_contexts:  # in context ID order
+                if (
+                    candidate.abstract_syntax == sop_class
+                    and candidate.as_scu is True
+                    and candidate.transfer_syntax[0] == transfer_syntax
+                ):
+                    cx = self._contexts[key] = candidate
+                    break
+            else:
+                raise ValueError(
+                    f"No presentation context for '{sop_class}' has been accepted by the peer with "
+                    f"'{transfer_syntax}' transfer syntax for the SCU role"
+                )
+        return cx
+
+    def _send(self, cls: type[DIMSEMessage], command: bytes, context_id: int, path: tuple[Path, int] | None) -> None:
+        """One message whose command set is encoded: ``EVT_DIMSE_SENT``, then written directly or queued."""
+        if path is not None:
+            self._await_empty_queue()
+        message = sent_message(cls, command, context_id, None, path)
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        if self.write(context_id, command, b"", path):
+            self.direct_messages += 1
+            return
+        self.queued_messages += 1
+        message.command_set = decode(BytesIO(command), True, True)  # pynetdicom's encoder reads the Dataset
         for pdata in message.encode_msg(context_id, self.max_pdu):
             self.dul.send_pdu(pdata)
 
@@ -410,6 +704,11 @@ def _send_all(sock: Any, parts: list[Any]) -> None:
             views[0] = views[0][sent:]
 
 
+def writer_of(assoc: Any) -> DirectWriter | None:
+    """The association's :class:`DirectWriter`, if :func:`enable` gave it one."""
+    return getattr(getattr(assoc, "dimse", None), _ENABLED, None)
+
+
 def enable(assoc: Any) -> DirectWriter | None:
     """Give ``assoc``'s DIMSE provider the direct ``send_msg`` (idempotent); None if it was never :func:`guard`-ed."""
     dimse = getattr(assoc, "dimse", None)
@@ -419,13 +718,13 @@ def enable(assoc: Any) -> DirectWriter | None:
     writer = getattr(dimse, _ENABLED, None)
     if writer is not None:
         return writer
-    lock = getattr(dul, _GUARD, None)
-    if lock is None:  # not guarded from the start: a direct write could race the DUL's, keep pynetdicom's path
+    found = getattr(dul, _GUARD, None)
+    if found is None:  # not guarded from the start: a direct write could race the DUL's, keep pynetdicom's path
         return None
-    writer = DirectWriter(assoc, lock, dimse.send_msg)
+    writer = DirectWriter(assoc, found, dimse.send_msg)
     dimse.send_msg = writer.send_msg
     setattr(dimse, _ENABLED, writer)
     return writer
 
 
-__all__ = ["DirectWriter", "command_pdus", "enable", "guard", "on_conn_open"]
+__all__ = ["DirectWriter", "command_pdus", "dataset_offset", "enable", "guard", "on_conn_open", "writer_of"]

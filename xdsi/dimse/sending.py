@@ -38,6 +38,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import build_context
 
 from xdsi.archive import transcode
+from xdsi.dimse import direct
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,13 @@ def install_streaming_sender(assoc: Any) -> None:
                     "sending %s to %s as %s (stored as %s)",
                     ref.sop_instance_uid, _peer(assoc), UID(produced.transfer_syntax).name, UID(ref.transfer_syntax_uid).name,
                 )
+            writer = direct.writer_of(assoc)
+            if writer is not None:
+                status = writer.send_c_store(
+                    produced.file_path(), ref.sop_class_uid, ref.sop_instance_uid, produced.transfer_syntax, *args, **kwargs
+                )
+                if status is not None:
+                    return status
             return original(produced.file_path(), *args, **kwargs)
 
     def audited_send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:

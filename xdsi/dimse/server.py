@@ -151,9 +151,9 @@ class ArchiveAE(AE):
 
             destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         if destination is not None:  # a C-MOVE sub-association lives only while it sends: poll fast throughout
-            poll_fast(assoc)
             hold_reactor(assoc)
-            direct.enable(assoc)  # C-STOREs written straight to the socket (xdsi.dimse.direct)
+            if direct.enable(assoc) is None:  # C-STOREs written and their responses read directly (xdsi.dimse.direct)
+                poll_fast(assoc)  # else pynetdicom's DUL reads the responses: poll for them often
         install_streaming_sender(assoc)
         return assoc
 
@@ -516,8 +516,11 @@ class DicomServer:
         if retrieval is not None:
             retrieval.begin()
         try:
-            with fast_polling(event.assoc):
+            if direct.writer_of(event.assoc) is not None:  # responses read by the sending thread: no DUL polling for them
                 yield from self._placeholders(event, source, refs, retrieval)
+            else:
+                with fast_polling(event.assoc):
+                    yield from self._placeholders(event, source, refs, retrieval)
         finally:
             if retrieval is not None:
                 if not event.assoc.is_established and retrieval.note is None:
