@@ -47,6 +47,8 @@ class FakeAssoc:
         self.requestor = SimpleNamespace(maximum_length=max_pdu)
         self.dimse = DIMSEServiceProvider(self)  # type: ignore[arg-type]
         self._abort_nonblocking = self._abort_blocking = lambda: None
+        self.network_timeout = None
+        self._sent_abort = self._kill = False
 
     def _queued(self, pdata: Any) -> None:
         self.sent.append(pdata)

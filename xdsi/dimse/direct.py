@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -78,6 +79,8 @@ UNLIMITED_FRAGMENT = 1 << 20  # peer's maximum PDU length 0 (no limit): fragment
 QUEUE_DRAIN_WAIT = 5.0  # seconds a C-STORE waits for messages queued before it to be sent by the DUL
 
 _GUARD = "_xdsi_direct_lock"
+# A-ABORT request from the local user, A-ABORT PDU received, transport closed (PS3.8 9.2.1)
+ABORT_EVENTS = frozenset(("Evt15", "Evt16", "Evt17"))
 _ENABLED = "_xdsi_direct"
 
 
@@ -100,6 +103,7 @@ class Guard:
         # the DUL has read but not yet passed on is invisible in its queues for a moment (event taken,
         # action waiting for ``lock``), and a direct reader must not start reading after it
         self.unprocessed = False
+        self.waiting_event: str | None = None  # the event the DUL's state machine waits for ``lock`` to act on
         self.dul = dul
         sock = dul.socket
         machine = dul.state_machine
@@ -108,10 +112,12 @@ class Guard:
         lock, read_lock, pushback = self.lock, self.read_lock, self.pushback
 
         def locked_do_action(event: str) -> None:
+            self.waiting_event = event  # a direct write in progress cuts its message short for an abort
             with lock:
                 try:
                     do_action(event)
                 finally:
+                    self.waiting_event = None
                     if not dul.event_queue.queue:
                         self.unprocessed = False
 
@@ -622,11 +628,21 @@ class DirectWriter:
                 elif data:
                     self._write_bytes(sock, context_id, head, memoryview(data), max_pdu)
                 else:
-                    _send_all(sock, [head])
+                    self._send_all(sock, [head])
+            except Aborted:
+                raise  # the DUL is about to act on the abort; the rest of the message is not sent
             except OSError as exc:
                 self.dul.event_queue.put("Evt17")  # what AssociationSocket.send does: transport closed
                 raise ConnectionError(f"sending to the peer failed: {exc}") from exc
         return True
+
+    def _send_all(self, sock: Any, parts: list[Any]) -> None:
+        _send_all(sock, parts, self._aborting, self.assoc.network_timeout)
+
+    def _aborting(self) -> bool:
+        """The association is going: we abort it, the DUL waits to act on an A-ABORT or a closed connection, or it is killed."""
+        assoc = self.assoc
+        return bool(assoc._sent_abort or assoc._kill or self.dul._kill_thread or self.guard.waiting_event in ABORT_EVENTS)
 
     def _runs(self, total: int, max_pdu: int) -> tuple[int, int]:
         size = fragment_size(max_pdu)
@@ -643,10 +659,10 @@ class DirectWriter:
             parts.append(PDU_HEADER.pack(P_DATA_TF, 0, len(piece) + 6, len(piece) + 2, context_id, flag))
             parts.append(piece)
             if n % per_run == 0:
-                _send_all(sock, parts)
+                self._send_all(sock, parts)
                 parts = []
         if parts:
-            _send_all(sock, parts)
+            self._send_all(sock, parts)
 
     def _write_file(self, sock: Any, context_id: int, head: bytes, path: tuple[Path, int], max_pdu: int) -> None:
         """The data set from ``path[1]`` to the end of the file, in runs read into one reused buffer."""
@@ -656,7 +672,7 @@ class DirectWriter:
             total = os.fstat(f.fileno()).st_size - start
             f.seek(start)
             if total <= 0:  # pynetdicom sends one empty last fragment for an empty data set
-                _send_all(sock, [head, PDU_HEADER.pack(P_DATA_TF, 0, 6, 2, context_id, DATA_LAST)])
+                self._send_all(sock, [head, PDU_HEADER.pack(P_DATA_TF, 0, 6, 2, context_id, DATA_LAST)])
                 return
             run = size * per_run
             if len(self._buffer) < min(run, total):
@@ -674,7 +690,7 @@ class DirectWriter:
                     flag = DATA_LAST if sent + offset + size >= total else DATA_MORE
                     parts.append(PDU_HEADER.pack(P_DATA_TF, 0, len(piece) + 6, len(piece) + 2, context_id, flag))
                     parts.append(piece)
-                _send_all(sock, parts)
+                self._send_all(sock, parts)
                 parts = []
                 sent += want
 
@@ -689,14 +705,38 @@ def _read_exactly(f: Any, view: memoryview) -> int:
     return got
 
 
-def _send_all(sock: Any, parts: list[Any]) -> None:
-    """Every byte of ``parts``, in order: ``sendmsg`` (gathering, partial writes resumed), or ``sendall`` over TLS."""
-    if isinstance(sock, ssl.SSLSocket):
+class Aborted(ConnectionError):
+    """The association is being aborted (by us, by the peer, or its connection closed) while a message is written."""
+
+
+def _send_all(sock: Any, parts: list[Any], stop: Callable[[], bool] = lambda: False, timeout: float | None = None) -> None:
+    """Every byte of ``parts``, in order: ``sendmsg`` (gathering, partial writes resumed), or ``sendall`` over TLS.
+
+    A peer that stops reading would block a plain blocking send, and with it every DUL action waiting
+    for the guard's lock, an A-ABORT included.  So the socket is written only when ``select`` says it
+    takes bytes (``MSG_DONTWAIT``), and while it does not, ``stop()`` is asked every 50 ms: when it says
+    the association is being aborted the message is cut (:class:`Aborted`: the A-ABORT goes out next,
+    PS3.8 allows it at any time).  ``timeout`` (the network timeout): this long without a byte taken
+    raises ``TimeoutError``.
+    """
+    if isinstance(sock, ssl.SSLSocket):  # TLS records cannot be written partially by sendmsg: the socket's own timeout
         sock.sendall(b"".join(parts))
         return
     views = [memoryview(p).cast("B") for p in parts]
+    last_progress = time.monotonic()
     while views:
-        sent = sock.sendmsg(views)
+        try:
+            sent = sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if not sent:
+            if stop():
+                raise Aborted("the association is being aborted")
+            if timeout is not None and time.monotonic() - last_progress > timeout:
+                raise TimeoutError(f"the peer took no data for {timeout:g} s")
+            select.select([], [sock], [], 0.05)
+            continue
+        last_progress = time.monotonic()
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)

@@ -50,7 +50,7 @@ from pynetdicom.status import Status
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
-from xdsi.dimse import direct, find_responses, status
+from xdsi.dimse import cheap_contexts, direct, find_responses, status
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -263,6 +263,7 @@ class DicomServer:
         for uid in list(QR_FIND) + QR_MOVE_GET:
             self.ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        cheap_contexts.make_cheap(self.ae._supported_contexts.values())  # copied per association: 15.7 -> ~0.3 ms
         self.commitment = CommitmentSCP(self.ae, self.archive_for)
         # a spool file untouched for longer than the longest timeout belongs to no live transfer
         self.spool = SpoolKeeper(s.temp_dir, max_age=max(s.dimse_timeout, s.acse_timeout, s.network_timeout))
