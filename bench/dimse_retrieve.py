@@ -182,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
-        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
+        # `python -m xdsi` puts the working directory first on sys.path, ahead of PYTHONPATH: each server runs in its own tree
+        proc = XdsiProcess(data, config=config, prefix=["env", "-C", str(ROOT)], env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
         servers = {"xdsi": (proc.dicom_port, proc.ae_title)}
         pids = {"xdsi": proc.proc.pid}
         if args.against:
             shutil.copytree(data, work / "data-base")
-            base = XdsiProcess(work / "data-base", config=config,
+            base = XdsiProcess(work / "data-base", config=config, prefix=["env", "-C", str(args.against)],
                                env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)}).start(timeout=60)
             servers["base"] = (base.dicom_port, base.ae_title)
             pids["base"] = base.proc.pid
