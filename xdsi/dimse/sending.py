@@ -172,6 +172,26 @@ def fast_polling(assoc: Any) -> Iterator[None]:
             assoc.dul._run_loop_delay = previous
 
 
+# While the sending thread writes and reads a C-GET's or C-MOVE's sub-operations itself (xdsi.dimse.direct), the
+# DUL reactors of the associations involved only watch for a C-CANCEL or an A-ABORT; polling every 1 ms
+# (pynetdicom's default) woke each of them a thousand times a second to take the GIL from the sender.
+DIRECT_LOOP_DELAY = 0.005
+
+
+@contextmanager
+def quiet_polling(assoc: Any, delay: float = DIRECT_LOOP_DELAY) -> Iterator[None]:
+    """The DUL reactor of ``assoc`` idles ``delay`` between polls while the block runs, then its own delay again."""
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if previous is not None:
+        dul._run_loop_delay = max(previous, delay)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            dul._run_loop_delay = previous
+
+
 class HeldCheckpoint(threading.Event):
     """A C-MOVE sub-association's reactor checkpoint that keeps the reactor paused between C-STOREs.
 
@@ -418,6 +438,7 @@ __all__: Sequence[str] = (
     "fast_polling",
     "hold_reactor",
     "poll_fast",
+    "quiet_polling",
     "install_streaming_sender",
     "prefer_requestor_syntaxes",
     "refusal_reason",

@@ -64,6 +64,7 @@ from xdsi.dimse.sending import (
     fast_polling,
     hold_reactor,
     poll_fast,
+    quiet_polling,
     install_streaming_sender,
     prefer_requestor_syntaxes,
     refusal_reason,
@@ -518,7 +519,8 @@ class DicomServer:
             retrieval.begin()
         try:
             if direct.writer_of(event.assoc) is not None:  # responses read by the sending thread: no DUL polling for them
-                yield from self._placeholders(event, source, refs, retrieval)
+                with quiet_polling(event.assoc):
+                    yield from self._placeholders(event, source, refs, retrieval)
             else:
                 with fast_polling(event.assoc):
                     yield from self._placeholders(event, source, refs, retrieval)
