@@ -247,6 +247,7 @@ def install_streaming_sender(assoc: Any) -> None:
     if getattr(assoc, "_xdsi_streaming", False):
         return
     original: Callable[..., Any] = assoc.send_c_store
+    syntaxes: dict[tuple[str, str], list[str]] = {}
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(dataset, StoredInstance):
@@ -255,7 +256,12 @@ def install_streaming_sender(assoc: Any) -> None:
         if not assoc.is_established or (assoc.is_requestor and not _dul_established(assoc)):
             # the peer released or aborted: fail the remaining instances without recalling or converting them
             raise ConnectionError(f"association with {_peer(assoc)} is no longer established")
-        accepted = accepted_syntaxes(assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor)
+        key = (ref.sop_class_uid, ref.transfer_syntax_uid)
+        accepted = syntaxes.get(key)
+        if accepted is None:  # the accepted contexts do not change during an association: sorted and filtered once per pair
+            accepted = syntaxes[key] = accepted_syntaxes(
+                assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor
+            )
         if not accepted:
             raise NoAcceptedContext(
                 f"{_peer(assoc)} accepted no presentation context for {UID(ref.sop_class_uid).name} ({ref.sop_instance_uid})"
