@@ -36,14 +36,30 @@ another thread, under one lock that also serialises everything the DUL does:
 * A failed write puts Evt17 (transport closed) on the DUL's event queue,
   exactly as ``AssociationSocket.send`` does, so the DUL ends the
   association; the sub-operation fails with ``ConnectionError``.
+* A write waits for a peer that does not read in 50 ms slices; when the DUL
+  waits for the lock to act on an abort (Evt15 local A-ABORT, Evt16 A-ABORT
+  received, Evt17 transport closed) or the association is being killed, the
+  message is cut (:class:`Aborted`) and the A-ABORT goes out next.
+* The C-STORE response of a sub-operation is read by the same thread
+  (:meth:`DirectWriter._read_response`) under the guard's ``read_lock``, only
+  when the DUL has nothing read and unprocessed; any PDU other than the plain
+  response awaited is given back (``Guard.pushback``) and the DUL reads it
+  next, in order, as if it had just arrived.
 
 :func:`enable` gives one association this ``send_msg`` (an instance attribute:
 nothing process-wide changes); the C-GET handler enables it on the requesting
 association, the C-MOVE handler on the requesting association and on the
 sub-association it opens.  ``EVT_DIMSE_SENT`` is still triggered for every
-message (the association governor counts on it); ``EVT_PDU_SENT`` and
-``EVT_DATA_SENT``, which nothing in xdsi binds, are not for directly written
-PDUs.
+message and ``EVT_DIMSE_RECV`` for every response read here (the association
+governor counts on them; their command sets are decoded only if a handler
+reads them); ``EVT_PDU_SENT``/``EVT_PDU_RECV`` and ``EVT_DATA_SENT``/
+``EVT_DATA_RECV``, which nothing in xdsi binds, are not triggered for them.
+
+Measured (bench/dimse_retrieve.py, 200 x 512x512 CT, getscu/movescu, one run
+against the base tree): server CPU 2.7 -> 0.6 ms per instance, C-GET 2.7x and
+C-MOVE 3.8x the MB/s.  An upstream note for pynetdicom: a DUL that writes
+P-DATA in the calling thread (or accepts a pre-encoded message) would make
+this module unnecessary.
 """
 
 from __future__ import annotations
