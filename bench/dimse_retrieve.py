@@ -15,8 +15,8 @@ each round (ABBA), times:
   with ``--discard``), every instance counted;
 - C-MOVE: dcmtk ``movescu`` to the storescp, whose files are counted.
 
-It prints each server's MB/s per round, the medians and the per-round ratio
-xdsi/Orthanc: only ratios measured in one run mean anything on a shared machine.
+It prints each server's MB/s and CPU (ms per instance, the process and its children) per round, the
+medians and the per-round ratio xdsi/Orthanc: only ratios measured in one run mean anything on a shared machine.
 ``--against DIR`` also serves a copy of the data from another source tree (e.g. ``git archive BASE | tar -x -C DIR``)
 in the same rounds and prints this tree/base.  ``--profile`` runs py-spy on the xdsi server during three extra
 C-GETs (C-MOVEs with ``--only move``; ``PYSPY_GIL=1`` samples only the thread holding the GIL).
@@ -77,6 +77,26 @@ def peer(script: str, env: dict[str, str], *args: str) -> None:
     r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its descendants (a supervisor's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [child for child, (parent, _) in stats.items() if parent == p]
+    return total
 
 
 def count_files(folder: Path) -> int:
@@ -162,35 +182,43 @@ def main(argv: list[str] | None = None) -> int:
 
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
-        proc = XdsiProcess(data, config=config, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
+        # `python -m xdsi` puts the working directory first on sys.path, ahead of PYTHONPATH: each server runs in its own tree
+        proc = XdsiProcess(data, config=config, prefix=["env", "-C", str(ROOT)], env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
         servers = {"xdsi": (proc.dicom_port, proc.ae_title)}
+        pids = {"xdsi": proc.proc.pid}
         if args.against:
             shutil.copytree(data, work / "data-base")
-            base = XdsiProcess(work / "data-base", config=config,
+            base = XdsiProcess(work / "data-base", config=config, prefix=["env", "-C", str(args.against)],
                                env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)}).start(timeout=60)
             servers["base"] = (base.dicom_port, base.ae_title)
+            pids["base"] = base.proc.pid
         if not args.no_orthanc:
             servers["orthanc"] = (PORT_BASE + 1, "ORTHANC")
+            pids["orthanc"] = int((work / "peers" / "orthanc" / "orthanc.pid").read_text().strip())
 
         kinds = [k for k in ("get", "move") if args.only in (None, k)]
         mbps: dict[tuple[str, str], list[float]] = {(k, s): [] for k in kinds for s in servers}
+        cpu: dict[tuple[str, str], list[float]] = {(k, s): [] for k in kinds for s in servers}  # server CPU ms per instance
         names = list(servers)
         for rnd in range(args.rounds + 1):  # round 0 warms the page cache and both servers; not counted
             order = names if rnd % 2 else names[::-1]
             for kind in kinds:
                 for name in order:
                     port, aet = servers[name]
+                    cpu0 = cpu_seconds(pids[name])
                     if kind == "get":
                         out = work / "got"
                         dt = c_get(port, aet, spec.study_uid, out, args.pdu)
                         n = count_files(out)
                     else:  # storescp --ignore keeps no files: the final response's count says what it took
                         dt, n = c_move(port, aet, spec.study_uid), args.instances
+                    used = (cpu_seconds(pids[name]) - cpu0) * 1000 / args.instances
                     if n != args.instances:
                         raise RuntimeError(f"C-{kind.upper()} from {name} delivered {n} of {args.instances} instances")
                     if rnd:
                         mbps[(kind, name)].append(total / 1e6 / dt)
-                        print(f"round {rnd} C-{kind.upper()} {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s")
+                        cpu[(kind, name)].append(used)
+                        print(f"round {rnd} C-{kind.upper()} {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s  server CPU {used:.2f} ms/instance")
         for kind in kinds:
             x = mbps[(kind, "xdsi")]
             line = f"C-{kind.upper()} median: xdsi {statistics.median(x):.1f} MB/s ({min(x):.0f}-{max(x):.0f})"
@@ -200,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f", Orthanc {statistics.median(o):.1f} MB/s ({min(o):.0f}-{max(o):.0f}); "
                          f"xdsi/Orthanc {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
             print(line)
+            print(f"C-{kind.upper()} server CPU ms/instance (median): "
+                  + ", ".join(f"{name} {statistics.median(cpu[(kind, name)]):.2f}" for name in servers))
             if "base" in servers:
                 b = mbps[(kind, "base")]
                 ratios = [a / c for a, c in zip(x, b)]
@@ -223,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             spy.wait(30)
             print(f"profile: {args.profile}")
+    except Exception:
+        if proc is not None:
+            print("xdsi log (last 60 lines):\n" + "".join(proc.log[-400:]), file=sys.stderr)
+        raise
     finally:
         for server in (proc, base):
             if server is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import time
 from datetime import timedelta
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -66,6 +68,10 @@ class InstanceRef:
 
 
 TOUCH_INTERVAL = timedelta(minutes=10)
+# how long a tier folder's resolved path is reused (RetrieveService._locate): a C-GET reads a series' files
+# from one folder, and resolving every component of every file's path (realpath) was a fifth of the
+# sub-operation's own CPU
+FOLDER_TTL = 10.0
 
 
 
@@ -138,6 +144,7 @@ class RetrieveService:
         self.recall = settings.effective_storage.recall_on_read
         # issue 15: set by the gateway when it is on; called with Study Instance UIDs a selection found nothing of
         self.fetch_missing: Callable[[list[str]], bool] | None = None
+        self._folders: dict[tuple[str, str], tuple[float, Path]] = {}  # (tier, folder) -> (resolved at, path)
 
     def select(
         self,
@@ -282,8 +289,8 @@ class RetrieveService:
             if tier_name not in self.tiers:
                 continue
             tier = self.tiers[tier_name]
-            found = tier.abspath(rel)  # resolved (and checked to stay in the tier) once: realpath was 14 % of a C-GET
-            if not found.is_file():
+            found = self._locate(tier, rel)
+            if found is None:
                 log.warning("%s: indexed copy missing on tier %s", ref.sop_instance_uid, tier_name)
                 continue
             if tier_name != hot.name and self.recall:
@@ -301,6 +308,33 @@ class RetrieveService:
             self._touch(ref.pk, tier_name, now, dict(ref.read_at).get(tier_name))
             return found
         return None
+
+    def _locate(self, tier, rel: str) -> Path | None:  # type: ignore[no-untyped-def]
+        """The copy's resolved path, checked to stay in the tier (``Tier.abspath``), or None if it is no regular file.
+
+        The folder is resolved by ``Tier.abspath`` at most once per :data:`FOLDER_TTL` and the file
+        name joined to it; a file name that is itself a symbolic link (which ``abspath`` would follow and
+        check) takes the whole ``abspath`` path, so no copy outside the tier is ever served.
+        """
+        folder, _, name = rel.rpartition("/")
+        if not folder or name in ("", ".", "..") or "\0" in rel:
+            found = tier.abspath(rel)
+            return found if found.is_file() else None
+        key, now = (tier.name, folder), time.monotonic()
+        cached = self._folders.get(key)
+        if cached is None or now - cached[0] > FOLDER_TTL:
+            if len(self._folders) > 4096:
+                self._folders.clear()
+            cached = self._folders[key] = (now, tier.abspath(folder))
+        found = cached[1] / name
+        try:
+            mode = os.lstat(found).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(mode):
+            found = tier.abspath(rel)
+            return found if found.is_file() else None
+        return found if stat.S_ISREG(mode) else None
 
     def _recall(self, ref: InstanceRef, tier, rel: str, sha: str) -> Path | None:  # type: ignore[no-untyped-def]
         """Copy to the hot tier, verified, and record the copy; the hot path, or None if it vanished."""

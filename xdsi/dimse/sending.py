@@ -38,6 +38,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import build_context
 
 from xdsi.archive import transcode
+from xdsi.dimse import direct
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,26 @@ def fast_polling(assoc: Any) -> Iterator[None]:
             assoc.dul._run_loop_delay = previous
 
 
+# While the sending thread writes and reads a C-GET's or C-MOVE's sub-operations itself (xdsi.dimse.direct), the
+# DUL reactors of the associations involved only watch for a C-CANCEL or an A-ABORT; polling every 1 ms
+# (pynetdicom's default) woke each of them a thousand times a second to take the GIL from the sender.
+DIRECT_LOOP_DELAY = 0.005
+
+
+@contextmanager
+def quiet_polling(assoc: Any, delay: float = DIRECT_LOOP_DELAY) -> Iterator[None]:
+    """The DUL reactor of ``assoc`` idles ``delay`` between polls while the block runs, then its own delay again."""
+    dul = getattr(assoc, "dul", None)
+    previous = getattr(dul, "_run_loop_delay", None)
+    if previous is not None:
+        dul._run_loop_delay = max(previous, delay)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            dul._run_loop_delay = previous
+
+
 class HeldCheckpoint(threading.Event):
     """A C-MOVE sub-association's reactor checkpoint that keeps the reactor paused between C-STOREs.
 
@@ -226,6 +247,7 @@ def install_streaming_sender(assoc: Any) -> None:
     if getattr(assoc, "_xdsi_streaming", False):
         return
     original: Callable[..., Any] = assoc.send_c_store
+    syntaxes: dict[tuple[str, str], list[str]] = {}
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(dataset, StoredInstance):
@@ -234,7 +256,12 @@ def install_streaming_sender(assoc: Any) -> None:
         if not assoc.is_established or (assoc.is_requestor and not _dul_established(assoc)):
             # the peer released or aborted: fail the remaining instances without recalling or converting them
             raise ConnectionError(f"association with {_peer(assoc)} is no longer established")
-        accepted = accepted_syntaxes(assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor)
+        key = (ref.sop_class_uid, ref.transfer_syntax_uid)
+        accepted = syntaxes.get(key)
+        if accepted is None:  # the accepted contexts do not change during an association: sorted and filtered once per pair
+            accepted = syntaxes[key] = accepted_syntaxes(
+                assoc, ref.sop_class_uid, ref.transfer_syntax_uid, native_first=assoc.is_requestor
+            )
         if not accepted:
             raise NoAcceptedContext(
                 f"{_peer(assoc)} accepted no presentation context for {UID(ref.sop_class_uid).name} ({ref.sop_instance_uid})"
@@ -250,6 +277,13 @@ def install_streaming_sender(assoc: Any) -> None:
                     "sending %s to %s as %s (stored as %s)",
                     ref.sop_instance_uid, _peer(assoc), UID(produced.transfer_syntax).name, UID(ref.transfer_syntax_uid).name,
                 )
+            writer = direct.writer_of(assoc)
+            if writer is not None:
+                status = writer.send_c_store(
+                    produced.file_path(), ref.sop_class_uid, ref.sop_instance_uid, produced.transfer_syntax, *args, **kwargs
+                )
+                if status is not None:
+                    return status
             return original(produced.file_path(), *args, **kwargs)
 
     def audited_send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
@@ -410,6 +444,7 @@ __all__: Sequence[str] = (
     "fast_polling",
     "hold_reactor",
     "poll_fast",
+    "quiet_polling",
     "install_streaming_sender",
     "prefer_requestor_syntaxes",
     "refusal_reason",

@@ -1,0 +1,300 @@
+"""Direct writes put exactly pynetdicom's own PDUs on the wire, in the order the messages were sent, or nothing.
+
+The reference is pynetdicom's ``DIMSEServiceProvider.send_msg`` (P-DATA primitives as its DUL would get
+them) encoded by its own ``P_DATA_TF``; the direct writer's bytes are read back from a real socket pair.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_ECHO, C_GET, C_MOVE, C_STORE
+from pynetdicom.pdu import P_DATA_TF
+
+from xdsi.dimse import direct
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+class FakeAssoc:
+    """What send_msg, the DUL hand-off and evt.trigger touch; ``sock`` is one end of a real socket pair."""
+
+    def __init__(self, max_pdu: int, sock: socket.socket | None = None) -> None:
+        self.sent: list[Any] = []
+        self.events: list[Any] = []
+        self.to_provider_queue: queue.Queue[Any] = queue.Queue()
+        self.event_queue: queue.Queue[Any] = queue.Queue()
+        self.state_machine = SimpleNamespace(current_state="Sta6", do_action=lambda event: None)
+        self.dul = SimpleNamespace(
+            send_pdu=self._queued, to_provider_queue=self.to_provider_queue, event_queue=self.event_queue,
+            state_machine=self.state_machine, _kill_thread=False,
+            socket=SimpleNamespace(socket=sock, send=lambda data: sock.sendall(data) if sock else None,
+                                   recv=lambda n: bytearray(sock.recv(n)) if sock else bytearray()),
+            _is_transport_event=lambda: False,
+        )
+        self.is_requestor = False
+        self.requestor = SimpleNamespace(maximum_length=max_pdu)
+        self.dimse = DIMSEServiceProvider(self)  # type: ignore[arg-type]
+        self._abort_nonblocking = self._abort_blocking = lambda: None
+        self.network_timeout = None
+        self._sent_abort = self._kill = False
+
+    def _queued(self, pdata: Any) -> None:
+        self.sent.append(pdata)
+        self.to_provider_queue.put(pdata)
+
+    def get_handlers(self, event: Any) -> Any:
+        if event is evt.EVT_DIMSE_SENT:
+            return [(lambda e: self.events.append((e.message.__class__.__name__, e.message.command_set.CommandField,
+                                                   e.message.command_set.CommandGroupLength)), None)]
+        return []
+
+
+def _wire(pdatas: list[Any]) -> bytes:
+    return b"".join(P_DATA_TF(p).encode() for p in pdatas)
+
+
+def _part10(tmp: Path, size: int) -> tuple[Path, int]:
+    """A file with a 300-byte 'file meta' then ``size`` data set bytes: only the offset matters to the sender."""
+    path = tmp / f"ds{size}.dcm"
+    body = (bytes(range(3, 254)) * (size // 251 + 1))[:size]
+    path.write_bytes(b"M" * 300 + body)
+    return path, 300
+
+
+def _store(msg_id: int, path: tuple[Path, int], originator: str | None = None) -> C_STORE:
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = CT
+    req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234567890.11" + str(msg_id)  # odd and even lengths
+    if originator is not None:
+        req.MoveOriginatorApplicationEntityTitle = originator
+        req.MoveOriginatorMessageID = 9
+    req._dataset_path = path  # what Association.send_c_store sets for a file
+    return req
+
+
+def _pending(cls: type, remaining: int, completed: int, failed: int = 0, warning: int = 0, sop_class: str | None = GET_MODEL) -> Any:
+    rsp = cls()
+    rsp.MessageIDBeingRespondedTo = 5
+    if sop_class is not None:
+        rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = 0xFF00
+    rsp.Identifier = None
+    rsp.NumberOfRemainingSuboperations = remaining
+    rsp.NumberOfCompletedSuboperations = completed
+    rsp.NumberOfFailedSuboperations = failed
+    rsp.NumberOfWarningSuboperations = warning
+    return rsp
+
+
+def _final(cls: type) -> Any:
+    rsp = _pending(cls, 0, 3, 1)
+    rsp.NumberOfRemainingSuboperations = None
+    rsp.Status = 0xB000
+    rsp.Identifier = BytesIO(b"\x08\x00\x58\x00\x06\x00\x00\x001.2.3\x00")
+    return rsp
+
+
+def _messages(tmp: Path, big: int = 2_500_000) -> list[tuple[Any, int]]:
+    return [
+        (_store(1, _part10(tmp, 40_000)), 1),
+        (_pending(C_GET, 2, 1), 3),
+        (_store(2, _part10(tmp, 1), originator="MOVER"), 1),  # one byte: one last fragment
+        (_store(3, _part10(tmp, 0)), 5),  # empty data set: pynetdicom sends one empty last fragment
+        (_pending(C_MOVE, 1, 1, 1, 1, MOVE_MODEL), 3),
+        (_pending(C_GET, 0, 3, sop_class=None), 3),
+        (_store(65535, _part10(tmp, big), originator="ODD"), 7),  # several runs of fragments
+        (_final(C_GET), 3),
+        (_final(C_MOVE), 3),
+        (C_ECHO(), 1),  # not one of ours: pynetdicom's encoder, written directly
+    ]
+
+
+def _echo_rq(msg: Any) -> Any:
+    msg.MessageID = 4
+    msg.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    return msg
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 28, 1_000_001])
+def test_direct_writes_match_pynetdicom_byte_for_byte(tmp_path: Path, max_pdu: int) -> None:
+    reference = FakeAssoc(max_pdu)
+    a, b = socket.socketpair()
+    fast = FakeAssoc(max_pdu, a)
+    assert direct.guard(fast) is not None
+    writer = direct.enable(fast)
+    assert writer is not None and direct.enable(fast) is writer
+    received = bytearray()
+    reader = threading.Thread(target=lambda: _drain(b, received))
+    reader.start()
+    big = 30_000 if 0 < max_pdu < 1000 else 2_500_000  # either way more fragments than one run holds
+    for (msg, cx), (msg2, _) in zip(_messages(tmp_path, big), _messages(tmp_path, big)):
+        if isinstance(msg, C_ECHO):
+            msg, msg2 = _echo_rq(msg), _echo_rq(msg2)
+        reference.dimse.send_msg(msg, cx)
+        fast.dimse.send_msg(msg2, cx)
+    a.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    assert fast.sent == []  # nothing queued: every message went straight to the socket
+    assert writer.direct_messages == len(_messages(tmp_path)) and writer.queued_messages == 0
+    expected = _wire(reference.sent)
+    assert _reassembled(bytes(received)) == _reassembled(expected)
+    if max_pdu:  # no limit (0): pynetdicom sends a data set as one PDV, we in pieces of UNLIMITED_FRAGMENT
+        assert bytes(received) == expected
+    else:
+        assert max(_pdv_sizes(bytes(received))) <= direct.UNLIMITED_FRAGMENT
+    assert fast.events == reference.events  # EVT_DIMSE_SENT: same message classes and command sets
+
+
+def _pdvs(wire: bytes) -> list[tuple[int, int, bytes]]:
+    """(context ID, control header, fragment) of every PDV in a stream of P-DATA-TF PDUs."""
+    out, i = [], 0
+    while i < len(wire):
+        assert wire[i] == 0x04
+        end = i + 6 + int.from_bytes(wire[i + 2 : i + 6], "big")
+        j = i + 6
+        while j < end:
+            n = int.from_bytes(wire[j : j + 4], "big")
+            out.append((wire[j + 4], wire[j + 5], wire[j + 6 : j + 4 + n]))
+            j += 4 + n
+        i = end
+    return out
+
+
+def _pdv_sizes(wire: bytes) -> list[int]:
+    return [len(f) for _, _, f in _pdvs(wire)]
+
+
+def _reassembled(wire: bytes) -> list[tuple[int, int, bytes]]:
+    """The messages' command sets and data sets: fragments joined up to each last-fragment flag (bit 1)."""
+    out, parts = [], []
+    for cx, flag, fragment in _pdvs(wire):
+        parts.append(fragment)
+        if flag & 0x02:
+            out.append((cx, flag, b"".join(parts)))
+            parts = []
+    assert not parts
+    return out
+
+
+def _drain(sock: socket.socket, into: bytearray) -> None:
+    while chunk := sock.recv(1 << 20):
+        into += chunk
+
+
+def test_fast_command_sets_equal_pynetdicoms(tmp_path: Path) -> None:
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+    from pynetdicom.dsutils import encode
+
+    for prim, cls in [
+        (_store(7, _part10(tmp_path, 10)), C_STORE_RQ),
+        (_store(8, _part10(tmp_path, 10), originator="A"), C_STORE_RQ),
+        (_store(9, _part10(tmp_path, 10), originator="SIXTEEN_CHARS_AE"), C_STORE_RQ),
+        (_pending(C_GET, 65535, 0), C_GET_RSP),
+        (_pending(C_MOVE, 0, 65535, 3, 4, MOVE_MODEL), C_MOVE_RSP),
+    ]:
+        msg = cls()
+        msg.primitive_to_message(prim)
+        fast = direct.fast_command(prim)
+        assert fast is not None and fast[1] is cls
+        assert fast[0] == encode(msg.command_set, True, True)
+    # messages not handled here: pynetdicom's encoder
+    assert direct.fast_command(_final(C_GET)) is None
+    with_comment = _pending(C_GET, 1, 1)
+    with_comment.ErrorComment = "x"
+    assert direct.fast_command(with_comment) is None
+
+
+def test_messages_queued_before_keep_their_place(tmp_path: Path) -> None:
+    """With something still in the DUL's queue, a message goes through the queue too (order kept); nothing is written."""
+    a, b = socket.socketpair()
+    fast = FakeAssoc(16384, a)
+    direct.guard(fast)
+    writer = direct.enable(fast)
+    assert writer is not None
+    fast.to_provider_queue.put("something queued earlier")
+    fast.dimse.send_msg(_pending(C_GET, 1, 1), 3)
+    assert writer.queued_messages == 1 and writer.direct_messages == 0 and len(fast.sent) == 1
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(10)
+
+
+def test_not_established_goes_through_the_dul() -> None:
+    a, _b = socket.socketpair()
+    fast = FakeAssoc(16384, a)
+    direct.guard(fast)
+    writer = direct.enable(fast)
+    assert writer is not None
+    fast.state_machine.current_state = "Sta13"  # e.g. released meanwhile: the state machine decides
+    fast.dimse.send_msg(_pending(C_GET, 1, 1), 3)
+    assert writer.direct_messages == 0 and len(fast.sent) == 1
+
+
+def test_unguarded_association_is_not_enabled() -> None:
+    assert direct.enable(FakeAssoc(16384)) is None
+
+
+def test_broken_transport_tells_the_dul_and_fails_the_message(tmp_path: Path) -> None:
+    a, b = socket.socketpair()
+    fast = FakeAssoc(16384, a)
+    direct.guard(fast)
+    direct.enable(fast)
+    b.close()
+    with pytest.raises(ConnectionError):
+        fast.dimse.send_msg(_store(1, _part10(tmp_path, 300_000)), 1)
+    assert fast.event_queue.get_nowait() == "Evt17"
+
+
+def test_guard_serialises_the_duls_actions_and_writes() -> None:
+    """guard() wraps do_action and the socket's send in the lock a direct write holds."""
+    a, b = socket.socketpair()
+    fast = FakeAssoc(16384, a)
+    fast.dul.socket = SimpleNamespace(socket=a, send=a.sendall, recv=a.recv)
+    found = direct.guard(fast)
+    assert found is not None and direct.guard(fast) is found
+    lock = found.lock
+    order: list[str] = []
+    fast.dul.state_machine.do_action  # wrapped
+    with lock:
+        t = threading.Thread(target=lambda: (fast.dul.state_machine.do_action("Evt9"), order.append("dul")))
+        t.start()
+        t.join(0.2)
+        order.append("direct")  # the DUL's action waited for the lock
+    t.join(5)
+    assert order == ["direct", "dul"]
+
+
+def test_dataset_offset_is_split_datasets(tmp_path: Path) -> None:
+    """Where the data set starts, as pynetdicom's split_dataset (pydicom) finds it, for the archive's kinds of files."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom.dsutils import split_dataset
+
+    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "no_meta_group_length.dcm"]
+    for name in names:
+        path = Path(get_testdata_file(name))
+        assert direct.dataset_offset(path.read_bytes()[: direct.HEAD_BYTES]) == split_dataset(path)[1], name
+    # a File Meta with a long (OB) element and no group length
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.file_meta["FileMetaInformationGroupLength"]
+    ds.file_meta.FileMetaInformationVersion = b"\0\1"
+    out = tmp_path / "nogl.dcm"
+    ds.save_as(out, enforce_file_format=False)
+    assert direct.dataset_offset(out.read_bytes()) == split_dataset(out)[1]
+    # what it does not know: pydicom decides
+    assert direct.dataset_offset(b"\0" * 50) is None
+    assert direct.dataset_offset(path.read_bytes()[:140]) is None  # File Meta cut short
