@@ -681,8 +681,8 @@ COMMANDS = {
 def configure_logging(settings: Settings, verbose: bool, name: str = "") -> None:
     """The log format and levels of every xdsi process; ``name`` (``w1``) tells a worker's lines apart."""
     level = logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
-    who = f"[{name}]" if name else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s")
+    who = f"[{name}] " if name else ""  # before the level: "INFO xdsi.dimse.server: ..." reads the same from any worker
+    logging.basicConfig(level=level, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
     if not verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)

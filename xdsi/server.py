@@ -102,6 +102,22 @@ class Servers:
             if isinstance(exc, OSError):
                 raise _blame_path(settings, exc) from None
             raise
+        if sockets is not None:
+            self._share_limits()
+
+    def _share_limits(self) -> None:
+        """Limits that are promises about the node, counted across the workers (see xdsi.dimse.slots, xdsi.audit.shared_alerts)."""
+        from xdsi.dimse.slots import SharedSlots
+
+        node = self.settings.data_dir / ".workers"
+        node.mkdir(parents=True, exist_ok=True)
+        for server in [self.dicom, *(srv for srv, _port in self.partition_dicom)]:
+            g = server.governor
+            g.shared = SharedSlots(node / "dimse-slots.lock", server.ae.ae_title, g.limits, g.max_associations)
+        if self.audit.enabled:
+            from xdsi.audit.shared_alerts import SharedAlertLimiter
+
+            self.audit.alerts = SharedAlertLimiter(node / "alerts.sqlite")
 
     def _adopted(self, key: str) -> socket.socket | None:
         return None if self.sockets is None else self.sockets[key]
