@@ -17,9 +17,22 @@ from pathlib import Path
 
 from xdsi.config import Settings
 
-__all__ = ["FILE_NAME", "Running", "clear_running", "describe_listeners", "read_running", "write_running"]
+__all__ = ["FILE_NAME", "Running", "application_pid", "clear_running", "describe_listeners", "read_running", "write_running"]
 
 FILE_NAME = "serving.json"
+
+# set in a worker of ``xdsi serve --workers N`` (xdsi.supervisor): the supervisor's pid
+_APPLICATION_PID: int | None = None
+
+
+def application_pid() -> int:
+    """The process id of the running application: ours, or in a worker the supervisor's.
+
+    Audit messages name the application by it (Alternative User ID, the syslog PROCID): the
+    Application Start, every event after it and ``xdsi status`` then show one pid per
+    ``xdsi serve``, whichever worker did the work and however often a worker was restarted.
+    """
+    return _APPLICATION_PID if _APPLICATION_PID is not None else os.getpid()
 
 
 @dataclass(frozen=True)

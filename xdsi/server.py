@@ -38,10 +38,15 @@ class Servers:
     and configuration-change audit messages.
     """
 
-    def __init__(self, settings: Settings, *, sockets: Mapping[str, socket.socket] | None = None, primary: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, sockets: Mapping[str, socket.socket] | None = None, primary: bool = True, announce: bool = True
+    ) -> None:
+        """``announce``: a primary that starts the application (not one restarted by the supervisor) sends the
+        Application Start and configuration-change audit messages."""
         self.settings = settings
         self.sockets = sockets
         self.primary = primary
+        self.announce = announce
         check_directories(settings)
         try:
             # a worker must not remove temporary files: another worker may be writing them
@@ -181,8 +186,9 @@ class Servers:
             _write_running(s)
         if not self.primary:
             return
-        self._application_activity(started=True)
-        if self.audit.enabled:  # Security Alert when the settings differ from the previous start's
+        if self.announce:
+            self._application_activity(started=True)
+        if self.audit.enabled and self.announce:  # Security Alert when the settings differ from the previous start's
             from xdsi.audit.configuration import configuration_changed
             from xdsi.audit import messages as m
 
@@ -288,11 +294,12 @@ def serve(
     *,
     sockets: Mapping[str, socket.socket] | None = None,
     primary: bool = True,
+    announce: bool = True,
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT; ``sockets``/``primary``/``on_ready``: as a worker of :mod:`xdsi.supervisor`,
     which prints the start-up line itself once every worker said it is ready."""
-    servers = Servers(settings, sockets=sockets, primary=primary)  # raises StartupError before anything listens
+    servers = Servers(settings, sockets=sockets, primary=primary, announce=announce)  # raises StartupError before anything listens
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:

@@ -74,6 +74,7 @@ class WorkerSpec:
     ready_fd: int  # written once ("R") when every listener serves
     supervisor: int  # pid: a worker whose parent is already another process exits
     verbose: bool = False
+    restart: bool = False  # a slot's later process: worker 0 then does not announce an Application Start again
 
 
 def listeners(settings: Settings) -> list[tuple[str, str, str | None, int, int]]:
@@ -154,7 +155,7 @@ class Supervisor:
     def _spawn(self, w: _Worker) -> None:
         r, wfd = os.pipe()
         fds = {key: sock.fileno() for key, sock in self.sockets.items()}
-        spec = WorkerSpec(self.settings, fds, w.index, wfd, os.getpid(), self.verbose)
+        spec = WorkerSpec(self.settings, fds, w.index, wfd, os.getpid(), self.verbose, restart=bool(w.pids))
         try:
             # a fresh interpreter, not fork(): nothing of ours (locks, pools) is copied in a half state
             proc = subprocess.Popen([sys.executable, "-m", "xdsi.supervisor"], stdin=subprocess.PIPE, pass_fds=[*fds.values(), wfd])
@@ -315,9 +316,12 @@ def worker_main() -> int:
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     if os.getppid() != spec.supervisor:  # the supervisor died before PR_SET_PDEATHSIG was set
         return 1
+    import xdsi.running
     from xdsi.cli import configure_logging
     from xdsi.config import ConfigError
     from xdsi.server import serve
+
+    xdsi.running._APPLICATION_PID = spec.supervisor  # audit messages name the application, not this worker
 
     configure_logging(spec.settings, spec.verbose, f"w{spec.index}")
     sockets = {key: socket.socket(fileno=fd) for key, fd in spec.fds.items()}
@@ -327,7 +331,7 @@ def worker_main() -> int:
         os.close(spec.ready_fd)
 
     try:
-        return serve(spec.settings, sockets=sockets, primary=spec.index == 0, on_ready=ready)
+        return serve(spec.settings, sockets=sockets, primary=spec.index == 0, announce=not spec.restart, on_ready=ready)
     except StartupError as exc:
         print(f"xdsi: worker {spec.index}: {exc}", file=sys.stderr)
         return 2

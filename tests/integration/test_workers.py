@@ -180,8 +180,11 @@ def test_audit_messages_from_both_workers_arrive_once(cluster: XdsiProcess, repo
     dupes = [b[:200] for b, n in Counter(bodies).items() if n > 1]
     assert not dupes, f"{len(dupes)} message(s) delivered more than once"
     started = [m for m in repo.audit_messages(SOURCE_ID) if m.find("EventIdentification/EventID").get("csd-code") == "110100"]
-    # Application Start once for the node, and once more for worker 0's restart (a new primary process)
-    assert len(started) == 2, len(started)
+    # Application Start once for the node, not again when worker 0 was restarted; every message names the application
+    assert len(started) == 1, len(started)
+    pids = {v for m in repo.audit_messages(SOURCE_ID) for u in m.findall("ActiveParticipant")
+            for v in (u.get("UserID"), u.get("AlternativeUserID")) if v and v.isdigit()}
+    assert pids == {str(cluster.pid)}, f"process ids in the messages: {pids}, the supervisor's: {cluster.pid}"
 
 
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
