@@ -298,6 +298,8 @@ def _print_listeners(settings: Settings) -> None:
         print("serving:    not running")
     elif running.alive:
         print(f"serving:    pid {running.pid} since {running.started:%Y-%m-%dT%H:%M:%SZ} on {', '.join(running.listeners)}")
+        if running.workers > 1:
+            print(f"workers:    {running.workers} worker processes under pid {running.pid}")
     else:
         print(f"serving:    not running (pid {running.pid}, started {running.started:%Y-%m-%dT%H:%M:%SZ}, ended without "
               f"stopping cleanly; it listened on {', '.join(running.listeners)})")

@@ -43,6 +43,7 @@ class Running:
     started: datetime
     listeners: tuple[str, ...]
     alive: bool
+    workers: int = 1  # worker processes under ``pid`` (``xdsi serve --workers N``); 1: the process itself serves
 
 
 def describe_listeners(settings: Settings) -> str:
@@ -52,9 +53,10 @@ def describe_listeners(settings: Settings) -> str:
     return ", ".join(running) + (f"; off: {', '.join(off)}" if off else "")
 
 
-def write_running(settings: Settings) -> None:
+def write_running(settings: Settings, workers: int = 1) -> None:
     """Written aside and renamed into place, so a reader never sees half a file."""
     doc = {
+        "workers": workers,
         "pid": os.getpid(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ae_title": settings.ae_title,
@@ -83,9 +85,10 @@ def read_running(data_dir: Path) -> Running | None:
         pid = int(doc["pid"])
         started = datetime.fromisoformat(str(doc["started"]))
         listeners = tuple(str(x) for x in doc["listeners"])
+        workers = int(doc.get("workers", 1))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Running(pid, started, listeners, _alive(pid))
+    return Running(pid, started, listeners, _alive(pid), workers)
 
 
 def _alive(pid: int) -> bool:

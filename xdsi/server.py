@@ -327,12 +327,12 @@ def serve(
     return 0
 
 
-def _write_running(settings: Settings) -> None:
+def _write_running(settings: Settings, workers: int = 1) -> None:
     """Tell ``xdsi status`` which listeners this process serves (a file in data_dir, removed at stop)."""
     from xdsi.running import write_running
 
     try:
-        write_running(settings)
+        write_running(settings, workers)
     except OSError as exc:  # the listeners run; only `xdsi status` will not know
         log.warning("cannot record the listeners for `xdsi status` in %s: %s", settings.data_dir, exc)
 

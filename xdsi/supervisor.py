@@ -281,7 +281,7 @@ def supervise(settings: Settings, *, verbose: bool = False) -> int:
                 return 0
             print("xdsi: a worker could not start (its reason is above)", file=sys.stderr)
             return 2
-        _write_running(settings)
+        _write_running(settings, len(sup.workers))
         print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir}; "
               f"{len(sup.workers)} workers)", flush=True)
         while not done.wait(0.2):  # with a timeout: see xdsi.server.serve

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import requests
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
@@ -182,15 +184,26 @@ def test_audit_messages_from_both_workers_arrive_once(cluster: XdsiProcess, repo
     started = [m for m in repo.audit_messages(SOURCE_ID) if m.find("EventIdentification/EventID").get("csd-code") == "110100"]
     # Application Start once for the node, not again when worker 0 was restarted; every message names the application
     assert len(started) == 1, len(started)
-    pids = {v for m in repo.audit_messages(SOURCE_ID) for u in m.findall("ActiveParticipant")
-            for v in (u.get("UserID"), u.get("AlternativeUserID")) if v and v.isdigit()}
-    assert pids == {str(cluster.pid)}, f"process ids in the messages: {pids}, the supervisor's: {cluster.pid}"
+    # QIDO-RS queries, audited with our process id (Alternative User ID), whichever worker answers each
+    for _ in range(6):
+        r = requests.get(f"http://127.0.0.1:{cluster.http_port}/dicomweb/studies", params={"PatientID": "PW0"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()) == 1
+
+    def pids() -> set[str]:
+        return {u.get("AlternativeUserID") for m in repo.audit_messages(SOURCE_ID) for u in m.findall("ActiveParticipant")
+                if (u.get("AlternativeUserID") or "").isdigit()}
+
+    wait_until(pids, 30)
+    assert pids() == {str(cluster.pid)}, f"process ids in the messages: {pids()}, the supervisor's: {cluster.pid}"
 
 
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     server = XdsiProcess(tmp_path / "data", workers=2).start()
     workers = server.children()
     assert len(workers) == 2
+    status = subprocess.run([sys.executable, "-m", "xdsi", "status", "--data-dir", str(server.data_dir)], capture_output=True, text=True, timeout=60)
+    assert re.search(rf"^serving:    pid {server.pid} since ", status.stdout, re.M), status.stdout  # the supervisor, once
+    assert f"workers:    2 worker processes under pid {server.pid}" in status.stdout, status.stdout
     ae = AE(ae_title="IDLE")
     ae.add_requested_context(Verification)
     assoc = ae.associate(server.host, server.dicom_port, ae_title="XDSI")  # an open association must not hold a worker
