@@ -258,12 +258,14 @@ class Supervisor:
 
 def supervise(settings: Settings, *, verbose: bool = False) -> int:
     """``xdsi serve`` with ``workers > 1``: check, bind, start the workers, watch them until SIGTERM/SIGINT."""
-    from xdsi.running import describe_listeners
-    from xdsi.server import Servers, _clear_running, _write_running
+    from xdsi.running import clear_running, describe_listeners
 
     # everything a single process checks before it listens, with the same one-line errors: directories, the
-    # index (migrated here, once, before any worker opens it), temporary files a crash left, [tls], [http] auth
-    Servers(settings).close()
+    # index (migrated here, once, before any worker opens it), temporary files a crash left, [tls], [http] auth;
+    # in a short-lived process, so that the supervisor never imports the archive (~90 MB it would keep for good)
+    rc = _check(settings, verbose)
+    if rc:
+        return rc
     sockets = bind_listeners(settings)
     done = threading.Event()
 
@@ -281,7 +283,7 @@ def supervise(settings: Settings, *, verbose: bool = False) -> int:
                 return 0
             print("xdsi: a worker could not start (its reason is above)", file=sys.stderr)
             return 2
-        _write_running(settings, len(sup.workers))
+        _record_running(settings, len(sup.workers))
         print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir}; "
               f"{len(sup.workers)} workers)", flush=True)
         while not done.wait(0.2):  # with a timeout: see xdsi.server.serve
@@ -291,7 +293,48 @@ def supervise(settings: Settings, *, verbose: bool = False) -> int:
         sup.stop()
         for sock in sockets.values():
             sock.close()
-        _clear_running(settings)
+        clear_running(settings)
+    return 0
+
+
+def _record_running(settings: Settings, workers: int) -> None:
+    """``serving.json`` for ``xdsi status``: the supervisor's pid, once for all workers."""
+    from xdsi.running import write_running
+
+    try:
+        write_running(settings, workers)
+    except OSError as exc:  # the listeners run; only `xdsi status` will not know
+        log.warning("cannot record the listeners for `xdsi status` in %s: %s", settings.data_dir, exc)
+
+
+def _check(settings: Settings, verbose: bool) -> int:
+    """Run the start-up checks of :class:`xdsi.server.Servers` in a child process; its exit status (0: fine)."""
+    proc = subprocess.Popen([sys.executable, "-m", "xdsi.supervisor", "--check"], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(pickle.dumps((settings, verbose)))
+        proc.stdin.close()
+    except OSError:
+        pass
+    return proc.wait()
+
+
+def check_main() -> int:
+    """``python -m xdsi.supervisor --check``: the one-line errors of a single ``xdsi serve`` start, then exit."""
+    settings, verbose = pickle.load(sys.stdin.buffer)
+    from xdsi.cli import configure_logging
+    from xdsi.config import ConfigError
+    from xdsi.server import Servers
+
+    configure_logging(settings, verbose)
+    try:
+        Servers(settings).close()
+    except StartupError as exc:
+        print(f"xdsi: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"xdsi: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -345,4 +388,4 @@ def worker_main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    sys.exit(check_main() if sys.argv[1:] == ["--check"] else worker_main())
