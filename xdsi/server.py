@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Servers:
     """Every listener and background job of one ``xdsi serve`` process.
 
-    ``sockets`` (listener key -> bound, listening socket; see :func:`xdsi.supervisor.listener_key`) makes
+    ``sockets`` (listener key -> bound, listening socket; see :func:`xdsi.supervisor.listeners`) makes
     this one worker of several (``--workers N``): the supervisor bound the ports, so nothing here binds,
     removes another worker's spool files or writes ``serving.json``.  ``primary`` (worker 0, or a single
     process) runs what must run once per node: the audit sender (every worker only records into the

@@ -21,15 +21,17 @@ the Application Activity and configuration-change audit messages.  A primary tha
 restarted as worker 0 and takes them up again.  Schema migrations and the removal of
 temporary files left by a crash happen in the supervisor, before any worker starts (workers
 open the archive with ``clean=False``: another worker may be writing those files).  The
-supervisor keeps no archive, no threads and no connections: it forks nothing after start
-(workers are fresh interpreters, ``python -m xdsi.supervisor``), restarts a worker that dies
+supervisor keeps no archive and no connections (the start-up checks run in a short-lived child, so
+it stays small); workers are fresh interpreters (``python -m xdsi.supervisor``), never forks of a
+process with threads.  It restarts a worker that dies
 (with backoff), and on SIGTERM/SIGINT asks every worker to stop (each finishes or aborts its
 associations and lets running HTTP responses end, as a single ``xdsi serve`` does), then kills
 what is still running after :data:`STOP_GRACE` seconds.  Workers die with the supervisor
 (``PR_SET_PDEATHSIG``): a ``kill -9`` of the supervisor leaves no orphan holding the ports.
 
-Limits that are counted in memory are per worker: ``[dimse] max_associations`` and its per-AE
-and per-address limits, ``[http] threads``, ``[limits] xpath_workers``.
+Limits that are promises about the node hold for the node: ``[dimse] max_associations`` and its
+per-AE and per-address limits (:mod:`xdsi.dimse.slots`), the Security Alert budget
+(:mod:`xdsi.audit.shared_alerts`).  Per worker: ``[http] threads``, ``[limits] xpath_workers``.
 """
 
 from __future__ import annotations
