@@ -18,7 +18,8 @@ asks for: xdsi --workers 2 with 4 associations over xdsi's single-association ra
 
 ``--trials`` first measures how 4 connections made at once are spread over 2 processes accepting on
 one inherited listening socket (pre-fork, what ``xdsi serve --workers`` does) and on two SO_REUSEPORT
-sockets (the kernel picks by a hash of the addresses), with idle acceptors: the spread policy alone.
+sockets (the kernel picks by a hash of the addresses), with idle acceptors: the spread policy alone;
+then (a quarter as many tries) 4 associations requested at once of a real ``xdsi serve --workers 2``.
 """
 
 from __future__ import annotations
@@ -200,6 +201,45 @@ def spread_trial(kind: str, trials: int, connections: int = 4) -> Counter[tuple[
     return shapes
 
 
+def xdsi_spread(trials: int, connections: int = 4) -> Counter[tuple[int, ...]]:
+    """How ``connections`` associations requested at once land on the 2 workers of a real ``xdsi serve --workers 2``
+    (seen with ``ss``), over ``trials`` tries; each association then sends a C-ECHO and is released."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.support.server import XdsiProcess
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-spread-"))
+    server = XdsiProcess(work / "data", env={"XDSI_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}, workers=2).start(timeout=120)
+    shapes: Counter[tuple[int, ...]] = Counter()
+
+    def associate(_i: int) -> object:
+        ae = AE(ae_title="SPREAD")
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", server.dicom_port, ae_title="XDSI")
+
+    try:
+        workers = tree(server.pid)[1:]
+        with ThreadPoolExecutor(connections) as pool:
+            for _ in range(trials):
+                assocs = list(pool.map(associate, range(connections)))
+                assert all(a.is_established for a in assocs)  # type: ignore[attr-defined]
+                seen = connections_by_pid(server.dicom_port)
+                shapes[tuple(sorted((seen.get(w, 0) for w in workers), reverse=True))] += 1
+                for a in assocs:
+                    a.send_c_echo()  # type: ignore[attr-defined]
+                    a.release()  # type: ignore[attr-defined]
+                deadline = time.monotonic() + 5
+                while sum(connections_by_pid(server.dicom_port).values()) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+    finally:
+        server.stop(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    return shapes
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 
@@ -230,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             shapes = spread_trial(kind, args.trials)
             print(f"spread of 4 simultaneous connections over 2 idle acceptors, {kind:9s}: "
                   + ", ".join(f"{'+'.join(map(str, k))}: {v / args.trials:.0%}" for k, v in sorted(shapes.items(), reverse=True)))
+        shapes = xdsi_spread(max(1, args.trials // 4))
+        print(f"spread of 4 associations requested at once over xdsi serve --workers 2 ({max(1, args.trials // 4)} tries): "
+              + ", ".join(f"{'+'.join(map(str, k))}: {v / max(1, args.trials // 4):.0%}" for k, v in sorted(shapes.items(), reverse=True)))
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-workers-"))
     env = peer_env(work)
