@@ -7,19 +7,21 @@ cheroot HTTP server, index connection pool) over one shared index: SQLite in WAL
 ``BEGIN IMMEDIATE`` writers and a 30 s busy timeout (:mod:`xdsi.index.db`), or PostgreSQL.
 
 Why pre-fork (the supervisor binds, workers inherit) rather than ``SO_REUSEPORT``: with
-SO_REUSEPORT the kernel hashes each connection to one worker's queue by its address and port,
-blindly: four associations land 2+2 only 3 times in 8, and a connection hashed to a worker
-that is busy (or restarting: its queue dies with it) waits or is reset.  With one shared queue
-the idle worker's ``accept`` wins the race, and a port stays served while any worker lives
-(``bench/workers.py`` measures the spread).  It also keeps the one-line errors for a busy port
-in one place, before any worker starts.
+SO_REUSEPORT the kernel hashes each connection to one worker's queue by its addresses, blindly,
+so a connection hashed to a worker that is busy (or restarting: its queue dies with it) waits or
+is reset.  With one shared queue whichever worker calls ``accept`` first takes the connection, and
+a port stays served while any worker lives.  Measured (``bench/workers.py``, load ~12 on 2 vCPUs):
+4 connections at once over 2 idle SO_REUSEPORT acceptors landed 2+2 in 38-40 % of 200 tries and
+4+0 in 8-20 %; 4 associations at once over a real ``xdsi serve --workers 2`` landed 2+2 in
+62-72 % of 4 x 40 tries, 3+1 otherwise, 4+0 once.  It also keeps the one-line errors for a busy
+port in one place, before any worker starts.
 
 What runs once per node runs in worker 0 (the *primary*), never in the supervisor: the audit
 sender (every worker records into the durable audit spool; only the primary sends, so each
 message reaches a repository once), the XDS publisher loop, the sweep of stale spool files,
 the Application Activity and configuration-change audit messages.  A primary that dies is
 restarted as worker 0 and takes them up again.  Schema migrations and the removal of
-temporary files left by a crash happen in the supervisor, before any worker starts (workers
+temporary files left by a crash happen once, before any worker starts (workers
 open the archive with ``clean=False``: another worker may be writing those files).  The
 supervisor keeps no archive and no connections (the start-up checks run in a short-lived child, so
 it stays small); workers are fresh interpreters (``python -m xdsi.supervisor``), never forks of a
