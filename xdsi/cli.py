@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--https-port", type=int, metavar="N", help="HTTPS port ([server] https_port; needs [tls])")
     p.add_argument("--ae-title", metavar="AET", help="our AE title (default XDSI)")
     p.add_argument("--repository-unique-id", metavar="OID", help="our XDS repositoryUniqueId ([xds] repository_unique_id)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the listeners ([server] workers; default: one per CPU; 1: one process, no supervisor)")
 
     p = sub.add_parser("import", help="import DICOM files and folders into the archive")
     _common(p)
@@ -129,6 +130,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             dicom_tls_port=getattr(args, "dicom_tls_port", None),
             https_port=getattr(args, "https_port", None),
             ae_title=getattr(args, "ae_title", None),
+            workers=getattr(args, "workers", None),
         ),
     )
     if getattr(args, "repository_unique_id", None):
@@ -139,6 +141,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    """One process (``workers = 1``), or a supervisor over N worker processes sharing the listeners."""
+    if settings.effective_workers > 1:
+        from xdsi.supervisor import supervise
+
+        return supervise(settings, verbose=bool(args.verbose))
     from xdsi.server import serve
 
     return serve(settings)
@@ -299,6 +306,8 @@ def _print_listeners(settings: Settings) -> None:
         print("serving:    not running")
     elif running.alive:
         print(f"serving:    pid {running.pid} since {running.started:%Y-%m-%dT%H:%M:%SZ} on {', '.join(running.listeners)}")
+        if running.workers > 1:
+            print(f"workers:    {running.workers} worker processes under pid {running.pid}")
     else:
         print(f"serving:    not running (pid {running.pid}, started {running.started:%Y-%m-%dT%H:%M:%SZ}, ended without "
               f"stopping cleanly; it listened on {', '.join(running.listeners)})")
@@ -727,6 +736,16 @@ COMMANDS = {
 }
 
 
+def configure_logging(settings: Settings, verbose: bool, name: str = "") -> None:
+    """The log format and levels of every xdsi process; ``name`` (``w1``) tells a worker's lines apart."""
+    level = logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
+    who = f"[{name}] " if name else ""  # before the level: "INFO xdsi.dimse.server: ..." reads the same from any worker
+    logging.basicConfig(level=level, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -734,11 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"xdsi: configuration error: {exc}", file=sys.stderr)
         return 2
-    level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(settings, bool(args.verbose))
     from xdsi.startup import StartupError
 
     try:

@@ -317,6 +317,9 @@ class Settings:
     # [remotes.NAME] and [gateway] (issue 15): remote archives we forward C-FIND/C-MOVE/C-GET to, defined below
     remotes: Mapping[str, "RemoteSettings"] = field(default_factory=dict)
     gateway: "GatewaySettings" = field(default_factory=lambda: GatewaySettings())
+    # [server] workers (issue 14): worker processes sharing the listening sockets; None: one per CPU; 1: a single
+    # process with no supervisor (as before workers existed)
+    workers: int | None = None
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -357,6 +360,16 @@ class Settings:
             if p.dicom_tls_port:
                 out.append(Listener(f"[partitions.{name}] dicom_tls_port", "dicom+tls", int(p.dicom_tls_port), p.ae_title))
         return out
+
+    @property
+    def effective_workers(self) -> int:
+        """How many worker processes ``xdsi serve`` runs: ``workers``, or the CPUs this process may use."""
+        if self.workers is not None:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # not Linux
+            return max(1, os.cpu_count() or 1)
 
     def for_partition(self, name: str) -> "Settings":
         """The settings of one partition as a complete archive of its own (own AE title, index, tiers, data dir)."""
@@ -429,6 +442,7 @@ _ENV = {
     "XDSI_INDEX_URL": ("index_url", str),
     "XDSI_LOG_LEVEL": ("log_level", str),
     "XDSI_PUBLIC_URL": ("public_url", str),
+    "XDSI_WORKERS": ("workers", int),
 }
 
 
@@ -440,7 +454,7 @@ _HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
-    "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url"},
+    "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url", "workers"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
@@ -519,6 +533,8 @@ def load_settings(
     for key in ("dicom_port", "http_port", "dicom_tls_port", "https_port"):
         if key in server:
             kw[key] = _int(f"[server] {key}", server[key])
+    if "workers" in server:
+        kw["workers"] = _int("[server] workers", server["workers"])
     if "data_dir" in server:
         d = Path(server["data_dir"])
         kw["data_dir"] = d if d.is_absolute() else base / d
@@ -649,6 +665,8 @@ def _validated(s: Settings) -> Settings:
     if s.xds.repository_unique_id and not is_valid_uid(s.xds.repository_unique_id):
         raise ConfigError(f"[xds] repository_unique_id {s.xds.repository_unique_id!r} is not a valid OID")
     s = _validated_public_url(s)
+    if s.workers is not None and not 1 <= int(s.workers) <= 256:
+        raise ConfigError(f"[server] workers must be between 1 and 256, not {s.workers}")
     for port_name in ("dicom_port", "http_port", "dicom_tls_port", "https_port"):
         if getattr(s, port_name) is None:
             continue

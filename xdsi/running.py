@@ -17,9 +17,22 @@ from pathlib import Path
 
 from xdsi.config import Settings
 
-__all__ = ["FILE_NAME", "Running", "clear_running", "describe_listeners", "read_running", "write_running"]
+__all__ = ["FILE_NAME", "Running", "application_pid", "clear_running", "describe_listeners", "read_running", "write_running"]
 
 FILE_NAME = "serving.json"
+
+# set in a worker of ``xdsi serve --workers N`` (xdsi.supervisor): the supervisor's pid
+_APPLICATION_PID: int | None = None
+
+
+def application_pid() -> int:
+    """The process id of the running application: ours, or in a worker the supervisor's.
+
+    Audit messages name the application by it (Alternative User ID, the syslog PROCID): the
+    Application Start, every event after it and ``xdsi status`` then show one pid per
+    ``xdsi serve``, whichever worker did the work and however often a worker was restarted.
+    """
+    return _APPLICATION_PID if _APPLICATION_PID is not None else os.getpid()
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class Running:
     started: datetime
     listeners: tuple[str, ...]
     alive: bool
+    workers: int = 1  # worker processes under ``pid`` (``xdsi serve --workers N``); 1: the process itself serves
 
 
 def describe_listeners(settings: Settings) -> str:
@@ -39,9 +53,10 @@ def describe_listeners(settings: Settings) -> str:
     return ", ".join(running) + (f"; off: {', '.join(off)}" if off else "")
 
 
-def write_running(settings: Settings) -> None:
+def write_running(settings: Settings, workers: int = 1) -> None:
     """Written aside and renamed into place, so a reader never sees half a file."""
     doc = {
+        "workers": workers,
         "pid": os.getpid(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ae_title": settings.ae_title,
@@ -70,9 +85,10 @@ def read_running(data_dir: Path) -> Running | None:
         pid = int(doc["pid"])
         started = datetime.fromisoformat(str(doc["started"]))
         listeners = tuple(str(x) for x in doc["listeners"])
+        workers = int(doc.get("workers", 1))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Running(pid, started, listeners, _alive(pid))
+    return Running(pid, started, listeners, _alive(pid), workers)
 
 
 def _alive(pid: int) -> bool:

@@ -9,10 +9,12 @@ pynetdicom's non-daemon threads.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from xdsi.archive import Archive
 from xdsi.config import Settings
@@ -26,11 +28,29 @@ log = logging.getLogger(__name__)
 
 
 class Servers:
-    def __init__(self, settings: Settings) -> None:
+    """Every listener and background job of one ``xdsi serve`` process.
+
+    ``sockets`` (listener key -> bound, listening socket; see :func:`xdsi.supervisor.listeners`) makes
+    this one worker of several (``--workers N``): the supervisor bound the ports, so nothing here binds,
+    removes another worker's spool files or writes ``serving.json``.  ``primary`` (worker 0, or a single
+    process) runs what must run once per node: the audit sender (every worker only records into the
+    shared durable spool), the XDS publisher loop, the stale spool sweep, and the Application Activity
+    and configuration-change audit messages.
+    """
+
+    def __init__(
+        self, settings: Settings, *, sockets: Mapping[str, socket.socket] | None = None, primary: bool = True, announce: bool = True
+    ) -> None:
+        """``announce``: a primary that starts the application (not one restarted by the supervisor) sends the
+        Application Start and configuration-change audit messages."""
         self.settings = settings
+        self.sockets = sockets
+        self.primary = primary
+        self.announce = announce
         check_directories(settings)
         try:
-            self.archive = Archive.open(settings)
+            # a worker must not remove temporary files: another worker may be writing them
+            self.archive = Archive.open(settings, clean=sockets is None)
         except OSError as exc:  # raced with check_directories, or a path it does not know
             raise _blame_path(settings, exc) from None
         # further AE titles (partitions): own archive each, served on the main DICOM port by called AE
@@ -38,7 +58,7 @@ class Servers:
         from xdsi.archive.partitions import Partitions
 
         try:
-            self.partitions = Partitions.open(self.archive)
+            self.partitions = Partitions.open(self.archive, clean=sockets is None)
         except BaseException as exc:
             self.archive.close()
             if isinstance(exc, OSError):
@@ -53,6 +73,9 @@ class Servers:
         ]
         self._partition_port_names = [name for name, _p in own]
         self._partition_tls_ports = [p.dicom_tls_port for _name, p in own]
+        if not primary:  # spool files older than every timeout are swept by the primary only (it cannot see ours in use)
+            for server in [self.dicom, *(srv for srv, _port in self.partition_dicom)]:
+                server.spool.max_age = math.inf
         self.http: Any = None
         self.https: Any = None
         # [tls] proven usable (key matches, not expired) before anything listens; None without a TLS port
@@ -86,22 +109,44 @@ class Servers:
             if isinstance(exc, OSError):
                 raise _blame_path(settings, exc) from None
             raise
+        if sockets is not None:
+            self._share_limits()
+
+    def _share_limits(self) -> None:
+        """Limits that are promises about the node, counted across the workers (see xdsi.dimse.slots, xdsi.audit.shared_alerts)."""
+        from xdsi.dimse.slots import SharedSlots
+
+        node = self.settings.data_dir / ".workers"
+        node.mkdir(parents=True, exist_ok=True)
+        for server in [self.dicom, *(srv for srv, _port in self.partition_dicom)]:
+            g = server.governor
+            g.shared = SharedSlots(node / "dimse-slots.lock", server.ae.ae_title, g.limits, g.max_associations)
+        if self.audit.enabled:
+            from xdsi.audit.shared_alerts import SharedAlertLimiter
+
+            self.audit.alerts = SharedAlertLimiter(node / "alerts.sqlite")
+
+    def _adopted(self, key: str) -> socket.socket | None:
+        return None if self.sockets is None else self.sockets[key]
 
     def start(self) -> None:
         s = self.settings
-        self.audit.start()  # first: messages spooled while a repository is down go out as soon as it answers
+        if self.primary:  # first: messages spooled while a repository is down go out as soon as it answers
+            self.audit.start()
         from xdsi.security import clock
 
         clock.install(s.data_dir)  # peers' HTTP Date readings for `xdsi status` (Consistent Time)
         # HTTP binds first: it logs nothing, so a busy port of either kind leaves stderr at one line
         if s.http_port:  # 0: no plain HTTP (a TLS-only node)
-            self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits)
+            self.http = HttpServer(s.host, s.http_port, make_app(self.archive, self.partitions), s.http_limits, sock=self._adopted("http"))
             try:
                 self.http.start()
             except OSError as exc:
                 raise listen_error("[server] http_port", "--http-port", s.http_port, s.host, exc) from None
         if self.tls_context is not None and s.https_port is not None:
-            self.https = HttpServer(s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context)
+            self.https = HttpServer(
+                s.host, s.https_port, make_app(self.archive, self.partitions), s.http_limits, ssl_context=self.tls_context, sock=self._adopted("https")
+            )
             if self.audit.enabled:
                 self.https.server.on_tls_refused = self._tls_refused
             try:
@@ -110,20 +155,20 @@ class Servers:
                 raise listen_error("[server] https_port", "--https-port", s.https_port, s.host, exc) from None
         if s.dicom_port:  # 0: no plain DICOM (a TLS-only node)
             try:
-                self.dicom.start(s.host, s.dicom_port)
+                self.dicom.start(s.host, s.dicom_port, self._adopted("dicom"))
             except OSError as exc:
                 raise listen_error("[server] dicom_port", "--dicom-port", s.dicom_port, s.host, exc) from None
         if self.tls_context is not None and s.dicom_tls_port is not None:
             if self.audit.enabled:
                 self.dicom.ae.on_tls_refused = self._tls_refused
             try:
-                self.dicom.start_tls(s.host, s.dicom_tls_port, self.tls_context)
+                self.dicom.start_tls(s.host, s.dicom_tls_port, self.tls_context, self._adopted("dicom_tls"))
             except OSError as exc:
                 raise listen_error("[server] dicom_tls_port", "--dicom-tls-port", s.dicom_tls_port, s.host, exc) from None
         for (server, port), name, tls_port in zip(self.partition_dicom, self._partition_port_names, self._partition_tls_ports):
             if port is not None:
                 try:
-                    server.start(s.host, port)
+                    server.start(s.host, port, self._adopted(f"partition:{name}:dicom"))
                 except OSError as exc:
                     raise listen_error(f"[partitions.{name}] dicom_port", None, port, s.host, exc) from None
             if tls_port is not None and self.tls_context is not None:
@@ -131,7 +176,7 @@ class Servers:
                 if self.audit.enabled:
                     server.ae.on_tls_refused = self._tls_refused
                 try:
-                    server.start_tls(s.host, tls_port, self.tls_context)
+                    server.start_tls(s.host, tls_port, self.tls_context, self._adopted(f"partition:{name}:dicom_tls"))
                 except OSError as exc:
                     raise listen_error(f"[partitions.{name}] dicom_tls_port", None, tls_port, s.host, exc) from None
         if self.http is not None:
@@ -139,9 +184,13 @@ class Servers:
         if self.https is not None:
             log.info("HTTPS listening on https://%s:%d/ (TLS profile %s)", s.host, self.https.server_port, s.tls.profile)
         log.info("listeners: %s", describe_listeners(s))
-        _write_running(s)
-        self._application_activity(started=True)
-        if self.audit.enabled:  # Security Alert when the settings differ from the previous start's
+        if self.sockets is None:  # a worker's supervisor writes it, once for all
+            _write_running(s)
+        if not self.primary:
+            return
+        if self.announce:
+            self._application_activity(started=True)
+        if self.audit.enabled and self.announce:  # Security Alert when the settings differ from the previous start's
             from xdsi.audit.configuration import configuration_changed
             from xdsi.audit import messages as m
 
@@ -189,10 +238,19 @@ class Servers:
             server.stop()
         self.partitions.close_extra()
         self.archive.close()
-        _clear_running(self.settings)
-        if not quiet:
+        if self.sockets is None:
+            _clear_running(self.settings)
+        if not quiet and self.primary:
             self._application_activity(started=False)
-        self.audit.stop()
+        # the primary delivers what waits (its own Application Stop among it); the others only recorded
+        self.audit.stop(**({} if self.primary else {"drain_seconds": 0}))
+
+    def close(self) -> None:
+        """Release what the constructor opened, for a process that checked the settings but never starts
+        (the supervisor): no listener ran, so there is nothing to audit or wait for."""
+        self.partitions.close_extra()
+        self.archive.close()
+        self.audit.stop(drain_seconds=0)
 
     def _tls_refused(self, interface: str, peer: str, reason: str) -> None:
         """A refused TLS handshake as an ATNA Security Alert (node authentication failure), off the request path."""
@@ -243,8 +301,17 @@ def _warn_identifiers(configured: Settings, resolved: Settings) -> None:
         log.warning("[server] public_url is not set: published manifests carry no WADO-RS Retrieve URL")
 
 
-def serve(settings: Settings) -> int:
-    servers = Servers(settings)  # raises StartupError before anything listens
+def serve(
+    settings: Settings,
+    *,
+    sockets: Mapping[str, socket.socket] | None = None,
+    primary: bool = True,
+    announce: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT; ``sockets``/``primary``/``on_ready``: as a worker of :mod:`xdsi.supervisor`,
+    which prints the start-up line itself once every worker said it is ready."""
+    servers = Servers(settings, sockets=sockets, primary=primary, announce=announce)  # raises StartupError before anything listens
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -258,7 +325,10 @@ def serve(settings: Settings) -> int:
     except BaseException:
         servers.stop(quiet=True)  # what did start (a DICOM listener's threads) must not keep the process alive
         raise
-    print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
+    if on_ready is None:
+        print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
+    else:
+        on_ready()
     try:
         # with a timeout: the kernel may hand SIGTERM to any thread, and then an untimed wait in the main
         # thread is never interrupted, so Python never runs the handler (seen: `xdsi serve` ignoring SIGTERM)
@@ -287,12 +357,12 @@ def _start_hl7(servers: Servers) -> None:
     servers.hl7 = listener
 
 
-def _write_running(settings: Settings) -> None:
+def _write_running(settings: Settings, workers: int = 1) -> None:
     """Tell ``xdsi status`` which listeners this process serves (a file in data_dir, removed at stop)."""
     from xdsi.running import write_running
 
     try:
-        write_running(settings)
+        write_running(settings, workers)
     except OSError as exc:  # the listeners run; only `xdsi status` will not know
         log.warning("cannot record the listeners for `xdsi status` in %s: %s", settings.data_dir, exc)
 

@@ -26,8 +26,11 @@ TOTAL = 200
 KILL_AFTER = 60
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, backend: str, workers: int, request: pytest.FixtureRequest) -> None:
+    """With ``workers = 2`` two associations ingest at once (one per worker, most likely) and the whole process
+    group (supervisor and workers) is killed together."""
     files = write_study(tmp_path / "in", StudySpec(), series=4, per_series=TOTAL // 4, rows=256, columns=256)
     data_dir = tmp_path / "data"
     index_url = None
@@ -35,12 +38,12 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, back
     if backend == "postgresql":
         index_url = request.getfixturevalue("postgres").create_database(f"t_{uuid.uuid4().hex[:12]}")
         env["XDSI_INDEX_URL"] = index_url
-    server = XdsiProcess(data_dir, env=env).start()
+    server = XdsiProcess(data_dir, env=env, workers=workers).start()
     acked: list[str] = []
     refused: list[tuple[str, int]] = []
     errors: list[str] = []
 
-    def send() -> None:
+    def send(files: list[Path]) -> None:
         ae = AE(ae_title="LOADER")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
@@ -67,20 +70,22 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, back
             if assoc.is_established:
                 assoc.abort()
 
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
+    senders = [threading.Thread(target=send, args=(files[i::workers],), daemon=True) for i in range(workers)]
+    for sender in senders:
+        sender.start()
     deadline = time.time() + 120
-    while len(acked) < KILL_AFTER and sender.is_alive() and time.time() < deadline:
+    while len(acked) < KILL_AFTER and all(s.is_alive() for s in senders) and time.time() < deadline:
         time.sleep(0.005)
     assert len(acked) >= KILL_AFTER, f"only {len(acked)} acknowledged before the sender stopped: {errors[:3]} {refused[:3]}"
-    server.kill9()
-    sender.join(60)
-    assert not sender.is_alive()
+    server.kill9(group=workers > 1)
+    for sender in senders:
+        sender.join(60)
+        assert not sender.is_alive()
     assert not refused
     assert len(acked) < TOTAL, "the kill came too late to interrupt the ingest"
     snapshot = list(acked)
 
-    restarted = XdsiProcess(data_dir, env=env).start()
+    restarted = XdsiProcess(data_dir, env=env, workers=workers).start()
     try:
         assert leftover_temp_files(data_dir) == []
     finally:

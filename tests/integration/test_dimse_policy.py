@@ -99,6 +99,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, object], des
         '[peers.FULL]\nhosts = ["127.0.0.1"]\n'
         "[peers.NOSTORE]\nstore = false\n"
         "[peers.NOFIND]\nfind = false\n"
+        "[peers.FINDLESS]\nfind = false\n"  # refused C-FINDs only in the alert test: no earlier refusal shares its budget
         "[peers.NOMOVE]\nmove = false\n"
         "[peers.NOGET]\nget = false\n"
         "[peers.NOCOMMIT]\ncommit = false\n"
@@ -427,7 +428,7 @@ def test_refused_peers_leave_the_server_serving(server: XdsiProcess) -> None:
 def test_the_server_log_has_no_tracebacks(server: XdsiProcess) -> None:
     """Every refusal above was an answer, not an exception in a handler (runs after them: module order)."""
     assert "Traceback" not in server.output()
-    assert "INFO xdsi.dimse.server: DICOM XDSI: accepting only the 11 AE title(s) in [peers], called AE title(s) STUDYX, XDSI" in server.output()
+    assert "INFO xdsi.dimse.server: DICOM XDSI: accepting only the 12 AE title(s) in [peers], called AE title(s) STUDYX, XDSI" in server.output()
 
 
 # -- the refusal hook, in process -------------------------------------------------------------------
@@ -506,16 +507,16 @@ def test_a_refused_operation_is_a_security_alert_once_per_peer_and_interval(serv
         pytest.skip("needs Debian rsyslog + rsyslog-gnutls")
     assert _find(server, "NOGET", "POLICY01")[1] == 0x0000  # a peer with the right raises no alert
     for _ in range(4):
-        assert _find(server, "NOFIND", "POLICY01") == ([], NOT_AUTHORIZED)
-    alert, *_more = _alerts(repo, "110132", "C-FIND from NOFIND at 127.0.0.1 to XDSI refused (0124H Refused: Not Authorized)", 3)
+        assert _find(server, "FINDLESS", "POLICY01") == ([], NOT_AUTHORIZED)
+    alert, *_more = _alerts(repo, "110132", "C-FIND from FINDLESS at 127.0.0.1 to XDSI refused (0124H Refused: Not Authorized)", 3)
     assert len(_more) == 2
     time.sleep(1.0)
-    assert len(_alerts(repo, "110132", "C-FIND from NOFIND", 4, seconds=0)) == 3  # the fourth refusal was held back
+    assert len(_alerts(repo, "110132", "C-FIND from FINDLESS", 4, seconds=0)) == 3  # the fourth refusal was held back
     assert len(_alerts(repo, "110132", "C-FIND from NOGET", 1, seconds=0)) == 0
     ev = alert.find("EventIdentification")
     assert (ev.get("EventActionCode"), ev.get("EventOutcomeIndicator")) == ("E", "4")
-    assert "[peers.NOFIND] find = false" in ev.find("EventOutcomeDescription").text
-    assert _participants(alert) == [("XDSI", "false", "110150", "127.0.0.1", None), ("NOFIND", "true", None, "127.0.0.1", None)]
+    assert "[peers.FINDLESS] find = false" in ev.find("EventOutcomeDescription").text
+    assert _participants(alert) == [("XDSI", "false", "110150", "127.0.0.1", None), ("FINDLESS", "true", None, "127.0.0.1", None)]
     (subject,) = alert.findall("ParticipantObjectIdentification")
     assert (subject.get("ParticipantObjectID"), subject.get("ParticipantObjectTypeCodeRole")) == ("127.0.0.1", "13")
 

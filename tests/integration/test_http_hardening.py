@@ -69,8 +69,9 @@ def base(server: XdsiProcess) -> str:
 
 
 def rss(server: XdsiProcess) -> int:
+    """The server's RSS: the process's, plus its workers' with ``--workers N`` (where requests are served)."""
     assert server.proc is not None
-    return psutil.Process(server.proc.pid).memory_info().rss
+    return sum(psutil.Process(pid).memory_info().rss for pid in [server.proc.pid, *server.children()])
 
 
 def assert_alive(server: XdsiProcess) -> None:
@@ -279,14 +280,17 @@ class PeakRss:
 
     def __init__(self, server: XdsiProcess) -> None:
         assert server.proc is not None
-        self.proc = psutil.Process(server.proc.pid)
-        self.start = self.peak = self.proc.memory_info().rss
+        self.procs = [psutil.Process(pid) for pid in [server.proc.pid, *server.children()]]  # and its workers, if any
+        self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, self._rss())
+
+    def _rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.procs)
 
     def __enter__(self) -> "PeakRss":
         self._t.start()

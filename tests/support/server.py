@@ -31,7 +31,9 @@ class XdsiProcess:
         ae_title: str = "XDSI",
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
+        workers: int | None = None,
     ) -> None:
+        """``workers``: ``--workers N`` (None: the configured default, one worker per CPU)."""
         self.data_dir = data_dir
         self.config = config
         self.ae_title = ae_title
@@ -39,6 +41,7 @@ class XdsiProcess:
         self.http_port = free_port()
         self.env = {**os.environ, **(env or {})}
         self.prefix = list(prefix)
+        self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
 
@@ -64,8 +67,11 @@ class XdsiProcess:
         ]
         if self.config:
             cmd += ["--config", str(self.config)]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
         self.log = []
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        # a session (and process group) of its own: kill9(group=True) takes the supervisor and its workers, nothing else
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, start_new_session=True)
         ready = threading.Event()
 
         def pump() -> None:
@@ -97,14 +103,52 @@ class XdsiProcess:
         self.proc = None
         return rc
 
-    def kill9(self) -> None:
+    def kill9(self, group: bool = False) -> None:
+        """SIGKILL the server process, or (``group``) its whole process group: the supervisor and every worker at once."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        if group:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.proc = None
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        """The pids of the server's live child processes (its workers), from /proc."""
+        return children_of(self.pid)
+
     def output(self) -> str:
         return "".join(self.log)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc (Linux)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def c_store(proc: "XdsiProcess", paths: Sequence[Path], ae_title: str = "MODALITY") -> None:

@@ -21,13 +21,14 @@ class Partitions(Mapping[str, Archive]):
         self._by_aet: dict[str, Archive] = {main.settings.ae_title: main, **dict(others)}
 
     @classmethod
-    def open(cls, main: Archive) -> "Partitions":
+    def open(cls, main: Archive, *, clean: bool = True) -> "Partitions":
+        """``clean``: as :meth:`Archive.open` (False in a worker of ``xdsi serve --workers N``)."""
         s = main.settings
         opened: dict[str, Archive] = {}
         try:
             for name in s.partitions:
                 ps = s.for_partition(name)
-                opened[ps.ae_title] = Archive.open(ps)
+                opened[ps.ae_title] = Archive.open(ps, clean=clean)
         except BaseException:
             for a in opened.values():
                 a.close()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
 import queue
 import threading
 import time
@@ -44,6 +43,7 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from xdsi.audit import messages as m
+from xdsi.running import application_pid
 
 __all__ = [
     "drain",
@@ -156,7 +156,7 @@ def _us(archive: Any, environ: Mapping[str, Any], endpoint: bool = False) -> m.P
     """Us as the process serving the request: AE title (or the SOAP endpoint URI), process id, host reached."""
     host = str(environ.get("SERVER_NAME") or "") or None
     user = _endpoint_uri(environ) if endpoint else archive.settings.ae_title
-    return m.Participant(user, False, network_access_point=host, alternative_user_id=str(os.getpid()))
+    return m.Participant(user, False, network_access_point=host, alternative_user_id=str(application_pid()))
 
 
 def _endpoint_uri(environ: Mapping[str, Any]) -> str:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import getpass
 import logging
-import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from xdsi.audit import messages as m
+from xdsi.running import application_pid
 
 __all__ = ["RemovedStudy", "MigratedStudy", "removed", "migrated", "operator", "this_process"]
 
@@ -67,7 +67,7 @@ class MigratedStudy:
 def this_process(ae_title: str, command: str | None = None, requestor: bool = True) -> m.Participant:
     """This xdsi process as an ActiveParticipant (PS3.15 A.5.2.1 process id; A.5.2.2 AE title)."""
     host = socket.gethostname() or None
-    return m.Participant(str(os.getpid()), requestor, None, host, f"AETITLES={ae_title}", command)
+    return m.Participant(str(application_pid()), requestor, None, host, f"AETITLES={ae_title}", command)
 
 
 def operator() -> m.Participant | None:

@@ -8,9 +8,10 @@ and the XML as UTF-8 preceded by a BOM so the receiver knows it is Unicode.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import socket
+
+from xdsi.running import application_pid
 
 __all__ = ["frame", "octet_counted", "MSGID", "FACILITY_AUTHPRIV", "SEVERITY_NOTICE"]
 
@@ -51,7 +52,7 @@ def frame(
             stamp,
             _field(hostname or socket.getfqdn(), 255),
             _field(app_name, 48),
-            _field(procid or str(os.getpid()), 128),
+            _field(procid or str(application_pid()), 128),
             _field(msgid, 32),
             "-",  # no STRUCTURED-DATA
         )

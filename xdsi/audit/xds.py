@@ -15,12 +15,12 @@ CX) and the SubmissionSet (its uniqueId).  Never raises; only spools.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 from xdsi.audit import messages as m
+from xdsi.running import application_pid
 
 __all__ = ["submission_sent", "TRANSACTIONS"]
 
@@ -45,7 +45,7 @@ def submission_sent(
         codes, action = TRANSACTIONS[transaction]
         host = socket.gethostname()
         # we start the transaction: UserIsRequestor true (the ITI tables leave it "U" for the Document Source)
-        us = m.Participant(archive.settings.ae_title, True, network_access_point=host or None, alternative_user_id=str(os.getpid()))
+        us = m.Participant(archive.settings.ae_title, True, network_access_point=host or None, alternative_user_id=str(application_pid()))
         peer_host = urlsplit(endpoint).hostname or None
         them = m.Participant(endpoint or "UNKNOWN", False, network_access_point=peer_host)
         trail.record(m.submission_exported(trail.source, us, them, codes, submission_set_uid, patient_id or "UNKNOWN", outcome, description, action=action))

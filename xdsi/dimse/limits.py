@@ -209,6 +209,9 @@ class ConnectionGovernor:
         self._active: dict[int, _Conn] = {}
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        # xdsi.dimse.slots.SharedSlots when several worker processes serve this listener: the limits hold for
+        # the node (checked after this process's own count, which it implies)
+        self.shared: Any = None
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -262,6 +265,8 @@ class ConnectionGovernor:
                 reason = f"calling AE {calling!r} has {self.limits.max_associations_per_ae} associations open (max_associations_per_ae)"
             elif sum(c.address == conn.address for c in live) >= self.limits.max_associations_per_address:
                 reason = f"{conn.address} has {self.limits.max_associations_per_address} associations open (max_associations_per_address)"
+            elif self.shared is not None and (reason := self.shared.take(id(assoc), calling, conn.address)) is not None:
+                pass
             else:
                 self._active[id(assoc)] = conn
         if reason is None:
@@ -279,6 +284,8 @@ class ConnectionGovernor:
         assoc = event.assoc
         with self._lock:
             conn = self._pending.pop(id(assoc), None)
+            if self.shared is not None and id(assoc) in self._active:
+                self.shared.release(id(assoc))  # the association is over: its node-wide slots go back now
         if conn is not None:
             _wake(assoc)
 
@@ -358,6 +365,8 @@ class ConnectionGovernor:
         for table in (self._pending, self._active):
             for key in [k for k, c in table.items() if _ended(c.assoc)]:
                 del table[key]
+                if self.shared is not None and table is self._active:
+                    self.shared.release(key)
 
     @staticmethod
     def _close_pending(conn: _Conn) -> None:

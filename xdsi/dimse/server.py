@@ -118,10 +118,14 @@ def _on_conn_open(event: Any) -> None:
 class ArchiveAE(AE):
     """An AE whose outgoing associations (move sub-operations, commitment reports) use TCP_NODELAY."""
 
+    adopt: socket.socket | None = None  # the next server listens on this bound socket (xdsi serve --workers N)
+
     def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any):  # type: ignore[no-untyped-def]
         """pynetdicom's ``make_server`` (``start_server`` asks it for a threaded server): ours instead."""
         if server_class is ThreadedAssociationServer:
             server_class = GovernedAssociationServer
+            if self.adopt is not None:
+                server_class, kwargs["adopted"], self.adopt = AdoptedAssociationServer, self.adopt, None
         return super().make_server(address, *args, server_class=server_class, **kwargs)
 
     def associate(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
@@ -208,6 +212,32 @@ class GovernedAssociationServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's hook before a connection gets its thread: drop one the peer already closed."""
         return not peer_closed(request)
+
+
+class AdoptedAssociationServer(GovernedAssociationServer):
+    """The same server on a listening socket the supervisor bound and every worker inherited.
+
+    The socket is made non-blocking (its one open file is shared, so every worker sees the same
+    flag): the workers woken by a new connection race for it and the losers get EAGAIN, which
+    socketserver ignores, instead of blocking in ``accept`` until the next connection.  Closing
+    never calls ``shutdown()``, which would stop the listener for every worker, not just this one.
+    """
+
+    def __init__(self, *args: Any, adopted: socket.socket, **kwargs: Any) -> None:
+        self._adopted = adopted
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the unbound socket socketserver made for us
+        self.socket = self._adopted
+        self.socket.settimeout(0.0)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listening already (the supervisor chose the backlog)."""
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -588,8 +618,10 @@ class DicomServer:
         self.spool.start()
         self.governor.start()
 
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on ``host:port``, or serve ``sock``, a listening socket bound by the supervisor."""
         self._prepare()
+        self.ae.adopt = sock
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         set_nodelay(self._server.socket)
         log.info("DICOM %s listening on %s:%d", self.ae.ae_title, host, self._server.server_address[1])
@@ -604,12 +636,13 @@ class DicomServer:
             self._client_tls = client_context(self.archive.settings.tls, check_hostname=False)
         return self._client_tls
 
-    def start_tls(self, host: str, port: int, context: "ssl.SSLContext") -> None:
+    def start_tls(self, host: str, port: int, context: "ssl.SSLContext", sock: socket.socket | None = None) -> None:
         """A listener of the same AE, DICOM over TLS (PS3.15 B.1), beside :meth:`start`'s or alone.
 
         Same handlers, same association governor: a TLS peer is one more peer, not a second archive.
         """
         self._prepare()
+        self.ae.adopt = sock
         self._tls_server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers(), ssl_context=context)
         set_nodelay(self._tls_server.socket)
         log.info("DICOM %s listening with TLS on %s:%d", self.ae.ae_title, host, self._tls_server.server_address[1])

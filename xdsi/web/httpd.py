@@ -62,6 +62,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from cheroot import connections as cheroot_connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -582,6 +583,31 @@ class GatedServer(wsgi.Server):
             rfile._read_buf, rfile._read_pos = bytes(got), 0
         return state
 
+    adopted: socket.socket | None = None  # a listener bound by the supervisor (``xdsi serve --workers N``)
+
+    def prepare(self) -> None:
+        """cheroot's ``prepare``, or, for an adopted listener, its tail without the bind.
+
+        The supervisor bound the socket once and every worker inherited it, so the kernel queues
+        each connection once and whichever worker accepts first serves it.  The socket is made
+        non-blocking (a flag every worker shares on the one open socket): the workers that lose
+        the race get EAGAIN, which cheroot ignores, instead of blocking their selector loop in
+        ``accept`` for a second.
+        """
+        if self.adopted is None:
+            super().prepare()
+            return
+        self._interrupt = None
+        if self.software is None:
+            self.software = f"{self.version} Server"
+        self.socket = self.adopted
+        self.socket.settimeout(0.0)
+        self.bind_addr = self.socket.getsockname()[:2]
+        self._connections = cheroot_connections.ConnectionManager(self)
+        self.requests.start()
+        self.ready = True
+        self._start_time = time.time()
+
     def process_conn(self, conn: Any) -> None:
         state = self.head_state(conn)
         if state == "failed":
@@ -619,14 +645,22 @@ class _ContextAdapter(BuiltinSSLAdapter):
 
 class HttpServer:
     def __init__(
-        self, host: str, port: int, app: Callable[..., Any], limits: HttpLimits | None = None, ssl_context: ssl.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        app: Callable[..., Any],
+        limits: HttpLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: an already bound and listening socket to serve instead of binding ``host:port``."""
         s = limits or HttpLimits()
         self.server = GatedServer(
             (host, port), app, numthreads=s.threads, server_name=host, request_queue_size=ACCEPT_QUEUE, timeout=s.io_timeout, shutdown_timeout=5
         )
         self.server.limits = s
         self.server.gateway = RegionGateway  # file ranges of a RegionBody go out by sendfile (plain HTTP)
+        self.server.adopted = sock
         self.server.gate = HeadGate(self.server)
         # body limits are per endpoint, in the application (xdsi.web.limits): STOW-RS and MTOM bodies stream to disk
         self.server.max_request_body_size = 0

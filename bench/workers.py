@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""C-STORE ingest on one and on four parallel associations: xdsi with 1 and 2 workers, and Orthanc, one run.
+
+    python bench/workers.py [-n 200] [--size 512] [--rounds 3] [--associations 4] [--trials 200] [--no-orthanc]
+
+Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``).  The script
+re-executes itself in its own network namespace (``BENCH_NETNS``, default ``bench-workers``), where it
+starts Orthanc (its own ports, ``BENCH_PORT_BASE``) and ``xdsi serve --workers 1`` / ``--workers 2``.
+Every measurement stores the same N files into an *empty* archive (a fresh data directory, a wiped
+Orthanc), with Debian's storescu: once over one association, once split over ``--associations``
+storescu processes started together.  The order of the servers alternates each round (ABBA).
+
+Printed per measurement: instances/s (N over the wall time from the first storescu's start to the last
+one's end), MB/s, server CPU ms per instance (user + system of the server's whole process tree, from
+/proc), and for two workers how the associations were spread over them (``ss -tnp`` while the
+storescus are connected) and each worker's share of the CPU.  Then the medians and the ratios the issue
+asks for: xdsi --workers 2 with 4 associations over xdsi's single-association rate, and xdsi/Orthanc.
+
+``--trials`` first measures how 4 connections made at once are spread over 2 processes accepting on
+one inherited listening socket (pre-fork, what ``xdsi serve --workers`` does) and on two SO_REUSEPORT
+sockets (the kernel picks by a hash of the addresses), with idle acceptors: the spread policy alone;
+then (a quarter as many tries) 4 associations requested at once of a real ``xdsi serve --workers 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+NETNS = os.environ.get("BENCH_NETNS", "bench-workers")
+PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "25600"))
+PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
+STORESCU = "/usr/bin/storescu"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def in_netns() -> bool:
+    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
+
+
+def reexec_in_netns(argv: list[str]) -> int:
+    """Create the namespace (only ``lo``) and run this script again inside it; remove the namespace after."""
+    created = not Path(f"/var/run/netns/{NETNS}").exists()
+    if created:
+        subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
+        env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
+        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
+    finally:
+        if created:
+            subprocess.run(["ip", "netns", "del", NETNS])
+
+
+def peer_env(work: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BENCH_NETNS": NETNS,
+        "BENCH_ROOT": str(work / "peers"),
+        "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
+        "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
+        "STORESCP_PORT": str(PORT_BASE + 3),
+        "DCMQRSCP_PORT": str(PORT_BASE + 4),
+        "TCP_NODELAY": "1",
+    }
+
+
+def peer(script: str, env: dict[str, str], *args: str) -> None:
+    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+
+
+# -- process CPU from /proc ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def tree(pid: int) -> list[int]:
+    from tests.support.server import children_of
+
+    return [pid, *children_of(pid)]
+
+
+def connections_by_pid(port: int) -> Counter[int]:
+    """Established connections on our side of ``port``, by owning process (``ss -tnp``)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True).stdout
+    seen: Counter[int] = Counter()
+    for line in out.splitlines():
+        for part in line.split("pid=")[1:]:
+            seen[int(part.split(",")[0])] += 1
+    return seen
+
+
+# -- one measurement ---------------------------------------------------------------------------------
+
+
+def store(port: int, aet: str, parts: list[Path], server_pids: list[int], watch_port: bool) -> tuple[float, dict[int, float], Counter[int]]:
+    """Wall time of ``len(parts)`` storescu started together, each sending one folder; CPU seconds per server
+    process over the run; the associations per process seen while they were connected."""
+    before = {p: cpu_seconds(p) for p in server_pids}
+    spread: Counter[int] = Counter()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([STORESCU, "-aet", f"BENCH{i}", "-aec", aet, "+sd", "127.0.0.1", str(port), str(part)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
+             for i, part in enumerate(parts)]
+    if watch_port:  # the busiest moment: every storescu connected (sampled until the first one ends)
+        while all(p.poll() is None for p in procs):
+            now = connections_by_pid(port)
+            if sum(now.values()) > sum(spread.values()):
+                spread = now
+            if sum(spread.values()) >= len(parts):
+                break
+            time.sleep(0.02)
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    wall = time.perf_counter() - t0
+    for p, out in zip(procs, outs):
+        if p.returncode != 0 or "E:" in out:
+            raise RuntimeError(f"storescu failed ({p.returncode}):\n{out[-3000:]}")
+    return wall, {p: cpu_seconds(p) - before[p] for p in server_pids}, spread
+
+
+# -- the spread of 4 connections over 2 acceptors, pre-fork vs SO_REUSEPORT ----------------------------
+
+
+def _acceptor(sock: socket.socket | None, port: int, ident: int, ready: "object") -> None:
+    if sock is None:  # SO_REUSEPORT: a socket of its own
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+    sock.setblocking(False)
+    ready.set()  # type: ignore[attr-defined]
+    import select
+
+    while True:
+        select.select([sock], [], [])
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            continue
+        conn.sendall(bytes([ident]))
+        conn.close()
+
+
+def spread_trial(kind: str, trials: int, connections: int = 4) -> Counter[tuple[int, ...]]:
+    """How ``connections`` made at once land on 2 processes, over ``trials`` tries."""
+    ctx = get_context("fork")
+    port = PORT_BASE + 9 if kind == "prefork" else PORT_BASE + 10
+    shared = None
+    if kind == "prefork":
+        shared = socket.socket()
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        shared.bind(("127.0.0.1", port))
+        shared.listen(64)
+    events = [ctx.Event() for _ in range(2)]
+    procs = [ctx.Process(target=_acceptor, args=(shared, port, i, events[i]), daemon=True) for i in range(2)]
+    for p in procs:
+        p.start()
+    for e in events:
+        e.wait(10)
+    shapes: Counter[tuple[int, ...]] = Counter()
+    try:
+        for _ in range(trials):
+            socks = []
+            for _c in range(connections):
+                s = socket.socket()
+                s.connect(("127.0.0.1", port))
+                socks.append(s)
+            got = Counter(s.recv(1)[0] for s in socks)
+            for s in socks:
+                s.close()
+            shapes[tuple(sorted((got.get(0, 0), got.get(1, 0)), reverse=True))] += 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+        if shared is not None:
+            shared.close()
+    return shapes
+
+
+def xdsi_spread(trials: int, connections: int = 4) -> Counter[tuple[int, ...]]:
+    """How ``connections`` associations requested at once land on the 2 workers of a real ``xdsi serve --workers 2``
+    (seen with ``ss``), over ``trials`` tries; each association then sends a C-ECHO and is released."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.support.server import XdsiProcess
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-spread-"))
+    server = XdsiProcess(work / "data", env={"XDSI_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}, workers=2).start(timeout=120)
+    shapes: Counter[tuple[int, ...]] = Counter()
+
+    def associate(_i: int) -> object:
+        ae = AE(ae_title="SPREAD")
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", server.dicom_port, ae_title="XDSI")
+
+    try:
+        workers = tree(server.pid)[1:]
+        with ThreadPoolExecutor(connections) as pool:
+            for _ in range(trials):
+                assocs = list(pool.map(associate, range(connections)))
+                assert all(a.is_established for a in assocs)  # type: ignore[attr-defined]
+                seen = connections_by_pid(server.dicom_port)
+                shapes[tuple(sorted((seen.get(w, 0) for w in workers), reverse=True))] += 1
+                for a in assocs:
+                    a.send_c_echo()  # type: ignore[attr-defined]
+                    a.release()  # type: ignore[attr-defined]
+                deadline = time.monotonic() + 5
+                while sum(connections_by_pid(server.dicom_port).values()) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+    finally:
+        server.stop(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    return shapes
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=200, help="instances per measurement (default 200)")
+    p.add_argument("--size", type=int, default=512, help="rows and columns of each CT image (default 512)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--associations", type=int, default=4)
+    p.add_argument("--trials", type=int, default=200, help="spread trials per policy (0: skip)")
+    p.add_argument("--no-orthanc", action="store_true")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args(argv)
+    if not os.access(STORESCU, os.X_OK):
+        print(f"{STORESCU} missing: apt-get install dcmtk", file=sys.stderr)
+        return 2
+    if not in_netns():
+        return reexec_in_netns(argv)
+
+    from bench.common import machine
+    from tests.support.server import XdsiProcess
+    from xdsi.tools.synth import StudySpec, write_study
+
+    print(f"{machine()}; load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at start")
+    if args.trials:
+        for kind in ("prefork", "reuseport"):
+            shapes = spread_trial(kind, args.trials)
+            print(f"spread of 4 simultaneous connections over 2 idle acceptors, {kind:9s}: "
+                  + ", ".join(f"{'+'.join(map(str, k))}: {v / args.trials:.0%}" for k, v in sorted(shapes.items(), reverse=True)))
+        shapes = xdsi_spread(max(1, args.trials // 4))
+        print(f"spread of 4 associations requested at once over xdsi serve --workers 2 ({max(1, args.trials // 4)} tries): "
+              + ", ".join(f"{'+'.join(map(str, k))}: {v / max(1, args.trials // 4):.0%}" for k, v in sorted(shapes.items(), reverse=True)))
+
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-workers-"))
+    env = peer_env(work)
+    orthanc_running = False
+    try:
+        spec = StudySpec(patient_id="BENCHW", patient_name="BENCH^WORKERS")
+        files = write_study(work / "in", spec, series=args.associations, per_series=args.n // args.associations, rows=args.size, columns=args.size)
+        n = len(files)
+        total = sum(f.stat().st_size for f in files)
+        whole = work / "in"
+        parts = []
+        for i in range(args.associations):  # one folder per association: storescu +sd takes a folder
+            d = work / f"part{i}"
+            d.mkdir()
+            for f in files[i :: args.associations]:
+                os.link(f, d / f.name)
+            parts.append(d)
+        print(f"{n} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB per measurement; {args.associations} associations; {args.rounds} rounds")
+
+        names = ["xdsi-w1", "xdsi-w2"] + ([] if args.no_orthanc else ["orthanc"])
+        modes = ["1", str(args.associations)]
+        rate: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
+        cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
+
+        def measure(name: str, mode: str, rnd: int) -> None:
+            nonlocal orthanc_running
+            split = parts if mode != "1" else [whole]
+            if name == "orthanc":
+                if orthanc_running:
+                    subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
+                peer("start_orthanc.sh", env, "--fresh")
+                orthanc_running = True
+                pid = int((work / "peers" / "orthanc" / "orthanc.pid").read_text())
+                wall, used, spread = store(PORT_BASE + 1, "ORTHANC", split, [pid], False)
+            else:
+                workers = int(name[-1])
+                data = work / f"data-{name}-{mode}-{rnd}"
+                server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=workers).start(timeout=120)
+                try:
+                    pids = tree(server.pid)
+                    wall, used, spread = store(server.dicom_port, server.ae_title, split, pids, workers > 1)
+                finally:
+                    server.stop(timeout=120)
+                shutil.rmtree(data, ignore_errors=True)
+            r = n / wall
+            ms = sum(used.values()) * 1000 / n
+            rate[(name, mode)].append(r)
+            cpu[(name, mode)].append(ms)
+            extra = ""
+            if name == "xdsi-w2":
+                share = sorted((v for p, v in used.items() if p != pids[0]), reverse=True)
+                extra = (f"; associations per worker {'+'.join(str(c) for c in sorted(spread.values(), reverse=True)) or '?'}"
+                         f", CPU per worker {'/'.join(f'{s:.1f}' for s in share)} s")
+            print(f"round {rnd} {name:8s} {mode} assoc: {wall:6.2f} s {r:6.1f} inst/s {total / 1e6 / wall:6.1f} MB/s {ms:5.1f} ms CPU/inst{extra}", flush=True)
+
+        for rnd in range(1, args.rounds + 1):
+            order = [(s, m) for s in names for m in modes]
+            for name, mode in (order if rnd % 2 else order[::-1]):
+                measure(name, mode, rnd)
+
+        def med(key: tuple[str, str]) -> float:
+            return statistics.median(rate[key])
+
+        many = str(args.associations)
+        print("medians (inst/s, CPU ms/inst):")
+        for key in rate:
+            print(f"  {key[0]:8s} {key[1]} assoc: {med(key):6.1f} inst/s ({min(rate[key]):.1f}-{max(rate[key]):.1f}), {statistics.median(cpu[key]):.1f} ms CPU/inst")
+        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w1", "1")])]
+        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 1, 1 assoc: {statistics.median(per_round):.2f} "
+              f"({min(per_round):.2f}-{max(per_round):.2f}) per round (target >= 1.6)")
+        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w2", "1")])]
+        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
+        per_round = [a / b for a, b in zip(rate[("xdsi-w1", many)], rate[("xdsi-w1", "1")])]
+        print(f"xdsi --workers 1, {many} assoc / 1 assoc: {statistics.median(per_round):.2f}")
+        if "orthanc" in names:
+            for mode in modes:
+                r = [a / b for a, b in zip(rate[("xdsi-w2", mode)], rate[("orthanc", mode)])]
+                print(f"xdsi --workers 2 / Orthanc, {mode} assoc: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+            o = [a / b for a, b in zip(rate[("orthanc", many)], rate[("orthanc", "1")])]
+            print(f"Orthanc {many} assoc / 1 assoc: {statistics.median(o):.2f}")
+        print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at end")
+    finally:
+        if orthanc_running:
+            subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
