@@ -49,6 +49,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
+from xdsi.gateway import identity
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, fast_polling, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -89,6 +90,10 @@ class Relay:
         self.timeout = 60.0
         self.originator = ""  # our AE title as we called the remote (its Move Originator AE Title)
         self.inbox: Path | None = None  # move-to-us relays: where other processes put what they receive for us
+        # what every delivered instance must be (set from the retrieve identifier before the request goes out);
+        # None only for relays nobody asked anything through (unit tests of the hand-over)
+        self.expected: identity.Expected | None = None
+        self.refused: list[tuple[str, str]] = []  # (SOP Instance UID, reason) of deliveries refused as not asked for
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -97,6 +102,11 @@ class Relay:
         if self.closed:
             log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
+        if self.expected is not None:
+            reason = identity.check_file(self.expected, path, sop_class, sop_uid)
+            if reason is not None:  # never taken over: pynetdicom removes its spool file
+                self.refused.append((sop_uid, reason))
+                return identity.refuse(self.remote_ae, self.msg_id, sop_uid, reason)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
         os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
@@ -174,6 +184,7 @@ class Relay:
 
 
 CLOSED = ".closed"
+EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
 
 
@@ -188,6 +199,14 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
     """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
     if (inbox / CLOSED).exists():
         return REFUSED_CLOSED
+    try:
+        text = (inbox / EXPECTED).read_text()
+        expected = None if text.strip() == "null" else identity.Expected.from_json(text)
+    except (OSError, ValueError, TypeError) as exc:  # fail closed: a missing or broken expectation checks nothing
+        return identity.refuse(inbox.name, 0, sop_uid, f"the relay's expected identity is unreadable ({exc.__class__.__name__})")
+    reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
+    if reason is not None:
+        return identity.refuse(inbox.name, 0, sop_uid, reason)
     name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
     try:
         os.replace(path, inbox / name)
@@ -229,6 +248,10 @@ def register(relay: Relay) -> None:
             inbox.parent.mkdir(parents=True, exist_ok=True)
             inbox.mkdir()
             relay.inbox = inbox
+            # before the request goes out, so before anything can arrive ("null": a relay nobody asked through)
+            tmp = inbox / (EXPECTED + ".tmp")
+            tmp.write_text(relay.expected.to_json() if relay.expected is not None else "null")
+            os.replace(tmp, inbox / EXPECTED)
             break
         except FileExistsError:
             relay.msg_id = next_message_id()
@@ -276,6 +299,8 @@ def hand_over(event: Any) -> int | None:
 
 def start_move_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay) -> threading.Thread:
     """C-MOVE to us from the remote, in a thread; its responses go into ``relay``."""
+    if relay.expected is None:
+        relay.expected = identity.Expected.of(identifier)
 
     def run() -> None:
         problem = None
@@ -306,6 +331,8 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
 
 def start_get_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> threading.Thread:
     """C-GET from the remote, in a thread, taking the SCP role for ``storage`` contexts; instances and responses into ``relay``."""
+    if relay.expected is None:
+        relay.expected = identity.Expected.of(identifier)
 
     def on_store(event: Any) -> int:
         req = event.request
