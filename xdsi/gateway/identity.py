@@ -91,13 +91,23 @@ class Expected:
         return None
 
 
-def check_file(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> str | None:
-    """Read the delivered file's identifying elements (no pixel data) and compare; a reason to refuse, or None."""
+def read_identity(path: Path) -> Dataset:
+    """The identifying elements of a delivered file (no pixel data read); raises when pydicom cannot read it."""
+    return dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS), force=True)
+
+
+def check(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> tuple[str | None, Dataset | None]:
+    """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS), force=True)
+        ds = read_identity(path)
     except Exception as exc:  # unreadable: we cannot tell whose it is, so it is not relayed
-        return f"data set cannot be read ({exc.__class__.__name__})"
-    return expected.mismatch(ds, sop_class, sop_uid)
+        return f"data set cannot be read ({exc.__class__.__name__})", None
+    return expected.mismatch(ds, sop_class, sop_uid), ds
+
+
+def check_file(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> str | None:
+    """Read the delivered file's identifying elements and compare; a reason to refuse, or None."""
+    return check(expected, path, sop_class, sop_uid)[0]
 
 
 def refuse(remote: Any, msg_id: int, sop_uid: str, reason: str) -> int:
