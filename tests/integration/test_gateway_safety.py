@@ -11,6 +11,7 @@ instances of the asked study are relayed byte-identical and cached.  Same for an
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 import threading
 import urllib.error
 import urllib.request
@@ -27,8 +28,13 @@ from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from tests.integration.dimse_support import dataset_bytes
+from tests.support import rsyslog
+from tests.support.audit_schema import event
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, write_study
+
+
+SOURCE_ID = "XDSI-HUB-SAFETY"
 
 
 class Liar:
@@ -39,10 +45,7 @@ class Liar:
         self.plan: dict[str, list[Path]] = {}
         self.statuses: list[int] = []  # C-STORE statuses xdsi answered, in order
         self.xdsi_port = 0
-        # pynetdicom's C-MOVE SCP writes its OWN AE title as the sub-operations' Move Originator AE Title (PS3.7 wants
-        # the C-MOVE requester's, as dcmqrscp does); xdsi matches a delivery on (calling AE, originator, Message ID),
-        # so the liar calls itself XDSI and is configured with ae_title = "XDSI": both then read XDSI, as from a real PACS
-        ae = AE(ae_title="XDSI")
+        ae = AE(ae_title="LIAR")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])  # the files' own encoding: sent unchanged
         ae.dimse_timeout = ae.network_timeout = 30
@@ -53,11 +56,18 @@ class Liar:
         files = self.plan.get(str(event.identifier.StudyInstanceUID), [])
         yield "127.0.0.1", self.xdsi_port
         yield len(files)
-        for p in files:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, dcmread(p)
+        # pynetdicom's C-MOVE SCP writes its OWN AE title as the sub-operations' Move Originator AE Title (PS3.7 wants
+        # the C-MOVE requester's, as dcmqrscp writes); the sub-association is open by now (called from LIAR), so the
+        # AE's title is the requester's while the C-STOREs go out
+        self.ae.ae_title = str(event.assoc.requestor.ae_title).strip()
+        try:
+            for p in files:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield 0xFF00, dcmread(p)
+        finally:
+            self.ae.ae_title = "LIAR"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -69,10 +79,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     specs = {k: StudySpec(patient_id=f"SAFE{k}", patient_name=f"SAFETY^{k}", accession=f"SA{k}") for k in "ABCD"}
     files = {k: write_study(root / k, s, series=1, per_series=3) for k, s in specs.items()}
     liar = Liar(free_port())
+    stack = ExitStack()
+    repo = stack.enter_context(rsyslog.running_if_available(root / "arr"))  # the audit assertions need it, the rest not
+    audit = f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n' if repo else ""
     cfg = root / "xdsi.toml"
-    cfg.write_text(f"""
+    cfg.write_text(audit + f"""
 [remotes.LIAR]
-ae_title = "XDSI"
 host = "127.0.0.1"
 port = {liar.port}
 services = ["move"]
@@ -88,11 +100,12 @@ cache = true
     try:
         server.start(timeout=120)
         try:
-            yield {"root": root, "specs": specs, "files": files, "liar": liar, "server": server}
+            yield {"root": root, "specs": specs, "files": files, "liar": liar, "server": server, "repo": repo}
         finally:
             server.stop()
     finally:
         liar.stop()
+        stack.close()
 
 
 def _c_get(port: int, study: str) -> dict[str, Any]:
@@ -178,3 +191,65 @@ def test_fetch_refuses_another_studys_instance(env: dict[str, Any]) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/dicomweb/studies/{specs['D'].study_uid}.9/metadata", timeout=60)
     assert exc.value.code == 404
     assert specs["D"].study_uid not in _local_studies(server)
+
+
+# -- the audit trail (issue 15): what was relayed and fetched, the remote named ------------------------------------
+
+
+def _participants(root: Any) -> list[tuple[str | None, str | None, str | None]]:
+    """(UserID, UserIsRequestor, RoleIDCode) of each ActiveParticipant, in order ."""
+    out = []
+    for ap in root.findall("ActiveParticipant"):
+        role = ap.find("RoleIDCode")
+        out.append((ap.get("UserID"), ap.get("UserIsRequestor"), None if role is None else role.get("csd-code")))
+    return out
+
+
+def _about(root: Any, study_uid: str) -> bool:
+    return any(o.get("ParticipantObjectID") == study_uid for o in root.findall("ParticipantObjectIdentification"))
+
+
+def _wait(repo: Any, pred: Any, n: int, seconds: float = 20.0) -> list[Any]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    got: list[Any] = []
+    while time.monotonic() < deadline:
+        got = [r for r in repo.audit_messages(SOURCE_ID) if pred(r)]  # each checked against the PS3.15 schema
+        if len(got) >= n:
+            time.sleep(0.3)
+            return [r for r in repo.audit_messages(SOURCE_ID) if pred(r)]
+        time.sleep(0.1)
+    return got
+
+
+def test_relayed_and_fetched_instances_are_audited(env: dict[str, Any]) -> None:
+    repo, specs, files, liar, server = env["repo"], env["specs"], env["files"], env["liar"], env["server"]
+    if repo is None:
+        pytest.skip("needs Debian rsyslog + rsyslog-gnutls (scripts/test installs them)")
+    study = specs["A"].study_uid
+    if study not in liar.plan:  # run alone: the relay of the first test
+        test_cget_via_cmove_refuses_another_studys_instance(env)
+    transferred = _wait(repo, lambda r: event(r)[0] == "110104" and _about(r, study), 2)
+    by_action = {event(r)[1]: r for r in transferred}
+    assert sorted(by_action) == ["C", "R"], [event(r) for r in transferred]
+    # received from the remote: LIAR is the Source, we the Destination;
+    # the refused instance of another patient's study makes it outcome 4, described, and not counted
+    received = by_action["C"]
+    assert event(received)[2] == "4"
+    assert "refused as not asked for" in received.find("EventIdentification/EventOutcomeDescription").text
+    counts = {sc.get("UID"): sc.get("NumberOfInstances") for sc in received.iter("SOPClass")}
+    assert counts == {"1.2.840.10008.5.1.4.1.1.2": "3"}, counts
+    assert not any(_about(r, specs["B"].study_uid) for r in repo.audit_messages(SOURCE_ID)), "the refused study is not audited as transferred"
+    sent = by_action["R"]
+    assert event(sent)[2] == "0"
+    # we (Source), the C-GET requester (Destination, requestor), the remote (no role)
+    assert _participants(sent) == [("XDSI", "false", "110153"), ("VIEWER", "true", "110152"), ("LIAR", "false", None)]
+    assert _participants(received)[:2] == [("LIAR", "false", "110153"), ("XDSI", "false", "110152")]  # the remote, then us
+    assert ("VIEWER", "true", None) in _participants(received)
+    # the on-demand fetch of study C: Import, the remote as Source
+    if specs["C"].study_uid not in liar.plan:
+        test_fetch_refuses_another_studys_instance(env)
+    (imported,) = _wait(repo, lambda r: event(r)[0] == "110107" and _about(r, specs["C"].study_uid), 1)
+    assert event(imported)[1:] == ("C", "4")  # one instance of another study was refused
+    assert _participants(imported) == [("LIAR", "false", "110153"), ("XDSI", "true", "110152")]  # the remote, then us who asked

@@ -292,7 +292,9 @@ class Prefetcher:
             result.recalled, errors = recall_studies(self.archive, result.studies)
             result.errors.extend(errors)
         if job.rule.push_to and result.studies:
-            result.pushed, errors = push_studies(self.archive, job.rule.push_to, result.studies)
+            from xdsi.audit.hub import audited_push  # Begin Transferring + Instances Transferred per study ([audit] on)
+
+            result.pushed, errors = audited_push(self.archive, job.rule.push_to, result.studies, push_studies)
             result.errors.extend(errors)
         log.info("prefetch %s for patient %r: %d prior(s), %d instance(s) recalled, %d pushed%s", job.rule.name, job.patient_id,
                  len(result.studies), result.recalled, result.pushed, f", {len(result.errors)} error(s)" if result.errors else "")
