@@ -11,7 +11,7 @@ instances of the asked study are relayed byte-identical and cached.  Same for an
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 import threading
 import urllib.error
 import urllib.request
@@ -76,10 +76,11 @@ class Liar:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("gwsafety")
-    specs = {k: StudySpec(patient_id=f"SAFE{k}", patient_name=f"SAFETY^{k}", accession=f"SA{k}") for k in "ABCD"}
+    specs = {k: StudySpec(patient_id=f"SAFE{k}", patient_name=f"SAFETY^{k}", accession=f"SA{k}") for k in "ABCDE"}
     files = {k: write_study(root / k, s, series=1, per_series=3) for k, s in specs.items()}
     liar = Liar(free_port())
     stack = ExitStack()
+    dest = stack.enter_context(_destination())
     repo = stack.enter_context(rsyslog.running_if_available(root / "arr"))  # the audit assertions need it, the rest not
     audit = f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n' if repo else ""
     cfg = root / "xdsi.toml"
@@ -89,6 +90,10 @@ host = "127.0.0.1"
 port = {liar.port}
 services = ["move"]
 connect_timeout = 5
+
+[peers.DEST]
+host = "127.0.0.1"
+port = {dest["port"]}
 
 [gateway]
 remotes = ["LIAR"]
@@ -100,12 +105,31 @@ cache = true
     try:
         server.start(timeout=120)
         try:
-            yield {"root": root, "specs": specs, "files": files, "liar": liar, "server": server, "repo": repo}
+            yield {"root": root, "specs": specs, "files": files, "liar": liar, "server": server, "repo": repo, "dest": dest}
         finally:
             server.stop()
     finally:
         liar.stop()
         stack.close()
+
+
+@contextmanager
+def _destination() -> Iterator[dict[str, Any]]:
+    """A C-MOVE destination (pynetdicom storage SCP, AE DEST): the raw data sets it received, by SOP Instance UID."""
+    got: dict[str, bytes] = {}
+
+    def on_store(event: Any) -> int:
+        got[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield {"port": port, "got": got}
+    finally:
+        server.shutdown()
 
 
 def _c_get(port: int, study: str) -> dict[str, Any]:
@@ -253,3 +277,29 @@ def test_relayed_and_fetched_instances_are_audited(env: dict[str, Any]) -> None:
     (imported,) = _wait(repo, lambda r: event(r)[0] == "110107" and _about(r, specs["C"].study_uid), 1)
     assert event(imported)[1:] == ("C", "4")  # one instance of another study was refused
     assert _participants(imported) == [("LIAR", "false", "110153"), ("XDSI", "true", "110152")]  # the remote, then us who asked
+
+
+def test_cmove_relayed_to_a_destination_refuses_another_studys_instance(env: dict[str, Any]) -> None:
+    """C-MOVE to DEST (a [peers] entry LIAR does not know): moved to us, relayed; the other patient's instance stops here."""
+    specs, files, liar, server, dest = env["specs"], env["files"], env["liar"], env["server"], env["dest"]
+    liar.plan[specs["E"].study_uid] = [files["E"][0], files["A"][0], files["E"][1]]
+    ae = AE(ae_title="MOVER")
+    ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="XDSI")
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = specs["E"].study_uid
+    final: Any = None
+    for st, _rsp in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove, msg_id=1):
+        if "Status" in st and int(st.Status) not in (0xFF00, 0xFF01):
+            final = st
+    assoc.release()
+    assert final is not None and int(final.Status) == 0xB000, final
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1), final
+    want = {_sop(p): p for p in files["E"][:2]}
+    assert set(dest["got"]) == set(want), sorted(dest["got"])
+    for sop, raw in dest["got"].items():
+        assert raw == dataset_bytes(want[sop]), sop
+    assert _sop(files["A"][0]) not in dest["got"]
