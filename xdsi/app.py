@@ -41,10 +41,14 @@ def make_app(archive: Archive, partitions: Mapping[str, Archive] | None = None) 
     from xdsi.web.status import not_found, status_app
 
     limits = archive.settings.http_limits
+    if partitions is None:  # opened here rather than in web_mounts: /status reports their routing queues too
+        from xdsi.archive.partitions import Partitions
+
+        partitions = Partitions.open(archive)
     web = web_mounts(archive, partitions)
     mounts: dict[str, WSGIApp] = {
         # these take no request body: refused before it is read
-        "/status": limit_body(status_app(archive), 0, "/status"),
+        "/status": limit_body(status_app(archive, partitions), 0, "/status"),
         "/wado": limit_body(web["/wado"], 0, "/wado"),
         "/dicomweb": limit_body(web["/dicomweb"], limits.max_stow_bytes, "DICOMweb"),  # STOW-RS; GETs send none
     }

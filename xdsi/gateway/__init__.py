@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import Status
 
+from xdsi.audit import hub as hub_audit
 from xdsi.config import GatewaySettings
 from xdsi.gateway import relay as r
 from xdsi.gateway.find import forward_find
@@ -185,6 +186,7 @@ class Gateway:
         model = str(event.request.AffectedSOPClassUID)
         model = GET_MODEL[model] if how == "get" else MOVE_MODEL[model]
         relay = r.new_relay(archive.settings.temp_dir / "relay", client)
+        relay.audit = hub_audit.relay_audit(self.server, event, client.remote)  # None without [audit]
         finish = r.Finisher(relay, archive.store if g.cache else None, client.remote.ae_title)
         undo = r.install_relay_sender(event.assoc, finish)
         what = f"C-GET from {event.assoc.requestor.ae_title.strip()} via {'C-GET' if how == 'get' else 'C-MOVE'} to {client.remote.name}"
@@ -228,6 +230,7 @@ class Gateway:
         model = str(event.request.AffectedSOPClassUID)
         model = GET_MODEL[model] if how == "get" else MOVE_MODEL[model]
         relay = r.new_relay(archive.settings.temp_dir / "relay", client)
+        relay.audit = hub_audit.relay_audit(self.server, event, client.remote, hub_audit.remote_participant(peer))
         finish = r.Finisher(relay, archive.store if g.cache else None, client.remote.ae_title)
         dest = MoveDestination(destination)
         contexts = _native_storage_contexts()

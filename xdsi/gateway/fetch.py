@@ -14,9 +14,12 @@ import logging
 import threading
 from typing import Any, Iterable
 
+from collections import Counter
+
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
+from xdsi.audit import hub as hub_audit
 from xdsi.gateway import relay as r
 from xdsi.uids import is_valid_uid
 
@@ -76,16 +79,21 @@ class Fetcher:
         r.start_source(client, how, identifier, model, relay, _native_storage_contexts() if how == "get" else [])
         ex = r.Exchange(_Detached, relay)
         stored = failed = 0
+        classes: Counter[str] = Counter()  # SOP classes stored, for the audit trail
+        patient = ""
         try:
             if ex.total() is None:
                 log.warning("fetch of study %s from %s: %s", study_uid, client.remote.name, ex.problem or "no answer")
+                self._audit(client, study_uid, patient, classes, 0, relay, ex.problem or "no answer")
                 return 0
             relay.announce()
             for arrived in ex.rest():
                 try:
+                    patient = patient or arrived.patient_id
                     result = self.archive.store.store_file(arrived.path, source_ae=client.remote.ae_title, move=True)
                     if result.ok:
                         stored += 1
+                        classes[result.sop_class_uid or arrived.sop_class_uid] += 1
                     else:
                         failed += 1
                         log.warning("fetched %s not stored: %s", arrived.sop_instance_uid, result.reason)
@@ -96,4 +104,21 @@ class Fetcher:
             relay.close()
         log.info("fetched study %s from %s (%s): %d stored, %d refused%s", study_uid, client.remote.name,
                  "C-GET" if how == "get" else "C-MOVE", stored, failed, f"; {ex.problem}" if ex.problem else "")
+        self._audit(client, study_uid, patient, classes, failed, relay, ex.problem)
         return stored
+
+    def _audit(self, client: Any, study_uid: str, patient: str, classes: Counter[str], failed: int, relay: r.Relay,
+               problem: str | None) -> None:
+        """Import from the remote (:func:`xdsi.audit.hub.fetch_audit`), when [audit] is on; also when nothing came."""
+        trail = hub_audit.trail_of(self.archive)
+        if trail is None:
+            return
+        if not patient and classes:
+            from xdsi.audit.dimse import patient_of
+
+            try:
+                patient = patient_of(self.archive, study_uid)
+            except Exception:
+                log.exception("audit: patient of fetched study %s not found", study_uid)
+        hub_audit.fetch_audit(trail, hub_audit.us(self.archive.settings), hub_audit.remote_participant(client.remote), study_uid,
+                              patient, classes.items(), failed, relay.refused, problem)

@@ -49,6 +49,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
+from xdsi.gateway import identity
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, fast_polling, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -71,6 +72,8 @@ class Arrived:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    study_uid: str = ""  # from the data set when it was checked here ("" when another worker checked it)
+    patient_id: str = ""
 
 
 class Relay:
@@ -89,6 +92,11 @@ class Relay:
         self.timeout = 60.0
         self.originator = ""  # our AE title as we called the remote (its Move Originator AE Title)
         self.inbox: Path | None = None  # move-to-us relays: where other processes put what they receive for us
+        # what every delivered instance must be (set from the retrieve identifier before the request goes out);
+        # None only for relays nobody asked anything through (unit tests of the hand-over)
+        self.expected: identity.Expected | None = None
+        self.refused: list[tuple[str, str]] = []  # (SOP Instance UID, reason) of deliveries refused as not asked for
+        self.audit: Any = None  # an xdsi.audit.hub.RelayAudit when [audit] is on (set by the gateway)
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -97,12 +105,19 @@ class Relay:
         if self.closed:
             log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
+        study = patient = ""
+        if self.expected is not None:
+            reason, ds = identity.check(self.expected, path, sop_class, sop_uid)
+            if reason is not None:  # never taken over: pynetdicom removes its spool file
+                self.refused.append((sop_uid, reason))
+                return identity.refuse(self.remote_ae, self.msg_id, sop_uid, reason)
+            study, patient = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("PatientID", "") or "")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
         os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
         with self._cond:
             self.ahead += 1
-        self.items.put(("instance", Arrived(own, sop_class, sop_uid, ts)))
+        self.items.put(("instance", Arrived(own, sop_class, sop_uid, ts, study, patient)))
         with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
             self._cond.wait_for(lambda: self.closed or not self.announced or self.ahead <= HIGH_WATER, timeout=self.timeout)
         return 0x0000
@@ -174,6 +189,7 @@ class Relay:
 
 
 CLOSED = ".closed"
+EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
 
 
@@ -188,6 +204,14 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
     """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
     if (inbox / CLOSED).exists():
         return REFUSED_CLOSED
+    try:
+        text = (inbox / EXPECTED).read_text()
+        expected = None if text.strip() == "null" else identity.Expected.from_json(text)
+    except (OSError, ValueError, TypeError) as exc:  # fail closed: a missing or broken expectation checks nothing
+        return identity.refuse(inbox.name, 0, sop_uid, f"the relay's expected identity is unreadable ({exc.__class__.__name__})")
+    reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
+    if reason is not None:
+        return identity.refuse(inbox.name, 0, sop_uid, reason)
     name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
     try:
         os.replace(path, inbox / name)
@@ -229,6 +253,10 @@ def register(relay: Relay) -> None:
             inbox.parent.mkdir(parents=True, exist_ok=True)
             inbox.mkdir()
             relay.inbox = inbox
+            # before the request goes out, so before anything can arrive ("null": a relay nobody asked through)
+            tmp = inbox / (EXPECTED + ".tmp")
+            tmp.write_text(relay.expected.to_json() if relay.expected is not None else "null")
+            os.replace(tmp, inbox / EXPECTED)
             break
         except FileExistsError:
             relay.msg_id = next_message_id()
@@ -240,7 +268,12 @@ def unregister(relay: Relay) -> None:
     with _lock:
         _relays.pop((relay.remote_ae, relay.originator, relay.msg_id), None)
     if relay.inbox is not None:
-        shutil.rmtree(relay.inbox, ignore_errors=True)
+        # a file created while rmtree runs (close()'s CLOSED marker, a late delivery) makes its rmdir fail: again
+        for _ in range(10):
+            shutil.rmtree(relay.inbox, ignore_errors=True)
+            if not relay.inbox.exists():
+                break
+            time.sleep(0.01)
 
 
 def hand_over(event: Any) -> int | None:
@@ -276,6 +309,8 @@ def hand_over(event: Any) -> int | None:
 
 def start_move_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay) -> threading.Thread:
     """C-MOVE to us from the remote, in a thread; its responses go into ``relay``."""
+    if relay.expected is None:
+        relay.expected = identity.Expected.of(identifier)
 
     def run() -> None:
         problem = None
@@ -306,6 +341,8 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
 
 def start_get_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> threading.Thread:
     """C-GET from the remote, in a thread, taking the SCP role for ``storage`` contexts; instances and responses into ``relay``."""
+    if relay.expected is None:
+        relay.expected = identity.Expected.of(identifier)
 
     def on_store(event: Any) -> int:
         req = event.request
@@ -372,6 +409,20 @@ class Finisher:
         self.store = store
         self.source_ae = source_ae
 
+    def sent(self, arrived: Arrived, ok: bool, reason: str = "") -> None:
+        """The receiver's answer for ``arrived`` (before the file is archived or removed): for the audit trail."""
+        audit = self.relay.audit
+        if audit is None:
+            return
+        try:
+            if not arrived.study_uid:  # checked by another worker: read what the audit needs while the file is here
+                ds = identity.read_identity(arrived.path)
+                arrived.study_uid, arrived.patient_id = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("PatientID", "") or "")
+            audit.arrived(arrived.study_uid, arrived.patient_id, arrived.sop_class_uid)
+            audit.sent(arrived.study_uid, arrived.sop_class_uid, ok, reason)
+        except Exception:  # the relay goes on regardless of its audit
+            log.exception("audit of relayed %s failed", arrived.sop_instance_uid)
+
     def __call__(self, arrived: Arrived) -> None:
         try:
             if self.store is not None:
@@ -409,7 +460,14 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
             with open(converted, "wb") as out:
                 transcode.write_converted(arrived.path, choice.transfer_syntax, out)
             path = converted
-        return original(path, *args, **kwargs)
+        rsp = original(path, *args, **kwargs)
+        code = getattr(rsp, "Status", None)
+        finish.sent(arrived, code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF),
+                    "no response" if code is None else f"C-STORE status 0x{int(code):04X}")
+        return rsp
+    except Exception as exc:  # not sent (no context, not convertible, association gone): pynetdicom counts it failed
+        finish.sent(arrived, False, f"{exc.__class__.__name__}: {exc}")
+        raise
     finally:
         if converted is not None:
             _unlink(converted)
@@ -615,6 +673,8 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
         if not ex.ended:
             ex.cancel()
         relay.close()
+        if relay.audit is not None:  # recorded to the spool once the requester has had every sub-operation
+            relay.audit.end(relay.refused, "cancelled" if ex.cancelled else ex.problem)
         for arrived in ex.buffered:
             _unlink(arrived.path)
         if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove

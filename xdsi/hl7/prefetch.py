@@ -548,7 +548,9 @@ class Prefetcher:
             result.errors.extend(errors)
             ready += fetched
         if job.rule.push_to and ready:
-            result.pushed, errors = push_studies(self.archive, job.rule.push_to, [u for u in result.studies if u in ready])
+            from xdsi.audit.hub import audited_push  # Begin Transferring + Instances Transferred per study ([audit] on)
+
+            result.pushed, errors = audited_push(self.archive, job.rule.push_to, [u for u in result.studies if u in ready], push_studies)
             result.errors.extend(errors)
         log.info("prefetch %s for patient %r: %d prior(s), %d instance(s) recalled, %d fetched from remotes, %d pushed%s", job.rule.name,
                  job.patient_id, len(result.studies), result.recalled, result.fetched, result.pushed,

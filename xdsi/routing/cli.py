@@ -79,35 +79,38 @@ def cmd_route(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def print_status(settings: Settings) -> None:
-    """``xdsi status``: the routes, then per destination the queue depth, failures and the last error."""
-    from xdsi.index.db import open_index
-    from xdsi.routing.models import GAVE_UP, PENDING, SENDING, SENT
-
+    """``xdsi status``: the routes, then per destination the queue depth, failures and the last error; then the same
+    for each partition (its own index, its own queue)."""
     for r in settings.routes:
         conds = ", ".join(f"{c.key}={'|'.join(p.text for p in c.patterns)}" for c in r.conditions) or "every instance"
         extra = "".join([f", delay {r.delay}s" if r.delay else "", f", as {r.transfer_syntax}" if r.transfer_syntax else ""])
         print(f"route:      {r.name}: {conds} -> {', '.join(r.destinations)}{extra}")
+    _print_queue(settings, "routing:   ", bool(settings.routes))
+    for name in sorted(getattr(settings, "partitions", {}) or {}):
+        try:
+            part = settings.for_partition(name)
+        except Exception as exc:  # a partition that cannot be resolved is shown as such, the others still are
+            print(f"routing [{name}]: not readable ({exc.__class__.__name__}: {exc})")
+            continue
+        _print_queue(part, f"routing [{part.ae_title}]:", bool(part.routes), quiet_when_empty=True)
+
+
+def _print_queue(settings: Settings, label: str, has_routes: bool, quiet_when_empty: bool = False) -> None:
+    from xdsi.index.db import open_index
+    from xdsi.routing.status import queue_status
+
     index = open_index(settings.effective_index_url)
     try:
-        from types import SimpleNamespace
-
-        from xdsi.routing.queue import RouteQueue
-
-        fake = SimpleNamespace(index=index, settings=settings)
-        summary = RouteQueue(fake, settings.routes, settings.routing).summary()
+        st = queue_status(index, settings)
     finally:
         index.dispose()
-    if not summary:
-        print("routing:    nothing queued" + ("" if settings.routes else " (no [[routes]])"))
+    if not st["destinations"]:
+        if not quiet_when_empty or has_routes:
+            print(f"{label} nothing queued" + ("" if has_routes else " (no [[routes]])"))
         return
-    depth = sum(d["states"].get(PENDING, 0) + d["states"].get(SENDING, 0) for d in summary)
-    failing = sum(d["failing"] for d in summary)
-    gave_up = sum(d["states"].get(GAVE_UP, 0) for d in summary)
-    print(f"routing:    {depth} forward(s) queued, {failing} failing, {gave_up} given up")
-    for d in summary:
-        st = d["states"]
-        print(f"  {d['destination']}: {st.get(PENDING, 0) + st.get(SENDING, 0)} queued ({d['failing']} failing), "
-              f"{st.get(SENT, 0)} sent, {st.get(GAVE_UP, 0)} given up")
-        if d["last_error"] and (d["failing"] or st.get(GAVE_UP)):
-            error, when, retry = d["last_error"]
-            print(f"    last error {when:%Y-%m-%dT%H:%M:%SZ}: {error}" + (f"; next attempt {retry:%H:%M:%S}Z" if retry else ""))
+    print(f"{label} {st['queued']} forward(s) queued, {st['failing']} failing, {st['given_up']} given up")
+    for dest, d in st["destinations"].items():
+        print(f"  {dest}: {d['queued']} queued ({d['failing']} failing), {d['sent']} sent, {d['given_up']} given up")
+        if d["last_error"] and (d["failing"] or d["given_up"]):
+            retry = d["next_attempt_at"]
+            print(f"    last error {d['last_error_at']}: {d['last_error']}" + (f"; next attempt {retry[11:19]}Z" if retry else ""))

@@ -51,9 +51,43 @@ def send_batch(archive: Any, claims: Sequence[Claimed], settings: RoutingSetting
             report(c, False, NOT_ARCHIVED, True)
     if not todo:
         return []
-    if is_url(todo[0].destination):
-        return _stow(archive, todo, refs, settings, report, stopping)
-    return _c_store(archive, todo, refs, report, stopping)
+    audit = _audit(archive, todo, refs)
+    if audit is not None:
+        plain = report
+
+        def report(c: Claimed, ok: bool, error: str, final: bool) -> None:  # noqa: F811 - the same, audited
+            plain(c, ok, error, final)
+            audit.sent(refs[c.sop_instance_uid], ok, error)
+
+    left: list[Claimed] = []
+    try:
+        if is_url(todo[0].destination):
+            left = _stow(archive, todo, refs, settings, report, stopping)
+        else:
+            left = _c_store(archive, todo, refs, report, stopping)
+        return left
+    finally:
+        if audit is not None:
+            audit.end("stopping: sent again later" if left else None)
+
+
+def _audit(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any]) -> Any:
+    """Begin Transferring (per study) recorded now, Instances Transferred when the batch ends (xdsi.audit.hub), or None
+    without [audit].  The destination: the peer's AE title and host, or the DICOMweb URL and its host."""
+    from urllib.parse import urlsplit
+
+    from xdsi.audit import hub
+    from xdsi.audit import messages as m
+
+    if hub.trail_of(archive) is None:
+        return None
+    dest = claims[0].destination
+    if is_url(dest):
+        receiver = m.Participant(dest, False, network_access_point=urlsplit(dest).hostname or None)
+    else:
+        peer = archive.settings.peer(dest)
+        receiver = hub.remote_participant(peer) if peer is not None else m.Participant(dest, False)
+    return hub.transfer_audit(archive, receiver, [refs[c.sop_instance_uid] for c in claims])
 
 
 # -- C-STORE ----------------------------------------------------------------------------------------

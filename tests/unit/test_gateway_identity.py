@@ -1,0 +1,146 @@
+"""A remote's delivery for a relay or fetch must be what was asked (issue 15, patient safety): wrong ones refused (A900)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+from pydicom.dataset import Dataset
+
+from xdsi.gateway import identity
+from xdsi.gateway import relay as r
+from xdsi.tools.synth import StudySpec, write_study
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySpec, list[Path], StudySpec, list[Path]]:
+    root = tmp_path_factory.mktemp("identity")
+    asked = StudySpec(patient_id="PAT-A", patient_name="ASKED^ANNA", accession="IA1")
+    other = StudySpec(patient_id="PAT-B", patient_name="OTHER^OTTO", accession="IB1")
+    return asked, write_study(root / "a", asked, series=2, per_series=2), other, write_study(root / "b", other, series=1, per_series=1)
+
+
+def _ident(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _header(path: Path) -> Dataset:
+    from pydicom import dcmread
+
+    return dcmread(path, stop_before_pixels=True)
+
+
+def test_study_level(studies: Any) -> None:
+    asked, a_files, other, b_files = studies
+    exp = identity.Expected.of(_ident("STUDY", StudyInstanceUID=asked.study_uid))
+    ha = _header(a_files[0])
+    assert identity.check_file(exp, a_files[0], CT, str(ha.SOPInstanceUID)) is None
+    hb = _header(b_files[0])
+    reason = identity.check_file(exp, b_files[0], CT, str(hb.SOPInstanceUID))
+    assert reason is not None and "StudyInstanceUID" in reason
+    # the C-STORE command claims an instance of the asked study, the data set is another: the data set decides
+    assert "SOP Instance UID" in identity.check_file(exp, b_files[0], CT, str(ha.SOPInstanceUID))
+
+
+def test_series_image_and_patient_levels(studies: Any) -> None:
+    asked, a_files, _, _ = studies
+    h = [_header(p) for p in a_files]
+    series0 = str(h[0].SeriesInstanceUID)
+    other_series = next(x for x in h if str(x.SeriesInstanceUID) != series0)
+    exp = identity.Expected.of(_ident("SERIES", StudyInstanceUID=asked.study_uid, SeriesInstanceUID=series0))
+    assert identity.check_file(exp, a_files[0], CT, str(h[0].SOPInstanceUID)) is None
+    i = h.index(other_series)
+    assert "SeriesInstanceUID" in identity.check_file(exp, a_files[i], CT, str(other_series.SOPInstanceUID))
+    exp = identity.Expected.of(_ident("IMAGE", StudyInstanceUID=asked.study_uid, SeriesInstanceUID=series0,
+                                      SOPInstanceUID=str(h[0].SOPInstanceUID)))
+    j = next(k for k, x in enumerate(h) if str(x.SeriesInstanceUID) == series0 and k != 0)
+    assert "SOPInstanceUID" in identity.check_file(exp, a_files[j], CT, str(h[j].SOPInstanceUID))
+    # Patient ID given in the request: held to it; the value is not in the reason (PHI in logs)
+    exp = identity.Expected.of(_ident("STUDY", StudyInstanceUID=asked.study_uid, PatientID="PAT-X"))
+    reason = identity.check_file(exp, a_files[0], CT, str(h[0].SOPInstanceUID))
+    assert reason == "Patient ID differs from the request's"
+    exp = identity.Expected.of(_ident("PATIENT", PatientID="PAT-A"))
+    assert identity.check_file(exp, a_files[0], CT, str(h[0].SOPInstanceUID)) is None
+    # a wildcard is no restriction, a wrong SOP Class is
+    exp = identity.Expected.of(_ident("STUDY", StudyInstanceUID=asked.study_uid, PatientID="PAT*"))
+    assert identity.check_file(exp, a_files[0], CT, str(h[0].SOPInstanceUID)) is None
+    assert "SOP Class" in identity.check_file(exp, a_files[0], "1.2.840.10008.5.1.4.1.1.4", str(h[0].SOPInstanceUID))
+
+
+def test_unreadable_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "junk.dcm"
+    p.write_bytes(b"\x00" * 10)
+    exp = identity.Expected(study_uids=("1.2.3",))
+    assert identity.check_file(exp, p, CT, "1.2.3.4") is not None
+
+
+def _event(path: Path, relay: r.Relay, sop: str) -> Any:
+    req = SimpleNamespace(AffectedSOPClassUID=CT, AffectedSOPInstanceUID=sop, MoveOriginatorMessageID=relay.msg_id,
+                          MoveOriginatorApplicationEntityTitle=relay.originator)
+    return SimpleNamespace(request=req, assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=relay.remote_ae), dul=None),
+                           dataset_path=path, context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"))
+
+
+@pytest.fixture()
+def relay(tmp_path: Path, studies: Any) -> Iterator[r.Relay]:
+    r.INBOX_ROOT = tmp_path / "relay"
+    rel = r.Relay(tmp_path / "spool", "PACS1", 7)
+    rel.originator = "XDSI"
+    rel.expected = identity.Expected.of(_ident("STUDY", StudyInstanceUID=studies[0].study_uid))
+    r.register(rel)
+    try:
+        yield rel
+    finally:
+        r.unregister(rel)
+        r.INBOX_ROOT = None
+
+
+def _copy(src: Path, tmp_path: Path, name: str) -> Path:
+    p = tmp_path / name
+    p.write_bytes(src.read_bytes())
+    return p
+
+
+@pytest.mark.parametrize("other_process", [False, True])
+def test_hand_over_refuses_another_study(relay: r.Relay, tmp_path: Path, studies: Any, other_process: bool) -> None:
+    _, a_files, _, b_files = studies
+    if other_process:  # as in another worker: only the inbox (and its expectation file) is known here
+        with r._lock:
+            r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+    try:
+        wrong = _copy(b_files[0], tmp_path, "wrong.dcm")
+        assert r.hand_over(_event(wrong, relay, str(_header(b_files[0]).SOPInstanceUID))) == identity.REFUSED_MISMATCH
+        assert wrong.exists()  # not taken: pynetdicom removes its own spool file
+        right = _copy(a_files[0], tmp_path, "right.dcm")
+        assert r.hand_over(_event(right, relay, str(_header(a_files[0]).SOPInstanceUID))) == 0x0000
+        got = relay.from_inbox() if other_process else [relay.items.get_nowait()[1]]
+        assert [a.sop_instance_uid for a in got] == [str(_header(a_files[0]).SOPInstanceUID)]
+        assert relay.items.empty() and not relay.from_inbox()
+        if not other_process:
+            assert [u for u, _ in relay.refused] == [str(_header(b_files[0]).SOPInstanceUID)]
+    finally:
+        with r._lock:
+            r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+
+
+def test_inbox_without_expectation_refuses(relay: r.Relay, tmp_path: Path, studies: Any) -> None:
+    """Fail closed: an inbox whose expectation file is gone does not take anything."""
+    _, a_files, _, _ = studies
+    with r._lock:
+        r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+    try:
+        (relay.inbox / r.EXPECTED).unlink()
+        right = _copy(a_files[0], tmp_path, "right.dcm")
+        assert r.hand_over(_event(right, relay, str(_header(a_files[0]).SOPInstanceUID))) == identity.REFUSED_MISMATCH
+        assert not relay.from_inbox()
+    finally:
+        with r._lock:
+            r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
