@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import make_settings
 from xdsi.archive import Archive
-from xdsi.dimse import store_polling
+from xdsi.dimse import store_polling, wakeup
 from xdsi.index.models import Instance
 from xdsi.tools.synth import StudySpec, write_study
 
@@ -75,7 +75,37 @@ def _peer() -> AE:
     return ae
 
 
-def test_fast_while_storing_slow_when_idle_and_release_at_once(served: tuple[Any, Archive, list[Path]]) -> None:
+def test_wakeup_while_storing_no_fast_polling_and_release_at_once(
+    served: tuple[Any, Archive, list[Path]], tmp_path: Path
+) -> None:
+    """The one mechanism for every association (xdsi.dimse.wakeup): woken by activity, never polling faster than pynetdicom."""
+    dicom, archive, _ = served
+    files = write_study(tmp_path, StudySpec(patient_id="POLL02"), series=1, per_series=6, rows=128, columns=128)
+    if not wakeup.check_pynetdicom():
+        pytest.skip("pynetdicom's loops changed: the store_polling fallback is tested below")
+    before = _count(archive)
+    assoc = _peer().associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    try:
+        server_side = _acceptor(dicom)
+        slow = server_side.dul._run_loop_delay
+        for f in files:
+            assert assoc.send_c_store(dcmread(f)).Status == 0x0000
+        assert getattr(server_side, wakeup._MARK, False) is True
+        assert not isinstance(server_side._reactor_checkpoint, store_polling.MessageCheckpoint)  # one mechanism, not two
+        assert server_side.dul._run_loop_delay == slow  # idle passes keep pynetdicom's pace: no busy core
+        t0 = time.monotonic()
+    finally:
+        assoc.release()
+    assert assoc.is_released and time.monotonic() - t0 < 2
+    assert _count(archive) == before + len(files)
+
+
+def test_fast_while_storing_slow_when_idle_and_release_at_once(
+    served: tuple[Any, Archive, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback when pynetdicom's loops are not the ones wakeup knows: store_polling, as before."""
+    monkeypatch.setattr(wakeup, "_SUPPORTED", False)
     dicom, archive, files = served
     before = _count(archive)
     assoc = _peer().associate("127.0.0.1", dicom.port, ae_title="XDSI")

@@ -433,7 +433,7 @@ class DicomServer:
             return relayed
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         store_responses.install(event.assoc)  # Success C-STORE-RSP encoded straight to bytes (idempotent)
-        store_polling.install(event.assoc)  # its loops wake for the next message, not on a 1 ms timer
+        wakeup.install(event.assoc) or store_polling.install(event.assoc)  # loops wake on activity, not a 1 ms timer
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)
         try:

@@ -1,5 +1,10 @@
 """An association receiving C-STOREs: its two pynetdicom loops wake for the next message instead of on a timer.
 
+Now only the fallback: C-STORE associations use :mod:`xdsi.dimse.wakeup` (the one mechanism, shared
+with C-FIND), and this module is installed only when wakeup does not recognise pynetdicom's loops
+(``wakeup.check_pynetdicom()`` false).  Same C-STORE rate, less CPU per instance, and a third of the
+idle CPU of open associations (issue 14, measured with bench/ingest.py).
+
 Why: pynetdicom (3.0) runs each association as two polling loops.  The DUL
 thread sleeps ``_run_loop_delay`` (1 ms) whenever a pass found nothing to do,
 both before it sends a response the handler queued and before it reads the
