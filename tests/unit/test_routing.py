@@ -154,6 +154,27 @@ def test_rules_evaluated_into_one_row_per_destination_and_instance(routed: Archi
     assert len(_rows(routed)) == len(want)
 
 
+def test_without_routes_the_cursor_follows_the_newest_instance(routed: Archive, tmp_path: Path) -> None:
+    """No routes: nothing is queued and the cursor moves to the newest instance, so routes configured later
+    apply from then on, not to what arrived while there were none."""
+    from sqlalchemy import func
+
+    from xdsi.index.models import Instance
+    from xdsi.routing.models import RouteCursor
+
+    q = RouteQueue(routed, (), routed.settings.routing)
+    _store(routed, tmp_path, "CT1", 3)
+    q.evaluate_new()
+    with routed.index.read_session() as s:
+        newest = s.scalar(select(func.max(Instance.pk)))
+        assert s.get(RouteCursor, "instances").instance_pk == newest
+    assert _rows(routed) == []
+    with_routes = RouteQueue(routed, routed.settings.routes, routed.settings.routing)
+    assert with_routes.evaluate_new() == 0 and _rows(routed) == []
+    _store(routed, tmp_path, "CT1", 1)
+    assert with_routes.evaluate_new() == 1 and len(_rows(routed)) == 2  # WSA by "ct-a", WSB by "all-b"
+
+
 def test_replaced_instance_is_queued_again_same_bytes_are_not(routed: Archive, tmp_path: Path) -> None:
     q = RouteQueue(routed, routed.settings.routes, routed.settings.routing)
     routed.store.listeners.append(q.stored)  # as the routing service registers it

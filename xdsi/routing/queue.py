@@ -145,7 +145,9 @@ class RouteQueue:
         with self.index.read_session() as s:
             cursor = s.get(RouteCursor, CURSOR)
             start = cursor.instance_pk if cursor is not None else None
-            if start is None:
+            if start is None or not self.routes:
+                # no routes: nothing to match, the cursor only follows the newest instance (one cheap query per
+                # pass instead of reading every new instance's facts: 3.5-5 % of ingest CPU, issue 14)
                 newest = s.scalar(select(func.max(Instance.pk))) or 0
             else:
                 rows = s.execute(self._facts_query().where(Instance.pk > start).order_by(Instance.pk).limit(limit)).all()
@@ -161,6 +163,11 @@ class RouteQueue:
                     r for i in range(0, len(uids), 500)
                     for r in s.execute(self._facts_query().where(Instance.sop_instance_uid.in_(uids[i : i + 500]), Instance.pk <= start)).all()
                 ]
+        if start is not None and not self.routes:
+            if newest > start:
+                self._write([], newest)
+            self._seen.clear()
+            return 0
         if start is None:  # created by migration 0006; if it was removed: from now on, never into the past
             with self.index.session() as s:
                 if s.get(RouteCursor, CURSOR) is None:
