@@ -48,7 +48,7 @@ STORESCU = "/usr/bin/storescu"
 
 
 def serve(src: Path, data: Path) -> XdsiProcess:
-    env = {"PYTHONPATH": str(src), "TCP_NODELAY": "1"}
+    env = {"PYTHONPATH": str(src), "TCP_NODELAY": "1", "XDSI_WORKERS": "1"}  # one worker: the figures below sample this pid (CPU, RSS, py-spy), and the supervisor serves nothing
     return XdsiProcess(data, env=env).start(timeout=60)
 
 

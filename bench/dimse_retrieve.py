@@ -183,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
         # `python -m xdsi` puts the working directory first on sys.path, ahead of PYTHONPATH: each server runs in its own tree
-        proc = XdsiProcess(data, config=config, prefix=["env", "-C", str(ROOT)], env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}).start(timeout=60)
+        proc = XdsiProcess(data, config=config, prefix=["env", "-C", str(ROOT)], env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT),
+                                "XDSI_WORKERS": "1"}).start(timeout=60)  # one worker: CPU and py-spy sample this pid
         servers = {"xdsi": (proc.dicom_port, proc.ae_title)}
         pids = {"xdsi": proc.proc.pid}
         if args.against:
             shutil.copytree(data, work / "data-base")
             base = XdsiProcess(work / "data-base", config=config, prefix=["env", "-C", str(args.against)],
-                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)}).start(timeout=60)
+                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against), "XDSI_WORKERS": "1"}).start(timeout=60)
             servers["base"] = (base.dicom_port, base.ae_title)
             pids["base"] = base.proc.pid
         if not args.no_orthanc:

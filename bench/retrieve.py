@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             orthanc.start()
             orthanc.load(work / "in")
 
-        env = {"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "XDSI_REPOSITORY_UNIQUE_ID": DEFAULT_REPOSITORY_UNIQUE_ID}
+        env = {"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "XDSI_REPOSITORY_UNIQUE_ID": DEFAULT_REPOSITORY_UNIQUE_ID,
+               "XDSI_WORKERS": "1"}  # one worker: the figures below sample this pid (CPU, RSS, py-spy), and the supervisor serves nothing
         servers["xdsi"] = XdsiProcess(data, env={**env, "PYTHONPATH": str(ROOT)}).start(timeout=60)
         if args.against:
             shutil.copytree(data, work / "data-base")

@@ -108,7 +108,7 @@ def main() -> int:
             f"[server]\ndicom_tls_port = {tls_port}\nhttps_port = {https_port}\n"
             f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{ca.pem}"\n'
         )
-        proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": REPOSITORY}).start()
+        proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"XDSI_REPOSITORY_UNIQUE_ID": REPOSITORY, "XDSI_WORKERS": "1"}).start()  # one worker: CPU sampled by pid
         try:
             ctx = client_context(TlsSettings(certificate=cli.cert, private_key=cli.key, ca_certificates=ca.pem))
             times: dict[str, list[float]] = {"ingest plain": [], "ingest tls": [], "rad69 http": [], "rad69 https": []}

@@ -57,7 +57,7 @@ def main() -> int:
                     f"[server]\nhttps_port = {https[name]}\n"
                     f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{ca.pem}"\n')
                 procs[name] = XdsiProcess(d / f"data-{name}", config=d / f"{name}.toml",
-                                          env={"XDSI_REPOSITORY_UNIQUE_ID": REPOSITORY, "PYTHONPATH": tree},
+                                          env={"XDSI_REPOSITORY_UNIQUE_ID": REPOSITORY, "PYTHONPATH": tree, "XDSI_WORKERS": "1"},  # CPU by pid
                                           prefix=["env", f"--chdir={tree}"]).start()  # `python -m xdsi` imports from its cwd first
                 ingest(procs[name].dicom_port, procs[name].ae_title, dss, None)
             plain, secure = requests.Session(), requests.Session()

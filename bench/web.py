@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_orthanc:
             orthanc.start()
             orthanc.load(work / "in")
-        env = {"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1"}
+        env = {"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "XDSI_WORKERS": "1"}  # one worker: the figures below sample this pid (CPU, RSS, py-spy), and the supervisor serves nothing
         servers["xdsi"] = XdsiProcess(work / "data", env={**env, "PYTHONPATH": str(ROOT)}).start(timeout=60)
         if args.against:
             shutil.copytree(work / "data", work / "data-base")
