@@ -260,18 +260,7 @@ def record_instance(
         return pk, []
     study = _study(session, h, now)
     series, series_created = _series(session, h, study, now)
-    values = {
-        "series_fk": series.pk,
-        "sop_class_uid": h.sop_class_uid,
-        "transfer_syntax_uid": h.transfer_syntax_uid,
-        "instance_number": h.instance_number,
-        "number_of_frames": h.number_of_frames,
-        "content_date": h.content_date,
-        "content_time": h.content_time,
-        "rows": h.rows,
-        "columns": h.columns,
-        "source_ae_title": source_ae[:16],
-    }
+    values = {"series_fk": series.pk, **_instance_values(h, source_ae)}
     old_copies: list[CopyRecord] = []
     inst = find_instance(session, h.sop_instance_uid)
     moved_from: int | None = None
@@ -366,6 +355,21 @@ def _would_fill(row: Any, h: "InstanceHeader", fields: dict[str, str], prefix: s
     return False
 
 
+def _instance_values(h: "InstanceHeader", source_ae: str) -> dict[str, Any]:
+    """The instance row's columns taken from the header: one list for the fast path and the general one."""
+    return {
+        "sop_class_uid": h.sop_class_uid,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "instance_number": h.instance_number,
+        "number_of_frames": h.number_of_frames,
+        "content_date": h.content_date,
+        "content_time": h.content_time,
+        "rows": h.rows,
+        "columns": h.columns,
+        "source_ae_title": source_ae[:16],
+    }
+
+
 def _record_fast(session: Session, h: "InstanceHeader", copy: CopyRecord, source_ae: str, now: datetime) -> int | None:
     """Index a new instance of an already indexed series with Core statements; None: take the general path.
 
@@ -413,20 +417,7 @@ def _record_fast(session: Session, h: "InstanceHeader", copy: CopyRecord, source
         return None
     inserted = conn.execute(
         new_instance,
-        {
-            "sop_instance_uid": h.sop_instance_uid,
-            "series_fk": row.series_pk,
-            "sop_class_uid": h.sop_class_uid,
-            "transfer_syntax_uid": h.transfer_syntax_uid,
-            "instance_number": h.instance_number,
-            "number_of_frames": h.number_of_frames,
-            "content_date": h.content_date,
-            "content_time": h.content_time,
-            "rows": h.rows,
-            "columns": h.columns,
-            "source_ae_title": source_ae[:16],
-            "created_at": now,
-        },
+        {"sop_instance_uid": h.sop_instance_uid, "series_fk": row.series_pk, **_instance_values(h, source_ae), "created_at": now},
     ).first()
     if inserted is None:
         return None  # already indexed: duplicate policy and replacement are the general path's
