@@ -115,17 +115,48 @@ class Relay:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
         os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
-        with self._cond:
-            self.ahead += 1
-        self.items.put(("instance", Arrived(own, sop_class, sop_uid, ts, study, patient)))
+        if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient)]):
+            log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
+            return REFUSED_CLOSED
         with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
             self._cond.wait_for(lambda: self.closed or not self.announced or self.ahead <= HIGH_WATER, timeout=self.timeout)
         return 0x0000
 
+    def _enqueue(self, arrived: list[Arrived]) -> bool:
+        """Queue instances for the sink, or remove them if the relay is closed (False).
+
+        Under the lock that :meth:`close` takes to set ``closed``: an instance is either queued before
+        close() empties the queue, or removed here; never left behind in the spool.
+        """
+        with self._cond:
+            if not self.closed:
+                self.ahead += len(arrived)
+                for a in arrived:
+                    self.items.put(("instance", a))
+                return True
+        for a in arrived:
+            _unlink(a.path)
+        return False
+
+    def drain_inbox(self) -> None:
+        """Source side: queue what other processes put in the inbox, ahead of the response about to be queued.
+
+        The remote sends a C-MOVE response only after our C-STORE responses for the instances it
+        counts, and another worker answers its C-STORE only once the file is in the inbox; so
+        draining here, in the thread that receives the responses, keeps instance-before-response
+        order in the queue and leaves nothing in the inbox when the source removes it (unregister).
+        """
+        if self.inbox is not None:
+            arrived = self.from_inbox()
+            if arrived:
+                self._enqueue(arrived)
+
     def response(self, st: Dataset, identifier: Dataset | None) -> None:
+        self.drain_inbox()
         self.items.put(("rsp", (st, identifier)))
 
     def end(self, problem: str | None = None) -> None:
+        self.drain_inbox()
         self.items.put(("end", problem))
 
     # -- the sink side ----------------------------------------------------------------------------
@@ -180,10 +211,10 @@ class Relay:
             own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
             try:
                 os.replace(self.inbox / name, own)
-            except OSError:
+            except FileNotFoundError:  # the other side (source or sink thread) took it first
                 continue
-            with self._cond:
-                self.ahead += 1
+            except OSError:
+                shutil.move(str(self.inbox / name), str(own))
             out.append(Arrived(own, sop_class, sop_uid, ts))
         return out
 
@@ -400,6 +431,13 @@ class MissingInstance(Dataset):
             self.SOPInstanceUID = sop_instance_uid
         self._xdsi_reason = reason
 
+    def __bool__(self) -> bool:
+        """Always true: pynetdicom's C-GET/C-MOVE SCP tests ``status is Pending and dataset``, and an empty
+        Dataset (a missing instance whose UID the remote did not list) is false, so the sub-operation
+        would be skipped, neither failed nor sent, and the final response would be Success with
+        Remaining > 0.  True, it reaches ``send_c_store``, which raises, and is counted failed."""
+        return True
+
 
 class Finisher:
     """What happens to an arrived instance once it is sent on: archived (``cache``) or deleted."""
@@ -531,7 +569,10 @@ class Exchange:
             except queue.Empty:
                 item = None
             if self.relay.inbox is not None and (item is None or item[0] != "instance"):
-                self.pending = [("instance", a) for a in self.relay.from_inbox()]
+                taken = self.relay.from_inbox()
+                with self.relay._cond:
+                    self.relay.ahead += len(taken)
+                self.pending = [("instance", a) for a in taken]
                 if item is not None:
                     self.pending.append(item)
                 continue
@@ -677,6 +718,9 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             relay.audit.end(relay.refused, "cancelled" if ex.cancelled else ex.problem)
         for arrived in ex.buffered:
             _unlink(arrived.path)
+        for kind, value in ex.pending:  # taken from the inbox but never yielded (cancelled, requester gone)
+            if kind == "instance":
+                _unlink(value.path)
         if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
             _unlink(last.path)
 
