@@ -200,3 +200,68 @@ def test_missing_instance_without_a_uid_counts_as_a_failed_sub_operation() -> No
     the remote did not list) was neither sent nor failed, and the requester got Success with Remaining > 0."""
     assert bool(r.MissingInstance("", "the remote did not deliver it"))
     assert bool(r.MissingInstance("1.2.3", "x")) and r.MissingInstance("1.2.3", "x").SOPInstanceUID == "1.2.3"
+
+
+def test_cget_scp_reports_undelivered_instances_as_failed(tmp_path: Path) -> None:
+    """Through pynetdicom's own C-GET SCP and SCU on 127.0.0.1: the remote announced 3, delivered 2 and failed 1
+    without listing its UID.  The requester must get Warning B000 with Completed 2, Failed 1 (not Success with
+    Remaining 1, as before MissingInstance was always true)."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+    from pynetdicom import build_role
+
+    from xdsi.tools.synth import StudySpec, write_study
+
+    spec = StudySpec(patient_id="RW2", patient_name="RELAY^COUNTS", accession="RW2")
+    files = write_study(tmp_path / "study", spec, series=1, per_series=2)
+
+    def on_get(event: Any) -> Iterator[Any]:
+        relay = r.Relay(tmp_path / "spool", "PACS1", 12)
+        relay.response(_st(0xFF00, 3, 0), None)
+        for i, f in enumerate(files):
+            spooled = tmp_path / f"spooled-{i}.dcm"
+            spooled.write_bytes(f.read_bytes())
+            ds = dcmread(f, stop_before_pixels=True)
+            assert relay.deliver(spooled, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)) == 0
+        final = _st(0xB000, None, 2)
+        final.NumberOfFailedSuboperations = 1
+        relay.response(final, None)  # no Failed SOP Instance UID List
+        relay.end()
+        undo = r.install_relay_sender(event.assoc, r.Finisher(relay, None, "PACS1"))
+        try:
+            yield from r.relay_suboperations(event, relay, "test")
+        finally:
+            undo()
+
+    scp = AE(ae_title="XDSI")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    scp.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], scp_role=True, scu_role=True)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        port = server.socket.getsockname()[1]
+        scu = AE(ae_title="GETSCU")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        scu.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        received: list[str] = []
+
+        def on_store(event: Any) -> int:
+            received.append(str(event.request.AffectedSOPInstanceUID))
+            return 0x0000
+
+        assoc = scu.associate("127.0.0.1", port, ae_title="XDSI", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = spec.study_uid
+        responses = list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+        assoc.release()
+        st = responses[-1][0]
+        assert st.Status == 0xB000, st
+        assert (st.NumberOfCompletedSuboperations, st.NumberOfFailedSuboperations, st.get("NumberOfRemainingSuboperations", 0)) == (2, 1, 0), st
+        assert len(received) == 2
+        assert not list((tmp_path / "spool").glob("relay-*.dcm"))
+    finally:
+        server.shutdown()
