@@ -34,6 +34,7 @@ that arrive after it are refused and removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -138,6 +139,22 @@ class Relay:
             _unlink(a.path)
         return False
 
+    def _take_refusal(self, name: str) -> None:
+        assert self.inbox is not None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        own = self.spool_dir / f"relay-{uuid.uuid4().hex}.refused"
+        try:
+            os.replace(self.inbox / name, own)  # claimed: the source and the sink thread never both count it
+        except FileNotFoundError:
+            return
+        try:
+            data = json.loads(own.read_text())
+            self.refused.append((str(data["sop_instance_uid"]), str(data["reason"])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("relay %s/%d: unreadable refusal record (%s)", self.remote_ae, self.msg_id, exc)
+        finally:
+            _unlink(own)
+
     def drain_inbox(self) -> None:
         """Source side: queue what other processes put in the inbox, ahead of the response about to be queued.
 
@@ -193,13 +210,17 @@ class Relay:
 
 
     def from_inbox(self) -> list[Arrived]:
-        """Instances another process put in our inbox, oldest first, taken out of it."""
+        """Instances another process put in our inbox, oldest first, taken out of it (and the refusals it
+        recorded there, added to :attr:`refused`)."""
         if self.inbox is None:
             return []
         try:
-            names = sorted(n for n in os.listdir(self.inbox) if n.endswith(".dcm"))
+            listing = os.listdir(self.inbox)
         except FileNotFoundError:
             return []
+        for name in sorted(n for n in listing if n.endswith(REFUSED)):
+            self._take_refusal(name)
+        names = sorted(n for n in listing if n.endswith(".dcm"))
         out = []
         if names:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +241,7 @@ class Relay:
 
 
 CLOSED = ".closed"
+REFUSED = ".refused"  # in an inbox: an instance another process refused for this relay (JSON: UID and reason)
 EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
 
@@ -239,9 +261,12 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
         text = (inbox / EXPECTED).read_text()
         expected = None if text.strip() == "null" else identity.Expected.from_json(text)
     except (OSError, ValueError, TypeError) as exc:  # fail closed: a missing or broken expectation checks nothing
-        return identity.refuse(inbox.name, 0, sop_uid, f"the relay's expected identity is unreadable ({exc.__class__.__name__})")
+        reason = f"the relay's expected identity is unreadable ({exc.__class__.__name__})"
+        _record_refusal(inbox, sop_uid, reason)
+        return identity.refuse(inbox.name, 0, sop_uid, reason)
     reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
     if reason is not None:
+        _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
     name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
     try:
@@ -258,6 +283,21 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
             break
         time.sleep(0.005)
     return 0x0000
+
+
+def _record_refusal(inbox: Path, sop_uid: str, reason: str) -> None:
+    """Tell the relay's process (its audit: outcome and description) about an instance refused here.
+
+    Written before the C-STORE response, so before the remote's next C-MOVE response: the relay's
+    source thread finds it when it drains the inbox ahead of that response.
+    """
+    name = f"{time.time_ns():020d}_{os.getpid()}_{uuid.uuid4().hex}"
+    try:
+        tmp = inbox / f"{name}.tmp"
+        tmp.write_text(json.dumps({"sop_instance_uid": sop_uid, "reason": reason}))
+        os.replace(tmp, inbox / f"{name}{REFUSED}")
+    except OSError as exc:  # the refusal itself stands; only the relay's audit misses it
+        log.warning("relay inbox %s: refusal of %s not recorded (%s)", inbox.name, sop_uid, exc)
 
 
 def _unlink(path: Path) -> None:
