@@ -663,6 +663,16 @@ class Exchange:
                 self.ended = True
                 self.problem = self.problem or value
 
+    def discard(self) -> None:
+        """Remove what was taken but never handed out (the retrieve cancelled, the requester gone, an error)."""
+        for arrived in self.buffered:
+            _unlink(arrived.path)
+        self.buffered.clear()
+        for kind, value in self.pending:  # taken from the inbox ahead of a response, never returned
+            if kind == "instance":
+                _unlink(value.path)
+        self.pending.clear()
+
     def failed_uids(self) -> list[str]:
         ident = self.final_identifier
         value = ident.get("FailedSOPInstanceUIDList", []) if ident is not None else []
@@ -756,11 +766,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
         relay.close()
         if relay.audit is not None:  # recorded to the spool once the requester has had every sub-operation
             relay.audit.end(relay.refused, "cancelled" if ex.cancelled else ex.problem)
-        for arrived in ex.buffered:
-            _unlink(arrived.path)
-        for kind, value in ex.pending:  # taken from the inbox but never yielded (cancelled, requester gone)
-            if kind == "instance":
-                _unlink(value.path)
+        ex.discard()
         if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
             _unlink(last.path)
 
