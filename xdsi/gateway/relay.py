@@ -21,7 +21,11 @@ another worker than the one waiting for the instances.  Each move-to-us relay th
 inbox directory, ``<temp_dir>/relay/inbox-<remote AE>-<our AE>-<Message ID>`` (its creation reserves the
 Message ID across processes); a worker that receives an instance for a relay it does not hold moves
 the spool file there (the name carries SOP Class, SOP Instance and transfer syntax) before answering
-the C-STORE, and the waiting worker picks it up.  In one process the in-memory queue is used.
+the C-STORE, and the waiting worker picks it up: the requester's side whenever its queue runs dry,
+and the source thread before it queues each of the remote's responses and the end (so an instance
+always comes before the response that counts it, and nothing is left in the inbox when the source
+removes it).  An instance refused there (not what was asked for) is recorded in the inbox too, for
+the relay's audit.  In one process the in-memory queue is used.
 
 Counts: pynetdicom's C-GET/C-MOVE SCP needs the number of sub-operations before the first one; it
 comes from the remote's first Pending response (Remaining + Completed + Failed + Warning) or, if
