@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -124,8 +125,9 @@ def test_hand_over_refuses_another_study(relay: r.Relay, tmp_path: Path, studies
         got = relay.from_inbox() if other_process else [relay.items.get_nowait()[1]]
         assert [a.sop_instance_uid for a in got] == [str(_header(a_files[0]).SOPInstanceUID)]
         assert relay.items.empty() and not relay.from_inbox()
-        if not other_process:
-            assert [u for u, _ in relay.refused] == [str(_header(b_files[0]).SOPInstanceUID)]
+        # refused in another worker too: recorded in the inbox, so the relay's own process audits it (outcome 4)
+        assert [u for u, _ in relay.refused] == [str(_header(b_files[0]).SOPInstanceUID)]
+        assert not [n for n in os.listdir(relay.inbox) if n.endswith(r.REFUSED)] if relay.inbox else True
     finally:
         with r._lock:
             r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay

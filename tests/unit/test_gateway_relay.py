@@ -90,3 +90,178 @@ def test_message_id_in_use_by_another_process_is_not_reused(tmp_path: Path, rela
     finally:
         r.unregister(other)
     assert not other.inbox.exists()
+
+
+# -- every delivery through another worker (xdsi serve --workers N), end to end through the source thread --------
+
+
+class _MoveOnlyThroughTheInbox:
+    """A RemoteClient stand-in whose C-MOVE delivers each instance as ANOTHER worker would (into the relay's inbox,
+    answering the C-STORE only once the file is there), then sends its responses: the order a real remote keeps."""
+
+    def __init__(self, relay: r.Relay, files: list[Path], spool: Path) -> None:
+        self.relay, self.files, self.spool = relay, files, spool
+        self.move_destination = "XDSI"
+        self.calling_ae = "XDSI"
+        self.remote = SimpleNamespace(name="PACS1", timeout=5.0)
+        self.statuses: list[int] = []
+
+    def association(self, contexts: Any) -> Any:
+        client = self
+
+        class _Assoc:
+            def __enter__(self) -> "_Assoc":
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                return None
+
+            def send_c_cancel(self, *a: Any, **kw: Any) -> None:
+                return None
+
+            def send_c_move(self, identifier: Any, dest: str, model: str, msg_id: int) -> Iterator[tuple[Any, Any]]:
+                from pydicom import dcmread
+
+                n = len(client.files)
+                for i, f in enumerate(client.files):
+                    spooled = client.spool / f"pynetdicom-{i}.dcm"  # pynetdicom's spool file in the receiving worker
+                    spooled.write_bytes(f.read_bytes())
+                    ds = dcmread(f, stop_before_pixels=True)
+                    inbox = r.inbox_path("PACS1", "XDSI", msg_id)
+                    assert inbox is not None and inbox.is_dir()
+                    status = r._deliver_to_inbox(inbox, spooled, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, 5.0)
+                    client.statuses.append(status)
+                    if i < n - 1:  # like dcmqrscp: a Pending after each sub-operation but the last
+                        yield _st(0xFF00, n - i - 1, i + 1), None
+                yield _st(0x0000, None, n), None
+
+        return _Assoc()
+
+
+def _st(code: int, remaining: int | None, completed: int) -> Any:
+    from pydicom.dataset import Dataset
+
+    st = Dataset()
+    st.Status = code
+    if remaining is not None:
+        st.NumberOfRemainingSuboperations = remaining
+    st.NumberOfCompletedSuboperations = completed
+    st.NumberOfFailedSuboperations = 0
+    st.NumberOfWarningSuboperations = 0
+    return st
+
+
+def test_every_instance_delivered_by_another_worker_is_relayed(tmp_path: Path) -> None:
+    """The --workers 2 race of test_gateway: the source thread ends (final response, inbox removed) before the
+    requester's side has looked into the inbox.  Every instance must still be relayed, none counted missing, and
+    nothing left in the spool; the old code lost the inbox's last files with its removal."""
+    from pydicom.dataset import Dataset
+
+    from xdsi.tools.synth import StudySpec, write_study
+
+    spec = StudySpec(patient_id="RW1", patient_name="RELAY^WORKERS", accession="RW1")
+    files = write_study(tmp_path / "study", spec, series=1, per_series=6)
+    r.INBOX_ROOT = tmp_path / "relay"
+    spool = tmp_path / "pynetdicom"
+    spool.mkdir()
+    try:
+        relay = r.Relay(tmp_path / "relay", "PACS1", 11)
+        relay.originator = "XDSI"
+        client = _MoveOnlyThroughTheInbox(relay, files, spool)
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = spec.study_uid
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+        thread = r.start_move_source(client, ident, StudyRootQueryRetrieveInformationModelMove, relay)  # type: ignore[arg-type]
+        thread.join(10)  # the worst case: the source is done before the requester's side reads anything
+        assert not thread.is_alive() and client.statuses == [0x0000] * len(files)
+        event = SimpleNamespace(is_cancelled=False, assoc=SimpleNamespace(is_established=True))
+        gen = r.relay_suboperations(event, relay, "test")
+        assert next(gen) == len(files)
+        from pydicom import dcmread
+
+        want = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes() for f in files}
+        got: dict[str, bytes] = {}
+        for status, placeholder in gen:
+            assert not isinstance(placeholder, r.MissingInstance), placeholder
+            arrived = placeholder._xdsi_arrived
+            got[arrived.sop_instance_uid] = arrived.path.read_bytes()
+            r._unlink(arrived.path)  # what Finisher does once sent
+            relay.consumed()
+        assert got == want  # every instance, byte-identical
+        assert not list((tmp_path / "relay").glob("relay-*.dcm")) and not list((tmp_path / "relay").glob("inbox-*"))
+    finally:
+        r.INBOX_ROOT = None
+
+
+def test_missing_instance_without_a_uid_counts_as_a_failed_sub_operation() -> None:
+    """pynetdicom's C-GET/C-MOVE SCP skips a Pending whose data set is false: an empty placeholder (a missing instance
+    the remote did not list) was neither sent nor failed, and the requester got Success with Remaining > 0."""
+    assert bool(r.MissingInstance("", "the remote did not deliver it"))
+    assert bool(r.MissingInstance("1.2.3", "x")) and r.MissingInstance("1.2.3", "x").SOPInstanceUID == "1.2.3"
+
+
+def test_cget_scp_reports_undelivered_instances_as_failed(tmp_path: Path) -> None:
+    """Through pynetdicom's own C-GET SCP and SCU on 127.0.0.1: the remote announced 3, delivered 2 and failed 1
+    without listing its UID.  The requester must get Warning B000 with Completed 2, Failed 1 (not Success with
+    Remaining 1, as before MissingInstance was always true)."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+    from pynetdicom import build_role
+
+    from xdsi.tools.synth import StudySpec, write_study
+
+    spec = StudySpec(patient_id="RW2", patient_name="RELAY^COUNTS", accession="RW2")
+    files = write_study(tmp_path / "study", spec, series=1, per_series=2)
+
+    def on_get(event: Any) -> Iterator[Any]:
+        relay = r.Relay(tmp_path / "spool", "PACS1", 12)
+        relay.response(_st(0xFF00, 3, 0), None)
+        for i, f in enumerate(files):
+            spooled = tmp_path / f"spooled-{i}.dcm"
+            spooled.write_bytes(f.read_bytes())
+            ds = dcmread(f, stop_before_pixels=True)
+            assert relay.deliver(spooled, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)) == 0
+        final = _st(0xB000, None, 2)
+        final.NumberOfFailedSuboperations = 1
+        relay.response(final, None)  # no Failed SOP Instance UID List
+        relay.end()
+        undo = r.install_relay_sender(event.assoc, r.Finisher(relay, None, "PACS1"))
+        try:
+            yield from r.relay_suboperations(event, relay, "test")
+        finally:
+            undo()
+
+    scp = AE(ae_title="XDSI")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    scp.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], scp_role=True, scu_role=True)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        port = server.socket.getsockname()[1]
+        scu = AE(ae_title="GETSCU")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        scu.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        received: list[str] = []
+
+        def on_store(event: Any) -> int:
+            received.append(str(event.request.AffectedSOPInstanceUID))
+            return 0x0000
+
+        assoc = scu.associate("127.0.0.1", port, ae_title="XDSI", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = spec.study_uid
+        responses = list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+        assoc.release()
+        st = responses[-1][0]
+        assert st.Status == 0xB000, st
+        assert (st.NumberOfCompletedSuboperations, st.NumberOfFailedSuboperations, st.get("NumberOfRemainingSuboperations", 0)) == (2, 1, 0), st
+        assert len(received) == 2
+        assert not list((tmp_path / "spool").glob("relay-*.dcm"))
+    finally:
+        server.shutdown()

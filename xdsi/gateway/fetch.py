@@ -102,6 +102,7 @@ class Fetcher:
                     relay.consumed()
         finally:
             relay.close()
+            ex.discard()
         log.info("fetched study %s from %s (%s): %d stored, %d refused%s", study_uid, client.remote.name,
                  "C-GET" if how == "get" else "C-MOVE", stored, failed, f"; {ex.problem}" if ex.problem else "")
         self._audit(client, study_uid, patient, classes, failed, relay, ex.problem)

@@ -21,7 +21,11 @@ another worker than the one waiting for the instances.  Each move-to-us relay th
 inbox directory, ``<temp_dir>/relay/inbox-<remote AE>-<our AE>-<Message ID>`` (its creation reserves the
 Message ID across processes); a worker that receives an instance for a relay it does not hold moves
 the spool file there (the name carries SOP Class, SOP Instance and transfer syntax) before answering
-the C-STORE, and the waiting worker picks it up.  In one process the in-memory queue is used.
+the C-STORE, and the waiting worker picks it up: the requester's side whenever its queue runs dry,
+and the source thread before it queues each of the remote's responses and the end (so an instance
+always comes before the response that counts it, and nothing is left in the inbox when the source
+removes it).  An instance refused there (not what was asked for) is recorded in the inbox too, for
+the relay's audit.  In one process the in-memory queue is used.
 
 Counts: pynetdicom's C-GET/C-MOVE SCP needs the number of sub-operations before the first one; it
 comes from the remote's first Pending response (Remaining + Completed + Failed + Warning) or, if
@@ -34,6 +38,7 @@ that arrive after it are refused and removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -115,17 +120,64 @@ class Relay:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
         os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
-        with self._cond:
-            self.ahead += 1
-        self.items.put(("instance", Arrived(own, sop_class, sop_uid, ts, study, patient)))
+        if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient)]):
+            log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
+            return REFUSED_CLOSED
         with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
             self._cond.wait_for(lambda: self.closed or not self.announced or self.ahead <= HIGH_WATER, timeout=self.timeout)
         return 0x0000
 
+    def _enqueue(self, arrived: list[Arrived]) -> bool:
+        """Queue instances for the sink, or remove them if the relay is closed (False).
+
+        Under the lock that :meth:`close` takes to set ``closed``: an instance is either queued before
+        close() empties the queue, or removed here; never left behind in the spool.
+        """
+        with self._cond:
+            if not self.closed:
+                self.ahead += len(arrived)
+                for a in arrived:
+                    self.items.put(("instance", a))
+                return True
+        for a in arrived:
+            _unlink(a.path)
+        return False
+
+    def _take_refusal(self, name: str) -> None:
+        assert self.inbox is not None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        own = self.spool_dir / f"relay-{uuid.uuid4().hex}.refused"
+        try:
+            os.replace(self.inbox / name, own)  # claimed: the source and the sink thread never both count it
+        except FileNotFoundError:
+            return
+        try:
+            data = json.loads(own.read_text())
+            self.refused.append((str(data["sop_instance_uid"]), str(data["reason"])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("relay %s/%d: unreadable refusal record (%s)", self.remote_ae, self.msg_id, exc)
+        finally:
+            _unlink(own)
+
+    def drain_inbox(self) -> None:
+        """Source side: queue what other processes put in the inbox, ahead of the response about to be queued.
+
+        The remote sends a C-MOVE response only after our C-STORE responses for the instances it
+        counts, and another worker answers its C-STORE only once the file is in the inbox; so
+        draining here, in the thread that receives the responses, keeps instance-before-response
+        order in the queue and leaves nothing in the inbox when the source removes it (unregister).
+        """
+        if self.inbox is not None:
+            arrived = self.from_inbox()
+            if arrived:
+                self._enqueue(arrived)
+
     def response(self, st: Dataset, identifier: Dataset | None) -> None:
+        self.drain_inbox()
         self.items.put(("rsp", (st, identifier)))
 
     def end(self, problem: str | None = None) -> None:
+        self.drain_inbox()
         self.items.put(("end", problem))
 
     # -- the sink side ----------------------------------------------------------------------------
@@ -162,13 +214,17 @@ class Relay:
 
 
     def from_inbox(self) -> list[Arrived]:
-        """Instances another process put in our inbox, oldest first, taken out of it."""
+        """Instances another process put in our inbox, oldest first, taken out of it (and the refusals it
+        recorded there, added to :attr:`refused`)."""
         if self.inbox is None:
             return []
         try:
-            names = sorted(n for n in os.listdir(self.inbox) if n.endswith(".dcm"))
+            listing = os.listdir(self.inbox)
         except FileNotFoundError:
             return []
+        for name in sorted(n for n in listing if n.endswith(REFUSED)):
+            self._take_refusal(name)
+        names = sorted(n for n in listing if n.endswith(".dcm"))
         out = []
         if names:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -180,15 +236,16 @@ class Relay:
             own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
             try:
                 os.replace(self.inbox / name, own)
-            except OSError:
+            except FileNotFoundError:  # the other side (source or sink thread) took it first
                 continue
-            with self._cond:
-                self.ahead += 1
+            except OSError:
+                shutil.move(str(self.inbox / name), str(own))
             out.append(Arrived(own, sop_class, sop_uid, ts))
         return out
 
 
 CLOSED = ".closed"
+REFUSED = ".refused"  # in an inbox: an instance another process refused for this relay (JSON: UID and reason)
 EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
 
@@ -208,9 +265,12 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
         text = (inbox / EXPECTED).read_text()
         expected = None if text.strip() == "null" else identity.Expected.from_json(text)
     except (OSError, ValueError, TypeError) as exc:  # fail closed: a missing or broken expectation checks nothing
-        return identity.refuse(inbox.name, 0, sop_uid, f"the relay's expected identity is unreadable ({exc.__class__.__name__})")
+        reason = f"the relay's expected identity is unreadable ({exc.__class__.__name__})"
+        _record_refusal(inbox, sop_uid, reason)
+        return identity.refuse(inbox.name, 0, sop_uid, reason)
     reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
     if reason is not None:
+        _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
     name = f"{time.time_ns():020d}_{os.getpid()}_{sop_class}_{sop_uid}_{ts}.dcm"
     try:
@@ -227,6 +287,21 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
             break
         time.sleep(0.005)
     return 0x0000
+
+
+def _record_refusal(inbox: Path, sop_uid: str, reason: str) -> None:
+    """Tell the relay's process (its audit: outcome and description) about an instance refused here.
+
+    Written before the C-STORE response, so before the remote's next C-MOVE response: the relay's
+    source thread finds it when it drains the inbox ahead of that response.
+    """
+    name = f"{time.time_ns():020d}_{os.getpid()}_{uuid.uuid4().hex}"
+    try:
+        tmp = inbox / f"{name}.tmp"
+        tmp.write_text(json.dumps({"sop_instance_uid": sop_uid, "reason": reason}))
+        os.replace(tmp, inbox / f"{name}{REFUSED}")
+    except OSError as exc:  # the refusal itself stands; only the relay's audit misses it
+        log.warning("relay inbox %s: refusal of %s not recorded (%s)", inbox.name, sop_uid, exc)
 
 
 def _unlink(path: Path) -> None:
@@ -400,6 +475,13 @@ class MissingInstance(Dataset):
             self.SOPInstanceUID = sop_instance_uid
         self._xdsi_reason = reason
 
+    def __bool__(self) -> bool:
+        """Always true: pynetdicom's C-GET/C-MOVE SCP tests ``status is Pending and dataset``, and an empty
+        Dataset (a missing instance whose UID the remote did not list) is false, so the sub-operation
+        would be skipped, neither failed nor sent, and the final response would be Success with
+        Remaining > 0.  True, it reaches ``send_c_store``, which raises, and is counted failed."""
+        return True
+
 
 class Finisher:
     """What happens to an arrived instance once it is sent on: archived (``cache``) or deleted."""
@@ -531,7 +613,10 @@ class Exchange:
             except queue.Empty:
                 item = None
             if self.relay.inbox is not None and (item is None or item[0] != "instance"):
-                self.pending = [("instance", a) for a in self.relay.from_inbox()]
+                taken = self.relay.from_inbox()
+                with self.relay._cond:
+                    self.relay.ahead += len(taken)
+                self.pending = [("instance", a) for a in taken]
                 if item is not None:
                     self.pending.append(item)
                 continue
@@ -581,6 +666,16 @@ class Exchange:
             else:
                 self.ended = True
                 self.problem = self.problem or value
+
+    def discard(self) -> None:
+        """Remove what was taken but never handed out (the retrieve cancelled, the requester gone, an error)."""
+        for arrived in self.buffered:
+            _unlink(arrived.path)
+        self.buffered.clear()
+        for kind, value in self.pending:  # taken from the inbox ahead of a response, never returned
+            if kind == "instance":
+                _unlink(value.path)
+        self.pending.clear()
 
     def failed_uids(self) -> list[str]:
         ident = self.final_identifier
@@ -675,8 +770,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
         relay.close()
         if relay.audit is not None:  # recorded to the spool once the requester has had every sub-operation
             relay.audit.end(relay.refused, "cancelled" if ex.cancelled else ex.problem)
-        for arrived in ex.buffered:
-            _unlink(arrived.path)
+        ex.discard()
         if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
             _unlink(last.path)
 
