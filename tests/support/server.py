@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Sequence
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port free for ``kind`` (TCP by default, ``socket.SOCK_DGRAM`` for UDP) at the time of asking."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for ``kind`` (TCP by default, ``socket.SOCK_DGRAM`` for UDP) at the time of asking.
+
+    Never the same port twice in one test process: the kernel may hand a just-closed port out again, and a
+    fixture taking several ports (peers, then an ``XdsiProcess`` taking its own) then had two listeners
+    asking for one port ("address already in use" in test_prefetch_remote).
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no loopback port that was not handed out already")
 
 
 class XdsiProcess:
