@@ -35,31 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-gateway")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24500"))
+from bench.peers import Netns, count_files  # noqa: E402
+
+NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
-
-
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    """Create the namespace (only ``lo``), run this script again inside it, delete the namespace after."""
-    created = not Path(f"/var/run/netns/{NETNS}").exists()
-    if created:
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-        env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-    finally:
-        if created:
-            subprocess.run(["ip", "netns", "del", NETNS], check=False)
-
-
-def count_files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:
@@ -88,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(GETSCU, os.X_OK):
         print(f"{GETSCU} missing: apt-get install dcmtk", file=sys.stderr)
         return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    if not NS.inside():
+        return NS.reexec(__file__, argv)
 
     from bench.common import machine
     from tests.support.dcmqrscp import Dcmqrscp
@@ -102,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = StudySpec(patient_id="BENCHGW", patient_name="BENCH^GATEWAY")
         files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
         total = sum(f.stat().st_size for f in files)
-        pacs_port, xdsi_port = PORT_BASE + 1, PORT_BASE + 2
+        pacs_port, xdsi_port = NS.port(1), NS.port(2)
         config = work / "xdsi.toml"
         config.write_text(
             f'[remotes.PACS]\nhost = "127.0.0.1"\nport = {pacs_port}\nservices = ["find", "move"]\n\n'
