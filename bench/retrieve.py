@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.web_peers import LAST_TTFB, Orthanc, RssPeak, cpu_seconds, curl, in_netns, load_line, reexec_in_netns  # noqa: E402
+from bench.peers import load_line, process_cpu, remove_work  # noqa: E402
+from bench.web_peers import LAST_TTFB, NS, Orthanc, RssPeak, curl  # noqa: E402
 
 ACCEPT_DICOM = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
     args.rounds = max(1, args.rounds)
-    if not in_netns():
-        return reexec_in_netns(__file__, argv)
+    if not NS.inside():
+        return NS.reexec(__file__, argv)
 
     import xdsi
     from tests.support.server import XdsiProcess
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
         for rnd in range(args.rounds + 1):
             for label, pid, cmd in cases if rnd % 2 else cases[::-1]:
-                c0 = cpu_seconds(pid)
+                c0 = process_cpu(pid)
                 with RssPeak(pid) as rss:
                     dt = ttfb = 0.0
                     for _ in range(args.repeat):
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                             raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
                 dt /= args.repeat
                 ttfb /= args.repeat
-                c1 = (cpu_seconds(pid) - c0) / args.repeat + c0
+                c1 = (process_cpu(pid) - c0) / args.repeat + c0
                 if size < total:
                     raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
                 if rnd:
@@ -187,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in servers.values():
             proc.stop()
         orthanc.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(work, args.keep)
     return 0
 
 

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.web_peers import Orthanc, cpu_seconds, in_netns, load_line, reexec_in_netns  # noqa: E402
+from bench.peers import load_line, process_cpu, remove_work  # noqa: E402
+from bench.web_peers import NS, Orthanc  # noqa: E402
 
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     args.rounds = max(1, args.rounds)
-    if not in_netns():
-        return reexec_in_netns(__file__, argv)
+    if not NS.inside():
+        return NS.reexec(__file__, argv)
 
     import pydicom
 
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                         servers[name].start(timeout=60)
                         targets[name] = (targets[name][0], servers[name].proc.pid)  # type: ignore[union-attr]
                 base, pid = targets[name]
-                c0 = cpu_seconds(pid)
+                c0 = process_cpu(pid)
                 res = launch(base, spec.study_uid, args.threads, frame_bytes)
-                res["cpu"] = cpu_seconds(pid) - c0
+                res["cpu"] = process_cpu(pid) - c0
                 if rnd:
                     results[name].append(res)
                     print(f"round {rnd} {name:8s} QIDO {res['qido'] * 1e3:5.0f} ms  metadata {res['metadata'] * 1e3:5.0f} ms  "
@@ -209,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in servers.values():
             p.stop()
         orthanc.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(work, args.keep)
     return 0
 
 
