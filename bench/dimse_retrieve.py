@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, count_files, peer, remove_work, stop_peer, tree_cpu  # noqa: E402
+from bench.peers import Netns, count_files, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
 
 NS = Netns.from_env("bench-get-perf", 24200)
 GETSCU, MOVESCU, STORESCU = "/usr/bin/getscu", "/usr/bin/movescu", "/usr/bin/storescu"
@@ -184,17 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
 
         if args.profile:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads", *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
-            time.sleep(1.0)
-            for _ in range(3):  # C-MOVEs with --only move, else C-GETs
-                if args.only == "move":
-                    c_move(proc.dicom_port, proc.ae_title, spec.study_uid)
-                else:
-                    c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):
+                for _ in range(3):  # C-MOVEs with --only move, else C-GETs
+                    if args.only == "move":
+                        c_move(proc.dicom_port, proc.ae_title, spec.study_uid)
+                    else:
+                        c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
     except Exception:
         if proc is not None:

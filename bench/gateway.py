@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, count_files  # noqa: E402
+from bench.peers import Netns, count_files, py_spy  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
@@ -112,14 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     mbps[name].append(total / 1e6 / dt)
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s")
         if args.profile:
-            fmt = "flamegraph" if args.profile.suffix == ".svg" else "raw"
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.proc.pid), "-r", "200",
-                                    "--threads", "-f", fmt, "-o", str(args.profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.5)
-            for _ in range(3):
-                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            spy.send_signal(2)
-            spy.wait(60)
+            with py_spy(proc.proc.pid, args.profile, settle=1.5):
+                for _ in range(3):
+                    c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
         d, g = mbps["direct"], mbps["gateway"]
         ratios = [a / b for a, b in zip(g, d)]

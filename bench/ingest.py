@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, peer, remove_work, stop_peer, tree_cpu  # noqa: E402
+from bench.peers import Netns, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
 
 NS = Netns.from_env("bench-ingest", 24600)
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
@@ -326,14 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             r = by["xdsi"]
             r.start()
             try:
-                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                        "-p", str(r.pid), "--threads", "--subprocesses",
-                                        *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
-                                        *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
-                time.sleep(1.0)
-                dt = send(r.port, r.aet, folders)
-                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                spy.wait(60)
+                with py_spy(r.pid, args.profile, subprocesses=True):
+                    dt = send(r.port, r.aet, folders)
                 print(f"profile: {args.profile} (round under py-spy: {args.n / dt:.1f} inst/s)")
             finally:
                 r.stop()

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
@@ -136,3 +140,21 @@ def remove_work(work: Path, keep: bool) -> None:
         print(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0, wait: float = 60) -> Iterator[None]:
+    """py-spy (``--native`` off) records ``pid`` during the ``with`` block: a flame graph if ``out`` ends in .svg, else raw stacks.
+
+    ``PYSPY_GIL=1`` samples only the thread holding the GIL; ``subprocesses`` follows a supervisor's workers.
+    ``settle`` gives py-spy time to attach before the measured work starts.
+    """
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(out), "-p", str(pid), "--threads",
+                            *(["--subprocesses"] if subprocesses else []), *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
+                            *(["-f", "raw"] if out.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(wait)

@@ -30,19 +30,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import load_line, process_cpu, remove_work  # noqa: E402
+from bench.peers import load_line, process_cpu, py_spy, remove_work  # noqa: E402
 from bench.web_peers import LAST_TTFB, NS, Orthanc, RssPeak, curl  # noqa: E402
 
 ACCEPT_DICOM = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -175,14 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             proc = servers["xdsi"]
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads",  # type: ignore[union-attr]
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
-            time.sleep(1.0)
-            for _ in range(3):
-                curl(rad69("xdsi") if args.only == "rad69" else wado(proc.http_port, "dicomweb"))
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):  # type: ignore[union-attr]
+                for _ in range(3):
+                    curl(rad69("xdsi") if args.only == "rad69" else wado(proc.http_port, "dicomweb"))
             print(f"profile: {args.profile}")
     finally:
         for proc in servers.values():

@@ -30,9 +30,7 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import load_line, process_cpu, remove_work  # noqa: E402
+from bench.peers import load_line, process_cpu, py_spy, remove_work  # noqa: E402
 from bench.web_peers import NS, Orthanc  # noqa: E402
 
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -197,14 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             proc = servers["xdsi"]
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads",  # type: ignore[union-attr]
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
-            time.sleep(1.0)
-            for _ in range(3):
-                launch(targets["xdsi"][0], spec.study_uid, args.threads, frame_bytes)
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):  # type: ignore[union-attr]
+                for _ in range(3):
+                    launch(targets["xdsi"][0], spec.study_uid, args.threads, frame_bytes)
             print(f"profile: {args.profile}")
     finally:
         for p in servers.values():
