@@ -85,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                    "of the base revision), alternating with this one: before/after ratio from one run")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
-    for tool in (GETSCU, MOVESCU, STORESCU):
-        if not os.access(tool, os.X_OK):
-            print(f"{tool} missing: apt-get install dcmtk", file=sys.stderr)
-            return 2
-    if not NS.inside():
-        return NS.reexec(__file__, argv)
+    rc = NS.enter(__file__, argv, GETSCU, MOVESCU, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.server import XdsiProcess

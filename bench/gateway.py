@@ -64,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", action="store_true", help="[gateway] cache = true: keep what is relayed")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
     args = p.parse_args(argv)
-    if not os.access(GETSCU, os.X_OK):
-        print(f"{GETSCU} missing: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not NS.inside():
-        return NS.reexec(__file__, argv)
+    rc = NS.enter(__file__, argv, GETSCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.dcmqrscp import Dcmqrscp

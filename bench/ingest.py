@@ -255,11 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--pg", action="store_true", help="a throwaway PostgreSQL server for xdsi's index")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} not found: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not NS.inside():
-        return NS.reexec(__file__, argv)
+    rc = NS.enter(__file__, argv, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
 

@@ -62,6 +62,19 @@ class Netns:
             if created:
                 subprocess.run(["ip", "netns", "del", self.name], check=False)
 
+    def enter(self, script: str, argv: list[str], *tools: str) -> int | None:
+        """The start of every benchmark's ``main``: None inside the namespace (go on), else the exit status to return.
+
+        Outside it checks the client ``tools`` (dcmtk's, by path) first, then runs the script again inside.
+        """
+        if self.inside():
+            return None
+        for tool in tools:
+            if not os.access(tool, os.X_OK):
+                print(f"{tool} missing: apt-get install dcmtk", file=sys.stderr)
+                return 2
+        return self.reexec(script, argv)
+
     def port(self, offset: int) -> int:
         return self.port_base + offset
 

@@ -57,11 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} missing: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not NS.inside():
-        return NS.reexec(__file__, argv)
+    rc = NS.enter(__file__, argv, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.server import XdsiProcess
