@@ -44,10 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
 
 NS = Netns.from_env("bench-ingest", 24600)
-STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
 
 
 def generate(out: Path, n: int, rows: int, cols: int) -> int:

@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, peer  # noqa: E402
+from bench.peers import STORESCU, Netns, peer  # noqa: E402
 
 NS = Netns.from_env("bench-routing", 24600)
-STORESCU = "/usr/bin/storescu"
 
 
 def storescu(port: int, aec: str, folder: Path, aet: str = "BENCH") -> float:

@@ -41,10 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, peer, process_cpu, remove_work, stop_peer  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, process_cpu, remove_work, stop_peer  # noqa: E402
 
 NS = Netns.from_env("bench-workers", 25600)
-STORESCU = "/usr/bin/storescu"
 
 
 # -- the server's processes ----------------------------------------------------------------------------
