@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     mbps[name].append(total / 1e6 / dt)
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s")
         if args.profile:
-            with py_spy(proc.proc.pid, args.profile, settle=1.5):
+            with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5):  # xdsi serve runs its workers as children
                 for _ in range(3):
                     c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
