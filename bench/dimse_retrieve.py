@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,68 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-get-perf")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24200"))
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
+from bench.peers import Netns, count_files, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
+
+NS = Netns.from_env("bench-get-perf", 24200)
 GETSCU, MOVESCU, STORESCU = "/usr/bin/getscu", "/usr/bin/movescu", "/usr/bin/storescu"
-
-
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    """Create the namespace (only ``lo``) and run this script again inside it."""
-    if not Path(f"/var/run/netns/{NETNS}").exists():
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-    env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-    return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-
-
-def peer_env(work: Path) -> dict[str, str]:
-    """Settings for the shared peer scripts: our namespace, our ports, our folders."""
-    return {
-        **os.environ,
-        "BENCH_NETNS": NETNS,
-        "BENCH_ROOT": str(work / "peers"),
-        "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
-        "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
-        "STORESCP_PORT": str(PORT_BASE + 3),
-        "DCMQRSCP_PORT": str(PORT_BASE + 4),
-        "STORESCP_OPTS": "--ignore",
-        "TCP_NODELAY": "1",
-    }
-
-
-def peer(script: str, env: dict[str, str], *args: str) -> None:
-    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its descendants (a supervisor's workers), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += [child for child, (parent, _) in stats.items() if parent == p]
-    return total
-
-
-def count_files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def run(cmd: list[str], timeout: float = 600) -> tuple[float, str]:
@@ -144,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                    "of the base revision), alternating with this one: before/after ratio from one run")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
-    for tool in (GETSCU, MOVESCU, STORESCU):
-        if not os.access(tool, os.X_OK):
-            print(f"{tool} missing: apt-get install dcmtk", file=sys.stderr)
-            return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    rc = NS.enter(__file__, argv, GETSCU, MOVESCU, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.server import XdsiProcess
@@ -158,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from xdsi.tools.synth import StudySpec, write_study
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-dimse-retrieve-"))
-    env = peer_env(work)
+    env = NS.peer_env(work, STORESCP_OPTS="--ignore")
     started: list[str] = []
     proc = base = None
     try:
@@ -172,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         archive.close()
         print(f"study: {args.instances} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB; pdu {args.pdu}; {machine()}")
 
-        storescp_port = PORT_BASE + 3
+        storescp_port = NS.port(3)
         peer("start_storescp.sh", env, "--fresh")
         started.append("storescp")
         if not args.no_orthanc:
             peer("start_orthanc.sh", env, "--fresh")
             started.append("orthanc")
-            run([STORESCU, "-aet", "BENCH", "-aec", "ORTHANC", "+sd", "127.0.0.1", str(PORT_BASE + 1), str(work / "in")])
+            run([STORESCU, "-aet", "BENCH", "-aec", "ORTHANC", "+sd", "127.0.0.1", str(NS.port(1)), str(work / "in")])
 
         config = work / "xdsi.toml"
         config.write_text(f'[peers.STORESCP]\nhost = "127.0.0.1"\nport = {storescp_port}\n')
@@ -194,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             servers["base"] = (base.dicom_port, base.ae_title)
             pids["base"] = base.proc.pid
         if not args.no_orthanc:
-            servers["orthanc"] = (PORT_BASE + 1, "ORTHANC")
+            servers["orthanc"] = (NS.port(1), "ORTHANC")
             pids["orthanc"] = int((work / "peers" / "orthanc" / "orthanc.pid").read_text().strip())
 
         kinds = [k for k in ("get", "move") if args.only in (None, k)]
@@ -206,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds:
                 for name in order:
                     port, aet = servers[name]
-                    cpu0 = cpu_seconds(pids[name])
+                    cpu0 = tree_cpu(pids[name])
                     if kind == "get":
                         out = work / "got"
                         dt = c_get(port, aet, spec.study_uid, out, args.pdu)
                         n = count_files(out)
                     else:  # storescp --ignore keeps no files: the final response's count says what it took
                         dt, n = c_move(port, aet, spec.study_uid), args.instances
-                    used = (cpu_seconds(pids[name]) - cpu0) * 1000 / args.instances
+                    used = (tree_cpu(pids[name]) - cpu0) * 1000 / args.instances
                     if n != args.instances:
                         raise RuntimeError(f"C-{kind.upper()} from {name} delivered {n} of {args.instances} instances")
                     if rnd:
@@ -242,17 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
 
         if args.profile:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads", *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
-            time.sleep(1.0)
-            for _ in range(3):  # C-MOVEs with --only move, else C-GETs
-                if args.only == "move":
-                    c_move(proc.dicom_port, proc.ae_title, spec.study_uid)
-                else:
-                    c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):
+                for _ in range(3):  # C-MOVEs with --only move, else C-GETs
+                    if args.only == "move":
+                        c_move(proc.dicom_port, proc.ae_title, spec.study_uid)
+                    else:
+                        c_get(proc.dicom_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
     except Exception:
         if proc is not None:
@@ -263,13 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
         if "orthanc" in started:
-            subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
+            stop_peer("stop_orthanc.sh", env, "--wipe")
         if "storescp" in started:
-            subprocess.run([str(PEERS / "stop_storescp.sh"), "--wipe"], env=env, capture_output=True)
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+            stop_peer("stop_storescp.sh", env, "--wipe")
+        remove_work(work, args.keep)
     return 0
 
 

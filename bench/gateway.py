@@ -35,31 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-gateway")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24500"))
+from bench.peers import Netns, count_files, py_spy  # noqa: E402
+
+NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
-
-
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    """Create the namespace (only ``lo``), run this script again inside it, delete the namespace after."""
-    created = not Path(f"/var/run/netns/{NETNS}").exists()
-    if created:
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-        env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-    finally:
-        if created:
-            subprocess.run(["ip", "netns", "del", NETNS], check=False)
-
-
-def count_files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:
@@ -85,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", action="store_true", help="[gateway] cache = true: keep what is relayed")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
     args = p.parse_args(argv)
-    if not os.access(GETSCU, os.X_OK):
-        print(f"{GETSCU} missing: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    rc = NS.enter(__file__, argv, GETSCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.dcmqrscp import Dcmqrscp
@@ -102,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = StudySpec(patient_id="BENCHGW", patient_name="BENCH^GATEWAY")
         files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
         total = sum(f.stat().st_size for f in files)
-        pacs_port, xdsi_port = PORT_BASE + 1, PORT_BASE + 2
+        pacs_port, xdsi_port = NS.port(1), NS.port(2)
         config = work / "xdsi.toml"
         config.write_text(
             f'[remotes.PACS]\nhost = "127.0.0.1"\nport = {pacs_port}\nservices = ["find", "move"]\n\n'
@@ -133,14 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                     mbps[name].append(total / 1e6 / dt)
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s")
         if args.profile:
-            fmt = "flamegraph" if args.profile.suffix == ".svg" else "raw"
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.proc.pid), "-r", "200",
-                                    "--threads", "-f", fmt, "-o", str(args.profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.5)
-            for _ in range(3):
-                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            spy.send_signal(2)
-            spy.wait(60)
+            with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5):  # xdsi serve runs its workers as children
+                for _ in range(3):
+                    c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
         d, g = mbps["direct"], mbps["gateway"]
         ratios = [a / b for a, b in zip(g, d)]

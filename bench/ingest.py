@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,45 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-ingest")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24600"))
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
-STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
 
-
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    """Create the namespace (only ``lo``) and run this script again inside it."""
-    if not Path(f"/var/run/netns/{NETNS}").exists():
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-    env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-    return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-
-
-def peer_env(work: Path) -> dict[str, str]:
-    """Settings for the shared peer scripts: our namespace, our ports, our folders, storescp bit-preserving."""
-    return {
-        **os.environ,
-        "BENCH_NETNS": NETNS,
-        "BENCH_ROOT": str(work / "peers"),
-        "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
-        "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
-        "STORESCP_PORT": str(PORT_BASE + 3),
-        "DCMQRSCP_PORT": str(PORT_BASE + 4),
-        "STORESCP_OPTS": "+B",
-        "TCP_NODELAY": "1",
-    }
-
-
-def peer(script: str, env: dict[str, str], *args: str) -> None:
-    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+NS = Netns.from_env("bench-ingest", 24600)
 
 
 def generate(out: Path, n: int, rows: int, cols: int) -> int:
@@ -117,29 +80,6 @@ def split(src: Path, k: int) -> list[Path]:
         if not target.exists():
             os.link(f, target)
     return parts
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and every living descendant."""
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            raw = (d / "stat").read_text()
-        except OSError:
-            continue
-        rest = raw[raw.rindex(")") + 2 :].split()
-        ppid = int(rest[1])
-        children.setdefault(ppid, []).append(int(d.name))
-        times[int(d.name)] = (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime, stime
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += times.get(p, 0.0)
-        todo.extend(children.get(p, []))
-    return total
 
 
 def send(port: int, aet: str, folders: list[Path]) -> float:
@@ -179,7 +119,7 @@ class Receiver:
 
 class Storescp(Receiver):
     def __init__(self, env: dict[str, str], work: Path) -> None:
-        super().__init__("storescp", PORT_BASE + 3, "STORESCP")
+        super().__init__("storescp", NS.port(3), "STORESCP")
         self.env, self.dir = env, work / "peers" / "storescp"
 
     def start(self) -> None:
@@ -187,7 +127,7 @@ class Storescp(Receiver):
         self.pid = int((self.dir / "storescp.pid").read_text())
 
     def stop(self) -> None:
-        subprocess.run([str(PEERS / "stop_storescp.sh"), "--wipe"], env=self.env, capture_output=True)
+        stop_peer("stop_storescp.sh", self.env, "--wipe")
 
     def count(self) -> int:
         return sum(1 for p in (self.dir / "data").rglob("*") if p.is_file())
@@ -195,7 +135,7 @@ class Storescp(Receiver):
 
 class Orthanc(Receiver):
     def __init__(self, env: dict[str, str], work: Path) -> None:
-        super().__init__("orthanc", PORT_BASE + 1, "ORTHANC")
+        super().__init__("orthanc", NS.port(1), "ORTHANC")
         self.env, self.dir = env, work / "peers" / "orthanc"
 
     def start(self) -> None:
@@ -203,10 +143,10 @@ class Orthanc(Receiver):
         self.pid = int((self.dir / "orthanc.pid").read_text())
 
     def stop(self) -> None:
-        subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=self.env, capture_output=True)
+        stop_peer("stop_orthanc.sh", self.env, "--wipe")
 
     def count(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{PORT_BASE + 2}/statistics", timeout=30) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{NS.port(2)}/statistics", timeout=30) as r:
             return int(json.load(r)["CountInstances"])
 
 
@@ -314,16 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--pg", action="store_true", help="a throwaway PostgreSQL server for xdsi's index")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} not found: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    rc = NS.enter(__file__, argv, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-ingest-"))
-    env = peer_env(work)
+    env = NS.peer_env(work, STORESCP_OPTS="+B")
     receivers: list[Receiver] = []
     try:
         t0 = time.perf_counter()
@@ -384,24 +322,15 @@ def main(argv: list[str] | None = None) -> int:
             r = by["xdsi"]
             r.start()
             try:
-                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                        "-p", str(r.pid), "--threads", "--subprocesses",
-                                        *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
-                                        *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)
-                time.sleep(1.0)
-                dt = send(r.port, r.aet, folders)
-                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                spy.wait(60)
+                with py_spy(r.pid, args.profile, subprocesses=True):
+                    dt = send(r.port, r.aet, folders)
                 print(f"profile: {args.profile} (round under py-spy: {args.n / dt:.1f} inst/s)")
             finally:
                 r.stop()
     finally:
         for r in receivers:
             (r.close if isinstance(r, Xdsi) else r.stop)()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(work, args.keep)
     return 0
 
 

@@ -30,19 +30,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.web_peers import LAST_TTFB, Orthanc, RssPeak, cpu_seconds, curl, in_netns, load_line, reexec_in_netns  # noqa: E402
+from bench.peers import load_line, process_cpu, py_spy, remove_work  # noqa: E402
+from bench.web_peers import LAST_TTFB, NS, Orthanc, RssPeak, curl  # noqa: E402
 
 ACCEPT_DICOM = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -61,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
     args.rounds = max(1, args.rounds)
-    if not in_netns():
-        return reexec_in_netns(__file__, argv)
+    if not NS.inside():
+        return NS.reexec(__file__, argv)
 
     import xdsi
     from tests.support.server import XdsiProcess
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
         for rnd in range(args.rounds + 1):
             for label, pid, cmd in cases if rnd % 2 else cases[::-1]:
-                c0 = cpu_seconds(pid)
+                c0 = process_cpu(pid)
                 with RssPeak(pid) as rss:
                     dt = ttfb = 0.0
                     for _ in range(args.repeat):
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                             raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
                 dt /= args.repeat
                 ttfb /= args.repeat
-                c1 = (cpu_seconds(pid) - c0) / args.repeat + c0
+                c1 = (process_cpu(pid) - c0) / args.repeat + c0
                 if size < total:
                     raise RuntimeError(f"{label}: {size} bytes received, the study has {total}")
                 if rnd:
@@ -174,23 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             proc = servers["xdsi"]
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads",  # type: ignore[union-attr]
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
-            time.sleep(1.0)
-            for _ in range(3):
-                curl(rad69("xdsi") if args.only == "rad69" else wado(proc.http_port, "dicomweb"))
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):  # type: ignore[union-attr]
+                for _ in range(3):
+                    curl(rad69("xdsi") if args.only == "rad69" else wado(proc.http_port, "dicomweb"))
             print(f"profile: {args.profile}")
     finally:
         for proc in servers.values():
             proc.stop()
         orthanc.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(work, args.keep)
     return 0
 
 

@@ -34,33 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-routing")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24600"))
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
-STORESCU = "/usr/bin/storescu"
+from bench.peers import STORESCU, Netns, peer  # noqa: E402
 
-
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    if not Path(f"/var/run/netns/{NETNS}").exists():
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-    env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-    return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-
-
-def peer_env(work: Path) -> dict[str, str]:
-    return {**os.environ, "BENCH_NETNS": NETNS, "BENCH_ROOT": str(work / "peers"), "STORESCP_PORT": str(PORT_BASE + 3),
-            "STORESCP_OPTS": "--ignore", "TCP_NODELAY": "1"}
-
-
-def peer(script: str, env: dict[str, str], *args: str) -> None:
-    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+NS = Netns.from_env("bench-routing", 24600)
 
 
 def storescu(port: int, aec: str, folder: Path, aet: str = "BENCH") -> float:
@@ -80,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} missing: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    rc = NS.enter(__file__, argv, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.server import XdsiProcess
@@ -96,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from xdsi.tools.synth import StudySpec, write_study
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-routing-"))
-    env = peer_env(work)
-    port = PORT_BASE + 3
+    env = NS.peer_env(work, STORESCP_OPTS="--ignore")
+    port = NS.port(3)
     started = False
     try:
         spec = StudySpec(patient_id="BENCHROUTE", patient_name="BENCH^ROUTE")

@@ -30,9 +30,7 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.web_peers import Orthanc, cpu_seconds, in_netns, load_line, reexec_in_netns  # noqa: E402
+from bench.peers import load_line, process_cpu, py_spy, remove_work  # noqa: E402
+from bench.web_peers import NS, Orthanc  # noqa: E402
 
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
@@ -102,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     args.rounds = max(1, args.rounds)
-    if not in_netns():
-        return reexec_in_netns(__file__, argv)
+    if not NS.inside():
+        return NS.reexec(__file__, argv)
 
     import pydicom
 
@@ -162,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         servers[name].start(timeout=60)
                         targets[name] = (targets[name][0], servers[name].proc.pid)  # type: ignore[union-attr]
                 base, pid = targets[name]
-                c0 = cpu_seconds(pid)
+                c0 = process_cpu(pid)
                 res = launch(base, spec.study_uid, args.threads, frame_bytes)
-                res["cpu"] = cpu_seconds(pid) - c0
+                res["cpu"] = process_cpu(pid) - c0
                 if rnd:
                     results[name].append(res)
                     print(f"round {rnd} {name:8s} QIDO {res['qido'] * 1e3:5.0f} ms  metadata {res['metadata'] * 1e3:5.0f} ms  "
@@ -196,23 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile:
             proc = servers["xdsi"]
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(args.profile),
-                                    "-p", str(proc.proc.pid), "--threads",  # type: ignore[union-attr]
-                                    *(["-f", "raw"] if args.profile.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
-            time.sleep(1.0)
-            for _ in range(3):
-                launch(targets["xdsi"][0], spec.study_uid, args.threads, frame_bytes)
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            with py_spy(proc.proc.pid, args.profile, wait=30):  # type: ignore[union-attr]
+                for _ in range(3):
+                    launch(targets["xdsi"][0], spec.study_uid, args.threads, frame_bytes)
             print(f"profile: {args.profile}")
     finally:
         for p in servers.values():
             p.stop()
         orthanc.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(work, args.keep)
     return 0
 
 

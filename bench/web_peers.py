@@ -11,54 +11,23 @@ servers over the namespace's loopback only.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-web-perf")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "24600"))
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
-STORESCU = "/usr/bin/storescu"
-_FLAG = "_XDSI_BENCH_IN_NETNS"
+from bench.peers import STORESCU, Netns, peer, stop_peer
 
-
-def in_netns() -> bool:
-    return os.environ.get(_FLAG) == NETNS
-
-
-def reexec_in_netns(script: str, argv: list[str]) -> int:
-    """Create the namespace (only ``lo``) and run ``script`` again inside it; the namespace is deleted afterwards."""
-    created = not Path(f"/var/run/netns/{NETNS}").exists()
-    if created:
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-        env = {**os.environ, _FLAG: NETNS, "TCP_NODELAY": "1"}
-        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, script, *argv], env=env).returncode
-    finally:
-        if created:
-            subprocess.run(["ip", "netns", "del", NETNS], check=False)
+NS = Netns.from_env("bench-web-perf", 24600)
 
 
 class Orthanc:
     """Orthanc + DICOMweb from the peer scripts, loaded with a folder of instances by storescu; stopped and wiped by :meth:`stop`."""
 
     def __init__(self, work: Path) -> None:
-        self.env = {
-            **os.environ,
-            "BENCH_NETNS": NETNS,
-            "BENCH_ROOT": str(work / "peers"),
-            "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
-            "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
-            "STORESCP_PORT": str(PORT_BASE + 3),
-            "DCMQRSCP_PORT": str(PORT_BASE + 4),
-            "TCP_NODELAY": "1",
-        }
-        self.dicom_port = PORT_BASE + 1
-        self.http_port = PORT_BASE + 2
+        self.env = NS.peer_env(work)
+        self.dicom_port = NS.port(1)
+        self.http_port = NS.port(2)
         self.started = False
 
     @property
@@ -66,9 +35,7 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self, fresh: bool = True) -> "Orthanc":
-        r = subprocess.run([str(PEERS / "start_orthanc.sh"), *(["--fresh"] if fresh else [])], env=self.env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"start_orthanc.sh failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        peer("start_orthanc.sh", self.env, *(["--fresh"] if fresh else []))
         self.started = True
         return self
 
@@ -84,7 +51,7 @@ class Orthanc:
 
     def stop(self, wipe: bool = True) -> None:
         if self.started:
-            subprocess.run([str(PEERS / "stop_orthanc.sh"), *(["--wipe"] if wipe else [])], env=self.env, capture_output=True)
+            stop_peer("stop_orthanc.sh", self.env, *(["--wipe"] if wipe else []))
             self.started = False
 
     def restart(self) -> None:
@@ -126,14 +93,6 @@ class RssPeak:
         return self.peak - self.before
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (children excluded)."""
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 LAST_TTFB: list[float] = [0.0]
 
 
@@ -150,8 +109,3 @@ def curl(args: list[str], timeout: float = 600) -> tuple[float, int]:
         raise RuntimeError(f"{' '.join(cmd)}: curl exit {r.returncode}, HTTP {code}: {r.stderr[-500:]}")
     LAST_TTFB[0] = float(first)
     return float(total), int(size)
-
-
-def load_line() -> str:
-    la = os.getloadavg()
-    return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs"

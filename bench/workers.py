@@ -41,60 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NETNS = os.environ.get("BENCH_NETNS", "bench-workers")
-PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "25600"))
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
-STORESCU = "/usr/bin/storescu"
-TICK = os.sysconf("SC_CLK_TCK")
+from bench.peers import STORESCU, Netns, peer, process_cpu, remove_work, stop_peer  # noqa: E402
+
+NS = Netns.from_env("bench-workers", 25600)
 
 
-def in_netns() -> bool:
-    return os.environ.get("_XDSI_BENCH_IN_NETNS") == NETNS
-
-
-def reexec_in_netns(argv: list[str]) -> int:
-    """Create the namespace (only ``lo``) and run this script again inside it; remove the namespace after."""
-    created = not Path(f"/var/run/netns/{NETNS}").exists()
-    if created:
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-        env = {**os.environ, "_XDSI_BENCH_IN_NETNS": NETNS, "TCP_NODELAY": "1"}
-        return subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, __file__, *argv], env=env).returncode
-    finally:
-        if created:
-            subprocess.run(["ip", "netns", "del", NETNS])
-
-
-def peer_env(work: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "BENCH_NETNS": NETNS,
-        "BENCH_ROOT": str(work / "peers"),
-        "ORTHANC_DICOM_PORT": str(PORT_BASE + 1),
-        "ORTHANC_HTTP_PORT": str(PORT_BASE + 2),
-        "STORESCP_PORT": str(PORT_BASE + 3),
-        "DCMQRSCP_PORT": str(PORT_BASE + 4),
-        "TCP_NODELAY": "1",
-    }
-
-
-def peer(script: str, env: dict[str, str], *args: str) -> None:
-    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
-
-
-# -- process CPU from /proc ---------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+# -- the server's processes ----------------------------------------------------------------------------
 
 
 def tree(pid: int) -> list[int]:
@@ -119,7 +71,7 @@ def connections_by_pid(port: int) -> Counter[int]:
 def store(port: int, aet: str, parts: list[Path], server_pids: list[int], watch_port: bool) -> tuple[float, dict[int, float], Counter[int]]:
     """Wall time of ``len(parts)`` storescu started together, each sending one folder; CPU seconds per server
     process over the run; the associations per process seen while they were connected."""
-    before = {p: cpu_seconds(p) for p in server_pids}
+    before = {p: process_cpu(p) for p in server_pids}
     spread: Counter[int] = Counter()
     t0 = time.perf_counter()
     procs = [subprocess.Popen([STORESCU, "-aet", f"BENCH{i}", "-aec", aet, "+sd", "127.0.0.1", str(port), str(part)],
@@ -138,7 +90,7 @@ def store(port: int, aet: str, parts: list[Path], server_pids: list[int], watch_
     for p, out in zip(procs, outs):
         if p.returncode != 0 or "E:" in out:
             raise RuntimeError(f"storescu failed ({p.returncode}):\n{out[-3000:]}")
-    return wall, {p: cpu_seconds(p) - before[p] for p in server_pids}, spread
+    return wall, {p: process_cpu(p) - before[p] for p in server_pids}, spread
 
 
 # -- the spread of 4 connections over 2 acceptors, pre-fork vs SO_REUSEPORT ----------------------------
@@ -167,7 +119,7 @@ def _acceptor(sock: socket.socket | None, port: int, ident: int, ready: "object"
 def spread_trial(kind: str, trials: int, connections: int = 4) -> Counter[tuple[int, ...]]:
     """How ``connections`` made at once land on 2 processes, over ``trials`` tries."""
     ctx = get_context("fork")
-    port = PORT_BASE + 9 if kind == "prefork" else PORT_BASE + 10
+    port = NS.port(9) if kind == "prefork" else NS.port(10)
     shared = None
     if kind == "prefork":
         shared = socket.socket()
@@ -254,11 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} missing: apt-get install dcmtk", file=sys.stderr)
-        return 2
-    if not in_netns():
-        return reexec_in_netns(argv)
+    rc = NS.enter(__file__, argv, STORESCU)
+    if rc is not None:
+        return rc
 
     from bench.common import machine
     from tests.support.server import XdsiProcess
@@ -275,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{'+'.join(map(str, k))}: {v / max(1, args.trials // 4):.0%}" for k, v in sorted(shapes.items(), reverse=True)))
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-workers-"))
-    env = peer_env(work)
+    env = NS.peer_env(work)
     orthanc_running = False
     try:
         spec = StudySpec(patient_id="BENCHW", patient_name="BENCH^WORKERS")
@@ -302,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             split = parts if mode != "1" else [whole]
             if name == "orthanc":
                 if orthanc_running:
-                    subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
+                    stop_peer("stop_orthanc.sh", env, "--wipe")
                 peer("start_orthanc.sh", env, "--fresh")
                 orthanc_running = True
                 pid = int((work / "peers" / "orthanc" / "orthanc.pid").read_text())
-                wall, used, spread = store(PORT_BASE + 1, "ORTHANC", split, [pid], False)
+                wall, used, spread = store(NS.port(1), "ORTHANC", split, [pid], False)
             else:
                 workers = int(name[-1])
                 data = work / f"data-{name}-{mode}-{rnd}"
@@ -356,11 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at end")
     finally:
         if orthanc_running:
-            subprocess.run([str(PEERS / "stop_orthanc.sh"), "--wipe"], env=env, capture_output=True)
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+            stop_peer("stop_orthanc.sh", env, "--wipe")
+        remove_work(work, args.keep)
     return 0
 
 

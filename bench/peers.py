@@ -1,0 +1,173 @@
+"""The plumbing every peer benchmark shares: its own network namespace, the shared peer scripts, /proc CPU.
+
+Benchmarks that put xdsi beside Orthanc or dcmtk run on a machine shared with other
+people's benchmarks, so each one works in a network namespace of its own (only ``lo``)
+and on ports of its own: ``BENCH_NETNS`` and ``BENCH_PORT_BASE`` override the defaults a
+benchmark passes to :meth:`Netns.from_env`.  The script re-executes itself inside the
+namespace (:meth:`Netns.reexec`); the peers are started by the shared scripts in
+``/work/shared/peers`` (``BENCH_PEERS`` names another folder) with the environment
+:meth:`Netns.peer_env` builds, so one benchmark never stops another's peers.
+
+Port layout under the base: +1 Orthanc DICOM, +2 Orthanc HTTP, +3 storescp, +4 dcmqrscp.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
+STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_FLAG = "_XDSI_BENCH_IN_NETNS"
+
+
+@dataclass(frozen=True)
+class Netns:
+    """A benchmark's private network namespace and the base of its ports."""
+
+    name: str
+    port_base: int
+
+    @classmethod
+    def from_env(cls, default_name: str, default_port_base: int) -> "Netns":
+        """The benchmark's defaults, unless ``BENCH_NETNS`` / ``BENCH_PORT_BASE`` say otherwise."""
+        return cls(os.environ.get("BENCH_NETNS", default_name), int(os.environ.get("BENCH_PORT_BASE", str(default_port_base))))
+
+    def inside(self) -> bool:
+        """True in the copy of the script that :meth:`reexec` started."""
+        return os.environ.get(_FLAG) == self.name
+
+    def reexec(self, script: str, argv: list[str]) -> int:
+        """Create the namespace (only ``lo``), run ``script`` again inside it; delete the namespace after if we created it.
+
+        A namespace that already existed (someone else's, or kept on purpose) is left alone.
+        """
+        created = not Path(f"/var/run/netns/{self.name}").exists()
+        if created:
+            subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
+            env = {**os.environ, _FLAG: self.name, "TCP_NODELAY": "1"}
+            return subprocess.run(["ip", "netns", "exec", self.name, sys.executable, script, *argv], env=env).returncode
+        finally:
+            if created:
+                subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def enter(self, script: str, argv: list[str], *tools: str) -> int | None:
+        """The start of every benchmark's ``main``: None inside the namespace (go on), else the exit status to return.
+
+        Outside it checks the client ``tools`` (dcmtk's, by path) first, then runs the script again inside.
+        """
+        if self.inside():
+            return None
+        for tool in tools:
+            if not os.access(tool, os.X_OK):
+                print(f"{tool} missing: apt-get install dcmtk", file=sys.stderr)
+                return 2
+        return self.reexec(script, argv)
+
+    def port(self, offset: int) -> int:
+        return self.port_base + offset
+
+    def peer_env(self, work: Path, **extra: str) -> dict[str, str]:
+        """Settings for the shared peer scripts: our namespace, our ports, our folders; ``extra`` e.g. ``STORESCP_OPTS``."""
+        return {
+            **os.environ,
+            "BENCH_NETNS": self.name,
+            "BENCH_ROOT": str(work / "peers"),
+            "ORTHANC_DICOM_PORT": str(self.port_base + 1),
+            "ORTHANC_HTTP_PORT": str(self.port_base + 2),
+            "STORESCP_PORT": str(self.port_base + 3),
+            "DCMQRSCP_PORT": str(self.port_base + 4),
+            "TCP_NODELAY": "1",
+            **extra,
+        }
+
+
+def peer(script: str, env: dict[str, str], *args: str) -> None:
+    """Run a shared peer script (e.g. ``start_orthanc.sh --fresh``); raises with its output if it fails."""
+    r = subprocess.run([str(PEERS / script), *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{script} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+
+
+def stop_peer(script: str, env: dict[str, str], *args: str) -> None:
+    """Run a shared stop script, ignoring its outcome: used in ``finally`` blocks, where a failure must not hide the first."""
+    subprocess.run([str(PEERS / script), *args], env=env, capture_output=True)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (children excluded), 0 if it is gone; from ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every living descendant (a supervisor's workers), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rindex(")") + 2 :].split()
+        children.setdefault(int(rest[1]), []).append(int(d.name))
+        times[int(d.name)] = (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime, stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def count_files(folder: Path) -> int:
+    """Files below ``folder`` (0 if it does not exist): what a receiving storescp/getscu wrote."""
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def load_line() -> str:
+    la = os.getloadavg()
+    return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs"
+
+
+def remove_work(work: Path, keep: bool) -> None:
+    """The scratch folder, removed unless ``--keep`` asked to keep it (then its path is printed)."""
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0, wait: float = 60) -> Iterator[None]:
+    """py-spy (``--native`` off) records ``pid`` during the ``with`` block: a flame graph if ``out`` ends in .svg, else raw stacks.
+
+    ``PYSPY_GIL=1`` samples only the thread holding the GIL; ``subprocesses`` follows a supervisor's workers.
+    ``settle`` gives py-spy time to attach before the measured work starts.
+    """
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(out), "-p", str(pid), "--threads",
+                            *(["--subprocesses"] if subprocesses else []), *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
+                            *(["-f", "raw"] if out.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(wait)
