@@ -18,7 +18,8 @@ port in one place, before any worker starts.
 
 What runs once per node runs in worker 0 (the *primary*), never in the supervisor: the audit
 sender (every worker records into the durable audit spool; only the primary sends, so each
-message reaches a repository once), the XDS publisher loop, the sweep of stale spool files,
+message reaches a repository once), the XDS publisher loop, the routing worker, the HL7 listener and
+its prefetch jobs (issue 15), the sweep of stale spool files,
 the Application Activity and configuration-change audit messages.  A primary that dies is
 restarted as worker 0 and takes them up again.  Schema migrations and the removal of
 temporary files left by a crash happen once, before any worker starts (workers
