@@ -136,10 +136,24 @@ def test_non_ascii_and_counts_over_the_wire(server: tuple[XdsiProcess, str]) -> 
 
 
 def test_cancel_part_way_ends_with_cancel(server: tuple[XdsiProcess, str]) -> None:
+    """A C-CANCEL after the first match cuts the answer short with FE00.
+
+    The C-CANCEL races the server: on a fast machine all 900 Pending responses can be in the socket
+    buffers before it arrives (CI once saw Success after a cancel sent at the third match), and
+    pynetdicom drops a C-CANCEL that arrives before the request's handler runs, so it cannot be sent
+    earlier.  Each attempt must be consistent (FE00 with fewer than N matches, or Success with all N),
+    and one of five must be cut short; what stream_pending does on a cancel is shown without a race in
+    tests/unit/test_find_responses.py::test_stream_pending_stops_at_a_cancel.
+    """
     proc, _ = server
-    got, final = _find(proc, _query(), ImplicitVRLittleEndian, 16382, cancel_after=3)
-    assert final == 0xFE00
-    assert 3 <= len(got) < N
+    outcomes = []
+    for _ in range(5):
+        got, final = _find(proc, _query(), ImplicitVRLittleEndian, 16382, cancel_after=1)
+        outcomes.append((final, len(got)))
+        assert (final == 0xFE00 and 1 <= len(got) < N) or (final == 0x0000 and len(got) == N), outcomes
+        if final == 0xFE00:
+            break
+    assert outcomes[-1][0] == 0xFE00, f"no C-CANCEL cut the answer short in {len(outcomes)} attempts: {outcomes}"
 
 
 @pytest.mark.skipif(not dcmtk_available(), reason="Debian's dcmtk tools are not installed in /usr/bin")

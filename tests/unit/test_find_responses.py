@@ -92,3 +92,34 @@ def test_other_messages_use_pynetdicom_and_install_is_idempotent() -> None:
         assoc.dimse.send_msg(_rsp(9, 0xFF00, b""), 5)  # an empty identifier: pynetdicom's own handling
     assert _wire(fast.sent) == _wire(reference.sent)
     assert fast.events == reference.events
+
+
+def test_stream_pending_stops_at_a_cancel() -> None:
+    """A C-CANCEL noticed while streaming: nothing more is sent after it, and the caller is told "cancelled"."""
+    import queue
+
+    from xdsi.dimse.find_responses import stream_pending
+
+    assoc = FakeAssoc(16382)
+    assoc.dul.to_provider_queue = queue.Queue()
+    assoc.is_established = True
+    consumed = []
+    event = SimpleNamespace(assoc=assoc, context=SimpleNamespace(context_id=1),
+                            request=SimpleNamespace(AffectedSOPClassUID=STUDY_ROOT_FIND, MessageID=7), is_cancelled=False)
+
+    def identifiers():  # type: ignore[no-untyped-def]
+        for i in range(900):
+            if i == 3:
+                event.is_cancelled = True  # the DUL has read a C-CANCEL while the third match was sent
+            consumed.append(i)
+            yield b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "
+
+    assert stream_pending(event, identifiers()) == "cancelled"
+    assert len(assoc.sent) == 3 and consumed == [0, 1, 2, 3]  # the fourth is read from the cursor, never sent
+    assoc2 = FakeAssoc(16382)
+    assoc2.dul.to_provider_queue = queue.Queue()
+    assoc2.is_established = True
+    event2 = SimpleNamespace(assoc=assoc2, context=SimpleNamespace(context_id=1),
+                             request=SimpleNamespace(AffectedSOPClassUID=STUDY_ROOT_FIND, MessageID=7), is_cancelled=False)
+    assert stream_pending(event2, iter([b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "] * 5)) == "done"
+    assert len(assoc2.sent) == 5
