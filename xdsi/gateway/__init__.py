@@ -162,10 +162,11 @@ class Gateway:
                 return
             yield Status.PENDING, ds
 
-    # -- C-GET ----------------------------------------------------------------------------------
-
-    def get(self, event: Any, archive: Any) -> Iterator[Any] | None:
-        """The C-GET served through a remote, or None: serve locally."""
+    def _retrieve_through(
+        self, event: Any, archive: Any, destination: str | None
+    ) -> tuple[GatewaySettings, RemoteClient, Dataset] | Iterator[Any] | None:
+        """Whether a C-GET or C-MOVE goes to a remote: None (serve locally), a refusal to yield (bad UIDs, which
+        never reach a remote), or the gateway settings, the remote that holds it and the identifier."""
         g = self._config(archive)
         if not g.enabled:
             return None
@@ -177,8 +178,17 @@ class Gateway:
             return None
         bad = bad_uids(identifier, retrieve=True)
         if bad is not None:
-            return _refused_retrieve(bad, None)
-        client = self._holder(clients, identifier, str(event.request.AffectedSOPClassUID))
+            return _refused_retrieve(bad, destination)
+        return g, self._holder(clients, identifier, str(event.request.AffectedSOPClassUID)), identifier
+
+    # -- C-GET ----------------------------------------------------------------------------------
+
+    def get(self, event: Any, archive: Any) -> Iterator[Any] | None:
+        """The C-GET served through a remote, or None: serve locally."""
+        taken = self._retrieve_through(event, archive, None)
+        if not isinstance(taken, tuple):  # None (serve locally) or a refusal
+            return taken
+        g, client, identifier = taken
         how = "get" if client.remote.offers("get") else "move"
         return self._get(event, archive, g, client, how, identifier)
 
@@ -202,19 +212,10 @@ class Gateway:
 
     def move(self, event: Any, archive: Any, destination: str) -> Iterator[Any] | None:
         """The C-MOVE served through a remote, or None: serve locally."""
-        g = self._config(archive)
-        if not g.enabled:
-            return None
-        clients = self._clients(g, "get", "move")
-        if not clients:
-            return None
-        identifier = event.identifier
-        if g.mode == "fallback" and self._held_locally(archive, identifier):
-            return None
-        bad = bad_uids(identifier, retrieve=True)
-        if bad is not None:
-            return _refused_retrieve(bad, destination)
-        client = self._holder(clients, identifier, str(event.request.AffectedSOPClassUID))
+        taken = self._retrieve_through(event, archive, destination)
+        if not isinstance(taken, tuple):  # None (serve locally) or a refusal
+            return taken
+        g, client, identifier = taken
         if client.remote.offers("move") and client.remote.knows(destination):
             return self._forward_move(event, client, destination, identifier)
         peer = archive.settings.peer(destination)
@@ -268,16 +269,9 @@ class Gateway:
             try:
                 with client.association(r.qr_contexts(model)) as assoc:
                     relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
-                    for st, ident in assoc.send_c_move(identifier, destination, model, msg_id=relay.msg_id):
-                        if getattr(st, "Status", None) is None:
-                            problem = f"{client.remote.name}: no C-MOVE response in {client.remote.timeout:g} s"
-                            break
-                        relay.response(st, ident)
-            except r.RemoteUnavailable as exc:
-                problem = str(exc)
+                    problem = r.pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, destination, model, msg_id=relay.msg_id))
             except Exception as exc:
-                log.exception("C-MOVE forwarded to %s failed", client)
-                problem = f"{client.remote.name}: {exc.__class__.__name__}"
+                problem = r.remote_failure(exc, client, "C-MOVE forwarded to")
             finally:
                 relay.cancel_remote = None
                 relay.end(problem)

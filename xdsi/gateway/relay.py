@@ -382,6 +382,23 @@ def hand_over(event: Any) -> int | None:
 # -- sources ----------------------------------------------------------------------------------------
 
 
+def pump_responses(relay: Relay, client: RemoteClient, op: str, responses: Any) -> str | None:
+    """The remote's C-MOVE/C-GET responses into ``relay`` until its final one; the problem if one never came."""
+    for st, ident in responses:
+        if getattr(st, "Status", None) is None:  # pynetdicom's timeout or abort: an empty response
+            return f"{client.remote.name}: no {op} response in {client.remote.timeout:g} s"
+        relay.response(st, ident)
+    return None
+
+
+def remote_failure(exc: Exception, client: RemoteClient, what: str) -> str:
+    """The problem a retrieve from a remote ended with: its unavailability as such, anything else logged whole."""
+    if isinstance(exc, RemoteUnavailable):
+        return str(exc)
+    log.exception("%s %s failed", what, client)
+    return f"{client.remote.name}: {exc.__class__.__name__}"
+
+
 def start_move_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay) -> threading.Thread:
     """C-MOVE to us from the remote, in a thread; its responses go into ``relay``."""
     if relay.expected is None:
@@ -392,16 +409,9 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
         try:
             with client.association(qr_contexts(model)) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
-                for st, ident in assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id):
-                    if getattr(st, "Status", None) is None:
-                        problem = f"{client.remote.name}: no C-MOVE response in {client.remote.timeout:g} s"
-                        break
-                    relay.response(st, ident)
-        except RemoteUnavailable as exc:
-            problem = str(exc)
+                problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id))
         except Exception as exc:
-            log.exception("C-MOVE to %s failed", client)
-            problem = f"{client.remote.name}: {exc.__class__.__name__}"
+            problem = remote_failure(exc, client, "C-MOVE to")
         finally:
             relay.cancel_remote = None
             relay.end(problem)
@@ -434,16 +444,9 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
                                     handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 poll_fast(assoc)
-                for st, ident in assoc.send_c_get(identifier, model, msg_id=relay.msg_id):
-                    if getattr(st, "Status", None) is None:
-                        problem = f"{client.remote.name}: no C-GET response in {client.remote.timeout:g} s"
-                        break
-                    relay.response(st, ident)
-        except RemoteUnavailable as exc:
-            problem = str(exc)
+                problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id))
         except Exception as exc:
-            log.exception("C-GET from %s failed", client)
-            problem = f"{client.remote.name}: {exc.__class__.__name__}"
+            problem = remote_failure(exc, client, "C-GET from")
         finally:
             relay.cancel_remote = None
             relay.end(problem)
