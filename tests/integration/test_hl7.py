@@ -24,13 +24,14 @@ from sqlalchemy import select
 
 from tests.conftest import make_settings
 from tests.support.registry import TestRegistry
+from tests.support.tiers import study_tiers
 from tests.support.server import free_port
 from tests.support.xds import AFFINITY, HOSP_OID, PATIENT_CX, find_documents
 from xdsi.archive import Archive
 from xdsi.config import ConfigError, Hl7Settings, PatientIdMapping, PrefetchRule, XdsSettings, hl7_from
 from xdsi.hl7.listener import Hl7Listener
 from xdsi.hl7.orders import order_attributes
-from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
+from xdsi.index.models import Patient, Study
 from xdsi.index.xds_models import DONE, PENDING
 from xdsi.standards import constants as C
 from xdsi.tools.synth import StudySpec, write_study
@@ -151,18 +152,6 @@ def test_orm_records_the_order_for_routing(tmp_path: Path, index_url: str, liste
         assert len(s.scalars(select(Hl7Order)).all()) == 2
 
 
-def _tiers_of(archive: Archive) -> dict[str, set[str]]:
-    """Study UID -> the tiers holding a copy of any of its instances."""
-    with archive.index.read_session() as s:
-        rows = s.execute(
-            select(Study.study_uid, FileCopy.tier).join(Series, Series.study_fk == Study.pk)
-            .join(Instance, Instance.series_fk == Series.pk).join(FileCopy, FileCopy.instance_fk == Instance.pk)
-        ).all()
-    out: dict[str, set[str]] = {}
-    for uid, tier in rows:
-        out.setdefault(uid, set()).add(tier)
-    return out
-
 
 def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path, listener_factory) -> None:  # type: ignore[no-untyped-def]
     rules = (
@@ -195,7 +184,7 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
         pks = dict(s.execute(select(Study.study_uid, Study.pk)).all())
     for spec in specs.values():
         assert not archive.policy.move_study(pks[spec.study_uid], "cache", "cold").errors
-    assert all(t == {"cold"} for t in _tiers_of(archive).values())
+    assert all(t == {"cold"} for t in study_tiers(archive).values())
 
     with MLLPClient("127.0.0.1", listener.port) as client:
         assert ack_fields(client.send_message(orm("PF1", "PAT001", "NEWACC")))["code"] == "AA"
@@ -208,7 +197,7 @@ def test_orm_recalls_exactly_the_rules_priors_from_the_cold_tier(tmp_path: Path,
         assert (job.rule, job.state, job.studies, job.recalled, job.message_control_id) == ("ct-priors", JOB_DONE, 3, 6, "PF1")
     wanted = [specs["ct-1y"].study_uid, specs["ct-2y"].study_uid, specs["ct-4y"].study_uid]
     assert (result.rule, result.studies, result.recalled, result.errors) == ("ct-priors", wanted, 6, [])
-    tiers = _tiers_of(archive)
+    tiers = study_tiers(archive)
     for name, spec in specs.items():
         assert tiers[spec.study_uid] == ({"cache", "cold"} if spec.study_uid in wanted else {"cold"}), name
     # the cache copies are the bytes received
@@ -458,7 +447,7 @@ def test_prefetch_jobs_are_recorded_before_the_ack_and_survive_a_restart(tmp_pat
         # the next process's worker finds it
         [result] = Prefetcher(archive).run_once()
         assert (result.studies, result.recalled, result.errors) == ([spec.study_uid], 2, [])
-        assert _tiers_of(archive)[spec.study_uid] == {"cache", "warm"}
+        assert study_tiers(archive)[spec.study_uid] == {"cache", "warm"}
         # claims: a running job whose worker died an hour ago is taken over, a fresh one is not; a rule removed meanwhile fails
         now = utcnow()
         with archive.index.session() as s:

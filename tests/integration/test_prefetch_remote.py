@@ -29,9 +29,10 @@ from tests.integration.dimse_support import dataset_bytes, dcmtk_available, stop
 from tests.support import dcmqrscp as dq
 from tests.support import netns
 from tests.support.netns import NetNS
+from tests.support.tiers import study_tiers
 from tests.support.server import XdsiProcess, free_port
 from xdsi.archive import Archive
-from xdsi.index.models import FileCopy, Instance, Series, Study
+from xdsi.index.models import Study
 from xdsi.tools.synth import StudySpec, write_study
 
 pytestmark = [
@@ -212,17 +213,6 @@ def _jobs(root: Path) -> list[tuple[str, str, int, int, int, str]]:
         return db.execute("SELECT rule, state, studies, recalled, pushed, error FROM hl7_prefetch_job").fetchall()
 
 
-def _tiers(archive: Archive) -> dict[str, set[str]]:
-    with archive.index.read_session() as s:
-        rows = s.execute(
-            select(Study.study_uid, FileCopy.tier).join(Series, Series.study_fk == Study.pk)
-            .join(Instance, Instance.series_fk == Series.pk).join(FileCopy, FileCopy.instance_fk == Instance.pk)
-        ).all()
-    out: dict[str, set[str]] = {}
-    for uid, tier in rows:
-        out.setdefault(uid, set()).add(tier)
-    return out
-
 
 def test_orm_brings_exactly_the_rules_priors_from_cold_tier_and_remote(env: Env) -> None:
     uid = {name: str(dcmread(env.files[name][0], stop_before_pixels=True).StudyInstanceUID) for name in PRIORS}
@@ -244,7 +234,7 @@ def test_orm_brings_exactly_the_rules_priors_from_cold_tier_and_remote(env: Env)
 
     archive = Archive.open(_settings(env.root))
     try:
-        tiers = _tiers(archive)
+        tiers = study_tiers(archive)
         for name, (where, _) in PRIORS.items():
             if name in WANTED:
                 want = {"cache"} if where == "remote" else {"cache", "cold"}  # fetched onto the first tier / recalled to it
