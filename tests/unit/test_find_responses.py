@@ -7,32 +7,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 
+from tests.support.fake_assoc import FakeAssoc as _FakeAssoc
 from xdsi.dimse.find_responses import PendingSender, install
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
-class FakeAssoc:
-    """What DIMSEServiceProvider.send_msg and evt.trigger touch: the DUL, the peer's maximum PDU, the handlers."""
+def _describe(message: Any) -> tuple[Any, ...]:
+    return (message.__class__.__name__, message.command_set.Status, message.command_set.MessageIDBeingRespondedTo)
 
-    def __init__(self, max_pdu: int) -> None:
-        self.sent: list[Any] = []
-        self.events: list[Any] = []
-        self.dul = SimpleNamespace(send_pdu=self.sent.append)
-        self.is_requestor = False
-        self.requestor = SimpleNamespace(maximum_length=max_pdu)
-        self.dimse = DIMSEServiceProvider(self)  # type: ignore[arg-type]
-        self._abort_nonblocking = self._abort_blocking = lambda: None
 
-    def get_handlers(self, event: Any) -> Any:
-        if event is evt.EVT_DIMSE_SENT:
-            return [(lambda e: self.events.append((e.message.__class__.__name__, e.message.command_set.Status,
-                                                   e.message.command_set.MessageIDBeingRespondedTo)), None)]
-        return []
+def FakeAssoc(max_pdu: int) -> _FakeAssoc:  # noqa: N802 - the stand-in this module's tests build
+    return _FakeAssoc(max_pdu, _describe)
 
 
 def _rsp(msg_id: int, status: int, identifier: bytes | None) -> C_FIND:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
+from tests.support.fake_assoc import FakeAssoc as _FakeAssoc
 from xdsi.dimse import find_responses
 from xdsi.dimse.store_responses import SuccessSender, install
 
@@ -17,26 +15,14 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"  # even length: no padding
 
 
-class FakeAssoc:
-    """What DIMSEServiceProvider.send_msg and evt.trigger touch: the DUL, the peer's maximum PDU, the handlers."""
+def _describe(message: Any) -> tuple[Any, ...]:
+    cs = message.command_set
+    return (message.__class__.__name__, cs.Status, cs.MessageIDBeingRespondedTo, cs.AffectedSOPInstanceUID,
+            cs.AffectedSOPClassUID, cs.CommandGroupLength)
 
-    def __init__(self, max_pdu: int) -> None:
-        self.sent: list[Any] = []
-        self.events: list[Any] = []
-        self.dul = SimpleNamespace(send_pdu=self.sent.append)
-        self.is_requestor = False
-        self.requestor = SimpleNamespace(maximum_length=max_pdu)
-        self.dimse = DIMSEServiceProvider(self)  # type: ignore[arg-type]
-        self._abort_nonblocking = self._abort_blocking = lambda: None
 
-    def get_handlers(self, event: Any) -> Any:
-        if event is evt.EVT_DIMSE_SENT:
-            def record(e: Any) -> None:
-                cs = e.message.command_set
-                self.events.append((e.message.__class__.__name__, cs.Status, cs.MessageIDBeingRespondedTo,
-                                    cs.AffectedSOPInstanceUID, cs.AffectedSOPClassUID, cs.CommandGroupLength))
-            return [(record, None)]
-        return []
+def FakeAssoc(max_pdu: int) -> _FakeAssoc:  # noqa: N802 - the stand-in this module's tests build
+    return _FakeAssoc(max_pdu, _describe)
 
 
 def _rsp(msg_id: int, status: int, sop_class: str, sop: str, comment: str | None = None) -> C_STORE:
