@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, MRImageStorage
 
+from tests.support.environ import environ_with
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, ct_instance, write_study
 from xdsi.uids import new_uid
@@ -39,7 +39,7 @@ def tool(name: str) -> str:
 
 
 def run(cmd: Sequence[str], *, timeout: float = TOOL_TIMEOUT, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TCP_NODELAY": "1"}
+    env = environ_with(TCP_NODELAY="1")  # called from worker threads too (test_every_object)
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from tests.support.environ import environ_with
+
 
 _handed_out: set[int] = set()
 
@@ -52,7 +54,7 @@ class XdsiProcess:
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
-        self.env = {**os.environ, **(env or {})}
+        self.env = environ_with(**(env or {}))
         self.prefix = list(prefix)
         self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
