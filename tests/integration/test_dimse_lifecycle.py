@@ -81,7 +81,7 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, back
     for sender in senders:
         sender.join(60)
         assert not sender.is_alive()
-    assert not refused
+    assert not refused, f"refused during ingest: {refused[:3]}; server log:\n{server.output()[-6000:]}"
     assert len(acked) < TOTAL, "the kill came too late to interrupt the ingest"
     snapshot = list(acked)
 

@@ -25,6 +25,13 @@ def _count(archive: Archive, model: type) -> int:
         return int(s.scalar(select(func.count()).select_from(model)) or 0)
 
 
+def _until(pred, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
 def test_followers_share_one_transaction_and_a_refusal_stays_their_own(archive: Archive, tmp_path: Path) -> None:
     """Seven stores queued behind a busy writer go out in one transaction.  The one naming another patient for
     the same study is refused alone; so is a second copy of an instance sent under a new series, and the series
@@ -201,3 +208,105 @@ def test_two_processes_store_into_one_sqlite_index(tmp_path: Path) -> None:
                 assert sha256_file(a.tiers[c.tier].abspath(c.rel_path)) == (c.size, c.sha256)
     finally:
         a.close()
+
+
+def test_a_deadlock_victim_is_written_again_not_refused(tmp_path: Path, postgres) -> None:  # type: ignore[no-untyped-def]
+    """Two writers (two workers' committers on one PostgreSQL index) take the same study and series rows in
+    opposite orders: PostgreSQL breaks the deadlock by aborting one of them.  That one is run again in a new
+    transaction and both succeed; nothing is refused (before, the victim's instance got A700)."""
+    from sqlalchemy import text, update
+
+    from xdsi.archive.group_commit import GroupCommitter
+    from xdsi.index.db import open_index
+
+    url = postgres.create_database(f"t_gc_{new_uid()[-10:].replace('.', '')}")
+    from tests.conftest import make_settings
+
+    archive = Archive.open(make_settings(tmp_path, url))
+    try:
+        archive.store.store_file(write_study(tmp_path / "in", StudySpec(patient_id="GC-D"), series=1, per_series=1)[0])
+        other = open_index(url)
+        committers = [GroupCommitter(archive.index), GroupCommitter(other)]
+        both_hold_one = threading.Barrier(2, timeout=30)
+        calls = [0, 0]
+
+        def writer(k: int):  # type: ignore[no-untyped-def]
+            def fn(s):  # type: ignore[no-untyped-def]
+                calls[k] += 1
+                s.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+                first, second = (Study, Series) if k == 0 else (Series, Study)
+                s.execute(update(first).values(num_instances=first.num_instances + 0))
+                if calls[k] == 1:
+                    both_hold_one.wait()  # each holds one row and now asks for the other's
+                s.execute(update(second).values(num_instances=second.num_instances + 0))
+                return k
+            return fn
+
+        results: list[object] = [None, None]
+
+        def run(k: int) -> None:
+            try:
+                results[k] = committers[k].run(writer(k))
+            except Exception as exc:  # the test fails below with the error shown
+                results[k] = exc
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [0, 1]
+        assert sorted(calls) == [1, 2]  # exactly one was the deadlock victim and ran twice
+        other.engine.dispose()
+    finally:
+        archive.close()
+
+
+def test_a_retryable_error_inside_a_batch_reruns_only_that_instance(archive: Archive, tmp_path: Path) -> None:
+    """In a shared transaction the database aborting one instance's statement (its savepoint) leaves the
+    others committed; that instance is written again on its own, and a deterministic refusal is not retried."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from xdsi.archive.group_commit import GroupCommitter
+
+    committer = GroupCommitter(archive.index)
+    calls: dict[str, int] = {"ok": 0, "victim": 0, "refused": 0}
+
+    def job(name: str):  # type: ignore[no-untyped-def]
+        def fn(s):  # type: ignore[no-untyped-def]
+            calls[name] += 1
+            if name == "victim" and calls[name] == 1:
+                raise OperationalError("UPDATE study", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+            if name == "refused":
+                raise catalog.PatientMismatch("another patient")
+            return name
+        return fn
+
+    gate = threading.Event()
+    results: dict[str, object] = {}
+
+    def leader(s):  # type: ignore[no-untyped-def]
+        gate.wait(10)  # holds the writer role while the three below queue up into one batch
+        return "leader"
+
+    def run(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            results[name] = committer.run(fn)
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=("leader", leader))]
+    threads[0].start()
+    _until(lambda: committer._writing)
+    threads += [threading.Thread(target=run, args=(n, job(n))) for n in ("ok", "victim", "refused")]
+    for t in threads[1:]:
+        t.start()
+    _until(lambda: len(committer._queue) == 3)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert results["leader"] == "leader" and results["ok"] == "ok" and results["victim"] == "victim"
+    assert isinstance(results["refused"], catalog.PatientMismatch)
+    assert calls == {"ok": 1, "victim": 2, "refused": 1}
+    assert committer.transactions == 3  # the leader's, the batch of three, the victim's second attempt

@@ -23,24 +23,35 @@ of the processes take turns through an exclusive ``flock`` on a file beside the
 database (:class:`WriterLock`): a waiting leader sleeps in the kernel and wakes
 the moment the other commits, instead of polling in SQLite's busy handler.
 PostgreSQL needs no such lock: its writers do not exclude one another.
+
+When the database breaks a deadlock (two PostgreSQL writers bumping the same
+study and series counters in different orders) or a serialization conflict,
+the instances it hit are written again in a new transaction, up to
+:data:`ATTEMPTS` times, before being failed: the condition clears by itself,
+and a refused instance is one the modality has to send again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
-from xdsi.index.db import Index
+from xdsi.index.db import Index, retryable
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_BATCH = 64  # instances per transaction: bounds the time a follower waits behind the leader's batch
+ATTEMPTS = 5  # transactions an instance is tried in when the database aborts it as a deadlock victim
 
 
 class _Job(Generic[T]):
@@ -136,6 +147,23 @@ class GroupCommitter:
             self.lock.close()
 
     def _write(self, batch: list[_Job[Any]]) -> None:
+        try:
+            pending = batch
+            for attempt in range(ATTEMPTS):
+                self._attempt(pending)
+                pending = [j for j in pending if j.error is not None and retryable(j.error)]
+                if not pending or attempt == ATTEMPTS - 1:
+                    break
+                log.info("index write of %d instance(s) aborted by the database (%s); trying again",
+                         len(pending), pending[0].error.__class__.__name__)
+                time.sleep(0.005 * (attempt + 1))  # let the other writer commit
+                for job in pending:
+                    job.error = None
+        finally:
+            for job in batch:
+                job.done = True
+
+    def _attempt(self, batch: list[_Job[Any]]) -> None:
         lock: ContextManager[Any] = self.lock if self.lock is not None else nullcontext()
         try:
             with lock, self.index.session() as s:
@@ -153,11 +181,8 @@ class GroupCommitter:
             self.jobs += len(batch)
         except BaseException as exc:  # the commit (or the batch of one) failed: nothing of the batch is stored
             for job in batch:
-                if job.error is None:
+                if job.error is None:  # an instance refused on its own (a patient mismatch) keeps its reason
                     job.error = exc
                     job.value = None
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            for job in batch:
-                job.done = True

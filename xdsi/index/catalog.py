@@ -422,8 +422,10 @@ def _record_fast(session: Session, h: "InstanceHeader", copy: CopyRecord, source
     if inserted is None:
         return None  # already indexed: duplicate policy and replacement are the general path's
     pk = int(inserted[0])
-    conn.execute(_BUMP_SERIES, {"b_pk": row.series_pk})
+    # study before series: the order in which the general path's flush locks the two rows, so that a fast
+    # and a general writer (two workers on PostgreSQL) do not wait on each other in a cycle
     conn.execute(_BUMP_STUDY, {"b_pk": row.study_fk, "b_now": now})
+    conn.execute(_BUMP_SERIES, {"b_pk": row.series_pk})
     conn.execute(
         _ADD_COPY,
         {

@@ -78,6 +78,29 @@ class Index:
         self.engine.dispose()
 
 
+# PostgreSQL's "try again" errors: a deadlock broken by the server, a serialization failure
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed write may simply be run again: the database broke a deadlock or a serialization conflict.
+
+    Two writers that take the same rows (a study's counters, a series'
+    counters) in different orders deadlock now and then on PostgreSQL; the
+    server aborts one of them, and nothing about the instance is wrong.
+    Refusing it with A700 (as a CI run did with two workers) would push a
+    retry onto the modality for a condition that clears by itself.  A locked
+    SQLite database (past its busy timeout) counts too.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig)
+
+
 def _unicode_upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
