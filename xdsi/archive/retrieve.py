@@ -31,6 +31,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.archive import content, transcode
+from xdsi.archive import jpip_header  # issue 16: JPIP Referenced (.94/.95) headers
 from xdsi.archive.produced import BulkValue, FrameSet, Produced, new_spool
 from xdsi.config import Settings
 from xdsi.index.catalog import CopyRecord, add_copy, as_utc, utcnow
@@ -397,6 +398,8 @@ class RetrieveService:
         Explicit VR Big Endian) comes before or is that answer.
         """
         accepted = transcode.preference(accepted)
+        if jpip_header.asked(accepted):  # JPIP Referenced listed: its own step in the same policy
+            return jpip_header.choose(self, ref, accepted, path)
         quick = transcode.choose(ref.transfer_syntax_uid, accepted)
         if quick is not None and quick.unchanged:
             return quick, path
@@ -433,9 +436,14 @@ class RetrieveService:
         if choice.unchanged:
             return Produced(choice.transfer_syntax, path, unchanged=True, spooled=False)
         target = choice.transfer_syntax
+        write: Callable[[BinaryIO], None] = (
+            jpip_header.writer(path, target, self.settings, ref.sop_instance_uid)
+            if jpip_header.asked([target])
+            else (lambda out: transcode.write_converted(path, target, out))
+        )
         spool = self._spool(
             "produce-",
-            lambda out: transcode.write_converted(path, target, out),
+            write,
             lambda exc: transcode.TranscodeError(f"cannot convert to {target}: {exc.__class__.__name__}: {exc}"),
             keep=(transcode.TranscodeError, OSError),
         )
