@@ -180,9 +180,15 @@ def test_requesters_order_decides(archive: Archive, files: dict[str, Path]) -> N
     path = files["CT_small.dcm"]  # stored Explicit VR LE
     assert _produced(archive, path, [ImplicitVRLittleEndian, JPIP_REFERENCED])[0] == ImplicitVRLittleEndian
     assert _produced(archive, path, [JPIP_REFERENCED, ImplicitVRLittleEndian])[0] == JPIP_REFERENCED
-    # the stored syntax, when listed, always means the stored bytes (RAD TF-3 4.69.4.2.3)
-    ts, data = _produced(archive, path, [JPIP_REFERENCED, ExplicitVRLittleEndian])
+    # JPIP listed first wins even over the stored syntax listed later (RAD TF-3 4.69.4.2.3: Pixel Data removed)
+    assert _produced(archive, path, [JPIP_REFERENCED, ExplicitVRLittleEndian])[0] == JPIP_REFERENCED
+    # the stored syntax listed first is the stored bytes
+    ts, data = _produced(archive, path, [ExplicitVRLittleEndian, JPIP_REFERENCED])
     assert ts == ExplicitVRLittleEndian and data == path.read_bytes()
+    # not offered (colour on demand) and the stored syntax after JPIP: the stored bytes
+    colour = files["SC_rgb_dcmtk_+eb+cy+s2.dcm"]
+    ts, data = _produced(archive, colour, [JPIP_REFERENCED, "1.2.840.10008.1.2.4.50"])
+    assert ts == "1.2.840.10008.1.2.4.50" and data == colour.read_bytes()
 
 
 def test_no_public_url_no_jpip(archive: Archive, files: dict[str, Path], tmp_path: Path) -> None:

@@ -164,18 +164,22 @@ def choose(
 ) -> tuple[transcode.Choice | None, Path | None]:
     """:meth:`RetrieveService.choose` for a list that names a JPIP Referenced syntax.
 
-    The one policy (RAD TF-3 4.69.4.2.3): the stored syntax, when listed, means
-    the stored bytes; otherwise the first listed syntax we can produce, in the
-    requester's order.  The syntaxes before the first JPIP one are tried by
-    the ordinary policy; then JPIP Referenced, when :func:`offered` and this
-    instance's header can be truthful (:func:`header_photometric`); then the
-    rest.  The header is read only when the syntaxes before JPIP could not be
-    produced.
+    The one policy, in the requester's order: the syntaxes before the first
+    JPIP one are tried by the ordinary policy (the stored syntax among them
+    means the stored bytes); then JPIP Referenced, when :func:`offered` and
+    this instance's header can be truthful (:func:`header_photometric`); then
+    the rest (the stored syntax among them, again, the stored bytes).  So a
+    requester that lists JPIP Referenced first gets the header even for an
+    instance whose stored syntax it lists later: RAD TF-3 4.69.4.2.3 (FACTS
+    1.4) has the IDS that supports JPIP remove Pixel Data and add the URL
+    whenever the request lists it; a requester that lists the stored syntax
+    first gets the pixels.  The header is read only when the syntaxes before
+    JPIP could not be produced.
     """
     order = [str(t) for t in accepted]
-    if ref.transfer_syntax_uid in order:
-        return transcode.Choice(ref.transfer_syntax_uid, True), path
     k = next(i for i, t in enumerate(order) if t in JPIP_SYNTAXES)
+    if ref.transfer_syntax_uid in order[:k]:
+        return transcode.Choice(ref.transfer_syntax_uid, True), path
     if k:
         found, path = service.choose(ref, order[:k], path)
         if found is not None:

@@ -39,6 +39,7 @@ from pynetdicom.presentation import build_context
 
 from xdsi.archive import transcode
 from xdsi.dimse import direct
+from xdsi.jpip.urls import JPIP_SYNTAXES
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def accepted_syntaxes(assoc: Any, sop_class: str, stored_ts: str, *, native_firs
         ts = str(cx.transfer_syntax[0])
         if ts not in found:
             found.append(ts)
-    head = [stored_ts] if stored_ts in found else []
+    head = [stored_ts] if stored_ts in found and not jpip_before(found, stored_ts, native_first) else []
     if native_first:
         head += [ts for ts in NATIVE if ts in found and ts not in head]
     return head + [ts for ts in found if ts not in head]
@@ -450,4 +451,84 @@ __all__: Sequence[str] = (
     "refusal_reason",
     "requestor_choice",
     "stored_by_peer",
+    "offer_jpip_for_get",
+    "refuse_jpip_store",
+    "with_jpip_contexts",
+    "jpip_before",
 )
+
+
+# -- issue 16: JPIP Referenced (.94/.95) ------------------------------------------------------------
+
+
+def offer_jpip_for_get(assoc: Any, offered: bool) -> None:
+    """EVT_REQUESTED: accept JPIP Referenced on the storage contexts a C-GET requestor receives on (SCP role).
+
+    pynetdicom negotiates against the association's own copy of our
+    contexts (``assoc.acceptor.supported_contexts``, deep-copied per
+    association), so the two syntaxes are appended there, last (our order
+    never prefers them; :func:`prefer_requestor_syntaxes` applies the
+    requestor's), for the SOP classes the requestor asked us to send and only
+    when ``offered``.  The listener's own contexts never list them: a peer
+    storing to us cannot have a JPIP Referenced context accepted, since a
+    JPIP Referenced data set has no Pixel Data, only a URL to someone's
+    pixels, and the archive does not store such an instance (PS3.4 B.1 note:
+    "storage of incomplete information").
+    """
+    if not offered:
+        return
+    want_scp = {uid for uid, item in assoc.requestor.role_selection.items() if item.scp_role}
+    if not want_scp:
+        return
+    for cx in assoc.acceptor.supported_contexts:
+        if cx.abstract_syntax in want_scp:
+            for ts in JPIP_SYNTAXES:
+                if ts not in cx.transfer_syntax:
+                    cx.add_transfer_syntax(ts)
+
+
+def refuse_jpip_store(event: Any) -> str | None:
+    """Why a C-STORE is refused because its context is JPIP Referenced (a C-GET requestor that also stores), or None."""
+    ts = str(getattr(event.context, "transfer_syntax", "") or "")
+    if ts in JPIP_SYNTAXES:
+        return f"a data set in {UID(ts).name} has no Pixel Data (only a Pixel Data Provider URL); such instances are not stored"
+    return None
+
+
+def with_jpip_contexts(contexts: list[Any], pairs: set[tuple[str, str]], offered: bool) -> list[Any]:
+    """C-MOVE: one more context per SOP class, [JPIP Referenced, JPIP Referenced Deflate], while they fit.
+
+    Only when JPIP Referenced is offered (``[server] public_url``).  The
+    destination's acceptance of it is its statement that a header with a
+    Pixel Data Provider URL will do; the sender still prefers the stored
+    syntax and the uncompressed ones when they were accepted too
+    (:func:`accepted_syntaxes` with ``native_first``), so a destination that
+    accepts everything keeps getting pixels, and one that accepts only JPIP
+    Referenced for a class gets headers for what our JPIP server can serve
+    (other instances of the class fail as sub-operations, as for any
+    syntax that cannot be produced).
+    """
+    if not offered:
+        return contexts
+    out = list(contexts)
+    for sop_class in sorted({c for c, _ in pairs}):
+        if len(out) >= MAX_CONTEXTS:
+            log.info("C-MOVE: no room for JPIP Referenced contexts beyond %d SOP classes", len(out))
+            break
+        out.append(build_context(sop_class, list(JPIP_SYNTAXES)))
+    return out
+
+
+def jpip_before(found: Sequence[str], stored_ts: str, native_first: bool) -> bool:
+    """C-GET: the requestor proposed JPIP Referenced ahead of the stored syntax; its order stands (issue 16).
+
+    :func:`accepted_syntaxes` puts the stored syntax first (sent unchanged);
+    a C-GET requestor whose contexts ask for JPIP Referenced before it wants
+    the header, so the stored syntax keeps its place after it.  C-MOVE
+    (``native_first``) keeps the stored syntax first: a destination accepting
+    JPIP Referenced among others is not asking for it.
+    """
+    if native_first:
+        return False
+    first_jpip = next((i for i, t in enumerate(found) if t in JPIP_SYNTAXES), None)
+    return first_jpip is not None and first_jpip < list(found).index(stored_ts)

@@ -47,7 +47,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import Status
 
-from xdsi.archive import Archive
+from xdsi.archive import Archive, jpip_header
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import cheap_contexts, direct, find_responses, status, wakeup
@@ -71,6 +71,7 @@ from xdsi.dimse.sending import (
     prefer_requestor_syntaxes,
     refusal_reason,
 )
+from xdsi.dimse.sending import offer_jpip_for_get, refuse_jpip_store, with_jpip_contexts  # issue 16: JPIP Referenced
 from xdsi.security.tls import handshake_failure
 from xdsi.uids import InvalidUID
 
@@ -332,6 +333,7 @@ class DicomServer:
             *self.governor.handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_CONN_OPEN, direct.on_conn_open),  # the DUL's writes serialised with direct ones (C-GET, C-MOVE)
+            (evt.EVT_REQUESTED, self.offer_jpip),  # issue 16: before the requestor's order is applied
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -345,6 +347,19 @@ class DicomServer:
             # keeps the TLS certificate subject) has seen the request while its socket is open; rejecting closes it
             (evt.EVT_REQUESTED, self.on_requested),  # who may associate (issue 13); skips a request already rejected
         ]
+
+    def offer_jpip(self, event: Any) -> None:
+        """EVT_REQUESTED: JPIP Referenced (.94/.95) for the storage contexts a C-GET requestor receives on (issue 16).
+
+        Added to this association's own copy of our contexts, for the SOP
+        classes the requestor asked us to send (SCP role), and only when
+        ``[server] public_url`` is set (:func:`xdsi.archive.jpip_header.offered`):
+        a peer storing to us is never offered it (the archive keeps no
+        instance without its pixels).
+        """
+        if event.assoc.is_rejected or event.assoc.is_aborted:
+            return
+        offer_jpip_for_get(event.assoc, jpip_header.offered(self.archive_for(event.assoc).settings))
 
     def on_requested(self, event: Any) -> None:
         """The A-ASSOCIATE-RQ is in: accept, or A-ASSOCIATE-RJ as :class:`DimsePolicy` decides."""
@@ -429,6 +444,9 @@ class DicomServer:
             )
             log.warning("C-STORE from %s refused: %s", calling, reason)
             return _failure(status.SOP_CLASS_NOT_SUPPORTED, reason)
+        if (refusal := refuse_jpip_store(event)) is not None:  # issue 16: no data set without its pixels is stored
+            log.warning("C-STORE from %s refused: %s", calling, refusal)
+            return _failure(status.CANNOT_UNDERSTAND, refusal)
         if (relayed := gateway_hand_over(event)) is not None:  # an instance a remote sends for a gateway retrieve
             return relayed
         expect = Expected(sop_class_uid=abstract, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
@@ -519,7 +537,7 @@ class DicomServer:
         destination = MoveDestination(dest, audited=self.audit is not None)
         kwargs: dict[str, Any] = {"xdsi_move_destination": destination}
         if pairs:
-            kwargs["contexts"] = contexts_for(pairs)
+            kwargs["contexts"] = with_jpip_contexts(contexts_for(pairs), pairs, jpip_header.offered(self.archive.settings))
         if peer.tls:
             kwargs["tls_args"] = (self.client_tls(), peer.host)
         yield peer.host, peer.port, kwargs
