@@ -224,3 +224,23 @@ def test_build_refuses_what_it_cannot_describe(files: dict[str, Path], tmp_path:
     bad = shutil.copy(files["examples_palette.dcm"], tmp_path / "p.dcm")
     with pytest.raises(transcode.TranscodeError):
         jpip_header.build(Path(bad), JPIP_REFERENCED, provider_url(PUBLIC, new_uid()))
+
+
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+
+
+@pytest.mark.skipif(not transcode.can_encode(HTJ2K_LOSSLESS), reason="no HTJ2K encoder registered (xdsi.archive.htj2k, j2ktier branch)")
+def test_monochrome_stored_as_htj2k_is_offered_as_stored(archive: Archive, tmp_path: Path) -> None:
+    """An HTJ2K tier's instance: the stored codestream is what the JPIP server serves, so its attributes stand."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    transcode.convert(ds, HTJ2K_LOSSLESS)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = new_uid(), new_uid(), new_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "ct-htj2k.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert archive.store.store_file(path).ok
+    got = dcmread(io.BytesIO(_produced(archive, path, [JPIP_REFERENCED])[1]))
+    want = {e.tag: e.value for e in dcmread(path) if e.tag.group != 0x7FE0}
+    have = {e.tag: e.value for e in got if e.tag != jpip_header.PROVIDER_URL_TAG}
+    assert have == want
+    assert got.PixelDataProviderURL == provider_url(PUBLIC, ds.SOPInstanceUID) and "PixelData" not in got
