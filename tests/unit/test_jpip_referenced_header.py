@@ -244,3 +244,21 @@ def test_monochrome_stored_as_htj2k_is_offered_as_stored(archive: Archive, tmp_p
     have = {e.tag: e.value for e in got if e.tag != jpip_header.PROVIDER_URL_TAG}
     assert have == want
     assert got.PixelDataProviderURL == provider_url(PUBLIC, ds.SOPInstanceUID) and "PixelData" not in got
+
+
+@pytest.mark.skipif(shutil.which("/usr/bin/dcmdump") is None, reason="Debian's dcmtk is not installed")
+@pytest.mark.parametrize("syntax", [JPIP_REFERENCED, JPIP_REFERENCED_DEFLATE])
+def test_dcmtk_reads_the_header(archive: Archive, files: dict[str, Path], tmp_path: Path, syntax: str) -> None:
+    """dcmtk (not our code, not pydicom) parses both encodings: the URL as UR, no Pixel Data, nothing to complain about."""
+    import subprocess
+
+    path = files["MR_small_bigendian.dcm"]
+    out = tmp_path / "header.dcm"
+    out.write_bytes(_produced(archive, path, [syntax])[1])
+    proc = subprocess.run(["/usr/bin/dcmdump", "+L", str(out)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    name = "JPIP Referenced Deflate" if syntax == JPIP_REFERENCED_DEFLATE else "JPIP Referenced"
+    assert f"# Used TransferSyntax: {name}\n" in proc.stdout
+    sop = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert f"(0028,7fe0) UR [{provider_url(PUBLIC, sop)}]" in proc.stdout
+    assert "(7fe0,0010)" not in proc.stdout and "MONOCHROME2" in proc.stdout
