@@ -463,7 +463,7 @@ def test_without_public_url_jpip_is_never_offered(unpublished: XdsiProcess, stud
 
 
 @pytest.mark.skipif(not JPIP_SERVER, reason="the JPIP server (xdsi.jpip.server, jpip branch) is not merged yet")
-@pytest.mark.skipif(shutil.which("opj_jpip_transcode") is None, reason="OpenJPEG's JPIP tools (libopenjpip-dec-server) are not installed")
+@pytest.mark.skipif(shutil.which("/usr/bin/opj_jpip_transcode") is None, reason="OpenJPEG's JPIP tools (libopenjpip-dec-server) are not installed")
 def test_provider_url_serves_the_image(served: Served, study: Study, tmp_path: Path) -> None:
     """The header's URL, asked for the whole image as a JPP-stream, decodes (OpenJPEG) to pydicom's decode of the original."""
     import imagecodecs
@@ -477,7 +477,7 @@ def test_provider_url_serves_the_image(served: Served, study: Study, tmp_path: P
         assert r.headers["Content-Type"].startswith("image/jpp-stream")
         jpp, j2k = tmp_path / f"{item.sop_uid}.jpp", tmp_path / f"{item.sop_uid}.j2k"
         jpp.write_bytes(r.content)
-        subprocess.run(["opj_jpip_transcode", str(jpp), str(j2k)], check=True, capture_output=True, timeout=TIMEOUT)
+        subprocess.run(["/usr/bin/opj_jpip_transcode", str(jpp), str(j2k)], check=True, capture_output=True, timeout=TIMEOUT)
         decoded = imagecodecs.jpeg2k_decode(j2k.read_bytes())
         original = dcmread(item.path).pixel_array
         assert np.array_equal(decoded.astype(original.dtype), original), f"{item.sop_uid}: JPIP pixels differ from the original"
