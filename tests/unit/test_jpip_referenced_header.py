@@ -15,6 +15,7 @@ import shutil
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -28,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 from tests.conftest import make_settings
 from xdsi.archive import Archive, jpip_header, transcode
 from xdsi.archive.retrieve import CannotProvide, InstanceRef
+from xdsi.config import Settings
 from xdsi.jpip.urls import JPIP_REFERENCED, JPIP_REFERENCED_DEFLATE, provider_url
 from xdsi.uids import new_uid
 
@@ -80,7 +82,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, files: dict[str, Path]) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("jpip-archive")
-    a = Archive.open(make_settings(root, public_url=PUBLIC))
+    a = Archive.open(jpip_enabled(make_settings(root, public_url=PUBLIC)))
     try:
         for path in files.values():
             r = a.store.store_file(path)
@@ -88,6 +90,19 @@ def archive(tmp_path_factory: pytest.TempPathFactory, files: dict[str, Path]) ->
         yield a
     finally:
         a.close()
+
+
+def jpip_enabled(settings: Settings) -> Settings:
+    """``[jpip] enabled = true`` where the settings have the JPIP server's section (jpip branch), else as they are."""
+    jpip = getattr(settings, "jpip", None)
+    return replace(settings, jpip=replace(jpip, enabled=True)) if jpip is not None and hasattr(jpip, "enabled") else settings
+
+
+def test_offered_needs_a_public_url_and_an_enabled_jpip_server() -> None:
+    assert jpip_header.offered(SimpleNamespace(public_url=PUBLIC))
+    assert not jpip_header.offered(SimpleNamespace(public_url=""))
+    assert not jpip_header.offered(SimpleNamespace(public_url=PUBLIC, jpip=SimpleNamespace(enabled=False)))
+    assert jpip_header.offered(SimpleNamespace(public_url=PUBLIC, jpip=SimpleNamespace(enabled=True)))
 
 
 def _ref(archive: Archive, path: Path) -> InstanceRef:
