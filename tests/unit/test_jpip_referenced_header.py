@@ -76,6 +76,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("jpip-in")
     out = {name: _fresh(Path(get_testdata_file(name)), root / name) for name in MONO + NOT_OFFERED[:-1] + COLOUR_J2K}
     out["rgb-j2k"] = _rgb_j2k(root / "rgb-j2k.dcm")
+    out["ct-3-frames"] = _frames(root / "ct-3-frames.dcm", 3)
+    return out
+
+
+def _frames(out: Path, n: int) -> Path:
+    """pydicom's CT image as an n-frame instance: the header keeps Number of Frames (frames are JPIP streams)."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelData = ds.PixelData * n
+    ds.NumberOfFrames = n
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = new_uid(), new_uid(), new_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(out, enforce_file_format=True)
     return out
 
 
@@ -123,7 +135,7 @@ def _produced(archive: Archive, path: Path, accepted: list[str]) -> tuple[str, b
         return p.transfer_syntax, p.file_path().read_bytes()
 
 
-@pytest.mark.parametrize("name", MONO)
+@pytest.mark.parametrize("name", [*MONO, "ct-3-frames"])
 def test_header_is_the_served_images_attributes_without_pixel_data(archive: Archive, files: dict[str, Path], name: str) -> None:
     path = files[name]
     ts, data = _produced(archive, path, [JPIP_REFERENCED])
@@ -142,6 +154,7 @@ def test_header_is_the_served_images_attributes_without_pixel_data(archive: Arch
     for tag, value in want.items():
         assert have[tag] == value, f"{name}: {tag} is {have[tag]!r}, the served image says {value!r}"
     assert got.SOPInstanceUID == dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert got.get("NumberOfFrames") == dcmread(path, stop_before_pixels=True).get("NumberOfFrames")
 
 
 def test_lossy_only_source_says_it_was_lossy(archive: Archive, files: dict[str, Path]) -> None:

@@ -258,6 +258,10 @@ def dataset_offset(part10: bytes) -> int:
 
 
 def writer(path: Path, target: str, settings: Any, sop_instance_uid: str) -> Callable[[BinaryIO], None]:
-    """What :meth:`RetrieveService.produce` spools for a JPIP Referenced choice."""
-    url = provider_url(settings.public_url, sop_instance_uid)
-    return lambda out: write(path, target, url, out)
+    """What :meth:`RetrieveService.produce` spools for a JPIP Referenced choice.
+
+    The URL is built inside the spooling step, so a failure there (no public
+    URL, a SOP Instance UID that is not a UID) is a failed conversion of this
+    instance like any other, never an error of the whole request.
+    """
+    return lambda out: write(path, target, provider_url(settings.public_url, sop_instance_uid), out)
