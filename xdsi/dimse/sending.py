@@ -513,7 +513,7 @@ def with_jpip_contexts(contexts: list[Any], pairs: set[tuple[str, str]], offered
     out = list(contexts)
     for sop_class in sorted({c for c, _ in pairs}):
         if len(out) >= MAX_CONTEXTS:
-            log.info("C-MOVE: no room for JPIP Referenced contexts beyond %d SOP classes", len(out))
+            log.info("C-MOVE: no room for more JPIP Referenced contexts (%d proposed already)", len(out))
             break
         out.append(build_context(sop_class, list(JPIP_SYNTAXES)))
     return out
