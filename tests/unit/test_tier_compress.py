@@ -112,6 +112,7 @@ def study_files(tmp: Path) -> dict[str, Path]:
     rle.compress(RLELossless, generate_instance_uid=False)
     out["rle"] = rle
     paths = {}
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, ds in out.items():
         p = tmp / f"{name}.dcm"
         ds.save_as(p, enforce_file_format=True)
