@@ -285,22 +285,19 @@ class TierPolicy:
         Raises :class:`compression.CompressionMismatch` (an OSError: the caller keeps the source and reports it)
         when the compressed file does not give back the original pixels.
         """
-        from xdsi.archive.transcode import TranscodeError
-
         target = compression.target_syntax(str(dst.settings.compress))
         with self.index.read_session() as s:
             others = s.scalar(
                 select(func.count()).select_from(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier != src.name)
             )
-        why = f"copies on other tiers are {ts}" if others else compression.why_not(src.abspath(rel), target)
-        if why is None:
-            try:
-                return compression.compress_to(src.abspath(rel), target, dst.new_temp())
-            except TranscodeError as exc:
-                why = f"encoder refused: {exc}"
-        report.unchanged[why.split(":")[0] if why.startswith("encoder refused") else why.split(" (")[0]] += 1
-        log.info("%s moves to %s unchanged: %s", rel, dst.name, why)
-        return None
+        if others:
+            squeezed, why = None, f"copies on other tiers are {ts}"
+        else:
+            squeezed, why = compression.squeeze(src.abspath(rel), target, dst.new_temp())
+        if squeezed is None:
+            report.unchanged[compression.reason_key(why)] += 1
+            log.info("%s moves to %s unchanged: %s", rel, dst.name, why)
+        return squeezed
 
     @staticmethod
     def _lock_for_new_syntax(s: Any, inst_pk: int, copy_pk: int, ts: str, dst: str) -> None:

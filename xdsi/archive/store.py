@@ -173,16 +173,14 @@ class StoreService:
         from xdsi.storage import compress as compression
 
         target = compression.target_syntax(self.compress_on_receive)
-        why = compression.why_not(path, target)
-        if why is None:
-            try:
-                return compression.compress_to(path, target, self.tiers.hot.new_temp())
-            except Exception as exc:  # TranscodeError, CompressionMismatch, OSError: keep what was received
-                why = f"{exc.__class__.__name__}: {exc}"
-                log.warning("%s stored as received, not compressed: %s", header.sop_instance_uid, why)
-                return None
-        log.debug("%s stored as received: %s", header.sop_instance_uid, why)
-        return None
+        try:
+            squeezed, why = compression.squeeze(path, target, self.tiers.hot.new_temp())
+        except Exception as exc:  # CompressionMismatch, OSError, a decoder's own error: keep what was received
+            log.warning("%s stored as received, not compressed: %s: %s", header.sop_instance_uid, exc.__class__.__name__, exc)
+            return None
+        if squeezed is None:
+            log.debug("%s stored as received: %s", header.sop_instance_uid, why)
+        return squeezed
 
     def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None) -> StoreResult:
         """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.

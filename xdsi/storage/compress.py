@@ -31,6 +31,7 @@ from xdsi.config import COMPRESS_METHODS
 from xdsi.storage.tiers import StorageError
 
 log = logging.getLogger(__name__)
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 # what must never change when only the pixel encoding does
 IDENTITY = (
@@ -72,7 +73,7 @@ def why_not(path: Path, target: str) -> str | None:
     ts = f.transfer_syntax_uid
     if ts == target:
         return "already in the target syntax"
-    if ts not in transcode.NATIVE_SOURCES:
+    if ts not in transcode.NATIVE_SOURCES or ts == DEFLATED:  # deflated: the whole data set is compressed already
         name = UID(ts).name if ts else "an unknown syntax"
         return f"already compressed ({name})"
     if not transcode.can_encode_pixels(target, f):
@@ -81,6 +82,35 @@ def why_not(path: Path, target: str) -> str | None:
             f" {f.bits_allocated}/{f.bits_stored} bits{', float' if f.float_pixels else ''})"
         )
     return None
+
+
+def squeeze(src: Path, target: str, out: Path) -> tuple[Compressed | None, str]:
+    """``src`` compressed to ``out`` and verified, or (None, why it stays as it is).
+
+    Stays as it is: anything :func:`why_not` names, an encoder refusal
+    (``TranscodeError``, e.g. samples outside Bits Stored), or a result that is
+    not smaller than the original (tiny images: the codestream headers outweigh
+    the pixels).  :class:`CompressionMismatch` (and OSError) are raised: the
+    caller keeps the original and reports it.
+    """
+    from xdsi.archive.transcode import TranscodeError
+
+    why = why_not(src, target)
+    if why is not None:
+        return None, why
+    try:
+        c = compress_to(src, target, out)
+    except TranscodeError as exc:
+        return None, f"encoder refused: {exc}"
+    if c.size >= c.original_size:
+        out.unlink(missing_ok=True)
+        return None, f"no saving ({c.original_size} -> {c.size} bytes)"
+    return c, ""
+
+
+def reason_key(why: str) -> str:
+    """The kind of a :func:`squeeze` reason, for counting: the text before its details."""
+    return why.split(" (")[0].split(":")[0]
 
 
 def compress_to(src: Path, target: str, out: Path) -> Compressed:
