@@ -791,6 +791,7 @@ class PartitionSettings:
     recall_on_read: bool = True
     peers: tuple[str, ...] | None = None  # AE titles from [peers] that may use this partition; None: any accepted peer
     gateway: "GatewaySettings" = field(default_factory=lambda: GatewaySettings())  # [partitions.NAME.gateway]: its own, off by default
+    compress_on_receive: str | None = None  # as [storage] compress_on_receive, for this partition (issue 16)
 
     def resolve(self, main: "Settings") -> "Settings":
         data_dir = self.data_dir or (main.data_dir / "partitions" / self.name)
@@ -804,7 +805,8 @@ class PartitionSettings:
             ae_title=self.ae_title,
             data_dir=data_dir,
             index_url=self.index_url,
-            storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read),
+            storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read,
+                                    compress_on_receive=self.compress_on_receive),
             dicom_port=self.dicom_port if self.dicom_port is not None else 0,
             partitions={},
             dimse_policy=replace(main.dimse_policy, own_peers=self.peers),
@@ -815,7 +817,7 @@ class PartitionSettings:
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
     allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers",
-               "gateway"}
+               "gateway", "compress_on_receive"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -843,6 +845,7 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
+            compress_on_receive=compress_method(p.get("compress_on_receive"), f"[partitions.{name}] compress_on_receive"),
             peers=partition_peers_from(p["peers"], name) if "peers" in p else None,
             gateway=gateway_from(p.get("gateway"), f"[partitions.{name}.gateway]"),
         )

@@ -384,3 +384,30 @@ def test_config(tmp_path: Path) -> None:
     cfg.write_text('[storage]\ncompress_on_receive = true\n')
     with pytest.raises(ConfigError, match="compress_on_receive"):
         load_settings(cfg)
+
+
+def test_what_stays_as_it_is(tmp_path: Path) -> None:
+    """Deflated data sets are compressed already; a tiny image whose codestream outweighs its pixels is not kept."""
+    from pydicom.data import get_testdata_file
+
+    tiny = Path(str(get_testdata_file("SC_rgb_small_odd.dcm")))
+    c, why = compression.squeeze(tiny, HTJ2KLosslessRPCL, tmp_path / "tiny.dcm")
+    assert c is None and why.startswith("no saving") and not (tmp_path / "tiny.dcm").exists()
+    deflated = Path(str(get_testdata_file("image_dfl.dcm")))
+    assert compression.squeeze(deflated, HTJ2KLosslessRPCL, tmp_path / "d.dcm") == (None, "already compressed (Deflated Explicit VR Little Endian)")
+    ct = Path(str(get_testdata_file("CT_small.dcm")))
+    c, why = compression.squeeze(ct, JPEG2000Lossless, tmp_path / "ct.dcm")
+    assert c is not None and why == "" and c.size < c.original_size == ct.stat().st_size
+
+
+def test_partition_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(
+        '[partitions.RESEARCH]\ncompress_on_receive = "htj2k-lossless"\n'
+        '[[partitions.RESEARCH.tiers]]\nname = "hot"\npath = "hot"\nmigrate_after_days = 1\n'
+        '[[partitions.RESEARCH.tiers]]\nname = "deep"\npath = "deep"\ncompress = "jpeg2000-lossless"\n'
+    )
+    s = load_settings(cfg, overrides={"data_dir": tmp_path / "data"})
+    part = s.partitions["RESEARCH"].resolve(s).effective_storage
+    assert part.compress_on_receive == "htj2k-lossless" and [t.compress for t in part.tiers] == [None, "jpeg2000-lossless"]
+    assert s.effective_storage.compress_on_receive is None
