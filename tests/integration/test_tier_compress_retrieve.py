@@ -185,3 +185,18 @@ def test_rad69_stored_or_converted(held: Held) -> None:
             got = dcmread(io.BytesIO(docs[held.sop(n)]))
             assert got.file_meta.TransferSyntaxUID == ts
             _same_pixels(got, held.files[n])
+
+
+def test_wado_uri_stored_or_converted(held: Held) -> None:
+    ds = dcmread(held.files["mr"], stop_before_pixels=True)
+    q = dict(requestType="WADO", studyUID=ds.StudyInstanceUID, seriesUID=ds.SeriesInstanceUID, objectUID=ds.SOPInstanceUID,
+             contentType="application/dicom")
+    for ts in (HTJ2KLosslessRPCL, ExplicitVRLittleEndian):
+        r = requests.get(held.url("/wado"), params={**q, "transferSyntax": ts}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        got = dcmread(io.BytesIO(r.content))
+        assert got.file_meta.TransferSyntaxUID == ts
+        _same_pixels(got, held.files["mr"])
+    # a rendered JPEG is made from the decoded HTJ2K pixels too
+    r = requests.get(held.url("/wado"), params={**q, "contentType": "image/jpeg"}, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
