@@ -200,3 +200,37 @@ def test_wado_uri_stored_or_converted(held: Held) -> None:
     # a rendered JPEG is made from the decoded HTJ2K pixels too
     r = requests.get(held.url("/wado"), params={**q, "contentType": "image/jpeg"}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+
+
+@pytest.mark.dcmtk
+def test_compress_on_receive_from_dcmtk_storescu(tmp_path: Path) -> None:
+    """dcmtk storescu sends the study to a server with compress_on_receive: images are stored compressed
+    (pixels verified against what was sent), the SR as sent, and no spool or temporary file is left."""
+    from tests.integration.dimse_support import dcmtk_available, leftover_temp_files, storescu
+    from xdsi.archive import Archive
+    from xdsi.config import load_settings
+
+    if not dcmtk_available():
+        pytest.skip("dcmtk is not installed")
+    files = {k: v for k, v in study_files(tmp_path / "in").items() if k != "rle"}
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text('[storage]\ncompress_on_receive = "htj2k-lossless"\n')
+    data = tmp_path / "data"
+    proc = XdsiProcess(data, config=cfg).start()
+    try:
+        storescu(proc.host, proc.dicom_port, list(files.values()), "-R")  # -R: propose only the files' own syntaxes
+    finally:
+        proc.stop()
+    assert leftover_temp_files(data) == []
+    a = Archive.open(load_settings(cfg, env={}, overrides={"data_dir": data}))
+    try:
+        for name, path in files.items():
+            sent = dcmread(path)
+            (ref,) = a.retrieve.select(sop_uids=[str(sent.SOPInstanceUID)])
+            stored = dcmread(a.retrieve.path(ref))
+            want_ts = ExplicitVRLittleEndian if name == "sr" else HTJ2KLosslessRPCL
+            assert ref.transfer_syntax_uid == stored.file_meta.TransferSyntaxUID == want_ts
+            if name != "sr":
+                assert np.array_equal(pixel_array(stored, raw=True), pixel_array(sent, raw=True))
+    finally:
+        a.close()
