@@ -411,3 +411,23 @@ def test_partition_config(tmp_path: Path) -> None:
     part = s.partitions["RESEARCH"].resolve(s).effective_storage
     assert part.compress_on_receive == "htj2k-lossless" and [t.compress for t in part.tiers] == [None, "jpeg2000-lossless"]
     assert s.effective_storage.compress_on_receive is None
+
+
+def test_bits_above_bits_stored_are_kept_not_dropped(tmp_path: Path) -> None:
+    """8 bits stored in 16 with data in the high byte (an old overlay): pydicom reads the low byte only, so
+    compressing would lose the rest without verification noticing; such an instance stays as it is."""
+    from tests.unit.test_htj2k import _image
+
+    pixels = np.full((1, 64, 64, 1), 100, dtype=np.int64)
+    pixels[0, 10:20, 10:20, 0] |= 0x100  # the overlay plane in bit 8
+    ds, _ = _image(64, 64, bits_allocated=16, bits_stored=8, pixels=pixels)
+    src = tmp_path / "overlay.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    for target in METHODS.values():
+        c, why = compression.squeeze(src, target, tmp_path / "out.dcm")
+        assert c is None and why == "samples use bits above Bits Stored (8 of 16)"
+    pixels[0, 10:20, 10:20, 0] = 100  # without them: compressed
+    ds, _ = _image(64, 64, bits_allocated=16, bits_stored=8, pixels=pixels)
+    ds.save_as(src, enforce_file_format=True)
+    c, why = compression.squeeze(src, HTJ2KLosslessRPCL, tmp_path / "out.dcm")
+    assert c is not None and why == ""

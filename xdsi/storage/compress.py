@@ -95,7 +95,7 @@ def squeeze(src: Path, target: str, out: Path) -> tuple[Compressed | None, str]:
     """
     from xdsi.archive.transcode import TranscodeError
 
-    why = why_not(src, target)
+    why = why_not(src, target) or high_bits_in_use(src)
     if why is not None:
         return None, why
     try:
@@ -106,6 +106,33 @@ def squeeze(src: Path, target: str, out: Path) -> tuple[Compressed | None, str]:
         out.unlink(missing_ok=True)
         return None, f"no saving ({c.original_size} -> {c.size} bytes)"
     return c, ""
+
+
+def high_bits_in_use(path: Path) -> str | None:
+    """Why not, when stored samples carry bits above Bits Stored (e.g. an overlay kept in the high bits).
+
+    pydicom's decoding, the oracle of :func:`verify`, ignores those bits, and the
+    encoders are handed only the Bits Stored: compressing would drop them
+    unseen, and the original is deleted after a migration.  Checked only when
+    Bits Stored is less than Bits Allocated.
+    """
+    import numpy as np
+    from pydicom.pixels import pixel_array
+
+    head = dcmread(path, stop_before_pixels=True)
+    try:
+        stored, allocated = int(head.BitsStored), int(head.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return "no Bits Stored/Allocated"
+    if stored >= allocated:
+        return None
+    ds = dcmread(path)
+    try:
+        if np.array_equal(pixel_array(ds, raw=True), pixel_array(ds, raw=True, correct_unused_bits=False)):
+            return None
+    except Exception as exc:
+        return f"pixels unreadable ({exc.__class__.__name__})"
+    return f"samples use bits above Bits Stored ({stored} of {allocated})"
 
 
 def reason_key(why: str) -> str:
