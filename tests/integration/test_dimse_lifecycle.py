@@ -128,7 +128,7 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     finally:
         if assoc.is_established:
             assoc.abort()
-    assert "stopping" in server.output()
+    assert server.logged("stopping"), server.output()[-3000:]
 
 
 def test_accepted_and_outgoing_sockets_have_nodelay(tmp_path: Path) -> None:

@@ -140,6 +140,20 @@ class XdsiProcess:
     def output(self) -> str:
         return "".join(self.log)
 
+    def logged(self, text: str, seconds: float = 15.0) -> bool:
+        """Whether ``text`` appears in the server's output within ``seconds``.
+
+        A worker's log line reaches us through a pipe and a reader thread, after
+        the reply that caused it: asserting on :meth:`output` right away races
+        it (seen in CI under load).
+        """
+        deadline = time.monotonic() + seconds
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
 
 def children_of(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid``, from /proc (Linux)."""
