@@ -52,10 +52,19 @@ def media_type(target: str) -> str:
     return content.frame_media_type(target) or "application/octet-stream"
 
 
+def _register_plugins() -> None:
+    """Import the HTJ2K encoder plugin (it registers itself with pydicom on import), when this build has it."""
+    try:
+        import xdsi.archive.htj2k  # noqa: F401
+    except ImportError:
+        pass
+
+
 def why_not(path: Path, target: str) -> str | None:
     """None when the frames of the instance at ``path`` can be re-encoded in ``target``; otherwise the reason (for a 406)."""
     if target not in ENCODER_OF:
         return f"frames are not re-encoded in {target}"
+    _register_plugins()
     info = content.pixel_info(path)
     facts = transcode.facts(path)
     ts = info.transfer_syntax_uid

@@ -329,6 +329,9 @@ class DicomWebApp:
         audit = self._audit(request, "WADO-RS frames", [ref])
         try:
             info = retrieve.frame_info(ref)
+            for n in numbers:  # a frame that does not exist is a 404 whatever form was asked for
+                if n > info.frames:
+                    raise content.NoSuchPart(f"frame {n} does not exist (the instance has {info.frames})")
             form, passed_over = frame_forms.choose(accept, info, len(numbers), lambda ts: retrieve.frame_encoding_refusal(ref, ts))
             if form is None:
                 offered = ", ".join(info.media_types)
