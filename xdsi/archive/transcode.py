@@ -12,7 +12,9 @@ We produce Explicit and Implicit VR Little Endian, Explicit VR Big Endian and
 Deflated Explicit VR Little Endian (from every syntax pydicom and the
 installed plugins decode), JPEG 2000 lossless and lossy and RLE Lossless
 (pylibjpeg-openjpeg / pydicom's RLE encoder) for the pixel layouts pydicom's
-encoders accept.  Big endian and deflated are produced because a C-GET
+encoders accept, and HTJ2K (.201 Lossless, .202 Lossless RPCL, .203, always a
+reversible codestream) through the encoder :mod:`xdsi.archive.htj2k` adds to
+pydicom.  Big endian and deflated are produced because a C-GET
 requester may accept one of them for a whole SOP class: every instance of
 that class on the association must then go out in it, whatever it is stored
 in.
@@ -68,6 +70,9 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -75,12 +80,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from xdsi.archive import htj2k  # registers the HTJ2K encoders with pydicom (Dataset.compress, get_encoder)
+
 
 CHUNK = 256 * 1024
 SPOOL_MEMORY = 8 * 1024 * 1024
 # uncompressed targets: produced from every decodable instance, no pixel encoder needed
 NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
-COMPRESSED_TARGETS = (JPEG2000Lossless, JPEG2000, RLELossless)
+# HTJ2K: every codestream we write is reversible (xdsi.archive.htj2k), so .203 output is lossless too
+HTJ2K_TARGETS = (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
+COMPRESSED_TARGETS = (JPEG2000Lossless, JPEG2000, RLELossless, *HTJ2K_TARGETS)
 # uncompressed syntaxes we read without a pixel decoder (pydicom parses them itself)
 NATIVE_SOURCES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 J2K_LOSSY_RATIO = 10.0  # compression ratio for JPEG 2000 (lossy) output
