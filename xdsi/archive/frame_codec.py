@@ -18,8 +18,8 @@ to RGB, so its frames are not re-encoded here), and :func:`transcode.can_encode_
 must accept the pixel layout.  Anything else is :class:`content.CannotConvert`
 (HTTP 406) before a byte is sent.
 
-A ``.203`` request (HTJ2K, lossless or lossy) is answered with the lossless
-RPCL codestream: every lossless HTJ2K codestream is a valid ``.203`` one.
+A ``.203`` request (HTJ2K, lossless or lossy) is answered with a lossless
+codestream: every lossless HTJ2K codestream is a valid ``.203`` one.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
 HTJ2K_ANY = "1.2.840.10008.1.2.4.203"
 HTJ2K_SYNTAXES = (HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K_ANY)
-# what a frame may be re-encoded into, and the encoder that produces it (.203 by the lossless RPCL encoder)
+# what a frame may be re-encoded into, and the pydicom encoder that produces it (xdsi.archive.htj2k's for HTJ2K:
+# always reversible, RPCL, TLM and a tile-part per resolution, so .203 output is lossless and progressive too)
 ENCODER_OF = {
     str(JPEG2000Lossless): str(JPEG2000Lossless),
     HTJ2K_LOSSLESS: HTJ2K_LOSSLESS,
     HTJ2K_LOSSLESS_RPCL: HTJ2K_LOSSLESS_RPCL,
-    HTJ2K_ANY: HTJ2K_LOSSLESS_RPCL,
+    HTJ2K_ANY: HTJ2K_ANY,
 }
 FRAME_TARGETS = tuple(ENCODER_OF)
 # PS3.18 Table 8.7.3-5: the media type a single-part request names, and the syntax it means when none is named
