@@ -248,6 +248,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         if trail is not None:
             trail.stop(drain_seconds=0)
     print(f"moved {report.moved_studies} stud(ies), {report.moved_files} file(s), {_human(report.moved_bytes)}")
+    _print_migration_compression(report)
     for err in report.errors:
         print(f"error: {err}", file=sys.stderr)
     return 1 if report.errors else 0
@@ -279,6 +280,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         marks = f", high {_human(cfg.high_watermark)} / low {_human(cfg.low_watermark)}" if cfg.high_watermark else ""
         age = f", migrate after {cfg.migrate_after_days:g} days" if cfg.migrate_after_days is not None else ""
         print(f"  {tier.name:<10} {_human(st.tier_bytes[tier.name]):>10} in {st.tier_files[tier.name]} file(s)  {tier.root}{marks}{age}")
+        _print_tier_compression(tier.name, cfg.compress, st)
     spool = spool_usage(settings.temp_dir)
     print(f"spool:      {spool.files} file(s), {_human(spool.bytes)} in {settings.temp_dir}")
     print(f"queued:     {_queued(queued)}")
@@ -768,3 +770,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _print_tier_compression(name: str, method: str | None, st: object) -> None:
+    """Under a tier's line: its ``compress`` setting and the bytes lossless compression saves there (issue 16)."""
+    compressed = getattr(st, "tier_compressed", {}).get(name, 0)
+    if not method and not compressed:
+        return
+    saved = getattr(st, "tier_saved", {}).get(name, 0)
+    setting = f"compress {method}" if method else "no compress setting"
+    print(f"  {'':<10} {setting}: {compressed} file(s) stored compressed, {_human(saved)} saved")
+
+
+def _print_migration_compression(report: object) -> None:
+    """What ``xdsi migrate`` compressed onto a tier with ``compress``, and why the rest moved unchanged."""
+    n = getattr(report, "compressed_files", 0)
+    unchanged = getattr(report, "unchanged", {})
+    if n:
+        before, after = report.bytes_before, report.bytes_after  # type: ignore[attr-defined]
+        print(f"compressed {n} file(s): {_human(before)} -> {_human(after)} ({before / max(after, 1):.2f}x)")
+    for why, count in sorted(unchanged.items()):
+        print(f"unchanged {count} file(s): {why}")

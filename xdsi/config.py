@@ -97,6 +97,9 @@ class TierSettings:
     ``migrate_after_days``: studies not read for this long move to the next tier.
     ``high_watermark``/``low_watermark``: when the bytes stored on this tier pass
     the high mark, least-recently-read studies move down until it is under the low mark.
+    ``compress``: "jpeg2000-lossless" or "htj2k-lossless" (:data:`COMPRESS_METHODS`):
+    image instances migrating onto this tier are stored losslessly compressed,
+    verified pixel for pixel before the source copy goes (xdsi.archive.lifecycle).
     """
 
     name: str
@@ -104,6 +107,21 @@ class TierSettings:
     migrate_after_days: float | None = None
     high_watermark: int | None = None
     low_watermark: int | None = None
+    compress: str | None = None
+
+
+# lossless compression a tier (``compress``) or the store (``[storage] compress_on_receive``) applies,
+# and the transfer syntax it stores: JPEG 2000 Lossless, HTJ2K Lossless RPCL (progressive by resolution)
+COMPRESS_METHODS = {"jpeg2000-lossless": "1.2.840.10008.1.2.4.90", "htj2k-lossless": "1.2.840.10008.1.2.4.202"}
+
+
+def compress_method(value: object, where: str) -> str | None:
+    """A ``compress`` setting: one of :data:`COMPRESS_METHODS`, or None when absent/false/"none"."""
+    if value is None or value is False or value == "none":
+        return None
+    if not isinstance(value, str) or value not in COMPRESS_METHODS:
+        raise ConfigError(f"{where} must be one of {', '.join(sorted(COMPRESS_METHODS))} (or \"none\"), not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,7 @@ class StorageSettings:
     tiers: tuple[TierSettings, ...]
     duplicate_policy: str = "keep"  # "keep" the first copy, or "replace" it
     recall_on_read: bool = True  # copy an instance read from a cold tier back to the hot tier
+    compress_on_receive: str | None = None  # a COMPRESS_METHODS key: image instances stored compressed at ingest
 
 
 @dataclass(frozen=True)
@@ -398,7 +417,7 @@ class Listener:
 
 
 def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
-    unknown = set(raw) - {"name", "path", "migrate_after_days", "high_watermark", "low_watermark"}
+    unknown = set(raw) - {"name", "path", "migrate_after_days", "high_watermark", "low_watermark", "compress"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [[storage.tiers]]: {', '.join(sorted(unknown))}")
     try:
@@ -428,6 +447,7 @@ def _tier_from(raw: Mapping[str, Any], base: Path) -> TierSettings:
         migrate_after_days=float(days) if days is not None else None,
         high_watermark=high,
         low_watermark=low,
+        compress=compress_method(raw.get("compress"), f"tier {name}: compress"),
     )
 
 
@@ -456,7 +476,7 @@ _HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 _SECTION_KEYS: dict[str, set[str]] = {
     "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url", "workers"},
     "index": {"url"},
-    "storage": {"tiers", "duplicate_policy", "recall_on_read"},
+    "storage": {"tiers", "duplicate_policy", "recall_on_read", "compress_on_receive"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
     "http": {"cors_origins", *HTTP_LIMIT_KEYS},
 }
@@ -565,6 +585,7 @@ def load_settings(
                 tiers=tiers or settings.effective_storage.tiers,
                 duplicate_policy=str(st.get("duplicate_policy", "keep")),
                 recall_on_read=recall,
+                compress_on_receive=compress_method(st.get("compress_on_receive"), "[storage] compress_on_receive"),
             ),
         )
 
@@ -770,6 +791,7 @@ class PartitionSettings:
     recall_on_read: bool = True
     peers: tuple[str, ...] | None = None  # AE titles from [peers] that may use this partition; None: any accepted peer
     gateway: "GatewaySettings" = field(default_factory=lambda: GatewaySettings())  # [partitions.NAME.gateway]: its own, off by default
+    compress_on_receive: str | None = None  # as [storage] compress_on_receive, for this partition (issue 16)
 
     def resolve(self, main: "Settings") -> "Settings":
         data_dir = self.data_dir or (main.data_dir / "partitions" / self.name)
@@ -783,7 +805,8 @@ class PartitionSettings:
             ae_title=self.ae_title,
             data_dir=data_dir,
             index_url=self.index_url,
-            storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read),
+            storage=StorageSettings(tiers=tiers, duplicate_policy=self.duplicate_policy, recall_on_read=self.recall_on_read,
+                                    compress_on_receive=self.compress_on_receive),
             dicom_port=self.dicom_port if self.dicom_port is not None else 0,
             partitions={},
             dimse_policy=replace(main.dimse_policy, own_peers=self.peers),
@@ -794,7 +817,7 @@ class PartitionSettings:
 def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionSettings]:
     out: dict[str, PartitionSettings] = {}
     allowed = {"ae_title", "data_dir", "index_url", "dicom_port", "dicom_tls_port", "tiers", "duplicate_policy", "recall_on_read", "peers",
-               "gateway"}
+               "gateway", "compress_on_receive"}
     for name, p in raw.items():
         if not isinstance(p, Mapping):
             raise ConfigError(f"[partitions.{name}] must be a table")
@@ -822,6 +845,7 @@ def _partitions_from(raw: Mapping[str, Any], base: Path) -> dict[str, PartitionS
             tiers=tuple(tiers),
             duplicate_policy=str(p.get("duplicate_policy", "keep")),
             recall_on_read=bool(p.get("recall_on_read", True)),
+            compress_on_receive=compress_method(p.get("compress_on_receive"), f"[partitions.{name}] compress_on_receive"),
             peers=partition_peers_from(p["peers"], name) if "peers" in p else None,
             gateway=gateway_from(p.get("gateway"), f"[partitions.{name}.gateway]"),
         )

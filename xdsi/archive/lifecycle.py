@@ -12,6 +12,19 @@ delete the old file.  A crash at any point leaves at least one indexed,
 verified copy; a copy whose bytes no longer match the index is never moved
 (its source stays, the error is reported).
 
+A tier with ``compress`` ("jpeg2000-lossless", "htj2k-lossless") stores the
+image instances that move onto it losslessly compressed
+(:mod:`xdsi.storage.compress`): the compressed file is decoded and compared
+with the original's pixels *before* it is placed, the index then records the
+new transfer syntax, size and the size it replaced, and only after that
+transaction is the original deleted.  A mismatch keeps the original where it
+is and is reported as an error; objects without pixels, already compressed
+ones and pixels the encoder does not take move unchanged (counted by reason).
+Every copy of an instance holds the same transfer syntax as the index's
+instance row (what every retrieve path chooses by), so an instance with copies
+on other tiers moves unchanged, and the switch is made with the instance row
+locked (the recall path takes the same lock before recording a copy).
+
 The plan (:meth:`TierPolicy.plan`) is computed from the index alone, so
 ``xdsi status`` can show what the next run would move without touching files.
 """
@@ -24,12 +37,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from xdsi.index.catalog import CopyRecord, add_copy, as_utc, utcnow
 from xdsi.index.db import Index
 from xdsi.index.models import FileCopy, Instance, Patient, Series, Study
-from xdsi.storage.tiers import Tier, TierSet
+from xdsi.storage import compress as compression
+from xdsi.storage.tiers import StorageError, Tier, TierSet
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +67,12 @@ class MigrationReport:
     moved_files: int = 0
     moved_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    # onto a compressing tier: instances stored compressed, their bytes before and after,
+    # and why the others moved unchanged (reason -> count)
+    compressed_files: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    unchanged: Counter = field(default_factory=Counter)
 
 
 
@@ -149,7 +169,7 @@ class TierPolicy:
         src, dst = self.tiers[move.source], self.tiers[move.target]
         with self.index.session() as s:
             copies = [
-                (c.pk, c.instance_fk, c.rel_path, c.size, c.sha256, c.transfer_syntax_uid, c.last_read_at)
+                (c.pk, c.instance_fk, c.rel_path, c.size, c.sha256, c.transfer_syntax_uid, c.last_read_at, c.original_size)
                 for c in s.scalars(
                     select(FileCopy)
                     .join(Instance, FileCopy.instance_fk == Instance.pk)
@@ -161,9 +181,9 @@ class TierPolicy:
         trail = self.audit_trail()
         audit = self._audit_subject(move.study_pk, src.name, dst.name) if trail is not None and trail.enabled and copies else None
         moved_any = False
-        for copy_pk, inst_pk, rel, size, sha, ts, last_read in copies:
+        for copy_pk, inst_pk, rel, size, sha, ts, last_read, original in copies:
             try:
-                self._move_copy(src, dst, copy_pk, inst_pk, rel, sha, ts, last_read)
+                self._move_copy(src, dst, copy_pk, inst_pk, rel, sha, ts, last_read, original, report)
             except OSError as exc:  # ChecksumMismatch is an OSError too
                 msg = f"{rel}: {src.name} -> {dst.name}: {exc}"
                 log.error("migration failed, source copy kept: %s", msg)
@@ -212,21 +232,87 @@ class TierPolicy:
         return None
 
     def _move_copy(
-        self, src: Tier, dst: Tier, copy_pk: int, inst_pk: int, rel: str, sha: str, ts: str, last_read: datetime
+        self, src: Tier, dst: Tier, copy_pk: int, inst_pk: int, rel: str, sha: str, ts: str, last_read: datetime,
+        original: int | None = None, report: MigrationReport | None = None,
     ) -> None:
+        report = report if report is not None else MigrationReport()
+        new_ts, new_original = ts, original
         # a copy already on a lower tier (left there by a recall) makes this one redundant
-        placed = None if self._lower_copy(src, inst_pk) else dst.copy_from(src, rel, sha)  # verified; a bad copy is removed
-        with self.index.session() as s:
+        if self._lower_copy(src, inst_pk):
+            placed = None
+        else:
+            squeezed = self._compressed(src, dst, inst_pk, rel, ts, report) if dst.settings.compress else None
+            if squeezed is None:
+                placed = dst.copy_from(src, rel, sha)  # verified; a bad copy is removed
+            else:
+                try:
+                    placed = dst.place_file(squeezed.path, rel, move=True)
+                finally:
+                    squeezed.path.unlink(missing_ok=True)
+                new_ts, new_original = squeezed.transfer_syntax, squeezed.original_size
+        try:
+            with self.index.session() as s:
+                if new_ts != ts:
+                    self._lock_for_new_syntax(s, inst_pk, copy_pk, ts, dst.name)
+                if placed is not None:
+                    s.execute(delete(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier == dst.name))
+                    # the read clock travels with the data: a move is not a read
+                    record = CopyRecord(dst.name, placed.rel_path, placed.size, placed.sha256, new_ts, new_original)
+                    add_copy(s, inst_pk, record, last_read_at=last_read)
+                s.execute(delete(FileCopy).where(FileCopy.pk == copy_pk))
+                if new_ts != ts:
+                    s.execute(update(Instance).where(Instance.pk == inst_pk).values(transfer_syntax_uid=new_ts))
+        except StorageError:
             if placed is not None:
-                s.execute(delete(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier == dst.name))
-                # the read clock travels with the data: a move is not a read
-                add_copy(s, inst_pk, CopyRecord(dst.name, placed.rel_path, placed.size, placed.sha256, ts), last_read_at=last_read)
-            s.execute(delete(FileCopy).where(FileCopy.pk == copy_pk))
+                dst.delete(placed.rel_path)
+            raise
+        if new_ts != ts and placed is not None:
+            report.compressed_files += 1
+            report.bytes_before += int(new_original or 0)
+            report.bytes_after += placed.size
+            log.info("%s stored on %s as %s: %s -> %s bytes", rel, dst.name, new_ts, new_original, placed.size)
         # the index no longer points at the source copy: only now may its bytes go
         try:
             src.delete(rel)
         except OSError as exc:
             log.warning("moved %s from %s but could not delete the old file: %s", rel, src.name, exc)
+
+    def _compressed(
+        self, src: Tier, dst: Tier, inst_pk: int, rel: str, ts: str, report: MigrationReport
+    ) -> "compression.Compressed | None":
+        """The source copy compressed for ``dst`` and verified, or None to move it unchanged (reason counted).
+
+        Raises :class:`compression.CompressionMismatch` (an OSError: the caller keeps the source and reports it)
+        when the compressed file does not give back the original pixels.
+        """
+        target = compression.target_syntax(str(dst.settings.compress))
+        with self.index.read_session() as s:
+            others = s.scalar(
+                select(func.count()).select_from(FileCopy).where(FileCopy.instance_fk == inst_pk, FileCopy.tier != src.name)
+            )
+        if others:
+            squeezed, why = None, f"copies on other tiers are {ts}"
+        else:
+            squeezed, why = compression.squeeze(src.abspath(rel), target, dst.new_temp())
+        if squeezed is None:
+            report.unchanged[compression.reason_key(why)] += 1
+            log.info("%s moves to %s unchanged: %s", rel, dst.name, why)
+        return squeezed
+
+    @staticmethod
+    def _lock_for_new_syntax(s: Any, inst_pk: int, copy_pk: int, ts: str, dst: str) -> None:
+        """Lock the instance row; refuse the switch if its syntax changed or a copy appeared elsewhere meanwhile.
+
+        The recall path locks the same row before it records a hot copy, so a
+        recall and this switch cannot both commit with different syntaxes.
+        """
+        current = s.scalar(select(Instance.transfer_syntax_uid).where(Instance.pk == inst_pk).with_for_update())
+        others = s.scalar(
+            select(func.count()).select_from(FileCopy)
+            .where(FileCopy.instance_fk == inst_pk, FileCopy.pk != copy_pk, FileCopy.tier != dst)
+        )  # fmt: skip
+        if current != ts or others:
+            raise StorageError(f"instance changed while it was compressed (syntax {current}, {others} other copies); source kept")
 
 
 @dataclass
@@ -237,17 +323,30 @@ class ArchiveStatus:
     instances: int
     tier_bytes: dict[str, int]
     tier_files: dict[str, int]
+    # per tier: copies stored losslessly compressed by us, and the bytes that saved (original sizes - stored sizes)
+    tier_compressed: dict[str, int] = field(default_factory=dict)
+    tier_saved: dict[str, int] = field(default_factory=dict)
 
 
 def archive_status(index: Index, tiers: TierSet) -> ArchiveStatus:
     with index.read_session() as s:
         counts = [s.scalar(select(func.count()).select_from(m)) or 0 for m in (Patient, Study, Series, Instance)]
         rows = s.execute(
-            select(FileCopy.tier, func.count(), func.coalesce(func.sum(FileCopy.size), 0)).group_by(FileCopy.tier)
+            select(
+                FileCopy.tier,
+                func.count(),
+                func.coalesce(func.sum(FileCopy.size), 0),
+                func.count(FileCopy.original_size),
+                func.coalesce(func.sum(FileCopy.original_size - FileCopy.size), 0),
+            ).group_by(FileCopy.tier)
         ).all()
     tb = {t.name: 0 for t in tiers}
     tf = {t.name: 0 for t in tiers}
-    for name, n, size in rows:
+    tc = {t.name: 0 for t in tiers}
+    ts = {t.name: 0 for t in tiers}
+    for name, n, size, compressed, saved in rows:
         tb[name] = int(size)
         tf[name] = int(n)
-    return ArchiveStatus(*counts, tier_bytes=tb, tier_files=tf)
+        tc[name] = int(compressed)
+        ts[name] = int(saved)
+    return ArchiveStatus(*counts, tier_bytes=tb, tier_files=tf, tier_compressed=tc, tier_saved=ts)

@@ -75,6 +75,10 @@ FOLDER_TTL = 10.0
 
 
 
+class _SyntaxChanged(Exception):
+    """The instance was switched to another transfer syntax (a compressing tier) while a recall copied it."""
+
+
 class NotAvailable(LookupError):
     """The index knows the instance but no tier can deliver it."""
 
@@ -277,6 +281,10 @@ class RetrieveService:
         found = self._path_from(ref, ref.copies)
         if found is None:
             fresh = self.select(sop_uids=[ref.sop_instance_uid])
+            if fresh and fresh[0].transfer_syntax_uid != ref.transfer_syntax_uid:
+                # compressed onto a tier meanwhile (issue 16): the new file is not in the syntax this ref (and the
+                # caller's choice) says; serving it under the old one would be wrong pixels, a retry selects afresh
+                raise NotAvailable(f"{ref.sop_instance_uid}: stored as {fresh[0].transfer_syntax_uid} since it was selected; ask again")
             if fresh and fresh[0].copies and fresh[0].copies != ref.copies:
                 found = self._path_from(fresh[0], fresh[0].copies)
         if found is None:
@@ -343,9 +351,20 @@ class RetrieveService:
         now = utcnow()
         try:
             with self.index.session() as s:
-                add_copy(s, ref.pk, CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, ref.transfer_syntax_uid), now=now)
+                # the instance row locked, as the tier policy locks it to switch an instance to a compressed syntax
+                # (issue 16): a copy is recorded only in the syntax the instance still has, its size before compression kept
+                current = s.scalar(select(Instance.transfer_syntax_uid).where(Instance.pk == ref.pk).with_for_update())
+                if current != ref.transfer_syntax_uid:
+                    raise _SyntaxChanged(str(current))
+                original = s.scalar(select(FileCopy.original_size).where(FileCopy.instance_fk == ref.pk, FileCopy.tier == tier.name))
+                record = CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, ref.transfer_syntax_uid, original)
+                add_copy(s, ref.pk, record, now=now)
         except IntegrityError:
             pass  # a concurrent reader recalled it first; same bytes, same path
+        except _SyntaxChanged as exc:
+            hot.delete(placed.rel_path)
+            log.info("%s: not recalled, stored as %s since it was selected", ref.sop_instance_uid, exc)
+            return None
         log.info("recalled %s from %s to %s", ref.sop_instance_uid, tier.name, hot.name)
         self._touch(ref.pk, hot.name, now)
         p = hot.abspath(placed.rel_path)

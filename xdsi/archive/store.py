@@ -29,7 +29,7 @@ import enum
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,6 +117,7 @@ class StoreService:
         self.index = index
         self.tiers = tiers
         self.replace = settings.effective_storage.duplicate_policy == "replace"
+        self.compress_on_receive = settings.effective_storage.compress_on_receive  # issue 16: a COMPRESS_METHODS key or None
         self.committer = GroupCommitter(index)
         self._archived_query = _compiled_lookup(index)
         # called after each instance is durable and indexed: (header, stored path, sha256);
@@ -144,11 +145,42 @@ class StoreService:
             refused = expect.refusal(header)
             if refused is not None:
                 return refused
+        if self.compress_on_receive and header.has_file_meta and header.has_preamble:
+            squeezed = self._compressed(path, header)
+            if squeezed is not None:  # issue 16: stored losslessly compressed, verified against the received pixels
+                header = replace(header, transfer_syntax_uid=squeezed.transfer_syntax)
+                try:
+                    return self._store(
+                        # no parsed data set: the metadata journal reads the stored (converted) file itself
+                        header, source_ae, lambda rel: self.tiers.hot.place_file(squeezed.path, rel, move=True, exclusive=True),
+                        None, original_size=squeezed.original_size,
+                    )
+                finally:
+                    squeezed.path.unlink(missing_ok=True)
         if not header.has_file_meta or not header.has_preamble:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
             return self._store_with_meta(path, header, source_ae, dataset)
         return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset)
+
+    def _compressed(self, path: Path, header: InstanceHeader) -> Any:
+        """``[storage] compress_on_receive``: the received file compressed and verified, or None to store it as received.
+
+        Anything that prevents it (not an image, already compressed, pixels the encoder does not take, an
+        encoder failure or a verification mismatch) stores the instance as it came: compression is a saving,
+        never a reason to refuse an instance.
+        """
+        from xdsi.storage import compress as compression
+
+        target = compression.target_syntax(self.compress_on_receive)
+        try:
+            squeezed, why = compression.squeeze(path, target, self.tiers.hot.new_temp())
+        except Exception as exc:  # CompressionMismatch, OSError, a decoder's own error: keep what was received
+            log.warning("%s stored as received, not compressed: %s: %s", header.sop_instance_uid, exc.__class__.__name__, exc)
+            return None
+        if squeezed is None:
+            log.debug("%s stored as received: %s", header.sop_instance_uid, why)
+        return squeezed
 
     def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None) -> StoreResult:
         """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.
@@ -201,7 +233,8 @@ class StoreService:
         finally:
             conn.close()  # back to the pool (which rolls back whatever the driver began)
 
-    def _store(self, header: InstanceHeader, source_ae: str, place, dataset: Dataset | None = None) -> StoreResult:  # type: ignore[no-untyped-def]
+    def _store(self, header: InstanceHeader, source_ae: str, place, dataset: Dataset | None = None,  # type: ignore[no-untyped-def]
+               original_size: int | None = None) -> StoreResult:
         ids = dict(
             sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid, study_uid=header.study_uid
         )
@@ -217,7 +250,7 @@ class StoreService:
         except OSError as exc:
             log.error("cannot write %s to tier %s: %s", header.sop_instance_uid, hot.name, exc)
             return StoreResult(Outcome.FAILED, reason=f"storage failure: {exc.strerror or exc}", **ids)
-        copy = catalog.CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, header.transfer_syntax_uid)
+        copy = catalog.CopyRecord(hot.name, placed.rel_path, placed.size, placed.sha256, header.transfer_syntax_uid, original_size)
         try:
             # shares a transaction with instances stored at the same moment; returns once it has committed
             _, old = self.committer.run(

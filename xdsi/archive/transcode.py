@@ -70,9 +70,6 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -88,7 +85,7 @@ SPOOL_MEMORY = 8 * 1024 * 1024
 # uncompressed targets: produced from every decodable instance, no pixel encoder needed
 NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 # HTJ2K: every codestream we write is reversible (xdsi.archive.htj2k), so .203 output is lossless too
-HTJ2K_TARGETS = (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
+HTJ2K_TARGETS = htj2k.SYNTAXES  # (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 COMPRESSED_TARGETS = (JPEG2000Lossless, JPEG2000, RLELossless, *HTJ2K_TARGETS)
 # uncompressed syntaxes we read without a pixel decoder (pydicom parses them itself)
 NATIVE_SOURCES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)

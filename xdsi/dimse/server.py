@@ -90,6 +90,10 @@ STORAGE_TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
     RLELossless,
+    # issue 16: HTJ2K Lossless, Lossless RPCL, HTJ2K (pydicom decodes them; a compressing tier stores .202)
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
 ]
 # the SOP classes we accept C-STOREs for; Verification and the Q/R models are never among them
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)

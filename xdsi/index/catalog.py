@@ -41,6 +41,7 @@ class CopyRecord:
     size: int
     sha256: str
     transfer_syntax_uid: str
+    original_size: int | None = None  # the file it was losslessly compressed from (FileCopy.original_size)
 
 
 def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: list[str]) -> bool:
@@ -203,6 +204,7 @@ def add_copy(
         transfer_syntax_uid=copy.transfer_syntax_uid,
         stored_at=now,
         last_read_at=last_read_at or now,
+        original_size=copy.original_size,
     )
     session.add(row)
     return row
@@ -431,6 +433,7 @@ def _record_fast(session: Session, h: "InstanceHeader", copy: CopyRecord, source
         {
             "instance_fk": pk, "tier": copy.tier, "rel_path": copy.rel_path, "size": copy.size, "sha256": copy.sha256,
             "transfer_syntax_uid": copy.transfer_syntax_uid, "stored_at": now, "last_read_at": now,
+            "original_size": copy.original_size,
         },
     )
     return pk

@@ -187,6 +187,9 @@ class FileCopy(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_read_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # the size of the file this copy was losslessly compressed from (a compressing tier, compress_on_receive);
+    # None: the bytes as received.  ``xdsi status`` sums original_size - size per tier as bytes saved
+    original_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="copies")
 

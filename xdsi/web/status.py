@@ -47,7 +47,10 @@ def status_app(archive: Archive, partitions: Mapping[str, Archive] | None = None
             "studies": st.studies,
             "series": st.series,
             "instances": st.instances,
-            "tiers": {name: {"bytes": st.tier_bytes[name], "files": st.tier_files[name]} for name in st.tier_bytes},
+            "tiers": {name: {"bytes": st.tier_bytes[name], "files": st.tier_files[name],
+                             # issue 16: copies stored losslessly compressed and the bytes that saves
+                             "compressed_files": st.tier_compressed.get(name, 0), "bytes_saved": st.tier_saved.get(name, 0)}
+                      for name in st.tier_bytes},
             # transfers in progress (and any a failed transfer left): should drain to 0 when idle
             "spool": {"bytes": spool.bytes, "files": spool.files},
             "routing": _routing(archive),
