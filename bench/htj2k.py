@@ -16,8 +16,13 @@ in headless Chromium twice per round, with two data-source configurations:
   then the rest by a second ``Range`` request and the full image.
 
 Rounds run A B B A (``--rounds``), and each link (``--links``: 0 is
-unthrottled loopback, N a DevTools-emulated N Mbit/s downlink with 5 ms latency) is
-measured in the same run.  Times come from the page itself (``performance.now()``,
+unthrottled loopback, N an N Mbit/s link with ``--latency`` ms for the frame
+responses only) is measured in the same run.  The link is a pacing proxy
+between the viewer's origin and xdsi that holds each ``/frames/`` answer for
+latency + bytes / rate: the viewer's own files and the study's metadata come at
+loopback speed in both modes, so what differs is only how the pixels travel
+(DevTools' network emulation slowed OHIF's 30 MB of scripts down too and
+drowned the difference in app start-up time).  Times come from the page itself (``performance.now()``,
 polling Cornerstone's viewport every 5 ms): **first image** is the first image
 the viewport shows (any quality), **full** its first full-resolution image;
 both from the page's navigation start and from the first frame request (the
@@ -138,6 +143,58 @@ def make_study(out: Path, instances: int, stored: str) -> str:
     return spec.study_uid
 
 
+def pacing_proxy(upstream: str, state: dict[str, float]) -> "http.server.ThreadingHTTPServer":
+    """A loopback HTTP proxy to ``upstream`` that delivers ``/frames/`` answers as over a ``state["mbit"]`` link.
+
+    Each frame answer is held until the one shared link has carried it (its size
+    over the rate, after the answers before it) plus ``state["latency_ms"]``,
+    then sent whole (0 Mbit/s: no delay); everything else passes at once.
+    Method, path, headers (Range, Accept) and body go through unchanged.
+    """
+    import http.client
+    import http.server
+    import threading
+
+    lock, clock = threading.Lock(), [0.0]  # when the shared link is next free
+    hop = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            conn = http.client.HTTPConnection(upstream.split("//", 1)[1], timeout=300)
+            conn.request(self.command, self.path, body=body, headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+            r = conn.getresponse()
+            data = r.read()
+            conn.close()
+            if "/frames/" in self.path and state["mbit"]:
+                with lock:  # one shared link: answers queue behind each other (FIFO), as on a real line
+                    start = max(time.monotonic(), clock[0])
+                    clock[0] = start + len(data) * 8 / (state["mbit"] * 1e6)
+                    done = clock[0] + state["latency_ms"] / 1000
+                time.sleep(max(0.0, done - time.monotonic()))
+            self.send_response(r.status, r.reason)
+            for k, v in r.getheaders():
+                if k.lower() not in hop:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_POST = do_OPTIONS = _any  # noqa: N815
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="pacing", daemon=True).start()
+    return server
+
+
 def stow_in_batches(base: str, paths: list[Path], batch: int = 40) -> None:
     from bench.ohif_check import stow
 
@@ -184,7 +241,8 @@ def main() -> int:
     p.add_argument("--xdsi-src", type=Path, default=ROOT)
     p.add_argument("--instances", type=int, default=200)
     p.add_argument("--stored", choices=("htj2k", "native"), default="htj2k", help="how the study is stored (native: frames re-encoded on the fly)")
-    p.add_argument("--links", default="0,20", help="comma-separated downlinks in Mbit/s to emulate (0: loopback, unthrottled)")
+    p.add_argument("--links", default="0,20,4", help="comma-separated links in Mbit/s for the frame answers (0: loopback, unthrottled)")
+    p.add_argument("--latency", type=float, default=20.0, help="ms added to each frame answer on a paced link")
     p.add_argument("--chunk", type=int, default=65536, help="bytes of each frame the progressive first stage fetches")
     p.add_argument("--rounds", default="ABBA", help="order of the modes (A full frames, B progressive)")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
@@ -194,7 +252,7 @@ def main() -> int:
         raise SystemExit(f"{args.ohif_dist}: no index.html; see bench/ohif_check.py's docstring for the npm command")
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="htj2k-bench-"))
-    xdsi = chrome = viewer = None
+    xdsi = chrome = viewer = pacer = None
     results: list[dict[str, Any]] = []
     try:
         files = tmp / "study"
@@ -208,7 +266,9 @@ def main() -> int:
         viewer = viewer_server(args.ohif_dist, state)
         origin = f"http://127.0.0.1:{viewer.server_address[1]}"
         xdsi = Xdsi(args.xdsi_src.resolve(), tmp / "data", None)
-        state["upstream"] = xdsi.base
+        link_state = {"mbit": 0.0, "latency_ms": args.latency}
+        pacer = pacing_proxy(xdsi.base, link_state)
+        state["upstream"] = f"http://127.0.0.1:{pacer.server_address[1]}"
         stow_in_batches(xdsi.base, paths)
         chrome = Chromium(args.chromium, tmp / "chrome", 1400, 900, args.out / "chromium.log")
         chrome.call("Network.setCacheDisabled", cacheDisabled=True)
@@ -216,11 +276,7 @@ def main() -> int:
         url = f"{origin}/viewer?StudyInstanceUIDs={study}"
         modes = {"A": "full", "B": "progressive"}
         for link in [float(x) for x in args.links.split(",")]:
-            if link:
-                chrome.call("Network.emulateNetworkConditions", offline=False, latency=5,
-                            downloadThroughput=link * 1e6 / 8, uploadThroughput=link * 1e6 / 8)  # fmt: skip
-            else:
-                chrome.call("Network.emulateNetworkConditions", offline=False, latency=0, downloadThroughput=-1, uploadThroughput=-1)
+            link_state["mbit"] = link
             for k, letter in enumerate(args.rounds):
                 mode = modes[letter]
                 state["config"] = {"/app-config.js": progressive_config(f"{origin}/dicomweb", f"{origin}/wado", mode=mode, chunk=args.chunk,
@@ -234,9 +290,10 @@ def main() -> int:
     finally:
         if chrome:
             chrome.close()
-        if viewer:
-            viewer.shutdown()
-            viewer.server_close()
+        for srv in (viewer, pacer):
+            if srv:
+                srv.shutdown()
+                srv.server_close()
         if xdsi:
             xdsi.stop()
             shutil.copy(tmp / "xdsi-serve.log", args.out / "xdsi-serve.log")
@@ -247,6 +304,8 @@ def main() -> int:
 def report(results: list[dict[str, Any]], args: argparse.Namespace, size: int) -> str:
     lines = [
         f"# OHIF first image, {args.instances} x 512x512 CT stored {args.stored} ({size / 1e6:.1f} MB), progressive vs full frames",
+        "",
+        "Links pace the frame answers only (the viewer and the metadata at loopback speed in both modes).",
         "",
         "| link | mode | runs | first image ms (from nav) | first image ms (from 1st frame request) | full-res ms (from 1st frame request) | first quality | frame req 200/206 | frame bytes |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -264,7 +323,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, size: int) -
             quality = ",".join(str(r["first_quality"]) for r in rows)
             reqs = ",".join(f"{r['frame_requests_200']}/{r['frame_requests_206']}" for r in rows)
             lines.append(
-                f"| {'loopback' if not link else f'{link:g} Mbit/s'} | {mode} | {len(rows)} | {med(rows, 'first_ms')} | {med(rows, 'first_after_frames_ms')}"
+                f"| {'loopback' if not link else f'{link:g} Mbit/s + {args.latency:g} ms'} | {mode} | {len(rows)} | {med(rows, 'first_ms')} | {med(rows, 'first_after_frames_ms')}"
                 f" | {med(rows, 'full_after_frames_ms')} | {quality} | {reqs} | {med(rows, 'frame_bytes')} |"
             )
     lines += ["", "Quality: Cornerstone's ImageQualityStatus (6 subresolution, 8 full resolution). Medians of the runs."]
