@@ -1,6 +1,6 @@
 """Frames re-encoded on the fly in a compressed transfer syntax a DICOMweb viewer asks for (HTJ2K, JPEG 2000 lossless).
 
-Why: OHIF/Cornerstone fetch frames as High-Throughput JPEG 2000 (PS3.5 8.2.14,
+Why: OHIF/Cornerstone fetch frames as High-Throughput JPEG 2000 (PS3.5,
 1.2.840.10008.1.2.4.201-.203) and, for the RPCL variant (.202), fetch the first
 bytes of a frame first (HTTP Range) and draw the low resolution levels they
 hold.  An archive that keeps what it received as it is (or on a JPEG 2000
@@ -44,7 +44,7 @@ ENCODER_OF = {
     HTJ2K_ANY: HTJ2K_ANY,
 }
 FRAME_TARGETS = tuple(ENCODER_OF)
-# PS3.18 Table 8.7.3-5: the media type a single-part request names, and the syntax it means when none is named
+# a single-part request naming only the media type (PS3.18 Table 8.7.3-5) gets the lossless syntax of that type
 DEFAULT_SYNTAX_OF_TYPE = {"image/jphc": HTJ2K_LOSSLESS, "image/jp2": str(JPEG2000Lossless)}
 
 
