@@ -602,3 +602,35 @@ class RetrieveService:
             # so one request cannot make us build a whole-slide-sized bitmap
             params = replace(params, **({"rows": limit} if rows >= columns else {"columns": limit}))
         return render(path, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
+
+    # -- frames re-encoded for a viewer (issue 16: HTJ2K over DICOMweb) ------------------------------
+
+    def frame_encoding_refusal(self, ref: InstanceRef, target: str) -> str | None:
+        """None when this instance's frames can be re-encoded in ``target`` (:mod:`xdsi.archive.frame_codec`), else why not."""
+        from xdsi.archive import frame_codec
+
+        return frame_codec.why_not(self.path(ref), target)
+
+    def encoded_frames(self, ref: InstanceRef, numbers: Sequence[int], target: str) -> FrameSet:
+        """The requested frames re-encoded in ``target`` (HTJ2K, JPEG 2000 lossless), produced before this returns.
+
+        Raises content.NoSuchPart (no such frame), content.CannotConvert (these
+        pixels cannot be re-encoded, or the codec failed: HTTP 406) or NotAvailable.
+        """
+        from xdsi.archive import frame_codec
+
+        numbers = list(numbers)
+        path = self.path(ref)
+        content.check_frames(content.pixel_info(path), numbers)
+        spans: list[tuple[int, int, int]] = []
+
+        def write(out: BinaryIO) -> None:
+            spans.extend(frame_codec.write_encoded(path, numbers, target, out))
+
+        spool = self._spool(
+            "frames-",
+            write,
+            lambda exc: content.CannotConvert(f"cannot produce the frames: {exc.__class__.__name__}: {exc}"),
+            keep=(content.ContentError, OSError),
+        )
+        return FrameSet(target, frame_codec.media_type(target), spool, spans, spooled=True)

@@ -25,7 +25,8 @@ from xdsi.archive.header import InvalidDataset, read_header
 from xdsi.archive.metadata import BULK_TOKEN
 from xdsi.archive.query import QueryError
 from xdsi.archive.produced import Produced
-from xdsi.archive.retrieve import CannotProvide, FrameInfo, InstanceRef, NotAvailable
+from xdsi.archive.produced import FrameSet
+from xdsi.archive.retrieve import CannotProvide, InstanceRef, NotAvailable
 from xdsi.archive.transcode import TranscodeError
 from xdsi.archive.store import Outcome
 from xdsi.audit import http as audit_http
@@ -33,6 +34,7 @@ from xdsi.render import RenderError, UnsupportedParameter
 from xdsi.render.params import RENDERED_TYPES
 from xdsi.render.request import RenderRequest, parse_render_request
 from xdsi.uids import InvalidUID, validate_uid
+from xdsi.web import frames as frame_forms
 from xdsi.web import media
 from xdsi.web.qido import build_query, result_json
 from xdsi.wire.errors import HttpError, warning_value
@@ -321,23 +323,29 @@ class DicomWebApp:
 
     def on_frames(self, request: Request, study: str, series: str, sop: str, frames: str) -> Response:
         numbers = _frame_list(frames, self.archive.settings.http_limits.max_frames)
-        accept = parse_accept(request.headers.get("Accept"))
+        accept = frame_forms.frame_accept(request)  # the accept query parameter first (PS3.18 8.3.3.1)
         ref = self._one(study, series, sop)
         retrieve = self.archive.retrieve
         audit = self._audit(request, "WADO-RS frames", [ref])
         try:
             info = retrieve.frame_info(ref)
-            form = _choose_frame_form(accept, info)
+            for n in numbers:  # a frame that does not exist is a 404 whatever form was asked for
+                if n > info.frames:
+                    raise content.NoSuchPart(f"frame {n} does not exist (the instance has {info.frames})")
+            form, passed_over = frame_forms.choose(accept, info, len(numbers), lambda ts: retrieve.frame_encoding_refusal(ref, ts))
             if form is None:
                 offered = ", ".join(info.media_types)
                 raise HttpError(
                     406,
                     f"frames of this instance ({info.transfer_syntax}) are available as "
                     f"application/octet-stream{' (native, decoded)' if info.decodable else ''}{', ' + offered if offered else ''}"
-                    "; transfer-syntax=* sends them as stored",
+                    "; transfer-syntax=* sends them as stored"
+                    + "".join(f"; {why}" for why in passed_over[:5]),
                 )
-            stored, part_type = form
-            frame_set = retrieve.frames(ref, numbers, stored=stored)  # produced before the status line
+            if form.target is not None:
+                frame_set = retrieve.encoded_frames(ref, numbers, form.target)  # re-encoded (HTJ2K ...) before the status line
+            else:
+                frame_set = retrieve.frames(ref, numbers, stored=form.stored)  # produced before the status line
         except content.NoSuchPart as exc:
             raise _refused(audit, ref, HttpError(404, str(exc))) from None
         except content.CannotConvert as exc:
@@ -348,10 +356,12 @@ class DicomWebApp:
             raise _refused(audit, ref, HttpError(500, f"frames of {sop} cannot be read: {exc}")) from None
         except HttpError as exc:
             raise _refused(audit, ref, exc) from None
-        part_type = part_type or frame_set.media_type
-        writer = MultipartWriter(part_type)
+        part_type = form.part_type or frame_set.media_type
         loc = f"{self.base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
         ctype = f"{part_type}; transfer-syntax={frame_set.transfer_syntax}"
+        if form.single:
+            return self._single_frame(request, ref, form, frame_set, ctype, loc, audit)
+        writer = MultipartWriter(part_type)
 
         # every frame is a range of a file (the stored one, or the spool it was produced into): known lengths,
         # a Content-Length, and ranges the server can sendfile (xdsi.wire.regions)
@@ -366,6 +376,35 @@ class DicomWebApp:
         body = RegionBody(items, length=sum(item_length(i) for i in items), on_close=close)
         r = Response(body, status=200, content_type=writer.content_type, direct_passthrough=True)
         r.headers["Content-Length"] = str(body.length)
+        return r
+
+    def _single_frame(self, request: Request, ref: InstanceRef, form: frame_forms.FrameForm, frame_set: FrameSet,
+                      ctype: str, loc: str, audit: audit_http.Transfer | None) -> Response:  # fmt: skip
+        """One frame as the whole body, honouring one ``bytes`` Range (xdsi.web.frames: 206, 416, If-Range)."""
+        ((n, offset, length),) = frame_set.spans
+        etag = frame_forms.entity_tag(ref.copies[0][3] if ref.copies else "", n, frame_set.transfer_syntax, form)
+        bounds = frame_forms.byte_range(request, length, etag)
+        headers = {"Accept-Ranges": "bytes", "Content-Location": loc + str(n)}
+        if etag is not None:
+            headers["ETag"] = etag
+        if bounds is False:
+            frame_set.close()
+            if audit is not None:  # nothing of the instance is sent
+                audit.forget(ref.study_uid, ref.sop_class_uid)
+                audit.close()
+            r = HttpError(416, f"range not satisfiable: frame {n} is {length} bytes").response()
+            r.headers.update(headers)
+            r.headers["Content-Range"] = f"bytes */{length}"
+            return r
+        start, end = bounds if bounds else (0, length)
+        done = (lambda: audit.sent(ref.study_uid, ref.sop_class_uid)) if audit is not None else None  # any part discloses it
+        close = [frame_set.close] + ([audit.close] if audit is not None else [])
+        body = RegionBody([FileRegion(frame_set.path, offset + start, end - start, done)], length=end - start, on_close=close)
+        r = Response(body, status=206 if bounds else 200, content_type=ctype, direct_passthrough=True)
+        r.headers.update(headers)
+        r.headers["Content-Length"] = str(end - start)
+        if bounds:
+            r.headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
         return r
 
     def on_bulkdata(self, request: Request, study: str, series: str, sop: str, tag: str) -> Response:
@@ -653,37 +692,3 @@ def _rs_render_reason(exc: RenderError) -> str:
     names = {"window_center": "window", "window_width": "window", "image_quality": "quality", "rows": "viewport",
              "columns": "viewport", "region": "viewport", "frame_number": "frame"}  # fmt: skip
     return f"{names.get(exc.parameter, exc.parameter)}: {exc.message}"
-
-
-def _choose_frame_form(accept: list[MediaRange], info: FrameInfo) -> tuple[bool, str | None] | None:
-    """(stored encoding?, part media type or None for the natural one) for the first acceptable media range.
-
-    PS3.18 8.7.3: ``transfer-syntax=*`` lets the server choose, so frames go as
-    stored (an encapsulated frame's bitstream, its Table 8.7.3-5 media type in
-    the part's Content-Type); ``application/octet-stream`` with no or the
-    Explicit VR Little Endian transfer syntax asks for native frames; an image
-    media type of the stored syntax asks for the stored bitstream.
-    """
-    stored_types = info.media_types
-    for r in accept:
-        if r.type == media.MULTIPART_RELATED:
-            inner = MediaRange(r.params.get("type", media.OCTET_STREAM).lower())
-            ts = r.params.get("transfer-syntax")
-        elif r.type == "*/*":
-            inner, ts = MediaRange("*/*"), None
-        else:
-            continue
-        image_type = next((t for t in stored_types if inner.type == t), None) or next(
-            (t for t in stored_types if inner.type != media.OCTET_STREAM and inner.matches(t) and inner.type != "*/*"), None
-        )
-        if ts == "*" and (inner.matches(media.OCTET_STREAM) or image_type):
-            return True, image_type
-        if image_type and ts in (None, info.transfer_syntax):
-            return True, image_type
-        if inner.matches(media.OCTET_STREAM) and ts in (None, media.DEFAULT_TRANSFER_SYNTAX):
-            if info.encapsulated and not info.decodable:
-                continue
-            return False, None
-        if info.encapsulated and inner.matches(media.OCTET_STREAM) and ts == info.transfer_syntax:
-            return True, None
-    return None
