@@ -381,6 +381,15 @@ def hand_over(event: Any) -> int | None:
     return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
 
 
+def _wake_on_activity(assoc: Any) -> None:
+    """Our association to the remote (its C-MOVE responses come on it): its DUL waits in ``select`` for them
+    instead of waking every 1 ms (measured ~0.4 ms of CPU per relayed instance, most of it idle polling)."""
+    from xdsi.dimse import wakeup
+
+    if getattr(assoc, "dul", None) is not None and not wakeup.install(assoc):
+        poll_fast(assoc)
+
+
 def _receive_fast(assoc: Any) -> None:
     """The remote's storage association, as the archive's own C-STORE path has it (``DicomServer.on_store``):
     Success responses encoded straight to bytes, and both pynetdicom loops woken by activity, not 1 ms polls.
@@ -390,12 +399,17 @@ def _receive_fast(assoc: Any) -> None:
     measured (bench/gateway.py) the larger part of a C-GET via C-MOVE was spent waiting for the remote.
     """
     from xdsi.dimse import store_polling, store_responses, wakeup
+    from xdsi.gateway import receive
 
     if getattr(assoc, "dimse", None) is None or getattr(assoc, "dul", None) is None:  # a stand-in without pynetdicom's loops
         return
+    receive.install(assoc)  # the next C-STOREs' File Meta written as bytes, not by pydicom
     store_responses.install(assoc)
     if not wakeup.install(assoc):
-        store_polling.install(assoc)
+        if assoc.is_requestor:  # store_polling's checkpoint is an acceptor's reactor gate
+            poll_fast(assoc)
+        else:
+            store_polling.install(assoc)
 
 
 # -- sources ----------------------------------------------------------------------------------------
@@ -428,6 +442,7 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
         try:
             with client.association(qr_contexts(model)) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
+                _wake_on_activity(assoc)
                 problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id))
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
@@ -462,7 +477,7 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
             with client.association(contexts, scp_roles=[str(cx.abstract_syntax) for cx in storage[:127]],
                                     handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
-                poll_fast(assoc)
+                _receive_fast(assoc)  # the remote's C-STOREs come on this association
                 problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id))
         except Exception as exc:
             problem = remote_failure(exc, client, "C-GET from")
@@ -512,6 +527,7 @@ class Finisher:
         self.relay = relay
         self.store = store
         self.source_ae = source_ae
+        self.syntaxes: dict[tuple[str, str], list[str]] = {}  # (SOP class, arrived syntax) -> accepted syntaxes on the sink
 
     def sent(self, arrived: Arrived, ok: bool, reason: str = "") -> None:
         """The receiver's answer for ``arrived`` (before the file is archived or removed): for the audit trail."""
@@ -551,7 +567,10 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
     try:
         if not assoc.is_established:
             raise ConnectionError("the association is no longer established")
-        accepted = accepted_syntaxes(assoc, arrived.sop_class_uid, arrived.transfer_syntax_uid, native_first=assoc.is_requestor)
+        key = (arrived.sop_class_uid, arrived.transfer_syntax_uid)
+        accepted = finish.syntaxes.get(key)
+        if accepted is None:  # the accepted contexts do not change during an association: sorted and filtered once per pair
+            accepted = finish.syntaxes[key] = accepted_syntaxes(assoc, *key, native_first=assoc.is_requestor)
         if not accepted:
             raise NoAcceptedContext(f"no accepted presentation context for {arrived.sop_class_uid} ({arrived.sop_instance_uid})")
         choice = transcode.choose(arrived.transfer_syntax_uid, accepted, transcode.facts(arrived.path)
