@@ -23,7 +23,6 @@ transfer, all stay pynetdicom's.  Anything else goes to pynetdicom unchanged.
 from __future__ import annotations
 
 import struct
-from io import BytesIO
 from pathlib import Path
 from tempfile import NamedTemporaryFile
 from typing import Any
