@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,10 +36,51 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, count_files, py_spy  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, py_spy, tree_cpu  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
+
+
+def forking_cpu(pid: int) -> float:
+    """CPU seconds of ``pid``, of its children it has reaped and of those still there (zombies too): dcmqrscp forks one
+    child per association and reaps it only later, so its time moves from the second sum to the first, never lost."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = stat[stat.rfind(")") + 2 :].split()
+    reaped = (int(f[13]) + int(f[14])) / CLK_TCK  # cutime, cstime
+    return reaped + tree_cpu(pid)
+
+
+def tree_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its living descendants."""
+    kids: dict[int, list[int]] = {}
+    times: dict[int, tuple[float, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                raw = (d / "stat").read_text()
+            except OSError:
+                continue
+            rest = raw[raw.rindex(")") + 2 :].split()
+            kids.setdefault(int(rest[1]), []).append(int(d.name))
+            times[int(d.name)] = (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
+    user = system = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        u, s = times.get(p, (0.0, 0.0))
+        user, system = user + u, system + s
+        todo.extend(kids.get(p, []))
+    return user, system
+
+
+def client_cpu() -> float:
+    """CPU seconds of our reaped children (the getscu runs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:
@@ -62,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pdu", type=int, default=16384, help="getscu's maximum receive PDU (dcmtk default 16384)")
     p.add_argument("--cache", action="store_true", help="[gateway] cache = true: keep what is relayed")
+    p.add_argument("--against", type=Path, help="also relay through xdsi from this source tree (e.g. git archive BASE | tar -x -C DIR) "
+                   "in the same rounds, and print this tree/base")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
     args = p.parse_args(argv)
     rc = NS.enter(__file__, argv, GETSCU)
@@ -74,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from xdsi.tools.synth import StudySpec, write_study
 
     work = Path(tempfile.mkdtemp(prefix="xdsi-bench-gateway-"))
-    pacs = proc = None
+    pacs = proc = base = None
     try:
         spec = StudySpec(patient_id="BENCHGW", patient_name="BENCH^GATEWAY")
         files = write_study(work / "in", spec, series=1, per_series=args.instances, rows=args.size, columns=args.size)
@@ -88,27 +132,44 @@ def main(argv: list[str] | None = None) -> int:
         proc = XdsiProcess(work / "data", config=config,
                            env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)})
         proc.dicom_port = xdsi_port
-        pacs = Dcmqrscp([], work / "pacs", "PACS", pacs_port, {"XDSI": ("127.0.0.1", xdsi_port)}, get=True)
+        destinations = {"XDSI": ("127.0.0.1", xdsi_port)}
+        if args.against:  # the same gateway from another source tree, under its own AE title, in the same rounds
+            base = XdsiProcess(work / "data-base", config=config, ae_title="XDSIBASE", prefix=["env", "-C", str(args.against)],
+                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)})
+            base.dicom_port = NS.port(3)
+            destinations["XDSIBASE"] = ("127.0.0.1", base.dicom_port)
+        pacs = Dcmqrscp([], work / "pacs", "PACS", pacs_port, destinations, get=True)
         pacs.load(files)
         pacs.start()
         proc.start(timeout=60)
+        if base is not None:
+            base.start(timeout=60)
         print(f"study: {args.instances} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB; getscu pdu {args.pdu}; "
               f"cache {'on' if args.cache else 'off'}; {machine()}")
-        servers = {"direct": (pacs_port, "PACS"), "gateway": (xdsi_port, proc.ae_title)}
+        servers = {"direct": (pacs_port, "PACS", None), "gateway": (xdsi_port, proc.ae_title, proc)}
+        if base is not None:
+            servers["base"] = (base.dicom_port, base.ae_title, base)
         mbps: dict[str, list[float]] = {s: [] for s in servers}
+        cpu: dict[str, list[list[float]]] = {s: [] for s in servers}  # CPU ms per instance: dcmqrscp, xdsi (user, system), getscu
         names = list(servers)
-        for rnd in range(args.rounds + 1):  # round 0 warms the page cache and both paths; not counted
+        for rnd in range(args.rounds + 1):  # round 0 warms the page cache and every path; not counted
             order = names if rnd % 2 else names[::-1]
             for name in order:
-                port, aet = servers[name]
+                port, aet, server = servers[name]
                 out = work / "got"
+                pid = server.proc.pid if server is not None else proc.proc.pid  # direct: xdsi's idle CPU
+                cpu0 = (forking_cpu(pacs.proc.pid), *tree_split(pid), client_cpu())
                 dt = c_get(port, aet, spec.study_uid, out, args.pdu)
+                used = [(b - a) * 1000 / args.instances for a, b in zip(cpu0, (forking_cpu(pacs.proc.pid), *tree_split(pid), client_cpu()))]
                 n = count_files(out)
                 if n != args.instances:
                     raise RuntimeError(f"C-GET {name} delivered {n} of {args.instances} instances")
                 if rnd:
                     mbps[name].append(total / 1e6 / dt)
-                    print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s")
+                    cpu[name].append(used)
+                    print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
+                          f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
+                          f"getscu {used[3]:.2f}")
         if args.profile:
             with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5):  # xdsi serve runs its workers as children
                 for _ in range(3):
@@ -119,12 +180,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"C-GET median: direct (dcmqrscp) {statistics.median(d):.1f} MB/s ({min(d):.0f}-{max(d):.0f}), "
               f"gateway C-GET via C-MOVE {statistics.median(g):.1f} MB/s ({min(g):.0f}-{max(g):.0f}); "
               f"gateway/direct per round {', '.join(f'{r:.2f}' for r in ratios)}, median {statistics.median(ratios):.2f} (aim >= 0.7)")
+        if base is not None:
+            b = mbps["base"]
+            print(f"base ({args.against}) {statistics.median(b):.1f} MB/s ({min(b):.0f}-{max(b):.0f}); base/direct median "
+                  f"{statistics.median(x / y for x, y in zip(b, d)):.2f}; this tree/base per round "
+                  f"{', '.join(f'{x / y:.2f}' for x, y in zip(g, b))}, median {statistics.median(x / y for x, y in zip(g, b)):.2f}")
+        for name in names:
+            med = [statistics.median(c[i] for c in cpu[name]) for i in range(4)]
+            print(f"CPU ms/instance median, {name}: dcmqrscp {med[0]:.2f}, xdsi {med[1] + med[2]:.2f} (user {med[1]:.2f}, "
+                  f"system {med[2]:.2f}), getscu {med[3]:.2f}, all {sum(med):.2f}")
         return 0
     finally:
         if proc is not None:
             proc.stop()
             if os.environ.get("XDSI_LOG_LEVEL"):
                 print("".join(line for line in proc.log if "xdsi.gateway" in line))
+        if base is not None:
+            base.stop()
         if pacs is not None:
             pacs.stop()
         shutil.rmtree(work, ignore_errors=True)

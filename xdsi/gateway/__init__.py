@@ -44,6 +44,8 @@ from pynetdicom.status import Status
 
 from xdsi.audit import hub as hub_audit
 from xdsi.config import GatewaySettings
+from xdsi.dimse import direct
+from xdsi.dimse.sending import quiet_polling
 from xdsi.gateway import relay as r
 from xdsi.gateway.find import forward_find
 from xdsi.gateway.remotes import RemoteClient, Remotes, next_message_id
@@ -203,8 +205,12 @@ class Gateway:
         storage = _mirrored_storage_contexts(event.assoc) if how == "get" else []
         try:
             r.start_source(client, how, identifier, model, relay, storage)
-            with r.fast_polling(event.assoc):  # the requester's C-STORE responses read without the 1 ms idle sleep
-                yield from r.relay_suboperations(event, relay, what)
+            if direct.enable(event.assoc) is not None:  # C-STOREs and Pending responses written, responses read, by this thread
+                with quiet_polling(event.assoc):  # the DUL only watches for a C-CANCEL or an A-ABORT meanwhile
+                    yield from r.relay_suboperations(event, relay, what)
+            else:
+                with r.fast_polling(event.assoc):  # the requester's C-STORE responses read without the 1 ms idle sleep
+                    yield from r.relay_suboperations(event, relay, what)
         finally:
             undo()
 

@@ -24,6 +24,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from xdsi.gateway import headscan
+
 log = logging.getLogger(__name__)
 
 REFUSED_MISMATCH = 0xA900  # C-STORE failure: the data set is not what the retrieve asked for
@@ -73,8 +75,8 @@ class Expected:
         data = json.loads(text)
         return cls(**{k: tuple(str(v) for v in data.get(k, ())) for k in cls.__dataclass_fields__})
 
-    def mismatch(self, ds: Dataset, sop_class: str, sop_uid: str) -> str | None:
-        """Why ``ds`` (delivered with C-STORE Affected ``sop_class`` / ``sop_uid``) is not what was asked, or None."""
+    def mismatch(self, ds: Any, sop_class: str, sop_uid: str) -> str | None:
+        """Why ``ds`` (a Dataset or a keyword -> value mapping; delivered with C-STORE Affected ``sop_class`` / ``sop_uid``) is not what was asked, or None."""
         got = {k: str(ds.get(k, "") or "").strip() for k in KEYWORDS}
         if got["SOPInstanceUID"] != sop_uid.strip():
             return f"data set SOP Instance UID {got['SOPInstanceUID']!r} is not the C-STORE's {sop_uid!r}"
@@ -96,12 +98,18 @@ def read_identity(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS), force=True)
 
 
-def check(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> tuple[str | None, Dataset | None]:
-    """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request."""
-    try:
-        ds = read_identity(path)
-    except Exception as exc:  # unreadable: we cannot tell whose it is, so it is not relayed
-        return f"data set cannot be read ({exc.__class__.__name__})", None
+def check(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> tuple[str | None, Any]:
+    """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request.
+
+    The elements are read by :mod:`xdsi.gateway.headscan` when the file is plainly encoded (a mapping of
+    keyword to value, as pydicom would give them), else by pydicom (a Dataset); either answers ``get``.
+    """
+    ds: Any = headscan.scan_file(path)
+    if ds is None:
+        try:
+            ds = read_identity(path)
+        except Exception as exc:  # unreadable: we cannot tell whose it is, so it is not relayed
+            return f"data set cannot be read ({exc.__class__.__name__})", None
     return expected.mismatch(ds, sop_class, sop_uid), ds
 
 

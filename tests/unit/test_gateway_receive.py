@@ -1,0 +1,135 @@
+"""xdsi.gateway.receive: the C-STOREs a remote relays to us begin as pynetdicom would begin them, byte for byte."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pynetdicom import _config
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+from xdsi.gateway import receive
+
+
+def _pynetdicom_meta(sop_class: str, sop_uid: str, ts: str) -> bytes:
+    out = BytesIO()
+    write_file_meta_info(out, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=ts))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498." + "1234567890" * 3 + "1234567"])
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless])
+def test_file_meta_is_what_pynetdicom_writes(sop_uid: str, ts: str) -> None:
+    """Odd and even UID lengths (NUL padding), the three syntaxes' lengths; pydicom's writer is the reference."""
+    assert receive.file_meta(CTImageStorage, sop_uid, ts) == _pynetdicom_meta(CTImageStorage, sop_uid, ts)
+
+
+def _store_rq_primitive(sop_uid: str, context_id: int = 1, msg_id: int = 7, dataset: bool = True) -> P_DATA:
+    """A C-STORE-RQ command set as one P-DATA (one PDV, control header 0x03), encoded by pynetdicom."""
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = "XDSI"
+    req.MoveOriginatorMessageID = 3
+    if dataset:
+        req.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    if not dataset:
+        msg.command_set.CommandDataSetType = 0x0101
+    pdata = P_DATA()
+    for piece in msg.encode_msg(context_id, 0):
+        for cid, value in piece.presentation_data_value_list:
+            if value[0] & 1:  # the command fragment only
+                pdata.presentation_data_value_list.append((cid, value))
+    return pdata
+
+
+def _assoc(ts: str) -> SimpleNamespace:
+    cx = SimpleNamespace(transfer_syntax=[ts])
+    return SimpleNamespace(_accepted_cx={1: cx})
+
+
+def test_start_store_matches_pynetdicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same message class, command set, context and spool file contents as pynetdicom's decode_msg."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    sop_uid = "1.2.826.0.1.3680043.8.498.777"
+    primitive = _store_rq_primitive(sop_uid)
+    assoc = _assoc(ExplicitVRLittleEndian)
+    ours = receive.start_store(assoc, primitive)
+    theirs = DIMSEMessage()
+    assert theirs.decode_msg(primitive, assoc) is False  # a data set follows
+    assert ours is not None and ours.__class__ is theirs.__class__ is C_STORE_RQ
+    assert ours.context_id == theirs.context_id == 1
+    assert ours.command_set == theirs.command_set
+    for m in (ours, theirs):
+        m._data_set_file.close()
+    assert Path(ours._data_set_path).read_bytes() == Path(theirs._data_set_path).read_bytes()
+    assert Path(ours._data_set_path).parent == tmp_path  # where the spool keeper looks
+    assert ours.message_to_primitive().AffectedSOPInstanceUID == sop_uid
+
+
+def test_anything_else_is_left_to_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    assoc = _assoc(ExplicitVRLittleEndian)
+    no_data = _store_rq_primitive("1.2.3.4", dataset=False)
+    assert receive.start_store(assoc, no_data) is None
+    unknown_context = _store_rq_primitive("1.2.3.4", context_id=3)
+    assert receive.start_store(assoc, unknown_context) is None
+    bad_uid = _store_rq_primitive("1.2.3.4")
+    cid, value = bad_uid.presentation_data_value_list[0]
+    bad_uid.presentation_data_value_list[0] = (cid, value.replace(b"1.2.3.4\x00", b"1.2.3.x\x00"))
+    assert receive.start_store(assoc, bad_uid) is None
+    split = _store_rq_primitive("1.2.3.4")
+    cid, value = split.presentation_data_value_list[0]
+    split.presentation_data_value_list[0] = (cid, bytes([0x01]) + value[1:])  # not the last command fragment
+    assert receive.start_store(assoc, split) is None
+
+
+def test_installed_receive_primitive_hands_over_to_pynetdicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With install(): the command starts the message here, the data set fragments and the end are pynetdicom's."""
+    import tempfile
+
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    queued: list = []
+    assoc = _assoc(ExplicitVRLittleEndian)
+    dimse = SimpleNamespace(message=None, msg_queue=SimpleNamespace(put=queued.append), cancel_req={}, assoc=assoc)
+    dimse.receive_primitive = lambda p: DIMSEServiceProvider.receive_primitive(dimse, p)
+    assoc.dimse = dimse
+    assoc.is_acceptor = True
+    monkeypatch.setattr("pynetdicom.evt.trigger", lambda *a, **k: None)
+    receive.install(assoc)
+
+    def not_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the File Meta was written by pydicom, not by receive.start_store")
+
+    monkeypatch.setattr("pynetdicom.dimse_messages.write_file_meta_info", not_pydicom)
+    sop_uid = "1.2.826.0.1.3680043.8.498.778"
+    dimse.receive_primitive(_store_rq_primitive(sop_uid))
+    assert dimse.message is not None and dimse.message.__class__ is C_STORE_RQ
+    body = b"\x08\x00\x18\x00" + struct.pack("<L", len(sop_uid) + 1) + sop_uid.encode() + b"\0"
+    data = P_DATA()
+    data.presentation_data_value_list.append((1, b"\x02" + body))
+    dimse.receive_primitive(data)
+    assert dimse.message is None and len(queued) == 1
+    _, primitive = queued[0]
+    assert primitive.AffectedSOPInstanceUID == sop_uid
+    path = Path(primitive._dataset_path)
+    raw = path.read_bytes()
+    assert raw == receive.PREAMBLE + receive.file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian) + body

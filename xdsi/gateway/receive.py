@@ -1,0 +1,132 @@
+"""The start of each C-STORE a remote sends us for a relay, without pydicom writing the File Meta.
+
+Why: with ``_config.STORE_RECV_CHUNKED_DATASET`` pynetdicom (3.0) begins every incoming C-STORE-RQ by
+building a pydicom ``FileMetaDataset`` (``dsutils.create_file_meta``, every UID validated on
+assignment) and writing it with ``pydicom.filewriter.write_file_meta_info`` into the spool file:
+measured (cProfile of the remote's storage association in bench/gateway.py) about a fifth of the CPU
+its DUL thread spends per relayed instance, and that thread was the largest single cost of a C-GET
+served by C-MOVE.  The File Meta is seven fixed elements of which three change per instance
+(PS3.10 7.1), so here it is packed as bytes, byte for byte what pynetdicom writes
+(tests/unit/test_gateway_receive.py compares them).
+
+:func:`install` wraps one association's ``dimse.receive_primitive`` (an instance attribute; nothing
+process-wide changes).  Only a P-DATA that is exactly one PDV carrying a whole C-STORE-RQ command set
+(control header 0x03) that announces a data set, on an accepted context, when nothing is half
+received, is taken here: the command set is decoded by pynetdicom's own ``dsutils.decode`` (the
+reactor's ``message_to_primitive`` reads it), the spool file is opened the way pynetdicom opens it
+(``NamedTemporaryFile(delete=False, suffix=".dcm")`` in ``tempfile.tempdir``, which the spool keeper
+knows), and the message is left as pynetdicom's ``DIMSEProvider.message``, so every data set
+fragment, the end of the message, ``EVT_DIMSE_RECV``, the spool keeper's clean-up of a partial
+transfer, all stay pynetdicom's.  Anything else goes to pynetdicom unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import Any
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
+
+from xdsi.dimse.direct import parse_command
+from xdsi.uids import is_valid_uid
+
+_MARK = "_xdsi_relay_receive"
+_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (Explicit VR Little Endian, PS3.5 7.1.2)
+_GROUP_LENGTH = struct.Struct("<HH2sHL")
+_VERSION = struct.pack("<HH2s2sL", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\x00\x01"
+PREAMBLE = b"\0" * 128 + b"DICM"
+STORE_RQ, NO_DATA_SET = 0x0001, 0x0101
+
+
+def _element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return _SHORT.pack(0x0002, element, vr, len(value)) + value
+
+
+_TAIL = _element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii"), b"\0") + _element(
+    0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "
+)
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Group 0002 as ``write_file_meta_info(create_file_meta(...))`` writes it (after the preamble and ``DICM``)."""
+    body = b"".join((
+        _VERSION,
+        _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0"),
+        _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0"),
+        _element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\0"),
+        _TAIL,
+    ))
+    return _GROUP_LENGTH.pack(0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _us(fields: dict[int, bytes], element: int) -> int | None:
+    value = fields.get(element)
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
+
+
+def _ascii(value: bytes | None) -> str | None:
+    """A UI value as pynetdicom puts it in the File Meta (padding off as pydicom's ``convert_UI`` and ``UID`` do),
+    or None unless it is one valid UID."""
+    if value is None:
+        return None
+    try:
+        text = value.decode("ascii").rstrip("\0 ").strip()
+    except UnicodeDecodeError:
+        return None
+    return text if is_valid_uid(text) else None
+
+
+def start_store(assoc: Any, primitive: Any) -> DIMSEMessage | None:
+    """The message pynetdicom would hold after this primitive (a C-STORE-RQ whose data set follows), or None."""
+    if primitive.__class__ is not P_DATA or len(primitive.presentation_data_value_list) != 1:
+        return None
+    context_id, data = primitive.presentation_data_value_list[0]
+    if not data or data[0] & 0x03 != 0x03:  # not a whole command set in this one PDV
+        return None
+    command = bytes(data[1:])
+    fields = parse_command(command)
+    if fields is None or _us(fields, 0x0100) != STORE_RQ or _us(fields, 0x0800) in (None, NO_DATA_SET):
+        return None
+    cx = assoc._accepted_cx.get(context_id)
+    sop_class, sop_instance = _ascii(fields.get(0x0002)), _ascii(fields.get(0x1000))
+    if cx is None or not cx.transfer_syntax or sop_class is None or sop_instance is None:
+        return None  # pynetdicom decides (and refuses) what is not plain
+    message = DIMSEMessage()
+    message.encoded_command_set.write(command)
+    message.context_id = context_id
+    message.command_set = decode(message.encoded_command_set, True, True)
+    message.__class__ = C_STORE_RQ
+    spool = NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    message._data_set_file = spool  # type: ignore[assignment]
+    message._data_set_path = Path(spool.name)
+    spool.write(PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0])))
+    return message
+
+
+def install(assoc: Any) -> None:
+    """Start this association's C-STORE-RQs here (see the module docstring); idempotent."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, _MARK, False) or not _config.STORE_RECV_CHUNKED_DATASET:
+        return
+    original = dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        if dimse.message is None:
+            message = start_store(assoc, primitive)
+            if message is not None:
+                dimse.message = message
+                return
+        original(primitive)
+
+    dimse.receive_primitive = receive_primitive
+    setattr(dimse, _MARK, True)
+
+
+__all__ = ["file_meta", "install", "start_store"]
