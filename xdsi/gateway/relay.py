@@ -56,7 +56,7 @@ from pynetdicom.status import Status
 from xdsi.archive import transcode
 from xdsi.dimse import direct
 from xdsi.gateway import identity
-from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, fast_polling, poll_fast
+from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
 log = logging.getLogger(__name__)
