@@ -82,6 +82,7 @@ class Codestream:
     progression: int
     styles: list[CodingStyle]  # per component (main header COD/COC)
     tiles: list[Tile]
+    samples: list[tuple[int, bool]] = field(default_factory=list)  # (bit depth, signed) per component (SIZ Ssiz)
 
     @property
     def tiles_across(self) -> int:
@@ -229,7 +230,7 @@ def parse(data: bytes) -> Codestream:
     if progression > CPRL:
         raise Unsupported(f"progression order {progression}")
     cs = Codestream(data, data[:first_sot], xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, comps, layers,
-                    progression, styles, [])
+                    progression, styles, [], [((siz[40 + 3 * i] & 0x7F) + 1, bool(siz[40 + 3 * i] & 0x80)) for i in range(csiz)])
     ntiles = cs.tiles_across * cs.tiles_down
     bodies: dict[int, list[bytes]] = {}
     headers: dict[int, list[bytes]] = {}

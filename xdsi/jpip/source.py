@@ -102,24 +102,28 @@ class CodestreamSource:
             raise NoTarget(f"instance {sop_uid} cannot be read: {exc}") from None
         if not 0 <= stream < info.frames:
             raise NoStream(f"instance {sop_uid} has {info.frames} frame(s): stream {stream} does not exist")
+        header = self.retrieve.header(ref)
+        # the header is read without Pixel Data; frame_info has just found it
+        facts = replace(transcode.facts_of(header), has_pixel_data=True)
         if info.transfer_syntax in J2K_STORED:
             stored = self._frame(ref, stream, stored=True)
             try:
                 data = explicit_precincts(stored)
                 cs = parse(data)
+                _agrees(cs, facts)
                 if data is not stored:
                     _same_pixels(stored, data)
                 return Served(cs, _tid(data), True, info.frames)
             except Unsupported as exc:
                 log.info("%s frame %d: stored codestream not cut (%s); serving a lossless re-encoding", sop_uid, stream, exc)
-        header = self.retrieve.header(ref)
-        # the header is read without Pixel Data; frame_info has just found it
-        facts = replace(transcode.facts_of(header), has_pixel_data=True)
         if not transcode.can_encode_pixels(JPEG2000Lossless, facts) and info.transfer_syntax not in J2K_STORED:
             raise NoTarget(f"instance {sop_uid} holds pixels JPEG 2000 lossless cannot carry (not JPIP-servable)")
         pixels = _array(self._frame(ref, stream, stored=False), facts)
         data = _encode_verified(pixels, facts)
-        return Served(parse(data), _tid(data), False, info.frames)
+        try:
+            return Served(parse(data), _tid(data), False, info.frames)
+        except Unsupported as exc:  # our own encoder's output: never expected, refused rather than guessed
+            raise EncodeFailed(f"the lossless encoding cannot be cut into JPIP bins: {exc}") from None
 
     def _frame(self, ref: "InstanceRef", stream: int, *, stored: bool) -> bytes:
         try:
@@ -181,3 +185,19 @@ def _same_pixels(original: bytes, rewritten: bytes) -> None:
         raise Unsupported(f"OpenJPEG cannot decode it: {exc}") from None
     if not same:
         raise Unsupported("the codestream with explicit precincts decodes differently")
+
+
+def _agrees(cs: Codestream, f: transcode.PixelFacts) -> None:
+    """The codestream's samples are what the DICOM header says (else a client would read other values): Unsupported.
+
+    A stored codestream whose SIZ differs from Pixel Representation / Bits Stored
+    (some encoders wrote signed data as unsigned) is served as a re-encoding of
+    pydicom's decoding, which applies the DICOM attributes.
+    """
+    if len(cs.samples) != f.samples_per_pixel:
+        raise Unsupported(f"{len(cs.samples)} components for {f.samples_per_pixel} samples per pixel")
+    stored = f.bits_stored or f.bits_allocated
+    for depth, signed in cs.samples:
+        if depth != stored or signed != bool(f.pixel_representation):
+            raise Unsupported(f"codestream samples are {depth}-bit {'signed' if signed else 'unsigned'}, the header says "
+                              f"{stored}-bit {'signed' if f.pixel_representation else 'unsigned'}")
