@@ -475,6 +475,8 @@ def explicit_precincts(data: bytes) -> bytes:
     partition and reads past its table otherwise, so served codestreams always
     carry one.  Returns ``data`` itself when the COD already has a partition.
     """
+    if data[:2] != b"\xff\x4f" or data[2:4] != b"\xff\x51":
+        raise Unsupported("not a raw JPEG 2000 codestream (SOC, SIZ), e.g. a JP2 file")
     segs, _first_sot = _segments(data, 2, {SOT})
     for marker, seg, start in segs:
         if marker != COD:
