@@ -342,3 +342,21 @@ def test_standard_tile_header_bins_and_session_limit(env: dict[str, Any]) -> Non
     cid = dict(kv.split("=", 1) for kv in r.headers["JPIP-cnew"].split(","))["cid"]
     client.get(f"/?cclose={cid}")
     assert client.get(f"/?target={sop}&cnew=http").status_code == 200
+
+
+def test_with_http_auth_jpip_needs_a_reader(env: dict[str, Any]) -> None:
+    """/jpip is behind the access check like every retrieve path: no credentials, 401; a user with read, 200."""
+    import base64
+    from types import SimpleNamespace
+
+    from xdsi.security.users import BasicAuthenticator, UsersFile, add_user
+    from xdsi.web.auth import HttpAuth, protect
+
+    users = env["tmp"] / "users"
+    add_user(users, "alice", "pw", frozenset({"read"}))
+    holder = SimpleNamespace(settings=env["archive"].settings, http_auth=HttpAuth("basic", users=BasicAuthenticator(UsersFile(users))), audit=None)
+    client = Client(protect(make_app(env["archive"], {}), holder))
+    query = f"/jpip?target={_sop(env, 'ct')}&fsiz=32,32"
+    assert client.get(query).status_code == 401
+    auth = {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()}
+    assert client.get(query, headers=auth).status_code == 200

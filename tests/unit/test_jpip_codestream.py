@@ -115,3 +115,10 @@ def test_jpip_config(tmp_path: Path) -> None:
         cfg.write_text(f"[jpip]\n{bad}\n")
         with pytest.raises(ConfigError, match=r"\[jpip\]"):
             load_settings(cfg, env={})
+
+
+def test_jpip_needs_the_read_right() -> None:
+    """/jpip serves pixel data: with [http] auth on, it is no path "we do not serve" (which any identity may call)."""
+    from xdsi.web.auth import required_right
+
+    assert required_right("GET", "/jpip") == required_right("POST", "/jpip") == "read"
