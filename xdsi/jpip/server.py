@@ -11,10 +11,13 @@ evaluated for issue 16:
 * it has no client cache-model field (``model=``), so a stateless client
   cannot say what it holds;
 * sessions live in one long-running FastCGI process: run per request (CGI
-  mode, no listening socket) there are no sessions at all, and in that mode
-  the Debian build spun one CPU for minutes on a simple request and ignored
-  SIGTERM;
-* a request of ``quitJPIP`` stops the server.
+  mode, no listening socket) there are no sessions at all; and in our trial
+  of that mode (QUERY_STRING set, stdin /dev/null) the Debian build wrote
+  nothing, spun one CPU for ten minutes and ignored SIGTERM;
+* every start also opens a listening TCP socket on port 60000 for its
+  auxiliary-channel transport (``init_JPIPserver(60000, 0)`` in its
+  ``main``), which we cannot keep to loopback or switch off;
+* a request whose query string is ``quitJPIP`` stops the server.
 
 So the protocol is ours, on :mod:`xdsi.jpip.codestream` (packets cut from the
 codestream, checked byte for byte) and :mod:`xdsi.jpip.jpp` (messages); the
