@@ -86,6 +86,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     no_pixels = _ct(spec, pixels[:64, :64], 6)
     del no_pixels.PixelData
     objects["no_pixels"] = no_pixels
+    import imagecodecs  # HTJ2K (issue 16's tier encoder) stored: served as a verified JPEG 2000 re-encoding
+
+    objects["htj2k"] = _as_j2k(_ct(spec, pixels[:256, :256], 7), bytes(imagecodecs.htj2k_encode(np.ascontiguousarray(pixels[:256, :256]), level=0)))
+    objects["htj2k"].file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
     for name in ("MR_small_jp2klossless.dcm", "JPEG2000.dcm", "GDCMJ2K_TextGBR.dcm", "J2K_pixelrep_mismatch.dcm", "CT_small.dcm"):
         objects[name] = dcmread(get_testdata_file(name))
     s = Settings(data_dir=work / "data")
@@ -264,6 +268,27 @@ def test_layers_limit_quality_and_the_rest_follows(env: dict[str, Any]) -> None:
     full = _get(env, f"target={sop}")
     assert len(one.data) * 3 < len(full.data)
     assert np.array_equal(_decode(_codestream(env, one.data[:-EOR_LEN] + rest.data, "layers")), env["pixels"])
+
+
+def test_a_byte_limit_cuts_the_answer_and_the_session_goes_on(env: dict[str, Any]) -> None:
+    sop = _sop(env, "ct")
+    parts = [_get(env, f"target={sop}&fsiz=128,128&len=2000&cnew=http")]
+    cid = dict(kv.split("=", 1) for kv in parts[0].headers["JPIP-cnew"].split(","))["cid"]
+    assert parts[0].data[-EOR_LEN:] == bytes([0, 4, 0]) and len(parts[0].data) < 2000 + EOR_LEN  # EOR "byte limit"
+    assert _get(env, f"target={sop}&len=0").data == bytes([0, 4, 0])
+    while parts[-1].data[-EOR_LEN:] == bytes([0, 4, 0]):
+        parts.append(_get(env, f"cid={cid}&fsiz=512,512&len=100000"))
+        assert len(parts) < 20
+    assert parts[-1].data[-EOR_LEN:] == bytes([0, 1, 0])
+    stream = b"".join(p.data[:-EOR_LEN] for p in parts)
+    assert np.array_equal(_decode(_codestream(env, stream, "len")), env["objects"]["ct"].pixel_array)
+
+
+def test_htj2k_stored_is_served_as_verified_jpeg2000(env: dict[str, Any]) -> None:
+    r = _get(env, f"target={_sop(env, 'htj2k')}&fsiz=64,64&cnew=http")
+    cid = dict(kv.split("=", 1) for kv in r.headers["JPIP-cnew"].split(","))["cid"]
+    rest = _get(env, f"cid={cid}")
+    assert np.array_equal(_decode(_codestream(env, r.data[:-EOR_LEN] + rest.data, "htj2k")), env["pixels"][:256, :256])
 
 
 def test_frames_are_streams(env: dict[str, Any]) -> None:

@@ -91,6 +91,11 @@ def window_bins(cs: Codestream, w: Window, openjpeg_dialect: bool = False) -> It
             if r > cs.styles[c].levels - w.discard:
                 continue
             x0, y0, x1, y1 = cs.precinct_rect(tile, c, r, p)
+            # a precinct's coefficients reach past its area by the wavelet's support (4 samples of its resolution
+            # covers the 9/7 and 5/3 filters): such a neighbour is needed to decode the region's edge exactly
+            xr, yr = cs.components[c]
+            mx, my = (4 * xr) << (cs.styles[c].levels - r), (4 * yr) << (cs.styles[c].levels - r)
+            x0, y0, x1, y1 = x0 - mx, y0 - my, x1 + mx, y1 + my
             if x1 <= w.x0 or x0 >= w.x1 or y1 <= w.y0 or y0 >= w.y1:
                 continue
             wanted = sum(len(d) for d in packets[: w.layers])
@@ -114,7 +119,10 @@ def respond(cs: Codestream, csn: int, w: Window, model: Model, *, byte_limit: in
             if end > held and start < b.wanted:
                 lo = max(held, start)
                 body = part[lo - start :]
-                if byte_limit is not None and sent + len(body) > byte_limit and sent > 0:
+                if byte_limit is not None and sent + len(body) > byte_limit and (sent > 0 or byte_limit == 0):
+                    # cut between messages, never inside a packet (OpenJPEG's client takes a precinct's messages
+                    # as whole packets); a first message larger than a non-zero limit still goes, so a client
+                    # asking for less than one packet makes progress
                     return out, True
                 out.append(message_header(b.cls, csn, b.in_class, lo, len(body), end == total) + body)
                 sent += len(body)
