@@ -180,8 +180,11 @@ def test_second_request_of_a_session_sends_only_what_is_missing(env: dict[str, A
     assert _get(env, f"cid={cnew['cid']}&fsiz=512,512").status_code == 400
 
 
-def _messages(stream: bytes) -> list[tuple[int, int, int, int, int]]:
-    """(class, codestream, in-class id, offset, length) of each message: a reader written from 15444-9 A.2, not the server's."""
+def _messages(stream: bytes, lasts: list[bool] | None = None) -> list[tuple[int, int, int, int, int]]:
+    """(class, codestream, in-class id, offset, length) of each message: a reader written from 15444-9 A.2, not the server's.
+
+    ``lasts``, when given, gets each message's is-last-byte flag.
+    """
     out, pos, cls, csn = [], 0, 0, 0
 
     def vbas() -> int:
@@ -199,6 +202,8 @@ def _messages(stream: bytes) -> list[tuple[int, int, int, int, int]]:
         if b == 0:  # EOR
             break
         ind = (b >> 5) & 3
+        if lasts is not None:
+            lasts.append(bool(b & 0x10))
         in_class, more = b & 0x0F, b & 0x80
         pos += 1
         while more:
@@ -358,11 +363,14 @@ def test_standard_tile_header_bins_and_session_limit(env: dict[str, Any]) -> Non
     client = Client(app)
     sop = _sop(env, "tiled")
     r = client.get(f"/?target={sop}&fsiz=64,64&cnew=http")
-    msgs = _messages(r.data)
+    lasts: list[bool] = []
+    msgs = _messages(r.data, lasts)
     stored = _stored_codestream(env["objects"]["tiled"])
     main = [m for m in msgs if m[0] == 6]
     assert main and main[0][3] == 0 and r.data.find(stored[:2]) >= 0
-    assert all(length == 0 for c, _s, _i, _o, length in msgs if c == 2)  # opj_compress writes no tile-part header markers
+    tile_headers = [(i, length) for c, _s, i, _o, length in msgs if c == 2]
+    assert tile_headers == [(i, 0) for i in range(16)]  # opj_compress writes no tile-part header markers: empty, complete
+    assert all(last for m, last in zip(msgs, lasts) if m[0] == 2)  # each says it is the whole bin
     assert client.get(f"/?target={sop}&cnew=http").status_code == 503  # one channel allowed
     cid = dict(kv.split("=", 1) for kv in r.headers["JPIP-cnew"].split(","))["cid"]
     client.get(f"/?cclose={cid}")

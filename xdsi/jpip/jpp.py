@@ -109,10 +109,15 @@ def respond(cs: Codestream, csn: int, w: Window, model: Model, *, byte_limit: in
     sent = 0
     for b in window_bins(cs, w, openjpeg_dialect):
         key = (b.cls, csn, b.in_class)
-        held = model.get(key, 0)
+        known = model.get(key)
+        total = sum(len(p) for p in b.parts)
+        if known is None and total == 0:  # an empty bin (a tile header without markers): say it is complete
+            out.append(message_header(b.cls, csn, b.in_class, 0, 0, True))
+            model[key] = 0
+            continue
+        held = known or 0
         if held >= b.wanted:
             continue
-        total = sum(len(p) for p in b.parts)
         start = 0
         for part in b.parts:
             end = start + len(part)
@@ -136,4 +141,4 @@ def respond(cs: Codestream, csn: int, w: Window, model: Model, *, byte_limit: in
 def whole_image_held(cs: Codestream, csn: int, model: Model) -> bool:
     """Whether the client now holds every bin of the codestream completely (EOR "image done")."""
     full = Window(0, 0, 0, cs.xsiz, cs.ysiz, cs.layers)
-    return all(model.get((b.cls, csn, b.in_class), 0) >= sum(len(p) for p in b.parts) for b in window_bins(cs, full))
+    return all(model.get((b.cls, csn, b.in_class), -1) >= sum(len(p) for p in b.parts) for b in window_bins(cs, full))
