@@ -302,6 +302,12 @@ def test_frames_are_streams(env: dict[str, Any]) -> None:
         r = _get(env, f"target={sop}&stream={k}")
         assert np.array_equal(_decode(_codestream(env, r.data, f"frame{k}")), frame)
     assert _get(env, f"target={sop}&stream=3").status_code == 404
+    # one session, several codestreams: each keeps what it holds
+    first = _get(env, f"target={sop}&stream=0&cnew=http")
+    cid = dict(kv.split("=", 1) for kv in first.headers["JPIP-cnew"].split(","))["cid"]
+    other = _get(env, f"cid={cid}&stream=1")
+    assert np.array_equal(_decode(_codestream(env, other.data, "stream1")), env["frames"][1])
+    assert _get(env, f"cid={cid}&stream=0").data == bytes([0, 1, 0])
 
 
 @pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "JPEG2000.dcm", "GDCMJ2K_TextGBR.dcm",

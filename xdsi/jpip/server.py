@@ -51,6 +51,7 @@ from urllib.parse import parse_qsl
 
 from werkzeug.wrappers import Request, Response
 
+from xdsi.archive.retrieve import NotAvailable
 from xdsi.jpip import jpp
 from xdsi.jpip.codestream import Codestream
 from xdsi.jpip.source import CodestreamSource, EncodeFailed, NoStream, NoTarget
@@ -72,7 +73,7 @@ MAX_QUERY = 8192
 class Session:
     target: str
     stream: int
-    tid: str
+    tids: dict[int, str]  # codestream (frame) -> target id of the bytes its held bins came from
     model: dict[jpp.BinKey, int] = field(default_factory=dict)
     used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,7 +97,7 @@ class Sessions:
             if len(self._by_cid) >= self.limit:
                 raise HttpError(503, f"JPIP session limit ({self.limit}) reached; retry later or ask without cnew")
             cid = secrets.token_hex(12)
-            s = self._by_cid[cid] = Session(target, stream, tid)
+            s = self._by_cid[cid] = Session(target, stream, {stream: tid})
             return cid, s
 
     def get(self, cid: str) -> Session:
@@ -258,6 +259,8 @@ class JpipApp:
             served = self.source.get(target, stream)
         except (NoTarget, NoStream) as exc:
             raise HttpError(404, str(exc)) from None
+        except NotAvailable as exc:  # no tier can deliver it now (e.g. an offline cold tier): try again later
+            raise HttpError(503, f"instance {target} is not available now: {exc}") from None
         except EncodeFailed as exc:
             log.warning("JPIP %s stream %d: %s", target, stream, exc)
             raise HttpError(503, str(exc)) from None
@@ -294,9 +297,11 @@ class JpipApp:
 
         if session is not None:
             with session.lock:
-                if session.tid != served.tid or new_tid:  # other bytes behind the target now: the held bins are void
-                    session.model.clear()
-                    session.tid = served.tid
+                if session.tids.get(stream, served.tid) != served.tid or new_tid:
+                    # other bytes behind this codestream now (or the client's cache is of other bytes): its bins are void
+                    for key in [k for k in session.model if k[1] == stream]:
+                        del session.model[key]
+                session.tids[stream] = served.tid
                 session.stream = stream
                 if "model" in fields:
                     parse_model(fields["model"], cs, stream, session.model)

@@ -91,14 +91,12 @@ class CodestreamSource:
         return refs[0]
 
     def _load(self, sop_uid: str, stream: int) -> Served:
-        from xdsi.archive.retrieve import NotAvailable
-
-        ref = self._ref(sop_uid)
+        ref = self._ref(sop_uid)  # NotAvailable (no tier delivers it now) goes to the caller: 503, not 404
         try:
             info = self.retrieve.frame_info(ref)
         except content.NoSuchPart:
             raise NoTarget(f"instance {sop_uid} has no Pixel Data") from None
-        except (content.ContentError, NotAvailable) as exc:
+        except content.ContentError as exc:
             raise NoTarget(f"instance {sop_uid} cannot be read: {exc}") from None
         if not 0 <= stream < info.frames:
             raise NoStream(f"instance {sop_uid} has {info.frames} frame(s): stream {stream} does not exist")
