@@ -92,7 +92,9 @@ def test_damaged_codestreams_are_refused(images: dict[str, object]) -> None:
     data = _encode(images, "g.pgm")
     sod = data.index(b"\xff\x93") + 2
     header_flipped = data[:sod] + bytes([data[sod] ^ 0x40]) + data[sod + 1 :]  # the first packet header says other lengths
-    for bad in (data[: len(data) // 2], header_flipped, b"\x00\x00\x00\x0cjP  " + data, data[:30]):
+    no_tile_size = data[:4] + data[4:24] + bytes(8) + data[32:]  # XTsiz = YTsiz = 0
+    many_components = data[:40] + b"\xff\xff" + data[42:]  # Csiz larger than the SIZ segment
+    for bad in (data[: len(data) // 2], header_flipped, b"\x00\x00\x00\x0cjP  " + data, data[:30], no_tile_size, many_components):
         with pytest.raises(Unsupported):
             parse(bad)
 

@@ -101,9 +101,6 @@ class Codestream:
         d = 1 << discard
         return _ceildiv(self.xsiz, d) - _ceildiv(self.xosiz, d), _ceildiv(self.ysiz, d) - _ceildiv(self.yosiz, d)
 
-    def precinct_count(self, tile: Tile, c: int, r: int) -> tuple[int, int]:
-        return _precincts_wh(self, tile, c, r)
-
     def precinct_id(self, tile: int, c: int, r: int, p: int) -> int:
         """15444-9 A.3.2.1: I = t + (c + s * num_components) * num_tiles; s counts precincts from resolution 0."""
         t = self.tiles[tile]
@@ -175,7 +172,7 @@ def _segments(data: bytes, pos: int, stop: set[int]) -> tuple[list[tuple[int, by
         pos += 2 + length
 
 
-def _style(seg: bytes, with_scod: bool, base: CodingStyle | None, scod: int) -> tuple[CodingStyle, int]:
+def _style(seg: bytes, with_scod: bool, scod: int) -> tuple[CodingStyle, int]:
     """(style, Scod) from a COD (``with_scod``) or COC segment body after its component index."""
     if with_scod:
         scod = seg[0]
@@ -197,7 +194,15 @@ def _style(seg: bytes, with_scod: bool, base: CodingStyle | None, scod: int) -> 
 
 def parse(data: bytes) -> Codestream:
     """Cut ``data`` (a raw codestream, SOC first) into its JPIP bins; :class:`Unsupported` if it cannot be cut exactly."""
-    data = bytes(data)
+    try:
+        return _parse(bytes(data))
+    except (IndexError, struct.error, ZeroDivisionError, ValueError) as exc:
+        if isinstance(exc, Unsupported):
+            raise
+        raise Unsupported(f"damaged codestream: {exc.__class__.__name__}: {exc}") from None
+
+
+def _parse(data: bytes) -> Codestream:
     if data[:2] != b"\xff\x4f" or data[2:4] != b"\xff\x51":
         raise Unsupported("not a JPEG 2000 codestream (SOC, SIZ)")
     segs, first_sot = _segments(data, 2, {SOT})
@@ -210,9 +215,8 @@ def parse(data: bytes) -> Codestream:
     if cod is None:
         raise Unsupported("no COD in the main header")
     body = cod[4:]
-    style, scod = _style(body, True, None, 0)
-    progression, layers, mct = body[1], struct.unpack_from(">H", body, 2)[0], body[4]
-    del mct
+    style, scod = _style(body, True, 0)
+    progression, layers = body[1], struct.unpack_from(">H", body, 2)[0]
     styles = [style] * csiz
     for m, s, _ in segs:
         if m in (POC, PPM):
@@ -220,7 +224,7 @@ def parse(data: bytes) -> Codestream:
         if m == COC:
             ci = s[4] if csiz < 257 else struct.unpack_from(">H", s, 4)[0]
             off = 5 if csiz < 257 else 6
-            styles[ci] = _style(s[off:], False, style, scod)[0]
+            styles[ci] = _style(s[off:], False, scod)[0]
     sop, eph = bool(scod & 2), bool(scod & 4)
     if sop:
         raise Unsupported("SOP marker segments (packets are served as they are, without SOP handling)")
