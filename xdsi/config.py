@@ -1763,7 +1763,7 @@ class JpipSettings:
     """``[jpip]`` (issue 16): the JPIP server under ``/jpip`` of the HTTP service (xdsi.jpip.server).
 
     ``cache_bytes``: memory for codestreams (stored frames cut into bins, lossless encodings made on demand);
-    ``max_sessions`` / ``session_idle_seconds``: JPIP channels (cnew/cid) held per worker process;
+    ``max_sessions`` / ``session_idle_seconds``: JPIP channels (cnew/cid), files all worker processes share;
     ``openjpeg_tile_headers``: tile-header data-bins in the form OpenJPEG's JPIP client reads (its SOT body and
     SOD kept) instead of the form of ISO/IEC 15444-9 A.3.3 (marker segments only).
     """

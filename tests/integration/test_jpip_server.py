@@ -358,14 +358,14 @@ def test_an_encoding_that_does_not_decode_to_the_pixels_is_refused(env: dict[str
 
     real = openjpeg.decode
     monkeypatch.setattr(openjpeg, "decode", lambda data, *a, **k: real(data, *a, **k) ^ 1)  # a corrupt round trip
-    app = JpipApp(CodestreamSource(env["archive"].retrieve, 64 << 20))
+    app = JpipApp(CodestreamSource(env["archive"].retrieve, 64 << 20), env["tmp"] / "sessions-corrupt")
     r = Client(app).get(f"/?target={_sop(env, 'CT_small.dcm')}")
     assert r.status_code == 503 and b"same pixels" in r.data
 
 
 def test_standard_tile_header_bins_and_session_limit(env: dict[str, Any]) -> None:
     """Without the OpenJPEG dialect a tile-header bin is its marker segments only (15444-9 A.3.3)."""
-    app = JpipApp(CodestreamSource(env["archive"].retrieve, 64 << 20), max_sessions=1)
+    app = JpipApp(CodestreamSource(env["archive"].retrieve, 64 << 20), env["tmp"] / "sessions-one", max_sessions=1)
     client = Client(app)
     sop = _sop(env, "tiled")
     r = client.get(f"/?target={sop}&fsiz=64,64&cnew=http")
@@ -381,6 +381,21 @@ def test_standard_tile_header_bins_and_session_limit(env: dict[str, Any]) -> Non
     cid = dict(kv.split("=", 1) for kv in r.headers["JPIP-cnew"].split(","))["cid"]
     client.get(f"/?cclose={cid}")
     assert client.get(f"/?target={sop}&cnew=http").status_code == 200
+
+
+def test_a_channel_goes_on_in_another_worker_process(env: dict[str, Any]) -> None:
+    """Workers share the sockets, so a channel's next request may reach another process: the session is on disk."""
+    folder = env["tmp"] / "sessions-shared"
+    sop = _sop(env, "ct_j2k")
+    workers = [Client(JpipApp(CodestreamSource(env["archive"].retrieve, 64 << 20), folder, openjpeg_dialect=True)) for _ in range(2)]
+    first = workers[0].get(f"/?target={sop}&fsiz=128,128&cnew=http")
+    cid = dict(kv.split("=", 1) for kv in first.headers["JPIP-cnew"].split(","))["cid"]
+    second = workers[1].get(f"/?cid={cid}&fsiz=512,512")
+    assert second.status_code == 200
+    combined = _codestream(env, first.data[:-EOR_LEN] + second.data, "workers")
+    assert np.array_equal(_decode(combined), env["objects"]["ct_j2k"].pixel_array)
+    assert workers[0].get(f"/?cid={cid}&fsiz=512,512").data == bytes([0, 1, 0])
+    assert workers[1].get(f"/?cid=../../etc/passwd&fsiz=8,8").status_code == 400
 
 
 def test_with_http_auth_jpip_needs_a_reader(env: dict[str, Any]) -> None:

@@ -31,22 +31,24 @@ Request fields (15444-9 C.1-C.10): ``target`` (SOP Instance UID), ``stream``
 ``model`` (``Hm``, ``H<t>``, ``P<i>``, each with an optional ``:<bytes>``
 or, for precincts, ``:L<layers>``; ``-`` before an item removes it), ``len``
 (byte limit) and ``tid``.  Any other field is refused with 501 (known to
-JPIP, not implemented) or 400 (unknown).  Sessions are held in memory by the
-worker process that made them: with ``[server] workers`` > 1 a ``cid`` may
-reach another worker, which answers it as an unknown channel (400) and the
-client can go on statelessly with ``model=``.
+JPIP, not implemented) or 400 (unknown).  Sessions are small files shared by
+the worker processes (:class:`Sessions`), so a channel goes on whichever
+worker its next request reaches.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
 import re
 import secrets
-import threading
 import time
-from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from werkzeug.wrappers import Request, Response
@@ -71,52 +73,94 @@ MAX_QUERY = 8192
 
 @dataclass
 class Session:
+    """One JPIP channel: its target, and per codestream the target id and the bins the client holds."""
+
     target: str
     stream: int
     tids: dict[int, str]  # codestream (frame) -> target id of the bytes its held bins came from
     model: dict[jpp.BinKey, int] = field(default_factory=dict)
-    used: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def dump(self) -> str:
+        return json.dumps({"target": self.target, "stream": self.stream, "tids": {str(k): v for k, v in self.tids.items()},
+                           "model": [[*k, v] for k, v in self.model.items()]})
+
+    @classmethod
+    def load(cls, text: str) -> "Session":
+        d = json.loads(text)
+        return cls(str(d["target"]), int(d["stream"]), {int(k): str(v) for k, v in d["tids"].items()},
+                   {(int(a), int(b), int(c)): int(v) for a, b, c, v in d["model"]})
+
+
+_CID = re.compile(r"^[0-9a-f]{24}$")
 
 
 class Sessions:
-    """The JPIP channels of this process, bounded in number and idle time (the oldest idle one goes first)."""
+    """The JPIP channels, one small file each in a folder all worker processes share.
 
-    def __init__(self, limit: int, idle_seconds: float) -> None:
-        self.limit, self.idle = limit, idle_seconds
-        self._by_cid: OrderedDict[str, Session] = OrderedDict()
-        self._lock = threading.Lock()
+    Why files: ``xdsi serve`` runs one worker process per CPU on shared
+    sockets, so a channel's next request usually reaches another worker; each
+    request locks its channel's file (``flock``), reads the cache model, and
+    writes it back.  Bounded in number and idle time (an idle file goes at the
+    next new channel); the channel id is 96 random bits, checked by form
+    before it names a file.
+    """
 
-    def _expire(self, now: float) -> None:
-        for cid in [c for c, s in self._by_cid.items() if now - s.used > self.idle]:
-            del self._by_cid[cid]
+    def __init__(self, folder: Path, limit: int, idle_seconds: float) -> None:
+        self.folder, self.limit, self.idle = folder, limit, idle_seconds
+        folder.mkdir(parents=True, exist_ok=True)
 
-    def new(self, target: str, stream: int, tid: str) -> tuple[str, Session]:
-        with self._lock:
-            self._expire(time.monotonic())
-            if len(self._by_cid) >= self.limit:
-                raise HttpError(503, f"JPIP session limit ({self.limit}) reached; retry later or ask without cnew")
-            cid = secrets.token_hex(12)
-            s = self._by_cid[cid] = Session(target, stream, {stream: tid})
-            return cid, s
+    def _path(self, cid: str) -> Path:
+        if not _CID.match(cid):
+            raise HttpError(400, f"unknown JPIP channel id {cid[:40]!r}")
+        return self.folder / f"{cid}.json"
 
-    def get(self, cid: str) -> Session:
-        with self._lock:
-            self._expire(time.monotonic())
-            s = self._by_cid.get(cid)
-            if s is None:
-                raise HttpError(400, f"unknown JPIP channel id {cid[:40]!r} (closed, expired or of another worker)")
-            s.used = time.monotonic()
-            self._by_cid.move_to_end(cid)
-            return s
+    def _live(self) -> int:
+        now, n = time.time(), 0
+        for p in self.folder.glob("*.json"):
+            try:
+                if now - p.stat().st_mtime > self.idle:
+                    p.unlink(missing_ok=True)
+                else:
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+    def new(self, target: str, stream: int, tid: str) -> str:
+        if self._live() >= self.limit:
+            raise HttpError(503, f"JPIP session limit ({self.limit}) reached; retry later or ask without cnew")
+        cid = secrets.token_hex(12)
+        fd = os.open(self._path(cid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(Session(target, stream, {stream: tid}).dump())
+        return cid
+
+    @contextmanager
+    def session(self, cid: str) -> Iterator[Session]:
+        """The channel, locked against this channel's other requests; written back when the block ends without error."""
+        path = self._path(cid)
+        try:
+            fh = open(path, "r+")
+        except FileNotFoundError:
+            raise HttpError(400, f"unknown JPIP channel id {cid!r} (closed or expired)") from None
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            text = fh.read()
+            if not text or time.time() - os.fstat(fh.fileno()).st_mtime > self.idle or not path.exists():
+                raise HttpError(400, f"unknown JPIP channel id {cid!r} (closed or expired)")
+            s = Session.load(text)
+            yield s
+            fh.seek(0)
+            fh.truncate()
+            fh.write(s.dump())
 
     def close(self, cids: Iterable[str]) -> None:
-        with self._lock:
-            for cid in cids:
-                self._by_cid.pop(cid, None)
+        for cid in cids:
+            if _CID.match(cid.strip()):
+                self._path(cid.strip()).unlink(missing_ok=True)
 
     def __len__(self) -> int:
-        return len(self._by_cid)
+        return self._live()
 
 
 def _pair(name: str, value: str) -> tuple[int, int]:
@@ -201,10 +245,10 @@ def frame_window(cs: Codestream, fsiz: tuple[int, int] | None, rounding: str, ro
 class JpipApp:
     """The WSGI application of ``/jpip``: a GET (or POST with the fields as a form body) per JPIP request."""
 
-    def __init__(self, source: CodestreamSource, *, max_sessions: int = 64, session_idle_seconds: float = 300.0,
-                 openjpeg_dialect: bool = False) -> None:
+    def __init__(self, source: CodestreamSource, session_dir: Path, *, max_sessions: int = 64,
+                 session_idle_seconds: float = 300.0, openjpeg_dialect: bool = False) -> None:
         self.source = source
-        self.sessions = Sessions(max_sessions, session_idle_seconds)
+        self.sessions = Sessions(session_dir, max_sessions, session_idle_seconds)
         # tile-header bins as OpenJPEG's JPIP client expects them (SOT body and SOD kept), see jpp.tile_header_bin
         self.openjpeg_dialect = openjpeg_dialect
 
@@ -240,9 +284,14 @@ class JpipApp:
             self.sessions.close(fields["cclose"].split(","))
             if "target" not in fields and "cid" not in fields:
                 return Response(b"", status=200, mimetype="image/jpp-stream")
-        session = self.sessions.get(fields["cid"]) if "cid" in fields else None
-        if session is not None and "cnew" in fields:
+        if "cid" in fields and "cnew" in fields:
             raise HttpError(400, "cnew and cid in one request")
+        if "cid" in fields:
+            with self.sessions.session(fields["cid"]) as session:
+                return self._answer(request, fields, session, {})
+        return self._answer(request, fields, None, {})
+
+    def _answer(self, request: Request, fields: dict[str, str], session: Session | None, headers: dict[str, str]) -> Response:
         try:
             target = parse_target(fields["target"]) if "target" in fields else (session.target if session else "")
         except BadTarget as exc:
@@ -277,40 +326,44 @@ class JpipApp:
         layers = _number("layers", fields["layers"]) if "layers" in fields else None
         byte_limit = _number("len", fields["len"]) if "len" in fields else None
         window, frame = frame_window(cs, fsiz, rounding or "round-down", roff, rsiz, layers)
-
-        headers: dict[str, str] = {"Cache-Control": "no-cache"}
-        new_tid = "tid" in fields and fields["tid"] != served.tid
-        if "tid" in fields or new_tid:
-            headers["JPIP-tid"] = served.tid
-        if session is None and "cnew" in fields:
+        if "cnew" in fields:
             transports = [t.strip() for t in fields["cnew"].split(",")]
             if "http" not in transports:
                 raise HttpError(501, "only the http transport is offered for JPIP channels")
-            cid, session = self.sessions.new(target, stream, served.tid)
-            path = (request.script_root or "/jpip").lstrip("/") or "jpip"
-            headers["JPIP-cnew"] = f"cid={cid},path={path},transport=http"
+
+        headers["Cache-Control"] = "no-cache"
+        new_tid = "tid" in fields and fields["tid"] != served.tid
+        if "tid" in fields:
             headers["JPIP-tid"] = served.tid
         if fsiz is not None and frame != fsiz:
             headers["JPIP-fsiz"] = f"{frame[0]},{frame[1]}"
         if layers is not None and window.layers != layers:
             headers["JPIP-layers"] = str(window.layers)
+        if session is None and "cnew" in fields:  # a new channel: this request is its first
+            cid = self.sessions.new(target, stream, served.tid)
+            path = (request.script_root or "/jpip").lstrip("/") or "jpip"
+            headers["JPIP-cnew"] = f"cid={cid},path={path},transport=http"
+            headers["JPIP-tid"] = served.tid
+            with self.sessions.session(cid) as fresh:
+                return self._respond(fields, fresh, served, stream, window, byte_limit, new_tid, headers)
+        return self._respond(fields, session, served, stream, window, byte_limit, new_tid, headers)
 
+    def _respond(self, fields: dict[str, str], session: Session | None, served: Any, stream: int, window: jpp.Window,
+                 byte_limit: int | None, new_tid: bool, headers: dict[str, str]) -> Response:
+        cs = served.codestream
         if session is not None:
-            with session.lock:
-                if session.tids.get(stream, served.tid) != served.tid or new_tid:
-                    # other bytes behind this codestream now (or the client's cache is of other bytes): its bins are void
-                    for key in [k for k in session.model if k[1] == stream]:
-                        del session.model[key]
-                session.tids[stream] = served.tid
-                session.stream = stream
-                if "model" in fields:
-                    parse_model(fields["model"], cs, stream, session.model)
-                body, reason = self._messages(cs, stream, window, session.model, byte_limit)
+            if session.tids.get(stream, served.tid) != served.tid or new_tid:
+                # other bytes behind this codestream now (or the client's cache is of other bytes): its bins are void
+                for key in [k for k in session.model if k[1] == stream]:
+                    del session.model[key]
+            session.tids[stream] = served.tid
+            session.stream = stream
+            model = session.model
         else:
-            model: dict[jpp.BinKey, int] = {}
-            if "model" in fields and not new_tid:
-                parse_model(fields["model"], cs, stream, model)
-            body, reason = self._messages(cs, stream, window, model, byte_limit)
+            model = {}
+        if "model" in fields and not (session is None and new_tid):
+            parse_model(fields["model"], cs, stream, model)
+        body, reason = self._messages(cs, stream, window, model, byte_limit)
         body.append(jpp.eor(reason))
         return Response(body, status=200, headers=headers, content_type="image/jpp-stream")
 
@@ -325,5 +378,6 @@ class JpipApp:
 def make_jpip_app(archive: Any) -> JpipApp:
     """The ``/jpip`` application of the main archive, from its ``[jpip]`` settings."""
     s = archive.settings.jpip
-    return JpipApp(CodestreamSource(archive.retrieve, s.cache_bytes), max_sessions=s.max_sessions,
+    return JpipApp(CodestreamSource(archive.retrieve, s.cache_bytes), archive.settings.temp_dir / "jpip-sessions",
+                   max_sessions=s.max_sessions,
                    session_idle_seconds=s.session_idle_seconds, openjpeg_dialect=s.openjpeg_tile_headers)
