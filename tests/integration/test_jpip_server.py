@@ -257,6 +257,9 @@ def test_region_of_a_tiled_image_sends_its_tiles_only(env: dict[str, Any]) -> No
     assert np.array_equal(got[128:256, 128:256], env["pixels"][128:256, 128:256])
     assert not np.array_equal(got, env["pixels"])  # the rest is still the overview
     assert np.array_equal(_decode(_codestream(env, full.data, "tiled")), env["pixels"])
+    clipped = _get(env, f"target={sop}&fsiz=64,64,round-up&roff=32,48&rsiz=100,100")
+    assert clipped.headers["JPIP-rsiz"] == "32,16" and "JPIP-fsiz" not in clipped.headers
+    assert _get(env, f"target={sop}&fsiz=100,100").headers["JPIP-fsiz"] == "64,64"
 
 
 def _tile_of(env: dict[str, Any], cls: int, in_class: int) -> int:

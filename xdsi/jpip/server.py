@@ -337,6 +337,11 @@ class JpipApp:
             headers["JPIP-tid"] = served.tid
         if fsiz is not None and frame != fsiz:
             headers["JPIP-fsiz"] = f"{frame[0]},{frame[1]}"
+        if rsiz is not None:
+            ox, oy = roff or (0, 0)
+            served_size = (min(rsiz[0], frame[0] - ox), min(rsiz[1], frame[1] - oy))
+            if served_size != rsiz:  # the region was clipped to the frame (15444-9 D.2.5)
+                headers["JPIP-rsiz"] = f"{served_size[0]},{served_size[1]}"
         if layers is not None and window.layers != layers:
             headers["JPIP-layers"] = str(window.layers)
         if session is None and "cnew" in fields:  # a new channel: this request is its first
