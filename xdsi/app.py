@@ -52,6 +52,10 @@ def make_app(archive: Archive, partitions: Mapping[str, Archive] | None = None) 
         "/wado": limit_body(web["/wado"], 0, "/wado"),
         "/dicomweb": limit_body(web["/dicomweb"], limits.max_stow_bytes, "DICOMweb"),  # STOW-RS; GETs send none
     }
+    if archive.settings.jpip.enabled:  # issue 16: JPIP under /jpip (xdsi.jpip.server); a POSTed request is a short form
+        from xdsi.jpip.server import make_jpip_app
+
+        mounts["/jpip"] = limit_body(make_jpip_app(archive), 16 * 1024, "JPIP")
     for path, app in soap_applications(archive).items():
         mounts[path] = limit_body(app, limits.max_mtom_bytes, "SOAP")
     # the access check sees every request first: nothing is routed, read or spooled for a requester it refuses

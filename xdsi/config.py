@@ -339,6 +339,7 @@ class Settings:
     # [server] workers (issue 14): worker processes sharing the listening sockets; None: one per CPU; 1: a single
     # process with no supervisor (as before workers existed)
     workers: int | None = None
+    jpip: "JpipSettings" = field(default_factory=lambda: JpipSettings())  # [jpip] (issue 16), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
     @property
@@ -538,6 +539,7 @@ def load_settings(
     known = {"server", "index", "storage", "peers", "dimse", "xds", "partitions", "http", "limits", "tls", "audit", "xua", "iua",
              "hl7", "prefetch", "remotes", "gateway"}
     known |= {"routes", "routing"}  # issue 15: routing rules (xdsi.routing.settings)
+    known |= {"jpip"}  # issue 16: the JPIP server (JpipSettings)
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in config: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -653,6 +655,8 @@ def load_settings(
             settings = replace(settings, routing=routing_settings_from(doc["routing"]))
         if "routes" in doc:
             settings = replace(settings, routes=routes_from(doc["routes"], settings.peers))
+    if "jpip" in doc:
+        settings = replace(settings, jpip=jpip_from(doc["jpip"]))
     return _validated(settings)
 
 
@@ -1776,3 +1780,47 @@ def validate_gateway(s: Settings) -> None:
         if r.offers("move") and (r.move_destination or s.ae_title) not in ours and not s.dimse_policy.accept_any_called_aet:
             raise ConfigError(f"[remotes.{r.name}] move_destination {r.move_destination!r} is not an AE title we answer "
                               f"({', '.join(sorted(ours))}); the remote's C-STOREs would be rejected")
+
+
+@dataclass(frozen=True)
+class JpipSettings:
+    """``[jpip]`` (issue 16): the JPIP server under ``/jpip`` of the HTTP service (xdsi.jpip.server).
+
+    ``cache_bytes``: memory for codestreams (stored frames cut into bins, lossless encodings made on demand);
+    ``max_sessions`` / ``session_idle_seconds``: JPIP channels (cnew/cid), files all worker processes share;
+    ``openjpeg_tile_headers``: tile-header data-bins in the form OpenJPEG's JPIP client reads (its SOT body and
+    SOD kept) instead of the form of ISO/IEC 15444-9 A.3.3 (marker segments only).
+    """
+
+    enabled: bool = False
+    cache_bytes: int = 256 * 1024 * 1024
+    max_sessions: int = 64
+    session_idle_seconds: float = 300.0
+    openjpeg_tile_headers: bool = False
+
+
+def jpip_from(raw: object) -> JpipSettings:
+    """Parse ``[jpip]``: enabled, cache_size (bytes or "256 MiB"), max_sessions, session_idle_seconds, openjpeg_tile_headers."""
+    t = _check_keys("[jpip]", raw, {"enabled", "cache_size", "max_sessions", "session_idle_seconds", "openjpeg_tile_headers"})
+    kw: dict[str, Any] = {}
+    for key in ("enabled", "openjpeg_tile_headers"):
+        if key in t:
+            if not isinstance(t[key], bool):
+                raise ConfigError(f"[jpip] {key} must be true or false, not {t[key]!r}")
+            kw[key] = t[key]
+    if "cache_size" in t:
+        try:
+            n = parse_size(t["cache_size"])
+        except (TypeError, ValueError):
+            n = None
+        if n is None or n < 1024 * 1024:
+            raise ConfigError(f"[jpip] cache_size must be a size of at least 1 MiB, not {t['cache_size']!r}")
+        kw["cache_bytes"] = n
+    if "max_sessions" in t:
+        n = _int("[jpip] max_sessions", t["max_sessions"])
+        if not 1 <= n <= 100000:
+            raise ConfigError(f"[jpip] max_sessions must be 1 to 100000, not {n}")
+        kw["max_sessions"] = n
+    if "session_idle_seconds" in t:
+        kw["session_idle_seconds"] = float(_number("[jpip] session_idle_seconds", t["session_idle_seconds"]))
+    return JpipSettings(**kw)

@@ -76,6 +76,8 @@ def required_right(method: str, path: str) -> str | None:
         return "read"
     if path == "/wado" or path.startswith("/wado/"):
         return "read"
+    if path == "/jpip" or path.startswith("/jpip/"):
+        return "read"  # JPIP (issue 16): pixel data, whatever the method (a POST carries only the request fields)
     if any(path.startswith(p) for p in SOAP_PATHS):
         return "read"  # RAD-69, WADO-WS, ITI-43 and their ?wsdl: all retrieve or describe, none stores
     return None
