@@ -815,6 +815,8 @@ class PartitionSettings:
             partitions={},
             dimse_policy=replace(main.dimse_policy, own_peers=self.peers),
             gateway=self.gateway,
+            # the JPIP server serves the main archive only: a partition never hands out a Pixel Data Provider URL
+            jpip=replace(main.jpip, enabled=False),
         )
 
 

@@ -290,3 +290,19 @@ def test_dcmtk_reads_the_header(archive: Archive, files: dict[str, Path], tmp_pa
     sop = dcmread(path, stop_before_pixels=True).SOPInstanceUID
     assert f"(0028,7fe0) UR [{provider_url(PUBLIC, sop)}]" in proc.stdout
     assert "(7fe0,0010)" not in proc.stdout and "MONOCHROME2" in proc.stdout
+
+
+def test_a_partition_never_offers_jpip_referenced(tmp_path: Path) -> None:
+    """The JPIP server answers for the main archive only, so a partition's instances must not get a Pixel
+    Data Provider URL that would answer 404."""
+    from xdsi.config import load_settings
+
+    cfg = tmp_path / "xdsi.toml"
+    cfg.write_text(
+        f'[server]\ndata_dir = "{tmp_path}"\npublic_url = "https://img.example.org"\n[jpip]\nenabled = true\n'
+        '[partitions.research]\nae_title = "RESEARCH"\n'
+    )
+    main = load_settings(cfg, env={})
+    assert jpip_header.offered(main)
+    part = main.for_partition("research")
+    assert not jpip_header.offered(part) and jpip_header.syntaxes(part) == []
