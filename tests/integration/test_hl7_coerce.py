@@ -373,3 +373,107 @@ def test_rad69_in_the_stored_syntax(world: World) -> None:
             if study.expected is None:
                 assert data == study.item(sop).path.read_bytes()
             check(study, ds)
+
+
+def test_wado_ws_information_xml(world: World) -> None:
+    """RetrieveImagingDocumentSetInformation (PS3.19 Native DICOM Model, XPath): the identity the objects carry."""
+    from tests.support.ids import OUR_WSDL, exchange, status_of
+    from xdsi.standards.constants import ACTION_INFORMATION, NS_WADO, STATUS_SUCCESS
+
+    xpaths = [
+        'string(/NativeDicomModel/DicomAttribute[@keyword="PatientID"]/Value[@number=1])',
+        'string(/NativeDicomModel/DicomAttribute[@keyword="PatientName"]/PersonName[@number=1]/Alphabetic/FamilyName)',
+        'string(/NativeDicomModel/DicomAttribute[@keyword="PatientBirthDate"]/Value[@number=1])',
+        'string(/NativeDicomModel/DicomAttribute[@keyword="StudyInstanceUID"]/Value[@number=1])',
+    ]
+    client, service = zeep_client(OUR_WSDL, f"{world.base}/xdsi/ImagingDocumentSource")
+    for study in world.studies:
+        item = study.items[-1]  # the pydicom MR (J2K / big endian) for the updated studies
+        resp = exchange(client, service, "ImagingDocumentSource_RetrieveImagingDocumentSetInformation", "ours", ACTION_INFORMATION,
+                        StudyRequest=[{"studyInstanceUID": study.uid, "SeriesRequest": [{"seriesInstanceUID": item.series_uid, "DocumentRequest": [
+                            {"RepositoryUniqueId": REPOSITORY, "DocumentUniqueId": item.sop_uid, "XPath": xpaths}]}]}])
+        assert status_of(resp.body) == STATUS_SUCCESS
+        (d,) = resp.body.iter(f"{{{NS_WADO}}}DocumentInformationResponse")
+        got = [x.text or "" for x in d.iter(f"{{{NS_WADO}}}XPathResponse")]
+        original = dcmread(item.path, stop_before_pixels=True)
+        if study.expected is None:
+            want = [str(original.PatientID), original.PatientName.family_name, str(original.PatientBirthDate)]
+        else:
+            want = [study.expected["PatientID"], study.expected["PatientName"].split("^")[0], study.expected["PatientBirthDate"]]
+        assert got == want + [study.uid], study.name
+
+
+# -- in one process, on both index backends ----------------------------------------------------------------
+
+
+def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: str) -> None:
+    """``study.identity_updated_at`` is set for the studies an A08 touched and for no other; their refs carry the
+    identity, :meth:`produce` writes them anew (a spool) even in the stored syntax while an untouched study's
+    stored file is handed out as it is; the stored files keep their bytes; a prefetch push sends the new identity."""
+    from dataclasses import replace
+    from hashlib import sha256
+
+    from pynetdicom import AllStoragePresentationContexts
+    from sqlalchemy import select
+
+    from tests.conftest import make_settings
+    from xdsi.archive import Archive
+    from xdsi.config import Hl7Settings, Peer
+    from xdsi.hl7.listener import Hl7Handler
+    from xdsi.hl7.prefetch import push_studies
+    from xdsi.index.models import Study as StudyRow
+
+    received: dict[str, Dataset] = {}
+
+    def on_store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = event.dataset
+        return 0x0000
+
+    scp = AE(ae_title="WS1")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    settings = replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1), peers={"WS1": Peer("WS1", "127.0.0.1", port)})
+    archive = Archive.open(settings)
+    try:
+        changed, kept = StudySpec(patient_id="PAT001", accession="A1"), StudySpec(patient_id="PAT777", patient_name="STAYS^SAME", accession="A2")
+        originals: dict[str, bytes] = {}
+        for name, spec in (("c", changed), ("k", kept)):
+            for p in write_study(tmp_path / name, spec, series=1, per_series=2, rows=16, columns=16):
+                assert archive.store.store_file(p).ok
+                originals[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p.read_bytes()
+        reply = Hl7Handler(archive).handle(A08.encode())
+        assert b"MSA|AA|" in reply, reply
+        with archive.index.read_session() as s:
+            stamps = dict(s.execute(select(StudyRow.study_uid, StudyRow.identity_updated_at)).all())
+        assert stamps[changed.study_uid] is not None and stamps[kept.study_uid] is None
+
+        refs = archive.retrieve.select(study_uids=[changed.study_uid, kept.study_uid])
+        assert len(refs) == 4
+        for ref in refs:
+            one = archive.retrieve.instance(ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+            assert one is not None and one.identity == ref.identity
+            stored = archive.retrieve.path(ref)
+            with archive.retrieve.produce(ref, [ref.transfer_syntax_uid]) as produced:
+                ds = dcmread(produced.file_path())
+                original = dcmread(io.BytesIO(originals[ref.sop_instance_uid]))
+                assert np.array_equal(ds.pixel_array, original.pixel_array)
+                if ref.study_uid == kept.study_uid:
+                    assert ref.identity is None and produced.unchanged and produced.file_path() == stored
+                    assert produced.file_path().read_bytes() == originals[ref.sop_instance_uid]
+                else:
+                    assert ref.identity is not None and not produced.unchanged and produced.file_path() != stored
+                    assert (str(ds.PatientName), ds.PatientBirthDate, ds.PatientSex, ds.PatientID) == ("DOE^JANE^MARIE", "19691231", "O", "PAT001")
+                    assert str(archive.retrieve.header(ref).PatientName) == "DOE^JANE^MARIE"
+            # the archive's own copy is what was received, and its checksum still says so
+            assert stored.read_bytes() == originals[ref.sop_instance_uid]
+            assert sha256(stored.read_bytes()).hexdigest() == ref.copies[0][3]
+
+        done, errors = push_studies(archive, "WS1", [changed.study_uid, kept.study_uid])
+        assert (done, errors) == (4, [])
+        for ref in refs:
+            want = "DOE^JANE^MARIE" if ref.study_uid == changed.study_uid else "STAYS^SAME"
+            assert str(received[ref.sop_instance_uid].PatientName) == want
+    finally:
+        archive.close()
+        server.shutdown()
