@@ -477,3 +477,23 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     finally:
         archive.close()
         server.shutdown()
+
+
+def test_wado_uri_patient_annotation_burns_in_the_new_identity(world: World, tmp_path: Path) -> None:
+    """``annotation=patient`` draws name, ID, birth date and sex into the image: the index's, as the objects say."""
+    from xdsi.archive.coercion import Identity, write_coerced
+    from xdsi.render import render
+
+    study = world.by_name("merged")
+    item = study.items[0]
+    r = requests.get(f"{world.base}/wado", params={
+        "requestType": "WADO", "studyUID": study.uid, "seriesUID": item.series_uid, "objectUID": item.sop_uid,
+        "contentType": "image/png", "annotation": "patient"}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text[:300]
+    e = study.expected
+    assert e is not None
+    coerced = tmp_path / "coerced.dcm"
+    with open(coerced, "wb") as out:
+        write_coerced(item.path, out, Identity(e["PatientID"], e["IssuerOfPatientID"], e["PatientName"], e["PatientBirthDate"], e["PatientSex"]))
+    assert r.content == render(coerced, content_type="image/png", annotation=("patient",))
+    assert r.content != render(item.path, content_type="image/png", annotation=("patient",))

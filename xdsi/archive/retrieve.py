@@ -641,6 +641,11 @@ class RetrieveService:
             # a rendered image is a view: a source larger than the limit is scaled down to fit it,
             # so one request cannot make us build a whole-slide-sized bitmap
             params = replace(params, **({"rows": limit} if rows >= columns else {"columns": limit}))
+        if ref.identity is not None and "patient" in params.annotation:
+            # the patient annotation is burnt into the image: from the object as it is sent (index identity, issue 15),
+            # pixels copied byte for byte into the spool
+            with self.produce(ref, [ref.transfer_syntax_uid]) as produced:
+                return render(produced.file_path(), presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
         return render(path, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
 
     # -- frames re-encoded for a viewer (issue 16: HTJ2K over DICOMweb) ------------------------------
