@@ -422,6 +422,7 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     from xdsi.hl7.listener import Hl7Handler
     from xdsi.hl7.prefetch import push_studies
     from xdsi.index.models import Study as StudyRow
+    from xdsi.jpip.urls import JPIP_REFERENCED
 
     received: dict[str, Dataset] = {}
 
@@ -433,13 +434,14 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     scp.supported_contexts = AllStoragePresentationContexts
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    settings = replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1), peers={"WS1": Peer("WS1", "127.0.0.1", port)})
+    settings = replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1), peers={"WS1": Peer("WS1", "127.0.0.1", port)},
+                       public_url="http://127.0.0.1:9")
     archive = Archive.open(settings)
     try:
         changed, kept = StudySpec(patient_id="PAT001", accession="A1"), StudySpec(patient_id="PAT777", patient_name="STAYS^SAME", accession="A2")
         originals: dict[str, bytes] = {}
         for name, spec in (("c", changed), ("k", kept)):
-            for p in write_study(tmp_path / name, spec, series=1, per_series=2, rows=16, columns=16):
+            for p in write_study(tmp_path / name, spec, series=1, per_series=2, rows=64, columns=64):  # (JPEG 2000 needs more than 16x16)
                 assert archive.store.store_file(p).ok
                 originals[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p.read_bytes()
         reply = Hl7Handler(archive).handle(A08.encode())
@@ -465,6 +467,12 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
                     assert ref.identity is not None and not produced.unchanged and produced.file_path() != stored
                     assert (str(ds.PatientName), ds.PatientBirthDate, ds.PatientSex, ds.PatientID) == ("DOE^JANE^MARIE", "19691231", "O", "PAT001")
                     assert str(archive.retrieve.header(ref).PatientName) == "DOE^JANE^MARIE"
+                    # JPIP Referenced (header without Pixel Data, issue 16): the same identity
+                    with archive.retrieve.produce(ref, [JPIP_REFERENCED]) as jpip:
+                        assert jpip.transfer_syntax == JPIP_REFERENCED
+                        h = dcmread(jpip.file_path())
+                        assert "PixelData" not in h and "PixelDataProviderURL" in h
+                        assert (str(h.PatientName), h.PatientID, h.PatientBirthDate) == ("DOE^JANE^MARIE", "PAT001", "19691231")
             # the archive's own copy is what was received, and its checksum still says so
             assert stored.read_bytes() == originals[ref.sop_instance_uid]
             assert sha256(stored.read_bytes()).hexdigest() == ref.copies[0][3]
