@@ -147,18 +147,10 @@ _ONE_INSTANCE = (
     .outerjoin(FileCopy, FileCopy.instance_fk == Instance.pk)
     .where(Instance.sop_instance_uid == bindparam("sop"))
 )  # fmt: skip
-# the identity the index holds for studies whose patient identity HL7 changed after storage (issue 15)
-_IDENTITIES = (
-    select(
-        Study.pk, Study.identity_updated_at, Patient.patient_id, Patient.issuer_of_patient_id,
-        Study.patient_name, Study.patient_birth_date, Study.patient_sex,
-    )
-    .join(Patient, Study.patient_fk == Patient.pk)
-)  # fmt: skip
 
 
 def _identity(row: Any) -> Identity | None:
-    """The identity to coerce for a row of :data:`_IDENTITIES` / :data:`_ONE_INSTANCE`; None: send as stored."""
+    """The identity to coerce for a row of :meth:`RetrieveService.select` / :data:`_ONE_INSTANCE`; None: send as stored."""
     if row.identity_updated_at is None:
         return None
     return Identity(row.patient_id or "", row.issuer_of_patient_id or "", row.patient_name or "",
@@ -202,13 +194,17 @@ class RetrieveService:
         stmt = (
             select(
                 Instance.pk, Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                Series.series_uid, Study.study_uid, Study.pk.label("study_pk"), Study.identity_updated_at,
+                Series.series_uid, Study.study_uid,
+                # the identity to send when HL7 changed it after storage, read with the rows themselves (issue 15)
+                Study.identity_updated_at, Patient.patient_id, Patient.issuer_of_patient_id,
+                Study.patient_name, Study.patient_birth_date, Study.patient_sex,
             )
             .join(Series, Instance.series_fk == Series.pk)
             .join(Study, Series.study_fk == Study.pk)
+            .join(Patient, Study.patient_fk == Patient.pk)
         )  # fmt: skip
         if patient_id is not None:
-            stmt = stmt.join(Patient, Study.patient_fk == Patient.pk).where(Patient.patient_id == patient_id)
+            stmt = stmt.where(Patient.patient_id == patient_id)
             if issuer_of_patient_id is not None:
                 # (Patient ID, Issuer) is the patient: the same ID from another assigning authority is someone else
                 stmt = stmt.where(Patient.issuer_of_patient_id == issuer_of_patient_id)
@@ -227,12 +223,6 @@ class RetrieveService:
             for i in range(0, len(pks), 500):
                 for c in s.execute(_COPIES.where(FileCopy.instance_fk.in_(pks[i : i + 500]))):
                     copies.setdefault(c.instance_fk, []).append(c)
-            # studies whose identity HL7 changed after storage: the index's patient attributes go out (issue 15)
-            changed = sorted({r.study_pk for r in rows if r.identity_updated_at is not None})
-            identities: dict[int, Identity | None] = {}
-            for i in range(0, len(changed), 500):
-                for st in s.execute(_IDENTITIES.where(Study.pk.in_(changed[i : i + 500]))):
-                    identities[st.pk] = _identity(st)
         rank = self.tiers.rank
         for r in rows:
             cs = sorted((c for c in copies.get(r.pk, []) if c.tier in self.tiers), key=lambda c: rank(c.tier))
@@ -246,7 +236,7 @@ class RetrieveService:
                     transfer_syntax_uid=r.transfer_syntax_uid,
                     copies=tuple((c.tier, c.rel_path, c.size, c.sha256) for c in cs),
                     read_at=tuple((c.tier, c.last_read_at) for c in cs) if read_stamps else (),
-                    identity=identities.get(r.study_pk) if r.identity_updated_at is not None else None,
+                    identity=_identity(r),
                 )
             )
         if not out and study_uids and fetch_remote and self.fetch_missing is not None and self.fetch_missing(study_uids):
