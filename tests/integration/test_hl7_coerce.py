@@ -427,7 +427,9 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     received: dict[str, Dataset] = {}
 
     def on_store(event: Any) -> int:
-        received[str(event.request.AffectedSOPInstanceUID)] = event.dataset
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received[str(event.request.AffectedSOPInstanceUID)] = ds
         return 0x0000
 
     scp = AE(ae_title="WS1")
@@ -482,6 +484,18 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
         for ref in refs:
             want = "DOE^JANE^MARIE" if ref.study_uid == changed.study_uid else "STAYS^SAME"
             assert str(received[ref.sop_instance_uid].PatientName) == want
+        # the routing queue (`xdsi route --study UID --to WS1`) sends the same
+        from xdsi.routing.queue import RouteQueue
+        from xdsi.routing.service import deliver_now
+
+        received.clear()
+        q = RouteQueue(archive, settings.routes, settings.routing)
+        pks = q.queue_study(changed.study_uid, "WS1", None)
+        assert len(pks) == 2 and len(deliver_now(q, pks)) == 2
+        assert sorted(received) == sorted(r.sop_instance_uid for r in refs if r.study_uid == changed.study_uid)
+        for uid, ds in received.items():
+            assert (str(ds.PatientName), ds.PatientID) == ("DOE^JANE^MARIE", "PAT001")
+            assert np.array_equal(ds.pixel_array, dcmread(io.BytesIO(originals[uid])).pixel_array)
     finally:
         archive.close()
         server.shutdown()
