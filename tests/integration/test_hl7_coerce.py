@@ -496,6 +496,15 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
         for uid, ds in received.items():
             assert (str(ds.PatientName), ds.PatientID) == ("DOE^JANE^MARIE", "PAT001")
             assert np.array_equal(ds.pixel_array, dcmread(io.BytesIO(originals[uid])).pixel_array)
+
+        # an A40 into a patient this archive already holds: the merged study is marked and sent as the survivor
+        merge = "\r".join([_msh("ADT^A40", "CO9"), "PID|||PAT001^^^HOSP||DOE^JANE^MARIE||19691231|O", "MRG|PAT777^^^HOSP"]) + "\r"
+        assert b"MSA|AA|" in Hl7Handler(archive).handle(merge.encode())
+        for ref in archive.retrieve.select(study_uids=[kept.study_uid]):
+            assert ref.identity is not None and ref.identity.patient_id == "PAT001"
+            with archive.retrieve.produce(ref, [ref.transfer_syntax_uid]) as produced:
+                ds = dcmread(produced.file_path())
+                assert (ds.PatientID, str(ds.PatientName), ds.PatientSex) == ("PAT001", "DOE^JANE^MARIE", "O")
     finally:
         archive.close()
         server.shutdown()
