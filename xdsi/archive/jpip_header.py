@@ -231,9 +231,15 @@ def build(path: Path, target: str, url: str) -> Dataset:
     return ds
 
 
-def write(path: Path, target: str, url: str, out: BinaryIO) -> None:
-    """The JPIP Referenced Part 10 file of the instance at ``path``, written to ``out`` (the caller's spool)."""
+def write(path: Path, target: str, url: str, out: BinaryIO, identity: Any = None) -> None:
+    """The JPIP Referenced Part 10 file of the instance at ``path``, written to ``out`` (the caller's spool).
+
+    ``identity``: an :class:`xdsi.archive.coercion.Identity` to send instead of the stored patient attributes."""
     ds = build(path, target, url)
+    if identity is not None:  # issue 15: a study whose patient identity HL7 changed after storage
+        from xdsi.archive import coercion
+
+        coercion.apply(ds, identity)
     buf = io.BytesIO()
     try:
         dcmwrite(buf, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
@@ -257,11 +263,11 @@ def dataset_offset(part10: bytes) -> int:
     return 144 + group_length
 
 
-def writer(path: Path, target: str, settings: Any, sop_instance_uid: str) -> Callable[[BinaryIO], None]:
+def writer(path: Path, target: str, settings: Any, sop_instance_uid: str, identity: Any = None) -> Callable[[BinaryIO], None]:
     """What :meth:`RetrieveService.produce` spools for a JPIP Referenced choice.
 
     The URL is built inside the spooling step, so a failure there (no public
     URL, a SOP Instance UID that is not a UID) is a failed conversion of this
     instance like any other, never an error of the whole request.
     """
-    return lambda out: write(path, target, provider_url(settings.public_url, sop_instance_uid), out)
+    return lambda out: write(path, target, provider_url(settings.public_url, sop_instance_uid), out, identity)

@@ -36,6 +36,7 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
+from xdsi.archive.coercion import Identity, apply_json
 from xdsi.archive.header import raw_elements, raw_vr
 from xdsi.archive.retrieve import InstanceRef, NotAvailable, RetrieveService
 from xdsi.config import Settings, TierSettings
@@ -113,6 +114,13 @@ def dataset_json(ds: Dataset, transfer_syntax_uid: str) -> str:
     if "Rows" in ds and "Columns" in ds:
         vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or int(ds.get("BitsAllocated", 16) or 16) <= 8 else "OW"
         d["7FE00010"] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}7FE00010"}
+    return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
+def _with_identity(text: str, identity: Identity) -> str:
+    """The journal's JSON of an instance with the index's patient attributes (:func:`xdsi.archive.coercion.apply_json`)."""
+    d = json.loads(text)
+    apply_json(d, identity)
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -212,7 +220,9 @@ class MetadataService:
             self._compact(rel, out)
         elif repaired:
             self._append(refs[0].study_uid, refs[0].series_uid, repaired)
-        return out
+        # the journal keeps what the stored file says; a study whose patient identity HL7 changed after storage
+        # is answered with the index's patient attributes, as its retrieved objects are (issue 15)
+        return [(ref, _with_identity(text, ref.identity) if ref.identity is not None else text) for ref, text in out]
 
     def _compact(self, rel: str, items: list[tuple[InstanceRef, str]]) -> None:
         """Rewrite the journal with exactly the current instances (atomic replace through the tier)."""

@@ -31,6 +31,8 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.archive import content, transcode
+from xdsi.archive.coercion import Identity  # issue 15: patient attributes coerced after an HL7 update
+from xdsi.archive import coercion
 from xdsi.archive import jpip_header  # issue 16: JPIP Referenced (.94/.95) headers
 from xdsi.archive.produced import BulkValue, FrameSet, Produced, new_spool
 from xdsi.config import Settings
@@ -62,6 +64,9 @@ class InstanceRef:
     # that reads them right away: a copy read within TOUCH_INTERVAL is served without asking the index
     # again (one query per instance was a fifth of a C-GET's CPU); empty: the index is asked on each read
     read_at: tuple[tuple[str, datetime | None], ...] = field(default=(), compare=False)
+    # the index's patient attributes when HL7 changed the study's identity after storage (study.identity_updated_at):
+    # every read path then sends them instead of the stored ones, never the stored bytes as they are (issue 15)
+    identity: Identity | None = field(default=None, compare=False)
 
     @property
     def size(self) -> int:
@@ -133,12 +138,23 @@ _ONE_INSTANCE = (
         Instance.pk, Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
         Series.series_uid, Study.study_uid,
         FileCopy.tier, FileCopy.rel_path, FileCopy.size, FileCopy.sha256, FileCopy.last_read_at,
+        Study.identity_updated_at, Patient.patient_id, Patient.issuer_of_patient_id,
+        Study.patient_name, Study.patient_birth_date, Study.patient_sex,
     )
     .join(Series, Instance.series_fk == Series.pk)
     .join(Study, Series.study_fk == Study.pk)
+    .join(Patient, Study.patient_fk == Patient.pk)
     .outerjoin(FileCopy, FileCopy.instance_fk == Instance.pk)
     .where(Instance.sop_instance_uid == bindparam("sop"))
 )  # fmt: skip
+
+
+def _identity(row: Any) -> Identity | None:
+    """The identity to coerce for a row of :meth:`RetrieveService.select` / :data:`_ONE_INSTANCE`; None: send as stored."""
+    if row.identity_updated_at is None:
+        return None
+    return Identity(row.patient_id or "", row.issuer_of_patient_id or "", row.patient_name or "",
+                    row.patient_birth_date or "", row.patient_sex or "")
 
 
 class RetrieveService:
@@ -179,12 +195,16 @@ class RetrieveService:
             select(
                 Instance.pk, Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
                 Series.series_uid, Study.study_uid,
+                # the identity to send when HL7 changed it after storage, read with the rows themselves (issue 15)
+                Study.identity_updated_at, Patient.patient_id, Patient.issuer_of_patient_id,
+                Study.patient_name, Study.patient_birth_date, Study.patient_sex,
             )
             .join(Series, Instance.series_fk == Series.pk)
             .join(Study, Series.study_fk == Study.pk)
+            .join(Patient, Study.patient_fk == Patient.pk)
         )  # fmt: skip
         if patient_id is not None:
-            stmt = stmt.join(Patient, Study.patient_fk == Patient.pk).where(Patient.patient_id == patient_id)
+            stmt = stmt.where(Patient.patient_id == patient_id)
             if issuer_of_patient_id is not None:
                 # (Patient ID, Issuer) is the patient: the same ID from another assigning authority is someone else
                 stmt = stmt.where(Patient.issuer_of_patient_id == issuer_of_patient_id)
@@ -216,6 +236,7 @@ class RetrieveService:
                     transfer_syntax_uid=r.transfer_syntax_uid,
                     copies=tuple((c.tier, c.rel_path, c.size, c.sha256) for c in cs),
                     read_at=tuple((c.tier, c.last_read_at) for c in cs) if read_stamps else (),
+                    identity=_identity(r),
                 )
             )
         if not out and study_uids and fetch_remote and self.fetch_missing is not None and self.fetch_missing(study_uids):
@@ -247,6 +268,7 @@ class RetrieveService:
             transfer_syntax_uid=first.transfer_syntax_uid,
             copies=tuple((r.tier, r.rel_path, r.size, r.sha256) for r in cs),
             read_at=tuple((r.tier, r.last_read_at) for r in cs),
+            identity=_identity(first),
         )
 
     def select_by_identifier(self, identifier) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
@@ -452,13 +474,16 @@ class RetrieveService:
                 f"instance {ref.sop_instance_uid} (stored as {ref.transfer_syntax_uid}) cannot be provided in {', '.join(accepted) or '(none)'}"
             )
         path = path or self.path(ref)
-        if choice.unchanged:
+        identity = ref.identity
+        if choice.unchanged and identity is None:
             return Produced(choice.transfer_syntax, path, unchanged=True, spooled=False)
+        # a study whose patient identity HL7 changed after storage is always written anew, even in its stored
+        # syntax: the stored bytes name the old (or merged-away) patient (issue 15, xdsi.archive.coercion)
         target = choice.transfer_syntax
         write: Callable[[BinaryIO], None] = (
-            jpip_header.writer(path, target, self.settings, ref.sop_instance_uid)
+            jpip_header.writer(path, target, self.settings, ref.sop_instance_uid, identity)
             if jpip_header.asked([target])
-            else (lambda out: transcode.write_converted(path, target, out))
+            else (lambda out: transcode.write_converted(path, target, out, identity))
         )
         spool = self._spool(
             "produce-",
@@ -466,12 +491,17 @@ class RetrieveService:
             lambda exc: transcode.TranscodeError(f"cannot convert to {target}: {exc.__class__.__name__}: {exc}"),
             keep=(transcode.TranscodeError, OSError),
         )
-        log.debug("produced %s in %s", ref.sop_instance_uid, choice.transfer_syntax)
+        log.debug("produced %s in %s%s", ref.sop_instance_uid, choice.transfer_syntax, " (patient identity from the index)" if identity else "")
         return Produced(choice.transfer_syntax, spool, unchanged=False, spooled=True)
 
     def header(self, ref: InstanceRef) -> Dataset:
-        """The instance's attributes without Pixel Data (any stored syntax, deflated and big endian included)."""
-        return dcmread(self.path(ref), stop_before_pixels=True)
+        """The instance's attributes without Pixel Data (any stored syntax, deflated and big endian included).
+
+        The patient attributes are the index's when HL7 changed the study's identity after storage (issue 15)."""
+        ds = dcmread(self.path(ref), stop_before_pixels=True)
+        if ref.identity is not None:
+            coercion.apply(ds, ref.identity)
+        return ds
 
     def frame_info(self, ref: InstanceRef) -> FrameInfo:
         """Raises content.NoSuchPart (no Pixel Data) or content.CannotConvert (frames we cannot cut)."""
@@ -601,6 +631,11 @@ class RetrieveService:
             # a rendered image is a view: a source larger than the limit is scaled down to fit it,
             # so one request cannot make us build a whole-slide-sized bitmap
             params = replace(params, **({"rows": limit} if rows >= columns else {"columns": limit}))
+        if ref.identity is not None and "patient" in params.annotation:
+            # the patient annotation is burnt into the image: from the object as it is sent (index identity, issue 15),
+            # pixels copied byte for byte into the spool
+            with self.produce(ref, [ref.transfer_syntax_uid]) as produced:
+                return render(produced.file_path(), presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
         return render(path, presentation_state=presentation_state, **params.render_kwargs())  # type: ignore[arg-type]
 
     # -- frames re-encoded for a viewer (issue 16: HTJ2K over DICOMweb) ------------------------------

@@ -59,7 +59,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -76,6 +76,9 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     RLELossless,
 )
+
+if TYPE_CHECKING:
+    from xdsi.archive.coercion import Identity  # issue 15: patient attributes coerced on retrieve
 
 from xdsi.archive import htj2k  # registers the HTJ2K encoders with pydicom (Dataset.compress, get_encoder)
 
@@ -493,9 +496,12 @@ def write_dataset(ds: Dataset, out: BinaryIO) -> None:
     dcmwrite(out, ds, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian, enforce_file_format=True)
 
 
-def write_converted(path: Path, target: str, out: BinaryIO) -> None:
+def write_converted(path: Path, target: str, out: BinaryIO, identity: "Identity | None" = None) -> None:
     """The instance at ``path`` re-encoded as a Part 10 file in ``target``, written to ``out`` (the caller's spool).
 
+    ``identity``: the patient attributes to send instead of the stored ones (a
+    study HL7 changed after storage, :mod:`xdsi.archive.coercion`); then even
+    the stored syntax is written anew, never copied as it is.
     Raises :class:`TranscodeError` for anything that goes wrong (reading,
     decoding, encoding); the caller announces nothing until this returns, and
     discards its spool on an error.
@@ -504,6 +510,9 @@ def write_converted(path: Path, target: str, out: BinaryIO) -> None:
         stored = source_transfer_syntax(dcmread(path, stop_before_pixels=True))
     except Exception as exc:
         raise TranscodeError(f"cannot read the instance: {exc.__class__.__name__}: {exc}") from exc
+    if identity is not None:
+        _write_with_identity(path, stored, target, out, identity)
+        return
     if stored == target:
         # already in the syntax asked for: the stored file is that Part 10 file (nothing decoded, nothing lost)
         with open(path, "rb") as fh:
@@ -512,6 +521,24 @@ def write_converted(path: Path, target: str, out: BinaryIO) -> None:
         return
     ds = converted(path, target)
     try:
+        write_dataset(ds, out)
+    except Exception as exc:
+        raise TranscodeError(f"cannot encode the converted instance: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _write_with_identity(path: Path, stored: str, target: str, out: BinaryIO, identity: "Identity") -> None:
+    """:func:`write_converted` for an object whose patient attributes are coerced (issue 15, patient updates)."""
+    from xdsi.archive import coercion
+
+    if stored == target:
+        try:
+            coercion.write_coerced(path, out, identity)  # header rewritten, pixels copied byte for byte
+        except Exception as exc:
+            raise TranscodeError(f"cannot write the updated patient attributes: {exc.__class__.__name__}: {exc}") from exc
+        return
+    ds = converted(path, target)
+    try:
+        coercion.apply(ds, identity)
         write_dataset(ds, out)
     except Exception as exc:
         raise TranscodeError(f"cannot encode the converted instance: {exc.__class__.__name__}: {exc}") from exc

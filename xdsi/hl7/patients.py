@@ -10,7 +10,9 @@ What changes, and why only that:
   through the XDS publisher's outbox: the registered one names the old identity.
 
 Stored files are not rewritten: their bytes are what the modality sent (and what their
-checksums prove).  An identity is matched on (Patient ID, Issuer): PID-3.4 / MRG-1.4 is
+checksums prove).  Each study touched gets ``study.identity_updated_at``, and every retrieve
+path then sends its objects with the patient attributes of the index instead of the stored
+ones (:mod:`xdsi.archive.coercion`, as dcm4chee-arc merges its patient record on retrieve).  An identity is matched on (Patient ID, Issuer): PID-3.4 / MRG-1.4 is
 compared with the DICOM Issuer of Patient ID.  A message without an issuer updates a
 Patient ID only when exactly one issuer holds it; several is an ``AE``, never a guess.
 An update for a patient this archive does not hold is accepted and changes nothing
@@ -112,7 +114,8 @@ def _apply(session: Session, patient: Patient, d: Demographics, now) -> list[str
         patient.sex = values["patient_sex"] = d.sex
     uids = list(session.scalars(select(Study.study_uid).where(Study.patient_fk == patient.pk).order_by(Study.pk)))
     if values and uids:
-        session.execute(update(Study).where(Study.patient_fk == patient.pk).values(**values, updated_at=now))
+        # identity_updated_at: the stored files still carry the old identity; retrieves coerce them (xdsi.archive.coercion)
+        session.execute(update(Study).where(Study.patient_fk == patient.pk).values(**values, updated_at=now, identity_updated_at=now))
     return uids if values else []
 
 

@@ -345,7 +345,11 @@ def push_studies(archive: "Archive", peer_ae: str, study_uids: Iterable[str]) ->
     try:
         for ref in refs:
             try:
-                rsp = assoc.send_c_store(archive.retrieve.path(ref))
+                if ref.identity is None:
+                    rsp = assoc.send_c_store(archive.retrieve.path(ref))
+                else:  # HL7 changed this study's patient identity after storage: the index's goes out (issue 15)
+                    with archive.retrieve.produce(ref, [ref.transfer_syntax_uid]) as produced:
+                        rsp = assoc.send_c_store(produced.file_path())
             except Exception as exc:  # noqa: BLE001 - one instance must not stop the others
                 errors.append(f"{ref.sop_instance_uid}: {exc}")
                 continue

@@ -120,6 +120,9 @@ class Study(Base):
     # up, prune_empty recounts after a delete or a move), so a query reads them instead of counting
     num_series: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     num_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # when an HL7 ADT^A08/A40 last changed this study's patient identity (xdsi.hl7.patients); NULL: never.
+    # Set: every retrieve path sends its objects with the index's patient attributes (xdsi.archive.coercion)
+    identity_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list["Series"]] = relationship(back_populates="study")
