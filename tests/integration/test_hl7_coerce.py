@@ -422,6 +422,7 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     from xdsi.hl7.listener import Hl7Handler
     from xdsi.hl7.prefetch import push_studies
     from xdsi.index.models import Study as StudyRow
+    from xdsi.config import JpipSettings
     from xdsi.jpip.urls import JPIP_REFERENCED
 
     received: dict[str, Dataset] = {}
@@ -437,7 +438,7 @@ def test_only_a_changed_study_leaves_the_fast_path(tmp_path: Path, index_url: st
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     settings = replace(make_settings(tmp_path, index_url), hl7=Hl7Settings(port=1), peers={"WS1": Peer("WS1", "127.0.0.1", port)},
-                       public_url="http://127.0.0.1:9")
+                       public_url="http://127.0.0.1:9", jpip=JpipSettings(enabled=True))
     archive = Archive.open(settings)
     try:
         changed, kept = StudySpec(patient_id="PAT001", accession="A1"), StudySpec(patient_id="PAT777", patient_name="STAYS^SAME", accession="A2")
