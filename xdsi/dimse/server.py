@@ -50,7 +50,7 @@ from pynetdicom.status import Status
 from xdsi.archive import Archive
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
-from xdsi.dimse import cheap_contexts, direct, find_responses, status, wakeup
+from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
 from xdsi.dimse import store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
@@ -332,6 +332,7 @@ class DicomServer:
             *self.governor.handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_CONN_OPEN, direct.on_conn_open),  # the DUL's writes serialised with direct ones (C-GET, C-MOVE)
+            (evt.EVT_CONN_OPEN, associate_cache.on_conn_open),  # a request seen before is not decoded again
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
