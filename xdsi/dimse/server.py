@@ -146,6 +146,7 @@ class ArchiveAE(AE):
         handlers = list(kwargs.pop("evt_handlers", None) or [])
         handlers.append((evt.EVT_CONN_OPEN, _on_conn_open))
         handlers.append((evt.EVT_CONN_OPEN, direct.on_conn_open))  # before the DUL sends: direct writes can be enabled
+        handlers.append((evt.EVT_RELEASED, direct.on_released))  # our release returns without pynetdicom's 10 ms sleep
         if destination is not None:  # tells "could not be reached" from "aborted" in the refusal (and the audit)
             handlers.append((evt.EVT_CONN_OPEN, destination.on_connected))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
@@ -162,7 +163,8 @@ class ArchiveAE(AE):
             destination.tls_subject = certificate_subject(getattr(assoc.dul.socket, "socket", None))
         if destination is not None:  # a C-MOVE sub-association lives only while it sends: poll fast throughout
             hold_reactor(assoc)
-            if direct.enable(assoc) is None:  # C-STOREs written and their responses read directly (xdsi.dimse.direct)
+            destination.writer = direct.enable(assoc)  # type: ignore[attr-defined]  # the C-MOVE handler tells it what comes next
+            if destination.writer is None:  # type: ignore[attr-defined]  # else C-STOREs written and their responses read directly
                 poll_fast(assoc)  # else pynetdicom's DUL reads the responses: poll for them often
         install_streaming_sender(assoc)
         return assoc
@@ -543,7 +545,7 @@ class DicomServer:
                 r.sop_instance_uid for r in refs
             )
             return
-        yield from self._suboperations(event, refs, retrieval)
+        yield from self._suboperations(event, refs, retrieval, getattr(destination, "writer", None))
 
     def on_get(self, event: Any) -> Iterator[Any]:
         refused = self._refused(event.assoc, "get")
@@ -563,9 +565,9 @@ class DicomServer:
         direct.enable(event.assoc)  # C-STOREs and Pending responses written straight to the socket
         yield len(refs)
         retrieval = self.audit.retrieval(event, self.archive_for(event.assoc), refs) if self.audit is not None and refs else None
-        yield from self._suboperations(event, refs, retrieval)
+        yield from self._suboperations(event, refs, retrieval, direct.writer_of(event.assoc))
 
-    def _suboperations(self, event: Any, refs: list[Any], retrieval: Any = None) -> Iterator[Any]:
+    def _suboperations(self, event: Any, refs: list[Any], retrieval: Any = None, sender: Any = None) -> Iterator[Any]:
         """One placeholder per instance; the sender produces it (recall, conversion) when it is its turn.
 
         A placeholder whose instance cannot be produced or sent makes
@@ -577,26 +579,36 @@ class DicomServer:
         for the next placeholder only after the previous C-STORE was answered, so the end comes
         after the last one and before our final C-MOVE/C-GET response; on a cancel or abort the
         generator is closed and ``finally`` still records what was sent.
+
+        ``sender``: the :class:`direct.DirectWriter` that sends the C-STOREs (the C-GET association's,
+        the C-MOVE sub-association's), told which stored file comes next so it reads it while the
+        peer answers the one before (:class:`Upcoming`).
         """
         source = self.archive_for(event.assoc).retrieve
+        upcoming = Upcoming(source, refs)
+        if sender is not None:
+            sender.expect(upcoming)
         if retrieval is not None:
             retrieval.begin()
         try:
             if direct.writer_of(event.assoc) is not None:  # responses read by the sending thread: no DUL polling for them
                 with quiet_polling(event.assoc):
-                    yield from self._placeholders(event, source, refs, retrieval)
+                    yield from self._placeholders(event, source, refs, retrieval, upcoming)
             else:
                 with fast_polling(event.assoc):
-                    yield from self._placeholders(event, source, refs, retrieval)
+                    yield from self._placeholders(event, source, refs, retrieval, upcoming)
         finally:
+            if sender is not None:
+                sender.expect(None)
             if retrieval is not None:
                 if not event.assoc.is_established and retrieval.note is None:
                     retrieval.note = "the association ended before every instance was sent"
                 retrieval.end()
 
-    def _placeholders(self, event: Any, source: Any, refs: list[Any], retrieval: Any) -> Iterator[Any]:
+    def _placeholders(self, event: Any, source: Any, refs: list[Any], retrieval: Any, upcoming: "Upcoming") -> Iterator[Any]:
         """The Pending placeholders of :meth:`_suboperations`, until done or cancelled."""
-        for ref in refs:
+        for n, ref in enumerate(refs):
+            upcoming.index = n + 1
             if event.is_cancelled:
                 if retrieval is not None:
                     retrieval.note = "cancelled by the requestor (C-CANCEL)"
@@ -692,6 +704,29 @@ class DicomServer:
         self.governor.stop()
         self.spool.stop()
         self.commitment.stop()
+
+
+class Upcoming:
+    """The stored file of the instance a C-GET/C-MOVE sends after the current one, for the sender to read ahead.
+
+    ``index`` is advanced by the handler as it hands out placeholders.  Only a copy on the hot tier is
+    named (asking for a cold one would start its recall early); whether the instance is then sent
+    as stored or converted is decided when its turn comes, and the sender uses what it read only
+    if it is sending that very file.
+    """
+
+    def __init__(self, source: Any, refs: list[Any]) -> None:
+        self.source = source
+        self.refs = refs
+        self.index = 0
+
+    def __call__(self) -> Path | None:
+        if self.index >= len(self.refs):
+            return None
+        ref = self.refs[self.index]
+        if not ref.copies or ref.copies[0][0] != self.source.tiers.hot.name:
+            return None
+        return Path(self.source.path(ref))
 
 
 def _refuse_retrieve(reason: str, destination: MoveDestination | None) -> Iterator[Any]:
