@@ -424,3 +424,29 @@ def test_read_ahead_bytes_go_out_as_the_file_would(tmp_path: Path, max_pdu: int)
         assert writer.direct_messages == 1
     assert wires[0] == wires[1]
     assert _reassembled(wires[1])[-1][2] == raw[offset:]
+
+
+def test_held_pending_move_responses_keep_their_order(tmp_path: Path) -> None:
+    """C-MOVE: a Pending response held back until the sub-association's next C-STORE is written (flush), or until
+    anything else is sent on the association, in the order sent; nothing is lost or sent twice."""
+    reference = FakeAssoc(16384)
+    a, b = socket.socketpair()
+    fast, writer = _writer(16384, a)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: _drain(b, received))
+    reader.start()
+    writer.hold_pending = True
+    sent_events = len(fast.events)
+    fast.dimse.send_msg(_pending(C_MOVE, 2, 1, sop_class=MOVE_MODEL), 3)
+    assert writer._held is not None and len(fast.events) == sent_events  # not sent yet, no EVT_DIMSE_SENT yet
+    writer.flush()  # what the sub-association's writer calls after its next C-STORE
+    writer.flush()  # nothing held: nothing more
+    fast.dimse.send_msg(_pending(C_MOVE, 1, 2, sop_class=MOVE_MODEL), 3)
+    fast.dimse.send_msg(_final(C_MOVE), 3)  # the final response takes the held one out first
+    assert writer._held is None
+    for msg in (_pending(C_MOVE, 2, 1, sop_class=MOVE_MODEL), _pending(C_MOVE, 1, 2, sop_class=MOVE_MODEL), _final(C_MOVE)):
+        reference.dimse.send_msg(msg, 3)
+    a.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    assert bytes(received) == _wire(reference.sent)
+    assert fast.events == reference.events

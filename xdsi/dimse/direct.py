@@ -81,7 +81,9 @@ from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE  # type: ignore[att
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +326,7 @@ def dataset_offset(head: bytes) -> int | None:
 _ELEMENT_HEAD = struct.Struct("<HHL")
 _BE_LENGTH = struct.Struct(">L")  # PDU and PDV item lengths are big endian (PS3.8 9.3.1)
 STORE_RSP = 0x8001
+_STATUS = Tag(0x00000900)
 # the elements of a C-STORE-RSP that carries nothing but its status: read here; anything else (Error Comment,
 # Offending Element, ...) and pynetdicom decodes the response
 _PLAIN_STORE_RSP = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
@@ -427,15 +430,27 @@ class DirectWriter:
         self._spare = bytearray()
         self.prefetch_hits = 0
         self.prefetch_misses = 0
+        # C-MOVE: this (requesting) association's Pending responses are held until the sub-association has
+        # written its next C-STORE (``after_send`` there is our ``flush``), or until we send anything else.
+        # Why: pynetdicom sends each Pending response between one sub-operation's C-STORE response and the
+        # next C-STORE request, on the way from the one to the other; the requestor gets it a moment later
+        # instead, in the order sent, while the destination already has the next instance
+        self.hold_pending = False
+        self._held: tuple[Any, bytes, int, int | None] | None = None
+        self.after_send: Callable[[], None] | None = None
 
     # -- the DIMSE provider's send_msg --------------------------------------------------------------------
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """``DIMSEServiceProvider.send_msg``: encode once, then write directly when allowed, else queue."""
         fast = fast_command(primitive)
+        self.flush()  # a held Pending response goes first: messages leave in the order they were sent
         if fast is not None:
             command, cls = fast
             status = primitive.Status if primitive.MessageIDBeingRespondedTo is not None else None
+            if self.hold_pending and cls is C_MOVE_RSP:  # fast_command: a Pending response without identifier
+                self._held = (cls, command, context_id, status)
+                return
             self._send(cls, command, context_id, getattr(primitive, "_dataset_path", None), status)
             return
         if primitive.MessageIDBeingRespondedTo is None:
@@ -458,6 +473,13 @@ class DirectWriter:
         self.queued_messages += 1
         for pdata in message.encode_msg(context_id, self.max_pdu):
             self.dul.send_pdu(pdata)
+
+    def flush(self) -> None:
+        """Send the Pending C-MOVE response held back by :attr:`hold_pending`, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            cls, command, context_id, status = held
+            self._send(cls, command, context_id, None, status)
 
     def send_c_store(
         self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, msg_id: int = 1, priority: int = 2,
@@ -501,6 +523,11 @@ class DirectWriter:
                 time.sleep(0.0001)
             self._send(C_STORE_RQ, command, context_id, (Path(path), offset), data=data)
             data.release()
+            if self.after_send is not None:  # e.g. the C-MOVE requestor's Pending response for the previous instance
+                try:
+                    self.after_send()
+                except Exception:  # noqa: BLE001 - that association's failure is its own (its DUL was told), not this C-STORE's
+                    log.debug("sending after a C-STORE failed", exc_info=True)
             self._prefetch_next()  # while the peer takes this one in and answers
             read, status = self._read_response(msg_id, context_id)
             if not read:
@@ -606,8 +633,8 @@ class DirectWriter:
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
         if not fields.keys() <= _PLAIN_STORE_RSP:  # status comment, offending element...: pynetdicom's reading
             return True, self.assoc._check_received_status(message.message_to_primitive())
-        status = Dataset()
-        status.Status = _us(fields[0x0900])
+        status = Dataset()  # what _check_received_status gives for a plain response: Status only, raw until read
+        status._dict[_STATUS] = RawDataElement(_STATUS, "US", 2, fields[0x0900], 0, True, True)
         return True, status
 
     def _context(self, sop_class: str, transfer_syntax: str) -> Any:
