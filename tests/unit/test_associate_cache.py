@@ -31,8 +31,9 @@ from xdsi.dimse import associate_cache
 from xdsi.dimse.associate_cache import RequestMemo, same
 
 
-def request_bytes(calling: str = "GETSCU", called: str = "XDSI", contexts: int = 100) -> bytes:
-    """An A-ASSOCIATE-RQ as a C-GET requestor sends it: many storage contexts, a role item for each, and extras."""
+def request_bytes(calling: str = "GETSCU", called: str = "XDSI", contexts: int = 100, user: bool = False) -> bytes:
+    """An A-ASSOCIATE-RQ as a C-GET requestor sends it: many storage contexts, a role item for each, and extras
+    (``user``: a User Identity with user name and password)."""
     p = A_ASSOCIATE()
     p.application_context_name = "1.2.840.10008.3.1.1.1"
     p.calling_ae_title = calling
@@ -51,10 +52,10 @@ def request_bytes(calling: str = "GETSCU", called: str = "XDSI", contexts: int =
     aw = AsynchronousOperationsWindowNegotiation()
     aw.maximum_number_operations_invoked = 1
     aw.maximum_number_operations_performed = 1
-    user = UserIdentityNegotiation()
-    user.user_identity_type = 2
-    user.primary_field = b"alice"
-    user.secondary_field = b"secret"
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2
+    identity.primary_field = b"alice"
+    identity.secondary_field = b"secret"
     ext = SOPClassExtendedNegotiation()
     ext.sop_class_uid = "1.2.840.10008.5.1.4.1.2.2.2"
     ext.service_class_application_information = b"\x01"
@@ -62,7 +63,7 @@ def request_bytes(calling: str = "GETSCU", called: str = "XDSI", contexts: int =
     common.sop_class_uid = "1.2.840.10008.5.1.4.1.1.2"
     common.service_class_uid = "1.2.840.10008.4.2"
     common.related_general_sop_class_identification = ["1.2.840.10008.5.1.4.1.1.2.1"]
-    items: list[Any] = [ml, ic, iv, aw, user, ext, common]
+    items: list[Any] = [ml, ic, iv, aw, *([identity] if user else []), ext, common]
     for cx in AllStoragePresentationContexts[:contexts]:
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid = cx.abstract_syntax
@@ -115,6 +116,19 @@ def test_second_request_is_served_from_the_memo_equal_to_pynetdicom(assoc: Assoc
     # the items, for anything that reads them (pynetdicom's standard logging handler), are pynetdicom's decoding
     assert same(pdu.variable_items, reference.variable_items)
     assert pdu.encode() == second
+
+
+def test_requests_with_credentials_are_never_kept(assoc: Association) -> None:
+    memo = RequestMemo()
+    decode = decoder(memo, assoc)
+    with_user = request_bytes(contexts=3, user=True)
+    assert associate_cache.carries_user_identity(with_user)
+    for _ in range(2):
+        pdu, _ = decode(bytearray(with_user))
+        assert same(pdu.to_primitive(), pynetdicom_primitive(with_user))
+    assert not memo._entries and memo.hits == 0
+    assert not associate_cache.carries_user_identity(request_bytes(contexts=3))
+    assert associate_cache.carries_user_identity(with_user[:-3])  # cut short: not walked, not kept
 
 
 def test_each_primitive_is_a_fresh_copy(assoc: Association) -> None:

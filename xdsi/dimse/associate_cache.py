@@ -23,7 +23,8 @@ goes through pynetdicom's decoder untouched, and so does everything after: the
 negotiation and the A-ASSOCIATE-AC are pynetdicom's.  Only requests up to
 :data:`MAX_PDU_BYTES` are kept, at most :data:`MAX_ENTRIES` of them (least
 recently used dropped), so a peer sending ever different requests costs what it
-did before and a little memory.
+did before and a little memory; a request with a User Identity (a password or
+token) is never kept.
 """
 
 from __future__ import annotations
@@ -106,6 +107,31 @@ class Kept:
         self.primitive = primitive
 
 
+USER_INFORMATION_ITEM, USER_IDENTITY_SUB_ITEM = 0x50, 0x58
+
+
+def carries_user_identity(raw: bytes) -> bool:
+    """True if the request's User Information item has a User Identity sub-item (PS3.7 D.3.3.7), or cannot be walked.
+
+    Such a request carries a password or a token: it is decoded every time and never kept in memory
+    beyond its own association (tokens change anyway, so it would rarely be seen twice).
+    """
+    pos = FIXED_BYTES
+    while pos + 4 <= len(raw):
+        item_type, length = raw[pos], int.from_bytes(raw[pos + 2 : pos + 4], "big")
+        end = pos + 4 + length
+        if end > len(raw):
+            return True
+        if item_type == USER_INFORMATION_ITEM:
+            sub = pos + 4
+            while sub + 4 <= end:
+                if raw[sub] == USER_IDENTITY_SUB_ITEM:
+                    return True
+                sub += 4 + int.from_bytes(raw[sub + 2 : sub + 4], "big")
+        pos = end
+    return pos != len(raw)
+
+
 class RequestMemo:
     """Primitives of the A-ASSOCIATE-RQs seen, keyed by the request's bytes without the AE titles."""
 
@@ -118,7 +144,10 @@ class RequestMemo:
 
     @staticmethod
     def key(raw: bytes) -> bytes | None:
+        """The memo's key for an A-ASSOCIATE-RQ, or None if it is not to be kept (too large, or carrying credentials)."""
         if len(raw) < FIXED_BYTES or raw[0] != A_ASSOCIATE_RQ_TYPE or len(raw) > MAX_PDU_BYTES:
+            return None
+        if carries_user_identity(raw):
             return None
         return raw[: AE_TITLES.start] + raw[AE_TITLES.stop :]
 
