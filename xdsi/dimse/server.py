@@ -13,6 +13,7 @@ import socket
 import ssl
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -627,12 +628,14 @@ class DicomServer:
         if retrieval is not None:
             retrieval.begin()
         try:
-            if direct.writer_of(event.assoc) is not None:  # responses read by the sending thread: no DUL polling for them
-                with quiet_polling(event.assoc):
-                    yield from self._placeholders(event, source, refs, retrieval, upcoming)
-            else:
-                with fast_polling(event.assoc):
-                    yield from self._placeholders(event, source, refs, retrieval, upcoming)
+            with ExitStack() as polling:
+                if direct.writer_of(event.assoc) is not None:  # responses read by the sending thread: no DUL polling for them
+                    polling.enter_context(quiet_polling(event.assoc))
+                else:
+                    polling.enter_context(fast_polling(event.assoc))
+                if moving:  # the sub-association's C-STORE responses too: its DUL only watches for an abort meanwhile
+                    polling.enter_context(quiet_polling(sender.assoc))
+                yield from self._placeholders(event, source, refs, retrieval, upcoming)
         finally:
             if sender is not None:
                 sender.expect(None)
