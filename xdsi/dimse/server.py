@@ -782,9 +782,9 @@ class Upcoming:
     """The stored file of the instance a C-GET/C-MOVE sends after the current one, for the sender to read ahead.
 
     ``index`` is advanced by the handler as it hands out placeholders.  Only a copy on the hot tier is
-    named (asking for a cold one would start its recall early); whether the instance is then sent
-    as stored or converted is decided when its turn comes, and the sender uses what it read only
-    if it is sending that very file.
+    named, and nothing is recalled or stamped for it here (:meth:`RetrieveService.hot_path`); whether
+    the instance is then sent as stored or converted is decided when its turn comes, and the sender
+    uses what it read only if it is sending that very file.
     """
 
     def __init__(self, source: Any, refs: list[Any]) -> None:
@@ -795,10 +795,7 @@ class Upcoming:
     def __call__(self) -> Path | None:
         if self.index >= len(self.refs):
             return None
-        ref = self.refs[self.index]
-        if not ref.copies or ref.copies[0][0] != self.source.tiers.hot.name:
-            return None
-        return Path(self.source.path(ref))
+        return self.source.hot_path(self.refs[self.index])
 
 
 def _refuse_retrieve(reason: str, destination: MoveDestination | None) -> Iterator[Any]:
