@@ -13,7 +13,10 @@ a fresh Orthanc with storescu, and then, alternating the servers each round
 1. QIDO-RS: the series of the study (``/studies/{uid}/series``);
 2. WADO-RS: the study metadata (``Accept-Encoding: gzip``), parsed;
 3. every frame (``.../frames/1``, ``multipart/related; type="application/octet-stream";
-   transfer-syntax=*``) with ``--threads`` parallel keep-alive connections.
+   transfer-syntax=*``) with ``--threads`` parallel keep-alive connections;
+
+and, after the launch and timed apart, QIDO-RS of every instance of the study (``/studies/{uid}/instances``,
+one match per instance: what a match costs in JSON).
 
 Baseline: pydicom reading the same 200 headers from disk (``stop_before_pixels``).
 Prints per-round times, medians, frames/s and the ratios xdsi/Orthanc (only
@@ -83,7 +86,13 @@ def launch(base: str, study: str, threads: int, frame_bytes: int) -> dict[str, f
     with ThreadPoolExecutor(threads) as ex:
         sum(ex.map(fetch, urls))
     t3 = time.perf_counter()
-    return {"qido": t1 - t0, "metadata": t2 - t1, "frames": t3 - t2, "total": t3 - t0, "n": float(len(md))}
+    # not part of the launch: a QIDO-RS answer with one match per instance (the per-match JSON cost)
+    r = s.get(f"{base}/studies/{study}/instances", headers={"Accept": "application/dicom+json"})
+    r.raise_for_status()
+    if len(r.json()) != len(md):
+        raise RuntimeError(f"{base}: QIDO-RS found {len(r.json())} of the study's {len(md)} instances")
+    t4 = time.perf_counter()
+    return {"qido": t1 - t0, "metadata": t2 - t1, "frames": t3 - t2, "total": t3 - t0, "n": float(len(md)), "qido_all": t4 - t3}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name].append(res)
                     print(f"round {rnd} {name:8s} QIDO {res['qido'] * 1e3:5.0f} ms  metadata {res['metadata'] * 1e3:5.0f} ms  "
                           f"frames {res['frames'] * 1e3:6.0f} ms ({res['n'] / res['frames']:4.0f}/s)  total {res['total'] * 1e3:6.0f} ms  "
-                          f"server CPU {res['cpu']:.2f} s")  # fmt: skip
+                          f"server CPU {res['cpu']:.2f} s; QIDO all instances {res['qido_all'] * 1e3:5.0f} ms")  # fmt: skip
 
         def med(name: str, key: str) -> float:
             return statistics.median(r[key] for r in results[name])
@@ -179,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             fps = [r["n"] / r["frames"] for r in results[name]]
             print(f"  {name:8s} QIDO {med(name, 'qido') * 1e3:5.0f} ms  metadata {med(name, 'metadata') * 1e3:5.0f} ms "
                   f"({med(name, 'metadata') / d:.2f} x pydicom)  frames {statistics.median(fps):4.0f}/s ({min(fps):.0f}-{max(fps):.0f})  "
-                  f"total {med(name, 'total') * 1e3:6.0f} ms  server CPU {med(name, 'cpu'):.2f} s")  # fmt: skip
+                  f"total {med(name, 'total') * 1e3:6.0f} ms  server CPU {med(name, 'cpu'):.2f} s; "
+                  f"QIDO all {int(med(name, 'n'))} instances {med(name, 'qido_all') * 1e3:5.0f} ms")  # fmt: skip
         for name in names:
             if name == "Orthanc" or "Orthanc" not in results:
                 continue
-            for key, what in (("frames", "frames/s"), ("metadata", "metadata time"), ("total", "launch time")):
+            for key, what in (("frames", "frames/s"), ("metadata", "metadata time"), ("total", "launch time"),
+                              ("qido_all", "QIDO-RS all instances time")):
                 if key == "frames":
                     r = [(a["n"] / a["frames"]) / (b["n"] / b["frames"]) for a, b in zip(results[name], results["Orthanc"])]
                 else:
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in results:
             r = [(a["n"] / a["frames"]) / (b["n"] / b["frames"]) for a, b in zip(results["xdsi"], results["base"])]
             print(f"  ratio this tree/base frames/s: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+            r = [a["qido_all"] / b["qido_all"] for a, b in zip(results["xdsi"], results["base"])]
+            print(f"  ratio this tree/base QIDO-RS all instances time: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
 
         if args.profile:
             proc = servers["xdsi"]

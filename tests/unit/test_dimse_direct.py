@@ -6,6 +6,7 @@ them) encoded by its own ``P_DATA_TF``; the direct writer's bytes are read back 
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -298,3 +299,154 @@ def test_dataset_offset_is_split_datasets(tmp_path: Path) -> None:
     # what it does not know: pydicom decides
     assert direct.dataset_offset(b"\0" * 50) is None
     assert direct.dataset_offset(path.read_bytes()[:140]) is None  # File Meta cut short
+
+
+# -- the next instance read ahead (DirectWriter.expect / _prefetch_next / _claim) -------------------------------
+
+
+def _real_part10(path: Path, fill: int, size: int = 40_000) -> Path:
+    """A Part 10 file with a real File Meta (``dataset_offset`` must find its end) and ``size`` bytes of data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.PixelData = bytes([fill]) * size
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _writer(max_pdu: int = 16384, sock: socket.socket | None = None) -> tuple[FakeAssoc, direct.DirectWriter]:
+    assoc = FakeAssoc(max_pdu, sock)
+    assert direct.guard(assoc) is not None
+    writer = direct.enable(assoc)
+    assert writer is not None
+    return assoc, writer
+
+
+def test_read_ahead_is_used_only_for_that_file_unchanged(tmp_path: Path) -> None:
+    a = _real_part10(tmp_path / "a.dcm", 1)
+    b = _real_part10(tmp_path / "b.dcm", 2)
+    _, writer = _writer()
+    nxt = [a]
+    writer.expect(lambda: nxt[0])
+
+    writer._prefetch_next()
+    ready = writer._claim(a)
+    raw = a.read_bytes()
+    assert ready is not None and ready.offset == direct.dataset_offset(raw[: direct.HEAD_BYTES])
+    assert bytes(ready.buffer[: ready.length]) == raw
+    assert writer._claim(a) is None  # used once
+
+    writer._prefetch_next()
+    assert writer._claim(b) is None  # another instance is sent: what was read is dropped
+
+    writer._prefetch_next()  # rewritten in place, same size: the new bytes are sent, not the ones read ahead
+    changed = bytearray(raw)
+    changed[-1] ^= 0xFF
+    before = a.stat()
+    a.write_bytes(bytes(changed))
+    os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # a file system clock coarser than two writes
+    assert writer._claim(a) is None
+
+    writer._prefetch_next()  # replaced by another file under the same name
+    c = _real_part10(tmp_path / "c.dcm", 3)
+    c.replace(a)
+    assert writer._claim(a) is None
+    assert (writer.prefetch_hits, writer.prefetch_misses) == (1, 3)
+    assert writer.upcoming is not None  # it did find the right file once: it goes on reading ahead
+
+    nxt[0] = None  # nothing comes next (the last instance) / not on the hot tier
+    writer._prefetch_next()
+    assert writer._claim(a) is None and writer.prefetch_misses == 3
+
+
+def test_read_ahead_stops_when_it_never_guesses_right(tmp_path: Path) -> None:
+    a = _real_part10(tmp_path / "a.dcm", 1)
+    _, writer = _writer()
+    writer.expect(lambda: a)
+    for n in range(3):  # the instances are sent converted (from a spool), never as stored
+        writer._prefetch_next()
+        assert writer._claim(tmp_path / f"spool{n}") is None
+    assert writer.upcoming is None
+    writer.expect(None)
+    assert writer.upcoming is None and writer._prefetched is None
+
+
+def test_read_ahead_skips_what_it_cannot_use(tmp_path: Path) -> None:
+    big = _real_part10(tmp_path / "big.dcm", 1, size=direct.RUN_BYTES + 1)  # more than one run: read as it is sent
+    odd = tmp_path / "odd.dcm"
+    odd.write_bytes(b"\0" * 20_000)  # no preamble/DICM: pydicom decides where its data set starts
+    failing = tmp_path / "missing.dcm"
+    _, writer = _writer()
+    for path in (big, odd, failing):
+        writer.expect(lambda path=path: path)
+        writer._prefetch_next()
+        assert writer._prefetched is None
+    writer.expect(lambda: 1 / 0)  # an error naming the next file is the next sub-operation's to report
+    writer._prefetch_next()
+    assert writer._prefetched is None
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 28])
+def test_read_ahead_bytes_go_out_as_the_file_would(tmp_path: Path, max_pdu: int) -> None:
+    path = _real_part10(tmp_path / "a.dcm", 7, size=30_000 if max_pdu == 28 else 300_000)
+    raw = path.read_bytes()
+    offset = direct.dataset_offset(raw[: direct.HEAD_BYTES])
+    assert offset is not None
+    command = direct.encode_command([(0x0002, "UI", CT), (0x0100, "US", direct.STORE_RQ), (0x0110, "US", 1), (0x0700, "US", 2),
+                                     (0x0800, "US", direct.DATA_SET_PRESENT), (0x1000, "UI", "1.2.3.4")])
+    wires = []
+    for use_memory in (False, True):
+        a, b = socket.socketpair()
+        _, writer = _writer(max_pdu, a)
+        received = bytearray()
+        reader = threading.Thread(target=lambda: _drain(b, received))
+        reader.start()
+        if use_memory:
+            writer.expect(lambda: path)
+            writer._prefetch_next()
+            ready = writer._claim(path)
+            assert ready is not None
+            data = memoryview(ready.buffer)[ready.offset : ready.length]
+            writer._send(direct.C_STORE_RQ, command, 1, (path, offset), data=data)
+        else:
+            writer._send(direct.C_STORE_RQ, command, 1, (path, offset))
+        a.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        wires.append(bytes(received))
+        assert writer.direct_messages == 1
+    assert wires[0] == wires[1]
+    assert _reassembled(wires[1])[-1][2] == raw[offset:]
+
+
+def test_held_pending_move_responses_keep_their_order(tmp_path: Path) -> None:
+    """C-MOVE: a Pending response held back until the sub-association's next C-STORE is written (flush), or until
+    anything else is sent on the association, in the order sent; nothing is lost or sent twice."""
+    reference = FakeAssoc(16384)
+    a, b = socket.socketpair()
+    fast, writer = _writer(16384, a)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: _drain(b, received))
+    reader.start()
+    writer.hold_pending = True
+    sent_events = len(fast.events)
+    fast.dimse.send_msg(_pending(C_MOVE, 2, 1, sop_class=MOVE_MODEL), 3)
+    assert writer._held is not None and len(fast.events) == sent_events  # not sent yet, no EVT_DIMSE_SENT yet
+    writer.flush()  # what the sub-association's writer calls after its next C-STORE
+    writer.flush()  # nothing held: nothing more
+    fast.dimse.send_msg(_pending(C_MOVE, 1, 2, sop_class=MOVE_MODEL), 3)
+    fast.dimse.send_msg(_final(C_MOVE), 3)  # the final response takes the held one out first
+    assert writer._held is None
+    for msg in (_pending(C_MOVE, 2, 1, sop_class=MOVE_MODEL), _pending(C_MOVE, 1, 2, sop_class=MOVE_MODEL), _final(C_MOVE)):
+        reference.dimse.send_msg(msg, 3)
+    a.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    assert bytes(received) == _wire(reference.sent)
+    assert fast.events == reference.events

@@ -20,7 +20,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from pydicom import config
 from pydicom.dataelem import DataElement
@@ -308,6 +308,22 @@ class QueryService:
         with self.index.read_connection() as conn:
             for row in conn.execution_options(yield_per=500).execute(plan.stmt):
                 yield encode(row)
+
+    def find_rows(
+        self, identifier: Dataset, model: str = "STUDY", limit: int | None = None, offset: int = 0, fuzzy: bool = False
+    ) -> tuple[list[_Field], Iterator[Any]]:
+        """:meth:`find` as the response fields and an iterator of result rows (QIDO-RS encodes JSON from them).
+
+        The query is planned (and refused with :class:`QueryError`) before this returns; it runs when
+        the rows are first asked for.
+        """
+        plan = self._plan(identifier, model, limit, offset, fuzzy)
+
+        def rows() -> Iterator[Any]:
+            with self.index.read_connection() as conn:
+                yield from conn.execution_options(yield_per=500).execute(plan.stmt)
+
+        return plan.fields, rows()
 
     def _plan(self, identifier: Dataset, model: str, limit: int | None, offset: int, fuzzy: bool) -> _Plan:
         """The statement and the response fields of one query: everything that does not depend on the row."""

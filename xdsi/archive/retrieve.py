@@ -417,6 +417,18 @@ class RetrieveService:
                 update(FileCopy).where(FileCopy.instance_fk == instance_pk, FileCopy.tier == tier).values(last_read_at=now)
             )
 
+    def hot_path(self, ref: InstanceRef) -> Path | None:
+        """The path of the instance's copy on the hot tier if it has a readable one; nothing recalled or stamped.
+
+        For reading ahead (the C-GET/C-MOVE sender reads the next instance's file while the peer
+        answers): the instance's own turn still goes through :meth:`path`, which stamps the read.
+        """
+        hot = self.tiers.hot
+        for tier_name, rel, _size, _sha in ref.copies:
+            if tier_name == hot.name:
+                return self._locate(hot, rel)
+        return None
+
     def open(self, ref: InstanceRef):  # type: ignore[no-untyped-def]
         return open(self.path(ref), "rb")
 

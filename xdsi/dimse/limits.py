@@ -304,7 +304,9 @@ class ConnectionGovernor:
             return
         msg = event.message
         if type(msg).__name__.endswith("_RSP"):
-            status = getattr(getattr(msg, "command_set", None), "Status", None)
+            status = getattr(msg, "xdsi_status", None)  # written directly (xdsi.dimse.direct): no command set decoded
+            if status is None:
+                status = getattr(getattr(msg, "command_set", None), "Status", None)
             if status not in PENDING_STATUSES:
                 conn.busy = max(0, conn.busy - 1)
         conn.last_dimse = time.monotonic()

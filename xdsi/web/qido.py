@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
@@ -154,3 +155,113 @@ def result_json(ds: Dataset, retrieve_url: str) -> dict:
     d = ds.to_json_dict()
     d["00081190"] = {"vr": "UR", "Value": [retrieve_url]}
     return d
+
+
+# -- DICOM JSON straight from index rows -------------------------------------------------------------------
+#
+# Why: a QIDO-RS answer built a pydicom Dataset per match (QueryService.find) and then asked pydicom for its
+# DICOM JSON (``to_json_dict``): per match, about the same per-element Python twice over.  A response has the
+# same attributes, in the same order, for every match of one query; only the values differ.  So, as
+# xdsi.archive.find_encoder does for C-FIND, each attribute's JSON is worked out once per query and a match
+# is a dict filled from the row.  The result equals ``result_json`` of the Dataset ``find`` yields for the
+# same row (tests/unit/test_qido_rows.py compares them for every level and key); a value of a kind not
+# handled here (sequences, numbers in text, several values with an empty one, a backslash or '=' in a
+# name...) is given to pydicom's own DataElement.to_json_dict, so nothing is guessed.
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI", "UC"}  # strings that may hold several values
+_SINGLE_TEXT_VRS = {"LT", "ST", "UT", "UR"}  # one value, a backslash is text (PS3.5 6.1.3)
+_RETRIEVE_URL = "00081190"
+_LEFT_OUT = {0x00080052, 0x00080054}  # QueryRetrieveLevel, RetrieveAETitle (result_json deletes them)
+_CHARSET_KEY = "00080005"
+
+
+def _pydicom_json(tag: int, vr: str, value: object) -> dict:  # type: ignore[type-arg]
+    """What ``result_json`` gives for the element ``query._put`` makes of ``value``."""
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+    from pydicom.sequence import Sequence
+
+    if value is None or value == "":
+        value = Sequence() if vr == "SQ" else None
+    elif vr == "SQ" and not isinstance(value, Sequence):
+        value = Sequence()
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE).to_json_dict(None, 1024)
+
+
+def _field_json(tag: int, vr: str, get: Any) -> Any:
+    """row -> the element's DICOM JSON (a dict) for one response field."""
+    empty = {"vr": vr}
+
+    if vr in _TEXT_VRS or vr in _SINGLE_TEXT_VRS:
+        multi = vr in _TEXT_VRS
+
+        def text(row: tuple) -> dict:  # type: ignore[type-arg]
+            v = get(row)
+            if v is None or v == "":
+                return {"vr": vr}
+            if type(v) is str:
+                if multi and "\\" in v:
+                    return _pydicom_json(tag, vr, v)
+                return {"vr": vr, "Value": [v]}
+            if multi and isinstance(v, (list, tuple)) and len(v) > 1 and all(type(x) is str and x for x in v):
+                return {"vr": vr, "Value": list(v)}
+            return _pydicom_json(tag, vr, v)
+
+        return text
+    if vr == "PN":
+
+        def person(row: tuple) -> dict:  # type: ignore[type-arg]
+            v = get(row)
+            if v is None or v == "":
+                return {"vr": "PN"}
+            if type(v) is str and "\\" not in v and "=" not in v:
+                return {"vr": "PN", "Value": [{"Alphabetic": v}]}
+            return _pydicom_json(tag, vr, v)
+
+        return person
+    if vr in ("IS", "US"):
+        high = 0xFFFF if vr == "US" else 2**31 - 1
+        low = 0 if vr == "US" else -(2**31)
+
+        def number(row: tuple) -> dict:  # type: ignore[type-arg]
+            v = get(row)
+            if v is None or v == "":
+                return {"vr": vr}
+            if type(v) is int and low <= v <= high:
+                return {"vr": vr, "Value": [v]}
+            return _pydicom_json(tag, vr, v)
+
+        return number
+    return lambda row: _pydicom_json(tag, vr, get(row)) if get(row) not in (None, "") or vr == "SQ" else dict(empty)
+
+
+class JsonRowEncoder:
+    """One query's QIDO-RS results as DICOM JSON from its index rows (see above); built once per query.
+
+    Keys come in the order pydicom's ``to_json_dict`` gives them: the order the Dataset path adds the
+    elements (a later field for the same tag replaces the value where the first one was), Specific
+    Character Set after them when it is added, the Retrieve URL last.
+    """
+
+    def __init__(self, fields: Any) -> None:
+        order: dict[int, Any] = {}
+        for f in fields:  # a later field for the same tag replaces an earlier one, in its place
+            order[int(f.tag)] = f
+        self._fields = [(f"{tag:08X}", _field_json(tag, f.vr, f.get)) for tag, f in order.items() if tag not in _LEFT_OUT]
+        self._charset_getters = [f.get for f in order.values() if f.charset]
+
+    def encode(self, row: tuple, retrieve_url: Callable[[dict], str]) -> dict:  # type: ignore[type-arg]
+        """``result_json(ds, url)`` for the Dataset ``QueryService.find`` makes of ``row``; ``retrieve_url`` gets the dict."""
+        d: dict = {key: element(row) for key, element in self._fields}  # type: ignore[type-arg]
+        for get in self._charset_getters:
+            v = get(row)
+            if isinstance(v, str) and not v.isascii():
+                d[_CHARSET_KEY] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+                break
+        d[_RETRIEVE_URL] = {"vr": "UR", "Value": [retrieve_url(d)]}
+        return d
+
+
+def uid_of(d: dict, key: str) -> str:  # type: ignore[type-arg]
+    """The first value of a UID element of an encoded result (e.g. "0020000D", the Study Instance UID)."""
+    return str(d[key]["Value"][0])
