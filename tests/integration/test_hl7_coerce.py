@@ -32,11 +32,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from requests_toolbelt.multipart import decoder
 
 from tests.support.ids import IHE_WSDL, populate, zeep_client
+from tests.support.retrieve_clients import RecordingStorage, c_get_study, c_move_study
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.uids import new_uid
@@ -98,7 +99,7 @@ A40 = "\r".join([_msh("ADT^A40", "CO2"), "EVN||20261130101600", "PID|||PAT002^^^
 class World:
     proc: XdsiProcess
     studies: list[Study]
-    destination: "Destination"
+    destination: RecordingStorage
     acks: list[bytes] = field(default_factory=list)
 
     @property
@@ -107,22 +108,6 @@ class World:
 
     def by_name(self, name: str) -> Study:
         return next(s for s in self.studies if s.name == name)
-
-
-class Destination:
-    """A pynetdicom Storage SCP accepting every class in the transfer syntaxes the studies are stored in."""
-
-    def __init__(self, syntaxes: list[str]) -> None:
-        self.port = free_port()
-        self.received: dict[str, tuple[str, bytes]] = {}
-        ae = AE(ae_title=DEST)
-        for cls in (UID("1.2.840.10008.5.1.4.1.1.2"), UID("1.2.840.10008.5.1.4.1.1.4")):
-            ae.add_supported_context(cls, syntaxes)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
-
-    def on_store(self, event: Any) -> int:
-        self.received[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax), event.request.DataSet.getvalue())
-        return 0x0000
 
 
 def _studies(root: Path) -> list[Study]:
@@ -152,7 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("coerce")
     studies = _studies(root / "src")
     syntaxes = sorted({i.transfer_syntax for s in studies for i in s.items})
-    destination = Destination(syntaxes)
+    destination = RecordingStorage(DEST, [(cls, syntaxes) for cls in (CTImageStorage, MRImageStorage)])
     data = root / "data"
     populate(data, [i.path for s in studies for i in s.items])
     hl7_port = free_port()
@@ -170,7 +155,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield w
     finally:
         proc.stop()
-        destination.server.shutdown()
+        destination.stop()
 
 
 # -- checks --------------------------------------------------------------------------------------------------
@@ -217,32 +202,11 @@ def test_hl7_messages_were_accepted(world: World) -> None:
 
 def test_c_get_in_the_stored_syntax(world: World) -> None:
     for study in world.studies:
-        received: dict[str, tuple[str, bytes]] = {}
-
-        def on_store(event: Any) -> int:
-            received[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax), event.request.DataSet.getvalue())
-            return 0x0000
-
-        ae = AE(ae_title="GETTER")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         pairs = sorted({(i.sop_class, i.transfer_syntax) for i in study.items})
-        for sop_class, ts in pairs:
-            ae.add_requested_context(sop_class, [ts])  # only the stored syntax: the stored bytes would do
-        roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in pairs})]
-        assoc = ae.associate(world.proc.host, world.proc.dicom_port, ae_title=world.proc.ae_title, ext_neg=roles,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert assoc.is_established
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study.uid
-        try:
-            responses = list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))
-        finally:
-            assoc.release()
-        assert responses[-1][0].Status == 0x0000, (study.name, responses[-1])
-        assert sorted(received) == sorted(i.sop_uid for i in study.items)
-        for sop, (ts, raw) in received.items():
+        got = c_get_study(world.proc, [(c, [ts]) for c, ts in pairs], study.uid)  # only the stored syntax: the stored bytes would do
+        assert got.final.Status == 0x0000, (study.name, got.final)
+        assert sorted(got.received) == sorted(i.sop_uid for i in study.items)
+        for sop, (ts, raw) in got.received.items():
             assert ts == study.item(sop).transfer_syntax
             check(study, dataset_from(ts, raw), raw)
 
@@ -250,18 +214,7 @@ def test_c_get_in_the_stored_syntax(world: World) -> None:
 def test_c_move_in_the_stored_syntax(world: World) -> None:
     for study in world.studies:
         world.destination.received.clear()
-        ae = AE(ae_title="MOVER")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate(world.proc.host, world.proc.dicom_port, ae_title=world.proc.ae_title)
-        assert assoc.is_established
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study.uid
-        try:
-            responses = list(assoc.send_c_move(q, DEST, StudyRootQueryRetrieveInformationModelMove))
-        finally:
-            assoc.release()
+        responses = c_move_study(world.proc, study.uid, DEST)
         assert responses[-1][0].Status == 0x0000, (study.name, responses[-1])
         assert sorted(world.destination.received) == sorted(i.sop_uid for i in study.items)
         for sop, (ts, raw) in world.destination.received.items():

@@ -45,12 +45,12 @@ from pydicom.uid import (
     MRImageStorage,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
+from pynetdicom import AE
 from requests_toolbelt.multipart import decoder
 
 from tests.support.ids import IHE_WSDL, zeep_client
-from tests.support.server import XdsiProcess, free_port
+from tests.support.retrieve_clients import GetResult, RecordingStorage, c_get_study, c_move_study
+from tests.support.server import XdsiProcess
 from xdsi.jpip.urls import JPIP_REFERENCED, JPIP_REFERENCED_DEFLATE, parse_target, provider_url
 from xdsi.tools.synth import StudySpec, write_study
 from xdsi.standards.constants import STATUS_FAILURE, STATUS_PARTIAL_SUCCESS, STATUS_SUCCESS
@@ -133,30 +133,11 @@ def _config(path: Path, *, public_url: str | None, dest_port: int) -> Path:
     return path
 
 
-class Destination:
-    """A pynetdicom Storage SCP: JPIP Referenced only for CT and MR, Explicit VR LE for the colour image."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.received: dict[str, tuple[str, bytes]] = {}  # SOP Instance UID -> (context transfer syntax, raw data set)
-        ae = AE(ae_title=DEST)
-        ae.add_supported_context(CTImageStorage, [JPIP_REFERENCED])
-        ae.add_supported_context(MRImageStorage, [JPIP_REFERENCED_DEFLATE])
-        ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
-        self.ae = ae
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
-
-    def on_store(self, event: Any) -> int:
-        self.received[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax), event.request.DataSet.getvalue())
-        return 0x0000
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.fixture(scope="module")
-def destination() -> Iterator[Destination]:
-    d = Destination()
+def destination() -> Iterator[RecordingStorage]:
+    """JPIP Referenced only for CT and MR, Explicit VR LE for the colour image."""
+    d = RecordingStorage(DEST, [(CTImageStorage, [JPIP_REFERENCED]), (MRImageStorage, [JPIP_REFERENCED_DEFLATE]),
+                                (SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])])
     try:
         yield d
     finally:
@@ -173,7 +154,7 @@ class Served:
         return f"http://127.0.0.1:{self.proc.http_port}/xdsi/ImagingDocumentSource"
 
 
-def _serve(root: Path, study: Study, destination: Destination, public: bool) -> XdsiProcess:
+def _serve(root: Path, study: Study, destination: RecordingStorage, public: bool) -> XdsiProcess:
     proc = XdsiProcess(root / "data", env={"XDSI_REPOSITORY_UNIQUE_ID": REPOSITORY}, workers=1)
     public_url = f"http://127.0.0.1:{proc.http_port}" if public else None
     proc.config = _config(root / "xdsi.toml", public_url=public_url, dest_port=destination.port)
@@ -187,7 +168,7 @@ def _serve(root: Path, study: Study, destination: Destination, public: bool) -> 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, study: Study, destination: Destination) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, study: Study, destination: RecordingStorage) -> Iterator[Served]:
     proc = _serve(tmp_path_factory.mktemp("jpipref-served"), study, destination, public=True)
     try:
         yield Served(proc, f"http://127.0.0.1:{proc.http_port}")
@@ -196,7 +177,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, study: Study, destination: 
 
 
 @pytest.fixture(scope="module")
-def unpublished(tmp_path_factory: pytest.TempPathFactory, study: Study, destination: Destination) -> Iterator[XdsiProcess]:
+def unpublished(tmp_path_factory: pytest.TempPathFactory, study: Study, destination: RecordingStorage) -> Iterator[XdsiProcess]:
     """The same study on a server without [server] public_url."""
     proc = _serve(tmp_path_factory.mktemp("jpipref-nourl"), study, destination, public=False)
     try:
@@ -241,39 +222,6 @@ def pixels_of(ds_or_bytes: Any) -> np.ndarray:
 # -- C-GET ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GetResult:
-    final: Dataset
-    identifier: Dataset | None
-    received: dict[str, tuple[str, bytes]]
-
-
-def c_get(proc: XdsiProcess, contexts: list[tuple[str, list[str]]], study_uid: str) -> GetResult:
-    received: dict[str, tuple[str, bytes]] = {}
-
-    def on_store(event: Any) -> int:
-        received[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax), event.request.DataSet.getvalue())
-        return 0x0000
-
-    ae = AE(ae_title="GETTER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in contexts})]
-    assoc = ae.associate(proc.host, proc.dicom_port, ae_title=proc.ae_title, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.StudyInstanceUID = study_uid
-    try:
-        responses = list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
-    final, identifier = responses[-1]
-    return GetResult(final, identifier, received)
-
-
 CLASSES = (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage)
 
 
@@ -284,7 +232,7 @@ def _failed(result: GetResult) -> set[str]:
 
 @pytest.mark.parametrize("syntax", [JPIP_REFERENCED, JPIP_REFERENCED_DEFLATE])
 def test_c_get_accepting_only_jpip_gets_headers(served: Served, study: Study, syntax: str) -> None:
-    got = c_get(served.proc, [(c, [syntax]) for c in CLASSES], study.uid)
+    got = c_get_study(served.proc, [(c, [syntax]) for c in CLASSES], study.uid)
     offered = [i for i in study.items if i.offered]
     assert sorted(got.received) == sorted(i.sop_uid for i in offered)
     for item in offered:
@@ -298,7 +246,7 @@ def test_c_get_accepting_only_jpip_gets_headers(served: Served, study: Study, sy
 
 def test_c_get_with_jpip_and_explicit_contexts_sends_pixels_where_jpip_cannot_go(served: Served, study: Study) -> None:
     contexts = [(c, [JPIP_REFERENCED]) for c in CLASSES] + [(c, [ExplicitVRLittleEndian]) for c in CLASSES]
-    got = c_get(served.proc, contexts, study.uid)
+    got = c_get_study(served.proc, contexts, study.uid)
     assert got.final.Status == 0x0000 and sorted(got.received) == sorted(i.sop_uid for i in study.items)
     for item in study.items:
         ts, raw = got.received[item.sop_uid]
@@ -332,20 +280,9 @@ def test_a_peer_cannot_store_a_jpip_referenced_data_set(served: Served, study: S
 # -- C-MOVE --------------------------------------------------------------------------------------------------
 
 
-def test_c_move_to_a_destination_accepting_only_jpip(served: Served, study: Study, destination: Destination) -> None:
+def test_c_move_to_a_destination_accepting_only_jpip(served: Served, study: Study, destination: RecordingStorage) -> None:
     destination.received.clear()
-    ae = AE(ae_title="MOVER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate(served.proc.host, served.proc.dicom_port, ae_title=served.proc.ae_title)
-    assert assoc.is_established
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.StudyInstanceUID = study.uid
-    try:
-        responses = list(assoc.send_c_move(q, DEST, StudyRootQueryRetrieveInformationModelMove))
-    finally:
-        assoc.release()
+    responses = c_move_study(served.proc, study.uid, DEST)
     assert responses[-1][0].Status == 0x0000, responses[-1]
     assert sorted(destination.received) == sorted(i.sop_uid for i in study.items)
     for item in study.items:
@@ -441,11 +378,11 @@ def test_rad69_jpip_then_explicit_gives_pixels_for_the_rest(served: Served, stud
 
 def test_without_public_url_jpip_is_never_offered(unpublished: XdsiProcess, study: Study) -> None:
     # C-GET: the JPIP-only contexts are refused, so nothing can be sent on them
-    got = c_get(unpublished, [(c, [JPIP_REFERENCED]) for c in CLASSES], study.uid)
+    got = c_get_study(unpublished, [(c, [JPIP_REFERENCED]) for c in CLASSES], study.uid)
     assert got.received == {}
     assert _failed(got) == {i.sop_uid for i in study.items}
     # ... and with Explicit VR LE beside it, pixels for everything
-    got = c_get(unpublished, [(c, [JPIP_REFERENCED]) for c in CLASSES] + [(c, [ExplicitVRLittleEndian]) for c in CLASSES], study.uid)
+    got = c_get_study(unpublished, [(c, [JPIP_REFERENCED]) for c in CLASSES] + [(c, [ExplicitVRLittleEndian]) for c in CLASSES], study.uid)
     assert {ts for ts, _ in got.received.values()} == {ExplicitVRLittleEndian}
     assert len(got.received) == len(study.items)
     # WADO-RS: 406; RAD-69: a RegistryError per instance
@@ -464,7 +401,7 @@ def test_provider_url_serves_the_image(served: Served, study: Study, tmp_path: P
     """The header's URL, asked for the whole image as a JPP-stream, decodes (OpenJPEG) to pydicom's decode of the original."""
     import imagecodecs
 
-    got = c_get(served.proc, [(c, [JPIP_REFERENCED]) for c in CLASSES], study.uid)
+    got = c_get_study(served.proc, [(c, [JPIP_REFERENCED]) for c in CLASSES], study.uid)
     for item in (i for i in study.items if i.offered):
         ds = header_of(*got.received[item.sop_uid])
         url = f"{ds.PixelDataProviderURL}&fsiz={int(ds.Columns)},{int(ds.Rows)}&type=jpp-stream"
