@@ -12,8 +12,6 @@ send them.
 
 from __future__ import annotations
 
-import io
-import shutil
 import struct
 import subprocess
 import uuid
@@ -31,6 +29,7 @@ from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, UID
 
+from tests.support.stow import stow_raw
 from tests.support.server import XdsiProcess
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
@@ -150,15 +149,7 @@ class Env:
 
 
 def _stow(server: XdsiProcess, paths: list[Path]) -> None:
-    boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in paths)
-    body += f"--{boundary}--\r\n".encode()
-    r = requests.post(
-        f"http://127.0.0.1:{server.http_port}/dicomweb/studies",
-        data=body,
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"},
-        timeout=120,
-    )
+    r = stow_raw(server, [p.read_bytes() for p in paths], timeout=120)
     assert r.status_code == 200, r.text
 
 

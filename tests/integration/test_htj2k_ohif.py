@@ -28,10 +28,10 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-import requests
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
+from tests.support.stow import stow_raw
 from tests.support.server import XdsiProcess
 from xdsi.tools.synth import StudySpec, ct_instance
 from xdsi.uids import new_uid
@@ -99,13 +99,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[XdsiProces
         stored.append(path)
     server = XdsiProcess(base / "data").start()
     try:
-        boundary = uuid.uuid4().hex
-        body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in stored)
-        r = requests.post(
-            f"http://127.0.0.1:{server.http_port}/dicomweb/studies", data=body + f"--{boundary}--\r\n".encode(),
-            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"},
-            timeout=60,
-        )  # fmt: skip
+        r = stow_raw(server, [p.read_bytes() for p in stored])
         assert r.status_code == 200, r.text
         yield server, spec.study_uid, originals
     finally:

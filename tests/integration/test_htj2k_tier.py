@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from tests.integration.test_htj2k_frames import HTJ2K_RPCL, ct_dataset, decode_frame, markers, parts, phantom, Held, twelve_bit
 from tests.support.environ import environ_with
+from tests.support.stow import stow_raw
 from tests.support.server import XdsiProcess
 from xdsi.tools.synth import StudySpec
 from xdsi.uids import new_uid
@@ -48,13 +49,7 @@ def tiered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[XdsiProce
         held[key] = Held(key, dcmread(path), path)
     server = XdsiProcess(base / "data", config=cfg).start()
     try:
-        boundary = uuid.uuid4().hex
-        body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + h.path.read_bytes() + b"\r\n" for h in held.values())
-        r = requests.post(
-            f"http://127.0.0.1:{server.http_port}/dicomweb/studies", data=body + f"--{boundary}--\r\n".encode(),
-            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"},
-            timeout=60,
-        )  # fmt: skip
+        r = stow_raw(server, [h.path.read_bytes() for h in held.values()])
         assert r.status_code == 200, r.text
         migrate = subprocess.run(
             [sys.executable, "-m", "xdsi", "migrate", "--config", str(cfg), "--data-dir", str(base / "data")],

@@ -23,6 +23,7 @@ from pydicom.uid import RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+from tests.support.stow import stow_raw
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, ct_instance, write_study
 from xdsi.uids import new_uid
@@ -59,19 +60,6 @@ def url(server: XdsiProcess, path: str) -> str:
 
 def dicomweb(server: XdsiProcess, partition: str | None = None) -> DICOMwebClient:
     return DICOMwebClient(url(server, "/dicomweb" + (f"/{partition}" if partition else "")))
-
-
-def stow_raw(server: XdsiProcess, files: list[bytes], study: str | None = None, partition: str | None = None, ctype: str = "application/dicom") -> requests.Response:
-    boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + f + b"\r\n" for f in files)
-    body += f"--{boundary}--\r\n".encode()
-    path = "/dicomweb" + (f"/{partition}" if partition else "") + "/studies" + (f"/{study}" if study else "")
-    return requests.post(
-        url(server, path),
-        data=body,
-        headers={"Content-Type": f'multipart/related; type="{ctype}"; boundary={boundary}', "Accept": "application/dicom+json"},
-        timeout=30,
-    )
 
 
 def c_find_studies(port: int, ae_title: str, patient_id: str) -> list[str]:
