@@ -48,7 +48,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from xdsi.dimse import direct
+from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.find_responses import _fragments
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,19 @@ def encode_success(sop_class_uid: str, message_id: int, sop_instance_uid: str) -
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def _plain_success(primitive: Any) -> bool:
+    """A Success C-STORE-RSP without optional elements: the one response :func:`encode_success` encodes."""
+    return bool(
+        isinstance(primitive, C_STORE)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status == 0x0000
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and primitive.AffectedSOPClassUID
+        and primitive.AffectedSOPInstanceUID
+    )
+
+
 class SuccessSender:
     """``send_msg`` for one association: Success C-STORE responses encoded by :func:`encode_success`."""
 
@@ -89,21 +102,28 @@ class SuccessSender:
         self._writer: direct.DirectWriter | None = None
 
     def __call__(self, primitive: Any, context_id: int) -> None:
+        plain = _plain_success(primitive)
+        # the peer's next request, if it comes at once, is read by this thread (xdsi.dimse.receive_direct);
+        # the DUL reads nothing from before this response is sent until then
+        g = receive_direct.claim(self.assoc) if plain else None
         try:
-            self._send(primitive, context_id)
+            try:
+                self._send(primitive, context_id, plain)
+            finally:
+                run_after_response(self.assoc)
+            if g is not None:
+                try:
+                    receive_direct.take_next(self.assoc, g)
+                except Exception:  # unknown state half-way through a message: end the association rather than guess
+                    log.exception("reading the next C-STORE directly failed; ending the association")
+                    self.assoc.dul.event_queue.put("Evt17")
         finally:
-            run_after_response(self.assoc)
+            if g is not None:
+                receive_direct.release(g)
 
-    def _send(self, primitive: Any, context_id: int) -> None:
-        if not (
-            isinstance(primitive, C_STORE)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status == 0x0000
-            and primitive.ErrorComment is None
-            and primitive.OffendingElement is None
-            and primitive.AffectedSOPClassUID
-            and primitive.AffectedSOPInstanceUID
-        ):
+    def _send(self, primitive: Any, context_id: int, plain: bool) -> None:
+        """Send the response: a plain Success C-STORE-RSP by this module, anything else by pynetdicom's path."""
+        if not plain:
             self.original(primitive, context_id)
             return
         sop_class, sop_instance = str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID)
