@@ -26,6 +26,7 @@ stored.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 import uuid
@@ -46,7 +47,7 @@ from xdsi.config import Settings
 from xdsi.index import catalog
 from xdsi.index.db import Index
 from xdsi.index.models import Instance
-from xdsi.storage.tiers import Placed, TierSet, _fsync_and_hash, _same_device, instance_path
+from xdsi.storage.tiers import CHUNK, Placed, TierSet, _same_device, instance_path
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,23 @@ log = logging.getLogger(__name__)
 # header is parsed (issue 14: measured under load, fsync of a 512 KB file 3-6 ms, the parse ~1.2 ms)
 _SYNC_WORKERS = 4
 _syncer: ThreadPoolExecutor | None = None
+
+
+def _fsync_then_hash(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, after an fsync of it.
+
+    The fsync goes first (``Tier``'s own helper hashes first): it is one system call without the GIL,
+    so the disk works while the storing thread parses the header; the hash, which needs the GIL between
+    its reads, follows once the parse is done.
+    """
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _sync_pool() -> ThreadPoolExecutor:
@@ -157,7 +175,7 @@ class StoreService:
         repairs a missing line from the stored file, so no promise depends on it.
         """
         # the spool file becomes the stored file (renamed): make it durable and hash it while the header is parsed
-        synced = _sync_pool().submit(_fsync_and_hash, path) if move and not self.compress_on_receive else None
+        synced = _sync_pool().submit(_fsync_then_hash, path) if move and not self.compress_on_receive else None
         try:
             header, dataset = read_header_dataset(path)
         except InvalidDataset as exc:
