@@ -35,8 +35,12 @@ What is taken here, and what is left to pynetdicom:
 
 The spool file holds exactly what pynetdicom writes: preamble, File Meta, then every data set fragment
 in order (tests/integration/test_receive_direct.py compares stored bytes with dcmtk's storescu input).
-Note for the gateway (xdsi/gateway): a relay that receives C-STOREs on an association whose responses
-go through :mod:`xdsi.dimse.store_responses` gets this path by installing that module's sender.
+Note for the gateway (xdsi/gateway): the C-STOREs a remote sends for a relay are answered by the
+gateway's own code, not through :mod:`xdsi.dimse.store_responses`, so they keep pynetdicom's receive
+path (with :mod:`xdsi.gateway.receive`'s File Meta writer), and :func:`claim` leaves any association
+that module installed on alone.  To give a relay this path: answer its Success responses through
+``store_responses.SuccessSender`` (which claims, writes, then calls :func:`take_next`) and drop that
+exclusion; the message this module queues is the one ``xdsi.gateway.receive.start_store`` builds.
 """
 
 from __future__ import annotations
