@@ -29,7 +29,6 @@ import enum
 import logging
 import os
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -46,32 +45,9 @@ from xdsi.config import Settings
 from xdsi.index import catalog
 from xdsi.index.db import Index
 from xdsi.index.models import Instance
-from xdsi.storage.tiers import Placed, TierSet, _same_device, instance_path, sha256_file
+from xdsi.storage.tiers import TierSet, instance_path
 
 log = logging.getLogger(__name__)
-
-# fsync of a received spool file, started when its store begins so that the disk works while the header is
-# parsed and the file hashed (issue 14: measured under load, fsync of a 512 KB file 3-6 ms, the parse ~1.2 ms);
-# only the fsync goes to the pool: hashing there too cost ~0.5 ms more CPU per instance (GIL hand-offs)
-_SYNC_WORKERS = 4
-_syncer: ThreadPoolExecutor | None = None
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file by name: one system call without the GIL, so the disk works while the header is parsed."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_pool() -> ThreadPoolExecutor:
-    global _syncer
-    if _syncer is None:
-        _syncer = ThreadPoolExecutor(max_workers=_SYNC_WORKERS, thread_name_prefix="xdsi-store-sync")
-    return _syncer
-
 
 _ARCHIVED = select(Instance.pk).where(Instance.sop_instance_uid == bindparam("uid"))
 
@@ -166,17 +142,13 @@ class StoreService:
         right after sending the response); None runs it here.  The journal
         repairs a missing line from the stored file, so no promise depends on it.
         """
-        # the spool file becomes the stored file (renamed): make it durable and hash it while the header is parsed
-        synced = _sync_pool().submit(_fsync, path) if move and not self.compress_on_receive else None
         try:
             header, dataset = read_header_dataset(path)
         except InvalidDataset as exc:
-            _forget(synced)
             return StoreResult(Outcome.REJECTED, reason=str(exc))
         if expect is not None:
             refused = expect.refusal(header)
             if refused is not None:
-                _forget(synced)
                 return refused
         if self.compress_on_receive and header.has_file_meta and header.has_preamble:
             squeezed = self._compressed(path, header)
@@ -193,34 +165,9 @@ class StoreService:
         if not header.has_file_meta or not header.has_preamble:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
-            _forget(synced)
             return self._store_with_meta(path, header, source_ae, dataset, defer=defer)
-        if synced is not None:
-            return self._store(header, source_ae, lambda rel: self._place_synced(path, rel, synced), dataset, defer=defer)
         return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset,
                            defer=defer)
-
-    def _place_synced(self, src: Path, rel_path: str, synced: "Future[None]") -> Placed:
-        """``Tier.place_file(src, rel_path, move=True, exclusive=True)`` with the fsync already under way.
-
-        The same steps in the same order: the data durable (fsync) before the file gets its name, the name
-        durable (directory fsync, in ``_commit_temp``) before the caller indexes it.  A spool file on another
-        file system than the hot tier is copied as before (and hashed again: the copy is what is stored).
-        """
-        hot = self.tiers.hot
-        if not _same_device(src, hot.root):
-            synced.result()
-            return hot.place_file(src, rel_path, move=True, exclusive=True)
-        size, digest = sha256_file(src)  # while the fsync runs
-        synced.result()  # OSError: the caller reports a storage failure, as place_file's would be
-        temp = hot.new_temp()
-        os.replace(src, temp)  # take ownership first: the spool's owner may unlink its name
-        try:
-            rel_path = hot._commit_temp(temp, rel_path, True)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return Placed(rel_path, size, digest)
 
     def _compressed(self, path: Path, header: InstanceHeader) -> Any:
         """``[storage] compress_on_receive``: the received file compressed and verified, or None to store it as received.
@@ -357,12 +304,6 @@ class StoreService:
             except Exception:
                 log.exception("store listener failed for %s", header.sop_instance_uid)
         return StoreResult(Outcome.REPLACED if old or existing is not None else Outcome.STORED, **ids)
-
-
-def _forget(synced: "Future[None] | None") -> None:
-    """A spool file that will not be stored as it is: its fsync is not waited for (cancelled if not started)."""
-    if synced is not None:
-        synced.cancel()
 
 
 def iter_dicom_paths(paths: list[Path]):  # type: ignore[no-untyped-def]
