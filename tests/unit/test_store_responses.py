@@ -80,3 +80,28 @@ def test_beside_the_find_sender_and_idempotent() -> None:
             a.dimse.send_msg(echo, 1)
             a.dimse.send_msg(_rsp(3, 0x0000, CT, "1.2.3.4"), 1)
         assert _wire(fast.sent) == _wire(reference.sent) and len(fast.sent) == 2
+
+
+def test_work_after_the_response_runs_once_after_it_was_sent_even_if_sending_fails() -> None:
+    """store_responses.after_response: the metadata journal line is written after the acknowledgement, never before."""
+    from xdsi.dimse.store_responses import after_response
+
+    fast = FakeAssoc(16382)
+    install(fast)
+    seen: list[int] = []
+    after_response(fast, lambda: seen.append(len(fast.sent)))
+    fast.dimse.send_msg(_rsp(1, 0x0000, CT, "1.2.3.4"), 1)
+    assert seen == [1]  # the response's one P-DATA was already handed on when the work ran
+    fast.dimse.send_msg(_rsp(2, 0x0000, CT, "1.2.3.5"), 1)
+    assert seen == [1]  # run once only
+
+    def broken(primitive: Any, context_id: int) -> None:
+        raise ConnectionError("peer gone")
+
+    failing = FakeAssoc(16382)
+    failing.dimse.send_msg = broken
+    install(failing)
+    after_response(failing, lambda: seen.append(-1))
+    with pytest.raises(ConnectionError):
+        failing.dimse.send_msg(_rsp(3, 0xA900, CT, "1.2.3.6", "refused"), 1)  # pynetdicom's path, which fails
+    assert seen == [1, -1]

@@ -128,7 +128,8 @@ class StoreService:
         self.metadata: Any = None
 
     def store_file(
-        self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None
+        self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None,
+        defer: Callable[[Callable[[], None]], None] | None = None,
     ) -> StoreResult:
         """Archive the DICOM file at ``path``.
 
@@ -136,6 +137,10 @@ class StoreService:
         be renamed into the tier instead of copied.  ``expect``: the SOP Class
         and Instance the transfer announced (C-STORE command, presentation
         context); a dataset that is something else is refused, not stored.
+        ``defer``: takes the metadata journal work of an instance stored (a
+        callable) to run after the acknowledgement (the C-STORE adapter runs it
+        right after sending the response); None runs it here.  The journal
+        repairs a missing line from the stored file, so no promise depends on it.
         """
         try:
             header, dataset = read_header_dataset(path)
@@ -153,15 +158,16 @@ class StoreService:
                     return self._store(
                         # no parsed data set: the metadata journal reads the stored (converted) file itself
                         header, source_ae, lambda rel: self.tiers.hot.place_file(squeezed.path, rel, move=True, exclusive=True),
-                        None, original_size=squeezed.original_size,
+                        None, original_size=squeezed.original_size, defer=defer,
                     )
                 finally:
                     squeezed.path.unlink(missing_ok=True)
         if not header.has_file_meta or not header.has_preamble:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
-            return self._store_with_meta(path, header, source_ae, dataset)
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset)
+            return self._store_with_meta(path, header, source_ae, dataset, defer=defer)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset,
+                           defer=defer)
 
     def _compressed(self, path: Path, header: InstanceHeader) -> Any:
         """``[storage] compress_on_receive``: the received file compressed and verified, or None to store it as received.
@@ -182,7 +188,8 @@ class StoreService:
             log.debug("%s stored as received: %s", header.sop_instance_uid, why)
         return squeezed
 
-    def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None) -> StoreResult:
+    def _store_with_meta(self, path: Path, header: InstanceHeader, source_ae: str, dataset: Dataset | None = None,
+                         defer: Callable[[Callable[[], None]], None] | None = None) -> StoreResult:
         """A file without a Part 10 preamble: write preamble and complete File Meta, keep the dataset bytes as they are.
 
         Any File Meta group the file had is replaced, not patched: the new one
@@ -209,7 +216,8 @@ class StoreService:
                 while chunk := fh.read(1 << 20):
                     yield chunk
 
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel, exclusive=True), dataset)
+        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_stream(chunks(), rel, exclusive=True), dataset,
+                           defer=defer)
 
     def _archived(self, sop_instance_uid: str) -> bool:
         """Whether the index already holds this instance: one indexed lookup on a pooled connection.
@@ -234,7 +242,7 @@ class StoreService:
             conn.close()  # back to the pool (which rolls back whatever the driver began)
 
     def _store(self, header: InstanceHeader, source_ae: str, place, dataset: Dataset | None = None,  # type: ignore[no-untyped-def]
-               original_size: int | None = None) -> StoreResult:
+               original_size: int | None = None, defer: Callable[[Callable[[], None]], None] | None = None) -> StoreResult:
         ids = dict(
             sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid, study_uid=header.study_uid
         )
@@ -277,11 +285,19 @@ class StoreService:
                     log.warning("could not delete superseded copy %s on %s: %s", c.rel_path, c.tier, exc)
         stored = hot.abspath(placed.rel_path)
         if self.metadata is not None:
-            try:
-                self.metadata.record(header.study_uid, header.series_uid, header.sop_instance_uid, stored, placed.sha256,
-                                     dataset=dataset, transfer_syntax_uid=header.transfer_syntax_uid)
-            except Exception:
-                log.exception("metadata journal failed for %s", header.sop_instance_uid)
+            metadata = self.metadata
+
+            def journal() -> None:
+                try:
+                    metadata.record(header.study_uid, header.series_uid, header.sop_instance_uid, stored, placed.sha256,
+                                    dataset=dataset, transfer_syntax_uid=header.transfer_syntax_uid)
+                except Exception:
+                    log.exception("metadata journal failed for %s", header.sop_instance_uid)
+
+            if defer is None:
+                journal()
+            else:
+                defer(journal)
         for listener in self.listeners:
             try:
                 listener(header, stored, placed.sha256)

@@ -494,7 +494,10 @@ class DicomServer:
         self.spool.hold(path)
         archive = self.archive_for(event.assoc)
         try:
-            result = archive.store.store_file(path, source_ae=calling, move=True, expect=expect)
+            # the metadata journal line is written right after the response is sent (store_responses.after_response)
+            assoc = event.assoc
+            result = archive.store.store_file(path, source_ae=calling, move=True, expect=expect,
+                                              defer=lambda work: store_responses.after_response(assoc, work))
         finally:
             self.spool.release(path)
         if self.audit is not None and result.ok:  # a duplicate too: the peer did send it to us

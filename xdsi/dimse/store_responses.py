@@ -20,10 +20,26 @@ updated per response: the handlers read the class and the Status).  Every
 other response (a warning or failure, one with an Error Comment or Offending
 Element) goes through pynetdicom's own path.  tests/unit/test_store_responses.py
 compares the P-DATA with pynetdicom's, byte for byte.
+
+Two more things happen here (issue 14, ingest):
+
+* the Success response is written to the socket by the association thread itself,
+  through :class:`xdsi.dimse.direct.DirectWriter` ``write`` (under the guard the
+  association got at ``EVT_CONN_OPEN``; only in Sta6 with nothing queued before it),
+  instead of being queued for the DUL thread: one thread hand-off less per
+  instance, on a machine where every hand-off may wait for a busy core.  When the
+  association has no guard or the DUL has something queued, the PDUs are queued
+  as before.
+* work registered with :func:`after_response` (the metadata journal line of the
+  instance just stored) runs right after the response is on its way, while the
+  peer reads it and sends its next instance, instead of delaying the
+  acknowledgement.  Only work that no durability promise depends on belongs
+  there: the index commit and the fsyncs are done before the response.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any, Callable
 
@@ -32,9 +48,13 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.find_responses import _fragments
 
+log = logging.getLogger(__name__)
+
 _MARK = "_xdsi_store_responses"
+_AFTER = "_xdsi_after_response"  # on the association: callables to run once the next response is sent
 _US = struct.Struct("<HHIH")  # group, element, length 2, value
 _HEAD = struct.Struct("<HHI")  # group, element, length
 
@@ -59,6 +79,19 @@ def encode_success(sop_class_uid: str, message_id: int, sop_instance_uid: str) -
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def _plain_success(primitive: Any) -> bool:
+    """A Success C-STORE-RSP without optional elements: the one response :func:`encode_success` encodes."""
+    return bool(
+        isinstance(primitive, C_STORE)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status == 0x0000
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and primitive.AffectedSOPClassUID
+        and primitive.AffectedSOPInstanceUID
+    )
+
+
 class SuccessSender:
     """``send_msg`` for one association: Success C-STORE responses encoded by :func:`encode_success`."""
 
@@ -66,17 +99,31 @@ class SuccessSender:
         self.assoc = assoc
         self.original = original
         self._message: C_STORE_RSP | None = None
+        self._writer: direct.DirectWriter | None = None
 
     def __call__(self, primitive: Any, context_id: int) -> None:
-        if not (
-            isinstance(primitive, C_STORE)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status == 0x0000
-            and primitive.ErrorComment is None
-            and primitive.OffendingElement is None
-            and primitive.AffectedSOPClassUID
-            and primitive.AffectedSOPInstanceUID
-        ):
+        plain = _plain_success(primitive)
+        # the peer's next request, if it comes at once, is read by this thread (xdsi.dimse.receive_direct);
+        # the DUL reads nothing from before this response is sent until then
+        g = receive_direct.claim(self.assoc) if plain else None
+        try:
+            try:
+                self._send(primitive, context_id, plain)
+            finally:
+                run_after_response(self.assoc)
+            if g is not None:
+                try:
+                    receive_direct.take_next(self.assoc, g)
+                except Exception:  # unknown state half-way through a message: end the association rather than guess
+                    log.exception("reading the next C-STORE directly failed; ending the association")
+                    self.assoc.dul.event_queue.put("Evt17")
+        finally:
+            if g is not None:
+                receive_direct.release(g)
+
+    def _send(self, primitive: Any, context_id: int, plain: bool) -> None:
+        """Send the response: a plain Success C-STORE-RSP by this module, anything else by pynetdicom's path."""
+        if not plain:
             self.original(primitive, context_id)
             return
         sop_class, sop_instance = str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID)
@@ -96,11 +143,47 @@ class SuccessSender:
         message.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         dimse = self.assoc.dimse
+        if self._write_direct(context_id, command):
+            return
         pieces = list(_fragments(command, dimse.maximum_pdu_size))
         for i, piece in enumerate(pieces):
             pdata = P_DATA()
             pdata.presentation_data_value_list.append((context_id, (b"\x03" if i == len(pieces) - 1 else b"\x01") + piece))
             dimse.dul.send_pdu(pdata)
+
+    def _write_direct(self, context_id: int, command: bytes) -> bool:
+        """The response's PDUs written by this thread (True), or False: the DUL must send them (no guard, or busy)."""
+        guard = getattr(getattr(self.assoc, "dul", None), direct._GUARD, None)
+        if guard is None:
+            return False
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = direct.DirectWriter(self.assoc, guard, self.original)
+        try:
+            return writer.write(context_id, command, b"", None)
+        except ConnectionError as exc:  # the DUL has been told (Evt17) or is aborting: the association ends
+            log.info("C-STORE response not sent: %s", exc)
+            return True
+
+
+def after_response(assoc: Any, work: Callable[[], None]) -> None:
+    """Run ``work`` on this thread right after the association's next response is sent (or its sending failed)."""
+    pending = getattr(assoc, _AFTER, None)
+    if pending is None:
+        pending = []
+        setattr(assoc, _AFTER, pending)
+    pending.append(work)
+
+
+def run_after_response(assoc: Any) -> None:
+    """Run (and forget) what :func:`after_response` registered; a failure is logged, never raised."""
+    pending = getattr(assoc, _AFTER, None)
+    while pending:
+        work = pending.pop(0)
+        try:
+            work()
+        except Exception:
+            log.exception("work after a C-STORE response failed")
 
 
 def install(assoc: Any) -> None:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _MARK = "_xdsi_wakeup"
 _WAIT = "_xdsi_wait"  # attribute on a Thread: its sleep(seconds) replacement
 _REACTOR_SLEEP = 0.001  # Association._run_reactor's hard-coded poll
+READER_WAIT = 0.001  # the DUL's wait while another thread holds the socket for reading (sends still wake it)
 IDLE_WAIT = 0.01  # longest wait of either loop when nothing happens: activity ends it at once
 _lock = threading.Lock()
 _patched = False
@@ -133,6 +134,22 @@ def install(assoc: Any) -> bool:
         except (BlockingIOError, OSError):  # already full of pokes, or closed with the association
             pass
 
+    def wait_for_sends(seconds: float) -> None:
+        selecting[0] = True
+        try:
+            if to_provider.qsize() or dul._kill_thread:
+                return
+            select.select([wake_r], [], [], seconds)
+        except (OSError, ValueError):
+            time.sleep(seconds)
+        finally:
+            selecting[0] = False
+        try:
+            while wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def poke_if_selecting() -> None:
         if selecting[0]:
             poke()
@@ -141,6 +158,12 @@ def install(assoc: Any) -> bool:
         sock = getattr(getattr(dul, "socket", None), "socket", None)
         if sock is None or wake_r.fileno() < 0:
             time.sleep(seconds)
+            return
+        reader = getattr(dul, "_xdsi_direct_lock", None)  # xdsi.dimse.direct's guard
+        if reader is not None and reader.read_lock.locked():
+            # another thread reads the socket (xdsi.dimse.receive_direct, direct's C-STORE-RSP reader): the
+            # DUL may not, so waiting on the socket would return at once while the peer's bytes wait there
+            wait_for_sends(min(seconds, READER_WAIT))
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data already buffered: select() would not see it

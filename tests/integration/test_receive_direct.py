@@ -1,0 +1,207 @@
+"""C-STOREs read by the association thread itself (xdsi.dimse.receive_direct) store exactly the bytes sent.
+
+Real peers: dcmtk's storescu (by /usr/bin path) sends every pydicom test file it can, in one
+association, so every instance after the first can take the direct path; the data set bytes the
+archive stored must be the ones in the file sent, byte for byte.  A small maximum PDU (many P-DATA
+PDUs per instance) and a pynetdicom peer that mixes C-ECHO and C-STORE on one association (the
+direct reader must give the C-ECHO back to pynetdicom) are checked too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import pydicom.data
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from tests.conftest import make_settings
+from xdsi.archive import Archive
+from xdsi.archive.header import dataset_start
+from xdsi.dimse import receive_direct
+from xdsi.index.models import FileCopy, Instance
+from xdsi.tools.synth import StudySpec, write_study
+
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+pytestmark = pytest.mark.skipif(not os.path.exists(STORESCU), reason="dcmtk storescu not installed")
+
+_PROCESS_WIDE = ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "LOG_HANDLER_LEVEL", "LOG_RESPONSE_IDENTIFIERS")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Archive]]:
+    """An in-process DicomServer; what it sets process-wide (pynetdicom's _config, the spool directory) is put back."""
+    from pynetdicom import _config
+
+    from xdsi.dimse.server import DicomServer
+
+    saved = {k: getattr(_config, k) for k in _PROCESS_WIDE}, tempfile.tempdir
+    tmp = tmp_path_factory.mktemp("receive-direct")
+    archive = Archive.open(make_settings(tmp))
+    dicom = DicomServer(archive)
+    dicom.start("127.0.0.1", 0)
+    try:
+        yield dicom, archive
+    finally:
+        dicom.stop()
+        archive.close()
+        for k, v in saved[0].items():
+            setattr(_config, k, v)
+        tempfile.tempdir = saved[1]
+
+
+def _storescu(port: int, folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [STORESCU, "-aec", "XDSI", "-nh", *extra, "+sd", "127.0.0.1", str(port), str(folder)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _received_by_storescp(folder: Path, out: Path, *extra: str) -> dict[str, Path]:
+    """What dcmtk's storescp +B (bit-preserving: the data set exactly as received) stores of the same storescu run."""
+    out.mkdir()
+    port = _free_port()
+    scp = subprocess.Popen([STORESCP, "+B", "+xa", "-pm", "-od", str(out), "--aetitle", "XDSI", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while _storescu_echo(port) != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _storescu(port, folder, *extra)
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    got: dict[str, Path] = {}
+    for f in out.iterdir():
+        got[str(dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)] = f
+    return got
+
+
+def _storescu_echo(port: int) -> int:
+    return subprocess.run(["/usr/bin/echoscu", "-aec", "XDSI", "127.0.0.1", str(port)], capture_output=True, timeout=30).returncode
+
+
+def _same_as_storescp(stored: dict[str, Path], reference: dict[str, Path], sops: list[str]) -> int:
+    """Assert every instance both received in one transfer syntax has the same data set bytes; how many were compared."""
+    compared = 0
+    for sop in sops:
+        ours, theirs = stored[sop], reference.get(sop)
+        if theirs is None:
+            continue
+        ts = [str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in (ours, theirs)]
+        if ts[0] != ts[1]:  # the two acceptors chose different presentation contexts: storescu sent other bytes
+            continue
+        assert _data_set_bytes(ours) == _data_set_bytes(theirs), f"{sop}: stored data set differs from what storescp +B received"
+        compared += 1
+    return compared
+
+
+def _stored(archive: Archive) -> dict[str, Path]:
+    """SOP Instance UID -> stored file, from the index."""
+    hot = archive.store.tiers.hot
+    with archive.index.session() as s:
+        rows = s.execute(select(Instance.sop_instance_uid, FileCopy.rel_path).join(FileCopy, FileCopy.instance_fk == Instance.pk)).all()
+    return {sop: hot.abspath(rel) for sop, rel in rows}
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(dataset_start(fh)[1])
+        return fh.read()
+
+
+def _unique_part10_files(folder: Path) -> dict[str, Path]:
+    """pydicom's test files with a File Meta group, one per SOP Instance UID (several share one), copied to ``folder``."""
+    folder.mkdir()
+    chosen: dict[str, Path] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, src in enumerate(sorted(p for p in (Path(pydicom.data.__file__).parent / "test_files").rglob("*") if p.is_file())):
+            try:
+                ds = dcmread(src, stop_before_pixels=True)
+                sop = str(ds.file_meta.MediaStorageSOPInstanceUID)
+                str(ds.file_meta.TransferSyntaxUID)
+            except Exception:
+                continue
+            if not sop or sop in chosen:
+                continue
+            dest = folder / f"{i:04d}.dcm"
+            shutil.copyfile(src, dest)
+            chosen[sop] = dest
+    return chosen
+
+
+def test_every_pydicom_file_byte_exact_through_the_direct_path(served: tuple[Any, Archive], tmp_path: Path) -> None:
+    dicom, archive = served
+    sent = _unique_part10_files(tmp_path / "in")
+    before = dict(receive_direct.stats)
+    result = _storescu(dicom.port, tmp_path / "in")
+    stored = _stored(archive)
+    accepted = [sop for sop in sent if sop in stored]
+    assert len(accepted) >= 20, (len(accepted), result.stdout[-2000:], result.stderr[-2000:])
+    reference = _received_by_storescp(tmp_path / "in", tmp_path / "storescp")
+    compared = _same_as_storescp(stored, reference, accepted)
+    assert compared >= len(accepted) * 3 // 4, (compared, len(accepted))
+    for sop in accepted:
+        assert dcmread(stored[sop], stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID == sop
+    # every instance after the first of each run of successes can be read by the association thread
+    taken = receive_direct.stats["taken"] - before["taken"]
+    assert taken >= len(accepted) // 2, (taken, len(accepted))
+
+
+def test_small_pdus_many_fragments(served: tuple[Any, Archive], tmp_path: Path) -> None:
+    """4 KiB PDUs: a 256x256 CT is ~32 P-DATA PDUs, each read and appended by the association thread."""
+    dicom, archive = served
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT01"), series=1, per_series=8, rows=256, columns=256)
+    before = receive_direct.stats["taken"]
+    result = _storescu(dicom.port, tmp_path / "ct", "--max-send-pdu", "4096")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stored = _stored(archive)
+    sops = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    reference = _received_by_storescp(tmp_path / "ct", tmp_path / "storescp", "--max-send-pdu", "4096")
+    assert _same_as_storescp(stored, reference, sops) == len(files)
+    for f, sop in zip(files, sops):
+        assert (dcmread(stored[sop]).pixel_array == dcmread(f).pixel_array).all()
+    assert receive_direct.stats["taken"] - before == len(files) - 1
+
+
+def test_echo_between_stores_is_given_back_to_pynetdicom(served: tuple[Any, Archive], tmp_path: Path) -> None:
+    dicom, archive = served
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT02"), series=1, per_series=4, rows=64, columns=64)
+    ae = AE(ae_title="MIXER")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    before = dict(receive_direct.stats)
+    assoc = ae.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    try:
+        for f in files:
+            status = assoc.send_c_store(dcmread(f))
+            assert status.Status == 0x0000
+            assert assoc.send_c_echo().Status == 0x0000  # read by the direct reader, given back, answered by pynetdicom
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    stored = _stored(archive)
+    for f in files:
+        ds = dcmread(f)
+        assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == ds.pixel_array).all()
+    assert receive_direct.stats["given_back"] - before["given_back"] >= len(files)

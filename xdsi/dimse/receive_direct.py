@@ -1,0 +1,242 @@
+"""The next C-STORE of an association read from its socket by the association thread itself.
+
+Why (issue 14, ingest): pynetdicom (3.0) receives a C-STORE on the association's DUL thread: each
+P-DATA-TF PDU is read, decoded into PDU and primitive objects, run through the state machine (Sta6 +
+Evt10 -> DT-2) and written to the spool file fragment by fragment; the finished message is put on a
+queue for the association thread, which sleeps until it notices it.  With a peer that waits for each
+response before it sends the next instance (storescu, most modalities) every instance is handed from
+one thread to the other and back, and on a busy machine each hand-off can wait for a core.  After the
+association thread has written a Success response (:mod:`xdsi.dimse.store_responses`) the peer's next
+request is the next thing to happen on the association, so that thread now waits for it on the socket
+and, if it is a plain C-STORE-RQ, reads it itself: PDUs straight into the spool file with large reads,
+the command set decoded by a small strict parser (:func:`xdsi.dimse.direct.parse_command`), the File
+Meta packed as bytes (:func:`xdsi.gateway.receive.start_store`, byte for byte pynetdicom's).
+
+What is taken here, and what is left to pynetdicom:
+
+* only while the DUL has nothing in flight (Sta6, its queues empty, no message half received, nothing
+  given back), holding the direct guard's ``read_lock`` so the DUL reads nothing meanwhile (the same
+  discipline as :meth:`xdsi.dimse.direct.DirectWriter._read_response`), and only for :data:`WAIT`
+  seconds after the response: an idle association goes back to the DUL;
+* a PDU is consumed only when it is a P-DATA-TF whose every PDV is understood: the first one a whole
+  C-STORE-RQ command set (control header 0x03) announcing a data set, on an accepted context, with
+  valid SOP Class and Instance UIDs; every further one a data set fragment on that same context, the
+  last one flagged last and nothing after it.  Any other PDU (A-RELEASE-RQ, A-ABORT, C-ECHO, C-CANCEL,
+  a command split over PDVs, a fragment on another context) is given back unread for the DUL, with
+  the message received so far left as pynetdicom's ``DIMSEServiceProvider.message``, the state
+  pynetdicom itself would be in after the PDUs consumed here; pynetdicom then goes on (or refuses) as
+  it always does.  A message is never split between the two readers in any other way;
+* the finished message takes pynetdicom's own last steps: ``EVT_DIMSE_RECV`` (the association governor
+  counts it), ``message_to_primitive`` and the DIMSE message queue, from which the association
+  thread serves it next, with the same handlers.  ``EVT_PDU_RECV`` / ``EVT_DATA_RECV`` (bound by
+  nothing in xdsi) are not triggered for the PDUs read here;
+* a failed read tells the DUL the transport closed (Evt17), as pynetdicom's socket does; the spool
+  keeper then removes the partial spool file (it is ``dimse.message``'s from the first fragment on).
+
+The spool file holds exactly what pynetdicom writes: preamble, File Meta, then every data set fragment
+in order (tests/integration/test_receive_direct.py compares stored bytes with dcmtk's storescu input).
+Note for the gateway (xdsi/gateway): the C-STOREs a remote sends for a relay are answered by the
+gateway's own code, not through :mod:`xdsi.dimse.store_responses`, so they keep pynetdicom's receive
+path (with :mod:`xdsi.gateway.receive`'s File Meta writer), and :func:`claim` leaves any association
+that module installed on alone.  To give a relay this path: answer its Success responses through
+``store_responses.SuccessSender`` (which claims, writes, then calls :func:`take_next`) and drop that
+exclusion; the message this module queues is the one ``xdsi.gateway.receive.start_store`` builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+import struct
+import time
+from typing import Any
+
+from pynetdicom import _config, evt
+from pynetdicom.pdu_primitives import P_DATA
+
+from xdsi.dimse import direct
+from xdsi.gateway.receive import start_store
+
+log = logging.getLogger(__name__)
+
+WAIT = 0.05  # seconds the association thread waits on the socket for the next request after a response
+_BE_LENGTH = struct.Struct(">L")
+P_DATA_TF = 0x04
+_MARK = "_xdsi_receive_direct"  # counter on the association: messages read here (for tests)
+
+
+# process-wide counts, for tests and diagnostics: C-STOREs read here, and times a PDU was given back to the DUL
+stats = {"taken": 0, "given_back": 0}
+
+
+def taken(assoc: Any) -> int:
+    """How many C-STOREs this association's thread has read itself."""
+    return int(getattr(assoc, _MARK, 0))
+
+
+def claim(assoc: Any) -> Any:
+    """Take the association's ``read_lock`` before its Success response goes out: the guard, or None.
+
+    Held from before the response is written until :func:`take_next` is done, so the DUL does not read
+    the peer's next request meanwhile (it arrives while the work after the response runs); the DUL
+    waits on its wake-up pair instead of the socket while the lock is held (:mod:`xdsi.dimse.wakeup`).
+    The caller releases it with :func:`release`.
+    """
+    if not _config.STORE_RECV_CHUNKED_DATASET:
+        return None
+    dul = getattr(assoc, "dul", None)
+    g = getattr(dul, direct._GUARD, None)
+    dimse = getattr(assoc, "dimse", None)
+    if g is None or dimse is None or getattr(dimse, "_xdsi_relay_receive", False):
+        return None  # not guarded from the start, or a gateway relay association (its own receiver)
+    if not g.read_lock.acquire(timeout=0.05):  # the DUL holds it only while it reads one PDU
+        return None
+    return g
+
+
+def release(g: Any) -> None:
+    g.read_lock.release()
+
+
+def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
+    """With ``g.read_lock`` held (:func:`claim`): read the next C-STORE here if it is a plain one.
+
+    True when a message was put on the DIMSE queue for serving.  Called on the association thread right
+    after it wrote a Success C-STORE response and ran the work registered for after it.
+    """
+    dul, dimse = assoc.dul, assoc.dimse
+    with g.lock:
+        if not _idle(g, dul, dimse):
+            return False
+    if not _readable(dul.socket.socket, dul, wait):
+        return False
+    return _receive(assoc, g, dul, dimse)
+
+
+def _idle(g: Any, dul: Any, dimse: Any) -> bool:
+    """Under the guard's lock: nothing in flight that the DUL must finish first."""
+    return bool(
+        dul.state_machine.current_state == "Sta6"
+        and not dul.event_queue.queue
+        and not dul.to_provider_queue.queue
+        and dimse.message is None
+        and not dimse.msg_queue.queue
+        and not g.pushback
+        and not g.unprocessed
+        and not dul._kill_thread
+        and getattr(dul.socket, "recv", None) is g.recv
+    )
+
+
+def _readable(raw: Any, dul: Any, wait: float) -> bool:
+    """Whether the peer has sent something within ``wait`` seconds (an abort or a send request ends the wait)."""
+    deadline = time.monotonic() + wait
+    while True:
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            readable, _, _ = select.select([raw], [], [], min(left, 0.01))
+        except (OSError, ValueError):  # closed under us: the DUL finds out
+            return False
+        if readable:
+            return True
+        if dul.to_provider_queue.queue or dul.state_machine.current_state != "Sta6" or dul._kill_thread:
+            return False
+
+
+def _pdvs(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
+    """(context ID, control header, fragment) of each PDV item of a P-DATA-TF body; None if malformed (PS3.8 9.3.5)."""
+    out = []
+    view = memoryview(body)
+    pos, end = 0, len(body)
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        length = _BE_LENGTH.unpack_from(body, pos)[0]
+        if length < 2 or pos + 4 + length > end:
+            return None
+        out.append((body[pos + 4], body[pos + 5], view[pos + 6 : pos + 4 + length]))
+        pos += 4 + length
+    return out or None
+
+
+def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
+    """Read PDUs of one C-STORE-RQ until it is complete (True) or something is given back to the DUL (False)."""
+    message = None
+    context_id = -1
+    while True:
+        try:
+            header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
+            if len(header) < 6 or header[0] != P_DATA_TF:
+                g.pushback += header  # not a P-DATA-TF (or the peer closed): the DUL reads the rest
+                return False
+            length = _BE_LENGTH.unpack_from(header, 2)[0]
+            body = g.recv(length)
+        except Exception:  # what the DUL does when reading fails (the PduGuard has answered an oversize PDU)
+            dul.event_queue.put("Evt17")
+            return False
+        if len(body) != length:  # the peer closed part-way: give back what came, the DUL sees the close
+            g.pushback += header + body
+            return False
+        dul._idle_timer.restart()
+        items = _pdvs(body)
+        started = None
+        if items is not None and message is None:
+            cx, control, fragment = items[0]
+            if control == 0x03:
+                primitive = P_DATA()
+                primitive.presentation_data_value_list.append((cx, b"\x03" + bytes(fragment)))
+                if _data_only(items[1:], cx):
+                    started = start_store(assoc, primitive)
+            if started is None:
+                items = None
+        elif items is not None and not _data_only(items, context_id):
+            items = None
+        if items is None:  # not understood here: the DUL reads this PDU as if it had just arrived
+            g.pushback += header + body
+            stats["given_back"] += 1
+            return False
+        if started is not None:
+            message = dimse.message = started  # the spool keeper removes its file if the transfer fails
+            context_id = started.context_id
+            items = items[1:]
+        spool = message._data_set_file
+        last = False
+        try:
+            for _, control, fragment in items:
+                spool.write(fragment)
+                last = bool(control & 0x02)
+            spool.flush()
+        except (OSError, ValueError) as exc:  # disk full, or the spool keeper closed it: the association goes
+            log.error("C-STORE spool write failed: %s", exc)
+            dul.event_queue.put("Evt17")
+            return False
+        if last:
+            _complete(assoc, dimse, message)
+            return True
+
+
+def _data_only(items: list[tuple[int, int, memoryview]], context_id: int) -> bool:
+    """Every PDV a data set fragment on ``context_id``, and none after the last one."""
+    for i, (cx, control, _) in enumerate(items):
+        if cx != context_id or control & 0x01 or control & ~0x03 or (control & 0x02 and i != len(items) - 1):
+            return False
+    return True
+
+
+def _complete(assoc: Any, dimse: Any, message: Any) -> None:
+    """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ."""
+    evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": message})
+    context_id = message.context_id
+    primitive = message.message_to_primitive()
+    dimse.message = None
+    setattr(assoc, _MARK, taken(assoc) + 1)
+    stats["taken"] += 1
+    dimse.msg_queue.put((context_id, primitive))
+
+
+__all__ = ["WAIT", "stats", "claim", "release", "take_next", "taken"]
