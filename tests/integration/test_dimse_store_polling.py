@@ -20,38 +20,24 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from tests.conftest import make_settings
+from tests.support.inprocess_dicom import inprocess_dicom
 from xdsi.archive import Archive
 from xdsi.dimse import store_polling, wakeup
 from xdsi.index.models import Instance
 from xdsi.tools.synth import StudySpec, write_study
 
 
-_PROCESS_WIDE = ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "LOG_HANDLER_LEVEL", "LOG_RESPONSE_IDENTIFIERS")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Archive, list[Path]]]:
     """An in-process DicomServer; what it sets process-wide (pynetdicom's _config, the spool directory) is put back."""
-    import tempfile
-
-    from pynetdicom import _config
-
-    from xdsi.dimse.server import DicomServer
-
-    saved = {k: getattr(_config, k) for k in _PROCESS_WIDE}, tempfile.tempdir
     tmp = tmp_path_factory.mktemp("polling")
     archive = Archive.open(make_settings(tmp))
     files = write_study(tmp / "in", StudySpec(patient_id="POLL01"), series=1, per_series=6, rows=128, columns=128)
-    dicom = DicomServer(archive)
-    dicom.start("127.0.0.1", 0)
     try:
-        yield dicom, archive, files
+        with inprocess_dicom(archive) as dicom:
+            yield dicom, archive, files
     finally:
-        dicom.stop()
         archive.close()
-        for k, v in saved[0].items():
-            setattr(_config, k, v)
-        tempfile.tempdir = saved[1]
 
 
 def _acceptor(dicom: Any) -> Any:

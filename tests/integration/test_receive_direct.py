@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from tests.conftest import make_settings
+from tests.support.inprocess_dicom import inprocess_dicom
 from xdsi.archive import Archive
 from xdsi.archive.header import dataset_start
 from xdsi.dimse import receive_direct
@@ -35,29 +35,16 @@ from xdsi.tools.synth import StudySpec, write_study
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 pytestmark = pytest.mark.skipif(not os.path.exists(STORESCU), reason="dcmtk storescu not installed")
 
-_PROCESS_WIDE = ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "LOG_HANDLER_LEVEL", "LOG_RESPONSE_IDENTIFIERS")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Archive]]:
     """An in-process DicomServer; what it sets process-wide (pynetdicom's _config, the spool directory) is put back."""
-    from pynetdicom import _config
-
-    from xdsi.dimse.server import DicomServer
-
-    saved = {k: getattr(_config, k) for k in _PROCESS_WIDE}, tempfile.tempdir
     tmp = tmp_path_factory.mktemp("receive-direct")
     archive = Archive.open(make_settings(tmp))
-    dicom = DicomServer(archive)
-    dicom.start("127.0.0.1", 0)
     try:
-        yield dicom, archive
+        with inprocess_dicom(archive) as dicom:
+            yield dicom, archive
     finally:
-        dicom.stop()
         archive.close()
-        for k, v in saved[0].items():
-            setattr(_config, k, v)
-        tempfile.tempdir = saved[1]
 
 
 def _storescu(port: int, folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:

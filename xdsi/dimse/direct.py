@@ -569,16 +569,7 @@ class DirectWriter:
             return False, None
         try:
             with g.lock:
-                if not (
-                    dul.state_machine.current_state == "Sta6"
-                    and not dul.event_queue.queue
-                    and not dul.to_provider_queue.queue
-                    and dimse.message is None
-                    and not dimse.msg_queue.queue
-                    and not g.pushback
-                    and not g.unprocessed
-                    and dul.socket.recv is g.recv
-                ):
+                if not reader_idle(g, dul, dimse):
                     return False, None
             raw = dul.socket.socket
             timeout = dimse.dimse_timeout
@@ -936,3 +927,23 @@ def on_released(event: Any) -> None:
 
 
 __all__ = ["DirectWriter", "command_pdus", "dataset_offset", "enable", "guard", "on_conn_open", "on_released", "writer_of"]
+
+
+def reader_idle(g: Any, dul: Any, dimse: Any) -> bool:
+    """Under the guard's lock: the DUL has nothing in flight, so another thread may read the next PDU itself.
+
+    Shared by the C-STORE-RSP reader here and :mod:`xdsi.dimse.receive_direct`: an association in
+    Sta6, no event, primitive, message or pushed-back bytes waiting, the DUL not being stopped, and
+    the socket's ``recv`` still the guard's.
+    """
+    return bool(
+        dul.state_machine.current_state == "Sta6"
+        and not dul.event_queue.queue
+        and not dul.to_provider_queue.queue
+        and dimse.message is None
+        and not dimse.msg_queue.queue
+        and not g.pushback
+        and not g.unprocessed
+        and not dul._kill_thread
+        and getattr(dul.socket, "recv", None) is g.recv
+    )

@@ -107,26 +107,11 @@ def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
     """
     dul, dimse = assoc.dul, assoc.dimse
     with g.lock:
-        if not _idle(g, dul, dimse):
+        if not direct.reader_idle(g, dul, dimse):
             return False
     if not _readable(dul.socket.socket, dul, wait):
         return False
     return _receive(assoc, g, dul, dimse)
-
-
-def _idle(g: Any, dul: Any, dimse: Any) -> bool:
-    """Under the guard's lock: nothing in flight that the DUL must finish first."""
-    return bool(
-        dul.state_machine.current_state == "Sta6"
-        and not dul.event_queue.queue
-        and not dul.to_provider_queue.queue
-        and dimse.message is None
-        and not dimse.msg_queue.queue
-        and not g.pushback
-        and not g.unprocessed
-        and not dul._kill_thread
-        and getattr(dul.socket, "recv", None) is g.recv
-    )
 
 
 def _readable(raw: Any, dul: Any, wait: float) -> bool:

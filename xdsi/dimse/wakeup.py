@@ -134,6 +134,13 @@ def install(assoc: Any) -> bool:
         except (BlockingIOError, OSError):  # already full of pokes, or closed with the association
             pass
 
+    def drain() -> None:
+        try:
+            while wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def wait_for_sends(seconds: float) -> None:
         selecting[0] = True
         try:
@@ -144,11 +151,7 @@ def install(assoc: Any) -> bool:
             time.sleep(seconds)
         finally:
             selecting[0] = False
-        try:
-            while wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        drain()
 
     def poke_if_selecting() -> None:
         if selecting[0]:
@@ -177,11 +180,7 @@ def install(assoc: Any) -> bool:
             return
         finally:
             selecting[0] = False
-        try:
-            while wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        drain()
 
     # -- the association thread: an Event set by every message or primitive for it -------------
     arrived = threading.Event()
