@@ -43,7 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsiProcess]:
     d = tmp_path_factory.mktemp("slowbody")
     cfg = d / "xdsi.toml"
     cfg.write_text(CONFIG)
-    srv = XdsiProcess(d / "data", config=cfg).start()
+    # one process: "twice as many slow uploads as worker threads" counts the threads of one process
+    srv = XdsiProcess(d / "data", config=cfg, workers=1).start()
     try:
         yield srv
     finally:
@@ -140,8 +141,11 @@ def test_slow_body_uploads_get_408_while_others_are_served(server: XdsiProcess) 
         slow.append(SlowUpload(server.http_port, head, body, prefix, step=1, pause=0.2, limit=4 * WINDOW + 5))
     for t in slow:
         t.start()
-    time.sleep(0.5)
     saw_spool = 0
+    settle = time.monotonic() + 0.5
+    while time.monotonic() < settle:  # a spool file lives about WINDOW seconds: look from the start
+        saw_spool = max(saw_spool, len(spool_files(server)))
+        time.sleep(0.02)
     latencies: list[float] = []
     end = time.monotonic() + 2 * WINDOW + 1
     while time.monotonic() < end:
