@@ -36,7 +36,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from requests_toolbelt.multipart import decoder
 
-from tests.support.ids import IHE_WSDL, populate, zeep_client
+from tests.support.ids import IHE_WSDL, populate, retrieve_study, zeep_client
 from tests.support.retrieve_clients import RecordingStorage, c_get_study, c_move_study
 from tests.support.server import XdsiProcess, free_port
 from xdsi.tools.synth import StudySpec, write_study
@@ -305,18 +305,8 @@ def test_qido_agrees(world: World) -> None:
 def test_rad69_in_the_stored_syntax(world: World) -> None:
     client, service = zeep_client(IHE_WSDL, f"{world.base}/xdsi/ImagingDocumentSource")
     for study in world.studies:
-        series: dict[str, list[Item]] = {}
-        for i in study.items:
-            series.setdefault(i.series_uid, []).append(i)
-        request = [{
-            "studyInstanceUID": study.uid,
-            "SeriesRequest": [
-                {"seriesInstanceUID": s, "DocumentRequest": [{"RepositoryUniqueId": REPOSITORY, "DocumentUniqueId": i.sop_uid} for i in items]}
-                for s, items in series.items()
-            ],
-        }]
         syntaxes = sorted({i.transfer_syntax for i in study.items})
-        res = service.ImagingDocumentSource_RetrieveImagingDocumentSet(StudyRequest=request, TransferSyntaxUIDList={"TransferSyntaxUID": syntaxes})
+        res = retrieve_study(service, study.uid, [(i.series_uid, i.sop_uid) for i in study.items], REPOSITORY, syntaxes)
         assert res.RegistryResponse.status.endswith(":Success"), res.RegistryResponse
         docs = {d.DocumentUniqueId: d.Document for d in res.DocumentResponse}
         assert sorted(docs) == sorted(i.sop_uid for i in study.items)

@@ -48,7 +48,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from requests_toolbelt.multipart import decoder
 
-from tests.support.ids import IHE_WSDL, zeep_client
+from tests.support.ids import IHE_WSDL, retrieve_study, zeep_client
 from tests.support.retrieve_clients import GetResult, RecordingStorage, c_get_study, c_move_study
 from tests.support.server import XdsiProcess
 from xdsi.jpip.urls import JPIP_REFERENCED, JPIP_REFERENCED_DEFLATE, parse_target, provider_url
@@ -327,19 +327,7 @@ def test_wado_rs_transfer_syntax_jpip(served: Served, study: Study, syntax: str)
 
 def rad69(ids_url: str, study: Study, syntaxes: list[str]) -> Any:
     client, service = zeep_client(IHE_WSDL, ids_url)
-    series: dict[str, list[Item]] = {}
-    for i in study.items:
-        series.setdefault(i.series_uid, []).append(i)
-    request = [{
-        "studyInstanceUID": study.uid,
-        "SeriesRequest": [
-            {"seriesInstanceUID": s, "DocumentRequest": [{"RepositoryUniqueId": REPOSITORY, "DocumentUniqueId": i.sop_uid} for i in items]}
-            for s, items in series.items()
-        ],
-    }]
-    return service.ImagingDocumentSource_RetrieveImagingDocumentSet(
-        StudyRequest=request, TransferSyntaxUIDList={"TransferSyntaxUID": syntaxes}
-    )
+    return retrieve_study(service, study.uid, [(i.series_uid, i.sop_uid) for i in study.items], REPOSITORY, syntaxes)
 
 
 def test_rad69_jpip_referenced(served: Served, study: Study) -> None:

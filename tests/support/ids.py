@@ -312,3 +312,18 @@ def exchange(client: Any, service: Any, op: str, kind: str, action: str, **kw: A
     assert_valid(resp.body, kind)
     assert resp.header("RelatesTo").text == msg_id
     return resp
+
+
+def retrieve_study(service: Any, study_uid: str, documents: list[tuple[str, str]], repository: str, syntaxes: list[str]) -> Any:
+    """RAD-69 for one study through a zeep ``service``: ``documents`` are (Series Instance UID, SOP Instance UID)."""
+    series: dict[str, list[str]] = {}
+    for series_uid, sop_uid in documents:
+        series.setdefault(series_uid, []).append(sop_uid)
+    request = [{
+        "studyInstanceUID": study_uid,
+        "SeriesRequest": [
+            {"seriesInstanceUID": s, "DocumentRequest": [{"RepositoryUniqueId": repository, "DocumentUniqueId": u} for u in uids]}
+            for s, uids in series.items()
+        ],
+    }]  # fmt: skip
+    return service.ImagingDocumentSource_RetrieveImagingDocumentSet(StudyRequest=request, TransferSyntaxUIDList={"TransferSyntaxUID": syntaxes})
