@@ -112,3 +112,28 @@ def test_series_of_another_study_duplicates_and_fills_take_the_general_path(
         assert s.scalar(select(func.count()).select_from(Patient)) == 1
     _record(index, dataclasses.replace(headers[0], sop_instance_uid=new_uid()))
     assert isinstance(seen[-1], int)  # nothing left to fill: fast again
+
+
+def test_fast_path_writes_every_column_as_the_general_path_does(index: Index, headers: list[InstanceHeader]) -> None:
+    """The fast path runs SQLAlchemy's compiled SQL on the driver's cursor: the values it binds (timestamps
+    through the dialect's own processors, NULLs, the copy's sizes) must read back exactly as the ORM's do,
+    down to the stored text of a SQLite timestamp."""
+    _record(index, headers[0])  # general path
+    copy = catalog.CopyRecord("cache", "x/fast.dcm", 123, "f" * 64, headers[1].transfer_syntax_uid, original_size=456)
+    with index.session() as s:
+        pk, _ = catalog.record_instance(s, dataclasses.replace(headers[1], number_of_frames=None), copy, source_ae="A" * 20)
+    with index.session() as s:
+        general, fast = s.scalars(select(Instance).order_by(Instance.pk)).all()
+        assert fast.pk == pk
+        for col in Instance.__table__.columns.keys():  # type: ignore[attr-defined]
+            if col in ("pk", "sop_instance_uid", "instance_number", "created_at", "source_ae_title", "number_of_frames"):
+                continue
+            assert getattr(fast, col) == getattr(general, col), col
+        assert (fast.instance_number, fast.number_of_frames, fast.source_ae_title) == (headers[1].instance_number, None, "A" * 16)
+        assert type(fast.created_at) is type(general.created_at) and fast.created_at >= general.created_at
+        (c,) = fast.copies
+        assert (c.tier, c.rel_path, c.size, c.sha256, c.original_size) == ("cache", "x/fast.dcm", 123, "f" * 64, 456)
+        assert c.stored_at == c.last_read_at == fast.created_at
+        if index.dialect == "sqlite":  # the same text form as SQLAlchemy writes (its DATETIME processor), not sqlite3's
+            raw = s.connection().exec_driver_sql("SELECT created_at FROM instance ORDER BY pk").scalars().all()
+            assert len(raw[0]) == len(raw[1]) and raw[1][10] == " " and "+" not in raw[1]
