@@ -9,6 +9,7 @@ direct reader must give the C-ECHO back to pynetdicom) are checked too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -109,6 +110,18 @@ def _stored(archive: Archive) -> dict[str, Path]:
     return {sop: hot.abspath(rel) for sop, rel in rows}
 
 
+def _assert_index_checksums(archive: Archive) -> int:
+    """Every copy's sha256 in the index is the stored file's: the direct reader hashes the spool as it writes it
+    (receive_direct.WRITTEN) and the tier takes that digest instead of reading the file again."""
+    hot = archive.store.tiers.hot
+    with archive.index.session() as s:
+        rows = s.execute(select(FileCopy.rel_path, FileCopy.size, FileCopy.sha256)).all()
+    for rel, size, sha in rows:
+        data = hot.abspath(rel).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha), rel
+    return len(rows)
+
+
 def _data_set_bytes(path: Path) -> bytes:
     with open(path, "rb") as fh:
         fh.seek(dataset_start(fh)[1])
@@ -152,6 +165,7 @@ def test_every_pydicom_file_byte_exact_through_the_direct_path(served: tuple[Any
     # every instance after the first of each run of successes can be read by the association thread
     taken = receive_direct.stats["taken"] - before["taken"]
     assert taken >= len(accepted) // 2, (taken, len(accepted))
+    assert _assert_index_checksums(archive) >= len(accepted)
 
 
 def test_small_pdus_many_fragments(served: tuple[Any, Archive], tmp_path: Path) -> None:
@@ -168,6 +182,7 @@ def test_small_pdus_many_fragments(served: tuple[Any, Archive], tmp_path: Path) 
     for f, sop in zip(files, sops):
         assert (dcmread(stored[sop]).pixel_array == dcmread(f).pixel_array).all()
     assert receive_direct.stats["taken"] - before == len(files) - 1
+    _assert_index_checksums(archive)
 
 
 def test_echo_between_stores_is_given_back_to_pynetdicom(served: tuple[Any, Archive], tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ class StoreService:
 
     def store_file(
         self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None,
-        defer: Callable[[Callable[[], None]], None] | None = None,
+        defer: Callable[[Callable[[], None]], None] | None = None, written: tuple[int, str] | None = None,
     ) -> StoreResult:
         """Archive the DICOM file at ``path``.
 
@@ -141,6 +141,7 @@ class StoreService:
         callable) to run after the acknowledgement (the C-STORE adapter runs it
         right after sending the response); None runs it here.  The journal
         repairs a missing line from the stored file, so no promise depends on it.
+        ``written``: (size, sha256) of ``path`` hashed as it was received (:meth:`Tier.place_file`).
         """
         try:
             header, dataset = read_header_dataset(path)
@@ -166,8 +167,9 @@ class StoreService:
             # a bare dataset, or a File Meta group without the preamble (STOW-RS parts from some
             # clients): write a complete Part 10 file so every reader (dcmtk, /metadata) can parse it
             return self._store_with_meta(path, header, source_ae, dataset, defer=defer)
-        return self._store(header, source_ae, lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True), dataset,
-                           defer=defer)
+        return self._store(header, source_ae,
+                           lambda rel: self.tiers.hot.place_file(path, rel, move=move, exclusive=True, written=written),
+                           dataset, defer=defer)
 
     def _compressed(self, path: Path, header: InstanceHeader) -> Any:
         """``[storage] compress_on_receive``: the received file compressed and verified, or None to store it as received.

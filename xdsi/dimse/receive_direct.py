@@ -45,6 +45,7 @@ exclusion; the message this module queues is the one ``xdsi.gateway.receive.star
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import select
 import ssl
@@ -64,6 +65,7 @@ WAIT = 0.05  # seconds the association thread waits on the socket for the next r
 _BE_LENGTH = struct.Struct(">L")
 P_DATA_TF = 0x04
 _MARK = "_xdsi_receive_direct"  # counter on the association: messages read here (for tests)
+WRITTEN = "_xdsi_written"  # on a C-STORE request read here: (size, sha256) of its spool file
 
 
 # process-wide counts, for tests and diagnostics: C-STOREs read here, and times a PDU was given back to the DUL
@@ -153,6 +155,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
     """Read PDUs of one C-STORE-RQ until it is complete (True) or something is given back to the DUL (False)."""
     message = None
     context_id = -1
+    digest: Any = None  # sha256 of the spool file as it is written, handed on with the request (WRITTEN)
+    size = 0
     while True:
         try:
             header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
@@ -189,11 +193,16 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             message = dimse.message = started  # the spool keeper removes its file if the transfer fails
             context_id = started.context_id
             items = items[1:]
+            head = started._xdsi_spool_head
+            digest, size = hashlib.sha256(head), len(head)
         spool = message._data_set_file
+        write = getattr(spool, "file", spool).write  # past NamedTemporaryFile's per-call attribute wrapper
         last = False
         try:
             for _, control, fragment in items:
-                spool.write(fragment)
+                write(fragment)
+                digest.update(fragment)
+                size += len(fragment)
                 last = bool(control & 0x02)
             spool.flush()
         except (OSError, ValueError) as exc:  # disk full, or the spool keeper closed it: the association goes
@@ -201,7 +210,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             dul.event_queue.put("Evt17")
             return False
         if last:
-            _complete(assoc, dimse, message)
+            _complete(assoc, dimse, message, (size, digest.hexdigest()))
             return True
 
 
@@ -213,15 +222,20 @@ def _data_only(items: list[tuple[int, int, memoryview]], context_id: int) -> boo
     return True
 
 
-def _complete(assoc: Any, dimse: Any, message: Any) -> None:
-    """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ."""
+def _complete(assoc: Any, dimse: Any, message: Any, written: tuple[int, str]) -> None:
+    """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ.
+
+    ``written`` (the spool file's size and sha256, hashed as its bytes were written) goes with the
+    request as :data:`WRITTEN`: the store path makes the file durable without reading it again to hash it.
+    """
     evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": message})
     context_id = message.context_id
     primitive = message.message_to_primitive()
+    setattr(primitive, WRITTEN, written)
     dimse.message = None
     setattr(assoc, _MARK, taken(assoc) + 1)
     stats["taken"] += 1
     dimse.msg_queue.put((context_id, primitive))
 
 
-__all__ = ["WAIT", "stats", "claim", "release", "take_next", "taken"]
+__all__ = ["WAIT", "WRITTEN", "stats", "claim", "release", "take_next", "taken"]

@@ -54,7 +54,7 @@ from xdsi.archive import Archive, jpip_header
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
-from xdsi.dimse import store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
+from xdsi.dimse import receive_direct, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -497,7 +497,8 @@ class DicomServer:
             # the metadata journal line is written right after the response is sent (store_responses.after_response)
             assoc = event.assoc
             result = archive.store.store_file(path, source_ae=calling, move=True, expect=expect,
-                                              defer=lambda work: store_responses.after_response(assoc, work))
+                                              defer=lambda work: store_responses.after_response(assoc, work),
+                                              written=getattr(req, receive_direct.WRITTEN, None))
         finally:
             self.spool.release(path)
         if self.audit is not None and result.ok:  # a duplicate too: the peer did send it to us

@@ -106,7 +106,9 @@ def start_store(assoc: Any, primitive: Any) -> DIMSEMessage | None:
     spool = NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
     message._data_set_file = spool  # type: ignore[assignment]
     message._data_set_path = Path(spool.name)
-    spool.write(PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0])))
+    head = PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0]))
+    spool.write(head)
+    message._xdsi_spool_head = head  # type: ignore[attr-defined]  # xdsi.dimse.receive_direct hashes from here on
     return message
 
 

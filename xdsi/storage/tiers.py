@@ -186,15 +186,19 @@ class Tier:
         _fsync_dir(final.parent)
         return rel_path
 
-    def place_file(self, src: Path, rel_path: str, *, move: bool = False, exclusive: bool = False) -> Placed:
+    def place_file(self, src: Path, rel_path: str, *, move: bool = False, exclusive: bool = False,
+                   written: tuple[int, str] | None = None) -> Placed:
         """Make the bytes of ``src`` durable at ``rel_path`` (``exclusive``: see :meth:`_commit_temp`).
 
         With ``move`` and ``src`` on the same file system the file is renamed
         rather than copied: the incoming C-STORE spool becomes the stored file
-        without a second write.
+        without a second write.  ``written``: (size, sha256) of the bytes as
+        whoever wrote ``src`` hashed them while writing (the direct C-STORE
+        reader), so the file is not read again only to hash it; a file whose
+        size is not that size is hashed from disk as before.
         """
         if move and _same_device(src, self.root):
-            size, digest = _fsync_and_hash(src)
+            size, digest = _fsync_and_hash(src, written)
             temp = self.new_temp()
             os.replace(src, temp)  # take ownership first: the spool's owner may unlink its name
             try:
@@ -302,10 +306,13 @@ def _same_device(a: Path, b: Path) -> bool:
         return False
 
 
-def _fsync_and_hash(path: Path) -> tuple[int, str]:
+def _fsync_and_hash(path: Path, written: tuple[int, str] | None = None) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
     with open(path, "rb+") as fh:
+        if written is not None and os.fstat(fh.fileno()).st_size == written[0]:
+            os.fsync(fh.fileno())
+            return written
         while chunk := fh.read(CHUNK):
             h.update(chunk)
             size += len(chunk)
