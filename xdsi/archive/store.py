@@ -45,6 +45,7 @@ from xdsi.config import Settings
 from xdsi.index import catalog
 from xdsi.index.db import Index
 from xdsi.index.models import Instance
+from xdsi.storage.early_sync import Written
 from xdsi.storage.tiers import TierSet, instance_path
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class StoreService:
 
     def store_file(
         self, path: Path, *, source_ae: str = "", move: bool = False, expect: Expected | None = None,
-        defer: Callable[[Callable[[], None]], None] | None = None, written: tuple[int, str] | None = None,
+        defer: Callable[[Callable[[], None]], None] | None = None, written: Written | None = None,
     ) -> StoreResult:
         """Archive the DICOM file at ``path``.
 
@@ -141,7 +142,7 @@ class StoreService:
         callable) to run after the acknowledgement (the C-STORE adapter runs it
         right after sending the response); None runs it here.  The journal
         repairs a missing line from the stored file, so no promise depends on it.
-        ``written``: (size, sha256) of ``path`` hashed as it was received (:meth:`Tier.place_file`).
+        ``written``: ``path``'s size, sha256 and fsync as it was received (:meth:`Tier.place_file`).
         """
         try:
             header, dataset = read_header_dataset(path)

@@ -58,6 +58,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from xdsi.dimse import direct
 from xdsi.gateway.receive import start_store
+from xdsi.storage import early_sync
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ WAIT = 0.05  # seconds the association thread waits on the socket for the next r
 _BE_LENGTH = struct.Struct(">L")
 P_DATA_TF = 0x04
 _MARK = "_xdsi_receive_direct"  # counter on the association: messages read here (for tests)
-WRITTEN = "_xdsi_written"  # on a C-STORE request read here: (size, sha256) of its spool file
+WRITTEN = "_xdsi_written"  # on a C-STORE request read here: its spool file's early_sync.Written
 
 
 # process-wide counts, for tests and diagnostics: C-STOREs read here, and times a PDU was given back to the DUL
@@ -210,7 +211,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             dul.event_queue.put("Evt17")
             return False
         if last:
-            _complete(assoc, dimse, message, (size, digest.hexdigest()))
+            # the file's fsync starts now, while the association thread parses the header (early_sync)
+            _complete(assoc, dimse, message, early_sync.Written(size, digest.hexdigest(), early_sync.start(message._data_set_path)))
             return True
 
 
@@ -222,11 +224,12 @@ def _data_only(items: list[tuple[int, int, memoryview]], context_id: int) -> boo
     return True
 
 
-def _complete(assoc: Any, dimse: Any, message: Any, written: tuple[int, str]) -> None:
+def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written) -> None:
     """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ.
 
-    ``written`` (the spool file's size and sha256, hashed as its bytes were written) goes with the
-    request as :data:`WRITTEN`: the store path makes the file durable without reading it again to hash it.
+    ``written`` (the spool file's size and sha256, hashed as its bytes were written, and its fsync, already
+    started) goes with the request as :data:`WRITTEN`: the store path makes the file durable without
+    reading it again to hash it, waiting for that fsync instead of running its own.
     """
     evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": message})
     context_id = message.context_id

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from xdsi.config import StorageSettings, TierSettings
+from xdsi.storage.early_sync import Written, synced_inode
 from xdsi.uids import validate_uid
 
 CHUNK = 1 << 20
@@ -187,15 +188,17 @@ class Tier:
         return rel_path
 
     def place_file(self, src: Path, rel_path: str, *, move: bool = False, exclusive: bool = False,
-                   written: tuple[int, str] | None = None) -> Placed:
+                   written: Written | None = None) -> Placed:
         """Make the bytes of ``src`` durable at ``rel_path`` (``exclusive``: see :meth:`_commit_temp`).
 
         With ``move`` and ``src`` on the same file system the file is renamed
         rather than copied: the incoming C-STORE spool becomes the stored file
-        without a second write.  ``written``: (size, sha256) of the bytes as
-        whoever wrote ``src`` hashed them while writing (the direct C-STORE
-        reader), so the file is not read again only to hash it; a file whose
-        size is not that size is hashed from disk as before.
+        without a second write.  ``written``: size and sha256 of the bytes as
+        whoever wrote ``src`` hashed them while writing, and the fsync it
+        started (the direct C-STORE reader, :mod:`xdsi.storage.early_sync`):
+        the file is not read again only to hash it, and is synced again only
+        if that fsync failed or covered another file; a file whose size is not
+        that size is hashed from disk and synced as before.
         """
         if move and _same_device(src, self.root):
             size, digest = _fsync_and_hash(src, written)
@@ -306,13 +309,16 @@ def _same_device(a: Path, b: Path) -> bool:
         return False
 
 
-def _fsync_and_hash(path: Path, written: tuple[int, str] | None = None) -> tuple[int, str]:
+def _fsync_and_hash(path: Path, written: Written | None = None) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
     with open(path, "rb+") as fh:
-        if written is not None and os.fstat(fh.fileno()).st_size == written[0]:
-            os.fsync(fh.fileno())
-            return written
+        if written is not None:
+            st = os.fstat(fh.fileno())
+            if st.st_size == written.size:
+                if synced_inode(written) != (st.st_dev, st.st_ino):
+                    os.fsync(fh.fileno())
+                return written.size, written.sha256
         while chunk := fh.read(CHUNK):
             h.update(chunk)
             size += len(chunk)

@@ -1,0 +1,101 @@
+"""The fsync a direct C-STORE reader starts early (xdsi.storage.early_sync) is waited for, never assumed.
+
+The tier renames a received file only after its data are on disk: with an early fsync it waits for
+that fsync (and runs none of its own), with one that failed or covered another inode it syncs again
+itself, and a file whose size changed since it was hashed is hashed and synced from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from xdsi.config import TierSettings
+from xdsi.storage import early_sync, tiers
+from xdsi.storage.early_sync import Written
+
+
+@pytest.fixture
+def tier(tmp_path: Path) -> tiers.Tier:
+    t = tiers.Tier(TierSettings(name="cache", path=tmp_path / "cache"))
+    t.ensure()
+    return t
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every os.fsync of a regular file (directory syncs are not counted)."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        import stat
+
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def _spool(tmp_path: Path, data: bytes = b"DICM" * 1000) -> tuple[Path, bytes]:
+    p = tmp_path / "spool.dcm"
+    p.write_bytes(data)
+    return p, data
+
+
+def test_the_early_fsync_is_waited_for_before_the_rename(tier: tiers.Tier, tmp_path: Path, fsyncs: list[int]) -> None:
+    src, data = _spool(tmp_path)
+    st = os.stat(src)
+    pending: Future[tuple[int, int]] = Future()
+    written = Written(len(data), hashlib.sha256(data).hexdigest(), pending)
+    placed: list[tiers.Placed] = []
+    worker = threading.Thread(target=lambda: placed.append(tier.place_file(src, "a/b/c.dcm", move=True, written=written)))
+    worker.start()
+    time.sleep(0.3)
+    assert not placed and src.exists() and not (tier.root / "a/b/c.dcm").exists()  # still waiting for the fsync
+    pending.set_result((st.st_dev, st.st_ino))
+    worker.join(10)
+    assert placed and placed[0].sha256 == hashlib.sha256(data).hexdigest() and placed[0].size == len(data)
+    assert (tier.root / "a/b/c.dcm").read_bytes() == data
+    assert fsyncs == []  # the early fsync covered this file: none of its own
+
+
+def test_a_real_early_fsync_covers_the_file(tier: tiers.Tier, tmp_path: Path, fsyncs: list[int]) -> None:
+    src, data = _spool(tmp_path)
+    written = Written(len(data), hashlib.sha256(data).hexdigest(), early_sync.start(src))
+    tier.place_file(src, "a/b/d.dcm", move=True, written=written)
+    assert len(fsyncs) == 1  # the pool's, not a second one in the tier
+    assert (tier.root / "a/b/d.dcm").read_bytes() == data
+
+
+@pytest.mark.parametrize("outcome", ["other inode", "failed", "none"])
+def test_the_tier_syncs_itself_when_the_early_fsync_does_not_cover_the_file(
+    tier: tiers.Tier, tmp_path: Path, fsyncs: list[int], outcome: str
+) -> None:
+    src, data = _spool(tmp_path)
+    done: Future[tuple[int, int]] | None = Future()
+    if outcome == "other inode":
+        done.set_result((os.stat(src).st_dev, os.stat(src).st_ino + 1))
+    elif outcome == "failed":
+        done.set_exception(FileNotFoundError(2, "gone"))
+    else:
+        done = None
+    tier.place_file(src, "a/b/e.dcm", move=True, written=Written(len(data), hashlib.sha256(data).hexdigest(), done))
+    assert len(fsyncs) == 1
+    assert (tier.root / "a/b/e.dcm").read_bytes() == data
+
+
+def test_a_file_that_changed_size_is_hashed_again(tier: tiers.Tier, tmp_path: Path, fsyncs: list[int]) -> None:
+    src, data = _spool(tmp_path)
+    stale = Written(len(data) - 4, "0" * 64, early_sync.start(src))
+    placed = tier.place_file(src, "a/b/f.dcm", move=True, written=stale)
+    assert (placed.size, placed.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert len(fsyncs) == 2  # the pool's, and the tier's own after hashing
