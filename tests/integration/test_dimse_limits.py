@@ -290,3 +290,23 @@ def test_stored_data_still_arrives_intact_with_a_small_pdu(server: XdsiProcess, 
     finally:
         assoc.release()
     assert ct_file.stat().st_size > MAX_PDU  # so it really crossed several PDUs
+
+
+def test_an_association_idle_after_stores_is_aborted(server: XdsiProcess, tmp_path: Path) -> None:
+    """Success C-STORE responses written by xdsi's own sender (store_responses) still tell the governor that the
+    request was answered: an association that stored instances and then fell silent is aborted as idle, not kept
+    for ever as one with a request in progress."""
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="IDLE-AFTER-STORE"), series=1, per_series=3)
+    ae = AE(ae_title="STOREIDLE")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = 10
+    ae.network_timeout = None  # held on purpose, as in associate()
+    assoc = ae.associate(server.host, server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    for f in files:  # the second and third are read by the association thread itself (receive_direct)
+        rsp = assoc.send_c_store(f)
+        assert rsp and rsp.Status == 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < IDLE_TIMEOUT + 3 and assoc.is_established:
+        time.sleep(0.2)
+    assert assoc.is_aborted, "an association silent after its C-STOREs was kept"

@@ -15,8 +15,8 @@ Command Field 8001H, Message ID Being Responded To, Command Data Set Type
 0101H, Status, Affected SOP Instance UID), and sends it as the one command
 fragment pynetdicom would send, flagged ``0x03`` (PS3.8 E.2).
 ``EVT_DIMSE_SENT`` is still triggered, with a ``C_STORE_RSP`` message whose
-command set carries these values (one message object per association,
-updated per response: the handlers read the class and the Status).  Every
+command set is these bytes, decoded only if a handler reads it
+(:class:`SentSuccess`).  Every
 other response (a warning or failure, one with an Error Comment or Offending
 Element) goes through pynetdicom's own path.  tests/unit/test_store_responses.py
 compares the P-DATA with pynetdicom's, byte for byte.
@@ -43,9 +43,12 @@ import logging
 import struct
 from typing import Any, Callable
 
+from io import BytesIO
+
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
 from xdsi.dimse import direct, receive_direct
@@ -92,13 +95,49 @@ def _plain_success(primitive: Any) -> bool:
     )
 
 
+class SentSuccess(C_STORE_RSP):
+    """The ``C_STORE_RSP`` that ``EVT_DIMSE_SENT`` is told of for a response :func:`encode_success` encoded.
+
+    Its ``command_set`` is decoded from the bytes sent the first time a handler reads it (pynetdicom's own
+    ``dsutils.decode``, so it holds what the wire holds).  Why (issue 14): filling a pydicom Dataset for every
+    response, a validated UID per assignment, was ~7 % of the GIL time of a stored instance (py-spy, GIL
+    samples), and the one handler xdsi binds (the association governor, :mod:`xdsi.dimse.limits`) reads
+    ``xdsi_status`` instead.  pynetdicom's ``__init__`` (an empty Dataset with nine elements set) is not run:
+    the attributes it sets are set here.
+    """
+
+    xdsi_status = 0x0000
+
+    def __init__(self, command: bytes, context_id: int) -> None:  # noqa: D107 - see the class
+        self.context_id = context_id
+        self.encoded_command_set = BytesIO(command)
+        self.data_set = None
+        self._data_set_path = None
+        self._data_set_file = None
+        self._command: bytes | None = command
+
+    @property  # type: ignore[override]
+    def command_set(self) -> Any:
+        cs = self.__dict__.get("_command_set")
+        if cs is None:
+            cs = self.__dict__["_command_set"] = decode(BytesIO(self._command or b""), True, True)
+        return cs
+
+    @command_set.setter
+    def command_set(self, value: Any) -> None:
+        self.__dict__["_command_set"] = value
+
+
+# handlers, pynetdicom among them, tell a message by its class name ("..._RSP", "C_STORE_RSP"): keep pynetdicom's
+SentSuccess.__name__ = SentSuccess.__qualname__ = C_STORE_RSP.__name__
+
+
 class SuccessSender:
     """``send_msg`` for one association: Success C-STORE responses encoded by :func:`encode_success`."""
 
     def __init__(self, assoc: Any, original: Callable[[Any, int], None]) -> None:
         self.assoc = assoc
         self.original = original
-        self._message: C_STORE_RSP | None = None
         self._writer: direct.DirectWriter | None = None
 
     def __call__(self, primitive: Any, context_id: int) -> None:
@@ -129,19 +168,7 @@ class SuccessSender:
         sop_class, sop_instance = str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID)
         msg_id = int(primitive.MessageIDBeingRespondedTo)
         command = encode_success(sop_class, msg_id, sop_instance)
-        message = self._message
-        if message is None:
-            message = C_STORE_RSP()
-            message.primitive_to_message(primitive)
-            self._message = message
-        else:
-            cs = message.command_set
-            cs.AffectedSOPClassUID = sop_class
-            cs.MessageIDBeingRespondedTo = msg_id
-            cs.AffectedSOPInstanceUID = sop_instance
-            cs.CommandGroupLength = len(command) - 12
-        message.context_id = context_id
-        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": SentSuccess(command, context_id)})
         dimse = self.assoc.dimse
         if self._write_direct(context_id, command):
             return
