@@ -310,3 +310,105 @@ def test_a_retryable_error_inside_a_batch_reruns_only_that_instance(archive: Arc
     assert isinstance(results["refused"], catalog.PatientMismatch)
     assert calls == {"ok": 1, "victim": 2, "refused": 1}
     assert committer.transactions == 3  # the leader's, the batch of three, the victim's second attempt
+
+
+def _driver_writes(committer, monkeypatch: pytest.MonkeyPatch) -> list[bool]:  # type: ignore[no-untyped-def]
+    """Spy on the committer's driver form: True per job it wrote, False per job it declined."""
+    seen: list[bool] = []
+    real = committer._by_driver
+
+    def spy(job):  # type: ignore[no-untyped-def]
+        seen.append(done := real(job))
+        return done
+
+    monkeypatch.setattr(committer, "_by_driver", spy)
+    return seen
+
+
+def test_a_lone_new_instance_is_written_by_the_driver_form(archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One store at a time (one association): the first instance of a series needs the general path (the
+    driver form declines, nothing written), every later one is written on the DBAPI connection; the rows and
+    the study and series counters are those of the session form."""
+    files = write_study(tmp_path / "in", StudySpec(patient_id="GC-DRV"), series=2, per_series=3)
+    seen = _driver_writes(archive.store.committer, monkeypatch)
+    for f in files:
+        assert archive.store.store_file(f).outcome is Outcome.STORED
+    assert seen == [False, True, True, False, True, True]
+    with archive.index.session() as s:
+        study = s.scalars(select(Study)).one()
+        assert (study.num_series, study.num_instances) == (2, 6)
+        assert sorted(se.num_instances for se in s.scalars(select(Series))) == [3, 3]
+        copies = s.scalars(select(FileCopy)).all()
+        assert len(copies) == 6
+        for c in copies:  # the digest and size recorded are the stored file's
+            assert (c.size, c.sha256) == sha256_file(archive.tiers.hot.abspath(c.rel_path))
+    # the same instance again: refused as a duplicate before any index write is tried; the first copy stays
+    assert archive.store.store_file(files[1]).outcome is Outcome.DUPLICATE
+    assert len(seen) == 6 and _count(archive, Instance) == 6
+
+
+def test_a_declined_or_failed_driver_form_leaves_nothing(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a driver form wrote before it declined or failed is rolled back; its error arrives as SQLAlchemy's."""
+    from sqlalchemy.exc import IntegrityError
+
+    from xdsi.archive.group_commit import GroupCommitter
+
+    committer = GroupCommitter(archive.index)
+    sql = "INSERT INTO patient (patient_id, issuer_of_patient_id, scope_study_uid, patient_name, patient_name_norm, " \
+          "birth_date, sex, created_at) VALUES ('{0}', '', '', '', '', '', '', '2026-01-01 00:00:00')"
+
+    def declines(c):  # type: ignore[no-untyped-def]
+        c.connection.cursor().execute(sql.format("DECLINED"))
+        return None
+
+    assert committer.run(lambda s: "session form", driver=declines) == "session form"
+
+    def fails(c):  # type: ignore[no-untyped-def]
+        cur = c.connection.cursor()
+        cur.execute(sql.format("FAILED"))
+        cur.execute(sql.format("FAILED"))  # the unique key: the driver's IntegrityError
+        return 1
+
+    with pytest.raises(IntegrityError):
+        committer.run(lambda s: "not reached", driver=fails)
+    assert _count(archive, Patient) == 0
+
+
+def test_a_failed_driver_commit_fails_the_store_and_keeps_nothing(archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The COMMIT of the driver form failing (disk I/O error) is the instance's failure: no row, no file."""
+    files = write_study(tmp_path / "in", StudySpec(patient_id="GC-DC"), series=1, per_series=2)
+    assert archive.store.store_file(files[0]).outcome is Outcome.STORED  # the series, by the session form
+    engine = archive.index.engine
+    real = engine.raw_connection
+    dbapi_error = engine.dialect.loaded_dbapi.OperationalError
+
+    class FailingCommit:
+        def __init__(self, conn) -> None:  # type: ignore[no-untyped-def]
+            self._conn = conn
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self._conn, name)
+
+        def commit(self) -> None:
+            raise dbapi_error("disk I/O error")
+
+    class Raw:
+        def __init__(self) -> None:
+            self._raw = real()
+            self.dbapi_connection = FailingCommit(self._raw.dbapi_connection)
+
+        def cursor(self):  # type: ignore[no-untyped-def]
+            return self._raw.cursor()
+
+        def close(self) -> None:
+            self._raw.close()
+
+    seen = _driver_writes(archive.store.committer, monkeypatch)
+    monkeypatch.setattr(engine, "raw_connection", Raw)
+    r = archive.store.store_file(files[1])
+    monkeypatch.setattr(engine, "raw_connection", real)
+    assert r.outcome is Outcome.FAILED and "index failure" in r.reason
+    assert _count(archive, Instance) == 1
+    assert len(list(archive.tiers.hot.root.rglob("*.dcm"))) == 1  # the placed file went with the failed commit
+    assert archive.store.store_file(files[1]).outcome is Outcome.STORED
+    assert seen[-1] is True

@@ -40,9 +40,9 @@ def test_moved_spool_file_is_synced_before_named_and_named_before_indexed(archiv
         events.append("name")
         return real_link(src, dst, *a, **k)
 
-    def run(fn):  # type: ignore[no-untyped-def]
+    def run(fn, **kw):  # type: ignore[no-untyped-def]
         events.append("index")
-        return real_run(fn)
+        return real_run(fn, **kw)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(tiers.os, "link", link)

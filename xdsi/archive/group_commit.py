@@ -24,6 +24,16 @@ database (:class:`WriterLock`): a waiting leader sleeps in the kernel and wakes
 the moment the other commits, instead of polling in SQLite's busy handler.
 PostgreSQL needs no such lock: its writers do not exclude one another.
 
+A store alone in its batch that brings a *driver* form of its write (``run(fn, driver=...)``: the
+index's fast path for a new instance of a known series) runs it on a DBAPI connection in a
+transaction of its own, without an ORM session: BEGIN, the statements, COMMIT.  Why (issue 14):
+the session's life around one instance (session, pool checkout, SQLAlchemy's transaction objects
+and BEGIN event, commit) was ~15 % of the GIL time of a stored instance, more than the
+statements.  When the driver form declines (it returns None before writing anything: the
+instance needs the general path) the transaction is rolled back and the session form runs, in the
+same turn of the writer lock.  Errors of the driver are raised as SQLAlchemy's (``DBAPIError``),
+so retries and failures are the session form's.
+
 When the database breaks a deadlock (two PostgreSQL writers bumping the same
 study and series counters in different orders) or a serialization conflict,
 the instances it hit are written again in a new transaction, up to
@@ -42,6 +52,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Generic, TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from xdsi.index.db import Index, retryable
@@ -54,11 +65,26 @@ MAX_BATCH = 64  # instances per transaction: bounds the time a follower waits be
 ATTEMPTS = 5  # transactions an instance is tried in when the database aborts it as a deadlock victim
 
 
-class _Job(Generic[T]):
-    __slots__ = ("fn", "value", "error", "done")
+class DriverConnection:
+    """What a driver form of a write gets: the dialect, and ``connection`` (the pooled DBAPI connection, ``cursor()``).
 
-    def __init__(self, fn: Callable[[Session], T]) -> None:
+    The same two attributes a SQLAlchemy ``Connection`` has, so one statement runner serves both
+    (:class:`xdsi.index.catalog._DriverStatement`).
+    """
+
+    __slots__ = ("dialect", "connection")
+
+    def __init__(self, dialect: Any, connection: Any) -> None:
+        self.dialect = dialect
+        self.connection = connection
+
+
+class _Job(Generic[T]):
+    __slots__ = ("fn", "driver", "value", "error", "done")
+
+    def __init__(self, fn: Callable[[Session], T], driver: Callable[[DriverConnection], T | None] | None = None) -> None:
         self.fn = fn
+        self.driver = driver
         self.value: T | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -120,9 +146,13 @@ class GroupCommitter:
         self.transactions = 0
         self.jobs = 0
 
-    def run(self, fn: Callable[[Session], T]) -> T:
-        """``fn(session)`` inside a committed transaction; re-raises what ``fn`` or the commit raised."""
-        job: _Job[T] = _Job(fn)
+    def run(self, fn: Callable[[Session], T], driver: Callable[[DriverConnection], T | None] | None = None) -> T:
+        """``fn(session)`` inside a committed transaction; re-raises what ``fn`` or the commit raised.
+
+        ``driver``: the same write on a DBAPI connection, or None when it cannot do it (it must then
+        have written nothing); used when this job is alone in its batch (see the module docstring).
+        """
+        job: _Job[T] = _Job(fn, driver)
         with self._cond:
             self._queue.append(job)
             while not job.done:
@@ -166,17 +196,20 @@ class GroupCommitter:
     def _attempt(self, batch: list[_Job[Any]]) -> None:
         lock: ContextManager[Any] = self.lock if self.lock is not None else nullcontext()
         try:
-            with lock, self.index.session() as s:
-                if len(batch) == 1:  # alone: no savepoint, the transaction is the instance's own
-                    batch[0].value = batch[0].fn(s)
-                else:
-                    for job in batch:
-                        try:
-                            with s.begin_nested():
-                                job.value = job.fn(s)
-                        except Exception as exc:  # this instance only; the others go on
-                            job.error = exc
-                            job.value = None
+            with lock:
+                alone = len(batch) == 1
+                if not (alone and batch[0].driver is not None and self._by_driver(batch[0])):
+                    with self.index.session() as s:
+                        if alone:  # no savepoint, the transaction is the instance's own
+                            batch[0].value = batch[0].fn(s)
+                        else:
+                            for job in batch:
+                                try:
+                                    with s.begin_nested():
+                                        job.value = job.fn(s)
+                                except Exception as exc:  # this instance only; the others go on
+                                    job.error = exc
+                                    job.value = None
             self.transactions += 1
             self.jobs += len(batch)
         except BaseException as exc:  # the commit (or the batch of one) failed: nothing of the batch is stored
@@ -186,3 +219,36 @@ class GroupCommitter:
                     job.value = None
             if not isinstance(exc, Exception):
                 raise
+
+    def _by_driver(self, job: _Job[Any]) -> bool:
+        """Run ``job.driver`` in a transaction of its own on a DBAPI connection; False if it declined (rolled back)."""
+        engine = self.index.engine
+        dialect = engine.dialect
+        raw = engine.raw_connection()  # checked out of the pool (pre-pinged on PostgreSQL) and back on close
+        try:
+            dbapi = raw.dbapi_connection
+            try:
+                if dialect.name == "sqlite":  # autocommit mode (xdsi.index.db): take the write lock at BEGIN
+                    dbapi.execute("BEGIN IMMEDIATE")
+                value = job.driver(DriverConnection(dialect, raw))  # type: ignore[misc]
+                if value is None:
+                    dbapi.rollback()
+                    return False
+                dbapi.commit()
+            except dialect.loaded_dbapi.Error as exc:
+                _rollback_quietly(dbapi)
+                raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+            except BaseException:
+                _rollback_quietly(dbapi)
+                raise
+        finally:
+            raw.close()
+        job.value = value
+        return True
+
+
+def _rollback_quietly(dbapi: Any) -> None:
+    try:
+        dbapi.rollback()
+    except Exception:  # the connection is broken: the pool discards it on close
+        pass

@@ -265,7 +265,8 @@ class StoreService:
         try:
             # shares a transaction with instances stored at the same moment; returns once it has committed
             _, old = self.committer.run(
-                lambda s: catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace)
+                lambda s: catalog.record_instance(s, header, copy, source_ae=source_ae, replace=self.replace),
+                driver=lambda c: _new_only(catalog.record_new_instance(c, header, copy, source_ae=source_ae)),
             )
         except catalog.PatientMismatch as exc:
             # the study is archived for another patient: refuse rather than file it under the wrong person
@@ -307,6 +308,11 @@ class StoreService:
             except Exception:
                 log.exception("store listener failed for %s", header.sop_instance_uid)
         return StoreResult(Outcome.REPLACED if old or existing is not None else Outcome.STORED, **ids)
+
+
+def _new_only(pk: int | None) -> tuple[int, list[catalog.CopyRecord]] | None:
+    """:func:`catalog.record_new_instance`'s answer in :func:`catalog.record_instance`'s form (no superseded copies)."""
+    return None if pk is None else (pk, [])
 
 
 def iter_dicom_paths(paths: list[Path]):  # type: ignore[no-untyped-def]

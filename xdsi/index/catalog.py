@@ -445,14 +445,25 @@ def _record_fast(session: Session, h: "InstanceHeader", copy: CopyRecord, source
     duplicate, a replacement) also goes to the general path, with nothing
     written yet.  All of it in the caller's transaction or savepoint.
     """
-    if not h.series_uid or not h.study_uid:
-        return None
-    dialect = session.get_bind().dialect.name
-    new_instance = _NEW_INSTANCE_RAW.get(dialect)
-    if new_instance is None:  # pragma: no cover - only the two supported backends
+    if not h.series_uid or not h.study_uid or session.get_bind().dialect.name not in _NEW_INSTANCE_RAW:
         return None
     session.flush()  # pending ORM writes of earlier instances in this transaction go first
-    conn = session.connection()
+    return _record_fast_on(session.connection(), h, copy, source_ae, now)
+
+
+def record_new_instance(conn: Any, h: "InstanceHeader", copy: CopyRecord, *, source_ae: str = "") -> int | None:
+    """:func:`record_instance`'s fast path alone, on a driver connection (``GroupCommitter.run(driver=...)``).
+
+    The instance's primary key, or None when the instance needs the general path (nothing written then).
+    """
+    if not h.series_uid or not h.study_uid or conn.dialect.name not in _NEW_INSTANCE_RAW:
+        return None
+    return _record_fast_on(conn, h, copy, source_ae, utcnow())
+
+
+def _record_fast_on(conn: Any, h: "InstanceHeader", copy: CopyRecord, source_ae: str, now: datetime) -> int | None:
+    """:func:`_record_fast`'s statements on ``conn`` (a Core connection or a driver one: ``.dialect``, ``.connection``)."""
+    new_instance = _NEW_INSTANCE_RAW[conn.dialect.name]
     row = _first_row(_CONTEXT_RAW.run(conn, {"series_uid": h.series_uid}))
     if row is None or row["study_uid"] != h.study_uid:
         return None  # new series, or a series of another study: the general path
