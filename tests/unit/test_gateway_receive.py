@@ -133,3 +133,28 @@ def test_installed_receive_primitive_hands_over_to_pynetdicom(tmp_path: Path, mo
     path = Path(primitive._dataset_path)
     raw = path.read_bytes()
     assert raw == receive.PREAMBLE + receive.file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian) + body
+
+
+def test_spool_file_is_where_and_as_the_spool_keeper_expects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_spool(): tmp*.dcm in tempfile's directory (SPOOL_PATTERNS), new (never an existing file), owner-only like mkstemp."""
+    import stat
+    import tempfile
+
+    from xdsi.dimse.spool import SPOOL_PATTERNS
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = [receive.open_spool() for _ in range(3)]
+    try:
+        paths = [Path(f.name) for f in files]
+        assert len(set(paths)) == 3 and all(p.parent == tmp_path for p in paths)
+        assert sorted(tmp_path.glob(SPOOL_PATTERNS[0])) == sorted(paths)
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in paths)
+        files[0].write(b"abc")
+        files[0].file.flush()  # pynetdicom's decode_msg flushes through .file
+        files[0].close()
+        assert paths[0].read_bytes() == b"abc"
+        with pytest.raises(FileExistsError):  # "x": an existing name is never opened over
+            receive.SpoolFile(str(paths[1]), "xb")
+    finally:
+        for f in files:
+            f.close()

@@ -103,6 +103,8 @@ class Relay:
         self.expected: identity.Expected | None = None
         self.refused: list[tuple[str, str]] = []  # (SOP Instance UID, reason) of deliveries refused as not asked for
         self.audit: Any = None  # an xdsi.audit.hub.RelayAudit when [audit] is on (set by the gateway)
+        # the spool file the sink sends next, if it has arrived (Exchange.upcoming, set while a sink runs)
+        self.upcoming: Callable[[], Path | None] | None = None
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -415,11 +417,22 @@ def _receive_fast(assoc: Any) -> None:
 # -- sources ----------------------------------------------------------------------------------------
 
 
-def pump_responses(relay: Relay, client: RemoteClient, op: str, responses: Any) -> str | None:
-    """The remote's C-MOVE/C-GET responses into ``relay`` until its final one; the problem if one never came."""
+def pump_responses(relay: Relay, client: RemoteClient, op: str, responses: Any, every: bool = True) -> str | None:
+    """The remote's C-MOVE/C-GET responses into ``relay`` until its final one; the problem if one never came.
+
+    ``every`` False (a relay, whose sink counts the instances it sends, not the remote's Pending counts): once
+    the sink has the total (:meth:`Relay.announce`), a Pending response is not queued, only the inbox drained
+    ahead of it (instances before the response that counts them, as :meth:`Relay.response` does).  Why: each one
+    woke the sink for nothing it uses (``Exchange.rest`` skips them), one wake-up and two inbox listings per
+    relayed instance (issue 15).  The forwarded C-MOVE (its sink relays the remote's counts) takes every one.
+    """
     for st, ident in responses:
-        if getattr(st, "Status", None) is None:  # pynetdicom's timeout or abort: an empty response
+        code = getattr(st, "Status", None)
+        if code is None:  # pynetdicom's timeout or abort: an empty response
             return f"{client.remote.name}: no {op} response in {client.remote.timeout:g} s"
+        if not every and relay.announced and int(code) in PENDING:
+            relay.drain_inbox()
+            continue
         relay.response(st, ident)
     return None
 
@@ -443,7 +456,8 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
             with client.association(qr_contexts(model)) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _wake_on_activity(assoc)
-                problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id))
+                problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id),
+                                         every=False)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
         finally:
@@ -478,7 +492,7 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
                                     handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _receive_fast(assoc)  # the remote's C-STOREs come on this association
-                problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id))
+                problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id), every=False)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-GET from")
         finally:
@@ -528,6 +542,7 @@ class Finisher:
         self.store = store
         self.source_ae = source_ae
         self.syntaxes: dict[tuple[str, str], list[str]] = {}  # (SOP class, arrived syntax) -> accepted syntaxes on the sink
+        self.expecting: Any = None  # the DirectWriter told to read the next instance ahead (relay.upcoming)
 
     def sent(self, arrived: Arrived, ok: bool, reason: str = "") -> None:
         """The receiver's answer for ``arrived`` (before the file is archived or removed): for the audit trail."""
@@ -585,6 +600,9 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
             path = converted
         rsp = None
         writer = direct.writer_of(assoc)
+        if writer is not None and finish.expecting is not writer and finish.relay.upcoming is not None:
+            writer.expect(finish.relay.upcoming)  # the next arrived file read while the receiver answers this one
+            finish.expecting = writer
         if writer is not None:  # written to the socket and answered by this thread (xdsi.dimse.direct), as local retrieves are
             rsp = writer.send_c_store(path, arrived.sop_class_uid, arrived.sop_instance_uid, choice.transfer_syntax, *args, **kwargs)
         if rsp is None:  # no direct writer, or a file pynetdicom must read (unusual File Meta)
@@ -713,6 +731,22 @@ class Exchange:
                 self.ended = True
                 self.problem = self.problem or value
 
+    def upcoming(self) -> Path | None:
+        """The spool file of the instance :meth:`rest` hands out next, if it is already here (for the sender's read-ahead).
+
+        A guess, read from another thread's queue without taking anything: the sender uses what it read only if
+        the file it is then asked to send is this one, unchanged (``DirectWriter._claim``).
+        """
+        for arrived in self.buffered[:1]:
+            return arrived.path
+        for kind, value in self.pending[:1]:
+            return value.path if kind == "instance" else None
+        try:
+            kind, value = self.relay.items.queue[0]
+        except IndexError:
+            return None
+        return value.path if kind == "instance" else None
+
     def discard(self) -> None:
         """Remove what was taken but never handed out (the retrieve cancelled, the requester gone, an error)."""
         for arrived in self.buffered:
@@ -753,6 +787,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
     running, unsent files removed) however the generator ends.
     """
     ex = Exchange(event, relay)
+    relay.upcoming = ex.upcoming
     sent = 0
     last: Arrived | None = None
     t_start = time.monotonic()
@@ -811,6 +846,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             for i in range(missing):
                 yield Status.PENDING, MissingInstance(uids[i] if i < len(uids) else "", reason)
     finally:
+        relay.upcoming = None
         if not ex.ended:
             ex.cancel()
         relay.close()
