@@ -59,6 +59,30 @@ def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0,
         spy.wait(60)
 
 
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds of every thread of ``pid``'s descendants, by "pid/tid name" (threads that ended are lost)."""
+    out: dict[str, tuple[float, float]] = {}
+    pids = [pid]
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(rest[1]) == pid:
+                pids.append(int(d.name))
+    for p in pids:
+        for t in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                raw = (t / "stat").read_text()
+            except OSError:
+                continue
+            name = raw[raw.index("(") + 1 : raw.rindex(")")]
+            rest = raw[raw.rindex(")") + 2 :].split()
+            out[f"{p}/{t.name} {name}"] = (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
+    return out
+
+
 def forking_cpu(pid: int) -> float:
     """CPU seconds of ``pid``, of its children it has reaped and of those still there (zombies too): dcmqrscp forks one
     child per association and reaps it only later, so its time moves from the second sum to the first, never lost."""
@@ -125,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    "in the same rounds, and print this tree/base")
     p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
+    p.add_argument("--thread-cpu", action="store_true", help="xdsi's CPU per thread during --profile-runs extra gateway C-GETs")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
     p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
@@ -191,8 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
                           f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
                           f"getscu {used[3]:.2f}")
+        if args.thread_cpu:
+            before = thread_cpu(proc.proc.pid)
+            for _ in range(args.profile_runs):
+                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
+            after = thread_cpu(proc.proc.pid)
+            n = args.profile_runs * args.instances
+            rows = sorted(((after[k][0] - before.get(k, (0.0, 0.0))[0], after[k][1] - before.get(k, (0.0, 0.0))[1], k) for k in after),
+                          key=lambda r: -(r[0] + r[1]))
+            print("xdsi CPU ms/instance by thread (user, system):")
+            for u, sy, k in rows[:15]:
+                if u + sy > 0:
+                    print(f"  {u * 1000 / n:6.3f} {sy * 1000 / n:6.3f}  {k}")
         if args.strace:
-            spy = subprocess.Popen(["strace", "-c", "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
+            spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
             time.sleep(1.0)
             for _ in range(args.profile_runs):
                 c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
