@@ -32,6 +32,7 @@ from typing import Any
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -144,7 +145,66 @@ def start_store(assoc: Any, primitive: Any) -> DIMSEMessage | None:
     message._data_set_file = spool  # type: ignore[assignment]
     message._data_set_path = Path(spool.name)
     spool.write(PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0])))
+    fast = _primitive_maker(message, fields, sop_class, sop_instance)
+    if fast is not None:
+        message.message_to_primitive = fast  # type: ignore[method-assign]  # this message only
     return message
+
+
+# the C-STORE-RQ command set elements (PS3.7 9.3.1.1) that C_STORE primitive parameters take: what _primitive_maker
+# handles; a command set with any other element (an Error Comment in a request, a private one) keeps pynetdicom's
+_STORE_RQ_FIELDS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031))
+
+
+def _primitive_maker(message: DIMSEMessage, fields: dict[int, bytes], sop_class: str, sop_instance: str) -> Any:
+    """``message_to_primitive`` for this C-STORE-RQ without pydicom, or None: pynetdicom's.
+
+    Why (issue 15): pynetdicom's walks the decoded command set (every element converted, its keyword looked up,
+    its VM computed) before the primitive's setters run: ~0.11 ms of the ~0.13 ms per relayed instance spent
+    there; here the same setters (the same validation, in the same order) get the values straight from the
+    parsed bytes: US as integers, the UIDs as :func:`_ascii` gives them (pydicom's ``UI`` conversion: padding and
+    surrounding whitespace off), the AE title as pydicom's ``convert_AE_string`` (leading and trailing spaces off).
+    Only a command set holding nothing but the C-STORE-RQ elements, each US two bytes and the AE title one plain
+    value, takes this path; tests/unit/test_gateway_receive.py compares its primitives with pynetdicom's.
+    """
+    if not fields.keys() <= _STORE_RQ_FIELDS:
+        return None
+    shorts = {}
+    for element in (0x0110, 0x0700, 0x1031):
+        if element in fields:
+            value = _us(fields, element)
+            if value is None:
+                return None
+            shorts[element] = value
+    if 0x0110 not in shorts or 0x0700 not in shorts:
+        return None  # Message ID and Priority are mandatory: pynetdicom says what is wrong
+    ae: str | None = None
+    if 0x1030 in fields:
+        raw = fields[0x1030]
+        if b"\\" in raw:
+            return None
+        try:
+            ae = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return None
+
+    def message_to_primitive() -> C_STORE:
+        primitive = C_STORE()
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.MessageID = shorts[0x0110]
+        primitive.Priority = shorts[0x0700]
+        primitive.AffectedSOPInstanceUID = sop_instance
+        if ae is not None:
+            primitive.MoveOriginatorApplicationEntityTitle = ae
+        if 0x1031 in shorts:
+            primitive.MoveOriginatorMessageID = shorts[0x1031]
+        primitive.DataSet = message.data_set
+        primitive._context_id = message.context_id
+        primitive._dataset_path = message._data_set_path
+        primitive._dataset_file = message._data_set_file
+        return primitive
+
+    return message_to_primitive
 
 
 def install(assoc: Any) -> None:

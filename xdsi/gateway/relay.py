@@ -108,6 +108,7 @@ class Relay:
         # the spool file the sink sends next, if it has arrived (Exchange.upcoming, set while a sink runs)
         self.upcoming: Callable[[], Path | None] | None = None
         self.skipped_pending = 0  # the remote's Pending responses dropped undecoded (skip_pending)
+        self.via_inbox = 0  # instances another process received for this relay (from_inbox)
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
 
     # -- the source side --------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class Relay:
             except OSError:
                 shutil.move(str(self.inbox / name), str(own))
             out.append(Arrived(own, sop_class, sop_uid, ts))
+        self.via_inbox += len(out)
         return out
 
 
@@ -915,7 +917,8 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             last = None
             sending += time.monotonic() - t
         log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote); "
-                 "%d Pending responses not decoded", what, sent, t_count - t_start, time.monotonic() - t_count, sending, relay.skipped_pending)
+                 "%d Pending responses not decoded, %d instances received by another process", what, sent, t_count - t_start,
+                 time.monotonic() - t_count, sending, relay.skipped_pending, relay.via_inbox)
         if ex.cancelled:
             ex.cancel()
             yield Status.CANCEL, None
