@@ -480,9 +480,13 @@ def skip_pending(assoc: Any, relay: Relay) -> None:
     def receive_primitive(primitive: Any) -> None:
         now = time.monotonic()
         if dimse.message is None and relay.announced and now - passed[0] < PENDING_PASS_EVERY and _plain_pending(primitive, relay.msg_id):
-            relay.drain_inbox()
-            relay.skipped_pending += 1
-            return
+            try:
+                relay.drain_inbox()
+            except Exception:  # noqa: BLE001 - the response then goes the usual way, whose pump drains again
+                log.exception("relay %s/%d: inbox not drained by the DUL", relay.remote_ae, relay.msg_id)
+            else:
+                relay.skipped_pending += 1
+                return
         passed[0] = now
         original(primitive)
 
