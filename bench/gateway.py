@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """C-GET via C-MOVE through the xdsi gateway against a direct C-GET from the remote PACS, one run (issue 15).
 
-    python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache]
+    python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache] [--workers N]
+        [--against BASE_TREE] [--profile OUT [--profile-runs 3] [--profile-rate 200]] [--strace OUT]
 
 Needs root and Debian's dcmtk.  The script re-executes itself in its own network namespace
 (``BENCH_NETNS``, default ``bench-gateway``) holding only ``lo``, where it starts one dcmtk
@@ -16,7 +17,11 @@ it on the requester's association as it arrives.  Alternating the two each round
 
 It prints MB/s per round, the medians and the per-round ratio gateway/direct (aim: >= 0.7), and
 checks every round that every instance arrived.  Only ratios from one run mean anything on a
-shared machine; the ratio bounds what relaying costs over the remote's own C-GET.
+shared machine; the ratio bounds what relaying costs over the remote's own C-GET.  ``--workers 1`` takes
+out the chance that the remote's storage association lands on another worker than the requester's (the
+relay's inbox path, xdsi/gateway/relay.py), which varies run to run with the default one worker per CPU.
+``--profile`` records py-spy (``PYSPY_GIL=1``: only the thread holding the GIL) at ``--profile-rate``
+samples/s; ``--strace`` counts xdsi's system calls (``STRACE_FULL=1``: every call, per thread).
 """
 
 from __future__ import annotations
@@ -57,30 +62,6 @@ def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0,
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         spy.wait(60)
-
-
-def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
-    """(user, system) CPU seconds of every thread of ``pid``'s descendants, by "pid/tid name" (threads that ended are lost)."""
-    out: dict[str, tuple[float, float]] = {}
-    pids = [pid]
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(rest[1]) == pid:
-                pids.append(int(d.name))
-    for p in pids:
-        for t in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                raw = (t / "stat").read_text()
-            except OSError:
-                continue
-            name = raw[raw.index("(") + 1 : raw.rindex(")")]
-            rest = raw[raw.rindex(")") + 2 :].split()
-            out[f"{p}/{t.name} {name}"] = (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
-    return out
 
 
 def forking_cpu(pid: int) -> float:
@@ -149,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                    "in the same rounds, and print this tree/base")
     p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
-    p.add_argument("--thread-cpu", action="store_true", help="xdsi's CPU per thread during --profile-runs extra gateway C-GETs")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
     p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
@@ -216,18 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
                           f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
                           f"getscu {used[3]:.2f}")
-        if args.thread_cpu:
-            before = thread_cpu(proc.proc.pid)
-            for _ in range(args.profile_runs):
-                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
-            after = thread_cpu(proc.proc.pid)
-            n = args.profile_runs * args.instances
-            rows = sorted(((after[k][0] - before.get(k, (0.0, 0.0))[0], after[k][1] - before.get(k, (0.0, 0.0))[1], k) for k in after),
-                          key=lambda r: -(r[0] + r[1]))
-            print("xdsi CPU ms/instance by thread (user, system):")
-            for u, sy, k in rows[:15]:
-                if u + sy > 0:
-                    print(f"  {u * 1000 / n:6.3f} {sy * 1000 / n:6.3f}  {k}")
         if args.strace:
             spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
             time.sleep(1.0)
