@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """C-GET via C-MOVE through the xdsi gateway against a direct C-GET from the remote PACS, one run (issue 15).
 
-    python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache]
+    python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache] [--workers N]
+        [--against BASE_TREE] [--profile OUT [--profile-runs 3] [--profile-rate 200]] [--strace OUT]
 
 Needs root and Debian's dcmtk.  The script re-executes itself in its own network namespace
 (``BENCH_NETNS``, default ``bench-gateway``) holding only ``lo``, where it starts one dcmtk
@@ -16,7 +17,11 @@ it on the requester's association as it arrives.  Alternating the two each round
 
 It prints MB/s per round, the medians and the per-round ratio gateway/direct (aim: >= 0.7), and
 checks every round that every instance arrived.  Only ratios from one run mean anything on a
-shared machine; the ratio bounds what relaying costs over the remote's own C-GET.
+shared machine; the ratio bounds what relaying costs over the remote's own C-GET.  ``--workers 1`` takes
+out the chance that the remote's storage association lands on another worker than the requester's (the
+relay's inbox path, xdsi/gateway/relay.py), which varies run to run with the default one worker per CPU.
+``--profile`` records py-spy (``PYSPY_GIL=1``: only the thread holding the GIL) at ``--profile-rate``
+samples/s; ``--strace`` counts xdsi's system calls (``STRACE_FULL=1``: every call, per thread).
 """
 
 from __future__ import annotations
@@ -25,21 +30,38 @@ import argparse
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import CLK_TCK, Netns, count_files, py_spy, tree_cpu  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, tree_cpu  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
+
+
+@contextmanager
+def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0, rate: int = 200) -> Iterator[None]:
+    """bench.peers.py_spy with a sampling rate: a relayed instance takes a few ms, 200 samples/s see too few of them."""
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(rate), "-o", str(out), "-p", str(pid), "--threads",
+                            *(["--subprocesses"] if subprocesses else []), *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
+                            *(["-f", "raw"] if out.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(60)
 
 
 def forking_cpu(pid: int) -> float:
@@ -106,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", action="store_true", help="[gateway] cache = true: keep what is relayed")
     p.add_argument("--against", type=Path, help="also relay through xdsi from this source tree (e.g. git archive BASE | tar -x -C DIR) "
                    "in the same rounds, and print this tree/base")
+    p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
+    p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
+    p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
+    p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     args = p.parse_args(argv)
     rc = NS.enter(__file__, argv, GETSCU)
     if rc is not None:
@@ -130,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             f'[gateway]\nremotes = ["PACS"]\nmode = "forward"\ncache = {"true" if args.cache else "false"}\n'
         )
         proc = XdsiProcess(work / "data", config=config,
-                           env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)})
+                           env={"XDSI_LOG_LEVEL": os.environ.get("XDSI_LOG_LEVEL", "WARNING"), "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=args.workers)
         proc.dicom_port = xdsi_port
         destinations = {"XDSI": ("127.0.0.1", xdsi_port)}
         if args.against:  # the same gateway from another source tree, under its own AE title, in the same rounds
             base = XdsiProcess(work / "data-base", config=config, ae_title="XDSIBASE", prefix=["env", "-C", str(args.against)],
-                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)})
+                               env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(args.against)}, workers=args.workers)
             base.dicom_port = NS.port(3)
             destinations["XDSIBASE"] = ("127.0.0.1", base.dicom_port)
         pacs = Dcmqrscp([], work / "pacs", "PACS", pacs_port, destinations, get=True)
@@ -170,9 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
                           f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
                           f"getscu {used[3]:.2f}")
+        if args.strace:
+            spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
+            time.sleep(1.0)
+            for _ in range(args.profile_runs):
+                c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            print(f"strace: {args.strace}")
         if args.profile:
-            with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5):  # xdsi serve runs its workers as children
-                for _ in range(3):
+            with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5, rate=args.profile_rate):  # xdsi serve runs its workers as children
+                for _ in range(args.profile_runs):
                     c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
             print(f"profile: {args.profile}")
         d, g = mbps["direct"], mbps["gateway"]

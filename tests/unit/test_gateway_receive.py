@@ -133,3 +133,124 @@ def test_installed_receive_primitive_hands_over_to_pynetdicom(tmp_path: Path, mo
     path = Path(primitive._dataset_path)
     raw = path.read_bytes()
     assert raw == receive.PREAMBLE + receive.file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian) + body
+
+
+def test_spool_file_is_where_and_as_the_spool_keeper_expects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_spool(): tmp*.dcm in tempfile's directory (SPOOL_PATTERNS), new (never an existing file), owner-only like mkstemp."""
+    import stat
+    import tempfile
+
+    from xdsi.dimse.spool import SPOOL_PATTERNS
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = [receive.open_spool() for _ in range(3)]
+    try:
+        paths = [Path(f.name) for f in files]
+        assert len(set(paths)) == 3 and all(p.parent == tmp_path for p in paths)
+        assert sorted(tmp_path.glob(SPOOL_PATTERNS[0])) == sorted(paths)
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in paths)
+        files[0].write(b"abc")
+        files[0].file.flush()  # pynetdicom's decode_msg flushes through .file
+        files[0].close()
+        assert paths[0].read_bytes() == b"abc"
+        with pytest.raises(FileExistsError):  # "x": an existing name is never opened over
+            receive.SpoolFile(str(paths[1]), "xb")
+    finally:
+        for f in files:
+            f.close()
+
+
+def _command_pdata(items: list[tuple[int, str, object]], context_id: int = 1) -> P_DATA:
+    """A C-STORE-RQ command set from raw (element, VR, value) items (xdsi.dimse.direct.encode_command), one PDV."""
+    from xdsi.dimse.direct import encode_command
+
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + encode_command(items)))
+    return pdata
+
+
+def _store_items(sop_uid: str = "1.2.826.0.1.3680043.8.498.5", priority: int = 2, ae: str | None = "XDSI",
+                 mid: int | None = 3, msg_id: int = 7) -> list[tuple[int, str, object]]:
+    return [(0x0002, "UI", CTImageStorage), (0x0100, "US", 0x0001), (0x0110, "US", msg_id), (0x0700, "US", priority),
+            (0x0800, "US", 0x0000), (0x1000, "UI", sop_uid), (0x1030, "AE", ae), (0x1031, "US", mid)]
+
+
+_PARAMETERS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "MessageID", "Priority", "MoveOriginatorApplicationEntityTitle",
+               "MoveOriginatorMessageID", "DataSet", "_context_id", "_dataset_path", "_dataset_file")
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        _store_items(),
+        _store_items(sop_uid="1.2.826.0.1.3680043.8.498.56"),  # even length: no NUL pad
+        _store_items(ae=None, mid=None),  # not a C-MOVE sub-operation
+        _store_items(ae=" PACS  1 ", priority=1, msg_id=65535),  # AE spaces (pydicom strips both ends), bounds
+        _store_items(ae="", mid=0, priority=0),
+        _store_items(mid=None),  # an originator AE without its Message ID: passed on as pynetdicom does
+    ],
+)
+def test_fast_primitive_is_pynetdicoms(items: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """message_to_primitive of a C-STORE-RQ start_store began: the same parameters as pynetdicom's own."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(items))
+    assert message is not None
+    try:
+        assert "message_to_primitive" in message.__dict__  # the fast path was taken
+        ours, theirs = message.message_to_primitive(), DIMSEMessage.message_to_primitive(message)
+        assert ours.__class__ is theirs.__class__ is C_STORE
+        for name in _PARAMETERS:
+            assert getattr(ours, name) == getattr(theirs, name), name
+    finally:
+        message._data_set_file.close()
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        _store_items(priority=5),  # invalid Priority: pynetdicom's setter refuses it, the same way on both paths
+        _store_items(ae="X" * 17),  # an AE title longer than 16: pynetdicom's setter decides
+    ],
+)
+def test_fast_primitive_refuses_what_pynetdicom_refuses(items: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(items))
+    assert message is not None
+    try:
+        outcomes = []
+        for convert in (message.message_to_primitive, lambda: DIMSEMessage.message_to_primitive(message)):
+            try:
+                p = convert()
+                outcomes.append(("ok", tuple(str(getattr(p, n)) for n in _PARAMETERS[:6])))
+            except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+                outcomes.append((exc.__class__.__name__, str(exc)))
+        assert outcomes[0] == outcomes[1]
+    finally:
+        message._data_set_file.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [(0x0002, "UI", CTImageStorage), (0x0100, "US", 0x0001), (0x0110, "US", 7), (0x0700, "US", 2), (0x0800, "US", 0),
+         (0x0902, "LO", "comment"), (0x1000, "UI", "1.2.3.4")],  # an element a C-STORE-RQ does not carry
+        _store_items(ae="A\\B"),  # an AE title with two values
+    ],
+)
+def test_unusual_command_sets_keep_pynetdicoms_conversion(extra: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(extra))
+    assert message is not None
+    try:
+        assert "message_to_primitive" not in message.__dict__
+    finally:
+        message._data_set_file.close()

@@ -265,3 +265,100 @@ def test_cget_scp_reports_undelivered_instances_as_failed(tmp_path: Path) -> Non
         assert not list((tmp_path / "spool").glob("relay-*.dcm"))
     finally:
         server.shutdown()
+
+
+# -- the remote's Pending C-MOVE responses dropped undecoded once the sink has the total (skip_pending) ---------------
+
+
+def _move_rsp(msg_id: int, status: int, *, identifier: bool = False, comment: str | None = None, split: bool = False) -> Any:
+    """A C-MOVE-RSP command set as pynetdicom encodes it, in one P-DATA (two PDVs when ``split``)."""
+    from pynetdicom.dimse_messages import C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_MOVE
+    from pynetdicom.pdu_primitives import P_DATA
+
+    rsp = C_MOVE()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    rsp.Status = status
+    rsp.NumberOfRemainingSuboperations = 5
+    rsp.NumberOfCompletedSuboperations = 1
+    rsp.NumberOfFailedSuboperations = 0
+    rsp.NumberOfWarningSuboperations = 0
+    if comment is not None:
+        rsp.ErrorComment = comment
+    if identifier:
+        from io import BytesIO
+
+        rsp.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    msg = C_MOVE_RSP()
+    msg.primitive_to_message(rsp)
+    pdata = P_DATA()
+    for piece in msg.encode_msg(1, 0 if not split else 40):
+        pdata.presentation_data_value_list.extend(v for v in piece.presentation_data_value_list if v[1][0] & 1)
+    return pdata
+
+
+class _Dimse:
+    def __init__(self) -> None:
+        self.message = None
+        self.seen: list[Any] = []
+
+    def receive_primitive(self, primitive: Any) -> None:  # pynetdicom's: decode, queue for the waiting thread
+        self.seen.append(primitive)
+
+
+def test_plain_pending_is_recognised_and_nothing_else(relay: r.Relay) -> None:
+    mid = relay.msg_id
+    assert r._plain_pending(_move_rsp(mid, 0xFF00), mid)
+    assert not r._plain_pending(_move_rsp(mid + 1, 0xFF00), mid)  # another request's
+    assert not r._plain_pending(_move_rsp(mid, 0x0000), mid)  # the final response
+    assert not r._plain_pending(_move_rsp(mid, 0xB000), mid)
+    assert not r._plain_pending(_move_rsp(mid, 0xFE00), mid)  # cancelled
+    assert not r._plain_pending(_move_rsp(mid, 0xFF00, identifier=True), mid)  # an identifier follows
+    assert not r._plain_pending(_move_rsp(mid, 0xFF00, comment="why"), mid)  # something to look at
+    assert not r._plain_pending(_move_rsp(mid, 0xFF00, split=True), mid)  # the command over several PDVs
+
+
+def test_pending_dropped_only_after_the_count_and_at_most_for_a_second(relay: r.Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    dimse = _Dimse()
+    assoc = SimpleNamespace(dimse=dimse)
+    now = [100.0]
+    monkeypatch.setattr(r.time, "monotonic", lambda: now[0])
+    r.skip_pending(assoc, relay)
+    r.skip_pending(assoc, relay)  # idempotent: one wrapper
+    pending, final = _move_rsp(relay.msg_id, 0xFF00), _move_rsp(relay.msg_id, 0x0000)
+    dimse.receive_primitive(pending)
+    assert len(dimse.seen) == 1  # the sink has no total yet: every Pending response is pynetdicom's
+    relay.announce()
+    now[0] += 0.1
+    dimse.receive_primitive(pending)
+    dimse.receive_primitive(pending)
+    assert len(dimse.seen) == 1 and relay.skipped_pending == 2
+    now[0] += r.PENDING_PASS_EVERY  # a second without one reaching the waiting thread: this one does (its DIMSE timeout)
+    dimse.receive_primitive(pending)
+    assert len(dimse.seen) == 2
+    dimse.message = object()  # a message half received: nothing is taken from under pynetdicom
+    now[0] += 0.1
+    dimse.receive_primitive(pending)
+    assert len(dimse.seen) == 3
+    dimse.message = None
+    dimse.receive_primitive(final)  # the final response always
+    assert dimse.seen[-1] is final and relay.skipped_pending == 2
+
+
+def test_dropped_pending_still_drains_the_inbox_first(relay: r.Relay, tmp_path: Path) -> None:
+    """Instances another worker put in the inbox are queued when the Pending response that counts them is dropped."""
+    dimse = _Dimse()
+    r.skip_pending(SimpleNamespace(dimse=dimse), relay)
+    relay.announce()
+    with r._lock:
+        r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+    try:
+        assert r.hand_over(_event(_spooled(tmp_path), mid=relay.msg_id, sop="1.2.3.9")) == 0x0000
+    finally:
+        with r._lock:
+            r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+    dimse.receive_primitive(_move_rsp(relay.msg_id, 0xFF00))
+    assert not dimse.seen
+    kind, arrived = relay.items.get_nowait()
+    assert kind == "instance" and arrived.sop_instance_uid == "1.2.3.9"

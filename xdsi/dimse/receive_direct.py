@@ -35,12 +35,12 @@ What is taken here, and what is left to pynetdicom:
 
 The spool file holds exactly what pynetdicom writes: preamble, File Meta, then every data set fragment
 in order (tests/integration/test_receive_direct.py compares stored bytes with dcmtk's storescu input).
-Note for the gateway (xdsi/gateway): the C-STOREs a remote sends for a relay are answered by the
-gateway's own code, not through :mod:`xdsi.dimse.store_responses`, so they keep pynetdicom's receive
-path (with :mod:`xdsi.gateway.receive`'s File Meta writer), and :func:`claim` leaves any association
-that module installed on alone.  To give a relay this path: answer its Success responses through
-``store_responses.SuccessSender`` (which claims, writes, then calls :func:`take_next`) and drop that
-exclusion; the message this module queues is the one ``xdsi.gateway.receive.start_store`` builds.
+The gateway (xdsi/gateway, issue 15): the storage association a remote opens to deliver what a relay
+asked for answers through ``store_responses.SuccessSender`` as well (``relay._receive_fast``), so its
+next C-STOREs are read here too (the message queued is the one ``xdsi.gateway.receive.start_store``
+builds, which that module also uses for the C-STOREs the DUL still reads).  Only our own C-GET
+association to a remote (a requestor: its thread also waits for the C-GET responses) is left to
+pynetdicom's reader.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def claim(assoc: Any) -> Any:
     dul = getattr(assoc, "dul", None)
     g = getattr(dul, direct._GUARD, None)
     dimse = getattr(assoc, "dimse", None)
-    if g is None or dimse is None or getattr(dimse, "_xdsi_relay_receive", False):
-        return None  # not guarded from the start, or a gateway relay association (its own receiver)
+    if g is None or dimse is None or (getattr(dimse, "_xdsi_relay_receive", False) and assoc.is_requestor):
+        return None  # not guarded from the start, or our C-GET to a remote (its thread waits for the C-GET responses)
     if not g.read_lock.acquire(timeout=0.05):  # the DUL holds it only while it reads one PDU
         return None
     return g
@@ -211,8 +211,12 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             dul.event_queue.put("Evt17")
             return False
         if last:
-            # the file's fsync starts now, while the association thread parses the header (early_sync)
-            _complete(assoc, dimse, message, early_sync.Written(size, digest.hexdigest(), early_sync.start(message._data_set_path)))
+            # the file's fsync starts now, while the association thread parses the header (early_sync); not on a
+            # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
+            # that syncs it itself)
+            relayed = getattr(dimse, "_xdsi_relay_receive", False)
+            synced = None if relayed else early_sync.start(message._data_set_path)
+            _complete(assoc, dimse, message, early_sync.Written(size, digest.hexdigest(), synced))
             return True
 
 

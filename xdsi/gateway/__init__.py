@@ -213,6 +213,8 @@ class Gateway:
                     yield from r.relay_suboperations(event, relay, what)
         finally:
             undo()
+            if finish.expecting is not None:  # the association serves more requests: no read-ahead from this relay's queue
+                finish.expecting.expect(None)
 
     # -- C-MOVE ---------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ never looked at either).
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -55,6 +56,7 @@ _TAG_LENGTH = struct.Struct("<HHL")
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
+_NOT_PLAIN = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # a byte below 0x20, above 0x7E, or a backslash (0x5C)
 
 
 class _Unsure(Exception):
@@ -135,7 +137,7 @@ def _meta(buf: bytes) -> tuple[int, str]:
 
 def _text(raw: bytes) -> str:
     """Printable ASCII without a backslash, trailing NUL/space padding off (pydicom's ``rstrip("\\0 ")``)."""
-    if any(b < 0x20 or b > 0x7E or b == 0x5C for b in raw.rstrip(b"\0 ")):
+    if _NOT_PLAIN.search(raw.rstrip(b"\0 ")):
         raise _Unsure("not plain ASCII, or more than one value")
     return raw.decode("ascii").rstrip("\0 ")
 

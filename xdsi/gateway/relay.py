@@ -51,10 +51,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pydicom.dataset import Dataset
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
 from xdsi.dimse import direct
+from xdsi.dimse.direct import parse_command
 from xdsi.gateway import identity
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
@@ -103,6 +105,11 @@ class Relay:
         self.expected: identity.Expected | None = None
         self.refused: list[tuple[str, str]] = []  # (SOP Instance UID, reason) of deliveries refused as not asked for
         self.audit: Any = None  # an xdsi.audit.hub.RelayAudit when [audit] is on (set by the gateway)
+        # the spool file the sink sends next, if it has arrived (Exchange.upcoming, set while a sink runs)
+        self.upcoming: Callable[[], Path | None] | None = None
+        self.skipped_pending = 0  # the remote's Pending responses dropped undecoded (skip_pending)
+        self.via_inbox = 0  # instances another process received for this relay (from_inbox)
+        self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -193,8 +200,14 @@ class Relay:
             self.announced = True
             self._cond.notify_all()
 
+    def remove_sent(self) -> None:
+        """Remove the spool files of instances already sent (the sink's thread: :class:`Finisher`)."""
+        while self.sent_files:
+            _unlink(self.sent_files.pop())
+
     def close(self) -> None:
-        """No more instances wanted: refuse what still comes, remove what is spooled and unsent."""
+        """No more instances wanted: refuse what still comes, remove what is spooled and unsent (and what was sent)."""
+        self.remove_sent()
         with self._cond:
             self.closed = True
             self._cond.notify_all()
@@ -242,6 +255,7 @@ class Relay:
             except OSError:
                 shutil.move(str(self.inbox / name), str(own))
             out.append(Arrived(own, sop_class, sop_uid, ts))
+        self.via_inbox += len(out)
         return out
 
 
@@ -415,11 +429,87 @@ def _receive_fast(assoc: Any) -> None:
 # -- sources ----------------------------------------------------------------------------------------
 
 
-def pump_responses(relay: Relay, client: RemoteClient, op: str, responses: Any) -> str | None:
-    """The remote's C-MOVE/C-GET responses into ``relay`` until its final one; the problem if one never came."""
+PENDING_PASS_EVERY = 1.0  # seconds: a Pending response still reaches pynetdicom's waiting thread at least this often
+_COMMAND_LAST = 0x03  # PDV control header: a command set's last (here: only) fragment (PS3.8 E.2)
+
+
+def _plain_pending(primitive: Any, msg_id: int) -> bool:
+    """A P-DATA that is exactly one whole C-MOVE-RSP command set: Pending, to ``msg_id``, no identifier, nothing optional
+    that a Pending response may carry but the relay would have to look at (an Error Comment, a Failed SOP list)."""
+    if primitive.__class__ is not P_DATA or len(primitive.presentation_data_value_list) != 1:
+        return False
+    _, data = primitive.presentation_data_value_list[0]
+    if not data or data[0] != _COMMAND_LAST:
+        return False
+    fields = parse_command(bytes(data[1:]))
+    if fields is None or not fields.keys() <= _PENDING_FIELDS:
+        return False
+    return (_ushort(fields.get(0x0100)) == MOVE_RSP and _ushort(fields.get(0x0120)) == msg_id
+            and _ushort(fields.get(0x0900)) in PENDING and _ushort(fields.get(0x0800)) == NO_DATA_SET)
+
+
+# Command Group Length, Affected SOP Class UID, Command Field, Message ID Being Responded To, Command Data Set Type,
+# Status, the four sub-operation counts (PS3.7 C.4.2.1.1): what a plain Pending C-MOVE-RSP holds
+_PENDING_FIELDS = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1020, 0x1021, 0x1022, 0x1023))
+MOVE_RSP, NO_DATA_SET = 0x8021, 0x0101
+
+
+def _ushort(value: bytes | None) -> int | None:
+    return int.from_bytes(value, "little") if value is not None and len(value) == 2 else None
+
+
+def skip_pending(assoc: Any, relay: Relay) -> None:
+    """Our C-MOVE association to the remote: its Pending responses are looked at by the DUL and dropped once the sink
+    has the total, instead of decoded into pydicom Datasets and handed to the thread waiting in ``send_c_move``.
+
+    Why (issue 15): the remote sends one per instance, and after the first counted one the relay uses none of them
+    (``pump_responses(every=False)`` drops them anyway, :meth:`Exchange.rest` skips them); pynetdicom's decoding
+    (``decode_msg``, ``message_to_primitive``), the queue hand-off and the generator's status Dataset were measured
+    ~0.4-0.7 ms per relayed instance.  What still happens for each: the inbox is drained, as ``pump_responses`` does
+    ahead of a response (instances another worker received come before it).  One at least every
+    :data:`PENDING_PASS_EVERY` seconds goes through as before, so the waiting thread's DIMSE timeout measures the
+    remote's silence, not the length of the study; anything else (the final response, a Pending one with an
+    identifier or a comment, a response split over PDVs, other PDUs) is pynetdicom's.
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, "_xdsi_skip_pending", False):
+        return
+    original = dimse.receive_primitive
+    passed = [time.monotonic()]
+
+    def receive_primitive(primitive: Any) -> None:
+        now = time.monotonic()
+        if dimse.message is None and relay.announced and now - passed[0] < PENDING_PASS_EVERY and _plain_pending(primitive, relay.msg_id):
+            try:
+                relay.drain_inbox()
+            except Exception:  # noqa: BLE001 - the response then goes the usual way, whose pump drains again
+                log.exception("relay %s/%d: inbox not drained by the DUL", relay.remote_ae, relay.msg_id)
+            else:
+                relay.skipped_pending += 1
+                return
+        passed[0] = now
+        original(primitive)
+
+    dimse.receive_primitive = receive_primitive
+    dimse._xdsi_skip_pending = True
+
+
+def pump_responses(relay: Relay, client: RemoteClient, op: str, responses: Any, every: bool = True) -> str | None:
+    """The remote's C-MOVE/C-GET responses into ``relay`` until its final one; the problem if one never came.
+
+    ``every`` False (a relay, whose sink counts the instances it sends, not the remote's Pending counts): once
+    the sink has the total (:meth:`Relay.announce`), a Pending response is not queued, only the inbox drained
+    ahead of it (instances before the response that counts them, as :meth:`Relay.response` does).  Why: each one
+    woke the sink for nothing it uses (``Exchange.rest`` skips them), one wake-up and two inbox listings per
+    relayed instance (issue 15).  The forwarded C-MOVE (its sink relays the remote's counts) takes every one.
+    """
     for st, ident in responses:
-        if getattr(st, "Status", None) is None:  # pynetdicom's timeout or abort: an empty response
+        code = getattr(st, "Status", None)
+        if code is None:  # pynetdicom's timeout or abort: an empty response
             return f"{client.remote.name}: no {op} response in {client.remote.timeout:g} s"
+        if not every and relay.announced and int(code) in PENDING:
+            relay.drain_inbox()
+            continue
         relay.response(st, ident)
     return None
 
@@ -443,7 +533,9 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
             with client.association(qr_contexts(model)) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _wake_on_activity(assoc)
-                problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id))
+                skip_pending(assoc, relay)
+                problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id),
+                                         every=False)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
         finally:
@@ -478,7 +570,7 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
                                     handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _receive_fast(assoc)  # the remote's C-STOREs come on this association
-                problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id))
+                problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id), every=False)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-GET from")
         finally:
@@ -520,6 +612,9 @@ class MissingInstance(Dataset):
         return True
 
 
+SENT_FILES_KEPT = 2  # sent spool files whose removal may wait (Finisher): never more, whatever the sender does
+
+
 class Finisher:
     """What happens to an arrived instance once it is sent on: archived (``cache``) or deleted."""
 
@@ -528,6 +623,7 @@ class Finisher:
         self.store = store
         self.source_ae = source_ae
         self.syntaxes: dict[tuple[str, str], list[str]] = {}  # (SOP class, arrived syntax) -> accepted syntaxes on the sink
+        self.expecting: Any = None  # the DirectWriter told to read the next instance ahead (relay.upcoming)
 
     def sent(self, arrived: Arrived, ok: bool, reason: str = "") -> None:
         """The receiver's answer for ``arrived`` (before the file is archived or removed): for the audit trail."""
@@ -552,7 +648,12 @@ class Finisher:
         except Exception:
             log.exception("caching relayed %s failed", arrived.sop_instance_uid)
         finally:
-            _unlink(arrived.path)
+            if self.store is None and self.expecting is not None and len(self.relay.sent_files) < SENT_FILES_KEPT:
+                # removed by Exchange.upcoming, which the sender calls while the receiver takes the next instance in:
+                # the unlink of half a megabyte (~0.1 ms) is then no longer between one response and the next request
+                self.relay.sent_files.append(arrived.path)
+            else:
+                _unlink(arrived.path)
             self.relay.consumed()
 
 
@@ -585,6 +686,9 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
             path = converted
         rsp = None
         writer = direct.writer_of(assoc)
+        if writer is not None and finish.expecting is not writer and finish.relay.upcoming is not None:
+            writer.expect(finish.relay.upcoming)  # the next arrived file read while the receiver answers this one
+            finish.expecting = writer
         if writer is not None:  # written to the socket and answered by this thread (xdsi.dimse.direct), as local retrieves are
             rsp = writer.send_c_store(path, arrived.sop_class_uid, arrived.sop_instance_uid, choice.transfer_syntax, *args, **kwargs)
         if rsp is None:  # no direct writer, or a file pynetdicom must read (unusual File Meta)
@@ -713,6 +817,24 @@ class Exchange:
                 self.ended = True
                 self.problem = self.problem or value
 
+    def upcoming(self) -> Path | None:
+        """The spool file of the instance :meth:`rest` hands out next, if it is already here (for the sender's read-ahead).
+
+        A guess, read from another thread's queue without taking anything: the sender uses what it read only if
+        the file it is then asked to send is this one, unchanged (``DirectWriter._claim``).  Called while the
+        receiver answers the instance just sent, so the files already sent are removed here too.
+        """
+        self.relay.remove_sent()
+        for arrived in self.buffered[:1]:
+            return arrived.path
+        for kind, value in self.pending[:1]:
+            return value.path if kind == "instance" else None
+        try:
+            kind, value = self.relay.items.queue[0]
+        except IndexError:
+            return None
+        return value.path if kind == "instance" else None
+
     def discard(self) -> None:
         """Remove what was taken but never handed out (the retrieve cancelled, the requester gone, an error)."""
         for arrived in self.buffered:
@@ -753,6 +875,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
     running, unsent files removed) however the generator ends.
     """
     ex = Exchange(event, relay)
+    relay.upcoming = ex.upcoming
     sent = 0
     last: Arrived | None = None
     t_start = time.monotonic()
@@ -797,8 +920,9 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             yield Status.PENDING, RelayedInstance(arrived)
             last = None
             sending += time.monotonic() - t
-        log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote)",
-                 what, sent, t_count - t_start, time.monotonic() - t_count, sending)
+        log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote); "
+                 "%d Pending responses not decoded, %d instances received by another process", what, sent, t_count - t_start,
+                 time.monotonic() - t_count, sending, relay.skipped_pending, relay.via_inbox)
         if ex.cancelled:
             ex.cancel()
             yield Status.CANCEL, None
@@ -811,6 +935,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             for i in range(missing):
                 yield Status.PENDING, MissingInstance(uids[i] if i < len(uids) else "", reason)
     finally:
+        relay.upcoming = None
         if not ex.ended:
             ex.cancel()
         relay.close()
