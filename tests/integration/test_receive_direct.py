@@ -207,3 +207,40 @@ def test_echo_between_stores_is_given_back_to_pynetdicom(served: tuple[Any, Arch
         ds = dcmread(f)
         assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == ds.pixel_array).all()
     assert receive_direct.stats["given_back"] - before["given_back"] >= len(files)
+
+
+def test_the_dul_is_woken_when_the_direct_reader_gives_the_socket_back(
+    served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the association thread holds the socket the DUL waits up to wakeup.READER_WAIT (10 ms) instead of
+    looking every millisecond; giving the socket back wakes it (Guard.release_read), so a PDU the direct reader
+    gave back (the C-ECHO) is read at once.  Every release after the first store finds the DUL's wake-up hooked."""
+    from xdsi.dimse import direct, wakeup
+
+    assert wakeup.READER_WAIT >= 0.005
+    dicom, _ = served
+    hooked: list[bool] = []
+    real = direct.Guard.release_read
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        hooked.append(self.on_read_release is not None)
+        return real(self)
+
+    monkeypatch.setattr(direct.Guard, "release_read", spy)
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT03"), series=1, per_series=6, rows=64, columns=64)
+    ae = AE(ae_title="WAKER")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    echo_ms: list[float] = []
+    try:
+        for f in files:
+            assert assoc.send_c_store(dcmread(f)).Status == 0x0000
+            t0 = time.perf_counter()
+            assert assoc.send_c_echo().Status == 0x0000  # given back by the direct reader, read by the DUL
+            echo_ms.append((time.perf_counter() - t0) * 1000)
+    finally:
+        assoc.release()
+    assert len(hooked) >= len(files) - 1 and all(hooked[1:]), hooked
+    assert sorted(echo_ms)[len(echo_ms) // 2] < 500, echo_ms  # not stuck: each one answered promptly

@@ -122,6 +122,9 @@ class Guard:
         # action waiting for ``lock``), and a direct reader must not start reading after it
         self.unprocessed = False
         self.waiting_event: str | None = None  # the event the DUL's state machine waits for ``lock`` to act on
+        # called after a direct reader gives ``read_lock`` back (:meth:`release_read`): xdsi.dimse.wakeup sets it to
+        # wake the DUL, which then waits for that instead of looking again every millisecond
+        self.on_read_release: Callable[[], None] | None = None
         self.dul = dul
         sock = dul.socket
         machine = dul.state_machine
@@ -171,6 +174,13 @@ class Guard:
         sock.send = locked_send
         sock.recv = self.recv = recv_after_pushback
         dul._is_transport_event = is_transport_event
+
+    def release_read(self) -> None:
+        """Give ``read_lock`` back (a direct reader is done) and tell the DUL, which may read the socket again."""
+        self.read_lock.release()
+        wake = self.on_read_release
+        if wake is not None:
+            wake()
 
 
 def guard(assoc: Any) -> Guard | None:
@@ -590,7 +600,7 @@ class DirectWriter:
                     return False, None
             return self._take_response(msg_id, context_id)
         finally:
-            g.read_lock.release()
+            g.release_read()
 
     def _take_response(self, msg_id: int, context_id: int) -> tuple[bool, Dataset | None]:
         """Read one PDU; consume it if it is the plain C-STORE-RSP awaited, else give it back to the DUL."""

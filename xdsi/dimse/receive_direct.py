@@ -99,7 +99,7 @@ def claim(assoc: Any) -> Any:
 
 
 def release(g: Any) -> None:
-    g.read_lock.release()
+    g.release_read()
 
 
 def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:

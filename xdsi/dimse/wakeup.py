@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 _MARK = "_xdsi_wakeup"
 _WAIT = "_xdsi_wait"  # attribute on a Thread: its sleep(seconds) replacement
 _REACTOR_SLEEP = 0.001  # Association._run_reactor's hard-coded poll
-READER_WAIT = 0.001  # the DUL's wait while another thread holds the socket for reading (sends still wake it)
+# the DUL's longest wait while another thread holds the socket for reading: sends wake it, and so does the reader
+# giving the socket back (direct.Guard.release_read); was 1 ms, a wake-up and a GIL hand-off per millisecond
+READER_WAIT = 0.01
 IDLE_WAIT = 0.01  # longest wait of either loop when nothing happens: activity ends it at once
 _lock = threading.Lock()
 _patched = False
@@ -141,11 +143,13 @@ def install(assoc: Any) -> bool:
         except (BlockingIOError, OSError):
             pass
 
-    def wait_for_sends(seconds: float) -> None:
+    def wait_for_sends(seconds: float, reader: Any = None) -> None:
         selecting[0] = True
         try:
             if to_provider.qsize() or dul._kill_thread:
                 return
+            if reader is not None and not reader.read_lock.locked():
+                return  # given back after the caller looked and before ``selecting``: its release_read saw no waiter
             select.select([wake_r], [], [], seconds)
         except (OSError, ValueError):
             time.sleep(seconds)
@@ -165,8 +169,11 @@ def install(assoc: Any) -> bool:
         reader = getattr(dul, "_xdsi_direct_lock", None)  # xdsi.dimse.direct's guard
         if reader is not None and reader.read_lock.locked():
             # another thread reads the socket (xdsi.dimse.receive_direct, direct's C-STORE-RSP reader): the
-            # DUL may not, so waiting on the socket would return at once while the peer's bytes wait there
-            wait_for_sends(min(seconds, READER_WAIT))
+            # DUL may not, so waiting on the socket would return at once while the peer's bytes wait there;
+            # the reader pokes when it gives the socket back
+            if reader.on_read_release is None:
+                reader.on_read_release = poke_if_selecting
+            wait_for_sends(max(seconds, READER_WAIT), reader)
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data already buffered: select() would not see it
