@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,28 @@ def test_guard_passes_pdus_within_the_limit_and_enforces_the_request_deadline() 
         with pytest.raises(TimeoutError):
             holder.recv(300)
         guard.deadline = None  # once associated, only network_timeout applies
+
+
+def test_guard_reads_waiting_bytes_directly_and_still_times_out_and_sees_the_close() -> None:
+    """Once associated, bytes already waiting are read without a poll (os.read of the non-blocking descriptor);
+    bytes that come later, in pieces, are waited for with the network timeout; a silent peer times out; a
+    peer that closes part-way gives what came."""
+    a, b = socket.socketpair()
+    with a, b:
+        holder = _Holder(a)
+        guard = PduGuard(holder, DimseLimits(max_pdu_size=65536), network_timeout=0.5)
+        guard.deadline = None
+        b.sendall(struct.pack(">BBL", 0x04, 0, 30000) + b"a" * 10000)
+        threading.Timer(0.05, lambda: b.sendall(b"b" * 10000)).start()
+        threading.Timer(0.15, lambda: b.sendall(b"c" * 10000)).start()
+        assert struct.unpack(">BBL", holder.recv(6))[2] == 30000
+        assert bytes(holder.recv(30000)) == b"a" * 10000 + b"b" * 10000 + b"c" * 10000
+        assert a.gettimeout() == 0.5  # the timeout is set once, not per read
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            holder.recv(6)
+        assert 0.4 < time.monotonic() - t0 < 3
+        b.sendall(struct.pack(">BBL", 0x04, 0, 100) + b"d" * 40)
+        b.close()
+        assert len(holder.recv(6)) == 6
+        assert bytes(holder.recv(100)) == b"d" * 40  # the peer closed: what came, no more
