@@ -37,7 +37,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from xdsi.archive.coercion import Identity, apply_json
-from xdsi.archive.header import raw_elements, raw_vr
+from xdsi.archive import rawvalues
+from xdsi.archive.header import FAST_VALUES, raw_elements, raw_vr
 from xdsi.archive.retrieve import InstanceRef, NotAvailable, RetrieveService
 from xdsi.config import Settings, TierSettings
 from xdsi.storage.tiers import Tier
@@ -96,17 +97,35 @@ def dataset_json(ds: Dataset, transfer_syntax_uid: str) -> str:
     item); the caller then reads the stored file.
     """
     d: dict[str, Any] = {}
+    # values the header parse decoded (xdsi.archive.header._check), else decoded here when pydicom's value is
+    # known without converting (xdsi.archive.rawvalues); anything else goes through pydicom as always
+    fast: dict[int, tuple[Any, str, Any]] = ds.__dict__.get(FAST_VALUES) or {}
+    use_fast = rawvalues.enabled()
+    encodings: Any = None
+    elements = ds._dict  # the stored (raw or converted) elements, as ds.get_item(tag, keep_deferred=True) gives them
     for tag in ds.keys():
         if tag in _PIXEL_TAGS:
             break
-        raw = ds.get_item(tag, keep_deferred=True)
+        raw = elements[tag]
         key = f"{int(tag):08X}"
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-            vr = raw_vr(raw)
-            if vr in _TOKEN_VRS or (vr == "UN" and tag.is_private):
-                d[key] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}{int(tag):08X}"}
+        if isinstance(raw, RawDataElement):
+            if raw.value is None and raw.length:
+                vr = raw_vr(raw)
+                if vr in _TOKEN_VRS or (vr == "UN" and tag.is_private):
+                    d[key] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}{int(tag):08X}"}
+                    continue
+                raise NeedsFile(f"deferred {vr} value {tag}")
+            hit = fast.get(tag)
+            if hit is not None and hit[0] is raw:
+                d[key] = rawvalues.json_element(tag, hit[1], hit[2], BULK_TOKEN)
                 continue
-            raise NeedsFile(f"deferred {vr} value {tag}")
+            if use_fast and (fvr := rawvalues.element_vr(raw)) is not None:
+                if encodings is None:
+                    encodings = ds.original_character_set or ds._character_set
+                value = rawvalues.decode(raw, fvr, encodings)
+                if value is not rawvalues.SLOW:
+                    d[key] = rawvalues.json_element(tag, fvr, value, BULK_TOKEN)
+                    continue
         elem = ds[tag]
         if elem.VR == "SQ" and any(_has_deferred(item) for item in elem.value):
             raise NeedsFile(f"deferred value in sequence {tag}")
