@@ -267,3 +267,67 @@ def test_number_lengths_pydicom_refuses_stay_refused(tmp_path: Path, ct_bytes: b
     path.write_bytes(bad)
     lean, reference = _both(path, monkeypatch)
     assert lean == reference and lean[0] == "refused", lean
+
+
+# -- the reader: leanread.read gives what dcmread gives ---------------------------------------------------------
+
+
+def _same_elements(a: Dataset, b: Dataset) -> None:
+    assert list(a._dict) == list(b._dict)
+    for tag, x in a._dict.items():
+        y = b._dict[tag]
+        assert type(x) is type(y), tag
+        if isinstance(x, RawDataElement) or x.VR != "SQ":
+            assert x == y, tag
+        else:  # an undefined-length sequence pydicom parsed while reading
+            assert x.VR == y.VR and x.file_tell == y.file_tell and x.is_undefined_length == y.is_undefined_length
+            assert len(x.value) == len(y.value)
+            for i, j in zip(x.value, y.value):
+                _same_elements(i, j)
+                assert i.original_character_set == j.original_character_set
+                assert (i.is_undefined_length_sequence_item, i.seq_item_tell) == (j.is_undefined_length_sequence_item, j.seq_item_tell)
+
+
+def _lean_vs_dcmread(path: Path) -> bool:
+    """Whether leanread took the file; if it did, its data set must be dcmread's."""
+    from pydicom import dcmread
+
+    from xdsi.archive import leanread
+
+    size = path.stat().st_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(path, "rb") as fh:
+            lean = leanread.read(fh, size, header_mod.DEFER)
+            if lean is None:
+                return False
+            ds, end, offset = lean
+        with open(path, "rb") as fh:
+            ref = dcmread(fh, defer_size=header_mod.DEFER, force=True)
+            ref_end = fh.tell()
+            assert header_mod.dataset_start(fh) == (True, offset)
+    assert end == ref_end
+    _same_elements(ds, ref)
+    _same_elements(ds.file_meta, ref.file_meta)
+    assert ds.preamble == ref.preamble and ds.filename == ref.filename and ds.fileobj_type is ref.fileobj_type
+    assert ds.original_encoding == ref.original_encoding and ds.original_character_set == ref.original_character_set
+    assert ds._character_set == ref._character_set and ds.timestamp == ref.timestamp
+    assert ds.file_meta.original_encoding == ref.file_meta.original_encoding
+    return True
+
+
+def test_leanread_is_dcmread_on_pydicoms_test_files() -> None:
+    taken = sum(_lean_vs_dcmread(p) for p in TEST_FILES)
+    assert taken > 100
+
+
+def test_leanread_is_dcmread_on_mutated_files(ct_bytes: bytes, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    sources = [ct_bytes] + [p.read_bytes() for p in rng.sample([p for p in TEST_FILES if p.suffix == ".dcm"], 5)]
+    path = tmp_path / "m.dcm"
+    taken = 0
+    for src in sources:
+        for data in _mutations(src, rng, 150):
+            path.write_bytes(data)
+            taken += _lean_vs_dcmread(path)
+    assert taken > 100

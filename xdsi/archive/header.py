@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from xdsi.archive import rawvalues
+from xdsi.archive import leanread, rawvalues
 from xdsi.uids import InvalidUID, validate_uid
 
 DEFER = 4096
@@ -412,20 +412,24 @@ def _check(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> None:
         return
     encodings = ds.original_character_set or ds._character_set  # what Dataset.__getitem__ decodes with
     decode, element_vr, slow = rawvalues.decode, rawvalues.element_vr, rawvalues.SLOW
-    for raw in raw_elements(ds):
-        if is_deferred_bulk(raw):
-            continue
+    stored = ds._dict  # raw or converted elements as stored (what get_item(tag, keep_deferred=True) gives)
+    for tag in sorted(stored):
+        raw = stored[tag]
         if isinstance(raw, RawDataElement):
-            vr = element_vr(raw)
-            if vr is not None:
-                try:
-                    value = decode(raw, vr, encodings)
-                except Exception:  # never expected; pydicom then decides as before
-                    value = slow
-                if value is not slow:
-                    fast[raw.tag] = (raw, vr, value)
+            if raw.value is None:
+                if is_deferred_bulk(raw):
                     continue
-        elem = ds[raw.tag]
+            else:
+                vr = element_vr(raw)
+                if vr is not None:
+                    try:
+                        value = decode(raw, vr, encodings)
+                    except Exception:  # never expected; pydicom then decides as before
+                        value = slow
+                    if value is not slow:
+                        fast[tag] = (raw, vr, value)
+                        continue
+        elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value:
                 _touch(item)
@@ -445,11 +449,21 @@ def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
     """
     path = Path(path)
     size = os.path.getsize(path)
+    lean: tuple[Any, int, int] | None = None
+    fast: dict[int, tuple[Any, str, Any]] = {}
     try:
         with open(path, "rb") as fh:
-            ds = dcmread(fh, defer_size=DEFER, force=True)
-            end = fh.tell()
-            fast: dict[int, tuple[Any, str, Any]] = {}
+            if rawvalues.enabled():
+                try:
+                    lean = leanread.read(fh, size, DEFER)
+                except Exception:  # not expected: dcmread then reads it, and decides, as before
+                    lean = None
+            if lean is not None:
+                ds, end, _offset = lean
+            else:
+                fh.seek(0)
+                ds = dcmread(fh, defer_size=DEFER, force=True)
+                end = fh.tell()
             _check(ds, fast)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise InvalidDataset(f"malformed or truncated dataset: {exc}") from None
@@ -462,13 +476,18 @@ def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
     meta = getattr(ds, "file_meta", None)
     ts: Any = meta.get("TransferSyntaxUID") if meta is not None else None
     has_meta = ts is not None
-    try:
-        with open(path, "rb") as fh:
-            preamble, offset = dataset_start(fh)
-            if has_meta:
-                check_encoding(fh, offset, str(ts))
-    except OSError as exc:
-        raise InvalidDataset(f"unreadable file: {exc}") from None
+    if lean is not None:
+        # leanread took only a file with the preamble, a File Meta group of known explicit VRs (where
+        # dataset_start stops too) and a first element in its transfer syntax's VR mode (check_encoding's test)
+        preamble, offset = True, lean[2]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                preamble, offset = dataset_start(fh)
+                if has_meta:
+                    check_encoding(fh, offset, str(ts))
+        except OSError as exc:
+            raise InvalidDataset(f"unreadable file: {exc}") from None
     if ts is None:
         # bare dataset from a file without a Part 10 header: pydicom guessed the encoding, byte order
         # included (a big-endian dataset labelled little endian would be stored corrupt)

@@ -131,9 +131,20 @@ def dataset_json(ds: Dataset, transfer_syntax_uid: str) -> str:
             raise NeedsFile(f"deferred value in sequence {tag}")
         d[key] = elem.to_json_dict(bulk_data_element_handler=_bulk_handler, bulk_data_threshold=BULK_THRESHOLD)
     if "Rows" in ds and "Columns" in ds:
-        vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or int(ds.get("BitsAllocated", 16) or 16) <= 8 else "OW"
+        vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or _bits_allocated(ds, fast) <= 8 else "OW"
         d["7FE00010"] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}7FE00010"}
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
+_BITS_ALLOCATED = 0x00280100
+
+
+def _bits_allocated(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> int:
+    """``int(ds.get("BitsAllocated", 16) or 16)``, from the value the header parse decoded when it has it."""
+    hit = fast.get(_BITS_ALLOCATED)
+    if hit is not None and ds._dict.get(_BITS_ALLOCATED) is hit[0] and isinstance(hit[2], int):
+        return int(hit[2] or 16)
+    return int(ds.get("BitsAllocated", 16) or 16)
 
 
 def _with_identity(text: str, identity: Identity) -> str:
