@@ -35,7 +35,7 @@ from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR as VR_
 from pydicom.values import convert_string
 
-_CHUNK = 1 << 16
+_CHUNK = 1 << 14  # a CT header is ~1.5 KB; a longer one is read on in further chunks
 _VRS = {vr.encode(): str(vr) for vr in VR_}  # pydicom's ENCODED_VR, decoded
 _LONG = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
 _UNDEFINED = 0xFFFFFFFF

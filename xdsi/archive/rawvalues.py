@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from pydicom import config
 from pydicom.hooks import hooks
+from pydicom.tag import _LUT_DESCRIPTOR_TAGS  # the tags pydicom's raw_element_value hook fixes
 from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement, empty_value_for_VR
@@ -53,8 +54,8 @@ FAST_VRS = frozenset(
     _SPLIT_DEFAULT | _TEXT_SPLIT | _TEXT_SINGLE | _BYTES | set(_NUMBER_FORMATS) | {"AE", "UI", "UR", "PN", "IS", "DS"}
 )
 # pydicom fixes the first value of these (negative -> +65536) after conversion: left to pydicom
-_LUT_DESCRIPTORS = frozenset({0x00283002, 0x00283010, 0x00281101, 0x00281102, 0x00281103, 0x00281221, 0x00281222,
-                              0x00281223})
+_LUT_DESCRIPTORS = frozenset(_LUT_DESCRIPTOR_TAGS)
+
 _BULK_INLINE_MAX = (1024 // 4) * 3  # to_json_dict's test with xdsi's bulk_data_threshold of 1024
 
 
