@@ -70,9 +70,18 @@ def ct_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
-def test_lean_path_is_taken() -> None:
-    """Not a test that cannot fail: the fast values are really used on an ordinary CT header."""
+def test_lean_path_reads_an_ordinary_ct_without_dcmread(ct_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean path is really the one taken for an ordinary CT: dcmread is not called at all."""
     assert rawvalues.enabled()
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(ct_bytes)
+
+    def no_dcmread(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("dcmread called")
+
+    monkeypatch.setattr(header_mod, "dcmread", no_dcmread)
+    header, _ds = header_mod.read_header_dataset(path)
+    assert header.patient_name == "MÜLLER^ANNA" and header.rows == 64
 
 
 @pytest.mark.parametrize("src", TEST_FILES, ids=[str(p.relative_to(_ROOT)) for p in TEST_FILES])

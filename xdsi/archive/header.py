@@ -4,6 +4,16 @@
 truncated or malformed dataset is caught before anything is stored, while
 large values (Pixel Data of a 1 GB whole-slide image) are skipped rather than
 loaded.  It returns the attributes the index needs as a plain value object.
+
+Every value is decoded as pydicom decodes it, so what pydicom cannot decode is
+refused.  Issue 14 made that cheaper without changing a single decision:
+:mod:`xdsi.archive.leanread` reads an ordinary Part 10 file into the very data
+set ``dcmread`` builds (anything unusual is still read by ``dcmread``), and
+elements whose pydicom value is known without converting them
+(:mod:`xdsi.archive.rawvalues`: short strings, plain numbers, small binary
+values) are left raw, their values kept for the header and the metadata
+journal; every other element goes through pydicom's conversion as before.
+``tests/unit/test_header_fast.py`` holds both paths to the same answers.
 """
 
 from __future__ import annotations
