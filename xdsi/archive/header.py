@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -239,7 +239,8 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bo
     return _header(_Values(ds), transfer_syntax_uid, has_file_meta)
 
 
-def _header(values: _Values, transfer_syntax_uid: str, has_file_meta: bool) -> InstanceHeader:
+def _header(values: _Values, transfer_syntax_uid: str, has_file_meta: bool, has_preamble: bool = True,
+            dataset_offset: int = 0) -> InstanceHeader:
     ds = values
     stray = next((t for t in values.ds.keys() if t.group in _NOT_IN_A_DATA_SET), None)
     if stray is not None:
@@ -291,6 +292,8 @@ def _header(values: _Values, transfer_syntax_uid: str, has_file_meta: bool) -> I
             rows=_i(ds, "Rows"),
             columns=_i(ds, "Columns"),
             has_file_meta=has_file_meta,
+            has_preamble=has_preamble,
+            dataset_offset=dataset_offset,
         )
     except InvalidDataset:
         raise
@@ -503,7 +506,7 @@ def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
         # included (a big-endian dataset labelled little endian would be stored corrupt)
         implicit, little = ds.original_encoding
         ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
-    header = _header(_Values(ds, fast), str(ts), has_meta)
+    header = _header(_Values(ds, fast), str(ts), has_meta, preamble, offset)
     # the values decoded here, for the metadata journal (xdsi.archive.metadata.dataset_json)
     object.__setattr__(ds, FAST_VALUES, fast)
-    return replace(header, has_preamble=preamble, dataset_offset=offset), ds
+    return header, ds
