@@ -415,7 +415,8 @@ def _check(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> None:
     as pydicom would (short ASCII strings, plain numbers, small binary values:
     nearly all of a real header) cannot fail to convert, so it is left raw and
     its value kept in ``fast`` (tag -> (raw element, VR, value)) for the header
-    and the metadata journal.  Every other element -- sequences, UN, AT,
+    and the metadata journal (an item's own in the item's ``FAST_VALUES``
+    attribute).  Every other element -- sequences (their items walked the same way), UN, AT,
     ambiguous or private implicit VRs, escape sequences, odd numbers, values
     deferred or cut short -- is converted through pydicom as :func:`_touch`
     does, so the same values fail the same way.
@@ -445,7 +446,9 @@ def _check(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> None:
         elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value:
-                _touch(item)
+                item_fast: dict[int, tuple[Any, str, Any]] = {}
+                _check(item, item_fast)
+                object.__setattr__(item, FAST_VALUES, item_fast)
 
 
 def read_header(path: Path | str) -> InstanceHeader:
