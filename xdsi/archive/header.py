@@ -4,6 +4,16 @@
 truncated or malformed dataset is caught before anything is stored, while
 large values (Pixel Data of a 1 GB whole-slide image) are skipped rather than
 loaded.  It returns the attributes the index needs as a plain value object.
+
+Every value is decoded as pydicom decodes it, so what pydicom cannot decode is
+refused.  Issue 14 made that cheaper without changing a single decision:
+:mod:`xdsi.archive.leanread` reads an ordinary Part 10 file into the very data
+set ``dcmread`` builds (anything unusual is still read by ``dcmread``), and
+elements whose pydicom value is known without converting them
+(:mod:`xdsi.archive.rawvalues`: short strings, plain numbers, small binary
+values) are left raw, their values kept for the header and the metadata
+journal; every other element goes through pydicom's conversion as before.
+``tests/unit/test_header_fast.py`` holds both paths to the same answers.
 """
 
 from __future__ import annotations
@@ -11,19 +21,21 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from xdsi.archive import leanread, rawvalues
 from xdsi.uids import InvalidUID, validate_uid
 
 DEFER = 4096
+FAST_VALUES = "_xdsi_fast_values"  # attribute of a parsed data set: tag -> (raw element, VR, value), see _check
 _BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW"})
 
 
@@ -113,7 +125,37 @@ def normalize_tm(value: str) -> str:
     return hh + mm + (ss or "") + (frac or "")
 
 
-def _s(ds: Dataset, keyword: str) -> str:
+class _Values:
+    """The values :func:`header_from_dataset` reads: pydicom's (``ds.get``), or ones decoded already.
+
+    ``fast`` maps a tag to ``(raw element, VR, value)`` decoded by
+    :func:`xdsi.archive.rawvalues.decode` -- the value pydicom's conversion of
+    that same raw element gives -- so the header is built without converting
+    those elements through pydicom a second time.
+    """
+
+    __slots__ = ("ds", "fast")
+
+    def __init__(self, ds: Dataset, fast: dict[int, tuple[Any, str, Any]] | None = None) -> None:
+        self.ds = ds
+        self.fast = fast or {}
+
+    def get(self, keyword: str) -> Any:
+        tag = _TAGS.get(keyword)
+        if tag is not None:
+            stored = self.ds._dict.get(tag)
+            if stored is None:
+                return None  # absent: what ds.get(keyword) gives
+            hit = self.fast.get(tag)
+            if hit is not None and hit[0] is stored:
+                return hit[2]
+        return self.ds.get(keyword)
+
+    def vr(self, keyword: str) -> str:
+        return str(self.ds[keyword].VR)
+
+
+def _s(ds: _Values | Dataset, keyword: str) -> str:
     """The value as text, whole: multiple values joined with ``\\`` as on the wire, never cut."""
     v = ds.get(keyword)
     if v is None:
@@ -123,7 +165,7 @@ def _s(ds: Dataset, keyword: str) -> str:
     return str(v).strip()
 
 
-def _checked(ds: Dataset, keyword: str) -> str:
+def _checked(ds: _Values, keyword: str) -> str:
     """A value that goes into an indexed column: kept whole when it fits, otherwise refused.
 
     A value longer than its VR allows (an LO of 80 characters) is still kept whole;
@@ -134,20 +176,20 @@ def _checked(ds: Dataset, keyword: str) -> str:
     if len(v) > MAX_INDEXED_CHARS:
         raise InvalidDataset(
             f"{keyword} is {len(v)} characters long; this archive indexes at most {MAX_INDEXED_CHARS} "
-            f"(the {ds[keyword].VR} VR allows far fewer)"
+            f"(the {ds.vr(keyword)} VR allows far fewer)"
         )
     return v
 
 
-def _da(ds: Dataset, keyword: str) -> str:
+def _da(ds: _Values, keyword: str) -> str:
     return normalize_da(_checked(ds, keyword))
 
 
-def _tm(ds: Dataset, keyword: str) -> str:
+def _tm(ds: _Values, keyword: str) -> str:
     return normalize_tm(_checked(ds, keyword))
 
 
-def _i(ds: Dataset, keyword: str) -> int | None:
+def _i(ds: _Values, keyword: str) -> int | None:
     v = ds.get(keyword)
     if v is None or v == "":
         return None
@@ -157,7 +199,7 @@ def _i(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _code(ds: Dataset, keyword: str) -> tuple[str, str, str] | None:
+def _code(ds: _Values, keyword: str) -> tuple[str, str, str] | None:
     seq = ds.get(keyword)
     if not seq:
         return None
@@ -168,7 +210,7 @@ def _code(ds: Dataset, keyword: str) -> tuple[str, str, str] | None:
     return (value, _s(item, "CodingSchemeDesignator"), _s(item, "CodeMeaning"))
 
 
-def _accession_issuer(ds: Dataset) -> str:
+def _accession_issuer(ds: _Values) -> str:
     seq = ds.get("IssuerOfAccessionNumberSequence")
     if not seq:
         return ""
@@ -178,10 +220,29 @@ def _accession_issuer(ds: Dataset) -> str:
 
 _NOT_IN_A_DATA_SET = frozenset({0x0000, 0x0001, 0x0002, 0x0003, 0x0005, 0x0007, 0xFFFF})
 
+# the top-level attributes the header reads, by keyword (sequences are read through pydicom)
+_TAGS = {
+    k: tag_for_keyword(k)
+    for k in (
+        "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+        "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined", "SeriesDate",
+        "SeriesTime", "InstitutionName", "StationName", "SOPClassUID", "SOPInstanceUID", "InstanceNumber",
+        "NumberOfFrames", "ContentDate", "ContentTime", "Rows", "Columns", "ProcedureCodeSequence",
+        "IssuerOfAccessionNumberSequence",
+    )
+}
+
 
 def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bool) -> InstanceHeader:
     """Extract and validate what the index needs; raise :class:`InvalidDataset` when it cannot be archived."""
-    stray = next((t for t in ds.keys() if t.group in _NOT_IN_A_DATA_SET), None)
+    return _header(_Values(ds), transfer_syntax_uid, has_file_meta)
+
+
+def _header(values: _Values, transfer_syntax_uid: str, has_file_meta: bool, has_preamble: bool = True,
+            dataset_offset: int = 0) -> InstanceHeader:
+    ds = values
+    stray = next((t for t in values.ds.keys() if t.group in _NOT_IN_A_DATA_SET), None)
     if stray is not None:
         # PS3.5 7.1 / 7.8.1: group 0000 is the DIMSE command, 0002 the File Meta; 0001, 0003, 0005,
         # 0007 and FFFF may not be used.  A data set carrying them was built wrong: readers disagree on it.
@@ -231,6 +292,8 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, has_file_meta: bo
             rows=_i(ds, "Rows"),
             columns=_i(ds, "Columns"),
             has_file_meta=has_file_meta,
+            has_preamble=has_preamble,
+            dataset_offset=dataset_offset,
         )
     except InvalidDataset:
         raise
@@ -345,6 +408,49 @@ def _touch(ds: Dataset) -> None:
             _ = elem.value
 
 
+def _check(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> None:
+    """:func:`_touch`, without pydicom's per-element conversion where its result is known beforehand.
+
+    An element whose value :func:`xdsi.archive.rawvalues.decode` reads exactly
+    as pydicom would (short ASCII strings, plain numbers, small binary values:
+    nearly all of a real header) cannot fail to convert, so it is left raw and
+    its value kept in ``fast`` (tag -> (raw element, VR, value)) for the header
+    and the metadata journal (an item's own in the item's ``FAST_VALUES``
+    attribute).  Every other element -- sequences (their items walked the same way), UN, AT,
+    ambiguous or private implicit VRs, escape sequences, odd numbers, values
+    deferred or cut short -- is converted through pydicom as :func:`_touch`
+    does, so the same values fail the same way.
+    """
+    if not rawvalues.enabled():
+        _touch(ds)
+        return
+    encodings = ds.original_character_set or ds._character_set  # what Dataset.__getitem__ decodes with
+    decode, element_vr, slow = rawvalues.decode, rawvalues.element_vr, rawvalues.SLOW
+    stored = ds._dict  # raw or converted elements as stored (what get_item(tag, keep_deferred=True) gives)
+    for tag in sorted(stored):
+        raw = stored[tag]
+        if isinstance(raw, RawDataElement):
+            if raw.value is None:
+                if is_deferred_bulk(raw):
+                    continue
+            else:
+                vr = element_vr(raw)
+                if vr is not None:
+                    try:
+                        value = decode(raw, vr, encodings)
+                    except Exception:  # never expected; pydicom then decides as before
+                        value = slow
+                    if value is not slow:
+                        fast[tag] = (raw, vr, value)
+                        continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                item_fast: dict[int, tuple[Any, str, Any]] = {}
+                _check(item, item_fast)
+                object.__setattr__(item, FAST_VALUES, item_fast)
+
+
 def read_header(path: Path | str) -> InstanceHeader:
     """Parse a Part 10 file (or a bare dataset) end to end without loading large values."""
     return read_header_dataset(path)[0]
@@ -359,11 +465,22 @@ def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
     """
     path = Path(path)
     size = os.path.getsize(path)
+    lean: tuple[Any, int, int] | None = None
+    fast: dict[int, tuple[Any, str, Any]] = {}
     try:
         with open(path, "rb") as fh:
-            ds = dcmread(fh, defer_size=DEFER, force=True)
-            end = fh.tell()
-            _touch(ds)
+            if rawvalues.enabled():
+                try:
+                    lean = leanread.read(fh, size, DEFER)
+                except Exception:  # not expected: dcmread then reads it, and decides, as before
+                    lean = None
+            if lean is not None:
+                ds, end, _offset = lean
+            else:
+                fh.seek(0)
+                ds = dcmread(fh, defer_size=DEFER, force=True)
+                end = fh.tell()
+            _check(ds, fast)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise InvalidDataset(f"malformed or truncated dataset: {exc}") from None
     except Exception as exc:  # any other pydicom decoding failure is bad input, not a server fault
@@ -375,17 +492,24 @@ def read_header_dataset(path: Path | str) -> tuple[InstanceHeader, Dataset]:
     meta = getattr(ds, "file_meta", None)
     ts: Any = meta.get("TransferSyntaxUID") if meta is not None else None
     has_meta = ts is not None
-    try:
-        with open(path, "rb") as fh:
-            preamble, offset = dataset_start(fh)
-            if has_meta:
-                check_encoding(fh, offset, str(ts))
-    except OSError as exc:
-        raise InvalidDataset(f"unreadable file: {exc}") from None
+    if lean is not None:
+        # leanread took only a file with the preamble, a File Meta group of known explicit VRs (where
+        # dataset_start stops too) and a first element in its transfer syntax's VR mode (check_encoding's test)
+        preamble, offset = True, lean[2]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                preamble, offset = dataset_start(fh)
+                if has_meta:
+                    check_encoding(fh, offset, str(ts))
+        except OSError as exc:
+            raise InvalidDataset(f"unreadable file: {exc}") from None
     if ts is None:
         # bare dataset from a file without a Part 10 header: pydicom guessed the encoding, byte order
         # included (a big-endian dataset labelled little endian would be stored corrupt)
         implicit, little = ds.original_encoding
         ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
-    header = header_from_dataset(ds, str(ts), has_meta)
-    return replace(header, has_preamble=preamble, dataset_offset=offset), ds
+    header = _header(_Values(ds, fast), str(ts), has_meta, preamble, offset)
+    # the values decoded here, for the metadata journal (xdsi.archive.metadata.dataset_json)
+    object.__setattr__(ds, FAST_VALUES, fast)
+    return header, ds

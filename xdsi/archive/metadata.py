@@ -37,7 +37,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from xdsi.archive.coercion import Identity, apply_json
-from xdsi.archive.header import raw_elements, raw_vr
+from xdsi.archive import rawvalues
+from xdsi.archive.header import FAST_VALUES, raw_elements, raw_vr
 from xdsi.archive.retrieve import InstanceRef, NotAvailable, RetrieveService
 from xdsi.config import Settings, TierSettings
 from xdsi.storage.tiers import Tier
@@ -96,25 +97,67 @@ def dataset_json(ds: Dataset, transfer_syntax_uid: str) -> str:
     item); the caller then reads the stored file.
     """
     d: dict[str, Any] = {}
+    # values the header parse decoded (xdsi.archive.header._check), else decoded here when pydicom's value is
+    # known without converting (xdsi.archive.rawvalues); anything else goes through pydicom as always
+    fast: dict[int, tuple[Any, str, Any]] = ds.__dict__.get(FAST_VALUES) or {}
+    use_fast = rawvalues.enabled()
+    elements = ds._dict  # the stored (raw or converted) elements, as ds.get_item(tag, keep_deferred=True) gives them
     for tag in ds.keys():
         if tag in _PIXEL_TAGS:
             break
-        raw = ds.get_item(tag, keep_deferred=True)
-        key = f"{int(tag):08X}"
+        raw = elements[tag]
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
             vr = raw_vr(raw)
             if vr in _TOKEN_VRS or (vr == "UN" and tag.is_private):
-                d[key] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}{int(tag):08X}"}
+                d[f"{int(tag):08X}"] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}{int(tag):08X}"}
                 continue
             raise NeedsFile(f"deferred {vr} value {tag}")
-        elem = ds[tag]
-        if elem.VR == "SQ" and any(_has_deferred(item) for item in elem.value):
+        if isinstance(raw, DataElement) and raw.VR == "SQ" and any(_has_deferred(item) for item in raw.value):
             raise NeedsFile(f"deferred value in sequence {tag}")
-        d[key] = elem.to_json_dict(bulk_data_element_handler=_bulk_handler, bulk_data_threshold=BULK_THRESHOLD)
+        d[f"{int(tag):08X}"] = _element_json(ds, tag, raw, fast, use_fast)
     if "Rows" in ds and "Columns" in ds:
-        vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or int(ds.get("BitsAllocated", 16) or 16) <= 8 else "OW"
+        vr = "OB" if transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIX) or _bits_allocated(ds, fast) <= 8 else "OW"
         d["7FE00010"] = {"vr": vr, "BulkDataURI": f"{BULK_TOKEN}7FE00010"}
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
+_BITS_ALLOCATED = 0x00280100
+
+
+def _bits_allocated(ds: Dataset, fast: dict[int, tuple[Any, str, Any]]) -> int:
+    """``int(ds.get("BitsAllocated", 16) or 16)``, from the value the header parse decoded when it has it."""
+    hit = fast.get(_BITS_ALLOCATED)
+    if hit is not None and ds._dict.get(_BITS_ALLOCATED) is hit[0] and isinstance(hit[2], int):
+        return int(hit[2] or 16)
+    return int(ds.get("BitsAllocated", 16) or 16)
+
+
+def _element_json(ds: Dataset, tag: Any, raw: Any, fast: dict[int, tuple[Any, str, Any]], use_fast: bool) -> dict[str, Any]:
+    """``ds[tag].to_json_dict(...)`` as instance_json builds it, from values decoded without pydicom where known.
+
+    A sequence's items are built the same way (``Dataset.to_json_dict``: every
+    element of the item in order), so a received header with sequences is not
+    converted element by element either.
+    """
+    if isinstance(raw, RawDataElement):
+        hit = fast.get(tag)
+        if hit is not None and hit[0] is raw:
+            return rawvalues.json_element(tag, hit[1], hit[2], BULK_TOKEN)
+        if use_fast and (vr := rawvalues.element_vr(raw)) is not None:
+            value = rawvalues.decode(raw, vr, ds.original_character_set or ds._character_set)
+            if value is not rawvalues.SLOW:
+                return rawvalues.json_element(tag, vr, value, BULK_TOKEN)
+    elem = ds[tag]
+    if use_fast and elem.VR == "SQ":
+        return {"vr": elem.VR, "Value": [_item_json(item) for item in elem.value]}
+    return elem.to_json_dict(bulk_data_element_handler=_bulk_handler, bulk_data_threshold=BULK_THRESHOLD)
+
+
+def _item_json(item: Dataset) -> dict[str, Any]:
+    """``item.to_json_dict(...)`` (of a sequence item), through :func:`_element_json`."""
+    fast: dict[int, tuple[Any, str, Any]] = item.__dict__.get(FAST_VALUES) or {}
+    elements = item._dict
+    return {f"{int(tag):08X}": _element_json(item, tag, elements[tag], fast, True) for tag in item.keys()}
 
 
 def _with_identity(text: str, identity: Identity) -> str:
