@@ -2,6 +2,7 @@
 """C-STORE ingest on one and on four parallel associations: xdsi with 1 and 2 workers, and Orthanc, one run.
 
     python bench/workers.py [-n 200] [--size 512] [--rounds 3] [--associations 4] [--trials 200] [--no-orthanc]
+                            [--against BASE_TREE] [--profile OUT.svg|OUT.txt]
 
 Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``).  The script
 re-executes itself in its own network namespace (``BENCH_NETNS``, default ``bench-workers``), where it
@@ -15,6 +16,11 @@ one's end), MB/s, server CPU ms per instance (user + system of the server's whol
 /proc), and for two workers how the associations were spread over them (``ss -tnp`` while the
 storescus are connected) and each worker's share of the CPU.  Then the medians and the ratios the issue
 asks for: xdsi --workers 2 with 4 associations over xdsi's single-association rate, and xdsi/Orthanc.
+
+``--against DIR`` also runs ``xdsi serve`` from that source tree (``base-w1``, ``base-w2``) in the same rounds,
+so the ratios of this tree and the base come from the same minutes of a shared machine (ABBA).
+``--profile`` records py-spy (with ``--subprocesses``) on ``xdsi serve --workers 2`` during one extra
+4-association measurement after the rounds.
 
 ``--trials`` first measures how 4 connections made at once are spread over 2 processes accepting on
 one inherited listening socket (pre-fork, what ``xdsi serve --workers`` does) and on two SO_REUSEPORT
@@ -41,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, process_cpu, remove_work, stop_peer  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, process_cpu, py_spy, remove_work, stop_peer  # noqa: E402
 
 NS = Netns.from_env("bench-workers", 25600)
 
@@ -205,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200, help="spread trials per policy (0: skip)")
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds (base-w1, base-w2)")
+    p.add_argument("--profile", type=Path, help="py-spy on xdsi --workers 2 during one extra 4-association run: .svg, else raw")
     args = p.parse_args(argv)
     rc = NS.enter(__file__, argv, STORESCU)
     if rc is not None:
@@ -242,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(d)
         print(f"{n} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB per measurement; {args.associations} associations; {args.rounds} rounds")
 
-        names = ["xdsi-w1", "xdsi-w2"] + ([] if args.no_orthanc else ["orthanc"])
+        trees = {"xdsi": ROOT, **({"base": args.against.resolve()} if args.against else {})}
+        names = [f"{t}-w{w}" for t in trees for w in (1, 2)] + ([] if args.no_orthanc else ["orthanc"])
         modes = ["1", str(args.associations)]
         rate: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
         cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
@@ -259,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 wall, used, spread = store(NS.port(1), "ORTHANC", split, [pid], False)
             else:
                 workers = int(name[-1])
+                tree_dir = trees[name.split("-")[0]]
                 data = work / f"data-{name}-{mode}-{rnd}"
-                server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=workers).start(timeout=120)
+                server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(tree_dir)},
+                                     workers=workers, prefix=["env", "-C", str(tree_dir)]).start(timeout=120)
                 try:
                     pids = tree(server.pid)
                     wall, used, spread = store(server.dicom_port, server.ae_title, split, pids, workers > 1)
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             rate[(name, mode)].append(r)
             cpu[(name, mode)].append(ms)
             extra = ""
-            if name == "xdsi-w2":
+            if name.endswith("-w2"):
                 share = sorted((v for p, v in used.items() if p != pids[0]), reverse=True)
                 extra = (f"; associations per worker {'+'.join(str(c) for c in sorted(spread.values(), reverse=True)) or '?'}"
                          f", CPU per worker {'/'.join(f'{s:.1f}' for s in share)} s")
@@ -287,12 +298,25 @@ def main(argv: list[str] | None = None) -> int:
             return statistics.median(rate[key])
 
         many = str(args.associations)
+        if args.profile:
+            data = work / "data-profile"
+            server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=2).start(timeout=120)
+            try:
+                with py_spy(server.pid, args.profile.resolve(), subprocesses=True):
+                    wall, _used, _spread = store(server.dicom_port, server.ae_title, parts, tree(server.pid), False)
+            finally:
+                server.stop(timeout=120)
+            print(f"profile: {args.profile} (run under py-spy: {n / wall:.1f} inst/s)")
         print("medians (inst/s, CPU ms/inst):")
         for key in rate:
             print(f"  {key[0]:8s} {key[1]} assoc: {med(key):6.1f} inst/s ({min(rate[key]):.1f}-{max(rate[key]):.1f}), {statistics.median(cpu[key]):.1f} ms CPU/inst")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w1", "1")])]
-        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 1, 1 assoc: {statistics.median(per_round):.2f} "
-              f"({min(per_round):.2f}-{max(per_round):.2f}) per round (target >= 1.6)")
+        for t in trees:
+            per_round = [a / b for a, b in zip(rate[(f"{t}-w2", many)], rate[(f"{t}-w1", "1")])]
+            print(f"{t} --workers 2, {many} assoc / {t} --workers 1, 1 assoc: {statistics.median(per_round):.2f} "
+                  f"({min(per_round):.2f}-{max(per_round):.2f}) per round (target >= 1.6)")
+        if args.against:
+            per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("base-w2", many)])]
+            print(f"xdsi / base, --workers 2, {many} assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f}) per round")
         per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w2", "1")])]
         print(f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
         per_round = [a / b for a, b in zip(rate[("xdsi-w1", many)], rate[("xdsi-w1", "1")])]

@@ -358,6 +358,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _balance_accepts(spec: WorkerSpec) -> None:
+    """This worker's DICOM listeners accept with the node's load in view (:mod:`xdsi.dimse.accept_balance`)."""
+    from xdsi.dimse import accept_balance
+
+    try:
+        accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers)
+    except (OSError, ValueError) as exc:  # connections are still all served, only not spread by load
+        log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
+
+
 def worker_main() -> int:
     """``python -m xdsi.supervisor``: one worker, its spec on stdin."""
     _die_with_parent()
@@ -373,6 +383,7 @@ def worker_main() -> int:
 
     configure_logging(spec.settings, spec.verbose, f"w{spec.index}")
     sockets = {key: socket.socket(fileno=fd) for key, fd in spec.fds.items()}
+    _balance_accepts(spec)
 
     def ready() -> None:
         os.write(spec.ready_fd, b"R")
