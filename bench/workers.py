@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200, help="spread trials per policy (0: skip)")
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--pairs", default="", help="only these workers:associations measurements of xdsi, e.g. w1:1,w2:4 (default: all)")
     p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds (base-w1, base-w2)")
     p.add_argument("--profile", type=Path, help="py-spy on xdsi --workers 2 during one extra 4-association run: .svg, else raw")
     args = p.parse_args(argv)
@@ -290,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {rnd} {name:8s} {mode} assoc: {wall:6.2f} s {r:6.1f} inst/s {total / 1e6 / wall:6.1f} MB/s {ms:5.1f} ms CPU/inst{extra}", flush=True)
 
         for rnd in range(1, args.rounds + 1):
-            order = [(s, m) for s in names for m in modes]
+            order = [(s, m) for s in names for m in modes if not args.pairs or f"{s.split('-')[-1]}:{m}" in args.pairs.split(",")
+                     or s == "orthanc"]
             for name, mode in (order if rnd % 2 else order[::-1]):
                 measure(name, mode, rnd)
 
         def med(key: tuple[str, str]) -> float:
             return statistics.median(rate[key])
+
+        rate = {k: v for k, v in rate.items() if v}
+        cpu = {k: v for k, v in cpu.items() if v}
 
         many = str(args.associations)
         if args.profile:
@@ -310,23 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         print("medians (inst/s, CPU ms/inst):")
         for key in rate:
             print(f"  {key[0]:8s} {key[1]} assoc: {med(key):6.1f} inst/s ({min(rate[key]):.1f}-{max(rate[key]):.1f}), {statistics.median(cpu[key]):.1f} ms CPU/inst")
+        def ratio(a: tuple[str, str], b: tuple[str, str], label: str, note: str = "") -> None:
+            """Median (range) of a/b over the rounds, when both were measured (``--pairs`` may leave some out)."""
+            if a in rate and b in rate:
+                r = [x / y for x, y in zip(rate[a], rate[b])]
+                print(f"{label}: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) per round{note}")
+
         for t in trees:
-            per_round = [a / b for a, b in zip(rate[(f"{t}-w2", many)], rate[(f"{t}-w1", "1")])]
-            print(f"{t} --workers 2, {many} assoc / {t} --workers 1, 1 assoc: {statistics.median(per_round):.2f} "
-                  f"({min(per_round):.2f}-{max(per_round):.2f}) per round (target >= 1.6)")
+            ratio((f"{t}-w2", many), (f"{t}-w1", "1"), f"{t} --workers 2, {many} assoc / {t} --workers 1, 1 assoc", " (target >= 1.6)")
         if args.against:
-            per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("base-w2", many)])]
-            print(f"xdsi / base, --workers 2, {many} assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f}) per round")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w2", "1")])]
-        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w1", many)], rate[("xdsi-w1", "1")])]
-        print(f"xdsi --workers 1, {many} assoc / 1 assoc: {statistics.median(per_round):.2f}")
+            ratio(("xdsi-w2", many), ("base-w2", many), f"xdsi / base, --workers 2, {many} assoc")
+            ratio(("xdsi-w1", "1"), ("base-w1", "1"), "xdsi / base, --workers 1, 1 assoc")
+        ratio(("xdsi-w2", many), ("xdsi-w2", "1"), f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc")
+        ratio(("xdsi-w1", many), ("xdsi-w1", "1"), f"xdsi --workers 1, {many} assoc / 1 assoc")
         if "orthanc" in names:
             for mode in modes:
-                r = [a / b for a, b in zip(rate[("xdsi-w2", mode)], rate[("orthanc", mode)])]
-                print(f"xdsi --workers 2 / Orthanc, {mode} assoc: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
-            o = [a / b for a, b in zip(rate[("orthanc", many)], rate[("orthanc", "1")])]
-            print(f"Orthanc {many} assoc / 1 assoc: {statistics.median(o):.2f}")
+                ratio(("xdsi-w2", mode), ("orthanc", mode), f"xdsi --workers 2 / Orthanc, {mode} assoc")
+            ratio(("orthanc", many), ("orthanc", "1"), f"Orthanc {many} assoc / 1 assoc")
         print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at end")
     finally:
         if orthanc_running:

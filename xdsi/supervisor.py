@@ -368,6 +368,25 @@ def _balance_accepts(spec: WorkerSpec) -> None:
         log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
 
 
+def freeze_startup_heap() -> None:
+    """Leave what start-up built out of every later full garbage collection (``gc.collect()``, then ``gc.freeze()``).
+
+    Why (issue 14): a worker's heap after start-up (modules, pydicom's dictionaries, SQLAlchemy's
+    tables, the AE's presentation contexts) is never garbage, yet each full collection walks all of it,
+    holding the GIL: 80-210 ms per collection, measured with ``gc.callbacks`` in both workers of
+    ``xdsi serve --workers 2``, one of them in the middle of an 800-instance ``bench/workers.py`` run in
+    each worker (~0.4 ms CPU per instance, and a stall of every association of that worker).  Frozen,
+    those objects are skipped; a full collection walks only what was made since.  Reference counting
+    still frees frozen objects; only a reference cycle among them that becomes garbage later would stay.
+    Called once the listeners serve, so what they set up is included; the one collection here is the
+    last full walk of that heap.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def worker_main() -> int:
     """``python -m xdsi.supervisor``: one worker, its spec on stdin."""
     _die_with_parent()
@@ -386,6 +405,7 @@ def worker_main() -> int:
     _balance_accepts(spec)
 
     def ready() -> None:
+        freeze_startup_heap()
         os.write(spec.ready_fd, b"R")
         os.close(spec.ready_fd)
 
