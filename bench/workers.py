@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200, help="spread trials per policy (0: skip)")
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds of rest after each measurement's sync (default 1)")
     p.add_argument("--pairs", default="", help="only these workers:associations measurements of xdsi, e.g. w1:1,w2:4 (default: all)")
     p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds (base-w1, base-w2)")
     p.add_argument("--profile", type=Path, help="py-spy on xdsi --workers 2 during one extra 4-association run: .svg, else raw")
@@ -257,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         rate: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
         cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
 
+        def settle() -> None:
+            """Write back what this measurement left dirty before the next starts: else the next one (in ABBA
+            order, always the same ones) pays for this one's 200 MB of writeback and inode frees."""
+            os.sync()
+            time.sleep(args.settle)
+
         def measure(name: str, mode: str, rnd: int) -> None:
             nonlocal orthanc_running
             split = parts if mode != "1" else [whole]
@@ -279,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     server.stop(timeout=120)
                 shutil.rmtree(data, ignore_errors=True)
+            settle()
             r = n / wall
             ms = sum(used.values()) * 1000 / n
             rate[(name, mode)].append(r)
