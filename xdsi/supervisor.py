@@ -14,7 +14,9 @@ a port stays served while any worker lives.  Measured (``bench/workers.py``, loa
 4 connections at once over 2 idle SO_REUSEPORT acceptors landed 2+2 in 38-40 % of 200 tries and
 4+0 in 8-20 %; 4 associations at once over a real ``xdsi serve --workers 2`` landed 2+2 in
 62-72 % of 4 x 40 tries, 3+1 otherwise, 4+0 once.  It also keeps the one-line errors for a busy
-port in one place, before any worker starts.
+port in one place, before any worker starts.  The race is now load-aware
+(:mod:`xdsi.dimse.accept_balance`): a worker holding more connections than a live peer leaves a waiting
+connection to it for a moment, then takes it anyway; 4 at once land 2+2 (tests/integration/test_workers.py).
 
 What runs once per node runs in worker 0 (the *primary*), never in the supervisor: the audit
 sender (every worker records into the durable audit spool; only the primary sends, so each
