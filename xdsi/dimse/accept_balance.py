@@ -121,7 +121,7 @@ class AcceptBalance:
         return int(_COUNTER.unpack_from(self._map, index * _COUNTER.size)[0])
 
     def alive(self, index: int) -> bool:
-        """Whether worker ``index`` holds its liveness lock (serves); ours is always alive."""
+        """Whether worker ``index`` holds its liveness lock (a listener of it serves); for this worker, whether one of ours does."""
         if index == self.index:
             return self._listeners > 0
         with self._lock:
