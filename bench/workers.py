@@ -2,6 +2,7 @@
 """C-STORE ingest on one and on four parallel associations: xdsi with 1 and 2 workers, and Orthanc, one run.
 
     python bench/workers.py [-n 200] [--size 512] [--rounds 3] [--associations 4] [--trials 200] [--no-orthanc]
+                            [--against BASE_TREE] [--profile OUT.svg|OUT.txt]
 
 Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``).  The script
 re-executes itself in its own network namespace (``BENCH_NETNS``, default ``bench-workers``), where it
@@ -15,6 +16,11 @@ one's end), MB/s, server CPU ms per instance (user + system of the server's whol
 /proc), and for two workers how the associations were spread over them (``ss -tnp`` while the
 storescus are connected) and each worker's share of the CPU.  Then the medians and the ratios the issue
 asks for: xdsi --workers 2 with 4 associations over xdsi's single-association rate, and xdsi/Orthanc.
+
+``--against DIR`` also runs ``xdsi serve`` from that source tree (``base-w1``, ``base-w2``) in the same rounds,
+so the ratios of this tree and the base come from the same minutes of a shared machine (ABBA).
+``--profile`` records py-spy (with ``--subprocesses``) on ``xdsi serve --workers 2`` during one extra
+4-association measurement after the rounds.
 
 ``--trials`` first measures how 4 connections made at once are spread over 2 processes accepting on
 one inherited listening socket (pre-fork, what ``xdsi serve --workers`` does) and on two SO_REUSEPORT
@@ -41,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, process_cpu, remove_work, stop_peer  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, process_cpu, py_spy, remove_work, stop_peer  # noqa: E402
 
 NS = Netns.from_env("bench-workers", 25600)
 
@@ -205,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200, help="spread trials per policy (0: skip)")
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds of rest after each measurement's sync (default 1)")
+    p.add_argument("--pairs", default="", help="only these workers:associations measurements of xdsi, e.g. w1:1,w2:4 (default: all)")
+    p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds (base-w1, base-w2)")
+    p.add_argument("--profile", type=Path, help="py-spy on xdsi --workers 2 during one extra 4-association run: .svg, else raw")
     args = p.parse_args(argv)
     rc = NS.enter(__file__, argv, STORESCU)
     if rc is not None:
@@ -242,10 +252,17 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(d)
         print(f"{n} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB per measurement; {args.associations} associations; {args.rounds} rounds")
 
-        names = ["xdsi-w1", "xdsi-w2"] + ([] if args.no_orthanc else ["orthanc"])
+        trees = {"xdsi": ROOT, **({"base": args.against.resolve()} if args.against else {})}
+        names = [f"{t}-w{w}" for t in trees for w in (1, 2)] + ([] if args.no_orthanc else ["orthanc"])
         modes = ["1", str(args.associations)]
         rate: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
         cpu: dict[tuple[str, str], list[float]] = {(s, m): [] for s in names for m in modes}
+
+        def settle() -> None:
+            """Write back what this measurement left dirty before the next starts: else the next one (in ABBA
+            order, always the same ones) pays for this one's 200 MB of writeback and inode frees."""
+            os.sync()
+            time.sleep(args.settle)
 
         def measure(name: str, mode: str, rnd: int) -> None:
             nonlocal orthanc_running
@@ -259,50 +276,70 @@ def main(argv: list[str] | None = None) -> int:
                 wall, used, spread = store(NS.port(1), "ORTHANC", split, [pid], False)
             else:
                 workers = int(name[-1])
+                tree_dir = trees[name.split("-")[0]]
                 data = work / f"data-{name}-{mode}-{rnd}"
-                server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=workers).start(timeout=120)
+                server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(tree_dir)},
+                                     workers=workers, prefix=["env", "-C", str(tree_dir)]).start(timeout=120)
                 try:
                     pids = tree(server.pid)
                     wall, used, spread = store(server.dicom_port, server.ae_title, split, pids, workers > 1)
                 finally:
                     server.stop(timeout=120)
                 shutil.rmtree(data, ignore_errors=True)
+            settle()
             r = n / wall
             ms = sum(used.values()) * 1000 / n
             rate[(name, mode)].append(r)
             cpu[(name, mode)].append(ms)
             extra = ""
-            if name == "xdsi-w2":
+            if name.endswith("-w2"):
                 share = sorted((v for p, v in used.items() if p != pids[0]), reverse=True)
                 extra = (f"; associations per worker {'+'.join(str(c) for c in sorted(spread.values(), reverse=True)) or '?'}"
                          f", CPU per worker {'/'.join(f'{s:.1f}' for s in share)} s")
             print(f"round {rnd} {name:8s} {mode} assoc: {wall:6.2f} s {r:6.1f} inst/s {total / 1e6 / wall:6.1f} MB/s {ms:5.1f} ms CPU/inst{extra}", flush=True)
 
         for rnd in range(1, args.rounds + 1):
-            order = [(s, m) for s in names for m in modes]
+            order = [(s, m) for s in names for m in modes if not args.pairs or f"{s.split('-')[-1]}:{m}" in args.pairs.split(",")
+                     or s == "orthanc"]
             for name, mode in (order if rnd % 2 else order[::-1]):
                 measure(name, mode, rnd)
 
         def med(key: tuple[str, str]) -> float:
             return statistics.median(rate[key])
 
+        rate = {k: v for k, v in rate.items() if v}
+        cpu = {k: v for k, v in cpu.items() if v}
+
         many = str(args.associations)
+        if args.profile:
+            data = work / "data-profile"
+            server = XdsiProcess(data, env={"XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1", "PYTHONPATH": str(ROOT)}, workers=2).start(timeout=120)
+            try:
+                with py_spy(server.pid, args.profile.resolve(), subprocesses=True):
+                    wall, _used, _spread = store(server.dicom_port, server.ae_title, parts, tree(server.pid), False)
+            finally:
+                server.stop(timeout=120)
+            print(f"profile: {args.profile} (run under py-spy: {n / wall:.1f} inst/s)")
         print("medians (inst/s, CPU ms/inst):")
         for key in rate:
             print(f"  {key[0]:8s} {key[1]} assoc: {med(key):6.1f} inst/s ({min(rate[key]):.1f}-{max(rate[key]):.1f}), {statistics.median(cpu[key]):.1f} ms CPU/inst")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w1", "1")])]
-        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 1, 1 assoc: {statistics.median(per_round):.2f} "
-              f"({min(per_round):.2f}-{max(per_round):.2f}) per round (target >= 1.6)")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w2", many)], rate[("xdsi-w2", "1")])]
-        print(f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc: {statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
-        per_round = [a / b for a, b in zip(rate[("xdsi-w1", many)], rate[("xdsi-w1", "1")])]
-        print(f"xdsi --workers 1, {many} assoc / 1 assoc: {statistics.median(per_round):.2f}")
+        def ratio(a: tuple[str, str], b: tuple[str, str], label: str, note: str = "") -> None:
+            """Median (range) of a/b over the rounds, when both were measured (``--pairs`` may leave some out)."""
+            if a in rate and b in rate:
+                r = [x / y for x, y in zip(rate[a], rate[b])]
+                print(f"{label}: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) per round{note}")
+
+        for t in trees:
+            ratio((f"{t}-w2", many), (f"{t}-w1", "1"), f"{t} --workers 2, {many} assoc / {t} --workers 1, 1 assoc", " (target >= 1.6)")
+        if args.against:
+            ratio(("xdsi-w2", many), ("base-w2", many), f"xdsi / base, --workers 2, {many} assoc")
+            ratio(("xdsi-w1", "1"), ("base-w1", "1"), "xdsi / base, --workers 1, 1 assoc")
+        ratio(("xdsi-w2", many), ("xdsi-w2", "1"), f"xdsi --workers 2, {many} assoc / xdsi --workers 2, 1 assoc")
+        ratio(("xdsi-w1", many), ("xdsi-w1", "1"), f"xdsi --workers 1, {many} assoc / 1 assoc")
         if "orthanc" in names:
             for mode in modes:
-                r = [a / b for a, b in zip(rate[("xdsi-w2", mode)], rate[("orthanc", mode)])]
-                print(f"xdsi --workers 2 / Orthanc, {mode} assoc: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
-            o = [a / b for a, b in zip(rate[("orthanc", many)], rate[("orthanc", "1")])]
-            print(f"Orthanc {many} assoc / 1 assoc: {statistics.median(o):.2f}")
+                ratio(("xdsi-w2", mode), ("orthanc", mode), f"xdsi --workers 2 / Orthanc, {mode} assoc")
+            ratio(("orthanc", many), ("orthanc", "1"), f"Orthanc {many} assoc / 1 assoc")
         print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at end")
     finally:
         if orthanc_running:

@@ -14,7 +14,9 @@ a port stays served while any worker lives.  Measured (``bench/workers.py``, loa
 4 connections at once over 2 idle SO_REUSEPORT acceptors landed 2+2 in 38-40 % of 200 tries and
 4+0 in 8-20 %; 4 associations at once over a real ``xdsi serve --workers 2`` landed 2+2 in
 62-72 % of 4 x 40 tries, 3+1 otherwise, 4+0 once.  It also keeps the one-line errors for a busy
-port in one place, before any worker starts.
+port in one place, before any worker starts.  The race is now load-aware
+(:mod:`xdsi.dimse.accept_balance`): a worker holding more connections than a live peer leaves a waiting
+connection to it for a moment, then takes it anyway; 4 at once land 2+2 (tests/integration/test_workers.py).
 
 What runs once per node runs in worker 0 (the *primary*), never in the supervisor: the audit
 sender (every worker records into the durable audit spool; only the primary sends, so each
@@ -358,6 +360,35 @@ def _die_with_parent() -> None:
         pass
 
 
+def _balance_accepts(spec: WorkerSpec) -> None:
+    """This worker's DICOM listeners accept with the node's load in view (:mod:`xdsi.dimse.accept_balance`)."""
+    from xdsi.dimse import accept_balance
+
+    try:
+        accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers)
+    except (OSError, ValueError) as exc:  # connections are still all served, only not spread by load
+        log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
+
+
+def freeze_startup_heap() -> None:
+    """Leave what start-up built out of every later full garbage collection (``gc.collect()``, then ``gc.freeze()``).
+
+    Why (issue 14): a worker's heap after start-up (modules, pydicom's dictionaries, SQLAlchemy's
+    tables, the AE's presentation contexts) is never garbage, yet each full collection walks all of it,
+    holding the GIL: 80-210 ms per collection, measured with ``gc.callbacks`` in both workers of
+    ``xdsi serve --workers 2``, one of them in the middle of an 800-instance ``bench/workers.py`` run in
+    each worker (~0.4 ms CPU per instance, and a stall of every association of that worker).  Frozen,
+    those objects are skipped; a full collection walks only what was made since.  Reference counting
+    still frees frozen objects; only a reference cycle among them that becomes garbage later would stay.
+    Called once the listeners serve, so what they set up is included; the one collection here is the
+    last full walk of that heap.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def worker_main() -> int:
     """``python -m xdsi.supervisor``: one worker, its spec on stdin."""
     _die_with_parent()
@@ -373,8 +404,10 @@ def worker_main() -> int:
 
     configure_logging(spec.settings, spec.verbose, f"w{spec.index}")
     sockets = {key: socket.socket(fileno=fd) for key, fd in spec.fds.items()}
+    _balance_accepts(spec)
 
     def ready() -> None:
+        freeze_startup_heap()
         os.write(spec.ready_fd, b"R")
         os.close(spec.ready_fd)
 

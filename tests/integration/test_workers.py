@@ -12,8 +12,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -139,6 +141,91 @@ def test_four_parallel_associations_store_find_and_get(cluster: XdsiProcess, stu
             same_pixels(path, originals[sop])
 
 
+def connections_by_worker(server: XdsiProcess, workers: list[int]) -> list[int]:
+    """Established connections on the DICOM port held by each worker (its socket inodes in /proc/net/tcp*)."""
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == server.dicom_port and f[3] == "01":
+                established.add(f[9])
+    counts = []
+    for pid in workers:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        counts.append(len(inodes & established))
+    return counts
+
+
+def associate_at_once(server: XdsiProcess, n: int, acse_timeout: float = 30) -> list[object]:
+    """``n`` associations requested together (a barrier before each connect), Verification only."""
+    barrier = threading.Barrier(n)
+
+    def one(_i: int) -> object:
+        ae = AE(ae_title=f"AT{_i}ONCE")
+        ae.acse_timeout = acse_timeout
+        ae.add_requested_context(Verification)
+        barrier.wait(10)
+        return ae.associate(server.host, server.dicom_port, ae_title="XDSI")
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def wait_all_serving(server: XdsiProcess) -> None:
+    """Both workers run and serve (every restart the supervisor announced has been followed by "serving again")."""
+    out = server.output
+    wait_until(lambda: len(server.children()) == 2 and out().count("serving again") >= out().count("; restarting in"), 60)
+
+
+def release_all(server: XdsiProcess, assocs: list[object]) -> None:
+    for a in assocs:
+        if a.is_established:  # type: ignore[attr-defined]
+            a.release()  # type: ignore[attr-defined]
+    wait_until(lambda: sum(connections_by_worker(server, server.children())) == 0, 15)
+
+
+def test_associations_requested_together_are_spread_evenly(cluster: XdsiProcess) -> None:
+    """Issue 14: 4 associations at once over 2 workers land 2+2, every time (load-aware accept)."""
+    workers = worker_pids(cluster)
+    shapes = []
+    for _ in range(12):
+        assocs = associate_at_once(cluster, 4)
+        try:
+            assert all(a.is_established for a in assocs)  # type: ignore[attr-defined]
+            for a in assocs:  # each one answers, whichever worker holds it
+                assert a.send_c_echo().Status == 0  # type: ignore[attr-defined]
+            shapes.append(connections_by_worker(cluster, workers))
+        finally:
+            release_all(cluster, assocs)
+    assert shapes == [[2, 2]] * len(shapes), shapes
+
+
+def test_a_stopped_worker_does_not_hold_connections_back(cluster: XdsiProcess) -> None:
+    """A worker alive but not accepting (SIGSTOP: busy, swapped out) is waited for a moment only: the other serves all."""
+    workers = worker_pids(cluster)
+    os.kill(workers[1], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assocs = associate_at_once(cluster, 4, acse_timeout=10)
+        took = time.monotonic() - started
+        try:
+            assert all(a.is_established for a in assocs), "a connection was left to the stopped worker"  # type: ignore[attr-defined]
+            assert connections_by_worker(cluster, workers) == [4, 0]
+            assert took < 8, took  # 3 deferrals of 0.1 s, on a busy machine
+        finally:
+            os.kill(workers[1], signal.SIGCONT)
+            release_all(cluster, assocs)
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
+
+
 def test_killed_worker_is_restarted_and_service_goes_on(cluster: XdsiProcess, studies: list[list[Path]]) -> None:
     before = set(cluster.children())
     assert len(before) == 2, cluster.output()[-2000:]
@@ -156,6 +243,30 @@ def test_killed_worker_is_restarted_and_service_goes_on(cluster: XdsiProcess, st
     uid = str(dcmread(studies[STUDIES][0], stop_before_pixels=True).StudyInstanceUID)
     for _ in range(4):  # several associations: whichever worker takes each, the new study is there
         assert find_studies(cluster).get(uid) == PER_STUDY
+
+
+def test_connections_are_served_at_once_while_a_worker_is_dead(cluster: XdsiProcess) -> None:
+    """A dead worker (its liveness lock gone with it) is not waited for: the survivor takes 4 at once, then the
+    restarted worker gets its share again."""
+    wait_all_serving(cluster)
+    restarts = cluster.output().count("serving again")
+    survivor, victim = cluster.children()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not process_alive(victim), 10)
+    assocs = associate_at_once(cluster, 4, acse_timeout=10)
+    try:
+        assert all(a.is_established for a in assocs)  # type: ignore[attr-defined]
+        assert connections_by_worker(cluster, [survivor]) == [4]
+    finally:
+        release_all(cluster, assocs)
+    wait_until(lambda: cluster.output().count("serving again") > restarts, 60)
+    workers = [survivor, next(pid for pid in cluster.children() if pid != survivor)]
+    assocs = associate_at_once(cluster, 4)
+    try:
+        assert all(a.is_established for a in assocs)  # type: ignore[attr-defined]
+        assert connections_by_worker(cluster, workers) == [2, 2]
+    finally:
+        release_all(cluster, assocs)
 
 
 def test_audit_messages_from_both_workers_arrive_once(cluster: XdsiProcess, repo: rsyslog.Rsyslog | None, studies: list[list[Path]]) -> None:

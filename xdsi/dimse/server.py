@@ -54,6 +54,7 @@ from xdsi.archive import Archive, jpip_header
 from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
+from xdsi.dimse import accept_balance  # issue 14 (workers): load-aware accept
 from xdsi.dimse import receive_direct, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
@@ -260,11 +261,19 @@ class AdoptedAssociationServer(GovernedAssociationServer):
     flag): the workers woken by a new connection race for it and the losers get EAGAIN, which
     socketserver ignores, instead of blocking in ``accept`` until the next connection.  Closing
     never calls ``shutdown()``, which would stop the listener for every worker, not just this one.
+
+    With the node's :mod:`xdsi.dimse.accept_balance` (``xdsi serve --workers N``), a worker holding
+    more connections than a live peer leaves a waiting connection to that peer for a moment before
+    it accepts it anyway: connections arriving together spread evenly over the workers.
     """
 
     def __init__(self, *args: Any, adopted: socket.socket, **kwargs: Any) -> None:
         self._adopted = adopted
+        self.balance = accept_balance.current()
+        self._serving = False
         super().__init__(*args, **kwargs)
+        if self.balance is not None:  # a connection that ends is no longer this worker's load: say so at once
+            self.bind(evt.EVT_CONN_CLOSE, _connection_closed)
 
     def server_bind(self) -> None:
         self.socket.close()  # the unbound socket socketserver made for us
@@ -273,10 +282,38 @@ class AdoptedAssociationServer(GovernedAssociationServer):
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
-        """Listening already (the supervisor chose the backlog)."""
+        """Listening already (the supervisor chose the backlog); peers may now leave connections to us."""
+        if self.balance is not None and not self._serving:
+            self._serving = True
+            self.balance.serving()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept when it is this worker's turn (:meth:`AcceptBalance.turn`); the connection counts from now."""
+        balance = self.balance
+        if balance is None:
+            return super().get_request()
+        balance.turn(self.socket)
+        client, address = super().get_request()  # EAGAIN when a peer took it meanwhile: socketserver waits for the next
+        balance.accepted(client)
+        return client, address
+
+    def service_actions(self) -> None:
+        """The server loop's idle tick: also publish this worker's load again (connections that ended)."""
+        super().service_actions()
+        if self.balance is not None:
+            self.balance.refresh()
 
     def server_close(self) -> None:
+        if self.balance is not None and self._serving:
+            self._serving = False
+            self.balance.stopped()
         self.socket.close()
+
+
+def _connection_closed(_event: Any) -> None:
+    balance = accept_balance.current()
+    if balance is not None:
+        balance.refresh()
 
 
 def peer_closed(sock: socket.socket) -> bool:

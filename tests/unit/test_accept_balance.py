@@ -1,0 +1,207 @@
+"""The accept balance of the workers of one node (:mod:`xdsi.dimse.accept_balance`), across real processes.
+
+Peers are real processes (``python -c``): liveness is a record lock, which belongs to a process, so a
+second object in this process would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from xdsi.dimse.accept_balance import AcceptBalance
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def peer(path: Path, index: int, script: str) -> subprocess.Popen[str]:
+    """Worker ``index`` of 2 in another process: serving, then runs ``script`` (``b`` bound) on each stdin line."""
+    code = textwrap.dedent(f"""
+        import socket, sys
+        from pathlib import Path
+        from xdsi.dimse.accept_balance import AcceptBalance
+        b = AcceptBalance(Path({str(path)!r}), {index}, 2)
+        b.serving()
+        held = []
+        print("ready", flush=True)
+        for line in sys.stdin:
+    """) + textwrap.indent(textwrap.dedent(script), "    ") + "\n    print('done', flush=True)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def ask(proc: subprocess.Popen[str], line: str = "go") -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "done"
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connections(here: AcceptBalance, n: int) -> list[socket.socket]:
+    """``n`` open connected sockets counted as this worker's accepted connections."""
+    out = []
+    for _ in range(n):
+        a, b = socket.socketpair()
+        here.accepted(a)
+        out += [a, b]
+    return out
+
+
+def test_a_worker_with_more_connections_waits_for_the_lighter_live_peer(tmp_path: Path) -> None:
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2)
+    here.serving()
+    other = peer(path, 1, "")
+    try:
+        assert here.lighter_peer(here.refresh()) is None  # 0 and 0: accept
+        held = connections(here, 1)
+        assert here.load(0) == 1
+        assert here.lighter_peer(here.refresh()) == 1  # 1 against 0: leave it to worker 1
+        for s in held:
+            s.close()
+        assert here.refresh() == 0 and here.lighter_peer(0) is None  # a closed connection is no load
+    finally:
+        other.kill()
+        other.wait()
+        here.close()
+
+
+def test_a_dead_peer_is_not_waited_for_and_its_stale_count_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2)
+    here.serving()
+    other = peer(path, 1, "")
+    held = connections(here, 2)
+    try:
+        assert here.lighter_peer(here.refresh()) == 1
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+        assert here.alive(1) is False
+        assert here.lighter_peer(here.refresh()) is None  # its counter still says 0; it is dead
+    finally:
+        for s in held:
+            s.close()
+        here.close()
+
+
+def test_a_stopped_listener_is_not_waited_for(tmp_path: Path) -> None:
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2)
+    here.serving()
+    other = peer(path, 1, "b.stopped()")
+    held = connections(here, 1)
+    try:
+        assert here.alive(1)
+        ask(other)  # its last listener closed (shutting down): alive as a process, serving no more
+        assert not here.alive(1)
+        assert here.lighter_peer(here.refresh()) is None
+    finally:
+        for s in held:
+            s.close()
+        other.kill()
+        other.wait()
+        here.close()
+
+
+def test_turn_accepts_anyway_when_the_peer_does_not_take_the_connection(tmp_path: Path, listener: socket.socket) -> None:
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2, defer=0.2)
+    here.serving()
+    other = peer(path, 1, "")  # alive, lighter, and never accepts (busy)
+    held = connections(here, 1)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        started = time.monotonic()
+        here.turn(listener)
+        waited = time.monotonic() - started
+        assert 0.2 <= waited < 2.0, waited
+        assert here.overridden == 1 and here.deferred == 0
+        conn, _ = listener.accept()  # still there: this worker takes it
+        conn.close()
+    finally:
+        client.close()
+        for s in held:
+            s.close()
+        other.kill()
+        other.wait()
+        here.close()
+
+
+def test_turn_returns_as_soon_as_the_peer_took_the_connection(tmp_path: Path, listener: socket.socket) -> None:
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2, defer=5.0)
+    here.serving()
+    other = peer(path, 1, "")
+    held = connections(here, 1)
+    client = socket.create_connection(listener.getsockname())
+    taker = socket.socket(fileno=os.dup(listener.fileno()))  # another worker's accept on the shared queue
+    try:
+        import threading
+
+        timer = threading.Timer(0.3, lambda: taker.accept()[0].close())
+        timer.start()
+        started = time.monotonic()
+        here.turn(listener)
+        waited = time.monotonic() - started
+        timer.join()
+        assert 0.25 <= waited < 4.0, waited
+        assert here.deferred == 1 and here.overridden == 0
+        with pytest.raises(BlockingIOError):  # nothing left: the caller's accept fails and it waits for the next
+            listener.accept()
+    finally:
+        client.close()
+        taker.close()
+        for s in held:
+            s.close()
+        other.kill()
+        other.wait()
+        here.close()
+
+
+def test_turn_goes_on_when_the_peer_catches_up(tmp_path: Path, listener: socket.socket) -> None:
+    """Worker 1 accepted a connection elsewhere meanwhile: 1 against 1, this worker may accept now."""
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2, defer=5.0)
+    here.serving()
+    other = peer(path, 1, "a, c = socket.socketpair(); b.accepted(a); held += [a, c]")
+    held = connections(here, 1)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        import threading
+
+        timer = threading.Timer(0.3, ask, (other,))
+        timer.start()
+        started = time.monotonic()
+        here.turn(listener)
+        waited = time.monotonic() - started
+        timer.join()
+        assert 0.25 <= waited < 4.0, waited
+        assert here.load(1) == 1 and here.deferred == 0 and here.overridden == 0
+    finally:
+        client.close()
+        for s in held:
+            s.close()
+        other.kill()
+        other.wait()
+        here.close()
