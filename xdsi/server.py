@@ -326,6 +326,9 @@ def serve(
         servers.stop(quiet=True)  # what did start (a DICOM listener's threads) must not keep the process alive
         raise
     if on_ready is None:
+        from xdsi.supervisor import freeze_startup_heap
+
+        freeze_startup_heap()  # one process serving alone: its start-up heap out of later full collections too
         print(f"xdsi serving AE {settings.ae_title} on {describe_listeners(settings)} (data in {settings.data_dir})", flush=True)
     else:
         on_ready()
