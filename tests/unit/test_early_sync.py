@@ -11,7 +11,6 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,7 @@ def _spool(tmp_path: Path, data: bytes = b"DICM" * 1000) -> tuple[Path, bytes]:
 def test_the_early_fsync_is_waited_for_before_the_rename(tier: tiers.Tier, tmp_path: Path, fsyncs: list[int]) -> None:
     src, data = _spool(tmp_path)
     st = os.stat(src)
-    pending: Future[tuple[int, int]] = Future()
+    pending = early_sync.Sync(str(src))
     written = Written(len(data), hashlib.sha256(data).hexdigest(), pending)
     placed: list[tiers.Placed] = []
     worker = threading.Thread(target=lambda: placed.append(tier.place_file(src, "a/b/c.dcm", move=True, written=written)))
@@ -81,7 +80,7 @@ def test_the_tier_syncs_itself_when_the_early_fsync_does_not_cover_the_file(
     tier: tiers.Tier, tmp_path: Path, fsyncs: list[int], outcome: str
 ) -> None:
     src, data = _spool(tmp_path)
-    done: Future[tuple[int, int]] | None = Future()
+    done: early_sync.Sync | None = early_sync.Sync(str(src))
     if outcome == "other inode":
         done.set_result((os.stat(src).st_dev, os.stat(src).st_ino + 1))
     elif outcome == "failed":
@@ -99,3 +98,14 @@ def test_a_file_that_changed_size_is_hashed_again(tier: tiers.Tier, tmp_path: Pa
     placed = tier.place_file(src, "a/b/f.dcm", move=True, written=stale)
     assert (placed.size, placed.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert len(fsyncs) == 2  # the pool's, and the tier's own after hashing
+
+
+def test_the_pool_reports_the_inode_it_synced_and_a_missing_file(tmp_path: Path) -> None:
+    src, _ = _spool(tmp_path)
+    job = early_sync.start(src)
+    st = os.stat(src)
+    assert job.result() == (st.st_dev, st.st_ino) == job.result()  # waiting twice is fine
+    gone = early_sync.start(tmp_path / "refused-and-removed.dcm")
+    with pytest.raises(FileNotFoundError):
+        gone.result()
+    assert early_sync.synced_inode(Written(1, "0" * 64, gone)) is None  # the tier then syncs itself
