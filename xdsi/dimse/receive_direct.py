@@ -98,7 +98,15 @@ def claim(assoc: Any) -> Any:
     return g
 
 
+QUIET = "_xdsi_quiet_release"  # on a guard: the next release() need not wake the DUL (set by take_next)
+
+
 def release(g: Any) -> None:
+    """Give ``read_lock`` back; the DUL is woken (``release_read``) unless :func:`take_next` said it has nothing to read."""
+    if getattr(g, QUIET, False):
+        setattr(g, QUIET, False)
+        g.read_lock.release()
+        return
     g.release_read()
 
 
@@ -114,7 +122,14 @@ def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
             return False
     if not _readable(dul.socket.socket, dul, wait):
         return False
-    return _receive(assoc, g, dul, dimse)
+    took = _receive(assoc, g, dul, dimse)
+    if took and getattr(dimse, "_xdsi_relay_receive", False):
+        # a remote's storage association to a relay (issue 15): the whole request was read here and is on the DIMSE
+        # queue, nothing was given back, and the remote waits for our response, so the DUL has nothing to read; it is
+        # not woken for this release (one wake-up, a drain of its wake-up pair and a GIL hand-off less per relayed
+        # instance) and looks again within wakeup.READER_WAIT (10 ms) as it does while the lock is held
+        setattr(g, QUIET, True)
+    return took
 
 
 def _readable(raw: Any, dul: Any, wait: float) -> bool:
