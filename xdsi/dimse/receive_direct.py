@@ -57,6 +57,7 @@ from pynetdicom import _config, evt
 from pynetdicom.pdu_primitives import P_DATA
 
 from xdsi.dimse import direct
+from xdsi.gateway.headscan import HEAD_BYTES
 from xdsi.gateway.receive import start_store
 from xdsi.storage import early_sync
 
@@ -67,6 +68,9 @@ _BE_LENGTH = struct.Struct(">L")
 P_DATA_TF = 0x04
 _MARK = "_xdsi_receive_direct"  # counter on the association: messages read here (for tests)
 WRITTEN = "_xdsi_written"  # on a C-STORE request read here: its spool file's early_sync.Written
+# on a C-STORE request read here for a relay (a remote's storage association): its spool file's first HEAD_BYTES
+# (bytes, the whole file when shorter), what xdsi.gateway.headscan.scan_file would read from it
+HEAD = "_xdsi_head"
 
 
 # process-wide counts, for tests and diagnostics: C-STOREs read here, and times a PDU was given back to the DUL
@@ -173,6 +177,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
     context_id = -1
     digest: Any = None  # sha256 of the spool file as it is written, handed on with the request (WRITTEN)
     size = 0
+    kept: bytearray | None = None  # a relayed request's spool file head (HEAD), as it is written
     while True:
         try:
             header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
@@ -215,6 +220,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             # 512x512 CT was ~0.3 ms CPU per relayed instance (issue 15)
             relayed = getattr(dimse, "_xdsi_relay_receive", False)
             digest, size = (None if relayed else hashlib.sha256(head)), len(head)
+            kept = bytearray(head[:HEAD_BYTES]) if relayed else None
         spool = message._data_set_file
         write = getattr(spool, "file", spool).write  # past NamedTemporaryFile's per-call attribute wrapper
         last = False
@@ -223,6 +229,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
                 write(fragment)
                 if digest is not None:
                     digest.update(fragment)
+                elif kept is not None and len(kept) < HEAD_BYTES:
+                    kept += fragment[: HEAD_BYTES - len(kept)]
                 size += len(fragment)
                 last = bool(control & 0x02)
             spool.flush()
@@ -235,7 +243,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
             # that syncs it itself)
             synced = None if digest is None else early_sync.start(message._data_set_path)
-            _complete(assoc, dimse, message, None if digest is None else early_sync.Written(size, digest.hexdigest(), synced))
+            _complete(assoc, dimse, message, None if digest is None else early_sync.Written(size, digest.hexdigest(), synced),
+                      None if kept is None else bytes(kept))
             return True
 
 
@@ -247,7 +256,7 @@ def _data_only(items: list[tuple[int, int, memoryview]], context_id: int) -> boo
     return True
 
 
-def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written | None) -> None:
+def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written | None, head: bytes | None = None) -> None:
     """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ.
 
     ``written`` (the spool file's size and sha256, hashed as its bytes were written, and its fsync, already
@@ -259,10 +268,12 @@ def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written 
     primitive = message.message_to_primitive()
     if written is not None:  # None: not hashed (relayed); the store path then hashes what it keeps itself
         setattr(primitive, WRITTEN, written)
+    if head is not None:  # the relay checks the delivered instance's identity from these, not by reading the file again
+        setattr(primitive, HEAD, head)
     dimse.message = None
     setattr(assoc, _MARK, taken(assoc) + 1)
     stats["taken"] += 1
     dimse.msg_queue.put((context_id, primitive))
 
 
-__all__ = ["WAIT", "WRITTEN", "stats", "claim", "release", "take_next", "taken"]
+__all__ = ["HEAD", "HEAD_BYTES", "WAIT", "WRITTEN", "stats", "claim", "release", "take_next", "taken"]

@@ -56,7 +56,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
-from xdsi.dimse import direct
+from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.direct import parse_command
 from xdsi.gateway import identity
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
@@ -127,14 +127,16 @@ class Relay:
 
     # -- the source side --------------------------------------------------------------------------
 
-    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str) -> int:
-        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status."""
+    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str, head: bytes | None = None) -> int:
+        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status.
+
+        ``head``: the spool file's first bytes as the direct reader wrote them (identity.check), if it kept them."""
         if self.closed:
             log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
         study = patient = ""
         if self.expected is not None:
-            reason, ds = identity.check(self.expected, path, sop_class, sop_uid)
+            reason, ds = identity.check(self.expected, path, sop_class, sop_uid, head)
             if reason is not None:  # never taken over: pynetdicom removes its spool file
                 self.refused.append((sop_uid, reason))
                 return identity.refuse(self.remote_ae, self.msg_id, sop_uid, reason)
@@ -423,7 +425,8 @@ def hand_over(event: Any) -> int | None:
         return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
                                  str(event.context.transfer_syntax), 60.0)
     ts = str(event.context.transfer_syntax)
-    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
+    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts,
+                         getattr(req, receive_direct.HEAD, None))
 
 
 def _wake_on_activity(assoc: Any) -> None:
