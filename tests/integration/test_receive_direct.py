@@ -255,7 +255,7 @@ def test_a_relays_storage_association_is_not_hashed_and_what_it_archives_is_hash
     that no relay takes is archived, the tier hashing and syncing it itself, so every index checksum is still the
     stored file's."""
     dicom, archive = served
-    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT03"), series=1, per_series=5, rows=256, columns=256)  # > HEAD_BYTES
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT04"), series=1, per_series=5, rows=256, columns=256)  # > HEAD_BYTES
     written: list[Any] = []
     heads: list[Any] = []
     receive, complete = receive_direct._receive, receive_direct._complete
