@@ -58,7 +58,7 @@ from pynetdicom.status import Status
 from xdsi.archive import transcode
 from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.direct import parse_command
-from xdsi.gateway import identity
+from xdsi.gateway import identity, receive
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -117,13 +117,13 @@ class Relay:
     def spool_name(self, suffix: str) -> Path:
         """A new name in the spool directory for a file this relay takes over (the directory made once per relay).
 
-        Unique without a random draw per file (a system call each: issue 15): this process's random token, its
-        process ID and a counter; ``relay-`` so that :func:`sweep` knows it.
+        Unique without a random draw per file (a system call each: issue 15): this process's ID and random token
+        (``receive.process_tag``) and a counter; ``relay-`` so that :func:`sweep` knows it.
         """
         if not self._spool_made:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self._spool_made = True
-        return self.spool_dir / f"relay-{_TOKEN}-{os.getpid()}-{next(_NAMES)}{suffix}"
+        return self.spool_dir / f"relay-{receive.process_tag()}-{next(_NAMES)}{suffix}"
 
     # -- the source side --------------------------------------------------------------------------
 
@@ -291,8 +291,7 @@ class Relay:
 
 CLOSED = ".closed"
 INBOX_SETTLED_NS = 50_000_000  # drain_inbox(quick=True): an inbox unchanged since this long before a listing began
-_TOKEN = uuid.uuid4().hex[:12]  # this process's spool names (Relay.spool_name)
-_NAMES = itertools.count()
+_NAMES = itertools.count()  # Relay.spool_name
 REFUSED = ".refused"  # in an inbox: an instance another process refused for this relay (JSON: UID and reason)
 EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
