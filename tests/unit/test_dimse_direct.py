@@ -450,3 +450,57 @@ def test_held_pending_move_responses_keep_their_order(tmp_path: Path) -> None:
     reader.join(10)
     assert bytes(received) == _wire(reference.sent)
     assert fast.events == reference.events
+
+
+@pytest.mark.parametrize("timeout", [5.0, None])
+def test_send_all_resumes_partial_writes_in_order(timeout: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_send_all: with a timeout (non-blocking descriptor: writev, no poll first) and without (sendmsg MSG_DONTWAIT), a
+    message far larger than the socket buffers arrives whole and in order while the peer reads slowly."""
+    writev, writes = os.writev, []
+
+    def counting(fd: int, views: Any) -> int:
+        writes.append(fd)
+        return writev(fd, views)
+
+    monkeypatch.setattr(direct.os, "writev", counting)
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(timeout)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        parts: list[Any] = [os.urandom(n) for n in (6, 70000, 1, 300000, 12)] + [memoryview(os.urandom(4096))[100:200], bytearray(b"end")]
+        want = b"".join(bytes(p) for p in parts)
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(want):
+                chunk = b.recv(8192)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        direct._send_all(a, parts, timeout=10.0)
+        reader.join(10)
+        assert bytes(got) == want
+        assert bool(writes) == (timeout is not None)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_all_to_a_peer_that_does_not_read_is_cut_when_stopped() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(5.0)
+        calls = []
+
+        def stop() -> bool:
+            calls.append(1)
+            return len(calls) > 2
+
+        with pytest.raises(direct.Aborted):
+            direct._send_all(a, [os.urandom(8 << 20)], stop)
+    finally:
+        a.close()
+        b.close()
