@@ -504,3 +504,32 @@ def test_send_all_to_a_peer_that_does_not_read_is_cut_when_stopped() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_file_not_read_ahead_is_read_whole_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """send_c_store without a read-ahead (the relay's next instance arrived late) takes the file through _read_small:
+    one open, the whole file, the data set offset the head gives; what it cannot use (large, no preamble, missing)
+    is None, so the file is read as it is sent, as before."""
+    import builtins
+
+    path = _real_part10(tmp_path / "a.dcm", 5, size=200_000)
+    raw = path.read_bytes()
+    _, writer = _writer()
+    opened: list[Any] = []
+    real_open = builtins.open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    ready = writer._read_small(path)
+    assert opened == [path]
+    assert ready is not None and bytes(ready.buffer[: ready.length]) == raw
+    assert ready.offset == direct.dataset_offset(raw[: direct.HEAD_BYTES])
+    monkeypatch.setattr(builtins, "open", real_open)
+    big = _real_part10(tmp_path / "big.dcm", 1, size=direct.RUN_BYTES + 1)
+    odd = tmp_path / "odd.dcm"
+    odd.write_bytes(b"\0" * 20_000)
+    for unusable in (big, odd, tmp_path / "missing.dcm"):
+        assert writer._read_small(unusable) is None
