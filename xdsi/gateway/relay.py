@@ -304,7 +304,7 @@ def inbox_path(remote_ae: str, originator: str, msg_id: int) -> Path | None:
     return INBOX_ROOT / f"inbox-{safe[0]}-{safe[1]}-{msg_id}"
 
 
-def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float) -> int:
+def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float, head: bytes | None = None) -> int:
     """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
     if (inbox / CLOSED).exists():
         return REFUSED_CLOSED
@@ -315,7 +315,7 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
         reason = f"the relay's expected identity is unreadable ({exc.__class__.__name__})"
         _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
-    reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
+    reason = identity.check(expected, path, sop_class, sop_uid, head)[0] if expected is not None else None
     if reason is not None:
         _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
@@ -422,7 +422,7 @@ def hand_over(event: Any) -> int | None:
         if inbox is None or not inbox.is_dir():
             return None
         return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                                 str(event.context.transfer_syntax), 60.0)
+                                 str(event.context.transfer_syntax), 60.0, getattr(req, receive_direct.HEAD, None))
     ts = str(event.context.transfer_syntax)
     return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts,
                          getattr(req, receive_direct.HEAD, None))
