@@ -244,3 +244,44 @@ def test_the_dul_is_woken_when_the_direct_reader_gives_the_socket_back(
         assoc.release()
     assert len(hooked) >= len(files) - 1 and all(hooked[1:]), hooked
     assert sorted(echo_ms)[len(echo_ms) // 2] < 500, echo_ms  # not stuck: each one answered promptly
+
+
+def test_a_relays_storage_association_is_not_hashed_and_what_it_archives_is_hashed_by_the_tier(
+    served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a remote's storage association to a relay (``dimse._xdsi_relay_receive``, set by xdsi.gateway.receive.install)
+    the direct reader neither hashes nor early-fsyncs the spool file (relayed, not stored: issue 15) but keeps its first
+    bytes for the relay's identity check (receive_direct.HEAD: the file's, byte for byte); a C-STORE on it
+    that no relay takes is archived, the tier hashing and syncing it itself, so every index checksum is still the
+    stored file's."""
+    dicom, archive = served
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT04"), series=1, per_series=5, rows=256, columns=256)  # > HEAD_BYTES
+    written: list[Any] = []
+    heads: list[Any] = []
+    receive, complete = receive_direct._receive, receive_direct._complete
+
+    def as_relays(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
+        dimse._xdsi_relay_receive = True  # what receive.install marks; its C-STOREs are otherwise the usual ones
+        return receive(assoc, g, dul, dimse)
+
+    def recording(assoc: Any, dimse: Any, message: Any, w: Any, head: Any = None) -> None:
+        written.append(w)
+        heads.append((message.command_set.AffectedSOPInstanceUID, head))
+        complete(assoc, dimse, message, w, head)
+
+    monkeypatch.setattr(receive_direct, "_receive", as_relays)
+    monkeypatch.setattr(receive_direct, "_complete", recording)
+    result = _storescu(dicom.port, tmp_path / "ct")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(written) == len(files) - 1 and all(w is None for w in written), written
+    stored = _stored(archive)
+    # what the relay scans for the instance's identity instead of reading the file again: the file's first bytes
+    from xdsi.gateway.headscan import HEAD_BYTES
+
+    assert len(heads) == len(files) - 1
+    for sop, head in heads:
+        assert head is not None and head == stored[str(sop)].read_bytes()[:HEAD_BYTES]
+    for f in files:
+        ds = dcmread(f)
+        assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == ds.pixel_array).all()
+    _assert_index_checksums(archive)

@@ -450,3 +450,86 @@ def test_held_pending_move_responses_keep_their_order(tmp_path: Path) -> None:
     reader.join(10)
     assert bytes(received) == _wire(reference.sent)
     assert fast.events == reference.events
+
+
+@pytest.mark.parametrize("timeout", [5.0, None])
+def test_send_all_resumes_partial_writes_in_order(timeout: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_send_all: with a timeout (non-blocking descriptor: writev, no poll first) and without (sendmsg MSG_DONTWAIT), a
+    message far larger than the socket buffers arrives whole and in order while the peer reads slowly."""
+    writev, writes = os.writev, []
+
+    def counting(fd: int, views: Any) -> int:
+        writes.append(fd)
+        return writev(fd, views)
+
+    monkeypatch.setattr(direct.os, "writev", counting)
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(timeout)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        parts: list[Any] = [os.urandom(n) for n in (6, 70000, 1, 300000, 12)] + [memoryview(os.urandom(4096))[100:200], bytearray(b"end")]
+        want = b"".join(bytes(p) for p in parts)
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(want):
+                chunk = b.recv(8192)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        direct._send_all(a, parts, timeout=10.0)
+        reader.join(10)
+        assert bytes(got) == want
+        assert bool(writes) == (timeout is not None)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_all_to_a_peer_that_does_not_read_is_cut_when_stopped() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(5.0)
+        calls = []
+
+        def stop() -> bool:
+            calls.append(1)
+            return len(calls) > 2
+
+        with pytest.raises(direct.Aborted):
+            direct._send_all(a, [os.urandom(8 << 20)], stop)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_file_not_read_ahead_is_read_whole_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """send_c_store without a read-ahead (the relay's next instance arrived late) takes the file through _read_small:
+    one open, the whole file, the data set offset the head gives; what it cannot use (large, no preamble, missing)
+    is None, so the file is read as it is sent, as before."""
+    import builtins
+
+    path = _real_part10(tmp_path / "a.dcm", 5, size=200_000)
+    raw = path.read_bytes()
+    _, writer = _writer()
+    opened: list[Any] = []
+    real_open = builtins.open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    ready = writer._read_small(path)
+    assert opened == [path]
+    assert ready is not None and bytes(ready.buffer[: ready.length]) == raw
+    assert ready.offset == direct.dataset_offset(raw[: direct.HEAD_BYTES])
+    monkeypatch.setattr(builtins, "open", real_open)
+    big = _real_part10(tmp_path / "big.dcm", 1, size=direct.RUN_BYTES + 1)
+    odd = tmp_path / "odd.dcm"
+    odd.write_bytes(b"\0" * 20_000)
+    for unusable in (big, odd, tmp_path / "missing.dcm"):
+        assert writer._read_small(unusable) is None

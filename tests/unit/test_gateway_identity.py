@@ -146,3 +146,59 @@ def test_inbox_without_expectation_refuses(relay: r.Relay, tmp_path: Path, studi
     finally:
         with r._lock:
             r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+
+
+def test_head_kept_by_the_reader_decides_as_the_file_does(studies: Any, tmp_path: Path) -> None:
+    """identity.check with ``head`` (the spool file's first HEAD_BYTES as the direct reader wrote them, issue 15) gives
+    the file's answer: the asked study passes, another study's instance is refused; a file the head scanner does not
+    read (big endian here) still goes to pydicom, from the file."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from xdsi.gateway.headscan import HEAD_BYTES
+
+    asked, a_files, other, b_files = studies
+    exp = identity.Expected.of(_ident("STUDY", StudyInstanceUID=asked.study_uid))
+    for path in (a_files[0], b_files[0]):
+        sop = str(_header(path).SOPInstanceUID)
+        head = path.read_bytes()[:HEAD_BYTES]
+        with_head, _ = identity.check(exp, path, CT, sop, head)
+        assert with_head == identity.check_file(exp, path, CT, sop)
+        assert (with_head is None) == (path == a_files[0])
+    # the head decides, not the file: a head of the other study refuses a file of the asked one (so it is really used)
+    sop_b = str(_header(b_files[0]).SOPInstanceUID)
+    assert identity.check(exp, a_files[0], CT, sop_b, b_files[0].read_bytes()[:HEAD_BYTES])[0] is not None
+    big = Path(get_testdata_file("MR_small_bigendian.dcm"))
+    assert str(dcmread(big, stop_before_pixels=True).file_meta.TransferSyntaxUID) == ExplicitVRBigEndian
+    sop_big = str(_header(big).SOPInstanceUID)
+    reason, got = identity.check(exp, big, str(_header(big).SOPClassUID), sop_big, big.read_bytes()[:HEAD_BYTES])
+    assert reason is not None and "StudyInstanceUID" in reason and not isinstance(got, dict)  # read by pydicom
+    assert reason == identity.check_file(exp, big, str(_header(big).SOPClassUID), sop_big)
+
+
+@pytest.mark.parametrize("other_process", [False, True])
+def test_hand_over_checks_the_head_the_reader_kept(relay: r.Relay, tmp_path: Path, studies: Any, other_process: bool) -> None:
+    """A request read by the direct reader carries the spool file's head (receive_direct.HEAD): hand_over checks those
+    bytes, in this process and in another worker's (inbox); a head of another study refuses (so it is what decides),
+    the file's own head takes it."""
+    from xdsi.dimse import receive_direct
+    from xdsi.gateway.headscan import HEAD_BYTES
+
+    _, a_files, _, b_files = studies
+    if other_process:
+        with r._lock:
+            r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+    try:
+        sop = str(_header(a_files[0]).SOPInstanceUID)
+        right = _copy(a_files[0], tmp_path, "right.dcm")
+        event = _event(right, relay, sop)
+        setattr(event.request, receive_direct.HEAD, b_files[0].read_bytes()[:HEAD_BYTES])
+        assert r.hand_over(event) == identity.REFUSED_MISMATCH and right.exists()
+        setattr(event.request, receive_direct.HEAD, a_files[0].read_bytes()[:HEAD_BYTES])
+        assert r.hand_over(event) == 0x0000
+        got = relay.from_inbox() if other_process else [relay.items.get_nowait()[1]]
+        assert [a.sop_instance_uid for a in got] == [sop]
+    finally:
+        with r._lock:
+            r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay

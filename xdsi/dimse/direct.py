@@ -508,6 +508,8 @@ class DirectWriter:
             raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
         context = self._context(sop_class, transfer_syntax)
         ready = self._claim(path)
+        if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now
+            ready = self._read_small(path)
         if ready is not None:
             offset, data = ready.offset, memoryview(ready.buffer)[ready.offset : ready.length]
         else:
@@ -725,12 +727,24 @@ class DirectWriter:
         self._prefetched = None
         try:
             path = upcoming()
-            if path is None:
-                return
+        except Exception:  # noqa: BLE001 - the sub-operation reports its own failure when it is sent
+            return
+        if path is not None:
+            self._prefetched = self._read_small(path)
+
+    def _read_small(self, path: Any) -> "Prefetched | None":
+        """``path`` read whole into the reused buffer with one open and one read, unless it is large or unusual (None).
+
+        Also what :meth:`send_c_store` does with a file not read ahead: the head read to find the data set and
+        then the file opened again to send it (two opens, three ``fstat``, two seeks, two reads) were the
+        sending thread's largest share of system calls when the relay's next instance had not yet arrived at
+        the time of the read-ahead (issue 15).  Any error: None, and the caller reads the file as before.
+        """
+        try:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 if st.st_size > RUN_BYTES or st.st_size <= HEAD_BYTES:
-                    return
+                    return None
                 if len(self._spare) < st.st_size:
                     self._spare = bytearray(st.st_size)
                 view = memoryview(self._spare)
@@ -740,10 +754,10 @@ class DirectWriter:
                     view.release()
             offset = dataset_offset(bytes(self._spare[:HEAD_BYTES]))
         except Exception:  # noqa: BLE001 - the sub-operation reports its own failure when it is sent
-            return
+            return None
         if offset is None or length != st.st_size or offset >= length:
-            return
-        self._prefetched = Prefetched(str(path), _file_key(st), self._spare, length, offset)
+            return None
+        return Prefetched(str(path), _file_key(st), self._spare, length, offset)
 
     def _claim(self, path: Any) -> "Prefetched | None":
         """The prefetched bytes of ``path`` if they are its current content, else None (and the prefetch is dropped)."""
@@ -877,9 +891,13 @@ def _send_all(sock: Any, parts: list[Any], stop: Callable[[], bool] = lambda: Fa
         return
     views = [memoryview(p).cast("B") for p in parts]
     last_progress = time.monotonic()
+    # a socket with a timeout is non-blocking underneath: ``writev`` of its descriptor is ``sendmsg(MSG_DONTWAIT)``
+    # without the poll() Python's sendmsg makes first on such a socket (one system call, and one GIL hand-off
+    # under load, less per message: issue 15); a blocking socket (no timeout) keeps sendmsg with MSG_DONTWAIT
+    fd = sock.fileno() if sock.gettimeout() is not None else -1
     while views:
         try:
-            sent = sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+            sent = os.writev(fd, views) if fd >= 0 else sock.sendmsg(views, [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         if not sent:

@@ -57,6 +57,7 @@ from pynetdicom import _config, evt
 from pynetdicom.pdu_primitives import P_DATA
 
 from xdsi.dimse import direct
+from xdsi.gateway.headscan import HEAD_BYTES
 from xdsi.gateway.receive import start_store
 from xdsi.storage import early_sync
 
@@ -67,6 +68,9 @@ _BE_LENGTH = struct.Struct(">L")
 P_DATA_TF = 0x04
 _MARK = "_xdsi_receive_direct"  # counter on the association: messages read here (for tests)
 WRITTEN = "_xdsi_written"  # on a C-STORE request read here: its spool file's early_sync.Written
+# on a C-STORE request read here for a relay (a remote's storage association): its spool file's first HEAD_BYTES
+# (bytes, the whole file when shorter), what xdsi.gateway.headscan.scan_file would read from it
+HEAD = "_xdsi_head"
 
 
 # process-wide counts, for tests and diagnostics: C-STOREs read here, and times a PDU was given back to the DUL
@@ -98,7 +102,15 @@ def claim(assoc: Any) -> Any:
     return g
 
 
+QUIET = "_xdsi_quiet_release"  # on a guard: the next release() need not wake the DUL (set by take_next)
+
+
 def release(g: Any) -> None:
+    """Give ``read_lock`` back; the DUL is woken (``release_read``) unless :func:`take_next` said it has nothing to read."""
+    if getattr(g, QUIET, False):
+        setattr(g, QUIET, False)
+        g.read_lock.release()
+        return
     g.release_read()
 
 
@@ -114,7 +126,14 @@ def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
             return False
     if not _readable(dul.socket.socket, dul, wait):
         return False
-    return _receive(assoc, g, dul, dimse)
+    took = _receive(assoc, g, dul, dimse)
+    if took and getattr(dimse, "_xdsi_relay_receive", False):
+        # a remote's storage association to a relay (issue 15): the whole request was read here and is on the DIMSE
+        # queue, nothing was given back, and the remote waits for our response, so the DUL has nothing to read; it is
+        # not woken for this release (one wake-up, a drain of its wake-up pair and a GIL hand-off less per relayed
+        # instance) and looks again within wakeup.READER_WAIT (10 ms) as it does while the lock is held
+        setattr(g, QUIET, True)
+    return took
 
 
 def _readable(raw: Any, dul: Any, wait: float) -> bool:
@@ -158,6 +177,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
     context_id = -1
     digest: Any = None  # sha256 of the spool file as it is written, handed on with the request (WRITTEN)
     size = 0
+    kept: bytearray | None = None  # a relayed request's spool file head (HEAD), as it is written
     while True:
         try:
             header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
@@ -195,14 +215,22 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             context_id = started.context_id
             items = items[1:]
             head = started._xdsi_spool_head
-            digest, size = hashlib.sha256(head), len(head)
+            # a remote's storage association to a relay: what it delivers is relayed, not stored here (a C-STORE on it
+            # that no relay takes is archived without a digest, so the tier hashes the file itself); sha256 of a
+            # 512x512 CT was ~0.3 ms CPU per relayed instance (issue 15)
+            relayed = getattr(dimse, "_xdsi_relay_receive", False)
+            digest, size = (None if relayed else hashlib.sha256(head)), len(head)
+            kept = bytearray(head[:HEAD_BYTES]) if relayed else None
         spool = message._data_set_file
         write = getattr(spool, "file", spool).write  # past NamedTemporaryFile's per-call attribute wrapper
         last = False
         try:
             for _, control, fragment in items:
                 write(fragment)
-                digest.update(fragment)
+                if digest is not None:
+                    digest.update(fragment)
+                elif kept is not None and len(kept) < HEAD_BYTES:
+                    kept += fragment[: HEAD_BYTES - len(kept)]
                 size += len(fragment)
                 last = bool(control & 0x02)
             spool.flush()
@@ -214,9 +242,9 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             # the file's fsync starts now, while the association thread parses the header (early_sync); not on a
             # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
             # that syncs it itself)
-            relayed = getattr(dimse, "_xdsi_relay_receive", False)
-            synced = None if relayed else early_sync.start(message._data_set_path)
-            _complete(assoc, dimse, message, early_sync.Written(size, digest.hexdigest(), synced))
+            synced = None if digest is None else early_sync.start(message._data_set_path)
+            _complete(assoc, dimse, message, None if digest is None else early_sync.Written(size, digest.hexdigest(), synced),
+                      None if kept is None else bytes(kept))
             return True
 
 
@@ -228,7 +256,7 @@ def _data_only(items: list[tuple[int, int, memoryview]], context_id: int) -> boo
     return True
 
 
-def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written) -> None:
+def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written | None, head: bytes | None = None) -> None:
     """pynetdicom's ``DIMSEServiceProvider.receive_primitive`` for a finished C-STORE-RQ.
 
     ``written`` (the spool file's size and sha256, hashed as its bytes were written, and its fsync, already
@@ -238,11 +266,14 @@ def _complete(assoc: Any, dimse: Any, message: Any, written: early_sync.Written)
     evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": message})
     context_id = message.context_id
     primitive = message.message_to_primitive()
-    setattr(primitive, WRITTEN, written)
+    if written is not None:  # None: not hashed (relayed); the store path then hashes what it keeps itself
+        setattr(primitive, WRITTEN, written)
+    if head is not None:  # the relay checks the delivered instance's identity from these, not by reading the file again
+        setattr(primitive, HEAD, head)
     dimse.message = None
     setattr(assoc, _MARK, taken(assoc) + 1)
     stats["taken"] += 1
     dimse.msg_queue.put((context_id, primitive))
 
 
-__all__ = ["WAIT", "WRITTEN", "stats", "claim", "release", "take_next", "taken"]
+__all__ = ["HEAD", "HEAD_BYTES", "WAIT", "WRITTEN", "stats", "claim", "release", "take_next", "taken"]

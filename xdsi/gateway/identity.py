@@ -98,13 +98,15 @@ def read_identity(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS), force=True)
 
 
-def check(expected: Expected, path: Path, sop_class: str, sop_uid: str) -> tuple[str | None, Any]:
+def check(expected: Expected, path: Path, sop_class: str, sop_uid: str, head: bytes | None = None) -> tuple[str | None, Any]:
     """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request.
 
     The elements are read by :mod:`xdsi.gateway.headscan` when the file is plainly encoded (a mapping of
     keyword to value, as pydicom would give them), else by pydicom (a Dataset); either answers ``get``.
+    ``head``: the file's first ``headscan.HEAD_BYTES`` (all of it when shorter), kept as it was written
+    (xdsi.dimse.receive_direct.HEAD), scanned instead of reading them from the file again.
     """
-    ds: Any = headscan.scan_file(path)
+    ds: Any = headscan.scan(head) if head is not None else headscan.scan_file(path)
     if ds is None:
         try:
             ds = read_identity(path)

@@ -38,6 +38,7 @@ that arrive after it are refused and removed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -55,9 +56,9 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
-from xdsi.dimse import direct
+from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.direct import parse_command
-from xdsi.gateway import identity
+from xdsi.gateway import identity, receive
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -110,23 +111,37 @@ class Relay:
         self.skipped_pending = 0  # the remote's Pending responses dropped undecoded (skip_pending)
         self.via_inbox = 0  # instances another process received for this relay (from_inbox)
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
+        self._spool_made = False
+        self._listed_ns = 0  # time.time_ns() when a listing of the inbox last began (drain_inbox(quick=True))
+
+    def spool_name(self, suffix: str) -> Path:
+        """A new name in the spool directory for a file this relay takes over (the directory made once per relay).
+
+        Unique without a random draw per file (a system call each: issue 15): this process's ID and random token
+        (``receive.process_tag``) and a counter; ``relay-`` so that :func:`sweep` knows it.
+        """
+        if not self._spool_made:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool_made = True
+        return self.spool_dir / f"relay-{receive.process_tag()}-{next(_NAMES)}{suffix}"
 
     # -- the source side --------------------------------------------------------------------------
 
-    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str) -> int:
-        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status."""
+    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str, head: bytes | None = None) -> int:
+        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status.
+
+        ``head``: the spool file's first bytes as the direct reader wrote them (identity.check), if it kept them."""
         if self.closed:
             log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
         study = patient = ""
         if self.expected is not None:
-            reason, ds = identity.check(self.expected, path, sop_class, sop_uid)
+            reason, ds = identity.check(self.expected, path, sop_class, sop_uid, head)
             if reason is not None:  # never taken over: pynetdicom removes its spool file
                 self.refused.append((sop_uid, reason))
                 return identity.refuse(self.remote_ae, self.msg_id, sop_uid, reason)
             study, patient = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("PatientID", "") or "")
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
+        own = self.spool_name(".dcm")
         os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
         if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient)]):
             log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
@@ -153,8 +168,7 @@ class Relay:
 
     def _take_refusal(self, name: str) -> None:
         assert self.inbox is not None
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        own = self.spool_dir / f"relay-{uuid.uuid4().hex}.refused"
+        own = self.spool_name(".refused")
         try:
             os.replace(self.inbox / name, own)  # claimed: the source and the sink thread never both count it
         except FileNotFoundError:
@@ -167,18 +181,36 @@ class Relay:
         finally:
             _unlink(own)
 
-    def drain_inbox(self) -> None:
+    def drain_inbox(self, quick: bool = False) -> None:
         """Source side: queue what other processes put in the inbox, ahead of the response about to be queued.
 
         The remote sends a C-MOVE response only after our C-STORE responses for the instances it
         counts, and another worker answers its C-STORE only once the file is in the inbox; so
         draining here, in the thread that receives the responses, keeps instance-before-response
         order in the queue and leaves nothing in the inbox when the source removes it (unregister).
+
+        ``quick`` (a Pending response dropped undecoded, :func:`skip_pending`: nothing is queued after it, so this
+        drain only makes the sink see an instance sooner): the inbox is listed only if it may have changed since
+        a listing began, by its modification time (one ``stat`` instead of open, two reads and a close per relayed
+        instance when this process receives them all).  Linux stamps a directory change with the coarse clock, at
+        most a tick behind ``time.time_ns()``, so a time :data:`INBOX_SETTLED` before a listing began says every
+        change was older than that listing.  Should a file system's coarser stamps make this skip a listing it
+        should not have, the instance is only later: the sink lists the inbox whenever its queue runs dry, and
+        every response queued and the end are preceded by a full listing.
         """
-        if self.inbox is not None:
-            arrived = self.from_inbox()
-            if arrived:
-                self._enqueue(arrived)
+        if self.inbox is None:
+            return
+        if quick and self._listed_ns:
+            try:
+                changed = os.stat(self.inbox).st_mtime_ns
+            except OSError:
+                changed = self._listed_ns
+            if changed < self._listed_ns - INBOX_SETTLED_NS:
+                return
+        self._listed_ns = time.time_ns()
+        arrived = self.from_inbox()
+        if arrived:
+            self._enqueue(arrived)
 
     def response(self, st: Dataset, identifier: Dataset | None) -> None:
         self.drain_inbox()
@@ -240,14 +272,12 @@ class Relay:
             self._take_refusal(name)
         names = sorted(n for n in listing if n.endswith(".dcm"))
         out = []
-        if names:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             parts = name[:-4].split("_")
             if len(parts) != 5:
                 continue
             _, _, sop_class, sop_uid, ts = parts
-            own = self.spool_dir / f"relay-{uuid.uuid4().hex}.dcm"
+            own = self.spool_name(".dcm")
             try:
                 os.replace(self.inbox / name, own)
             except FileNotFoundError:  # the other side (source or sink thread) took it first
@@ -260,6 +290,8 @@ class Relay:
 
 
 CLOSED = ".closed"
+INBOX_SETTLED_NS = 50_000_000  # drain_inbox(quick=True): an inbox unchanged since this long before a listing began
+_NAMES = itertools.count()  # Relay.spool_name
 REFUSED = ".refused"  # in an inbox: an instance another process refused for this relay (JSON: UID and reason)
 EXPECTED = ".expected.json"  # in an inbox: the relay's identity.Expected, for the process that receives
 INBOX_ROOT: Path | None = None  # <main temp_dir>/relay: the same for every worker of one data dir (set by Gateway)
@@ -272,7 +304,7 @@ def inbox_path(remote_ae: str, originator: str, msg_id: int) -> Path | None:
     return INBOX_ROOT / f"inbox-{safe[0]}-{safe[1]}-{msg_id}"
 
 
-def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float) -> int:
+def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts: str, timeout: float, head: bytes | None = None) -> int:
     """Another process's relay: move the spool file into its inbox, then hold the C-STORE response while it is far behind."""
     if (inbox / CLOSED).exists():
         return REFUSED_CLOSED
@@ -283,7 +315,7 @@ def _deliver_to_inbox(inbox: Path, path: Path, sop_class: str, sop_uid: str, ts:
         reason = f"the relay's expected identity is unreadable ({exc.__class__.__name__})"
         _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
-    reason = identity.check_file(expected, path, sop_class, sop_uid) if expected is not None else None
+    reason = identity.check(expected, path, sop_class, sop_uid, head)[0] if expected is not None else None
     if reason is not None:
         _record_refusal(inbox, sop_uid, reason)
         return identity.refuse(inbox.name, 0, sop_uid, reason)
@@ -390,9 +422,10 @@ def hand_over(event: Any) -> int | None:
         if inbox is None or not inbox.is_dir():
             return None
         return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                                 str(event.context.transfer_syntax), 60.0)
+                                 str(event.context.transfer_syntax), 60.0, getattr(req, receive_direct.HEAD, None))
     ts = str(event.context.transfer_syntax)
-    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts)
+    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts,
+                         getattr(req, receive_direct.HEAD, None))
 
 
 def _wake_on_activity(assoc: Any) -> None:
@@ -481,7 +514,7 @@ def skip_pending(assoc: Any, relay: Relay) -> None:
         now = time.monotonic()
         if dimse.message is None and relay.announced and now - passed[0] < PENDING_PASS_EVERY and _plain_pending(primitive, relay.msg_id):
             try:
-                relay.drain_inbox()
+                relay.drain_inbox(quick=True)
             except Exception:  # noqa: BLE001 - the response then goes the usual way, whose pump drains again
                 log.exception("relay %s/%d: inbox not drained by the DUL", relay.remote_ae, relay.msg_id)
             else:
