@@ -365,7 +365,7 @@ def _balance_accepts(spec: WorkerSpec) -> None:
     from xdsi.dimse import accept_balance
 
     try:
-        accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers)
+        accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers, spec.supervisor)
     except (OSError, ValueError) as exc:  # connections are still all served, only not spread by load
         log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
 

@@ -205,3 +205,27 @@ def test_turn_goes_on_when_the_peer_catches_up(tmp_path: Path, listener: socket.
         other.kill()
         other.wait()
         here.close()
+
+
+def test_each_node_has_its_own_file_and_dead_nodes_files_go(tmp_path: Path) -> None:
+    """Two `xdsi serve` on one data folder (a mistake, or a test) do not share loads or liveness locks: the file
+    is named by the supervisor's pid; a file left by a supervisor no longer running is removed.  (Two real servers
+    on one data folder: tests/integration/test_dimse_retrieve_direct.py::test_server_stops_while_sending.)"""
+    import subprocess
+    import sys
+
+    from xdsi.dimse import accept_balance
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".workers" / f"accept-load-{dead.pid}"
+    stale.parent.mkdir()
+    stale.write_bytes(b"\0" * 16)
+    live = tmp_path / ".workers" / f"accept-load-{os.getppid()}"  # a running process: kept
+    live.write_bytes(b"\0" * 16)
+    try:
+        b = accept_balance.configure(tmp_path, 0, 2, supervisor=os.getpid())
+        assert b is not None and b.path.name == f"accept-load-{os.getpid()}"
+        assert not stale.exists() and live.exists()
+    finally:
+        accept_balance.configure(tmp_path, 0, 1)

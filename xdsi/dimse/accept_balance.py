@@ -87,7 +87,22 @@ class AcceptBalance:
         with self._lock:
             self._listeners += 1
             if self._listeners == 1:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _LIVE_BASE + self.index)
+                self._take_liveness()
+
+    def _take_liveness(self, patience: float = 2.0) -> None:
+        """The liveness lock, waiting only for a peer's brief test of it; a holder that keeps it (a worker of
+        this index that has not died yet) leaves this worker serving unseen by its peers rather than hung."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LIVE_BASE + self.index)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
+                    log.warning("worker %d: liveness lock of %s not taken (%s); peers will not wait for it",
+                                self.index, self.path, exc)
+                    return
+            time.sleep(0.01)
 
     def stopped(self) -> None:
         """A listener of this worker stopped; with the last one, peers no longer wait for this worker."""
@@ -184,18 +199,43 @@ def _pending(listener: socket.socket) -> bool:
 _current: AcceptBalance | None = None
 
 
-def configure(data_dir: Path, index: int, workers: int) -> AcceptBalance | None:
+def configure(data_dir: Path, index: int, workers: int, supervisor: int | None = None) -> AcceptBalance | None:
     """This process is worker ``index`` of ``workers`` of the node at ``data_dir``: balance its accepts.
 
-    One worker has no peer to balance with: None (and nothing is shared)."""
+    One worker has no peer to balance with: None (and nothing is shared).  ``supervisor`` (its pid) names the
+    node's file, ``accept-load-<pid>``: a second ``xdsi serve`` started on the same data folder (a mistake,
+    or a test) has workers of the same indexes, which must neither wait for the first one's liveness locks
+    nor read its loads as their peers'.  Files of supervisors no longer running are removed.
+    """
     global _current
     if workers < 2:
         _current = None
         return None
     node = data_dir / ".workers"
     node.mkdir(parents=True, exist_ok=True)
-    _current = AcceptBalance(node / "accept-load", index, workers)
+    if supervisor is None:
+        path = node / "accept-load"
+    else:
+        path = node / f"accept-load-{supervisor}"
+        _remove_stale(node, supervisor)
+    _current = AcceptBalance(path, index, workers)
     return _current
+
+
+def _remove_stale(node: Path, supervisor: int) -> None:
+    for old in node.glob("accept-load-*"):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == supervisor:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            old.unlink(missing_ok=True)
+        except OSError:  # alive (another user's) or not ours to judge: left
+            pass
 
 
 def current() -> AcceptBalance | None:
