@@ -142,7 +142,7 @@ class PduGuard:
         buf = bytearray()
         raw = self.raw
         while len(buf) < n:
-            want = min(n - len(buf), 65536)
+            want = min(n - len(buf), 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by n)
             if self.deadline is not None:
                 left = self.deadline - time.monotonic()
                 if left <= 0:
