@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -68,12 +70,28 @@ def connections(here: AcceptBalance, n: int) -> list[socket.socket]:
     return out
 
 
-def test_a_worker_with_more_connections_waits_for_the_lighter_live_peer(tmp_path: Path) -> None:
+@contextmanager
+def scene(tmp_path: Path, held: int, *, defer: float | None = None, script: str = "") -> Iterator[tuple[AcceptBalance, subprocess.Popen[str], list[socket.socket]]]:
+    """Worker 0 here (serving, ``held`` connections counted) and worker 1 in another process (``script``); all
+    closed, killed and released at the end."""
     path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2)
+    here = AcceptBalance(path, 0, 2) if defer is None else AcceptBalance(path, 0, 2, defer=defer)
     here.serving()
-    other = peer(path, 1, "")
+    other = peer(path, 1, script)
+    socks = connections(here, held)
     try:
+        yield here, other, socks
+    finally:
+        for s in socks:
+            s.close()
+        if other.poll() is None:
+            other.kill()
+        other.wait()
+        here.close()
+
+
+def test_a_worker_with_more_connections_waits_for_the_lighter_live_peer(tmp_path: Path) -> None:
+    with scene(tmp_path, 0) as (here, _, _):
         assert here.lighter_peer(here.refresh()) is None  # 0 and 0: accept
         held = connections(here, 1)
         assert here.load(0) == 1
@@ -81,139 +99,80 @@ def test_a_worker_with_more_connections_waits_for_the_lighter_live_peer(tmp_path
         for s in held:
             s.close()
         assert here.refresh() == 0 and here.lighter_peer(0) is None  # a closed connection is no load
-    finally:
-        other.kill()
-        other.wait()
-        here.close()
 
 
 def test_a_dead_peer_is_not_waited_for_and_its_stale_count_is_ignored(tmp_path: Path) -> None:
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2)
-    here.serving()
-    other = peer(path, 1, "")
-    held = connections(here, 2)
-    try:
+    with scene(tmp_path, 2) as (here, other, _):
         assert here.lighter_peer(here.refresh()) == 1
         other.send_signal(signal.SIGKILL)
         other.wait()
         assert here.alive(1) is False
         assert here.lighter_peer(here.refresh()) is None  # its counter still says 0; it is dead
-    finally:
-        for s in held:
-            s.close()
-        here.close()
 
 
 def test_a_stopped_listener_is_not_waited_for(tmp_path: Path) -> None:
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2)
-    here.serving()
-    other = peer(path, 1, "b.stopped()")
-    held = connections(here, 1)
-    try:
+    with scene(tmp_path, 1, script="b.stopped()") as (here, other, _):
         assert here.alive(1)
         ask(other)  # its last listener closed (shutting down): alive as a process, serving no more
         assert not here.alive(1)
         assert here.lighter_peer(here.refresh()) is None
+
+
+@contextmanager
+def waiting_client(listener: socket.socket) -> Iterator[socket.socket]:
+    """A connection waiting in ``listener``'s queue for an accept."""
+    client = socket.create_connection(listener.getsockname())
+    try:
+        yield client
     finally:
-        for s in held:
-            s.close()
-        other.kill()
-        other.wait()
-        here.close()
+        client.close()
+
+
+def timed_turn(here: AcceptBalance, listener: socket.socket, meanwhile: threading.Timer | None = None) -> float:
+    """Seconds :meth:`AcceptBalance.turn` took, with ``meanwhile`` started before and joined after."""
+    if meanwhile is not None:
+        meanwhile.start()
+    started = time.monotonic()
+    here.turn(listener)
+    waited = time.monotonic() - started
+    if meanwhile is not None:
+        meanwhile.join()
+    return waited
 
 
 def test_turn_accepts_anyway_when_the_peer_does_not_take_the_connection(tmp_path: Path, listener: socket.socket) -> None:
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2, defer=0.2)
-    here.serving()
-    other = peer(path, 1, "")  # alive, lighter, and never accepts (busy)
-    held = connections(here, 1)
-    client = socket.create_connection(listener.getsockname())
-    try:
-        started = time.monotonic()
-        here.turn(listener)
-        waited = time.monotonic() - started
+    # worker 1: alive, lighter, and never accepts (busy)
+    with scene(tmp_path, 1, defer=0.2) as (here, _, _), waiting_client(listener):
+        waited = timed_turn(here, listener)
         assert 0.2 <= waited < 2.0, waited
         assert here.overridden == 1 and here.deferred == 0
         conn, _ = listener.accept()  # still there: this worker takes it
         conn.close()
-    finally:
-        client.close()
-        for s in held:
-            s.close()
-        other.kill()
-        other.wait()
-        here.close()
 
 
 def test_turn_returns_as_soon_as_the_peer_took_the_connection(tmp_path: Path, listener: socket.socket) -> None:
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2, defer=5.0)
-    here.serving()
-    other = peer(path, 1, "")
-    held = connections(here, 1)
-    client = socket.create_connection(listener.getsockname())
     taker = socket.socket(fileno=os.dup(listener.fileno()))  # another worker's accept on the shared queue
-    try:
-        import threading
-
-        timer = threading.Timer(0.3, lambda: taker.accept()[0].close())
-        timer.start()
-        started = time.monotonic()
-        here.turn(listener)
-        waited = time.monotonic() - started
-        timer.join()
+    with scene(tmp_path, 1, defer=5.0) as (here, _, _), waiting_client(listener), taker:
+        waited = timed_turn(here, listener, threading.Timer(0.3, lambda: taker.accept()[0].close()))
         assert 0.25 <= waited < 4.0, waited
         assert here.deferred == 1 and here.overridden == 0
         with pytest.raises(BlockingIOError):  # nothing left: the caller's accept fails and it waits for the next
             listener.accept()
-    finally:
-        client.close()
-        taker.close()
-        for s in held:
-            s.close()
-        other.kill()
-        other.wait()
-        here.close()
 
 
 def test_turn_goes_on_when_the_peer_catches_up(tmp_path: Path, listener: socket.socket) -> None:
     """Worker 1 accepted a connection elsewhere meanwhile: 1 against 1, this worker may accept now."""
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2, defer=5.0)
-    here.serving()
-    other = peer(path, 1, "a, c = socket.socketpair(); b.accepted(a); held += [a, c]")
-    held = connections(here, 1)
-    client = socket.create_connection(listener.getsockname())
-    try:
-        import threading
-
-        timer = threading.Timer(0.3, ask, (other,))
-        timer.start()
-        started = time.monotonic()
-        here.turn(listener)
-        waited = time.monotonic() - started
-        timer.join()
+    script = "a, c = socket.socketpair(); b.accepted(a); held += [a, c]"
+    with scene(tmp_path, 1, defer=5.0, script=script) as (here, other, _), waiting_client(listener):
+        waited = timed_turn(here, listener, threading.Timer(0.3, ask, (other,)))
         assert 0.25 <= waited < 4.0, waited
         assert here.load(1) == 1 and here.deferred == 0 and here.overridden == 0
-    finally:
-        client.close()
-        for s in held:
-            s.close()
-        other.kill()
-        other.wait()
-        here.close()
 
 
 def test_each_node_has_its_own_file_and_dead_nodes_files_go(tmp_path: Path) -> None:
     """Two `xdsi serve` on one data folder (a mistake, or a test) do not share loads or liveness locks: the file
     is named by the supervisor's pid; a file left by a supervisor no longer running is removed.  (Two real servers
     on one data folder: tests/integration/test_dimse_retrieve_direct.py::test_server_stops_while_sending.)"""
-    import subprocess
-    import sys
-
     from xdsi.dimse import accept_balance
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

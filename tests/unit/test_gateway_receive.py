@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
@@ -179,6 +181,21 @@ _PARAMETERS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "MessageID", "Pr
                "MoveOriginatorMessageID", "DataSet", "_context_id", "_dataset_path", "_dataset_file")
 
 
+@contextmanager
+def _started(items: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DIMSEMessage]:
+    """The message ``start_store`` begins for a C-STORE-RQ command set of ``items`` (spooled in ``tmp_path``)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(items))
+    assert message is not None
+    try:
+        yield message
+    finally:
+        message._data_set_file.close()
+
+
 @pytest.mark.parametrize(
     "items",
     [
@@ -192,20 +209,12 @@ _PARAMETERS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "MessageID", "Pr
 )
 def test_fast_primitive_is_pynetdicoms(items: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """message_to_primitive of a C-STORE-RQ start_store began: the same parameters as pynetdicom's own."""
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
-    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(items))
-    assert message is not None
-    try:
+    with _started(items, tmp_path, monkeypatch) as message:
         assert "message_to_primitive" in message.__dict__  # the fast path was taken
         ours, theirs = message.message_to_primitive(), DIMSEMessage.message_to_primitive(message)
         assert ours.__class__ is theirs.__class__ is C_STORE
         for name in _PARAMETERS:
             assert getattr(ours, name) == getattr(theirs, name), name
-    finally:
-        message._data_set_file.close()
 
 
 @pytest.mark.parametrize(
@@ -216,13 +225,7 @@ def test_fast_primitive_is_pynetdicoms(items: list, tmp_path: Path, monkeypatch:
     ],
 )
 def test_fast_primitive_refuses_what_pynetdicom_refuses(items: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
-    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(items))
-    assert message is not None
-    try:
+    with _started(items, tmp_path, monkeypatch) as message:
         outcomes = []
         for convert in (message.message_to_primitive, lambda: DIMSEMessage.message_to_primitive(message)):
             try:
@@ -231,8 +234,6 @@ def test_fast_primitive_refuses_what_pynetdicom_refuses(items: list, tmp_path: P
             except Exception as exc:  # noqa: BLE001 - compared, not swallowed
                 outcomes.append((exc.__class__.__name__, str(exc)))
         assert outcomes[0] == outcomes[1]
-    finally:
-        message._data_set_file.close()
 
 
 @pytest.mark.parametrize(
@@ -244,13 +245,5 @@ def test_fast_primitive_refuses_what_pynetdicom_refuses(items: list, tmp_path: P
     ],
 )
 def test_unusual_command_sets_keep_pynetdicoms_conversion(extra: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
-    message = receive.start_store(_assoc(ExplicitVRLittleEndian), _command_pdata(extra))
-    assert message is not None
-    try:
+    with _started(extra, tmp_path, monkeypatch) as message:
         assert "message_to_primitive" not in message.__dict__
-    finally:
-        message._data_set_file.close()

@@ -66,6 +66,20 @@ class _Buffer:
         return self.data[off:off + n]
 
 
+def _explicit(head: bytes, pos: int) -> tuple[int, int, str, int, int] | None:
+    """The explicit VR little endian element header ``head`` read at ``pos``: (group, element, VR, length,
+    where the value starts), or None for a VR pydicom does not know or a long-form header cut short."""
+    group, elem, vrb, length = _HHH.unpack_from(head)
+    vr = _VRS.get(vrb)
+    if vr is None:
+        return None
+    if vr in _LONG:
+        if len(head) < 12:
+            return None
+        return group, elem, vr, _L.unpack_from(head, 8)[0], pos + 12
+    return group, elem, vr, length, pos + 8
+
+
 def _meta(buf: _Buffer, size: int) -> tuple[dict[BaseTag, Any], int] | None:
     """The File Meta group's raw elements as pydicom reads them (explicit VR little endian), and where it ends."""
     elements: dict[BaseTag, Any] = {}
@@ -74,19 +88,12 @@ def _meta(buf: _Buffer, size: int) -> tuple[dict[BaseTag, Any], int] | None:
         head = buf.at(pos, 12)
         if len(head) < 8:
             return None  # nothing after the File Meta group: left to pydicom
-        group, elem, vrb, length = _HHH.unpack_from(head)
-        if group != 0x0002:
+        if _H.unpack_from(head)[0] != 0x0002:  # the data set, perhaps implicit VR: not read as explicit here
             return elements, pos
-        vr = _VRS.get(vrb)
-        if vr is None:
+        parsed = _explicit(head, pos)
+        if parsed is None:
             return None
-        if vr in _LONG:
-            if len(head) < 12:
-                return None
-            length = _L.unpack_from(head, 8)[0]
-            start = pos + 12
-        else:
-            start = pos + 8
+        group, elem, vr, length, start = parsed
         if length == _UNDEFINED or start + length > size:
             return None
         tag = BaseTag(group << 16 | elem)
@@ -173,17 +180,10 @@ def _dataset(fh: BinaryIO, buf: _Buffer, pos: int, size: int, implicit: bool,
             vr: str | None = None
             start = pos + 8
         else:
-            group, elem, vrb, length = _HHH.unpack_from(head)
-            vr = _VRS.get(vrb)
-            if vr is None:
+            parsed = _explicit(head, pos)
+            if parsed is None:
                 return None
-            if vr in _LONG:
-                if len(head) < 12:
-                    return None
-                length = _L.unpack_from(head, 8)[0]
-                start = pos + 12
-            else:
-                start = pos + 8
+            group, elem, vr, length, start = parsed
         tag = group << 16 | elem
         if tag <= last or group == 0xFFFE:
             return None
