@@ -8,17 +8,14 @@ and descriptions in UTF-8, multi-valued attributes, counts, limit/offset and fuz
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
 
 from tests.conftest import make_settings
-from tests.unit.test_query_encoded import STUDY_KEYS, identifier, queries, store
+from tests.unit.test_query_encoded import STUDY_KEYS, identifier, load_studies, queries
 from xdsi.archive import Archive
-from xdsi.tools.synth import StudySpec
-from xdsi.uids import new_uid
 from xdsi.web.qido import JsonRowEncoder, result_json, uid_of
 
 
@@ -26,21 +23,7 @@ from xdsi.web.qido import JsonRowEncoder, result_json, uid_of
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     tmp = tmp_path_factory.mktemp("qido-rows")
     archive = Archive.open(make_settings(tmp, f"sqlite:///{tmp / 'index.sqlite'}"))
-    folder = tmp / "in"
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "CTCHEST", "99X", "CT chest"
-    a = StudySpec(patient_id="PA", patient_name="DOE^JANE", birth_date="19700101", sex="F", study_date="20240115",
-                  study_time="101500", accession="ACC1", description="CT CHEST")
-    for n, (mod, k) in enumerate([("CT", 3), ("MR", 1)], start=1):
-        se = new_uid()
-        for _ in range(k):
-            store(archive, folder, a, se, n, mod, ProcedureCodeSequence=[code])
-    b = StudySpec(patient_id="PB", patient_name="MÜLLER^ANNA=ミュラー^アンナ", birth_date="", sex="", study_date="", study_time="0830",
-                  accession="", description="ÉTUDE")
-    store(archive, folder, b, new_uid(), 1, "SR", ReferringPhysicianName="çelik^özge")
-    c = StudySpec(patient_id="PC", patient_name="ROE^RI", birth_date="19900909", sex="M", study_date="20240301",
-                  study_time="0900", accession="ACC3", description="odd\\two")
-    store(archive, folder, c, new_uid(), 1, "CT")
+    load_studies(archive, tmp / "in", b_name="MÜLLER^ANNA=ミュラー^アンナ", c_description="odd\\two")
     try:
         yield archive
     finally:

@@ -59,23 +59,29 @@ def store(archive: Archive, folder: Path, spec: StudySpec, series_uid: str, numb
     return str(ds.SOPInstanceUID)
 
 
-@pytest.fixture(scope="module")
-def loaded(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Archive:
-    folder = tmp_path_factory.mktemp("in")
+def load_studies(archive: Archive, folder: Path, *, b_name: str = "MÜLLER^ANNA", c_description: str = "odd") -> None:
+    """Three patients' studies: PA (a CT series of 3 and an MR of 1, procedure code), PB (one SR, non-ASCII
+    name, description and referring physician, empty dates), PC (one CT).  Also the QIDO row tests' corpus
+    (tests/unit/test_qido_rows.py), which gives PB a name with ideographic groups and PC a two-valued text."""
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "CTCHEST", "99X", "CT chest"
     a = StudySpec(patient_id="PA", patient_name="DOE^JANE", birth_date="19700101", sex="F", study_date="20240115",
                   study_time="101500", accession="ACC1", description="CT CHEST")
     for n, (mod, k) in enumerate([("CT", 3), ("MR", 1)], start=1):
         se = new_uid()
-        for i in range(k):
-            store(archive, folder, a, se, n if i == 0 else n, mod, ProcedureCodeSequence=[code])
-    b = StudySpec(patient_id="PB", patient_name="MÜLLER^ANNA", birth_date="", sex="", study_date="", study_time="0830",
+        for _ in range(k):
+            store(archive, folder, a, se, n, mod, ProcedureCodeSequence=[code])
+    b = StudySpec(patient_id="PB", patient_name=b_name, birth_date="", sex="", study_date="", study_time="0830",
                   accession="", description="ÉTUDE")
     store(archive, folder, b, new_uid(), 1, "SR", ReferringPhysicianName="çelik^özge")
     c = StudySpec(patient_id="PC", patient_name="ROE^RI", birth_date="19900909", sex="M", study_date="20240301",
-                  study_time="0900", accession="ACC3", description="odd")
+                  study_time="0900", accession="ACC3", description=c_description)
     store(archive, folder, c, new_uid(), 1, "CT")
+
+
+@pytest.fixture(scope="module")
+def loaded(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    load_studies(archive, tmp_path_factory.mktemp("in"))
     return archive
 
 
