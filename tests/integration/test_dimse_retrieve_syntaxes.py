@@ -43,12 +43,12 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     UltrasoundImageStorage,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from tests.integration.dimse_corpus import SOURCES, Corpus, Item, make_corpus, store
 from tests.integration.dimse_support import dataset_bytes, dcmtk_available, free_port, leftover_temp_files, run, stop_processes, tool, wait_for_echo, write_config
-from tests.support import netns
+from tests.support import netns, retrieve_clients
 from tests.support.netns import NetNS
 from tests.support.server import XdsiProcess
 
@@ -246,7 +246,7 @@ class GetResult:
 
 
 def c_get(server: XdsiProcess, contexts: list[tuple[str, list[str]]], query: Dataset) -> GetResult:
-    """C-GET with pynetdicom proposing exactly ``contexts`` (SCP role for each storage class)."""
+    """C-GET with pynetdicom proposing exactly ``contexts``; each instance decoded and its raw bytes kept."""
     received: dict[str, tuple[Dataset, bytes]] = {}
 
     def on_store(event: Any) -> int:
@@ -256,19 +256,7 @@ def c_get(server: XdsiProcess, contexts: list[tuple[str, list[str]]], query: Dat
         received[str(event.request.AffectedSOPInstanceUID)] = (ds, raw)
         return 0x0000
 
-    ae = AE(ae_title="GETTER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in contexts})]
-    assoc = ae.associate(server.host, server.dicom_port, ae_title="XDSI", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    finally:
-        assoc.release()
-    final, identifier = responses[-1]
+    final, identifier = retrieve_clients.c_get(server, contexts, query, on_store)
     return GetResult(final, identifier, received)
 
 

@@ -7,7 +7,7 @@ received, so a test can check both the syntax chosen and every byte (or decode i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -57,10 +57,11 @@ class GetResult:
     received: Received
 
 
-def c_get_study(proc: XdsiProcess, contexts: Iterable[tuple[str, list[str]]], study_uid: str) -> GetResult:
-    """C-GET of a whole study, proposing exactly ``contexts`` for storage (SCP role for each class)."""
+def c_get(proc: XdsiProcess, contexts: Iterable[tuple[str, list[str]]], query: Dataset,
+          on_store: Callable[[Any], int]) -> tuple[Dataset, Dataset | None]:
+    """C-GET proposing exactly ``contexts`` for storage (SCP role for each class), each C-STORE given to
+    ``on_store``; the final response's status and identifier."""
     contexts = list(contexts)
-    received: Received = {}
     ae = AE(ae_title="GETTER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -68,13 +69,20 @@ def c_get_study(proc: XdsiProcess, contexts: Iterable[tuple[str, list[str]]], st
         ae.add_requested_context(sop_class, syntaxes)
     roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in contexts})]
     assoc = ae.associate(proc.host, proc.dicom_port, ae_title=proc.ae_title, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, _recorder(received))])
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     try:
-        responses = list(assoc.send_c_get(_study_query(study_uid), StudyRootQueryRetrieveInformationModelGet))
+        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
     finally:
         assoc.release()
     final, identifier = responses[-1]
+    return final, identifier
+
+
+def c_get_study(proc: XdsiProcess, contexts: Iterable[tuple[str, list[str]]], study_uid: str) -> GetResult:
+    """C-GET of a whole study, recording each instance's context transfer syntax and raw data set."""
+    received: Received = {}
+    final, identifier = c_get(proc, contexts, _study_query(study_uid), _recorder(received))
     return GetResult(final, identifier, received)
 
 
