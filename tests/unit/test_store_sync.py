@@ -1,8 +1,8 @@
 """A moved spool file is fsynced before it gets its name, and named (durably) before it is indexed.
 
 The order that makes an acknowledgement durable: data fsync -> final name -> directory fsync -> index
-commit.  (Issue 14 tried an fsync started in a thread pool while the header is parsed: +3-8 % on one
-association, +0.35-0.5 ms CPU per instance; not kept.  This test pins the order for whatever comes next.)
+commit.  The direct C-STORE reader may start the data fsync early (xdsi.storage.early_sync, its own
+tests); this test pins the order of the steps the tier takes, with or without it.
 """
 
 from __future__ import annotations
