@@ -33,7 +33,7 @@ from tests.integration.dimse_support import dcmtk_available, run, tool
 from tests.support import rsyslog
 from tests.support.objects import secondary_capture
 from tests.support.pki import Issued, standard_pki
-from tests.support.server import XdsiProcess, free_port
+from tests.support.server import XdsiProcess, dead_port, free_port
 from xdsi.config import TlsSettings
 from xdsi.security.tls import client_context, server_context
 
@@ -190,23 +190,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, repo: rsyslog.Rsyslog, pki:
     srv: Issued = pki["server"]
     proc = XdsiProcess(d / "data", config=d / "xdsi.toml", env={"TCP_NODELAY": "1"})
     proc.dicom_tls_port = free_port()  # type: ignore[attr-defined]
-    down = free_port()  # nobody listens there: a destination that cannot be reached
-    (d / "xdsi.toml").write_text(
-        f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\n"  # type: ignore[attr-defined]
-        f'[peers.PLAINDEST]\nhost = "127.0.0.1"\nport = {peers["PLAINDEST"].port}\n'
-        f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {peers["TLSDEST"].port}\ntls = true\n'
-        f'[peers.DOWNDEST]\nhost = "127.0.0.1"\nport = {down}\n'
-        # the requestors of these tests are known peers: only they may associate, and only to our AE title
-        + "".join(f'[peers.{aet}]\nhost = "127.0.0.1"\nport = {down}\n' for aet in ("STORESCU", "MOVESCU", "GETSCU", "TLSMOVE", "TLSGET"))
-        + "[dimse]\naccept_unknown_peers = false\naccept_any_called_aet = false\n"
-        f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'
-        f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n'
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    with dead_port() as down:  # refuses every connection: a destination that cannot be reached
+        (d / "xdsi.toml").write_text(
+            f"[server]\ndicom_tls_port = {proc.dicom_tls_port}\n"  # type: ignore[attr-defined]
+            f'[peers.PLAINDEST]\nhost = "127.0.0.1"\nport = {peers["PLAINDEST"].port}\n'
+            f'[peers.TLSDEST]\nhost = "127.0.0.1"\nport = {peers["TLSDEST"].port}\ntls = true\n'
+            f'[peers.DOWNDEST]\nhost = "127.0.0.1"\nport = {down}\n'
+            # the requestors of these tests are known peers: only they may associate, and only to our AE title
+            + "".join(f'[peers.{aet}]\nhost = "127.0.0.1"\nport = {down}\n' for aet in ("STORESCU", "MOVESCU", "GETSCU", "TLSMOVE", "TLSGET"))
+            + "[dimse]\naccept_unknown_peers = false\naccept_any_called_aet = false\n"
+            f'[tls]\ncertificate = "{srv.cert}"\nprivate_key = "{srv.key}"\nca_certificates = "{pki["ca"].pem}"\n'
+            f'[audit]\nrepositories = ["{repo.udp_url}"]\naudit_source_id = "{SOURCE_ID}"\nretry_seconds = 0.2\n'
+        )
+        proc.start()
+        try:
+            yield proc
+        finally:
+            proc.stop()
 
 
 def store(server: XdsiProcess, *studies: Study) -> None:

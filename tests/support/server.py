@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tests.support.environ import environ_with
 
@@ -33,6 +34,22 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
             _handed_out.add(port)
             return port
     raise RuntimeError("no loopback port that was not handed out already")
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback TCP port that refuses every connection for as long as the ``with`` lasts.
+
+    The port stays bound without listening: a connection to it is refused at once (ECONNREFUSED), and no other
+    socket can take it meanwhile. A port from :func:`free_port` that nobody was meant to listen on was free only
+    at the time of asking: the kernel handed it out again to a listener the server under test bound on port 0,
+    and a "could not be reached" destination was reached and aborted (CI, test_audit_dimse).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+        _handed_out.add(port)
+        yield port
 
 
 class XdsiProcess:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 from werkzeug.test import Client
 
-from tests.support.server import free_port
+from tests.support.server import dead_port
 from xdsi.archive import Archive
 from xdsi.config import load_settings
 from xdsi.routing.queue import RouteQueue
@@ -20,39 +20,39 @@ from xdsi.web.status import status_app
 
 @pytest.fixture()
 def hub(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    down = free_port()  # nobody listens: every forward fails and stays queued
-    cfg = tmp_path / "xdsi.toml"
-    cfg.write_text(f"""
-[server]
-data_dir = "{tmp_path / 'data'}"
-ae_title = "HUBMAIN"
+    with dead_port() as down:  # refuses every connection: every forward fails and stays queued
+        cfg = tmp_path / "xdsi.toml"
+        cfg.write_text(f"""
+    [server]
+    data_dir = "{tmp_path / 'data'}"
+    ae_title = "HUBMAIN"
 
-[peers.WSDOWN]
-host = "127.0.0.1"
-port = {down}
+    [peers.WSDOWN]
+    host = "127.0.0.1"
+    port = {down}
 
-[[routes]]
-name = "all"
-destinations = ["WSDOWN"]
+    [[routes]]
+    name = "all"
+    destinations = ["WSDOWN"]
 
-[routing]
-retry_initial = 600
+    [routing]
+    retry_initial = 600
 
-[partitions.PART1]
-""")
-    settings = load_settings(cfg, env={})
-    main = Archive.open(settings)
-    part = Archive.open(settings.for_partition("PART1"))
-    try:
-        for archive, n, pid in ((main, 2, "M1"), (part, 3, "P1")):
-            for f in write_study(tmp_path / f"in-{pid}", StudySpec(patient_id=pid), per_series=n):
-                assert archive.store.store_file(f, source_ae="CT1").ok
-            q = RouteQueue(archive, archive.settings.routes, archive.settings.routing)
-            RoutingService.__new__(RoutingService).step(q)
-        yield {"cfg": cfg, "settings": settings, "main": main, "part": part}
-    finally:
-        part.close()
-        main.close()
+    [partitions.PART1]
+    """)
+        settings = load_settings(cfg, env={})
+        main = Archive.open(settings)
+        part = Archive.open(settings.for_partition("PART1"))
+        try:
+            for archive, n, pid in ((main, 2, "M1"), (part, 3, "P1")):
+                for f in write_study(tmp_path / f"in-{pid}", StudySpec(patient_id=pid), per_series=n):
+                    assert archive.store.store_file(f, source_ae="CT1").ok
+                q = RouteQueue(archive, archive.settings.routes, archive.settings.routing)
+                RoutingService.__new__(RoutingService).step(q)
+            yield {"cfg": cfg, "settings": settings, "main": main, "part": part}
+        finally:
+            part.close()
+            main.close()
 
 
 def test_status_json_has_the_routing_queue_of_main_and_partitions(hub: dict[str, Any]) -> None:
