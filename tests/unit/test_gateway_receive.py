@@ -133,8 +133,38 @@ def test_installed_receive_primitive_hands_over_to_pynetdicom(tmp_path: Path, mo
     _, primitive = queued[0]
     assert primitive.AffectedSOPInstanceUID == sop_uid
     path = Path(primitive._dataset_path)
-    raw = path.read_bytes()
-    assert raw == receive.PREAMBLE + receive.file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian) + body
+    expected = receive.PREAMBLE + receive.file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian) + body
+    # a remote's storage association to a relay (install()): the bytes are kept in memory, no file is made yet
+    spool = receive.memory_spool(primitive)
+    assert spool is primitive._dataset_file and spool is not None
+    assert bytes(spool.buffer) == expected and not path.exists()
+    assert spool.materialize() == path and path.read_bytes() == expected  # made when something needs the file
+    assert receive.memory_spool(primitive) is None and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_memory_spool_spills_into_its_file_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relayed instance larger than MEMORY_LIMIT goes on in its spool file: at most that much is held per instance."""
+    monkeypatch.setattr(receive, "MEMORY_LIMIT", 1000)
+    spool = receive.MemorySpool(str(tmp_path / "tmpx.dcm"))
+    spool.write(b"a" * 600)
+    assert spool.in_memory and not (tmp_path / "tmpx.dcm").exists()
+    spool.write(memoryview(b"b" * 600))
+    assert not spool.in_memory and spool.buffer is None
+    spool.write(b"c" * 10)
+    spool.file.flush()
+    spool.close()
+    assert (tmp_path / "tmpx.dcm").read_bytes() == b"a" * 600 + b"b" * 600 + b"c" * 10
+    assert spool.materialize() == tmp_path / "tmpx.dcm"  # already a file: nothing more to do
+
+
+def test_memory_spool_never_overwrites_a_file(tmp_path: Path) -> None:
+    """Made exclusively, like open_spool's files: an existing file of that name is an error, not overwritten."""
+    (tmp_path / "tmpy.dcm").write_bytes(b"someone else's")
+    spool = receive.MemorySpool(str(tmp_path / "tmpy.dcm"))
+    spool.write(b"ours")
+    with pytest.raises(FileExistsError):
+        spool.materialize()
+    assert (tmp_path / "tmpy.dcm").read_bytes() == b"someone else's"
 
 
 def test_spool_file_is_where_and_as_the_spool_keeper_expects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

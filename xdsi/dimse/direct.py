@@ -493,7 +493,7 @@ class DirectWriter:
 
     def send_c_store(
         self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, msg_id: int = 1, priority: int = 2,
-        originator_aet: str | None = None, originator_id: int | None = None,
+        originator_aet: str | None = None, originator_id: int | None = None, content: bytearray | None = None,
     ) -> Dataset | None:
         """``Association.send_c_store`` of a Part 10 file in ``transfer_syntax``, sent directly; its status Dataset.
 
@@ -502,12 +502,20 @@ class DirectWriter:
         response, an empty Dataset when none comes (the DIMSE timeout aborts), else the response's
         status elements, but without pydicom reading the File Meta or building the command set.
         None: the File Meta is unusual (no preamble, very long); the caller uses pynetdicom's.
+        ``content``: the Part 10 file's bytes when they are only in memory (a relayed instance,
+        xdsi.gateway.receive.MemorySpool): sent from there, and no file is read (none exists at ``path``).
         """
         assoc = self.assoc
         if not assoc.is_established:
             raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
         context = self._context(sop_class, transfer_syntax)
-        ready = self._claim(path)
+        if content is not None:
+            offset = dataset_offset(bytes(content[:HEAD_BYTES]))
+            if offset is None or offset >= len(content):
+                return None
+            ready = Prefetched(str(path), (), content, len(content), offset)
+        else:
+            ready = self._claim(path)
         if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now
             ready = self._read_small(path)
         if ready is not None:
@@ -533,7 +541,7 @@ class DirectWriter:
         try:
             while not assoc._is_paused:  # a requestor's reactor must not take our response off the queue
                 time.sleep(0.0001)
-            self._send(C_STORE_RQ, command, context_id, (Path(path), offset), data=data)
+            self._send(C_STORE_RQ, command, context_id, (Path(path), offset), data=data, in_memory=content is not None)
             data.release()
             if self.after_send is not None:  # e.g. the C-MOVE requestor's Pending response for the previous instance
                 try:
@@ -662,21 +670,24 @@ class DirectWriter:
 
     def _send(
         self, cls: type[DIMSEMessage], command: bytes, context_id: int, path: tuple[Path, int] | None, status: int | None = None,
-        data: memoryview | bytes = b"",
+        data: memoryview | bytes = b"", in_memory: bool = False,
     ) -> None:
         """One message whose command set is encoded: ``EVT_DIMSE_SENT``, then written directly or queued.
 
         ``data``: the data set of the file ``path`` already read (:meth:`_prefetch_next`); written from
         memory when written directly, while the DUL, if it must send the message, reads the file.
+        ``in_memory``: there is no file at ``path`` (``data`` is all there is): the DUL is given a copy.
         """
         if path is not None:
             self._await_empty_queue()
-        message = sent_message(cls, command, context_id, None, path, status)
+        message = sent_message(cls, command, context_id, None, None if in_memory else path, status)
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         if self.write(context_id, command, data, None if data else path):
             self.direct_messages += 1
             return
         self.queued_messages += 1
+        if in_memory:
+            message.data_set = BytesIO(bytes(data))
         message.command_set = decode(BytesIO(command), True, True)  # pynetdicom's encoder reads the Dataset
         for pdata in message.encode_msg(context_id, self.max_pdu):
             self.dul.send_pdu(pdata)

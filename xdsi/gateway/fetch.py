@@ -90,7 +90,7 @@ class Fetcher:
             for arrived in ex.rest():
                 try:
                     patient = patient or arrived.patient_id
-                    result = self.archive.store.store_file(arrived.path, source_ae=client.remote.ae_title, move=True)
+                    result = self.archive.store.store_file(arrived.materialize(), source_ae=client.remote.ae_title, move=True)
                     if result.ok:
                         stored += 1
                         classes[result.sop_class_uid or arrived.sop_class_uid] += 1
@@ -98,7 +98,7 @@ class Fetcher:
                         failed += 1
                         log.warning("fetched %s not stored: %s", arrived.sop_instance_uid, result.reason)
                 finally:
-                    r._unlink(arrived.path)
+                    arrived.drop()
                     relay.consumed()
         finally:
             relay.close()

@@ -15,11 +15,12 @@ A file that cannot be read is refused the same way: fail closed.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -93,23 +94,27 @@ class Expected:
         return None
 
 
-def read_identity(path: Path) -> Dataset:
+def read_identity(path: Path | BinaryIO) -> Dataset:
     """The identifying elements of a delivered file (no pixel data read); raises when pydicom cannot read it."""
     return dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS), force=True)
 
 
-def check(expected: Expected, path: Path, sop_class: str, sop_uid: str, head: bytes | None = None) -> tuple[str | None, Any]:
+def check(expected: Expected, path: Path, sop_class: str, sop_uid: str, head: bytes | None = None,
+          content: bytearray | None = None) -> tuple[str | None, Any]:
     """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request.
 
     The elements are read by :mod:`xdsi.gateway.headscan` when the file is plainly encoded (a mapping of
     keyword to value, as pydicom would give them), else by pydicom (a Dataset); either answers ``get``.
     ``head``: the file's first ``headscan.HEAD_BYTES`` (all of it when shorter), kept as it was written
-    (xdsi.dimse.receive_direct.HEAD), scanned instead of reading them from the file again.
+    (xdsi.dimse.receive_direct.HEAD), scanned instead of reading them from the file again.  ``content``: the
+    whole file's bytes when it is only in memory (xdsi.gateway.receive.MemorySpool; there is no file at ``path``).
     """
+    if head is None and content is not None:
+        head = bytes(content[: headscan.HEAD_BYTES])
     ds: Any = headscan.scan(head) if head is not None else headscan.scan_file(path)
     if ds is None:
         try:
-            ds = read_identity(path)
+            ds = read_identity(path if content is None else io.BytesIO(content))
         except Exception as exc:  # unreadable: we cannot tell whose it is, so it is not relayed
             return f"data set cannot be read ({exc.__class__.__name__})", None
     return expected.mismatch(ds, sop_class, sop_uid), ds

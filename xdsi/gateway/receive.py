@@ -119,6 +119,92 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def write_new(path: Path, data: Any) -> None:
+    """``data`` into a file created at ``path`` (exclusively, readable by us only, as :func:`open_spool`'s)."""
+    with SpoolFile(str(path), "xb", opener=_private) as f:
+        f.write(data)
+
+
+MEMORY_LIMIT = 8 << 20  # bytes of one relayed instance kept in memory; a larger one goes on in its spool file
+
+
+class MemorySpool:
+    """The spool "file" of a C-STORE on a remote's storage association to a relay: its bytes, kept in memory.
+
+    Why (issue 15): what such an association delivers is relayed to the requester and, unless the gateway
+    caches, never kept; written to a spool file, renamed, read back to be sent and unlinked, it cost ~0.27 ms of
+    CPU and a dozen system calls per 512 x 512 CT (each a GIL hand-off between the relay's busy threads).  Held
+    here, the bytes go from the socket to the requester's socket; a file is made (:meth:`materialize`, under the
+    name pynetdicom's spool file would have had) only for what needs one: an instance archived rather than
+    relayed, handed to another worker's relay, converted to another transfer syntax, cached, or sent by
+    pynetdicom.  Past :data:`MEMORY_LIMIT` bytes it spills into that file and is a spool file like any other,
+    so a relay holds at most ``relay.HIGH_WATER`` such instances in memory, each bounded.
+
+    Used as pynetdicom and the spool keeper use ``SpoolFile``: ``write``, ``flush``, ``close``, ``name`` and
+    ``file.flush()``; closing it does not drop the bytes (pynetdicom closes the spool after the handler, which
+    may have handed them to a relay).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.buffer: bytearray | None = bytearray()
+        self._file: SpoolFile | None = None
+
+    @property
+    def file(self) -> "MemorySpool":
+        return self
+
+    @property
+    def in_memory(self) -> bool:
+        return self.buffer is not None
+
+    def write(self, data: Any) -> int:
+        if self.buffer is None:
+            return self._opened().write(data)
+        self.buffer += data
+        if len(self.buffer) > MEMORY_LIMIT:
+            self.materialize(keep_open=True)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def materialize(self, keep_open: bool = False) -> Path:
+        """The bytes written to the file ``name`` (created exclusively, mode 0600), and from now on written there."""
+        if self.buffer is not None:
+            f = SpoolFile(self.name, "xb", opener=_private)
+            try:
+                f.write(self.buffer)
+            except BaseException:
+                f.close()
+                raise
+            self.buffer = None
+            self._file = f
+        if not keep_open and self._file is not None:
+            self._file.close()
+        return Path(self.name)
+
+    def _opened(self) -> SpoolFile:
+        assert self._file is not None
+        return self._file
+
+
+def memory_spool(req: Any) -> MemorySpool | None:
+    """The C-STORE request's spool if its bytes are still only in memory, else None (they are in its file)."""
+    spool = getattr(req, "_dataset_file", None)
+    return spool if isinstance(spool, MemorySpool) and spool.in_memory else None
+
+
+def new_memory_spool() -> MemorySpool:
+    """A memory spool named as :func:`open_spool` names files (``tmp*.dcm`` in ``tempfile.gettempdir()``)."""
+    return MemorySpool(os.path.join(tempfile.gettempdir(), f"tmp{process_tag()}{next(_NAMES)}.dcm"))
+
+
 def _us(fields: dict[int, bytes], element: int) -> int | None:
     value = fields.get(element)
     return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
@@ -156,7 +242,8 @@ def start_store(assoc: Any, primitive: Any) -> DIMSEMessage | None:
     message.context_id = context_id
     message.command_set = decode(message.encoded_command_set, True, True)
     message.__class__ = C_STORE_RQ
-    spool = open_spool()
+    # a remote's storage association to a relay (install): kept in memory until something needs a file
+    spool: Any = new_memory_spool() if getattr(getattr(assoc, "dimse", None), _MARK, False) else open_spool()
     message._data_set_file = spool  # type: ignore[assignment]
     message._data_set_path = Path(spool.name)
     head = PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0]))
@@ -243,4 +330,4 @@ def install(assoc: Any) -> None:
     setattr(dimse, _MARK, True)
 
 
-__all__ = ["file_meta", "install", "start_store"]
+__all__ = ["MEMORY_LIMIT", "MemorySpool", "file_meta", "install", "memory_spool", "start_store"]

@@ -59,6 +59,7 @@ from xdsi.archive import transcode
 from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.direct import parse_command
 from xdsi.gateway import identity, receive
+from xdsi.gateway.headscan import HEAD_BYTES
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -83,6 +84,21 @@ class Arrived:
     transfer_syntax_uid: str
     study_uid: str = ""  # from the data set when it was checked here ("" when another worker checked it)
     patient_id: str = ""
+    # the instance's bytes (a Part 10 file) while they are only in memory (receive.MemorySpool): ``path`` does not
+    # exist until :meth:`materialize` writes them there
+    data: bytearray | None = None
+
+    def materialize(self) -> Path:
+        """``path``, written from :attr:`data` first if the instance was only in memory (for what needs a file)."""
+        if self.data is not None:
+            receive.write_new(self.path, self.data)
+            self.data = None
+        return self.path
+
+    def drop(self) -> None:
+        """The instance is no longer wanted: its file removed, its bytes let go."""
+        self.data = None
+        _unlink(self.path)
 
 
 class Relay:
@@ -127,23 +143,26 @@ class Relay:
 
     # -- the source side --------------------------------------------------------------------------
 
-    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str, head: bytes | None = None) -> int:
-        """An instance arrived (C-STORE handler thread): take the spool file over; the C-STORE status.
+    def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str, head: bytes | None = None,
+                content: bytearray | None = None) -> int:
+        """An instance arrived (C-STORE handler thread): take the spool file (or ``content``) over; the C-STORE status.
 
-        ``head``: the spool file's first bytes as the direct reader wrote them (identity.check), if it kept them."""
+        ``head``: the spool file's first bytes as the direct reader wrote them (identity.check), if it kept them.
+        ``content``: the instance's bytes when it was received into memory (no file at ``path``)."""
         if self.closed:
             log.info("relay %s/%d: %s arrived after the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
         study = patient = ""
         if self.expected is not None:
-            reason, ds = identity.check(self.expected, path, sop_class, sop_uid, head)
+            reason, ds = identity.check(self.expected, path, sop_class, sop_uid, head, content)
             if reason is not None:  # never taken over: pynetdicom removes its spool file
                 self.refused.append((sop_uid, reason))
                 return identity.refuse(self.remote_ae, self.msg_id, sop_uid, reason)
             study, patient = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("PatientID", "") or "")
         own = self.spool_name(".dcm")
-        os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
-        if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient)]):
+        if content is None:
+            os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
+        if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient, content)]):
             log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
         with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
@@ -163,7 +182,7 @@ class Relay:
                     self.items.put(("instance", a))
                 return True
         for a in arrived:
-            _unlink(a.path)
+            a.drop()
         return False
 
     def _take_refusal(self, name: str) -> None:
@@ -249,14 +268,14 @@ class Relay:
             except OSError:
                 pass
             for arrived in self.from_inbox():
-                _unlink(arrived.path)
+                arrived.drop()
         while True:
             try:
                 kind, value = self.items.get_nowait()
             except queue.Empty:
                 return
             if kind == "instance":
-                _unlink(value.path)
+                value.drop()
 
 
     def from_inbox(self) -> list[Arrived]:
@@ -406,26 +425,43 @@ def hand_over(event: Any) -> int | None:
     sub-operation (PS3.4 C.4.2.2, PS3.7 9.1.1.1).  A C-STORE without them is never taken for a relay: it
     may be anything the remote pushes to us, and relaying it to a requester who did not ask would be a
     disclosure.
+
+    An instance received into memory (``receive.MemorySpool``) goes to a relay of this process as bytes; for
+    anything else (archived, or another worker's relay) its spool file is made first.
     """
     req = event.request
+    spool = receive.memory_spool(req)
     mid = getattr(req, "MoveOriginatorMessageID", None)
     originator = str(getattr(req, "MoveOriginatorApplicationEntityTitle", None) or "").strip()
-    if mid is None or not originator or (not _relays and INBOX_ROOT is None):
+    relay = inbox = None
+    if mid is not None and originator and (_relays or INBOX_ROOT is not None):
+        calling = str(event.assoc.requestor.ae_title).strip()
+        with _lock:
+            relay = _relays.get((calling, originator, int(mid)))
+        if relay is None:
+            inbox = inbox_path(calling, originator, int(mid))
+            if inbox is not None and not inbox.is_dir():
+                inbox = None
+    if spool is not None and relay is None:
+        try:
+            spool.materialize()
+        except OSError as exc:  # the disk is full: the sender hears Out of Resources, nothing is half kept
+            log.error("C-STORE %s: spool file not written: %s", req.AffectedSOPInstanceUID, exc)
+            return REFUSED_CLOSED
+        spool = None
+    if relay is None and inbox is None:
         return None
-    calling = str(event.assoc.requestor.ae_title).strip()
-    with _lock:
-        relay = _relays.get((calling, originator, int(mid)))
-    if relay is not None or (inbox := inbox_path(calling, originator, int(mid))) is not None and inbox.is_dir():
-        _receive_fast(event.assoc)
+    _receive_fast(event.assoc)
+    head = getattr(req, receive_direct.HEAD, None)
     if relay is None:
-        inbox = inbox_path(calling, originator, int(mid))
-        if inbox is None or not inbox.is_dir():
-            return None
+        assert inbox is not None
         return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                                 str(event.context.transfer_syntax), 60.0, getattr(req, receive_direct.HEAD, None))
-    ts = str(event.context.transfer_syntax)
-    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), ts,
-                         getattr(req, receive_direct.HEAD, None))
+                                 str(event.context.transfer_syntax), 60.0, head)
+    content = None if spool is None else spool.buffer
+    if content is not None and head is None:  # read by pynetdicom's DUL: the head is in the bytes
+        head = bytes(content[:HEAD_BYTES])
+    return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                         str(event.context.transfer_syntax), head, content)
 
 
 def _wake_on_activity(assoc: Any) -> None:
@@ -590,8 +626,13 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
 
     def on_store(event: Any) -> int:
         req = event.request
+        spool = receive.memory_spool(req)
+        content = None if spool is None else spool.buffer
+        head = getattr(req, receive_direct.HEAD, None)
+        if content is not None and head is None:
+            head = bytes(content[:HEAD_BYTES])
         return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                             str(event.context.transfer_syntax))
+                             str(event.context.transfer_syntax), head, content)
 
     def run() -> None:
         problem = None
@@ -675,13 +716,15 @@ class Finisher:
     def __call__(self, arrived: Arrived) -> None:
         try:
             if self.store is not None:
-                result = self.store.store_file(arrived.path, source_ae=self.source_ae, move=True)
+                result = self.store.store_file(arrived.materialize(), source_ae=self.source_ae, move=True)
                 if not result.ok:
                     log.warning("relayed %s not cached: %s", arrived.sop_instance_uid, result.reason)
         except Exception:
             log.exception("caching relayed %s failed", arrived.sop_instance_uid)
         finally:
-            if self.store is None and self.expecting is not None and len(self.relay.sent_files) < SENT_FILES_KEPT:
+            if arrived.data is not None:  # sent from memory, not cached: no file was made
+                arrived.data = None
+            elif self.store is None and self.expecting is not None and len(self.relay.sent_files) < SENT_FILES_KEPT:
                 # removed by Exchange.upcoming, which the sender calls while the receiver takes the next instance in:
                 # the unlink of half a megabyte (~0.1 ms) is then no longer between one response and the next request
                 self.relay.sent_files.append(arrived.path)
@@ -707,7 +750,7 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
             accepted = finish.syntaxes[key] = accepted_syntaxes(assoc, *key, native_first=assoc.is_requestor)
         if not accepted:
             raise NoAcceptedContext(f"no accepted presentation context for {arrived.sop_class_uid} ({arrived.sop_instance_uid})")
-        choice = transcode.choose(arrived.transfer_syntax_uid, accepted, transcode.facts(arrived.path)
+        choice = transcode.choose(arrived.transfer_syntax_uid, accepted, transcode.facts(arrived.materialize())
                                   if arrived.transfer_syntax_uid not in accepted else None)
         if choice is None:
             raise transcode.TranscodeError(f"{arrived.sop_instance_uid} ({arrived.transfer_syntax_uid}) cannot be sent as any of {', '.join(accepted)}")
@@ -715,17 +758,19 @@ def send_relayed(assoc: Any, original: Callable[..., Any], dataset: Any, finish:
         if not choice.unchanged:
             converted = arrived.path.with_suffix(".converted.dcm")
             with open(converted, "wb") as out:
-                transcode.write_converted(arrived.path, choice.transfer_syntax, out)
+                transcode.write_converted(arrived.materialize(), choice.transfer_syntax, out)
             path = converted
+        content = arrived.data if converted is None else None  # sent from memory when it is only there
         rsp = None
         writer = direct.writer_of(assoc)
         if writer is not None and finish.expecting is not writer and finish.relay.upcoming is not None:
             writer.expect(finish.relay.upcoming)  # the next arrived file read while the receiver answers this one
             finish.expecting = writer
         if writer is not None:  # written to the socket and answered by this thread (xdsi.dimse.direct), as local retrieves are
-            rsp = writer.send_c_store(path, arrived.sop_class_uid, arrived.sop_instance_uid, choice.transfer_syntax, *args, **kwargs)
+            rsp = writer.send_c_store(path, arrived.sop_class_uid, arrived.sop_instance_uid, choice.transfer_syntax, *args,
+                                      content=content, **kwargs)
         if rsp is None:  # no direct writer, or a file pynetdicom must read (unusual File Meta)
-            rsp = original(path, *args, **kwargs)
+            rsp = original(arrived.materialize() if converted is None else path, *args, **kwargs)
         code = getattr(rsp, "Status", None)
         finish.sent(arrived, code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF),
                     "no response" if code is None else f"C-STORE status 0x{int(code):04X}")
@@ -859,23 +904,23 @@ class Exchange:
         """
         self.relay.remove_sent()
         for arrived in self.buffered[:1]:
-            return arrived.path
+            return _file_of(arrived)
         for kind, value in self.pending[:1]:
-            return value.path if kind == "instance" else None
+            return _file_of(value) if kind == "instance" else None
         try:
             kind, value = self.relay.items.queue[0]
         except IndexError:
             return None
-        return value.path if kind == "instance" else None
+        return _file_of(value) if kind == "instance" else None
 
     def discard(self) -> None:
         """Remove what was taken but never handed out (the retrieve cancelled, the requester gone, an error)."""
         for arrived in self.buffered:
-            _unlink(arrived.path)
+            arrived.drop()
         self.buffered.clear()
         for kind, value in self.pending:  # taken from the inbox ahead of a response, never returned
             if kind == "instance":
-                _unlink(value.path)
+                value.drop()
         self.pending.clear()
 
     def failed_uids(self) -> list[str]:
@@ -892,6 +937,11 @@ class Exchange:
                 cancel()
             except Exception as exc:
                 log.debug("C-CANCEL to the remote: %s", exc)
+
+
+def _file_of(arrived: Arrived) -> Path | None:
+    """The spool file to read ahead for ``arrived``; None when its bytes are in memory (nothing to read)."""
+    return arrived.path if arrived.data is None else None
 
 
 def failure(code: int, comment: str) -> Dataset:
@@ -944,7 +994,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
         for arrived in ex.rest():
             if sent >= total:
                 log.warning("%s: the remote sent more instances than it announced (%d); %s dropped", what, total, arrived.sop_instance_uid)
-                _unlink(arrived.path)
+                arrived.drop()
                 relay.consumed()
                 continue
             sent += 1
@@ -976,7 +1026,7 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             relay.audit.end(relay.refused, "cancelled" if ex.cancelled else ex.problem)
         ex.discard()
         if last is not None:  # yielded but never sent (the requester went away): its file is ours to remove
-            _unlink(last.path)
+            last.drop()
 
 
 def start_source(client: RemoteClient, how: str, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> None:
