@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from xdsi.gateway import receive
 from xdsi.gateway import relay as r
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -79,6 +80,59 @@ def test_stores_not_ours_are_archived(relay: r.Relay, tmp_path: Path, kw: dict[s
     p = _spooled(tmp_path)
     assert r.hand_over(_event(p, **kw)) is None
     assert p.exists() and relay.items.empty() and not relay.from_inbox()
+
+
+def _in_memory(tmp_path: Path, name: str = "tmpm.dcm", data: bytes = b"DICM-memory") -> Any:
+    """A C-STORE event as a remote's storage association to a relay has it: the bytes only in memory."""
+    spool = receive.MemorySpool(str(tmp_path / name))
+    spool.write(data)
+    event = _event(Path(spool.name), mid=7)
+    event.request._dataset_file = spool
+    return event
+
+
+def test_same_process_delivery_from_memory_makes_no_file(relay: r.Relay, tmp_path: Path) -> None:
+    event = _in_memory(tmp_path)
+    assert r.hand_over(event) == 0x0000
+    kind, arrived = relay.items.get_nowait()
+    assert kind == "instance" and bytes(arrived.data) == b"DICM-memory"
+    assert not arrived.path.exists() and not event.dataset_path.exists()
+    assert arrived.materialize().read_bytes() == b"DICM-memory" and arrived.data is None  # for what needs a file
+    arrived.drop()
+    assert not arrived.path.exists()
+
+
+def test_memory_is_bounded_per_relay(relay: r.Relay, tmp_path: Path) -> None:
+    """Past HIGH_WATER instances waiting for the requester (or for the count), the next ones wait on disk."""
+    got = []
+    for i in range(r.HIGH_WATER + 3):
+        assert r.hand_over(_in_memory(tmp_path, f"tmp{i}.dcm", b"DICM-%d" % i)) == 0x0000
+        got.append(relay.items.get_nowait()[1])
+    assert [a.data is not None for a in got] == [True] * r.HIGH_WATER + [False] * 3
+    assert [a.path.read_bytes() for a in got[r.HIGH_WATER:]] == [b"DICM-%d" % i for i in range(r.HIGH_WATER, r.HIGH_WATER + 3)]
+    relay.close()
+
+
+def test_delivery_from_memory_to_another_process_goes_through_a_file(relay: r.Relay, tmp_path: Path) -> None:
+    with r._lock:
+        r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+    try:
+        event = _in_memory(tmp_path)
+        assert r.hand_over(event) == 0x0000
+        assert not event.dataset_path.exists()  # made, then moved into the inbox
+        (arrived,) = relay.from_inbox()
+        assert arrived.data is None and arrived.path.read_bytes() == b"DICM-memory"
+    finally:
+        with r._lock:
+            r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+
+
+def test_a_store_not_ours_received_into_memory_is_archived_from_its_file(relay: r.Relay, tmp_path: Path) -> None:
+    event = _in_memory(tmp_path)
+    event.request.MoveOriginatorApplicationEntityTitle = "SOMEONE"
+    assert r.hand_over(event) is None
+    assert event.dataset_path.read_bytes() == b"DICM-memory" and receive.memory_spool(event.request) is None
+    assert relay.items.empty()
 
 
 def test_message_id_in_use_by_another_process_is_not_reused(tmp_path: Path, relay: r.Relay) -> None:

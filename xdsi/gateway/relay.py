@@ -162,6 +162,13 @@ class Relay:
         own = self.spool_name(".dcm")
         if content is None:
             os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
+        elif self.ahead >= HIGH_WATER:  # the requester is behind (or no count came yet): what waits, waits on disk
+            try:  # so memory holds at most HIGH_WATER instances per relay, whatever the study
+                receive.write_new(own, content)
+            except OSError as exc:
+                log.error("relay %s/%d: %s not spooled: %s", self.remote_ae, self.msg_id, sop_uid, exc)
+                return REFUSED_CLOSED
+            content = None
         if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient, content)]):
             log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
