@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import CLK_TCK, Netns, count_files, tree_cpu  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, tree_cpu, tree_split  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
@@ -74,29 +74,6 @@ def forking_cpu(pid: int) -> float:
     f = stat[stat.rfind(")") + 2 :].split()
     reaped = (int(f[13]) + int(f[14])) / CLK_TCK  # cutime, cstime
     return reaped + tree_cpu(pid)
-
-
-def tree_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid`` and its living descendants."""
-    kids: dict[int, list[int]] = {}
-    times: dict[int, tuple[float, float]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                raw = (d / "stat").read_text()
-            except OSError:
-                continue
-            rest = raw[raw.rindex(")") + 2 :].split()
-            kids.setdefault(int(rest[1]), []).append(int(d.name))
-            times[int(d.name)] = (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
-    user = system = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        u, s = times.get(p, (0.0, 0.0))
-        user, system = user + u, system + s
-        todo.extend(kids.get(p, []))
-    return user, system
 
 
 def client_cpu() -> float:

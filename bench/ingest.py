@@ -2,7 +2,7 @@
 """C-STORE ingest: xdsi against dcmtk storescp +B (the ceiling) and Orthanc, in one run, alternating rounds (ABBA).
 
     python bench/ingest.py [-n 500] [--rows 512] [--cols 512] [--rounds 3] [--associations K] [--workers N]
-                           [--no-orthanc] [--no-storescp] [--against BASE_TREE] [--profile OUT.svg|OUT.txt]
+                           [--no-orthanc] [--no-storescp] [--against BASE_TREE] [--profile OUT.svg|OUT.txt] [--strace OUT]
                            [--pg | --index-url URL] [--keep]
 
 Needs root and Debian's dcmtk and orthanc (see ``/work/shared/peers/README.md``; ``BENCH_PEERS`` names
@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, tree_cpu  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, tree_split  # noqa: E402
 
 NS = Netns.from_env("bench-ingest", 24600)
 
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-storescp", action="store_true")
     p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds")
     p.add_argument("--profile", type=Path, help="py-spy on xdsi during one extra round: .svg flame graph, else raw")
+    p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during one extra round: its system calls counted "
+                   "(STRACE_FULL=1: every call, per thread)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--index-url", metavar="URL", help="xdsi's index database (default: SQLite in its data folder)")
     g.add_argument("--pg", action="store_true", help="a throwaway PostgreSQL server for xdsi's index")
@@ -287,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in order:
                 r.start()
                 try:
-                    cpu0 = tree_cpu(r.pid)
+                    cpu0 = tree_split(r.pid)
                     dt = send(r.port, r.aet, folders)
-                    cpu = tree_cpu(r.pid) - cpu0
+                    cpu1 = tree_split(r.pid)
+                    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                    cpu = user + system
                     n = r.count()
                     if n != args.n:
                         raise RuntimeError(f"{r.name} holds {n} instances after the round, not {args.n}")
@@ -301,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     r.mb_s.append(total / 1e6 / dt)
                     r.cpu_ms.append(cpu * 1000 / args.n)
                 print(f"round {rnd}{'' if rnd else ' (warm-up)'} {r.name:8s} {dt:6.2f} s {args.n / dt:7.1f} inst/s "
-                      f"{total / 1e6 / dt:6.1f} MB/s  server CPU {cpu * 1000 / args.n:5.2f} ms/inst  load {os.getloadavg()[0]:.1f}",
+                      f"{total / 1e6 / dt:6.1f} MB/s  server CPU {cpu * 1000 / args.n:5.2f} ms/inst (user {user * 1000 / args.n:.2f}, "
+                      f"system {system * 1000 / args.n:.2f})  load {os.getloadavg()[0]:.1f}",
                       flush=True)
 
         print(f"\nmedians of {args.rounds} rounds, {args.associations} association(s):")
@@ -318,6 +324,21 @@ def main(argv: list[str] | None = None) -> int:
                 if other in by and x:
                     print("  " + ratio_line(label, by["base"].inst_s, by[other].inst_s))
 
+        if args.strace:
+            r = by["xdsi"]
+            r.start()
+            try:
+                spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace),
+                                        "-p", str(r.pid)])
+                time.sleep(1.0)
+                try:
+                    dt = send(r.port, r.aet, folders)
+                finally:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
+                print(f"strace: {args.strace} ({args.n} instances; round under strace: {args.n / dt:.1f} inst/s)")
+            finally:
+                r.stop()
         if args.profile:
             r = by["xdsi"]
             r.start()

@@ -117,8 +117,13 @@ def process_cpu(pid: int) -> float:
 
 def tree_cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and every living descendant (a supervisor's workers), from ``/proc``."""
+    return sum(tree_split(pid))
+
+
+def tree_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and every living descendant, from ``/proc``."""
     children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
+    times: dict[int, tuple[float, float]] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -128,13 +133,15 @@ def tree_cpu(pid: int) -> float:
             continue
         rest = raw[raw.rindex(")") + 2 :].split()
         children.setdefault(int(rest[1]), []).append(int(d.name))
-        times[int(d.name)] = (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime, stime
-    total, todo = 0.0, [pid]
+        times[int(d.name)] = (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)  # utime, stime
+    user = system = 0.0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += times.get(p, 0.0)
+        u, s = times.get(p, (0.0, 0.0))
+        user, system = user + u, system + s
         todo.extend(children.get(p, []))
-    return total
+    return user, system
 
 
 def count_files(folder: Path) -> int:
@@ -162,7 +169,7 @@ def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0,
     ``PYSPY_GIL=1`` samples only the thread holding the GIL; ``subprocesses`` follows a supervisor's workers.
     ``settle`` gives py-spy time to attach before the measured work starts.
     """
-    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-o", str(out), "-p", str(pid), "--threads",
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", os.environ.get("PYSPY_RATE", "200"), "-o", str(out), "-p", str(pid), "--threads",
                             *(["--subprocesses"] if subprocesses else []), *(["--gil"] if os.environ.get("PYSPY_GIL") else []),
                             *(["-f", "raw"] if out.suffix != ".svg" else [])], stdout=subprocess.DEVNULL)  # fmt: skip
     try:

@@ -71,3 +71,58 @@ def test_refused_spool_file_is_left_to_its_owner(archive: Archive, tmp_path: Pat
     assert r.outcome is Outcome.REJECTED and r.mismatch == "SOPInstanceUID"
     assert spool.read_bytes() == f.read_bytes()
     assert dcmread(spool).SOPInstanceUID != "1.2.3.4"
+
+
+def test_a_file_hashed_and_synced_as_it_was_received_is_not_opened_again(archive: Archive, tmp_path: Path, monkeypatch) -> None:
+    """The receiver's size, sha256 and early fsync (early_sync.Written) stand for the tier's own when they cover
+    this very file: it is neither opened to be hashed nor synced again.  Its recorded checksum is still right."""
+    import hashlib
+
+    from xdsi.storage import early_sync
+
+    (f,) = write_study(tmp_path / "src", StudySpec(patient_id="SYNC-3"), series=1, per_series=1, rows=64, columns=64)
+    spool = tmp_path / "spool3.dcm"
+    shutil.copyfile(f, spool)
+    data = spool.read_bytes()
+    written = early_sync.Written(len(data), hashlib.sha256(data).hexdigest(), early_sync.start(spool))
+    opened: list[str] = []
+    real_open = open
+
+    def spy(path, *a, **k):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(tiers, "open", spy, raising=False)
+    r = archive.store.store_file(spool, move=True, written=written)
+    assert r.outcome is Outcome.STORED, r.reason
+    assert opened == []
+    with archive.index.session() as s:
+        (copy,) = s.scalars(select(FileCopy)).all()
+    assert copy.sha256 == hashlib.sha256(f.read_bytes()).hexdigest() == sha256_file(archive.tiers[copy.tier].abspath(copy.rel_path))[1]
+
+
+def test_a_written_record_of_other_bytes_is_not_trusted(archive: Archive, tmp_path: Path) -> None:
+    """A size that is not the file's: the tier hashes (and syncs) the file itself, and records what is there."""
+    from xdsi.storage import early_sync
+
+    (f,) = write_study(tmp_path / "src", StudySpec(patient_id="SYNC-4"), series=1, per_series=1, rows=64, columns=64)
+    spool = tmp_path / "spool4.dcm"
+    shutil.copyfile(f, spool)
+    written = early_sync.Written(os.path.getsize(spool) - 1, "0" * 64, early_sync.start(spool))
+    r = archive.store.store_file(spool, move=True, written=written)
+    assert r.outcome is Outcome.STORED, r.reason
+    with archive.index.session() as s:
+        (copy,) = s.scalars(select(FileCopy)).all()
+    assert copy.sha256 == sha256_file(f)[1] != "0" * 64
+
+
+def test_the_tiers_temporary_folder_is_made_again_if_it_went(archive: Archive, tmp_path: Path) -> None:
+    """The hot path no longer makes the folder for every file: one removed under a running archive is made again."""
+    a, b = write_study(tmp_path / "src", StudySpec(patient_id="SYNC-5"), series=1, per_series=2, rows=64, columns=64)
+    for n, f in enumerate((a, b)):
+        spool = tmp_path / f"spool5-{n}.dcm"
+        shutil.copyfile(f, spool)
+        shutil.rmtree(archive.tiers.hot.tmp, ignore_errors=True)
+        r = archive.store.store_file(spool, move=True)
+        assert r.outcome is Outcome.STORED, r.reason
+        assert not spool.exists()

@@ -205,8 +205,11 @@ class MetadataService:
     def _append(self, study_uid: str, series_uid: str, lines: list[bytes]) -> None:
         member = gzip.compress(b"".join(lines), compresslevel=1, mtime=0)
         p = self.tier.abspath(self.journal_path(study_uid, series_uid))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # the study's folder is there but for its first instance: made then, not looked for every time
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except FileNotFoundError:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, member)  # one write: appends from several stores do not interleave
         finally:

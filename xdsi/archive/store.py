@@ -287,7 +287,7 @@ class StoreService:
                     self.tiers[c.tier].delete(c.rel_path)
                 except OSError as exc:  # the index no longer points at it; log and go on
                     log.warning("could not delete superseded copy %s on %s: %s", c.rel_path, c.tier, exc)
-        stored = hot.abspath(placed.rel_path)
+        stored = placed.path if placed.path is not None else hot.abspath(placed.rel_path)
         if self.metadata is not None:
             metadata = self.metadata
 

@@ -37,6 +37,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
 from xdsi.dimse.direct import parse_command
+from xdsi.process_tag import process_tag
 from xdsi.uids import is_valid_uid
 
 _MARK = "_xdsi_relay_receive"
@@ -86,21 +87,6 @@ class SpoolFile(io.FileIO):
 
 
 _NAMES = itertools.count()
-_TAG: list[str] = []  # this process's "<pid>r<random hex>", drawn once per process (again in a forked child)
-
-
-def process_tag() -> str:
-    """This process's ID and a random token drawn once for it: with a counter, a file name no other process makes.
-
-    Why: ``os.getpid()`` and ``os.urandom`` are a system call each, and every relayed or received instance named
-    files with both (issue 15: each system call of the relay's threads is also a GIL hand-off under load).
-    """
-    if not _TAG:
-        _TAG.append(f"{os.getpid()}r{os.urandom(4).hex()}")
-    return _TAG[0]
-
-
-os.register_at_fork(after_in_child=_TAG.clear)  # ``xdsi serve --workers`` forks: a child draws its own
 
 
 def open_spool() -> SpoolFile:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import stat
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from xdsi.config import StorageSettings, TierSettings
+from xdsi.process_tag import process_tag
 from xdsi.storage.early_sync import Written, synced_inode
 from xdsi.uids import validate_uid
 
 CHUNK = 1 << 20
 TMP_DIR = ".tmp"
+_TEMP_NAMES = itertools.count()  # Tier.new_temp
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Placed:
     rel_path: str
     size: int
     sha256: str
+    path: Path | None = None  # where it now is (absolute, below the tier root), when the tier knows it without looking
 
 
 class StorageError(OSError):
@@ -161,10 +165,33 @@ class Tier:
     def exists(self, rel_path: str) -> bool:
         return self.abspath(rel_path).is_file()
 
-    def new_temp(self) -> Path:
-        """A temporary file name on this tier's file system (so the final rename is atomic)."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        return self.tmp / f"{uuid.uuid4().hex}.part"
+    def new_temp(self, made: bool = True) -> Path:
+        """A temporary file name on this tier's file system (so the final rename is atomic).
+
+        Unique without a random draw (a system call per stored instance, issue 14): this process's ID and
+        random token and a counter.  ``made``: the temporary folder is made if missing; False (for
+        :meth:`_into_temp`, which makes it if the rename finds it gone) spares that ``mkdir``.
+        """
+        if made:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        return self.tmp / f"{process_tag()}-{next(_TEMP_NAMES)}.part"
+
+    def _into_temp(self, src: Path, temp: Path) -> None:
+        """``src`` renamed to ``temp`` (made by :meth:`new_temp`), the temporary folder made again if it went."""
+        try:
+            os.replace(src, temp)
+        except FileNotFoundError:
+            if not os.path.exists(src):
+                raise
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            os.replace(src, temp)
+
+    def _device(self) -> int:
+        """The tier root's device, looked up once (as :meth:`_real_root`)."""
+        dev = self.__dict__.get("_root_dev")
+        if dev is None:
+            dev = self.__dict__["_root_dev"] = os.stat(self.root).st_dev
+        return int(dev)
 
     def _commit_temp(self, temp: Path, rel_path: str, exclusive: bool = False) -> str:
         """Give ``temp`` its final name (durably); returns the relative path it got.
@@ -175,6 +202,10 @@ class Tier:
         index, would lose the instance it acknowledged).  The file is placed
         beside it under a unique name instead.
         """
+        return self._commit_temp_at(temp, rel_path, exclusive)[0]
+
+    def _commit_temp_at(self, temp: Path, rel_path: str, exclusive: bool = False) -> tuple[str, Path]:
+        """:meth:`_commit_temp`, and the file's absolute path."""
         final = self.abspath(rel_path)
         _makedirs_durable(final.parent, self.root)
         if exclusive:
@@ -185,7 +216,7 @@ class Tier:
         else:
             os.replace(temp, final)
         _fsync_dir(final.parent)
-        return rel_path
+        return rel_path, final
 
     def place_file(self, src: Path, rel_path: str, *, move: bool = False, exclusive: bool = False,
                    written: Written | None = None) -> Placed:
@@ -200,16 +231,20 @@ class Tier:
         if that fsync failed or covered another file; a file whose size is not
         that size is hashed from disk and synced as before.
         """
-        if move and _same_device(src, self.root):
-            size, digest = _fsync_and_hash(src, written)
-            temp = self.new_temp()
-            os.replace(src, temp)  # take ownership first: the spool's owner may unlink its name
+        try:
+            src_stat = os.stat(src) if move else None
+        except FileNotFoundError:
+            src_stat = None
+        if src_stat is not None and src_stat.st_dev == self._device():
+            size, digest = _fsync_and_hash(src, written, src_stat)
+            temp = self.new_temp(made=False)
+            self._into_temp(src, temp)  # take ownership first: the spool's owner may unlink its name
             try:
-                rel_path = self._commit_temp(temp, rel_path, exclusive)
+                rel_path, final = self._commit_temp_at(temp, rel_path, exclusive)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            return Placed(rel_path, size, digest)
+            return Placed(rel_path, size, digest, final)
         with open(src, "rb") as fh:
             return self.place_stream(fh, rel_path, exclusive=exclusive)
 
@@ -302,14 +337,16 @@ def _link_exclusive(temp: Path, final: Path, rel_path: str, tier: "Tier") -> tup
     return rel_path, final
 
 
-def _same_device(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except FileNotFoundError:
-        return False
+def _fsync_and_hash(path: Path, written: Written | None = None, st: os.stat_result | None = None) -> tuple[int, str]:
+    """The file's size and sha256, once its bytes are on disk.
 
-
-def _fsync_and_hash(path: Path, written: Written | None = None) -> tuple[int, str]:
+    ``written`` (with ``st``, the file's ``stat``): what the receiver hashed and the fsync it started; when that
+    covered this very file (size and inode), nothing is opened or read (an open, ``fstat`` and close per stored
+    instance fewer, issue 14).
+    """
+    if written is not None and st is not None and st.st_size == written.size \
+            and synced_inode(written) == (st.st_dev, st.st_ino):
+        return written.size, written.sha256
     h = hashlib.sha256()
     size = 0
     with open(path, "rb+") as fh:
