@@ -285,3 +285,102 @@ def test_a_relays_storage_association_is_not_hashed_and_what_it_archives_is_hash
         ds = dcmread(f)
         assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == ds.pixel_array).all()
     _assert_index_checksums(archive)
+
+
+def _pdu_bytes(assoc: Any, message: Any, context_id: int) -> bytes:
+    """The P-DATA-TF PDUs of one DIMSE message as pynetdicom would send them on ``assoc``."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    out = b""
+    for primitive in message.encode_msg(context_id, assoc.acceptor.maximum_length):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += pdu.encode()
+    return out
+
+
+def test_an_oversize_pdu_after_stores_is_refused_by_the_direct_reader(
+    served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct reader reads a PDU's body and the next header at once (PduGuard.recv_upto), so it checks each
+    header's length itself: a P-DATA-TF over our Maximum Length gets the A-ABORT at once, nothing of it read."""
+    from xdsi.dimse import limits
+
+    dicom, archive = served
+    checked: list[int] = []
+    real = limits.PduGuard.header_read
+
+    def spy(self, pdu_type, length):  # type: ignore[no-untyped-def]
+        checked.append(length)
+        return real(self, pdu_type, length)
+
+    monkeypatch.setattr(limits.PduGuard, "header_read", spy)
+    (f,) = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT05"), series=1, per_series=1, rows=64, columns=64)
+    ae = AE(ae_title="BIGAFTER")
+    ae.add_requested_context(CTImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    assert assoc.send_c_store(dcmread(f)).Status == 0x0000
+    huge = 700 * 1024 * 1024
+    assoc.dul.socket.socket.sendall(bytes([0x04, 0]) + huge.to_bytes(4, "big") + b"\0" * 8192)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert assoc.is_aborted, "the association survived an oversize P-DATA-TF"
+    assert huge in checked  # refused by the direct reader's check, not found out by the network timeout
+    ae2 = AE(ae_title="BIGAFTER")
+    ae2.add_requested_context(CTImageStorage)
+    again = ae2.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    try:
+        assert again.send_c_store(dcmread(f)).Status == 0x0000  # a duplicate now: still Success, the server serves on
+    finally:
+        again.release()
+
+
+def test_what_a_peer_sends_before_our_response_reaches_pynetdicom_in_order(served: tuple[Any, Archive], tmp_path: Path) -> None:
+    """A C-STORE and a C-ECHO written in one go (the echo's bytes arrive with the store's last PDU, before our
+    response): the direct reader reads the store and gives the bytes past it back; both are answered, in order."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    dicom, archive = served
+    first, second = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT06"), series=1, per_series=2, rows=64, columns=64)
+    ae = AE(ae_title="PIPELINE")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 30
+    assoc = ae.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(dcmread(first)).Status == 0x0000  # from now on the association thread reads stores
+        cx_store = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+        cx_echo = next(c for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+        ds = dcmread(second)
+        store = C_STORE()
+        store.MessageID, store.AffectedSOPClassUID, store.AffectedSOPInstanceUID, store.Priority = 7, ds.SOPClassUID, ds.SOPInstanceUID, 2
+        from io import BytesIO
+
+        from pynetdicom.dsutils import encode
+
+        implicit = cx_store.transfer_syntax[0] == "1.2.840.10008.1.2"
+        store.DataSet = BytesIO(encode(ds, implicit, True))
+        echo = C_ECHO()
+        echo.MessageID, echo.AffectedSOPClassUID = 8, Verification
+        m1, m2 = C_STORE_RQ(), C_ECHO_RQ()
+        m1.primitive_to_message(store)
+        m2.primitive_to_message(echo)
+        wire = _pdu_bytes(assoc, m1, cx_store.context_id) + _pdu_bytes(assoc, m2, cx_echo.context_id)
+        assoc._reactor_checkpoint.clear()
+        try:
+            while not assoc._is_paused:
+                time.sleep(0.001)
+            assoc.dul.socket.socket.sendall(wire)
+            got = [assoc.dimse.get_msg(block=True)[1] for _ in range(2)]
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert [(g.__class__.__name__, g.MessageIDBeingRespondedTo, g.Status) for g in got] == [("C_STORE", 7, 0), ("C_ECHO", 8, 0)]
+    finally:
+        assoc.release()
+    stored = _stored(archive)
+    assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == dcmread(second).pixel_array).all()

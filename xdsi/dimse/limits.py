@@ -130,7 +130,26 @@ class PduGuard:
             self.last_activity = time.monotonic()
         return data
 
-    def _read(self, n: int) -> bytearray:
+    def header_read(self, pdu_type: int, length: int) -> None:
+        """A PDU header another reader took (with :meth:`recv_upto`): its length checked as :meth:`recv` checks one.
+
+        Raises ``PduTooLarge`` (having answered and closed) when it is over the limit.
+        """
+        limit = self.limit_for(pdu_type)
+        if length > limit:
+            self._refuse(pdu_type, length, limit)
+        self.last_activity = time.monotonic()
+
+    def recv_upto(self, need: int, most: int) -> bytearray:
+        """At least ``need`` bytes (fewer only at the peer's close), and up to ``most`` if they are already there.
+
+        For the direct C-STORE reader (xdsi.dimse.receive_direct): a PDU's body and the next PDU's header in one
+        read when both have arrived, instead of a read for each.  Never waits for more than ``need``.  The caller
+        checks each header it finds (:meth:`header_read`).
+        """
+        return self._read(need, most)
+
+    def _read(self, n: int, most: int | None = None) -> bytearray:
         """Up to ``n`` bytes, fewer only at the peer's close; within the associate timeout, then the network timeout.
 
         Once associated, bytes already waiting are taken with one ``read`` of the descriptor (a socket with
@@ -141,8 +160,9 @@ class PduGuard:
         """
         buf = bytearray()
         raw = self.raw
+        most = n if most is None else max(n, most)
         while len(buf) < n:
-            want = min(n - len(buf), 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by n)
+            want = min(most - len(buf), 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by most)
             if self.deadline is not None:
                 left = self.deadline - time.monotonic()
                 if left <= 0:

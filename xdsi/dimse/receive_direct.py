@@ -127,7 +127,7 @@ def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
     if not _readable(dul.socket.socket, dul, wait):
         return False
     took = _receive(assoc, g, dul, dimse)
-    if took and getattr(dimse, "_xdsi_relay_receive", False):
+    if took and getattr(dimse, "_xdsi_relay_receive", False) and not g.pushback:
         # a remote's storage association to a relay (issue 15): the whole request was read here and is on the DIMSE
         # queue, nothing was given back, and the remote waits for our response, so the DUL has nothing to read; it is
         # not woken for this release (one wake-up, a drain of its wake-up pair and a GIL hand-off less per relayed
@@ -178,14 +178,31 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
     digest: Any = None  # sha256 of the spool file as it is written, handed on with the request (WRITTEN)
     size = 0
     kept: bytearray | None = None  # a relayed request's spool file head (HEAD), as it is written
+    # the governor's PduGuard, when it can read a PDU's body and the next one's header at once (recv_upto): one read
+    # per PDU instead of two once the bytes have arrived (issues 14 and 15: every read is a GIL hand-off)
+    pdu_guard = getattr(g.raw_recv, "__self__", None)
+    upto = getattr(pdu_guard, "recv_upto", None)
+    ahead = bytearray()  # bytes read past the PDU in hand: the start of the next one
     while True:
         try:
-            header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
+            if upto is None:
+                header = g.recv(6)  # through the governor's PduGuard: its limits hold for what is read here
+            else:
+                header, ahead = ahead[:6], ahead[6:]
+                if len(header) < 6:
+                    header += upto(6 - len(header), 6 - len(header))
             if len(header) < 6 or header[0] != P_DATA_TF:
-                g.pushback += header  # not a P-DATA-TF (or the peer closed): the DUL reads the rest
+                g.pushback += header + ahead  # not a P-DATA-TF (or the peer closed): the DUL reads the rest
                 return False
             length = _BE_LENGTH.unpack_from(header, 2)[0]
-            body = g.recv(length)
+            if upto is None:
+                body = g.recv(length)
+            else:
+                pdu_guard.header_read(P_DATA_TF, length)  # over the limit: answered, closed and raised, as recv would
+                body = upto(length, length + 6)
+                if len(body) > length:
+                    ahead = body[length:]
+                    del body[length:]
         except Exception:  # what the DUL does when reading fails (the PduGuard has answered an oversize PDU)
             dul.event_queue.put("Evt17")
             return False
@@ -207,7 +224,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
         elif items is not None and not _data_only(items, context_id):
             items = None
         if items is None:  # not understood here: the DUL reads this PDU as if it had just arrived
-            g.pushback += header + body
+            g.pushback += header + body + ahead
             stats["given_back"] += 1
             return False
         if started is not None:
@@ -238,6 +255,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             log.error("C-STORE spool write failed: %s", exc)
             dul.event_queue.put("Evt17")
             return False
+        if last and ahead:  # the peer sent on before our response (the start of its next PDU): the DUL reads it
+            g.pushback += ahead
         if last:
             # the file's fsync starts now, while the association thread parses the header (early_sync); not on a
             # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
