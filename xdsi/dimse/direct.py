@@ -587,6 +587,7 @@ class DirectWriter:
         dimse = assoc.dimse
         if not g.read_lock.acquire(timeout=1.0):  # the DUL holds it only while it reads one PDU
             return False, None
+        quiet = False
         try:
             with g.lock:
                 if not reader_idle(g, dul, dimse):
@@ -608,9 +609,18 @@ class DirectWriter:
                     break
                 if dul.to_provider_queue.queue or dul.state_machine.current_state != "Sta6" or dul._kill_thread:
                     return False, None
-            return self._take_response(msg_id, context_id)
+            taken = self._take_response(msg_id, context_id)
+            if taken[0] and taken[1] is not None and not g.pushback:
+                # the awaited response consumed, nothing given back, and the peer waits for our next request: the DUL
+                # has nothing to read and is not woken (it looks again within wakeup.READER_WAIT, as while the lock is
+                # held); one wake-up and GIL hand-off less per sub-operation (issue 15)
+                quiet = True
+            return taken
         finally:
-            g.release_read()
+            if quiet:
+                g.read_lock.release()
+            else:
+                g.release_read()
 
     def _take_response(self, msg_id: int, context_id: int) -> tuple[bool, Dataset | None]:
         """Read one PDU; consume it if it is the plain C-STORE-RSP awaited, else give it back to the DUL."""

@@ -127,11 +127,11 @@ def take_next(assoc: Any, g: Any, wait: float = WAIT) -> bool:
     if not _readable(dul.socket.socket, dul, wait):
         return False
     took = _receive(assoc, g, dul, dimse)
-    if took and getattr(dimse, "_xdsi_relay_receive", False) and not g.pushback:
-        # a remote's storage association to a relay (issue 15): the whole request was read here and is on the DIMSE
-        # queue, nothing was given back, and the remote waits for our response, so the DUL has nothing to read; it is
-        # not woken for this release (one wake-up, a drain of its wake-up pair and a GIL hand-off less per relayed
-        # instance) and looks again within wakeup.READER_WAIT (10 ms) as it does while the lock is held
+    if took and not g.pushback:
+        # the whole request was read here and is on the DIMSE queue, nothing was given back, and the peer waits for our
+        # response, so the DUL has nothing to read; it is not woken for this release (one wake-up, a drain of its
+        # wake-up pair and a GIL hand-off less per instance: issue 15 for a relay's remote, issue 14 for every
+        # C-STORE) and looks again within wakeup.READER_WAIT (10 ms) as it does while the lock is held
         setattr(g, QUIET, True)
     return took
 
