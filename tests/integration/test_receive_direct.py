@@ -384,3 +384,34 @@ def test_what_a_peer_sends_before_our_response_reaches_pynetdicom_in_order(serve
         assoc.release()
     stored = _stored(archive)
     assert (dcmread(stored[str(ds.SOPInstanceUID)]).pixel_array == dcmread(second).pixel_array).all()
+
+
+def test_a_store_read_whole_here_does_not_wake_the_dul(served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the association thread has read a whole C-STORE request (nothing given back) the peer waits for our
+    response and the DUL has nothing to read: the socket is returned without waking it (receive_direct.QUIET)."""
+    from xdsi.dimse import direct
+
+    dicom, archive = served
+    woken: list[int] = []
+    real = direct.Guard.release_read
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        woken.append(1)
+        return real(self)
+
+    monkeypatch.setattr(direct.Guard, "release_read", spy)
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT07"), series=1, per_series=8, rows=64, columns=64)
+    datasets = [dcmread(f) for f in files]
+    ae = AE(ae_title="QUIETONE")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", dicom.port, ae_title="XDSI")
+    assert assoc.is_established
+    before = receive_direct.stats["taken"]
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    taken = receive_direct.stats["taken"] - before
+    assert taken >= len(files) // 2, taken  # most were read by the association thread
+    assert len(woken) <= 2, (len(woken), taken)  # at most when it found nothing more to read, and at the release
