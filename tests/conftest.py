@@ -90,3 +90,29 @@ def _restore_process_wide_dicom_settings():  # type: ignore[no-untyped-def]
     yield
     _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = saved
     tempfile.tempdir = tempdir
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pynetdicom_clients_pause_their_reactor():  # type: ignore[no-untyped-def]
+    """Every pynetdicom association a test opens as a client gets xdsi.dimse.reactor_pause, as xdsi's own do.
+
+    pynetdicom's requestor can lose a response to its own reactor thread when it sends right after a
+    send and the peer answers at once (the race is described in xdsi/dimse/reactor_pause.py): the test then
+    waits out the DIMSE timeout for an answer xdsi did send (CI: a C-ECHO after a C-STORE,
+    test_receive_direct).  That is the test client's failure, not the server's; dcmtk's tools have no
+    such race, and xdsi's own requestor associations carry the same remedy.
+    """
+    from pynetdicom.ae import ApplicationEntity
+
+    from xdsi.dimse import reactor_pause
+
+    original = ApplicationEntity.associate
+
+    def associate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assoc = original(self, *args, **kwargs)
+        reactor_pause.install(assoc)
+        return assoc
+
+    ApplicationEntity.associate = associate  # type: ignore[method-assign]
+    yield
+    ApplicationEntity.associate = original  # type: ignore[method-assign]

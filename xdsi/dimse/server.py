@@ -55,7 +55,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
 from xdsi.dimse import accept_balance  # issue 14 (workers): load-aware accept
-from xdsi.dimse import receive_direct, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
+from xdsi.dimse import reactor_pause, receive_direct, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -187,6 +187,7 @@ class ArchiveAE(AE):
         if destination is not None:  # tells "could not be reached" from "aborted" in the refusal (and the audit)
             handlers.append((evt.EVT_CONN_OPEN, destination.on_connected))
         assoc = super().associate(*args, evt_handlers=handlers, **kwargs)
+        reactor_pause.install(assoc)  # pynetdicom's pause before a send made reliable (its reactor could take our response)
         _end_fast_polling(assoc)
         if destination is not None and not assoc.is_established:
             destination.refused = refusal_reason(assoc, destination)

@@ -215,6 +215,12 @@ def install(assoc: Any) -> bool:
             except OSError:
                 pass
 
+    guard = getattr(dul, "_xdsi_direct_lock", None)  # xdsi.dimse.direct's guard, made when the connection opened
+    if guard is not None and guard.on_read_release is None:
+        # a direct reader giving the socket back wakes the DUL from now on, not only once the DUL has happened to
+        # wait while a reader held it (dul_wait): a PDU given back (pushback) is then read at once, not after
+        # IDLE_WAIT, even when the DUL never got a turn while the reader held the socket (a busy machine)
+        guard.on_read_release = poke_if_selecting
     _signal_on_put(dul.to_provider_queue, poke_if_selecting)
     _signal_on_put(msg_queue, arrived.set)
     _signal_on_put(to_user, arrived.set)

@@ -23,6 +23,7 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from xdsi.config import RemoteSettings, Settings
+from xdsi.dimse import reactor_pause
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class RemoteClient:
                 r.host, r.port, contexts=list(contexts), ae_title=r.ae_title, ext_neg=ext_neg or None,
                 evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *handlers], **kwargs,
             )
+            reactor_pause.install(assoc)  # pynetdicom's pause before a send made reliable
             if not assoc.is_established:
                 why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
                 raise RemoteUnavailable(f"{self!r} {why}")

@@ -40,6 +40,7 @@ from xdsi.hl7.models import JOB_DONE, JOB_FAILED, JOB_PENDING, JOB_RUNNING, Hl7P
 from xdsi.index.catalog import utcnow
 from xdsi.index.models import Patient, Series, Study
 from xdsi.uids import is_valid_uid
+from xdsi.dimse import reactor_pause
 
 if TYPE_CHECKING:
     from xdsi.archive import Archive
@@ -339,6 +340,7 @@ def push_studies(archive: "Archive", peer_ae: str, study_uids: Iterable[str]) ->
 
         tls_args = (client_context(archive.settings.tls, check_hostname=False), None)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    reactor_pause.install(assoc)  # pynetdicom's pause before a send made reliable
     if not assoc.is_established:
         return 0, [f"association to {peer_ae} ({peer.host}:{peer.port}) was not established"]
     done, errors = 0, []
