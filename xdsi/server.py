@@ -8,6 +8,7 @@ pynetdicom's non-daemon threads.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import signal
@@ -338,8 +339,16 @@ def serve(
         while not done.wait(0.5):
             pass
     finally:
-        servers.stop()
+        # a stop that hangs says where: every thread's stack on stderr (the log) after STOP_DUMP_AFTER seconds
+        faulthandler.dump_traceback_later(STOP_DUMP_AFTER, exit=False)
+        try:
+            servers.stop()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     return 0
+
+
+STOP_DUMP_AFTER = 8.0  # seconds; the supervisor's grace before SIGKILL is 40
 
 
 def _start_hl7(servers: Servers) -> None:
