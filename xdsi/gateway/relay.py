@@ -59,7 +59,6 @@ from xdsi.archive import transcode
 from xdsi.dimse import direct, receive_direct
 from xdsi.dimse.direct import parse_command
 from xdsi.gateway import identity, receive
-from xdsi.gateway.headscan import HEAD_BYTES
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
 from xdsi.gateway.remotes import RemoteClient, RemoteUnavailable, next_message_id, qr_contexts
 
@@ -464,9 +463,7 @@ def hand_over(event: Any) -> int | None:
         assert inbox is not None
         return _deliver_to_inbox(inbox, Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
                                  str(event.context.transfer_syntax), 60.0, head)
-    content = None if spool is None else spool.buffer
-    if content is not None and head is None:  # read by pynetdicom's DUL: the head is in the bytes
-        head = bytes(content[:HEAD_BYTES])
+    content = None if spool is None else spool.buffer  # identity.check takes the head from it when the DUL read it
     return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
                          str(event.context.transfer_syntax), head, content)
 
@@ -634,12 +631,9 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
     def on_store(event: Any) -> int:
         req = event.request
         spool = receive.memory_spool(req)
-        content = None if spool is None else spool.buffer
-        head = getattr(req, receive_direct.HEAD, None)
-        if content is not None and head is None:
-            head = bytes(content[:HEAD_BYTES])
         return relay.deliver(Path(event.dataset_path), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                             str(event.context.transfer_syntax), head, content)
+                             str(event.context.transfer_syntax), getattr(req, receive_direct.HEAD, None),
+                             None if spool is None else spool.buffer)
 
     def run() -> None:
         problem = None
