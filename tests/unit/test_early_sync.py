@@ -109,3 +109,23 @@ def test_the_pool_reports_the_inode_it_synced_and_a_missing_file(tmp_path: Path)
     with pytest.raises(FileNotFoundError):
         gone.result()
     assert early_sync.synced_inode(Written(1, "0" * 64, gone)) is None  # the tier then syncs itself
+
+
+def test_a_forked_child_syncs_with_threads_of_its_own(tmp_path: Path) -> None:
+    """``xdsi serve --workers`` forks: a child whose parent had started the fsync threads has none of them, and
+    a job queued there would wait for ever; the child starts its own (os.register_at_fork)."""
+    f = tmp_path / "a.dcm"
+    f.write_bytes(b"x" * 1000)
+    early_sync.start(f).result()  # the parent's threads are running now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its fsync completes within 10 s
+        import signal
+
+        signal.alarm(10)
+        try:
+            dev_ino = early_sync.start(f).result()
+            os._exit(0 if dev_ino == (os.stat(f).st_dev, os.stat(f).st_ino) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

@@ -94,6 +94,15 @@ def _worker() -> None:
             job.set_result((st.st_dev, st.st_ino))
 
 
+def _after_fork() -> None:
+    """A forked child has none of the parent's fsync threads (nor a use for its queued jobs): it starts its own."""
+    global _queue, _started, _lock
+    _queue, _started, _lock = SimpleQueue(), 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def start(path: Path | str) -> Sync:
     """fsync ``path`` on the pool; the :class:`Sync` gives the device and inode it synced."""
     global _started
