@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import CLK_TCK, Netns, count_files, tree_cpu, tree_split  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, thread_cpu, tree_cpu, tree_split  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                    "in the same rounds, and print this tree/base")
     p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
+    p.add_argument("--threads", action="store_true", help="CPU per xdsi thread during one extra gateway C-GET")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
     p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
             print(f"strace: {args.strace}")
+        if args.threads:
+            with thread_cpu(proc.proc.pid, args.instances, name_after=0.15) as report:
+                dt = c_get(xdsi_port, proc.ae_title, spec.study_uid, work / "got", args.pdu)
+            report(dt)
         if args.profile:
             with py_spy(proc.proc.pid, args.profile, subprocesses=True, settle=1.5, rate=args.profile_rate):  # xdsi serve runs its workers as children
                 for _ in range(args.profile_runs):

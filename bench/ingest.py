@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, tree_split  # noqa: E402
+from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, thread_cpu, tree_split  # noqa: E402
 
 NS = Netns.from_env("bench-ingest", 24600)
 
@@ -226,78 +226,11 @@ class Xdsi(Receiver):
                     raise RuntimeError(f"{self.name}: stored {stored} differs from the sent {src}")
 
 
-def _process_tree(pid: int) -> list[int]:
-    """pid and its descendants (a supervisor's workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            todo += [int(c) for c in task.read_text().split()]
-    return out
-
-
-def _thread_ticks(pids: list[int]) -> dict[int, tuple[int, int]]:
-    """tid -> (utime, stime) in clock ticks, for every thread of these processes."""
-    ticks = {}
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks[int(task.name)] = (int(fields[11]), int(fields[12]))
-    return ticks
-
-
 def thread_cpu_round(r: "Xdsi", folders: list[Path], n: int) -> None:
-    """One round with CPU per server thread: which thread is the serial bottleneck, and how busy it is.
-
-    Python 3.11 gives its threads no OS names, so a ``py-spy dump`` taken mid-round names them; an
-    association's thread ends with it, so the threads' ticks are sampled every 50 ms and the last seen kept.
-    """
-    import re
-    import threading
-
-    before = _thread_ticks(_process_tree(r.pid))
-    seen: dict[int, tuple[int, int]] = {}
-    names: dict[int, str] = {}
-    done = threading.Event()
-
-    def watch() -> None:
-        named = time.monotonic() + 0.4
-        while not done.is_set():
-            seen.update(_thread_ticks(_process_tree(r.pid)))
-            if named and time.monotonic() > named:
-                named = 0
-                for pid in _process_tree(r.pid):
-                    out = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(pid)],
-                                         capture_output=True, text=True).stdout
-                    for m in re.finditer(r'^Thread (\d+) \((?:idle|active)[^)]*\): "([^"]*)"', out, re.M):
-                        names[int(m.group(1))] = f"{pid}:{m.group(2)}"
-            done.wait(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    """One round with CPU per server thread (:func:`bench.peers.thread_cpu`)."""
+    with thread_cpu(r.pid, n) as report:
         dt = send(r.port, r.aet, folders)
-    finally:
-        done.set()
-        watcher.join()
-    seen.update(_thread_ticks(_process_tree(r.pid)))
-    hz = os.sysconf("SC_CLK_TCK")
-    rows = []
-    for tid, (u, s) in seen.items():
-        u0, s0 = before.get(tid, (0, 0))
-        cpu = (u - u0 + s - s0) / hz
-        if cpu > 0:
-            rows.append((cpu, (u - u0) / hz, (s - s0) / hz, tid))
-    total = sum(row[0] for row in rows)
-    print(f"threads: {n} instances in {dt:.2f} s ({n / dt:.1f} inst/s; py-spy dump paused the server once); "
-          f"all threads {total * 1000 / n:.2f} ms/inst")
-    for cpu, u, s, tid in sorted(rows, reverse=True)[:12]:
-        print(f"  {names.get(tid, str(tid))[:48]:48s} {cpu * 1000 / n:5.2f} ms/inst (user {u * 1000 / n:.2f}, "
-              f"system {s * 1000 / n:.2f})  busy {100 * cpu / dt:3.0f}%")
+    report(dt)
 
 
 def workers_supported(tree: Path) -> bool:

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/peers"))
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's app of the same name in the venv
@@ -178,3 +178,85 @@ def py_spy(pid: int, out: Path, subprocesses: bool = False, settle: float = 1.0,
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         spy.wait(wait)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (a supervisor's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _thread_ticks(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """tid -> (utime, stime) in clock ticks, for every thread of these processes."""
+    ticks = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[int(task.name)] = (int(fields[11]), int(fields[12]))
+    return ticks
+
+
+@contextmanager
+def thread_cpu(pid: int, n: int, top: int = 12, name_after: float = 0.4) -> Iterator[Callable[[float], None]]:
+    """CPU per thread of ``pid`` and its children over the ``with`` block, per unit of work (``n`` units).
+
+    Why: which thread is the serial bottleneck, and how busy it is.  Python 3.11 gives its threads no OS
+    names, so one ``py-spy dump`` per process, ``name_after`` seconds in, names them (pausing them once); a thread that ends
+    inside the block (an association's) is kept, as its ticks are sampled every 50 ms.  The block gets a
+    function to call with its wall time afterwards, which prints the table.
+    """
+    import re
+    import threading
+
+    before = _thread_ticks(process_tree(pid))
+    seen: dict[int, tuple[int, int]] = {}
+    names: dict[int, str] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        named = time.monotonic() + name_after
+        while not done.is_set():
+            seen.update(_thread_ticks(process_tree(pid)))
+            if named and time.monotonic() > named:
+                named = 0
+                for p in process_tree(pid):
+                    out = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(p)],
+                                         capture_output=True, text=True).stdout
+                    for m in re.finditer(r'^Thread (\d+) \((?:idle|active)[^)]*\): "([^"]*)"', out, re.M):
+                        names[int(m.group(1))] = f"{p}:{m.group(2)}"
+            done.wait(0.05)
+
+    def report(wall: float) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        rows = []
+        for tid, (u, s) in seen.items():
+            u0, s0 = before.get(tid, (0, 0))
+            cpu = (u - u0 + s - s0) / hz
+            if cpu > 0:
+                rows.append((cpu, (u - u0) / hz, (s - s0) / hz, tid))
+        total = sum(row[0] for row in rows)
+        print(f"threads: {n} in {wall:.2f} s ({n / wall:.1f}/s; py-spy dump paused the server once); all threads "
+              f"{total * 1000 / n:.2f} ms each")
+        for cpu, u, s, tid in sorted(rows, reverse=True)[:top]:
+            print(f"  {names.get(tid, str(tid))[:48]:48s} {cpu * 1000 / n:5.2f} ms (user {u * 1000 / n:.2f}, "
+                  f"system {s * 1000 / n:.2f})  busy {100 * cpu / wall:3.0f}%")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield report
+    finally:
+        done.set()
+        watcher.join()
+        seen.update(_thread_ticks(process_tree(pid)))
