@@ -55,7 +55,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
 from xdsi.dimse import accept_balance  # issue 14 (workers): load-aware accept
-from xdsi.dimse import reactor_pause, receive_direct, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
+from xdsi.dimse import reactor_pause, receive_direct, spool_ahead, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
 from xdsi.dimse.policy import NOT_AUTHORIZED, Decision, DimsePolicy
@@ -738,6 +738,7 @@ class DicomServer:
         self._prepared = True
         tempfile.tempdir = str(self.archive.settings.temp_dir)  # spool C-STOREs on the data disk
         self.spool.temp_dir = Path(tempfile.tempdir)
+        spool_ahead.configure(self.spool.max_age)  # files made ahead never wait long enough for the keeper to sweep them
         self.spool.start()
         self.governor.start()
 
@@ -812,6 +813,7 @@ class DicomServer:
             for assoc in open_assocs:
                 assoc.join(max(0.0, deadline - time.monotonic()))
         self.governor.stop()
+        spool_ahead.drain()  # the empty spool files made ahead go with the server (another one starts them again)
         self.spool.stop()
         self.commitment.stop()
 

@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 from pynetdicom import evt
 
+from xdsi.dimse import spool_ahead
+
 log = logging.getLogger(__name__)
 
 # what pynetdicom's NamedTemporaryFile(suffix=".dcm") and the STOW spool (xdsi.wire.multipart) are called
@@ -47,7 +49,8 @@ class SpoolUsage:
 
 
 def spool_usage(temp_dir: Path) -> SpoolUsage:
-    """Files and bytes in the spool directory right now (for ``xdsi status`` and ``/status``)."""
+    """Files and bytes in the spool directory right now (for ``xdsi status`` and ``/status``); the empty files
+    made ahead for the next C-STOREs (:mod:`xdsi.dimse.spool_ahead`) are not counted."""
     files = size = 0
     try:
         entries = list(temp_dir.iterdir())
@@ -58,7 +61,7 @@ def spool_usage(temp_dir: Path) -> SpoolUsage:
             st = p.stat()
         except OSError:  # removed while we looked
             continue
-        if p.is_file():
+        if p.is_file() and not spool_ahead.waiting(p.name, st.st_size):
             files += 1
             size += st.st_size
     return SpoolUsage(files, size)

@@ -36,6 +36,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
+from xdsi.dimse import spool_ahead
 from xdsi.dimse.direct import parse_command
 from xdsi.process_tag import process_tag
 from xdsi.uids import is_valid_uid
@@ -91,8 +92,14 @@ _NAMES = itertools.count()
 
 def open_spool() -> SpoolFile:
     """A new spool file in ``tempfile.gettempdir()`` named ``tmp*.dcm`` (the spool keeper's pattern), created
-    exclusively (``x``: never an existing file), readable by us only (``O_EXCL`` + mode 0600, as mkstemp)."""
+    exclusively (``x``: never an existing file), readable by us only (``O_EXCL`` + mode 0600, as mkstemp):
+    one made ahead (:mod:`xdsi.dimse.spool_ahead`) when one is ready, else created here."""
     directory = tempfile.gettempdir()
+    made = spool_ahead.take(directory)
+    if made is not None:
+        f = SpoolFile(made[1], "wb", closefd=True)
+        f.name = made[0]
+        return f
     while True:
         name = os.path.join(directory, f"tmp{process_tag()}{next(_NAMES)}.dcm")
         try:
