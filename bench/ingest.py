@@ -151,10 +151,14 @@ class Orthanc(Receiver):
             return int(json.load(r)["CountInstances"])
 
 
+EATMYDATA = Path("/usr/lib/x86_64-linux-gnu/libeatmydata.so")  # Debian's eatmydata: fsync and friends do nothing
+
+
 class Xdsi(Receiver):
-    def __init__(self, name: str, tree: Path, work: Path, args: argparse.Namespace) -> None:
+    def __init__(self, name: str, tree: Path, work: Path, args: argparse.Namespace, env: dict[str, str] | None = None) -> None:
         super().__init__(name)
         self.tree, self.work, self.args = tree, work / name, args
+        self.extra_env = env or {}
         self.proc = None
         self.pg = None
         self.index_url = ""
@@ -172,7 +176,7 @@ class Xdsi(Receiver):
                 self.pg = PostgresServer().start()
             self.index_url = self.pg.create_database(f"bench{int(time.time() * 1000)}")
         env = {"XDSI_INDEX_URL": self.index_url, "XDSI_LOG_LEVEL": "WARNING", "TCP_NODELAY": "1",
-               "PYTHONPATH": str(self.tree)}
+               "PYTHONPATH": str(self.tree), **self.extra_env}
         config = None
         if self.args.workers is not None and workers_supported(self.tree):
             config = self.work / "xdsi.toml"
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-orthanc", action="store_true")
     p.add_argument("--no-storescp", action="store_true")
     p.add_argument("--against", type=Path, help="also run xdsi from this source tree in the same rounds")
+    p.add_argument("--nosync", action="store_true", help="also run this xdsi with every fsync a no-op (eatmydata): what "
+                   "durability costs, storescp +B syncing nothing (a diagnostic: acknowledged is then not durable)")
     p.add_argument("--profile", type=Path, help="py-spy on xdsi during one extra round: .svg flame graph, else raw")
     p.add_argument("--threads", action="store_true", help="one extra round: CPU per xdsi thread (names from py-spy dump)")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during one extra round: its system calls counted "
@@ -288,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         receivers.append(Xdsi("xdsi", ROOT, work, args))
         if args.against:
             receivers.append(Xdsi("base", args.against.resolve(), work, args))
+        if args.nosync:
+            if not EATMYDATA.exists():
+                raise SystemExit(f"--nosync needs Debian's eatmydata ({EATMYDATA})")
+            receivers.append(Xdsi("nosync", ROOT, work, args, env={"LD_PRELOAD": str(EATMYDATA)}))
         if not args.no_storescp:
             receivers.append(Storescp(env, work))
         if not args.no_orthanc:
@@ -324,13 +334,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(r.mb_s):6.1f} MB/s  server CPU {statistics.median(r.cpu_ms):5.2f} ms/inst")
         by = {r.name: r for r in receivers}
         x = by["xdsi"].inst_s
-        for other, label in (("storescp", "xdsi/storescp +B"), ("orthanc", "xdsi/Orthanc"), ("base", "this tree/base")):
+        for other, label in (("storescp", "xdsi/storescp +B"), ("orthanc", "xdsi/Orthanc"), ("base", "this tree/base"),
+                             ("nosync", "xdsi/xdsi without fsync")):
             if other in by and x:
                 print("  " + ratio_line(label, x, by[other].inst_s))
-        if "base" in by:
-            for other, label in (("storescp", "base/storescp +B"), ("orthanc", "base/Orthanc")):
-                if other in by and x:
-                    print("  " + ratio_line(label, by["base"].inst_s, by[other].inst_s))
+        for first in ("base", "nosync"):
+            if first in by:
+                for other, label in (("storescp", f"{first}/storescp +B"), ("orthanc", f"{first}/Orthanc")):
+                    if other in by and x:
+                        print("  " + ratio_line(label, by[first].inst_s, by[other].inst_s))
 
         if args.strace:
             r = by["xdsi"]
