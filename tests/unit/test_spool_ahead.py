@@ -129,3 +129,12 @@ def test_a_forked_child_never_gets_its_parents_files(ahead, tmp_path: Path) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert parents <= {p.name for p in tmp_path.glob(SPOOL_PATTERNS[0])}  # the child removed none of ours
+
+
+def test_asking_for_another_directory_leaves_the_ready_files(ahead, tmp_path: Path) -> None:
+    """Only files made for a temporary directory no longer in use are removed, not those a caller with a spool
+    elsewhere does not want."""
+    ahead.take(str(tmp_path))
+    _ready(ahead, 3)
+    assert ahead.take(str(tmp_path / "elsewhere")) is None
+    assert len(ahead._ready) == 3 and len(list(tmp_path.glob(SPOOL_PATTERNS[0]))) == 3

@@ -84,12 +84,18 @@ class SpoolAhead:
                 self._thread = threading.Thread(target=self._run, name="xdsi-spool-ahead", daemon=True)
                 self._thread.start()
             limit = time.monotonic() - self.max_age / 2
+            current = tempfile.gettempdir()
+            keep: deque[_Made] = deque()
             while self._ready:
                 candidate = self._ready.popleft()
-                if candidate.directory == directory and candidate.at > limit:
+                if candidate.at <= limit or candidate.directory != current:
+                    stale.append(candidate)  # too old, or made for a temporary directory no longer in use
+                elif candidate.directory == directory:
                     made = candidate
                     break
-                stale.append(candidate)
+                else:
+                    keep.append(candidate)
+            self._ready.extendleft(reversed(keep))
             self._cond.notify()  # one fewer: make the next
         _discard(stale)
         if made is None:
