@@ -13,14 +13,16 @@ What stays as it was: each file is created exclusively (``O_EXCL``, mode 0600), 
 ``tempfile.gettempdir()`` (the data folder's ``tmp``, set by the DICOM server before anything is
 received) under the spool keeper's pattern (``tmp*.dcm``), so a process that dies leaves only
 empty files the keeper sweeps.  The keeper removes a file nobody has written for ``max_age``
-seconds; a file waits here at most half that (:meth:`SpoolAhead.configure`) before it is replaced,
-and one that is gone anyway (its link count is 0) is never handed out.  A file made for another
-directory (the temporary directory changed) is removed, not used.  A forked child gets none of its
-parent's files: it makes its own.
+seconds (another worker's keeper too: the workers share the folder); a file waits here at most half
+that (:meth:`SpoolAhead.configure`) before it is replaced, and one that is gone anyway (its link count
+is 0) is never handed out.  A file made for another directory (the temporary directory changed) is
+removed, not used.  A forked child gets none of its parent's files: it makes its own.  The files
+still waiting are removed when the DICOM server stops and when the process exits normally.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -188,6 +190,7 @@ def _after_fork() -> None:
 _instances: "weakref.WeakSet[SpoolAhead]" = weakref.WeakSet()
 os.register_at_fork(after_in_child=_after_fork)
 _AHEAD = SpoolAhead()
+atexit.register(_AHEAD.drain)  # a process that ends normally (a CLI command, a test run) leaves none of them behind
 
 
 def take(directory: str) -> tuple[str, int] | None:
