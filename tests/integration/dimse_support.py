@@ -161,19 +161,11 @@ def storescu(server_host: str, port: int, files: Sequence[Path], *extra: str, pr
 
 
 def leftover_temp_files(data_dir: Path) -> list[Path]:
-    """``*.part`` files in any tier's ``.tmp`` and spool files in ``<data_dir>/tmp``.
-
-    Not the empty spool files a running server keeps made ahead for its next C-STOREs
-    (``xdsi.dimse.spool_ahead.waiting``: empty, and named as only that module names them): they hold no data
-    and are there by design while it runs, as ``xdsi status`` does not count them either.
-    """
-    from xdsi.dimse import spool_ahead
+    """``*.part`` files in any tier's ``.tmp`` and spool files in ``<data_dir>/tmp`` (not the empty ones made ahead)."""
+    from tests.support.spool import spool_files
 
     found = [p for p in data_dir.rglob(".tmp/*") if p.is_file()]
-    spool = data_dir / "tmp"
-    if spool.is_dir():
-        found += [p for p in spool.iterdir() if p.is_file() and not spool_ahead.waiting(p.name, p.stat().st_size)]
-    return found
+    return found + spool_files(data_dir / "tmp")
 
 
 __all__ = [

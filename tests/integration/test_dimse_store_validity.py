@@ -186,19 +186,9 @@ def test_implicit_vr_context_still_stores_and_dcmtk_reads_it(server: XdsiProcess
 
 def _spool_files(server: XdsiProcess) -> list[Path]:
     """Spool files holding (or about to hold) a transfer: not the empty ones made ahead (xdsi.dimse.spool_ahead)."""
-    from xdsi.dimse import spool_ahead
+    from tests.support.spool import spool_files
 
-    spool = server.data_dir / "tmp"
-    if not spool.is_dir():
-        return []
-    found = []
-    for p in spool.glob("*.dcm"):
-        try:
-            if not spool_ahead.waiting(p.name, p.stat().st_size):
-                found.append(p)
-        except FileNotFoundError:  # removed while we looked
-            pass
-    return found
+    return spool_files(server.data_dir / "tmp", "*.dcm")
 
 
 def test_abort_mid_store_leaves_no_spool_file(server: XdsiProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -53,17 +53,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsiProcess]:
 
 def spool_files(server: XdsiProcess) -> list[Path]:
     """Files in the spool folder, but for the empty ones made ahead for C-STOREs (xdsi.dimse.spool_ahead)."""
-    from xdsi.dimse import spool_ahead
+    from tests.support.spool import spool_files as held
 
-    tmp = server.data_dir / "tmp"
-    found = []
-    for p in sorted(tmp.rglob("*")) if tmp.exists() else ():
-        try:
-            if p.is_file() and not spool_ahead.waiting(p.name, p.stat().st_size):
-                found.append(p)
-        except FileNotFoundError:  # removed while we looked
-            pass
-    return found
+    return held(server.data_dir / "tmp", recursive=True)
 
 
 def dicom_part10(size: int = 0) -> tuple[bytes, str]:

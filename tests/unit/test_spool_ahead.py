@@ -38,9 +38,9 @@ def _ready(pool: spool_ahead.SpoolAhead, n: int, timeout: float = 10.0) -> None:
 
 
 def test_a_file_made_ahead_is_new_private_empty_and_where_the_keeper_looks(ahead, tmp_path: Path) -> None:
-    assert ahead.take(str(tmp_path)) is None  # nothing ready yet: the caller creates its own; the thread starts
+    assert ahead.take() is None  # nothing ready yet: the caller creates its own; the thread starts
     _ready(ahead, 3)
-    path, fd = ahead.take(str(tmp_path))
+    path, fd = ahead.take()
     try:
         p = Path(path)
         assert p.parent == tmp_path and p.match(SPOOL_PATTERNS[0]) and process_tag() in p.name
@@ -58,15 +58,15 @@ def test_a_file_made_ahead_is_new_private_empty_and_where_the_keeper_looks(ahead
 
 
 def test_a_file_removed_meanwhile_is_not_handed_out(ahead, tmp_path: Path) -> None:
-    ahead.take(str(tmp_path))
+    ahead.take()
     _ready(ahead, 3)
     for p in tmp_path.glob(SPOOL_PATTERNS[0]):
         p.unlink()  # the keeper (or anyone) removed them
-    assert ahead.take(str(tmp_path)) is None
+    assert ahead.take() is None
 
 
 def test_a_file_made_for_another_directory_is_removed_not_used(ahead, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ahead.take(str(tmp_path))
+    ahead.take()
     _ready(ahead, 3)
     old = sorted(tmp_path.glob(SPOOL_PATTERNS[0]))
     other = tmp_path / "other"
@@ -74,10 +74,10 @@ def test_a_file_made_for_another_directory_is_removed_not_used(ahead, tmp_path: 
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(other))
-    assert ahead.take(str(other)) is None  # nothing made there yet
+    assert ahead.take() is None  # nothing made there yet
     assert not any(p.exists() for p in old)
     _ready(ahead, 3)
-    path, fd = ahead.take(str(other))
+    path, fd = ahead.take()
     os.close(fd)
     assert Path(path).parent == other
 
@@ -87,20 +87,20 @@ def test_no_file_waits_long_enough_for_the_keeper_to_sweep_it(ahead, tmp_path: P
     than max_age, owned by nobody) never finds one, and every file handed out is younger than that."""
     ahead.configure(2.0)  # replaced after 1 s; the thread looks every 0.5 s: a stall of over 0.5 s to fail
     keeper = SpoolKeeper(tmp_path, max_age=2.0)
-    ahead.take(str(tmp_path))
+    ahead.take()
     deadline = time.monotonic() + 4.0
     while time.monotonic() < deadline:
         assert keeper.sweep() == 0
         time.sleep(0.05)
     _ready(ahead, 3)
-    path, fd = ahead.take(str(tmp_path))
+    path, fd = ahead.take()
     os.close(fd)
     assert time.time() - os.stat(path).st_mtime < 2.0
     assert ahead.made >= 6  # replaced as they aged
 
 
 def test_drain_removes_what_was_made_ahead(ahead, tmp_path: Path) -> None:
-    ahead.take(str(tmp_path))
+    ahead.take()
     _ready(ahead, 3)
     ahead.drain()
     deadline = time.monotonic() + 5
@@ -110,7 +110,7 @@ def test_drain_removes_what_was_made_ahead(ahead, tmp_path: Path) -> None:
 
 
 def test_a_forked_child_never_gets_its_parents_files(ahead, tmp_path: Path) -> None:
-    ahead.take(str(tmp_path))
+    ahead.take()
     _ready(ahead, 3)
     parents = {p.name for p in tmp_path.glob(SPOOL_PATTERNS[0])}
     pid = os.fork()
@@ -119,10 +119,10 @@ def test_a_forked_child_never_gets_its_parents_files(ahead, tmp_path: Path) -> N
 
         signal.alarm(10)
         try:
-            got = ahead.take(str(tmp_path))
+            got = ahead.take()
             while got is None:  # the child's own thread makes its own
                 time.sleep(0.01)
-                got = ahead.take(str(tmp_path))
+                got = ahead.take()
             os._exit(0 if Path(got[0]).name not in parents and process_tag() in got[0] else 1)
         except BaseException:
             os._exit(2)
@@ -130,11 +130,3 @@ def test_a_forked_child_never_gets_its_parents_files(ahead, tmp_path: Path) -> N
     assert os.waitstatus_to_exitcode(status) == 0
     assert parents <= {p.name for p in tmp_path.glob(SPOOL_PATTERNS[0])}  # the child removed none of ours
 
-
-def test_asking_for_another_directory_leaves_the_ready_files(ahead, tmp_path: Path) -> None:
-    """Only files made for a temporary directory no longer in use are removed, not those a caller with a spool
-    elsewhere does not want."""
-    ahead.take(str(tmp_path))
-    _ready(ahead, 3)
-    assert ahead.take(str(tmp_path / "elsewhere")) is None
-    assert len(ahead._ready) == 3 and len(list(tmp_path.glob(SPOOL_PATTERNS[0]))) == 3

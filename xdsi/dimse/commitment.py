@@ -23,7 +23,7 @@ from pynetdicom.status import Status
 
 from xdsi.archive import Archive
 from xdsi.archive.commitment import CommitFailure
-from xdsi.dimse import reactor_pause, status
+from xdsi.dimse import status
 from xdsi.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,6 @@ class CommitmentSCP:
             ext_neg=[role],
             **tls,
         )
-        reactor_pause.install(out)  # pynetdicom's pause before a send made reliable
         if not out.is_established:
             log.error("cannot report commitment %s: association to %s refused", report.TransactionUID, requester)
             return

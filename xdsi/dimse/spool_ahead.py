@@ -76,8 +76,8 @@ class SpoolAhead:
             self.max_age = min(self.max_age, max_age)
             self._cond.notify()
 
-    def take(self, directory: str) -> tuple[str, int] | None:
-        """A ready file in ``directory``: (path, descriptor open for writing), or None (the caller creates one)."""
+    def take(self) -> tuple[str, int] | None:
+        """A ready file in the temporary directory: (path, descriptor open for writing), or None (the caller creates one)."""
         stale: list[_Made] = []
         made: _Made | None = None
         with self._cond:
@@ -87,17 +87,12 @@ class SpoolAhead:
                 self._thread.start()
             limit = time.monotonic() - self.max_age / 2
             current = tempfile.gettempdir()
-            keep: deque[_Made] = deque()
             while self._ready:
                 candidate = self._ready.popleft()
-                if candidate.at <= limit or candidate.directory != current:
-                    stale.append(candidate)  # too old, or made for a temporary directory no longer in use
-                elif candidate.directory == directory:
+                if candidate.at > limit and candidate.directory == current:
                     made = candidate
                     break
-                else:
-                    keep.append(candidate)
-            self._ready.extendleft(reversed(keep))
+                stale.append(candidate)  # too old, or made for a temporary directory no longer in use
             self._cond.notify()  # one fewer: make the next
         _discard(stale)
         if made is None:
@@ -193,8 +188,8 @@ _AHEAD = SpoolAhead()
 atexit.register(_AHEAD.drain)  # a process that ends normally (a CLI command, a test run) leaves none of them behind
 
 
-def take(directory: str) -> tuple[str, int] | None:
-    return _AHEAD.take(directory)
+def take() -> tuple[str, int] | None:
+    return _AHEAD.take()
 
 
 def configure(max_age: float) -> None:

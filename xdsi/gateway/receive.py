@@ -95,7 +95,7 @@ def open_spool() -> SpoolFile:
     exclusively (``x``: never an existing file), readable by us only (``O_EXCL`` + mode 0600, as mkstemp):
     one made ahead (:mod:`xdsi.dimse.spool_ahead`) when one is ready, else created here."""
     directory = tempfile.gettempdir()
-    made = spool_ahead.take(directory)
+    made = spool_ahead.take()
     if made is not None:
         f = SpoolFile(made[1], "wb", closefd=True)
         f.name = made[0]

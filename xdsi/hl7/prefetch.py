@@ -36,11 +36,11 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from xdsi.config import PrefetchRule
+from xdsi.dimse import reactor_pause
 from xdsi.hl7.models import JOB_DONE, JOB_FAILED, JOB_PENDING, JOB_RUNNING, Hl7PrefetchJob
 from xdsi.index.catalog import utcnow
 from xdsi.index.models import Patient, Series, Study
 from xdsi.uids import is_valid_uid
-from xdsi.dimse import reactor_pause
 
 if TYPE_CHECKING:
     from xdsi.archive import Archive

@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from xdsi.routing.queue import Claimed
 from xdsi.routing.settings import DIMSE_PRIORITY, RoutingSettings, is_url
-from xdsi.dimse import reactor_pause
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,6 @@ def _c_store(archive: Any, claims: Sequence[Claimed], refs: dict[str, Any], repo
         kwargs["tls_args"] = (client_context(s.tls, check_hostname=False), peer.host)
     try:
         assoc = ae.associate(peer.host, peer.port, **kwargs)
-        reactor_pause.install(assoc)  # pynetdicom's pause before a send made reliable
     except Exception as exc:  # TLS context, socket errors pynetdicom lets through
         assoc = None
         why = f"{exc.__class__.__name__}: {exc}"
