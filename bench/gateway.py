@@ -34,7 +34,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import CLK_TCK, Netns, count_files, thread_cpu, tree_cpu, tree_split  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, scratch, set_aside, settle_inodes, thread_cpu, tree_cpu, tree_split  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
@@ -83,7 +82,7 @@ def client_cpu() -> float:
 
 
 def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out, out.parent)  # the last run's files: not deleted during the run (bench.peers: the scratch file system)
     out.mkdir(parents=True)
     cmd = [GETSCU, "-v", "-aet", "BENCH", "-aec", aet, "-pdu", str(pdu), "-S", "-k", "QueryRetrieveLevel=STUDY",
            "-k", f"StudyInstanceUID={study_uid}", "-od", str(out), "127.0.0.1", str(port)]
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.support.server import XdsiProcess
     from xdsi.tools.synth import StudySpec, write_study
 
-    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-gateway-"))
+    work = scratch("xdsi-bench-gateway-")
     pacs = proc = base = None
     try:
         spec = StudySpec(patient_id="BENCHGW", patient_name="BENCH^GATEWAY")
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             base.start(timeout=60)
         print(f"study: {args.instances} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB; getscu pdu {args.pdu}; "
               f"cache {'on' if args.cache else 'off'}; {machine()}")
+        print(f"scratch {work}: {settle_inodes(work)}", flush=True)
         servers = {"direct": (pacs_port, "PACS", None), "gateway": (xdsi_port, proc.ae_title, proc)}
         if base is not None:
             servers["base"] = (base.dicom_port, base.ae_title, base)

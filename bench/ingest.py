@@ -30,12 +30,10 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -45,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, py_spy, remove_work, stop_peer, thread_cpu, tree_split  # noqa: E402
+from bench.peers import (STORESCU, Netns, create_cost, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
+                         stop_peer, thread_cpu, tree_split)
 
 NS = Netns.from_env("bench-ingest", 24600)
 
@@ -121,14 +120,15 @@ class Receiver:
 class Storescp(Receiver):
     def __init__(self, env: dict[str, str], work: Path) -> None:
         super().__init__("storescp", NS.port(3), "STORESCP")
-        self.env, self.dir = env, work / "peers" / "storescp"
+        self.env, self.dir, self.root = env, work / "peers" / "storescp", work
 
     def start(self) -> None:
+        set_aside(self.dir / "data", self.root)  # not deleted during the run (bench.peers: the scratch file system)
         peer("start_storescp.sh", self.env, "--fresh")
         self.pid = int((self.dir / "storescp.pid").read_text())
 
     def stop(self) -> None:
-        stop_peer("stop_storescp.sh", self.env, "--wipe")
+        stop_peer("stop_storescp.sh", self.env)
 
     def count(self) -> int:
         return sum(1 for p in (self.dir / "data").rglob("*") if p.is_file())
@@ -137,14 +137,15 @@ class Storescp(Receiver):
 class Orthanc(Receiver):
     def __init__(self, env: dict[str, str], work: Path) -> None:
         super().__init__("orthanc", NS.port(1), "ORTHANC")
-        self.env, self.dir = env, work / "peers" / "orthanc"
+        self.env, self.dir, self.root = env, work / "peers" / "orthanc", work
 
     def start(self) -> None:
+        set_aside(self.dir / "storage", self.root)
         peer("start_orthanc.sh", self.env, "--fresh")
         self.pid = int((self.dir / "orthanc.pid").read_text())
 
     def stop(self) -> None:
-        stop_peer("stop_orthanc.sh", self.env, "--wipe")
+        stop_peer("stop_orthanc.sh", self.env)
 
     def count(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{NS.port(2)}/statistics", timeout=30) as r:
@@ -157,7 +158,7 @@ EATMYDATA = Path("/usr/lib/x86_64-linux-gnu/libeatmydata.so")  # Debian's eatmyd
 class Xdsi(Receiver):
     def __init__(self, name: str, tree: Path, work: Path, args: argparse.Namespace, env: dict[str, str] | None = None) -> None:
         super().__init__(name)
-        self.tree, self.work, self.args = tree, work / name, args
+        self.tree, self.work, self.args, self.root = tree, work / name, args, work
         self.extra_env = env or {}
         self.proc = None
         self.pg = None
@@ -166,7 +167,7 @@ class Xdsi(Receiver):
     def start(self) -> None:
         from tests.support.server import XdsiProcess
 
-        shutil.rmtree(self.work, ignore_errors=True)
+        set_aside(self.work, self.root)
         data = self.work / "data"
         self.index_url = self.args.index_url or f"sqlite:///{data / 'index.sqlite'}"
         if self.args.pg:
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import machine
 
-    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-ingest-"))
+    work = scratch("xdsi-bench-ingest-")
     env = NS.peer_env(work, STORESCP_OPTS="+B")
     receivers: list[Receiver] = []
     try:
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.workers if args.workers is not None else 'default'}"
               f"{'' if args.workers is None or workers_supported(ROOT) else ' (flag not supported: not passed)'}; "
               f"{'PostgreSQL' if args.pg else args.index_url or 'SQLite'} index; {machine()}")
+        print(f"scratch {work}: {settle_inodes(work)}", flush=True)
         receivers.append(Xdsi("xdsi", ROOT, work, args))
         if args.against:
             receivers.append(Xdsi("base", args.against.resolve(), work, args))
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds + 1):  # round 0 warms the page cache and every server; not counted
             order = receivers if rnd % 2 else receivers[::-1]
             for r in order:
+                fs_us = create_cost(work / "trash")
                 r.start()
                 try:
                     cpu0 = tree_split(r.pid)
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.cpu_ms.append(cpu * 1000 / args.n)
                 print(f"round {rnd}{'' if rnd else ' (warm-up)'} {r.name:8s} {dt:6.2f} s {args.n / dt:7.1f} inst/s "
                       f"{total / 1e6 / dt:6.1f} MB/s  server CPU {cpu * 1000 / args.n:5.2f} ms/inst (user {user * 1000 / args.n:.2f}, "
-                      f"system {system * 1000 / args.n:.2f})  load {os.getloadavg()[0]:.1f}",
+                      f"system {system * 1000 / args.n:.2f})  load {os.getloadavg()[0]:.1f}  create {fs_us:.0f} us",
                       flush=True)
 
         print(f"\nmedians of {args.rounds} rounds, {args.associations} association(s):")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +153,66 @@ def count_files(folder: Path) -> int:
 def load_line() -> str:
     la = os.getloadavg()
     return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs"
+
+
+# -- the scratch file system ------------------------------------------------------------------------------
+#
+# Why this section exists (measured 2026-11-30): this machine's root file system is ext4 *without a journal*
+# (``/sys/fs/ext4/vda/journal_task`` is ``<none>``).  There ext4 will not reuse an inode freed in the last
+# 60 s (360 s while its inode-table block is dirty), and to find a free one it reads the inode table for every
+# such inode in the block group, on each create.  After a round deleted its 500 files, every file created
+# in that block group cost 300-750 us of kernel CPU instead of 18-28 us: storescp's CPU per instance swung
+# 0.44 -> 1.24 ms between rounds of one run, and xdsi's "CPU growth at four associations" came and went with
+# it.  So a benchmark never deletes during its run: what a round filled is set aside (renamed, which frees
+# no inode) and deleted with the scratch folder at the end, and a run first waits until creating files in
+# its scratch folder is cheap again (:func:`settle_inodes`), so a run does not pay for the one before.
+
+
+def scratch(prefix: str) -> Path:
+    """A new scratch folder for one run: under ``BENCH_SCRATCH``, else ``/var/tmp``.
+
+    Not ``/tmp``: many systems mount a tmpfs there (Debian 13 does by default), where fsync costs nothing and
+    every durable receiver would be measured against one that is not; and on this machine ``/tmp`` is where
+    every test and CI clone churns inodes.
+    """
+    root = Path(os.environ.get("BENCH_SCRATCH") or "/var/tmp")
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def set_aside(path: Path, work: Path) -> None:
+    """Move ``path`` (a folder a round filled) into ``work/trash`` instead of deleting it now (see above)."""
+    if not path.exists():
+        return
+    trash = work / "trash"
+    trash.mkdir(exist_ok=True)
+    path.rename(trash / f"{len(list(trash.iterdir())):04d}-{path.name}")
+
+
+def create_cost(folder: Path, n: int = 200) -> float:
+    """Kernel + user CPU in microseconds to create one empty file in ``folder`` (the files are kept: no frees)."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    t = time.thread_time_ns()
+    for i in range(n):
+        os.close(os.open(probe / f"{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    return (time.thread_time_ns() - t) / n / 1000
+
+
+def settle_inodes(folder: Path, quiet_us: float = 80.0, patience: float = 400.0) -> str:
+    """Wait (at most ``patience`` s) until creating a file in ``folder`` costs under ``quiet_us``; a line saying so.
+
+    Probe folders go to ``folder/trash`` like everything else.
+    """
+    probes = folder / "trash"
+    probes.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    first = cost = create_cost(probes)
+    while cost > quiet_us and time.monotonic() - t0 < patience:
+        time.sleep(10)
+        cost = create_cost(probes)
+    waited = time.monotonic() - t0
+    return (f"file create in the scratch folder {cost:.0f} us" + (f" (was {first:.0f} us; waited {waited:.0f} s for inodes "
+            f"freed by an earlier run)" if first > quiet_us else "") + ("" if cost <= quiet_us else " - NOT settled: figures noisy"))
 
 
 def remove_work(work: Path, keep: bool) -> None:

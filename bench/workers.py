@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import STORESCU, Netns, peer, process_cpu, py_spy, remove_work, stop_peer  # noqa: E402
+from bench.peers import Netns, STORESCU, peer, process_cpu, py_spy, remove_work, scratch, set_aside, settle_inodes, stop_peer  # noqa: E402
 
 NS = Netns.from_env("bench-workers", 25600)
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spread of 4 associations requested at once over xdsi serve --workers 2 ({max(1, args.trials // 4)} tries): "
               + ", ".join(f"{'+'.join(map(str, k))}: {v / max(1, args.trials // 4):.0%}" for k, v in sorted(shapes.items(), reverse=True)))
 
-    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-workers-"))
+    work = scratch("xdsi-bench-workers-")
     env = NS.peer_env(work)
     orthanc_running = False
     try:
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.link(f, d / f.name)
             parts.append(d)
         print(f"{n} x {args.size}x{args.size} CT, {total / 1e6:.1f} MB per measurement; {args.associations} associations; {args.rounds} rounds")
+        print(f"scratch {work}: {settle_inodes(work)}", flush=True)
 
         trees = {"xdsi": ROOT, **({"base": args.against.resolve()} if args.against else {})}
         names = [f"{t}-w{w}" for t in trees for w in (1, 2)] + ([] if args.no_orthanc else ["orthanc"])
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def settle() -> None:
             """Write back what this measurement left dirty before the next starts: else the next one (in ABBA
-            order, always the same ones) pays for this one's 200 MB of writeback and inode frees."""
+            order, always the same ones) pays for this one's 200 MB of writeback (its files are set aside, not freed)."""
             os.sync()
             time.sleep(args.settle)
 
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             split = parts if mode != "1" else [whole]
             if name == "orthanc":
                 if orthanc_running:
-                    stop_peer("stop_orthanc.sh", env, "--wipe")
+                    stop_peer("stop_orthanc.sh", env)
+                set_aside(work / "peers" / "orthanc" / "storage", work)  # not deleted during the run (bench.peers)
                 peer("start_orthanc.sh", env, "--fresh")
                 orthanc_running = True
                 pid = int((work / "peers" / "orthanc" / "orthanc.pid").read_text())
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, used, spread = store(server.dicom_port, server.ae_title, split, pids, workers > 1)
                 finally:
                     server.stop(timeout=120)
-                shutil.rmtree(data, ignore_errors=True)
+                set_aside(data, work)
             settle()
             r = n / wall
             ms = sum(used.values()) * 1000 / n
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} at end")
     finally:
         if orthanc_running:
-            stop_peer("stop_orthanc.sh", env, "--wipe")
+            stop_peer("stop_orthanc.sh", env)
         remove_work(work, args.keep)
     return 0
 
