@@ -339,6 +339,9 @@ class Settings:
     # [server] workers (issue 14): worker processes sharing the listening sockets; None: one per CPU; 1: a single
     # process with no supervisor (as before workers existed)
     workers: int | None = None
+    # [server] cpu_affinity (issue 14): "auto" pins a worker's association threads to its own CPU while the node is
+    # busy (xdsi.dimse.affinity); "off" leaves every thread to the scheduler
+    cpu_affinity: str = "auto"
     jpip: "JpipSettings" = field(default_factory=lambda: JpipSettings())  # [jpip] (issue 16), defined below
 
     # -- derived values, so that callers never re-implement the defaults --
@@ -475,7 +478,7 @@ _HTTP_ZERO_OFF = {"min_body_rate"}  # 0 turns the check off
 
 # Keys each section accepts; [xds] is parsed by its own code.
 _SECTION_KEYS: dict[str, set[str]] = {
-    "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url", "workers"},
+    "server": {"data_dir", "host", "dicom_port", "http_port", "dicom_tls_port", "https_port", "ae_title", "log_level", "public_url", "workers", "cpu_affinity"},
     "index": {"url"},
     "storage": {"tiers", "duplicate_policy", "recall_on_read", "compress_on_receive"},
     "dimse": {"dimse_timeout", "acse_timeout", "network_timeout", "max_associations", *DIMSE_LIMIT_KEYS},
@@ -557,6 +560,10 @@ def load_settings(
             kw[key] = _int(f"[server] {key}", server[key])
     if "workers" in server:
         kw["workers"] = _int("[server] workers", server["workers"])
+    if "cpu_affinity" in server:
+        if server["cpu_affinity"] not in ("auto", "off"):
+            raise ConfigError(f'[server] cpu_affinity must be "auto" or "off", not {server["cpu_affinity"]!r}')
+        kw["cpu_affinity"] = server["cpu_affinity"]
     if "data_dir" in server:
         d = Path(server["data_dir"])
         kw["data_dir"] = d if d.is_absolute() else base / d

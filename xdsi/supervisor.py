@@ -361,13 +361,17 @@ def _die_with_parent() -> None:
 
 
 def _balance_accepts(spec: WorkerSpec) -> None:
-    """This worker's DICOM listeners accept with the node's load in view (:mod:`xdsi.dimse.accept_balance`)."""
-    from xdsi.dimse import accept_balance
+    """This worker's DICOM listeners accept with the node's load in view (:mod:`xdsi.dimse.accept_balance`), and its
+    association threads keep to its CPU while the node is busy (:mod:`xdsi.dimse.affinity`)."""
+    from xdsi.dimse import accept_balance, affinity
 
     try:
-        accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers, spec.supervisor)
+        balance = accept_balance.configure(spec.settings.data_dir, spec.index, spec.settings.effective_workers, spec.supervisor)
     except (OSError, ValueError) as exc:  # connections are still all served, only not spread by load
         log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
+        balance = None
+    # association threads on this worker's own CPU while the node is busy (its rule reads the balance's counters)
+    affinity.configure(spec.index, spec.settings.effective_workers, balance, spec.settings.cpu_affinity)
 
 
 def freeze_startup_heap() -> None:

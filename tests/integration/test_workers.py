@@ -344,3 +344,120 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         assert echo(again)
     finally:
         assert again.stop(timeout=60) == 0
+
+
+def _cpus(text: str) -> set[int]:
+    """A kernel CPU list ("0-1,3") as a set."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def thread_cpus(workers: list[int]) -> dict[int, list[set[int]]]:
+    """Per worker pid: the CPU set of each of its threads."""
+    out: dict[int, list[set[int]]] = {}
+    for pid in workers:
+        out[pid] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            out[pid].append(_cpus(status.split("Cpus_allowed_list:", 1)[1].split("\n", 1)[0]))
+    return out
+
+
+def pinned_threads(workers: list[int]) -> dict[int, list[set[int]]]:
+    """Per worker pid: the CPU sets of its threads that may not run on every CPU this test may use."""
+    allowed = os.sched_getaffinity(0)
+    return {pid: [c for c in cpus if c != allowed] for pid, cpus in thread_cpus(workers).items()}
+
+
+def loads(data: Path) -> list[int]:
+    """The accept balance's connection counters of the node's workers (xdsi.dimse.accept_balance)."""
+    import struct
+
+    (f,) = (data / ".workers").glob("accept-load-*")
+    b = f.read_bytes()
+    return [struct.unpack_from("<q", b, 8 * i)[0] for i in range(2)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_association_threads_keep_to_their_workers_cpu_while_the_node_is_busy(tmp_path: Path) -> None:
+    """Issue 14 (xdsi.dimse.affinity): one association alone runs anywhere; with one per CPU on the node every
+    thread of a worker holding one is pinned to its worker's CPU (the two workers' CPUs differ); when one goes,
+    they are freed again at the other's next C-STORE.  Read back from /proc, on a real ``xdsi serve --workers 2``."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    files = write_study(tmp_path / "src", StudySpec(patient_id="PWAFF"), series=1, per_series=6, rows=32, columns=32)
+    server = XdsiProcess(tmp_path / "data", env={"TCP_NODELAY": "1"}, workers=2).start()
+    assocs: list[object] = []
+    try:
+        workers = worker_pids(server)
+        wait_until(lambda: loads(tmp_path / "data") == [0, 0], 15)  # the start-up probe's connection counted no more
+        wait_until(lambda: pinned_threads(workers) == {w: [] for w in workers}, 15)
+
+        def associate() -> object:
+            ae = AE(ae_title="AFFINITY")
+            ae.add_requested_context(CTImageStorage)
+            a = ae.associate(server.host, server.dicom_port, ae_title="XDSI")
+            assert a.is_established  # type: ignore[attr-defined]
+            assocs.append(a)
+            return a
+
+        def store(a: object, f: Path) -> None:
+            assert a.send_c_store(dcmread(f)).Status == 0  # type: ignore[attr-defined]
+
+        first = associate()
+        store(first, files[0])
+        assert pinned_threads(workers) == {w: [] for w in workers}  # one connection on a 2-CPU node: not busy
+        second = associate()
+        store(second, files[1])
+        store(first, files[2])  # the first looks again before its C-STORE: the node is busy now
+        held = connections_by_worker(server, workers)
+        cpus = thread_cpus(workers)
+        busy = [w for w, n in zip(workers, held) if n]  # the workers holding an association pinned all their threads
+        assert busy, held
+        for w in busy:
+            assert len({frozenset(c) for c in cpus[w]}) == 1 and len(cpus[w][0]) == 1, cpus
+        if len(busy) == 2:  # one per worker (the usual spread): each on a CPU of its own
+            assert cpus[busy[0]][0] != cpus[busy[1]][0], cpus
+        second.release()  # type: ignore[attr-defined]
+        wait_until(lambda: sum(connections_by_worker(server, workers)) == 1, 15)
+
+        seen: list[object] = []
+
+        def freed() -> bool:
+            store(first, files[3])  # a duplicate after the first time: still a C-STORE, still looked at
+            seen[:] = [pinned_threads(workers), loads(tmp_path / "data")]
+            return seen[0] == {w: [] for w in workers}
+
+        try:
+            wait_until(freed, 15)
+        except AssertionError:
+            raise AssertionError(f"still pinned (threads, node loads): {seen}") from None
+    finally:
+        for a in assocs:
+            if a.is_established:  # type: ignore[attr-defined]
+                a.release()  # type: ignore[attr-defined]
+        assert server.stop(timeout=60) == 0, server.output()[-3000:]
+
+
+def test_cpu_affinity_off_pins_nothing(tmp_path: Path) -> None:
+    """``[server] cpu_affinity = "off"``: two associations on a 2-worker node, no thread pinned."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text('[server]\ncpu_affinity = "off"\n')
+    server = XdsiProcess(tmp_path / "data", config=config, env={"TCP_NODELAY": "1"}, workers=2).start()
+    try:
+        workers = worker_pids(server)
+        assocs = associate_at_once(server, 2)
+        try:
+            for a in assocs:
+                assert a.send_c_echo().Status == 0  # type: ignore[attr-defined]
+            assert pinned_threads(workers) == {w: [] for w in workers}
+        finally:
+            release_all(server, assocs)
+    finally:
+        assert server.stop(timeout=60) == 0, server.output()[-3000:]
