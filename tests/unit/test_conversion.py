@@ -95,7 +95,8 @@ def _dcmdump_sample(ds: Dataset, target: str, data: bytes, tmp: Path) -> None:
     _dumped.add(key)
     f = tmp / "out.dcm"
     f.write_bytes(data)
-    r = subprocess.run([str(DCMDUMP), str(f)], capture_output=True, text=True, timeout=60)
+    # dcmdump prints values in the data set's own character set (examples_overlay.dcm: ISO 8859-1)
+    r = subprocess.run([str(DCMDUMP), str(f)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 0, r.stderr
     assert "E:" not in r.stderr and "W: DcmItem: Length of element" not in r.stderr, r.stderr
 
