@@ -339,8 +339,8 @@ class Settings:
     # [server] workers (issue 14): worker processes sharing the listening sockets; None: one per CPU; 1: a single
     # process with no supervisor (as before workers existed)
     workers: int | None = None
-    # [server] cpu_affinity (issue 14): "auto" pins a worker's association threads to its own CPU while the node is
-    # busy (xdsi.dimse.affinity); "off" leaves every thread to the scheduler
+    # [server] cpu_affinity (issue 14): "auto" pins every thread of a worker to its own CPU while the node is busy
+    # (xdsi.dimse.affinity); "off" leaves every thread to the scheduler
     cpu_affinity: str = "auto"
     jpip: "JpipSettings" = field(default_factory=lambda: JpipSettings())  # [jpip] (issue 16), defined below
 

@@ -57,6 +57,14 @@ def test_a_thread_that_ended_meanwhile_does_not_stop_the_others(monkeypatch) -> 
     assert done == [102] and rule.pinned
 
 
+def test_a_thread_started_while_the_threads_are_set_is_set_too(monkeypatch, calls) -> None:
+    """The list is read again until it holds no thread not yet set (one started meanwhile inherited the old CPUs)."""
+    lists = iter([[101], [101, 103], [101, 103]])
+    monkeypatch.setattr(affinity, "_threads", lambda: next(lists))
+    affinity.Affinity(0, 2, Loads(1, 1), [0, 1]).apply()
+    assert calls == [(101, frozenset({0})), (103, frozenset({0}))]
+
+
 def test_workers_take_the_allowed_cpus_round_robin() -> None:
     cpus = [2, 5, 7]
     assert [set(affinity.Affinity(i, 4, Loads(0, 0, 0, 0), cpus).own) for i in range(4)] == [{2}, {5}, {7}, {2}]

@@ -17,10 +17,9 @@ counters :mod:`xdsi.dimse.accept_balance` keeps), every thread of a worker is pi
 that they may run anywhere again.  Association threads look when their association starts and before
 each C-STORE (a few counters read), and the DICOM server looks when one of its connections closes and
 on its loop's idle tick (so a worker with no association left follows the node too); the threads are
-set only when the answer changes.  The whole
-process, not the one thread that looked: a thread inherits the affinity of the thread that starts it
-(pools started lazily by an association thread), so pinning threads one by one left helpers pinned
-after the node went quiet.
+set only when the answer changes.  The whole process, not the one thread that looked: a thread
+inherits the affinity of the thread that starts it (pools started lazily by an association thread),
+so pinning threads one by one left helpers pinned after the node went quiet.
 
 ``[server] cpu_affinity = "off"`` turns this off.  It is also off with one worker, with fewer than two
 CPUs, without the accept balance, and where ``os.sched_setaffinity`` does not exist (not Linux).  The
@@ -68,11 +67,14 @@ class Affinity:
             if self.pinned is want:
                 return
             cpus = self.own if want else self.allowed
-            for tid in _threads():
-                try:
-                    os.sched_setaffinity(tid, cpus)
-                except OSError as exc:  # the thread ended meanwhile, or a CPU was taken away (cgroup change)
-                    log.debug("cpu affinity of thread %d not changed: %s", tid, exc)
+            done: set[int] = set()
+            while todo := [tid for tid in _threads() if tid not in done]:  # again: one started meanwhile by a
+                for tid in todo:                                           # thread not yet set inherited the old
+                    try:
+                        os.sched_setaffinity(tid, cpus)
+                    except OSError as exc:  # the thread ended meanwhile, or a CPU was taken away (cgroup change)
+                        log.debug("cpu affinity of thread %d not changed: %s", tid, exc)
+                done.update(todo)
             self.pinned = want
             self.changes += 1
 
