@@ -161,7 +161,7 @@ def load_line() -> str:
 # (``/sys/fs/ext4/vda/journal_task`` is ``<none>``).  There ext4 will not reuse an inode freed in the last
 # 60 s (360 s while its inode-table block is dirty), and to find a free one it reads the inode table for every
 # such inode in the block group, on each create.  After a round deleted its 500 files, every file created
-# in that block group cost 300-750 us of kernel CPU instead of 18-28 us: storescp's CPU per instance swung
+# in that block group cost 300-860 us of kernel CPU instead of 16-28 us: storescp's CPU per instance swung
 # 0.44 -> 1.24 ms between rounds of one run, and xdsi's "CPU growth at four associations" came and went with
 # it.  So a benchmark never deletes during its run: what a round filled is set aside (renamed, which frees
 # no inode) and deleted with the scratch folder at the end, and a run first waits until creating files in

@@ -362,7 +362,7 @@ def _die_with_parent() -> None:
 
 def _balance_accepts(spec: WorkerSpec) -> None:
     """This worker's DICOM listeners accept with the node's load in view (:mod:`xdsi.dimse.accept_balance`), and its
-    association threads keep to its CPU while the node is busy (:mod:`xdsi.dimse.affinity`)."""
+    threads keep to its CPU while the node is busy (:mod:`xdsi.dimse.affinity`)."""
     from xdsi.dimse import accept_balance, affinity
 
     try:
@@ -370,7 +370,7 @@ def _balance_accepts(spec: WorkerSpec) -> None:
     except (OSError, ValueError) as exc:  # connections are still all served, only not spread by load
         log.warning("worker %d: accepting without the load balance: %s", spec.index, exc)
         balance = None
-    # association threads on this worker's own CPU while the node is busy (its rule reads the balance's counters)
+    # this worker's threads on its own CPU while the node is busy (the rule reads the balance's counters)
     affinity.configure(spec.index, spec.settings.effective_workers, balance, spec.settings.cpu_affinity)
 
 

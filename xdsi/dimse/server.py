@@ -55,7 +55,7 @@ from xdsi.archive.query import QueryError
 from xdsi.archive.store import Expected, Outcome
 from xdsi.dimse import associate_cache, cheap_contexts, direct, find_responses, status, wakeup
 from xdsi.dimse import accept_balance  # issue 14 (workers): load-aware accept
-from xdsi.dimse import affinity  # issue 14 (workers): association threads pinned while the node is busy
+from xdsi.dimse import affinity  # issue 14 (workers): a worker's threads pinned to its CPU while the node is busy
 from xdsi.dimse import reactor_pause, receive_direct, spool_ahead, store_polling, store_responses  # issue 14 (ingest): own line, to keep merges clean
 from xdsi.dimse.commitment import CommitmentSCP
 from xdsi.dimse.limits import ConnectionGovernor
@@ -415,7 +415,7 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, associate_cache.on_conn_open),  # a request seen before is not decoded again
             (evt.EVT_REQUESTED, self.offer_jpip),  # issue 16: before the requestor's order is applied
             (evt.EVT_REQUESTED, prefer_requestor_syntaxes),
-            (evt.EVT_REQUESTED, affinity.on_request),  # issue 14: this association's thread on its worker's CPU when busy
+            (evt.EVT_REQUESTED, affinity.on_request),  # issue 14: this worker's threads on its CPU while the node is busy
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
