@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import (STORESCU, Netns, create_cost, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
+from bench.peers import (STORESCU, Netns, create_cost, settle_writeback, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
                          stop_peer, thread_cpu, tree_split)
 
 NS = Netns.from_env("bench-ingest", 24600)
@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in order:
                 fs_us = create_cost(work / "trash")
                 r.start()
+                dirty = settle_writeback()
                 try:
                     cpu0 = tree_split(r.pid)
                     dt = send(r.port, r.aet, folders)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.cpu_ms.append(cpu * 1000 / args.n)
                 print(f"round {rnd}{'' if rnd else ' (warm-up)'} {r.name:8s} {dt:6.2f} s {args.n / dt:7.1f} inst/s "
                       f"{total / 1e6 / dt:6.1f} MB/s  server CPU {cpu * 1000 / args.n:5.2f} ms/inst (user {user * 1000 / args.n:.2f}, "
-                      f"system {system * 1000 / args.n:.2f})  load {os.getloadavg()[0]:.1f}  create {fs_us:.0f} us",
+                      f"system {system * 1000 / args.n:.2f})  load {os.getloadavg()[0]:.1f}  create {fs_us:.0f} us  dirty {dirty:.0f} MB",
                       flush=True)
 
         print(f"\nmedians of {args.rounds} rounds, {args.associations} association(s):")

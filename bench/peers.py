@@ -215,6 +215,30 @@ def settle_inodes(folder: Path, quiet_us: float = 80.0, patience: float = 400.0)
             f"freed by an earlier run)" if first > quiet_us else "") + ("" if cost <= quiet_us else " - NOT settled: figures noisy"))
 
 
+def dirty_mb() -> float:
+    """Page-cache data not yet on disk (``Dirty`` + ``Writeback`` of /proc/meminfo), MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    return sum(int(fields.get(k, "0 kB").split()[0]) for k in ("Dirty", "Writeback")) / 1024
+
+
+def settle_writeback(quiet_mb: float = 8.0, patience: float = 60.0) -> float:
+    """Write back what earlier runs left dirty (``sync``) and wait until under ``quiet_mb`` remains; the MB found.
+
+    Why (measured 2026-12-01): storescp +B and Orthanc acknowledge before their data is on disk, so a run
+    leaves hundreds of MB for the kernel to write back while the next server is measured.  storescp's rate
+    then followed the server before it: 1305-1310 inst/s after xdsi (which fsyncs everything it
+    acknowledges), 648-796 after Orthanc, its system time 0.62 -> 1.1-1.4 ms per instance; and xdsi's
+    fsyncs queue behind that write-back when it follows storescp.  So every measured run starts with
+    nothing of anyone's left to write, and pays only its own.
+    """
+    found = dirty_mb()
+    os.sync()
+    t0 = time.monotonic()
+    while dirty_mb() > quiet_mb and time.monotonic() - t0 < patience:
+        time.sleep(0.2)
+    return found
+
+
 def remove_work(work: Path, keep: bool) -> None:
     """The scratch folder, removed unless ``--keep`` asked to keep it (then its path is printed)."""
     if keep:
