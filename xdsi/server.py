@@ -317,6 +317,9 @@ def serve(
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("received %s", signal.Signals(signum).name)
+        # armed here, not only around servers.stop() below: a worker once logged this line and then nothing more
+        # (CI, test_tls_only_node), so where it hung came before that; re-armed (and cancelled) by the stop itself
+        faulthandler.dump_traceback_later(STOP_DUMP_AFTER, exit=False)
         done.set()
 
     signal.signal(signal.SIGTERM, _stop)

@@ -441,7 +441,7 @@ def test_migrate_offline_is_delivered_by_the_next_serve_and_a_settings_change_is
     try:
         wait_for(repo, lambda ms: [r for r in ms if event_id(r) == "110103"], 1, source_id=source)
     finally:
-        assert server.stop() == 0
+        server.stop_cleanly()
     got = [r for r in messages(repo, source) if event_id(r) == "110103"]
     assert len(got) == 1
     ev = got[0].find("EventIdentification")
@@ -459,7 +459,7 @@ def test_migrate_offline_is_delivered_by_the_next_serve_and_a_settings_change_is
     try:
         alerts = wait_for(repo, lambda ms: [r for r in ms if event_id(r) == "110113"], 1, source_id=source)
     finally:
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert len(alerts) == 1, server.output()
     alert = alerts[0]
     assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110129"

@@ -43,7 +43,7 @@ def test_store_study_with_storescu(tmp_path: Path, test_data: StudySet) -> None:
         for original in test_data.all_files:
             assert dataset_bytes(stored[original.stem]) == dataset_bytes(original), f"{original.name} not stored byte for byte"
     finally:
-        assert server.stop() == 0
+        server.stop_cleanly()
     fields = cli_status(tmp_path / "data")
     assert (fields["patients"], fields["studies"], fields["series"], fields["instances"]) == ("2", "2", "5", "12")
     # the compressed instance is archived as it was sent: JPEG 2000 lossless, same dataset bytes

@@ -89,7 +89,7 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, back
     try:
         assert leftover_temp_files(data_dir) == []
     finally:
-        assert restarted.stop() == 0
+        restarted.stop_cleanly()
 
     archive = Archive.open(Settings(data_dir=data_dir, index_url=index_url), clean=False)
     try:
