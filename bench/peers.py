@@ -224,11 +224,9 @@ def dirty_mb() -> float:
 def settle_writeback(quiet_mb: float = 8.0, patience: float = 60.0) -> float:
     """Write back what earlier runs left dirty (``sync``) and wait until under ``quiet_mb`` remains; the MB found.
 
-    Why (measured 2026-12-01): storescp +B and Orthanc acknowledge before their data is on disk, so a run
-    leaves hundreds of MB for the kernel to write back while the next server is measured.  storescp's rate
-    then followed the server before it: 1305-1310 inst/s after xdsi (which fsyncs everything it
-    acknowledges), 648-796 after Orthanc, its system time 0.62 -> 1.1-1.4 ms per instance; and xdsi's
-    fsyncs queue behind that write-back when it follows storescp.  So every measured run starts with
+    Why (measured 2026-12-01): storescp +B acknowledges before its data is on disk, so its run leaves ~250 MB
+    for the kernel to write back while the next server is measured (xdsi or Orthanc, which fsync theirs and
+    leave 1-4 MB), and that server's fsyncs queue behind the write-back.  So every measured run starts with
     nothing of anyone's left to write, and pays only its own.
     """
     found = dirty_mb()
