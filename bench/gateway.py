@@ -34,7 +34,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,8 +91,7 @@ def client_folder() -> Path:
     gateway/direct read 1.08 where it was 0.57 with one worker (no inbox files).  The client is the same in
     both paths; on a tmpfs it pays the same in both, and only the servers' own costs differ.
     """
-    root = Path(os.environ.get("BENCH_CLIENT_DIR") or "/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="xdsi-bench-got-", dir=root))
+    return scratch("xdsi-bench-got-", "BENCH_CLIENT_DIR", "/dev/shm")
 
 
 def c_get(port: int, aet: str, study_uid: str, out: Path, pdu: int) -> float:

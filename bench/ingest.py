@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import (STORESCU, Netns, create_cost, settle_writeback, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
-                         stop_peer, thread_cpu, tree_split)
+from bench.peers import (STORESCU, Netns, create_cost, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
+                         settle_writeback, stop_peer, thread_cpu, tree_split)
 
 NS = Netns.from_env("bench-ingest", 24600)
 

@@ -168,14 +168,14 @@ def load_line() -> str:
 # its scratch folder is cheap again (:func:`settle_inodes`), so a run does not pay for the one before.
 
 
-def scratch(prefix: str) -> Path:
-    """A new scratch folder for one run: under ``BENCH_SCRATCH``, else ``/var/tmp``.
+def scratch(prefix: str, env: str = "BENCH_SCRATCH", default: str = "/var/tmp") -> Path:
+    """A new scratch folder for one run: under ``$env`` (``BENCH_SCRATCH``), else ``default`` (``/var/tmp``).
 
     Not ``/tmp``: many systems mount a tmpfs there (Debian 13 does by default), where fsync costs nothing and
     every durable receiver would be measured against one that is not; and on this machine ``/tmp`` is where
     every test and CI clone churns inodes.
     """
-    root = Path(os.environ.get("BENCH_SCRATCH") or "/var/tmp")
+    root = Path(os.environ.get(env) or default)
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
