@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import (STORESCU, Netns, create_cost, peer, py_spy, remove_work, scratch, set_aside, settle_inodes,  # noqa: E402
-                         settle_writeback, stop_peer, thread_cpu, tree_split)
+from bench.peers import (STORESCU, Netns, create_cost, peer, py_spy, release_pages, remove_work, reported_mb, scratch,  # noqa: E402
+                         set_aside, settle_inodes, settle_writeback, stop_peer, thread_cpu, tree_split)
 
 NS = Netns.from_env("bench-ingest", 24600)
 
@@ -115,6 +115,7 @@ class Receiver:
     def stop(self) -> None: ...
     def count(self) -> int: ...
     def check(self, sources: list[Path]) -> None: ...
+    def written(self) -> Path | None: ...  # the folder a round fills, truncated once checked (bench.peers.release_pages)
 
 
 class Storescp(Receiver):
@@ -133,6 +134,9 @@ class Storescp(Receiver):
     def count(self) -> int:
         return sum(1 for p in (self.dir / "data").rglob("*") if p.is_file())
 
+    def written(self) -> Path | None:
+        return self.dir / "data"
+
 
 class Orthanc(Receiver):
     def __init__(self, env: dict[str, str], work: Path) -> None:
@@ -146,6 +150,9 @@ class Orthanc(Receiver):
 
     def stop(self) -> None:
         stop_peer("stop_orthanc.sh", self.env)
+
+    def written(self) -> Path | None:
+        return self.dir / "storage"
 
     def count(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{NS.port(2)}/statistics", timeout=30) as r:
@@ -192,6 +199,9 @@ class Xdsi(Receiver):
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+
+    def written(self) -> Path | None:
+        return self.work
 
     def close(self) -> None:
         self.stop()
@@ -293,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if args.workers is None or workers_supported(ROOT) else ' (flag not supported: not passed)'}; "
               f"{'PostgreSQL' if args.pg else args.index_url or 'SQLite'} index; {machine()}")
         print(f"scratch {work}: {settle_inodes(work)}", flush=True)
+        if (reported := reported_mb()) is not None:
+            print(f"memory: this guest reports free pages to its host ({reported:.0f} MB so far); each round's files are "
+                  f"truncated once checked, so the next round writes into recycled pages (bench.peers)", flush=True)
         receivers.append(Xdsi("xdsi", ROOT, work, args))
         if args.against:
             receivers.append(Xdsi("base", args.against.resolve(), work, args))
@@ -323,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.check(sources)
                 finally:
                     r.stop()
+                release_pages(r.written())  # its page cache back to the guest, for the next round (bench.peers)
                 if rnd:
                     r.inst_s.append(args.n / dt)
                     r.mb_s.append(total / 1e6 / dt)

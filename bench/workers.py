@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import Netns, STORESCU, peer, process_cpu, py_spy, remove_work, scratch, set_aside, settle_inodes, stop_peer  # noqa: E402
+from bench.peers import (Netns, STORESCU, peer, process_cpu, py_spy, release_pages, remove_work, scratch, set_aside,  # noqa: E402
+                         settle_inodes, stop_peer)
 
 NS = Netns.from_env("bench-workers", 25600)
 
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                 orthanc_running = True
                 pid = int((work / "peers" / "orthanc" / "orthanc.pid").read_text())
                 wall, used, spread = store(NS.port(1), "ORTHANC", split, [pid], False)
+                stop_peer("stop_orthanc.sh", env)
+                orthanc_running = False
+                release_pages(work / "peers" / "orthanc" / "storage")  # its page cache back for the next run (bench.peers)
             else:
                 workers = int(name[-1])
                 tree_dir = trees[name.split("-")[0]]
@@ -319,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, used, spread = store(server.dicom_port, server.ae_title, split, pids, workers > 1)
                 finally:
                     server.stop(timeout=120)
+                release_pages(data)  # its page cache back for the next run (bench.peers)
                 set_aside(data, work)
             settle()
             r = n / wall
