@@ -8,6 +8,7 @@ itself, and a file whose size changed since it was hashed is hashed and synced f
 from __future__ import annotations
 
 import hashlib
+import sys
 import os
 import threading
 import time
@@ -129,3 +130,29 @@ def test_a_forked_child_syncs_with_threads_of_its_own(tmp_path: Path) -> None:
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_write_back_starts_on_the_callers_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the open descriptor, the caller starts the write-back itself (sync_file_range, not waiting) and the pool's
+    fsync still follows; a descriptor the call refuses changes nothing (the fsync alone makes the file durable)."""
+    assert early_sync._SYNC_FILE_RANGE is not None  # found in libc on Linux
+    calls: list[tuple[int, int]] = []
+    real = early_sync._SYNC_FILE_RANGE
+
+    def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((fd, flags))
+        return int(real(fd, offset, nbytes, flags))
+
+    monkeypatch.setattr(early_sync, "_SYNC_FILE_RANGE", spy)
+    f = tmp_path / "spool.dcm"
+    with open(f, "wb") as out:
+        out.write(b"x" * 300_000)
+        out.flush()
+        job = early_sync.start(f, out.fileno())
+        st = os.fstat(out.fileno())
+        assert job.result() == (st.st_dev, st.st_ino)
+        assert calls == [(out.fileno(), early_sync.SYNC_FILE_RANGE_WRITE)]
+    refused = early_sync.start(f, -1)  # EBADF from the kernel: ignored here
+    assert refused.result() == (st.st_dev, st.st_ino)
+    assert early_sync.start(f).result() == (st.st_dev, st.st_ino) and len(calls) == 2  # no descriptor: no call

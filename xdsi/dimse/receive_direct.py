@@ -261,7 +261,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             # the file's fsync starts now, while the association thread parses the header (early_sync); not on a
             # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
             # that syncs it itself)
-            synced = None if digest is None else early_sync.start(message._data_set_path)
+            synced = None if digest is None else early_sync.start(message._data_set_path, getattr(spool, "file", spool).fileno())
             _complete(assoc, dimse, message, None if digest is None else early_sync.Written(size, digest.hexdigest(), synced),
                       None if kept is None else bytes(kept))
             return True

@@ -20,10 +20,12 @@ synced its own file.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
+from typing import Any
 
 __all__ = ["Sync", "Written", "start", "synced_inode"]
 
@@ -103,9 +105,38 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def start(path: Path | str) -> Sync:
-    """fsync ``path`` on the pool; the :class:`Sync` gives the device and inode it synced."""
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None where it cannot be called."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of the range's dirty pages, without waiting
+
+
+def start(path: Path | str, fd: int | None = None) -> Sync:
+    """fsync ``path`` on the pool; the :class:`Sync` gives the device and inode it synced.
+
+    ``fd``: the file, open in the caller: its write-back is started here and now (``sync_file_range``,
+    which does not wait for it).  Why: the pool thread takes time to wake and to get the GIL from the
+    association thread, which parses the header meanwhile; measured on one association (512 x 512 CT),
+    0.17 ms from submission to the pool's ``open``, and the association thread then waited 0.17 ms for
+    the fsync.  With the disk already writing, it waited ~0 (the call itself costs ~0.05 ms).  Only a
+    head start: the pool's fsync alone makes the file durable, and reports any error.
+    """
     global _started
+    if fd is not None and _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # its failure is the fsync's to report
     if _started < THREADS:
         with _lock:
             while _started < THREADS:
