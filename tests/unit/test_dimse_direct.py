@@ -533,3 +533,18 @@ def test_a_file_not_read_ahead_is_read_whole_once(tmp_path: Path, monkeypatch: p
     odd.write_bytes(b"\0" * 20_000)
     for unusable in (big, odd, tmp_path / "missing.dcm"):
         assert writer._read_small(unusable) is None
+
+
+@pytest.mark.parametrize("code", [0x0000, 0xB000, 0xA711, 0xC211])
+def test_a_plain_status_reads_as_pydicoms(code: int) -> None:
+    """PlainStatus answers Status from the bytes read; every other way in, and after a change, is pydicom's."""
+    from pydicom.dataset import Dataset
+
+    status = direct.PlainStatus(code.to_bytes(2, "little"))
+    reference = Dataset()
+    reference.Status = code
+    assert status.Status == getattr(status, "Status", None) == code
+    assert status.get("Status") == status[0x00000900].value == code and "Status" in status and status == reference
+    assert status.Status == code  # the element converted by status[tag] above: pydicom's answer now, the same
+    status.Status = 0x0107  # set through Dataset.__setattr__: the property follows it
+    assert status.Status == 0x0107 == status[0x00000900].value

@@ -416,3 +416,18 @@ def test_dropped_pending_still_drains_the_inbox_first(relay: r.Relay, tmp_path: 
     assert not dimse.seen
     kind, arrived = relay.items.get_nowait()
     assert kind == "instance" and arrived.sop_instance_uid == "1.2.3.9"
+
+
+@pytest.mark.parametrize("uid", ["1.2.3.4", "1.2.3.45", "2.25.191958202239648310115384804638118008049"])
+def test_a_placeholder_reads_as_the_dataset_pydicom_would_build(tmp_path: Path, uid: str) -> None:
+    """RelayedInstance's raw UI elements (odd lengths padded) read back as the UIDs, as setattr would have made them."""
+    from pydicom.dataset import Dataset
+
+    arrived = r.Arrived(tmp_path / "a.dcm", "1.2.840.10008.5.1.4.1.1.2", uid, "1.2.840.10008.1.2.1")
+    placeholder = r.RelayedInstance(arrived)
+    built = Dataset()
+    built.SOPClassUID, built.SOPInstanceUID = arrived.sop_class_uid, uid
+    assert placeholder.SOPInstanceUID == built.SOPInstanceUID == uid
+    assert placeholder.SOPClassUID == built.SOPClassUID
+    assert placeholder == built and bool(placeholder) and "SOPInstanceUID" in placeholder and len(placeholder) == 2
+    assert placeholder._xdsi_arrived is arrived
