@@ -431,3 +431,9 @@ def test_a_placeholder_reads_as_the_dataset_pydicom_would_build(tmp_path: Path, 
     assert placeholder.SOPClassUID == built.SOPClassUID
     assert placeholder == built and bool(placeholder) and "SOPInstanceUID" in placeholder and len(placeholder) == 2
     assert placeholder._xdsi_arrived is arrived
+
+
+def test_a_placeholder_of_a_uid_that_is_not_ascii_is_built_as_before(tmp_path: Path) -> None:
+    arrived = r.Arrived(tmp_path / "a.dcm", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.\u00e9", "1.2.840.10008.1.2.1")
+    placeholder = r.RelayedInstance(arrived)
+    assert placeholder.SOPInstanceUID == "1.2.3.\u00e9" and placeholder.SOPClassUID == arrived.sop_class_uid
