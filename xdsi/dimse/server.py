@@ -17,9 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -823,16 +821,6 @@ class DicomServer:
         self.commitment.stop()
 
 
-_SOP_CLASS, _SOP_INSTANCE = Tag(0x00080016), Tag(0x00080018)
-
-
-def _ui_raw(tag: Any, value: str) -> RawDataElement:
-    raw = value.encode("ascii")
-    if len(raw) & 1:
-        raw += b"\0"
-    return RawDataElement(tag, "UI", len(raw), raw, 0, False, True)
-
-
 class Placeholder(StoredInstance):
     """A :class:`StoredInstance` whose two UIDs are kept as raw elements, converted only if read.
 
@@ -843,8 +831,7 @@ class Placeholder(StoredInstance):
 
     def __init__(self, source: Any, ref: Any) -> None:
         Dataset.__init__(self)
-        self._dict[_SOP_CLASS] = _ui_raw(_SOP_CLASS, ref.sop_class_uid)
-        self._dict[_SOP_INSTANCE] = _ui_raw(_SOP_INSTANCE, ref.sop_instance_uid)
+        direct.put_identity(self, ref.sop_class_uid, ref.sop_instance_uid)
         self._xdsi_source = source
         self._xdsi_ref = ref
 

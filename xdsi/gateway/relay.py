@@ -51,9 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import Status
 
@@ -665,33 +663,20 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
 class RelayedInstance(Dataset):
     """The placeholder yielded to pynetdicom for an instance that arrived: identity only, the bytes are in a file.
 
-    The two UIDs are put in as raw elements (converted by pydicom only if read: pynetdicom reads the
-    instance UID of a failed sub-operation): through ``setattr`` each placeholder cost 16 us, a third of
-    the Python between one sub-operation's response and the next request (issue 15); this way 6 us.  A UID
-    that is not ASCII (never a valid one) goes through ``setattr`` as before.
+    The two UIDs are put in as raw elements (:func:`xdsi.dimse.direct.put_identity`, as a local retrieve's
+    placeholder): through ``setattr`` each placeholder cost 16 us, a third of the Python between one
+    sub-operation's response and the next request (issue 15); this way 6 us.  A UID that is not ASCII
+    (never a valid one) goes through ``setattr`` as before.
     """
 
     def __init__(self, arrived: Arrived) -> None:
         super().__init__()
         try:
-            self._dict[_SOP_CLASS_UID] = _raw_ui(_SOP_CLASS_UID, arrived.sop_class_uid)
-            self._dict[_SOP_INSTANCE_UID] = _raw_ui(_SOP_INSTANCE_UID, arrived.sop_instance_uid)
+            direct.put_identity(self, arrived.sop_class_uid, arrived.sop_instance_uid)
         except UnicodeEncodeError:
-            self._dict.clear()
             self.SOPClassUID = arrived.sop_class_uid
             self.SOPInstanceUID = arrived.sop_instance_uid
         object.__setattr__(self, "_xdsi_arrived", arrived)
-
-
-_SOP_CLASS_UID, _SOP_INSTANCE_UID = BaseTag(0x00080016), BaseTag(0x00080018)
-
-
-def _raw_ui(tag: BaseTag, uid: str) -> RawDataElement:
-    """``uid`` as the UI element pydicom reads from an explicit VR little endian file (padded to even length)."""
-    value = uid.encode("ascii")
-    if len(value) % 2:
-        value += b"\0"
-    return RawDataElement(tag, "UI", len(value), value, 0, False, True)
 
 
 class MissingInstance(Dataset):
