@@ -185,6 +185,38 @@ def test_small_pdus_many_fragments(served: tuple[Any, Archive], tmp_path: Path) 
     _assert_index_checksums(archive)
 
 
+def test_each_spool_files_write_back_starts_on_the_association_thread(
+    served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct reader hands early_sync its open spool file: sync_file_range is called on it for every instance it
+    reads, before the pool's fsync (a head start only; the stored bytes and checksums are as always)."""
+    import stat as stat_mod
+    import threading
+
+    from xdsi.storage import early_sync
+
+    dicom, archive = served
+    real = early_sync._SYNC_FILE_RANGE
+    if real is None:
+        pytest.skip("no sync_file_range on this platform")
+    calls: list[tuple[str, bool, int]] = []
+
+    def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((threading.current_thread().name, stat_mod.S_ISREG(os.fstat(fd).st_mode), flags))
+        return int(real(fd, offset, nbytes, flags))
+
+    monkeypatch.setattr(early_sync, "_SYNC_FILE_RANGE", spy)
+    files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECTSFR"), series=1, per_series=5, rows=64, columns=64)
+    before = receive_direct.stats["taken"]
+    result = _storescu(dicom.port, tmp_path / "ct")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    taken = receive_direct.stats["taken"] - before
+    assert taken == len(files) - 1
+    assert len(calls) == taken and all(regular and flags == early_sync.SYNC_FILE_RANGE_WRITE for _, regular, flags in calls)
+    assert not any(name.startswith("xdsi-fsync") for name, _, _ in calls)  # the caller's thread, not the pool's
+    _assert_index_checksums(archive)
+
+
 def test_echo_between_stores_is_given_back_to_pynetdicom(served: tuple[Any, Archive], tmp_path: Path) -> None:
     dicom, archive = served
     files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECT02"), series=1, per_series=4, rows=64, columns=64)

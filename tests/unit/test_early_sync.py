@@ -8,8 +8,8 @@ itself, and a file whose size changed since it was hashed is hashed and synced f
 from __future__ import annotations
 
 import hashlib
-import sys
 import os
+import sys
 import threading
 import time
 from pathlib import Path
