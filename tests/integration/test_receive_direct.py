@@ -188,32 +188,42 @@ def test_small_pdus_many_fragments(served: tuple[Any, Archive], tmp_path: Path) 
 def test_each_spool_files_write_back_starts_on_the_association_thread(
     served: tuple[Any, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The direct reader hands early_sync its open spool file: sync_file_range is called on it for every instance it
-    reads, before the pool's fsync (a head start only; the stored bytes and checksums are as always)."""
+    """The direct reader hands early_sync its open spool file: for every instance it reads, the association thread
+    itself asks glibc for the fsync (libc_aio) or, without it, starts the write-back (sync_file_range) before the
+    pool's fsync; never a pool thread.  The stored bytes and checksums are as always."""
     import stat as stat_mod
     import threading
 
-    from xdsi.storage import early_sync
+    from xdsi.storage import early_sync, libc_aio
 
     dicom, archive = served
-    real = early_sync._SYNC_FILE_RANGE
-    if real is None:
-        pytest.skip("no sync_file_range on this platform")
-    calls: list[tuple[str, bool, int]] = []
+    calls: list[tuple[str, bool]] = []
+    if libc_aio.available():
+        real_aio = libc_aio.AioFsync
 
-    def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
-        calls.append((threading.current_thread().name, stat_mod.S_ISREG(os.fstat(fd).st_mode), flags))
-        return int(real(fd, offset, nbytes, flags))
+        def aio_spy(fd: int, path: str = "") -> Any:
+            calls.append((threading.current_thread().name, stat_mod.S_ISREG(os.fstat(fd).st_mode)))
+            return real_aio(fd, path)
 
-    monkeypatch.setattr(early_sync, "_SYNC_FILE_RANGE", spy)
+        monkeypatch.setattr(libc_aio, "AioFsync", aio_spy)
+    else:
+        real = early_sync._SYNC_FILE_RANGE
+        if real is None:
+            pytest.skip("neither glibc's AIO nor sync_file_range on this platform")
+
+        def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
+            calls.append((threading.current_thread().name, stat_mod.S_ISREG(os.fstat(fd).st_mode) and flags == 2))
+            return int(real(fd, offset, nbytes, flags))
+
+        monkeypatch.setattr(early_sync, "_SYNC_FILE_RANGE", spy)
     files = write_study(tmp_path / "ct", StudySpec(patient_id="DIRECTSFR"), series=1, per_series=5, rows=64, columns=64)
     before = receive_direct.stats["taken"]
     result = _storescu(dicom.port, tmp_path / "ct")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     taken = receive_direct.stats["taken"] - before
     assert taken == len(files) - 1
-    assert len(calls) == taken and all(regular and flags == early_sync.SYNC_FILE_RANGE_WRITE for _, regular, flags in calls)
-    assert not any(name.startswith("xdsi-fsync") for name, _, _ in calls)  # the caller's thread, not the pool's
+    assert len(calls) == taken and all(regular for _, regular in calls)
+    assert not any(name.startswith("xdsi-fsync") for name, _ in calls)  # the caller's thread, not the pool's
     _assert_index_checksums(archive)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from xdsi.config import TierSettings
-from xdsi.storage import early_sync, tiers
+from xdsi.storage import early_sync, libc_aio, tiers
 from xdsi.storage.early_sync import Written
 
 
@@ -134,8 +134,10 @@ def test_a_forked_child_syncs_with_threads_of_its_own(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_the_write_back_starts_on_the_callers_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the open descriptor, the caller starts the write-back itself (sync_file_range, not waiting) and the pool's
-    fsync still follows; a descriptor the call refuses changes nothing (the fsync alone makes the file durable)."""
+    """Without glibc's AIO, given the open descriptor the caller starts the write-back itself (sync_file_range, not
+    waiting) and the pool's fsync still follows; a descriptor the call refuses changes nothing (the fsync alone makes
+    the file durable)."""
+    monkeypatch.setattr(early_sync.libc_aio, "available", lambda: False)
     assert early_sync._SYNC_FILE_RANGE is not None  # found in libc on Linux
     calls: list[tuple[int, int]] = []
     real = early_sync._SYNC_FILE_RANGE
@@ -156,3 +158,34 @@ def test_the_write_back_starts_on_the_callers_descriptor(tmp_path: Path, monkeyp
     refused = early_sync.start(f, -1)  # EBADF from the kernel: ignored here
     assert refused.result() == (st.st_dev, st.st_ino)
     assert early_sync.start(f).result() == (st.st_dev, st.st_ino) and len(calls) == 2  # no descriptor: no call
+
+
+@pytest.mark.skipif(not libc_aio.available(), reason="glibc's AIO is not usable here")
+def test_a_caller_with_the_file_open_has_it_synced_by_libc(tier: tiers.Tier, tmp_path: Path, fsyncs: list[int],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the open descriptor, the fsync runs on a glibc thread (no sync_file_range, no job on the pool, no
+    os.fsync); the tier waits for it and syncs nothing itself."""
+    head_starts: list[int] = []
+    monkeypatch.setattr(early_sync, "_SYNC_FILE_RANGE", lambda fd, *_: head_starts.append(fd) or 0)
+    queued: list[object] = []
+    monkeypatch.setattr(early_sync, "_pool_start", lambda *a: queued.append(a))
+    src, data = _spool(tmp_path)
+    with open(src, "rb+") as f:
+        job = early_sync.start(src, f.fileno())
+    assert isinstance(job, libc_aio.AioFsync) and job.path == str(src)
+    tier.place_file(src, "a/b/g.dcm", move=True, written=Written(len(data), hashlib.sha256(data).hexdigest(), job))
+    assert (tier.root / "a/b/g.dcm").read_bytes() == data
+    assert fsyncs == [] and head_starts == [] and queued == []
+
+
+@pytest.mark.skipif(not libc_aio.available(), reason="glibc's AIO is not usable here")
+def test_a_request_libc_refuses_goes_to_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, _ = _spool(tmp_path)
+
+    def refuse(fd: int, path: str = "") -> None:
+        raise OSError(11, "EAGAIN")
+
+    monkeypatch.setattr(early_sync.libc_aio, "AioFsync", refuse)
+    with open(src, "rb") as f:
+        job = early_sync.start(src, f.fileno())
+    assert isinstance(job, early_sync.Sync) and job.result() == (os.stat(src).st_dev, os.stat(src).st_ino)

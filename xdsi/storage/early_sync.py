@@ -14,7 +14,8 @@ about to be renamed (compared by device and inode), is simply done again inline.
 
 The pool has a few threads, not one: fsyncs of several associations then run side by side and the
 file system can commit them in one journal transaction, as it did when each association thread
-synced its own file.
+synced its own file.  Where glibc's AIO can be used (:mod:`xdsi.storage.libc_aio`), a caller that
+has the file open gets its fsync run by libc instead, without a Python thread.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Sync", "Written", "start", "synced_inode"]
+from xdsi.storage import libc_aio
+
+__all__ = ["Pending", "Sync", "Written", "start", "synced_inode"]
 
 THREADS = 4
 
@@ -66,13 +69,21 @@ class Sync:
         return self._value
 
 
+class Pending(Protocol):
+    """An fsync under way (:class:`Sync`, :class:`xdsi.storage.libc_aio.AioFsync`)."""
+
+    path: str
+
+    def result(self) -> tuple[int, int]: ...
+
+
 @dataclass(frozen=True)
 class Written:
     """What the writer of a spool file knows of it: its size and sha256 (hashed as written), and its fsync."""
 
     size: int
     sha256: str
-    synced: Sync | None = None
+    synced: Pending | None = None
 
 
 _queue: SimpleQueue[Sync] = SimpleQueue()
@@ -124,16 +135,27 @@ _SYNC_FILE_RANGE = _sync_file_range()
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of the range's dirty pages, without waiting
 
 
-def start(path: Path | str, fd: int | None = None) -> Sync:
-    """fsync ``path`` on the pool; the :class:`Sync` gives the device and inode it synced.
+def start(path: Path | str, fd: int | None = None) -> Pending:
+    """fsync ``path``; what is returned gives the device and inode it synced (``result()``, which waits).
 
-    ``fd``: the file, open in the caller: its write-back is started here and now (``sync_file_range``,
-    which does not wait for it).  Why: the pool thread takes time to wake and to get the GIL from the
-    association thread, which parses the header meanwhile; measured on one association (512 x 512 CT),
-    0.17 ms from submission to the pool's ``open``, and the association thread then waited 0.17 ms for
-    the fsync.  With the disk already writing, it waited ~0 (the call itself costs ~0.05 ms).  Only a
-    head start: the pool's fsync alone makes the file durable, and reports any error.
+    ``fd``: the file, open in the caller.  Where glibc's AIO can be used, libc syncs it on a thread of its
+    own (:class:`xdsi.storage.libc_aio.AioFsync`, through a duplicate of ``fd``).  Otherwise the pool
+    syncs ``path``, and the write-back is started here and now (``sync_file_range``, which does not
+    wait for it).  Why: the pool thread takes time to wake and to get the GIL from the association
+    thread, which parses the header meanwhile; measured on one association (512 x 512 CT), 0.17 ms
+    from submission to the pool's ``open``, and the association thread then waited 0.17 ms for the
+    fsync.  With the disk already writing, it waited ~0 (the call itself costs ~0.05 ms).  Only a head
+    start: the pool's fsync alone makes the file durable, and reports any error.
     """
+    if fd is not None and libc_aio.available():
+        try:
+            return libc_aio.AioFsync(fd, str(path))
+        except OSError:  # glibc refused the request (out of resources, a bad descriptor): the pool syncs by path
+            pass
+    return _pool_start(path, fd)
+
+
+def _pool_start(path: Path | str, fd: int | None) -> Sync:
     global _started
     if fd is not None and _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # its failure is the fsync's to report
