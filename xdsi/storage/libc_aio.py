@@ -6,8 +6,8 @@ five times (take the job, ``open``, ``fsync``, ``fstat``, ``close``) while the a
 parsing the header meanwhile, wanted it too: every one of those was a hand-off between the two.
 glibc runs ``aio_fsync`` on helper threads of its own that never enter the interpreter, so the
 request is one call on the association thread and the wait is one ``aio_suspend`` with the GIL
-released.  Measured with ``xdsi serve --workers 1`` and dcmtk ``storescu`` (6 interleaved pairs
-of 4 x 300 CTs of 512 x 512): median 0.64 s against 0.675 s per 300 with the pool (~5 %).
+released.  Measured with ``xdsi serve --workers 1`` and dcmtk ``storescu`` (24 interleaved runs each of
+300 CTs of 512 x 512): median 0.663 s against 0.696 s per 300 with the pool (~5 %).
 
 Only where the ``struct aiocb`` layout is known: glibc on a 64-bit platform (checked against
 ``offsetof`` of glibc 2.36 on x86-64; aarch64 shares it).  Elsewhere :func:`available` is False and
