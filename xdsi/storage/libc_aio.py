@@ -101,12 +101,18 @@ def available() -> bool:
     return _LIBC is not None and not _inherited
 
 
-def _finish(cb: _AioCb, fd: int) -> None:
-    """Wait until glibc is done with ``cb`` (it reads ``fd`` until then), then close ``fd``."""
+def _wait(cb: _AioCb) -> int:
+    """Wait until glibc is done with ``cb`` (the GIL released meanwhile); the request's error number, 0 if none."""
     suspend_list = (ctypes.POINTER(_AioCb) * 1)(ctypes.pointer(cb))
-    while _LIBC.aio_error(cb) == errno.EINPROGRESS:
+    while (err := _LIBC.aio_error(cb)) == errno.EINPROGRESS:
         _LIBC.aio_suspend(suspend_list, 1, None)  # EINTR: look again
     _LIBC.aio_return(cb)  # frees glibc's record of the request
+    return int(err)
+
+
+def _finish(cb: _AioCb, fd: int) -> None:
+    """Close ``fd`` once glibc is done with ``cb`` (it uses ``fd`` until then)."""
+    _wait(cb)
     os.close(fd)
 
 
@@ -143,11 +149,7 @@ class AioFsync:
         """The (st_dev, st_ino) the fsync covered; raises its error (``OSError``).  Waiting more than once is fine."""
         with self._lock:
             if self._value is None and self._error is None:
-                cb = self._cb
-                suspend_list = (ctypes.POINTER(_AioCb) * 1)(ctypes.pointer(cb))
-                while (err := _LIBC.aio_error(cb)) == errno.EINPROGRESS:
-                    _LIBC.aio_suspend(suspend_list, 1, None)  # the GIL is released while it waits
-                _LIBC.aio_return(cb)
+                err = _wait(self._cb)
                 try:
                     if err:
                         self._error = OSError(err, f"fsync: {os.strerror(err)}", self.path or None)
