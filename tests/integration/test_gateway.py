@@ -250,11 +250,16 @@ def _check_identical(got_dir: Path, originals: list[Path]) -> None:
 def test_getscu_via_cmove_from_a_move_only_pacs_is_byte_identical(env: Env) -> None:
     """C-GET served by C-MOVE (PACS1 has --disable-get); counts right; nothing cached (cache = false)."""
     out_dir = env.root / "get_a"
+    seen = len(env.server.log)
     log = env.getscu("XDSI", env.spec_a.study_uid, out_dir)
     n = len(env.study_a)
     assert "Received C-GET Response (Success)" in log, log + "".join(env.server.log)
     assert f"Number of Completed Suboperations : {n}\n" in log and "Number of Failed Suboperations    : 0\n" in log, log
     _check_identical(out_dir, env.study_a)
+    # two workers (one per CPU): the worker that asked PACS1 to move the study to us also took PACS1's association,
+    # so every instance went from one association to the other in memory, none through the relay's inbox
+    ends = [line for line in env.server.log[seen:] if f"{n} relayed" in line]
+    assert len(ends) == 1 and ends[0].rstrip().endswith(" 0 instances received by another process"), "".join(env.server.log[seen:])
     assert not env.relay_spool()
     # cache = false: nothing of it was archived (QIDO-RS answers from the local index only)
     studies = run(env.ns.cmd("curl", "-sf", f"http://127.0.0.1:{env.server.http_port}/dicomweb/studies")).stdout

@@ -188,3 +188,61 @@ def test_each_node_has_its_own_file_and_dead_nodes_files_go(tmp_path: Path) -> N
         assert not stale.exists() and live.exists()
     finally:
         accept_balance.configure(tmp_path, 0, 1)
+
+
+# -- a worker expecting to be called back (a relay's C-MOVE to us, issue 15) ---------------------------------------------
+
+
+def test_a_peer_expecting_a_call_back_is_left_the_connection_even_when_it_is_busier(tmp_path: Path, listener: socket.socket) -> None:
+    """Worker 1 holds two connections and expects the remote's association: worker 0, lighter, leaves it the waiting
+    connection (up to expect_defer, not defer); once the expectation ends, the loads decide again (0 accepts)."""
+    path = tmp_path / "accept-load"
+    here = AcceptBalance(path, 0, 2, defer=0.05, expect_defer=0.4)
+    here.serving()
+    other = peer(path, 1, "exec(line.strip())")
+    try:
+        ask(other, "held += [x for _ in range(2) for x in socket.socketpair()]; [b.accepted(s) for s in held[::2]]")
+        ask(other, "done = b.expect(30)")
+        assert here.load(1) == 2 and here.load(0) == 0
+        assert here.expects(1) and not here.expects(0) and here.expecting_peer() == 1
+        with waiting_client(listener):
+            waited = timed_turn(here, listener)  # nobody takes it in worker 1 (it only runs what it is told)
+            assert 0.4 <= waited < 3.0, waited  # expect_defer, where the loads alone would not have waited at all
+            assert here.overridden == 1
+            listener.accept()[0].close()
+        ask(other, "done(); done()")  # ended (twice is fine)
+        assert not here.expects(1) and here.expecting_peer() is None
+        with waiting_client(listener):
+            assert timed_turn(here, listener) < 0.04  # lighter and nobody expecting: at once
+            listener.accept()[0].close()
+    finally:
+        other.kill()
+        other.wait()
+        here.close()
+
+
+def test_the_expecting_worker_accepts_at_once_whatever_its_load(tmp_path: Path, listener: socket.socket) -> None:
+    with scene(tmp_path, 3, defer=5.0) as (here, _, _), waiting_client(listener):
+        assert here.lighter_peer(here.refresh()) == 1  # the loads alone would leave it to worker 1 for 5 s
+        first = here.expect(30)
+        second = here.expect(30)
+        first()
+        assert here.expects(0)  # one expectation of the worker ended, the other goes on
+        assert timed_turn(here, listener) < 0.5
+        assert here.overridden == 0 and here.deferred == 0
+        second()
+        assert not here.expects(0)
+
+
+def test_an_expectation_lapses_by_itself_and_a_dead_expecting_peer_is_not_waited_for(tmp_path: Path) -> None:
+    with scene(tmp_path, 0, script="exec(line.strip())") as (here, other, _):
+        short = here.expect(0.2)
+        assert here.expects(0)
+        time.sleep(0.3)
+        assert not here.expects(0)  # lapsed although never ended
+        short()
+        ask(other, "b.expect(30)")
+        assert here.expecting_peer() == 1
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+        assert here.expects(1) and here.expecting_peer() is None  # its deadline stands in the file; it is dead

@@ -66,6 +66,37 @@ def test_other_process_delivery_goes_through_the_inbox(relay: r.Relay, tmp_path:
             r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
 
 
+@pytest.mark.parametrize("path", ["here", "inbox"])
+def test_the_first_arrival_ends_the_expectation_of_the_remotes_association(relay: r.Relay, tmp_path: Path, path: str) -> None:
+    """However the first instance comes (to this process, or through the inbox from another worker), the source's
+    expectation of being called back ends then, once (xdsi.dimse.accept_balance)."""
+    ended: list[int] = []
+    relay.on_first_arrival = lambda: ended.append(1)
+    for n in range(2):
+        sop = f"1.2.3.{6 + n}"
+        if path == "here":
+            assert r.hand_over(_event(_spooled(tmp_path, f"tmp{n}.dcm"), mid=relay.msg_id, sop=sop)) == 0x0000
+        else:
+            with r._lock:
+                r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))
+            try:
+                assert r.hand_over(_event(_spooled(tmp_path, f"tmp{n}.dcm"), mid=relay.msg_id, sop=sop)) == 0x0000
+            finally:
+                with r._lock:
+                    r._relays[(relay.remote_ae, relay.originator, relay.msg_id)] = relay
+            relay.drain_inbox()
+        assert ended == [1]
+    assert [relay.items.get_nowait()[1].sop_instance_uid for _ in range(2)] == ["1.2.3.6", "1.2.3.7"]
+
+
+def test_a_relay_closed_before_anything_arrived_does_not_end_the_expectation_by_an_arrival(relay: r.Relay, tmp_path: Path) -> None:
+    ended: list[int] = []
+    relay.on_first_arrival = lambda: ended.append(1)
+    relay.close()
+    assert r.hand_over(_event(_spooled(tmp_path), mid=relay.msg_id)) == r.REFUSED_CLOSED
+    assert ended == []  # the source ends it itself when its C-MOVE is over
+
+
 @pytest.mark.parametrize(
     "kw",
     [

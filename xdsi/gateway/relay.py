@@ -56,7 +56,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import Status
 
 from xdsi.archive import transcode
-from xdsi.dimse import direct, receive_direct
+from xdsi.dimse import accept_balance, direct, receive_direct
 from xdsi.dimse.direct import parse_command
 from xdsi.gateway import identity, receive
 from xdsi.dimse.sending import NoAcceptedContext, accepted_syntaxes, failed_identifier, poll_fast
@@ -128,6 +128,8 @@ class Relay:
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
         self._spool_made = False
         self._listed_ns = 0  # time.time_ns() when a listing of the inbox last began (drain_inbox(quick=True))
+        # called once, when the first instance is queued (the source's end of expecting the remote's association)
+        self.on_first_arrival: Callable[[], None] | None = None
 
     def spool_name(self, suffix: str) -> Path:
         """A new name in the spool directory for a file this relay takes over (the directory made once per relay).
@@ -181,12 +183,18 @@ class Relay:
         Under the lock that :meth:`close` takes to set ``closed``: an instance is either queued before
         close() empties the queue, or removed here; never left behind in the spool.
         """
+        first = None
         with self._cond:
-            if not self.closed:
+            queued = not self.closed
+            if queued:
                 self.ahead += len(arrived)
                 for a in arrived:
                     self.items.put(("instance", a))
-                return True
+                first, self.on_first_arrival = self.on_first_arrival, None
+        if first is not None:
+            first()
+        if queued:
+            return True
         for a in arrived:
             a.drop()
         return False
@@ -602,16 +610,23 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
 
     def run() -> None:
         problem = None
+        expected_back = _nothing
         try:
             with client.association(qr_contexts(model)) as assoc:
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _wake_on_activity(assoc)
                 skip_pending(assoc, relay)
+                # the remote's storage association is best accepted by this worker: the instances then go from one
+                # association to the other in memory, not through the inbox (xdsi.dimse.accept_balance)
+                balance = accept_balance.current()
+                if balance is not None:
+                    expected_back = relay.on_first_arrival = balance.expect()
                 problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id),
                                          every=False)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
         finally:
+            expected_back()
             relay.cancel_remote = None
             relay.end(problem)
             # only now: until the remote's last response, a late instance (after a cancel) is refused, not archived
@@ -621,6 +636,10 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
     t = threading.Thread(target=run, name=f"relay-move-{client.remote.name}", daemon=True)
     t.start()
     return t
+
+
+def _nothing() -> None:
+    pass
 
 
 def start_get_source(client: RemoteClient, identifier: Dataset, model: str, relay: Relay, storage: list[Any]) -> threading.Thread:
