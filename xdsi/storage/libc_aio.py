@@ -154,8 +154,12 @@ class AioFsync:
                     if err:
                         self._error = OSError(err, f"fsync: {os.strerror(err)}", self.path or None)
                     else:
-                        st = os.fstat(self._fd)
-                        self._value = (st.st_dev, st.st_ino)
+                        try:
+                            st = os.fstat(self._fd)
+                        except OSError as exc:  # kept, so that asking again raises it rather than closing twice
+                            self._error = exc
+                        else:
+                            self._value = (st.st_dev, st.st_ino)
                 finally:
                     self._closer.detach()
                     os.close(self._fd)
