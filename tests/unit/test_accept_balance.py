@@ -71,11 +71,13 @@ def connections(here: AcceptBalance, n: int) -> list[socket.socket]:
 
 
 @contextmanager
-def scene(tmp_path: Path, held: int, *, defer: float | None = None, script: str = "") -> Iterator[tuple[AcceptBalance, subprocess.Popen[str], list[socket.socket]]]:
+def scene(tmp_path: Path, held: int, *, defer: float | None = None, script: str = "",
+          expect_defer: float | None = None) -> Iterator[tuple[AcceptBalance, subprocess.Popen[str], list[socket.socket]]]:
     """Worker 0 here (serving, ``held`` connections counted) and worker 1 in another process (``script``); all
     closed, killed and released at the end."""
     path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2) if defer is None else AcceptBalance(path, 0, 2, defer=defer)
+    timing = {k: v for k, v in (("defer", defer), ("expect_defer", expect_defer)) if v is not None}
+    here = AcceptBalance(path, 0, 2, **timing)
     here.serving()
     other = peer(path, 1, script)
     socks = connections(here, held)
@@ -196,11 +198,7 @@ def test_each_node_has_its_own_file_and_dead_nodes_files_go(tmp_path: Path) -> N
 def test_a_peer_expecting_a_call_back_is_left_the_connection_even_when_it_is_busier(tmp_path: Path, listener: socket.socket) -> None:
     """Worker 1 holds two connections and expects the remote's association: worker 0, lighter, leaves it the waiting
     connection (up to expect_defer, not defer); once the expectation ends, the loads decide again (0 accepts)."""
-    path = tmp_path / "accept-load"
-    here = AcceptBalance(path, 0, 2, defer=0.05, expect_defer=0.4)
-    here.serving()
-    other = peer(path, 1, "exec(line.strip())")
-    try:
+    with scene(tmp_path, 0, defer=0.05, expect_defer=0.4, script="exec(line.strip())") as (here, other, _):
         ask(other, "held += [x for _ in range(2) for x in socket.socketpair()]; [b.accepted(s) for s in held[::2]]")
         ask(other, "done = b.expect(30)")
         assert here.load(1) == 2 and here.load(0) == 0
@@ -215,10 +213,6 @@ def test_a_peer_expecting_a_call_back_is_left_the_connection_even_when_it_is_bus
         with waiting_client(listener):
             assert timed_turn(here, listener) < 0.04  # lighter and nobody expecting: at once
             listener.accept()[0].close()
-    finally:
-        other.kill()
-        other.wait()
-        here.close()
 
 
 def test_the_expecting_worker_accepts_at_once_whatever_its_load(tmp_path: Path, listener: socket.socket) -> None:

@@ -15,8 +15,13 @@ from xdsi.storage import early_sync, libc_aio
 pytestmark = pytest.mark.skipif(not libc_aio.available(), reason="glibc's AIO is not usable here")
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_on(fd: int, path: Path) -> bool:
+    """Whether descriptor ``fd`` is open on ``path``'s inode (counting all of the process's descriptors would see
+    other tests' come and go)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
 
 
 def test_the_fsync_reports_the_inode_and_closes_its_descriptor(tmp_path: Path) -> None:
@@ -24,12 +29,13 @@ def test_the_fsync_reports_the_inode_and_closes_its_descriptor(tmp_path: Path) -
     with open(f, "wb") as out:
         out.write(b"x" * 200_000)
         out.flush()
-        before = _open_fds()
         job = libc_aio.AioFsync(out.fileno(), str(f))
-        assert _open_fds() == before + 1  # its own duplicate, open while glibc works on it
+        dup = job._fd
+        assert dup != out.fileno() and _open_on(dup, f)  # its own duplicate, open while glibc works on it
+    assert _open_on(dup, f)  # the caller's closed: the duplicate still is
     st = os.stat(f)
     assert job.result() == (st.st_dev, st.st_ino) == job.result()  # waiting twice is fine
-    assert _open_fds() == before - 1  # the caller's closed, and the duplicate too
+    assert not _open_on(dup, f)  # closed once the fsync is done
 
 
 def test_an_fsync_error_is_the_kernels(tmp_path: Path) -> None:
@@ -49,11 +55,10 @@ def test_an_fsync_error_is_the_kernels(tmp_path: Path) -> None:
 def test_a_request_nobody_waits_for_closes_its_descriptor(tmp_path: Path) -> None:
     f = tmp_path / "refused.dcm"
     f.write_bytes(b"y" * 1000)
-    before = _open_fds()
     with open(f, "rb") as src:
-        libc_aio.AioFsync(src.fileno(), str(f))  # dropped at once, as for a refused instance
+        dup = libc_aio.AioFsync(src.fileno(), str(f))._fd  # dropped at once, as for a refused instance
     gc.collect()
-    assert _open_fds() == before
+    assert not _open_on(dup, f)
 
 
 def test_a_bad_descriptor_is_refused_at_once() -> None:

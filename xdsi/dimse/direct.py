@@ -375,12 +375,17 @@ def put_identity(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> None
     Why: set as attributes, pydicom looks both keywords up and validates both UIDs for every C-GET/C-MOVE
     sub-operation (~13 us each, issues 14 and 15), and pynetdicom reads them only for a failed one.  The
     placeholders of local retrieves (``xdsi.dimse.server.Placeholder``) and of relays
-    (``xdsi.gateway.relay.RelayedInstance``) both use this.  A UID that is not ASCII raises
-    ``UnicodeEncodeError`` and nothing is put in.
+    (``xdsi.gateway.relay.RelayedInstance``) both use this.  A UID that is not ASCII (never a valid
+    one) is set through ``setattr``, as before.
     """
     raw = []
     for value in (sop_class_uid, sop_instance_uid):
-        encoded = value.encode("ascii")
+        try:
+            encoded = value.encode("ascii")
+        except UnicodeEncodeError:
+            ds.SOPClassUID = sop_class_uid
+            ds.SOPInstanceUID = sop_instance_uid
+            return
         raw.append(encoded + b"\0" if len(encoded) & 1 else encoded)
     ds._dict[_SOP_CLASS_UID] = RawDataElement(_SOP_CLASS_UID, "UI", len(raw[0]), raw[0], 0, False, True)
     ds._dict[_SOP_INSTANCE_UID] = RawDataElement(_SOP_INSTANCE_UID, "UI", len(raw[1]), raw[1], 0, False, True)

@@ -239,7 +239,8 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             digest, size = (None if relayed else hashlib.sha256(head)), len(head)
             kept = bytearray(head[:HEAD_BYTES]) if relayed else None
         spool = message._data_set_file
-        write = getattr(spool, "file", spool).write  # past NamedTemporaryFile's per-call attribute wrapper
+        spool_io = getattr(spool, "file", spool)  # past NamedTemporaryFile's per-call attribute wrapper
+        write = spool_io.write
         last = False
         try:
             for _, control, fragment in items:
@@ -261,7 +262,7 @@ def _receive(assoc: Any, g: Any, dul: Any, dimse: Any) -> bool:
             # the file's fsync starts now, while the association thread parses the header (early_sync); not on a
             # remote's storage association to a relay: what it delivers is relayed, not stored (or stored by a cache
             # that syncs it itself)
-            synced = None if digest is None else early_sync.start(message._data_set_path, getattr(spool, "file", spool).fileno())
+            synced = None if digest is None else early_sync.start(message._data_set_path, spool_io.fileno())
             _complete(assoc, dimse, message, None if digest is None else early_sync.Written(size, digest.hexdigest(), synced),
                       None if kept is None else bytes(kept))
             return True
