@@ -2,7 +2,7 @@
 """C-GET via C-MOVE through the xdsi gateway against a direct C-GET from the remote PACS, one run (issue 15).
 
     python bench/gateway.py [--instances 200] [--size 512] [--rounds 3] [--pdu 16384] [--cache] [--workers N]
-        [--against BASE_TREE] [--profile OUT [--profile-runs 3] [--profile-rate 200]] [--strace OUT]
+        [--against BASE_TREE] [--profile OUT [--profile-runs 3] [--profile-rate 200]] [--strace OUT] [--perf OUT]
 
 Needs root and Debian's dcmtk.  The script re-executes itself in its own network namespace
 (``BENCH_NETNS``, default ``bench-gateway``) holding only ``lo``, where it starts one dcmtk
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peers import CLK_TCK, Netns, count_files, scratch, settle_inodes, thread_cpu, tree_cpu, tree_split  # noqa: E402
+from bench.peers import CLK_TCK, Netns, count_files, scratch, settle_inodes, thread_cpu, tree_cpu, tree_stat  # noqa: E402
 
 NS = Netns.from_env("bench-gateway", 24500)
 GETSCU = "/usr/bin/getscu"
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                    "in the same rounds, and print this tree/base")
     p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
+    p.add_argument("--perf", type=Path, help="perf record -a -g (every process on the machine) during --profile-runs extra gateway C-GETs")
     p.add_argument("--threads", action="store_true", help="CPU per xdsi thread during one extra gateway C-GET")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
     p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
@@ -176,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 port, aet, server = servers[name]
                 out = got / "got"
                 pid = server.proc.pid if server is not None else proc.proc.pid  # direct: xdsi's idle CPU
-                cpu0 = (forking_cpu(pacs.proc.pid), *tree_split(pid), client_cpu())
+                cpu0 = (forking_cpu(pacs.proc.pid), *tree_stat(pid), client_cpu())
                 dt = c_get(port, aet, spec.study_uid, out, args.pdu)
-                used = [(b - a) * 1000 / args.instances for a, b in zip(cpu0, (forking_cpu(pacs.proc.pid), *tree_split(pid), client_cpu()))]
+                delta = [b - a for a, b in zip(cpu0, (forking_cpu(pacs.proc.pid), *tree_stat(pid), client_cpu()))]
+                faults = delta.pop(3) / args.instances  # xdsi's minor page faults
+                used = [d * 1000 / args.instances for d in delta]
                 n = count_files(out)
                 if n != args.instances:
                     raise RuntimeError(f"C-GET {name} delivered {n} of {args.instances} instances")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[name].append(used)
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
                           f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
-                          f"getscu {used[3]:.2f}")
+                          f"getscu {used[3]:.2f}; xdsi page faults/instance {faults:.0f}")
         if args.strace:
             spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
             time.sleep(1.0)
@@ -196,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
             print(f"strace: {args.strace}")
+        if args.perf:
+            rec = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "1999", "-o", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+            for _ in range(args.profile_runs):
+                c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)
+            rec.send_signal(signal.SIGINT)
+            rec.wait(60)
+            print(f"perf: {args.perf} (perf report -i {args.perf} --sort comm,dso)")
         if args.threads:
             with thread_cpu(proc.proc.pid, args.instances, name_after=0.15) as report:
                 dt = c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)

@@ -6,6 +6,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,33 @@ def test_guard_reads_waiting_bytes_directly_and_still_times_out_and_sees_the_clo
         b.close()
         assert len(holder.recv(6)) == 6
         assert bytes(holder.recv(100)) == b"d" * 40  # the peer closed: what came, no more
+
+
+def test_guard_reads_into_one_buffer_that_grows_only_as_bytes_come() -> None:
+    """A PDU is read into the buffer returned (no bytes object per read, no copy onto a growing buffer: issue 15),
+    allocated up to READ_AHEAD_ALLOCATION ahead of the data; a longer PDU's buffer grows as its bytes arrive, so a
+    declared length alone never makes the guard allocate more; recv_upto takes what has arrived, up to ``most``."""
+    from xdsi.dimse.limits import READ_AHEAD_ALLOCATION
+
+    a, b = socket.socketpair()
+    with a, b:
+        holder = _Holder(a)
+        guard = PduGuard(holder, DimseLimits(max_pdu_size=64 << 20), network_timeout=2)
+        guard.deadline = None
+        big = bytes(range(256)) * ((3 * READ_AHEAD_ALLOCATION) // 256 + 7)  # past two doublings, in pieces
+        sender = threading.Thread(target=lambda: [b.sendall(big[i : i + 65536]) for i in range(0, len(big), 65536)])
+        sender.start()
+        got = holder.recv(len(big))
+        sender.join(10)
+        assert isinstance(got, bytearray) and got == big
+        b.sendall(b"h" * 10 + b"next!!")
+        assert bytes(guard.recv_upto(10, 16)) == b"h" * 10 + b"next!!"  # the next header, already there, in the same read
+        tracemalloc.start()
+        try:
+            b.sendall(b"e" * 100)
+            b.shutdown(socket.SHUT_WR)  # the peer announced 200 MB, sent 100 bytes and closed
+            assert bytes(holder.recv(200 << 20)) == b"e" * 100
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * READ_AHEAD_ALLOCATION

@@ -158,6 +158,47 @@ def test_memory_spool_spills_into_its_file_past_the_limit(tmp_path: Path, monkey
     assert spool.materialize() == tmp_path / "tmpx.dcm"  # already a file: nothing more to do
 
 
+def test_instance_bytes_keep_the_fragments_and_answer_as_the_joined_file() -> None:
+    """InstanceBytes (issue 15): the fragments are kept, not copied; slices, len, bytes() and the file written are
+    those of the joined bytes; the data set that came as one fragment is a view of that very buffer."""
+    meta = b"P" * 132 + b"META"
+    pdu = bytearray(b"\x04hdr" + bytes(range(200)) * 5)  # a PDU body as the direct reader has it
+    fragment = memoryview(pdu)[4:]
+    content = receive.InstanceBytes()
+    content.append(meta)
+    content.append(b"")  # nothing: no part
+    content.append(fragment)
+    joined = meta + bytes(fragment)
+    assert len(content) == len(joined) and bytes(content) == joined and len(content.parts) == 2
+    for a, b in [(0, 10), (0, 136), (130, 140), (136, 500), (0, len(joined)), (900, 5000), (5000, 6000)]:
+        assert content[a:b] == joined[a:b]
+    assert content[:128] == joined[:128] and content[1000:] == joined[1000:]
+    view = content.view_from(len(meta))
+    assert bytes(view) == bytes(fragment) and view.obj is pdu  # the PDU's own buffer: nothing copied
+    view.release()  # the sender releases its view; the content is still whole
+    assert bytes(content.view_from(len(meta) + 10)) == joined[len(meta) + 10 :]
+    assert bytes(content.view_from(100)) == joined[100:]  # across parts: joined once
+    assert bytes(content.view_from(len(joined))) == b""
+    with pytest.raises(TypeError):
+        content[::2]
+    out = BytesIO()
+    content.write_to(out)
+    assert out.getvalue() == joined
+
+
+def test_a_relayed_instance_received_directly_is_sent_from_the_pdu_buffer(tmp_path: Path) -> None:
+    """MemorySpool keeps what the direct reader writes (views of its PDU buffers) as InstanceBytes; materialized, the
+    file holds exactly the bytes written."""
+    spool = receive.MemorySpool(str(tmp_path / "tmpz.dcm"))
+    head = receive.PREAMBLE + receive.file_meta(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian)
+    spool.write(head)
+    body = bytearray(b"\0" * 6 + b"x" * 70000)
+    spool.write(memoryview(body)[6:])
+    assert isinstance(spool.buffer, receive.InstanceBytes)
+    assert spool.buffer.view_from(len(head)).obj is body
+    assert spool.materialize().read_bytes() == head + b"x" * 70000
+
+
 def test_memory_spool_never_overwrites_a_file(tmp_path: Path) -> None:
     """Made exclusively, like open_spool's files: an existing file of that name is an error, not overwritten."""
     (tmp_path / "tmpy.dcm").write_bytes(b"someone else's")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -141,6 +143,39 @@ def test_memory_is_bounded_per_relay(relay: r.Relay, tmp_path: Path) -> None:
         got.append(relay.items.get_nowait()[1])
     assert [a.data is not None for a in got] == [True] * r.HIGH_WATER + [False] * 3
     assert [a.path.read_bytes() for a in got[r.HIGH_WATER:]] == [b"DICM-%d" % i for i in range(r.HIGH_WATER, r.HIGH_WATER + 3)]
+    relay.close()
+
+
+def _deliver_in_thread(relay: r.Relay, event: Any) -> threading.Thread:
+    t = threading.Thread(target=r.hand_over, args=(event,), daemon=True)
+    t.start()
+    return t
+
+
+def test_once_the_count_is_out_the_flow_control_bounds_memory_not_the_disk(relay: r.Relay, tmp_path: Path) -> None:
+    """A remote faster than the requester stands at HIGH_WATER + 1 ahead: those stay in memory (issue 15: each written,
+    read back and unlinked cost ~0.1 ms); only deliveries from several associations at once, past MEMORY_AHEAD, wait
+    on disk."""
+    relay.announce()
+    threads = []
+    for i in range(r.MEMORY_AHEAD + 2):  # one association after another, each held by the flow control
+        threads.append(_deliver_in_thread(relay, _in_memory(tmp_path, f"tmp{i}.dcm", b"DICM-%d" % i)))
+        deadline = time.monotonic() + 10
+        while relay.ahead < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert relay.ahead == i + 1
+    for t in threads[: r.HIGH_WATER]:  # answered at once
+        t.join(10)
+    assert [t.is_alive() for t in threads] == [False] * r.HIGH_WATER + [True] * (r.MEMORY_AHEAD + 2 - r.HIGH_WATER)  # held
+    got = [relay.items.get_nowait()[1] for _ in threads]
+    for a in got:
+        relay.consumed()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert [a.data is not None for a in got] == [True] * r.MEMORY_AHEAD + [False] * 2
+    assert relay.spilled == 2
+    assert [a.materialize().read_bytes() for a in got] == [b"DICM-%d" % i for i in range(len(got))]
     relay.close()
 
 

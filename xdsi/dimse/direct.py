@@ -542,7 +542,7 @@ class DirectWriter:
 
     def send_c_store(
         self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, msg_id: int = 1, priority: int = 2,
-        originator_aet: str | None = None, originator_id: int | None = None, content: bytearray | None = None,
+        originator_aet: str | None = None, originator_id: int | None = None, content: Any = None,
     ) -> Dataset | None:
         """``Association.send_c_store`` of a Part 10 file in ``transfer_syntax``, sent directly; its status Dataset.
 
@@ -552,7 +552,8 @@ class DirectWriter:
         status elements, but without pydicom reading the File Meta or building the command set.
         None: the File Meta is unusual (no preamble, very long); the caller uses pynetdicom's.
         ``content``: the Part 10 file's bytes when they are only in memory (a relayed instance,
-        xdsi.gateway.receive.MemorySpool): sent from there, and no file is read (none exists at ``path``).
+        xdsi.gateway.receive.MemorySpool): sent from there, and no file is read (none exists at ``path``); bytes, or an
+        object whose ``view_from(offset)`` gives the data set without joining it (xdsi.gateway.receive.InstanceBytes).
         """
         assoc = self.assoc
         if not assoc.is_established:
@@ -562,7 +563,9 @@ class DirectWriter:
             offset = dataset_offset(bytes(content[:HEAD_BYTES]))
             if offset is None or offset >= len(content):
                 return None
-            ready = Prefetched(str(path), (), content, len(content), offset)
+            view_from = getattr(content, "view_from", None)  # xdsi.gateway.receive.InstanceBytes: the fragment itself
+            body = view_from(offset) if view_from is not None else memoryview(content)[offset:]
+            ready = Prefetched(str(path), (), body, len(body), 0)
         else:
             ready = self._claim(path)
         if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now

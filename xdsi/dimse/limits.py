@@ -66,6 +66,9 @@ LOCAL_LIMIT_EXCEEDED = 0x02
 # A-ABORT (PS3.8 9.3.8): source 2 = service provider, reason 6 = invalid PDU parameter value
 ABORT_PROVIDER, INVALID_PDU_PARAMETER = 0x02, 0x06
 PENDING_STATUSES = (0xFF00, 0xFF01)
+# bytes a read allocates before they arrive (the default 1 MiB PDU, its PDV header and the next PDU's header): a
+# larger PDU's buffer grows as its bytes come, so a declared length alone never makes us allocate more than this
+READ_AHEAD_ALLOCATION = (1 << 20) + 16
 
 
 class PduTooLarge(OSError):
@@ -152,42 +155,51 @@ class PduGuard:
     def _read(self, n: int, most: int | None = None) -> bytearray:
         """Up to ``n`` bytes, fewer only at the peer's close; within the associate timeout, then the network timeout.
 
-        Once associated, bytes already waiting are taken with one ``read`` of the descriptor (a socket with
+        Once associated, bytes already waiting are taken with one ``readv`` of the descriptor (a socket with
         a timeout is non-blocking underneath): Python's ``recv`` on such a socket always polls first, and
         setting the same timeout again before each read was a third system call.  A TCP C-STORE of a
         512 x 512 CT is some 60 reads at pynetdicom's and storescu's 16 KiB PDUs (issue 14).  TLS sockets
-        and a read that would wait take ``recv`` with its timeout, as before.
+        and a read that would wait take ``recv_into`` with its timeout, as before.
+
+        The bytes are read into the buffer returned, allocated once for the PDU (up to
+        :data:`READ_AHEAD_ALLOCATION`, grown past it as bytes come): an ``os.read`` per read allocated a
+        bytes object of the size asked for, the kernel filled part of it and the part was copied onto the
+        end of a growing buffer; for a relayed 512 x 512 CT, received in one PDU, that was two copies and
+        ~100 fresh pages to fault in per instance (issue 15).
         """
-        buf = bytearray()
-        raw = self.raw
         most = n if most is None else max(n, most)
-        while len(buf) < n:
-            want = min(most - len(buf), 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by most)
+        buf = bytearray(min(most, READ_AHEAD_ALLOCATION))
+        got = 0
+        raw = self.raw
+        while got < n:
+            if got == len(buf):  # past the first allocation: double, never beyond what may still come
+                buf += bytes(min(len(buf), most - len(buf)))
+            want = min(len(buf) - got, 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by most)
             if self.deadline is not None:
                 left = self.deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no complete A-ASSOCIATE-RQ within the associate timeout")
                 raw.settimeout(left)
+                timeout = left
             else:
                 timeout = self.network_timeout
                 if raw.gettimeout() != timeout:
                     raw.settimeout(timeout)
-                if timeout is not None and not isinstance(raw, ssl.SSLSocket):
+            with memoryview(buf) as whole, whole[got : got + want] as view:
+                count: int | None = None
+                if self.deadline is None and timeout is not None and not isinstance(raw, ssl.SSLSocket):
                     try:
-                        chunk = os.read(raw.fileno(), want)
+                        count = os.readv(raw.fileno(), [view])
                     except (BlockingIOError, InterruptedError):
-                        chunk = None  # nothing waiting: recv below waits for it, with the timeout
+                        count = None  # nothing waiting: recv_into below waits for it, with the timeout
                     except OSError:
-                        chunk = None  # closed or failed: recv below raises what pynetdicom expects
-                    if chunk is not None:
-                        if not chunk:
-                            break
-                        buf += chunk
-                        continue
-            chunk = raw.recv(want)
-            if not chunk:
+                        count = None  # closed or failed: recv_into below raises what pynetdicom expects
+                if count is None:
+                    count = raw.recv_into(view, want)
+            if not count:
                 break
-            buf += chunk
+            got += count
+        del buf[got:]
         return buf
 
     def _refuse(self, pdu_type: int, length: int, limit: int) -> None:

@@ -20,12 +20,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from xdsi.gateway import headscan
+
+if TYPE_CHECKING:
+    from xdsi.gateway.receive import InstanceBytes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def read_identity(path: Path | BinaryIO) -> Dataset:
 
 
 def check(expected: Expected, path: Path, sop_class: str, sop_uid: str, head: bytes | None = None,
-          content: bytearray | None = None) -> tuple[str | None, Any]:
+          content: InstanceBytes | None = None) -> tuple[str | None, Any]:
     """(a reason to refuse or None, the identifying elements read): the delivered file compared with the request.
 
     The elements are read by :mod:`xdsi.gateway.headscan` when the file is plainly encoded (a mapping of
@@ -114,7 +117,7 @@ def check(expected: Expected, path: Path, sop_class: str, sop_uid: str, head: by
     ds: Any = headscan.scan(head) if head is not None else headscan.scan_file(path)
     if ds is None:
         try:
-            ds = read_identity(path if content is None else io.BytesIO(content))
+            ds = read_identity(path if content is None else io.BytesIO(bytes(content)))
         except Exception as exc:  # unreadable: we cannot tell whose it is, so it is not relayed
             return f"data set cannot be read ({exc.__class__.__name__})", None
     return expected.mismatch(ds, sop_class, sop_uid), ds

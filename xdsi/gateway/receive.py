@@ -113,12 +113,79 @@ def _private(path: str, flags: int) -> int:
 
 
 def write_new(path: Path, data: Any) -> None:
-    """``data`` into a file created at ``path`` (exclusively, readable by us only, as :func:`open_spool`'s)."""
+    """``data`` (bytes, or :class:`InstanceBytes`) into a file created at ``path`` (exclusively, readable by us only,
+    as :func:`open_spool`'s)."""
     with SpoolFile(str(path), "xb", opener=_private) as f:
-        f.write(data)
+        if isinstance(data, InstanceBytes):
+            data.write_to(f)
+        else:
+            f.write(data)
 
 
 MEMORY_LIMIT = 8 << 20  # bytes of one relayed instance kept in memory; a larger one goes on in its spool file
+
+
+class InstanceBytes:
+    """A Part 10 file's bytes as they were received, none copied: the File Meta written first, then each fragment.
+
+    Why (issue 15): joined into one growing buffer, each relayed 512 x 512 CT was copied once more after the
+    socket read, into ~130 pages the kernel had to fault in afresh.  The requester is sent only the data set
+    (:meth:`view_from`), which from a remote sending PDUs up to our Maximum Length (1 MiB) is one fragment: a
+    view of the very buffer the PDU was read into.  Whoever appends a buffer gives it up: it must not change
+    afterwards (the direct reader's PDU buffers and pynetdicom's ``bytes`` are never reused).
+
+    ``len()``, slices (``content[:HEAD_BYTES]``, as bytes) and ``bytes()`` answer as the joined file would.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes | memoryview] = []
+        self.size = 0
+
+    def append(self, data: Any) -> None:
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        if len(view):
+            self.parts.append(view)
+            self.size += len(view)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __getitem__(self, key: slice) -> bytes:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("InstanceBytes takes contiguous slices only")
+        start, stop, _ = key.indices(self.size)
+        out = []
+        at = 0
+        for part in self.parts:
+            end = at + len(part)
+            if end > start and at < stop:
+                out.append(part[max(start - at, 0) : min(stop, end) - at])
+            if end >= stop:
+                break
+            at = end
+        return b"".join(out)
+
+    def view_from(self, offset: int) -> memoryview:
+        """The bytes from ``offset`` on: a view of the part they lie in when they lie in one (the usual data set), else
+        a copy joined once.  A new view each time: releasing it leaves the parts as they are."""
+        at = 0
+        for i, part in enumerate(self.parts):
+            end = at + len(part)
+            if offset < end:
+                if i == len(self.parts) - 1:
+                    return memoryview(part)[offset - at :]
+                return memoryview(b"".join([part[offset - at :], *self.parts[i + 1 :]]))
+            at = end
+        return memoryview(b"")
+
+    def write_to(self, f: Any) -> None:
+        for part in self.parts:
+            f.write(part)
 
 
 class MemorySpool:
@@ -140,7 +207,7 @@ class MemorySpool:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.buffer: bytearray | None = bytearray()
+        self.buffer: InstanceBytes | None = InstanceBytes()
         self._file: SpoolFile | None = None
 
     @property
@@ -154,7 +221,7 @@ class MemorySpool:
     def write(self, data: Any) -> int:
         if self.buffer is None:
             return self._opened().write(data)
-        self.buffer += data
+        self.buffer.append(data)
         if len(self.buffer) > MEMORY_LIMIT:
             self.materialize(keep_open=True)
         return len(data)
@@ -172,7 +239,7 @@ class MemorySpool:
         if self.buffer is not None:
             f = SpoolFile(self.name, "xb", opener=_private)
             try:
-                f.write(self.buffer)
+                self.buffer.write_to(f)
             except BaseException:
                 f.close()
                 raise

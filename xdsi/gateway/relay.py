@@ -68,6 +68,9 @@ PENDING = (0xFF00, 0xFF01)
 INBOX_POLL = 0.01  # how often a relay with an inbox looks into it while its queue is empty
 POLL = 0.05  # how often the requester's C-CANCEL and association are looked at while waiting
 HIGH_WATER = 8  # instances spooled ahead of the requester before the remote's C-STORE is answered
+# instances held in memory ahead of the requester once the count is out: the flow control above keeps a remote's
+# association at most one past HIGH_WATER, so only several associations delivering to one relay at once reach this
+MEMORY_AHEAD = 2 * HIGH_WATER
 REFUSED_CLOSED = 0xA700  # C-STORE Out of Resources: an instance for a relay already cancelled or over
 COUNT_KEYS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
               "NumberOfWarningSuboperations")
@@ -85,7 +88,7 @@ class Arrived:
     patient_id: str = ""
     # the instance's bytes (a Part 10 file) while they are only in memory (receive.MemorySpool): ``path`` does not
     # exist until :meth:`materialize` writes them there
-    data: bytearray | None = None
+    data: receive.InstanceBytes | None = None
 
     def materialize(self) -> Path:
         """``path``, written from :attr:`data` first if the instance was only in memory (for what needs a file)."""
@@ -125,6 +128,7 @@ class Relay:
         self.upcoming: Callable[[], Path | None] | None = None
         self.skipped_pending = 0  # the remote's Pending responses dropped undecoded (skip_pending)
         self.via_inbox = 0  # instances another process received for this relay (from_inbox)
+        self.spilled = 0  # instances received into memory but written to the spool to wait there (deliver)
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
         self._spool_made = False
         self._listed_ns = 0  # time.time_ns() when a listing of the inbox last began (drain_inbox(quick=True))
@@ -145,7 +149,7 @@ class Relay:
     # -- the source side --------------------------------------------------------------------------
 
     def deliver(self, path: Path, sop_class: str, sop_uid: str, ts: str, head: bytes | None = None,
-                content: bytearray | None = None) -> int:
+                content: receive.InstanceBytes | None = None) -> int:
         """An instance arrived (C-STORE handler thread): take the spool file (or ``content``) over; the C-STORE status.
 
         ``head``: the spool file's first bytes as the direct reader wrote them (identity.check), if it kept them.
@@ -163,13 +167,19 @@ class Relay:
         own = self.spool_name(".dcm")
         if content is None:
             os.replace(path, own)  # pynetdicom's unlink of its spool name afterwards finds nothing: fine
-        elif self.ahead >= HIGH_WATER:  # the requester is behind (or no count came yet): what waits, waits on disk
-            try:  # so memory holds at most HIGH_WATER instances per relay, whatever the study
+        elif self.ahead >= (MEMORY_AHEAD if self.announced else HIGH_WATER):
+            # what waits beyond that waits on disk, so memory holds a bounded number of instances per relay whatever the
+            # study.  Before the count is out nothing holds the remote back (HIGH_WATER); after it, the flow control
+            # below does, and the bound is only reached by several associations delivering at once.  Why not
+            # HIGH_WATER then too: with a remote faster than the requester the queue stands at HIGH_WATER, and every
+            # instance was written, read back and unlinked (an ext4 create and delete each, ~0.1 ms; issue 15)
+            try:
                 receive.write_new(own, content)
             except OSError as exc:
                 log.error("relay %s/%d: %s not spooled: %s", self.remote_ae, self.msg_id, sop_uid, exc)
                 return REFUSED_CLOSED
             content = None
+            self.spilled += 1
         if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient, content)]):
             log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
@@ -1024,8 +1034,8 @@ def relay_suboperations(event: Any, relay: Relay, what: str, on_count: Callable[
             last = None
             sending += time.monotonic() - t
         log.info("%s: %d relayed, count known after %.3f s, then %.3f s (%.3f s sending, the rest waiting for the remote); "
-                 "%d Pending responses not decoded, %d instances received by another process", what, sent, t_count - t_start,
-                 time.monotonic() - t_count, sending, relay.skipped_pending, relay.via_inbox)
+                 "%d Pending responses not decoded, %d instances received by another process, %d waited on disk", what, sent,
+                 t_count - t_start, time.monotonic() - t_count, sending, relay.skipped_pending, relay.via_inbox, relay.spilled)
         if ex.cancelled:
             ex.cancel()
             yield Status.CANCEL, None
