@@ -179,6 +179,33 @@ def test_once_the_count_is_out_the_flow_control_bounds_memory_not_the_disk(relay
     relay.close()
 
 
+def test_the_source_reads_lazily_only_while_announced_instances_are_still_to_come(relay: r.Relay, tmp_path: Path) -> None:
+    """Relay.reading_lazily (issue 15): the remote's Pending responses may wait unread once the count is out and until
+    every announced instance came (here or through the inbox); then, on a cancel and at the close, the source's DUL
+    is woken to read the final response at once."""
+    woken: list[int] = []
+    relay.wake_source = lambda: woken.append(1)
+    assert not relay.reading_lazily()  # no count yet: the first responses are awaited
+    relay.announce(3)
+    assert relay.reading_lazily()
+    assert r.hand_over(_in_memory(tmp_path, "tmpa.dcm")) == 0x0000
+    assert relay.reading_lazily() and not woken
+    inbox = relay.inbox
+    assert inbox is not None
+    (inbox / f"x_y_{'1.2.840.10008.5.1.4.1.1.2'}_{'1.2.3.9'}_{'1.2.840.10008.1.2.1'}.dcm").write_bytes(b"DICM-other")
+    assert len(relay.from_inbox()) == 1  # another worker's
+    assert relay.reading_lazily() and not woken
+    assert r.hand_over(_in_memory(tmp_path, "tmpb.dcm")) == 0x0000
+    assert not relay.reading_lazily() and woken == [1]  # all three came: the final response is next
+    relay.received = 0  # as if some were still to come
+    assert relay.reading_lazily()
+    relay.cancelling = True
+    assert not relay.reading_lazily()
+    relay.cancelling = False
+    relay.close()
+    assert not relay.reading_lazily() and woken == [1, 1]
+
+
 def test_delivery_from_memory_to_another_process_goes_through_a_file(relay: r.Relay, tmp_path: Path) -> None:
     with r._lock:
         r._relays.pop((relay.remote_ae, relay.originator, relay.msg_id))

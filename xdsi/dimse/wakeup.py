@@ -50,6 +50,9 @@ _REACTOR_SLEEP = 0.001  # Association._run_reactor's hard-coded poll
 # giving the socket back (direct.Guard.release_read); was 1 ms, a wake-up and a GIL hand-off per millisecond
 READER_WAIT = 0.01
 IDLE_WAIT = 0.01  # longest wait of either loop when nothing happens: activity ends it at once
+LAZY_WAIT = 0.05  # a DUL told to read lazily (read_lazily) looks at its socket this often; sends still wake it at once
+_LAZY = "_xdsi_lazy"  # on a DUL: read_lazily's condition
+_POKE = "_xdsi_poke"  # on a DUL: wakes it if it waits
 _lock = threading.Lock()
 _patched = False
 
@@ -177,6 +180,10 @@ def install(assoc: Any) -> bool:
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data already buffered: select() would not see it
+        lazy = getattr(dul, _LAZY, None)
+        if lazy is not None and lazy():
+            wait_for_sends(max(seconds, LAZY_WAIT))  # the peer's PDUs wait in the socket; ours go out at once
+            return
         selecting[0] = True
         try:
             if to_provider.qsize() or dul._kill_thread:
@@ -225,6 +232,7 @@ def install(assoc: Any) -> bool:
     _signal_on_put(msg_queue, arrived.set)
     _signal_on_put(to_user, arrived.set)
     setattr(dul, _WAIT, dul_wait)
+    setattr(dul, _POKE, poke_if_selecting)
     setattr(assoc, _WAIT, reactor_wait)
     setattr(assoc, _MARK, True)
     # the pair is closed with the association (garbage collection would close it too)
@@ -239,3 +247,20 @@ def install(assoc: Any) -> bool:
 
 
 __all__ = ["install", "check_pynetdicom"]
+
+
+def read_lazily(assoc: Any, while_: Callable[[], bool]) -> Callable[[], None] | None:
+    """While ``while_()`` is true, this association's DUL (:func:`install`-ed) reads its socket only every
+    :data:`LAZY_WAIT` seconds, all that waits there at once; what we send still wakes it at once.
+
+    Why (issue 15): a remote sends a Pending C-MOVE response per sub-operation, and a relay needs none of them once
+    it has the count (``xdsi.gateway.relay.skip_pending`` drops them); each still woke the DUL thread, which took the
+    GIL from the two threads moving the instances (~0.1 ms of CPU per relayed instance).  Returns what wakes the DUL
+    to look again at once (call it when ``while_()`` turns false), or None if the association was not installed.
+    """
+    dul = getattr(assoc, "dul", None)
+    if dul is None or not getattr(assoc, _MARK, False):
+        return None
+    setattr(dul, _LAZY, while_)
+    poke: Callable[[], None] = getattr(dul, _POKE)
+    return poke

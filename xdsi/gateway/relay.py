@@ -129,6 +129,11 @@ class Relay:
         self.skipped_pending = 0  # the remote's Pending responses dropped undecoded (skip_pending)
         self.via_inbox = 0  # instances another process received for this relay (from_inbox)
         self.spilled = 0  # instances received into memory but written to the spool to wait there (deliver)
+        self.total: int | None = None  # sub-operations the remote announced (announce)
+        self.received = 0  # instances that came, here or through the inbox
+        self.cancelling = False  # the requester cancelled: the remote's answer is awaited now
+        # wakes the DUL of our association to the remote when it reads lazily (start_move_source, wakeup.read_lazily)
+        self.wake_source: Callable[[], None] | None = None
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
         self._spool_made = False
         self._listed_ns = 0  # time.time_ns() when a listing of the inbox last began (drain_inbox(quick=True))
@@ -183,6 +188,7 @@ class Relay:
         if not self._enqueue([Arrived(own, sop_class, sop_uid, ts, study, patient, content)]):
             log.info("relay %s/%d: %s arrived as the retrieve ended; refused", self.remote_ae, self.msg_id, sop_uid)
             return REFUSED_CLOSED
+        self._count_arrivals(1)
         with self._cond:  # flow control: hold the remote's C-STORE response while the requester is far behind
             self._cond.wait_for(lambda: self.closed or not self.announced or self.ahead <= HIGH_WATER, timeout=self.timeout)
         return 0x0000
@@ -270,10 +276,31 @@ class Relay:
             self.ahead -= 1
             self._cond.notify_all()
 
-    def announce(self) -> None:
+    def announce(self, total: int | None = None) -> None:
         with self._cond:
             self.announced = True
+            self.total = total
             self._cond.notify_all()
+
+    def reading_lazily(self) -> bool:
+        """Whether the source's association may leave the remote's responses unread for a while
+        (:func:`xdsi.dimse.wakeup.read_lazily`): the count is out and instances are still to come, so every response
+        before the last is a Pending one the relay drops.  False once all have come, or the retrieve is cancelled or
+        over: the final response is then read as soon as it arrives."""
+        return self.announced and not self.closed and not self.cancelling and self.total is not None and self.received < self.total
+
+    def _count_arrivals(self, n: int) -> None:
+        with self._cond:
+            self.received += n
+            done = self.total is not None and self.received >= self.total
+        if done:
+            self.wake()
+
+    def wake(self) -> None:
+        """The source's DUL looks at the remote's responses again at once (see :meth:`reading_lazily`)."""
+        wake = self.wake_source
+        if wake is not None:
+            wake()
 
     def remove_sent(self) -> None:
         """Remove the spool files of instances already sent (the sink's thread: :class:`Finisher`)."""
@@ -286,6 +313,7 @@ class Relay:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
+        self.wake()
         if self.inbox is not None:
             try:
                 (self.inbox / CLOSED).touch()
@@ -328,6 +356,8 @@ class Relay:
             except OSError:
                 shutil.move(str(self.inbox / name), str(own))
             out.append(Arrived(own, sop_class, sop_uid, ts))
+        if out:
+            self._count_arrivals(len(out))
         self.via_inbox += len(out)
         return out
 
@@ -626,6 +656,10 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _wake_on_activity(assoc)
                 skip_pending(assoc, relay)
+                from xdsi.dimse import wakeup
+
+                # its Pending responses, dropped anyway, read in batches while instances are still to come
+                relay.wake_source = wakeup.read_lazily(assoc, relay.reading_lazily)
                 # the remote's storage association is best accepted by this worker: the instances then go from one
                 # association to the other in memory, not through the inbox (xdsi.dimse.accept_balance)
                 balance = accept_balance.current()
@@ -637,7 +671,7 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
             problem = remote_failure(exc, client, "C-MOVE to")
         finally:
             expected_back()
-            relay.cancel_remote = None
+            relay.cancel_remote = relay.wake_source = None
             relay.end(problem)
             # only now: until the remote's last response, a late instance (after a cancel) is refused, not archived
             unregister(relay)
@@ -895,7 +929,7 @@ class Exchange:
                 counts = _counts(st)
                 if int(st.Status) in PENDING:
                     if counts is not None and counts[0] is not None:
-                        self.relay.announce()
+                        self.relay.announce(sum(counts))
                         return sum(counts)
                     continue
                 self.final, self.final_identifier = st, ident
@@ -961,6 +995,8 @@ class Exchange:
         return [str(v) for v in value]
 
     def cancel(self) -> None:
+        self.relay.cancelling = True
+        self.relay.wake()
         cancel = self.relay.cancel_remote
         if cancel is not None:
             try:
