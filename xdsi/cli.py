@@ -142,6 +142,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """One process (``workers = 1``), or a supervisor over N worker processes sharing the listeners."""
+    from xdsi.heap import tune_allocator
+
+    tune_allocator()  # this process (one worker); a supervisor's workers are fresh interpreters and do it themselves
     if settings.effective_workers > 1:
         from xdsi.supervisor import supervise
 

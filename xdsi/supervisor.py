@@ -396,6 +396,9 @@ def freeze_startup_heap() -> None:
 def worker_main() -> int:
     """``python -m xdsi.supervisor``: one worker, its spec on stdin."""
     _die_with_parent()
+    from xdsi.heap import tune_allocator
+
+    tune_allocator()  # before the worker allocates anything large (xdsi.heap)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     if os.getppid() != spec.supervisor:  # the supervisor died before PR_SET_PDEATHSIG was set
         return 1
