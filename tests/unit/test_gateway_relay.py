@@ -530,3 +530,55 @@ def test_a_placeholder_of_a_uid_that_is_not_ascii_is_built_as_before(tmp_path: P
     arrived = r.Arrived(tmp_path / "a.dcm", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.\u00e9", "1.2.840.10008.1.2.1")
     placeholder = r.RelayedInstance(arrived)
     assert placeholder.SOPInstanceUID == "1.2.3.\u00e9" and placeholder.SOPClassUID == arrived.sop_class_uid
+
+
+@pytest.mark.parametrize("how", ["move", "get"])
+def test_the_sink_ends_at_the_remotes_final_response_not_after_the_release(tmp_path: Path, how: str) -> None:
+    """The requester's final response waits for the remote's, not for our association's A-RELEASE (issue 15: 5-20 ms
+    per retrieve in bench/gateway.py); the relay is unregistered only after the release, as before."""
+    from contextlib import contextmanager
+
+    from pydicom.dataset import Dataset
+
+    released = threading.Event()
+
+    class Assoc:
+        def send_c_cancel(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def _final(self, *args: Any, **kwargs: Any) -> Iterator[tuple[Dataset, None]]:
+            st = Dataset()
+            st.Status = 0x0000
+            yield st, None
+
+        send_c_move = send_c_get = _final
+
+    @contextmanager
+    def association(contexts: Any, **kwargs: Any) -> Iterator[Assoc]:
+        yield Assoc()
+        time.sleep(1.0)  # a remote slow to answer our A-RELEASE-RQ
+        released.set()
+
+    client = SimpleNamespace(association=association, move_destination="XDSI", remote=SimpleNamespace(name="PACS1", ae_title="PACS1"))
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "1.2.3"
+    rel = r.Relay(tmp_path / "spool", "PACS1", 99)
+    rel.originator = "XDSI"
+    model = "1.2.840.10008.5.1.4.1.2.2.2" if how == "move" else "1.2.840.10008.5.1.4.1.2.2.3"
+    if how == "move":
+        t = r.start_move_source(client, identifier, model, rel)
+    else:
+        t = r.start_get_source(client, identifier, model, rel, [])
+    try:
+        assert rel.items.get(timeout=5)[0] == "rsp"
+        assert rel.items.get(timeout=5) == ("end", None)
+        assert not released.is_set()
+        if how == "move":
+            with r._lock:
+                assert ("PACS1", "XDSI", rel.msg_id) in r._relays  # late deliveries are still refused, not archived
+    finally:
+        t.join(5)
+    assert released.is_set() and rel.items.empty()  # ended once
+    with r._lock:
+        assert ("PACS1", "XDSI", rel.msg_id) not in r._relays

@@ -278,6 +278,7 @@ class Gateway:
                 with client.association(r.qr_contexts(model)) as assoc:
                     relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                     problem = r.pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, destination, model, msg_id=relay.msg_id))
+                    relay.end(problem)  # the final response relayed now, not after our association's release
             except Exception as exc:
                 problem = r.remote_failure(exc, client, "C-MOVE forwarded to")
             finally:

@@ -132,6 +132,7 @@ class Relay:
         self.total: int | None = None  # sub-operations the remote announced (announce)
         self.received = 0  # instances that came, here or through the inbox
         self.cancelling = False  # the requester cancelled: the remote's answer is awaited now
+        self.source_ended = False  # end() was called
         # wakes the DUL of our association to the remote when it reads lazily (start_move_source, wakeup.read_lazily)
         self.wake_source: Callable[[], None] | None = None
         self.sent_files: list[Path] = []  # sent, not cached, removal deferred to the wait for the next response (Finisher)
@@ -266,6 +267,11 @@ class Relay:
         self.items.put(("rsp", (st, identifier)))
 
     def end(self, problem: str | None = None) -> None:
+        """Source side: nothing more will come (once; later calls do nothing)."""
+        with self._cond:
+            if self.source_ended:
+                return
+            self.source_ended = True
         self.drain_inbox()
         self.items.put(("end", problem))
 
@@ -667,6 +673,9 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
                     expected_back = relay.on_first_arrival = balance.expect()
                 problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id),
                                          every=False)
+                # the remote's final response is in, so every instance it sent is too: the requester has its final
+                # response now, not after our association's release (5-20 ms in bench/gateway.py, issue 15)
+                relay.end(problem)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
         finally:
@@ -705,6 +714,7 @@ def start_get_source(client: RemoteClient, identifier: Dataset, model: str, rela
                 relay.cancel_remote = lambda: assoc.send_c_cancel(relay.msg_id, query_model=model)
                 _receive_fast(assoc)  # the remote's C-STOREs come on this association
                 problem = pump_responses(relay, client, "C-GET", assoc.send_c_get(identifier, model, msg_id=relay.msg_id), every=False)
+                relay.end(problem)  # the final response is in: no more C-STOREs on this association (as for a C-MOVE)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-GET from")
         finally:
