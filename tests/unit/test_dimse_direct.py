@@ -403,26 +403,34 @@ def test_read_ahead_bytes_go_out_as_the_file_would(tmp_path: Path, max_pdu: int)
     command = direct.encode_command([(0x0002, "UI", CT), (0x0100, "US", direct.STORE_RQ), (0x0110, "US", 1), (0x0700, "US", 2),
                                      (0x0800, "US", direct.DATA_SET_PRESENT), (0x1000, "UI", "1.2.3.4")])
     wires = []
-    for use_memory in (False, True):
+    for mode in ("file", "memory", "pieces"):
         a, b = socket.socketpair()
         _, writer = _writer(max_pdu, a)
         received = bytearray()
         reader = threading.Thread(target=lambda: _drain(b, received))
         reader.start()
-        if use_memory:
+        if mode == "memory":
             writer.expect(lambda: path)
             writer._prefetch_next()
             ready = writer._claim(path)
             assert ready is not None
             data = memoryview(ready.buffer)[ready.offset : ready.length]
             writer._send(direct.C_STORE_RQ, command, 1, (path, offset), data=data)
+        elif mode == "pieces":  # a relayed instance as it arrived (InstanceBytes.views_from): PDV boundaries fall inside pieces
+            body = raw[offset:]
+            cuts = [0, 1, 7, 131060 % len(body), 2 * 131060 % len(body), len(body)]
+            cuts = sorted(set(cuts))
+            pieces = [memoryview(bytearray(body[x:y])) for x, y in zip(cuts, cuts[1:])]
+            given = list(pieces)
+            writer._send(direct.C_STORE_RQ, command, 1, (path, offset), data=pieces, in_memory=True)
+            assert pieces == given  # the caller's list is not consumed
         else:
             writer._send(direct.C_STORE_RQ, command, 1, (path, offset))
         a.shutdown(socket.SHUT_WR)
         reader.join(10)
         wires.append(bytes(received))
         assert writer.direct_messages == 1
-    assert wires[0] == wires[1]
+    assert wires[0] == wires[1] == wires[2]
     assert _reassembled(wires[1])[-1][2] == raw[offset:]
 
 
@@ -480,9 +488,11 @@ def test_send_all_resumes_partial_writes_in_order(timeout: float | None, monkeyp
 
         reader = threading.Thread(target=read)
         reader.start()
+        given = list(parts)
         direct._send_all(a, parts, timeout=10.0)
         reader.join(10)
         assert bytes(got) == want
+        assert len(parts) == len(given) and all(p is q for p, q in zip(parts, given))  # the caller's list as it was
         assert bool(writes) == (timeout is not None)
     finally:
         a.close()

@@ -553,31 +553,32 @@ class DirectWriter:
         None: the File Meta is unusual (no preamble, very long); the caller uses pynetdicom's.
         ``content``: the Part 10 file's bytes when they are only in memory (a relayed instance,
         xdsi.gateway.receive.MemorySpool): sent from there, and no file is read (none exists at ``path``); bytes, or an
-        object whose ``view_from(offset)`` gives the data set without joining it (xdsi.gateway.receive.InstanceBytes).
+        object whose ``views_from(offset)`` gives the data set in pieces, never joined (xdsi.gateway.receive.InstanceBytes).
         """
         assoc = self.assoc
         if not assoc.is_established:
             raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
         context = self._context(sop_class, transfer_syntax)
+        data: memoryview | list[memoryview]
         if content is not None:
             offset = dataset_offset(bytes(content[:HEAD_BYTES]))
             if offset is None or offset >= len(content):
                 return None
-            view_from = getattr(content, "view_from", None)  # xdsi.gateway.receive.InstanceBytes: the fragment itself
-            body = view_from(offset) if view_from is not None else memoryview(content)[offset:]
-            ready = Prefetched(str(path), (), body, len(body), 0)
+            # xdsi.gateway.receive.InstanceBytes: the fragments as they were received, gathered into our PDUs unjoined
+            views_from = getattr(content, "views_from", None)
+            data = views_from(offset) if views_from is not None else memoryview(content)[offset:]
         else:
             ready = self._claim(path)
-        if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now
-            ready = self._read_small(path)
-        if ready is not None:
-            offset, data = ready.offset, memoryview(ready.buffer)[ready.offset : ready.length]
-        else:
-            with open(path, "rb") as f:
-                offset = dataset_offset(f.read(HEAD_BYTES))
-            if offset is None:
-                return None
-            data = memoryview(b"")
+            if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now
+                ready = self._read_small(path)
+            if ready is not None:
+                offset, data = ready.offset, memoryview(ready.buffer)[ready.offset : ready.length]
+            else:
+                with open(path, "rb") as f:
+                    offset = dataset_offset(f.read(HEAD_BYTES))
+                if offset is None:
+                    return None
+                data = memoryview(b"")
         context_id = int(context.context_id)
         command = encode_command([
             (0x0002, "UI", sop_class),
@@ -594,7 +595,8 @@ class DirectWriter:
             while not assoc._is_paused:  # a requestor's reactor must not take our response off the queue
                 time.sleep(0.0001)
             self._send(C_STORE_RQ, command, context_id, (Path(path), offset), data=data, in_memory=content is not None)
-            data.release()
+            if isinstance(data, memoryview):
+                data.release()
             if self.after_send is not None:  # e.g. the C-MOVE requestor's Pending response for the previous instance
                 try:
                     self.after_send()
@@ -730,7 +732,7 @@ class DirectWriter:
 
     def _send(
         self, cls: type[DIMSEMessage], command: bytes, context_id: int, path: tuple[Path, int] | None, status: int | None = None,
-        data: memoryview | bytes = b"", in_memory: bool = False,
+        data: memoryview | bytes | list[memoryview] = b"", in_memory: bool = False,
     ) -> None:
         """One message whose command set is encoded: ``EVT_DIMSE_SENT``, then written directly or queued.
 
@@ -747,7 +749,7 @@ class DirectWriter:
             return
         self.queued_messages += 1
         if in_memory:
-            message.data_set = BytesIO(bytes(data))
+            message.data_set = BytesIO(b"".join(data) if isinstance(data, list) else bytes(data))
         message.command_set = decode(BytesIO(command), True, True)  # pynetdicom's encoder reads the Dataset
         for pdata in message.encode_msg(context_id, self.max_pdu):
             self.dul.send_pdu(pdata)
@@ -849,7 +851,7 @@ class DirectWriter:
 
     # -- writing ------------------------------------------------------------------------------------------
 
-    def write(self, context_id: int, command: bytes, data: bytes | memoryview, path: tuple[Path, int] | None) -> bool:
+    def write(self, context_id: int, command: bytes, data: bytes | memoryview | list[memoryview], path: tuple[Path, int] | None) -> bool:
         """The message's PDUs on the wire (True), or nothing written because the DUL must send it (False).
 
         Raises ``ConnectionError`` when the transport fails part-way (the DUL has been told: Evt17).
@@ -863,8 +865,10 @@ class DirectWriter:
             try:
                 if path is not None:
                     self._write_file(sock, context_id, head, path, max_pdu)
+                elif isinstance(data, list):  # a data set in pieces (InstanceBytes.views_from): gathered, not joined
+                    self._write_bytes(sock, context_id, head, data, max_pdu)
                 elif data:
-                    self._write_bytes(sock, context_id, head, memoryview(data), max_pdu)
+                    self._write_bytes(sock, context_id, head, [memoryview(data).cast("B")], max_pdu)
                 else:
                     self._send_all(sock, [head])
             except Aborted:
@@ -887,15 +891,33 @@ class DirectWriter:
         per_run = max(1, min(MAX_RUN_FRAGMENTS, RUN_BYTES // size))
         return size, per_run
 
-    def _write_bytes(self, sock: Any, context_id: int, head: bytes, data: memoryview, max_pdu: int) -> None:
-        size, per_run = self._runs(len(data), max_pdu)
+    def _write_bytes(self, sock: Any, context_id: int, head: bytes, chunks: list[memoryview], max_pdu: int) -> None:
+        """The data set ``chunks`` (byte views, in order) as PDVs of at most ``max_pdu - 6`` bytes each.
+
+        A PDV whose bytes lie in two chunks is written from both (one PDU header, two buffers of the ``sendmsg``):
+        what a relayed instance arrived in (the remote's PDUs, 128 KB from dcmqrscp) is sent to the requester in its
+        PDUs (16 KB from getscu) without joining it first (a copy of the whole data set; issue 15).
+        """
+        total = sum(c.nbytes for c in chunks)
+        size, per_run = self._runs(total, max_pdu)
         parts: list[Any] = [head]
-        total = len(data)
-        for n, offset in enumerate(range(0, total, size), 1):
-            piece = data[offset : offset + size]
-            flag = DATA_LAST if offset + size >= total else DATA_MORE
-            parts.append(PDU_HEADER.pack(P_DATA_TF, 0, len(piece) + 6, len(piece) + 2, context_id, flag))
-            parts.append(piece)
+        index, at, done, n = 0, 0, 0, 0
+        while done < total:
+            want = min(size, total - done)
+            header = len(parts)
+            parts.append(b"")
+            got = 0
+            while got < want:
+                chunk = chunks[index]
+                take = min(want - got, chunk.nbytes - at)
+                parts.append(chunk[at : at + take])
+                got += take
+                at += take
+                if at == chunk.nbytes:
+                    index, at = index + 1, 0
+            done += want
+            parts[header] = PDU_HEADER.pack(P_DATA_TF, 0, want + 6, want + 2, context_id, DATA_LAST if done >= total else DATA_MORE)
+            n += 1
             if n % per_run == 0:
                 self._send_all(sock, parts)
                 parts = []
@@ -960,15 +982,17 @@ def _send_all(sock: Any, parts: list[Any], stop: Callable[[], bool] = lambda: Fa
     if isinstance(sock, ssl.SSLSocket):  # TLS records cannot be written partially by sendmsg: the socket's own timeout
         sock.sendall(b"".join(parts))
         return
-    views = [memoryview(p).cast("B") for p in parts]
+    views = parts  # bytes, or byte views (format "B"): what writev takes as they are; a view made only to resume
+    first = 0
     last_progress = time.monotonic()
     # a socket with a timeout is non-blocking underneath: ``writev`` of its descriptor is ``sendmsg(MSG_DONTWAIT)``
     # without the poll() Python's sendmsg makes first on such a socket (one system call, and one GIL hand-off
     # under load, less per message: issue 15); a blocking socket (no timeout) keeps sendmsg with MSG_DONTWAIT
     fd = sock.fileno() if sock.gettimeout() is not None else -1
-    while views:
+    while first < len(views):
+        pending = views[first:] if first else views
         try:
-            sent = os.writev(fd, views) if fd >= 0 else sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+            sent = os.writev(fd, pending) if fd >= 0 else sock.sendmsg(pending, [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         if not sent:
@@ -979,11 +1003,17 @@ def _send_all(sock: Any, parts: list[Any], stop: Callable[[], bool] = lambda: Fa
             select.select([], [sock], [], 0.05)
             continue
         last_progress = time.monotonic()
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+        while first < len(views) and sent >= _nbytes(views[first]):
+            sent -= _nbytes(views[first])
+            first += 1
+        if first < len(views) and sent:
+            if views is parts:
+                views = list(parts)  # the caller's list is left as it was given
+            views[first] = memoryview(views[first]).cast("B")[sent:]
+
+
+def _nbytes(part: Any) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
 
 
 def writer_of(assoc: Any) -> DirectWriter | None:

@@ -130,8 +130,8 @@ class InstanceBytes:
 
     Why (issue 15): joined into one growing buffer, each relayed 512 x 512 CT was copied once more after the
     socket read, into ~130 pages the kernel had to fault in afresh.  The requester is sent only the data set
-    (:meth:`view_from`), which from a remote sending PDUs up to our Maximum Length (1 MiB) is one fragment: a
-    view of the very buffer the PDU was read into.  Whoever appends a buffer gives it up: it must not change
+    (:meth:`views_from`): views of the very buffers the remote's PDUs were read into, gathered into the
+    requester's PDUs by ``xdsi.dimse.direct``.  Whoever appends a buffer gives it up: it must not change
     afterwards (the direct reader's PDU buffers and pynetdicom's ``bytes`` are never reused).
 
     ``len()``, slices (``content[:HEAD_BYTES]``, as bytes) and ``bytes()`` answer as the joined file would.
@@ -170,18 +170,17 @@ class InstanceBytes:
             at = end
         return b"".join(out)
 
-    def view_from(self, offset: int) -> memoryview:
-        """The bytes from ``offset`` on: a view of the part they lie in when they lie in one (the usual data set), else
-        a copy joined once.  A new view each time: releasing it leaves the parts as they are."""
+    def views_from(self, offset: int) -> list[memoryview]:
+        """The bytes from ``offset`` on, as views of the parts they lie in (nothing joined, nothing copied).  New views
+        each time: releasing them leaves the parts as they are."""
+        out = []
         at = 0
-        for i, part in enumerate(self.parts):
+        for part in self.parts:
             end = at + len(part)
             if offset < end:
-                if i == len(self.parts) - 1:
-                    return memoryview(part)[offset - at :]
-                return memoryview(b"".join([part[offset - at :], *self.parts[i + 1 :]]))
+                out.append(memoryview(part)[max(offset - at, 0) :])
             at = end
-        return memoryview(b"")
+        return out
 
     def write_to(self, f: Any) -> None:
         for part in self.parts:
