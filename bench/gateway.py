@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                    "in the same rounds, and print this tree/base")
     p.add_argument("--workers", type=int, help="xdsi serve --workers (default: one per CPU)")
     p.add_argument("--profile", type=Path, help="py-spy profile of xdsi during 3 extra gateway C-GETs (.svg flame graph, else collapsed stacks)")
-    p.add_argument("--perf", type=Path, help="perf record -a -g (every process on the machine) during --profile-runs extra gateway C-GETs")
+    p.add_argument("--perf", type=Path, help="perf record -a -g (every process on the machine) during --profile-runs extra gateway C-GETs "
+                   "(PERF_SCHED=1: perf sched record, for perf sched latency)")
     p.add_argument("--threads", action="store_true", help="CPU per xdsi thread during one extra gateway C-GET")
     p.add_argument("--strace", type=Path, help="strace -c -f of xdsi during --profile-runs extra gateway C-GETs (system calls counted)")
     p.add_argument("--profile-runs", type=int, default=3, help="gateway C-GETs recorded by --profile")
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             spy.wait(60)
             print(f"strace: {args.strace}")
         if args.perf:
-            rec = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "1999", "-o", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rec = subprocess.Popen(["perf", *(["sched", "record"] if os.environ.get("PERF_SCHED") else ["record", "-a", "-g", "-F", "1999"]),
+                                    "-o", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             for _ in range(args.profile_runs):
                 c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)
