@@ -15,13 +15,15 @@ it on the requester's association as it arrives.  Alternating the two each round
 - direct: ``getscu`` -> dcmqrscp (C-GET);
 - gateway: ``getscu`` -> xdsi -> (C-MOVE) dcmqrscp -> xdsi -> ``getscu``.
 
-It prints MB/s per round, the medians and the per-round ratio gateway/direct (aim: >= 0.7), and
-checks every round that every instance arrived.  Only ratios from one run mean anything on a
+It prints MB/s per round, the CPU per instance of each process and xdsi's minor page faults per instance
+(memory the kernel hands out afresh: buffers freed and allocated again per instance), the medians and the
+per-round ratio gateway/direct (aim: >= 0.7), and checks every round that every instance arrived.  Only ratios from one run mean anything on a
 shared machine; the ratio bounds what relaying costs over the remote's own C-GET.  ``--workers 1`` takes
 out the chance that the remote's storage association lands on another worker than the requester's (the
 relay's inbox path, xdsi/gateway/relay.py), which varies run to run with the default one worker per CPU.
 ``--profile`` records py-spy (``PYSPY_GIL=1``: only the thread holding the GIL) at ``--profile-rate``
-samples/s; ``--strace`` counts xdsi's system calls (``STRACE_FULL=1``: every call, per thread).
+samples/s; ``--strace`` counts xdsi's system calls (``STRACE_FULL=1``: every call, per thread); ``--perf`` records
+every process on the machine with ``perf`` (``PERF_SCHED=1``: scheduler events, for ``perf sched latency``).
 """
 
 from __future__ import annotations
