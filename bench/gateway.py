@@ -194,23 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd} C-GET {name:8s} {dt:6.2f} s {total / 1e6 / dt:7.1f} MB/s {args.instances / dt:6.1f} inst/s; "
                           f"CPU ms/instance: dcmqrscp {used[0]:.2f}, xdsi {used[1] + used[2]:.2f} (user {used[1]:.2f}, system {used[2]:.2f}), "
                           f"getscu {used[3]:.2f}; xdsi page faults/instance {faults:.0f}")
-        if args.strace:
-            spy = subprocess.Popen(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)])
-            time.sleep(1.0)
-            for _ in range(args.profile_runs):
-                c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
-            print(f"strace: {args.strace}")
-        if args.perf:
-            rec = subprocess.Popen(["perf", *(["sched", "record"] if os.environ.get("PERF_SCHED") else ["record", "-a", "-g", "-F", "1999"]),
-                                    "-o", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        def recorded(cmd: list[str], out: Path, **popen: object) -> None:
+            """``cmd`` (strace, perf) recording while --profile-runs gateway C-GETs run, stopped with SIGINT."""
+            rec = subprocess.Popen(cmd, **popen)  # type: ignore[call-overload]
             time.sleep(1.0)
             for _ in range(args.profile_runs):
                 c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)
             rec.send_signal(signal.SIGINT)
             rec.wait(60)
-            print(f"perf: {args.perf} (perf report -i {args.perf} --sort comm,dso)")
+            print(f"{cmd[0]}: {out}")
+
+        if args.strace:
+            recorded(["strace", *(["-c"] if not os.environ.get("STRACE_FULL") else []), "-f", "-o", str(args.strace), "-p", str(proc.proc.pid)],
+                     args.strace)
+        if args.perf:  # then: perf report -i OUT --sort comm,dso (or perf sched latency -i OUT)
+            recorded(["perf", *(["sched", "record"] if os.environ.get("PERF_SCHED") else ["record", "-a", "-g", "-F", "1999"]), "-o", str(args.perf)],
+                     args.perf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if args.threads:
             with thread_cpu(proc.proc.pid, args.instances, name_after=0.15) as report:
                 dt = c_get(xdsi_port, proc.ae_title, spec.study_uid, got / "got", args.pdu)

@@ -28,11 +28,16 @@ def peer() -> Iterator[int]:
         server.shutdown()
 
 
-def _associate(port: int) -> Any:
+def _plain(port: int) -> Any:
     ae = AE(ae_title="US")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
     assert assoc.is_established
+    return assoc
+
+
+def _associate(port: int) -> Any:
+    assoc = _plain(port)
     if not wakeup.install(assoc):
         assoc.release()
         pytest.skip("pynetdicom's loops are not the ones xdsi.dimse.wakeup knows")
@@ -70,9 +75,7 @@ def test_lazy_reading_delays_what_comes_and_the_poke_ends_it(peer: int, monkeypa
 
 
 def test_read_lazily_needs_an_installed_association(peer: int) -> None:
-    ae = AE(ae_title="US")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", peer, ae_title="PEER")
+    assoc = _plain(peer)
     try:
         assert wakeup.read_lazily(assoc, lambda: True) is None
         assert _echo(assoc) < 0.3
