@@ -75,9 +75,16 @@ def test_start_store_matches_pynetdicom(tmp_path: Path, monkeypatch: pytest.Monk
     ours = receive.start_store(assoc, primitive)
     theirs = DIMSEMessage()
     assert theirs.decode_msg(primitive, assoc) is False  # a data set follows
-    assert ours is not None and ours.__class__ is theirs.__class__ is C_STORE_RQ
+    # ours: C_STORE_RQ as far as pynetdicom and the governor look (isinstance, the class name), its command set
+    # decoded only when read (xdsi.dimse.direct.lazy_message)
+    assert ours is not None and theirs.__class__ is C_STORE_RQ
+    assert isinstance(ours, C_STORE_RQ) and type(ours).__name__ == "C_STORE_RQ"
+    assert "_xdsi_command_set" not in ours.__dict__
     assert ours.context_id == theirs.context_id == 1
     assert ours.command_set == theirs.command_set
+    assert ours.encoded_command_set.getvalue() == theirs.encoded_command_set.getvalue()
+    generic = DIMSEMessage.message_to_primitive(ours)  # pynetdicom's own conversion reads the lazy command set
+    assert generic.AffectedSOPInstanceUID == sop_uid and generic.MessageID == 7
     for m in (ours, theirs):
         m._data_set_file.close()
     assert Path(ours._data_set_path).read_bytes() == Path(theirs._data_set_path).read_bytes()
@@ -125,7 +132,7 @@ def test_installed_receive_primitive_hands_over_to_pynetdicom(tmp_path: Path, mo
     monkeypatch.setattr("pynetdicom.dimse_messages.write_file_meta_info", not_pydicom)
     sop_uid = "1.2.826.0.1.3680043.8.498.778"
     dimse.receive_primitive(_store_rq_primitive(sop_uid))
-    assert dimse.message is not None and dimse.message.__class__ is C_STORE_RQ
+    assert dimse.message is not None and isinstance(dimse.message, C_STORE_RQ) and type(dimse.message).__name__ == "C_STORE_RQ"
     body = b"\x08\x00\x18\x00" + struct.pack("<L", len(sop_uid) + 1) + sop_uid.encode() + b"\0"
     data = P_DATA()
     data.presentation_data_value_list.append((1, b"\x02" + body))

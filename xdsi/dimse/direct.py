@@ -426,6 +426,20 @@ def sent_message(
     (the association governor, for every Pending C-GET/C-MOVE-RSP) does not make pydicom decode the
     command set: that decode and the Status lookup were ~30 % of a C-MOVE's CPU (py-spy, --gil).
     """
+    message = lazy_message(cls, command, context_id)
+    message.encoded_command_set = BytesIO()
+    message.data_set = data_set
+    message._data_set_path = path
+    message.xdsi_status = status
+    return message
+
+
+def lazy_message(cls: type[DIMSEMessage], command: bytes, context_id: int) -> DIMSEMessage:
+    """A ``cls`` message (a subclass of the same name) whose ``command_set`` is decoded from ``command`` only if read.
+
+    Made without ``DIMSEMessage.__init__`` (two BytesIO and a Dataset that would be replaced at once): what
+    pynetdicom reads of a message is set here (context, File Meta spool, data set) or by the caller.
+    """
     lazy = _LAZY.get(cls)
     if lazy is None:
 
@@ -442,11 +456,8 @@ def sent_message(
     message = lazy.__new__(lazy)
     message._xdsi_command = command
     message.context_id = context_id
-    message.encoded_command_set = BytesIO()
-    message.data_set = data_set
-    message._data_set_path = path
+    message._data_set_path = None
     message._data_set_file = None
-    message.xdsi_status = status
     return message
 
 
