@@ -535,7 +535,8 @@ def test_a_placeholder_of_a_uid_that_is_not_ascii_is_built_as_before(tmp_path: P
 @pytest.mark.parametrize("how", ["move", "get"])
 def test_the_sink_ends_at_the_remotes_final_response_not_after_the_release(tmp_path: Path, how: str) -> None:
     """The requester's final response waits for the remote's, not for our association's A-RELEASE (issue 15: 5-20 ms
-    per retrieve in bench/gateway.py); the relay is unregistered only after the release, as before."""
+    per retrieve in bench/gateway.py); by then the relay is unregistered and its inbox gone (nothing left behind when
+    the requester hears the end; a delivery after the remote's final response is archived, as after a release)."""
     from contextlib import contextmanager
 
     from pydicom.dataset import Dataset
@@ -565,6 +566,7 @@ def test_the_sink_ends_at_the_remotes_final_response_not_after_the_release(tmp_p
     identifier.StudyInstanceUID = "1.2.3"
     rel = r.Relay(tmp_path / "spool", "PACS1", 99)
     rel.originator = "XDSI"
+    r.INBOX_ROOT = tmp_path / "relay"
     model = "1.2.840.10008.5.1.4.1.2.2.2" if how == "move" else "1.2.840.10008.5.1.4.1.2.2.3"
     if how == "move":
         t = r.start_move_source(client, identifier, model, rel)
@@ -575,10 +577,12 @@ def test_the_sink_ends_at_the_remotes_final_response_not_after_the_release(tmp_p
         assert rel.items.get(timeout=5) == ("end", None)
         assert not released.is_set()
         if how == "move":
+            assert rel.inbox is not None and not rel.inbox.exists()
             with r._lock:
-                assert ("PACS1", "XDSI", rel.msg_id) in r._relays  # late deliveries are still refused, not archived
+                assert ("PACS1", "XDSI", rel.msg_id) not in r._relays
     finally:
         t.join(5)
+        r.INBOX_ROOT = None
     assert released.is_set() and rel.items.empty()  # ended once
     with r._lock:
         assert ("PACS1", "XDSI", rel.msg_id) not in r._relays

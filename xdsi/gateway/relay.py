@@ -674,7 +674,10 @@ def start_move_source(client: RemoteClient, identifier: Dataset, model: str, rel
                 problem = pump_responses(relay, client, "C-MOVE", assoc.send_c_move(identifier, client.move_destination, model, msg_id=relay.msg_id),
                                          every=False)
                 # the remote's final response is in, so every instance it sent is too: the requester has its final
-                # response now, not after our association's release (5-20 ms in bench/gateway.py, issue 15)
+                # response now, not after our association's release (5-20 ms in bench/gateway.py, issue 15); what
+                # other workers put in the inbox before it is queued first, and the inbox is gone before the end
+                relay.drain_inbox()
+                unregister(relay)
                 relay.end(problem)
         except Exception as exc:
             problem = remote_failure(exc, client, "C-MOVE to")
