@@ -245,6 +245,28 @@ def test_not_established_goes_through_the_dul() -> None:
     assert writer.direct_messages == 0 and len(fast.sent) == 1
 
 
+def test_a_data_set_in_pieces_the_dul_must_send_goes_whole_and_in_order() -> None:
+    """A relayed instance kept as received (InstanceBytes.views_from) that cannot be written directly (the DUL's state
+    decides) is handed to pynetdicom's encoder joined: the same P-DATA as from one buffer."""
+    body = bytes(range(256)) * 200
+    pieces = [memoryview(bytearray(body[x:y])) for x, y in ((0, 7), (7, 30000), (30000, len(body)))]
+    command = direct.encode_command([(0x0002, "UI", CT), (0x0100, "US", direct.STORE_RQ), (0x0110, "US", 1), (0x0700, "US", 2),
+                                     (0x0800, "US", direct.DATA_SET_PRESENT), (0x1000, "UI", "1.2.3.4")])
+    wires = []
+    for data in (pieces, [memoryview(body)]):
+        a, _b = socket.socketpair()
+        fast = FakeAssoc(16384, a)
+        direct.guard(fast)
+        writer = direct.enable(fast)
+        assert writer is not None
+        fast.state_machine.current_state = "Sta13"
+        writer._send(direct.C_STORE_RQ, command, 1, (Path("/nonexistent/not-read.dcm"), 0), data=data, in_memory=True)
+        assert writer.direct_messages == 0 and writer.queued_messages == 1
+        wires.append(_wire(fast.sent))
+    assert wires[0] == wires[1]
+    assert _reassembled(wires[0])[-1][2] == body
+
+
 def test_unguarded_association_is_not_enabled() -> None:
     assert direct.enable(FakeAssoc(16384)) is None
 

@@ -563,8 +563,8 @@ class DirectWriter:
         status elements, but without pydicom reading the File Meta or building the command set.
         None: the File Meta is unusual (no preamble, very long); the caller uses pynetdicom's.
         ``content``: the Part 10 file's bytes when they are only in memory (a relayed instance,
-        xdsi.gateway.receive.MemorySpool): sent from there, and no file is read (none exists at ``path``); bytes, or an
-        object whose ``views_from(offset)`` gives the data set in pieces, never joined (xdsi.gateway.receive.InstanceBytes).
+        xdsi.gateway.receive.InstanceBytes): sent from there, and no file is read (none exists at ``path``); its
+        ``views_from(offset)`` gives the data set in the pieces it arrived in, gathered into our PDUs, never joined.
         """
         assoc = self.assoc
         if not assoc.is_established:
@@ -575,9 +575,7 @@ class DirectWriter:
             offset = dataset_offset(bytes(content[:HEAD_BYTES]))
             if offset is None or offset >= len(content):
                 return None
-            # xdsi.gateway.receive.InstanceBytes: the fragments as they were received, gathered into our PDUs unjoined
-            views_from = getattr(content, "views_from", None)
-            data = views_from(offset) if views_from is not None else memoryview(content)[offset:]
+            data = content.views_from(offset)
         else:
             ready = self._claim(path)
             if ready is None:  # not read ahead (e.g. a relayed instance that arrived after the last response): read it now
@@ -760,7 +758,7 @@ class DirectWriter:
             return
         self.queued_messages += 1
         if in_memory:
-            message.data_set = BytesIO(b"".join(data) if isinstance(data, list) else bytes(data))
+            message.data_set = BytesIO(b"".join(data))  # in memory: the pieces of InstanceBytes.views_from
         message.command_set = decode(BytesIO(command), True, True)  # pynetdicom's encoder reads the Dataset
         for pdata in message.encode_msg(context_id, self.max_pdu):
             self.dul.send_pdu(pdata)

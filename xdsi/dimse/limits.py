@@ -175,19 +175,20 @@ class PduGuard:
             if got == len(buf):  # past the first allocation: double, never beyond what may still come
                 buf += bytes(min(len(buf), most - len(buf)))
             want = min(len(buf) - got, 1 << 20)  # a whole PDU body in one read when it has arrived (bounded by most)
+            direct = False  # read what is waiting without a poll: associated, with a timeout, not TLS
             if self.deadline is not None:
                 left = self.deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no complete A-ASSOCIATE-RQ within the associate timeout")
                 raw.settimeout(left)
-                timeout = left
             else:
                 timeout = self.network_timeout
                 if raw.gettimeout() != timeout:
                     raw.settimeout(timeout)
+                direct = timeout is not None and not isinstance(raw, ssl.SSLSocket)
             with memoryview(buf) as whole, whole[got : got + want] as view:
                 count: int | None = None
-                if self.deadline is None and timeout is not None and not isinstance(raw, ssl.SSLSocket):
+                if direct:
                     try:
                         count = os.readv(raw.fileno(), [view])
                     except (BlockingIOError, InterruptedError):
